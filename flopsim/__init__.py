@@ -24,6 +24,8 @@ _API = {
     "formula": "flopsim.count",
     "build_ops": "flopsim.families",
     "load_hardware": "flopsim.hardware",
+    "load_calibration": "flopsim.calibration",
+    "run_published": "flopsim.published",
     "predict": "flopsim.predict",
     "compare": "flopsim.predict",
     "memory": "flopsim.memory",

@@ -4,24 +4,39 @@ kernels come to its hardware spec, written as a Calibration
 
 Each microbenchmark pairs a torch kernel with the flopsim primitive that
 costs it (flopsim.ops.primitives), so the efficiencies are measured against
-exactly the FLOPs and bytes the predictions use -- no second formula. From a
-measured time t (median of several timed runs after warm-up, threads fixed,
-CUDA synchronised) and the device's launch overhead o:
+exactly the FLOPs and bytes the predictions use -- no second formula.
 
-    compute_eff = (all_flops / peak_flops_per_s) / (t - o)
-    memory_eff  = (bytes / memory_bandwidth_bytes_per_s) / (t - o)
+What is measured (`calibrate`), each a median of timed runs after warm-up,
+threads fixed, CUDA synchronised:
+- fixed cost per kernel launch (`fixed_s`, per kind and kernel variant,
+  forward and backward): the kernel on a tiny problem. On a CPU it is timed
+  *cold*, one call right after a decode-like matrix-vector product over
+  cold weights -- the state a kernel finds inside a step (caches holding
+  other data, the thread pool just busy) -- which costs 1.5-3x the hot
+  loop's time; on a GPU, back to back (launch-bound).
+- matrix products over a grid of shapes (decode shapes m = 1..64, router
+  widths n = 1, 8): the weights are views into a pool larger than the
+  last-level cache, cycled so that every call reads them from memory.
+  Where the product is compute-bound at the ideal roofline its measured
+  busy time gives a compute efficiency; where it is memory-bound, a memory
+  efficiency (the cold weights set its time). Busy time = time - the hot
+  fixed cost of the kernel.
+- attention, fused and explicit, forward and backward; decode shapes read
+  their keys and values cold from the pool (memory efficiency).
+- memory-bound kernels (copy, elementwise ops per variant, RoPE, norms,
+  softmax, embedding, gather, scatter, top-k, argmax, KV-cache append, loss,
+  fused Adam), forward and backward, at sizes from cache-resident to
+  memory-bound: an efficiency per size (small tensors stay in cache).
+- the cold-read curve (`stream`): a matrix-vector product streaming weights
+  cycled over footprints from 1/32 of the pool to the whole pool, i.e. the
+  bandwidth of cold weights when a step touches that much
+  (Calibration.cold_speedup).
 
-so the roofline max(compute, memory) + o reproduces t at every measured
-point; between points the calibration uses the nearest measured shape
-(log space). Measured: matrix products over a grid of shapes including the
-skinny decode shapes m = 1..64 and router widths n = 1, 8, fused and explicit attention,
-a large copy (achieved bandwidth), elementwise ops, norms, embedding lookups,
-gather / scatter / top-k, KV-cache appends, and a one-element op for the
-launch overhead. Memory-bound benchmarks rotate through buffers larger
-than the last-level cache so that they read from memory, not cache.
-
-The shapes here are deliberately unlike the validation suite's models
-(flopsim.validate checks that no calibration shape is a validation shape).
+Efficiencies: compute_eff = (all_flops / peak) / busy, memory_eff =
+(bytes / bandwidth) / busy, so fixed cost + roofline reproduces every
+measured point. The shapes here are deliberately unlike the validation
+suite's models (flopsim.validate checks that no calibration shape is a
+validation shape).
 """
 
 from __future__ import annotations
@@ -29,20 +44,30 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 # m: rows (tokens); n, k: output and input features. Decode shapes m = 1..64.
 GEMM_ROWS = (1, 3, 8, 24, 64, 200, 700, 2400)
 GEMM_OUTPUTS = (1, 8, 96, 352, 1400, 5000)  # n: 1 and 8 for routers (MoD, MoE)
 GEMM_INPUTS = (24, 96, 352, 1400, 5000)  # k: 24 for low-rank controllers
-# fused attention: (batch, heads, queries, keys, d_head)
+# attention: (batch, heads, queries, keys, d_head)
 ATTENTION_SHAPES = ((1, 6, 90, 90, 40), (2, 6, 300, 300, 40), (1, 10, 700, 700, 72), (3, 10, 1, 1500, 72),
                     (8, 6, 1, 300, 40), (1, 10, 1, 5000, 72))
+ATTENTION_BACKWARD_SHAPES = ((1, 6, 90, 90, 40), (2, 6, 300, 300, 40), (1, 10, 700, 700, 72))
 MAX_GEMM_FLOPS = {"cpu": 6e9, "cuda": 5e12}  # skip shapes that would take too long
-MAX_CACHE_BYTES = {"cpu": 64e6, "cuda": 128e6}
+# the pool of cold data: at least twice the last-level cache, within these bounds
+POOL_BYTES = {"cpu": (256e6, 1.5e9), "cuda": (256e6, 2e9)}
+FLUSH_BYTES = 4e6  # the decode-like product run before each cold timing
+COLD_REPEATS = 41
 # bytes moved by the memory-bound benchmarks: from cache-resident to memory-bound
 MEMORY_SIZES = {"cpu": (8e3, 64e3, 512e3, 4e6, 32e6, 256e6), "cuda": (64e3, 1e6, 16e6, 256e6, 2e9)}
+BACKWARD_SIZES = {"cpu": (64e3, 4e6, 64e6), "cuda": (1e6, 64e6, 512e6)}
+STREAM_FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
+ADAM_PARAMS = {"cpu": (256 * 1024, 8 * 2 ** 20), "cuda": (2 ** 20, 64 * 2 ** 20)}
+SMOKE = dict(rows=(1, 24), features=(96, 352), attention=((1, 2, 16, 16, 8), (1, 2, 1, 40, 8)),
+             backward_attention=((1, 2, 16, 16, 8),), sizes=(64e3, 1e6), backward_sizes=(64e3,),
+             pool=8e6, adam=(4096,), repeats=5)
 
 
 @dataclass
@@ -59,9 +84,33 @@ class Point:
     memory_eff: float
     size: Optional[float] = None  # the size class of a memory-bound benchmark (bytes)
     variant: str = ""  # the kernel (the op's variant: gelu, rmsnorm, explicit attention, ...)
+    backward: bool = False
+    memory_bound: bool = False  # measured where the ideal roofline is memory-bound (cold reads)
+    fixed_s: float = 0.0  # the kernel's hot fixed cost, subtracted from `seconds` for the efficiencies
+
+
+QUIET_OPENMP = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def quiet_openmp() -> dict:
+    """The CPU measurement condition, set before torch loads (a no-op after):
+    idle OpenMP threads sleep instead of spinning. torch's CPU build runs two
+    OpenMP thread pools (ATen's and MKL's); on a small machine their spinning
+    threads take the cores from each other and stall a kernel that follows a
+    matrix product by milliseconds (seen here: a 64-element gelu 7.9 ms, an
+    index_add 48 ms, against 0.07 ms with the threads asleep). Returns the
+    values in effect (recorded in the calibration and the validation report)."""
+    import os
+    import sys
+
+    if "torch" not in sys.modules:
+        for key, value in QUIET_OPENMP.items():
+            os.environ.setdefault(key, value)
+    return {key: os.environ.get(key, "") for key in QUIET_OPENMP}
 
 
 def make_timer(device: str, min_time_s: float, repeats: int):
+    """A hot-loop timer: seconds per call of fn (median of `repeats` batches)."""
     import torch
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -91,38 +140,150 @@ def make_timer(device: str, min_time_s: float, repeats: int):
     return timed
 
 
-class Rotation:
-    """Copies of a tensor cycled through so that each call reads cold memory."""
+def last_level_cache_bytes(hw) -> float:
+    """The device's last-level cache: on a CPU the largest cache level the OS
+    reports (a virtual machine may report the host's), else the hardware spec's."""
+    import glob
 
-    def __init__(self, make, nbytes: int, cache_bytes: float):
-        copies = max(1, min(64, math.ceil(2 * cache_bytes / max(nbytes, 1))))
-        self.items = [make() for _ in range(copies)]
-        self.i = 0
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            text = open(path).read().strip().upper()
+        except OSError:
+            continue
+        scale = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return float(max(sizes)) if sizes else float(hw.last_level_cache_bytes or 64e6)
 
-    def next(self):
-        self.i = (self.i + 1) % len(self.items)
-        return self.items[self.i]
+
+@dataclass
+class Bench:
+    """What every microbenchmark needs: torch, the device, timers, the cold pool and the results."""
+
+    torch: object
+    device: str
+    dtype: str
+    hw: object
+    timed: Callable
+    pool: object  # a flat tensor larger than the last-level cache
+    say: Callable
+    smoke: bool
+    gen: object
+    points: list = field(default_factory=list)
+    fixed_hot: dict = field(default_factory=dict)  # "kind[:variant][@bwd]" -> hot seconds per call
+    fixed_cold: dict = field(default_factory=dict)  # the same, cold (what the calibration records)
+    offset: int = 0
+
+    @property
+    def torch_dtype(self):
+        return {"fp32": self.torch.float32, "bf16": self.torch.bfloat16, "fp16": self.torch.float16}[self.dtype]
+
+    @property
+    def value_bytes(self) -> int:
+        return 4 if self.dtype == "fp32" else 2
+
+    @property
+    def pool_bytes(self) -> float:
+        return self.pool.numel() * self.value_bytes
+
+    def sync(self):
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+
+    def rand(self, *shape, grad: bool = False):
+        t = self.torch.randn(*shape, generator=self.gen).to(device=self.device, dtype=self.torch_dtype)
+        return t.requires_grad_(grad)
+
+    def cold(self, *shape):
+        """A view of `shape` into the pool, the next one along (cycled): its data is not in cache."""
+        n = math.prod(shape)
+        if n > self.pool.numel():
+            return self.rand(*shape)
+        if self.offset + n > self.pool.numel():
+            self.offset = 0
+        view = self.pool[self.offset:self.offset + n].view(*shape)
+        self.offset += n
+        return view
+
+    def cold_cycle(self, *shape, footprint: Optional[float] = None):
+        """fn() -> the next of the views of `shape` that tile `footprint` bytes of the pool."""
+        n = math.prod(shape)
+        total = min(self.pool.numel(), int((footprint or self.pool_bytes) / self.value_bytes))
+        count = max(1, total // max(n, 1))
+        views = [self.pool[i * n:(i + 1) * n].view(*shape) for i in range(count)] if n <= total else [self.rand(*shape)]
+        state = {"i": 0}
+
+        def nxt():
+            state["i"] = (state["i"] + 1) % len(views)
+            return views[state["i"]]
+
+        return nxt
+
+    def cold_time(self, fn: Callable[[], object]) -> float:
+        """Median seconds of one call right after a decode-like product over cold weights (CPU);
+        back to back on a GPU (launch-bound)."""
+        if self.device == "cuda":
+            return self.timed(fn)
+        import torch.nn.functional as F
+
+        side = int(math.sqrt(FLUSH_BYTES / self.value_bytes))
+        x = self.rand(1, side)
+        nxt = self.cold_cycle(side, side)
+        samples = []
+        for _ in range(SMOKE["repeats"] if self.smoke else COLD_REPEATS):
+            F.linear(x, nxt())
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+        return statistics.median(samples)
+
+    def fixed(self, key: str, backward: bool = False) -> float:
+        """The hot fixed cost of a kernel (for busy times), most specific key first."""
+        kind_variant = key
+        keys = [kind_variant, kind_variant.split(":")[0]]
+        if backward:
+            keys = [f"{k}@bwd" for k in keys] + keys
+        for k in keys:
+            if k in self.fixed_hot:
+                return self.fixed_hot[k]
+        return self.fixed_hot.get("launch", 0.0)
+
+    def record(self, name, kind, gemm, seconds, op, matrix: bool, size=None, memory_bound: bool = False):
+        """A measured kernel against its flopsim op (a primitive's forward or backward op)."""
+        from flopsim.calibration import MAX_EFFICIENCY
+        from flopsim.count import evaluate_ops
+
+        from flopsim.roofline import executed_flops
+
+        cost = evaluate_ops([op], {})[0]
+        all_flops, nbytes = float(executed_flops(cost)), float(cost.bytes)
+        backward = op.pass_ == "bwd"
+        fixed = self.fixed(f"{kind}:{op.variant}" if op.variant else kind, backward)
+        busy = max(seconds - fixed, 0.1 * seconds)
+        rate = self.hw.peak_flops_per_s_for(self.dtype)[0] if matrix else self.hw.vector_flops_per_s
+        ce = min(MAX_EFFICIENCY, max(1e-6, all_flops / rate / busy)) if all_flops else 1.0
+        me = min(MAX_EFFICIENCY, max(1e-6, nbytes / self.hw.memory_bandwidth_bytes_per_s / busy)) if nbytes else 1.0
+        self.points.append(Point(name, kind, gemm, seconds, all_flops, nbytes, ce, me, size, op.variant, backward,
+                                 memory_bound, fixed))
 
 
-def _ctx(dtype: str, **changes):
+def _ctx(dtype: str, phase: str = "forward", **changes):
     from flopsim.ops.primitives import Ctx
     from flopsim.ops.symbols import Dims
     from flopsim.spec.model import ModelSpec
 
     spec = ModelSpec(name="calibration", layers=1, d_model=64, heads=1, d_ff=64, vocab=2, dtype=dtype, **changes)
-    return Ctx(spec=spec, phase="forward", dims=Dims.of(spec))
+    return Ctx(spec=spec, phase=phase, dims=Dims.of(spec))
 
 
-def _cost(ops) -> tuple[float, float]:
-    """(all_flops, bytes) of a primitive's forward ops (concrete numbers)."""
-    from flopsim.count import evaluate_ops
-
-    costs = evaluate_ops(ops, {})
-    return float(sum(c.all_flops for c in costs)), float(sum(c.bytes for c in costs))
+def _fwd(ops):
+    return ops[0]
 
 
-SMOKE = dict(rows=(1, 24), features=(96, 352), attention=((1, 2, 16, 16, 8), (1, 2, 1, 40, 8)),
-             sizes=(64e3, 1e6))
+def _bwd(ops):
+    return next(op for op in ops if op.pass_ == "bwd")
 
 
 def calibrate(device: str = "cpu", *, hardware: Optional[str] = None, threads: Optional[int] = None,
@@ -132,13 +293,10 @@ def calibrate(device: str = "cpu", *, hardware: Optional[str] = None, threads: O
     hardware spec `hardware` (default: "cpu", or the GPU's preset when it
     can be recognised); returns (Calibration, list[Point]). `smoke` runs a
     handful of tiny shapes (tests of the machinery, not a calibration)."""
+    openmp = quiet_openmp()
     import torch
-    import torch.nn.functional as F
 
-    from flopsim.torchref.model import rope
-    from flopsim.calibration import MAX_EFFICIENCY, Calibration, Efficiency, GemmPoint, SizePoint
     from flopsim.hardware import load_hardware
-    from flopsim.ops import primitives as P
 
     if device == "cuda" and not torch.cuda.is_available():
         from flopsim.errors import InputError
@@ -146,169 +304,431 @@ def calibrate(device: str = "cpu", *, hardware: Optional[str] = None, threads: O
         raise InputError("device: 'cuda': torch sees no CUDA device here")
     hw = load_hardware(hardware or guess_hardware(device))
     dtype = dtype or ("fp32" if device == "cpu" else "bf16")
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     if threads is not None:
         torch.set_num_threads(threads)
-    timed = make_timer(device, min_time_s, repeats)
-    # what must be exceeded to read from memory: the cache, capped because a
-    # virtual machine may report the host's whole L3
-    cache = min(hw.last_level_cache_bytes or 64e6, MAX_CACHE_BYTES[device])
-    ctx = _ctx(dtype)
-    peak = hw.peak_flops_per_s_for(dtype)[0]
-    vector = hw.vector_flops_per_s
-    bandwidth = hw.memory_bandwidth_bytes_per_s
     say = progress or (lambda message: None)
+    cache = last_level_cache_bytes(hw) if device == "cpu" else float(hw.last_level_cache_bytes or 64e6)
+    low, high = POOL_BYTES[device]
+    pool_bytes = SMOKE["pool"] if smoke else min(max(2 * cache, low), high)
     gen = torch.Generator(device="cpu").manual_seed(0)
+    value_bytes = 4 if dtype == "fp32" else 2
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    pool = torch.randn(int(pool_bytes / value_bytes), generator=gen, dtype=torch.float32).to(device=device,
+                                                                                            dtype=torch_dtype)
+    bench = Bench(torch=torch, device=device, dtype=dtype, hw=hw, timed=make_timer(device, min_time_s, repeats),
+                  pool=pool, say=say, smoke=smoke, gen=gen)
+    say(f"cold pool {pool_bytes / 1e6:.0f} MB (last-level cache {cache / 1e6:.0f} MB)")
+    with torch.no_grad():
+        measure_fixed_costs(bench)
+        measure_gemms(bench)
+        stream = measure_stream(bench)
+    measure_attention(bench)
+    measure_memory_kernels(bench)
+    measure_backward_kernels(bench)
+    measure_optimizer(bench)
+    return assemble(bench, stream, cache, openmp), bench.points
 
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen).to(device=device, dtype=torch_dtype)
 
-    # launch overhead: a one-element add
-    a1, b1 = rand(1), rand(1)
-    overhead = timed(lambda: torch.add(a1, b1))
-    say(f"launch overhead {overhead * 1e6:.2f} us")
-    points: list[Point] = []
+def measure_fixed_costs(bench: Bench) -> None:
+    """Each kernel on a tiny problem, hot (for busy times) and cold (the calibration's fixed_s)."""
+    for key, (fn, backward) in tiny_kernels(bench).items():
+        bench.fixed_hot[key] = bench.timed(fn)
+        bench.fixed_cold[key] = bench.cold_time(fn)
+    bench.say(f"fixed costs of {len(bench.fixed_cold)} kernels")
 
-    def record(name, kind, gemm, seconds, ops, matrix: bool, size=None):
-        all_flops, nbytes = _cost(ops)
-        busy = max(seconds - overhead, 0.1 * seconds)
-        rate = peak if matrix else vector
-        ce = min(MAX_EFFICIENCY, max(1e-6, all_flops / rate / busy)) if all_flops else 1.0
-        me = min(MAX_EFFICIENCY, max(1e-6, nbytes / bandwidth / busy)) if nbytes else 1.0
-        points.append(Point(name, kind, gemm, seconds, all_flops, nbytes, ce, me, size, ops[0].variant))
 
-    # matrix products, as the reference's nn.Linear runs them (F.linear)
-    rows_grid, outputs, inputs = ((SMOKE["rows"], SMOKE["features"], SMOKE["features"]) if smoke
-                                  else (GEMM_ROWS, GEMM_OUTPUTS, GEMM_INPUTS))
-    for m in rows_grid:
+def tiny_kernels(bench: Bench) -> dict:
+    """"kind[:variant][@bwd]" -> (fn, backward) on a tiny problem (64 values, one row)."""
+    import torch
+    import torch.nn.functional as F
+
+    from flopsim.torchref.model import rope_pair
+
+    x, y = bench.rand(1, 64), bench.rand(1, 64)
+    w = bench.rand(64, 64)
+    q, k, v = bench.rand(1, 1, 1, 16), bench.rand(1, 1, 8, 16), bench.rand(1, 1, 8, 16)
+    weight, bias = bench.rand(64), bench.rand(64)
+    table, ids = bench.rand(256, 64), torch.zeros(1, dtype=torch.long, device=bench.device)
+    positions = torch.zeros(1, 1, dtype=torch.long, device=bench.device)
+    cache, new = bench.rand(1, 1, 4, 16), bench.rand(1, 1, 1, 16)
+    kernels = {
+        "launch": (lambda: torch.add(x, y), False),
+        "matmul": (lambda: F.linear(x, w), False),
+        "router": (lambda: F.linear(x, w[:8]), False),
+        "attention:fused": (lambda: F.scaled_dot_product_attention(q, k, v), False),
+        "attention:explicit": (lambda: explicit_attention(q, k, v, False), False),
+        "elementwise:rope": (lambda: rope_pair(q, k[:, :, :1], positions), False),
+        "softmax": (lambda: torch.softmax(x, dim=-1), False),
+        "norm:layernorm": (lambda: F.layer_norm(x, (64,), weight, bias), False),
+        "norm:rmsnorm": (lambda: F.rms_norm(x, (64,), weight, eps=1e-6), False),
+        "embedding": (lambda: F.embedding(ids, table), False),
+        "gather": (lambda: table.index_select(0, ids), False),
+        "scatter": (lambda: table.index_add_(0, ids, x), False),
+        "topk": (lambda: torch.topk(x, 8, dim=-1), False),
+        "topk:argmax": (lambda: torch.argmax(x, dim=-1), False),
+        "kv_cache": (lambda: cache[:, :, -1:].copy_(new), False),
+        "loss": (lambda: F.cross_entropy(x, ids), False),
+    }
+    for op, (_, fn) in elementwise_kernels().items():
+        kernels[f"elementwise:{op}"] = ((lambda fn=fn: fn(x, y)), False)
+    return kernels
+
+
+def measure_gemms(bench: Bench) -> None:
+    """Matrix products (F.linear, as the reference's nn.Linear runs them) with cold weights."""
+    import torch.nn.functional as F
+
+    from flopsim.ops import primitives as P
+
+    ctx = _ctx(bench.dtype)
+    peak, bandwidth = bench.hw.peak_flops_per_s_for(bench.dtype)[0], bench.hw.memory_bandwidth_bytes_per_s
+    rows, outputs, inputs = ((SMOKE["rows"], SMOKE["features"], SMOKE["features"]) if bench.smoke
+                             else (GEMM_ROWS, GEMM_OUTPUTS, GEMM_INPUTS))
+    for m in rows:
         for n in outputs:
             for k in inputs:
-                if 2 * m * n * k > MAX_GEMM_FLOPS[device]:
+                if 2 * m * n * k > MAX_GEMM_FLOPS[bench.device]:
                     continue
-                x = rand(m, k)
-                weights = Rotation(lambda: rand(n, k), n * k * ctx.spec.dtype_bytes, cache)
-                seconds = timed(lambda: F.linear(x, weights.next()))
-                record(f"linear m={m} n={n} k={k}", "matmul", (1, m, n, k), seconds,
-                       P.linear(ctx, "x", layer=0, tokens=m, d_in=k, d_out=n, bias=False), matrix=True)
-        say(f"matmul rows {m}")
-    for b, h, s, t, dh in (SMOKE["attention"] if smoke else ATTENTION_SHAPES):
-        q, k_, v = rand(b, h, s, dh), rand(b, h, t, dh), rand(b, h, t, dh)
-        causal = s == t
-        for impl in ("fused", "explicit"):  # the two kernels the reference runs (attention_impl)
-            run = (lambda: F.scaled_dot_product_attention(q, k_, v, is_causal=causal)) if impl == "fused" \
-                else (lambda: explicit_attention(q, k_, v, causal))
-            seconds = timed(run)
-            ops = P.attention(_ctx(dtype, attention_impl=impl), "x", layer=0, batch=b, queries=s, keys=t, heads=h,
-                              kv_heads=h, d_head=dh, causal=causal, kv_from_cache=s == 1, module="x")
-            record(f"attention {impl} b={b} h={h} s={s} t={t} d={dh}", "attention", (b * h, s, t, dh), seconds, ops,
-                   matrix=True)
-    say("attention")
+                x = bench.rand(m, k)
+                weights = bench.cold_cycle(n, k)
+                seconds = bench.timed(lambda: F.linear(x, weights()))
+                op = _fwd(P.linear(ctx, "x", layer=0, tokens=m, d_in=k, d_out=n, bias=False))
+                ideal_memory_bound = 2 * m * n * k / peak < float(op.bytes) / bandwidth
+                bench.record(f"linear m={m} n={n} k={k}", "matmul", (1, m, n, k), seconds, op, matrix=True,
+                             memory_bound=ideal_memory_bound)
+        bench.say(f"matmul rows {m}")
 
-    # memory-bound kernels at several sizes: small tensors stay in cache
-    sizes = SMOKE["sizes"] if smoke else MEMORY_SIZES[device]
-    w = ctx.spec.dtype_bytes
+
+def measure_stream(bench: Bench) -> list:
+    """Cold-weight bandwidth of a matrix-vector product by the footprint its weights are cycled over."""
+    import torch.nn.functional as F
+
+    side = 1024
+    x = bench.rand(1, side)
+    fixed = bench.fixed("matmul")
+    out = []
+    for fraction in STREAM_FRACTIONS:
+        footprint = bench.pool_bytes * fraction
+        weights = bench.cold_cycle(side, side, footprint=footprint)
+        seconds = bench.timed(lambda: F.linear(x, weights()))
+        out.append((footprint, side * side * bench.value_bytes / max(seconds - fixed, 0.1 * seconds)))
+    bench.say("cold-read curve")
+    return out
+
+
+def measure_attention(bench: Bench) -> None:
+    """Fused (SDPA) and explicit attention, forward (decode shapes reading cold keys) and backward."""
+    import torch
+    import torch.nn.functional as F
+
+    from flopsim.ops import primitives as P
+
+    def run(impl, q, k_, v, causal):
+        if impl == "fused":
+            return F.scaled_dot_product_attention(q, k_, v, is_causal=causal)
+        return explicit_attention(q, k_, v, causal)
+
+    for b, h, s, t, dh in (SMOKE["attention"] if bench.smoke else ATTENTION_SHAPES):
+        q = bench.rand(b, h, s, dh)
+        decode = s == 1
+        cold = (lambda shape=(b, h, t, dh): bench.cold(*shape)) if decode else None
+        k_, v = (bench.rand(b, h, t, dh), bench.rand(b, h, t, dh)) if not decode else (None, None)
+        for impl in ("fused", "explicit"):
+            if decode:
+                fn = (lambda impl=impl: run(impl, q, cold(), cold(), False))
+            else:
+                fn = (lambda impl=impl: run(impl, q, k_, v, True))
+            with torch.no_grad():
+                seconds = bench.timed(fn)
+            op = _fwd(P.attention(_ctx(bench.dtype, attention_impl=impl), "x", layer=0, batch=b, queries=s, keys=t,
+                                  heads=h, kv_heads=h, d_head=dh, causal=not decode, kv_from_cache=decode,
+                                  module="x"))
+            bench.record(f"attention {impl} b={b} h={h} s={s} t={t} d={dh}", "attention", (b * h, s, t, dh),
+                         seconds, op, matrix=True, memory_bound=decode)
+    for b, h, s, t, dh in (SMOKE["backward_attention"] if bench.smoke else ATTENTION_BACKWARD_SHAPES):
+        for impl in ("fused", "explicit"):
+            q, k_, v = (bench.rand(b, h, s, dh, grad=True) for _ in range(3))
+            out = run(impl, q, k_, v, True)
+            grad = torch.randn_like(out)
+            seconds = bench.timed(lambda: torch.autograd.grad(out, (q, k_, v), grad, retain_graph=True))
+            op = _bwd(P.attention(_ctx(bench.dtype, "train", attention_impl=impl), "x", layer=0, batch=b, queries=s,
+                                  keys=t, heads=h, kv_heads=h, d_head=dh, causal=True, kv_from_cache=False,
+                                  module="x"))
+            bench.record(f"attention {impl} backward b={b} h={h} s={s} d={dh}", "attention", (b * h, s, t, dh),
+                         seconds, op, matrix=True)
+    bench.say("attention")
+
+
+def _memory_shapes(bench: Bench, size: float, width: int = 1024) -> tuple[int, int]:
+    """(elements, rows) of a [rows, width] tensor read once in `size` bytes of a read + write."""
+    n = width * max(1, int(size / (2 * bench.value_bytes)) // width)
+    n = n if n < 64 * 64 else n // (64 * 64) * (64 * 64)  # whole [positions, 64] tiles for RoPE
+    return n, n // width
+
+
+def measure_memory_kernels(bench: Bench) -> None:
+    """Memory-bound forward kernels at sizes from cache-resident to memory-bound (hot: activations)."""
+    import torch
+
+    sizes = SMOKE["sizes"] if bench.smoke else MEMORY_SIZES[bench.device]
+    with torch.no_grad():
+        for size in sizes:
+            for name, kind, fn, op in memory_kernels(bench, size):
+                bench.record(f"{name} {size:.3g}B", kind, None, bench.timed(fn), op, matrix=False, size=size)
+            bench.say(f"memory-bound kernels at {size:.3g} B")
+
+
+def memory_kernels(bench: Bench, size: float) -> list:
+    """(name, kind, fn, flopsim op) of every memory-bound forward kernel at `size`."""
+    import torch
+    import torch.nn.functional as F
+
+    from flopsim.ops import primitives as P
+    from flopsim.torchref.model import rope_pair
+
+    ctx, dt, dev = _ctx(bench.dtype), bench.dtype, bench.device
     width = 1024
-    copy_bandwidth = None
-    for size in sizes:
-        n = width * max(1, int(size / (2 * w)) // width)  # elements read (and written) once
-        n = n if n < 64 * 64 else n // (64 * 64) * (64 * 64)  # whole [positions, 64] tiles for RoPE
-        rows = n // width
-        x, other = rand(rows, width), rand(rows, width)
-        seconds = timed(lambda: x.clone())
-        record(f"copy {size:.3g}B", "elementwise", None, seconds,
-               P.elementwise(ctx, "x", layer=0, elements=n, op="copy", module="x"), matrix=False, size=size)
-        if size == max(sizes):
-            copy_bandwidth = 2 * n * w / seconds
-        for op, (inputs, fn) in elementwise_kernels().items():
-            seconds = timed(lambda: fn(x, other))
-            record(f"{op} {size:.3g}B", "elementwise", None, seconds,
-                   P.elementwise(ctx, "x", layer=0, elements=n, op=op, inputs=inputs, module="x"), matrix=False,
-                   size=size)
-        span = min(64, n // 64)
-        heads_x = x.view(1, -1, span, 64)  # [1, heads, positions, d_head] for the reference's rotary embedding
-        positions = torch.arange(span, device=device).expand(1, span)
-        seconds = timed(lambda: rope(heads_x, positions))
-        record(f"rope {size:.3g}B", "elementwise", None, seconds,
-               P.elementwise(ctx, "x", layer=0, elements=n, op="rope", module="x"), matrix=False, size=size)
-        weight, bias = rand(width), rand(width)
-        seconds = timed(lambda: F.layer_norm(x, (width,), weight, bias))
-        record(f"layernorm {size:.3g}B", "norm", None, seconds,
-               P.norm(ctx, "x", layer=0, tokens=rows, d=width), matrix=False, size=size)
-        seconds = timed(lambda: F.rms_norm(x, (width,), weight, eps=1e-6))
-        record(f"rmsnorm {size:.3g}B", "norm", None, seconds,
-               P.norm(_ctx(dtype, norm="rmsnorm"), "x", layer=0, tokens=rows, d=width), matrix=False, size=size)
-        logits = x.view(-1, 256 if n >= 256 else n)
-        seconds = timed(lambda: torch.softmax(logits, dim=-1))
-        record(f"softmax {size:.3g}B", "softmax", None, seconds,
-               P.elementwise(ctx, "x", layer=0, elements=n, op="softmax", module="x", kind="softmax"), matrix=False, size=size)
-        table_rows = max(4 * rows, 4096)
-        table = rand(table_rows, width)
-        ids = torch.randint(0, table_rows, (rows,), generator=gen).to(device)
-        seconds = timed(lambda: F.embedding(ids, table))
-        record(f"embedding {size:.3g}B", "embedding", None, seconds,
-               P.embedding(ctx, "x", layer=0, tokens=rows, rows=table_rows, d=width), matrix=False, size=size)
-        seconds = timed(lambda: x.index_select(0, ids.remainder(rows)))
-        record(f"gather {size:.3g}B", "gather", None, seconds,
-               P.gather(ctx, "x", layer=0, rows=rows, d=width, module="x"), matrix=False, size=size)
-        target = rand(rows, width)
-        rows_perm = torch.randperm(rows, generator=gen).to(device)  # distinct rows, as combine / scatter-back write
-        seconds = timed(lambda: target.index_add_(0, rows_perm, x))
-        record(f"scatter {size:.3g}B", "scatter", None, seconds,
-               P.scatter(ctx, "x", layer=0, rows=rows, d=width, module="x"), matrix=False, size=size)
-        scores = x.view(-1, 64)
-        seconds = timed(lambda: torch.argmax(scores, dim=-1))
-        record(f"argmax {size:.3g}B", "topk", None, seconds,
-               P.argmax(ctx, "x", layer=0, rows=n // 64, n=64, module="x"), matrix=False, size=size)
-        seconds = timed(lambda: torch.topk(scores, 8, dim=-1))
-        record(f"topk {size:.3g}B", "topk", None, seconds,
-               P.topk(ctx, "x", layer=0, rows=n // 64, n=64, k=8, module="x"), matrix=False, size=size)
-        batch = max(1, rows // 8)  # new keys and values of `batch` sequences, 8 heads of 64
-        cache_k = rand(batch, 8, 16, 64)
-        new_k = rand(batch, 8, 1, 64)
-        seconds = timed(lambda: cache_k[:, :, -1:].copy_(new_k))  # in place, as the reference's decode does
-        record(f"kv_cache append {size:.3g}B", "kv_cache", None, seconds,
-               P.kv_cache_append(ctx, "x", layer=0, batch=batch, tokens=1, kv_heads=8, d_head=64, module="x"),
-               matrix=False, size=size)
-        say(f"memory-bound kernels at {size:.3g} B")
+    n, rows = _memory_shapes(bench, size, width)
+    x, other = bench.rand(rows, width), bench.rand(rows, width)
+    out = []
+    for op, (inputs, fn) in elementwise_kernels().items():
+        out.append((op, "elementwise", (lambda fn=fn: fn(x, other)),
+                    _fwd(P.elementwise(ctx, "x", layer=0, elements=n, op=op, inputs=inputs, module="x"))))
+    span = min(64, n // 128)  # queries and keys of [1, heads, positions, 64]: n elements in all
+    heads = max(1, n // (2 * span * 64))
+    q, k = x.view(-1)[:heads * span * 64].view(1, heads, span, 64), other.view(-1)[:heads * span * 64].view(
+        1, heads, span, 64)
+    positions = torch.arange(span, device=dev).expand(1, span)
+    out.append(("rope", "elementwise", lambda: rope_pair(q, k, positions),
+                _fwd(P.elementwise(ctx, "x", layer=0, elements=2 * heads * span * 64, op="rope", module="x"))))
+    weight, bias = bench.rand(width), bench.rand(width)
+    out.append(("layernorm", "norm", lambda: F.layer_norm(x, (width,), weight, bias),
+                _fwd(P.norm(ctx, "x", layer=0, tokens=rows, d=width))))
+    out.append(("rmsnorm", "norm", lambda: F.rms_norm(x, (width,), weight, eps=1e-6),
+                _fwd(P.norm(_ctx(dt, norm="rmsnorm"), "x", layer=0, tokens=rows, d=width))))
+    logits = x.view(-1, 256 if n >= 256 else n)
+    out.append(("softmax", "softmax", lambda: torch.softmax(logits, dim=-1),
+                _fwd(P.elementwise(ctx, "x", layer=0, elements=n, op="softmax", module="x", kind="softmax"))))
+    table_rows = max(4 * rows, 4096)
+    table = bench.rand(table_rows, width)
+    ids = torch.randint(0, table_rows, (rows,), generator=bench.gen).to(dev)
+    out.append(("embedding", "embedding", lambda: F.embedding(ids, table),
+                _fwd(P.embedding(ctx, "x", layer=0, tokens=rows, rows=table_rows, d=width))))
+    local = ids.remainder(rows)
+    out.append(("gather", "gather", lambda: x.index_select(0, local),
+                _fwd(P.gather(ctx, "x", layer=0, rows=rows, d=width, module="x"))))
+    target = bench.rand(rows, width)
+    perm = torch.randperm(rows, generator=bench.gen).to(dev)  # distinct rows, as combine / scatter-back write
+    out.append(("scatter", "scatter", lambda: target.index_add_(0, perm, x),
+                _fwd(P.scatter(ctx, "x", layer=0, rows=rows, d=width, module="x"))))
+    scores = x.view(-1, 64)
+    out.append(("argmax", "topk", lambda: torch.argmax(scores, dim=-1),
+                P.argmax(ctx, "x", layer=0, rows=n // 64, n=64, module="x")[0]))
+    out.append(("topk", "topk", lambda: torch.topk(scores, 8, dim=-1),
+                P.topk(ctx, "x", layer=0, rows=n // 64, n=64, k=8, module="x")[0]))
+    batch = max(1, rows // 8)  # new keys and values of `batch` sequences, 8 heads of 64
+    cache_k, new_k = bench.rand(batch, 8, 16, 64), bench.rand(batch, 8, 1, 64)
+    out.append(("kv_cache append", "kv_cache", lambda: cache_k[:, :, -1:].copy_(new_k),
+                P.kv_cache_append(ctx, "x", layer=0, batch=batch, tokens=1, kv_heads=8, d_head=64, module="x")[0]))
+    classes = 1024
+    labels = torch.randint(0, classes, (n // classes,), generator=bench.gen).to(dev)
+    out.append(("cross_entropy", "loss", lambda: F.cross_entropy(x.view(-1, classes), labels),
+                _fwd(P.cross_entropy(ctx, "x", layer=0, rows=n // classes, classes=classes, module="x"))))
+    return out
 
-    # matrix products: the compute efficiency carries the measured time; their
-    # memory efficiency is that of streaming their bytes (the copy's size curve)
+
+def backward_kernels(bench: Bench, n: int, width: int = 1024) -> list:
+    """(name, kind, variant, make) of the backward kernels whose forward is memory-bound; make() ->
+    (output, inputs) of a forward with gradients, on n elements ([rows, width])."""
+    import torch
+    import torch.nn.functional as F
+
+    rows = max(1, n // width)
+    dev = bench.device
+    table_rows = max(4 * rows, 4096)
+    ids = torch.randint(0, table_rows, (rows,), generator=bench.gen).to(dev)
+    labels = torch.randint(0, width, (rows,), generator=bench.gen).to(dev)
+    local = torch.randperm(rows, generator=bench.gen).to(dev)
+    out = []
+    for op, (inputs, fn) in elementwise_kernels().items():
+        if op == "copy":
+            continue
+        out.append((op, "elementwise", op, lambda fn=fn, inputs=inputs: _graph(
+            bench, fn, [(rows, width, True)] * inputs + [(rows, width, False)] * (2 - inputs))))
+    out.append(("layernorm", "norm", "layernorm", lambda: _graph(
+        bench, lambda x, w, b: F.layer_norm(x, (width,), w, b), [(rows, width, True), (width, True), (width, True)])))
+    out.append(("rmsnorm", "norm", "rmsnorm", lambda: _graph(
+        bench, lambda x, w: F.rms_norm(x, (width,), w, eps=1e-6), [(rows, width, True), (width, True)])))
+    out.append(("softmax", "softmax", "softmax", lambda: _graph(
+        bench, lambda x: torch.softmax(x, dim=-1), [(rows, width, True)])))
+    out.append(("embedding", "embedding", "", lambda: _graph(
+        bench, lambda t: F.embedding(ids, t), [(table_rows, width, True)])))
+    out.append(("gather", "gather", "", lambda: _graph(
+        bench, lambda x: x.index_select(0, local), [(rows, width, True)])))
+    out.append(("cross_entropy", "loss", "", lambda: _graph(
+        bench, lambda x: F.cross_entropy(x, labels), [(rows, width, True)])))
+    return out
+
+
+CHAIN = 16  # nodes in the chain that times a backward node inside a backward pass
+
+
+def _chain(make):
+    """(output, inputs) of CHAIN copies of the kernel applied one after another (each on the last output,
+    for one-tensor kernels; side by side and summed otherwise)."""
+    outs, leaves = [], []
+    for _ in range(CHAIN):
+        out, inputs = make()
+        outs.append(out)
+        leaves += inputs
+    total = outs[0]
+    for out in outs[1:]:
+        total = total + out.reshape(total.shape) if out.numel() == total.numel() else total + out.sum()
+    return total, leaves
+
+
+def _graph(bench: Bench, fn, shapes):
+    """(output, inputs needing gradients) of fn on random inputs of `shapes` ((.., grad) tuples)."""
+    args = [bench.rand(*shape[:-1], grad=shape[-1]) for shape in shapes]
+    return fn(*args), [a for a in args if a.requires_grad]
+
+
+def _backward_op(bench: Bench, name: str, kind: str, n: int, width: int = 1024):
+    """The flopsim backward op of a kernel measured by measure_backward_kernels."""
+    from flopsim.ops import primitives as P
+
+    ctx, rows = _ctx(bench.dtype, "train"), max(1, n // width)
+    if kind == "elementwise":
+        inputs = elementwise_kernels()[name][0]
+        return _bwd(P.elementwise(ctx, "x", layer=0, elements=n, op=name, inputs=inputs, module="x"))
+    if kind == "norm":
+        return _bwd(P.norm(_ctx(bench.dtype, "train", norm=name), "x", layer=0, tokens=rows, d=width))
+    if kind == "softmax":
+        return _bwd(P.elementwise(ctx, "x", layer=0, elements=n, op="softmax", module="x", kind="softmax"))
+    if kind == "embedding":
+        return _bwd(P.embedding(ctx, "x", layer=0, tokens=rows, rows=max(4 * rows, 4096), d=width))
+    if kind == "gather":
+        return _bwd(P.gather(ctx, "x", layer=0, rows=rows, d=width, module="x"))
+    return _bwd(P.cross_entropy(ctx, "x", layer=0, rows=rows, classes=width, module="x"))
+
+
+def measure_backward_kernels(bench: Bench) -> None:
+    """Autograd's backward of each memory-bound kernel: fixed cost (tiny) and efficiency by size."""
+    import torch
+
+    def timer_of(make):
+        out, inputs = make()
+        grad = torch.randn_like(out)
+        return lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True)
+
+    for name, kind, variant, make in backward_kernels(bench, 64, width=64):
+        key = f"{kind}:{variant}@bwd" if variant else f"{kind}@bwd"
+        # one autograd.grad call on one node: the per-call cost, subtracted for busy times
+        bench.fixed_hot[key] = bench.timed(timer_of(make))
+        # inside a backward pass a node costs less: a chain of CHAIN nodes, per node
+        bench.fixed_cold[key] = bench.timed(timer_of(lambda make=make: _chain(make))) / CHAIN
+    for size in (SMOKE["backward_sizes"] if bench.smoke else BACKWARD_SIZES[bench.device]):
+        n, _ = _memory_shapes(bench, size)
+        for name, kind, variant, make in backward_kernels(bench, n):
+            seconds = bench.timed(timer_of(make))
+            bench.record(f"{name} backward {size:.3g}B", kind, None, seconds, _backward_op(bench, name, kind, n),
+                         matrix=False, size=size)
+        bench.say(f"backward kernels at {size:.3g} B")
+
+
+def measure_optimizer(bench: Bench) -> None:
+    """torch's fused Adam (the reference's update step) over parameter sets of several sizes."""
+    import torch
+
+    from flopsim.ops.optimizer import optimizer_update
+
+    def adam(params: int):
+        tensors = [torch.nn.Parameter(bench.rand(params // 4)) for _ in range(4)]
+        for t in tensors:
+            t.grad = torch.randn_like(t)
+        try:
+            opt = torch.optim.Adam(tensors, lr=1e-5, fused=True)
+        except (RuntimeError, ValueError):
+            opt = torch.optim.Adam(tensors, lr=1e-5, foreach=True)
+        return opt.step
+
+    step = adam(256)
+    bench.fixed_hot["optimizer"] = bench.timed(step)
+    bench.fixed_cold["optimizer"] = bench.cold_time(step)
+    for params in (SMOKE["adam"] if bench.smoke else ADAM_PARAMS[bench.device]):
+        seconds = bench.timed(adam(params))
+        op = optimizer_update(params, weight_bytes=bench.value_bytes, layer=0)[0]
+        bench.record(f"adam {params} params", "optimizer", None, seconds, op, matrix=False,
+                     size=float(op.weight_bytes))
+    bench.say("optimizer")
+
+
+def assemble(bench: Bench, stream: list, cache_bytes: float, openmp: dict):
+    """The Calibration from the measured points (see flopsim.calibration for the lookup)."""
+    import torch
+
+    from flopsim.calibration import Calibration, Efficiency, GemmPoint, SizePoint, StreamPoint
+
+    points = bench.points
     gemm_points = [GemmPoint(kind=p.kind, variant=p.variant or None, batch=p.gemm[0], m=p.gemm[1], n=p.gemm[2],
-                             k=p.gemm[3], compute=p.compute_eff)
+                             k=p.gemm[3], backward=p.backward,
+                             compute=None if p.memory_bound else p.compute_eff,
+                             memory=p.memory_eff if p.memory_bound else None)
                    for p in points if p.gemm is not None]
-    size_points, kinds = [], {}
+    kinds = {}
     for kind in sorted({p.kind for p in points if p.gemm is not None}):
-        mine = [p for p in points if p.kind == kind and p.gemm is not None]
-        kinds[kind] = Efficiency(compute=statistics.median(p.compute_eff for p in mine),
-                                 memory=statistics.median(p.memory_eff for p in mine))
+        mine = [p for p in points if p.kind == kind and p.gemm is not None and not p.backward]
+        compute = [p.compute_eff for p in mine if not p.memory_bound] or [1.0]
+        memory = [p.memory_eff for p in mine if p.memory_bound] or [1.0]
+        kinds[kind] = Efficiency(compute=statistics.median(compute), memory=statistics.median(memory))
+    size_points = []
     for kind in sorted({p.kind for p in points if p.gemm is None}):
-        mine = [p for p in points if p.kind == kind and p.gemm is None]
-        for variant in sorted({p.variant for p in mine}) + [None]:  # each kernel, then the kind's median
-            for size in sorted({p.size for p in mine}):
-                at = [p for p in mine if p.size == size and (variant is None or p.variant == variant)]
-                if variant is not None and (not variant or len({p.variant for p in mine}) == 1):
-                    continue  # one kernel only: the kind-level points say it all
-                size_points.append(SizePoint(kind=kind, variant=variant, bytes=statistics.median(p.bytes for p in at),
-                                             compute=statistics.median(p.compute_eff for p in at),
-                                             memory=statistics.median(p.memory_eff for p in at)))
-        largest = [p for p in mine if p.size == max(q.size for q in mine)]
-        kinds[kind] = Efficiency(compute=statistics.median(p.compute_eff for p in largest),
-                                 memory=statistics.median(p.memory_eff for p in largest))
-    default = Efficiency(compute=statistics.median(p.compute_eff for p in points if p.kind == "matmul"),
-                         memory=kinds["elementwise"].memory)
-    meta = dict(device=device, hardware=hw.name, dtype=dtype, threads=torch.get_num_threads(),
-                torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
-                achieved_bandwidth_bytes_per_s=copy_bandwidth, launch_overhead_s=overhead,
-                device_name=device_name(device))
-    calibration = Calibration(
-        device=hw.name,
-        source=(f"flopsim calibrate --device {device}: {len(points)} microbenchmarks on {meta['device_name']}, "
-                f"torch {torch.__version__}, {meta['threads']} threads, {dtype}, {meta['date']}"),
+        for backward in (False, True):
+            mine = [p for p in points if p.kind == kind and p.gemm is None and p.backward == backward]
+            if not mine:
+                continue
+            size_points += _size_points(mine, kind, backward)
+            largest = [p for p in mine if p.size == max(q.size for q in mine)]
+            kinds[f"{kind}@bwd" if backward else kind] = Efficiency(
+                compute=statistics.median(p.compute_eff for p in largest),
+                memory=statistics.median(p.memory_eff for p in largest))
+    default = Efficiency(compute=kinds["matmul"].compute, memory=kinds["elementwise"].memory)
+    fixed = {k: v for k, v in bench.fixed_cold.items() if k != "launch"}
+    meta = dict(device=bench.device, hardware=bench.hw.name, dtype=bench.dtype, threads=torch.get_num_threads(),
+                torch=torch.__version__, date=time.strftime("%Y-%m-%d"), device_name=device_name(bench.device),
+                launch_overhead_s=bench.fixed_cold["launch"], last_level_cache_bytes=cache_bytes,
+                cold_pool_bytes=bench.pool_bytes, environment=openmp,
+                achieved_bandwidth_bytes_per_s=max(p.memory_eff for p in points if p.kind == "elementwise"
+                                                   and p.variant == "copy") * bench.hw.memory_bandwidth_bytes_per_s)
+    return Calibration(
+        device=bench.hw.name, provenance="measured",
+        source=(f"flopsim calibrate --device {bench.device}: {len(points)} microbenchmarks on {meta['device_name']}, "
+                f"torch {torch.__version__}, {meta['threads']} threads, {bench.dtype}, {meta['date']}"),
         default=default, kinds=kinds, gemm=gemm_points, gemm_kinds=("matmul", "router", "conv", "attention"),
-        sizes=size_points,
-        launch_overhead_s=overhead, measured=meta,
+        sizes=size_points, launch_overhead_s=bench.fixed_cold["launch"], fixed_s=fixed,
+        stream=[StreamPoint(footprint_bytes=f, bytes_per_s=b) for f, b in stream],
+        stream_reference_bytes=bench.pool_bytes, measured=meta,
     )
-    return calibration, points
+
+
+def _size_points(mine: list, kind: str, backward: bool) -> list:
+    """Size points of one kind: per kernel variant (when the kind has several), then the kind's medians."""
+    from flopsim.calibration import SizePoint
+
+    out = []
+    variants = sorted({p.variant for p in mine})
+    for variant in variants + [None]:
+        if variant is not None and (not variant or len(variants) == 1):
+            continue  # one kernel only: the kind-level points say it all
+        for size in sorted({p.size for p in mine}):
+            at = [p for p in mine if p.size == size and (variant is None or p.variant == variant)]
+            if not at:
+                continue
+            out.append(SizePoint(kind=kind, variant=variant, backward=backward,
+                                 bytes=statistics.median(p.bytes for p in at),
+                                 compute=statistics.median(p.compute_eff for p in at),
+                                 memory=statistics.median(p.memory_eff for p in at)))
+    return out
 
 
 def guess_hardware(device: str) -> str:
@@ -319,10 +739,12 @@ def guess_hardware(device: str) -> str:
 
     name = torch.cuda.get_device_name().lower()
     for key, preset in (("h200", "h200"), ("h100", "h100-sxm"), ("a100", "a100-80gb"), ("l40s", "l40s"),
-                        ("l4", "l4"), ("mi300", "mi300x")):
+                        ("l4", "l4"), ("a10g", "a10g"), ("v100", "v100-sxm2-32gb"), ("mi300", "mi300x")):
         if key in name:
             if preset == "h100-sxm" and "pcie" in name:
                 return "h100-pcie"
+            if preset == "a100-80gb" and "40gb" in name:
+                return "a100-40gb"
             return preset
     return "h100-sxm"
 

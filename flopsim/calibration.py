@@ -2,7 +2,8 @@
 
 A `Calibration` gives each op a compute efficiency and a memory efficiency
 (fractions of `peak_flops_per_s` and `memory_bandwidth_bytes_per_s`, so 1.0 is
-the ideal roofline) and can replace the hardware's per-kernel launch overhead.
+the ideal roofline), a fixed cost per kernel launch, the speed of collectives
+per link level, and the speed-up of cold reads when a step fits the cache.
 
 Lookup order for an op of kind K with GEMM shape (batch, m, n, k):
 1. when K is in `gemm_kinds`, the op has a GEMM shape and `gemm` lists
@@ -11,23 +12,61 @@ Lookup order for an op of kind K with GEMM shape (batch, m, n, k):
    kind), the efficiencies are interpolated between the measured shapes in
    log space over (m, n, k) of one product -- a batched product (experts)
    runs `batch` such products -- or over (batch*m, n, k) for the kinds in
-   `fold_batch_kinds` (attention: one kernel over all heads): inverse-distance weights 1/d^4 on
-   log-efficiency, exact at a measured shape; the memory efficiency is the
-   point's when measured, else that of streaming the op's bytes (the
-   measured copy's size curve: cache-resident small operands, memory-bound
-   large ones), else the kind's;
+   `fold_batch_kinds` (attention: one kernel over all heads): inverse-distance
+   weights 1/d^4 on log-efficiency, exact at a measured shape. The compute
+   efficiency comes from the points measured compute-bound (their `compute`),
+   the memory efficiency from those measured memory-bound (their `memory`:
+   decode shapes, whose weights or keys were read cold from memory), else
+   from streaming the op's bytes (the measured copy's size curve), else the
+   kind's;
 2. otherwise, when `sizes` lists measured sizes for K (memory-bound kinds:
    small tensors stay in cache; per variant, e.g. gelu or rmsnorm, when
    measured), the same interpolation over log(bytes) gives both efficiencies;
-3. otherwise (and for a point without a memory efficiency) `kinds[K]`,
-   else `default`;
-4. launch overhead: `launch_overhead_s` if set, else the hardware's.
-`measured` records how a calibration was measured (None: not measured).
+3. otherwise (and for a point without a memory efficiency) `kinds[K]`
+   (`kinds["K@bwd"]` for a backward op, when given), else `default`.
+   Backward ops (autograd's kernels) use points measured on backward
+   kernels (`backward: true`) when the calibration has them, else the
+   forward kernel's;
+4. fixed cost per kernel launch (`fixed_s`): `fixed_s["kind:variant"]`,
+   else `fixed_s["kind"]` (a backward op tries the same keys with `@bwd`
+   first), else `launch_overhead_s`, else the hardware's launch overhead.
+   `graph_launch_s` is the cost per kernel when a CUDA graph replays them
+   (`with_graphs()`). It is the time a kernel of that kind takes on an empty
+   problem (launch, dispatch, and on a CPU the framework's per-op work),
+   measured as the time at the smallest size; efficiencies are measured on
+   the time above it, so fixed cost + roofline reproduces every point.
+5. collectives (`links`): per link level (`scale_up`: within the scale-up
+   domain, NVLink / xGMI / ICI; `scale_out`: between domains, InfiniBand /
+   Ethernet) a latency and a bus bandwidth, in nccl-tests' convention
+   (busbw: the per-rank bandwidth a ring algorithm sees), so a collective
+   moving `nbytes` over n ranks takes
+       latency_s + factor(op, n) * nbytes / bus_bytes_per_s
+   with factor 2 (n - 1) / n for all-reduce, (n - 1) / n for reduce-scatter,
+   all-gather (nbytes: the whole gathered buffer) and all-to-all, 1 for a
+   point-to-point send. Small messages are latency-bound, large ones
+   bandwidth-bound.
+
+6. cold bytes (`stream`, measured on the device): a step's weights and KV
+   cache were last touched one step earlier; when everything the step
+   touches (its footprint) fits the last-level cache, part of it is still
+   cached and streams faster than at calibration, where cold points were
+   measured over `stream_reference_bytes` (beyond the cache). The caller
+   divides the op's cold bytes by `cold_speedup(footprint)` =
+   bandwidth(footprint) / bandwidth(reference), interpolated on the
+   measured curve (1 on a GPU, whose cache is far smaller than a model).
+
+Provenance (a contract; every output names it): `measured` (`flopsim
+calibrate` on the device: `measured` records how, when and with which
+torch), `published` (seeded from cited microbenchmark-level measurements:
+every figure's source is in `sources`, or on the point itself), `custom` (a
+user's file that says neither), or `ideal` (every efficiency 1, no fixed
+cost beyond the datasheet's launch overhead) -- only when asked for.
+End-to-end published results (GPU-hours, MFU, tokens/s) are never an input.
 
 Files live in specs/calibration/<device>.yaml (picked up automatically for
 that device) or anywhere else (`--calibration PATH`); `ideal` is the all-ones
-calibration. The validation issue measures these; the shipped files hold the
-figures REFERENCES.md already records and say so in `source`.
+calibration. A device without a calibration file is an error unless the
+user asks for `ideal`.
 
 The lookup works on numbers and on numpy arrays (sweeps), and imports no torch.
 """
@@ -35,14 +74,18 @@ The lookup works on numbers and on numpy arrays (sweeps), and imports no torch.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+import math
+from typing import Any, Literal, Optional
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from flopsim.ops.op import KINDS
 
 MAX_EFFICIENCY = 10.0  # >1 allowed: a "peak" that is itself a measurement can be beaten
+MAX_FIXED_S = 1.0  # no kernel's fixed cost is a second
+PROVENANCES = ("measured", "published", "custom", "ideal")
+LINK_LEVELS = ("scale_up", "scale_out")
 
 
 class _Strict(BaseModel):
@@ -56,17 +99,27 @@ class Efficiency(_Strict):
 
 class GemmPoint(_Strict):
     """A measured matrix product: `batch` products of (m x k) @ (k x n), on
-    ops of `kind` (None: any kind in `gemm_kinds`); `memory`, when measured,
-    replaces the kind's memory efficiency at that shape."""
+    ops of `kind` (None: any kind in `gemm_kinds`). A point measured where the
+    product is compute-bound gives `compute` (its compute ceiling); one
+    measured where it is memory-bound (its weights or keys read cold from
+    memory) gives `memory`; either or both."""
+
+    @model_validator(mode="after")
+    def _one_ceiling(self):
+        if self.compute is None and self.memory is None:
+            raise ValueError("a GEMM point needs a compute or a memory efficiency")
+        return self
 
     m: PositiveInt
     n: PositiveInt
     k: PositiveInt
     batch: PositiveInt = 1
-    compute: float = Field(gt=0, le=MAX_EFFICIENCY)
-    memory: Optional[float] = Field(None, gt=0, le=MAX_EFFICIENCY)
+    compute: Optional[float] = Field(None, gt=0, le=MAX_EFFICIENCY)  # None: measured memory-bound
+    memory: Optional[float] = Field(None, gt=0, le=MAX_EFFICIENCY)  # None: measured compute-bound
     kind: Optional[str] = None
     variant: Optional[str] = None  # the kernel measured (e.g. fused / explicit attention)
+    backward: bool = False  # measured on the kernel's backward (autograd's) rather than its forward
+    source: Optional[str] = None  # a published point's citation
 
     @field_validator("kind")
     @classmethod
@@ -86,6 +139,8 @@ class SizePoint(_Strict):
     compute: float = Field(gt=0, le=MAX_EFFICIENCY)
     memory: float = Field(gt=0, le=MAX_EFFICIENCY)
     variant: Optional[str] = None  # the kernel measured (e.g. gelu, rmsnorm)
+    backward: bool = False  # measured on the kernel's backward (autograd's) rather than its forward
+    source: Optional[str] = None  # a published point's citation
 
     @field_validator("kind")
     @classmethod
@@ -95,25 +150,68 @@ class SizePoint(_Strict):
         return kind
 
 
+class StreamPoint(_Strict):
+    """Bandwidth of reading cold data (weights) when a step touches
+    `footprint_bytes` in all: below the cache size some of it is still cached."""
+
+    footprint_bytes: float = Field(gt=0, le=1e15)
+    bytes_per_s: float = Field(gt=0, le=1e15)
+
+
+class LinkLevel(_Strict):
+    """One level of the interconnect: a collective's fixed latency and the bus
+    bandwidth (nccl-tests' busbw) of large messages; see the module docstring."""
+
+    latency_s: float = Field(ge=0, le=MAX_FIXED_S)
+    bus_bytes_per_s: float = Field(gt=0, le=1e15)
+    source: str = ""
+
+
 class Calibration(_Strict):
     device: str = ""
     source: str = "ideal roofline (every efficiency 1)"
+    provenance: Optional[Literal["measured", "published", "custom"]] = None  # None: derived (see .kind)
+    sources: dict[str, str] = {}  # figure -> where it comes from (published calibrations)
     default: Efficiency = Efficiency()
     kinds: dict[str, Efficiency] = {}
     gemm: list[GemmPoint] = []
     gemm_kinds: tuple[str, ...] = ("matmul", "router", "conv")
     sizes: list[SizePoint] = []
     fold_batch_kinds: tuple[str, ...] = ("attention",)
-    launch_overhead_s: Optional[float] = Field(None, ge=0)
+    launch_overhead_s: Optional[float] = Field(None, ge=0, le=MAX_FIXED_S)
+    fixed_s: dict[str, float] = {}  # "kind" or "kind:variant" -> seconds per launch
+    graph_launch_s: Optional[float] = Field(None, ge=0, le=MAX_FIXED_S)  # per kernel, replayed as a CUDA graph
+    links: dict[Literal["scale_up", "scale_out"], LinkLevel] = {}
+    stream: list[StreamPoint] = []  # cold-read bandwidth by step footprint (measured on the device)
+    stream_reference_bytes: Optional[float] = Field(None, gt=0, le=1e15)  # footprint the cold points were measured at
     measured: Optional[dict[str, Any]] = None  # how it was measured (device, date, ...); None if not measured
 
     @field_validator("kinds", "gemm_kinds", "fold_batch_kinds")
     @classmethod
     def _known_kinds(cls, kinds):
-        for kind in kinds:  # dict keys or tuple entries
-            if kind not in KINDS:
+        for kind in kinds:  # dict keys ("kind" or "kind@bwd") or tuple entries
+            if kind.removesuffix("@bwd") not in KINDS:
                 raise ValueError(f"unknown op kind '{kind}' (kinds: {', '.join(KINDS)})")
         return kinds
+
+    @field_validator("fixed_s")
+    @classmethod
+    def _known_fixed(cls, fixed):
+        for key, seconds in fixed.items():
+            kind = key.removesuffix("@bwd").split(":", 1)[0]
+            if kind not in KINDS:
+                raise ValueError(f"fixed_s: unknown op kind '{kind}' in '{key}' (kinds: {', '.join(KINDS)})")
+            if not (math.isfinite(seconds) and 0 <= seconds <= MAX_FIXED_S):
+                raise ValueError(f"fixed_s.{key}: {seconds!r} must be a time in seconds in [0, {MAX_FIXED_S}]")
+        return fixed
+
+    @model_validator(mode="after")
+    def _provenance_is_backed(self):
+        if self.provenance == "measured" and self.measured is None:
+            raise ValueError("provenance 'measured' needs a 'measured' block (how, when, where it was measured)")
+        if self.provenance == "published" and not (self.sources or any(p.source for p in [*self.gemm, *self.sizes])):
+            raise ValueError("provenance 'published' needs 'sources' naming where each figure comes from")
+        return self
 
     @classmethod
     def ideal(cls, device: str = "") -> "Calibration":
@@ -122,71 +220,135 @@ class Calibration(_Strict):
     @property
     def is_ideal(self) -> bool:
         return (self.default == Efficiency() and all(e == Efficiency() for e in self.kinds.values())
-                and not self.gemm and not self.sizes and self.launch_overhead_s is None)
+                and not self.gemm and not self.sizes and self.launch_overhead_s is None and not self.fixed_s
+                and not self.links and not self.stream)
+
+    @property
+    def kind(self) -> str:
+        """measured | published | custom | ideal (see the module docstring)."""
+        if self.is_ideal and self.provenance is None:
+            return "ideal"
+        if self.provenance is not None:
+            return self.provenance
+        return "measured" if self.measured is not None else "custom"
+
+    @property
+    def provenance_label(self) -> str:
+        """`<device> <kind>`, with when and how for a measured one."""
+        device = self.device or "custom"
+        if self.kind == "ideal":
+            return f"{device}: ideal roofline (efficiency 1, asked for)"
+        if self.kind == "measured":
+            m = self.measured or {}
+            return (f"{device}: measured {m.get('date', '')} ({m.get('device_name', m.get('device', ''))}, "
+                    f"torch {m.get('torch', '?')})")
+        if self.kind == "published":
+            return f"{device}: published microbenchmarks ({len(self.cited_sources())} sources)"
+        return f"{device}: custom file"
+
+    def cited_sources(self) -> list[str]:
+        """Distinct citations of a published calibration (its `sources` and its points')."""
+        out = list(dict.fromkeys([*self.sources.values(), *(p.source for p in [*self.gemm, *self.sizes] if p.source),
+                                  *(link.source for link in self.links.values() if link.source)]))
+        return out
 
     @property
     def label(self) -> str:
-        """A short description: ideal, or the device and its default efficiencies."""
-        if self.is_ideal:
-            return "ideal (efficiency 1)"
-        parts = [f"compute {self.default.compute:g}", f"memory {self.default.memory:g}"]
-        if self.kinds:
-            parts.append(f"{len(self.kinds)} per-kind")
+        """What every output prints: the device, the provenance and the default efficiencies."""
+        if self.kind == "ideal":
+            return self.provenance_label
+        parts = [f"compute {self.default.compute:.3g}", f"memory {self.default.memory:.3g}"]
         if self.gemm:
             parts.append(f"{len(self.gemm)} GEMM shapes")
-        if self.launch_overhead_s is not None:
-            parts.append(f"launch {self.launch_overhead_s * 1e6:g} us")
-        return f"{self.device or 'custom'} ({', '.join(parts)})"
+        if self.fixed_s:
+            parts.append(f"{len(self.fixed_s)} kernel fixed costs")
+        if self.links:
+            parts.append("links " + ", ".join(self.links))
+        return f"{self.provenance_label} [{', '.join(parts)}]"
 
     @staticmethod
-    def _matching(points: list, kind: str, variant: Optional[str], kindless: bool) -> list:
+    def _matching(points: list, kind: str, variant: Optional[str], kindless: bool, backward: bool = False) -> list:
         """Points of `kind` measured on `variant` (the kernel, e.g. rmsnorm, gelu,
         explicit attention), else those of `kind` with no variant, else all of
-        `kind` (else, for GEMM points, the kind-less ones)."""
+        `kind` (else, for GEMM points, the kind-less ones); for a backward op,
+        the points measured on the backward kernel when there are any."""
         own = [p for p in points if p.kind == kind]
         if not own and kindless:
             own = [p for p in points if p.kind is None]
+        if backward and any(p.backward for p in own):
+            own = [p for p in own if p.backward]
+        else:
+            own = [p for p in own if not p.backward]
         if variant:
             same = [p for p in own if p.variant == variant]
             if same:
                 return same
         return [p for p in own if p.variant is None] or own
 
-    def _points(self, kind: str, variant: Optional[str] = None) -> list:
+    def _points(self, kind: str, variant: Optional[str] = None, backward: bool = False) -> list:
         """The measured shapes that apply to `kind` (see _matching)."""
         if kind not in self.gemm_kinds:
             return []
-        return self._matching(self.gemm, kind, variant, kindless=True)
+        return self._matching(self.gemm, kind, variant, kindless=True, backward=backward)
 
     def uses_gemm_shape(self, kind: str) -> bool:
         return bool(self._points(kind))
 
-    def efficiency(self, kind: str, gemm: Optional[tuple] = None, nbytes=None, variant: Optional[str] = None):
+    def efficiency(self, kind: str, gemm: Optional[tuple] = None, nbytes=None, variant: Optional[str] = None,
+                   backward: bool = False):
         """(compute, memory) efficiency of an op, interpolated between the
         measured GEMM shapes (gemm kinds) or measured sizes (`nbytes`, the op's
         bytes) of its kind and variant, else the kind's, else the default.
-        Arguments may be numpy arrays."""
-        base = self.kinds.get(kind, self.default)
-        points = self._points(kind, variant) if gemm is not None else []
+        GEMM points measured where the product is compute-bound carry the
+        compute ceiling, those measured where it is memory-bound (decode
+        shapes, reading cold weights) the memory ceiling; each ceiling is
+        interpolated over its own points. A backward op (`backward`) uses the
+        points measured on backward kernels where there are any. Arguments may
+        be numpy arrays."""
+        base = self.kinds.get(f"{kind}@bwd" if backward and f"{kind}@bwd" in self.kinds else kind, self.default)
+        points = self._points(kind, variant, backward) if gemm is not None else []
         if points:
             batch, m, n, k = gemm
             if kind in self.fold_batch_kinds:  # one kernel over the batch (attention heads)
                 coords = [np.asarray(batch, dtype=float) * np.asarray(m, dtype=float), n, k]
-                where = [(p.batch * p.m, p.n, p.k) for p in points]
+
+                def where(ps):
+                    return [(p.batch * p.m, p.n, p.k) for p in ps]
             else:  # `batch` separate products (experts), each like one (m, n, k) product
                 coords = [m, n, k]
-                where = [(p.m, p.n, p.k) for p in points]
-            compute, _ = _interpolate(coords, where, [p.compute for p in points], [1.0] * len(points))
+
+                def where(ps):
+                    return [(p.m, p.n, p.k) for p in ps]
+            with_compute = [p for p in points if p.compute is not None]
+            with_memory = [p for p in points if p.memory is not None]
+            compute = (_interpolate(coords, where(with_compute), [p.compute for p in with_compute],
+                                    [p.compute for p in with_compute])[0] if with_compute else base.compute)
+            if with_memory:
+                memory = [p.memory for p in with_memory]
+                return compute, _interpolate(coords, where(with_memory), memory, memory)[1]
             streaming = self._streaming_memory(nbytes)
-            if any(p.memory is not None for p in points) or streaming is None:
-                memory = [base.memory if p.memory is None else p.memory for p in points]
-                return compute, _interpolate(coords, where, memory, memory)[1]
-            return compute, streaming
-        sized = self._matching(self.sizes, kind, variant, kindless=False) if nbytes is not None else []
+            return compute, base.memory if streaming is None else streaming
+        sized = self._matching(self.sizes, kind, variant, kindless=False, backward=backward) if nbytes is not None else []
         if sized:
             return _interpolate([nbytes], [(p.bytes,) for p in sized], [p.compute for p in sized],
                                 [p.memory for p in sized])
         return base.compute, base.memory
+
+    def cold_speedup(self, footprint_bytes):
+        """How much faster than at calibration the step's cold bytes (weights
+        and KV cache, last touched one step earlier) stream when the step
+        touches `footprint_bytes` of them: bandwidth(footprint) /
+        bandwidth(stream_reference_bytes) from the measured `stream` curve
+        (1 without one, or at or above the reference footprint). Numbers or arrays."""
+        if not self.stream or self.stream_reference_bytes is None:
+            return 1.0 if np.ndim(footprint_bytes) == 0 else np.ones(np.shape(footprint_bytes))
+        where = [(p.footprint_bytes,) for p in self.stream]
+        rates = [p.bytes_per_s for p in self.stream]
+        at = np.maximum(np.asarray(footprint_bytes, dtype=float), 1.0)
+        here = _interpolate([at], where, rates, rates)[0]
+        ref = _interpolate([self.stream_reference_bytes], where, rates, rates)[0]
+        out = np.where(at >= self.stream_reference_bytes, 1.0, np.maximum(np.asarray(here) / ref, 1.0))
+        return float(out) if np.ndim(out) == 0 else out
 
     def _streaming_memory(self, nbytes):
         """Memory efficiency of streaming `nbytes` (cache-resident when small,
@@ -201,7 +363,51 @@ class Calibration(_Strict):
                             [p.memory for p in curve])[1]
 
     def overhead_s(self, hw) -> float:
+        """The launch overhead of a kernel with no measured fixed cost of its own."""
         return hw.launch_overhead_s if self.launch_overhead_s is None else self.launch_overhead_s
+
+    def with_graphs(self) -> "Calibration":
+        """This calibration for an engine that replays its kernels as a CUDA graph
+        (CUDA graphs, torch.compile's reduce-overhead mode, TensorRT-LLM): every
+        kernel's fixed cost is the measured gap between graph-replayed kernels
+        (`graph_launch_s`); unchanged when none is measured."""
+        if self.graph_launch_s is None:
+            return self
+        return self.model_copy(update={"fixed_s": {}, "launch_overhead_s": self.graph_launch_s})
+
+    def fixed_cost_s(self, kind: str, variant: str, hw, backward: bool = False) -> float:
+        """Seconds per launch of a kernel of `kind` / `variant` (lookup step 4);
+        a backward op looks for `...@bwd` keys first."""
+        keys = [f"{kind}:{variant}", kind] if variant else [kind]
+        if backward:
+            keys = [f"{key}@bwd" for key in keys] + keys
+        for key in keys:
+            if key in self.fixed_s:
+                return self.fixed_s[key]
+        return self.overhead_s(hw)
+
+    def link(self, level: str, hw=None) -> Optional[LinkLevel]:
+        """The calibrated link level, else one from the hardware's datasheet
+        bandwidth (half its two-way figure) and launch overhead, else None."""
+        if level in self.links:
+            return self.links[level]
+        if hw is None:
+            return None
+        total = hw.interconnect_bytes_per_s if level == "scale_up" else getattr(hw, "scale_out_bytes_per_s", None)
+        if not total:
+            return None
+        return LinkLevel(latency_s=self.overhead_s(hw), bus_bytes_per_s=total / 2,
+                         source=f"{hw.name} datasheet bandwidth, no measured latency (ideal link)")
+
+    def collective_s(self, op: str, nbytes, ranks: int, level: str, hw=None) -> float:
+        """Seconds for collective `op` on a buffer of `nbytes` over `ranks` ranks
+        on link `level` (lookup step 5; the formula is flopsim.collectives')."""
+        from flopsim.collectives import collective_s
+
+        link = self.link(level, hw)
+        if link is None:
+            raise ValueError(f"no {level} link for {self.device or 'this device'}")
+        return collective_s(op, float(nbytes), ranks, link.bus_bytes_per_s, link.latency_s)
 
 
 def calibration_path(device: str) -> Path:
@@ -211,8 +417,10 @@ def calibration_path(device: str) -> Path:
 
 
 def load_calibration(calibration: Any = None, hw=None) -> Calibration:
-    """A Calibration from None/"auto" (the device's shipped file, else ideal),
-    "ideal", a Calibration, a dict or a YAML path."""
+    """A Calibration from None/"auto" (the device's shipped file; a device
+    without one is an error, never a silent ideal), "ideal", a Calibration, a
+    dict or a YAML path."""
+    from flopsim.errors import InputError
     from flopsim.spec.loader import read_yaml, validate
 
     device = getattr(hw, "name", "") or ""
@@ -223,7 +431,8 @@ def load_calibration(calibration: Any = None, hw=None) -> Calibration:
     if calibration is None or calibration == "auto":
         path = calibration_path(device) if device else None
         if path is None or not path.exists():
-            return Calibration.ideal(device)
+            raise InputError(f"hardware {device or '(unnamed)'!r} has no calibration (specs/calibration/{device}.yaml): "
+                             f"run `flopsim calibrate` on it, give --calibration PATH, or --calibration ideal")
         return validate(Calibration, read_yaml(path, "calibration"), str(path))
     if calibration == "ideal":
         return Calibration.ideal(device)

@@ -71,6 +71,7 @@ class OpCost:
     gemm: Optional[tuple] = None
     tags: dict = field(default_factory=dict, compare=False)
     variant: str = ""
+    kernels: Any = 1  # expected launches (flopsim.ops.op.Op.kernels)
 
     @property
     def bytes(self):
@@ -92,6 +93,7 @@ class OpCost:
         }
         row.update({f: getattr(self, f) for f in BYTE_FIELDS})
         row["params"] = self.params
+        row["kernels"] = self.kernels
         if self.gemm is not None:
             row.update(dict(zip(GEMM_AXES, self.gemm)))
         row.update({f"tag_{k}": v for k, v in self.tags.items()})
@@ -116,7 +118,7 @@ def evaluate_ops(ops: list[Op], values: dict[sp.Symbol, Any]) -> list[OpCost]:
         tags = {k: got.get(f"tag:{k}", v) for k, v in op.tags.items()}
         costs.append(OpCost(
             name=op.name, kind=op.kind, layer=op.layer, module=op.module, pass_=op.pass_,
-            gemm=gemm, tags=tags, variant=op.variant, **{f: got[f] for f in COST_FIELDS},
+            gemm=gemm, tags=tags, variant=op.variant, kernels=got["kernels"], **{f: got[f] for f in COST_FIELDS},
         ))
     return costs
 

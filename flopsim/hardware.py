@@ -5,6 +5,13 @@ Conventions:
 - Every figure carries its unit in its name: `peak_flops_per_s` (per dtype),
   `memory_bandwidth_bytes_per_s`, `memory_capacity_bytes`,
   `last_level_cache_bytes`, `interconnect_bytes_per_s`, `launch_overhead_s`.
+- Link levels: `interconnect_bytes_per_s` is the scale-up link (NVLink,
+  xGMI, ICI) per device, quoted as datasheets quote it (both directions
+  summed); `scale_up_domain` is how many devices share it (a node's 8 GPUs,
+  an NVL72 rack, a TPU slice); `scale_out_bytes_per_s` is the network
+  bandwidth per device between domains (its NICs, both directions summed).
+  The calibration's `links` give the measured latency and bus bandwidth
+  of collectives on each level.
 - Peaks are dense (no 2:4 structured sparsity). For `int8` the figure is
   operations per second. `fp32` is the non-tensor (vector) rate on GPUs.
 - Every figure that is given has an entry in `sources` (datasheet title/URL,
@@ -45,6 +52,8 @@ FIGURES = (
     "memory_capacity_bytes",
     "last_level_cache_bytes",
     "interconnect_bytes_per_s",
+    "scale_up_domain",
+    "scale_out_bytes_per_s",
     "launch_overhead_s",
 )
 
@@ -62,6 +71,8 @@ class HardwareSpec(BaseModel):
     memory_capacity_bytes: float = Field(gt=0)
     last_level_cache_bytes: Optional[float] = Field(None, gt=0)
     interconnect_bytes_per_s: Optional[float] = Field(None, gt=0)
+    scale_up_domain: Optional[int] = Field(None, ge=1, le=100_000)
+    scale_out_bytes_per_s: Optional[float] = Field(None, gt=0)
     launch_overhead_s: float = Field(0.0, ge=0)
     sources: dict[str, str]
     verified: list[str] = []

@@ -6,30 +6,29 @@ come from `flopsim.predict` (roofline per op, the device's calibration),
 memory from `flopsim.memory`; this module only adds the parallel layout,
 the collectives and the arithmetic of steps, days and money.
 
-Links (both figures are per GPU and quoted as datasheets quote them, the
-sum of both directions, like HardwareSpec.interconnect_bytes_per_s; every
-collective below runs at half of it, the bandwidth in one direction):
+Links: two levels, each with a latency and a bus bandwidth
+(flopsim.calibration.LinkLevel; nccl-tests' busbw, one way):
 
-- intra-node: the hardware's `interconnect_bytes_per_s` (H100 SXM: NVLink
-  900 GB/s, so 450 GB/s each way), or `interconnect_bytes_per_s=`;
-- inter-node: `inter_node_bytes_per_s=` (default DEFAULT_INTER_NODE_BYTES_PER_S,
-  an assumption: one 400 Gb/s InfiniBand NDR NIC per GPU as in a DGX H100,
-  50 GB/s each way);
-- nodes of `gpus_per_node` GPUs (default 8). Ranks are laid out Megatron-style,
-  tp fastest, then dp (with ep inside dp), then pp: a group whose ranks span
-  at most one node (tp: tp ranks; ep: tp * ep; dp: tp * dp; pp: tp * dp * pp)
-  uses the intra-node figure, any other group the inter-node one (its
-  slowest link);
-- every collective also costs `comm_latency_s` (default: one kernel launch,
-  the calibration's / hardware's launch overhead).
+- intra-node (scale-up: NVLink, xGMI, ICI): the calibration's
+  `links.scale_up` (published or measured nccl-tests figures), else the
+  hardware's `interconnect_bytes_per_s` halved with one launch of latency
+  (an ideal link, labelled so in the output); `interconnect_bytes_per_s=`
+  (two-way) overrides the bandwidth;
+- inter-node (scale-out: InfiniBand, RoCE): the calibration's
+  `links.scale_out`, else the hardware's `scale_out_bytes_per_s` halved;
+  `inter_node_bytes_per_s=` (two-way) overrides it;
+- nodes of `gpus_per_node` GPUs (default: the hardware's `scale_up_domain`).
+  Ranks are laid out Megatron-style, tp fastest, then dp (with ep inside
+  dp), then pp: a group whose ranks span at most one node (tp: tp ranks;
+  ep: tp * ep; dp: tp * dp; pp: tp * dp * pp) uses the intra-node level,
+  any other group the inter-node one (its slowest link);
+- `comm_latency_s=` overrides both levels' latency.
 
-Collectives (n ranks, `nbytes` the data one rank holds, b the one-way bandwidth):
-
-    ring all-reduce      2 (n - 1) / n * nbytes / b + latency
-    reduce-scatter       (n - 1) / n * nbytes / b + latency
-    all-gather           (n - 1) / n * nbytes / b + latency   (nbytes: the gathered result)
-    all-to-all           (n - 1) / n * nbytes / b + latency   (uniform: 1/n of the data stays)
-    point-to-point       nbytes / b + latency
+Collectives (flopsim.collectives: latency + factor * nbytes / bus bandwidth;
+n ranks, `nbytes` the data one rank holds): all-reduce 2 (n - 1) / n,
+reduce-scatter and all-gather (n - 1) / n of the whole buffer, all-to-all
+(n - 1) / n, point-to-point 1. Small messages (decode's all-reduces of
+batch * d_model values) are latency-bound.
 
 Training (`plan_training`), dp * tp * pp = GPUs, the global batch split into
 `microbatches` = global sequences / (dp * micro_batch) per replica:
@@ -44,8 +43,10 @@ Training (`plan_training`), dp * tp * pp = GPUs, the global batch split into
   head count as an even share of a stage. Expert parallelism moves routed
   tokens, not work: under uniform routing a GPU's experts process as many
   (token, expert) pairs as the unsharded layer does per micro-batch, so the
-  expert ops are split like the rest. With `recompute` (a checkpoint per
-  block) the blocks' forward ops run again in the backward pass. The
+  expert ops are split like the rest. With `recompute` (full: a checkpoint
+  per block) the blocks' forward ops run again in the backward pass; with
+  `recompute="selective"` (Korthikanti et al. 2022) only the attention core
+  does (its memory is taken as without recomputation: an upper bound). The
   optimizer update (one op in the Op list) runs once per step over the
   parameters this GPU updates (1/dp of its shard under ZeRO >= 1).
 - Tensor parallel (Megatron): 2 all-reduces per block forward (after the
@@ -135,13 +136,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from flopsim.collectives import collective_s
 from flopsim.errors import InputError, bad_value
 
-DEFAULT_GPUS_PER_NODE = 8
-# An assumption, not a device figure: one 400 Gb/s InfiniBand NDR NIC per GPU
-# (NVIDIA DGX H100: 8 ConnectX-7 at 400 Gb/s), 50 GB/s each way, quoted as the
-# two-way total like HardwareSpec.interconnect_bytes_per_s.
-DEFAULT_INTER_NODE_BYTES_PER_S = 100e9
+DEFAULT_GPUS_PER_NODE = 8  # when the hardware spec gives no scale_up_domain
 DEFAULT_GLOBAL_BATCH_TOKENS = 4 * 2 ** 20  # ~4M tokens (Llama 2's global batch)
 DEFAULT_SEQ = 4096
 MAX_SERVING_BATCH = 2 ** 20
@@ -153,33 +151,28 @@ GB = 1e9
 
 
 def ring_all_reduce_s(nbytes: float, n: int, bytes_per_s: float, latency_s: float = 0.0) -> float:
-    """Ring all-reduce of `nbytes` per rank over n ranks: 2 (n-1)/n * nbytes / b."""
-    if n <= 1 or nbytes <= 0:
-        return 0.0
-    return 2 * (n - 1) / n * nbytes / bytes_per_s + latency_s
+    """All-reduce of `nbytes` per rank over n ranks (flopsim.collectives)."""
+    return collective_s("all_reduce", nbytes, n, bytes_per_s, latency_s)
 
 
 def reduce_scatter_s(nbytes: float, n: int, bytes_per_s: float, latency_s: float = 0.0) -> float:
-    """Reduce-scatter of `nbytes` per rank (each keeps 1/n): (n-1)/n * nbytes / b."""
-    if n <= 1 or nbytes <= 0:
-        return 0.0
-    return (n - 1) / n * nbytes / bytes_per_s + latency_s
+    """Reduce-scatter of `nbytes` per rank, each keeping 1/n (flopsim.collectives)."""
+    return collective_s("reduce_scatter", nbytes, n, bytes_per_s, latency_s)
 
 
 def all_gather_s(nbytes: float, n: int, bytes_per_s: float, latency_s: float = 0.0) -> float:
-    """All-gather of an `nbytes` result (each rank holds 1/n): (n-1)/n * nbytes / b."""
-    return reduce_scatter_s(nbytes, n, bytes_per_s, latency_s)
+    """All-gather of an `nbytes` result, each rank holding 1/n (flopsim.collectives)."""
+    return collective_s("all_gather", nbytes, n, bytes_per_s, latency_s)
 
 
 def all_to_all_s(nbytes: float, n: int, bytes_per_s: float, latency_s: float = 0.0) -> float:
-    """All-to-all of the `nbytes` a rank holds, spread uniformly: (n-1)/n leave it."""
-    if n <= 1 or nbytes <= 0:
-        return 0.0
-    return (n - 1) / n * nbytes / bytes_per_s + latency_s
+    """All-to-all of the `nbytes` a rank holds, spread uniformly (flopsim.collectives)."""
+    return collective_s("all_to_all", nbytes, n, bytes_per_s, latency_s)
 
 
 def p2p_s(nbytes: float, bytes_per_s: float, latency_s: float = 0.0) -> float:
-    return nbytes / bytes_per_s + latency_s if nbytes > 0 else 0.0
+    """A point-to-point send of `nbytes` (flopsim.collectives)."""
+    return collective_s("send_recv", nbytes, 2, bytes_per_s, latency_s)
 
 
 def bubble_fraction(pp: int, microbatches: int) -> float:
@@ -189,30 +182,48 @@ def bubble_fraction(pp: int, microbatches: int) -> float:
 
 @dataclass(frozen=True)
 class Links:
-    """Per-GPU link bandwidths (two-way totals, as quoted) and the node layout."""
+    """The two link levels a GPU's collectives use (flopsim.calibration.LinkLevel:
+    latency and bus bandwidth, with where each figure comes from) and how many
+    GPUs share the scale-up level."""
 
-    intra_node_bytes_per_s: float
-    inter_node_bytes_per_s: float
+    scale_up: Any
+    scale_out: Any  # None: no network figure (a group beyond one node is an error)
     gpus_per_node: int
-    latency_s: float
+
+    def inside(self, span: int) -> bool:
+        """Whether a group whose ranks span `span` consecutive ranks stays within one node."""
+        return span <= self.gpus_per_node and self.gpus_per_node % span == 0
+
+    def level(self, span: int):
+        if self.inside(span):
+            return self.scale_up
+        if self.scale_out is None:
+            raise InputError(f"a group spanning {span} GPUs crosses nodes of {self.gpus_per_node}, and neither the "
+                             "hardware spec (scale_out_bytes_per_s) nor the calibration (links.scale_out) gives a "
+                             "network figure; give --inter-node")
+        return self.scale_out
 
     def one_way(self, span: int) -> float:
-        """One-way bandwidth of a group whose ranks span `span` consecutive ranks."""
-        inside = span <= self.gpus_per_node and self.gpus_per_node % span == 0
-        return (self.intra_node_bytes_per_s if inside else self.inter_node_bytes_per_s) / 2
+        """Bus bandwidth (bytes/s one way) of a group whose ranks span `span` consecutive ranks."""
+        return self.level(span).bus_bytes_per_s
+
+    def latency(self, span: int) -> float:
+        return self.level(span).latency_s
 
     def where(self, span: int, size: int = 2) -> str:
         """'intra-node' or 'inter-node' for a group of `size` ranks spanning `span` ('-' for one rank)."""
         if size <= 1:
             return "-"
-        return "intra-node" if span <= self.gpus_per_node and self.gpus_per_node % span == 0 else "inter-node"
+        return "intra-node" if self.inside(span) else "inter-node"
 
     def to_dict(self) -> dict:
-        return {"intra_node_bytes_per_s": self.intra_node_bytes_per_s,
-                "inter_node_bytes_per_s": self.inter_node_bytes_per_s,
-                "intra_node_one_way_bytes_per_s": self.intra_node_bytes_per_s / 2,
-                "inter_node_one_way_bytes_per_s": self.inter_node_bytes_per_s / 2,
-                "gpus_per_node": self.gpus_per_node, "collective_latency_s": self.latency_s}
+        out = {"gpus_per_node": self.gpus_per_node}
+        for name, link in (("intra_node", self.scale_up), ("inter_node", self.scale_out)):
+            if link is not None:
+                out[f"{name}_bus_bytes_per_s"] = link.bus_bytes_per_s
+                out[f"{name}_latency_s"] = link.latency_s
+                out[f"{name}_source"] = link.source
+        return out
 
 
 # -- input helpers -------------------------------------------------------------------
@@ -266,20 +277,34 @@ def _positive(name: str, value) -> Optional[float]:
 
 def _links(hw, cal, interconnect_bytes_per_s, inter_node_bytes_per_s, gpus_per_node, comm_latency_s,
            needed: bool) -> Links:
-    intra = _positive("interconnect_bytes_per_s", interconnect_bytes_per_s)
-    if intra is None:
-        intra = hw.interconnect_bytes_per_s
-    if intra is None:
+    """Link levels from the user's figures, else the calibration's measured
+    `links`, else the hardware's datasheet bandwidths (half their two-way
+    figure, latency one launch: an ideal link, so labelled)."""
+    from flopsim.calibration import LinkLevel
+
+    latency = _non_negative("comm_latency_s", comm_latency_s)
+
+    def level(name: str, user_two_way, what: str):
+        user = _positive(what, user_two_way)
+        if user is not None:
+            base = cal.link(name, hw)
+            return LinkLevel(latency_s=base.latency_s if base else cal.overhead_s(hw), bus_bytes_per_s=user / 2,
+                             source=f"--{what.replace('_', '-')} (given: {user:.3g} B/s both ways)")
+        return cal.link(name, hw)
+
+    up = level("scale_up", interconnect_bytes_per_s, "interconnect_bytes_per_s")
+    if up is None:
         if needed:
             raise InputError(f"hardware {hw.name} has no interconnect_bytes_per_s; give --interconnect "
                              f"(bytes/s per GPU, both directions)")
-        intra = 1.0  # never used: one GPU, no collectives
-    inter = _positive("inter_node_bytes_per_s", inter_node_bytes_per_s)
-    latency = _non_negative("comm_latency_s", comm_latency_s)
-    return Links(intra_node_bytes_per_s=float(intra),
-                 inter_node_bytes_per_s=DEFAULT_INTER_NODE_BYTES_PER_S if inter is None else inter,
-                 gpus_per_node=_positive_int("gpus_per_node", gpus_per_node),
-                 latency_s=cal.overhead_s(hw) if latency is None else latency)
+        up = LinkLevel(latency_s=0.0, bus_bytes_per_s=1.0, source="none (one GPU: no collectives)")
+    out = level("scale_out", inter_node_bytes_per_s, "inter_node_bytes_per_s")
+    if latency is not None:
+        up = LinkLevel(latency_s=latency, bus_bytes_per_s=up.bus_bytes_per_s, source=up.source)
+        if out is not None:
+            out = LinkLevel(latency_s=latency, bus_bytes_per_s=out.bus_bytes_per_s, source=out.source)
+    node = gpus_per_node if gpus_per_node is not None else (hw.scale_up_domain or DEFAULT_GPUS_PER_NODE)
+    return Links(scale_up=up, scale_out=out, gpus_per_node=_positive_int("gpus_per_node", node))
 
 
 def _split_s(ops, shards: int, kernel_shards: int) -> float:
@@ -394,6 +419,7 @@ class TrainingPlan:
         return {
             "kind": "training", "model": self.spec.name, "family": self.spec.family, "hardware": self.hw.name,
             "dtype": self.spec.dtype, "calibration": self.calibration.source,
+            "calibration_kind": self.calibration.kind, "calibration_label": self.calibration.provenance_label,
             "config": dict(self.config), "links": self.links.to_dict(),
             "compute": dict(self.compute), "communication": dict(self.communication),
             "memory": dict(self.memory), "totals": dict(self.totals),
@@ -442,9 +468,9 @@ def _train_memory(params_dense, params_expert, bpp, act_one_mb, *, tp, pp, dp, e
 def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = None,
                   global_batch: Optional[int] = None, global_batch_tokens: Optional[float] = None,
                   tp: int = 1, pp: int = 1, dp: Optional[int] = None, ep: int = 1, micro_batch: int = 1,
-                  recompute: bool = False, optimizer: str = "adam", zero: int = 1,
+                  recompute: bool | str = False, optimizer: str = "adam", zero: int = 1,
                   interconnect_bytes_per_s: Optional[float] = None, inter_node_bytes_per_s: Optional[float] = None,
-                  gpus_per_node: int = DEFAULT_GPUS_PER_NODE, dp_overlap: float = 1.0,
+                  gpus_per_node: Optional[int] = None, dp_overlap: float = 1.0,
                   comm_latency_s: Optional[float] = None, price_per_gpu_hour: Optional[float] = None,
                   calibration=None, progress: bool = False) -> TrainingPlan:
     """Plan a training run of `tokens` tokens on `gpus` x `hw` (see the module docstring).
@@ -491,6 +517,12 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
             raise InputError(f"ep {ep} does not divide the {spec.moe.experts} experts of {spec.name}")
         if dp % ep:
             raise InputError(f"ep {ep} does not divide dp {dp} (experts are sharded within the data-parallel group)")
+    selective = recompute == "selective"
+    if recompute in ("none", "full"):
+        recompute = recompute == "full"
+    if not (isinstance(recompute, bool) or selective):
+        raise bad_value("recompute", recompute, "expected none, selective or full")
+    recompute = False if selective else recompute
     seq = min(DEFAULT_SEQ, spec.max_seq) if seq is None else _positive_int("seq", seq)
     token_values(spec, "train", micro_batch, seq)  # seq within max_seq, phase supported
 
@@ -512,7 +544,6 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
     microbatches = global_batch // per_step
     links = _links(hw, cal, interconnect_bytes_per_s, inter_node_bytes_per_s, gpus_per_node, comm_latency_s,
                    needed=gpus > 1)
-    lat = links.latency_s
 
     bar = _Progress(progress, f"predicting {spec.name} train step", total=3)
     try:
@@ -535,7 +566,12 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
     blocks_fwd = [op for op in fwd if 0 <= op.layer < L]
     t_fwd = _split_s(fwd, tp * pp, pp)
     t_bwd = _split_s(bwd, tp * pp, pp)
-    t_rc = _split_s(blocks_fwd, tp * pp, pp) if recompute else 0.0
+    if recompute:
+        t_rc = _split_s(blocks_fwd, tp * pp, pp)
+    elif selective:  # Korthikanti et al. 2022: only the attention core runs again
+        t_rc = _split_s([op for op in blocks_fwd if op.kind == "attention"], tp * pp, pp)
+    else:
+        t_rc = 0.0
     updated = (params_dense / (tp * pp) / (dp if zero >= 1 else 1)
                + params_expert / (tp * pp * ep) / (dp // ep if zero >= 1 else 1))
     t_opt = (sum(op.time_s - op.overhead_s for op in opt) * updated / params
@@ -545,7 +581,7 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
     act_bytes = micro_batch * seq * spec.d_model * w
     bw_tp = links.one_way(tp)
     blocks_stage = L // pp
-    tp_one = ring_all_reduce_s(act_bytes, tp, bw_tp, lat)
+    tp_one = ring_all_reduce_s(act_bytes, tp, bw_tp, links.latency(tp))
     tp_count = (2 + 2 + (2 if recompute else 0)) * blocks_stage if tp > 1 else 0
     tp_mb = tp_count * tp_one
 
@@ -554,15 +590,14 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
     moe_layers_stage = len(dispatch) / pp
     routed_total = _routed_bytes(spec, micro_batch, seq)  # all MoE layers, one micro-batch, whole batch
     routed_layer_gpu = (routed_total / len(dispatch) / tp) if dispatch else 0.0
-    bw_ep = links.one_way(tp * ep)
-    a2a_one = all_to_all_s(routed_layer_gpu, ep, bw_ep, lat)
+    bw_ep = links.one_way(tp * ep) if ep > 1 else 1.0
+    a2a_one = all_to_all_s(routed_layer_gpu, ep, bw_ep, links.latency(tp * ep) if ep > 1 else 0.0)
     ep_count = int(round((2 + 2 + (2 if recompute else 0)) * moe_layers_stage)) if ep > 1 else 0
     ep_mb = ep_count * a2a_one
 
     # -- pipeline point-to-point ----------------------------------------------------------
-    bw_pp = links.one_way(tp * dp * pp)
     p2p_bytes = act_bytes / tp
-    p2p_one = p2p_s(p2p_bytes, bw_pp, lat) if pp > 1 else 0.0
+    p2p_one = p2p_s(p2p_bytes, links.one_way(tp * dp * pp), links.latency(tp * dp * pp)) if pp > 1 else 0.0
     p2p_mb = 2 * p2p_one
 
     t_compute_mb = t_fwd + t_bwd + t_rc
@@ -573,7 +608,8 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
     # -- data parallel (ZeRO) ----------------------------------------------------------------
     bpp = mem.bytes_per_param
     edp = dp // ep
-    bw_dp = links.one_way(tp * dp)
+    bw_dp = links.one_way(tp * dp) if dp > 1 else 1.0
+    lat = links.latency(tp * dp) if dp > 1 else 0.0
     W_d = params_dense / (tp * pp) * bpp["weights"]
     W_e = params_expert / (tp * pp * ep) * bpp["weights"]
     G_d = params_dense / (tp * pp) * bpp["gradients"]
@@ -678,7 +714,7 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
     config = {
         "gpus": gpus, "dp": dp, "tp": tp, "pp": pp, "ep": ep, "expert_dp": edp, "seq": seq,
         "micro_batch": micro_batch, "global_batch": global_batch, "microbatches": microbatches,
-        "recompute": recompute, "optimizer": optimizer, "zero": zero,
+        "recompute": "selective" if selective else recompute, "optimizer": optimizer, "zero": zero,
     }
     notes = []
     if steps * tokens_per_step != tokens:
@@ -808,6 +844,7 @@ class ServingPlan:
         return {
             "kind": "serving", "model": self.spec.name, "family": self.spec.family, "hardware": self.hw.name,
             "dtype": self.spec.dtype, "calibration": self.calibration.source,
+            "calibration_kind": self.calibration.kind, "calibration_label": self.calibration.provenance_label,
             "config": dict(self.config), "links": self.links.to_dict(), "latency": dict(self.latency),
             "throughput": dict(self.throughput), "memory": dict(self.memory), "cost": dict(self.cost),
             "fits": self.fits, "feasible": self.feasible, "message": self.message,
@@ -819,12 +856,36 @@ class ServingPlan:
         return _long_table(self.to_dict(), ("config", "links", "latency", "throughput", "memory", "cost"))
 
 
+def tp_allreduce_s(spec, links, tp: int, rows: int) -> float:
+    """Megatron tensor parallelism's all-reduces of one step: two per block (after
+    the attention and after the FFN), each of `rows` x d_model activations."""
+    if tp <= 1:
+        return 0.0
+    return 2 * spec.layers * ring_all_reduce_s(rows * spec.d_model * spec.dtype_bytes, tp, links.one_way(tp),
+                                               links.latency(tp))
+
+
+def tp_prefill_s(spec, hw, cal, links, *, tp: int, batch: int, prompt: int) -> tuple[float, Any]:
+    """(seconds, PredictResult) of a prefill of `batch` prompts on a tp-way replica."""
+    from flopsim.predict import predict
+
+    r = predict(spec, hw, phase="prefill", batch=batch, seq=prompt, calibration=cal)
+    return _split_s(r.ops, tp, 1) + tp_allreduce_s(spec, links, tp, batch * prompt), r
+
+
+def tp_decode_s(spec, hw, cal, links, *, tp: int, batch: int, context: int) -> tuple[float, Any]:
+    """(seconds, PredictResult) of one decode step of `batch` sequences at KV length `context`, tp-way."""
+    from flopsim.predict import predict
+
+    r = predict(spec, hw, phase="decode", batch=batch, seq=1, context=context, calibration=cal)
+    return _split_s(r.ops, tp, 1) + tp_allreduce_s(spec, links, tp, batch), r
+
+
 class _ServeModel:
     """Per-GPU times and memory of one spec at one tp (cached by batch)."""
 
     def __init__(self, spec, hw, cal, links, *, tp, prompt, gen, usable_bytes):
         from flopsim.memory import MemoryModel
-        from flopsim.predict import predict
 
         self.spec, self.hw, self.cal, self.links, self.tp = spec, hw, cal, links, tp
         self.prompt, self.gen, self.usable_bytes = prompt, gen, usable_bytes
@@ -833,12 +894,8 @@ class _ServeModel:
         self._decode = MemoryModel(spec, "decode")
         self._prefill_act = MemoryModel(spec, "prefill").evaluate(1, prompt, prompt)["activations_bytes"]
         self._times: dict[int, float] = {}
-        self._predict = predict
-        w = spec.dtype_bytes
-        bw = links.one_way(tp)
-        self.ttft_tp_s = 2 * spec.layers * ring_all_reduce_s(prompt * spec.d_model * w, tp, bw, links.latency_s)
-        r = predict(spec, hw, phase="prefill", batch=1, seq=prompt, calibration=cal)
-        self.ttft_s = _split_s(r.ops, tp, 1) + self.ttft_tp_s
+        self.ttft_tp_s = tp_allreduce_s(spec, links, tp, prompt)
+        self.ttft_s, r = tp_prefill_s(spec, hw, cal, links, tp=tp, batch=1, prompt=prompt)
         self.prefill_flops = r.flops
 
     def memory(self, batch: int) -> dict:
@@ -856,15 +913,12 @@ class _ServeModel:
         return self.memory(batch)["total_bytes"] <= self.usable_bytes
 
     def decode_tp_s(self, batch: int) -> float:
-        bw = self.links.one_way(self.tp)
-        return 2 * self.spec.layers * ring_all_reduce_s(batch * self.spec.d_model * self.spec.dtype_bytes, self.tp,
-                                                        bw, self.links.latency_s)
+        return tp_allreduce_s(self.spec, self.links, self.tp, batch)
 
     def tpot(self, batch: int) -> float:
         if batch not in self._times:
-            r = self._predict(self.spec, self.hw, phase="decode", batch=batch, seq=1, context=self.t_mean,
-                              calibration=self.cal)
-            self._times[batch] = _split_s(r.ops, self.tp, 1) + self.decode_tp_s(batch)
+            self._times[batch] = tp_decode_s(self.spec, self.hw, self.cal, self.links, tp=self.tp, batch=batch,
+                                             context=self.t_mean)[0]
         return self._times[batch]
 
     def throughput(self, batch: int) -> dict:
@@ -895,7 +949,7 @@ def plan_serving(spec, hw, *, prompt: int, gen: int, gpus: Optional[int] = None,
                  tpot_s: Optional[float] = None, tp: Optional[int] = None, max_batch: Optional[int] = None,
                  memory_utilization: float = DEFAULT_MEMORY_UTILIZATION,
                  price_per_gpu_hour: Optional[float] = None, interconnect_bytes_per_s: Optional[float] = None,
-                 inter_node_bytes_per_s: Optional[float] = None, gpus_per_node: int = DEFAULT_GPUS_PER_NODE,
+                 inter_node_bytes_per_s: Optional[float] = None, gpus_per_node: Optional[int] = None,
                  comm_latency_s: Optional[float] = None, calibration=None, progress: bool = False) -> ServingPlan:
     """Plan serving requests of `prompt` prompt tokens and `gen` generated tokens
     (see the module docstring). `target_tokens_per_s`: output tokens/s to sustain
@@ -922,7 +976,8 @@ def plan_serving(spec, hw, *, prompt: int, gen: int, gpus: Optional[int] = None,
         raise bad_value("memory_utilization", memory_utilization, "must be a fraction in (0, 1]")
     usable = memory_utilization * hw.memory_capacity_bytes
     upper = MAX_SERVING_BATCH if max_batch is None else _positive_int("max_batch", max_batch)
-    gpus_per_node = _positive_int("gpus_per_node", gpus_per_node)
+    gpus_per_node = _positive_int("gpus_per_node", gpus_per_node if gpus_per_node is not None
+                                  else (hw.scale_up_domain or DEFAULT_GPUS_PER_NODE))
     token_values(spec, "prefill", 1, prompt)
     token_values(spec, "decode", 1, 1, prompt + gen)  # the longest KV cache within max_seq
     if tp is not None:

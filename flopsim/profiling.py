@@ -125,11 +125,11 @@ def profile_model(spec, phase: str, batch: int, seq: int, context: Optional[int]
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from flopsim.torchref.model import build_reference, prepare_phase
+    from flopsim.torchref.model import build_reference, prepare_phase, torch_dtype
 
     if threads is not None:
         torch.set_num_threads(threads)
-    model = build_reference(spec, seed=seed).to(device)
+    model = build_reference(spec, seed=seed).to(device=device, dtype=torch_dtype(spec.dtype))
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     run = prepare_phase(model, spec, phase, batch, seq, context, seed=seed, device=device)  # inputs made once

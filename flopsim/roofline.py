@@ -3,14 +3,15 @@
 One formula, written once (`roofline_time`), used by predict (numbers) and
 sweep (numpy arrays):
 
-    compute_s = all_flops / (peak_flops_per_s * compute_eff)
+    compute_s = executed_flops / (peak_flops_per_s * compute_eff)
     memory_s  = bytes     / (memory_bandwidth_bytes_per_s * memory_eff)
-    time_s    = max(compute_s, memory_s) + launch_overhead_s   (0 for an op with no work)
+    time_s    = max(compute_s, memory_s) + kernels * fixed_s   (0 for an op with no work)
     bound     = "compute" if compute_s >= memory_s else "memory"
 
 Conventions:
-- `all_flops` (matrix FLOPs plus the elementwise arithmetic `flops` leaves
-  out) is what the device executes; `bytes` is the op's own traffic, as the
+- `executed_flops`: `all_flops` (matrix FLOPs plus the elementwise
+  arithmetic `flops` leaves out), except for fused causal attention, which
+  skips the masked half (see `executed_flops`); `bytes` is the op's own traffic, as the
   Op list states it (each op is its own kernel: what it reads comes from
   memory, what it writes goes to memory). The roofline consumes these and
   never re-derives them: a conditional model's expected distinct experts at
@@ -18,8 +19,17 @@ Conventions:
 - `peak_flops_per_s`: matrix-unit kinds (MATRIX_KINDS) run at the model
   dtype's peak, every other kind at the device's vector (fp32) rate; see
   HardwareSpec.peak_flops_per_s_for for dtype fallbacks.
-- Efficiencies and launch overhead come from a Calibration (ideal: 1, 1 and
-  the hardware's launch_overhead_s).
+- Efficiencies and the fixed cost per kernel launch (`fixed_s`: launch and
+  dispatch, per kind and kernel variant where measured) come from a
+  Calibration (ideal: 1, 1 and the hardware's launch_overhead_s); `kernels`
+  is the op's expected launches per step (Op.kernels: below 1 for a branch
+  that is not always taken, so a skipped block costs no launch).
+- Cold bytes: an op's weight and KV-cache reads (`cold_bytes`) were last
+  touched a step earlier; a step whose footprint (`footprint_bytes`: the
+  weights and KV cache it reads or writes) fits the device's cache reads
+  them faster than the calibration's cold measurements did, by
+  `Calibration.cold_speedup(footprint)` (1 on GPUs): the memory term uses
+  hot bytes + cold bytes / speedup.
 - Intensity is all_flops / bytes (FLOP per byte; inf for an op with no bytes).
 """
 
@@ -34,13 +44,41 @@ MATRIX_KINDS = ("matmul", "attention", "router", "conv")
 
 
 def roofline_time(all_flops, bytes_, peak_flops_per_s, bytes_per_s, compute_eff=1.0, memory_eff=1.0,
-                  overhead_s=0.0):
-    """(compute_s, memory_s, time_s) for numbers or numpy arrays (broadcast)."""
+                  overhead_s=0.0, kernels=1.0):
+    """(compute_s, memory_s, time_s) for numbers or numpy arrays (broadcast);
+    `overhead_s` is the fixed cost of one launch, `kernels` the expected launches."""
     compute_s = np.divide(all_flops, peak_flops_per_s * compute_eff)
     memory_s = np.divide(bytes_, bytes_per_s * memory_eff)
     launched = np.add(all_flops, bytes_) > 0
-    time_s = np.maximum(compute_s, memory_s) + overhead_s * launched
+    time_s = np.maximum(compute_s, memory_s) + np.multiply(overhead_s, kernels) * launched
     return compute_s, memory_s, time_s
+
+
+def executed_flops(op):
+    """The arithmetic the kernel runs: `all_flops`, except that a fused attention
+    kernel with a causal mask skips the masked blocks (FlashAttention and torch's
+    CPU flash kernel iterate only over the keys a query sees), so it runs the
+    causal triangle: all_flops * causal_flops / flops. FLOP counts (`flops`)
+    keep the full product, as FlopCounterMode counts it."""
+    if op.kind == "attention" and op.variant == "fused" and op.flops:
+        return op.all_flops * op.causal_flops / op.flops
+    return op.all_flops
+
+
+def cold_bytes(op):
+    """Bytes an op reads that were last touched a step earlier: weights and the KV cache."""
+    return op.weight_bytes + op.kv_read_bytes
+
+
+def footprint_bytes(ops):
+    """Weights and KV cache a step touches (read, or written in place): the data that
+    competes for the cache between one step and the next."""
+    return sum((op.weight_bytes + op.kv_read_bytes + op.kv_write_bytes for op in ops), 0)
+
+
+def effective_bytes(nbytes, cold, speedup):
+    """Bytes at calibration speed: hot bytes + cold bytes / speedup (numbers or arrays)."""
+    return np.subtract(nbytes, cold) + np.divide(cold, speedup)
 
 
 def bound_of(compute_s, memory_s):
@@ -74,6 +112,8 @@ class OpTime:
     overhead_s: float
     time_s: float
     bound: str
+    kernels: float = 1.0
+    variant: str = ""
 
     @property
     def key(self) -> str:
@@ -85,17 +125,21 @@ class OpTime:
         return row
 
 
-def op_time(op, hw, dtype: str, calibration=None) -> OpTime:
-    """The roofline of one evaluated op (a flopsim.count.OpCost)."""
+def op_time(op, hw, dtype: str, calibration=None, cold_speedup: float = 1.0) -> OpTime:
+    """The roofline of one evaluated op (a flopsim.count.OpCost); `cold_speedup`
+    is the step's Calibration.cold_speedup(footprint) (see the module docstring)."""
     from flopsim.calibration import Calibration
 
     calibration = calibration or Calibration.ideal(hw.name)
     peak = op_peak_flops_per_s(op.kind, hw, dtype)
-    compute_eff, memory_eff = calibration.efficiency(op.kind, op.gemm, float(op.bytes), op.variant)
+    backward = op.pass_ == "bwd"
+    compute_eff, memory_eff = calibration.efficiency(op.kind, op.gemm, float(op.bytes), op.variant, backward)
     all_flops, nbytes = op.all_flops, op.bytes
+    moved = float(effective_bytes(float(nbytes), float(cold_bytes(op)), cold_speedup))
+    kernels = float(getattr(op, "kernels", 1))
     compute_s, memory_s, time_s = roofline_time(
-        float(all_flops), float(nbytes), peak, hw.memory_bandwidth_bytes_per_s,
-        compute_eff, memory_eff, calibration.overhead_s(hw))
+        float(executed_flops(op)), moved, peak, hw.memory_bandwidth_bytes_per_s,
+        compute_eff, memory_eff, calibration.fixed_cost_s(op.kind, op.variant, hw, backward), kernels)
     compute_s, memory_s, time_s = float(compute_s), float(memory_s), float(time_s)
     overhead = time_s - max(compute_s, memory_s)
     return OpTime(
@@ -104,7 +148,7 @@ def op_time(op, hw, dtype: str, calibration=None) -> OpTime:
         intensity=intensity(all_flops, nbytes),
         peak_flops_per_s=peak, compute_eff=float(compute_eff), memory_eff=float(memory_eff),
         compute_s=compute_s, memory_s=memory_s, overhead_s=overhead, time_s=time_s,
-        bound=bound_of(compute_s, memory_s),
+        bound=bound_of(compute_s, memory_s), kernels=kernels, variant=op.variant,
     )
 
 

@@ -44,7 +44,7 @@ import numpy as np
 import sympy as sp
 
 from flopsim.errors import InputError, SpecError
-from flopsim.roofline import roofline_time
+from flopsim.roofline import cold_bytes, effective_bytes, executed_flops, footprint_bytes, roofline_time
 
 TOKEN_AXES = ("batch", "seq", "context")
 # short names and dotted spec paths -> Dims names (flopsim.ops.symbols.SYMBOL_NAMES)
@@ -328,7 +328,8 @@ def sweep(spec, hw, *, phase: str = "forward", vary: dict[str, Sequence] | None 
         grids["mfu"] = grids["flops"] / (time_s * hw.peak_flops_per_s_for(spec.dtype)[0])
     grids["bound"] = np.where(grids["compute_bound_s"] >= grids["memory_bound_s"], "compute", "memory")
     fixed = {"batch": batch, "seq": seq, "context": context, "phase": phase, "hardware": hw.name,
-             "calibration": cal.source}
+             "calibration": cal.source, "calibration_kind": cal.kind,
+             "calibration_label": cal.provenance_label}
     return SweepResult(spec=spec, hw=hw, phase=phase, axes={a.key: _values_for_output(a) for a in axes},
                        grids=grids, fixed=fixed)
 
@@ -488,7 +489,9 @@ class _Plan:
         for op in ops:
             shape_aware = op.gemm is not None and cal.uses_gemm_shape(op.kind)
             gemm = tuple(_sub(g, subs) for g in op.gemm) if shape_aware else None
-            key = (op.kind, op.variant, _sub(op.flops, subs), _sub(op.all_flops, subs), _sub(op.bytes, subs), gemm)
+            key = (op.kind, op.variant, _sub(op.flops, subs), _sub(executed_flops(op), subs), _sub(op.bytes, subs), gemm,
+                   _sub(op.kernels, subs), _sub(cold_bytes(op), subs), _sub(footprint_bytes([op]), subs),
+                   op.pass_ == "bwd")
             groups[key] = groups.get(key, 0) + 1
         self.groups = list(groups.items())
         exprs: list = []
@@ -501,15 +504,17 @@ class _Plan:
             return index[e]
 
         self.items = []
-        for (kind, variant, flops, all_flops, nbytes, gemm), mult in self.groups:
+        for (kind, variant, flops, all_flops, nbytes, gemm, kernels, cold, _, backward), mult in self.groups:
             self.items.append(dict(
                 kind=kind, variant=variant, mult=mult, peak=op_peak_flops_per_s(kind, hw, spec.dtype),
-                flops=ref(flops), all_flops=ref(all_flops), bytes=ref(nbytes),
+                flops=ref(flops), all_flops=ref(all_flops), bytes=ref(nbytes), kernels=ref(kernels), cold=ref(cold),
                 gemm=tuple(ref(g) for g in gemm) if gemm is not None else None,
                 never_empty=bool((all_flops + nbytes).is_positive),
+                fixed_s=cal.fixed_cost_s(kind, variant, hw, backward), backward=backward,
             ))
         self.total_flops = ref(sp.Add(*[mult * key[2] for key, mult in self.groups]))
         self.total_bytes = ref(sp.Add(*[mult * key[4] for key, mult in self.groups]))
+        self.footprint = ref(sp.Add(*[mult * key[8] for key, mult in self.groups]))  # flopsim.roofline.footprint_bytes
         self.fn = compile_exprs(exprs, args)
 
     def _arrays(self, chunk: Optional[tuple] = None) -> list:
@@ -533,7 +538,6 @@ class _Plan:
         = max(mult * c, mult * m))."""
         values = self.fn(*self._arrays(chunk))
         bw = self.hw.memory_bandwidth_bytes_per_s
-        overhead_s = self.cal.overhead_s(self.hw)
         roof: dict[tuple, Any] = {}  # shape -> sum of mult * max(compute_s, memory_s)
         cbound: dict[tuple, Any] = {}  # shape -> the same over compute-bound ops
         launch: Any = 0.0
@@ -547,13 +551,15 @@ class _Plan:
             else:
                 sums[key] = sums[key] + t
 
+        speedup = self.cal.cold_speedup(values[self.footprint])
         for item in self.items:
             af, by = values[item["all_flops"]], values[item["bytes"]]
             gemm = tuple(values[g] for g in item["gemm"]) if item["gemm"] is not None else None
-            ce, me = self.cal.efficiency(item["kind"], gemm, by, item["variant"])
+            ce, me = self.cal.efficiency(item["kind"], gemm, by, item["variant"], item["backward"])
             mult = item["mult"]
+            moved = effective_bytes(by, values[item["cold"]], speedup)
             # the roofline (flopsim.roofline.roofline_time) with the multiplicity folded in
-            c, m, t = roofline_time(af, by, item["peak"] / mult, bw / mult, ce, me, 0.0)
+            c, m, t = roofline_time(af, moved, item["peak"] / mult, bw / mult, ce, me, 0.0)
             accumulate(roof, t, owned=False)
             mask = c >= m
             if np.ndim(mask) == 0 or mask.all():
@@ -562,10 +568,11 @@ class _Plan:
             elif mask.any():
                 t = t * mask
                 accumulate(cbound, t, owned=True)
+            per_launch = mult * item["fixed_s"] * values[item["kernels"]]  # fixed cost x expected launches
             if item["never_empty"]:
-                launch = launch + mult * overhead_s
+                launch = launch + per_launch
             else:
-                launch = launch + mult * overhead_s * (np.add(af, by) > 0)
+                launch = launch + per_launch * (np.add(af, by) > 0)
         roofline_s = sum(roof.values(), 0.0)
         compute_bound = sum(cbound.values(), 0.0)
         return {"time_s": roofline_s + launch, "compute_bound_s": compute_bound,

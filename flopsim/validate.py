@@ -170,6 +170,9 @@ def run_validation(device: str = "cpu", suite: str = "quick", *, hardware: Optio
                    calibration=None, threads: Optional[int] = None, recalibrate: bool = False,
                    progress: Optional[Callable[[str, int, int], None]] = None) -> Validation:
     """Calibrate if needed, profile every case, predict it, and join."""
+    from flopsim.calibrate import quiet_openmp
+
+    openmp = quiet_openmp()
     import torch
 
     from flopsim.calibrate import calibrate, device_name, guess_hardware
@@ -247,9 +250,9 @@ def run_validation(device: str = "cpu", suite: str = "quick", *, hardware: Optio
         raise RuntimeError(f"validation GEMM shapes {overlap[:3]} are calibration points: pick other shapes")
     out.meta = {
         "torch": torch.__version__, "date": _dt.date.today().isoformat(), "threads": torch.get_num_threads(),
-        "device_name": device_name(device), "calibration": cal.source,
+        "device_name": device_name(device), "calibration": cal.source, "calibration_kind": cal.kind,
         "calibration_gemm_points": len(cal.gemm), "validation_gemm_shapes": len(set(gemm_shapes)),
-        "calibrated_in_run": calibrated_here,
+        "calibrated_in_run": calibrated_here, "environment": openmp,
     }
     return out
 

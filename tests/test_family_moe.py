@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from conftest import assert_exact, tiny
 from flopsim.count import count, formula
-from flopsim.errors import SpecError
+from flopsim.errors import InputError, SpecError
 from flopsim.families import build_ops
 from flopsim.ops.expectations import expected_distinct
 from flopsim.ops.symbols import B, S, T, symbol
@@ -197,6 +197,55 @@ def test_decode_padded_variants_read_every_expert():
     per_expert = (d * de + de + de * d + d) * w  # mlp with biases
     got = sum(op.weight_bytes for op in res.ops if op.module.startswith("block.0.moe.experts"))
     assert got == 4 * per_expert
+
+
+# -- the gather kernel (moe.kernel: gather) -------------------------------------------
+
+GATHER = [("gather-top2", "gpt2-small", {}, dict(experts=4, top_k=2, kernel="gather"), (2, 5)),
+          ("gather-gated-gqa", "llama-3-8b", dict(kv_heads=2), dict(experts=4, top_k=2, kernel="gather"), (1, 7)),
+          ("gather-fine-shared", "llama-3-8b", dict(kv_heads=1),
+           dict(experts=8, top_k=3, d_expert=16, shared_experts=1, kernel="gather"), (3, 4)),
+          ("gather-bias-every2", "gpt2-small", dict(layers=3), dict(experts=3, top_k=1, every=2, kernel="gather"),
+           (2, 6))]
+
+
+@pytest.mark.parametrize("name,base,changes,moe,shape", GATHER, ids=[g[0] for g in GATHER])
+@pytest.mark.parametrize("phase", ["forward", "prefill", "decode"])
+def test_gather_kernel_matches_flop_counter(name, base, changes, moe, shape, phase):
+    spec = moe_spec(f"moe-{name}", base=base, moe=moe, **changes)
+    b, s = shape
+    assert_exact(spec, phase, b, s, s + 2 if phase == "decode" else None)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_gather_kernel_copies_each_pairs_expert(batch):
+    """gpt-fast's MoE: each of the B * k (token, expert) pairs copies its expert's
+    weights (read from memory, written as a copy) and a batched matrix-vector
+    product reads the copy: per projection of an expert matrix M bytes,
+    weight reads B * k * M, copy written B * k * M, copy read B * k * M -- where
+    the grouped kernel reads E * (1 - (1 - k/E)^B) * M of weights."""
+    moe = dict(experts=8, top_k=2, d_expert=16)
+    base = moe_spec("moe-g", base="llama-3-8b", kv_heads=2, moe=moe)
+    gathered = moe_spec("moe-g", base="llama-3-8b", kv_heads=2, moe={**moe, "kernel": "gather"})
+    g = count(gathered, batch=batch, seq=10, phase="decode")
+    d, de, w, k = base.d_model, 16, 2, 2
+    matrices = (d * 2 * de + de * d) * w  # gate_up and down of one expert
+    experts = [op for op in g.ops if op.module.startswith("block.0.moe.experts") and op.kind != "elementwise"]
+    assert sum(op.weight_bytes for op in experts) == batch * k * matrices
+    copies = [op for op in experts if op.name.endswith(".gather")]
+    assert sum(op.act_write_bytes for op in copies) == batch * k * matrices
+    grouped = count(base, batch=batch, seq=10, phase="decode")
+    assert g.flops == grouped.flops and g.params == grouped.params
+    read = sum(op.weight_bytes for op in grouped.ops if op.module.startswith("block.0.moe.experts"))
+    assert read == pytest.approx(float(expected_distinct(sp.Integer(8), sp.Integer(k), sp.Integer(batch))) * matrices)
+
+
+def test_gather_kernel_is_inference_only():
+    spec = moe_spec("moe-g", moe=dict(experts=4, top_k=2, kernel="gather"))
+    with pytest.raises(InputError, match="inference kernel"):
+        count(spec, batch=1, seq=4, phase="train")
+    with pytest.raises(SpecError, match="kernel gather runs dropless token choice"):
+        moe_spec("moe-g", moe=dict(experts=4, top_k=2, kernel="gather", capacity_factor=1.25))
 
 
 # -- bad input ------------------------------------------------------------------------

@@ -17,6 +17,10 @@ from flopsim.plan import (all_gather_s, all_to_all_s, bubble_fraction, largest_t
                           parse_quantity, plan_serving, plan_training, reduce_scatter_s, ring_all_reduce_s)
 
 H100 = "h100-sxm"
+# the link levels of the shipped h100-sxm calibration (published nccl-tests bus bandwidths)
+_H100_CAL = flopsim.load_calibration("auto", flopsim.load_hardware(H100))
+UP = _H100_CAL.link("scale_up").bus_bytes_per_s  # intra-node (NVLink) bus bandwidth, one way
+OUT = _H100_CAL.link("scale_out").bus_bytes_per_s  # inter-node, per GPU
 LLAMA2_PARAMS = 6_738_415_616
 GB = 1e9
 
@@ -70,22 +74,22 @@ def _train(**kw):
 
 
 def test_data_parallel_ring_all_reduce_bytes_and_time():
-    # ZeRO-0, dp 16 over two nodes of 8 -> the inter-node link, 100 GB/s two-way = 50 GB/s one way.
+    # ZeRO-0, dp 16 over two nodes of 8 -> the inter-node link: its calibrated bus bandwidth OUT.
     # Gradients: P * 2 bytes (bf16). Ring all-reduce: 2 (n-1)/n * bytes / b.
     p = _train(zero=0, dp_overlap=0.0)
     grad_bytes = LLAMA2_PARAMS * 2
     sent = 2 * 15 / 16 * grad_bytes
     assert p.communication["dp_bytes_per_step"] == pytest.approx(sent)
     assert p.communication["dp_link"] == "inter-node"
-    assert p.communication["dp_s_per_step"] == pytest.approx(sent / 50e9)
-    assert p.communication["dp_exposed_s_per_step"] == pytest.approx(sent / 50e9)  # no overlap
+    assert p.communication["dp_s_per_step"] == pytest.approx(sent / OUT)
+    assert p.communication["dp_exposed_s_per_step"] == pytest.approx(sent / OUT)  # no overlap
     # overlapped with the last micro-batch's backward pass (ZeRO-0: gradient traffic only)
     q = _train(zero=0, dp_overlap=1.0)
-    hidden = min(sent / 50e9, q.compute["backward_s_per_microbatch"])
-    assert q.communication["dp_exposed_s_per_step"] == pytest.approx(sent / 50e9 - hidden)
+    hidden = min(sent / OUT, q.compute["backward_s_per_microbatch"])
+    assert q.communication["dp_exposed_s_per_step"] == pytest.approx(sent / OUT - hidden)
     # 8 GPUs in one node: NVLink, 900 GB/s two-way -> 450 GB/s
     r = _train(gpus=8, zero=0, dp_overlap=0.0)
-    assert r.communication["dp_s_per_step"] == pytest.approx(2 * 7 / 8 * grad_bytes / 450e9)
+    assert r.communication["dp_s_per_step"] == pytest.approx(2 * 7 / 8 * grad_bytes / UP)
 
 
 def test_zero_stages_shard_what_they_should():
@@ -133,10 +137,10 @@ def test_compute_split_pipeline_bubble_and_tensor_parallel_all_reduces():
     # each of 1 * 1024 * 4096 * 2 bytes over 2 ranks in one node (450 GB/s one way)
     act = 1024 * 4096 * 2
     assert p.communication["tp_allreduces_per_microbatch"] == 4 * 8
-    assert p.communication["tp_allreduce_s"] == pytest.approx(2 * 1 / 2 * act / 450e9)
+    assert p.communication["tp_allreduce_s"] == pytest.approx(2 * 1 / 2 * act / UP)
     # PP: one send of act / tp forward and one backward per micro-batch; stage groups span
     # tp * dp * pp = 16 ranks > 8 per node -> inter-node 50 GB/s
-    assert p.communication["pp_p2p_s"] == pytest.approx(act / 2 / 50e9)
+    assert p.communication["pp_p2p_s"] == pytest.approx(act / 2 / OUT)
     stage = (p.compute["compute_s_per_microbatch"] + p.communication["tp_s_per_microbatch"]
              + p.communication["ep_s_per_microbatch"] + p.communication["pp_s_per_microbatch"])
     assert p.compute["stage_s_per_microbatch"] == pytest.approx(stage)
@@ -178,7 +182,7 @@ def test_moe_all_to_all_bytes_and_expert_sharding():
     routed = 1 * 512 * 2 * 4096 * 2 / 2
     c = p.communication
     assert c["ep_routed_bytes_per_layer"] == pytest.approx(routed)
-    assert c["ep_all_to_all_s"] == pytest.approx(3 / 4 * routed / 450e9)
+    assert c["ep_all_to_all_s"] == pytest.approx(3 / 4 * routed / UP)
     assert c["ep_all_to_alls_per_microbatch"] == 4 * 32
     assert c["ep_link"] == "intra-node"
     # expert parameters are sharded over tp * ep, the rest over tp
@@ -277,7 +281,7 @@ def test_serving_gpus_for_a_throughput_target_and_tp_communication():
     assert s.throughput["replicas"] == math.ceil(1e5 / per_replica)
     assert s.throughput["gpus"] == 2 * s.throughput["replicas"]
     # 2 all-reduces per block of batch * d_model * 2 bytes over tp 2 ranks in one node
-    assert s.latency["tpot_tp_comm_s"] == pytest.approx(2 * 32 * (2 * 1 / 2 * s.batch * 4096 * 2 / 450e9))
+    assert s.latency["tpot_tp_comm_s"] == pytest.approx(2 * 32 * (2 * 1 / 2 * s.batch * 4096 * 2 / UP))
 
 
 def test_serving_moe_reads_the_op_lists_expected_experts():

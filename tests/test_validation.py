@@ -40,33 +40,48 @@ def test_calibrate_measures_every_benchmark_kind(smoke_calibration):
     assert all(p.seconds > 0 and p.compute_eff > 0 and p.memory_eff > 0 for p in points)
     assert {g.kind for g in cal.gemm} == {"matmul", "attention"}
     assert {p.kind for p in cal.sizes} >= {"elementwise", "norm", "gather", "scatter", "topk", "softmax"}
-    kind_level = [p for p in cal.sizes if p.kind == "elementwise" and p.variant is None]
+    kind_level = [p for p in cal.sizes if p.kind == "elementwise" and p.variant is None and not p.backward]
     assert len(kind_level) == 2  # one per smoke size
     assert {p.variant for p in cal.sizes if p.kind == "elementwise"} >= {"gelu", "swiglu", "rope", "add", None}
     assert {p.variant for p in cal.sizes if p.kind == "norm"} == {"layernorm", "rmsnorm", None}
     assert {g.variant for g in cal.gemm if g.kind == "attention"} == {"fused", "explicit"}
     assert cal.measured["threads"] == 1 and cal.measured["device"] == "cpu"
     assert cal.launch_overhead_s == cal.measured["launch_overhead_s"] > 0
+    assert cal.kind == "measured" and "OMP_WAIT_POLICY" in cal.measured["environment"]
+    # backward kernels, fixed costs per kernel (forward and backward), the optimizer, the cold-read curve
+    assert {p.kind for p in cal.sizes if p.backward} >= {"elementwise", "norm", "softmax", "embedding", "loss"}
+    assert any(g.backward for g in cal.gemm if g.kind == "attention")
+    assert {"matmul", "attention:fused", "norm:rmsnorm", "elementwise:gelu", "norm:layernorm@bwd",
+            "optimizer"} <= set(cal.fixed_s)
+    assert all(v > 0 for v in cal.fixed_s.values())
+    assert any(p.kind == "optimizer" for p in cal.sizes)
+    assert len(cal.stream) == 6 and cal.stream_reference_bytes == cal.measured["cold_pool_bytes"]
+    # decode-shaped products (m = 1) were measured memory-bound, large ones compute-bound
+    assert any(g.memory and not g.compute for g in cal.gemm if g.kind == "matmul" and g.m == 1)
+    assert any(g.compute and not g.memory for g in cal.gemm if g.kind == "matmul" and g.m == 24)
 
 
 def test_calibration_points_reproduce_their_measurement(smoke_calibration):
-    """At a measured shape, the compute term is the measured busy time; the
-    roofline's time is that, or the memory term of streaming the op's bytes
-    (the copy's size curve) when that is longer, plus the launch overhead."""
+    """At a measured shape, the ceiling the point was measured against equals
+    the measured busy time (time - the kernel's hot fixed cost): the compute
+    term for a point measured compute-bound, the memory term for one measured
+    memory-bound (decode shapes, cold weights); the other term is not longer."""
     from flopsim.roofline import roofline_time
 
     cal, points = smoke_calibration
     hw = load_hardware("cpu")
+    checked = {True: 0, False: 0}
     for p in points:
         if p.gemm is None or p.kind != "matmul":
             continue
         ce, me = cal.efficiency(p.kind, p.gemm, p.bytes)
-        compute_s, memory_s, t = roofline_time(p.all_flops, p.bytes, hw.peak_flops_per_s_for("fp32")[0],
-                                               hw.memory_bandwidth_bytes_per_s, ce, me, cal.launch_overhead_s)
-        busy = max(p.seconds - cal.launch_overhead_s, 0.1 * p.seconds)
-        assert compute_s == pytest.approx(busy, rel=1e-6)
-        assert me == pytest.approx(cal._streaming_memory(p.bytes), rel=1e-12)
-        assert t == pytest.approx(max(busy, memory_s) + cal.launch_overhead_s, rel=1e-9)
+        compute_s, memory_s, _ = roofline_time(p.all_flops, p.bytes, hw.peak_flops_per_s_for("fp32")[0],
+                                               hw.memory_bandwidth_bytes_per_s, ce, me)
+        busy = max(p.seconds - p.fixed_s, 0.1 * p.seconds)
+        bound = memory_s if p.memory_bound else compute_s
+        assert bound == pytest.approx(busy, rel=1e-6)
+        checked[p.memory_bound] += 1
+    assert checked[True] and checked[False]
 
 
 def test_calibration_file_round_trip(tmp_path, smoke_calibration):

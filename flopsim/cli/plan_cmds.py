@@ -17,10 +17,10 @@ SpecArg = typer.Argument(..., help="Model spec: a YAML path, an HF config.json o
 HardwareOpt = typer.Option(..., "--hardware", "-H", help="Device: a preset (`flopsim hardware list`) or a YAML path.")
 PriceOpt = typer.Option(None, "--price", help="Price per GPU-hour (any currency; costs are in the same unit).")
 InterconnectOpt = typer.Option(None, "--interconnect", help="Intra-node bandwidth per GPU, both directions, bytes/s (e.g. 900G; default the hardware's interconnect_bytes_per_s).")
-InterNodeOpt = typer.Option(None, "--inter-node", help="Inter-node bandwidth per GPU, both directions, bytes/s (default 100G: one 400 Gb/s NIC per GPU).")
-GpusPerNodeOpt = typer.Option(8, "--gpus-per-node", help="GPUs per node (groups within a node use --interconnect).")
+InterNodeOpt = typer.Option(None, "--inter-node", help="Inter-node bandwidth per GPU, both directions, bytes/s (default: the calibration's measured link, else the hardware's scale_out_bytes_per_s).")
+GpusPerNodeOpt = typer.Option(None, "--gpus-per-node", help="GPUs per node (default: the hardware's scale_up_domain; groups within a node use the scale-up link).")
 LatencyOpt = typer.Option(None, "--comm-latency", help="Seconds per collective on top of bytes/bandwidth (default: one kernel launch).")
-CalibrationOpt = typer.Option("auto", "--calibration", help="auto (specs/calibration/<device>.yaml, else ideal) | ideal | a YAML path.")
+CalibrationOpt = typer.Option("auto", "--calibration", help="auto (specs/calibration/<device>.yaml: measured or published-seeded) | ideal (only when asked) | a YAML path.")
 FormatOpt = typer.Option(Format.table, "--format", "-f", help="table | json | csv")
 
 
@@ -74,7 +74,7 @@ def train(
     zero: int = typer.Option(1, "--zero", help="ZeRO stage over dp: 0 none, 1 optimizer state, 2 + gradients, 3 + weights."),
     interconnect: Optional[str] = InterconnectOpt,
     inter_node: Optional[str] = InterNodeOpt,
-    gpus_per_node: int = GpusPerNodeOpt,
+    gpus_per_node: Optional[int] = GpusPerNodeOpt,
     dp_overlap: float = typer.Option(1.0, "--dp-overlap", help="Fraction of the forward/backward pass that data-parallel traffic can hide behind (0: none)."),
     comm_latency: Optional[str] = LatencyOpt,
     price: Optional[float] = PriceOpt,
@@ -113,9 +113,7 @@ def _print_training(p) -> None:
     out.print(f"  options      {c['optimizer']}, ZeRO-{c['zero']} ({zero_what} over dp), recompute "
               f"{'on' if c['recompute'] else 'off'}, DP traffic hidden behind up to {_pct(cm['dp_overlap'])} "
               f"of a forward/backward pass")
-    out.print(f"  links        intra-node {human(ln.intra_node_bytes_per_s / 2, 'B/s')}, inter-node "
-              f"{human(ln.inter_node_bytes_per_s / 2, 'B/s')} each way; {ln.gpus_per_node} GPUs per node; "
-              f"{human_time(ln.latency_s)} per collective")
+    out.print(f"  links        {_link_text(ln)}")
     out.print(f"  calibration {p.calibration.label}")
     mb = c["microbatches"]
 
@@ -189,7 +187,7 @@ def serve(
     memory_utilization: float = typer.Option(0.9, "--memory-utilization", help="Share of device memory for weights, KV cache and activations."),
     interconnect: Optional[str] = InterconnectOpt,
     inter_node: Optional[str] = InterNodeOpt,
-    gpus_per_node: int = GpusPerNodeOpt,
+    gpus_per_node: Optional[int] = GpusPerNodeOpt,
     comm_latency: Optional[str] = LatencyOpt,
     price: Optional[float] = PriceOpt,
     calibration: str = CalibrationOpt,
@@ -279,3 +277,12 @@ def _print_candidates(out, p) -> None:
                      "yes" if r.get("meets") else ("fits" if r.get("fits") else "no"), r.get("reasons") or ""])
     out.print(_table("tensor-parallel degrees tried", ["tp", "batch", "TTFT", "TPOT", "out tok/s/GPU", "ok",
                                                        "why not"], rows))
+
+
+def _link_text(links) -> str:
+    """'intra-node 370 GB/s bus, 30 us latency; inter-node ...; 8 GPUs per node' for the plan's links."""
+    parts = []
+    for name, link in (("intra-node", links.scale_up), ("inter-node", links.scale_out)):
+        if link is not None:
+            parts.append(f"{name} {human(link.bus_bytes_per_s, 'B/s')} bus, {human_time(link.latency_s)} latency")
+    return "; ".join(parts) + f"; {links.gpus_per_node} GPUs per node"

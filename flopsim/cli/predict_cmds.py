@@ -16,7 +16,7 @@ BatchOpt = typer.Option(1, "--batch", "-b", help="Sequences per batch (B).")
 SeqOpt = typer.Option(1024, "--seq", "-s", help="Tokens per sequence (S); decode: the context if --context is omitted.")
 ContextOpt = typer.Option(None, "--context", "-t", help="Keys each query attends to (T): decode's KV-cache length, or prefill with a cached prefix.")
 PhaseOpt = typer.Option("forward", "--phase", "-p", help="forward | train | prefill | decode")
-CalibrationOpt = typer.Option("auto", "--calibration", help="auto (specs/calibration/<device>.yaml, else ideal) | ideal | a YAML path.")
+CalibrationOpt = typer.Option("auto", "--calibration", help="auto (specs/calibration/<device>.yaml: measured or published-seeded) | ideal (only when asked) | a YAML path.")
 OptimizerOpt = typer.Option("adam", "--optimizer", help="Train phase: adam | adamw | sgd | none.")
 FormatOpt = typer.Option(Format.table, "--format", "-f", help="table | json | csv")
 

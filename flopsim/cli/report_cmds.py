@@ -20,7 +20,7 @@ def report(
     batch: int = typer.Option(8, "--batch", "-b", help="Sequences per step in every phase (B)."),
     seq: int = typer.Option(2048, "--seq", "-s", help="Tokens per sequence (S); capped at max_seq for learned positions."),
     context: Optional[int] = typer.Option(None, "--context", "-t", help="Decode's KV-cache length (and prefill's keys); default --seq."),
-    calibration: str = typer.Option("auto", "--calibration", help="auto (specs/calibration/<device>.yaml, else ideal) | ideal | a YAML path."),
+    calibration: str = typer.Option("auto", "--calibration", help="auto (specs/calibration/<device>.yaml: measured or published-seeded) | ideal (only when asked) | a YAML path."),
     optimizer: str = typer.Option("adam", "--optimizer", help="Train phase: adam | adamw | sgd | none."),
     budget: Optional[List[float]] = typer.Option(None, "--budget", "-c", help="isoFLOP training budgets in FLOPs (repeat; default 6e18, 2e19, 1e20)."),
     group: str = typer.Option("auto", "--group", help="auto: one comparison group per dense trunk (derived baselines where none is given) | first: every spec against the first."),

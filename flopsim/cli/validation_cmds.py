@@ -68,14 +68,21 @@ def validate(
     threads: Optional[int] = ThreadsOpt,
     calibration: Optional[str] = typer.Option(None, "--calibration", help="Calibration file or 'ideal' (default: the device's measured file; measured first if missing)."),
     recalibrate: bool = typer.Option(False, "--recalibrate", help="Measure the calibration again first."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: reports/validation/<device>/)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: reports/validation/<device>/, or reports/published/ with --published)."),
+    published: bool = typer.Option(False, "--published", help="Compare with the published-measurements suite (specs/published/measurements.yaml) instead of profiling here."),
+    table: Optional[str] = typer.Option(None, "--table", help="With --published: another measurements YAML."),
+    rows: Optional[str] = typer.Option(None, "--rows", help="With --published: only these row ids (comma-separated)."),
     fmt: Format = typer.Option(Format.table, "--format", "-f"),
 ):
-    """Profile the reference models, compare with predictions, write reports/validation/<device>/."""
+    """Profile the reference models, compare with predictions, write reports/validation/<device>/
+    (or, with --published, compare with public measurements and write reports/published/)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from flopsim.spec.paths import specs_dir
     from flopsim.validate import check_inputs, run_validation, write_report
+
+    if published:
+        return _published(out, table, rows, fmt)
 
     check_inputs(device, suite)
     if hardware is not None:
@@ -106,3 +113,28 @@ def validate(
         ["per GEMM op", f"{100 * summary['median_abs_error_gemm']:.1f}%", f"{100 * summary['p90_abs_error_gemm']:.1f}%"],
         ["speedup over dense", f"{100 * summary['median_abs_error_speedup']:.1f}%", f"{100 * summary['p90_abs_error_speedup']:.1f}%"],
     ]))
+
+
+def _published(out: Optional[Path], table: Optional[str], rows: Optional[str], fmt: Format):
+    """`flopsim validate --published`: every row, published next to predicted, and the summary."""
+    from flopsim.published import run_published, write_published
+    from flopsim.spec.paths import specs_dir
+
+    chosen = [r.strip() for r in rows.split(",") if r.strip()] if rows else None
+    result = run_published(table, rows=chosen)
+    folder = out or (specs_dir().parent / "reports" / "published")
+    summary = write_published(result, folder)
+    if fmt == Format.json:
+        return print_json({"out": str(folder), **summary, "rows_detail": [r.to_dict() for r in result.results],
+                           "failures": result.failures})
+    if fmt == Format.csv:
+        return print_csv([r.to_dict() for r in result.results])
+    con = console()
+    con.print(rich_table(None, ["row", "task", "hardware", "published", "predicted", "ratio"], [
+        [r.row.id, f"{r.row.task} ({r.row.metric})", f"{r.row.hardware} x{r.row.parallel.gpus}",
+         f"{r.row.value:.4g}", f"{r.predicted:.4g}", f"{r.ratio:.3f}"] for r in result.results]))
+    for row_id, why in result.failures:
+        con.print(f"[red]not predicted[/] {row_id}: {why}")
+    con.print(f"wrote [bold]{folder}[/]: {summary['rows']} rows from {summary['sources']} sources; median |error| "
+              f"[bold]{100 * summary['median_abs_error']:.1f}%[/], worst {summary['worst_fold']:.2f}x "
+              f"({summary['worst_row']}), {summary['within_1_5x']}/{summary['rows']} within 1.5x")

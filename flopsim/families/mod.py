@@ -56,7 +56,11 @@ router's top-k runs in training). Hence, per routed block:
   runs the block), so attention reads 1 + c*(T - 1) keys (= T at c = 1,
   about c*T for long contexts);
 - weights are read once if any of the B tokens runs the block: the dense
-  block's weight bytes x expected_distinct(1, c, B) = 1 - (1 - c)^B.
+  block's weight bytes x expected_distinct(1, c, B) = 1 - (1 - c)^B;
+- likewise the block's kernels launch only when some token runs it:
+  Op.kernels = 1 - (1 - c)^B per op, so a skipped block costs no launch
+  overhead (at B = 1 a block skipped with probability 1 - c launches c
+  times per step in expectation).
 - no topk / gather / scatter at decode (the running tokens are
   gathered inside the batch; costed as the block's rows).
 
@@ -140,7 +144,7 @@ def routed_block(ctx: Ctx, i: int, *, batch, queries, keys, ffn=None) -> list:
         ops = router(ctx, i, tokens=batch * queries, tags=tags)
         running = dense.block(ctx, i, batch=c * batch, queries=queries, keys=1 + c * (keys - 1), ffn=ffn, tags=tags)
         p_any = expected_distinct(1, c, batch)
-        return ops + [replace(op, weight_bytes=op.weight_bytes * p_any) for op in running]
+        return ops + [replace(op, weight_bytes=op.weight_bytes * p_any, kernels=op.kernels * p_any) for op in running]
     k = kept_tokens(c, queries)
     cached = k if ctx.phase != "prefill" else k + kept_tokens(c, keys - queries)
     tags = {"routed": True, "tokens": k}

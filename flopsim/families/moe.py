@@ -28,6 +28,15 @@ d_expert (default d_ff), `ffn` mlp (up, down) or gated (gate_up, down):
   average experts per token; c <= E so that C <= N), batched over
   [E, C, d]; the combination weight is the router probability of the pair.
   top_k plays no part (the `top_k` tag shows the spec's value).
+- kernel gather (`moe.kernel: gather`, dropless token choice, inference):
+  the pairs stay in token order (no sort); for each projection every pair
+  indexes its expert's weight matrix into a copy and one batched
+  matrix-vector product runs over the copies (gpt-fast's Mixtral):
+  `primitives.gathered_experts`, whose weight reads are one expert matrix
+  per pair (pairs * matrix bytes, not the distinct experts: a matrix is
+  far larger than any cache) and whose copy is written and read again.
+  At decode with B tokens this moves about 3 * B * k expert matrices where
+  the grouped kernel reads E * (1 - (1 - k/E)^B).
 - shared experts: `shared_experts` dense experts of width d_expert fused as
   one MLP of width shared_experts * d_expert (DeepSeek-MoE, Qwen-MoE) on
   every token, added to the routed output.
@@ -63,7 +72,16 @@ import sympy as sp
 from flopsim.errors import InputError
 from flopsim.families import dense
 from flopsim.ops.expectations import expected_distinct
-from flopsim.ops.primitives import Ctx, elementwise, gather, linear, scatter, topk
+from flopsim.ops.primitives import (
+    GATED_ACTIVATION,
+    Ctx,
+    elementwise,
+    gather,
+    gathered_experts,
+    linear,
+    scatter,
+    topk,
+)
 
 
 def is_moe_layer(spec, i: int) -> bool:
@@ -125,13 +143,18 @@ def moe_ffn(ctx: Ctx, i: int, *, tokens, prefix: str, tags: dict | None = None,
                  kind="router", tags=t)
     ops += elementwise(ctx, f"{p}.softmax", layer=i, elements=tokens * routed, op="softmax", module=p,
                        kind="softmax", tags=t)
+    if moe.kernel == "gather" and ctx.train:
+        raise InputError("moe.kernel: 'gather' is an inference kernel (each token copies its experts' "
+                         "weights); train with kernel grouped")
     if moe.routing == "expert_choice":
         # each expert picks its top C tokens (a top-k along the token axis)
         ops += topk(ctx, f"{p}.topk", layer=i, rows=E, n=tokens, k=slots, module=p, tags=t)
         rows, expert_tokens, batch = E * slots, slots, E
     else:
         ops += topk(ctx, f"{p}.topk", layer=i, rows=tokens, n=routed, k=k, module=p, tags=t)
-        if dropless:
+        if dropless and moe.kernel == "gather":
+            rows, expert_tokens, batch = tokens * k, None, None  # pairs stay in token order: no sort
+        elif dropless:
             # sort the N*k (token, expert) pairs by expert for the grouped GEMM
             pairs = tokens * k
             ops += topk(ctx, f"{p}.sort", layer=i, rows=1, n=pairs, k=pairs, module=p, tags=t)
@@ -142,11 +165,14 @@ def moe_ffn(ctx: Ctx, i: int, *, tokens, prefix: str, tags: dict | None = None,
                                module=p, backward=False, tags=t)
             rows, expert_tokens, batch = E * slots, slots, E
     ops += gather(ctx, f"{p}.dispatch", layer=i, rows=rows, d=d.d_model, module=p, tags=t)
-    expert_ops = dense.mlp(ctx, i, tokens=expert_tokens, prefix=p, d_ff=d_expert, name="experts",
-                           batch=batch, tags=t)
-    if decode_read:
-        expert_ops = [_expected_reads(op, E, active, tokens * k) for op in expert_ops]
-    ops += expert_ops
+    if moe.kernel == "gather":
+        ops += gathered_expert_mlp(ctx, i, pairs=rows, prefix=p, tags=t)
+    else:
+        expert_ops = dense.mlp(ctx, i, tokens=expert_tokens, prefix=p, d_ff=d_expert, name="experts",
+                               batch=batch, tags=t)
+        if decode_read:
+            expert_ops = [_expected_reads(op, E, active, tokens * k) for op in expert_ops]
+        ops += expert_ops
     ops += elementwise(ctx, f"{p}.weight", layer=i, elements=rows * d.d_model, op="mul", module=p, tags=t)
     ops += scatter(ctx, f"{p}.combine", layer=i, rows=rows, d=d.d_model, module=p, tags=t)
     if moe.shared_experts:
@@ -154,6 +180,25 @@ def moe_ffn(ctx: Ctx, i: int, *, tokens, prefix: str, tags: dict | None = None,
                          tags=t)
         ops += elementwise(ctx, f"{p}.shared_add", layer=i, elements=tokens * d.d_model, op="add", inputs=2,
                            module=p, tags=t)
+    return ops
+
+
+def gathered_expert_mlp(ctx: Ctx, i: int, *, pairs, prefix: str, tags: dict) -> list:
+    """moe.kernel gather: each of the `pairs` (token, expert) pairs copies its
+    expert's weights and runs a matrix-vector product per projection (up, or
+    gate and up fused; activation; down), as `dense.mlp` composes them."""
+    spec, d = ctx.spec, ctx.dims
+    p = f"{prefix}.experts"
+    common = dict(layer=i, pairs=pairs, experts=d.experts, bias=spec.bias, tags=tags)
+    if spec.ffn == "gated":
+        ops = gathered_experts(ctx, f"{p}.gate_up", d_in=d.d_model, d_out=2 * d.d_expert, **common)
+        act = GATED_ACTIVATION[spec.activation]
+    else:
+        ops = gathered_experts(ctx, f"{p}.up", d_in=d.d_model, d_out=d.d_expert, **common)
+        act = spec.activation
+    ops += elementwise(ctx, f"{p}.act", layer=i, elements=pairs * d.d_expert, op=act,
+                       inputs=2 if spec.ffn == "gated" else 1, module=p, tags=tags)
+    ops += gathered_experts(ctx, f"{p}.down", d_in=d.d_expert, d_out=d.d_model, **common)
     return ops
 
 

@@ -23,6 +23,12 @@ Conventions (DESIGN.md, "Counting conventions" -- a contract):
 - `layer`: -1 for embeddings, 0..L-1 for blocks, L for the final norm and head.
 - `module`: the path of the torch reference module that runs the op (the
   key FlopCounterMode's per-module counts are joined on).
+- `kernels`: the expected number of times the op's kernel is launched in
+  one step: 1 for an op that runs; a probability for a branch taken only
+  sometimes (a Mixture-of-Depths block at decode runs when any token of the
+  batch chose it, so its kernels launch 1 - (1 - c)^B times in
+  expectation). The roofline charges one fixed per-kernel cost (launch and
+  dispatch) per launch; an op with no work launches nothing.
 """
 
 from __future__ import annotations
@@ -77,6 +83,7 @@ class Op:
     gemm: Optional[tuple] = None
     tags: dict = field(default_factory=dict, compare=False, hash=False)
     variant: str = ""  # the kernel that runs (gelu, rmsnorm, explicit attention, ...), for calibration
+    kernels: sp.Expr = sp.Integer(1)  # expected launches per step (see the module docstring)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -86,6 +93,7 @@ class Op:
             if name == "causal_flops" and value is None:
                 value = self.flops
             object.__setattr__(self, name, _sym(value))
+        object.__setattr__(self, "kernels", _sym(self.kernels))
         if self.gemm is not None:
             object.__setattr__(self, "gemm", tuple(_sym(v) for v in self.gemm))
 
@@ -113,6 +121,7 @@ class Op:
 
     def expressions(self) -> dict[str, sp.Expr]:
         out = {f: getattr(self, f) for f in COST_FIELDS}
+        out["kernels"] = self.kernels
         if self.gemm is not None:
             for axis, value in zip(("gemm_batch", "gemm_m", "gemm_n", "gemm_k"), self.gemm):
                 out[axis] = value

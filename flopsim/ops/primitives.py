@@ -434,3 +434,48 @@ def index_elementwise(ctx: Ctx, name: str, *, layer: int, elements, op: str = "a
                act_read_bytes=inputs * elements * INDEX_BYTES,
                act_write_bytes=elements * INDEX_BYTES,
                tags=tags or {}, variant=op)]
+
+
+def gathered_experts(ctx: Ctx, name: str, *, layer: int, pairs, experts, d_in, d_out, bias: bool,
+                     module: str | None = None, tags: dict | None = None) -> list[Op]:
+    """`pairs` (token, expert) pairs, each indexing its expert's d_out x d_in weight
+    (of `experts` stacked, all owned here) into a copy, then one batched
+    matrix-vector product over the copies (torch: `W[idx]`, then bmm of
+    [pairs, 1, d_in] x [pairs, d_in, d_out]; gpt-fast's MoE):
+    - `{name}.gather` (kind "gather", 0 FLOPs): reads each pair's expert weights
+      from memory -- weight_bytes = pairs * d_in * d_out * w: one expert matrix
+      is far larger than any cache, so two pairs of one expert read it twice --
+      and the int64 index; writes the copy, pairs * d_in * d_out * w.
+    - `{name}` (the bmm, 2 * pairs * d_in * d_out FLOPs): reads x and the copy,
+      writes pairs * d_out; owns the parameters.
+    - with a bias: `{name}.bias_gather` (b[idx]) and `{name}.bias` (the add).
+    Inference only (no backward ops)."""
+    w = ctx.w
+    module = module or name
+    tags = tags or {}
+    matrix = d_in * d_out
+    index = pairs * INDEX_BYTES
+    ops = [Op(name=f"{name}.gather", kind="gather", layer=layer, module=module,
+              weight_bytes=pairs * matrix * w,
+              act_read_bytes=index,
+              act_write_bytes=pairs * matrix * w,
+              tags=tags, variant="weights"),
+           Op(name=name, kind="matmul", layer=layer, module=module,
+              flops=2 * pairs * matrix,  # bmm_flop
+              act_read_bytes=pairs * d_in * w + pairs * matrix * w,
+              act_write_bytes=pairs * d_out * w,
+              params=experts * (matrix + (d_out if bias else 0)),
+              gemm=(pairs, 1, d_out, d_in),
+              tags=tags)]
+    if bias:
+        ops += [Op(name=f"{name}.bias_gather", kind="gather", layer=layer, module=module,
+                   weight_bytes=pairs * d_out * w,
+                   act_read_bytes=index,
+                   act_write_bytes=pairs * d_out * w,
+                   tags=tags),
+                Op(name=f"{name}.bias", kind="elementwise", layer=layer, module=module,
+                   other_flops=pairs * d_out,
+                   act_read_bytes=2 * pairs * d_out * w,
+                   act_write_bytes=pairs * d_out * w,
+                   tags=tags, variant="add")]
+    return ops

@@ -76,11 +76,18 @@ class MoeBlock(_Strict):
     capacity_factor: Optional[float] = Field(None, gt=0)
     every: PositiveInt = 1
     routing: Literal["token_choice", "expert_choice"] = "token_choice"
+    # grouped: the (token, expert) pairs sorted by expert, one product per expert (grouped GEMM);
+    # gather: each pair indexes its expert's weights into a copy, then one batched
+    # matrix-vector product (simple decode implementations, e.g. gpt-fast); dropless
+    # token choice only, inference phases only
+    kernel: Literal["grouped", "gather"] = "grouped"
 
     @model_validator(mode="after")
     def _top_k_le_experts(self):
         if self.top_k > self.experts:
             raise ValueError(f"top_k {self.top_k} exceeds experts {self.experts}")
+        if self.kernel == "gather" and (self.capacity_factor is not None or self.routing != "token_choice"):
+            raise ValueError("kernel gather runs dropless token choice (capacity_factor null, routing token_choice)")
         if self.routing == "expert_choice" and self.capacity_factor is None:
             raise ValueError("routing expert_choice needs a capacity_factor (tokens per expert)")
         if self.routing == "expert_choice" and self.capacity_factor > self.experts:

@@ -51,16 +51,26 @@ def make_norm(spec, d: int) -> nn.Module:
     return nn.LayerNorm(d, bias=spec.bias)
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
-    """Rotary embedding (rotate-half form) of x [B, H, S, d] at positions [B, S]."""
-    d = x.shape[-1]
-    inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+def rope_tables(positions: torch.Tensor, d: int, dtype, base: float = 10000.0):
+    """(cos, sin) [B, 1, S, d] of the rotary embedding at positions [B, S]."""
+    inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32, device=positions.device) / d))
     angles = positions.to(torch.float32)[:, None, :, None] * inv  # [B, 1, S, d/2]
-    cos = torch.cat([angles.cos(), angles.cos()], dim=-1).to(x.dtype)
-    sin = torch.cat([angles.sin(), angles.sin()], dim=-1).to(x.dtype)
-    half = d // 2
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rope(x: torch.Tensor, tables) -> torch.Tensor:
+    """Rotary embedding (rotate-half form) of x [B, H, S, d] with tables from rope_tables."""
+    cos, sin = tables
+    half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
+
+
+def rope_pair(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
+    """Queries and keys rotated with one table computation (flopsim's `attn.rope` op)."""
+    tables = rope_tables(positions, q.shape[-1], q.dtype)
+    return rope(q, tables), rope(k, tables)
 
 
 class Attention(nn.Module):
@@ -88,7 +98,7 @@ class Attention(nn.Module):
         k = k.view(b, s, hkv, dh).transpose(1, 2)
         v = v.view(b, s, hkv, dh).transpose(1, 2)
         if spec.positions == "rope":
-            q, k = rope(q, state.positions), rope(k, state.positions)
+            q, k = rope_pair(q, k, state.positions)
         prior = state.cache[layer] if state.cache is not None else None
         if prior is not None:  # preallocated buffers; the new tokens fill the last s slots in place
             prior[0][:, :, -s:].copy_(k)
@@ -247,8 +257,18 @@ class Reference(nn.Module):
         return self.head(x, state.phase)
 
 
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def torch_dtype(dtype: str):
+    """The torch dtype a reference runs in for a spec's `dtype` (fp32, bf16, fp16)."""
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"the torch reference runs fp32, bf16 or fp16, not {dtype!r}")
+    return getattr(torch, TORCH_DTYPES[dtype])
+
+
 def build_reference(spec, seed: int = 0) -> nn.Module:
-    """The reference module of `spec`'s family (fp32, eval mode)."""
+    """The reference module of `spec`'s family (fp32, eval mode; `.to(dtype)` for another)."""
     import importlib
 
     torch.manual_seed(seed)
@@ -268,12 +288,14 @@ def build_reference(spec, seed: int = 0) -> nn.Module:
 
 
 def prepare_phase(model: nn.Module, spec, phase: str, batch: int, seq: int, context: Optional[int] = None,
-                  seed: int = 0, device: str = "cpu") -> Callable[[], torch.Tensor]:
+                  seed: int = 0, device: str = "cpu", optimizer: str = "adam") -> Callable[[], torch.Tensor]:
     """Make the random inputs of one phase once; returns a function that runs the
     phase on them (what profiling times) and returns the logits or the loss.
 
-    forward: no_grad over B x S; train: loss on every position (or the class)
-    and backward; prefill: no_grad over the prompt, logits of the last
+    forward: no_grad over B x S; train: loss on every position (or the class),
+    backward, and the optimizer step (`optimizer`: "adam" runs torch's fused
+    Adam, one multi-tensor kernel as flopsim.ops.optimizer costs it; "none"
+    stops after the backward); prefill: no_grad over the prompt, logits of the last
     position, KV cache built; decode: one token per sequence attending to a
     preallocated cache of context - 1 earlier tokens plus itself (written in
     place into the cache's last slot, as serving engines do).
@@ -284,7 +306,9 @@ def prepare_phase(model: nn.Module, spec, phase: str, batch: int, seq: int, cont
         ids = torch.randint(0, spec.vocab, (batch, 1), generator=g).to(device)
         positions = torch.full((batch, 1), keys - 1, dtype=torch.long, device=device)
         shape = (batch, spec.kv_heads, keys, spec.d_head)
-        cache = [(torch.randn(shape, generator=g).to(device), torch.randn(shape, generator=g).to(device))
+        dtype = next(model.parameters()).dtype
+        cache = [(torch.randn(shape, generator=g).to(device=device, dtype=dtype),
+                  torch.randn(shape, generator=g).to(device=device, dtype=dtype))
                  for _ in range(spec.layers)]
 
         def decode():
@@ -301,6 +325,7 @@ def prepare_phase(model: nn.Module, spec, phase: str, batch: int, seq: int, cont
 
         return infer
     targets: dict = {}  # made on the first call, from the output's shape
+    step = make_optimizer(model, optimizer)
 
     def train():
         model.train()
@@ -313,12 +338,28 @@ def prepare_phase(model: nn.Module, spec, phase: str, batch: int, seq: int, cont
             if hasattr(model, "aux_loss"):
                 loss = loss + model.aux_loss()
             loss.backward()
+            step()
             return loss.detach()
         finally:
             model.eval()
             model.zero_grad(set_to_none=True)
 
     return train
+
+
+def make_optimizer(model: nn.Module, optimizer: str) -> Callable[[], None]:
+    """The update step the reference's train phase ends with: "adam" (torch's
+    fused Adam where the device has it, else its multi-tensor form) or "none"."""
+    if optimizer == "none":
+        return lambda: None
+    if optimizer != "adam":
+        raise ValueError(f"reference optimizer {optimizer!r}: expected adam or none")
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        opt = torch.optim.Adam(params, lr=1e-5, fused=True)
+    except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
+        opt = torch.optim.Adam(params, lr=1e-5, foreach=True)
+    return opt.step
 
 
 def run_phase(model: nn.Module, spec, phase: str, batch: int, seq: int, context: Optional[int] = None,

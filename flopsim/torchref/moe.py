@@ -18,6 +18,9 @@ Routing runs for real (softmax over the router logits, top-k):
   a zero row) runs through one bmm / baddbmm per projection.
 - expert_choice: each expert takes its top C = ceil(c * N / E) tokens by
   router probability; [E, C, d] through bmm.
+- moe.kernel gather (dropless token choice, inference): the pairs in token
+  order, each row multiplied by a copy of its expert's weights
+  (`weight[expert]`, then one bmm per projection).
 Outputs are weighted by the router probability of the pair and
 scatter-added (index_add) into the N x d_model output.
 """
@@ -62,6 +65,12 @@ class GroupedLinear(nn.Module):
             return x.new_zeros(0, self.weight.shape[1])
         return torch.cat(outs, dim=0)
 
+    def gathered(self, x: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+        """x [P, d_in], expert [P]: each row times a copy of its expert's weight (moe.kernel gather)."""
+        w = self.weight[expert]  # [P, d_out, d_in]: the copy
+        y = torch.bmm(x.unsqueeze(1), w.transpose(1, 2)).squeeze(1)
+        return y if self.bias is None else y + self.bias[expert]
+
 
 class Experts(nn.Module):
     """E stacked expert FFNs (mlp: up, down; gated: gate_up fused, down)."""
@@ -83,6 +92,15 @@ class Experts(nn.Module):
         else:
             h = self.act(self.up(x, counts))
         return self.down(h, counts)
+
+    def gathered(self, x: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+        """moe.kernel gather: every (token, expert) row through copies of its expert's weights."""
+        if self.gated:
+            gate, up = self.gate_up.gathered(x, expert).chunk(2, dim=-1)
+            h = self.act(gate) * up
+        else:
+            h = self.act(self.up.gathered(x, expert))
+        return self.down.gathered(h, expert)
 
 
 def exact_fraction(value) -> Fraction:
@@ -138,6 +156,8 @@ class MoEFFN(nn.Module):
         slots = self.slots(n)
         if self.routing == "expert_choice":
             out = self._expert_choice(x, probs, slots)
+        elif slots is None and self.spec.moe.kernel == "gather":
+            out = self._gathered(x, probs)
         elif slots is None:
             out = self._dropless(x, probs)
         else:
@@ -151,10 +171,19 @@ class MoEFFN(nn.Module):
         weights, chosen = probs.topk(self.top_k, dim=-1)  # [N, k]
         flat_e = chosen.reshape(-1)
         order = flat_e.argsort(stable=True)
-        token = torch.arange(n).repeat_interleave(self.top_k)[order]
+        token = torch.arange(n, device=x.device).repeat_interleave(self.top_k)[order]
         counts = torch.bincount(flat_e, minlength=self.experts_n).tolist()
         y = self.experts(x[token], counts)  # [N * k, d], sorted by expert
         y = y * weights.reshape(-1)[order].unsqueeze(-1)
+        return x.new_zeros(n, d).index_add(0, token, y)
+
+    def _gathered(self, x, probs):
+        """moe.kernel gather: pairs in token order, each copying its expert's weights."""
+        n, d = x.shape
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # [N, k]
+        token = torch.arange(n, device=x.device).repeat_interleave(self.top_k)
+        y = self.experts.gathered(x[token], chosen.reshape(-1))  # [N * k, d]
+        y = y * weights.reshape(-1).unsqueeze(-1)
         return x.new_zeros(n, d).index_add(0, token, y)
 
     def _capacity(self, x, probs, slots):
@@ -163,12 +192,12 @@ class MoEFFN(nn.Module):
         weights, chosen = probs.topk(k, dim=-1)  # [N, k]
         flat_e = chosen.t().reshape(-1)  # choice-major: every first choice before any second
         flat_w = weights.t().reshape(-1)
-        token = torch.arange(n).repeat(k)
+        token = torch.arange(n, device=x.device).repeat(k)
         onehot = F.one_hot(flat_e, E + self.noop_experts)
         position = (onehot.cumsum(0) * onehot).sum(-1) - 1  # slot within the expert
         keep = (position < slots) & (flat_e < E)  # over capacity, or a no-op expert: skip
         slot = flat_e[keep] * slots + position[keep]
-        index = torch.full((E * slots,), n, dtype=torch.long)  # empty slots read the zero row
+        index = torch.full((E * slots,), n, dtype=torch.long, device=x.device)  # empty slots read the zero row
         index[slot] = token[keep]
         w = flat_w.new_zeros(E * slots).index_put((slot,), flat_w[keep])
         padded = torch.cat([x, x.new_zeros(1, d)], dim=0)

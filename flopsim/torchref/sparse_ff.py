@@ -104,7 +104,7 @@ class SparseFF(nn.Module):
             quant = F.one_hot(choice, self.n).to(mask.dtype) + mask - mask.detach()  # straight-through
             y = self.down(self._hidden(x) * quant.view(n, -1))
         else:
-            units = logits.argmax(dim=-1) + torch.arange(self.blocks) * self.n  # [n, d_ff / N]
+            units = logits.argmax(dim=-1) + torch.arange(self.blocks, device=x.device) * self.n  # [n, d_ff / N]
             y = self.down(self._hidden(x, units), units)
         return y.view(shape)
 

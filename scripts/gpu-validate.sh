@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One command for a GPU: calibrate this device and run the quick validation
+# suite against the calibration, writing everything into one folder.
+#
+#   scripts/gpu-validate.sh [OUT_DIR]        (default: reports/validation/cuda-<hardware preset>)
+#   DEVICE=cpu scripts/gpu-validate.sh DIR   (rehearsal of the same steps on a CPU)
+#
+# Needs only this repository and a PyTorch install (no network). flopsim's
+# dependencies beyond what a PyTorch image usually holds are pydantic and its
+# three small dependencies; if `import pydantic` fails, the wheels in .whl/
+# are installed into a private folder first. Fetch them on a machine with
+# network with scripts/fetch-gpu-wheels.sh (pydantic 2.13.4, pydantic-core
+# 2.46.4 for CPython 3.12, annotated-types 0.7.0, typing-inspection 0.4.2,
+# typing-extensions 4.15.0). numpy, sympy, pandas, pyyaml, scipy, typer, rich
+# and matplotlib are taken from the image.
+#
+# Writes into OUT_DIR: calibration.yaml (the measured calibration, provenance
+# measured), per_op.csv, per_model.csv, speedups.csv, summary.json,
+# summary.md, scatter.png, error_by_kind.png, environment.txt and run.log.
+# Copy calibration.yaml to specs/calibration/<hardware>.yaml to make it the
+# device's calibration. Budget: under 8 minutes on an H100 (calibration about
+# 2, validation about 3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEVICE="${DEVICE:-cuda}"
+SITE="${TMPDIR:-/tmp}/flopsim-site"
+
+if ! python3 -c "import pydantic" 2>/dev/null; then
+    if ! ls .whl/*.whl >/dev/null 2>&1; then
+        echo "flopsim: error: pydantic is not installed and .whl/ holds no wheels (run scripts/fetch-gpu-wheels.sh where there is network)" >&2
+        exit 2
+    fi
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
+fi
+export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+
+HARDWARE="$(python3 -c "from flopsim.calibrate import guess_hardware; print(guess_hardware('$DEVICE'))")"
+OUT="${1:-reports/validation/$DEVICE-$HARDWARE}"
+mkdir -p "$OUT"
+{
+    date -u +"date %Y-%m-%dT%H:%M:%SZ"
+    python3 -c "import torch, platform; print('torch', torch.__version__, 'python', platform.python_version())"
+    python3 -c "import torch; print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv || true
+    echo "hardware preset $HARDWARE"
+} > "$OUT/environment.txt" 2>&1
+
+START=$SECONDS
+python3 -m flopsim validate --device "$DEVICE" --suite quick --recalibrate --hardware "$HARDWARE" \
+    --out "$OUT" 2>&1 | tee "$OUT/run.log"
+echo "gpu-validate: done in $((SECONDS - START)) s; folder $OUT" | tee -a "$OUT/run.log"

@@ -1,0 +1,212 @@
+"""The wall-clock mechanisms: fixed cost per kernel launch (per kind, variant
+and pass), expected launches of branches not always taken (MoD at decode),
+cold reads whose speed depends on the step's footprint, compute and memory
+ceilings of GEMM points, collectives by message size, CUDA-graph launches,
+and provenance (no silent ideal roofline). Each test derives its expected
+value by hand; none asserts a measured time."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from conftest import tiny
+from flopsim.calibration import Calibration, load_calibration
+from flopsim.collectives import collective_s, factor
+from flopsim.count import count, evaluate_ops
+from flopsim.errors import InputError
+from flopsim.families import build_ops
+from flopsim.hardware import hardware_names, load_hardware
+from flopsim.predict import predict
+from flopsim.roofline import footprint_bytes, op_time
+
+H100 = load_hardware("h100-sxm")
+
+
+def _cal(**fields) -> Calibration:
+    return Calibration(device="h100-sxm", source="test", **fields)
+
+
+# -- fixed cost per launch ------------------------------------------------------------
+
+def test_fixed_cost_lookup_order():
+    cal = _cal(launch_overhead_s=1e-6, fixed_s={"norm": 5e-6, "norm:rmsnorm": 7e-6, "norm@bwd": 9e-6,
+                                               "norm:rmsnorm@bwd": 11e-6})
+    assert cal.fixed_cost_s("norm", "rmsnorm", H100) == 7e-6  # kind:variant first
+    assert cal.fixed_cost_s("norm", "layernorm", H100) == 5e-6  # else the kind
+    assert cal.fixed_cost_s("norm", "rmsnorm", H100, backward=True) == 11e-6  # backward keys first
+    assert cal.fixed_cost_s("norm", "layernorm", H100, backward=True) == 9e-6
+    assert cal.fixed_cost_s("matmul", "", H100) == 1e-6  # else the calibration's launch overhead
+    assert Calibration.ideal().fixed_cost_s("matmul", "", H100) == H100.launch_overhead_s  # else the hardware's
+    with pytest.raises(Exception, match="fixed_s"):
+        _cal(fixed_s={"blas": 1e-6})
+    with pytest.raises(Exception, match="fixed_s.norm"):
+        _cal(fixed_s={"norm": float("inf")})
+
+
+def test_op_time_adds_fixed_cost_times_expected_launches():
+    """time = max(compute, memory) + kernels * fixed: an op launched half the time pays half a launch."""
+    spec = tiny("llama-3-8b", kv_heads=2)
+    op = next(c for c in evaluate_ops(build_ops(spec, "decode"), {**_bst(2, 1, 9)}) if c.name == "block.0.norm1")
+    cal = _cal(launch_overhead_s=0.0, fixed_s={"norm:rmsnorm": 4e-6})
+    full = op_time(op, H100, "bf16", cal)
+    half = op_time(type(op)(**{**op.__dict__, "kernels": 0.5}), H100, "bf16", cal)
+    assert full.time_s - max(full.compute_s, full.memory_s) == pytest.approx(4e-6)
+    assert half.time_s - max(half.compute_s, half.memory_s) == pytest.approx(2e-6)
+    assert full.kernels == 1 and half.kernels == 0.5
+
+
+def _bst(b, s, t):
+    from flopsim.ops.symbols import B, S, T
+
+    return {B: b, S: s, T: t}
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_skipped_mod_blocks_launch_nothing(batch):
+    """MoD at decode: a routed block runs when any of the B tokens chose it, with
+    probability p = 1 - (1 - c)^B, so each of its kernels launches p times per step
+    in expectation; the router (and every dense block) launches every step. The
+    launch overhead of the step is fixed * (ops outside routed blocks + p * ops in them)."""
+    c = 0.125
+    spec = tiny("decoder-220m-mod", layers=4, mod={"capacity": c, "every": 2})
+    ops = count(spec, batch=batch, seq=1, phase="decode", context=16).ops
+    p = 1 - (1 - c) ** batch
+    routed = [op for op in ops if op.layer in (1, 3) and not op.name.endswith("router") and ".predictor" not in op.name]
+    assert routed and all(op.kernels == pytest.approx(p) for op in routed)
+    assert all(op.kernels == 1 for op in ops if op not in routed)
+    fixed = 3e-6
+    cal = _cal(launch_overhead_s=fixed)
+    r = predict(spec, H100, phase="decode", batch=batch, seq=1, context=16, calibration=cal)
+    launched = [op for op in ops if (op.all_flops or op.bytes)]
+    expected = fixed * sum(op.kernels for op in launched)
+    assert r.overhead_s == pytest.approx(expected, rel=1e-9)
+    dense = predict(spec.with_changes(family="dense", mod=None), H100, phase="decode", batch=batch, seq=1, context=16,
+                    calibration=cal)
+    assert r.overhead_s < dense.overhead_s  # skipped blocks cost no launches
+    assert r.summary()["kernels"] == len(launched)
+
+
+# -- cold reads ------------------------------------------------------------------------
+
+def test_cold_speedup_follows_the_measured_stream_curve():
+    """Cold bytes stream at bandwidth(footprint); points were measured at the
+    reference footprint, so the speed-up is bandwidth(footprint) / bandwidth(reference),
+    log-log interpolated, 1 at or beyond the reference."""
+    cal = _cal(stream=[{"footprint_bytes": 64e6, "bytes_per_s": 40e9}, {"footprint_bytes": 600e6, "bytes_per_s": 20e9}],
+               stream_reference_bytes=600e6)
+    assert cal.cold_speedup(64e6) == pytest.approx(2.0)
+    assert cal.cold_speedup(600e6) == 1.0 and cal.cold_speedup(5e9) == 1.0
+    assert 1.0 < cal.cold_speedup(200e6) < 2.0
+    assert _cal().cold_speedup(1e6) == 1.0  # no curve: cold reads as measured
+
+
+def test_footprint_is_weights_and_kv_cache_and_scales_cold_bytes_only():
+    spec = tiny("llama-3-8b", kv_heads=2, dtype="fp32")
+    costs = count(spec, batch=2, seq=1, phase="decode", context=32).ops
+    weights = sum(op.weight_bytes for op in costs)
+    kv = sum(op.kv_read_bytes + op.kv_write_bytes for op in costs)
+    assert footprint_bytes(costs) == weights + kv
+    cal = _cal(launch_overhead_s=0.0, stream=[{"footprint_bytes": 1.0, "bytes_per_s": 2.0},
+                                             {"footprint_bytes": 1e12, "bytes_per_s": 1.0}],
+               stream_reference_bytes=1e12)
+    fast = predict(spec, H100, phase="decode", batch=2, seq=1, context=32, calibration=cal)
+    slow = predict(spec, H100, phase="decode", batch=2, seq=1, context=32, calibration=_cal(launch_overhead_s=0.0))
+    assert 1 < fast.cold_speedup <= 2
+    for f, s, c in zip(fast.ops, slow.ops, costs):
+        cold = c.weight_bytes + c.kv_read_bytes
+        assert f.memory_s == pytest.approx((c.bytes - cold + cold / fast.cold_speedup) / H100.memory_bandwidth_bytes_per_s)
+        assert s.memory_s == pytest.approx(c.bytes / H100.memory_bandwidth_bytes_per_s)
+
+
+def test_gemm_points_give_compute_and_memory_ceilings_separately():
+    """A point measured compute-bound carries the compute ceiling, one measured
+    memory-bound (cold weights) the memory ceiling; each interpolates over its own."""
+    cal = _cal(gemm=[{"kind": "matmul", "m": 4096, "n": 4096, "k": 4096, "compute": 0.8},
+                     {"kind": "matmul", "m": 1, "n": 4096, "k": 4096, "memory": 0.7}])
+    assert cal.efficiency("matmul", (1, 4096, 4096, 4096)) == (0.8, 0.7)
+    assert cal.efficiency("matmul", (1, 1, 4096, 4096)) == (0.8, 0.7)
+    with pytest.raises(Exception, match="compute or a memory"):
+        _cal(gemm=[{"m": 1, "n": 1, "k": 1}])
+
+
+# -- collectives by message size ----------------------------------------------------------
+
+def test_collectives_are_latency_plus_bandwidth():
+    b, a = 100e9, 20e-6
+    assert factor("all_reduce", 8) == 2 * 7 / 8 and factor("all_gather", 4) == 3 / 4 and factor("send_recv", 2) == 1
+    assert collective_s("all_reduce", 1e9, 8, b, a) == pytest.approx(a + 2 * 7 / 8 * 1e9 / b)
+    assert collective_s("all_reduce", 1e9, 1, b, a) == 0.0  # one rank: nothing
+    small = collective_s("all_reduce", 2 * 8192 * 1, 8, b, a)  # a decode all-reduce: batch 1, d_model 8192, bf16
+    assert small == pytest.approx(a, rel=0.02)  # latency-bound: the bandwidth term is 0.3 us of 20
+    cal = _cal(links={"scale_up": {"latency_s": a, "bus_bytes_per_s": b, "source": "test"}})
+    assert cal.collective_s("all_reduce", 1e9, 8, "scale_up") == collective_s("all_reduce", 1e9, 8, b, a)
+
+
+def test_decode_tensor_parallel_all_reduces_are_latency_bound():
+    """Two all-reduces per block of batch x d_model values: on 8 GPUs at batch 1
+    each costs about the link's latency, so the step gains 2 * layers * latency."""
+    from flopsim.plan import _links, tp_decode_s
+
+    spec = load_spec("llama-2-7b")
+    cal = _cal(links={"scale_up": {"latency_s": 25e-6, "bus_bytes_per_s": 200e9, "source": "test"}},
+               launch_overhead_s=0.0)
+    links = _links(H100, cal, None, None, None, None, needed=True)
+    one, _ = tp_decode_s(spec, H100, cal, links, tp=1, batch=1, context=512)
+    eight, r = tp_decode_s(spec, H100, cal, links, tp=8, batch=1, context=512)
+    comm = 2 * spec.layers * (25e-6 + 2 * 7 / 8 * spec.d_model * 2 / 200e9)
+    assert eight == pytest.approx(one / 8 + comm, rel=1e-9)
+    assert comm > 0.3 * eight  # at batch 1 the all-reduces are a large share of a TP-8 step
+
+
+def load_spec(name):
+    from flopsim.spec import load_model
+
+    return load_model(name)
+
+
+# -- CUDA graphs ----------------------------------------------------------------------------
+
+def test_graph_launch_replaces_every_fixed_cost():
+    cal = _cal(launch_overhead_s=3e-6, fixed_s={"norm": 8e-6}, graph_launch_s=1e-6)
+    graphs = cal.with_graphs()
+    assert graphs.fixed_cost_s("norm", "rmsnorm", H100) == 1e-6
+    assert graphs.fixed_cost_s("matmul", "", H100) == 1e-6
+    assert _cal(launch_overhead_s=3e-6).with_graphs().fixed_cost_s("matmul", "", H100) == 3e-6  # none measured
+
+
+# -- provenance: no silent ideal -------------------------------------------------------------
+
+def test_every_shipped_device_has_a_calibration_that_is_not_ideal():
+    for name in hardware_names():
+        cal = load_calibration("auto", load_hardware(name))
+        assert cal.kind in ("measured", "published"), name
+        assert cal.cited_sources() or cal.measured, name
+        assert name in cal.provenance_label
+
+
+def test_a_device_without_calibration_is_an_error_unless_ideal_is_asked(tmp_path):
+    hw = load_hardware("h100-sxm").model_copy(update={"name": "my-gpu"})
+    with pytest.raises(InputError, match="no calibration"):
+        load_calibration("auto", hw)
+    assert load_calibration("ideal", hw).kind == "ideal"
+    r = predict("gpt2-small", hw, phase="forward", batch=1, seq=64, calibration="ideal")
+    assert r.summary()["calibration_kind"] == "ideal"
+    assert "ideal" in r.summary()["calibration_label"]
+
+
+def test_predict_names_its_calibration():
+    r = predict("gpt2-small", "a100-80gb", phase="decode", batch=1, seq=1, context=64)
+    s = r.summary()
+    assert s["calibration_kind"] == "published" and s["calibration_label"].startswith("a100-80gb: published")
+    cpu = predict(tiny("gpt2-small", dtype="fp32"), "cpu", phase="forward", batch=1, seq=8).summary()
+    assert cpu["calibration_kind"] == "measured"
+
+
+def test_published_and_measured_provenance_need_their_evidence():
+    with pytest.raises(Exception, match="needs 'sources'"):
+        _cal(provenance="published")
+    with pytest.raises(Exception, match="needs a 'measured' block"):
+        _cal(provenance="measured")
+    assert math.isclose(_cal(provenance="published", sources={"default.compute": "x"}).default.compute, 1.0)
