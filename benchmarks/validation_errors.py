@@ -1,12 +1,15 @@
 """The headline validation figures: prediction error against measured
-torch.profiler runs (reports/validation/<device>/summary.json).
+torch.profiler runs (reports/validation/<folder>/summary.json).
 
-    python benchmarks/validation_errors.py                 # print the committed figures
-    python benchmarks/validation_errors.py --run           # measure again (cpu, quick suite, ~1 min)
-    python benchmarks/validation_errors.py --device cuda --run
+    python benchmarks/validation_errors.py                      # the committed quick-suite figures (cpu)
+    python benchmarks/validation_errors.py --suite full         # reports/validation/cpu-full
+    python benchmarks/validation_errors.py --folder cpu-repeat  # any report folder
+    python benchmarks/validation_errors.py --run [--suite full] # measure again (calibrates in the run)
 
-The last line is `median_abs_error_e2e=<x> median_abs_error_e2e_forward=<x>
-median_abs_error_gemm=<x> median_abs_error_speedup=<x>` (fractions).
+Prints the median |error| per phase (forward, prefill, decode, train), of
+the speedups over the dense baseline and per GEMM op, each next to its
+target, then a family x phase table. The last line is
+`forward=<x> prefill=<x> decode=<x> train=<x> speedup=<x> gemm=<x>` (fractions).
 """
 
 from __future__ import annotations
@@ -18,35 +21,45 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-KEYS = ("median_abs_error_e2e", "median_abs_error_e2e_forward", "median_abs_error_gemm", "median_abs_error_speedup")
-TARGETS = {"cpu": {"median_abs_error_e2e_forward": 0.10, "median_abs_error_gemm": 0.15, "median_abs_error_speedup": 0.10},
-           "cuda": {"median_abs_error_e2e": 0.05, "median_abs_error_gemm": 0.10}}
+PHASES = ("forward", "prefill", "decode", "train")
+TARGET = 0.10  # median |error| per phase and on speedups (the issue "Trustworthy wall-clock")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--suite", default="quick")
-    parser.add_argument("--run", action="store_true", help="run `flopsim validate` first")
+    parser.add_argument("--folder", default=None, help="report folder under reports/validation/")
+    parser.add_argument("--run", action="store_true", help="run `flopsim validate --recalibrate` first")
     args = parser.parse_args()
-    folder = ROOT / "reports" / "validation" / (args.device if args.suite == "quick" else f"{args.device}-{args.suite}")
+    name = args.folder or (args.device if args.suite == "quick" else f"{args.device}-{args.suite}")
+    folder = ROOT / "reports" / "validation" / name
     if args.run:
         subprocess.run([sys.executable, "-m", "flopsim", "validate", "--device", args.device, "--suite", args.suite,
-                        "--out", str(folder)], check=True)
+                        "--recalibrate", "--out", str(folder)], check=True)
     path = folder / "summary.json"
     if not path.exists():
         sys.exit(f"no {path}: run with --run")
-    summary = json.loads(path.read_text())
-    print(f"{summary['device']} ({summary.get('device_name')}), torch {summary['torch']}, {summary['date']}, "
-          f"suite {summary['suite']}: {summary['cases']} model runs, {summary['gemm_ops']} GEMM ops, "
-          f"{summary['speedups']} speedups")
-    for key in KEYS:
-        target = TARGETS.get(args.device, {}).get(key)
-        met = "" if target is None else f"  (target <= {100 * target:.0f}%: {'met' if summary[key] <= target else 'not met'})"
-        print(f"  {key:32s} {100 * summary[key]:6.1f}%{met}")
-    for kind, row in summary.get("by_kind", {}).items():
-        print(f"  per-module {kind:21s} {100 * row['median_abs_error']:6.1f}%  (n={row['modules']})")
-    print(" ".join(f"{key}={summary[key]:.4f}" for key in KEYS))
+    s = json.loads(path.read_text())
+    print(f"{s['device']} ({s.get('device_name')}), torch {s['torch']}, {s['date']}, suite {s['suite']}: "
+          f"{s['cases']} model runs, {s['gemm_ops']} GEMM ops, {s['speedups']} speedups; calibration "
+          f"{'measured in the run' if s.get('calibrated_in_run') else s.get('calibration')}")
+    figures = {p: s["by_phase"][p]["median_abs_error"] for p in PHASES if p in s["by_phase"]}
+    figures["speedup"] = s["median_abs_error_speedup"]
+    figures["gemm"] = s["median_abs_error_gemm"]
+    for key, value in figures.items():
+        target = TARGET if key != "gemm" else 0.15
+        signed = s["by_phase"].get(key, {}).get("median_signed_error")
+        extra = f", median signed {100 * signed:+.1f}%" if signed is not None else ""
+        print(f"  {key:8s} median |error| {100 * value:5.1f}%  (target <= {100 * target:.0f}%: "
+              f"{'met' if value <= target else 'not met'}{extra})")
+    print("  family x phase, median |error|:")
+    print("    " + f"{'family':18s}" + "".join(f"{p:>9s}" for p in PHASES))
+    for family, phases in s.get("by_family", {}).items():
+        cells = "".join(f"{100 * phases[p]['median_abs_error']:8.1f}%" if p in phases else f"{'-':>9s}"
+                        for p in PHASES)
+        print(f"    {family:18s}{cells}")
+    print(" ".join(f"{k}={v:.4f}" for k, v in figures.items()))
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ MAX_GEMM_FLOPS = {"cpu": 6e9, "cuda": 5e12}  # skip shapes that would take too l
 POOL_BYTES = {"cpu": (256e6, 1.5e9), "cuda": (256e6, 2e9)}
 FLUSH_BYTES = 4e6  # the decode-like product run before each cold timing
 COLD_REPEATS = 41
+MAX_VIEWS = 4096  # views a cold cycle spreads over the pool
 # bytes moved by the memory-bound benchmarks: from cache-resident to memory-bound
 MEMORY_SIZES = {"cpu": (8e3, 64e3, 512e3, 4e6, 32e6, 256e6), "cuda": (64e3, 1e6, 16e6, 256e6, 2e9)}
 BACKWARD_SIZES = {"cpu": (64e3, 4e6, 64e6), "cuda": (1e6, 64e6, 512e6)}
@@ -208,11 +209,15 @@ class Bench:
         return view
 
     def cold_cycle(self, *shape, footprint: Optional[float] = None):
-        """fn() -> the next of the views of `shape` that tile `footprint` bytes of the pool."""
+        """fn() -> the next of the views of `shape` spread over `footprint` bytes of the pool
+        (at most MAX_VIEWS of them: a tensor smaller than footprint / MAX_VIEWS is not
+        read cold, but its time is its fixed cost anyway)."""
         n = math.prod(shape)
         total = min(self.pool.numel(), int((footprint or self.pool_bytes) / self.value_bytes))
-        count = max(1, total // max(n, 1))
-        views = [self.pool[i * n:(i + 1) * n].view(*shape) for i in range(count)] if n <= total else [self.rand(*shape)]
+        count = max(1, min(MAX_VIEWS, total // max(n, 1)))
+        stride = total // count
+        views = ([self.pool[i * stride:i * stride + n].view(*shape) for i in range(count)] if n <= total
+                 else [self.rand(*shape)])
         state = {"i": 0}
 
         def nxt():

@@ -40,7 +40,7 @@ Lookup order for an op of kind K with GEMM shape (batch, m, n, k):
    Ethernet) a latency and a bus bandwidth, in nccl-tests' convention
    (busbw: the per-rank bandwidth a ring algorithm sees), so a collective
    moving `nbytes` over n ranks takes
-       latency_s + factor(op, n) * nbytes / bus_bytes_per_s
+       latency_s + steps(op, n) * hop_latency_s + factor(op, n) * nbytes / bus_bytes_per_s
    with factor 2 (n - 1) / n for all-reduce, (n - 1) / n for reduce-scatter,
    all-gather (nbytes: the whole gathered buffer) and all-to-all, 1 for a
    point-to-point send. Small messages are latency-bound, large ones
@@ -164,6 +164,7 @@ class LinkLevel(_Strict):
 
     latency_s: float = Field(ge=0, le=MAX_FIXED_S)
     bus_bytes_per_s: float = Field(gt=0, le=1e15)
+    hop_latency_s: float = Field(0.0, ge=0, le=MAX_FIXED_S)  # per ring step (flopsim.collectives.steps)
     source: str = ""
 
 
@@ -407,7 +408,7 @@ class Calibration(_Strict):
         link = self.link(level, hw)
         if link is None:
             raise ValueError(f"no {level} link for {self.device or 'this device'}")
-        return collective_s(op, float(nbytes), ranks, link.bus_bytes_per_s, link.latency_s)
+        return collective_s(op, float(nbytes), ranks, link.bus_bytes_per_s, link.latency_s, link.hop_latency_s)
 
 
 def calibration_path(device: str) -> Path:

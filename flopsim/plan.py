@@ -38,6 +38,7 @@ Training (`plan_training`), dp * tp * pp = GPUs, the global batch split into
   tensor and pipeline parallelism split every op's FLOPs and bytes evenly, so
   a GPU's share of one micro-batch is (sum of max(compute_s, memory_s)) /
   (tp * pp) plus the launch overheads of the kernels it runs (1 / pp of them;
+  when pp does not divide the layers, the slowest stage holds ceil(L / pp) blocks;
   tp does not reduce the number of kernels). Norms and elementwise ops are
   split by tp too (Megatron sequence parallelism is assumed), embeddings and
   head count as an even share of a stage. Expert parallelism moves routed
@@ -79,8 +80,10 @@ Training (`plan_training`), dp * tp * pp = GPUs, the global batch split into
          the backward (and before the recomputation), reduce-scatter G after it.
   Overlap: gradient traffic can hide behind the backward pass it follows,
   parameter gathers behind the forward pass they precede, up to `dp_overlap`
-  (default 1.0) of that pass's compute; what is left is exposed. TP, EP and
-  pipeline traffic is not overlapped (it sits on the critical path).
+  (default 1.0) of that pass's compute; what is left is exposed. TP traffic
+  is exposed unless `tp_overlap` (default 0; Megatron-Core's --tp-comm-overlap
+  pipelines it with the GEMMs: 1.0) of the micro-batch's compute hides it;
+  EP and pipeline traffic is not overlapped (it sits on the critical path).
 - step time = pipeline time + exposed DP traffic + optimizer update;
   steps = ceil(tokens / tokens per step); days = steps * step time / 86400;
   GPU-hours = GPUs * steps * step time / 3600; cost = GPU-hours * price;
@@ -210,6 +213,13 @@ class Links:
     def latency(self, span: int) -> float:
         return self.level(span).latency_s
 
+    def collective_s(self, op: str, nbytes: float, ranks: int, span: int) -> float:
+        """`op` on `nbytes` over `ranks` ranks spanning `span` consecutive ranks (flopsim.collectives)."""
+        if ranks <= 1:
+            return 0.0
+        link = self.level(span)
+        return collective_s(op, nbytes, ranks, link.bus_bytes_per_s, link.latency_s, link.hop_latency_s)
+
     def where(self, span: int, size: int = 2) -> str:
         """'intra-node' or 'inter-node' for a group of `size` ranks spanning `span` ('-' for one rank)."""
         if size <= 1:
@@ -313,6 +323,16 @@ def _split_s(ops, shards: int, kernel_shards: int) -> float:
     work = sum(op.time_s - op.overhead_s for op in ops)
     launch = sum(op.overhead_s for op in ops)
     return work / shards + launch / kernel_shards
+
+
+def _stage_s(ops, tp: int, pp: int, layers: int) -> float:
+    """The slowest pipeline stage's time for `ops`, split tp ways: it holds
+    ceil(layers / pp) of the blocks (stages are as even as the layers allow)
+    and a 1/pp share of the rest (embeddings, head, loss)."""
+    blocks = [op for op in ops if 0 <= op.layer < layers]
+    rest = [op for op in ops if not 0 <= op.layer < layers]
+    share = math.ceil(layers / pp) / layers
+    return share * _split_s(blocks, tp, 1) + _split_s(rest, tp * pp, pp)
 
 
 def _param_split(spec) -> tuple[int, int]:
@@ -470,7 +490,7 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
                   tp: int = 1, pp: int = 1, dp: Optional[int] = None, ep: int = 1, micro_batch: int = 1,
                   recompute: bool | str = False, optimizer: str = "adam", zero: int = 1,
                   interconnect_bytes_per_s: Optional[float] = None, inter_node_bytes_per_s: Optional[float] = None,
-                  gpus_per_node: Optional[int] = None, dp_overlap: float = 1.0,
+                  gpus_per_node: Optional[int] = None, dp_overlap: float = 1.0, tp_overlap: float = 0.0,
                   comm_latency_s: Optional[float] = None, price_per_gpu_hour: Optional[float] = None,
                   calibration=None, progress: bool = False) -> TrainingPlan:
     """Plan a training run of `tokens` tokens on `gpus` x `hw` (see the module docstring).
@@ -497,8 +517,9 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
     get_optimizer(optimizer)
     if zero not in (0, 1, 2, 3) or isinstance(zero, bool):
         raise bad_value("zero", zero, "expected a ZeRO stage 0, 1, 2 or 3")
-    if isinstance(dp_overlap, bool) or not isinstance(dp_overlap, (int, float)) or not 0 <= dp_overlap <= 1:
-        raise bad_value("dp_overlap", dp_overlap, "must be a fraction in [0, 1]")
+    for name, value in (("dp_overlap", dp_overlap), ("tp_overlap", tp_overlap)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise bad_value(name, value, "must be a fraction in [0, 1]")
     if dp is None:
         if gpus % (tp * pp):
             raise InputError(f"gpus {gpus} is not divisible by tp * pp = {tp} * {pp}; dp * tp * pp must equal gpus")
@@ -508,8 +529,8 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
         raise InputError(f"dp * tp * pp = {dp} * {tp} * {pp} = {dp * tp * pp} does not equal gpus {gpus}")
     if spec.heads % tp:
         raise InputError(f"tp {tp} does not divide the {spec.heads} attention heads of {spec.name}")
-    if spec.layers % pp:
-        raise InputError(f"pp {pp} does not divide the {spec.layers} layers of {spec.name}")
+    if pp > spec.layers:
+        raise InputError(f"pp {pp} exceeds the {spec.layers} layers of {spec.name}")
     if ep > 1:
         if spec.moe is None:
             raise InputError(f"ep {ep}: {spec.name} ({spec.family}) has no experts; expert parallelism needs an MoE")
@@ -564,12 +585,12 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
     bwd = [op for op in r.ops if op.pass_ == "bwd"]
     opt = [op for op in r.ops if op.kind == "optimizer"]
     blocks_fwd = [op for op in fwd if 0 <= op.layer < L]
-    t_fwd = _split_s(fwd, tp * pp, pp)
-    t_bwd = _split_s(bwd, tp * pp, pp)
+    t_fwd = _stage_s(fwd, tp, pp, L)
+    t_bwd = _stage_s(bwd, tp, pp, L)
     if recompute:
-        t_rc = _split_s(blocks_fwd, tp * pp, pp)
+        t_rc = _stage_s(blocks_fwd, tp, pp, L)
     elif selective:  # Korthikanti et al. 2022: only the attention core runs again
-        t_rc = _split_s([op for op in blocks_fwd if op.kind == "attention"], tp * pp, pp)
+        t_rc = _stage_s([op for op in blocks_fwd if op.kind == "attention"], tp, pp, L)
     else:
         t_rc = 0.0
     updated = (params_dense / (tp * pp) / (dp if zero >= 1 else 1)
@@ -580,8 +601,8 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
     # -- tensor parallel -------------------------------------------------------------
     act_bytes = micro_batch * seq * spec.d_model * w
     bw_tp = links.one_way(tp)
-    blocks_stage = L // pp
-    tp_one = ring_all_reduce_s(act_bytes, tp, bw_tp, links.latency(tp))
+    blocks_stage = math.ceil(L / pp)  # the slowest stage's blocks
+    tp_one = links.collective_s("all_reduce", act_bytes, tp, tp)
     tp_count = (2 + 2 + (2 if recompute else 0)) * blocks_stage if tp > 1 else 0
     tp_mb = tp_count * tp_one
 
@@ -590,37 +611,36 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
     moe_layers_stage = len(dispatch) / pp
     routed_total = _routed_bytes(spec, micro_batch, seq)  # all MoE layers, one micro-batch, whole batch
     routed_layer_gpu = (routed_total / len(dispatch) / tp) if dispatch else 0.0
-    bw_ep = links.one_way(tp * ep) if ep > 1 else 1.0
-    a2a_one = all_to_all_s(routed_layer_gpu, ep, bw_ep, links.latency(tp * ep) if ep > 1 else 0.0)
+    a2a_one = links.collective_s("all_to_all", routed_layer_gpu, ep, tp * ep)
     ep_count = int(round((2 + 2 + (2 if recompute else 0)) * moe_layers_stage)) if ep > 1 else 0
     ep_mb = ep_count * a2a_one
 
     # -- pipeline point-to-point ----------------------------------------------------------
     p2p_bytes = act_bytes / tp
-    p2p_one = p2p_s(p2p_bytes, links.one_way(tp * dp * pp), links.latency(tp * dp * pp)) if pp > 1 else 0.0
+    p2p_one = links.collective_s("send_recv", p2p_bytes, 2, tp * dp * pp) if pp > 1 else 0.0
     p2p_mb = 2 * p2p_one
 
     t_compute_mb = t_fwd + t_bwd + t_rc
-    t_stage = t_compute_mb + tp_mb + ep_mb + p2p_mb
+    tp_exposed_mb = max(0.0, tp_mb - float(tp_overlap) * t_compute_mb)  # hidden behind the GEMMs it feeds
+    t_stage = t_compute_mb + tp_exposed_mb + ep_mb + p2p_mb
     pipeline_s = (microbatches + pp - 1) * t_stage
     bubble_s = (pp - 1) * t_stage
 
     # -- data parallel (ZeRO) ----------------------------------------------------------------
     bpp = mem.bytes_per_param
     edp = dp // ep
-    bw_dp = links.one_way(tp * dp) if dp > 1 else 1.0
-    lat = links.latency(tp * dp) if dp > 1 else 0.0
     W_d = params_dense / (tp * pp) * bpp["weights"]
     W_e = params_expert / (tp * pp * ep) * bpp["weights"]
     G_d = params_dense / (tp * pp) * bpp["gradients"]
     G_e = params_expert / (tp * pp * ep) * bpp["gradients"]
 
-    def both(fn, dense_bytes, expert_bytes):
-        return fn(dense_bytes, dp, bw_dp, lat) + fn(expert_bytes, edp, bw_dp, lat)
+    def both(op, dense_bytes, expert_bytes):
+        return (links.collective_s(op, dense_bytes, dp, tp * dp)
+                + links.collective_s(op, expert_bytes, edp, tp * dp))
 
-    ar_g = both(ring_all_reduce_s, G_d, G_e)
-    rs_g = both(reduce_scatter_s, G_d, G_e)
-    ag_w = both(all_gather_s, W_d, W_e)
+    ar_g = both("all_reduce", G_d, G_e)
+    rs_g = both("reduce_scatter", G_d, G_e)
+    ag_w = both("all_gather", W_d, W_e)
     f = float(dp_overlap)
 
     def exposed(traffic, window):
@@ -701,6 +721,7 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
     communication = {
         "tp_allreduce_bytes": act_bytes if tp > 1 else 0, "tp_allreduces_per_microbatch": tp_count,
         "tp_allreduce_s": tp_one, "tp_s_per_microbatch": tp_mb, "tp_s_per_step": microbatches * tp_mb,
+        "tp_exposed_s_per_microbatch": tp_exposed_mb, "tp_overlap": float(tp_overlap),
         "tp_link": links.where(tp, tp),
         "ep_routed_bytes_per_layer": routed_layer_gpu if ep > 1 else 0, "ep_all_to_alls_per_microbatch": ep_count,
         "ep_all_to_all_s": a2a_one if ep > 1 else 0.0, "ep_s_per_microbatch": ep_mb,
@@ -861,8 +882,7 @@ def tp_allreduce_s(spec, links, tp: int, rows: int) -> float:
     the attention and after the FFN), each of `rows` x d_model activations."""
     if tp <= 1:
         return 0.0
-    return 2 * spec.layers * ring_all_reduce_s(rows * spec.d_model * spec.dtype_bytes, tp, links.one_way(tp),
-                                               links.latency(tp))
+    return 2 * spec.layers * links.collective_s("all_reduce", rows * spec.d_model * spec.dtype_bytes, tp, tp)
 
 
 def tp_prefill_s(spec, hw, cal, links, *, tp: int, batch: int, prompt: int) -> tuple[float, Any]:

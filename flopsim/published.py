@@ -74,6 +74,7 @@ class Engine(_Strict):
     flash_attention: bool = True
     static_cache: bool = False  # attention runs over every slot of a preallocated KV cache
     moe_kernel: Literal["grouped", "gather"] = "grouped"
+    tp_comm_overlap: bool = False  # tensor-parallel collectives pipelined with the GEMMs (Megatron-Core)
 
 
 class Row(_Strict):
@@ -96,6 +97,7 @@ class Row(_Strict):
     flops_formula: Optional[str] = None
     per_gpu: Optional[bool] = None
     baseline: Optional[str] = None
+    scored: bool = True  # False: shown and used as a speedup's baseline, not counted (e.g. hardware not stated)
     notes: str = ""
 
 
@@ -153,7 +155,8 @@ class RowResult:
         r = self.row
         return {"id": r.id, "source": r.source, "task": r.task, "metric": r.metric, "hardware": r.hardware,
                 "model": r.model, "gpus": r.parallel.gpus, "published": r.value, "predicted": self.predicted,
-                "ratio": self.ratio, "error": self.error, "verified": r.verified, "time_s": self.time_s,
+                "ratio": self.ratio, "error": self.error, "verified": r.verified, "scored": r.scored,
+                "time_s": self.time_s,
                 **{f"detail_{k}": v for k, v in self.details.items()}}
 
 
@@ -174,8 +177,9 @@ def _setup(row: Row) -> _Setup:
 
     spec = load_model(row.model)
     changes = dict(row.changes)
-    if row.engine.moe_kernel == "gather":
-        changes["moe"] = {**spec.moe.model_dump(), **changes.get("moe", {}), "kernel": "gather"}
+    if row.engine.moe_kernel == "gather":  # compiled: the indexing fuses into the product (no copy)
+        kernel = "gather_fused" if row.engine.compiled else "gather"
+        changes["moe"] = {**spec.moe.model_dump(), **changes.get("moe", {}), "kernel": kernel}
     spec = spec.with_changes(**changes) if changes else spec
     hw = load_hardware(row.hardware)
     cal = load_calibration("auto", hw)
@@ -231,7 +235,8 @@ def _train_plan(row: Row, s: _Setup, tokens: Optional[float] = None):
         global_batch_tokens=_shape(row, "global_batch_tokens"))
     return plan_training(s.spec, s.hw, gpus=p.gpus, tokens=tokens or seq * kwargs.get("global_batch", 1) or 1,
                          seq=seq, tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep, zero=p.zero, recompute=p.recompute,
-                         micro_batch=_shape(row, "micro_batch", 1), calibration=s.cal, **kwargs)
+                         micro_batch=_shape(row, "micro_batch", 1), calibration=s.cal,
+                         tp_overlap=1.0 if row.engine.tp_comm_overlap else 0.0, **kwargs)
 
 
 def source_flops(row: Row, spec, params: int) -> float:
@@ -321,23 +326,29 @@ class PublishedResult:
     results: list
     failures: list  # (row id, message) of rows that could not be predicted
 
+    @property
+    def scored(self) -> list:
+        return [r for r in self.results if r.row.scored]
+
     def summary(self) -> dict:
-        errors = [abs(r.error) for r in self.results]
-        folds = [r.fold for r in self.results]
-        worst = max(self.results, key=lambda r: r.fold) if self.results else None
+        scored = self.scored
+        errors = [abs(r.error) for r in scored]
+        folds = [r.fold for r in scored]
+        worst = max(scored, key=lambda r: r.fold) if scored else None
         by = {}
         for key in ("task", "source", "hardware"):
             groups: dict = {}
-            for r in self.results:
+            for r in scored:
                 groups.setdefault(getattr(r.row, key), []).append(abs(r.error))
             by[key] = {k: {"rows": len(v), "median_abs_error": statistics.median(v)} for k, v in sorted(groups.items())}
         return {
-            "rows": len(self.results), "sources": len({r.row.source for r in self.results}),
+            "rows": len(scored), "unscored_rows": len(self.results) - len(scored),
+            "sources": len({r.row.source for r in scored}),
             "median_abs_error": statistics.median(errors) if errors else float("nan"),
             "max_abs_error": max(errors) if errors else float("nan"),
             "worst_fold": max(folds) if folds else float("nan"), "worst_row": worst.row.id if worst else None,
             "within_1_5x": sum(f <= 1.5 for f in folds), "failures": len(self.failures),
-            "median_signed_error": statistics.median(r.error for r in self.results) if errors else float("nan"),
+            "median_signed_error": statistics.median(r.error for r in scored) if errors else float("nan"),
             "by": by,
         }
 
@@ -346,11 +357,10 @@ def run_published(path: Optional[str] = None, *, rows: Optional[list[str]] = Non
     """Predict every row (or the ids in `rows`) of the published suite."""
     suite = load_published(path)
     by_id = {r.id: r for r in suite.rows}
+    missing = [i for i in rows or [] if i not in by_id]
+    if missing:
+        raise InputError(f"rows: {missing[0]!r}: no such row in the published suite")
     chosen = [by_id[i] for i in rows] if rows else suite.rows
-    if rows:
-        missing = [i for i in rows if i not in by_id]
-        if missing:
-            raise InputError(f"published suite: no row {missing[0]!r}")
     cache: dict = {}
     results, failures = [], []
     for i, row in enumerate(chosen):
@@ -407,7 +417,8 @@ def summary_markdown(result: PublishedResult, summary: dict) -> str:
     lines += ["", "| row | task | metric | hardware | GPUs | published | predicted | ratio |",
               "|---|---|---|---|---|---|---|---|"]
     for r in result.results:
-        lines.append(f"| {r.row.id} | {r.row.task} | {r.row.metric} | {r.row.hardware} | {r.row.parallel.gpus} | "
+        mark = "" if r.row.scored else " (not scored)"
+        lines.append(f"| {r.row.id}{mark} | {r.row.task} | {r.row.metric} | {r.row.hardware} | {r.row.parallel.gpus} | "
                      f"{_fmt(r.row.value)} | {_fmt(r.predicted)} | {r.ratio:.3f} |")
     if result.failures:
         lines += ["", "Rows not predicted:", ""] + [f"- `{i}`: {why}" for i, why in result.failures]

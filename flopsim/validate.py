@@ -35,6 +35,7 @@ from typing import Callable, Optional
 from flopsim.errors import InputError
 
 GEMM_KINDS = ("matmul", "router")
+PHASES = ("forward", "prefill", "decode", "train")
 SUMMARY_KEYS = ("device", "torch", "date", "median_abs_error_e2e", "p90_abs_error_e2e", "median_abs_error_gemm",
                 "median_abs_error_speedup")
 
@@ -108,6 +109,10 @@ def overlapping_shapes(calibration, gemm_shapes) -> list:
     return sorted(set(gemm_shapes) & measured)
 
 
+def _signed_median(values):
+    return float(__import__("numpy").median(values)) if values else float("nan")
+
+
 def _abs_quantile(values, q):
     values = sorted(abs(v) for v in values)
     if not values:
@@ -136,8 +141,15 @@ class Validation:
                        "p90_abs_error": _abs_quantile([r["error"] for r in self.per_op if r["kind"] == k], 0.9),
                        "modules": sum(1 for r in self.per_op if r["kind"] == k)} for k in kinds}
         by_phase = {p: {"median_abs_error": _abs_quantile([r["error"] for r in self.per_model if r["phase"] == p], 0.5),
+                        "median_signed_error": _signed_median([r["error"] for r in self.per_model if r["phase"] == p]),
+                        "max_abs_error": _abs_quantile([r["error"] for r in self.per_model if r["phase"] == p], 1.0),
                         "cases": sum(1 for r in self.per_model if r["phase"] == p)}
                     for p in sorted({r["phase"] for r in self.per_model})}
+        by_family = {}
+        for r in self.per_model:
+            by_family.setdefault(r["family"], {}).setdefault(r["phase"], []).append(r["error"])
+        by_family = {f: {p: {"median_abs_error": _abs_quantile(v, 0.5), "cases": len(v)} for p, v in phases.items()}
+                     for f, phases in sorted(by_family.items())}
         return {
             **self.meta,
             "device": self.device, "hardware": self.hardware, "suite": self.suite,
@@ -149,7 +161,7 @@ class Validation:
             "median_abs_error_speedup": _abs_quantile(speed, 0.5),
             "p90_abs_error_speedup": _abs_quantile(speed, 0.9),
             "cases": len(self.per_model), "gemm_ops": len(gemm), "speedups": len(speed),
-            "by_kind": by_kind, "by_phase": by_phase,
+            "by_kind": by_kind, "by_phase": by_phase, "by_family": by_family,
         }
 
 
@@ -306,6 +318,20 @@ def summary_markdown(validation: Validation, summary: dict) -> str:
         f"| end-to-end time, forward | {_pct(summary['median_abs_error_e2e_forward'])} | | {summary['by_phase'].get('forward', {}).get('cases', 0)} |",
         f"| per GEMM op | {_pct(summary['median_abs_error_gemm'])} | {_pct(summary['p90_abs_error_gemm'])} | {summary['gemm_ops']} |",
         f"| speedup over dense | {_pct(summary['median_abs_error_speedup'])} | {_pct(summary['p90_abs_error_speedup'])} | {summary['speedups']} |",
+        "",
+        "## By phase (end to end)",
+        "",
+        "| phase | median abs error | median signed error | worst abs error | cases |",
+        "|---|---|---|---|---|",
+        *[f"| {p} | {_pct(v['median_abs_error'])} | {_pct(v['median_signed_error'])} | {_pct(v['max_abs_error'])} | {v['cases']} |"
+          for p, v in summary["by_phase"].items()],
+        "",
+        "## By family and phase (median abs error, end to end)",
+        "",
+        "| family | " + " | ".join(PHASES) + " |",
+        "|---|" + "---|" * len(PHASES),
+        *[f"| {f} | " + " | ".join(_pct(v[p]["median_abs_error"]) if p in v else "-" for p in PHASES) + " |"
+          for f, v in summary["by_family"].items()],
         "",
         "## By op kind (module rows)",
         "",

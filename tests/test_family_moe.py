@@ -240,6 +240,23 @@ def test_gather_kernel_copies_each_pairs_expert(batch):
     assert read == pytest.approx(float(expected_distinct(sp.Integer(8), sp.Integer(k), sp.Integer(batch))) * matrices)
 
 
+def test_fused_gather_kernel_reads_each_pairs_expert_once_without_a_copy():
+    """gather_fused (compiled): one kernel per projection reads each pair's expert
+    weights by index: weight reads B * k * M, no copy written; FLOPs and params equal."""
+    moe = dict(experts=8, top_k=2, d_expert=16)
+    spec = moe_spec("moe-gf", base="llama-3-8b", kv_heads=2, moe={**moe, "kernel": "gather_fused"})
+    eager = moe_spec("moe-gf", base="llama-3-8b", kv_heads=2, moe={**moe, "kernel": "gather"})
+    f, e = count(spec, batch=3, seq=10, phase="decode"), count(eager, batch=3, seq=10, phase="decode")
+    d, de, w, k = spec.d_model, 16, 2, 2
+    matrices = (d * 2 * de + de * d) * w
+    experts = [op for op in f.ops if op.module.startswith("block.0.moe.experts") and op.kind == "matmul"]
+    assert sum(op.weight_bytes for op in experts) == 3 * k * matrices
+    assert not any(op.name.endswith(".gather") for op in f.ops)
+    assert f.flops == e.flops and f.params == e.params
+    assert f.bytes < e.bytes
+    assert_exact(spec, "decode", 3, 10, 12)  # the reference runs it eagerly: FLOPs are the same
+
+
 def test_gather_kernel_is_inference_only():
     spec = moe_spec("moe-g", moe=dict(experts=4, top_k=2, kernel="gather"))
     with pytest.raises(InputError, match="inference kernel"):

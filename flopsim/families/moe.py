@@ -36,7 +36,9 @@ d_expert (default d_ff), `ffn` mlp (up, down) or gated (gate_up, down):
   per pair (pairs * matrix bytes, not the distinct experts: a matrix is
   far larger than any cache) and whose copy is written and read again.
   At decode with B tokens this moves about 3 * B * k expert matrices where
-  the grouped kernel reads E * (1 - (1 - k/E)^B).
+  the grouped kernel reads E * (1 - (1 - k/E)^B). `gather_fused` (a compiler
+  fuses the indexing into the product, as torch.compile does for gpt-fast)
+  reads B * k expert matrices once, with no copy.
 - shared experts: `shared_experts` dense experts of width d_expert fused as
   one MLP of width shared_experts * d_expert (DeepSeek-MoE, Qwen-MoE) on
   every token, added to the routed output.
@@ -143,16 +145,16 @@ def moe_ffn(ctx: Ctx, i: int, *, tokens, prefix: str, tags: dict | None = None,
                  kind="router", tags=t)
     ops += elementwise(ctx, f"{p}.softmax", layer=i, elements=tokens * routed, op="softmax", module=p,
                        kind="softmax", tags=t)
-    if moe.kernel == "gather" and ctx.train:
-        raise InputError("moe.kernel: 'gather' is an inference kernel (each token copies its experts' "
-                         "weights); train with kernel grouped")
+    if moe.kernel != "grouped" and ctx.train:
+        raise InputError(f"moe.kernel: {moe.kernel!r} is an inference kernel (each token indexes its experts' "
+                         f"weights); train with kernel grouped")
     if moe.routing == "expert_choice":
         # each expert picks its top C tokens (a top-k along the token axis)
         ops += topk(ctx, f"{p}.topk", layer=i, rows=E, n=tokens, k=slots, module=p, tags=t)
         rows, expert_tokens, batch = E * slots, slots, E
     else:
         ops += topk(ctx, f"{p}.topk", layer=i, rows=tokens, n=routed, k=k, module=p, tags=t)
-        if dropless and moe.kernel == "gather":
+        if dropless and moe.kernel != "grouped":
             rows, expert_tokens, batch = tokens * k, None, None  # pairs stay in token order: no sort
         elif dropless:
             # sort the N*k (token, expert) pairs by expert for the grouped GEMM
@@ -165,7 +167,7 @@ def moe_ffn(ctx: Ctx, i: int, *, tokens, prefix: str, tags: dict | None = None,
                                module=p, backward=False, tags=t)
             rows, expert_tokens, batch = E * slots, slots, E
     ops += gather(ctx, f"{p}.dispatch", layer=i, rows=rows, d=d.d_model, module=p, tags=t)
-    if moe.kernel == "gather":
+    if moe.kernel != "grouped":
         ops += gathered_expert_mlp(ctx, i, pairs=rows, prefix=p, tags=t)
     else:
         expert_ops = dense.mlp(ctx, i, tokens=expert_tokens, prefix=p, d_ff=d_expert, name="experts",
@@ -189,7 +191,8 @@ def gathered_expert_mlp(ctx: Ctx, i: int, *, pairs, prefix: str, tags: dict) -> 
     gate and up fused; activation; down), as `dense.mlp` composes them."""
     spec, d = ctx.spec, ctx.dims
     p = f"{prefix}.experts"
-    common = dict(layer=i, pairs=pairs, experts=d.experts, bias=spec.bias, tags=tags)
+    common = dict(layer=i, pairs=pairs, experts=d.experts, bias=spec.bias, tags=tags,
+                  fused=spec.moe.kernel == "gather_fused")
     if spec.ffn == "gated":
         ops = gathered_experts(ctx, f"{p}.gate_up", d_in=d.d_model, d_out=2 * d.d_expert, **common)
         act = GATED_ACTIVATION[spec.activation]

@@ -437,7 +437,7 @@ def index_elementwise(ctx: Ctx, name: str, *, layer: int, elements, op: str = "a
 
 
 def gathered_experts(ctx: Ctx, name: str, *, layer: int, pairs, experts, d_in, d_out, bias: bool,
-                     module: str | None = None, tags: dict | None = None) -> list[Op]:
+                     module: str | None = None, tags: dict | None = None, fused: bool = False) -> list[Op]:
     """`pairs` (token, expert) pairs, each indexing its expert's d_out x d_in weight
     (of `experts` stacked, all owned here) into a copy, then one batched
     matrix-vector product over the copies (torch: `W[idx]`, then bmm of
@@ -449,12 +449,24 @@ def gathered_experts(ctx: Ctx, name: str, *, layer: int, pairs, experts, d_in, d
     - `{name}` (the bmm, 2 * pairs * d_in * d_out FLOPs): reads x and the copy,
       writes pairs * d_out; owns the parameters.
     - with a bias: `{name}.bias_gather` (b[idx]) and `{name}.bias` (the add).
+    `fused` (a compiler fuses the indexing into the product): one op `{name}`
+    reading each pair's expert weights (and bias) by index, x and the index,
+    writing pairs * d_out; no copy.
     Inference only (no backward ops)."""
     w = ctx.w
     module = module or name
     tags = tags or {}
     matrix = d_in * d_out
     index = pairs * INDEX_BYTES
+    if fused:
+        return [Op(name=name, kind="matmul", layer=layer, module=module,
+                   flops=2 * pairs * matrix,
+                   other_flops=pairs * d_out if bias else 0,
+                   weight_bytes=pairs * (matrix + (d_out if bias else 0)) * w,
+                   act_read_bytes=pairs * d_in * w + index,
+                   act_write_bytes=pairs * d_out * w,
+                   params=experts * (matrix + (d_out if bias else 0)),
+                   gemm=(pairs, 1, d_out, d_in), tags=tags)]
     ops = [Op(name=f"{name}.gather", kind="gather", layer=layer, module=module,
               weight_bytes=pairs * matrix * w,
               act_read_bytes=index,

@@ -78,16 +78,19 @@ class MoeBlock(_Strict):
     routing: Literal["token_choice", "expert_choice"] = "token_choice"
     # grouped: the (token, expert) pairs sorted by expert, one product per expert (grouped GEMM);
     # gather: each pair indexes its expert's weights into a copy, then one batched
-    # matrix-vector product (simple decode implementations, e.g. gpt-fast); dropless
-    # token choice only, inference phases only
-    kernel: Literal["grouped", "gather"] = "grouped"
+    # matrix-vector product (simple decode implementations, e.g. gpt-fast run eagerly);
+    # gather_fused: the same indexing fused into the product by a compiler (gpt-fast under
+    # torch.compile): each pair's expert weights are read once, no copy; dropless token
+    # choice only, inference phases only
+    kernel: Literal["grouped", "gather", "gather_fused"] = "grouped"
 
     @model_validator(mode="after")
     def _top_k_le_experts(self):
         if self.top_k > self.experts:
             raise ValueError(f"top_k {self.top_k} exceeds experts {self.experts}")
-        if self.kernel == "gather" and (self.capacity_factor is not None or self.routing != "token_choice"):
-            raise ValueError("kernel gather runs dropless token choice (capacity_factor null, routing token_choice)")
+        if self.kernel != "grouped" and (self.capacity_factor is not None or self.routing != "token_choice"):
+            raise ValueError(f"kernel {self.kernel} runs dropless token choice (capacity_factor null, "
+                             f"routing token_choice)")
         if self.routing == "expert_choice" and self.capacity_factor is None:
             raise ValueError("routing expert_choice needs a capacity_factor (tokens per expert)")
         if self.routing == "expert_choice" and self.capacity_factor > self.experts:

@@ -20,7 +20,8 @@ Routing runs for real (softmax over the router logits, top-k):
   router probability; [E, C, d] through bmm.
 - moe.kernel gather (dropless token choice, inference): the pairs in token
   order, each row multiplied by a copy of its expert's weights
-  (`weight[expert]`, then one bmm per projection).
+  (`weight[expert]`, then one bmm per projection). gather_fused runs the
+  same eager code (a compiler would fuse the indexing; the FLOPs are equal).
 Outputs are weighted by the router probability of the pair and
 scatter-added (index_add) into the N x d_model output.
 """
@@ -156,7 +157,7 @@ class MoEFFN(nn.Module):
         slots = self.slots(n)
         if self.routing == "expert_choice":
             out = self._expert_choice(x, probs, slots)
-        elif slots is None and self.spec.moe.kernel == "gather":
+        elif slots is None and self.spec.moe.kernel != "grouped":
             out = self._gathered(x, probs)
         elif slots is None:
             out = self._dropless(x, probs)
