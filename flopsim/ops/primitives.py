@@ -55,6 +55,7 @@ ELEMENTWISE_FLOPS = {
 }
 GATED_ACTIVATION = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu", "relu": "mul"}
 BACKWARD_ELEMENTWISE = 2  # backward elementwise arithmetic relative to forward
+INDEX_BYTES = 8  # int64 indices (token ids, positions, top-k and gather indices), as torch uses
 
 
 @dataclass(frozen=True)
@@ -87,10 +88,17 @@ def linear(ctx: Ctx, name: str, *, layer: int, tokens, d_in, d_out, bias: bool,
            input_grad: bool = True, batch=1, tags: dict | None = None) -> list[Op]:
     """y = x W^T (+ b) on `tokens` rows; `batch` independent weight matrices
     (batched experts) each see `tokens` rows. `tied`: the weight belongs to
-    another op (it is read, not owned)."""
+    another op (it is read, not owned).
+
+    Backward, one kernel: reads the gradient and the saved input once, and W
+    when the input needs a gradient (not the bias); writes grad W, grad b and
+    grad x. A tied weight's two gradients are summed (read both, write the
+    sum), charged here: this op is the weight's last user in forward, whose
+    gradient autograd receives first."""
     w = ctx.w
     mnk = batch * tokens * d_in * d_out
-    weight = batch * (d_in * d_out + (d_out if bias else 0))
+    matrix = batch * d_in * d_out
+    weight = matrix + (batch * d_out if bias else 0)
     fwd = Op(
         name=name, kind=kind, layer=layer, module=module or name,
         flops=2 * mnk,
@@ -105,8 +113,10 @@ def linear(ctx: Ctx, name: str, *, layer: int, tokens, d_in, d_out, bias: bool,
     products = 2 if input_grad else 1  # grad-input (when needed) and grad-weight
     bwd = dict(
         flops=2 * mnk * products,
-        other_flops=batch * tokens * d_out if bias else 0,  # bias-gradient reduction
-        weight_bytes=(weight * (2 if input_grad else 1)) * w,  # read W for grad-in; write grad W
+        other_flops=(batch * tokens * d_out if bias else 0)  # bias-gradient reduction
+        + (matrix if tied else 0),  # the tied gradients' sum
+        weight_bytes=(weight + (matrix if input_grad else 0)  # write grad W (and b); read W for grad-in
+                      + (3 * matrix if tied else 0)) * w,  # tied: read both gradients, write their sum
         act_read_bytes=batch * tokens * (d_out + d_in) * w,  # grad_out, saved input
         act_write_bytes=(batch * tokens * d_in * w) if input_grad else 0,
     )
@@ -145,9 +155,12 @@ def attention(ctx: Ctx, name: str, *, layer: int, batch, queries, keys, heads, k
     bwd = dict(
         flops=2 * bwd_products * products,
         causal_flops=2 * bwd_products * products * causal_fraction,
-        other_flops=scores * ELEMENTWISE_FLOPS["softmax"] * BACKWARD_ELEMENTWISE,
-        act_read_bytes=3 * q_bytes + kv_bytes + (2 * scores * w if impl == "explicit" else 0),  # q, o, dO, k, v
-        act_write_bytes=q_bytes + kv_bytes + (scores * w if impl == "explicit" else 0),  # dq, dk, dv
+        other_flops=scores * (ELEMENTWISE_FLOPS["softmax"] * BACKWARD_ELEMENTWISE + 1),  # and the scale's
+        # fused (one kernel): q, o, dO, k, v in; dq, dk, dv out. explicit (three kernels):
+        # P V's backward reads dO, V, P and writes dP, dV; softmax's reads dP, P and writes
+        # dS; Q K^T's reads dS, Q, K and writes dQ, dK
+        act_read_bytes=(3 * q_bytes + kv_bytes) if impl == "fused" else (2 * q_bytes + kv_bytes + 4 * scores * w),
+        act_write_bytes=q_bytes + kv_bytes + (2 * scores * w if impl == "explicit" else 0),
     )
     return _with_backward(ctx, fwd, bwd)
 
@@ -183,9 +196,13 @@ def conv2d(ctx: Ctx, name: str, *, layer: int, batch, c_in, c_out, out_positions
 def elementwise(ctx: Ctx, name: str, *, layer: int, elements, op: str, inputs: int = 1,
                 module: str, kind: str = "elementwise", backward: bool = True,
                 tags: dict | None = None) -> list[Op]:
-    """An elementwise kernel over `elements` outputs reading `inputs` tensors of that size."""
+    """An elementwise kernel over `elements` outputs reading `inputs` tensors of that size.
+    Backward: one kernel reading the gradient and the saved inputs, writing each
+    input's gradient, at BACKWARD_ELEMENTWISE times the forward arithmetic -- except
+    an add, whose backward passes the gradient through unchanged: a backward op with
+    no cost (no kernel runs; a residual's gradient sum is `residual_add`'s)."""
     w = ctx.w
-    per = ELEMENTWISE_FLOPS[op]
+    per = ELEMENTWISE_FLOPS[op] * (max(inputs - 1, 1) if op == "add" else 1)  # n inputs: n - 1 adds
     fwd = Op(name=name, kind=kind, layer=layer, module=module,
              other_flops=per * elements,
              act_read_bytes=inputs * elements * w,
@@ -194,6 +211,45 @@ def elementwise(ctx: Ctx, name: str, *, layer: int, elements, op: str, inputs: i
     bwd = dict(other_flops=per * elements * BACKWARD_ELEMENTWISE,
                act_read_bytes=(inputs + 1) * elements * w,  # grad_out and saved inputs
                act_write_bytes=inputs * elements * w) if backward else None
+    if backward and op == "add":
+        bwd = {}  # the gradient passes through
+    return _with_backward(ctx, fwd, bwd)
+
+
+def residual_add(ctx: Ctx, name: str, *, layer: int, elements, module: str,
+                 tags: dict | None = None) -> list[Op]:
+    """x + f(x): the add of a residual branch. Its backward passes the gradient to
+    both inputs; x, having fed both f and this add, then gets the sum of its two
+    gradients -- one kernel reading two, writing one, an add per element."""
+    w = ctx.w
+    fwd = Op(name=name, kind="elementwise", layer=layer, module=module,
+             other_flops=ELEMENTWISE_FLOPS["add"] * elements,
+             act_read_bytes=2 * elements * w,
+             act_write_bytes=elements * w,
+             tags=tags or {}, variant="add")
+    bwd = dict(other_flops=ELEMENTWISE_FLOPS["add"] * elements,
+               act_read_bytes=2 * elements * w,
+               act_write_bytes=elements * w)
+    return _with_backward(ctx, fwd, bwd)
+
+
+def rope(ctx: Ctx, name: str, *, layer: int, tokens, heads, d_head, module: str,
+         tags: dict | None = None) -> list[Op]:
+    """Rotary embedding of `heads` query and key heads of d_head on `tokens` tokens, one
+    kernel: it reads x and the int64 position ids (the angles are made on chip) and
+    writes x * cos + rotate(x) * sin. RoPE is a rotation, so its backward is the
+    inverse rotation: the same arithmetic on the gradient, without the saved input."""
+    w = ctx.w
+    elements = tokens * heads * d_head
+    per = ELEMENTWISE_FLOPS["rope"]
+    fwd = Op(name=name, kind="elementwise", layer=layer, module=module,
+             other_flops=per * elements,
+             act_read_bytes=elements * w + tokens * INDEX_BYTES,
+             act_write_bytes=elements * w,
+             tags=tags or {}, variant="rope")
+    bwd = dict(other_flops=per * elements,
+               act_read_bytes=elements * w + tokens * INDEX_BYTES,
+               act_write_bytes=elements * w)
     return _with_backward(ctx, fwd, bwd)
 
 
@@ -217,14 +273,18 @@ def norm(ctx: Ctx, name: str, *, layer: int, tokens, d, module: str | None = Non
 
 
 def embedding(ctx: Ctx, name: str, *, layer: int, tokens, rows, d, module: str | None = None) -> list[Op]:
-    """A table lookup: reads `tokens` rows of a rows x d table."""
+    """A table lookup: reads the int64 ids and `tokens` rows of a rows x d table.
+    Backward (embedding_dense_backward) reads the gradient and the ids, adds each
+    gradient row into its table row and writes the whole table's gradient."""
     w = ctx.w
     fwd = Op(name=name, kind="embedding", layer=layer, module=module or name,
              weight_bytes=tokens * d * w,
+             act_read_bytes=tokens * INDEX_BYTES,
              act_write_bytes=tokens * d * w,
              params=rows * d)
-    bwd = dict(weight_bytes=rows * d * w,  # embedding_dense_backward writes a full-size gradient
-               act_read_bytes=tokens * d * w)
+    bwd = dict(other_flops=tokens * d,  # each gradient row added into the table's gradient
+               weight_bytes=rows * d * w,  # embedding_dense_backward writes a full-size gradient
+               act_read_bytes=tokens * d * w + tokens * INDEX_BYTES)
     return _with_backward(ctx, fwd, bwd)
 
 
@@ -237,19 +297,18 @@ def kv_cache_append(ctx: Ctx, name: str, *, layer: int, batch, tokens, kv_heads,
 
 
 def cross_entropy(ctx: Ctx, name: str, *, layer: int, rows, classes, module: str) -> list[Op]:
-    """Softmax cross-entropy over `rows` x `classes` logits (train only)."""
+    """Softmax cross-entropy over `rows` x `classes` logits and int64 targets (train
+    only), one fused kernel per pass: forward reads the logits and the targets and
+    writes the (scalar) loss; backward reads them again (the row statistics are
+    recomputed, not saved) and writes the logits' gradient."""
     w = ctx.w
     fwd = Op(name=name, kind="loss", layer=layer, module=module,
              other_flops=ELEMENTWISE_FLOPS["cross_entropy"] * rows * classes,
-             act_read_bytes=rows * classes * w,
-             act_write_bytes=rows * 4)  # fp32 log-sum-exp per row
+             act_read_bytes=rows * classes * w + rows * INDEX_BYTES)
     bwd = dict(other_flops=ELEMENTWISE_FLOPS["cross_entropy"] * rows * classes,
-               act_read_bytes=rows * classes * w,
+               act_read_bytes=rows * classes * w + rows * INDEX_BYTES,
                act_write_bytes=rows * classes * w)
     return _with_backward(ctx, fwd, bwd)
-
-
-INDEX_BYTES = 8  # int64 indices, as torch's topk / gather use
 
 
 def topk(ctx: Ctx, name: str, *, layer: int, rows, n, k, module: str, kind: str = "topk",
@@ -273,6 +332,17 @@ def gather(ctx: Ctx, name: str, *, layer: int, rows, d, module: str, kind: str =
              tags=tags or {})
     bwd = dict(act_read_bytes=rows * d * w + rows * INDEX_BYTES,
                act_write_bytes=rows * d * w)
+    return _with_backward(ctx, fwd, bwd)
+
+
+def select_rows(ctx: Ctx, name: str, *, layer: int, rows, total_rows, d, module: str,
+                tags: dict | None = None) -> list[Op]:
+    """Take `rows` of `total_rows` rows of width d as a view (the [CLS] position): no
+    bytes forward. Backward writes the whole input's gradient, zero except at the
+    taken rows, reading theirs."""
+    w = ctx.w
+    fwd = Op(name=name, kind="gather", layer=layer, module=module, tags=tags or {}, variant="select")
+    bwd = dict(act_read_bytes=rows * d * w, act_write_bytes=total_rows * d * w)
     return _with_backward(ctx, fwd, bwd)
 
 

@@ -1,0 +1,352 @@
+"""Bytes oracle: flopsim's op-list bytes and `other_flops` against what the
+torch reference moves, per module and pass (see docs/bytes.md).
+
+`compare_bytes(spec, phase, batch, seq, context)` runs the reference under
+flopsim.torchref.bytes_counter.BytesCounterMode, turns its aten ops into the
+kernels flopsim models (`kernels`), and compares, for every module path and
+pass (fwd, bwd), the kernels' bytes and arithmetic with the sum of `op.bytes`
+and `op.other_flops` over flopsim's ops whose `module` is that path or lies
+below it. Exact, to the byte and the FLOP.
+
+flopsim's convention is that each op is its own kernel: what it reads comes
+from memory, what it writes goes to memory. Eager PyTorch runs more kernels
+than that; these rules, applied mechanically here, say which of its traffic a
+flopsim op stands for (each is pinned by a test in tests/test_bytes_rules.py):
+
+- OP: outside the cases below, each aten op is one kernel.
+- REGION: code the reference marks `fused(kind)` is one kernel per pass: it
+  reads the distinct tensors it takes from outside, writes what it hands on,
+  and keeps everything else on chip. Its backward is every autograd node its
+  forward made, as one kernel. Its arithmetic is the counter's table summed
+  over its aten ops, or, for the kinds in REGION_FLOPS, the kernel's own
+  figure per element of its basis (the eager RMSNorm and RoPE decompose into
+  a dozen ops whose per-row and table arithmetic a fused kernel does not do).
+- ON-CHIP: inside a region, work that depends only on integers and
+  constants (RoPE's angle table from the position ids, the causal mask) is
+  computed on chip where it is used: it costs nothing, and reading its
+  results costs nothing, in either pass; the integer inputs it reads (the
+  position ids) are read.
+- NODE: in backward, the kernels one autograd node runs (a Linear's
+  grad-input and grad-weight products and its bias-gradient sum) are one
+  kernel: each tensor they read comes from memory once.
+- ACCUMULATE: the engine's sum of a tensor's gradients (a tensor used twice:
+  the residual stream, a tied weight) is a kernel charged to the module of
+  the node that delivered the earlier gradient -- the forward's last consumer
+  of the tensor (the residual add, the tied LM head).
+- SPLIT: the concatenation autograd runs to join the gradients of a split or
+  chunk (the QKV split, the gate/up chunk) is free: a kernel writes the pieces
+  into one buffer (its result is still read by the next kernel).
+- LAYOUT: copies that only change layout (clone, contiguous, `reshape` of a
+  strided tensor, `_to_copy` to the same dtype) are free: flopsim's kernels
+  take strided operands.
+- SCATTER: an out-of-place scatter (index_add, scatter_add, index_put) is
+  costed in place: the copy of its untouched `self` is not counted.
+- RECOMPUTE: a value a kernel makes only for its own backward (LayerNorm's
+  mean and rstd, attention's log-sum-exp, the gated activation's act(gate),
+  the log-probabilities of the loss) is recomputed by the backward kernel
+  from the forward's inputs: it is not written, and the backward reads the
+  forward kernel's inputs instead.
+- DEAD: an output no later kernel reads, that is not a parameter gradient or
+  the run's result, is not written (a kernel built for the phase does not
+  write it: statistics at inference, unused top-k values).
+- SCALAR (bytes_counter): 0-d tensors move nothing (a loss and its seed).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Optional
+
+REGION_FLOPS = {  # kernel arithmetic per element of the region's basis: (forward, backward)
+    "rmsnorm": (4, 8),  # square, sum, normalise, scale; backward twice
+    "rope": (3, 3),  # x * cos + rotate(x) * sin; backward is the inverse rotation
+    "cross_entropy": (5, 5),  # log-softmax and the pick; backward softmax - one-hot, scaled
+}
+SPLIT_NODES = ("SplitWithSizesBackward0", "SplitBackward0", "UnbindBackward0")
+LAYOUT_OPS = ("clone", "contiguous")
+
+
+@dataclass
+class Kernel:
+    key: tuple
+    path: str
+    pass_: str
+    events: list = field(default_factory=list)
+    reads: list = field(default_factory=list)  # Access
+    writes: list = field(default_factory=list)  # Access
+    flops: int = 0
+    free: bool = False  # SPLIT / LAYOUT: costs nothing
+    region: object = None
+    creator: Optional[tuple] = None  # backward: the forward kernel whose nodes these are
+
+    @property
+    def read_bytes(self) -> int:
+        from flopsim.torchref.bytes_counter import union_bytes
+
+        return union_bytes(self.reads)
+
+    @property
+    def write_bytes(self) -> int:
+        from flopsim.torchref.bytes_counter import union_bytes
+
+        return union_bytes(self.writes)
+
+    @property
+    def bytes(self) -> int:
+        return self.read_bytes + self.write_bytes
+
+
+def _is_layout(event) -> bool:
+    if event.op in LAYOUT_OPS:
+        return True
+    if event.op == "_to_copy" and event.reads and event.writes:
+        return event.reads[0].view[4] == event.writes[0].view[4]  # same dtype
+    return False
+
+
+class _Builder:
+    def __init__(self, capture):
+        self.cap = capture
+        self.events = capture.events
+        self.node_event = dict(capture.node_event)  # autograd node -> the forward event that made it
+        for t, index in capture.forward_outputs:
+            if t.grad_fn is not None and t.grad_fn not in self.node_event:
+                self.node_event[t.grad_fn] = index
+
+    def forward_of(self, node):
+        index = self.node_event.get(node)
+        return None if index is None else self.events[index]
+
+    def key(self, e) -> tuple:
+        if e.pass_ == "fwd":
+            return ("region", e.region.id, "fwd") if e.region is not None else ("op", e.index)
+        if e.accumulate:
+            mine, theirs = self.forward_of(e.node), self.forward_of(e.deliverer)
+            if mine is not None and theirs is not None and mine.region is not None \
+                    and mine.region is theirs.region:
+                return ("region", mine.region.id, "bwd")
+            return ("acc", e.index)
+        origin = self.forward_of(e.node)
+        if origin is not None and origin.region is not None:
+            return ("region", origin.region.id, "bwd")
+        return ("node", id(e.node)) if e.node is not None else ("op", e.index)
+
+    def place(self, e, key) -> tuple[str, Optional[tuple]]:
+        """(module path, creator forward kernel) of the kernel `e` belongs to."""
+        if key[0] == "region":
+            region = self.forward_of(e.node).region if e.pass_ == "bwd" and not e.accumulate else None
+            region = region or e.region or self.forward_of(e.node).region
+            first = next(x for x in self.events if x.region is region)
+            path = region.path if region.path is not None else first.path
+            return path, (("region", region.id, "fwd") if key[2] == "bwd" else None)
+        if key[0] == "acc":
+            origin = self.forward_of(e.deliverer) or self.forward_of(e.node)
+            return (origin.path if origin is not None else e.path), None
+        if key[0] == "node":
+            origin = self.forward_of(e.node)
+            if origin is None:
+                return e.path, None
+            return origin.path, (("region", origin.region.id, "fwd") if origin.region is not None
+                                 else ("op", origin.index))
+        return e.path, None
+
+    def group(self) -> dict:
+        kernels: dict = {}
+        for e in self.events:
+            k = self.key(e)
+            if k not in kernels:
+                path, creator = self.place(e, k)
+                kernels[k] = Kernel(key=k, path=path, pass_=e.pass_, creator=creator,
+                                    region=e.region if k[0] == "region" and k[2] == "fwd" else None)
+            kernel = kernels[k]
+            kernel.events.append(e)
+            if k[0] == "region" and kernel.region is None and e.pass_ == "fwd":
+                kernel.region = e.region
+            if k[0] == "node" and type(e.node).__name__ in SPLIT_NODES:
+                kernel.free = True
+        for kernel in kernels.values():
+            if all(_is_layout(e) or not (e.reads or e.writes) for e in kernel.events):
+                kernel.free = True  # LAYOUT (and kernels of views only)
+        return kernels
+
+
+def _on_chip(kernels: dict) -> dict:
+    """ON-CHIP: {storage: the integer inputs it derives from} for the values a forward
+    region computes from integers and constants alone."""
+    chip: dict = {}
+    for kernel in kernels.values():
+        if kernel.key[0] != "region" or kernel.pass_ != "fwd":
+            continue
+        for e in kernel.events:
+            if all(r.integer or r.storage in chip for r in e.reads):
+                sources = [x for r in e.reads for x in (chip[r.storage] if r.storage in chip else [r])]
+                for storage in list(e.outputs) + [w.storage for w in e.writes]:
+                    chip[storage] = list(dict.fromkeys(sources))
+    return chip
+
+
+def build_kernels(capture) -> list[Kernel]:
+    """The kernels flopsim models, from a capture, under the module docstring's rules."""
+    builder = _Builder(capture)
+    kernels = builder.group()
+    owner = {}  # storage -> kernel key that created it
+    for k, kernel in kernels.items():
+        for e in kernel.events:
+            for s in e.outputs:
+                owner.setdefault(s, k)
+    readers = defaultdict(set)  # storage -> kernel keys whose ops take it
+    for k, kernel in kernels.items():
+        for e in kernel.events:
+            for s in e.input_storages:
+                readers[s].add(k)
+    chip = _on_chip(kernels)
+    recompute = {s: k for s, k in _recomputed(kernels, owner, readers).items() if s not in chip}
+    for kernel in kernels.values():
+        if not kernel.free:
+            _cost(kernel, kernels, owner, readers, chip, recompute, capture.results)
+    return [kern for kern in kernels.values()]
+
+
+def _recomputed(kernels, owner, readers) -> dict:
+    """RECOMPUTE: storage -> its forward kernel, for values only that kernel's backward reads."""
+    out = {}
+    for s, maker in owner.items():
+        kernel = kernels[maker]
+        if kernel.pass_ != "fwd":
+            continue
+        others = readers[s] - {maker}
+        if others and all(kernels[o].creator == maker for o in others):
+            out[s] = maker
+    return out
+
+
+def _cost(kernel, kernels, owner, readers, chip, recompute, results) -> None:
+    made: set = set()
+    for e in kernel.events:
+        if _is_layout(e):
+            continue  # LAYOUT: free; what reads its copy reads it as from memory
+        for r in e.reads:
+            if r.storage in chip:
+                kernel.reads += [x for x in chip[r.storage] if x.storage not in made]
+                continue
+            if r.storage in made:
+                continue
+            if r.storage in recompute:
+                if recompute[r.storage] == kernel.key or kernels[recompute[r.storage]].key == kernel.creator:
+                    continue
+            kernel.reads.append(r)
+        for w in e.writes:
+            if w.storage in chip:
+                continue
+            if w.storage in made or owner.get(w.storage) == kernel.key:
+                if w.storage in recompute:
+                    continue
+                if not (readers[w.storage] - {kernel.key}) and w.storage not in results:
+                    continue  # DEAD
+            kernel.writes.append(w)
+        made |= set(e.outputs)
+        kernel.flops += e.flops
+    if kernel.creator is not None and kernel.creator in kernels:
+        forward = kernels[kernel.creator]
+        if any(s in recompute and recompute[s] == kernel.creator for e in kernel.events
+               for s in (r.storage for r in e.reads)):
+            kernel.reads += forward.reads
+    region = kernel.region or (kernels[kernel.creator].region if kernel.creator in kernels else None)
+    if kernel.key[0] == "region" and region is not None and region.kind in REGION_FLOPS:
+        fwd, bwd = REGION_FLOPS[region.kind]
+        kernel.flops = (fwd if kernel.pass_ == "fwd" else bwd) * region.elements
+
+
+# ---- per-module totals and the comparison ---------------------------------------
+
+def module_totals(kernels) -> dict:
+    """{(path, pass): [bytes, flops]} of the kernels charged to exactly that path."""
+    totals = defaultdict(lambda: [0, 0])
+    for k in kernels:
+        if k.free:
+            continue
+        totals[(k.path, k.pass_)][0] += k.bytes
+        totals[(k.path, k.pass_)][1] += k.flops
+    return dict(totals)
+
+
+def _under(module: str, path: str) -> bool:
+    return path == "" or module == path or module.startswith(path + ".")
+
+
+def _paths(modules) -> set:
+    out = {""}
+    for m in modules:
+        parts = m.split(".") if m else []
+        out |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+    return out
+
+
+@dataclass
+class BytesComparison:
+    spec_name: str
+    phase: str
+    torch: dict  # (path, pass) -> (bytes, flops), hierarchical
+    flopsim: dict
+    mismatches: list = field(default_factory=list)  # (path, pass, field, torch, flopsim)
+
+    @property
+    def exact(self) -> bool:
+        return not self.mismatches
+
+    def describe(self, n: int = 6) -> str:
+        rows = "; ".join(f"{p or '<root>'} {ps} {f}: torch {t} flopsim {s} (diff {t - s})"
+                         for p, ps, f, t, s in self.mismatches[:n])
+        return f"{self.spec_name} {self.phase}: {len(self.mismatches)} mismatches: {rows}"
+
+
+def hierarchical(flat: dict, paths) -> dict:
+    out = {}
+    for path in paths:
+        for pass_ in ("fwd", "bwd"):
+            b = sum(v[0] for (p, ps), v in flat.items() if ps == pass_ and _under(p, path))
+            f = sum(v[1] for (p, ps), v in flat.items() if ps == pass_ and _under(p, path))
+            out[(path, pass_)] = (b, f)
+    return out
+
+
+def flopsim_totals(ops) -> dict:
+    flat = defaultdict(lambda: [0, 0])
+    for op in ops:
+        flat[(op.module, op.pass_)][0] += int(op.bytes)
+        flat[(op.module, op.pass_)][1] += int(op.other_flops)
+    return dict(flat)
+
+
+def compare(spec_name: str, phase: str, kernels, ops) -> BytesComparison:
+    measured = module_totals(kernels)
+    modelled = flopsim_totals(ops)
+    paths = _paths([p for p, _ in measured] + [p for p, _ in modelled])
+    torch_h, flopsim_h = hierarchical(measured, paths), hierarchical(modelled, paths)
+    mismatches = []
+    for key in sorted(torch_h):
+        for i, name in enumerate(("bytes", "other_flops")):
+            if torch_h[key][i] != flopsim_h[key][i]:
+                mismatches.append((key[0], key[1], name, torch_h[key][i], flopsim_h[key][i]))
+    return BytesComparison(spec_name, phase, torch_h, flopsim_h, mismatches)
+
+
+def measure(spec, phase: str, batch: int, seq: int, context: Optional[int] = None, seed: int = 0):
+    """The reference's kernels for one phase (inputs made outside the count)."""
+    from flopsim.torchref.bytes_counter import count_bytes
+    from flopsim.torchref.model import build_reference, prepare_phase
+
+    model = build_reference(spec, seed=seed)
+    run = prepare_phase(model, spec, phase, batch, seq, context, seed=seed)
+    return build_kernels(count_bytes(run))
+
+
+def compare_bytes(spec, phase: str, batch: int, seq: int, context: Optional[int] = None,
+                  seed: int = 0) -> BytesComparison:
+    from flopsim.count import count
+
+    kernels = measure(spec, phase, batch, seq, context, seed)
+    reference = spec.with_changes(dtype="fp32")  # the reference runs in fp32
+    ops = count(reference, batch=batch, seq=seq, phase=phase, context=context).ops
+    return compare(spec.name, phase, kernels, ops)
