@@ -75,12 +75,16 @@ from flopsim.errors import InputError
 from flopsim.families import dense
 from flopsim.ops.expectations import expected_distinct
 from flopsim.ops.primitives import (
+    INDEX_BYTES,
     Ctx,
-    cross_entropy,
+    binary_cross_entropy,
     elementwise,
+    gradient_sum,
     gather,
     linear,
+    scale_rows,
     scatter,
+    sort_indices,
     topk,
 )
 
@@ -101,14 +105,21 @@ def check_supported(spec) -> None:
                          "block's residual branch (x' = r f(x) + x); use norm_position: pre")
 
 
-def decider_loss(ctx: Ctx, i: int, *, tokens, tags: dict) -> list:
+def decider_loss(ctx: Ctx, i: int, *, tokens, kept, tags: dict) -> list:
     """train: the BCE fitting the decider (predictor, or the router when there is
-    none) to the top-k membership of each token."""
+    none) to the top-k membership of each token (`kept` indices). The router's
+    scores also feed the gather of the kept tokens' weights, so without a predictor
+    their two gradients are summed (charged here, their last user)."""
     if not ctx.train:
         return []
-    name = f"block.{i}.predictor" if ctx.dims.value("mod_predictor_hidden") > 0 else f"block.{i}.router"
-    ops = cross_entropy(ctx, f"{name}.loss", layer=i, rows=tokens, classes=1, module=f"block.{i}")
-    return [replace(op, tags=tags) for op in ops]
+    predictor = ctx.dims.value("mod_predictor_hidden") > 0
+    name = f"block.{i}.predictor" if predictor else f"block.{i}.router"
+    ops = binary_cross_entropy(ctx, f"{name}.loss", layer=i, rows=tokens, picked=kept, module=f"block.{i}",
+                               tags=tags)
+    if not predictor:
+        ops += gradient_sum(ctx, f"block.{i}.router.grad_sum", layer=i, elements=tokens, module=f"block.{i}",
+                            tags=tags)
+    return ops
 
 
 def router(ctx: Ctx, i: int, *, tokens, tags: dict, d_out=1, name: str = "router") -> list:
@@ -146,15 +157,21 @@ def routed_block(ctx: Ctx, i: int, *, batch, queries, keys, ffn=None) -> list:
     tags = {"routed": True, "tokens": k}
     tokens = batch * queries
     ops = router(ctx, i, tokens=tokens, tags=tags)
-    ops += topk(ctx, f"{prefix}.select", layer=i, rows=batch, n=queries, k=k, module=prefix, tags=tags)
-    ops += topk(ctx, f"{prefix}.order", layer=i, rows=batch, n=k, k=k, module=prefix, tags=tags)
+    ops += topk(ctx, f"{prefix}.select", layer=i, rows=batch, n=queries, k=k, module=prefix, values=False,
+                tags=tags)
+    ops += sort_indices(ctx, f"{prefix}.order", layer=i, rows=batch, n=k, module=prefix, tags=tags)
     ops += gather(ctx, f"{prefix}.gather", layer=i, rows=batch * k, d=d.d_model, module=prefix, tags=tags)
     ops += gather(ctx, f"{prefix}.gather_r", layer=i, rows=batch * k, d=1, module=prefix, tags=tags)
+    if ctx.spec.positions == "rope":  # the kept tokens' positions, for their rotary embedding
+        ops += gather(ctx, f"{prefix}.gather_positions", layer=i, rows=batch * k, d=1, module=prefix,
+                      value_bytes=INDEX_BYTES, tags=tags)[:1]
     ops += dense.block(ctx, i, batch=batch, queries=k, keys=cached, ffn=ffn, tags=tags)
-    ops += elementwise(ctx, f"{prefix}.scale", layer=i, elements=batch * k * d.d_model, op="mul", inputs=2,
-                       module=prefix, tags=tags)
+    ops += scale_rows(ctx, f"{prefix}.scale", layer=i, rows=batch * k, d=d.d_model, module=prefix, tags=tags)
     ops += scatter(ctx, f"{prefix}.scatter", layer=i, rows=batch * k, d=d.d_model, module=prefix, tags=tags)
-    ops += decider_loss(ctx, i, tokens=tokens, tags=tags)
+    # x feeds the router, the gather and the scatter: autograd sums its three gradients
+    ops += gradient_sum(ctx, f"{prefix}.grad_sum", layer=i, elements=tokens * d.d_model, count=2, module=prefix,
+                        tags=tags)
+    ops += decider_loss(ctx, i, tokens=tokens, kept=batch * k, tags=tags)
     return ops
 
 

@@ -58,6 +58,21 @@ BACKWARD_ELEMENTWISE = 2  # backward elementwise arithmetic relative to forward
 INDEX_BYTES = 8  # int64 indices (token ids, positions, top-k and gather indices), as torch uses
 
 
+def gradient_sum(ctx: "Ctx", name: str, *, layer: int, elements, module: str, count=1,
+                 tags: dict | None = None) -> list[Op]:
+    """train: `count` sums of a tensor's gradients, where the tensor feeds more ops than
+    one (autograd sums the gradients it receives: each sum reads two, writes one, an add
+    per element). Its own op, charged to the tensor's last user in forward; a forward op
+    with no cost stands beside it."""
+    if not ctx.train:
+        return []
+    w = ctx.w
+    fwd = Op(name=name, kind="elementwise", layer=layer, module=module, tags=tags or {}, variant="add")
+    return _with_backward(ctx, fwd, dict(other_flops=count * ELEMENTWISE_FLOPS["add"] * elements,
+                                         act_read_bytes=count * 2 * elements * w,
+                                         act_write_bytes=count * elements * w))
+
+
 @dataclass(frozen=True)
 class Ctx:
     """What every builder needs: the spec, the phase and the dimensions."""
@@ -311,27 +326,74 @@ def cross_entropy(ctx: Ctx, name: str, *, layer: int, rows, classes, module: str
     return _with_backward(ctx, fwd, bwd)
 
 
+def binary_cross_entropy(ctx: Ctx, name: str, *, layer: int, rows, picked, module: str,
+                         tags: dict | None = None) -> list[Op]:
+    """Binary cross-entropy with logits of `rows` scores against a 0/1 target given by
+    `picked` int64 indices (top-k membership; train only), one fused kernel per pass:
+    forward reads the scores and the indices and writes the (scalar) loss; backward
+    reads them again and writes the scores' gradient."""
+    w = ctx.w
+    per = ELEMENTWISE_FLOPS["cross_entropy"]
+    fwd = Op(name=name, kind="loss", layer=layer, module=module, other_flops=per * rows,
+             act_read_bytes=rows * w + picked * INDEX_BYTES, tags=tags or {})
+    bwd = dict(other_flops=per * rows, act_read_bytes=rows * w + picked * INDEX_BYTES, act_write_bytes=rows * w)
+    return _with_backward(ctx, fwd, bwd)
+
+
 def topk(ctx: Ctx, name: str, *, layer: int, rows, n, k, module: str, kind: str = "topk",
-         tags: dict | None = None) -> list[Op]:
-    """Select k of n scores in each of `rows` rows (values and int64 indices out)."""
+         values: bool = True, tags: dict | None = None) -> list[Op]:
+    """Select k of n scores in each of `rows` rows: int64 indices out, and the values
+    when `values` (a caller that uses only the indices gets a kernel that writes
+    only them)."""
     w = ctx.w
     return [Op(name=name, kind=kind, layer=layer, module=module,
                other_flops=rows * n,  # one comparison per score
                act_read_bytes=rows * n * w,
-               act_write_bytes=rows * k * (w + INDEX_BYTES),
+               act_write_bytes=rows * k * ((w if values else 0) + INDEX_BYTES),
                tags=tags or {})]
 
 
+def sort_indices(ctx: Ctx, name: str, *, layer: int, rows, n, module: str, kind: str = "topk",
+                 tags: dict | None = None) -> list[Op]:
+    """Sort n int64 indices in each of `rows` rows (e.g. top-k picks back into sequence
+    order): reads and writes them; one comparison per index."""
+    return [Op(name=name, kind=kind, layer=layer, module=module,
+               other_flops=rows * n,
+               act_read_bytes=rows * n * INDEX_BYTES,
+               act_write_bytes=rows * n * INDEX_BYTES,
+               tags=tags or {}, variant="sort")]
+
+
 def gather(ctx: Ctx, name: str, *, layer: int, rows, d, module: str, kind: str = "gather",
-           tags: dict | None = None) -> list[Op]:
-    """Copy `rows` rows of width d picked by an index (backward: scatter-add)."""
-    w = ctx.w
+           value_bytes=None, tags: dict | None = None) -> list[Op]:
+    """Copy `rows` rows of width d picked by an int64 index; `value_bytes`: bytes per
+    value when not the activations' (int64 positions: 8). Backward scatter-adds the
+    rows' gradients into a zero-filled gradient of the source (an add per value)."""
+    w = ctx.w if value_bytes is None else value_bytes
     fwd = Op(name=name, kind=kind, layer=layer, module=module,
              act_read_bytes=rows * d * w + rows * INDEX_BYTES,
              act_write_bytes=rows * d * w,
              tags=tags or {})
-    bwd = dict(act_read_bytes=rows * d * w + rows * INDEX_BYTES,
+    bwd = dict(other_flops=rows * d,
+               act_read_bytes=rows * d * w + rows * INDEX_BYTES,
                act_write_bytes=rows * d * w)
+    return _with_backward(ctx, fwd, bwd)
+
+
+def scale_rows(ctx: Ctx, name: str, *, layer: int, rows, d, module: str, tags: dict | None = None) -> list[Op]:
+    """y = r * f: each of `rows` rows of width d scaled by its own value r (a router or
+    combination weight). Reads f and r, writes y; backward, one kernel, reads the
+    gradient, f and r and writes grad f (g * r) and grad r (the row sum of g * f):
+    two products and a sum per element."""
+    w = ctx.w
+    fwd = Op(name=name, kind="elementwise", layer=layer, module=module,
+             other_flops=ELEMENTWISE_FLOPS["mul"] * rows * d,
+             act_read_bytes=rows * d * w + rows * w,
+             act_write_bytes=rows * d * w,
+             tags=tags or {}, variant="mul")
+    bwd = dict(other_flops=3 * rows * d,
+               act_read_bytes=2 * rows * d * w + rows * w,
+               act_write_bytes=rows * d * w + rows * w)
     return _with_backward(ctx, fwd, bwd)
 
 

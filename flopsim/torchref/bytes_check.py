@@ -62,9 +62,12 @@ REGION_FLOPS = {  # kernel arithmetic per element of the region's basis: (forwar
     "rmsnorm": (4, 8),  # square, sum, normalise, scale; backward twice
     "rope": (3, 3),  # x * cos + rotate(x) * sin; backward is the inverse rotation
     "cross_entropy": (5, 5),  # log-softmax and the pick; backward softmax - one-hot, scaled
+    "bce": (5, 5),  # binary cross-entropy with logits, per score
 }
 SPLIT_NODES = ("SplitWithSizesBackward0", "SplitBackward0", "UnbindBackward0")
 LAYOUT_OPS = ("clone", "contiguous")
+INIT_OPS = ("zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "new_zeros", "new_ones", "new_full",
+            "scalar_tensor")
 
 
 @dataclass
@@ -98,7 +101,8 @@ class Kernel:
 
 
 def _is_layout(event) -> bool:
-    if event.op in LAYOUT_OPS:
+    """LAYOUT and INIT events: free (a constant fill's tensor is written by its first kernel)."""
+    if event.op in LAYOUT_OPS or event.op in INIT_OPS:
         return True
     if event.op == "_to_copy" and event.reads and event.writes:
         return event.reads[0].view[4] == event.writes[0].view[4]  # same dtype
@@ -173,16 +177,17 @@ class _Builder:
 
 def _on_chip(kernels: dict) -> dict:
     """ON-CHIP: {storage: the integer inputs it derives from} for the values a forward
-    region computes from integers and constants alone."""
+    region computes from integers and constants alone (free to the region and its
+    backward, which read those integer inputs instead)."""
     chip: dict = {}
     for kernel in kernels.values():
         if kernel.key[0] != "region" or kernel.pass_ != "fwd":
             continue
         for e in kernel.events:
-            if all(r.integer or r.storage in chip for r in e.reads):
+            if _is_layout(e) or all(r.integer or r.storage in chip for r in e.reads):
                 sources = [x for r in e.reads for x in (chip[r.storage] if r.storage in chip else [r])]
                 for storage in list(e.outputs) + [w.storage for w in e.writes]:
-                    chip[storage] = list(dict.fromkeys(sources))
+                    chip[storage] = list(dict.fromkeys(sources + chip.get(storage, [])))
     return chip
 
 
@@ -201,11 +206,24 @@ def build_kernels(capture) -> list[Kernel]:
             for s in e.input_storages:
                 readers[s].add(k)
     chip = _on_chip(kernels)
+    init = _constant_until(kernels)
     recompute = {s: k for s, k in _recomputed(kernels, owner, readers).items() if s not in chip}
     for kernel in kernels.values():
         if not kernel.free:
-            _cost(kernel, kernels, owner, readers, chip, recompute, capture.results)
-    return [kern for kern in kernels.values()]
+            _cost(kernel, kernels, owner, readers, chip, recompute, capture.results, init)
+            if kernel.key[0] == "op" and not kernel.writes and any(e.outputs for e in kernel.events):
+                kernel.free = True  # DEAD: nothing it makes is used
+    return list(kernels.values())
+
+
+def _constant_until(kernels) -> dict:
+    """INIT: {storage made by a constant fill: the index of the first op writing into it}."""
+    made = {s: None for k in kernels.values() for e in k.events if e.op in INIT_OPS for s in e.outputs}
+    for e in sorted((e for k in kernels.values() for e in k.events), key=lambda e: e.index):
+        for w in e.writes:
+            if w.storage in made and made[w.storage] is None and e.op not in INIT_OPS:
+                made[w.storage] = e.index
+    return {s: (i if i is not None else 1 << 62) for s, i in made.items()}
 
 
 def _recomputed(kernels, owner, readers) -> dict:
@@ -221,29 +239,33 @@ def _recomputed(kernels, owner, readers) -> dict:
     return out
 
 
-def _cost(kernel, kernels, owner, readers, chip, recompute, results) -> None:
+def _own(kernel, maker) -> bool:
+    """`kernel` is the forward kernel `maker` or its backward."""
+    return maker is not None and (kernel.key == maker or kernel.creator == maker)
+
+
+def _cost(kernel, kernels, owner, readers, chip, recompute, results, init) -> None:
     made: set = set()
     for e in kernel.events:
         if _is_layout(e):
-            continue  # LAYOUT: free; what reads its copy reads it as from memory
+            continue  # LAYOUT / INIT: free; what reads the copy reads it as from memory
         for r in e.reads:
-            if r.storage in chip:
-                kernel.reads += [x for x in chip[r.storage] if x.storage not in made]
+            if r.storage in made or e.index <= init.get(r.storage, -1):
+                continue  # INIT: a constant-filled tensor is read before anything is written into it
+            if r.storage in chip and _own(kernel, owner.get(r.storage)):
+                kernel.reads += chip[r.storage]
                 continue
-            if r.storage in made:
+            if r.storage in recompute and _own(kernel, recompute[r.storage]):
                 continue
-            if r.storage in recompute:
-                if recompute[r.storage] == kernel.key or kernels[recompute[r.storage]].key == kernel.creator:
-                    continue
             kernel.reads.append(r)
         for w in e.writes:
-            if w.storage in chip:
-                continue
             if w.storage in made or owner.get(w.storage) == kernel.key:
                 if w.storage in recompute:
                     continue
-                if not (readers[w.storage] - {kernel.key}) and w.storage not in results:
-                    continue  # DEAD
+                others = {k for k in readers[w.storage] - {kernel.key}
+                          if not (w.storage in chip and _own(kernels[k], kernel.key))}
+                if not others and w.storage not in results:
+                    continue  # DEAD (or on chip)
             kernel.writes.append(w)
         made |= set(e.outputs)
         kernel.flops += e.flops

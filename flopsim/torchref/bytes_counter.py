@@ -329,7 +329,7 @@ def _scatter_moves(base: str, args, outs, mutated) -> Moves:
     touched_bytes = _rows_bytes(target, touched)
     dest = mutated[0] if mutated else outs[0]
     if accumulate:
-        reads.append(access(dest, touched_bytes))
+        reads.append(access(target, touched_bytes))
     writes = [access(dest, touched_bytes)]
     copy = () if mutated else (access(target), access(dest))  # out of place: self copied whole
     return Moves(reads, writes, copy)
