@@ -62,15 +62,14 @@ def gradient_sum(ctx: "Ctx", name: str, *, layer: int, elements, module: str, co
                  tags: dict | None = None) -> list[Op]:
     """train: `count` sums of a tensor's gradients, where the tensor feeds more ops than
     one (autograd sums the gradients it receives: each sum reads two, writes one, an add
-    per element). Its own op, charged to the tensor's last user in forward; a forward op
-    with no cost stands beside it."""
+    per element). A backward op only (the sum has no forward counterpart), charged to
+    the tensor's last user in forward."""
     if not ctx.train:
         return []
     w = ctx.w
-    fwd = Op(name=name, kind="elementwise", layer=layer, module=module, tags=tags or {}, variant="add")
-    return _with_backward(ctx, fwd, dict(other_flops=count * ELEMENTWISE_FLOPS["add"] * elements,
-                                         act_read_bytes=count * 2 * elements * w,
-                                         act_write_bytes=count * elements * w))
+    return [Op(name=name, kind="elementwise", layer=layer, module=module, pass_="bwd", tags=tags or {},
+               variant="add", other_flops=count * ELEMENTWISE_FLOPS["add"] * elements,
+               act_read_bytes=count * 2 * elements * w, act_write_bytes=count * elements * w)]
 
 
 @dataclass(frozen=True)
