@@ -47,6 +47,7 @@ ELEMENTWISE_FLOPS = {
     "geglu": 9,  # gelu(gate) * up
     "tanh": 4,
     "sigmoid": 4,
+    "soft_mask": 6,  # sigmoid(n * s - 1): the affine (2) and the sigmoid (4)
     "rope": 3,  # x * cos + rotate(x) * sin
     "softmax": 5,  # max, subtract, exp, sum, divide
     "layernorm": 8,  # mean, variance, normalise, scale, shift
@@ -58,18 +59,20 @@ BACKWARD_ELEMENTWISE = 2  # backward elementwise arithmetic relative to forward
 INDEX_BYTES = 8  # int64 indices (token ids, positions, top-k and gather indices), as torch uses
 
 
-def gradient_sum(ctx: "Ctx", name: str, *, layer: int, elements, module: str, count=1,
+def gradient_sum(ctx: "Ctx", name: str, *, layer: int, elements, module: str, count=1, broadcast=None,
                  tags: dict | None = None) -> list[Op]:
     """train: `count` sums of a tensor's gradients, where the tensor feeds more ops than
     one (autograd sums the gradients it receives: each sum reads two, writes one, an add
-    per element). A backward op only (the sum has no forward counterpart), charged to
-    the tensor's last user in forward."""
+    per element). `broadcast`: the second gradient is a broadcast of that many values
+    (a sum's gradient), read once. A backward op only (the sum has no forward
+    counterpart), charged to the tensor's last user in forward."""
     if not ctx.train:
         return []
     w = ctx.w
+    second = elements if broadcast is None else broadcast
     return [Op(name=name, kind="elementwise", layer=layer, module=module, pass_="bwd", tags=tags or {},
                variant="add", other_flops=count * ELEMENTWISE_FLOPS["add"] * elements,
-               act_read_bytes=count * 2 * elements * w, act_write_bytes=count * elements * w)]
+               act_read_bytes=count * (elements + second) * w, act_write_bytes=count * elements * w)]
 
 
 @dataclass(frozen=True)
@@ -340,16 +343,21 @@ def binary_cross_entropy(ctx: Ctx, name: str, *, layer: int, rows, picked, modul
 
 
 def topk(ctx: Ctx, name: str, *, layer: int, rows, n, k, module: str, kind: str = "topk",
-         values: bool = True, tags: dict | None = None) -> list[Op]:
-    """Select k of n scores in each of `rows` rows: int64 indices out, and the values
-    when `values` (a caller that uses only the indices gets a kernel that writes
-    only them)."""
+         tags: dict | None = None) -> list[Op]:
+    """Select k of n scores in each of `rows` rows (values and int64 indices out)."""
     w = ctx.w
     return [Op(name=name, kind=kind, layer=layer, module=module,
                other_flops=rows * n,  # one comparison per score
                act_read_bytes=rows * n * w,
-               act_write_bytes=rows * k * ((w if values else 0) + INDEX_BYTES),
+               act_write_bytes=rows * k * (w + INDEX_BYTES),
                tags=tags or {})]
+
+
+def fill(ctx: Ctx, name: str, *, layer: int, elements, module: str, tags: dict | None = None) -> list[Op]:
+    """Write a constant into `elements` values of an existing tensor (e.g. [CLS]'s score
+    set to +inf so that top-k keeps it): writes them, no arithmetic, no backward."""
+    return [Op(name=name, kind="elementwise", layer=layer, module=module, act_write_bytes=elements * ctx.w,
+               tags=tags or {}, variant="copy")]
 
 
 def sort_indices(ctx: Ctx, name: str, *, layer: int, rows, n, module: str, kind: str = "topk",
@@ -534,14 +542,15 @@ def factored_dense(ctx: Ctx, name: str, *, layer: int, tokens, d_in, modules, d_
 
 def reduce_sum(ctx: Ctx, name: str, *, layer: int, rows, n, module: str, tags: dict | None = None) -> list[Op]:
     """Sum n values into each of `rows` outputs (e.g. attention received per token);
-    backward broadcasts the gradient back."""
+    backward broadcasts the gradient back: a view, no kernel (its consumer reads the
+    `rows` values)."""
     w = ctx.w
     fwd = Op(name=name, kind="elementwise", layer=layer, module=module,
              other_flops=rows * n,
              act_read_bytes=rows * n * w,
              act_write_bytes=rows * w,
              tags=tags or {})
-    bwd = dict(act_read_bytes=rows * w, act_write_bytes=rows * n * w)
+    bwd = dict()
     return _with_backward(ctx, fwd, bwd)
 
 

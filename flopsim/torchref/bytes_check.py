@@ -63,6 +63,7 @@ REGION_FLOPS = {  # kernel arithmetic per element of the region's basis: (forwar
     "rope": (3, 3),  # x * cos + rotate(x) * sin; backward is the inverse rotation
     "cross_entropy": (5, 5),  # log-softmax and the pick; backward softmax - one-hot, scaled
     "bce": (5, 5),  # binary cross-entropy with logits, per score
+    "soft_mask": (6, 12),  # sigmoid(n * s - 1): the affine 2, the sigmoid 4; backward twice
 }
 SPLIT_NODES = ("SplitWithSizesBackward0", "SplitBackward0", "UnbindBackward0")
 LAYOUT_OPS = ("clone", "contiguous")
@@ -211,8 +212,6 @@ def build_kernels(capture) -> list[Kernel]:
     for kernel in kernels.values():
         if not kernel.free:
             _cost(kernel, kernels, owner, readers, chip, recompute, capture.results, init)
-            if kernel.key[0] == "op" and not kernel.writes and any(e.outputs for e in kernel.events):
-                kernel.free = True  # DEAD: nothing it makes is used
     return list(kernels.values())
 
 
@@ -264,8 +263,9 @@ def _cost(kernel, kernels, owner, readers, chip, recompute, results, init) -> No
                     continue
                 others = {k for k in readers[w.storage] - {kernel.key}
                           if not (w.storage in chip and _own(kernels[k], kernel.key))}
-                if not others and w.storage not in results:
-                    continue  # DEAD (or on chip)
+                secondary = w.storage in e.outputs[1:]
+                if not others and w.storage not in results and (secondary or kernel.key[0] != "op"):
+                    continue  # DEAD (a secondary output, or inside a fused kernel) or on chip
             kernel.writes.append(w)
         made |= set(e.outputs)
         kernel.flops += e.flops

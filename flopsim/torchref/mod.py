@@ -96,7 +96,8 @@ class RoutedBlock(Block):
         rows = idx.unsqueeze(-1).expand(b, k, d)
         xs = x.gather(1, rows)
         rs = r.gather(1, idx).unsqueeze(-1)
-        sub = RunState(state.phase, state.positions.gather(1, idx), cache=state.cache, new_cache=state.new_cache)
+        positions = state.positions.gather(1, idx) if self.spec.positions == "rope" else None  # only RoPE needs them
+        sub = RunState(state.phase, positions, cache=state.cache, new_cache=state.new_cache)
         f = self.branch(xs, sub)
         out = x.scatter_add(1, rows, rs * f)
         if self.training:
