@@ -128,7 +128,7 @@ def select_tokens(ctx: Ctx, i: int, *, queries, kept, tags: dict) -> list:
     their positions, for RoPE)."""
     p = f"block.{i}"
     ops = fill(ctx, f"{p}.keep_cls", layer=i, elements=B, module=p, tags=tags)
-    ops += topk(ctx, f"{p}.select", layer=i, rows=B, n=queries, k=kept, module=p, tags=tags)
+    ops += topk(ctx, f"{p}.select", layer=i, rows=B, n=queries, k=kept, module=p, values=False, tags=tags)
     ops += sort_indices(ctx, f"{p}.order", layer=i, rows=B, n=kept, module=p, tags=tags)
     ops += gather(ctx, f"{p}.gather", layer=i, rows=B * kept, d=ctx.dims.d_model, module=p, tags=tags)
     if ctx.spec.positions == "rope":

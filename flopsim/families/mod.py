@@ -157,7 +157,8 @@ def routed_block(ctx: Ctx, i: int, *, batch, queries, keys, ffn=None) -> list:
     tags = {"routed": True, "tokens": k}
     tokens = batch * queries
     ops = router(ctx, i, tokens=tokens, tags=tags)
-    ops += topk(ctx, f"{prefix}.select", layer=i, rows=batch, n=queries, k=k, module=prefix, tags=tags)
+    ops += topk(ctx, f"{prefix}.select", layer=i, rows=batch, n=queries, k=k, module=prefix, values=False,
+                tags=tags)
     ops += sort_indices(ctx, f"{prefix}.order", layer=i, rows=batch, n=k, module=prefix, tags=tags)
     ops += gather(ctx, f"{prefix}.gather", layer=i, rows=batch * k, d=d.d_model, module=prefix, tags=tags)
     ops += gather(ctx, f"{prefix}.gather_r", layer=i, rows=batch * k, d=1, module=prefix, tags=tags)

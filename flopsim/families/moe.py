@@ -63,7 +63,20 @@ import sympy as sp
 from flopsim.errors import InputError
 from flopsim.families import dense
 from flopsim.ops.expectations import expected_distinct
-from flopsim.ops.primitives import Ctx, elementwise, gather, linear, scatter, topk
+from flopsim.ops.primitives import (
+    Ctx,
+    bincount,
+    elementwise,
+    gather,
+    gradient_sum,
+    index_elementwise,
+    linear,
+    scale_rows,
+    scatter,
+    slot_assignment,
+    sort_indices,
+    topk,
+)
 
 
 def is_moe_layer(spec, i: int) -> bool:
@@ -125,36 +138,51 @@ def moe_ffn(ctx: Ctx, i: int, *, tokens, prefix: str, tags: dict | None = None,
                  kind="router", tags=t)
     ops += elementwise(ctx, f"{p}.softmax", layer=i, elements=tokens * routed, op="softmax", module=p,
                        kind="softmax", tags=t)
-    if moe.routing == "expert_choice":
-        # each expert picks its top C tokens (a top-k along the token axis)
-        ops += topk(ctx, f"{p}.topk", layer=i, rows=E, n=tokens, k=slots, module=p, tags=t)
-        rows, expert_tokens, batch = E * slots, slots, E
-    else:
-        ops += topk(ctx, f"{p}.topk", layer=i, rows=tokens, n=routed, k=k, module=p, tags=t)
-        if dropless:
-            # sort the N*k (token, expert) pairs by expert for the grouped GEMM
-            pairs = tokens * k
-            ops += topk(ctx, f"{p}.sort", layer=i, rows=1, n=pairs, k=pairs, module=p, tags=t)
-            rows, expert_tokens, batch = pairs, pairs / E, E
-        else:
-            # slot of each pair in its expert's buffer: cumsum of a one-hot
-            ops += elementwise(ctx, f"{p}.positions", layer=i, elements=tokens * k * routed, op="add",
-                               module=p, backward=False, tags=t)
-            rows, expert_tokens, batch = E * slots, slots, E
+    routing, (rows, expert_tokens, batch) = _routing(ctx, p, i, tokens=tokens, routed=routed, slots=slots, tags=t)
+    ops += routing
     ops += gather(ctx, f"{p}.dispatch", layer=i, rows=rows, d=d.d_model, module=p, tags=t)
     expert_ops = dense.mlp(ctx, i, tokens=expert_tokens, prefix=p, d_ff=d_expert, name="experts",
                            batch=batch, tags=t)
     if decode_read:
         expert_ops = [_expected_reads(op, E, active, tokens * k) for op in expert_ops]
     ops += expert_ops
-    ops += elementwise(ctx, f"{p}.weight", layer=i, elements=rows * d.d_model, op="mul", module=p, tags=t)
-    ops += scatter(ctx, f"{p}.combine", layer=i, rows=rows, d=d.d_model, module=p, tags=t)
+    if dropless:  # the combination weights follow the pairs into expert order
+        ops += gather(ctx, f"{p}.gather_weights", layer=i, rows=rows, d=1, module=p, tags=t)
+    ops += scale_rows(ctx, f"{p}.weight", layer=i, rows=rows, d=d.d_model, module=p, tags=t)
+    ops += scatter(ctx, f"{p}.combine", layer=i, rows=rows, d=d.d_model, module=p, into_zeros=True, tags=t)
     if moe.shared_experts:
         ops += dense.mlp(ctx, i, tokens=tokens, prefix=p, d_ff=d.shared_experts * d_expert, name="shared",
                          tags=t)
         ops += elementwise(ctx, f"{p}.shared_add", layer=i, elements=tokens * d.d_model, op="add", inputs=2,
                            module=p, tags=t)
+    # x feeds the router, the dispatch (and the shared experts): autograd sums its gradients
+    ops += gradient_sum(ctx, f"{p}.grad_sum", layer=i, elements=tokens * d.d_model,
+                        count=2 if moe.shared_experts else 1, module=p, tags=t)
     return ops
+
+
+def _routing(ctx: Ctx, p: str, i: int, *, tokens, routed, slots, tags: dict):
+    """The top-k and the bookkeeping that places rows for the experts; returns the ops
+    and (rows dispatched, rows per expert, experts batched)."""
+    d = ctx.dims
+    E, k = d.experts, d.top_k
+    if ctx.spec.moe.routing == "expert_choice":
+        # each expert picks its top C tokens (a top-k along the token axis)
+        ops = topk(ctx, f"{p}.topk", layer=i, rows=E, n=tokens, k=slots, module=p, backward=True, tags=tags)
+        return ops, (E * slots, slots, E)
+    ops = topk(ctx, f"{p}.topk", layer=i, rows=tokens, n=routed, k=k, module=p, backward=True, tags=tags)
+    if slots is None:
+        # sort the N*k (token, expert) pairs by expert for the grouped GEMM; each pair's token
+        # (its index // k) and the rows per expert
+        pairs = tokens * k
+        ops += sort_indices(ctx, f"{p}.sort", layer=i, rows=1, n=pairs, module=p, tags=tags)
+        ops += index_elementwise(ctx, f"{p}.rows", layer=i, elements=pairs, op="div", module=p, tags=tags)
+        ops += bincount(ctx, f"{p}.counts", layer=i, n=pairs, bins=E, module=p, tags=tags)
+        return ops, (pairs, pairs / E, E)
+    # slot of each pair in its expert's buffer: cumsum of a one-hot
+    ops += slot_assignment(ctx, f"{p}.positions", layer=i, pairs=tokens * k, slots=E * slots, routed=routed,
+                           module=p, tags=tags)
+    return ops, (E * slots, slots, E)
 
 
 def _expected_reads(op, experts, active, pairs):

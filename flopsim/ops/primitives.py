@@ -38,6 +38,7 @@ ELEMENTWISE_FLOPS = {
     "copy": 0,
     "add": 1,
     "mul": 1,
+    "div": 1,
     "scale_add": 2,  # y = r * f(x) + x (MoD's router-weighted residual)
     "relu": 1,
     "gelu": 8,
@@ -343,14 +344,44 @@ def binary_cross_entropy(ctx: Ctx, name: str, *, layer: int, rows, picked, modul
 
 
 def topk(ctx: Ctx, name: str, *, layer: int, rows, n, k, module: str, kind: str = "topk",
-         tags: dict | None = None) -> list[Op]:
-    """Select k of n scores in each of `rows` rows (values and int64 indices out)."""
+         values: bool = True, backward: bool = False, tags: dict | None = None) -> list[Op]:
+    """Select k of n scores in each of `rows` rows: int64 indices out, and the values
+    unless `values` is False (a caller using only the indices: the values are not
+    written). `backward` (the values carry a gradient, e.g. combination weights): the
+    backward scatters the k gradients per row into the scores' zero-filled gradient
+    (reads them and the indices, writes them)."""
     w = ctx.w
-    return [Op(name=name, kind=kind, layer=layer, module=module,
-               other_flops=rows * n,  # one comparison per score
-               act_read_bytes=rows * n * w,
-               act_write_bytes=rows * k * (w + INDEX_BYTES),
-               tags=tags or {})]
+    fwd = Op(name=name, kind=kind, layer=layer, module=module,
+             other_flops=rows * n,  # one comparison per score
+             act_read_bytes=rows * n * w,
+             act_write_bytes=rows * k * ((w if values else 0) + INDEX_BYTES),
+             tags=tags or {})
+    bwd = dict(act_read_bytes=rows * k * (w + INDEX_BYTES), act_write_bytes=rows * k * w) if backward else None
+    return _with_backward(ctx, fwd, bwd)
+
+
+def slot_assignment(ctx: Ctx, name: str, *, layer: int, pairs, slots, routed, module: str,
+                    tags: dict | None = None) -> list[Op]:
+    """Capacity routing's bookkeeping, one kernel: reads each of `pairs` (token, choice)
+    pairs' int64 expert and its combination weight; a cumsum over the pairs x `routed`
+    one-hot ranks each pair within its expert (an add per one-hot element); writes each
+    of `slots` slots' int64 token and weight. Backward reads the slots' weight gradients
+    and the experts (the placement is recomputed) and writes the pairs' weight gradients."""
+    w = ctx.w
+    fwd = Op(name=name, kind="elementwise", layer=layer, module=module,
+             other_flops=pairs * routed,
+             act_read_bytes=pairs * (INDEX_BYTES + w),
+             act_write_bytes=slots * (INDEX_BYTES + w),
+             tags=tags or {}, variant="add")
+    bwd = dict(act_read_bytes=slots * w + pairs * INDEX_BYTES, act_write_bytes=pairs * w)
+    return _with_backward(ctx, fwd, bwd)
+
+
+def bincount(ctx: Ctx, name: str, *, layer: int, n, bins, module: str, tags: dict | None = None) -> list[Op]:
+    """Count n int64 values into `bins` int64 counters (rows per expert): an increment each."""
+    return [Op(name=name, kind="topk", layer=layer, module=module, other_flops=n,
+               act_read_bytes=n * INDEX_BYTES, act_write_bytes=bins * INDEX_BYTES, tags=tags or {},
+               variant="bincount")]
 
 
 def fill(ctx: Ctx, name: str, *, layer: int, elements, module: str, tags: dict | None = None) -> list[Op]:
@@ -415,12 +446,14 @@ def select_rows(ctx: Ctx, name: str, *, layer: int, rows, total_rows, d, module:
     return _with_backward(ctx, fwd, bwd)
 
 
-def scatter(ctx: Ctx, name: str, *, layer: int, rows, d, module: str, tags: dict | None = None) -> list[Op]:
-    """Add `rows` rows of width d back into a larger tensor at indexed rows."""
+def scatter(ctx: Ctx, name: str, *, layer: int, rows, d, module: str, into_zeros: bool = False,
+            tags: dict | None = None) -> list[Op]:
+    """Add `rows` rows of width d back into a larger tensor at indexed rows (reading the
+    target rows it adds into; `into_zeros`: a zero-filled output, whose rows need no read)."""
     w = ctx.w
     fwd = Op(name=name, kind="scatter", layer=layer, module=module,
              other_flops=rows * d,  # the add
-             act_read_bytes=2 * rows * d * w + rows * INDEX_BYTES,
+             act_read_bytes=(1 if into_zeros else 2) * rows * d * w + rows * INDEX_BYTES,
              act_write_bytes=rows * d * w,
              tags=tags or {})
     bwd = dict(act_read_bytes=rows * d * w + rows * INDEX_BYTES,

@@ -63,6 +63,7 @@ REGION_FLOPS = {  # kernel arithmetic per element of the region's basis: (forwar
     "rope": (3, 3),  # x * cos + rotate(x) * sin; backward is the inverse rotation
     "cross_entropy": (5, 5),  # log-softmax and the pick; backward softmax - one-hot, scaled
     "bce": (5, 5),  # binary cross-entropy with logits, per score
+    "slots": (1, 0),  # capacity routing: the cumsum's add per one-hot element; backward moves data only
     "soft_mask": (6, 12),  # sigmoid(n * s - 1): the affine 2, the sigmoid 4; backward twice
 }
 SPLIT_NODES = ("SplitWithSizesBackward0", "SplitBackward0", "UnbindBackward0")
@@ -105,6 +106,8 @@ def _is_layout(event) -> bool:
     """LAYOUT and INIT events: free (a constant fill's tensor is written by its first kernel)."""
     if event.op in LAYOUT_OPS or event.op in INIT_OPS:
         return True
+    if event.op == "copy_" and type(event.node).__name__.endswith("AccumulateGrad"):
+        return True  # a gradient copied into the parameter's layout
     if event.op == "_to_copy" and event.reads and event.writes:
         return event.reads[0].view[4] == event.writes[0].view[4]  # same dtype
     return False
@@ -202,17 +205,37 @@ def build_kernels(capture) -> list[Kernel]:
             for s in e.outputs:
                 owner.setdefault(s, k)
     readers = defaultdict(set)  # storage -> kernel keys whose ops take it
+    consumed = defaultdict(list)  # storage -> (kernel key, Access) of every read of it
     for k, kernel in kernels.items():
         for e in kernel.events:
             for s in e.input_storages:
                 readers[s].add(k)
+            for r in e.reads:
+                consumed[r.storage].append((k, r))
     chip = _on_chip(kernels)
     init = _constant_until(kernels)
     recompute = {s: k for s, k in _recomputed(kernels, owner, readers).items() if s not in chip}
     for kernel in kernels.values():
         if not kernel.free:
             _cost(kernel, kernels, owner, readers, chip, recompute, capture.results, init)
+            if kernel.key[0] == "region":
+                _region_writes(kernel, owner, consumed)
     return list(kernels.values())
+
+
+def _region_writes(kernel, owner, consumed) -> None:
+    """REGION: a fused kernel writes each tensor it makes and hands on whole: the union of
+    the views its eager ops wrote and the views its consumers read -- not the scattered
+    elements its eager ops wrote into a constant-filled buffer (duplicates included)."""
+    out = []
+    for storage in dict.fromkeys(w.storage for w in kernel.writes):
+        written = [w for w in kernel.writes if w.storage == storage]
+        whole = [w for w in written if not w.partial]
+        reads = [a for k, a in consumed[storage] if k != kernel.key and not a.partial]
+        if owner.get(storage) == kernel.key and (whole or reads):
+            written = whole + reads
+        out += written
+    kernel.writes = out
 
 
 def _constant_until(kernels) -> dict:
@@ -263,9 +286,9 @@ def _cost(kernel, kernels, owner, readers, chip, recompute, results, init) -> No
                     continue
                 others = {k for k in readers[w.storage] - {kernel.key}
                           if not (w.storage in chip and _own(kernels[k], kernel.key))}
-                secondary = w.storage in e.outputs[1:]
-                if not others and w.storage not in results and (secondary or kernel.key[0] != "op"):
-                    continue  # DEAD (a secondary output, or inside a fused kernel) or on chip
+                several = len(e.outputs) > 1
+                if not others and w.storage not in results and (several or kernel.key[0] != "op"):
+                    continue  # DEAD (an output of a multi-output op, or inside a fused kernel) or on chip
             kernel.writes.append(w)
         made |= set(e.outputs)
         kernel.flops += e.flops

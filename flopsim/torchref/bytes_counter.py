@@ -129,7 +129,8 @@ def active_region() -> Optional[Region]:
 PER_OUTPUT = {
     **dict.fromkeys(("add", "sub", "mul", "div", "rsub", "neg", "pow", "exp", "log", "rsqrt", "sqrt",
                      "reciprocal", "cos", "sin", "abs", "eq", "ne", "gt", "ge", "lt", "le", "clamp",
-                     "clamp_min", "clamp_max", "maximum", "minimum", "relu", "log1p", "expm1"), 1),
+                     "clamp_min", "clamp_max", "maximum", "minimum", "relu", "log1p", "expm1", "floor_divide",
+                     "remainder"), 1),
     "addcmul": 2, "lerp": 2,
     "tanh": 4, "sigmoid": 4, "silu": 4, "gelu": 8,
     "_softmax": 5, "_log_softmax": 5, "native_layer_norm": 8,
@@ -137,7 +138,7 @@ PER_OUTPUT = {
     "gelu_backward": 16, "_softmax_backward_data": 10, "_log_softmax_backward_data": 5,
 }
 PER_INPUT = dict.fromkeys(("sum", "mean", "amax", "amin", "max", "min", "argmax", "argmin", "topk", "sort",
-                           "argsort", "cumsum", "logsumexp", "any", "all"), 1)
+                           "argsort", "cumsum", "logsumexp", "any", "all", "bincount"), 1)
 PER_SOURCE = dict.fromkeys(("index_add", "scatter_add", "embedding_dense_backward"), 1)
 SDPA_FORWARD_PER_SCORE = 6
 SDPA_BACKWARD_PER_SCORE = 11
