@@ -161,6 +161,8 @@ def head(ctx: Ctx, *, batch, queries) -> list:
                       bias=spec.bias)
         if ctx.train:
             ops += cross_entropy(ctx, "head.loss", layer=L, rows=batch, classes=d.classes, module="head")
+    elif ctx.train:  # no head: the loss is taken over the hidden states (what the reference trains on)
+        ops += cross_entropy(ctx, "head.loss", layer=L, rows=batch * queries, classes=d.d_model, module="head")
     return ops
 
 

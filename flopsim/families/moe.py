@@ -155,9 +155,11 @@ def moe_ffn(ctx: Ctx, i: int, *, tokens, prefix: str, tags: dict | None = None,
                          tags=t)
         ops += elementwise(ctx, f"{p}.shared_add", layer=i, elements=tokens * d.d_model, op="add", inputs=2,
                            module=p, tags=t)
-    # x feeds the router, the dispatch (and the shared experts): autograd sums its gradients
+    # x feeds the router, the dispatch (and the shared experts): autograd sums its gradients,
+    # charged to x's last user in forward (post-norm: the residual add, in the block)
     ops += gradient_sum(ctx, f"{p}.grad_sum", layer=i, elements=tokens * d.d_model,
-                        count=2 if moe.shared_experts else 1, module=p, tags=t)
+                        count=2 if moe.shared_experts else 1, module=p if spec.norm_position == "pre" else prefix,
+                        tags=t)
     return ops
 
 

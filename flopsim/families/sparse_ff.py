@@ -84,6 +84,8 @@ from flopsim.ops.primitives import (
     elementwise,
     factored_dense,
     gathered_linear,
+    gradient_sum,
+    gumbel_mask,
     index_elementwise,
     linear,
     topk,
@@ -110,16 +112,17 @@ def sparse_ffn(ctx: Ctx, i: int, *, tokens, prefix: str, tags: dict | None = Non
     if ctx.train:
         tags = {**(tags or {}), "active_units": blocks, "units_read": d.d_ff}
         ops = controller(ctx, i, tokens=tokens, prefix=p, tags=tags)
-        ops += elementwise(ctx, f"{p}.controller.softmax", layer=i, elements=tokens * d.d_ff, op="softmax",
-                           module=p, kind="softmax", tags=tags)
-        ops += topk(ctx, f"{p}.controller.argmax", layer=i, rows=tokens * blocks, n=d.block_size, k=1,
-                    module=p, tags=tags)
+        ops += gumbel_mask(ctx, f"{p}.controller.mask", layer=i, elements=tokens * d.d_ff, module=p, tags=tags)
         ops += dense.mlp(ctx, i, tokens=tokens, prefix=prefix, tags=tags)
         # the (straight-through) mask multiplies the activation before the down product
         down = ops.index(next(op for op in ops if op.name == f"{p}.down"))
         mask = elementwise(ctx, f"{p}.mask", layer=i, elements=tokens * d.d_ff, op="mul", inputs=2,
                            module=p, tags=tags)
-        return ops[:down] + mask + ops[down:]
+        # x feeds the controller and the FFN: autograd sums its two gradients, charged to x's last
+        # user in forward (post-norm: the residual add, in the block)
+        last = p if spec.norm_position == "pre" else prefix
+        grad_sum = gradient_sum(ctx, f"{p}.grad_sum", layer=i, elements=tokens * d.d_model, module=last, tags=tags)
+        return ops[:down] + mask + ops[down:] + grad_sum
     n_read = blocks * expected_distinct(d.block_size, 1, tokens)  # distinct active units over the tokens
     tags = {**(tags or {}), "active_units": blocks, "units_read": n_read}
     ops = controller(ctx, i, tokens=tokens, prefix=p, tags=tags)
@@ -129,7 +132,8 @@ def sparse_ffn(ctx: Ctx, i: int, *, tokens, prefix: str, tags: dict | None = Non
     ops += index_elementwise(ctx, f"{p}.units_arange", layer=i, elements=blocks, op="copy", inputs=0, module=p,
                              tags=tags)
     ops += index_elementwise(ctx, f"{p}.units_offset", layer=i, elements=blocks, op="mul", module=p, tags=tags)
-    ops += index_elementwise(ctx, f"{p}.units", layer=i, elements=tokens * blocks, module=p, tags=tags)
+    ops += index_elementwise(ctx, f"{p}.units", layer=i, elements=tokens * blocks, broadcast=blocks, module=p,
+                             tags=tags)
     if gated:  # gate_up's index: cat([units, units + d_ff])
         ops += index_elementwise(ctx, f"{p}.units_up", layer=i, elements=tokens * blocks, module=p, tags=tags)
         ops += index_elementwise(ctx, f"{p}.units_cat", layer=i, elements=2 * tokens * blocks, op="copy",

@@ -391,6 +391,21 @@ def fill(ctx: Ctx, name: str, *, layer: int, elements, module: str, tags: dict |
                tags=tags or {}, variant="copy")]
 
 
+def gumbel_mask(ctx: Ctx, name: str, *, layer: int, elements, module: str, tags: dict | None = None) -> list[Op]:
+    """train: Scaling Transformers' straight-through Gumbel-softmax mask over `elements`
+    controller logits, one kernel: a softmax per block and the argmax of the noisy
+    log-probabilities (one comparison per logit; the noise is made on chip and its
+    arithmetic not counted), writing the mask; backward reads the mask's gradient and the
+    logits (the softmax recomputed) and writes the logits' gradient."""
+    w = ctx.w
+    per = ELEMENTWISE_FLOPS["softmax"]
+    fwd = Op(name=name, kind="softmax", layer=layer, module=module, other_flops=(per + 1) * elements,
+             act_read_bytes=elements * w, act_write_bytes=elements * w, tags=tags or {}, variant="softmax")
+    bwd = dict(other_flops=per * BACKWARD_ELEMENTWISE * elements, act_read_bytes=2 * elements * w,
+               act_write_bytes=elements * w)
+    return _with_backward(ctx, fwd, bwd)
+
+
 def sort_indices(ctx: Ctx, name: str, *, layer: int, rows, n, module: str, kind: str = "topk",
                  tags: dict | None = None) -> list[Op]:
     """Sort n int64 indices in each of `rows` rows (e.g. top-k picks back into sequence
@@ -599,11 +614,12 @@ def argmax(ctx: Ctx, name: str, *, layer: int, rows, n, module: str, tags: dict 
 
 
 def index_elementwise(ctx: Ctx, name: str, *, layer: int, elements, op: str = "add", inputs: int = 1,
-                      module: str, tags: dict | None = None) -> list[Op]:
+                      broadcast=0, module: str, tags: dict | None = None) -> list[Op]:
     """An elementwise kernel over `elements` int64 indices (an offset add, a
-    concatenation's copy) reading `inputs` tensors of that size; inference only."""
+    concatenation's copy) reading `inputs` tensors of that size and, `broadcast`, a
+    smaller one broadcast over them (the per-block offsets); no backward."""
     return [Op(name=name, kind="elementwise", layer=layer, module=module,
                other_flops=ELEMENTWISE_FLOPS[op] * elements,
-               act_read_bytes=inputs * elements * INDEX_BYTES,
+               act_read_bytes=(inputs * elements + broadcast) * INDEX_BYTES,
                act_write_bytes=elements * INDEX_BYTES,
                tags=tags or {}, variant=op)]

@@ -64,7 +64,9 @@ REGION_FLOPS = {  # kernel arithmetic per element of the region's basis: (forwar
     "cross_entropy": (5, 5),  # log-softmax and the pick; backward softmax - one-hot, scaled
     "bce": (5, 5),  # binary cross-entropy with logits, per score
     "slots": (1, 0),  # capacity routing: the cumsum's add per one-hot element; backward moves data only
-    "soft_mask": (6, 12),  # sigmoid(n * s - 1): the affine 2, the sigmoid 4; backward twice
+    "soft_mask": (6, 12),
+    "gumbel_mask": (6, 10),  # log-softmax 5 and the noisy argmax's comparison 1 (the Gumbel noise's
+    # arithmetic, made on chip, not counted); backward the log-softmax's, twice  # sigmoid(n * s - 1): the affine 2, the sigmoid 4; backward twice
 }
 SPLIT_NODES = ("SplitWithSizesBackward0", "SplitBackward0", "UnbindBackward0")
 LAYOUT_OPS = ("clone", "contiguous")
@@ -275,7 +277,7 @@ def _cost(kernel, kernels, owner, readers, chip, recompute, results, init) -> No
             if r.storage in made or e.index <= init.get(r.storage, -1):
                 continue  # INIT: a constant-filled tensor is read before anything is written into it
             if r.storage in chip and _own(kernel, owner.get(r.storage)):
-                kernel.reads += chip[r.storage]
+                kernel.reads += [x for x in chip[r.storage] if x.storage not in made]
                 continue
             if r.storage in recompute and _own(kernel, recompute[r.storage]):
                 continue

@@ -179,6 +179,8 @@ def elementwise_flops(name: str, args, kwargs, out) -> int:
         return 0  # SCALAR
     if base in ("addmm", "baddbmm"):
         return int(outs[0].numel())  # the bias add
+    if base == "convolution":
+        return int(outs[0].numel()) if len(args) > 2 and args[2] is not None else 0  # the bias add
     if base in SDPA_FORWARD:
         return SDPA_FORWARD_PER_SCORE * _scores(args[0], args[1])
     if base.endswith("_backward") and base[: -len("_backward")] in SDPA_FORWARD:
@@ -291,6 +293,8 @@ def moves(name: str, func, args, kwargs, out) -> Moves:
         return Moves([], [])  # VIEW
     if base in ALLOCATIONS:
         return Moves([], [])
+    if base.endswith("_like") or base.startswith("new_"):
+        return Moves([], [access(t) for t in outs])  # FACTORY: the input gives only a shape
     if base in INDEX_READS or base == "index":
         index = _tensors(args[1]) if base == "index" else [args[INDEX_READS[base]]]
         selected = distinct_bytes(outs[0]) if outs else 0
