@@ -46,6 +46,7 @@ ELEMENTWISE_FLOPS = {
     "silu": 4,
     "swiglu": 5,  # silu(gate) * up
     "geglu": 9,  # gelu(gate) * up
+    "reglu": 2,  # relu(gate) * up
     "tanh": 4,
     "sigmoid": 4,
     "soft_mask": 6,  # sigmoid(n * s - 1): the affine (2) and the sigmoid (4)
@@ -55,7 +56,7 @@ ELEMENTWISE_FLOPS = {
     "rmsnorm": 4,  # square-mean, rsqrt, normalise, scale
     "cross_entropy": 5,  # log-softmax and the pick
 }
-GATED_ACTIVATION = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu", "relu": "mul"}
+GATED_ACTIVATION = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu", "relu": "reglu"}
 BACKWARD_ELEMENTWISE = 2  # backward elementwise arithmetic relative to forward
 INDEX_BYTES = 8  # int64 indices (token ids, positions, top-k and gather indices), as torch uses
 

@@ -64,9 +64,9 @@ REGION_FLOPS = {  # kernel arithmetic per element of the region's basis: (forwar
     "cross_entropy": (5, 5),  # log-softmax and the pick; backward softmax - one-hot, scaled
     "bce": (5, 5),  # binary cross-entropy with logits, per score
     "slots": (1, 0),  # capacity routing: the cumsum's add per one-hot element; backward moves data only
-    "soft_mask": (6, 12),
-    "gumbel_mask": (6, 10),  # log-softmax 5 and the noisy argmax's comparison 1 (the Gumbel noise's
-    # arithmetic, made on chip, not counted); backward the log-softmax's, twice  # sigmoid(n * s - 1): the affine 2, the sigmoid 4; backward twice
+    "soft_mask": (6, 12),  # sigmoid(n * s - 1): the affine 2, the sigmoid 4; backward twice
+    "gumbel_mask": (6, 10),  # log-softmax 5, the noisy argmax's comparison 1 (the Gumbel noise, made
+    # on chip, not counted); backward the log-softmax's, twice
 }
 SPLIT_NODES = ("SplitWithSizesBackward0", "SplitBackward0", "UnbindBackward0")
 LAYOUT_OPS = ("clone", "contiguous")
@@ -318,10 +318,6 @@ def module_totals(kernels) -> dict:
     return dict(totals)
 
 
-def _under(module: str, path: str) -> bool:
-    return path == "" or module == path or module.startswith(path + ".")
-
-
 def _paths(modules) -> set:
     out = {""}
     for m in modules:
@@ -349,13 +345,15 @@ class BytesComparison:
 
 
 def hierarchical(flat: dict, paths) -> dict:
-    out = {}
-    for path in paths:
-        for pass_ in ("fwd", "bwd"):
-            b = sum(v[0] for (p, ps), v in flat.items() if ps == pass_ and _under(p, path))
-            f = sum(v[1] for (p, ps), v in flat.items() if ps == pass_ and _under(p, path))
-            out[(path, pass_)] = (b, f)
-    return out
+    """{(path, pass): (bytes, flops)} summed over each path and everything below it."""
+    out = {(path, pass_): [0, 0] for path in paths for pass_ in ("fwd", "bwd")}
+    for (module, pass_), (b, f) in flat.items():
+        parts = module.split(".") if module else []
+        for i in range(len(parts) + 1):
+            total = out.setdefault((".".join(parts[:i]), pass_), [0, 0])
+            total[0] += b
+            total[1] += f
+    return {key: tuple(v) for key, v in out.items()}
 
 
 def flopsim_totals(ops) -> dict:

@@ -249,8 +249,14 @@ def distinct_bytes(t) -> int:
     return n * t.element_size()
 
 
+_KEYS: dict = {}  # id(tensor) -> storage key, for the op being recorded
+
+
 def _storage_key(t) -> int:
-    return t.untyped_storage()._cdata
+    key = _KEYS.get(id(t))
+    if key is None:
+        key = _KEYS[id(t)] = t.untyped_storage()._cdata
+    return key
 
 
 def access(t, nbytes: Optional[int] = None) -> Access:
@@ -261,13 +267,18 @@ def access(t, nbytes: Optional[int] = None) -> Access:
                   partial=nbytes is not None and nbytes != full)
 
 
+_MUTATED: dict = {}  # op -> [(position, name)] of its schema's `Tensor(a!)` arguments
+
+
 def mutated_arguments(func, args, kwargs) -> list:
     """The tensors an op writes in place (its schema's `Tensor(a!)` arguments)."""
+    slots = _MUTATED.get(func)
+    if slots is None:
+        slots = _MUTATED[func] = [(i, a.name) for i, a in enumerate(func._schema.arguments)
+                                  if a.alias_info is not None and a.alias_info.is_write]
     out = []
-    for i, arg in enumerate(func._schema.arguments):
-        if arg.alias_info is not None and arg.alias_info.is_write:
-            value = args[i] if i < len(args) else kwargs.get(arg.name)
-            out += _tensors(value)
+    for i, name in slots:
+        out += _tensors(args[i] if i < len(args) else kwargs.get(name))
     return out
 
 
@@ -282,12 +293,15 @@ class Moves:
     self_copy: tuple = ()  # (read, write) accesses of an out-of-place scatter's copy of self
 
 
-def moves(name: str, func, args, kwargs, out) -> Moves:
-    """Reads and writes of one aten op under the module docstring's conventions."""
-    outs = [t for t in _tensors(out) if t.dim() > 0]
-    ins = [t for t in _tensors(args) + _tensors(list(kwargs.values())) if t.dim() > 0]
+def moves(name: str, func, args, kwargs, out, tensors_in=None, tensors_out=None) -> Moves:
+    """Reads and writes of one aten op under the module docstring's conventions
+    (`tensors_in`, `tensors_out`: its tensor arguments and outputs, if already listed)."""
+    if tensors_in is None:
+        tensors_in = _tensors(args) + _tensors(list(kwargs.values()))
+    outs = [t for t in (_tensors(out) if tensors_out is None else tensors_out) if t.dim() > 0]
+    ins = [t for t in tensors_in if t.dim() > 0]
     base = name[:-1] if name.endswith("_") and not name.startswith("_") else name
-    in_storages = {_storage_key(t) for t in _tensors(args) + _tensors(list(kwargs.values()))}
+    in_storages = {_storage_key(t) for t in tensors_in}
     mutated = [t for t in mutated_arguments(func, args, kwargs) if t.dim() > 0]
     if not mutated and outs and all(_storage_key(t) in in_storages for t in outs):
         return Moves([], [])  # VIEW
@@ -420,18 +434,8 @@ class BytesCounterMode:
         self._mode = None
 
     def __enter__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        counter = self
-
-        class _Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                counter.record(func, args, kwargs or {}, out)
-                return out
-
         self.tracker.__enter__()
-        self._mode = _Mode()
+        self._mode = _mode_class()(self)
         self._mode.__enter__()
         return self
 
@@ -453,6 +457,7 @@ class BytesCounterMode:
             return
         cap = self.capture
         cap.resolve_nodes()
+        _KEYS.clear()
         tensors_in = _tensors(args) + _tensors(list(kwargs.values()))
         outs = _tensors(out)
         cap.keep(tensors_in + outs)
@@ -460,7 +465,7 @@ class BytesCounterMode:
         node = torch._C._current_autograd_node() if bw else None
         if bw:
             self._hook_graph(node)
-        m = moves(name, func, args, kwargs, out)
+        m = moves(name, func, args, kwargs, out, tensors_in, outs)
         in_keys = {_storage_key(t) for t in tensors_in}
         created = [_storage_key(t) for t in outs if _storage_key(t) not in in_keys]
         event = Event(index=len(cap.events), op=name, pass_="bwd" if bw else "fwd",
@@ -516,6 +521,32 @@ class BytesCounterMode:
         event.deliverer = deliverer
         for t in outs or tensors_in[:1]:
             cap.delivered[id(t)] = (weakref.ref(t), deliverer or node)
+
+
+_MODE = []
+
+
+def _mode_class():
+    """The TorchDispatchMode recording into a BytesCounterMode (made once, torch imported lazily)."""
+    if not _MODE:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class _RecordingMode(TorchDispatchMode):
+            @classmethod
+            def _should_skip_dynamo(cls) -> bool:
+                return False  # nothing here is compiled: skip torch._disable_dynamo's per-call wrapper
+
+            def __init__(self, counter):
+                super().__init__()
+                self.counter = counter
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                self.counter.record(func, args, kwargs or {}, out)
+                return out
+
+        _MODE.append(_RecordingMode)
+    return _MODE[0]
 
 
 def count_bytes(fn, *, results=True) -> Capture:
