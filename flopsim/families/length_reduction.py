@@ -30,14 +30,18 @@ them, are all kept), then the layer's token scorer on those tokens:
   threshold per layer (thresholds linear in depth); the schedule gives the
   tokens those thresholds keep. Thresholds (one scalar per layer) are
   treated as fixed and not counted as parameters.
-At inference the kept[l + 1] best-scored tokens are selected (top-k) and
-gathered for layer l + 1 wherever the schedule can drop tokens (`selects`).
+At inference the kept[l + 1] best-scored tokens are selected wherever the
+schedule can drop tokens (`selects`): [CLS]'s score set to +inf
+(`keep_cls`), top-k indices (`select`), sorted into sequence order
+(`order`), the tokens gathered (`gather`, and their positions for RoPE).
 flopsim drops tokens between layers for every method; PoWER-BERT and LTP
 drop after a layer's attention, before its FFN, so their FFN in layer l
 runs on what flopsim lists as kept[l + 1]: shift their schedule by one layer
 to match them exactly.
 Train: every layer keeps all S tokens (soft removal): the scorer still
-runs, and a sigmoid mask of its scores multiplies the hidden states.
+runs, and a mask sigmoid(n * s - 1) of its n scores (`soft_mask`, one
+kernel) multiplies the hidden states (`mask_mul`); autograd sums the
+gradients of what the scorer shares with the block (`grad_sum`).
 The head runs on the tokens that survive the last layer (an LM head in
 forward: kept[L-1] positions; prefill: the last kept one; cls: the first).
 Decode is not modelled (token dropping acts on a prompt).

@@ -12,7 +12,7 @@ forward / train / prefill (static top-k, shapes known in advance):
     block      f(x~)              norms, attention among the k kept tokens, FFN;
                                   f is the block's residual branch (attn + mlp
                                   outputs), its adds are the dense block's two adds
-    scale      r~ * f(x~)         elementwise mul
+    scale      r~ * f(x~)         each kept row scaled by its router weight
     scatter    x'[idx] = x[idx] + r~ * f(x~)     (the add of x' = r f + x)
 
 The mul and the scatter's add are `scale_add`'s two FLOPs per element, split
@@ -34,7 +34,15 @@ tests):
   decode -- it decides per token.
 - with h = 0 the router decides at decode, and `train` fits it to the top-k
   membership with the paper's auxiliary BCE loss on the router logits.
-  Either loss is elementwise (0 FLOPs); it is costed as a `loss` op.
+  Either loss is elementwise (0 FLOPs); it is costed as a `loss` op (a
+  binary cross-entropy reading the scores and the kept indices).
+
+Bytes (each op one kernel as the reference runs it, checked by the bytes
+oracle, docs/bytes.md): `select` writes only the top-k indices (the values
+are not used), `order` sorts those int64 indices, `gather_positions` (RoPE
+only) gathers the kept tokens' position ids; in train, `grad_sum` sums x's
+three gradients (router, gather, scatter) and, without a predictor,
+`router.grad_sum` the router scores' two (loss, gather).
 
 prefill: the routed block's cache holds the kept tokens, so its attention
 reads k + ceil(c * (T - S)) keys (a cached prefix of T - S tokens was

@@ -32,10 +32,17 @@ d_expert (default d_ff), `ffn` mlp (up, down) or gated (gate_up, down):
   one MLP of width shared_experts * d_expert (DeepSeek-MoE, Qwen-MoE) on
   every token, added to the routed output.
 
-Bytes of the 0-FLOP ops (as FlopCounterMode counts them): top-k and sort
-via `topk`, dispatch via `gather` (N * k rows dropless, E * C rows padded),
-the combination weighting via an elementwise mul, combine via `scatter`
-(a scatter-add of as many rows back into the N x d_model output).
+Bytes of the 0-FLOP ops, each one kernel as the reference runs it (checked
+by the bytes oracle, docs/bytes.md): top-k (`topk`; in train its backward
+scatters the weights' gradients back); dropless: the N * k int64 expert ids
+sorted (`sort`), each sorted pair's token (index // k, `rows`), the rows per
+expert (`counts`, a bincount), the combination weights gathered into expert
+order (`gather_weights`); capacity: the slot assignment (`positions`: reads
+the pairs' experts and weights, writes the E * C slots' tokens and weights);
+dispatch via `gather` (N * k rows dropless, E * C rows padded), the
+weighting (`weight`, each row scaled by its weight), combine via `scatter`
+into a zero-filled N x d_model output. In train, x's gradients (it feeds
+the router, the dispatch and the shared experts) are summed (`grad_sum`).
 
 Decode, dropless: the batch's n = B tokens read only the experts they
 activate. Under uniform, independent routing (what load-balancing losses aim

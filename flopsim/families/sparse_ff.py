@@ -48,9 +48,11 @@ block_size units picks one active unit per block, d_ff / N per token.
   each token's units straight from the table (only the union from memory, no
   copy) would be faster; flopsim does not model one (there is no spec option
   for it), since neither the reference nor trax runs one.
-- Train: the masked dense path (trax's `train` mode): the controller, a
-  softmax over each block (Gumbel-softmax: the noise and the straight-through
-  one-hot are elementwise), the full W1 and W2 products, and the mask multiply.
+- Train: the masked dense path (trax's `train` mode): the controller, the
+  straight-through Gumbel-softmax mask as one kernel (`mlp.controller.mask`:
+  a softmax per block and the noisy argmax; the noise made on chip), the full
+  W1 and W2 products, the mask multiply, and the sum of x's two gradients
+  (controller, FFN).
 
 Sparse QKV (`sparse_qkv: S`, M = d_model / S), following trax's
 MultiplicativeConvCausalAttention (v_concat_type 'none'):

@@ -21,7 +21,15 @@ formulas (torch 2.13), which the tests check to the integer:
 `other_flops` uses the per-element arithmetic in ELEMENTWISE_FLOPS (a
 roofline input only; FlopCounterMode counts these ops as 0). Backward
 elementwise work is taken as twice the forward (the derivative and the
-product with the incoming gradient).
+product with the incoming gradient), except where the backward is a
+different kernel (an add's is none; RoPE's is the inverse rotation).
+
+Bytes and `other_flops` are checked against what the torch reference moves
+by flopsim.torchref.bytes_check (docs/bytes.md): each op is one kernel that
+reads its inputs from memory once and writes its outputs once; int64 indices
+(token ids, positions, top-k picks) are INDEX_BYTES each; values a kernel
+keeps only for its own backward (norm statistics, attention's log-sum-exp,
+the loss's) are recomputed there, not saved.
 """
 
 from __future__ import annotations

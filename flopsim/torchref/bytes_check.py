@@ -1,55 +1,66 @@
 """Bytes oracle: flopsim's op-list bytes and `other_flops` against what the
-torch reference moves, per module and pass (see docs/bytes.md).
+torch reference moves, per module and pass (docs/bytes.md).
 
-`compare_bytes(spec, phase, batch, seq, context)` runs the reference under
-flopsim.torchref.bytes_counter.BytesCounterMode, turns its aten ops into the
-kernels flopsim models (`kernels`), and compares, for every module path and
-pass (fwd, bwd), the kernels' bytes and arithmetic with the sum of `op.bytes`
-and `op.other_flops` over flopsim's ops whose `module` is that path or lies
-below it. Exact, to the byte and the FLOP.
+`compare_bytes(spec, phase, batch, seq, context)` runs the reference (fp32)
+under flopsim.torchref.bytes_counter.BytesCounterMode, groups its aten ops
+into the kernels flopsim models (`build_kernels`), and compares, for every
+module path and pass (fwd, bwd), the kernels' bytes and arithmetic with the
+sums of `op.bytes` and `op.other_flops` over flopsim's ops (at dtype fp32)
+whose `module` is that path or lies below it. Exact, to the byte and FLOP.
 
 flopsim's convention is that each op is its own kernel: what it reads comes
 from memory, what it writes goes to memory. Eager PyTorch runs more kernels
-than that; these rules, applied mechanically here, say which of its traffic a
-flopsim op stands for (each is pinned by a test in tests/test_bytes_rules.py):
+than that. These rules, applied mechanically here, say which of its traffic
+a flopsim op stands for; tests/test_bytes_rules.py pins each one.
 
-- OP: outside the cases below, each aten op is one kernel.
-- REGION: code the reference marks `fused(kind)` is one kernel per pass: it
-  reads the distinct tensors it takes from outside, writes what it hands on,
-  and keeps everything else on chip. Its backward is every autograd node its
-  forward made, as one kernel. Its arithmetic is the counter's table summed
-  over its aten ops, or, for the kinds in REGION_FLOPS, the kernel's own
-  figure per element of its basis (the eager RMSNorm and RoPE decompose into
-  a dozen ops whose per-row and table arithmetic a fused kernel does not do).
-- ON-CHIP: inside a region, work that depends only on integers and
-  constants (RoPE's angle table from the position ids, the causal mask) is
-  computed on chip where it is used: it costs nothing, and reading its
-  results costs nothing, in either pass; the integer inputs it reads (the
-  position ids) are read.
+- OP: outside the cases below, each aten op is one kernel. A kernel's bytes
+  are the union of the storage elements it reads plus those it writes
+  (a tensor and its slices read by one kernel count once).
+- REGION: code the reference marks `fused(kind)` (RoPE on q and k, RMSNorm,
+  the gated activation, the explicit attention's scale + mask + softmax, the
+  losses, MoE's grouped GEMM and slot assignment, the length-reduction soft
+  mask, the sparse-FF Gumbel mask, the embeddings' sum) is one kernel: it
+  reads the tensors it takes from outside and writes each tensor it hands on
+  whole (the views it wrote or its consumers read; not a constant fill's
+  scattered elements). Its backward -- every autograd node its forward made --
+  is one kernel too. Its arithmetic is the counter's aten table summed over
+  its ops, or, for the kinds in REGION_FLOPS, the fused kernel's own figure
+  per element of its basis (eager RMSNorm and RoPE decompose into ops whose
+  per-row and table arithmetic a fused kernel does not do).
+- ON-CHIP: inside a region, what is derived from integers and constants
+  alone (RoPE's angle table from the position ids, the causal mask, MoE's
+  slot bookkeeping) is computed on chip: free to the region and to its
+  backward, which read the integer inputs it comes from instead.
 - NODE: in backward, the kernels one autograd node runs (a Linear's
-  grad-input and grad-weight products and its bias-gradient sum) are one
-  kernel: each tensor they read comes from memory once.
+  grad-input and grad-weight products and bias-gradient sum) are one kernel:
+  each tensor they read comes from memory once.
 - ACCUMULATE: the engine's sum of a tensor's gradients (a tensor used twice:
-  the residual stream, a tied weight) is a kernel charged to the module of
-  the node that delivered the earlier gradient -- the forward's last consumer
-  of the tensor (the residual add, the tied LM head).
-- SPLIT: the concatenation autograd runs to join the gradients of a split or
-  chunk (the QKV split, the gate/up chunk) is free: a kernel writes the pieces
-  into one buffer (its result is still read by the next kernel).
+  the residual stream, a tied weight, MoE's router input) is a kernel charged
+  to the module of the node that delivered the earlier gradient: the forward's
+  last user of the tensor (the residual add, the tied LM head).
+- SPLIT: the concatenation autograd runs to join a split's or chunk's
+  gradients (QKV, gate/up) is free: a kernel writes the pieces into one buffer.
 - LAYOUT: copies that only change layout (clone, contiguous, `reshape` of a
-  strided tensor, `_to_copy` to the same dtype) are free: flopsim's kernels
-  take strided operands.
-- SCATTER: an out-of-place scatter (index_add, scatter_add, index_put) is
-  costed in place: the copy of its untouched `self` is not counted.
+  strided tensor, `_to_copy` to the same dtype, AccumulateGrad's copy of a
+  gradient into the parameter's layout) are free; their consumers read the
+  copy as if from memory.
+- INIT: constant fills (zeros, ones, full and their _like / new_ forms) are
+  free, and so is reading them before anything is written into them (a
+  scatter-add into a zero-filled output reads no target rows).
+- SCATTER: an out-of-place scatter is costed in place: the copy of its
+  untouched `self` (`Event.self_copy`) is not counted.
 - RECOMPUTE: a value a kernel makes only for its own backward (LayerNorm's
   mean and rstd, attention's log-sum-exp, the gated activation's act(gate),
-  the log-probabilities of the loss) is recomputed by the backward kernel
-  from the forward's inputs: it is not written, and the backward reads the
-  forward kernel's inputs instead.
-- DEAD: an output no later kernel reads, that is not a parameter gradient or
-  the run's result, is not written (a kernel built for the phase does not
-  write it: statistics at inference, unused top-k values).
-- SCALAR (bytes_counter): 0-d tensors move nothing (a loss and its seed).
+  the loss's log-probabilities) is recomputed by the backward kernel from the
+  forward's inputs: not written, and the backward reads those inputs instead.
+- DEAD: an output of a multi-output op that nothing reads is not written
+  (statistics at inference, unused top-k values); nor is anything a fused
+  kernel makes and keeps to itself.
+- SCALAR (counter): 0-d tensors move nothing (a loss and its seed).
+
+The reference follows flopsim where flopsim assumes something of it: the
+dropless grouped GEMM runs every expert (one with no row included), and the
+loss, run outside the model, is charged to `head` (flopsim's head.loss).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Bytes and elementwise FLOPs of every aten op the torch reference runs: the
 raw measurement behind flopsim's bytes oracle (flopsim.torchref.bytes_check
-turns it into kernels and compares it with the op lists).
+groups it into kernels and compares it with the op lists; docs/bytes.md).
 
 `BytesCounterMode` is a TorchDispatchMode. For each aten op it records an
 `Event`: the tensors it reads and writes (storage, view, bytes), its
@@ -9,67 +9,62 @@ and, in backward, the autograd node running it. Everything here is written
 independently of flopsim.ops.primitives: the tables below are the counter's,
 and flopsim is checked against them.
 
-What an aten op moves (the counter's conventions):
-- VIEW: an op whose output shares its input's storage (view, reshape of a
+What one aten op moves (the counter's conventions):
+- VIEW: an op whose outputs share its inputs' storage (view, reshape of a
   contiguous tensor, t, transpose, permute, expand, squeeze, slice, select,
   split, chunk, detach, _unsafe_view, ...) moves 0 bytes: no data moves.
-- READ: each distinct input tensor (the same view read twice by one op counts
-  once) costs its *distinct* elements times the element size: a broadcast
-  (expanded, stride-0) dimension counts once, since a kernel reads that memory
-  once (a bias added to every row reads d_out values).
+- READ: each distinct input view costs its *distinct* elements times the
+  element size: a broadcast (expanded, stride-0) dimension counts once, as a
+  kernel reads that memory once (a bias added to every row reads d_out values).
 - WRITE: each output costs numel times element size.
-- IN-PLACE (a mutated argument in the op's schema: add_, copy_, index_put_,
-  fill_, ...): the mutated tensor is written; it is also read unless the op
-  overwrites it whole (copy_, fill_, zero_, index_put_ without accumulate).
-- COPY: clone, contiguous and _to_copy read their source and write the copy
-  (flopsim.torchref.bytes_check's LAYOUT rule says which copies flopsim omits).
-- INDEX: embedding, index_select, index, gather read the index and only the
-  rows they select (output-sized); embedding's backward reads the gradient
-  and the index and writes the whole table gradient. Scatters (index_add,
-  scatter_add, index_put, scatter): the index and the source are read; the
-  target's touched elements are read (when added into) and written; an
-  out-of-place scatter also copies its whole `self` (read and written), which
-  the event keeps apart (`Event.self_copy`) for the SCATTER rule.
+- IN-PLACE (a `Tensor(a!)` argument in the op's schema: add_, copy_,
+  index_put_, fill_, ...): the mutated tensor is written; it is also read
+  unless the op overwrites it (copy_, fill_, zero_, random fills).
+- COPY: clone, contiguous and _to_copy read their source and write the copy.
+- INDEX: embedding, index_select, index and gather read the index and only
+  the rows they select (output-sized, each selected row counted);
+  embedding's backward reads the gradient and the index and writes the whole
+  table's gradient. Scatters (index_add, scatter_add, index_put, scatter):
+  the index and the source are read, the target's touched elements are read
+  (when added into) and written; an out-of-place scatter also copies its
+  whole `self`, which the event keeps apart (`Event.self_copy`).
 - FACTORY: tensors made from nothing (zeros, ones, full, arange, randint,
-  ...) write their output; empty* writes nothing (allocation only).
+  and the `_like` / `new_` forms, whose input gives only a shape) write their
+  output and read nothing; empty* writes nothing (allocation only).
 - SCALAR: 0-d tensors (a loss, its seed gradient, nll's total weight) move
   no bytes, and an op whose tensors are all 0-d has no arithmetic.
 
 Arithmetic (`Event.flops`, the oracle for `other_flops`; FlopCounterMode's
-matrix-product FLOPs are not repeated here): per output element unless said
-otherwise. Arithmetic ops (add, sub, mul, div, neg, pow, exp, log, rsqrt, cos,
-sin, comparisons, ...) 1; relu 1; tanh and sigmoid 4 (an exp, an add, a
-divide and a sign or scale); silu 4 (x / (1 + exp(-x))); gelu 8 (the tanh
-form: x^3, two multiply-adds, tanh, 1 +, two products); softmax and
-log-softmax 5 (max, subtract, exp, sum, divide or log); native_layer_norm 8
-(mean, subtract, square, mean, normalise, scale, shift, and the rsqrt
-amortised); reductions (sum, mean, amax, argmax, topk, sort, cumsum) 1 per
-*input* element; scatter-adds and embedding's backward 1 per source element
-(the add); selects, copies, gathers, masks 0; addmm / baddbmm the bias add, 1
-per output element; fused attention (CPU flash kernel) 6 per score (softmax 5
-and the 1/sqrt(d) scale), B * H * S * T scores. Backward kernels: twice the
-forward per element (the derivative and the product with the incoming
-gradient): gelu 16, silu 8, tanh 8, sigmoid 8, relu 2, softmax 10,
-layer_norm 16 per input element, fused attention 11 per score (softmax 10
-and the scale 1, as the explicit path's kernels); log-softmax's backward 5.
+matrix-product FLOPs are not repeated here), per output element unless said:
+add, sub, mul, div, floor_divide, neg, pow, exp, log, rsqrt, cos, sin,
+comparisons, clamp, relu 1; tanh, sigmoid 4 (exp, add, divide, and a scale
+or sign); silu 4 (x / (1 + exp(-x))); gelu 8 (x^3, two multiply-adds, tanh,
+1 +, two products); softmax and log-softmax 5 (max, subtract, exp, sum,
+divide or log); native_layer_norm 8 (mean, subtract, square, mean,
+normalise, scale, shift; the rsqrt per row folded in); reductions (sum,
+mean, amax, argmax, topk, sort, cumsum, bincount) 1 per *input* element;
+scatter-adds and embedding's backward 1 per source element (the add);
+selects, copies, gathers, masks 0; addmm / baddbmm / convolution with a
+bias, the bias add, 1 per output element; fused attention (the CPU flash
+kernel) 6 per score (softmax 5, the 1/sqrt(d) scale 1), B * H * S * T
+scores. Backward kernels: twice the forward per element (the derivative and
+the product with the incoming gradient): gelu 16, silu 8, tanh 8, sigmoid 8,
+relu 2, softmax 10, layer norm 16 per input element, fused attention 11 per
+score (softmax's 10 and the scale's 1, as the explicit path's kernels);
+log-softmax's backward 5.
 
 Attribution: forward ops belong to the innermost module running
-(torch.utils.module_tracker.ModuleTracker, as FlopCounterMode), the root
-class name dropped (`block.0.attn.qkv`). A backward op belongs to the
+(torch.utils.module_tracker.ModuleTracker, as FlopCounterMode uses), the
+root class name dropped (`block.0.attn.qkv`). A backward op belongs to the
 autograd node running it (torch._C._current_autograd_node); bytes_check
-charges a node to the module whose forward made it. Gradient sums the engine
-runs between nodes (a tensor used twice) are marked `accumulate`, with the
-node that delivered the earlier gradient (`deliverer`), by post-hooks on
-every node of the graph.
+charges a node to the module whose forward op made it. The gradient sums the
+engine runs between nodes are marked `accumulate`, with the node that
+delivered the earlier gradient (`deliverer`), from post-hooks on every node.
 
 Fused regions: the reference marks code that flopsim counts as one kernel
-with `fused(kind)` (RoPE, RMSNorm, the gated activation, the explicit
-attention's scaled masked softmax, the loss); the events inside carry the
-region, and bytes_check costs the region as one kernel. Outside a counter,
-`fused` only pushes and pops a marker.
-
-torch is imported by the functions that need it (torchref modules may import
-torch; this one keeps import light for the docs).
+with `fused(kind)`; the events inside carry the region. Outside a counter,
+`fused` only pushes and pops a marker. torch is imported only by the
+functions that use it.
 """
 
 from __future__ import annotations

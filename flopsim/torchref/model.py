@@ -7,8 +7,16 @@ Module paths equal flopsim op modules: `embed.tokens`, `block.{i}.norm1`,
 
 Attention follows `spec.attention_impl`: `fused` calls
 F.scaled_dot_product_attention (GQA through enable_gqa), `explicit` runs
-Q K^T, softmax and P V as separate ops with keys and values repeated per
-query head. Families subclass `Block` or pass their own `block_factory`.
+Q K^T, softmax and P V as separate ops, the query heads of a key/value head
+grouped into one product (keys and values read once). Families subclass
+`Block` or pass their own `block_factory`.
+
+Code that flopsim counts as one kernel is marked `fused(kind)` (RoPE on q and
+k, RMSNorm, the gated activation, the explicit scale + mask + softmax, the
+embeddings' sum, the loss) for the bytes oracle (flopsim.torchref.bytes_check);
+outside a counter the marker does nothing. Inputs (token ids, position ids,
+token types, loss targets, the decode cache) are made by `prepare_phase`, not
+inside the step; prefill writes keys and values into new cache buffers.
 """
 
 from __future__ import annotations
