@@ -288,7 +288,12 @@ def _fwd(ops):
 
 
 def _bwd(ops):
-    return next(op for op in ops if op.pass_ == "bwd")
+    """The primitive's backward op, or None when autograd's backward costs nothing in
+    flopsim (an add passes its gradient through)."""
+    op = next((op for op in ops if op.pass_ == "bwd"), None)
+    if op is None or not (op.bytes or op.all_flops):
+        return None
+    return op
 
 
 def calibrate(device: str = "cpu", *, hardware: Optional[str] = None, threads: Optional[int] = None,
@@ -347,7 +352,7 @@ def tiny_kernels(bench: Bench) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from flopsim.torchref.model import rope_pair
+    from flopsim.torchref.model import rope_qk
 
     x, y = bench.rand(1, 64), bench.rand(1, 64)
     w = bench.rand(64, 64)
@@ -362,7 +367,7 @@ def tiny_kernels(bench: Bench) -> dict:
         "router": (lambda: F.linear(x, w[:8]), False),
         "attention:fused": (lambda: F.scaled_dot_product_attention(q, k, v), False),
         "attention:explicit": (lambda: explicit_attention(q, k, v, False), False),
-        "elementwise:rope": (lambda: rope_pair(q, k[:, :, :1], positions), False),
+        "elementwise:rope": (lambda: rope_qk(q, k[:, :, :1], positions), False),
         "softmax": (lambda: torch.softmax(x, dim=-1), False),
         "norm:layernorm": (lambda: F.layer_norm(x, (64,), weight, bias), False),
         "norm:rmsnorm": (lambda: F.rms_norm(x, (64,), weight, eps=1e-6), False),
@@ -489,7 +494,7 @@ def memory_kernels(bench: Bench, size: float) -> list:
     import torch.nn.functional as F
 
     from flopsim.ops import primitives as P
-    from flopsim.torchref.model import rope_pair
+    from flopsim.torchref.model import rope_qk
 
     ctx, dt, dev = _ctx(bench.dtype), bench.dtype, bench.device
     width = 1024
@@ -504,7 +509,7 @@ def memory_kernels(bench: Bench, size: float) -> list:
     q, k = x.view(-1)[:heads * span * 64].view(1, heads, span, 64), other.view(-1)[:heads * span * 64].view(
         1, heads, span, 64)
     positions = torch.arange(span, device=dev).expand(1, span)
-    out.append(("rope", "elementwise", lambda: rope_pair(q, k, positions),
+    out.append(("rope", "elementwise", lambda: rope_qk(q, k, positions),
                 _fwd(P.elementwise(ctx, "x", layer=0, elements=2 * heads * span * 64, op="rope", module="x"))))
     weight, bias = bench.rand(width), bench.rand(width)
     out.append(("layernorm", "norm", lambda: F.layer_norm(x, (width,), weight, bias),
@@ -635,9 +640,11 @@ def measure_backward_kernels(bench: Bench) -> None:
     for size in (SMOKE["backward_sizes"] if bench.smoke else BACKWARD_SIZES[bench.device]):
         n, _ = _memory_shapes(bench, size)
         for name, kind, variant, make in backward_kernels(bench, n):
-            seconds = bench.timed(timer_of(make))
-            bench.record(f"{name} backward {size:.3g}B", kind, None, seconds, _backward_op(bench, name, kind, n),
-                         matrix=False, size=size)
+            op = _backward_op(bench, name, kind, n)
+            if op is None:
+                continue
+            bench.record(f"{name} backward {size:.3g}B", kind, None, bench.timed(timer_of(make)), op, matrix=False,
+                         size=size)
         bench.say(f"backward kernels at {size:.3g} B")
 
 

@@ -169,8 +169,8 @@ def test_inference_ops_bytes_match_their_derivation(gated, bias, phase, batch, s
     assert ops[f"{p}.units_arange"].act_write_bytes == b * idx  # arange(d_ff / N)
     offset = ops[f"{p}.units_offset"]  # * N
     assert offset.act_read_bytes == b * idx and offset.act_write_bytes == b * idx
-    units = ops[f"{p}.units"]  # argmax + offsets
-    assert units.act_read_bytes == n * b * idx and units.act_write_bytes == n * b * idx
+    units = ops[f"{p}.units"]  # argmax + offsets (the b offsets broadcast over the n tokens, read once)
+    assert units.act_read_bytes == (n * b + b) * idx and units.act_write_bytes == n * b * idx
     if gated:  # cat([units, units + d_ff])
         assert ops[f"{p}.units_up"].act_write_bytes == n * b * idx
         cat = ops[f"{p}.units_cat"]

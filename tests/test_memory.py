@@ -54,12 +54,12 @@ def _gpt2_activation_terms(b, s, h=768, vocab=50257, layers=12):
       norm1 1, qkv 3, attention output 1, out-proj 1, residual add 1,
       norm2 1, up 4, gelu 4, down 1, residual add 1          = 18 -> 36 s*b*h bytes
     embeddings: tokens 1, positions 1, their sum 1            =  3 ->  6 s*b*h bytes
-    head: final norm 1 (2 s*b*h bytes), logits s*b*V (2 bytes each),
-          the loss's fp32 log-sum-exp per row (4 s*b bytes)."""
+    head: final norm 1 (2 s*b*h bytes), logits s*b*V (2 bytes each); the loss
+          saves nothing (its row statistics are recomputed in backward)."""
     sbh = s * b * h
     per_layer = 36 * sbh
     embed = 6 * sbh
-    head = 2 * sbh + 2 * s * b * vocab + 4 * s * b
+    head = 2 * sbh + 2 * s * b * vocab
     return per_layer, embed, head, layers
 
 

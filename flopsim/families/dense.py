@@ -27,6 +27,9 @@ from flopsim.ops.primitives import (
     kv_cache_append,
     linear,
     norm,
+    residual_add,
+    rope,
+    select_rows,
 )
 from flopsim.ops.symbols import B, S, T
 
@@ -76,8 +79,8 @@ def attention_block(ctx: Ctx, i: int, *, batch, queries, keys, prefix: str, tags
     else:
         ops = qkv(ctx, i, batch=batch, queries=queries, prefix=p, tags=tags)
     if spec.positions == "rope":
-        ops += elementwise(ctx, f"{p}.rope", layer=i, elements=tokens * (d.heads + d.kv_heads) * d.d_head,
-                           op="rope", module=p, tags=tags)
+        ops += rope(ctx, f"{p}.rope", layer=i, tokens=tokens, heads=d.heads + d.kv_heads, d_head=d.d_head,
+                    module=p, tags=tags)
     if uses_kv_cache(ctx):
         ops += kv_cache_append(ctx, f"{p}.kv_cache", layer=i, batch=batch, tokens=queries,
                                kv_heads=d.kv_heads, d_head=d.d_head, module=p, tags=tags)
@@ -111,8 +114,7 @@ def mlp(ctx: Ctx, i: int, *, tokens, prefix: str, d_ff=None, name: str = "mlp",
 
 
 def residual(ctx: Ctx, name: str, i: int, *, tokens, module: str, tags: dict | None = None) -> list:
-    return elementwise(ctx, name, layer=i, elements=tokens * ctx.dims.d_model, op="add", inputs=2,
-                       module=module, tags=tags)
+    return residual_add(ctx, name, layer=i, elements=tokens * ctx.dims.d_model, module=module, tags=tags)
 
 
 def block(ctx: Ctx, i: int, *, batch, queries, keys, ffn=None, tags: dict | None = None, qkv=None) -> list:
@@ -151,12 +153,16 @@ def head(ctx: Ctx, *, batch, queries) -> list:
             ops += cross_entropy(ctx, "head.loss", layer=L, rows=rows, classes=d.vocab, module="head")
     elif spec.head == "cls":
         # BERT: pooler (dense + tanh) on the first token, then the classifier
+        ops += select_rows(ctx, "head.select", layer=L, rows=batch, total_rows=batch * queries, d=d.d_model,
+                           module="head")
         ops += linear(ctx, "head.pooler", layer=L, tokens=batch, d_in=d.d_model, d_out=d.d_model, bias=spec.bias)
         ops += elementwise(ctx, "head.pooler_act", layer=L, elements=batch * d.d_model, op="tanh", module="head")
         ops += linear(ctx, "head.classifier", layer=L, tokens=batch, d_in=d.d_model, d_out=d.classes,
                       bias=spec.bias)
         if ctx.train:
             ops += cross_entropy(ctx, "head.loss", layer=L, rows=batch, classes=d.classes, module="head")
+    elif ctx.train:  # no head: the loss is taken over the hidden states (what the reference trains on)
+        ops += cross_entropy(ctx, "head.loss", layer=L, rows=batch * queries, classes=d.d_model, module="head")
     return ops
 
 

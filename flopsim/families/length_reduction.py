@@ -30,14 +30,18 @@ them, are all kept), then the layer's token scorer on those tokens:
   threshold per layer (thresholds linear in depth); the schedule gives the
   tokens those thresholds keep. Thresholds (one scalar per layer) are
   treated as fixed and not counted as parameters.
-At inference the kept[l + 1] best-scored tokens are selected (top-k) and
-gathered for layer l + 1 wherever the schedule can drop tokens (`selects`).
+At inference the kept[l + 1] best-scored tokens are selected wherever the
+schedule can drop tokens (`selects`): [CLS]'s score set to +inf
+(`keep_cls`), top-k indices (`select`), sorted into sequence order
+(`order`), the tokens gathered (`gather`, and their positions for RoPE).
 flopsim drops tokens between layers for every method; PoWER-BERT and LTP
 drop after a layer's attention, before its FFN, so their FFN in layer l
 runs on what flopsim lists as kept[l + 1]: shift their schedule by one layer
 to match them exactly.
 Train: every layer keeps all S tokens (soft removal): the scorer still
-runs, and a sigmoid mask of its scores multiplies the hidden states.
+runs, and a mask sigmoid(n * s - 1) of its n scores (`soft_mask`, one
+kernel) multiplies the hidden states (`mask_mul`); autograd sums the
+gradients of what the scorer shares with the block (`grad_sum`).
 The head runs on the tokens that survive the last layer (an LM head in
 forward: kept[L-1] positions; prefill: the last kept one; cls: the first).
 Decode is not modelled (token dropping acts on a prompt).
@@ -51,7 +55,19 @@ import sympy as sp
 
 from flopsim.errors import InputError
 from flopsim.families import dense
-from flopsim.ops.primitives import Ctx, elementwise, gather, linear, reduce_sum, topk
+from flopsim.ops.primitives import (
+    INDEX_BYTES,
+    Ctx,
+    elementwise,
+    fill,
+    gather,
+    gradient_sum,
+    linear,
+    reduce_sum,
+    scale_rows,
+    sort_indices,
+    topk,
+)
 from flopsim.ops.symbols import B, exact
 
 ATTENTION_SCORED = ("power_bert", "ltp")
@@ -97,6 +113,34 @@ def scorer(ctx: Ctx, i: int, *, batch, queries, keys, tags: dict) -> list:
     return ops
 
 
+def scorer_gradient_sum(ctx: Ctx, i: int, *, queries, keys, tags: dict) -> list:
+    """train: what the scorer reads also feeds the block's output or its attention, so
+    autograd sums two gradients: the hidden states' (predictor methods: x feeds the
+    predictor and the mask multiply) or the attention probabilities' (PoWER-BERT, LTP:
+    they feed P V and the significance sum)."""
+    d = ctx.dims
+    p = f"block.{i}"
+    if ctx.spec.length_reduction.method in ATTENTION_SCORED:  # the significance's gradient is a broadcast
+        return gradient_sum(ctx, f"{p}.grad_sum", layer=i, elements=B * d.heads * queries * keys,
+                            broadcast=B * keys, module=p, tags=tags)
+    return gradient_sum(ctx, f"{p}.grad_sum", layer=i, elements=B * queries * d.d_model, module=p, tags=tags)
+
+
+def select_tokens(ctx: Ctx, i: int, *, queries, kept, tags: dict) -> list:
+    """Inference, after layer i: [CLS]'s score set to +inf (so it is kept), top-k of the
+    scores, the kept indices sorted into sequence order, the kept tokens gathered (and
+    their positions, for RoPE)."""
+    p = f"block.{i}"
+    ops = fill(ctx, f"{p}.keep_cls", layer=i, elements=B, module=p, tags=tags)
+    ops += topk(ctx, f"{p}.select", layer=i, rows=B, n=queries, k=kept, module=p, values=False, tags=tags)
+    ops += sort_indices(ctx, f"{p}.order", layer=i, rows=B, n=kept, module=p, tags=tags)
+    ops += gather(ctx, f"{p}.gather", layer=i, rows=B * kept, d=ctx.dims.d_model, module=p, tags=tags)
+    if ctx.spec.positions == "rope":
+        ops += gather(ctx, f"{p}.gather_positions", layer=i, rows=B * kept, d=1, module=p,
+                      value_bytes=INDEX_BYTES, tags=tags)
+    return ops
+
+
 def build(ctx: Ctx) -> list:
     spec, d = ctx.spec, ctx.dims
     if ctx.phase == "decode":
@@ -111,15 +155,13 @@ def build(ctx: Ctx) -> list:
         k = q + (keys - queries)  # a cached prefix (prefill) is kept whole
         ops += dense.block(ctx, i, batch=B, queries=q, keys=k, tags=tags)
         ops += scorer(ctx, i, batch=B, queries=q, keys=k, tags=tags)
-        if ctx.train:  # soft removal: x * sigmoid(score)
-            ops += elementwise(ctx, f"block.{i}.soft_mask", layer=i, elements=B * q, op="sigmoid",
+        if ctx.train:  # soft removal: x * sigmoid(n * score - 1)
+            ops += elementwise(ctx, f"block.{i}.soft_mask", layer=i, elements=B * q, op="soft_mask",
                                module=f"block.{i}", tags=tags)
-            ops += elementwise(ctx, f"block.{i}.mask_mul", layer=i, elements=B * q * d.d_model, op="mul",
-                               inputs=2, module=f"block.{i}", tags=tags)
+            ops += scale_rows(ctx, f"block.{i}.mask_mul", layer=i, rows=B * q, d=d.d_model, module=f"block.{i}",
+                              tags=tags)
+            ops += scorer_gradient_sum(ctx, i, queries=q, keys=k, tags=tags)
         elif select[i]:
-            ops += topk(ctx, f"block.{i}.select", layer=i, rows=B, n=q, k=kept[i + 1], module=f"block.{i}",
-                        tags=tags)
-            ops += gather(ctx, f"block.{i}.gather", layer=i, rows=B * kept[i + 1], d=d.d_model,
-                          module=f"block.{i}", tags=tags)
+            ops += select_tokens(ctx, i, queries=q, kept=kept[i + 1], tags=tags)
     ops += dense.head(ctx, batch=B, queries=kept[-1])
     return ops

@@ -12,7 +12,7 @@ forward / train / prefill (static top-k, shapes known in advance):
     block      f(x~)              norms, attention among the k kept tokens, FFN;
                                   f is the block's residual branch (attn + mlp
                                   outputs), its adds are the dense block's two adds
-    scale      r~ * f(x~)         elementwise mul
+    scale      r~ * f(x~)         each kept row scaled by its router weight
     scatter    x'[idx] = x[idx] + r~ * f(x~)     (the add of x' = r f + x)
 
 The mul and the scatter's add are `scale_add`'s two FLOPs per element, split
@@ -34,7 +34,15 @@ tests):
   decode -- it decides per token.
 - with h = 0 the router decides at decode, and `train` fits it to the top-k
   membership with the paper's auxiliary BCE loss on the router logits.
-  Either loss is elementwise (0 FLOPs); it is costed as a `loss` op.
+  Either loss is elementwise (0 FLOPs); it is costed as a `loss` op (a
+  binary cross-entropy reading the scores and the kept indices).
+
+Bytes (each op one kernel as the reference runs it, checked by the bytes
+oracle, docs/bytes.md): `select` writes only the top-k indices (the values
+are not used), `order` sorts those int64 indices, `gather_positions` (RoPE
+only) gathers the kept tokens' position ids; in train, `grad_sum` sums x's
+three gradients (router, gather, scatter) and, without a predictor,
+`router.grad_sum` the router scores' two (loss, gather).
 
 prefill: the routed block's cache holds the kept tokens, so its attention
 reads k + ceil(c * (T - S)) keys (a cached prefix of T - S tokens was
@@ -79,12 +87,16 @@ from flopsim.errors import InputError
 from flopsim.families import dense
 from flopsim.ops.expectations import expected_distinct
 from flopsim.ops.primitives import (
+    INDEX_BYTES,
     Ctx,
-    cross_entropy,
+    binary_cross_entropy,
     elementwise,
+    gradient_sum,
     gather,
     linear,
+    scale_rows,
     scatter,
+    sort_indices,
     topk,
 )
 
@@ -105,14 +117,21 @@ def check_supported(spec) -> None:
                          "block's residual branch (x' = r f(x) + x); use norm_position: pre")
 
 
-def decider_loss(ctx: Ctx, i: int, *, tokens, tags: dict) -> list:
+def decider_loss(ctx: Ctx, i: int, *, tokens, kept, tags: dict) -> list:
     """train: the BCE fitting the decider (predictor, or the router when there is
-    none) to the top-k membership of each token."""
+    none) to the top-k membership of each token (`kept` indices). The router's
+    scores also feed the gather of the kept tokens' weights, so without a predictor
+    their two gradients are summed (charged here, their last user)."""
     if not ctx.train:
         return []
-    name = f"block.{i}.predictor" if ctx.dims.value("mod_predictor_hidden") > 0 else f"block.{i}.router"
-    ops = cross_entropy(ctx, f"{name}.loss", layer=i, rows=tokens, classes=1, module=f"block.{i}")
-    return [replace(op, tags=tags) for op in ops]
+    predictor = ctx.dims.value("mod_predictor_hidden") > 0
+    name = f"block.{i}.predictor" if predictor else f"block.{i}.router"
+    ops = binary_cross_entropy(ctx, f"{name}.loss", layer=i, rows=tokens, picked=kept, module=f"block.{i}",
+                               tags=tags)
+    if not predictor:
+        ops += gradient_sum(ctx, f"block.{i}.router.grad_sum", layer=i, elements=tokens, module=f"block.{i}",
+                            tags=tags)
+    return ops
 
 
 def router(ctx: Ctx, i: int, *, tokens, tags: dict, d_out=1, name: str = "router") -> list:
@@ -150,15 +169,21 @@ def routed_block(ctx: Ctx, i: int, *, batch, queries, keys, ffn=None) -> list:
     tags = {"routed": True, "tokens": k}
     tokens = batch * queries
     ops = router(ctx, i, tokens=tokens, tags=tags)
-    ops += topk(ctx, f"{prefix}.select", layer=i, rows=batch, n=queries, k=k, module=prefix, tags=tags)
-    ops += topk(ctx, f"{prefix}.order", layer=i, rows=batch, n=k, k=k, module=prefix, tags=tags)
+    ops += topk(ctx, f"{prefix}.select", layer=i, rows=batch, n=queries, k=k, module=prefix, values=False,
+                tags=tags)
+    ops += sort_indices(ctx, f"{prefix}.order", layer=i, rows=batch, n=k, module=prefix, tags=tags)
     ops += gather(ctx, f"{prefix}.gather", layer=i, rows=batch * k, d=d.d_model, module=prefix, tags=tags)
     ops += gather(ctx, f"{prefix}.gather_r", layer=i, rows=batch * k, d=1, module=prefix, tags=tags)
+    if ctx.spec.positions == "rope":  # the kept tokens' positions, for their rotary embedding
+        ops += gather(ctx, f"{prefix}.gather_positions", layer=i, rows=batch * k, d=1, module=prefix,
+                      value_bytes=INDEX_BYTES, tags=tags)[:1]
     ops += dense.block(ctx, i, batch=batch, queries=k, keys=cached, ffn=ffn, tags=tags)
-    ops += elementwise(ctx, f"{prefix}.scale", layer=i, elements=batch * k * d.d_model, op="mul", inputs=2,
-                       module=prefix, tags=tags)
+    ops += scale_rows(ctx, f"{prefix}.scale", layer=i, rows=batch * k, d=d.d_model, module=prefix, tags=tags)
     ops += scatter(ctx, f"{prefix}.scatter", layer=i, rows=batch * k, d=d.d_model, module=prefix, tags=tags)
-    ops += decider_loss(ctx, i, tokens=tokens, tags=tags)
+    # x feeds the router, the gather and the scatter: autograd sums its three gradients
+    ops += gradient_sum(ctx, f"{prefix}.grad_sum", layer=i, elements=tokens * d.d_model, count=2, module=prefix,
+                        tags=tags)
+    ops += decider_loss(ctx, i, tokens=tokens, kept=batch * k, tags=tags)
     return ops
 
 

@@ -43,10 +43,17 @@ d_expert (default d_ff), `ffn` mlp (up, down) or gated (gate_up, down):
   one MLP of width shared_experts * d_expert (DeepSeek-MoE, Qwen-MoE) on
   every token, added to the routed output.
 
-Bytes of the 0-FLOP ops (as FlopCounterMode counts them): top-k and sort
-via `topk`, dispatch via `gather` (N * k rows dropless, E * C rows padded),
-the combination weighting via an elementwise mul, combine via `scatter`
-(a scatter-add of as many rows back into the N x d_model output).
+Bytes of the 0-FLOP ops, each one kernel as the reference runs it (checked
+by the bytes oracle, docs/bytes.md): top-k (`topk`; in train its backward
+scatters the weights' gradients back); dropless: the N * k int64 expert ids
+sorted (`sort`), each sorted pair's token (index // k, `rows`), the rows per
+expert (`counts`, a bincount), the combination weights gathered into expert
+order (`gather_weights`); capacity: the slot assignment (`positions`: reads
+the pairs' experts and weights, writes the E * C slots' tokens and weights);
+dispatch via `gather` (N * k rows dropless, E * C rows padded), the
+weighting (`weight`, each row scaled by its weight), combine via `scatter`
+into a zero-filled N x d_model output. In train, x's gradients (it feeds
+the router, the dispatch and the shared experts) are summed (`grad_sum`).
 
 Decode, dropless: the batch's n = B tokens read only the experts they
 activate. Under uniform, independent routing (what load-balancing losses aim
@@ -77,11 +84,17 @@ from flopsim.ops.expectations import expected_distinct
 from flopsim.ops.primitives import (
     GATED_ACTIVATION,
     Ctx,
+    bincount,
     elementwise,
     gather,
     gathered_experts,
+    gradient_sum,
+    index_elementwise,
     linear,
+    scale_rows,
     scatter,
+    slot_assignment,
+    sort_indices,
     topk,
 )
 
@@ -148,26 +161,10 @@ def moe_ffn(ctx: Ctx, i: int, *, tokens, prefix: str, tags: dict | None = None,
     if moe.kernel != "grouped" and ctx.train:
         raise InputError(f"moe.kernel: {moe.kernel!r} is an inference kernel (each token indexes its experts' "
                          f"weights); train with kernel grouped")
-    if moe.routing == "expert_choice":
-        # each expert picks its top C tokens (a top-k along the token axis)
-        ops += topk(ctx, f"{p}.topk", layer=i, rows=E, n=tokens, k=slots, module=p, tags=t)
-        rows, expert_tokens, batch = E * slots, slots, E
-    else:
-        ops += topk(ctx, f"{p}.topk", layer=i, rows=tokens, n=routed, k=k, module=p, tags=t)
-        if dropless and moe.kernel != "grouped":
-            rows, expert_tokens, batch = tokens * k, None, None  # pairs stay in token order: no sort
-        elif dropless:
-            # sort the N*k (token, expert) pairs by expert for the grouped GEMM
-            pairs = tokens * k
-            ops += topk(ctx, f"{p}.sort", layer=i, rows=1, n=pairs, k=pairs, module=p, tags=t)
-            rows, expert_tokens, batch = pairs, pairs / E, E
-        else:
-            # slot of each pair in its expert's buffer: cumsum of a one-hot
-            ops += elementwise(ctx, f"{p}.positions", layer=i, elements=tokens * k * routed, op="add",
-                               module=p, backward=False, tags=t)
-            rows, expert_tokens, batch = E * slots, slots, E
+    routing, (rows, expert_tokens, batch) = _routing(ctx, p, i, tokens=tokens, routed=routed, slots=slots, tags=t)
+    ops += routing
     ops += gather(ctx, f"{p}.dispatch", layer=i, rows=rows, d=d.d_model, module=p, tags=t)
-    if moe.kernel != "grouped":
+    if moe.kernel != "grouped":  # the pairs in token order, each indexing its expert's weights
         ops += gathered_expert_mlp(ctx, i, pairs=rows, prefix=p, tags=t)
     else:
         expert_ops = dense.mlp(ctx, i, tokens=expert_tokens, prefix=p, d_ff=d_expert, name="experts",
@@ -175,20 +172,53 @@ def moe_ffn(ctx: Ctx, i: int, *, tokens, prefix: str, tags: dict | None = None,
         if decode_read:
             expert_ops = [_expected_reads(op, E, active, tokens * k) for op in expert_ops]
         ops += expert_ops
-    ops += elementwise(ctx, f"{p}.weight", layer=i, elements=rows * d.d_model, op="mul", module=p, tags=t)
-    ops += scatter(ctx, f"{p}.combine", layer=i, rows=rows, d=d.d_model, module=p, tags=t)
+    if dropless and moe.kernel == "grouped":  # the combination weights follow the pairs into expert order
+        ops += gather(ctx, f"{p}.gather_weights", layer=i, rows=rows, d=1, module=p, tags=t)
+    ops += scale_rows(ctx, f"{p}.weight", layer=i, rows=rows, d=d.d_model, module=p, tags=t)
+    ops += scatter(ctx, f"{p}.combine", layer=i, rows=rows, d=d.d_model, module=p, into_zeros=True, tags=t)
     if moe.shared_experts:
         ops += dense.mlp(ctx, i, tokens=tokens, prefix=p, d_ff=d.shared_experts * d_expert, name="shared",
                          tags=t)
         ops += elementwise(ctx, f"{p}.shared_add", layer=i, elements=tokens * d.d_model, op="add", inputs=2,
                            module=p, tags=t)
+    # x feeds the router, the dispatch (and the shared experts): autograd sums its gradients,
+    # charged to x's last user in forward (post-norm: the residual add, in the block)
+    ops += gradient_sum(ctx, f"{p}.grad_sum", layer=i, elements=tokens * d.d_model,
+                        count=2 if moe.shared_experts else 1, module=p if spec.norm_position == "pre" else prefix,
+                        tags=t)
     return ops
 
 
+def _routing(ctx: Ctx, p: str, i: int, *, tokens, routed, slots, tags: dict):
+    """The top-k and the bookkeeping that places rows for the experts; returns the ops
+    and (rows dispatched, rows per expert, experts batched)."""
+    d = ctx.dims
+    E, k = d.experts, d.top_k
+    if ctx.spec.moe.routing == "expert_choice":
+        # each expert picks its top C tokens (a top-k along the token axis)
+        ops = topk(ctx, f"{p}.topk", layer=i, rows=E, n=tokens, k=slots, module=p, backward=True, tags=tags)
+        return ops, (E * slots, slots, E)
+    ops = topk(ctx, f"{p}.topk", layer=i, rows=tokens, n=routed, k=k, module=p, backward=True, tags=tags)
+    if slots is None and ctx.spec.moe.kernel != "grouped":
+        return ops, (tokens * k, None, None)  # pairs stay in token order: no sort
+    if slots is None:
+        # sort the N*k (token, expert) pairs by expert for the grouped GEMM; each pair's token
+        # (its index // k) and the rows per expert
+        pairs = tokens * k
+        ops += sort_indices(ctx, f"{p}.sort", layer=i, rows=1, n=pairs, module=p, tags=tags)
+        ops += index_elementwise(ctx, f"{p}.rows", layer=i, elements=pairs, op="div", module=p, tags=tags)
+        ops += bincount(ctx, f"{p}.counts", layer=i, n=pairs, bins=E, module=p, tags=tags)
+        return ops, (pairs, pairs / E, E)
+    # slot of each pair in its expert's buffer: cumsum of a one-hot
+    ops += slot_assignment(ctx, f"{p}.positions", layer=i, pairs=tokens * k, slots=E * slots, routed=routed,
+                           module=p, tags=tags)
+    return ops, (E * slots, slots, E)
+
+
 def gathered_expert_mlp(ctx: Ctx, i: int, *, pairs, prefix: str, tags: dict) -> list:
-    """moe.kernel gather: each of the `pairs` (token, expert) pairs copies its
-    expert's weights and runs a matrix-vector product per projection (up, or
-    gate and up fused; activation; down), as `dense.mlp` composes them."""
+    """moe.kernel gather / gather_fused: each of the `pairs` (token, expert) pairs
+    indexes its expert's weights and runs a matrix-vector product per projection
+    (up, or gate and up fused; activation; down), as `dense.mlp` composes them."""
     spec, d = ctx.spec, ctx.dims
     p = f"{prefix}.experts"
     common = dict(layer=i, pairs=pairs, experts=d.experts, bias=spec.bias, tags=tags,

@@ -48,9 +48,11 @@ block_size units picks one active unit per block, d_ff / N per token.
   each token's units straight from the table (only the union from memory, no
   copy) would be faster; flopsim does not model one (there is no spec option
   for it), since neither the reference nor trax runs one.
-- Train: the masked dense path (trax's `train` mode): the controller, a
-  softmax over each block (Gumbel-softmax: the noise and the straight-through
-  one-hot are elementwise), the full W1 and W2 products, and the mask multiply.
+- Train: the masked dense path (trax's `train` mode): the controller, the
+  straight-through Gumbel-softmax mask as one kernel (`mlp.controller.mask`:
+  a softmax per block and the noisy argmax; the noise made on chip), the full
+  W1 and W2 products, the mask multiply, and the sum of x's two gradients
+  (controller, FFN).
 
 Sparse QKV (`sparse_qkv: S`, M = d_model / S), following trax's
 MultiplicativeConvCausalAttention (v_concat_type 'none'):
@@ -84,6 +86,8 @@ from flopsim.ops.primitives import (
     elementwise,
     factored_dense,
     gathered_linear,
+    gradient_sum,
+    gumbel_mask,
     index_elementwise,
     linear,
     topk,
@@ -110,16 +114,17 @@ def sparse_ffn(ctx: Ctx, i: int, *, tokens, prefix: str, tags: dict | None = Non
     if ctx.train:
         tags = {**(tags or {}), "active_units": blocks, "units_read": d.d_ff}
         ops = controller(ctx, i, tokens=tokens, prefix=p, tags=tags)
-        ops += elementwise(ctx, f"{p}.controller.softmax", layer=i, elements=tokens * d.d_ff, op="softmax",
-                           module=p, kind="softmax", tags=tags)
-        ops += topk(ctx, f"{p}.controller.argmax", layer=i, rows=tokens * blocks, n=d.block_size, k=1,
-                    module=p, tags=tags)
+        ops += gumbel_mask(ctx, f"{p}.controller.mask", layer=i, elements=tokens * d.d_ff, module=p, tags=tags)
         ops += dense.mlp(ctx, i, tokens=tokens, prefix=prefix, tags=tags)
         # the (straight-through) mask multiplies the activation before the down product
         down = ops.index(next(op for op in ops if op.name == f"{p}.down"))
         mask = elementwise(ctx, f"{p}.mask", layer=i, elements=tokens * d.d_ff, op="mul", inputs=2,
                            module=p, tags=tags)
-        return ops[:down] + mask + ops[down:]
+        # x feeds the controller and the FFN: autograd sums its two gradients, charged to x's last
+        # user in forward (post-norm: the residual add, in the block)
+        last = p if spec.norm_position == "pre" else prefix
+        grad_sum = gradient_sum(ctx, f"{p}.grad_sum", layer=i, elements=tokens * d.d_model, module=last, tags=tags)
+        return ops[:down] + mask + ops[down:] + grad_sum
     n_read = blocks * expected_distinct(d.block_size, 1, tokens)  # distinct active units over the tokens
     tags = {**(tags or {}), "active_units": blocks, "units_read": n_read}
     ops = controller(ctx, i, tokens=tokens, prefix=p, tags=tags)
@@ -129,7 +134,8 @@ def sparse_ffn(ctx: Ctx, i: int, *, tokens, prefix: str, tags: dict | None = Non
     ops += index_elementwise(ctx, f"{p}.units_arange", layer=i, elements=blocks, op="copy", inputs=0, module=p,
                              tags=tags)
     ops += index_elementwise(ctx, f"{p}.units_offset", layer=i, elements=blocks, op="mul", module=p, tags=tags)
-    ops += index_elementwise(ctx, f"{p}.units", layer=i, elements=tokens * blocks, module=p, tags=tags)
+    ops += index_elementwise(ctx, f"{p}.units", layer=i, elements=tokens * blocks, broadcast=blocks, module=p,
+                             tags=tags)
     if gated:  # gate_up's index: cat([units, units + d_ff])
         ops += index_elementwise(ctx, f"{p}.units_up", layer=i, elements=tokens * blocks, module=p, tags=tags)
         ops += index_elementwise(ctx, f"{p}.units_cat", layer=i, elements=2 * tokens * blocks, op="copy",

@@ -21,7 +21,15 @@ formulas (torch 2.13), which the tests check to the integer:
 `other_flops` uses the per-element arithmetic in ELEMENTWISE_FLOPS (a
 roofline input only; FlopCounterMode counts these ops as 0). Backward
 elementwise work is taken as twice the forward (the derivative and the
-product with the incoming gradient).
+product with the incoming gradient), except where the backward is a
+different kernel (an add's is none; RoPE's is the inverse rotation).
+
+Bytes and `other_flops` are checked against what the torch reference moves
+by flopsim.torchref.bytes_check (docs/bytes.md): each op is one kernel that
+reads its inputs from memory once and writes its outputs once; int64 indices
+(token ids, positions, top-k picks) are INDEX_BYTES each; values a kernel
+keeps only for its own backward (norm statistics, attention's log-sum-exp,
+the loss's) are recomputed there, not saved.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ ELEMENTWISE_FLOPS = {
     "copy": 0,
     "add": 1,
     "mul": 1,
+    "div": 1,
     "scale_add": 2,  # y = r * f(x) + x (MoD's router-weighted residual)
     "relu": 1,
     "gelu": 8,
@@ -45,16 +54,35 @@ ELEMENTWISE_FLOPS = {
     "silu": 4,
     "swiglu": 5,  # silu(gate) * up
     "geglu": 9,  # gelu(gate) * up
+    "reglu": 2,  # relu(gate) * up
     "tanh": 4,
     "sigmoid": 4,
+    "soft_mask": 6,  # sigmoid(n * s - 1): the affine (2) and the sigmoid (4)
     "rope": 3,  # x * cos + rotate(x) * sin
     "softmax": 5,  # max, subtract, exp, sum, divide
     "layernorm": 8,  # mean, variance, normalise, scale, shift
     "rmsnorm": 4,  # square-mean, rsqrt, normalise, scale
     "cross_entropy": 5,  # log-softmax and the pick
 }
-GATED_ACTIVATION = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu", "relu": "mul"}
+GATED_ACTIVATION = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu", "relu": "reglu"}
 BACKWARD_ELEMENTWISE = 2  # backward elementwise arithmetic relative to forward
+INDEX_BYTES = 8  # int64 indices (token ids, positions, top-k and gather indices), as torch uses
+
+
+def gradient_sum(ctx: "Ctx", name: str, *, layer: int, elements, module: str, count=1, broadcast=None,
+                 tags: dict | None = None) -> list[Op]:
+    """train: `count` sums of a tensor's gradients, where the tensor feeds more ops than
+    one (autograd sums the gradients it receives: each sum reads two, writes one, an add
+    per element). `broadcast`: the second gradient is a broadcast of that many values
+    (a sum's gradient), read once. A backward op only (the sum has no forward
+    counterpart), charged to the tensor's last user in forward."""
+    if not ctx.train:
+        return []
+    w = ctx.w
+    second = elements if broadcast is None else broadcast
+    return [Op(name=name, kind="elementwise", layer=layer, module=module, pass_="bwd", tags=tags or {},
+               variant="add", other_flops=count * ELEMENTWISE_FLOPS["add"] * elements,
+               act_read_bytes=count * (elements + second) * w, act_write_bytes=count * elements * w)]
 
 
 @dataclass(frozen=True)
@@ -87,10 +115,17 @@ def linear(ctx: Ctx, name: str, *, layer: int, tokens, d_in, d_out, bias: bool,
            input_grad: bool = True, batch=1, tags: dict | None = None) -> list[Op]:
     """y = x W^T (+ b) on `tokens` rows; `batch` independent weight matrices
     (batched experts) each see `tokens` rows. `tied`: the weight belongs to
-    another op (it is read, not owned)."""
+    another op (it is read, not owned).
+
+    Backward, one kernel: reads the gradient and the saved input once, and W
+    when the input needs a gradient (not the bias); writes grad W, grad b and
+    grad x. A tied weight's two gradients are summed (read both, write the
+    sum), charged here: this op is the weight's last user in forward, whose
+    gradient autograd receives first."""
     w = ctx.w
     mnk = batch * tokens * d_in * d_out
-    weight = batch * (d_in * d_out + (d_out if bias else 0))
+    matrix = batch * d_in * d_out
+    weight = matrix + (batch * d_out if bias else 0)
     fwd = Op(
         name=name, kind=kind, layer=layer, module=module or name,
         flops=2 * mnk,
@@ -105,8 +140,10 @@ def linear(ctx: Ctx, name: str, *, layer: int, tokens, d_in, d_out, bias: bool,
     products = 2 if input_grad else 1  # grad-input (when needed) and grad-weight
     bwd = dict(
         flops=2 * mnk * products,
-        other_flops=batch * tokens * d_out if bias else 0,  # bias-gradient reduction
-        weight_bytes=(weight * (2 if input_grad else 1)) * w,  # read W for grad-in; write grad W
+        other_flops=(batch * tokens * d_out if bias else 0)  # bias-gradient reduction
+        + (matrix if tied else 0),  # the tied gradients' sum
+        weight_bytes=(weight + (matrix if input_grad else 0)  # write grad W (and b); read W for grad-in
+                      + (3 * matrix if tied else 0)) * w,  # tied: read both gradients, write their sum
         act_read_bytes=batch * tokens * (d_out + d_in) * w,  # grad_out, saved input
         act_write_bytes=(batch * tokens * d_in * w) if input_grad else 0,
     )
@@ -145,9 +182,12 @@ def attention(ctx: Ctx, name: str, *, layer: int, batch, queries, keys, heads, k
     bwd = dict(
         flops=2 * bwd_products * products,
         causal_flops=2 * bwd_products * products * causal_fraction,
-        other_flops=scores * ELEMENTWISE_FLOPS["softmax"] * BACKWARD_ELEMENTWISE,
-        act_read_bytes=3 * q_bytes + kv_bytes + (2 * scores * w if impl == "explicit" else 0),  # q, o, dO, k, v
-        act_write_bytes=q_bytes + kv_bytes + (scores * w if impl == "explicit" else 0),  # dq, dk, dv
+        other_flops=scores * (ELEMENTWISE_FLOPS["softmax"] * BACKWARD_ELEMENTWISE + 1),  # and the scale's
+        # fused (one kernel): q, o, dO, k, v in; dq, dk, dv out. explicit (three kernels):
+        # P V's backward reads dO, V, P and writes dP, dV; softmax's reads dP, P and writes
+        # dS; Q K^T's reads dS, Q, K and writes dQ, dK
+        act_read_bytes=(3 * q_bytes + kv_bytes) if impl == "fused" else (2 * q_bytes + kv_bytes + 4 * scores * w),
+        act_write_bytes=q_bytes + kv_bytes + (2 * scores * w if impl == "explicit" else 0),
     )
     return _with_backward(ctx, fwd, bwd)
 
@@ -183,9 +223,13 @@ def conv2d(ctx: Ctx, name: str, *, layer: int, batch, c_in, c_out, out_positions
 def elementwise(ctx: Ctx, name: str, *, layer: int, elements, op: str, inputs: int = 1,
                 module: str, kind: str = "elementwise", backward: bool = True,
                 tags: dict | None = None) -> list[Op]:
-    """An elementwise kernel over `elements` outputs reading `inputs` tensors of that size."""
+    """An elementwise kernel over `elements` outputs reading `inputs` tensors of that size.
+    Backward: one kernel reading the gradient and the saved inputs, writing each
+    input's gradient, at BACKWARD_ELEMENTWISE times the forward arithmetic -- except
+    an add, whose backward passes the gradient through unchanged: a backward op with
+    no cost (no kernel runs; a residual's gradient sum is `residual_add`'s)."""
     w = ctx.w
-    per = ELEMENTWISE_FLOPS[op]
+    per = ELEMENTWISE_FLOPS[op] * (max(inputs - 1, 1) if op == "add" else 1)  # n inputs: n - 1 adds
     fwd = Op(name=name, kind=kind, layer=layer, module=module,
              other_flops=per * elements,
              act_read_bytes=inputs * elements * w,
@@ -194,6 +238,45 @@ def elementwise(ctx: Ctx, name: str, *, layer: int, elements, op: str, inputs: i
     bwd = dict(other_flops=per * elements * BACKWARD_ELEMENTWISE,
                act_read_bytes=(inputs + 1) * elements * w,  # grad_out and saved inputs
                act_write_bytes=inputs * elements * w) if backward else None
+    if backward and op == "add":
+        bwd = {}  # the gradient passes through
+    return _with_backward(ctx, fwd, bwd)
+
+
+def residual_add(ctx: Ctx, name: str, *, layer: int, elements, module: str,
+                 tags: dict | None = None) -> list[Op]:
+    """x + f(x): the add of a residual branch. Its backward passes the gradient to
+    both inputs; x, having fed both f and this add, then gets the sum of its two
+    gradients -- one kernel reading two, writing one, an add per element."""
+    w = ctx.w
+    fwd = Op(name=name, kind="elementwise", layer=layer, module=module,
+             other_flops=ELEMENTWISE_FLOPS["add"] * elements,
+             act_read_bytes=2 * elements * w,
+             act_write_bytes=elements * w,
+             tags=tags or {}, variant="add")
+    bwd = dict(other_flops=ELEMENTWISE_FLOPS["add"] * elements,
+               act_read_bytes=2 * elements * w,
+               act_write_bytes=elements * w)
+    return _with_backward(ctx, fwd, bwd)
+
+
+def rope(ctx: Ctx, name: str, *, layer: int, tokens, heads, d_head, module: str,
+         tags: dict | None = None) -> list[Op]:
+    """Rotary embedding of `heads` query and key heads of d_head on `tokens` tokens, one
+    kernel: it reads x and the int64 position ids (the angles are made on chip) and
+    writes x * cos + rotate(x) * sin. RoPE is a rotation, so its backward is the
+    inverse rotation: the same arithmetic on the gradient, without the saved input."""
+    w = ctx.w
+    elements = tokens * heads * d_head
+    per = ELEMENTWISE_FLOPS["rope"]
+    fwd = Op(name=name, kind="elementwise", layer=layer, module=module,
+             other_flops=per * elements,
+             act_read_bytes=elements * w + tokens * INDEX_BYTES,
+             act_write_bytes=elements * w,
+             tags=tags or {}, variant="rope")
+    bwd = dict(other_flops=per * elements,
+               act_read_bytes=elements * w + tokens * INDEX_BYTES,
+               act_write_bytes=elements * w)
     return _with_backward(ctx, fwd, bwd)
 
 
@@ -217,14 +300,18 @@ def norm(ctx: Ctx, name: str, *, layer: int, tokens, d, module: str | None = Non
 
 
 def embedding(ctx: Ctx, name: str, *, layer: int, tokens, rows, d, module: str | None = None) -> list[Op]:
-    """A table lookup: reads `tokens` rows of a rows x d table."""
+    """A table lookup: reads the int64 ids and `tokens` rows of a rows x d table.
+    Backward (embedding_dense_backward) reads the gradient and the ids, adds each
+    gradient row into its table row and writes the whole table's gradient."""
     w = ctx.w
     fwd = Op(name=name, kind="embedding", layer=layer, module=module or name,
              weight_bytes=tokens * d * w,
+             act_read_bytes=tokens * INDEX_BYTES,
              act_write_bytes=tokens * d * w,
              params=rows * d)
-    bwd = dict(weight_bytes=rows * d * w,  # embedding_dense_backward writes a full-size gradient
-               act_read_bytes=tokens * d * w)
+    bwd = dict(other_flops=tokens * d,  # each gradient row added into the table's gradient
+               weight_bytes=rows * d * w,  # embedding_dense_backward writes a full-size gradient
+               act_read_bytes=tokens * d * w + tokens * INDEX_BYTES)
     return _with_backward(ctx, fwd, bwd)
 
 
@@ -237,51 +324,160 @@ def kv_cache_append(ctx: Ctx, name: str, *, layer: int, batch, tokens, kv_heads,
 
 
 def cross_entropy(ctx: Ctx, name: str, *, layer: int, rows, classes, module: str) -> list[Op]:
-    """Softmax cross-entropy over `rows` x `classes` logits (train only)."""
+    """Softmax cross-entropy over `rows` x `classes` logits and int64 targets (train
+    only), one fused kernel per pass: forward reads the logits and the targets and
+    writes the (scalar) loss; backward reads them again (the row statistics are
+    recomputed, not saved) and writes the logits' gradient."""
     w = ctx.w
     fwd = Op(name=name, kind="loss", layer=layer, module=module,
              other_flops=ELEMENTWISE_FLOPS["cross_entropy"] * rows * classes,
-             act_read_bytes=rows * classes * w,
-             act_write_bytes=rows * 4)  # fp32 log-sum-exp per row
+             act_read_bytes=rows * classes * w + rows * INDEX_BYTES)
     bwd = dict(other_flops=ELEMENTWISE_FLOPS["cross_entropy"] * rows * classes,
-               act_read_bytes=rows * classes * w,
+               act_read_bytes=rows * classes * w + rows * INDEX_BYTES,
                act_write_bytes=rows * classes * w)
     return _with_backward(ctx, fwd, bwd)
 
 
-INDEX_BYTES = 8  # int64 indices, as torch's topk / gather use
+def binary_cross_entropy(ctx: Ctx, name: str, *, layer: int, rows, picked, module: str,
+                         tags: dict | None = None) -> list[Op]:
+    """Binary cross-entropy with logits of `rows` scores against a 0/1 target given by
+    `picked` int64 indices (top-k membership; train only), one fused kernel per pass:
+    forward reads the scores and the indices and writes the (scalar) loss; backward
+    reads them again and writes the scores' gradient."""
+    w = ctx.w
+    per = ELEMENTWISE_FLOPS["cross_entropy"]
+    fwd = Op(name=name, kind="loss", layer=layer, module=module, other_flops=per * rows,
+             act_read_bytes=rows * w + picked * INDEX_BYTES, tags=tags or {})
+    bwd = dict(other_flops=per * rows, act_read_bytes=rows * w + picked * INDEX_BYTES, act_write_bytes=rows * w)
+    return _with_backward(ctx, fwd, bwd)
 
 
 def topk(ctx: Ctx, name: str, *, layer: int, rows, n, k, module: str, kind: str = "topk",
-         tags: dict | None = None) -> list[Op]:
-    """Select k of n scores in each of `rows` rows (values and int64 indices out)."""
+         values: bool = True, backward: bool = False, tags: dict | None = None) -> list[Op]:
+    """Select k of n scores in each of `rows` rows: int64 indices out, and the values
+    unless `values` is False (a caller using only the indices: the values are not
+    written). `backward` (the values carry a gradient, e.g. combination weights): the
+    backward scatters the k gradients per row into the scores' zero-filled gradient
+    (reads them and the indices, writes them)."""
     w = ctx.w
+    fwd = Op(name=name, kind=kind, layer=layer, module=module,
+             other_flops=rows * n,  # one comparison per score
+             act_read_bytes=rows * n * w,
+             act_write_bytes=rows * k * ((w if values else 0) + INDEX_BYTES),
+             tags=tags or {})
+    bwd = dict(act_read_bytes=rows * k * (w + INDEX_BYTES), act_write_bytes=rows * k * w) if backward else None
+    return _with_backward(ctx, fwd, bwd)
+
+
+def slot_assignment(ctx: Ctx, name: str, *, layer: int, pairs, slots, routed, module: str,
+                    tags: dict | None = None) -> list[Op]:
+    """Capacity routing's bookkeeping, one kernel: reads each of `pairs` (token, choice)
+    pairs' int64 expert and its combination weight; a cumsum over the pairs x `routed`
+    one-hot ranks each pair within its expert (an add per one-hot element); writes each
+    of `slots` slots' int64 token and weight. Backward reads the slots' weight gradients
+    and the experts (the placement is recomputed) and writes the pairs' weight gradients."""
+    w = ctx.w
+    fwd = Op(name=name, kind="elementwise", layer=layer, module=module,
+             other_flops=pairs * routed,
+             act_read_bytes=pairs * (INDEX_BYTES + w),
+             act_write_bytes=slots * (INDEX_BYTES + w),
+             tags=tags or {}, variant="add")
+    bwd = dict(act_read_bytes=slots * w + pairs * INDEX_BYTES, act_write_bytes=pairs * w)
+    return _with_backward(ctx, fwd, bwd)
+
+
+def bincount(ctx: Ctx, name: str, *, layer: int, n, bins, module: str, tags: dict | None = None) -> list[Op]:
+    """Count n int64 values into `bins` int64 counters (rows per expert): an increment each."""
+    return [Op(name=name, kind="topk", layer=layer, module=module, other_flops=n,
+               act_read_bytes=n * INDEX_BYTES, act_write_bytes=bins * INDEX_BYTES, tags=tags or {},
+               variant="bincount")]
+
+
+def fill(ctx: Ctx, name: str, *, layer: int, elements, module: str, tags: dict | None = None) -> list[Op]:
+    """Write a constant into `elements` values of an existing tensor (e.g. [CLS]'s score
+    set to +inf so that top-k keeps it): writes them, no arithmetic, no backward."""
+    return [Op(name=name, kind="elementwise", layer=layer, module=module, act_write_bytes=elements * ctx.w,
+               tags=tags or {}, variant="copy")]
+
+
+def gumbel_mask(ctx: Ctx, name: str, *, layer: int, elements, module: str, tags: dict | None = None) -> list[Op]:
+    """train: Scaling Transformers' straight-through Gumbel-softmax mask over `elements`
+    controller logits, one kernel: a softmax per block and the argmax of the noisy
+    log-probabilities (one comparison per logit; the noise is made on chip and its
+    arithmetic not counted), writing the mask; backward reads the mask's gradient and the
+    logits (the softmax recomputed) and writes the logits' gradient."""
+    w = ctx.w
+    per = ELEMENTWISE_FLOPS["softmax"]
+    fwd = Op(name=name, kind="softmax", layer=layer, module=module, other_flops=(per + 1) * elements,
+             act_read_bytes=elements * w, act_write_bytes=elements * w, tags=tags or {}, variant="softmax")
+    bwd = dict(other_flops=per * BACKWARD_ELEMENTWISE * elements, act_read_bytes=2 * elements * w,
+               act_write_bytes=elements * w)
+    return _with_backward(ctx, fwd, bwd)
+
+
+def sort_indices(ctx: Ctx, name: str, *, layer: int, rows, n, module: str, kind: str = "topk",
+                 tags: dict | None = None) -> list[Op]:
+    """Sort n int64 indices in each of `rows` rows (e.g. top-k picks back into sequence
+    order): reads and writes them; one comparison per index."""
     return [Op(name=name, kind=kind, layer=layer, module=module,
-               other_flops=rows * n,  # one comparison per score
-               act_read_bytes=rows * n * w,
-               act_write_bytes=rows * k * (w + INDEX_BYTES),
-               tags=tags or {})]
+               other_flops=rows * n,
+               act_read_bytes=rows * n * INDEX_BYTES,
+               act_write_bytes=rows * n * INDEX_BYTES,
+               tags=tags or {}, variant="sort")]
 
 
 def gather(ctx: Ctx, name: str, *, layer: int, rows, d, module: str, kind: str = "gather",
-           tags: dict | None = None) -> list[Op]:
-    """Copy `rows` rows of width d picked by an index (backward: scatter-add)."""
-    w = ctx.w
+           value_bytes=None, tags: dict | None = None) -> list[Op]:
+    """Copy `rows` rows of width d picked by an int64 index; `value_bytes`: bytes per
+    value when not the activations' (int64 positions: 8). Backward scatter-adds the
+    rows' gradients into a zero-filled gradient of the source (an add per value)."""
+    w = ctx.w if value_bytes is None else value_bytes
     fwd = Op(name=name, kind=kind, layer=layer, module=module,
              act_read_bytes=rows * d * w + rows * INDEX_BYTES,
              act_write_bytes=rows * d * w,
              tags=tags or {})
-    bwd = dict(act_read_bytes=rows * d * w + rows * INDEX_BYTES,
+    bwd = dict(other_flops=rows * d,
+               act_read_bytes=rows * d * w + rows * INDEX_BYTES,
                act_write_bytes=rows * d * w)
     return _with_backward(ctx, fwd, bwd)
 
 
-def scatter(ctx: Ctx, name: str, *, layer: int, rows, d, module: str, tags: dict | None = None) -> list[Op]:
-    """Add `rows` rows of width d back into a larger tensor at indexed rows."""
+def scale_rows(ctx: Ctx, name: str, *, layer: int, rows, d, module: str, tags: dict | None = None) -> list[Op]:
+    """y = r * f: each of `rows` rows of width d scaled by its own value r (a router or
+    combination weight). Reads f and r, writes y; backward, one kernel, reads the
+    gradient, f and r and writes grad f (g * r) and grad r (the row sum of g * f):
+    two products and a sum per element."""
+    w = ctx.w
+    fwd = Op(name=name, kind="elementwise", layer=layer, module=module,
+             other_flops=ELEMENTWISE_FLOPS["mul"] * rows * d,
+             act_read_bytes=rows * d * w + rows * w,
+             act_write_bytes=rows * d * w,
+             tags=tags or {}, variant="mul")
+    bwd = dict(other_flops=3 * rows * d,
+               act_read_bytes=2 * rows * d * w + rows * w,
+               act_write_bytes=rows * d * w + rows * w)
+    return _with_backward(ctx, fwd, bwd)
+
+
+def select_rows(ctx: Ctx, name: str, *, layer: int, rows, total_rows, d, module: str,
+                tags: dict | None = None) -> list[Op]:
+    """Take `rows` of `total_rows` rows of width d as a view (the [CLS] position): no
+    bytes forward. Backward writes the whole input's gradient, zero except at the
+    taken rows, reading theirs."""
+    w = ctx.w
+    fwd = Op(name=name, kind="gather", layer=layer, module=module, tags=tags or {}, variant="select")
+    bwd = dict(act_read_bytes=rows * d * w, act_write_bytes=total_rows * d * w)
+    return _with_backward(ctx, fwd, bwd)
+
+
+def scatter(ctx: Ctx, name: str, *, layer: int, rows, d, module: str, into_zeros: bool = False,
+            tags: dict | None = None) -> list[Op]:
+    """Add `rows` rows of width d back into a larger tensor at indexed rows (reading the
+    target rows it adds into; `into_zeros`: a zero-filled output, whose rows need no read)."""
     w = ctx.w
     fwd = Op(name=name, kind="scatter", layer=layer, module=module,
              other_flops=rows * d,  # the add
-             act_read_bytes=2 * rows * d * w + rows * INDEX_BYTES,
+             act_read_bytes=(1 if into_zeros else 2) * rows * d * w + rows * INDEX_BYTES,
              act_write_bytes=rows * d * w,
              tags=tags or {})
     bwd = dict(act_read_bytes=rows * d * w + rows * INDEX_BYTES,
@@ -403,14 +599,15 @@ def factored_dense(ctx: Ctx, name: str, *, layer: int, tokens, d_in, modules, d_
 
 def reduce_sum(ctx: Ctx, name: str, *, layer: int, rows, n, module: str, tags: dict | None = None) -> list[Op]:
     """Sum n values into each of `rows` outputs (e.g. attention received per token);
-    backward broadcasts the gradient back."""
+    backward broadcasts the gradient back: a view, no kernel (its consumer reads the
+    `rows` values)."""
     w = ctx.w
     fwd = Op(name=name, kind="elementwise", layer=layer, module=module,
              other_flops=rows * n,
              act_read_bytes=rows * n * w,
              act_write_bytes=rows * w,
              tags=tags or {})
-    bwd = dict(act_read_bytes=rows * w, act_write_bytes=rows * n * w)
+    bwd = dict()
     return _with_backward(ctx, fwd, bwd)
 
 
@@ -426,12 +623,13 @@ def argmax(ctx: Ctx, name: str, *, layer: int, rows, n, module: str, tags: dict 
 
 
 def index_elementwise(ctx: Ctx, name: str, *, layer: int, elements, op: str = "add", inputs: int = 1,
-                      module: str, tags: dict | None = None) -> list[Op]:
+                      broadcast=0, module: str, tags: dict | None = None) -> list[Op]:
     """An elementwise kernel over `elements` int64 indices (an offset add, a
-    concatenation's copy) reading `inputs` tensors of that size; inference only."""
+    concatenation's copy) reading `inputs` tensors of that size and, `broadcast`, a
+    smaller one broadcast over them (the per-block offsets); no backward."""
     return [Op(name=name, kind="elementwise", layer=layer, module=module,
                other_flops=ELEMENTWISE_FLOPS[op] * elements,
-               act_read_bytes=inputs * elements * INDEX_BYTES,
+               act_read_bytes=(inputs * elements + broadcast) * INDEX_BYTES,
                act_write_bytes=elements * INDEX_BYTES,
                tags=tags or {}, variant=op)]
 

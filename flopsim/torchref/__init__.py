@@ -7,7 +7,10 @@ per-module counts join flopsim's per-op counts by name. `run_phase` runs a
 phase (forward, train, prefill, decode) on random tokens.
 """
 
+from flopsim.torchref.bytes_check import compare_bytes
+from flopsim.torchref.bytes_counter import count_bytes
 from flopsim.torchref.counting import count_with_torch
 from flopsim.torchref.model import RunState, build_reference, prepare_phase, run_phase
 
-__all__ = ["RunState", "build_reference", "count_with_torch", "prepare_phase", "run_phase"]
+__all__ = ["RunState", "build_reference", "compare_bytes", "count_bytes", "count_with_torch", "prepare_phase",
+           "run_phase"]

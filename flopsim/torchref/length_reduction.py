@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flopsim.families.length_reduction import ATTENTION_SCORED, kept_tokens, selects
+from flopsim.torchref.bytes_counter import fused
 from flopsim.torchref.model import Attention, Block, Reference, RunState
 
 
@@ -66,13 +67,17 @@ class LengthReductionBlock(Block):
         x = super().forward(x, state)
         scores = self.score(x)
         if self.training:  # soft removal
-            return x * torch.sigmoid(scores * scores.shape[-1] - 1).unsqueeze(-1)
+            with fused("soft_mask") as region:  # one kernel: flopsim's block.{l}.soft_mask
+                mask = torch.sigmoid(scores * scores.shape[-1] - 1)
+                region.basis(mask)
+            return x * mask.unsqueeze(-1)
         if keep_next is None:
             return x
         scores = scores.clone()
         scores[:, 0] = float("inf")  # [CLS] is always kept
         idx = scores.topk(keep_next, dim=-1).indices.sort(dim=-1).values  # survivors in order
-        state.positions = state.positions.gather(1, idx)
+        if self.spec.positions == "rope":  # only RoPE reads positions past the embeddings
+            state.positions = state.positions.gather(1, idx)
         return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from flopsim.families.mod import check_supported, is_routed, kept_tokens
 from flopsim.ops.symbols import exact
+from flopsim.torchref.bytes_counter import fused
 from flopsim.torchref.model import ACTIVATIONS, Block, Reference, RunState
 
 
@@ -95,12 +96,15 @@ class RoutedBlock(Block):
         rows = idx.unsqueeze(-1).expand(b, k, d)
         xs = x.gather(1, rows)
         rs = r.gather(1, idx).unsqueeze(-1)
-        sub = RunState(state.phase, state.positions.gather(1, idx), cache=state.cache, new_cache=state.new_cache)
+        positions = state.positions.gather(1, idx) if self.spec.positions == "rope" else None  # only RoPE needs them
+        sub = RunState(state.phase, positions, cache=state.cache, new_cache=state.new_cache)
         f = self.branch(xs, sub)
         out = x.scatter_add(1, rows, rs * f)
         if self.training:
-            target = torch.zeros_like(r).scatter(1, idx, 1.0)
-            self._aux = F.binary_cross_entropy_with_logits(p if p is not None else r, target)
+            with fused("bce") as region:  # one kernel: flopsim's {decider}.loss
+                target = torch.zeros_like(r).scatter(1, idx, 1.0)
+                self._aux = F.binary_cross_entropy_with_logits(p if p is not None else r, target)
+                region.basis(r)
         return out
 
     def _decode(self, x, r, p, state: RunState) -> torch.Tensor:

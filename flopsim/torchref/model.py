@@ -7,8 +7,16 @@ Module paths equal flopsim op modules: `embed.tokens`, `block.{i}.norm1`,
 
 Attention follows `spec.attention_impl`: `fused` calls
 F.scaled_dot_product_attention (GQA through enable_gqa), `explicit` runs
-Q K^T, softmax and P V as separate ops with keys and values repeated per
-query head. Families subclass `Block` or pass their own `block_factory`.
+Q K^T, softmax and P V as separate ops, the query heads of a key/value head
+grouped into one product (keys and values read once). Families subclass
+`Block` or pass their own `block_factory`.
+
+Code that flopsim counts as one kernel is marked `fused(kind)` (RoPE on q and
+k, RMSNorm, the gated activation, the explicit scale + mask + softmax, the
+embeddings' sum, the loss) for the bytes oracle (flopsim.torchref.bytes_check);
+outside a counter the marker does nothing. Inputs (token ids, position ids,
+token types, loss targets, the decode cache) are made by `prepare_phase`, not
+inside the step; prefill writes keys and values into new cache buffers.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from flopsim.torchref.bytes_counter import fused
 
 ACTIVATIONS = {
     "gelu": F.gelu,
@@ -36,18 +46,31 @@ class RunState:
     positions: [B, S] position ids of the current tokens (for RoPE);
     cache: per layer, preallocated (k, v) buffers [B, H_kv, T, d_head] holding the
         earlier tokens, with the last S slots free for the new tokens (or None);
-    new_cache: filled with each layer's full (k, v) in prefill and decode.
+    new_cache: filled with each layer's full (k, v) in prefill and decode (prefill
+        writes the keys and values into new buffers, as a serving engine's cache);
+    token_types: [B, S] token type ids (an input, as BERT's token_type_ids; None: zeros).
     """
 
     phase: str
     positions: torch.Tensor
     cache: Optional[list] = None
     new_cache: list = field(default_factory=list)
+    token_types: Optional[torch.Tensor] = None
+
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm, marked as one fused kernel (eager torch runs it as six ops on CPU)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with fused("rmsnorm") as region:
+            y = super().forward(region.take(x))
+            region.basis(y)
+        return y
 
 
 def make_norm(spec, d: int) -> nn.Module:
     if spec.norm == "rmsnorm":
-        return nn.RMSNorm(d, eps=1e-6)
+        return RMSNorm(d, eps=1e-6)
     return nn.LayerNorm(d, bias=spec.bias)
 
 
@@ -67,10 +90,20 @@ def rope(x: torch.Tensor, tables) -> torch.Tensor:
     return x * cos + rotated * sin
 
 
-def rope_pair(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
-    """Queries and keys rotated with one table computation (flopsim's `attn.rope` op)."""
-    tables = rope_tables(positions, q.shape[-1], q.dtype)
-    return rope(q, tables), rope(k, tables)
+def rope_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
+    """RoPE on queries and keys as one fused kernel (flopsim's `attn.rope` op): the angle
+    table is made once for both, on chip."""
+    with fused("rope") as region:
+        q, k = region.take(q, k)
+        tables = rope_tables(positions, q.shape[-1], q.dtype)
+        q, k = rope(q, tables), rope(k, tables)
+        region.basis(q, k)
+    return q, k
+
+
+def write_cache(t: torch.Tensor) -> torch.Tensor:
+    """A new KV-cache buffer holding `t` (prefill's cache write: a copy)."""
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
 
 
 class Attention(nn.Module):
@@ -98,37 +131,50 @@ class Attention(nn.Module):
         k = k.view(b, s, hkv, dh).transpose(1, 2)
         v = v.view(b, s, hkv, dh).transpose(1, 2)
         if spec.positions == "rope":
-            q, k = rope_pair(q, k, state.positions)
+            q, k = rope_qk(q, k, state.positions)
         prior = state.cache[layer] if state.cache is not None else None
         if prior is not None:  # preallocated buffers; the new tokens fill the last s slots in place
             prior[0][:, :, -s:].copy_(k)
             prior[1][:, :, -s:].copy_(v)
             k, v = prior
+        elif state.phase == "prefill":
+            k, v = write_cache(k), write_cache(v)
         if state.phase in ("prefill", "decode"):
             state.new_cache.append((k, v))
         return q, k, v
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> torch.Tensor:
-        """The attention kernel: fused (SDPA) or explicit (Q K^T, softmax, P V)."""
+        """The attention kernel: fused (SDPA) or explicit (Q K^T, softmax, P V). The
+        explicit path groups the query heads sharing a key/value head (GQA) into one
+        product per key/value head, so keys and values are read once, not repeated."""
         h, hkv = self.spec.heads, self.spec.kv_heads
         if self.spec.attention_impl == "fused":
             return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=hkv != h)
-        k = k.repeat_interleave(h // hkv, dim=1)
-        v = v.repeat_interleave(h // hkv, dim=1)
-        return self.probabilities(q, k, is_causal) @ v
+        b, _, s, dh = q.shape
+        probs = self.probabilities(q, k, is_causal)  # [B, H, S, T]
+        grouped = probs.view(b, hkv, (h // hkv) * s, -1) @ v  # [B, H_kv, G * S, d_head]
+        return grouped.view(b, h, s, dh)
 
     def probabilities(self, q: torch.Tensor, k: torch.Tensor, is_causal: bool) -> torch.Tensor:
         return attention_probabilities(q, k, is_causal)
 
 
 def attention_probabilities(q: torch.Tensor, k: torch.Tensor, is_causal: bool) -> torch.Tensor:
-    """softmax(Q K^T / sqrt(d_head)), causal over the last queries of the keys when asked."""
-    s, t = q.shape[-2], k.shape[-2]
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    if is_causal:
-        mask = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(diagonal=t - s)
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return scores.softmax(dim=-1)
+    """softmax(Q K^T / sqrt(d_head)) [B, H, S, T], causal over the last queries of the keys
+    when asked; q [B, H, S, d], k [B, H_kv, T, d] (the H / H_kv query heads of a group
+    share their key head: one product per key head). The scale, the mask and the
+    softmax are one fused kernel."""
+    b, h, s, dh = q.shape
+    hkv, t = k.shape[1], k.shape[-2]
+    scores = (q.reshape(b, hkv, (h // hkv) * s, dh) @ k.transpose(-2, -1)).view(b, h, s, t)
+    with fused("softmax") as region:
+        scores = region.take(scores) / math.sqrt(dh)
+        if is_causal:
+            mask = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(diagonal=t - s)
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(dim=-1)
+        region.basis(probs)
+    return probs
 
 
 class MLP(nn.Module):
@@ -145,9 +191,17 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
-            gate, up = self.gate_up(x).chunk(2, dim=-1)
-            return self.down(self.act(gate) * up)
+            return self.down(gated_activation(self.act, self.gate_up(x)))
         return self.down(self.act(self.up(x)))
+
+
+def gated_activation(act, gate_up: torch.Tensor) -> torch.Tensor:
+    """act(gate) * up of a fused gate_up output [..., 2 d_ff], as one fused kernel."""
+    with fused("gated_act") as region:
+        gate, up = region.take(gate_up).chunk(2, dim=-1)
+        h = act(gate) * up
+        region.basis(h)
+    return h
 
 
 class Block(nn.Module):
@@ -194,11 +248,18 @@ class Embeddings(nn.Module):
             self.norm = make_norm(spec, spec.d_model)
 
     def forward(self, ids: torch.Tensor, state: RunState) -> torch.Tensor:
-        x = self.tokens(ids)
+        parts = [self.tokens(ids)]
         if self.spec.positions == "learned":
-            x = x + self.positions(state.positions)
+            parts.append(self.positions(state.positions))
         if self.spec.token_types:
-            x = x + self.types(torch.zeros_like(ids))
+            types = state.token_types if state.token_types is not None else torch.zeros_like(ids)
+            parts.append(self.types(types))
+        x = parts[0]
+        if len(parts) > 1:
+            with fused("embed_sum") as region:  # one kernel summing the embeddings
+                for part in parts[1:]:
+                    x = x + part
+                region.basis(x)
         if self.spec.norm_position == "post":
             x = self.norm(x)
         return x
@@ -317,24 +378,26 @@ def prepare_phase(model: nn.Module, spec, phase: str, batch: int, seq: int, cont
 
         return decode
     ids = torch.randint(0, spec.vocab, (batch, seq), generator=g).to(device)
-    positions = torch.arange(seq, device=device).expand(batch, seq)
+    positions = torch.arange(seq, device=device).repeat(batch, 1)  # [B, S] position ids, as models take them
+    types = torch.zeros_like(ids) if spec.token_types else None
     if phase != "train":
         def infer():
             with torch.no_grad():
-                return model(ids, RunState(phase, positions))
+                return model(ids, RunState(phase, positions, token_types=types))
 
         return infer
-    targets: dict = {}  # made on the first call, from the output's shape
+    rows, classes = loss_shape(spec, batch, seq)
+    target = torch.randint(0, classes, (rows,), generator=g).to(device)
     step = make_optimizer(model, optimizer)
 
     def train():
         model.train()
         try:
-            out = model(ids, RunState(phase, positions))
+            out = model(ids, RunState(phase, positions, token_types=types))
             flat = out.reshape(-1, out.shape[-1]).float()
-            if "y" not in targets:
-                targets["y"] = torch.randint(0, flat.shape[-1], (flat.shape[0],), generator=g).to(device)
-            loss = F.cross_entropy(flat, targets["y"])
+            with fused("cross_entropy", path="head") as region:  # the loss: flopsim's head.loss
+                loss = F.cross_entropy(region.take(flat), target)
+                region.basis(flat)
             if hasattr(model, "aux_loss"):
                 loss = loss + model.aux_loss()
             loss.backward()
@@ -360,6 +423,14 @@ def make_optimizer(model: nn.Module, optimizer: str) -> Callable[[], None]:
     except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
         opt = torch.optim.Adam(params, lr=1e-5, foreach=True)
     return opt.step
+
+
+def loss_shape(spec, batch: int, seq: int) -> tuple[int, int]:
+    """(rows, classes) of the training loss: one row per position (the class head: per
+    sequence), over the vocabulary, the classes, or (no head) the hidden units."""
+    if spec.head == "cls":
+        return batch, spec.classes
+    return batch * seq, spec.vocab if spec.head == "lm" else spec.d_model
 
 
 def run_phase(model: nn.Module, spec, phase: str, batch: int, seq: int, context: Optional[int] = None,

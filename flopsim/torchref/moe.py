@@ -10,8 +10,10 @@ shared_experts * d_expert).
 
 Routing runs for real (softmax over the router logits, top-k):
 - token_choice, dropless: the N * k (token, expert) pairs are sorted by
-  expert and each expert multiplies its own rows (one mm/addmm per expert
-  that got any): N * k expert passes whatever the routing.
+  expert and each expert multiplies its own rows (one mm/addmm per expert,
+  an expert that got no row included: flopsim reads every expert's weights
+  outside decode), as one grouped GEMM (a fused region): N * k expert passes
+  whatever the routing.
 - token_choice with a capacity factor: C = ceil(c * k * N / E) slots per
   expert (exact rational arithmetic, as flopsim's), filled choice-major;
   pairs over capacity are dropped; an [E, C, d] buffer (empty slots point at
@@ -37,7 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from flopsim.families.moe import is_moe_layer
-from flopsim.torchref.model import ACTIVATIONS, MLP, Block, Reference
+from flopsim.torchref.bytes_counter import fused
+from flopsim.torchref.model import ACTIVATIONS, MLP, Block, Reference, gated_activation
 
 
 class GroupedLinear(nn.Module):
@@ -58,13 +61,12 @@ class GroupedLinear(nn.Module):
             if self.bias is None:
                 return torch.bmm(x, w)
             return torch.baddbmm(self.bias.unsqueeze(1), x, w)
-        outs = []
-        for e, chunk in enumerate(x.split(counts, dim=0)):
-            if counts[e]:
-                outs.append(F.linear(chunk, self.weight[e], None if self.bias is None else self.bias[e]))
-        if not outs:
-            return x.new_zeros(0, self.weight.shape[1])
-        return torch.cat(outs, dim=0)
+        with fused("grouped_gemm") as region:  # one kernel writing every expert's rows into one output
+            biases = self.bias.unbind(0) if self.bias is not None else [None] * len(counts)
+            outs = [F.linear(chunk, w, b) for chunk, w, b in zip(x.split(counts, dim=0), self.weight.unbind(0), biases)]
+            y = torch.cat(outs, dim=0)
+            region.basis(y)
+        return y
 
     def gathered(self, x: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
         """x [P, d_in], expert [P]: each row times a copy of its expert's weight (moe.kernel gather)."""
@@ -88,8 +90,7 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: Optional[list] = None) -> torch.Tensor:
         if self.gated:
-            gate, up = self.gate_up(x, counts).chunk(2, dim=-1)
-            h = self.act(gate) * up
+            h = gated_activation(self.act, self.gate_up(x, counts))
         else:
             h = self.act(self.up(x, counts))
         return self.down(h, counts)
@@ -172,7 +173,7 @@ class MoEFFN(nn.Module):
         weights, chosen = probs.topk(self.top_k, dim=-1)  # [N, k]
         flat_e = chosen.reshape(-1)
         order = flat_e.argsort(stable=True)
-        token = torch.arange(n, device=x.device).repeat_interleave(self.top_k)[order]
+        token = order // self.top_k  # pair i is token i // k's choice i % k
         counts = torch.bincount(flat_e, minlength=self.experts_n).tolist()
         y = self.experts(x[token], counts)  # [N * k, d], sorted by expert
         y = y * weights.reshape(-1)[order].unsqueeze(-1)
@@ -191,20 +192,31 @@ class MoEFFN(nn.Module):
         n, d = x.shape
         E, k = self.experts_n, self.top_k
         weights, chosen = probs.topk(k, dim=-1)  # [N, k]
-        flat_e = chosen.t().reshape(-1)  # choice-major: every first choice before any second
-        flat_w = weights.t().reshape(-1)
-        token = torch.arange(n, device=x.device).repeat(k)
-        onehot = F.one_hot(flat_e, E + self.noop_experts)
-        position = (onehot.cumsum(0) * onehot).sum(-1) - 1  # slot within the expert
-        keep = (position < slots) & (flat_e < E)  # over capacity, or a no-op expert: skip
-        slot = flat_e[keep] * slots + position[keep]
-        index = torch.full((E * slots,), n, dtype=torch.long, device=x.device)  # empty slots read the zero row
-        index[slot] = token[keep]
-        w = flat_w.new_zeros(E * slots).index_put((slot,), flat_w[keep])
-        padded = torch.cat([x, x.new_zeros(1, d)], dim=0)
-        y = self.experts(padded[index].view(E, slots, d)).reshape(E * slots, d)
+        index, w = self._slots(chosen, weights, n, slots)
+        y = self.experts(x[index].view(E, slots, d)).reshape(E * slots, d)
         y = y * w.unsqueeze(-1)
-        return x.new_zeros(n + 1, d).index_add(0, index, y)[:n]
+        return x.new_zeros(n, d).index_add(0, index, y)
+
+    def _slots(self, chosen, weights, n: int, slots: int):
+        """The token index [E * C] and combination weight [E * C] of every slot, as one
+        kernel (flopsim's {p}.positions): pairs are placed choice-major (every first
+        choice before any second) at their rank among their expert's pairs (a cumsum of
+        the one-hot); pairs over capacity, or routed to a no-op expert, are dropped. An
+        empty slot runs token n - 1 with weight 0 (adding nothing back)."""
+        E, k = self.experts_n, self.top_k
+        total = E * slots
+        with fused("slots") as region:
+            flat_e = chosen.t().reshape(-1)
+            flat_w = weights.t().reshape(-1)
+            token = torch.arange(n, device=chosen.device).repeat(k)
+            onehot = F.one_hot(flat_e, E + self.noop_experts)
+            position = (onehot.cumsum(0) * onehot).sum(-1) - 1  # slot within the expert
+            keep = (position < slots) & (flat_e < E)  # over capacity, or a no-op expert: skip
+            slot = torch.where(keep, flat_e * slots + position, total)  # dropped pairs: a spare slot
+            index = torch.full((total + 1,), n - 1, dtype=torch.long, device=chosen.device).index_put_((slot,), token)[:total]
+            w = flat_w.new_zeros(total + 1).index_put_((slot,), flat_w)[:total]
+            region.basis(onehot)
+        return index, w
 
     def _expert_choice(self, x, probs, slots):
         n, d = x.shape

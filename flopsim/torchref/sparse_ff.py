@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flopsim.torchref.model import ACTIVATIONS, Block, Reference
+from flopsim.torchref.bytes_counter import fused
+from flopsim.torchref.model import ACTIVATIONS, Block, Reference, gated_activation
 
 GUMBEL_TEMPERATURE = 0.1  # trax SparseFF's default
 
@@ -85,8 +86,7 @@ class SparseFF(nn.Module):
         if self.gated:
             if units is not None:
                 units = torch.cat([units, units + self.spec.d_ff], dim=1)
-            gate, up = self.gate_up(x, units).chunk(2, dim=-1)
-            return self.act(gate) * up
+            return gated_activation(self.act, self.gate_up(x, units))
         return self.act(self.up(x, units))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,11 +97,13 @@ class SparseFF(nn.Module):
         logits = self.controller(x.reshape(n, shape[-1])).view(n, self.blocks, self.n)
         x = x.reshape(n, shape[-1])
         if self.training:
-            log_mask = logits.log_softmax(dim=-1)
-            mask = log_mask.exp()
-            u = torch.rand_like(mask).clamp(1e-6, 1 - 1e-6)
-            choice = (log_mask - torch.log(-torch.log(u)) * GUMBEL_TEMPERATURE).argmax(dim=-1)
-            quant = F.one_hot(choice, self.n).to(mask.dtype) + mask - mask.detach()  # straight-through
+            with fused("gumbel_mask") as region:  # one kernel: flopsim's mlp.controller.mask
+                log_mask = logits.log_softmax(dim=-1)
+                mask = log_mask.exp()
+                u = torch.rand_like(mask).clamp(1e-6, 1 - 1e-6)
+                choice = (log_mask - torch.log(-torch.log(u)) * GUMBEL_TEMPERATURE).argmax(dim=-1)
+                quant = F.one_hot(choice, self.n).to(mask.dtype) + mask - mask.detach()  # straight-through
+                region.basis(quant)
             y = self.down(self._hidden(x) * quant.view(n, -1))
         else:
             units = logits.argmax(dim=-1) + torch.arange(self.blocks, device=x.device) * self.n  # [n, d_ff / N]
