@@ -50,7 +50,9 @@ def main() -> None:
     for key, value in figures.items():
         target = TARGET if key != "gemm" else 0.15
         signed = s["by_phase"].get(key, {}).get("median_signed_error")
+        probed = s["by_phase"].get(key, {}).get("median_abs_error_probe")
         extra = f", median signed {100 * signed:+.1f}%" if signed is not None else ""
+        extra += f"; at the probed speed {100 * probed:.1f}%" if probed is not None else ""
         print(f"  {key:8s} median |error| {100 * value:5.1f}%  (target <= {100 * target:.0f}%: "
               f"{'met' if value <= target else 'not met'}{extra})")
     print("  family x phase, median |error|:")

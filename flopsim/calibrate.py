@@ -27,10 +27,6 @@ threads fixed, CUDA synchronised:
   softmax, embedding, gather, scatter, top-k, argmax, KV-cache append, loss,
   fused Adam), forward and backward, at sizes from cache-resident to
   memory-bound: an efficiency per size (small tensors stay in cache).
-- the cold-read curve (`stream`): a matrix-vector product streaming weights
-  cycled over footprints from 1/32 of the pool to the whole pool, i.e. the
-  bandwidth of cold weights when a step touches that much
-  (Calibration.cold_speedup).
 
 Efficiencies: compute_eff = (all_flops / peak) / busy, memory_eff =
 (bytes / bandwidth) / busy, so fixed cost + roofline reproduces every
@@ -61,10 +57,12 @@ POOL_BYTES = {"cpu": (256e6, 1.5e9), "cuda": (256e6, 2e9)}
 FLUSH_BYTES = 4e6  # the decode-like product run before each cold timing
 COLD_REPEATS = 41
 MAX_VIEWS = 4096  # views a cold cycle spreads over the pool
+PASSES = 3  # interleaved passes over the memory-bound products and the fixed costs
 # bytes moved by the memory-bound benchmarks: from cache-resident to memory-bound
-MEMORY_SIZES = {"cpu": (8e3, 64e3, 512e3, 4e6, 32e6, 256e6), "cuda": (64e3, 1e6, 16e6, 256e6, 2e9)}
+# (on a CPU, outputs above the allocator's mmap threshold -- glibc's grows to 32 MB -- are fresh
+# pages faulted in on first touch: 64 MB sits just above it)
+MEMORY_SIZES = {"cpu": (8e3, 64e3, 512e3, 4e6, 32e6, 64e6, 256e6), "cuda": (64e3, 1e6, 16e6, 256e6, 2e9)}
 BACKWARD_SIZES = {"cpu": (64e3, 4e6, 64e6), "cuda": (1e6, 64e6, 512e6)}
-STREAM_FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
 ADAM_PARAMS = {"cpu": (256 * 1024, 8 * 2 ** 20), "cuda": (2 ** 20, 64 * 2 ** 20)}
 SMOKE = dict(rows=(1, 24), features=(96, 352), attention=((1, 2, 16, 16, 8), (1, 2, 1, 40, 8)),
              backward_attention=((1, 2, 16, 16, 8),), sizes=(64e3, 1e6), backward_sizes=(64e3,),
@@ -88,26 +86,23 @@ class Point:
     backward: bool = False
     memory_bound: bool = False  # measured where the ideal roofline is memory-bound (cold reads)
     fixed_s: float = 0.0  # the kernel's hot fixed cost, subtracted from `seconds` for the efficiencies
+    probe: object = None  # the flopsim.probe reading taken beside it
 
 
-QUIET_OPENMP = {"OMP_WAIT_POLICY": "PASSIVE"}
+MEASUREMENT_ENVIRONMENT = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "KMP_BLOCKTIME", "MKL_NUM_THREADS",
+                           "MKL_THREADING_LAYER")
 
 
-def quiet_openmp() -> dict:
-    """The CPU measurement condition, set before torch loads (a no-op after):
-    idle OpenMP threads sleep instead of spinning. torch's CPU build runs two
-    OpenMP thread pools (ATen's and MKL's); on a small machine their spinning
-    threads take the cores from each other and stall a kernel that follows a
-    matrix product by milliseconds (seen here: a 64-element gelu 7.9 ms, an
-    index_add 48 ms, against 0.07 ms with the threads asleep). Returns the
-    values in effect (recorded in the calibration and the validation report)."""
+def measurement_environment() -> dict:
+    """The threading environment measurements ran in (recorded with the calibration and
+    the validation report). Nothing is changed: a measurement describes the machine as
+    a user runs it. On a machine shared with other busy processes, torch's two OpenMP
+    pools (ATen's and MKL's) spin-wait for cores they do not get and a kernel after a
+    matrix product can stall by milliseconds (seen here: a 64-element gelu at 7.9 ms,
+    0.02 ms on the idle machine): calibrate and validate on an idle machine."""
     import os
-    import sys
 
-    if "torch" not in sys.modules:
-        for key, value in QUIET_OPENMP.items():
-            os.environ.setdefault(key, value)
-    return {key: os.environ.get(key, "") for key in QUIET_OPENMP}
+    return {key: os.environ.get(key, "") for key in MEASUREMENT_ENVIRONMENT}
 
 
 def make_timer(device: str, min_time_s: float, repeats: int):
@@ -176,6 +171,14 @@ class Bench:
     fixed_hot: dict = field(default_factory=dict)  # "kind[:variant][@bwd]" -> hot seconds per call
     fixed_cold: dict = field(default_factory=dict)  # the same, cold (what the calibration records)
     offset: int = 0
+    probe: object = None  # flopsim.probe.Probe
+    readings: list = field(default_factory=list)  # every probe reading taken
+
+    def read_probe(self):
+        """A drift-probe reading, kept for the calibration's median (flopsim.probe)."""
+        reading = self.probe.read()
+        self.readings.append(reading)
+        return reading
 
     @property
     def torch_dtype(self):
@@ -255,7 +258,8 @@ class Bench:
                 return self.fixed_hot[k]
         return self.fixed_hot.get("launch", 0.0)
 
-    def record(self, name, kind, gemm, seconds, op, matrix: bool, size=None, memory_bound: bool = False):
+    def record(self, name, kind, gemm, seconds, op, matrix: bool, size=None, memory_bound: bool = False,
+               reading=None):
         """A measured kernel against its flopsim op (a primitive's forward or backward op)."""
         from flopsim.calibration import MAX_EFFICIENCY
         from flopsim.count import evaluate_ops
@@ -270,8 +274,10 @@ class Bench:
         rate = self.hw.peak_flops_per_s_for(self.dtype)[0] if matrix else self.hw.vector_flops_per_s
         ce = min(MAX_EFFICIENCY, max(1e-6, all_flops / rate / busy)) if all_flops else 1.0
         me = min(MAX_EFFICIENCY, max(1e-6, nbytes / self.hw.memory_bandwidth_bytes_per_s / busy)) if nbytes else 1.0
+        if reading is None and self.probe is not None:
+            reading = self.read_probe()
         self.points.append(Point(name, kind, gemm, seconds, all_flops, nbytes, ce, me, size, op.variant, backward,
-                                 memory_bound, fixed))
+                                 memory_bound, fixed, reading))
 
 
 def _ctx(dtype: str, phase: str = "forward", **changes):
@@ -303,7 +309,7 @@ def calibrate(device: str = "cpu", *, hardware: Optional[str] = None, threads: O
     hardware spec `hardware` (default: "cpu", or the GPU's preset when it
     can be recognised); returns (Calibration, list[Point]). `smoke` runs a
     handful of tiny shapes (tests of the machinery, not a calibration)."""
-    openmp = quiet_openmp()
+    openmp = measurement_environment()
     import torch
 
     from flopsim.hardware import load_hardware
@@ -327,23 +333,32 @@ def calibrate(device: str = "cpu", *, hardware: Optional[str] = None, threads: O
                                                                                             dtype=torch_dtype)
     bench = Bench(torch=torch, device=device, dtype=dtype, hw=hw, timed=make_timer(device, min_time_s, repeats),
                   pool=pool, say=say, smoke=smoke, gen=gen)
+    from flopsim.probe import Probe
+
+    bench.probe = Probe(torch, device, torch_dtype, pool, gen)
     say(f"cold pool {pool_bytes / 1e6:.0f} MB (last-level cache {cache / 1e6:.0f} MB)")
     with torch.no_grad():
         measure_fixed_costs(bench)
         measure_gemms(bench)
-        stream = measure_stream(bench)
     measure_attention(bench)
     measure_memory_kernels(bench)
     measure_backward_kernels(bench)
     measure_optimizer(bench)
-    return assemble(bench, stream, cache, openmp), bench.points
+    return assemble(bench, cache, openmp), bench.points
 
 
 def measure_fixed_costs(bench: Bench) -> None:
     """Each kernel on a tiny problem, hot (for busy times) and cold (the calibration's fixed_s)."""
-    for key, (fn, backward) in tiny_kernels(bench).items():
-        bench.fixed_hot[key] = bench.timed(fn)
-        bench.fixed_cold[key] = bench.cold_time(fn)
+    kernels = tiny_kernels(bench)
+    hot = {key: [] for key in kernels}
+    cold = {key: [] for key in kernels}
+    for _ in range(1 if bench.smoke else PASSES):  # interleaved passes (a shared host drifts)
+        for key, (fn, backward) in kernels.items():
+            reading = bench.read_probe()  # cold fixed costs are kept at the probe's speed (see assemble)
+            hot[key].append(bench.timed(fn))
+            cold[key].append(bench.cold_time(fn) / reading.fixed_s)
+    bench.fixed_hot = {key: statistics.median(v) for key, v in hot.items()}
+    bench.fixed_cold = {key: statistics.median(v) for key, v in cold.items()}  # in units of the probe's fixed_s
     bench.say(f"fixed costs of {len(bench.fixed_cold)} kernels")
 
 
@@ -352,27 +367,36 @@ def tiny_kernels(bench: Bench) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from flopsim.torchref.model import rope_qk
+    from flopsim.torchref.model import make_norm, rope_qk
 
     x, y = bench.rand(1, 64), bench.rand(1, 64)
     w = bench.rand(64, 64)
+    # the modules the references call (module-call overhead included)
+    dev, dt = bench.device, bench.torch_dtype
+    linear = torch.nn.Linear(64, 64, bias=False).to(dev, dt)
+    router = torch.nn.Linear(64, 8, bias=False).to(dev, dt)
+    layernorm = make_norm(_ctx(bench.dtype).spec, 64).to(dev, dt)
+    rmsnorm = make_norm(_ctx(bench.dtype, norm="rmsnorm").spec, 64).to(dev, dt)
+    embed = torch.nn.Embedding(256, 64).to(dev, dt)
     q, k, v = bench.rand(1, 1, 1, 16), bench.rand(1, 1, 8, 16), bench.rand(1, 1, 8, 16)
-    weight, bias = bench.rand(64), bench.rand(64)
     table, ids = bench.rand(256, 64), torch.zeros(1, dtype=torch.long, device=bench.device)
     positions = torch.zeros(1, 1, dtype=torch.long, device=bench.device)
     cache, new = bench.rand(1, 1, 4, 16), bench.rand(1, 1, 1, 16)
     kernels = {
         "launch": (lambda: torch.add(x, y), False),
-        "matmul": (lambda: F.linear(x, w), False),
-        "router": (lambda: F.linear(x, w[:8]), False),
+        "matmul": (lambda: linear(x), False),
+        "router": (lambda: router(x), False),
         "attention:fused": (lambda: F.scaled_dot_product_attention(q, k, v), False),
         "attention:explicit": (lambda: explicit_attention(q, k, v, False), False),
         "elementwise:rope": (lambda: rope_qk(q, k[:, :, :1], positions), False),
         "softmax": (lambda: torch.softmax(x, dim=-1), False),
-        "norm:layernorm": (lambda: F.layer_norm(x, (64,), weight, bias), False),
-        "norm:rmsnorm": (lambda: F.rms_norm(x, (64,), weight, eps=1e-6), False),
-        "embedding": (lambda: F.embedding(ids, table), False),
+        "norm:layernorm": (lambda: layernorm(x), False),
+        "norm:rmsnorm": (lambda: rmsnorm(x), False),
+        "embedding": (lambda: embed(ids), False),
         "gather": (lambda: table.index_select(0, ids), False),
+        "gather:index": (lambda: table[ids], False),
+        "gather:gather": (lambda: table.gather(0, ids.unsqueeze(-1).expand(-1, 64)), False),
+        "gather:index_2d": (lambda: table[ids.view(1, 1)], False),
         "scatter": (lambda: table.index_add_(0, ids, x), False),
         "topk": (lambda: torch.topk(x, 8, dim=-1), False),
         "topk:argmax": (lambda: torch.argmax(x, dim=-1), False),
@@ -385,7 +409,10 @@ def tiny_kernels(bench: Bench) -> dict:
 
 
 def measure_gemms(bench: Bench) -> None:
-    """Matrix products (F.linear, as the reference's nn.Linear runs them) with cold weights."""
+    """Matrix products (F.linear, as the reference's nn.Linear runs them) with cold weights.
+    Every shape is timed in PASSES interleaved passes, a drift-probe reading beside
+    each timing (flopsim.probe), and the median of the timings scaled to one host
+    speed is kept: a shared host's speed drifts within seconds."""
     import torch.nn.functional as F
 
     from flopsim.ops import primitives as P
@@ -394,36 +421,32 @@ def measure_gemms(bench: Bench) -> None:
     peak, bandwidth = bench.hw.peak_flops_per_s_for(bench.dtype)[0], bench.hw.memory_bandwidth_bytes_per_s
     rows, outputs, inputs = ((SMOKE["rows"], SMOKE["features"], SMOKE["features"]) if bench.smoke
                              else (GEMM_ROWS, GEMM_OUTPUTS, GEMM_INPUTS))
+    shapes = []
     for m in rows:
         for n in outputs:
             for k in inputs:
                 if 2 * m * n * k > MAX_GEMM_FLOPS[bench.device]:
                     continue
-                x = bench.rand(m, k)
-                weights = bench.cold_cycle(n, k)
-                seconds = bench.timed(lambda: F.linear(x, weights()))
                 op = _fwd(P.linear(ctx, "x", layer=0, tokens=m, d_in=k, d_out=n, bias=False))
-                ideal_memory_bound = 2 * m * n * k / peak < float(op.bytes) / bandwidth
-                bench.record(f"linear m={m} n={n} k={k}", "matmul", (1, m, n, k), seconds, op, matrix=True,
-                             memory_bound=ideal_memory_bound)
-        bench.say(f"matmul rows {m}")
+                memory_bound = 2 * m * n * k / peak < float(op.bytes) / bandwidth
+                x, weights = bench.rand(m, k), bench.cold_cycle(n, k)
+                shapes.append(((m, n, k), (lambda x=x, w=weights: F.linear(x, w())), op, memory_bound))
+    samples = {shape: [] for shape, _, _, _ in shapes}  # (seconds, the probe reading beside them)
+    for i in range(1 if bench.smoke else PASSES):
+        for shape, fn, _, _ in shapes:
+            samples[shape].append((bench.timed(fn), bench.read_probe()))
+        bench.say(f"{len(shapes)} matrix products, pass {i + 1}")
+    for (m, n, k), _, op, memory_bound in shapes:
+        seconds, reading = at_first_reading(samples[(m, n, k)], "memory_s" if memory_bound else "compute_s")
+        bench.record(f"linear m={m} n={n} k={k}", "matmul", (1, m, n, k), seconds, op, matrix=True,
+                     memory_bound=memory_bound, reading=reading)
 
 
-def measure_stream(bench: Bench) -> list:
-    """Cold-weight bandwidth of a matrix-vector product by the footprint its weights are cycled over."""
-    import torch.nn.functional as F
-
-    side = 1024
-    x = bench.rand(1, side)
-    fixed = bench.fixed("matmul")
-    out = []
-    for fraction in STREAM_FRACTIONS:
-        footprint = bench.pool_bytes * fraction
-        weights = bench.cold_cycle(side, side, footprint=footprint)
-        seconds = bench.timed(lambda: F.linear(x, weights()))
-        out.append((footprint, side * side * bench.value_bytes / max(seconds - fixed, 0.1 * seconds)))
-    bench.say("cold-read curve")
-    return out
+def at_first_reading(samples: list, component: str):
+    """(median time, reading) of (seconds, probe reading) samples of one kernel taken at
+    different moments, each scaled to the host speed of the first reading."""
+    first = samples[0][1]
+    return statistics.median(t * getattr(first, component) / getattr(r, component) for t, r in samples), first
 
 
 def measure_attention(bench: Bench) -> None:
@@ -448,8 +471,8 @@ def measure_attention(bench: Bench) -> None:
                 fn = (lambda impl=impl: run(impl, q, cold(), cold(), False))
             else:
                 fn = (lambda impl=impl: run(impl, q, k_, v, True))
-            with torch.no_grad():
-                seconds = bench.timed(fn)
+            with torch.no_grad():  # decode shapes read cold keys: the median of PASSES timings
+                seconds = statistics.median(bench.timed(fn) for _ in range(PASSES if decode and not bench.smoke else 1))
             op = _fwd(P.attention(_ctx(bench.dtype, attention_impl=impl), "x", layer=0, batch=b, queries=s, keys=t,
                                   heads=h, kv_heads=h, d_head=dh, causal=not decode, kv_from_cache=decode,
                                   module="x"))
@@ -494,7 +517,7 @@ def memory_kernels(bench: Bench, size: float) -> list:
     import torch.nn.functional as F
 
     from flopsim.ops import primitives as P
-    from flopsim.torchref.model import rope_qk
+    from flopsim.torchref.model import make_norm, rope_qk
 
     ctx, dt, dev = _ctx(bench.dtype), bench.dtype, bench.device
     width = 1024
@@ -511,10 +534,10 @@ def memory_kernels(bench: Bench, size: float) -> list:
     positions = torch.arange(span, device=dev).expand(1, span)
     out.append(("rope", "elementwise", lambda: rope_qk(q, k, positions),
                 _fwd(P.elementwise(ctx, "x", layer=0, elements=2 * heads * span * 64, op="rope", module="x"))))
-    weight, bias = bench.rand(width), bench.rand(width)
-    out.append(("layernorm", "norm", lambda: F.layer_norm(x, (width,), weight, bias),
-                _fwd(P.norm(ctx, "x", layer=0, tokens=rows, d=width))))
-    out.append(("rmsnorm", "norm", lambda: F.rms_norm(x, (width,), weight, eps=1e-6),
+    layernorm = make_norm(ctx.spec, width).to(dev, bench.torch_dtype)  # the references' norm modules
+    rmsnorm = make_norm(_ctx(dt, norm="rmsnorm").spec, width).to(dev, bench.torch_dtype)
+    out.append(("layernorm", "norm", lambda: layernorm(x), _fwd(P.norm(ctx, "x", layer=0, tokens=rows, d=width))))
+    out.append(("rmsnorm", "norm", lambda: rmsnorm(x),
                 _fwd(P.norm(_ctx(dt, norm="rmsnorm"), "x", layer=0, tokens=rows, d=width))))
     logits = x.view(-1, 256 if n >= 256 else n)
     out.append(("softmax", "softmax", lambda: torch.softmax(logits, dim=-1),
@@ -525,8 +548,14 @@ def memory_kernels(bench: Bench, size: float) -> list:
     out.append(("embedding", "embedding", lambda: F.embedding(ids, table),
                 _fwd(P.embedding(ctx, "x", layer=0, tokens=rows, rows=table_rows, d=width))))
     local = ids.remainder(rows)
-    out.append(("gather", "gather", lambda: x.index_select(0, local),
-                _fwd(P.gather(ctx, "x", layer=0, rows=rows, d=width, module="x"))))
+    along = local.unsqueeze(-1).expand(-1, width)
+    for variant, fn in (("index_select", lambda: x.index_select(0, local)), ("index", lambda: x[local]),
+                        ("gather", lambda: x.gather(0, along))):  # the gather kernels the references run
+        out.append((f"gather {variant}", "gather", fn,
+                    _fwd(P.gather(ctx, "x", layer=0, rows=rows, d=width, module="x", variant=variant))))
+    units = torch.randint(0, table_rows, (max(1, rows // 16), 16), generator=bench.gen).to(dev)
+    out.append(("gather index_2d", "gather", lambda: table[units],  # sparse FF: rows of a table per token
+                _fwd(P.gather(ctx, "x", layer=0, rows=units.numel(), d=width, module="x", variant="index_2d"))))
     target = bench.rand(rows, width)
     perm = torch.randperm(rows, generator=bench.gen).to(dev)  # distinct rows, as combine / scatter-back write
     out.append(("scatter", "scatter", lambda: target.index_add_(0, perm, x),
@@ -636,7 +665,8 @@ def measure_backward_kernels(bench: Bench) -> None:
         # one autograd.grad call on one node: the per-call cost, subtracted for busy times
         bench.fixed_hot[key] = bench.timed(timer_of(make))
         # inside a backward pass a node costs less: a chain of CHAIN nodes, per node
-        bench.fixed_cold[key] = bench.timed(timer_of(lambda make=make: _chain(make))) / CHAIN
+        reading = bench.read_probe()
+        bench.fixed_cold[key] = bench.timed(timer_of(lambda make=make: _chain(make))) / CHAIN / reading.fixed_s
     for size in (SMOKE["backward_sizes"] if bench.smoke else BACKWARD_SIZES[bench.device]):
         n, _ = _memory_shapes(bench, size)
         for name, kind, variant, make in backward_kernels(bench, n):
@@ -666,7 +696,7 @@ def measure_optimizer(bench: Bench) -> None:
 
     step = adam(256)
     bench.fixed_hot["optimizer"] = bench.timed(step)
-    bench.fixed_cold["optimizer"] = bench.cold_time(step)
+    bench.fixed_cold["optimizer"] = bench.cold_time(step) / bench.read_probe().fixed_s
     for params in (SMOKE["adam"] if bench.smoke else ADAM_PARAMS[bench.device]):
         seconds = bench.timed(adam(params))
         op = optimizer_update(params, weight_bytes=bench.value_bytes, layer=0)[0]
@@ -675,13 +705,17 @@ def measure_optimizer(bench: Bench) -> None:
     bench.say("optimizer")
 
 
-def assemble(bench: Bench, stream: list, cache_bytes: float, openmp: dict):
+def assemble(bench: Bench, cache_bytes: float, openmp: dict):
     """The Calibration from the measured points (see flopsim.calibration for the lookup)."""
     import torch
 
-    from flopsim.calibration import Calibration, Efficiency, GemmPoint, SizePoint, StreamPoint
+    from flopsim.calibration import Calibration, Efficiency, GemmPoint, SizePoint
 
-    points = bench.points
+    from flopsim.probe import median_reading
+
+    ref = median_reading(bench.readings)
+    points = [_at_reference(p, ref) for p in bench.points]
+    bench.points = points
     gemm_points = [GemmPoint(kind=p.kind, variant=p.variant or None, batch=p.gemm[0], m=p.gemm[1], n=p.gemm[2],
                              k=p.gemm[3], backward=p.backward,
                              compute=None if p.memory_bound else p.compute_eff,
@@ -705,10 +739,11 @@ def assemble(bench: Bench, stream: list, cache_bytes: float, openmp: dict):
                 compute=statistics.median(p.compute_eff for p in largest),
                 memory=statistics.median(p.memory_eff for p in largest))
     default = Efficiency(compute=kinds["matmul"].compute, memory=kinds["elementwise"].memory)
-    fixed = {k: v for k, v in bench.fixed_cold.items() if k != "launch"}
+    fixed = {k: v * ref.fixed_s for k, v in bench.fixed_cold.items() if k != "launch"}  # from probe units
+    launch = bench.fixed_cold["launch"] * ref.fixed_s
     meta = dict(device=bench.device, hardware=bench.hw.name, dtype=bench.dtype, threads=torch.get_num_threads(),
                 torch=torch.__version__, date=time.strftime("%Y-%m-%d"), device_name=device_name(bench.device),
-                launch_overhead_s=bench.fixed_cold["launch"], last_level_cache_bytes=cache_bytes,
+                launch_overhead_s=launch, last_level_cache_bytes=cache_bytes, probe=ref.to_dict(),
                 cold_pool_bytes=bench.pool_bytes, environment=openmp,
                 achieved_bandwidth_bytes_per_s=max(p.memory_eff for p in points if p.kind == "elementwise"
                                                    and p.variant == "copy") * bench.hw.memory_bandwidth_bytes_per_s)
@@ -717,10 +752,26 @@ def assemble(bench: Bench, stream: list, cache_bytes: float, openmp: dict):
         source=(f"flopsim calibrate --device {bench.device}: {len(points)} microbenchmarks on {meta['device_name']}, "
                 f"torch {torch.__version__}, {meta['threads']} threads, {bench.dtype}, {meta['date']}"),
         default=default, kinds=kinds, gemm=gemm_points, gemm_kinds=("matmul", "router", "conv", "attention"),
-        sizes=size_points, launch_overhead_s=bench.fixed_cold["launch"], fixed_s=fixed,
-        stream=[StreamPoint(footprint_bytes=f, bytes_per_s=b) for f, b in stream],
-        stream_reference_bytes=bench.pool_bytes, measured=meta,
+        sizes=size_points, launch_overhead_s=launch, fixed_s=fixed,
+        measured=meta,
     )
+
+
+def _at_reference(p: Point, ref) -> Point:
+    """A point's efficiencies scaled from the host speed the probe read beside it to the
+    calibration's median speed `ref` (flopsim.probe): a matrix product measured
+    compute-bound by the matrix rate, everything else by the cold-read bandwidth."""
+    from dataclasses import replace
+
+    from flopsim.calibration import MAX_EFFICIENCY
+
+    if p.probe is None:
+        return p
+    if p.gemm is not None and not p.memory_bound:
+        return replace(p, compute_eff=min(MAX_EFFICIENCY, p.compute_eff * p.probe.compute_s / ref.compute_s))
+    factor = p.probe.memory_s / ref.memory_s
+    return replace(p, compute_eff=min(MAX_EFFICIENCY, p.compute_eff * factor),
+                   memory_eff=min(MAX_EFFICIENCY, p.memory_eff * factor))
 
 
 def _size_points(mine: list, kind: str, backward: bool) -> list:

@@ -46,15 +46,6 @@ Lookup order for an op of kind K with GEMM shape (batch, m, n, k):
    point-to-point send. Small messages are latency-bound, large ones
    bandwidth-bound.
 
-6. cold bytes (`stream`, measured on the device): a step's weights and KV
-   cache were last touched one step earlier; when everything the step
-   touches (its footprint) fits the last-level cache, part of it is still
-   cached and streams faster than at calibration, where cold points were
-   measured over `stream_reference_bytes` (beyond the cache). The caller
-   divides the op's cold bytes by `cold_speedup(footprint)` =
-   bandwidth(footprint) / bandwidth(reference), interpolated on the
-   measured curve (1 on a GPU, whose cache is far smaller than a model).
-
 Provenance (a contract; every output names it): `measured` (`flopsim
 calibrate` on the device: `measured` records how, when and with which
 torch), `published` (seeded from cited microbenchmark-level measurements:
@@ -150,14 +141,6 @@ class SizePoint(_Strict):
         return kind
 
 
-class StreamPoint(_Strict):
-    """Bandwidth of reading cold data (weights) when a step touches
-    `footprint_bytes` in all: below the cache size some of it is still cached."""
-
-    footprint_bytes: float = Field(gt=0, le=1e15)
-    bytes_per_s: float = Field(gt=0, le=1e15)
-
-
 class LinkLevel(_Strict):
     """One level of the interconnect: a collective's fixed latency and the bus
     bandwidth (nccl-tests' busbw) of large messages; see the module docstring."""
@@ -183,8 +166,6 @@ class Calibration(_Strict):
     fixed_s: dict[str, float] = {}  # "kind" or "kind:variant" -> seconds per launch
     graph_launch_s: Optional[float] = Field(None, ge=0, le=MAX_FIXED_S)  # per kernel, replayed as a CUDA graph
     links: dict[Literal["scale_up", "scale_out"], LinkLevel] = {}
-    stream: list[StreamPoint] = []  # cold-read bandwidth by step footprint (measured on the device)
-    stream_reference_bytes: Optional[float] = Field(None, gt=0, le=1e15)  # footprint the cold points were measured at
     measured: Optional[dict[str, Any]] = None  # how it was measured (device, date, ...); None if not measured
 
     @field_validator("kinds", "gemm_kinds", "fold_batch_kinds")
@@ -222,7 +203,7 @@ class Calibration(_Strict):
     def is_ideal(self) -> bool:
         return (self.default == Efficiency() and all(e == Efficiency() for e in self.kinds.values())
                 and not self.gemm and not self.sizes and self.launch_overhead_s is None and not self.fixed_s
-                and not self.links and not self.stream)
+                and not self.links)
 
     @property
     def kind(self) -> str:
@@ -335,22 +316,6 @@ class Calibration(_Strict):
                                 [p.memory for p in sized])
         return base.compute, base.memory
 
-    def cold_speedup(self, footprint_bytes):
-        """How much faster than at calibration the step's cold bytes (weights
-        and KV cache, last touched one step earlier) stream when the step
-        touches `footprint_bytes` of them: bandwidth(footprint) /
-        bandwidth(stream_reference_bytes) from the measured `stream` curve
-        (1 without one, or at or above the reference footprint). Numbers or arrays."""
-        if not self.stream or self.stream_reference_bytes is None:
-            return 1.0 if np.ndim(footprint_bytes) == 0 else np.ones(np.shape(footprint_bytes))
-        where = [(p.footprint_bytes,) for p in self.stream]
-        rates = [p.bytes_per_s for p in self.stream]
-        at = np.maximum(np.asarray(footprint_bytes, dtype=float), 1.0)
-        here = _interpolate([at], where, rates, rates)[0]
-        ref = _interpolate([self.stream_reference_bytes], where, rates, rates)[0]
-        out = np.where(at >= self.stream_reference_bytes, 1.0, np.maximum(np.asarray(here) / ref, 1.0))
-        return float(out) if np.ndim(out) == 0 else out
-
     def _streaming_memory(self, nbytes):
         """Memory efficiency of streaming `nbytes` (cache-resident when small,
         memory-bound when large): the measured copy's size curve, else the
@@ -366,6 +331,36 @@ class Calibration(_Strict):
     def overhead_s(self, hw) -> float:
         """The launch overhead of a kernel with no measured fixed cost of its own."""
         return hw.launch_overhead_s if self.launch_overhead_s is None else self.launch_overhead_s
+
+    def at_speed(self, now) -> "Calibration":
+        """This calibration scaled from the host speed it was measured at
+        (`measured["probe"]`, a flopsim.probe reading) to the speed `now` (another
+        reading): compute efficiencies x ref.compute_s / now.compute_s, memory
+        efficiencies x ref.memory_s / now.memory_s, fixed costs x now.fixed_s /
+        ref.fixed_s. Unchanged without a reference reading."""
+        ref = (self.measured or {}).get("probe")
+        if not ref:
+            return self
+        c, m, f = ref["compute_s"] / now.compute_s, ref["memory_s"] / now.memory_s, now.fixed_s / ref["fixed_s"]
+
+        def eff(e):
+            return e.model_copy(update={"compute": min(MAX_EFFICIENCY, e.compute * c),
+                                        "memory": min(MAX_EFFICIENCY, e.memory * m)})
+
+        def point(p):
+            return p.model_copy(update={
+                "compute": None if p.compute is None else min(MAX_EFFICIENCY, p.compute * c),
+                "memory": None if p.memory is None else min(MAX_EFFICIENCY, p.memory * m)})
+
+        def size(p):
+            return p.model_copy(update={"compute": min(MAX_EFFICIENCY, p.compute * m),
+                                        "memory": min(MAX_EFFICIENCY, p.memory * m)})
+
+        return self.model_copy(update={
+            "default": eff(self.default), "kinds": {k: eff(v) for k, v in self.kinds.items()},
+            "gemm": [point(p) for p in self.gemm], "sizes": [size(p) for p in self.sizes],
+            "fixed_s": {k: min(MAX_FIXED_S, v * f) for k, v in self.fixed_s.items()},
+            "launch_overhead_s": None if self.launch_overhead_s is None else self.launch_overhead_s * f})
 
     def with_graphs(self) -> "Calibration":
         """This calibration for an engine that replays its kernels as a CUDA graph

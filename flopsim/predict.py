@@ -66,8 +66,6 @@ class PredictResult(OpTotals):
     calibration: Any
     optimizer: str
     ops: list = field(default_factory=list)  # list[flopsim.roofline.OpTime]
-    footprint_bytes: float = 0.0  # weights and KV cache the step touches (flopsim.roofline.footprint_bytes)
-    cold_speedup: float = 1.0  # Calibration.cold_speedup(footprint_bytes)
 
     @property
     def time_s(self) -> float:
@@ -127,7 +125,6 @@ class PredictResult(OpTotals):
             "phase": self.phase, "batch": self.batch, "seq": self.seq, "context": self.context,
             "dtype": self.spec.dtype, "calibration": self.calibration.source,
             "calibration_kind": self.calibration.kind, "calibration_label": self.calibration.provenance_label,
-            "footprint_bytes": self.footprint_bytes, "cold_speedup": self.cold_speedup,
             "time_s": self.time_s, "flops": self.flops, "all_flops": self.all_flops, "bytes": self.bytes,
             "bound": self.bound, "tokens_per_s": self.tokens_per_s, "mfu": self.mfu,
             "compute_bound_s": self.compute_bound_s, "memory_bound_s": self.memory_bound_s,
@@ -151,7 +148,7 @@ def predict(spec, hw, *, phase: str = "forward", batch: int = 1, seq: int = 1024
     from flopsim.count import evaluate_ops, token_values
     from flopsim.hardware import load_hardware
     from flopsim.ops.symbols import T
-    from flopsim.roofline import footprint_bytes, op_time
+    from flopsim.roofline import op_time
     from flopsim.spec import load_model
 
     spec = load_model(spec)
@@ -159,12 +156,9 @@ def predict(spec, hw, *, phase: str = "forward", batch: int = 1, seq: int = 1024
     cal = load_calibration(calibration, hw)
     values = token_values(spec, phase, batch, seq, context)
     costs = evaluate_ops(phase_ops(spec, phase, optimizer=optimizer), values)
-    footprint = float(footprint_bytes(costs))
-    speedup = cal.cold_speedup(footprint)
-    times = [op_time(op, hw, spec.dtype, cal, speedup) for op in costs]
+    times = [op_time(op, hw, spec.dtype, cal) for op in costs]
     return PredictResult(spec=spec, hw=hw, phase=phase, batch=batch, seq=seq, context=int(values[T]),
-                         calibration=cal, optimizer=optimizer, ops=times, footprint_bytes=footprint,
-                         cold_speedup=float(speedup))
+                         calibration=cal, optimizer=optimizer, ops=times)
 
 
 @dataclass

@@ -18,7 +18,9 @@ to end only.
 
 Timing: threads fixed (`torch.set_num_threads`), warm-up runs first, the
 end-to-end time is the median of unprofiled runs (perf_counter; CUDA
-synchronised), per-module times the median over profiled runs.
+synchronised), per-module times the median over profiled runs. Validation
+times many runners round-robin (`time_rounds`), so that each samples the
+whole measurement period rather than one moment of a drifting host.
 """
 
 from __future__ import annotations
@@ -118,54 +120,108 @@ def _module_times(events, device: str) -> tuple[dict, dict]:
     return dict(times), {k: sorted(v) for k, v in names.items()}
 
 
-def profile_model(spec, phase: str, batch: int, seq: int, context: Optional[int] = None, *,
-                  device: str = "cpu", threads: Optional[int] = None, warmup: int = 2, repeats: int = 5,
-                  profiled_repeats: int = 3, seed: int = 0) -> Profile:
-    """Run the reference model of `spec` for one phase; measured end-to-end and per-module times."""
+@dataclass
+class Runner:
+    """One phase of a reference model, built once: `once()` runs it (synchronised)."""
+
+    spec: object
+    phase: str
+    batch: int
+    seq: int
+    context: Optional[int]
+    device: str
+    model: object
+    once: object
+
+
+def make_runner(spec, phase: str, batch: int, seq: int, context: Optional[int] = None, *, device: str = "cpu",
+                seed: int = 0) -> Runner:
+    """The reference of `spec` in its dtype on `device`, its inputs made once."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     from flopsim.torchref.model import build_reference, prepare_phase, torch_dtype
 
-    if threads is not None:
-        torch.set_num_threads(threads)
     model = build_reference(spec, seed=seed).to(device=device, dtype=torch_dtype(spec.dtype))
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    run = prepare_phase(model, spec, phase, batch, seq, context, seed=seed, device=device)  # inputs made once
+    run = prepare_phase(model, spec, phase, batch, seq, context, seed=seed, device=device)
 
     def once():
         run()
         sync()
 
+    return Runner(spec, phase, batch, seq, context, device, model, once)
+
+
+def time_runs(runner: Runner, repeats: int, warmup: int = 1) -> list:
+    """Wall seconds of `repeats` unprofiled runs after `warmup` ones."""
     for _ in range(warmup):
-        once()
+        runner.once()
     walls = []
     for _ in range(repeats):
         start = time.perf_counter()
-        once()
+        runner.once()
         walls.append(time.perf_counter() - start)
+    return walls
+
+
+def time_rounds(runners: list, rounds: int = 5, repeats: int = 2, progress=None, probe=None) -> tuple[list, list]:
+    """Wall times of every runner, measured round-robin: `rounds` passes over all of
+    them, each a warm-up and `repeats` timed runs, so that every runner samples the
+    whole measurement period (a shared host's speed drifts by tens of percent over
+    seconds to minutes). With a flopsim.probe.Probe, a reading is taken beside each
+    runner's timed runs. Returns (times per runner, readings per runner)."""
+    walls = [[] for _ in runners]
+    readings = [[] for _ in runners]
+    for r in range(rounds):
+        for i, runner in enumerate(runners):
+            if progress:
+                progress(f"timing round {r + 1}/{rounds}: {runner.spec.name} {runner.phase}", i, len(runners))
+            if probe is not None:
+                readings[i].append(probe.read())
+            walls[i] += time_runs(runner, repeats)
+    return walls, readings
+
+
+def profile_modules(runner: Runner, profiled_repeats: int = 3) -> tuple[dict, dict]:
+    """Per-module median seconds under torch.profiler and the aten ops seen per module
+    (inference phases; the train phase is measured end to end only)."""
+    from torch.profiler import ProfilerActivity, profile
 
     per_run: dict[str, list] = defaultdict(list)
     aten: dict[str, set] = defaultdict(set)
-    if phase != "train":
-        handles = _attach_scopes(model)
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-        try:
-            for _ in range(profiled_repeats):
-                with native_stderr_muted(), profile(activities=activities) as prof:
-                    once()
-                times, names = _module_times(prof.events(), device)
-                for path, seconds in times.items():
-                    per_run[path].append(seconds)
-                for path, ops in names.items():
-                    aten[path].update(ops)
-        finally:
-            for handle in handles:
-                handle.remove()
+    if runner.phase == "train":
+        return {}, {}
+    runner.once()
+    handles = _attach_scopes(runner.model)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runner.device == "cuda" else [])
+    try:
+        for _ in range(profiled_repeats):
+            with native_stderr_muted(), profile(activities=activities) as prof:
+                runner.once()
+            times, names = _module_times(prof.events(), runner.device)
+            for path, seconds in times.items():
+                per_run[path].append(seconds)
+            for path, ops in names.items():
+                aten[path].update(ops)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {path: statistics.median(v) for path, v in per_run.items()}, {p: sorted(v) for p, v in aten.items()}
+
+
+def profile_model(spec, phase: str, batch: int, seq: int, context: Optional[int] = None, *,
+                  device: str = "cpu", threads: Optional[int] = None, warmup: int = 2, repeats: int = 5,
+                  profiled_repeats: int = 3, seed: int = 0) -> Profile:
+    """Run the reference model of `spec` for one phase; measured end-to-end and per-module times."""
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    runner = make_runner(spec, phase, batch, seq, context, device=device, seed=seed)
+    walls = time_runs(runner, repeats, warmup)
+    modules, aten = profile_modules(runner, profiled_repeats)
     return Profile(
         spec_name=spec.name, phase=phase, batch=batch, seq=seq, context=context, device=device,
         threads=torch.get_num_threads(), wall_s=statistics.median(walls), wall_runs_s=walls,
-        modules={path: statistics.median(v) for path, v in per_run.items()},
-        aten_ops={path: sorted(v) for path, v in aten.items()},
+        modules=modules, aten_ops=aten,
     )

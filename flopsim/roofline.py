@@ -24,12 +24,9 @@ Conventions:
   Calibration (ideal: 1, 1 and the hardware's launch_overhead_s); `kernels`
   is the op's expected launches per step (Op.kernels: below 1 for a branch
   that is not always taken, so a skipped block costs no launch).
-- Cold bytes: an op's weight and KV-cache reads (`cold_bytes`) were last
-  touched a step earlier; a step whose footprint (`footprint_bytes`: the
-  weights and KV cache it reads or writes) fits the device's cache reads
-  them faster than the calibration's cold measurements did, by
-  `Calibration.cold_speedup(footprint)` (1 on GPUs): the memory term uses
-  hot bytes + cold bytes / speedup.
+- Weights and the KV cache are read from memory, not cache (a step reads
+  each once): the calibration measures matrix products and decode attention
+  with them cold, so their memory efficiency is that of cold reads.
 - Intensity is all_flops / bytes (FLOP per byte; inf for an op with no bytes).
 """
 
@@ -63,22 +60,6 @@ def executed_flops(op):
     if op.kind == "attention" and op.variant == "fused" and op.flops:
         return op.all_flops * op.causal_flops / op.flops
     return op.all_flops
-
-
-def cold_bytes(op):
-    """Bytes an op reads that were last touched a step earlier: weights and the KV cache."""
-    return op.weight_bytes + op.kv_read_bytes
-
-
-def footprint_bytes(ops):
-    """Weights and KV cache a step touches (read, or written in place): the data that
-    competes for the cache between one step and the next."""
-    return sum((op.weight_bytes + op.kv_read_bytes + op.kv_write_bytes for op in ops), 0)
-
-
-def effective_bytes(nbytes, cold, speedup):
-    """Bytes at calibration speed: hot bytes + cold bytes / speedup (numbers or arrays)."""
-    return np.subtract(nbytes, cold) + np.divide(cold, speedup)
 
 
 def bound_of(compute_s, memory_s):
@@ -125,9 +106,8 @@ class OpTime:
         return row
 
 
-def op_time(op, hw, dtype: str, calibration=None, cold_speedup: float = 1.0) -> OpTime:
-    """The roofline of one evaluated op (a flopsim.count.OpCost); `cold_speedup`
-    is the step's Calibration.cold_speedup(footprint) (see the module docstring)."""
+def op_time(op, hw, dtype: str, calibration=None) -> OpTime:
+    """The roofline of one evaluated op (a flopsim.count.OpCost)."""
     from flopsim.calibration import Calibration
 
     calibration = calibration or Calibration.ideal(hw.name)
@@ -135,10 +115,9 @@ def op_time(op, hw, dtype: str, calibration=None, cold_speedup: float = 1.0) -> 
     backward = op.pass_ == "bwd"
     compute_eff, memory_eff = calibration.efficiency(op.kind, op.gemm, float(op.bytes), op.variant, backward)
     all_flops, nbytes = op.all_flops, op.bytes
-    moved = float(effective_bytes(float(nbytes), float(cold_bytes(op)), cold_speedup))
     kernels = float(getattr(op, "kernels", 1))
     compute_s, memory_s, time_s = roofline_time(
-        float(executed_flops(op)), moved, peak, hw.memory_bandwidth_bytes_per_s,
+        float(executed_flops(op)), float(nbytes), peak, hw.memory_bandwidth_bytes_per_s,
         compute_eff, memory_eff, calibration.fixed_cost_s(op.kind, op.variant, hw, backward), kernels)
     compute_s, memory_s, time_s = float(compute_s), float(memory_s), float(time_s)
     overhead = time_s - max(compute_s, memory_s)

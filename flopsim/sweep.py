@@ -44,7 +44,7 @@ import numpy as np
 import sympy as sp
 
 from flopsim.errors import InputError, SpecError
-from flopsim.roofline import cold_bytes, effective_bytes, executed_flops, footprint_bytes, roofline_time
+from flopsim.roofline import executed_flops, roofline_time
 
 TOKEN_AXES = ("batch", "seq", "context")
 # short names and dotted spec paths -> Dims names (flopsim.ops.symbols.SYMBOL_NAMES)
@@ -490,8 +490,7 @@ class _Plan:
             shape_aware = op.gemm is not None and cal.uses_gemm_shape(op.kind)
             gemm = tuple(_sub(g, subs) for g in op.gemm) if shape_aware else None
             key = (op.kind, op.variant, _sub(op.flops, subs), _sub(executed_flops(op), subs), _sub(op.bytes, subs), gemm,
-                   _sub(op.kernels, subs), _sub(cold_bytes(op), subs), _sub(footprint_bytes([op]), subs),
-                   op.pass_ == "bwd")
+                   _sub(op.kernels, subs), op.pass_ == "bwd")
             groups[key] = groups.get(key, 0) + 1
         self.groups = list(groups.items())
         exprs: list = []
@@ -504,17 +503,16 @@ class _Plan:
             return index[e]
 
         self.items = []
-        for (kind, variant, flops, all_flops, nbytes, gemm, kernels, cold, _, backward), mult in self.groups:
+        for (kind, variant, flops, all_flops, nbytes, gemm, kernels, backward), mult in self.groups:
             self.items.append(dict(
                 kind=kind, variant=variant, mult=mult, peak=op_peak_flops_per_s(kind, hw, spec.dtype),
-                flops=ref(flops), all_flops=ref(all_flops), bytes=ref(nbytes), kernels=ref(kernels), cold=ref(cold),
+                flops=ref(flops), all_flops=ref(all_flops), bytes=ref(nbytes), kernels=ref(kernels),
                 gemm=tuple(ref(g) for g in gemm) if gemm is not None else None,
                 never_empty=bool((all_flops + nbytes).is_positive),
                 fixed_s=cal.fixed_cost_s(kind, variant, hw, backward), backward=backward,
             ))
         self.total_flops = ref(sp.Add(*[mult * key[2] for key, mult in self.groups]))
         self.total_bytes = ref(sp.Add(*[mult * key[4] for key, mult in self.groups]))
-        self.footprint = ref(sp.Add(*[mult * key[8] for key, mult in self.groups]))  # flopsim.roofline.footprint_bytes
         self.fn = compile_exprs(exprs, args)
 
     def _arrays(self, chunk: Optional[tuple] = None) -> list:
@@ -551,15 +549,13 @@ class _Plan:
             else:
                 sums[key] = sums[key] + t
 
-        speedup = self.cal.cold_speedup(values[self.footprint])
         for item in self.items:
             af, by = values[item["all_flops"]], values[item["bytes"]]
             gemm = tuple(values[g] for g in item["gemm"]) if item["gemm"] is not None else None
             ce, me = self.cal.efficiency(item["kind"], gemm, by, item["variant"], item["backward"])
             mult = item["mult"]
-            moved = effective_bytes(by, values[item["cold"]], speedup)
             # the roofline (flopsim.roofline.roofline_time) with the multiplicity folded in
-            c, m, t = roofline_time(af, moved, item["peak"] / mult, bw / mult, ce, me, 0.0)
+            c, m, t = roofline_time(af, by, item["peak"] / mult, bw / mult, ce, me, 0.0)
             accumulate(roof, t, owned=False)
             mask = c >= m
             if np.ndim(mask) == 0 or mask.all():

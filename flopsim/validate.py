@@ -6,9 +6,11 @@ family and variant, each with the dense baseline it saves compute over), on
 1. the calibration for the device is the measured one in
    specs/calibration/<hardware>.yaml, or is measured first
    (flopsim.calibrate) when that file holds no measurement;
-2. the reference model runs each phase (flopsim.profiling): median
-   end-to-end time of unprofiled runs, per-module times under
-   torch.profiler;
+2. the reference model runs each phase (flopsim.profiling): per-module
+   times under torch.profiler, then end-to-end times of unprofiled runs,
+   measured round-robin over all cases (`rounds` passes, each a warm-up
+   and two timed runs) so that each case samples the whole measurement
+   period of a host whose speed drifts; the median is the measured time;
 3. flopsim.predict costs the same phase and shape on the device's hardware
    spec with that calibration, and the two are joined on module paths
    (flopsim.profiling's docstring says how torch ops map to flopsim ops).
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -35,6 +38,7 @@ from typing import Callable, Optional
 from flopsim.errors import InputError
 
 GEMM_KINDS = ("matmul", "router")
+ROUNDS = 5  # round-robin passes over the cases when timing them (flopsim.profiling.time_rounds)
 PHASES = ("forward", "prefill", "decode", "train")
 SUMMARY_KEYS = ("device", "torch", "date", "median_abs_error_e2e", "p90_abs_error_e2e", "median_abs_error_gemm",
                 "median_abs_error_speedup")
@@ -141,6 +145,8 @@ class Validation:
                        "p90_abs_error": _abs_quantile([r["error"] for r in self.per_op if r["kind"] == k], 0.9),
                        "modules": sum(1 for r in self.per_op if r["kind"] == k)} for k in kinds}
         by_phase = {p: {"median_abs_error": _abs_quantile([r["error"] for r in self.per_model if r["phase"] == p], 0.5),
+                        "median_abs_error_probe": _abs_quantile(
+                            [r.get("error_probe", r["error"]) for r in self.per_model if r["phase"] == p], 0.5),
                         "median_signed_error": _signed_median([r["error"] for r in self.per_model if r["phase"] == p]),
                         "max_abs_error": _abs_quantile([r["error"] for r in self.per_model if r["phase"] == p], 1.0),
                         "cases": sum(1 for r in self.per_model if r["phase"] == p)}
@@ -154,6 +160,8 @@ class Validation:
             **self.meta,
             "device": self.device, "hardware": self.hardware, "suite": self.suite,
             "median_abs_error_e2e": _abs_quantile(e2e, 0.5),
+            "median_abs_error_e2e_probe": _abs_quantile([r.get("error_probe", r["error"]) for r in self.per_model],
+                                                        0.5),
             "p90_abs_error_e2e": _abs_quantile(e2e, 0.9),
             "median_abs_error_e2e_forward": _abs_quantile(forward, 0.5),
             "median_abs_error_gemm": _abs_quantile(gemm, 0.5),
@@ -180,83 +188,45 @@ def check_inputs(device: str, suite: str) -> None:
 
 def run_validation(device: str = "cpu", suite: str = "quick", *, hardware: Optional[str] = None,
                    calibration=None, threads: Optional[int] = None, recalibrate: bool = False,
-                   progress: Optional[Callable[[str, int, int], None]] = None) -> Validation:
-    """Calibrate if needed, profile every case, predict it, and join."""
-    from flopsim.calibrate import quiet_openmp
+                   rounds: int = ROUNDS, progress: Optional[Callable[[str, int, int], None]] = None) -> Validation:
+    """Calibrate if needed, profile every case, time them round-robin, predict, and join."""
+    from flopsim.calibrate import measurement_environment
 
-    openmp = quiet_openmp()
+    environment = measurement_environment()
     import torch
 
-    from flopsim.calibrate import calibrate, device_name, guess_hardware
-    from flopsim.calibration import calibration_path, load_calibration
-    from flopsim.hardware import load_hardware
-    from flopsim.profiling import profile_model
+    from flopsim.calibrate import device_name, guess_hardware
+    from flopsim.probe import median_reading
+    from flopsim.profiling import make_runner, profile_modules, time_rounds
 
     check_inputs(device, suite)
-    hw = load_hardware(hardware or guess_hardware(device))
+    hw = load_hardware_for(hardware or guess_hardware(device))
     if threads is not None:
         torch.set_num_threads(threads)
     cases = load_suite(suite, device)
     tick = progress or (lambda message, done, total: None)
-    calibrated_here = False
-    if calibration is None:
-        cal = load_calibration("auto", hw)
-        if recalibrate or cal.measured is None:
-            calibrated_here = True
-            tick("calibrating", 0, 1)
-            cal, _ = calibrate(device, hardware=hw.name, threads=threads)
-            write_calibration(cal, calibration_path(hw.name))
-    else:
-        cal = load_calibration(calibration, hw)
-
+    cal, calibrated_here = _calibration(device, hw, calibration, recalibrate, threads, tick)
     out = Validation(device=device, hardware=hw.name, suite=suite, calibration=cal)
-    walls: dict[tuple, tuple] = {}
     jobs = [(case, phase) for case in cases for phase in case.phases]
-    gemm_shapes = []
+    runners, gemm_shapes = [], []
     for done, (case, phase) in enumerate(jobs):
-        tick(f"{case.name} {phase}", done, len(jobs))
-        context = _context(phase, case)
-        measured = profile_model(case.spec, phase, case.batch, case.seq, context, device=device, threads=threads)
-        result, predicted, members = predicted_modules(case.spec, phase, case.batch, case.seq, context, hw, cal)
-        walls[(case.name, phase)] = (result.time_s, measured.wall_s)
-        out.per_model.append({
-            "model": case.name, "family": case.spec.family, "phase": phase, "batch": case.batch,
-            "seq": case.seq, "context": result.context, "predicted_s": result.time_s,
-            "measured_s": measured.wall_s, "error": result.time_s / measured.wall_s - 1,
-            "flops": result.flops, "bytes": result.bytes, "bound": result.bound,
-            "measured_runs_s": ";".join(f"{t:.6g}" for t in measured.wall_runs_s),
-        })
-        for module, seconds in sorted(measured.modules.items()):
-            if module not in predicted or seconds <= 0:
-                continue
-            rows = members[module]
-            kinds = {cost.kind for cost, _ in rows}
-            main = max(rows, key=lambda pair: pair[1].time_s)[0]
-            is_gemm = len(rows) == 1 and main.kind in GEMM_KINDS
-            if is_gemm and main.gemm is not None:
-                gemm_shapes.append(tuple(int(v) for v in main.gemm))
-            out.per_op.append({
-                "model": case.name, "phase": phase, "module": module, "kind": main.kind,
-                "ops": " ".join(cost.name.rsplit(".", 1)[-1] for cost, _ in rows), "kinds": " ".join(sorted(kinds)),
-                "gemm": is_gemm, "gemm_shape": "x".join(str(int(v)) for v in main.gemm) if main.gemm else "",
-                "predicted_s": predicted[module], "measured_s": seconds,
-                "error": predicted[module] / seconds - 1, "aten_ops": " ".join(measured.aten_ops.get(module, [])),
-            })
+        tick(f"profiling {case.name} {phase}", done, len(jobs))
+        runner = make_runner(case.spec, phase, case.batch, case.seq, _context(phase, case), device=device)
+        runner.modules = profile_modules(runner)
+        runners.append(runner)
+    probe = _probe(device, cal, hw)
+    walls, readings = time_rounds(runners, rounds=rounds, progress=tick, probe=probe)
+    results = {}
+    for (case, phase), runner, runs, seen in zip(jobs, runners, walls, readings):
+        result, predicted, members = predicted_modules(case.spec, phase, case.batch, case.seq, runner.context, hw, cal)
+        reading = median_reading(seen) if seen else None
+        at_speed = (predicted_modules(case.spec, phase, case.batch, case.seq, runner.context, hw,
+                                      cal.at_speed(reading))[0] if reading else None)  # the speed beside the runs
+        results[(case.name, phase)] = (result.time_s, statistics.median(runs))
+        out.per_model.append(_model_row(case, phase, result, runs, at_speed, reading))
+        out.per_op += _op_rows(case, phase, runner.modules, predicted, members, gemm_shapes)
     tick("done", len(jobs), len(jobs))
-    by_name = {case.name: case for case in cases}
-    for case in cases:
-        if not case.baseline:
-            continue
-        for phase in case.phases:
-            if (case.baseline, phase) not in walls:
-                continue
-            base_pred, base_meas = walls[(case.baseline, phase)]
-            pred, meas = walls[(case.name, phase)]
-            out.speedups.append({
-                "model": case.name, "baseline": case.baseline, "family": by_name[case.name].spec.family,
-                "phase": phase, "predicted_speedup": base_pred / pred, "measured_speedup": base_meas / meas,
-                "error": (base_pred / pred) / (base_meas / meas) - 1,
-            })
+    out.speedups = _speedup_rows(cases, results)
     overlap = overlapping_shapes(cal, gemm_shapes)
     if overlap:
         raise RuntimeError(f"validation GEMM shapes {overlap[:3]} are calibration points: pick other shapes")
@@ -264,8 +234,107 @@ def run_validation(device: str = "cpu", suite: str = "quick", *, hardware: Optio
         "torch": torch.__version__, "date": _dt.date.today().isoformat(), "threads": torch.get_num_threads(),
         "device_name": device_name(device), "calibration": cal.source, "calibration_kind": cal.kind,
         "calibration_gemm_points": len(cal.gemm), "validation_gemm_shapes": len(set(gemm_shapes)),
-        "calibrated_in_run": calibrated_here, "environment": openmp,
+        "calibrated_in_run": calibrated_here, "environment": environment, "timing_rounds": rounds,
     }
+    return out
+
+
+def load_hardware_for(name: str):
+    from flopsim.hardware import load_hardware
+
+    return load_hardware(name)
+
+
+def _calibration(device, hw, calibration, recalibrate: bool, threads, tick):
+    """(the calibration to predict with, whether it was measured in this run)."""
+    from flopsim.calibrate import calibrate
+    from flopsim.calibration import calibration_path, load_calibration
+
+    if calibration is not None:
+        return load_calibration(calibration, hw), False
+    cal = load_calibration("auto", hw)
+    if recalibrate or cal.measured is None:
+        tick("calibrating", 0, 1)
+        cal, _ = calibrate(device, hardware=hw.name, threads=threads)
+        write_calibration(cal, calibration_path(hw.name))
+        return cal, True
+    return cal, False
+
+
+def _probe(device: str, cal, hw):
+    """A drift probe (flopsim.probe) when the calibration holds a reference reading, else None."""
+    if not (cal.measured or {}).get("probe"):
+        return None
+    import torch
+
+    from flopsim.calibrate import POOL_BYTES, last_level_cache_bytes
+    from flopsim.probe import Probe
+    from flopsim.torchref.model import torch_dtype
+
+    dtype = torch_dtype(cal.measured.get("dtype", "fp32"))
+    cache = last_level_cache_bytes(hw) if device == "cpu" else float(hw.last_level_cache_bytes or 64e6)
+    low, high = POOL_BYTES[device]
+    pool_bytes = min(max(2 * cache, low), high)
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    pool = torch.randn(int(pool_bytes / torch.finfo(dtype).bits * 8), generator=gen).to(device=device, dtype=dtype)
+    return Probe(torch, device, dtype, pool, gen)
+
+
+def _model_row(case, phase, result, runs, at_speed=None, reading=None) -> dict:
+    """One end-to-end row: `result` predicted with the calibration as measured (at the
+    median host speed of its measurement), `at_speed` at the speed the drift probe read
+    beside these runs (`reading`; flopsim.probe), for comparison."""
+    measured = statistics.median(runs)
+    at_speed = at_speed or result
+    return {
+        "model": case.name, "family": case.spec.family, "phase": phase, "batch": case.batch,
+        "seq": case.seq, "context": result.context, "predicted_s": result.time_s,
+        "measured_s": measured, "error": result.time_s / measured - 1,
+        "predicted_probe_s": at_speed.time_s, "error_probe": at_speed.time_s / measured - 1,
+        "flops": result.flops, "bytes": result.bytes, "bound": result.bound,
+        "measured_runs_s": ";".join(f"{t:.6g}" for t in runs),
+        "probe": "" if reading is None else f"{reading.compute_s:.4g};{reading.memory_s:.4g};{reading.fixed_s:.4g}",
+    }
+
+
+def _op_rows(case, phase, profiled, predicted, members, gemm_shapes: list) -> list:
+    """Per-module rows joining the profiled times with the predicted ops of each module."""
+    modules, aten = profiled
+    rows_out = []
+    for module, seconds in sorted(modules.items()):
+        if module not in predicted or seconds <= 0:
+            continue
+        rows = members[module]
+        kinds = {cost.kind for cost, _ in rows}
+        main = max(rows, key=lambda pair: pair[1].time_s)[0]
+        is_gemm = len(rows) == 1 and main.kind in GEMM_KINDS
+        if is_gemm and main.gemm is not None:
+            gemm_shapes.append(tuple(int(v) for v in main.gemm))
+        rows_out.append({
+            "model": case.name, "phase": phase, "module": module, "kind": main.kind,
+            "ops": " ".join(cost.name.rsplit(".", 1)[-1] for cost, _ in rows), "kinds": " ".join(sorted(kinds)),
+            "gemm": is_gemm, "gemm_shape": "x".join(str(int(v)) for v in main.gemm) if main.gemm else "",
+            "predicted_s": predicted[module], "measured_s": seconds,
+            "error": predicted[module] / seconds - 1, "aten_ops": " ".join(aten.get(module, [])),
+        })
+    return rows_out
+
+
+def _speedup_rows(cases, results: dict) -> list:
+    """Each conditional model over its dense baseline, predicted and measured, per phase."""
+    out = []
+    by_name = {case.name: case for case in cases}
+    for case in cases:
+        for phase in case.phases if case.baseline else []:
+            if (case.baseline, phase) not in results:
+                continue
+            base_pred, base_meas = results[(case.baseline, phase)]
+            pred, meas = results[(case.name, phase)]
+            out.append({
+                "model": case.name, "baseline": case.baseline, "family": by_name[case.name].spec.family,
+                "phase": phase, "predicted_speedup": base_pred / pred, "measured_speedup": base_meas / meas,
+                "error": (base_pred / pred) / (base_meas / meas) - 1,
+            })
     return out
 
 
@@ -321,9 +390,14 @@ def summary_markdown(validation: Validation, summary: dict) -> str:
         "",
         "## By phase (end to end)",
         "",
-        "| phase | median abs error | median signed error | worst abs error | cases |",
-        "|---|---|---|---|---|",
-        *[f"| {p} | {_pct(v['median_abs_error'])} | {_pct(v['median_signed_error'])} | {_pct(v['max_abs_error'])} | {v['cases']} |"
+        "Predicted with the calibration as measured (its points scaled to the median host speed "
+        "of its measurement, flopsim.probe); the last column predicts each model at the speed the "
+        "drift probe read beside its own runs instead.",
+        "",
+        "| phase | median abs error | median signed error | worst abs error | cases | median abs error, at the probed speed |",
+        "|---|---|---|---|---|---|",
+        *[f"| {p} | {_pct(v['median_abs_error'])} | {_pct(v['median_signed_error'])} | {_pct(v['max_abs_error'])} | "
+          f"{v['cases']} | {_pct(v['median_abs_error_probe'])} |"
           for p, v in summary["by_phase"].items()],
         "",
         "## By family and phase (median abs error, end to end)",

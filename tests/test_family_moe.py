@@ -257,6 +257,24 @@ def test_fused_gather_kernel_reads_each_pairs_expert_once_without_a_copy():
     assert_exact(spec, "decode", 3, 10, 12)  # the reference runs it eagerly: FLOPs are the same
 
 
+def test_loop_kernel_is_grouped_work_launched_once_per_expert():
+    """kernel loop: the same FLOPs and bytes as grouped (one product per expert
+    instead of one grouped kernel), each expert op launched `experts` times;
+    the torch reference runs exactly this loop, so FlopCounterMode agrees."""
+    moe = dict(experts=4, top_k=2, d_expert=16)
+    loop = moe_spec("moe-loop", base="llama-3-8b", kv_heads=2, moe={**moe, "kernel": "loop"})
+    grouped = moe_spec("moe-loop", base="llama-3-8b", kv_heads=2, moe=moe)
+    for phase in ("forward", "decode"):
+        a, b = count(loop, batch=2, seq=6, phase=phase), count(grouped, batch=2, seq=6, phase=phase)
+        assert (a.flops, a.bytes, a.params) == (b.flops, b.bytes, b.params)
+        experts = [op for op in a.ops if ".moe.experts." in op.name and op.kind == "matmul"]
+        assert experts and all(op.kernels == 4 for op in experts)
+        assert all(op.kernels == 1 for op in a.ops if op not in experts)
+    assert_exact(loop, "train", 2, 6)
+    capacity = moe_spec("moe-loop-cap", moe={**moe, "kernel": "loop", "capacity_factor": 1.25})
+    assert all(op.kernels == 1 for op in count(capacity, batch=2, seq=6).ops)  # one bmm: no loop
+
+
 def test_gather_kernel_is_inference_only():
     spec = moe_spec("moe-g", moe=dict(experts=4, top_k=2, kernel="gather"))
     with pytest.raises(InputError, match="inference kernel"):

@@ -47,15 +47,14 @@ def test_calibrate_measures_every_benchmark_kind(smoke_calibration):
     assert {g.variant for g in cal.gemm if g.kind == "attention"} == {"fused", "explicit"}
     assert cal.measured["threads"] == 1 and cal.measured["device"] == "cpu"
     assert cal.launch_overhead_s == cal.measured["launch_overhead_s"] > 0
-    assert cal.kind == "measured" and "OMP_WAIT_POLICY" in cal.measured["environment"]
-    # backward kernels, fixed costs per kernel (forward and backward), the optimizer, the cold-read curve
+    assert cal.kind == "measured" and "OMP_NUM_THREADS" in cal.measured["environment"]
+    # backward kernels, fixed costs per kernel (forward and backward), the optimizer
     assert {p.kind for p in cal.sizes if p.backward} >= {"elementwise", "norm", "softmax", "embedding", "loss"}
     assert any(g.backward for g in cal.gemm if g.kind == "attention")
     assert {"matmul", "attention:fused", "norm:rmsnorm", "elementwise:gelu", "norm:layernorm@bwd",
             "optimizer"} <= set(cal.fixed_s)
     assert all(v > 0 for v in cal.fixed_s.values())
     assert any(p.kind == "optimizer" for p in cal.sizes)
-    assert len(cal.stream) == 6 and cal.stream_reference_bytes == cal.measured["cold_pool_bytes"]
     # decode-shaped products (m = 1) were measured memory-bound, large ones compute-bound
     assert any(g.memory and not g.compute for g in cal.gemm if g.kind == "matmul" and g.m == 1)
     assert any(g.compute and not g.memory for g in cal.gemm if g.kind == "matmul" and g.m == 24)
@@ -63,9 +62,10 @@ def test_calibrate_measures_every_benchmark_kind(smoke_calibration):
 
 def test_calibration_points_reproduce_their_measurement(smoke_calibration):
     """At a measured shape, the ceiling the point was measured against equals
-    the measured busy time (time - the kernel's hot fixed cost): the compute
-    term for a point measured compute-bound, the memory term for one measured
-    memory-bound (decode shapes, cold weights); the other term is not longer."""
+    the measured busy time (time - the kernel's hot fixed cost) scaled to the
+    calibration's median host speed (flopsim.probe): the compute term for a
+    point measured compute-bound, the memory term for one measured
+    memory-bound (decode shapes, cold weights)."""
     from flopsim.roofline import roofline_time
 
     cal, points = smoke_calibration
@@ -78,8 +78,11 @@ def test_calibration_points_reproduce_their_measurement(smoke_calibration):
         compute_s, memory_s, _ = roofline_time(p.all_flops, p.bytes, hw.peak_flops_per_s_for("fp32")[0],
                                                hw.memory_bandwidth_bytes_per_s, ce, me)
         busy = max(p.seconds - p.fixed_s, 0.1 * p.seconds)
+        # scaled from the host speed the drift probe read beside the point to the calibration's median
+        ref = cal.measured["probe"]
+        speed = (ref["memory_s"] / p.probe.memory_s) if p.memory_bound else (ref["compute_s"] / p.probe.compute_s)
         bound = memory_s if p.memory_bound else compute_s
-        assert bound == pytest.approx(busy, rel=1e-6)
+        assert bound == pytest.approx(busy * speed, rel=1e-6)
         checked[p.memory_bound] += 1
     assert checked[True] and checked[False]
 

@@ -1,7 +1,6 @@
 """The wall-clock mechanisms: fixed cost per kernel launch (per kind, variant
-and pass), expected launches of branches not always taken (MoD at decode),
-cold reads whose speed depends on the step's footprint, compute and memory
-ceilings of GEMM points, collectives by message size, CUDA-graph launches,
+and pass), expected launches of branches not always taken (MoD at decode), compute
+and memory ceilings of GEMM points, collectives by message size, CUDA-graph launches,
 and provenance (no silent ideal roofline). Each test derives its expected
 value by hand; none asserts a measured time."""
 
@@ -19,7 +18,7 @@ from flopsim.errors import InputError
 from flopsim.families import build_ops
 from flopsim.hardware import hardware_names, load_hardware
 from flopsim.predict import predict
-from flopsim.roofline import footprint_bytes, op_time
+from flopsim.roofline import op_time
 
 H100 = load_hardware("h100-sxm")
 
@@ -88,37 +87,7 @@ def test_skipped_mod_blocks_launch_nothing(batch):
     assert r.summary()["kernels"] == len(launched)
 
 
-# -- cold reads ------------------------------------------------------------------------
-
-def test_cold_speedup_follows_the_measured_stream_curve():
-    """Cold bytes stream at bandwidth(footprint); points were measured at the
-    reference footprint, so the speed-up is bandwidth(footprint) / bandwidth(reference),
-    log-log interpolated, 1 at or beyond the reference."""
-    cal = _cal(stream=[{"footprint_bytes": 64e6, "bytes_per_s": 40e9}, {"footprint_bytes": 600e6, "bytes_per_s": 20e9}],
-               stream_reference_bytes=600e6)
-    assert cal.cold_speedup(64e6) == pytest.approx(2.0)
-    assert cal.cold_speedup(600e6) == 1.0 and cal.cold_speedup(5e9) == 1.0
-    assert 1.0 < cal.cold_speedup(200e6) < 2.0
-    assert _cal().cold_speedup(1e6) == 1.0  # no curve: cold reads as measured
-
-
-def test_footprint_is_weights_and_kv_cache_and_scales_cold_bytes_only():
-    spec = tiny("llama-3-8b", kv_heads=2, dtype="fp32")
-    costs = count(spec, batch=2, seq=1, phase="decode", context=32).ops
-    weights = sum(op.weight_bytes for op in costs)
-    kv = sum(op.kv_read_bytes + op.kv_write_bytes for op in costs)
-    assert footprint_bytes(costs) == weights + kv
-    cal = _cal(launch_overhead_s=0.0, stream=[{"footprint_bytes": 1.0, "bytes_per_s": 2.0},
-                                             {"footprint_bytes": 1e12, "bytes_per_s": 1.0}],
-               stream_reference_bytes=1e12)
-    fast = predict(spec, H100, phase="decode", batch=2, seq=1, context=32, calibration=cal)
-    slow = predict(spec, H100, phase="decode", batch=2, seq=1, context=32, calibration=_cal(launch_overhead_s=0.0))
-    assert 1 < fast.cold_speedup <= 2
-    for f, s, c in zip(fast.ops, slow.ops, costs):
-        cold = c.weight_bytes + c.kv_read_bytes
-        assert f.memory_s == pytest.approx((c.bytes - cold + cold / fast.cold_speedup) / H100.memory_bandwidth_bytes_per_s)
-        assert s.memory_s == pytest.approx(c.bytes / H100.memory_bandwidth_bytes_per_s)
-
+# -- GEMM ceilings ------------------------------------------------------------------------
 
 def test_gemm_points_give_compute_and_memory_ceilings_separately():
     """A point measured compute-bound carries the compute ceiling, one measured

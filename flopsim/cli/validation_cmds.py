@@ -68,6 +68,7 @@ def validate(
     threads: Optional[int] = ThreadsOpt,
     calibration: Optional[str] = typer.Option(None, "--calibration", help="Calibration file or 'ideal' (default: the device's measured file; measured first if missing)."),
     recalibrate: bool = typer.Option(False, "--recalibrate", help="Measure the calibration again first."),
+    rounds: int = typer.Option(5, "--rounds", min=1, max=100, help="Round-robin passes over the cases when timing them."),
     out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: reports/validation/<device>/, or reports/published/ with --published)."),
     published: bool = typer.Option(False, "--published", help="Compare with the published-measurements suite (specs/published/measurements.yaml) instead of profiling here."),
     table: Optional[str] = typer.Option(None, "--table", help="With --published: another measurements YAML."),
@@ -97,7 +98,7 @@ def validate(
             bar.update(task, description=message, completed=done, total=total)
 
         result = run_validation(device, suite, hardware=hardware, calibration=calibration, threads=threads,
-                                recalibrate=recalibrate, progress=tick)
+                                recalibrate=recalibrate, rounds=rounds, progress=tick)
     folder = out or (specs_dir().parent / "reports" / "validation" / device)
     summary = write_report(result, folder)
     if fmt == Format.json:

@@ -134,10 +134,11 @@ def select_tokens(ctx: Ctx, i: int, *, queries, kept, tags: dict) -> list:
     ops = fill(ctx, f"{p}.keep_cls", layer=i, elements=B, module=p, tags=tags)
     ops += topk(ctx, f"{p}.select", layer=i, rows=B, n=queries, k=kept, module=p, values=False, tags=tags)
     ops += sort_indices(ctx, f"{p}.order", layer=i, rows=B, n=kept, module=p, tags=tags)
-    ops += gather(ctx, f"{p}.gather", layer=i, rows=B * kept, d=ctx.dims.d_model, module=p, tags=tags)
+    ops += gather(ctx, f"{p}.gather", layer=i, rows=B * kept, d=ctx.dims.d_model, module=p, tags=tags,
+                  variant="gather")
     if ctx.spec.positions == "rope":
         ops += gather(ctx, f"{p}.gather_positions", layer=i, rows=B * kept, d=1, module=p,
-                      value_bytes=INDEX_BYTES, tags=tags)
+                      value_bytes=INDEX_BYTES, tags=tags, variant="gather")
     return ops
 
 

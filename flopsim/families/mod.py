@@ -172,11 +172,14 @@ def routed_block(ctx: Ctx, i: int, *, batch, queries, keys, ffn=None) -> list:
     ops += topk(ctx, f"{prefix}.select", layer=i, rows=batch, n=queries, k=k, module=prefix, values=False,
                 tags=tags)
     ops += sort_indices(ctx, f"{prefix}.order", layer=i, rows=batch, n=k, module=prefix, tags=tags)
-    ops += gather(ctx, f"{prefix}.gather", layer=i, rows=batch * k, d=d.d_model, module=prefix, tags=tags)
-    ops += gather(ctx, f"{prefix}.gather_r", layer=i, rows=batch * k, d=1, module=prefix, tags=tags)
+    # torch.gather along the sequence (flopsim.torchref.mod)
+    ops += gather(ctx, f"{prefix}.gather", layer=i, rows=batch * k, d=d.d_model, module=prefix, tags=tags,
+                  variant="gather")
+    ops += gather(ctx, f"{prefix}.gather_r", layer=i, rows=batch * k, d=1, module=prefix, tags=tags,
+                  variant="gather")
     if ctx.spec.positions == "rope":  # the kept tokens' positions, for their rotary embedding
         ops += gather(ctx, f"{prefix}.gather_positions", layer=i, rows=batch * k, d=1, module=prefix,
-                      value_bytes=INDEX_BYTES, tags=tags)[:1]
+                      value_bytes=INDEX_BYTES, tags=tags, variant="gather")[:1]
     ops += dense.block(ctx, i, batch=batch, queries=k, keys=cached, ffn=ffn, tags=tags)
     ops += scale_rows(ctx, f"{prefix}.scale", layer=i, rows=batch * k, d=d.d_model, module=prefix, tags=tags)
     ops += scatter(ctx, f"{prefix}.scatter", layer=i, rows=batch * k, d=d.d_model, module=prefix, tags=tags)

@@ -28,6 +28,10 @@ d_expert (default d_ff), `ffn` mlp (up, down) or gated (gate_up, down):
   average experts per token; c <= E so that C <= N), batched over
   [E, C, d]; the combination weight is the router probability of the pair.
   top_k plays no part (the `top_k` tag shows the spec's value).
+- kernel loop (`moe.kernel: loop`): the grouped products as one matrix
+  product per expert (a Python loop, as eager code and the torch reference
+  run them): the same FLOPs and bytes, each expert op launched `experts`
+  times (Op.kernels), which sets the time of small decode steps.
 - kernel gather (`moe.kernel: gather`, dropless token choice, inference):
   the pairs stay in token order (no sort); for each projection every pair
   indexes its expert's weight matrix into a copy and one batched
@@ -158,21 +162,25 @@ def moe_ffn(ctx: Ctx, i: int, *, tokens, prefix: str, tags: dict | None = None,
                  kind="router", tags=t)
     ops += elementwise(ctx, f"{p}.softmax", layer=i, elements=tokens * routed, op="softmax", module=p,
                        kind="softmax", tags=t)
-    if moe.kernel != "grouped" and ctx.train:
+    gathers = moe.kernel in ("gather", "gather_fused")
+    if gathers and ctx.train:
         raise InputError(f"moe.kernel: {moe.kernel!r} is an inference kernel (each token indexes its experts' "
                          f"weights); train with kernel grouped")
     routing, (rows, expert_tokens, batch) = _routing(ctx, p, i, tokens=tokens, routed=routed, slots=slots, tags=t)
     ops += routing
     ops += gather(ctx, f"{p}.dispatch", layer=i, rows=rows, d=d.d_model, module=p, tags=t)
-    if moe.kernel != "grouped":  # the pairs in token order, each indexing its expert's weights
+    if gathers:  # the pairs in token order, each indexing its expert's weights
         ops += gathered_expert_mlp(ctx, i, pairs=rows, prefix=p, tags=t)
     else:
         expert_ops = dense.mlp(ctx, i, tokens=expert_tokens, prefix=p, d_ff=d_expert, name="experts",
                                batch=batch, tags=t)
         if decode_read:
             expert_ops = [_expected_reads(op, E, active, tokens * k) for op in expert_ops]
+        if moe.kernel == "loop" and dropless:  # one product per expert: E launches of each
+            expert_ops = [replace(op, kernels=op.kernels * batch) if op.gemm is not None else op
+                          for op in expert_ops]
         ops += expert_ops
-    if dropless and moe.kernel == "grouped":  # the combination weights follow the pairs into expert order
+    if dropless and not gathers:  # the combination weights follow the pairs into expert order
         ops += gather(ctx, f"{p}.gather_weights", layer=i, rows=rows, d=1, module=p, tags=t)
     ops += scale_rows(ctx, f"{p}.weight", layer=i, rows=rows, d=d.d_model, module=p, tags=t)
     ops += scatter(ctx, f"{p}.combine", layer=i, rows=rows, d=d.d_model, module=p, into_zeros=True, tags=t)
@@ -199,7 +207,7 @@ def _routing(ctx: Ctx, p: str, i: int, *, tokens, routed, slots, tags: dict):
         ops = topk(ctx, f"{p}.topk", layer=i, rows=E, n=tokens, k=slots, module=p, backward=True, tags=tags)
         return ops, (E * slots, slots, E)
     ops = topk(ctx, f"{p}.topk", layer=i, rows=tokens, n=routed, k=k, module=p, backward=True, tags=tags)
-    if slots is None and ctx.spec.moe.kernel != "grouped":
+    if slots is None and ctx.spec.moe.kernel in ("gather", "gather_fused"):
         return ops, (tokens * k, None, None)  # pairs stay in token order: no sort
     if slots is None:
         # sort the N*k (token, expert) pairs by expert for the grouped GEMM; each pair's token

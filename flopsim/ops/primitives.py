@@ -427,15 +427,19 @@ def sort_indices(ctx: Ctx, name: str, *, layer: int, rows, n, module: str, kind:
 
 
 def gather(ctx: Ctx, name: str, *, layer: int, rows, d, module: str, kind: str = "gather",
-           value_bytes=None, tags: dict | None = None) -> list[Op]:
+           value_bytes=None, tags: dict | None = None, variant: str = "index") -> list[Op]:
     """Copy `rows` rows of width d picked by an int64 index; `value_bytes`: bytes per
     value when not the activations' (int64 positions: 8). Backward scatter-adds the
-    rows' gradients into a zero-filled gradient of the source (an add per value)."""
+    rows' gradients into a zero-filled gradient of the source (an add per value).
+    `variant`: the kernel that runs -- "index" (advanced indexing, x[idx]),
+    "index_2d" (a table indexed by a 2-d index: rows per token, as sparse FF's
+    weight gather), "gather" (torch.gather along a dimension) or
+    "index_select" -- which differ in speed on a CPU and are calibrated apart."""
     w = ctx.w if value_bytes is None else value_bytes
     fwd = Op(name=name, kind=kind, layer=layer, module=module,
              act_read_bytes=rows * d * w + rows * INDEX_BYTES,
              act_write_bytes=rows * d * w,
-             tags=tags or {})
+             tags=tags or {}, variant=variant)
     bwd = dict(other_flops=rows * d,
                act_read_bytes=rows * d * w + rows * INDEX_BYTES,
                act_write_bytes=rows * d * w)
@@ -524,7 +528,7 @@ def gathered_linear(ctx: Ctx, name: str, *, layer: int, tokens, d_in, d_out, sel
         raise ValueError(f"select must be 'in' or 'out', not {select!r}")
     copy = tokens * units * row  # values of the per-token weight copy
     index = tokens * units * INDEX_BYTES
-    ops = [Op(name=f"{name}.gather", kind="gather", layer=layer, module=module,
+    ops = [Op(name=f"{name}.gather", kind="gather", layer=layer, module=module, variant="index_2d",
               weight_bytes=units_read * row * w,
               act_read_bytes=index,
               act_write_bytes=copy * w,

@@ -81,14 +81,17 @@ class MoeBlock(_Strict):
     # matrix-vector product (simple decode implementations, e.g. gpt-fast run eagerly);
     # gather_fused: the same indexing fused into the product by a compiler (gpt-fast under
     # torch.compile): each pair's expert weights are read once, no copy; dropless token
-    # choice only, inference phases only
-    kernel: Literal["grouped", "gather", "gather_fused"] = "grouped"
+    # choice only, inference phases only; loop: the grouped products run as one matrix
+    # product per expert (a Python loop, as eager implementations and flopsim's torch
+    # reference run them): the same work as grouped, `experts` launches per projection
+    kernel: Literal["grouped", "loop", "gather", "gather_fused"] = "grouped"
 
     @model_validator(mode="after")
     def _top_k_le_experts(self):
         if self.top_k > self.experts:
             raise ValueError(f"top_k {self.top_k} exceeds experts {self.experts}")
-        if self.kernel != "grouped" and (self.capacity_factor is not None or self.routing != "token_choice"):
+        if self.kernel not in ("grouped", "loop") and (self.capacity_factor is not None
+                                                       or self.routing != "token_choice"):
             raise ValueError(f"kernel {self.kernel} runs dropless token choice (capacity_factor null, "
                              f"routing token_choice)")
         if self.routing == "expert_choice" and self.capacity_factor is None:

@@ -63,7 +63,7 @@ delivered the earlier gradient (`deliverer`), from post-hooks on every node.
 
 Fused regions: the reference marks code that flopsim counts as one kernel
 with `fused(kind)`; the events inside carry the region. Outside a counter,
-`fused` only pushes and pops a marker. torch is imported only by the
+`fused` does nothing (so timing the reference does not time the marker). torch is imported only by the
 functions that use it.
 """
 
@@ -104,15 +104,42 @@ class Region:
         return views if len(views) > 1 else views[0]
 
 
+class _NoRegion:
+    """What `fused` gives outside a counter: nothing is recorded and `take` makes no
+    aliases, so the reference runs (and is timed) without the marker's cost."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    @staticmethod
+    def take(*tensors):
+        return tensors if len(tensors) > 1 else tensors[0]
+
+    def basis(self, *tensors) -> None:
+        return None
+
+
+_NO_REGION = _NoRegion()
+_COUNTING = [0]  # BytesCounterMode instances active
+
+
 @contextlib.contextmanager
-def fused(kind: str, path: Optional[str] = None):
-    """Mark the code inside as one fused kernel of `kind` (see REGION_FLOPS in bytes_check)."""
+def _region(kind: str, path: Optional[str]):
     region = Region(kind, path)
     _ACTIVE_REGIONS.append(region)
     try:
         yield region
     finally:
         _ACTIVE_REGIONS.pop()
+
+
+def fused(kind: str, path: Optional[str] = None):
+    """Mark the code inside as one fused kernel of `kind` (see REGION_FLOPS in bytes_check);
+    a no-op outside a counter (`count_bytes`)."""
+    return _region(kind, path) if _COUNTING[0] else _NO_REGION
 
 
 def active_region() -> Optional[Region]:
@@ -547,9 +574,13 @@ def _mode_class():
 def count_bytes(fn, *, results=True) -> Capture:
     """Run `fn()` under a BytesCounterMode; its return value counts as the run's result."""
     counter = BytesCounterMode()
-    with counter:
-        value = fn()
-        counter.capture.resolve_nodes()
-        if results:
-            counter.mark_results(value)
+    _COUNTING[0] += 1
+    try:
+        with counter:
+            value = fn()
+            counter.capture.resolve_nodes()
+            if results:
+                counter.mark_results(value)
+    finally:
+        _COUNTING[0] -= 1
     return counter.capture

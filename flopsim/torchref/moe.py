@@ -158,7 +158,7 @@ class MoEFFN(nn.Module):
         slots = self.slots(n)
         if self.routing == "expert_choice":
             out = self._expert_choice(x, probs, slots)
-        elif slots is None and self.spec.moe.kernel != "grouped":
+        elif slots is None and self.spec.moe.kernel in ("gather", "gather_fused"):
             out = self._gathered(x, probs)
         elif slots is None:
             out = self._dropless(x, probs)

@@ -1,0 +1,106 @@
+"""The drift probe: how fast a shared host is right now.
+
+A machine shared with other tenants does not run at one speed: on the
+project's 2-core development VM the bandwidth of cold weight reads swings
+between 11 and 37 GB/s and the matrix rate between 180 and 300 GFLOP/s
+from one 8-second sample to the next. A calibration measured in one minute
+and a model timed in the next then disagree by tens of percent for reasons
+that have nothing to do with the model.
+
+The probe is three short microbenchmarks, each the median of a few calls:
+
+- `compute_s`: a matrix product held in cache (the matrix rate);
+- `memory_s`: a matrix-vector product over weights read cold from a pool
+  larger than the last-level cache (the bandwidth of cold reads);
+- `fixed_s`: a small composite kernel (RMSNorm over one row) right after it
+  (the fixed cost of a kernel inside a step).
+
+`flopsim calibrate` takes a reading beside every measured point and scales
+each point to the calibration's median reading (`measured.probe`), so the
+calibration describes the host at its median speed; validation times the
+models round-robin over several minutes, so their medians describe it at
+its median speed too, and the two are compared. `flopsim validate` also
+takes a reading beside every model's runs and reports, as a second figure,
+each model predicted with the calibration scaled to that reading
+(`Calibration.at_speed`: compute efficiencies by reference compute_s /
+compute_s now, memory efficiencies by reference memory_s / memory_s now,
+fixed costs by fixed_s now / reference fixed_s). On the development VM that
+second figure was neither better nor worse on the whole (the probe's own
+snapshot noise is as large as the drift it corrects), so it is not the
+headline. The probe is a microbenchmark; nothing in it comes from the
+models it helps to validate.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+# shapes: (m, n, k) of the cached product; (rows, cols) of each cold weight view
+SHAPES = {"cpu": dict(gemm=(192, 768, 768), gemv=(1024, 1024)),
+          "cuda": dict(gemm=(2048, 2048, 2048), gemv=(4096, 4096))}
+CALLS = 5
+
+
+@dataclass(frozen=True)
+class ProbeReading:
+    compute_s: float
+    memory_s: float
+    fixed_s: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def median_reading(readings: list) -> ProbeReading:
+    return ProbeReading(*(statistics.median(getattr(r, f) for r in readings)
+                          for f in ("compute_s", "memory_s", "fixed_s")))
+
+
+class Probe:
+    """Reads the host's current speed (see the module docstring). `pool`: a flat
+    tensor larger than the last-level cache, in the measured dtype."""
+
+    def __init__(self, torch, device: str, dtype, pool, gen):
+        import torch.nn.functional as F
+
+        self.torch, self.device, self.F = torch, device, F
+        shapes = SHAPES[device]
+        m, n, k = shapes["gemm"]
+        rows, cols = shapes["gemv"]
+        self.a = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
+        self.b = torch.randn(k, n, generator=gen).to(device=device, dtype=dtype)
+        self.x = torch.randn(1, cols, generator=gen).to(device=device, dtype=dtype)
+        self.row = torch.randn(1, 256, generator=gen).to(device=device, dtype=dtype)
+        size = rows * cols
+        count = max(1, min(256, pool.numel() // size))
+        stride = pool.numel() // count
+        self.views = [pool[i * stride:i * stride + size].view(rows, cols) for i in range(count)]
+        self.i = 0
+
+    def _sync(self):
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+
+    def _time(self, fn: Callable) -> float:
+        self._sync()
+        start = time.perf_counter()
+        fn()
+        self._sync()
+        return time.perf_counter() - start
+
+    def _gemv(self):
+        self.i = (self.i + 1) % len(self.views)
+        return self.F.linear(self.x, self.views[self.i])
+
+    def read(self) -> ProbeReading:
+        with self.torch.no_grad():
+            self._time(lambda: self.a @ self.b)  # warm
+            compute = [self._time(lambda: self.a @ self.b) for _ in range(CALLS)]
+            memory, fixed = [], []
+            for _ in range(CALLS):
+                memory.append(self._time(self._gemv))
+                fixed.append(self._time(lambda: self.F.rms_norm(self.row, (256,), eps=1e-6)))
+        return ProbeReading(statistics.median(compute), statistics.median(memory), statistics.median(fixed))
