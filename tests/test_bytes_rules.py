@@ -196,10 +196,22 @@ def test_every_expert_weight_is_read_outside_decode():
 
 
 def test_fused_marks_nothing_outside_a_counter():
+    """Outside a counter `fused` records nothing and `take` makes no alias (the reference
+    is timed without the marker's cost); inside one it records the region's elements."""
+    t = torch.ones(3)
     with fused("rope") as region:
-        x = region.take(torch.ones(3))
-        region.basis(x)
-    assert region.elements == 3
+        assert region.take(t) is t
+        region.basis(t)
+    assert not hasattr(region, "elements")
+    seen = []
+
+    def marked():
+        with fused("rope") as inner:
+            inner.basis(inner.take(t))
+            seen.append(inner.elements)
+
+    count_bytes(marked)
+    assert seen == [3]
 
 
 @pytest.mark.parametrize("kind", ["rmsnorm", "rope", "gated_act", "softmax", "cross_entropy"])

@@ -201,7 +201,7 @@ def test_inference_ops_bytes_match_their_derivation(gated, bias, phase, batch, s
 
     # W2^T[units]: rows of d values per unit, copy [n, b, d]
     gather = ops[f"{p}.down.gather"]
-    assert (gather.kind, gather.module, gather.variant) == ("gather", f"{p}.down", "")  # unit-major W2: rows
+    assert (gather.kind, gather.module, gather.variant) == ("gather", f"{p}.down", "index_2d")  # unit-major W2: rows
     assert close(gather.weight_bytes, union * d * w)
     assert gather.act_read_bytes == n * b * idx
     assert gather.act_write_bytes == n * b * d * w

@@ -29,7 +29,7 @@ def test_every_design_preset_exists_and_validates():
 
 
 def test_datasheet_figures_match_references():
-    """REFERENCES.md: H100 SXM 989 TFLOP/s bf16 dense, 67 fp32, 3.35 TB/s, 80 GB;
+    """docs/measurements.md and the datasheets: H100 SXM 989 TFLOP/s bf16 dense, 67 fp32, 3.35 TB/s, 80 GB;
     H200 the same compute, 4.8 TB/s, 141 GB; A100 SXM 80 GB 312 bf16, 19.5 fp32, 2.04 TB/s."""
     h100 = load_hardware("h100-sxm")
     assert h100.peak_flops_per_s["bf16"] == pytest.approx(989e12, rel=1e-3)
@@ -113,7 +113,7 @@ def test_cli_list_and_show():
     r = runner.invoke(app, ["hardware", "show", "mi300x"])
     assert r.exit_code == 0 and "Infinity" in r.output
     r = runner.invoke(app, ["hardware", "show", "cpu", "--format", "csv"])
-    assert "REFERENCES.md" in r.stdout
+    assert "docs/measurements.md" in r.stdout
 
 
 def test_cli_unknown_hardware_exits_2_in_one_line():

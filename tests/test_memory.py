@@ -10,7 +10,7 @@ from flopsim.memory import MemoryModel, memory
 from flopsim.ops.optimizer import optimizer_update, state_bytes_per_param, update_bytes_per_param
 from flopsim.spec import load_model
 
-GPT2_PARAMS = 124_439_808  # DESIGN.md / README: gpt2-small
+GPT2_PARAMS = 124_439_808  # README: gpt2-small
 
 
 # -- optimizer bytes per parameter ------------------------------------------------

@@ -125,7 +125,7 @@ def test_calibration_files():
     assert cpu.efficiency("matmul", (1, 64, 96, 96))[0] == point.compute
     between = cpu.efficiency("matmul", (1, 60, 100, 90))[0]  # interpolated among the measured shapes near it
     near = sorted((abs(np.log(p.m / 60)) + abs(np.log(p.n / 100)) + abs(np.log(p.k / 90)), p.compute)
-                  for p in cpu.gemm if p.kind == "matmul")[:8]
+                  for p in cpu.gemm if p.kind == "matmul" and p.compute is not None)[:8]
     assert min(c for _, c in near) <= between <= max(c for _, c in near)
 
 

@@ -1,6 +1,6 @@
 """The Op record: one kernel's cost as sympy expressions.
 
-Conventions (DESIGN.md, "Counting conventions" -- a contract):
+Conventions (docs/design.md, "Counting conventions" -- a contract):
 - `flops`: 2 per multiply-accumulate of every matrix product the kernel runs
   (mm, addmm, bmm, baddbmm, fused attention, convolution), exactly as
   torch.utils.flop_counter.FlopCounterMode counts them. Bias adds,

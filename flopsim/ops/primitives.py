@@ -541,16 +541,8 @@ def gathered_linear(ctx: Ctx, name: str, *, layer: int, tokens, d_in, d_out, sel
               gemm=(tokens, 1, n, k),
               tags=tags)]
     if bias and select == "out":
-        ops += [Op(name=f"{name}.bias_gather", kind="gather", layer=layer, module=module,
-                   weight_bytes=units_read * w,
-                   act_read_bytes=index,
-                   act_write_bytes=tokens * units * w,
-                   tags=tags),
-                Op(name=f"{name}.bias", kind="elementwise", layer=layer, module=module,
-                   other_flops=tokens * units,
-                   act_read_bytes=2 * tokens * units * w,
-                   act_write_bytes=tokens * units * w,
-                   tags=tags, variant="add")]
+        ops += _gathered_bias(ctx, name, layer=layer, values=tokens * units, read=units_read, index=index,
+                              module=module, tags=tags)
     elif bias:
         ops.append(Op(name=f"{name}.bias", kind="elementwise", layer=layer, module=module,
                       other_flops=tokens * d_out,
@@ -682,14 +674,22 @@ def gathered_experts(ctx: Ctx, name: str, *, layer: int, pairs, experts, d_in, d
               gemm=(pairs, 1, d_out, d_in),
               tags=tags)]
     if bias:
-        ops += [Op(name=f"{name}.bias_gather", kind="gather", layer=layer, module=module,
-                   weight_bytes=pairs * d_out * w,
-                   act_read_bytes=index,
-                   act_write_bytes=pairs * d_out * w,
-                   tags=tags),
-                Op(name=f"{name}.bias", kind="elementwise", layer=layer, module=module,
-                   other_flops=pairs * d_out,
-                   act_read_bytes=2 * pairs * d_out * w,
-                   act_write_bytes=pairs * d_out * w,
-                   tags=tags, variant="add")]
+        ops += _gathered_bias(ctx, name, layer=layer, values=pairs * d_out, read=pairs * d_out, index=index,
+                              module=module, tags=tags)
     return ops
+
+
+def _gathered_bias(ctx: Ctx, name: str, *, layer: int, values, read, index, module: str, tags: dict) -> list[Op]:
+    """A bias indexed per row (`b[idx]`: `read` bias values from memory, the index
+    read, `values` written), then added to the product's `values` outputs."""
+    w = ctx.w
+    return [Op(name=f"{name}.bias_gather", kind="gather", layer=layer, module=module,
+               weight_bytes=read * w,
+               act_read_bytes=index,
+               act_write_bytes=values * w,
+               tags=tags),
+            Op(name=f"{name}.bias", kind="elementwise", layer=layer, module=module,
+               other_flops=values,
+               act_read_bytes=2 * values * w,
+               act_write_bytes=values * w,
+               tags=tags, variant="add")]

@@ -531,9 +531,12 @@ def isoflop(budget=None, law="chinchilla", *, families: Sequence[str] = ("dense"
                                 f"({opt.shape.name}); widen --min-layers / --max-layers")
 
     if hw is not None:
+        from flopsim.calibration import load_calibration
+
         assumptions.append(f"step time: flopsim.predict (train phase) of the whole model on one "
                            f"{getattr(hw, 'name', hardware)}, batch {batch} x seq {seq}: forward, backward and "
-                           f"the optimizer update (which, for an MoE, reads and writes every expert)")
+                           f"the optimizer update (which, for an MoE, reads and writes every expert); "
+                           f"calibration {load_calibration('auto', hw).provenance_label}")
     if hw is None and len(fams) > 1:
         warnings.append("no --hardware: step time and speedup per step are not computed")
     matched = {}

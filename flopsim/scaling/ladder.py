@@ -151,7 +151,7 @@ _COSTS: dict = {}
 
 
 def period(spec) -> int:
-    """Blocks repeat with this period (DESIGN.md: block i is routed when
+    """Blocks repeat with this period (docs/design.md: block i is routed when
     (i + 1) % every == 0), so every total is affine in the depth per period."""
     p = 1
     for block in (spec.mod, spec.moe):

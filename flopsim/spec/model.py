@@ -1,7 +1,7 @@
-"""The model spec (DESIGN.md, "Model spec" -- a contract).
+"""The model spec (docs/design.md, "Model spec" -- a contract).
 
 A `ModelSpec` is the validated, immutable description of one model. Every
-dimension is a positive integer; defaults follow DESIGN.md (`kv_heads` =
+dimension is a positive integer; defaults follow docs/design.md (`kv_heads` =
 `heads`, `d_head` = `d_model // heads`). Only the block of the spec's own
 family may be present (`mode` needs `mod` and `moe` as well); anything
 unknown, missing, out of range or inconsistent raises a pydantic
