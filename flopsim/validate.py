@@ -196,11 +196,12 @@ def run_validation(device: str = "cpu", suite: str = "quick", *, hardware: Optio
     import torch
 
     from flopsim.calibrate import device_name, guess_hardware
+    from flopsim.hardware import load_hardware
     from flopsim.probe import median_reading
     from flopsim.profiling import make_runner, profile_modules, time_rounds
 
     check_inputs(device, suite)
-    hw = load_hardware_for(hardware or guess_hardware(device))
+    hw = load_hardware(hardware or guess_hardware(device))
     if threads is not None:
         torch.set_num_threads(threads)
     cases = load_suite(suite, device)
@@ -237,12 +238,6 @@ def run_validation(device: str = "cpu", suite: str = "quick", *, hardware: Optio
         "calibrated_in_run": calibrated_here, "environment": environment, "timing_rounds": rounds,
     }
     return out
-
-
-def load_hardware_for(name: str):
-    from flopsim.hardware import load_hardware
-
-    return load_hardware(name)
 
 
 def _calibration(device, hw, calibration, recalibrate: bool, threads, tick):

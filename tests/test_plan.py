@@ -353,3 +353,44 @@ def test_cli_serve_json():
 def test_cli_bad_input_is_one_line_exit_2(args, needle):
     line = one_error_line(run("plan", *args))
     assert needle in line
+
+
+def test_tensor_parallel_overlap_hides_traffic_behind_the_microbatch_compute():
+    """tp_overlap f: exposed TP time per micro-batch = max(0, tp traffic - f * compute)."""
+    base = _train(tp=2, dp=8)
+    hidden = _train(tp=2, dp=8, tp_overlap=1.0)
+    half = _train(tp=2, dp=8, tp_overlap=0.5)
+    tp_mb, compute = base.communication["tp_s_per_microbatch"], base.compute["compute_s_per_microbatch"]
+    assert tp_mb > 0 and base.communication["tp_exposed_s_per_microbatch"] == pytest.approx(tp_mb)
+    assert hidden.communication["tp_exposed_s_per_microbatch"] == pytest.approx(max(0.0, tp_mb - compute))
+    assert half.communication["tp_exposed_s_per_microbatch"] == pytest.approx(max(0.0, tp_mb - 0.5 * compute))
+    assert hidden.totals["step_time_s"] < base.totals["step_time_s"]
+
+
+def test_uneven_pipeline_stages_run_at_the_pace_of_the_largest():
+    """pp 3 over llama-2-7b's 32 blocks: the slowest stage holds ceil(32 / 3) = 11 blocks,
+    so its block compute is 11/32 of the model's (pp 2, even: 16/32)."""
+    even, uneven = _train(gpus=16, pp=2, dp=8), _train(gpus=24, pp=3, dp=8)
+    p = flopsim.predict("llama-2-7b", H100, phase="train", batch=1, seq=1024)
+    blocks = sum(op.time_s - op.overhead_s for op in p.ops if op.pass_ == "fwd" and 0 <= op.layer < 32)
+    rest = sum(op.time_s - op.overhead_s for op in p.ops
+               if op.pass_ == "fwd" and op.kind != "optimizer" and not 0 <= op.layer < 32)
+    launches = sum(op.overhead_s for op in p.ops if op.pass_ == "fwd" and op.kind != "optimizer")
+    for plan, pp in ((even, 2), (uneven, 3)):
+        share = math.ceil(32 / pp) / 32
+        blocks_launch = sum(op.overhead_s for op in p.ops if op.pass_ == "fwd" and 0 <= op.layer < 32)
+        expected = share * (blocks + blocks_launch) + rest / pp + (launches - blocks_launch) / pp
+        assert plan.compute["forward_s_per_microbatch"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_selective_recompute_reruns_only_the_attention_core():
+    """recompute="selective" (Korthikanti et al. 2022): the recomputation is the blocks'
+    forward attention ops alone; full recomputation reruns every block op."""
+    none, selective, full = _train(), _train(recompute="selective"), _train(recompute="full")
+    p = flopsim.predict("llama-2-7b", H100, phase="train", batch=1, seq=1024)
+    attention = sum(op.time_s for op in p.ops if op.pass_ == "fwd" and op.kind == "attention")
+    assert none.compute["recompute_s_per_microbatch"] == 0
+    # tp = pp = 1 (dp 16): the recomputation is the attention ops' whole time, launches included
+    assert selective.compute["recompute_s_per_microbatch"] == pytest.approx(attention, rel=1e-9)
+    assert 0 < selective.compute["recompute_s_per_microbatch"] < full.compute["recompute_s_per_microbatch"]
+    assert selective.config["recompute"] == "selective"

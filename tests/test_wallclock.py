@@ -179,3 +179,24 @@ def test_published_and_measured_provenance_need_their_evidence():
     with pytest.raises(Exception, match="needs a 'measured' block"):
         _cal(provenance="measured")
     assert math.isclose(_cal(provenance="published", sources={"default.compute": "x"}).default.compute, 1.0)
+
+
+def test_at_speed_scales_each_ceiling_by_its_probe_component():
+    """A calibration measured at reference probe times (c, m, f) predicts at a host now
+    reading (c', m', f'): compute efficiencies x c / c', memory efficiencies x m / m',
+    fixed costs x f' / f (flopsim.probe)."""
+    from flopsim.probe import ProbeReading
+
+    ref = {"compute_s": 1e-3, "memory_s": 2e-4, "fixed_s": 5e-5}
+    cal = _cal(measured={"device": "cpu", "probe": ref}, default={"compute": 0.5, "memory": 0.4},
+               gemm=[{"kind": "matmul", "m": 64, "n": 64, "k": 64, "compute": 0.6},
+                     {"kind": "matmul", "m": 1, "n": 64, "k": 64, "memory": 0.3}],
+               sizes=[{"kind": "norm", "bytes": 1e6, "compute": 0.1, "memory": 0.2}],
+               fixed_s={"norm": 1e-5}, launch_overhead_s=2e-6)
+    slow = cal.at_speed(ProbeReading(compute_s=2e-3, memory_s=4e-4, fixed_s=1e-4))  # everything half as fast
+    assert slow.default.compute == pytest.approx(0.25) and slow.default.memory == pytest.approx(0.2)
+    assert slow.gemm[0].compute == pytest.approx(0.3) and slow.gemm[0].memory is None
+    assert slow.gemm[1].memory == pytest.approx(0.15) and slow.gemm[1].compute is None
+    assert slow.sizes[0].memory == pytest.approx(0.1) and slow.sizes[0].compute == pytest.approx(0.05)
+    assert slow.fixed_s["norm"] == pytest.approx(2e-5) and slow.launch_overhead_s == pytest.approx(4e-6)
+    assert _cal().at_speed(ProbeReading(1.0, 1.0, 1.0)) == _cal()  # no reference reading: unchanged
