@@ -370,7 +370,6 @@ def tiny_kernels(bench: Bench) -> dict:
     from flopsim.torchref.model import make_norm, rope_qk
 
     x, y = bench.rand(1, 64), bench.rand(1, 64)
-    w = bench.rand(64, 64)
     # the modules the references call (module-call overhead included)
     dev, dt = bench.device, bench.torch_dtype
     linear = torch.nn.Linear(64, 64, bias=False).to(dev, dt)
@@ -709,8 +708,7 @@ def assemble(bench: Bench, cache_bytes: float, openmp: dict):
     """The Calibration from the measured points (see flopsim.calibration for the lookup)."""
     import torch
 
-    from flopsim.calibration import Calibration, Efficiency, GemmPoint, SizePoint
-
+    from flopsim.calibration import Calibration, Efficiency, GemmPoint
     from flopsim.probe import median_reading
 
     ref = median_reading(bench.readings)

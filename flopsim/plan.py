@@ -206,13 +206,6 @@ class Links:
                              "network figure; give --inter-node")
         return self.scale_out
 
-    def one_way(self, span: int) -> float:
-        """Bus bandwidth (bytes/s one way) of a group whose ranks span `span` consecutive ranks."""
-        return self.level(span).bus_bytes_per_s
-
-    def latency(self, span: int) -> float:
-        return self.level(span).latency_s
-
     def collective_s(self, op: str, nbytes: float, ranks: int, span: int) -> float:
         """`op` on `nbytes` over `ranks` ranks spanning `span` consecutive ranks (flopsim.collectives)."""
         if ranks <= 1:
@@ -600,7 +593,6 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
 
     # -- tensor parallel -------------------------------------------------------------
     act_bytes = micro_batch * seq * spec.d_model * w
-    bw_tp = links.one_way(tp)
     blocks_stage = math.ceil(L / pp)  # the slowest stage's blocks
     tp_one = links.collective_s("all_reduce", act_bytes, tp, tp)
     tp_count = (2 + 2 + (2 if recompute else 0)) * blocks_stage if tp > 1 else 0

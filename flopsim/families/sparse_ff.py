@@ -90,7 +90,6 @@ from flopsim.ops.primitives import (
     gumbel_mask,
     index_elementwise,
     linear,
-    topk,
 )
 
 
