@@ -2,8 +2,8 @@
 
 A `Calibration` gives each op a compute efficiency and a memory efficiency
 (fractions of `peak_flops_per_s` and `memory_bandwidth_bytes_per_s`, so 1.0 is
-the ideal roofline), a fixed cost per kernel launch, the speed of collectives
-per link level, and the speed-up of cold reads when a step fits the cache.
+the ideal roofline), a fixed cost per kernel launch and the speed of
+collectives per link level.
 
 Lookup order for an op of kind K with GEMM shape (batch, m, n, k):
 1. when K is in `gemm_kinds`, the op has a GEMM shape and `gemm` lists
@@ -352,7 +352,7 @@ class Calibration(_Strict):
                 "compute": None if p.compute is None else min(MAX_EFFICIENCY, p.compute * c),
                 "memory": None if p.memory is None else min(MAX_EFFICIENCY, p.memory * m)})
 
-        def size(p):
+        def size(p):  # both efficiencies come from one memory-bound time: it moves with memory speed
             return p.model_copy(update={"compute": min(MAX_EFFICIENCY, p.compute * m),
                                         "memory": min(MAX_EFFICIENCY, p.memory * m)})
 

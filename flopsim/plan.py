@@ -153,31 +153,6 @@ GB = 1e9
 # -- collectives -------------------------------------------------------------------
 
 
-def ring_all_reduce_s(nbytes: float, n: int, bytes_per_s: float, latency_s: float = 0.0) -> float:
-    """All-reduce of `nbytes` per rank over n ranks (flopsim.collectives)."""
-    return collective_s("all_reduce", nbytes, n, bytes_per_s, latency_s)
-
-
-def reduce_scatter_s(nbytes: float, n: int, bytes_per_s: float, latency_s: float = 0.0) -> float:
-    """Reduce-scatter of `nbytes` per rank, each keeping 1/n (flopsim.collectives)."""
-    return collective_s("reduce_scatter", nbytes, n, bytes_per_s, latency_s)
-
-
-def all_gather_s(nbytes: float, n: int, bytes_per_s: float, latency_s: float = 0.0) -> float:
-    """All-gather of an `nbytes` result, each rank holding 1/n (flopsim.collectives)."""
-    return collective_s("all_gather", nbytes, n, bytes_per_s, latency_s)
-
-
-def all_to_all_s(nbytes: float, n: int, bytes_per_s: float, latency_s: float = 0.0) -> float:
-    """All-to-all of the `nbytes` a rank holds, spread uniformly (flopsim.collectives)."""
-    return collective_s("all_to_all", nbytes, n, bytes_per_s, latency_s)
-
-
-def p2p_s(nbytes: float, bytes_per_s: float, latency_s: float = 0.0) -> float:
-    """A point-to-point send of `nbytes` (flopsim.collectives)."""
-    return collective_s("send_recv", nbytes, 2, bytes_per_s, latency_s)
-
-
 def bubble_fraction(pp: int, microbatches: int) -> float:
     """1F1B pipeline bubble over the ideal time: (pp - 1) / microbatches."""
     return (pp - 1) / microbatches

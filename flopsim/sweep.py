@@ -503,12 +503,12 @@ class _Plan:
             return index[e]
 
         self.items = []
-        for (kind, variant, flops, all_flops, nbytes, gemm, kernels, backward), mult in self.groups:
+        for (kind, variant, flops, executed, nbytes, gemm, kernels, backward), mult in self.groups:
             self.items.append(dict(
                 kind=kind, variant=variant, mult=mult, peak=op_peak_flops_per_s(kind, hw, spec.dtype),
-                flops=ref(flops), all_flops=ref(all_flops), bytes=ref(nbytes), kernels=ref(kernels),
+                flops=ref(flops), executed_flops=ref(executed), bytes=ref(nbytes), kernels=ref(kernels),
                 gemm=tuple(ref(g) for g in gemm) if gemm is not None else None,
-                never_empty=bool((all_flops + nbytes).is_positive),
+                never_empty=bool((executed + nbytes).is_positive),
                 fixed_s=cal.fixed_cost_s(kind, variant, hw, backward), backward=backward,
             ))
         self.total_flops = ref(sp.Add(*[mult * key[2] for key, mult in self.groups]))
@@ -550,7 +550,7 @@ class _Plan:
                 sums[key] = sums[key] + t
 
         for item in self.items:
-            af, by = values[item["all_flops"]], values[item["bytes"]]
+            af, by = values[item["executed_flops"]], values[item["bytes"]]
             gemm = tuple(values[g] for g in item["gemm"]) if item["gemm"] is not None else None
             ce, me = self.cal.efficiency(item["kind"], gemm, by, item["variant"], item["backward"])
             mult = item["mult"]

@@ -13,8 +13,8 @@ from conftest import run_cli as run
 
 import flopsim
 from flopsim.errors import InputError
-from flopsim.plan import (all_gather_s, all_to_all_s, bubble_fraction, largest_true, p2p_s, parse_duration,
-                          parse_quantity, plan_serving, plan_training, reduce_scatter_s, ring_all_reduce_s)
+from flopsim.collectives import collective_s
+from flopsim.plan import bubble_fraction, largest_true, parse_duration, parse_quantity, plan_serving, plan_training
 
 H100 = "h100-sxm"
 # the link levels of the shipped h100-sxm calibration (published nccl-tests bus bandwidths)
@@ -39,13 +39,18 @@ def test_llama_2_7b_preset_has_the_published_parameter_count():
 # -- collectives ----------------------------------------------------------------------
 def test_collective_formulas():
     b = 450e9  # one-way
-    assert ring_all_reduce_s(1e9, 8, b) == pytest.approx(2 * 7 / 8 * 1e9 / b)
-    assert ring_all_reduce_s(1e9, 8, b, 5e-6) == pytest.approx(2 * 7 / 8 * 1e9 / b + 5e-6)
-    assert ring_all_reduce_s(1e9, 1, b, 5e-6) == 0.0  # one rank: nothing to do
-    assert reduce_scatter_s(1e9, 4, b) == pytest.approx(3 / 4 * 1e9 / b)
-    assert all_gather_s(1e9, 4, b) == reduce_scatter_s(1e9, 4, b)
-    assert all_to_all_s(8e6, 8, b) == pytest.approx(7 / 8 * 8e6 / b)
-    assert p2p_s(1e6, b, 1e-6) == pytest.approx(1e6 / b + 1e-6)
+    assert collective_s("all_reduce", 1e9, 8, b) == pytest.approx(2 * 7 / 8 * 1e9 / b)
+    assert collective_s("all_reduce", 1e9, 8, b, 5e-6) == pytest.approx(2 * 7 / 8 * 1e9 / b + 5e-6)
+    # a ring all-reduce takes 2 (n - 1) sequential steps, each paying the hop latency
+    assert collective_s("all_reduce", 1e9, 8, b, 5e-6, 1e-6) == pytest.approx(2 * 7 / 8 * 1e9 / b + 5e-6 + 2 * 7 * 1e-6)
+    assert collective_s("all_reduce", 1e9, 1, b, 5e-6) == 0.0  # one rank: nothing to do
+    assert collective_s("all_reduce", 0, 8, b, 5e-6) == 0.0  # nothing to move
+    assert collective_s("reduce_scatter", 1e9, 4, b) == pytest.approx(3 / 4 * 1e9 / b)
+    assert collective_s("all_gather", 1e9, 4, b, 0, 1e-6) == pytest.approx(3 / 4 * 1e9 / b + 3 * 1e-6)
+    assert collective_s("all_to_all", 8e6, 8, b) == pytest.approx(7 / 8 * 8e6 / b)
+    assert collective_s("send_recv", 1e6, 2, b, 1e-6, 1e-6) == pytest.approx(1e6 / b + 1e-6 + 1e-6)
+    with pytest.raises(ValueError, match="unknown collective"):
+        collective_s("broadcast", 1e6, 2, b)
     assert bubble_fraction(4, 8) == 3 / 8
     assert largest_true(lambda n: n <= 37, 1000) == 37
     assert largest_true(lambda n: n <= 37, 20) == 20
