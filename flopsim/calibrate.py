@@ -13,7 +13,11 @@ threads fixed, CUDA synchronised:
   *cold*, one call right after a decode-like matrix-vector product over
   cold weights -- the state a kernel finds inside a step (caches holding
   other data, the thread pool just busy) -- which costs 1.5-3x the hot
-  loop's time; on a GPU, back to back (launch-bound).
+  loop's time. On a GPU, whose host queues kernels for the device, two
+  figures: the device's time for the tiny kernel (`fixed_s`, queued back to
+  back behind a spin kernel, flopsim.gpu_timing) and the host's dispatch
+  per call (`host_s`, the eager wall-clock loop), which overlap in a step
+  (flopsim.roofline.overlap_times). Every GPU point below is device time.
 - matrix products over a grid of shapes (decode shapes m = 1..64, router
   widths n = 1, 8): the weights are views into a pool larger than the
   last-level cache, cycled so that every call reads them from memory.
@@ -51,6 +55,12 @@ GEMM_INPUTS = (24, 96, 352, 1400, 5000)  # k: 24 for low-rank controllers
 ATTENTION_SHAPES = ((1, 6, 90, 90, 40), (2, 6, 300, 300, 40), (1, 10, 700, 700, 72), (3, 10, 1, 1500, 72),
                     (8, 6, 1, 300, 40), (1, 10, 1, 5000, 72))
 ATTENTION_BACKWARD_SHAPES = ((1, 6, 90, 90, 40), (2, 6, 300, 300, 40), (1, 10, 700, 700, 72))
+# a GPU also at the lengths and head widths its models run (fused kernels' efficiency
+# climbs with both; the 2026-11-26 H200 run had only the shapes above, and predicted
+# 1024-token, 128-wide attention 2.2x too slow from them)
+ATTENTION_SHAPES_GPU = ((2, 12, 2000, 2000, 128), (1, 20, 3000, 3000, 64), (4, 12, 1, 6000, 128),
+                        (16, 8, 1, 3000, 128))
+ATTENTION_BACKWARD_SHAPES_GPU = ((2, 12, 2000, 2000, 128),)
 MAX_GEMM_FLOPS = {"cpu": 6e9, "cuda": 5e12}  # skip shapes that would take too long
 # the pool of cold data: at least twice the last-level cache, within these bounds
 POOL_BYTES = {"cpu": (256e6, 1.5e9), "cuda": (256e6, 2e9)}
@@ -170,9 +180,26 @@ class Bench:
     points: list = field(default_factory=list)
     fixed_hot: dict = field(default_factory=dict)  # "kind[:variant][@bwd]" -> hot seconds per call
     fixed_cold: dict = field(default_factory=dict)  # the same, cold (what the calibration records)
+    host: dict = field(default_factory=dict)  # a queued device: host dispatch per call, in probe units
+    host_timed: Optional[Callable] = None  # a queued device: the wall-clock timer (host dispatch)
     offset: int = 0
     probe: object = None  # flopsim.probe.Probe
     readings: list = field(default_factory=list)  # every probe reading taken
+
+    @property
+    def queued(self) -> bool:
+        """The host queues kernels for the device (a GPU): dispatch and device time are apart."""
+        return self.host_timed is not None
+
+    def fixed_units(self, reading) -> float:
+        """The unit fixed costs are kept in: the probe's host-speed reading on a CPU (dispatch is
+        in them), seconds on a queued device (device time does not move with the host)."""
+        return 1.0 if self.queued else reading.fixed_s
+
+    def time_host(self, key: str, fn: Callable[[], object], reading, per: int = 1) -> None:
+        """A queued device's host dispatch for `key` (wall clock, in probe units)."""
+        if self.queued:
+            self.host.setdefault(key, []).append(self.host_timed(fn) / per / reading.fixed_s)
 
     def read_probe(self):
         """A drift-probe reading, kept for the calibration's median (flopsim.probe)."""
@@ -202,23 +229,27 @@ class Bench:
 
     def cold(self, *shape):
         """A view of `shape` into the pool, the next one along (cycled): its data is not in cache."""
+        from flopsim.probe import align_up
+
         n = math.prod(shape)
         if n > self.pool.numel():
             return self.rand(*shape)
         if self.offset + n > self.pool.numel():
             self.offset = 0
         view = self.pool[self.offset:self.offset + n].view(*shape)
-        self.offset += n
+        self.offset += align_up(n, self.value_bytes)  # the next view aligned (flopsim.probe.ALIGN_BYTES)
         return view
 
     def cold_cycle(self, *shape, footprint: Optional[float] = None):
         """fn() -> the next of the views of `shape` spread over `footprint` bytes of the pool
         (at most MAX_VIEWS of them: a tensor smaller than footprint / MAX_VIEWS is not
         read cold, but its time is its fixed cost anyway)."""
+        from flopsim.probe import align_down, align_up
+
         n = math.prod(shape)
         total = min(self.pool.numel(), int((footprint or self.pool_bytes) / self.value_bytes))
-        count = max(1, min(MAX_VIEWS, total // max(n, 1)))
-        stride = total // count
+        count = max(1, min(MAX_VIEWS, total // max(align_up(n, self.value_bytes), 1)))
+        stride = align_down(total // count, self.value_bytes)  # every view aligned (flopsim.probe.ALIGN_BYTES)
         views = ([self.pool[i * stride:i * stride + n].view(*shape) for i in range(count)] if n <= total
                  else [self.rand(*shape)])
         state = {"i": 0}
@@ -304,11 +335,13 @@ def _bwd(ops):
 
 def calibrate(device: str = "cpu", *, hardware: Optional[str] = None, threads: Optional[int] = None,
               dtype: Optional[str] = None, min_time_s: float = 0.01, repeats: int = 5,
-              progress: Optional[Callable[[str], None]] = None, smoke: bool = False):
+              progress: Optional[Callable[[str], None]] = None, smoke: bool = False, gemms_into=None):
     """Run the microbenchmarks on `device` ("cpu" or "cuda") against the
     hardware spec `hardware` (default: "cpu", or the GPU's preset when it
     can be recognised); returns (Calibration, list[Point]). `smoke` runs a
-    handful of tiny shapes (tests of the machinery, not a calibration)."""
+    handful of tiny shapes (tests of the machinery, not a calibration).
+    `gemms_into` (a measured Calibration of this device): measure only the
+    fixed costs and the matrix products, and return it with those replaced."""
     openmp = measurement_environment()
     import torch
 
@@ -320,6 +353,8 @@ def calibrate(device: str = "cpu", *, hardware: Optional[str] = None, threads: O
         raise InputError("device: 'cuda': torch sees no CUDA device here")
     hw = load_hardware(hardware or guess_hardware(device))
     dtype = dtype or ("fp32" if device == "cpu" else "bf16")
+    if gemms_into is not None:
+        check_gemms_into(gemms_into, hw.name, dtype)
     if threads is not None:
         torch.set_num_threads(threads)
     say = progress or (lambda message: None)
@@ -331,20 +366,38 @@ def calibrate(device: str = "cpu", *, hardware: Optional[str] = None, threads: O
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     pool = torch.randn(int(pool_bytes / value_bytes), generator=gen, dtype=torch.float32).to(device=device,
                                                                                             dtype=torch_dtype)
-    bench = Bench(torch=torch, device=device, dtype=dtype, hw=hw, timed=make_timer(device, min_time_s, repeats),
-                  pool=pool, say=say, smoke=smoke, gen=gen)
+    clock = None
+    if device == "cuda":
+        from flopsim.gpu_timing import DeviceClock
+
+        clock = DeviceClock.create(torch)
+    wall = make_timer(device, min_time_s, repeats)
+    bench = Bench(torch=torch, device=device, dtype=dtype, hw=hw, pool=pool, say=say, smoke=smoke, gen=gen,
+                  timed=clock.timer(min_time_s, repeats) if clock else wall, host_timed=wall if clock else None)
     from flopsim.probe import Probe
 
-    bench.probe = Probe(torch, device, torch_dtype, pool, gen)
+    bench.probe = Probe(torch, device, torch_dtype, pool, gen, clock=clock)
     say(f"cold pool {pool_bytes / 1e6:.0f} MB (last-level cache {cache / 1e6:.0f} MB)")
     with torch.no_grad():
         measure_fixed_costs(bench)
         measure_gemms(bench)
+    if gemms_into is not None:
+        return replace_gemms(gemms_into, bench), bench.points
     measure_attention(bench)
     measure_memory_kernels(bench)
     measure_backward_kernels(bench)
     measure_optimizer(bench)
     return assemble(bench, cache, openmp), bench.points
+
+
+def check_gemms_into(base, hardware: str, dtype: str) -> None:
+    """`--gemms-into`: the calibration must be a measured one of this device and dtype."""
+    from flopsim.errors import InputError
+
+    measured_dtype = (base.measured or {}).get("dtype")
+    if base.kind != "measured" or (base.device, measured_dtype) != (hardware, dtype):
+        raise InputError(f"gemms-into: a {base.kind} calibration of {base.device!r} in {measured_dtype}, "
+                         f"not a measured one of {hardware!r} in {dtype}")
 
 
 def measure_fixed_costs(bench: Bench) -> None:
@@ -356,9 +409,11 @@ def measure_fixed_costs(bench: Bench) -> None:
         for key, (fn, backward) in kernels.items():
             reading = bench.read_probe()  # cold fixed costs are kept at the probe's speed (see assemble)
             hot[key].append(bench.timed(fn))
-            cold[key].append(bench.cold_time(fn) / reading.fixed_s)
+            cold_s = hot[key][-1] if bench.queued else bench.cold_time(fn)  # a queued device: its time, back to back
+            cold[key].append(cold_s / bench.fixed_units(reading))
+            bench.time_host(key, fn, reading)
     bench.fixed_hot = {key: statistics.median(v) for key, v in hot.items()}
-    bench.fixed_cold = {key: statistics.median(v) for key, v in cold.items()}  # in units of the probe's fixed_s
+    bench.fixed_cold = {key: statistics.median(v) for key, v in cold.items()}  # in bench.fixed_units
     bench.say(f"fixed costs of {len(bench.fixed_cold)} kernels")
 
 
@@ -460,7 +515,10 @@ def measure_attention(bench: Bench) -> None:
             return F.scaled_dot_product_attention(q, k_, v, is_causal=causal)
         return explicit_attention(q, k_, v, causal)
 
-    for b, h, s, t, dh in (SMOKE["attention"] if bench.smoke else ATTENTION_SHAPES):
+    gpu = bench.device == "cuda"
+    shapes = ATTENTION_SHAPES + (ATTENTION_SHAPES_GPU if gpu else ())
+    backward_shapes = ATTENTION_BACKWARD_SHAPES + (ATTENTION_BACKWARD_SHAPES_GPU if gpu else ())
+    for b, h, s, t, dh in (SMOKE["attention"] if bench.smoke else shapes):
         q = bench.rand(b, h, s, dh)
         decode = s == 1
         cold = (lambda shape=(b, h, t, dh): bench.cold(*shape)) if decode else None
@@ -477,7 +535,7 @@ def measure_attention(bench: Bench) -> None:
                                   module="x"))
             bench.record(f"attention {impl} b={b} h={h} s={s} t={t} d={dh}", "attention", (b * h, s, t, dh),
                          seconds, op, matrix=True, memory_bound=decode)
-    for b, h, s, t, dh in (SMOKE["backward_attention"] if bench.smoke else ATTENTION_BACKWARD_SHAPES):
+    for b, h, s, t, dh in (SMOKE["backward_attention"] if bench.smoke else backward_shapes):
         for impl in ("fused", "explicit"):
             q, k_, v = (bench.rand(b, h, s, dh, grad=True) for _ in range(3))
             out = run(impl, q, k_, v, True)
@@ -665,7 +723,9 @@ def measure_backward_kernels(bench: Bench) -> None:
         bench.fixed_hot[key] = bench.timed(timer_of(make))
         # inside a backward pass a node costs less: a chain of CHAIN nodes, per node
         reading = bench.read_probe()
-        bench.fixed_cold[key] = bench.timed(timer_of(lambda make=make: _chain(make))) / CHAIN / reading.fixed_s
+        chain = timer_of(lambda make=make: _chain(make))
+        bench.fixed_cold[key] = bench.timed(chain) / CHAIN / bench.fixed_units(reading)
+        bench.time_host(key, chain, reading, per=CHAIN)
     for size in (SMOKE["backward_sizes"] if bench.smoke else BACKWARD_SIZES[bench.device]):
         n, _ = _memory_shapes(bench, size)
         for name, kind, variant, make in backward_kernels(bench, n):
@@ -695,7 +755,9 @@ def measure_optimizer(bench: Bench) -> None:
 
     step = adam(256)
     bench.fixed_hot["optimizer"] = bench.timed(step)
-    bench.fixed_cold["optimizer"] = bench.cold_time(step) / bench.read_probe().fixed_s
+    reading = bench.read_probe()
+    bench.fixed_cold["optimizer"] = bench.cold_time(step) / bench.fixed_units(reading)
+    bench.time_host("optimizer", step, reading)
     for params in (SMOKE["adam"] if bench.smoke else ADAM_PARAMS[bench.device]):
         seconds = bench.timed(adam(params))
         op = optimizer_update(params, weight_bytes=bench.value_bytes, layer=0)[0]
@@ -708,23 +770,13 @@ def assemble(bench: Bench, cache_bytes: float, openmp: dict):
     """The Calibration from the measured points (see flopsim.calibration for the lookup)."""
     import torch
 
-    from flopsim.calibration import Calibration, Efficiency, GemmPoint
+    from flopsim.calibration import Calibration, Efficiency
     from flopsim.probe import median_reading
 
     ref = median_reading(bench.readings)
     points = [_at_reference(p, ref) for p in bench.points]
     bench.points = points
-    gemm_points = [GemmPoint(kind=p.kind, variant=p.variant or None, batch=p.gemm[0], m=p.gemm[1], n=p.gemm[2],
-                             k=p.gemm[3], backward=p.backward,
-                             compute=None if p.memory_bound else p.compute_eff,
-                             memory=p.memory_eff if p.memory_bound else None)
-                   for p in points if p.gemm is not None]
-    kinds = {}
-    for kind in sorted({p.kind for p in points if p.gemm is not None}):
-        mine = [p for p in points if p.kind == kind and p.gemm is not None and not p.backward]
-        compute = [p.compute_eff for p in mine if not p.memory_bound] or [1.0]
-        memory = [p.memory_eff for p in mine if p.memory_bound] or [1.0]
-        kinds[kind] = Efficiency(compute=statistics.median(compute), memory=statistics.median(memory))
+    gemm_points, kinds = _gemm_part(points)
     size_points = []
     for kind in sorted({p.kind for p in points if p.gemm is None}):
         for backward in (False, True):
@@ -737,22 +789,67 @@ def assemble(bench: Bench, cache_bytes: float, openmp: dict):
                 compute=statistics.median(p.compute_eff for p in largest),
                 memory=statistics.median(p.memory_eff for p in largest))
     default = Efficiency(compute=kinds["matmul"].compute, memory=kinds["elementwise"].memory)
-    fixed = {k: v * ref.fixed_s for k, v in bench.fixed_cold.items() if k != "launch"}  # from probe units
-    launch = bench.fixed_cold["launch"] * ref.fixed_s
+    unit = bench.fixed_units(ref)  # from probe units (a CPU) or seconds (a queued device)
+    fixed = {k: v * unit for k, v in bench.fixed_cold.items() if k != "launch"}
+    launch = bench.fixed_cold["launch"] * unit
+    host = {k: statistics.median(v) * ref.fixed_s for k, v in bench.host.items()}
     meta = dict(device=bench.device, hardware=bench.hw.name, dtype=bench.dtype, threads=torch.get_num_threads(),
                 torch=torch.__version__, date=time.strftime("%Y-%m-%d"), device_name=device_name(bench.device),
                 launch_overhead_s=launch, last_level_cache_bytes=cache_bytes, probe=ref.to_dict(),
                 cold_pool_bytes=bench.pool_bytes, environment=openmp,
-                achieved_bandwidth_bytes_per_s=max(p.memory_eff for p in points if p.kind == "elementwise"
-                                                   and p.variant == "copy") * bench.hw.memory_bandwidth_bytes_per_s)
+                timing="device (queued behind a spin kernel, CUDA events)" if bench.queued else "wall clock",
+                achieved_bandwidth_bytes_per_s=_largest_copy(points).memory_eff * bench.hw.memory_bandwidth_bytes_per_s)
     return Calibration(
         device=bench.hw.name, provenance="measured",
         source=(f"flopsim calibrate --device {bench.device}: {len(points)} microbenchmarks on {meta['device_name']}, "
                 f"torch {torch.__version__}, {meta['threads']} threads, {bench.dtype}, {meta['date']}"),
         default=default, kinds=kinds, gemm=gemm_points, gemm_kinds=("matmul", "router", "conv", "attention"),
-        sizes=size_points, launch_overhead_s=launch, fixed_s=fixed,
+        sizes=size_points, launch_overhead_s=launch, fixed_s=fixed, host_s=host,
         measured=meta,
     )
+
+
+def _gemm_part(points: list) -> tuple[list, dict]:
+    """(GEMM points, {kind: median Efficiency}) of the measured points that have a GEMM shape."""
+    from flopsim.calibration import Efficiency, GemmPoint
+
+    gemm_points = [GemmPoint(kind=p.kind, variant=p.variant or None, batch=p.gemm[0], m=p.gemm[1], n=p.gemm[2],
+                             k=p.gemm[3], backward=p.backward,
+                             compute=None if p.memory_bound else p.compute_eff,
+                             memory=p.memory_eff if p.memory_bound else None)
+                   for p in points if p.gemm is not None]
+    kinds = {}
+    for kind in sorted({p.kind for p in points if p.gemm is not None}):
+        mine = [p for p in points if p.kind == kind and p.gemm is not None and not p.backward]
+        compute = [p.compute_eff for p in mine if not p.memory_bound] or [1.0]
+        memory = [p.memory_eff for p in mine if p.memory_bound] or [1.0]
+        kinds[kind] = Efficiency(compute=statistics.median(compute), memory=statistics.median(memory))
+    return gemm_points, kinds
+
+
+def replace_gemms(base, bench: Bench):
+    """`base` (a measured Calibration of this device) with its forward matrix-product
+    points and the matmul kind's medians replaced by the ones `bench` just measured."""
+    from flopsim.probe import median_reading
+
+    ref = median_reading(bench.readings)
+    bench.points = [_at_reference(p, ref) for p in bench.points]
+    fresh, kinds = _gemm_part(bench.points)
+    kept = [p for p in base.gemm if not (p.kind == "matmul" and not p.backward)]
+    when = time.strftime("%Y-%m-%d")
+    note = dict(date=when, device_name=device_name(bench.device), points=len(fresh), probe=ref.to_dict(),
+                timing="device (queued behind a spin kernel, CUDA events)" if bench.queued else "wall clock")
+    return base.model_copy(update={
+        "gemm": kept + fresh, "kinds": {**base.kinds, "matmul": kinds["matmul"]},
+        "default": base.default.model_copy(update={"compute": kinds["matmul"].compute}),  # as assemble sets it
+        "source": f"{base.source}; matrix products re-measured {when} ({len(fresh)} shapes, --gemms-into)",
+        "measured": {**(base.measured or {}), "gemms_remeasured": note}})
+
+
+def _largest_copy(points: list) -> Point:
+    """The copy measured at the largest size (streaming from memory, not cache)."""
+    copies = [p for p in points if p.kind == "elementwise" and p.variant == "copy" and not p.backward]
+    return max(copies, key=lambda p: p.size or 0.0)
 
 
 def _at_reference(p: Point, ref) -> Point:

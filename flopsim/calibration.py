@@ -35,6 +35,12 @@ Lookup order for an op of kind K with GEMM shape (batch, m, n, k):
    problem (launch, dispatch, and on a CPU the framework's per-op work),
    measured as the time at the smallest size; efficiencies are measured on
    the time above it, so fixed cost + roofline reproduces every point.
+   On a device that queues its kernels (a GPU run eagerly), `fixed_s` is
+   the device's side alone (the gap between back-to-back kernels) and the
+   framework's host dispatch per kernel is `host_s` (same keys, `launch`
+   for any kind without its own): the host enqueues while the device runs,
+   so the two overlap (flopsim.roofline.overlap_times). Empty on a CPU,
+   whose dispatch is part of the kernel's time, and under CUDA graphs.
 5. collectives (`links`): per link level (`scale_up`: within the scale-up
    domain, NVLink / xGMI / ICI; `scale_out`: between domains, InfiniBand /
    Ethernet) a latency and a bus bandwidth, in nccl-tests' convention
@@ -151,6 +157,12 @@ class LinkLevel(_Strict):
     source: str = ""
 
 
+def _cost_keys(kind: str, variant: str, backward: bool) -> list[str]:
+    """The keys of a per-kernel cost, most specific first (a backward op tries `@bwd` first)."""
+    keys = [f"{kind}:{variant}", kind] if variant else [kind]
+    return [f"{key}@bwd" for key in keys] + keys if backward else keys
+
+
 class Calibration(_Strict):
     device: str = ""
     source: str = "ideal roofline (every efficiency 1)"
@@ -165,6 +177,7 @@ class Calibration(_Strict):
     launch_overhead_s: Optional[float] = Field(None, ge=0, le=MAX_FIXED_S)
     fixed_s: dict[str, float] = {}  # "kind" or "kind:variant" -> seconds per launch
     graph_launch_s: Optional[float] = Field(None, ge=0, le=MAX_FIXED_S)  # per kernel, replayed as a CUDA graph
+    host_s: dict[str, float] = {}  # "kind[:variant][@bwd]" or "launch" -> host dispatch seconds per kernel (queued)
     links: dict[Literal["scale_up", "scale_out"], LinkLevel] = {}
     measured: Optional[dict[str, Any]] = None  # how it was measured (device, date, ...); None if not measured
 
@@ -176,15 +189,15 @@ class Calibration(_Strict):
                 raise ValueError(f"unknown op kind '{kind}' (kinds: {', '.join(KINDS)})")
         return kinds
 
-    @field_validator("fixed_s")
+    @field_validator("fixed_s", "host_s")
     @classmethod
-    def _known_fixed(cls, fixed):
+    def _known_fixed(cls, fixed, info):
         for key, seconds in fixed.items():
             kind = key.removesuffix("@bwd").split(":", 1)[0]
-            if kind not in KINDS:
-                raise ValueError(f"fixed_s: unknown op kind '{kind}' in '{key}' (kinds: {', '.join(KINDS)})")
+            if kind not in KINDS and not (info.field_name == "host_s" and key == "launch"):
+                raise ValueError(f"{info.field_name}: unknown op kind '{kind}' in '{key}' (kinds: {', '.join(KINDS)})")
             if not (math.isfinite(seconds) and 0 <= seconds <= MAX_FIXED_S):
-                raise ValueError(f"fixed_s.{key}: {seconds!r} must be a time in seconds in [0, {MAX_FIXED_S}]")
+                raise ValueError(f"{info.field_name}.{key}: {seconds!r} must be a time in seconds in [0, {MAX_FIXED_S}]")
         return fixed
 
     @model_validator(mode="after")
@@ -203,7 +216,7 @@ class Calibration(_Strict):
     def is_ideal(self) -> bool:
         return (self.default == Efficiency() and all(e == Efficiency() for e in self.kinds.values())
                 and not self.gemm and not self.sizes and self.launch_overhead_s is None and not self.fixed_s
-                and not self.links)
+                and not self.host_s and not self.links)
 
     @property
     def kind(self) -> str:
@@ -244,6 +257,8 @@ class Calibration(_Strict):
             parts.append(f"{len(self.gemm)} GEMM shapes")
         if self.fixed_s:
             parts.append(f"{len(self.fixed_s)} kernel fixed costs")
+        if self.host_s:
+            parts.append("host dispatch overlapped")
         if self.links:
             parts.append("links " + ", ".join(self.links))
         return f"{self.provenance_label} [{', '.join(parts)}]"
@@ -336,8 +351,10 @@ class Calibration(_Strict):
         """This calibration scaled from the host speed it was measured at
         (`measured["probe"]`, a flopsim.probe reading) to the speed `now` (another
         reading): compute efficiencies x ref.compute_s / now.compute_s, memory
-        efficiencies x ref.memory_s / now.memory_s, fixed costs x now.fixed_s /
-        ref.fixed_s. Unchanged without a reference reading."""
+        efficiencies x ref.memory_s / now.memory_s, the host's per-kernel costs x
+        now.fixed_s / ref.fixed_s (`host_s` on a device that queues kernels, whose
+        device-side `fixed_s` does not move with the host; else `fixed_s`).
+        Unchanged without a reference reading."""
         ref = (self.measured or {}).get("probe")
         if not ref:
             return self
@@ -356,31 +373,42 @@ class Calibration(_Strict):
             return p.model_copy(update={"compute": min(MAX_EFFICIENCY, p.compute * m),
                                         "memory": min(MAX_EFFICIENCY, p.memory * m)})
 
-        return self.model_copy(update={
-            "default": eff(self.default), "kinds": {k: eff(v) for k, v in self.kinds.items()},
-            "gemm": [point(p) for p in self.gemm], "sizes": [size(p) for p in self.sizes],
-            "fixed_s": {k: min(MAX_FIXED_S, v * f) for k, v in self.fixed_s.items()},
-            "launch_overhead_s": None if self.launch_overhead_s is None else self.launch_overhead_s * f})
+        update = {"default": eff(self.default), "kinds": {k: eff(v) for k, v in self.kinds.items()},
+                  "gemm": [point(p) for p in self.gemm], "sizes": [size(p) for p in self.sizes]}
+        if self.host_s:
+            update["host_s"] = {k: min(MAX_FIXED_S, v * f) for k, v in self.host_s.items()}
+        else:
+            update["fixed_s"] = {k: min(MAX_FIXED_S, v * f) for k, v in self.fixed_s.items()}
+            update["launch_overhead_s"] = None if self.launch_overhead_s is None else self.launch_overhead_s * f
+        return self.model_copy(update=update)
 
     def with_graphs(self) -> "Calibration":
         """This calibration for an engine that replays its kernels as a CUDA graph
         (CUDA graphs, torch.compile's reduce-overhead mode, TensorRT-LLM): every
         kernel's fixed cost is the measured gap between graph-replayed kernels
-        (`graph_launch_s`); unchanged when none is measured."""
+        (`graph_launch_s`) and there is no host dispatch per kernel (without a
+        measured graph gap, only the host's dispatch goes)."""
         if self.graph_launch_s is None:
-            return self
-        return self.model_copy(update={"fixed_s": {}, "launch_overhead_s": self.graph_launch_s})
+            return self.model_copy(update={"host_s": {}}) if self.host_s else self
+        return self.model_copy(update={"fixed_s": {}, "host_s": {}, "launch_overhead_s": self.graph_launch_s})
 
     def fixed_cost_s(self, kind: str, variant: str, hw, backward: bool = False) -> float:
         """Seconds per launch of a kernel of `kind` / `variant` (lookup step 4);
         a backward op looks for `...@bwd` keys first."""
-        keys = [f"{kind}:{variant}", kind] if variant else [kind]
-        if backward:
-            keys = [f"{key}@bwd" for key in keys] + keys
-        for key in keys:
+        for key in _cost_keys(kind, variant, backward):
             if key in self.fixed_s:
                 return self.fixed_s[key]
         return self.overhead_s(hw)
+
+    def host_cost_s(self, kind: str, variant: str, backward: bool = False) -> float:
+        """Host dispatch seconds per launch on a device that queues kernels (`host_s`,
+        the keys of `fixed_cost_s`, then `launch`); 0 where the dispatch is not separate."""
+        if not self.host_s:
+            return 0.0
+        for key in _cost_keys(kind, variant, backward):
+            if key in self.host_s:
+                return self.host_s[key]
+        return self.host_s.get("launch", 0.0)
 
     def link(self, level: str, hw=None) -> Optional[LinkLevel]:
         """The calibrated link level, else one from the hardware's datasheet

@@ -16,7 +16,10 @@ Conditional models' decode costs (expected distinct experts, MoD blocks that
 run, sparse-FF units read) are in the families' ops; the roofline only
 consumes op bytes and FLOPs.
 
-Totals: `time_s` = sum of op times (ops run one after another, no overlap);
+Totals: `time_s` = sum of op times: ops run one after another on the
+device; on a device that queues kernels the host's dispatch overlaps the
+device's work and each op's time is its share of that pipeline
+(flopsim.roofline.overlap_times);
 `bound` = compute when the compute-bound ops take at least as long as the
 memory-bound ones (launch overheads aside); `tokens_per_s` = tokens / time_s;
 `mfu` = flops / (time_s * peak) with `flops` the model FLOPs as counted
@@ -129,6 +132,7 @@ class PredictResult(OpTotals):
             "bound": self.bound, "tokens_per_s": self.tokens_per_s, "mfu": self.mfu,
             "compute_bound_s": self.compute_bound_s, "memory_bound_s": self.memory_bound_s,
             "overhead_s": self.overhead_s, "peak_flops_per_s": self.peak_flops_per_s,
+            "host_s": self.total("host_s"), "device_s": self.total("device_s"),
             "kernels": sum(1 for op in self.ops if op.time_s > 0),
         }
 
@@ -148,7 +152,7 @@ def predict(spec, hw, *, phase: str = "forward", batch: int = 1, seq: int = 1024
     from flopsim.count import evaluate_ops, token_values
     from flopsim.hardware import load_hardware
     from flopsim.ops.symbols import T
-    from flopsim.roofline import op_time
+    from flopsim.roofline import in_sequence, op_time
     from flopsim.spec import load_model
 
     spec = load_model(spec)
@@ -156,7 +160,7 @@ def predict(spec, hw, *, phase: str = "forward", batch: int = 1, seq: int = 1024
     cal = load_calibration(calibration, hw)
     values = token_values(spec, phase, batch, seq, context)
     costs = evaluate_ops(phase_ops(spec, phase, optimizer=optimizer), values)
-    times = [op_time(op, hw, spec.dtype, cal) for op in costs]
+    times = in_sequence([op_time(op, hw, spec.dtype, cal) for op in costs])
     return PredictResult(spec=spec, hw=hw, phase=phase, batch=batch, seq=seq, context=int(values[T]),
                          calibration=cal, optimizer=optimizer, ops=times)
 

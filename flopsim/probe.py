@@ -15,6 +15,10 @@ The probe is three short microbenchmarks, each the median of a few calls:
 - `fixed_s`: a small composite kernel (RMSNorm over one row) right after it
   (the fixed cost of a kernel inside a step).
 
+On a GPU (`clock`, a flopsim.gpu_timing.DeviceClock) the first two are the
+device's time, queued behind a spin kernel, and `fixed_s` is the host's
+wall-clock dispatch: the device and its host drift apart.
+
 `flopsim calibrate` takes a reading beside every measured point and scales
 each point to the calibration's median reading (`measured.probe`), so the
 calibration describes the host at its median speed; validation times the
@@ -42,6 +46,23 @@ from typing import Callable
 SHAPES = {"cpu": dict(gemm=(192, 768, 768), gemv=(1024, 1024)),
           "cuda": dict(gemm=(2048, 2048, 2048), gemv=(4096, 4096))}
 CALLS = 5
+# every view into a cold pool starts at a multiple of this many bytes, as the
+# framework's allocator places real tensors: cuBLAS picks slower kernels for
+# operands that are not 16-byte aligned (an H200 ran such products at 0.08-0.22
+# of its peak against 0.65-0.78 aligned, flopsim calibrate, 2026-11-26)
+ALIGN_BYTES = 256
+
+
+def align_up(elements: int, value_bytes: int) -> int:
+    """`elements` rounded up to a whole number of ALIGN_BYTES."""
+    unit = max(1, ALIGN_BYTES // value_bytes)
+    return -(-elements // unit) * unit
+
+
+def align_down(elements: int, value_bytes: int) -> int:
+    """`elements` rounded down to a whole number of ALIGN_BYTES."""
+    unit = max(1, ALIGN_BYTES // value_bytes)
+    return elements // unit * unit
 
 
 @dataclass(frozen=True)
@@ -63,10 +84,10 @@ class Probe:
     """Reads the host's current speed (see the module docstring). `pool`: a flat
     tensor larger than the last-level cache, in the measured dtype."""
 
-    def __init__(self, torch, device: str, dtype, pool, gen):
+    def __init__(self, torch, device: str, dtype, pool, gen, clock=None):
         import torch.nn.functional as F
 
-        self.torch, self.device, self.F = torch, device, F
+        self.torch, self.device, self.F, self.clock = torch, device, F, clock
         shapes = SHAPES[device]
         m, n, k = shapes["gemm"]
         rows, cols = shapes["gemv"]
@@ -74,9 +95,9 @@ class Probe:
         self.b = torch.randn(k, n, generator=gen).to(device=device, dtype=dtype)
         self.x = torch.randn(1, cols, generator=gen).to(device=device, dtype=dtype)
         self.row = torch.randn(1, 256, generator=gen).to(device=device, dtype=dtype)
-        size = rows * cols
-        count = max(1, min(256, pool.numel() // size))
-        stride = pool.numel() // count
+        size, value_bytes = rows * cols, pool.element_size()
+        count = max(1, min(256, pool.numel() // align_up(size, value_bytes)))
+        stride = align_down(pool.numel() // count, value_bytes)
         self.views = [pool[i * stride:i * stride + size].view(rows, cols) for i in range(count)]
         self.i = 0
 
@@ -95,12 +116,20 @@ class Probe:
         self.i = (self.i + 1) % len(self.views)
         return self.F.linear(self.x, self.views[self.i])
 
+    def _norm(self):
+        return self.F.rms_norm(self.row, (256,), eps=1e-6)
+
     def read(self) -> ProbeReading:
         with self.torch.no_grad():
             self._time(lambda: self.a @ self.b)  # warm
-            compute = [self._time(lambda: self.a @ self.b) for _ in range(CALLS)]
-            memory, fixed = [], []
-            for _ in range(CALLS):
-                memory.append(self._time(self._gemv))
-                fixed.append(self._time(lambda: self.F.rms_norm(self.row, (256,), eps=1e-6)))
+            if self.clock is not None:  # the device's time, CALLS calls queued back to back
+                compute = [self.clock.sample_s(lambda: self.a @ self.b, CALLS)]
+                memory = [self.clock.sample_s(self._gemv, CALLS)]
+                fixed = [self._time(self._norm) for _ in range(CALLS)]
+            else:
+                compute = [self._time(lambda: self.a @ self.b) for _ in range(CALLS)]
+                memory, fixed = [], []
+                for _ in range(CALLS):
+                    memory.append(self._time(self._gemv))
+                    fixed.append(self._time(self._norm))
         return ProbeReading(statistics.median(compute), statistics.median(memory), statistics.median(fixed))

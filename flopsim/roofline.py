@@ -5,8 +5,23 @@ sweep (numpy arrays):
 
     compute_s = executed_flops / (peak_flops_per_s * compute_eff)
     memory_s  = bytes     / (memory_bandwidth_bytes_per_s * memory_eff)
-    time_s    = max(compute_s, memory_s) + kernels * fixed_s   (0 for an op with no work)
+    device_s  = max(compute_s, memory_s) + kernels * fixed_s   (0 for an op with no work)
+    host_s    = kernels * host dispatch per kernel               (0 unless the device queues kernels)
+    time_s    = host_s + device_s                                (the op alone)
     bound     = "compute" if compute_s >= memory_s else "memory"
+
+A step is a sequence of ops. On a device that queues kernels (a GPU run
+eagerly) the host enqueues op i+1 while the device runs op i, so a step
+is a two-stage pipeline (`overlap_times`): with H_i the host's finish time
+of op i (the running sum of host_s) and F_i the device's,
+
+    F_i = max(F_{i-1}, H_i) + device_s_i,   step time = F_n
+        = max over j of (host_s_1 + ... + host_s_j) + (device_s_j + ... + device_s_n),
+
+and each op's share of the step is F_i - F_{i-1} (its device time plus any
+wait for the host), so the shares sum to the step. With no host dispatch
+(a CPU, whose dispatch is in fixed_s; CUDA graphs) this is the plain sum of
+device_s. Between max(sum host, sum device) and sum(host + device).
 
 Conventions:
 - `executed_flops`: `all_flops` (matrix FLOPs plus the elementwise
@@ -49,6 +64,19 @@ def roofline_time(all_flops, bytes_, peak_flops_per_s, bytes_per_s, compute_eff=
     launched = np.add(all_flops, bytes_) > 0
     time_s = np.maximum(compute_s, memory_s) + np.multiply(overhead_s, kernels) * launched
     return compute_s, memory_s, time_s
+
+
+def overlap_times(host_s, device_s) -> list:
+    """Each op's share F_i - F_{i-1} of a step run as a host-device pipeline (see the
+    module docstring); `host_s` and `device_s` are sequences in execution order, of
+    numbers or numpy arrays (broadcast). The shares sum to the step's time."""
+    host_done, device_done, shares = 0.0, 0.0, []
+    for host, device in zip(host_s, device_s):
+        host_done = host_done + host
+        finished = np.maximum(device_done, host_done) + device
+        shares.append(finished - device_done)
+        device_done = finished
+    return shares
 
 
 def executed_flops(op):
@@ -95,6 +123,8 @@ class OpTime:
     bound: str
     kernels: float = 1.0
     variant: str = ""
+    host_s: float = 0.0  # host dispatch, overlapping the device on a device that queues kernels
+    device_s: float = 0.0  # max(compute_s, memory_s) + the device's fixed costs
 
     @property
     def key(self) -> str:
@@ -119,7 +149,9 @@ def op_time(op, hw, dtype: str, calibration=None) -> OpTime:
     compute_s, memory_s, time_s = roofline_time(
         float(executed_flops(op)), float(nbytes), peak, hw.memory_bandwidth_bytes_per_s,
         compute_eff, memory_eff, calibration.fixed_cost_s(op.kind, op.variant, hw, backward), kernels)
-    compute_s, memory_s, time_s = float(compute_s), float(memory_s), float(time_s)
+    compute_s, memory_s, device_s = float(compute_s), float(memory_s), float(time_s)
+    host_s = kernels * calibration.host_cost_s(op.kind, op.variant, backward) if device_s > 0 else 0.0
+    time_s = host_s + device_s
     overhead = time_s - max(compute_s, memory_s)
     return OpTime(
         name=op.name, kind=op.kind, layer=op.layer, pass_=op.pass_,
@@ -127,8 +159,20 @@ def op_time(op, hw, dtype: str, calibration=None) -> OpTime:
         intensity=intensity(all_flops, nbytes),
         peak_flops_per_s=peak, compute_eff=float(compute_eff), memory_eff=float(memory_eff),
         compute_s=compute_s, memory_s=memory_s, overhead_s=overhead, time_s=time_s,
-        bound=bound_of(compute_s, memory_s), kernels=kernels, variant=op.variant,
+        bound=bound_of(compute_s, memory_s), kernels=kernels, variant=op.variant, host_s=host_s, device_s=device_s,
     )
+
+
+def in_sequence(times: list) -> list:
+    """OpTimes of one step, in execution order, with each op's `time_s` its share of the
+    step's host-device pipeline (`overlap_times`; unchanged when no op has host dispatch)."""
+    from dataclasses import replace
+
+    if not any(t.host_s for t in times):
+        return times
+    shares = overlap_times([t.host_s for t in times], [t.device_s for t in times])
+    return [replace(t, time_s=float(share), overhead_s=float(share) - max(t.compute_s, t.memory_s))
+            for t, share in zip(times, shares)]
 
 
 def intensity(all_flops, nbytes) -> float:

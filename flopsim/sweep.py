@@ -44,7 +44,7 @@ import numpy as np
 import sympy as sp
 
 from flopsim.errors import InputError, SpecError
-from flopsim.roofline import executed_flops, roofline_time
+from flopsim.roofline import executed_flops, overlap_times, roofline_time
 
 TOKEN_AXES = ("batch", "seq", "context")
 # short names and dotted spec paths -> Dims names (flopsim.ops.symbols.SYMBOL_NAMES)
@@ -486,13 +486,17 @@ class _Plan:
 
         # merge identical ops
         groups: dict = {}
+        order = []  # each op's group, in execution order (the host-device pipeline needs it)
         for op in ops:
             shape_aware = op.gemm is not None and cal.uses_gemm_shape(op.kind)
             gemm = tuple(_sub(g, subs) for g in op.gemm) if shape_aware else None
             key = (op.kind, op.variant, _sub(op.flops, subs), _sub(executed_flops(op), subs), _sub(op.bytes, subs), gemm,
                    _sub(op.kernels, subs), op.pass_ == "bwd")
             groups[key] = groups.get(key, 0) + 1
+            order.append(key)
         self.groups = list(groups.items())
+        position = {key: i for i, (key, _) in enumerate(self.groups)}
+        self.sequence = [position[key] for key in order]
         exprs: list = []
         index: dict = {}
 
@@ -510,7 +514,9 @@ class _Plan:
                 gemm=tuple(ref(g) for g in gemm) if gemm is not None else None,
                 never_empty=bool((executed + nbytes).is_positive),
                 fixed_s=cal.fixed_cost_s(kind, variant, hw, backward), backward=backward,
+                host_s=cal.host_cost_s(kind, variant, backward),
             ))
+        self.queued = any(item["host_s"] for item in self.items)
         self.total_flops = ref(sp.Add(*[mult * key[2] for key, mult in self.groups]))
         self.total_bytes = ref(sp.Add(*[mult * key[4] for key, mult in self.groups]))
         self.fn = compile_exprs(exprs, args)
@@ -539,6 +545,7 @@ class _Plan:
         roof: dict[tuple, Any] = {}  # shape -> sum of mult * max(compute_s, memory_s)
         cbound: dict[tuple, Any] = {}  # shape -> the same over compute-bound ops
         launch: Any = 0.0
+        host, device = [], []  # one op of each group (the pipeline, when the device queues kernels)
 
         def accumulate(sums, t, owned):
             key = np.shape(t)
@@ -556,6 +563,7 @@ class _Plan:
             mult = item["mult"]
             # the roofline (flopsim.roofline.roofline_time) with the multiplicity folded in
             c, m, t = roofline_time(af, by, item["peak"] / mult, bw / mult, ce, me, 0.0)
+            busy = t / mult if self.queued else None  # one op's max(compute_s, memory_s)
             accumulate(roof, t, owned=False)
             mask = c >= m
             if np.ndim(mask) == 0 or mask.all():
@@ -564,14 +572,17 @@ class _Plan:
             elif mask.any():
                 t = t * mask
                 accumulate(cbound, t, owned=True)
-            per_launch = mult * item["fixed_s"] * values[item["kernels"]]  # fixed cost x expected launches
-            if item["never_empty"]:
-                launch = launch + per_launch
-            else:
-                launch = launch + per_launch * (np.add(af, by) > 0)
+            launched = values[item["kernels"]] * (1.0 if item["never_empty"] else (np.add(af, by) > 0))
+            launch = launch + mult * item["fixed_s"] * launched  # fixed cost x expected launches
+            if self.queued:
+                host.append(item["host_s"] * launched)
+                device.append(busy + item["fixed_s"] * launched)
         roofline_s = sum(roof.values(), 0.0)
         compute_bound = sum(cbound.values(), 0.0)
-        return {"time_s": roofline_s + launch, "compute_bound_s": compute_bound,
+        time_s = roofline_s + launch
+        if self.queued:  # the host-device pipeline over the ops in order (flopsim.roofline.overlap_times)
+            time_s = sum(overlap_times([host[i] for i in self.sequence], [device[i] for i in self.sequence]))
+        return {"time_s": time_s, "compute_bound_s": compute_bound,
                 "memory_bound_s": roofline_s - compute_bound,
                 "flops": values[self.total_flops], "bytes": values[self.total_bytes]}
 

@@ -74,13 +74,14 @@ def load_suite(suite: str, device: str) -> list[Case]:
     if not path.exists():
         raise InputError(f"suite: {suite!r}: no such suite ({path} does not exist; suites: quick, full)")
     data = yaml.safe_load(path.read_text())
-    device_changes = data.get("devices", {}).get(device, {})
+    device_changes = dict(data.get("devices", {}).get(device, {}))
+    device_shape = device_changes.pop("shape", {})  # a device's own shape (a GPU's work must outweigh its host's)
     cases = []
     for raw in data["cases"]:
         base = data["bases"][raw["base"]]
         spec = load_model(base["preset"]).with_changes(
             name=f"{raw['name']}", **{**base.get("changes", {}), **device_changes, **raw.get("changes", {})})
-        shape = {**data.get("shape", {}), **raw.get("shape", {})}
+        shape = {**data.get("shape", {}), **device_shape, **raw.get("shape", {})}
         cases.append(Case(raw["name"], spec, list(raw["phases"]), shape["batch"], shape["seq"],
                           shape["context"], raw.get("baseline")))
     return cases
@@ -102,7 +103,7 @@ def predicted_modules(spec, phase, batch, seq, context, hw, calibration):
     for cost, timed in zip(costs, result.ops):
         if (cost.name, cost.pass_) != (timed.name, timed.pass_):
             raise RuntimeError(f"op lists of count and predict disagree at {cost.key} / {timed.key}")
-        per_module[cost.module] = per_module.get(cost.module, 0.0) + timed.time_s
+        per_module[cost.module] = per_module.get(cost.module, 0.0) + timed.device_s  # the profiler's device time
         members.setdefault(cost.module, []).append((cost, timed))
     return result, per_module, members
 
@@ -173,6 +174,33 @@ class Validation:
         }
 
 
+@dataclass
+class Measured:
+    """What was measured of one (case, phase): its context, the profiled modules
+    (({module: seconds}, {module: aten op names})), the timed runs and the drift
+    probe's median reading beside them (None without a probe)."""
+
+    context: Optional[int]
+    modules: tuple
+    runs: list
+    reading: object = None
+
+
+def join_measurements(out: "Validation", cases: list, jobs: list, measured: list, hw, cal) -> list:
+    """Predict each job (case, phase) with `cal` and join it with its Measured into `out`'s
+    rows (per model, per module, speedups); returns the validation's GEMM shapes."""
+    results, gemm_shapes = {}, []
+    for (case, phase), seen in zip(jobs, measured):
+        result, predicted, members = predicted_modules(case.spec, phase, case.batch, case.seq, seen.context, hw, cal)
+        at_speed = (predicted_modules(case.spec, phase, case.batch, case.seq, seen.context, hw,
+                                      cal.at_speed(seen.reading))[0] if seen.reading else None)  # beside the runs
+        results[(case.name, phase)] = (result.time_s, statistics.median(seen.runs))
+        out.per_model.append(_model_row(case, phase, result, seen.runs, at_speed, seen.reading))
+        out.per_op += _op_rows(case, phase, seen.modules, predicted, members, gemm_shapes)
+    out.speedups = _speedup_rows(cases, results)
+    return gemm_shapes
+
+
 def check_inputs(device: str, suite: str) -> None:
     """Bad device or suite: one-line errors before any work starts."""
     if device not in ("cpu", "cuda"):
@@ -209,7 +237,7 @@ def run_validation(device: str = "cpu", suite: str = "quick", *, hardware: Optio
     cal, calibrated_here = _calibration(device, hw, calibration, recalibrate, threads, tick)
     out = Validation(device=device, hardware=hw.name, suite=suite, calibration=cal)
     jobs = [(case, phase) for case in cases for phase in case.phases]
-    runners, gemm_shapes = [], []
+    runners = []
     for done, (case, phase) in enumerate(jobs):
         tick(f"profiling {case.name} {phase}", done, len(jobs))
         runner = make_runner(case.spec, phase, case.batch, case.seq, _context(phase, case), device=device)
@@ -217,17 +245,10 @@ def run_validation(device: str = "cpu", suite: str = "quick", *, hardware: Optio
         runners.append(runner)
     probe = _probe(device, cal, hw)
     walls, readings = time_rounds(runners, rounds=rounds, progress=tick, probe=probe)
-    results = {}
-    for (case, phase), runner, runs, seen in zip(jobs, runners, walls, readings):
-        result, predicted, members = predicted_modules(case.spec, phase, case.batch, case.seq, runner.context, hw, cal)
-        reading = median_reading(seen) if seen else None
-        at_speed = (predicted_modules(case.spec, phase, case.batch, case.seq, runner.context, hw,
-                                      cal.at_speed(reading))[0] if reading else None)  # the speed beside the runs
-        results[(case.name, phase)] = (result.time_s, statistics.median(runs))
-        out.per_model.append(_model_row(case, phase, result, runs, at_speed, reading))
-        out.per_op += _op_rows(case, phase, runner.modules, predicted, members, gemm_shapes)
+    measured = [Measured(runner.context, runner.modules, runs, median_reading(seen) if seen else None)
+                for runner, runs, seen in zip(runners, walls, readings)]
+    gemm_shapes = join_measurements(out, cases, jobs, measured, hw, cal)
     tick("done", len(jobs), len(jobs))
-    out.speedups = _speedup_rows(cases, results)
     overlap = overlapping_shapes(cal, gemm_shapes)
     if overlap:
         raise RuntimeError(f"validation GEMM shapes {overlap[:3]} are calibration points: pick other shapes")
@@ -272,7 +293,12 @@ def _probe(device: str, cal, hw):
     pool_bytes = min(max(2 * cache, low), high)
     gen = torch.Generator(device="cpu").manual_seed(1)
     pool = torch.randn(int(pool_bytes / torch.finfo(dtype).bits * 8), generator=gen).to(device=device, dtype=dtype)
-    return Probe(torch, device, dtype, pool, gen)
+    clock = None
+    if device == "cuda" and str(cal.measured.get("timing", "")).startswith("device"):  # read as calibrate read it
+        from flopsim.gpu_timing import DeviceClock
+
+        clock = DeviceClock.create(torch)
+    return Probe(torch, device, dtype, pool, gen, clock=clock)
 
 
 def _model_row(case, phase, result, runs, at_speed=None, reading=None) -> dict:
@@ -287,7 +313,8 @@ def _model_row(case, phase, result, runs, at_speed=None, reading=None) -> dict:
         "measured_s": measured, "error": result.time_s / measured - 1,
         "predicted_probe_s": at_speed.time_s, "error_probe": at_speed.time_s / measured - 1,
         "flops": result.flops, "bytes": result.bytes, "bound": result.bound,
-        "measured_runs_s": ";".join(f"{t:.6g}" for t in runs),
+        "predicted_host_s": result.total("host_s"), "predicted_device_s": result.total("device_s"),
+        "measured_runs_s": ";".join(f"{t:.17g}" for t in runs),
         "probe": "" if reading is None else f"{reading.compute_s:.4g};{reading.memory_s:.4g};{reading.fixed_s:.4g}",
     }
 
@@ -373,8 +400,11 @@ def summary_markdown(validation: Validation, summary: dict) -> str:
         f"Suite `{summary['suite']}`, hardware spec `{summary['hardware']}`, torch {summary['torch']}, "
         f"{summary.get('threads')} threads, {summary['date']}. Calibration: {summary.get('calibration')}.",
         "",
-        f"Reproduce: `flopsim validate --device {summary['device']} --suite {summary['suite']}"
-        f"{' --recalibrate' if summary.get('calibrated_in_run') else ''}`.",
+        (f"Predicted again for the measurements in `{summary['repredicted_from']}`: "
+         f"`flopsim validate --measurements {summary['repredicted_from']} --calibration FILE --out DIR`."
+         if summary.get("repredicted_from") else
+         f"Reproduce: `flopsim validate --device {summary['device']} --suite {summary['suite']}"
+         f"{' --recalibrate' if summary.get('calibrated_in_run') else ''}`."),
         "",
         "| figure | median abs error | p90 abs error | n |",
         "|---|---|---|---|",

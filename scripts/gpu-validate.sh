@@ -20,8 +20,9 @@
 # summary.md, scatter.png, error_by_kind.png, environment.txt and run.log
 # (ten files: set ARCHIVE to get them as one).
 # Copy calibration.yaml to specs/calibration/<hardware>.yaml to make it the
-# device's calibration. Budget: under 8 minutes on an H100 (on the 2-core
-# development CPU the same steps take about 3.5 minutes).
+# device's calibration. Took 250 s on an H200 (2026-11-26, before the GPU
+# attention shapes were added); the same steps take about 3.5 minutes on the
+# 2-core development CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE="${DEVICE:-cuda}"

@@ -102,14 +102,22 @@ def test_overlap_check_finds_shared_shapes():
     assert overlapping_shapes(cal, [(1, 64, 512, 512), (1, 32, 512, 512)]) == [(1, 64, 512, 512)]
 
 
-def test_quick_suite_shapes_are_not_calibration_shapes():
-    from flopsim.calibrate import ATTENTION_SHAPES, GEMM_INPUTS, GEMM_OUTPUTS, GEMM_ROWS
+@pytest.mark.parametrize("suite", ["quick", "full"])
+def test_suites_load_on_every_device_and_avoid_calibration_shapes(suite):
+    """Every device a suite names gets valid specs (a GPU's changes are loaded nowhere
+    else before a GPU run), and no validation product is a calibration shape."""
+    from flopsim.calibrate import ATTENTION_SHAPES, ATTENTION_SHAPES_GPU, GEMM_INPUTS, GEMM_OUTPUTS, GEMM_ROWS
     from flopsim.count import count
-    from flopsim.validate import load_suite
+    from flopsim.validate import load_suite, suite_path
 
     calibration = {(1, m, n, k) for m in GEMM_ROWS for n in GEMM_OUTPUTS for k in GEMM_INPUTS}
-    calibration |= {(b * h, s, t, d) for b, h, s, t, d in ATTENTION_SHAPES}
-    for case in load_suite("quick", "cpu"):
+    calibration |= {(b * h, s, t, d) for b, h, s, t, d in ATTENTION_SHAPES + ATTENTION_SHAPES_GPU}
+    devices = yaml.safe_load(suite_path(suite).read_text())["devices"]
+    assert set(devices) == {"cpu", "cuda"}
+    cases = [case for device in devices for case in load_suite(suite, device)]
+    gpu = load_suite(suite, "cuda")[0]
+    assert (gpu.spec.dtype, gpu.batch * gpu.seq) == ("bf16", 4096)  # the device's own shape applies
+    for case in cases:
         for phase in case.phases:
             ctx = case.context if phase == "decode" else None
             for op in count(case.spec, batch=case.batch, seq=case.seq, phase=phase, context=ctx).ops:
@@ -152,12 +160,20 @@ cases:
 """
 
 
-def test_validation_report_schema(tmp_path, smoke_calibration):
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory, smoke_calibration):
+    """(folder, summary) of a validation of the tiny suite, written once for the module."""
     cal, _ = smoke_calibration
+    tmp_path = tmp_path_factory.mktemp("tiny")
     suite = tmp_path / "tiny.yaml"
     suite.write_text(SUITE)
     result = run_validation("cpu", str(suite), calibration=cal, threads=1)
-    summary = write_report(result, tmp_path / "out")
+    return tmp_path, write_report(result, tmp_path / "out")
+
+
+def test_validation_report_schema(tiny_report, smoke_calibration):
+    cal, _ = smoke_calibration
+    tmp_path, summary = tiny_report
     files = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"per_op.csv", "per_model.csv", "speedups.csv", "summary.json", "summary.md", "scatter.png",
             "error_by_kind.png", "calibration.yaml"} <= files
@@ -179,6 +195,37 @@ def test_validation_report_schema(tmp_path, smoke_calibration):
     assert "![predicted vs measured](scatter.png)" in (tmp_path / "out" / "summary.md").read_text()
 
 
+def test_saved_measurements_predict_again(tiny_report, tmp_path):
+    """`validate --measurements`: with the folder's own calibration the folder's predictions
+    come back exactly; with another one the measurements stay and the predictions move."""
+    from typer.testing import CliRunner
+
+    from flopsim.cli import app
+    from flopsim.repredict import repredict
+
+    folder = tiny_report[0] / "out"
+    again = repredict(folder)
+    saved = pd.read_csv(folder / "per_model.csv")
+    assert [r["predicted_s"] for r in again.per_model] == pytest.approx(list(saved["predicted_s"]), rel=1e-12)
+    assert [r["measured_s"] for r in again.per_model] == pytest.approx(list(saved["measured_s"]), rel=1e-12)
+    ops = pd.read_csv(folder / "per_op.csv")
+    assert [r["predicted_s"] for r in again.per_op] == pytest.approx(list(ops["predicted_s"]), rel=1e-12)
+    assert len(again.speedups) == len(pd.read_csv(folder / "speedups.csv"))
+    slower = again.calibration.model_copy(update={"fixed_s": {k: 2 * v for k, v in again.calibration.fixed_s.items()}})
+    moved = repredict(folder, slower)
+    assert all(m["predicted_s"] > r["predicted_s"] for m, r in zip(moved.per_model, again.per_model))
+    assert [m["measured_s"] for m in moved.per_model] == [r["measured_s"] for r in again.per_model]
+    r = CliRunner().invoke(app, ["validate", "--measurements", str(folder), "--out", str(tmp_path / "again"), "-f", "json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["median_abs_error_e2e"] == pytest.approx(tiny_report[1]["median_abs_error_e2e"])
+    assert "Predicted again for the measurements" in (tmp_path / "again" / "summary.md").read_text()
+    for args in (["--measurements", str(tmp_path / "none"), "--out", str(tmp_path / "x")],
+                 ["--measurements", str(folder)]):
+        r = CliRunner().invoke(app, ["validate", *args])
+        assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.output
+    assert not (tmp_path / "x").exists()
+
+
 def test_validate_cli_bad_input():
     from typer.testing import CliRunner
 
@@ -188,3 +235,24 @@ def test_validate_cli_bad_input():
     assert r.exit_code == 2 and r.stderr.count("\n") == 1
     r = CliRunner().invoke(app, ["validate", "--suite", "nope"])
     assert r.exit_code == 2 and "no such suite" in r.stderr
+
+
+def test_gemms_into_needs_a_measured_calibration_of_this_device():
+    from typer.testing import CliRunner
+
+    from flopsim.cli import app
+
+    r = CliRunner().invoke(app, ["calibrate", "--gemms-into", "specs/calibration/h100-sxm.yaml"])
+    assert r.exit_code == 2 and "a published calibration of 'h100-sxm'" in r.stderr and r.stderr.count("\n") == 1
+    r = CliRunner().invoke(app, ["calibrate", "--device", "cpu", "--gemms-into", "specs/calibration/h200-eager.yaml"])
+    assert r.exit_code == 2 and "gemms-into" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_the_h200_eager_calibration_is_measured_and_overlaps_host_dispatch():
+    """The shipped H200 eager calibration: measured, its products re-measured aligned,
+    host dispatch per kernel separate from the device's fixed costs."""
+    cal = load_calibration("h200-eager", load_hardware("h200"))
+    assert cal.kind == "measured" and cal.measured["gemms_remeasured"]["points"] == 240
+    assert cal.host_s["launch"] > cal.launch_overhead_s > 0
+    assert cal.default.compute == cal.kinds["matmul"].compute
+    assert load_calibration("auto", load_hardware("h200")).kind == "published"  # not the default

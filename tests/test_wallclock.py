@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import tiny
 from flopsim.calibration import Calibration, load_calibration
@@ -200,3 +202,88 @@ def test_at_speed_scales_each_ceiling_by_its_probe_component():
     assert slow.sizes[0].memory == pytest.approx(0.1) and slow.sizes[0].compute == pytest.approx(0.05)
     assert slow.fixed_s["norm"] == pytest.approx(2e-5) and slow.launch_overhead_s == pytest.approx(4e-6)
     assert _cal().at_speed(ProbeReading(1.0, 1.0, 1.0)) == _cal()  # no reference reading: unchanged
+
+
+# -- host dispatch overlapping the device (a GPU run eagerly) ------------------------------
+
+def _pipeline_by_enumeration(host, device):
+    """A step's time as the two-stage flow shop's makespan: the largest over j of the
+    host's time to queue ops 1..j plus the device's time for ops j..n."""
+    return max(sum(host[:j + 1]) + sum(device[j:]) for j in range(len(host)))
+
+
+def _pipeline_by_simulation(host, device):
+    """Event by event: the host queues each op; the device starts it when both it and the op are ready."""
+    clock_host = clock_device = 0.0
+    for h, d in zip(host, device):
+        clock_host += h
+        start = max(clock_host, clock_device)
+        clock_device = start + d
+    return clock_device
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 1e-3), st.floats(0, 1e-3)), min_size=1, max_size=40))
+def test_overlap_is_the_host_device_pipeline(pairs):
+    from flopsim.roofline import overlap_times
+
+    host, device = [h for h, _ in pairs], [d for _, d in pairs]
+    total = sum(overlap_times(host, device))
+    assert total == pytest.approx(_pipeline_by_enumeration(host, device), rel=1e-9, abs=1e-15)
+    assert total == pytest.approx(_pipeline_by_simulation(host, device), rel=1e-9, abs=1e-15)
+    assert max(sum(host), sum(device)) - 1e-15 <= total <= sum(host) + sum(device) + 1e-15
+    assert sum(overlap_times([0.0] * len(device), device)) == pytest.approx(sum(device))  # no dispatch: the sum
+
+
+def test_host_dispatch_hides_behind_long_kernels_and_shows_between_short_ones():
+    """Two long kernels (100 us) with 20 us of dispatch each: the second's dispatch hides
+    behind the first, 20 + 100 + 100 us. Ten 5-us kernels with 20 us of dispatch each:
+    host-bound, 10 x 20 + 5 us."""
+    from flopsim.roofline import overlap_times
+
+    assert sum(overlap_times([20e-6] * 2, [100e-6] * 2)) == pytest.approx(20e-6 + 2 * 100e-6)
+    assert sum(overlap_times([20e-6] * 10, [5e-6] * 10)) == pytest.approx(10 * 20e-6 + 5e-6)
+
+
+QUEUED = dict(host_s={"launch": 2e-5, "matmul": 3e-5}, launch_overhead_s=2e-6)
+
+
+@pytest.mark.parametrize("phase, batch, seq", [("decode", 1, 256), ("forward", 8, 512), ("train", 2, 256)])
+def test_predict_overlaps_host_dispatch_and_sweep_agrees(phase, batch, seq):
+    """predict's op times are their shares of the pipeline over the ops in order; sweep's
+    grouped evaluation gives the same step time."""
+    from flopsim.roofline import overlap_times
+    from flopsim.sweep import sweep
+
+    spec = tiny("llama-3-8b", layers=3, kv_heads=2)
+    cal = _cal(**QUEUED)
+    r = predict(spec, H100, phase=phase, batch=batch, seq=seq, calibration=cal)
+    assert r.time_s == pytest.approx(sum(overlap_times([o.host_s for o in r.ops], [o.device_s for o in r.ops])))
+    for o in r.ops:
+        if o.device_s > 0:
+            assert o.host_s == pytest.approx(o.kernels * (3e-5 if o.kind == "matmul" else 2e-5))
+            assert o.device_s == pytest.approx(max(o.compute_s, o.memory_s) + o.kernels * 2e-6)
+    without = predict(spec, H100, phase=phase, batch=batch, seq=seq, calibration=_cal(launch_overhead_s=2e-6))
+    assert r.summary()["device_s"] == pytest.approx(without.time_s)  # the device's side is unchanged
+    assert max(r.summary()["host_s"], without.time_s) <= r.time_s + 1e-12
+    assert r.time_s <= r.summary()["host_s"] + without.time_s + 1e-12
+    grid = sweep(spec, H100, phase=phase, vary={"batch": [batch, 2 * batch]}, seq=seq, calibration=cal).table()
+    assert grid.time_s.iloc[0] == pytest.approx(r.time_s, rel=1e-9)
+
+
+def test_graphs_and_probe_speed_treat_host_dispatch_apart():
+    """Under CUDA graphs there is no per-kernel dispatch; a slower host (probe) slows the
+    dispatch of a queued device, not its device-side fixed costs."""
+    from flopsim.probe import ProbeReading
+
+    cal = _cal(**QUEUED, fixed_s={"norm": 4e-6}, measured={"device": "cuda", "probe":
+                                                           {"compute_s": 1e-3, "memory_s": 2e-4, "fixed_s": 5e-5}})
+    assert cal.with_graphs().host_s == {} and cal.with_graphs().fixed_s == {"norm": 4e-6}
+    assert cal.model_copy(update={"graph_launch_s": 1e-6}).with_graphs().launch_overhead_s == 1e-6
+    slow = cal.at_speed(ProbeReading(compute_s=1e-3, memory_s=2e-4, fixed_s=1e-4))
+    assert slow.host_s == {"launch": pytest.approx(4e-5), "matmul": pytest.approx(6e-5)}
+    assert slow.fixed_s == {"norm": 4e-6} and slow.launch_overhead_s == 2e-6
+    assert cal.host_cost_s("norm", "rmsnorm") == 2e-5 and cal.host_cost_s("matmul", "", backward=True) == 3e-5
+    assert _cal().host_cost_s("matmul", "") == 0.0
+    with pytest.raises(Exception, match="host_s"):
+        _cal(host_s={"blas": 1e-6})

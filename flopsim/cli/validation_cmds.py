@@ -9,6 +9,7 @@ import typer
 
 from flopsim.cli.app import app
 from flopsim.cli.output import Format, console, human, print_csv, print_json, rich_table
+from flopsim.errors import InputError
 
 DeviceOpt = typer.Option("cpu", "--device", "-d", help="cpu | cuda")
 HardwareOpt = typer.Option(None, "--hardware", help="Hardware spec to calibrate against (default: cpu, or the GPU's preset).")
@@ -22,13 +23,13 @@ def calibrate(
     threads: Optional[int] = ThreadsOpt,
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Calibration file (default: specs/calibration/<hardware>.yaml, which the roofline picks up)."),
     fmt: Format = typer.Option(Format.table, "--format", "-f"),
+    gemms_into: Optional[Path] = typer.Option(None, "--gemms-into", help="Measure only the matrix products and replace them in this measured calibration of the device (written to --output, default: this file)."),
 ):
     """Measure kernel efficiencies on this device (matmuls incl. decode shapes, attention, copies, elementwise, gather/scatter/top-k)."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from flopsim.calibrate import calibrate as run
     from flopsim.calibration import calibration_path
-    from flopsim.errors import InputError
     from flopsim.validate import write_calibration
 
     if device not in ("cpu", "cuda"):
@@ -37,12 +38,19 @@ def calibrate(
         from flopsim.hardware import load_hardware
 
         load_hardware(hardware)
+    base = None
+    if gemms_into is not None:  # checked before any measuring
+        from flopsim.calibrate import check_gemms_into, guess_hardware
+        from flopsim.calibration import load_calibration
+
+        base = load_calibration(str(gemms_into))
+        check_gemms_into(base, hardware or guess_hardware(device), "fp32" if device == "cpu" else "bf16")
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True,
                   console=console(stderr=True)) as bar:
         task = bar.add_task("calibrating", total=None)
-        cal, points = run(device, hardware=hardware, threads=threads,
+        cal, points = run(device, hardware=hardware, threads=threads, gemms_into=base,
                           progress=lambda message: bar.update(task, description=f"calibrating: {message}"))
-    path = output or calibration_path(cal.device)
+    path = output or gemms_into or calibration_path(cal.device)
     write_calibration(cal, path)
     rows = [{"benchmark": p.name, "kind": p.kind, "time_s": p.seconds, "all_flops": p.all_flops, "bytes": p.bytes,
              "compute_eff": p.compute_eff, "memory_eff": p.memory_eff} for p in points]
@@ -73,6 +81,7 @@ def validate(
     published: bool = typer.Option(False, "--published", help="Compare with the published-measurements suite (specs/published/measurements.yaml) instead of profiling here."),
     table: Optional[str] = typer.Option(None, "--table", help="With --published: another measurements YAML."),
     rows: Optional[str] = typer.Option(None, "--rows", help="With --published: only these row ids (comma-separated)."),
+    measurements: Optional[Path] = typer.Option(None, "--measurements", help="Predict again for the measurements saved in this validation folder (with --calibration, or the folder's own), profiling nothing."),
     fmt: Format = typer.Option(Format.table, "--format", "-f"),
 ):
     """Profile the reference models, compare with predictions, write reports/validation/<device>/
@@ -84,6 +93,13 @@ def validate(
 
     if published:
         return _published(out, table, rows, fmt)
+    if measurements is not None:
+        from flopsim.repredict import repredict
+
+        if out is None:
+            raise InputError("out: give --out with --measurements (the measured folder is kept as it is)")
+        result = repredict(measurements, calibration, hardware)
+        return _print_validation(result, write_report(result, out), out, fmt)
 
     check_inputs(device, suite)
     if hardware is not None:
@@ -100,7 +116,10 @@ def validate(
         result = run_validation(device, suite, hardware=hardware, calibration=calibration, threads=threads,
                                 recalibrate=recalibrate, rounds=rounds, progress=tick)
     folder = out or (specs_dir().parent / "reports" / "validation" / device)
-    summary = write_report(result, folder)
+    return _print_validation(result, write_report(result, folder), folder, fmt)
+
+
+def _print_validation(result, summary: dict, folder: Path, fmt: Format):
     if fmt == Format.json:
         return print_json({"out": str(folder), **summary})
     if fmt == Format.csv:

@@ -1,0 +1,90 @@
+"""Device time of GPU kernels, free of the host's dispatch cost.
+
+A GPU runs the kernels its host queues. Timed with a wall clock around n
+calls, a kernel shorter than its dispatch (PyTorch eager: 5-50 us of host
+work per op) measures the host, not the device. `DeviceClock` queues a spin
+kernel first (`torch.cuda._sleep`), long enough for the host to queue the n
+calls behind it, and CUDA events recorded after the spin and after the last
+call time the calls back to back on the device: device seconds per call,
+the device's own gap between kernels included, the host's dispatch not.
+
+The spin's length follows the host: three times the time the host took to
+queue the previous sample; when the host took over half the spin (the
+device may have caught up and waited), the sample is taken again with a
+longer spin, up to MAX_AHEAD_S, beyond which the sample is kept (an upper
+bound: a call that synchronises inside, for one, cannot be queued ahead).
+
+Needs torch with CUDA; `DeviceClock.create` returns None where the spin
+kernel is unavailable, and callers then time with the wall clock.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Optional
+
+MAX_AHEAD_S = 0.1  # the longest spin queued ahead of one sample
+MAX_CALLS = 64  # calls per sample (CUDA events resolve about 0.5 us: a 64-call span of 2-us kernels is timed to 0.5%)
+RETRIES = 3  # samples retaken with a longer spin when the host fell behind
+
+
+class DeviceClock:
+    """Device seconds per call of a function that queues GPU kernels (see the module docstring)."""
+
+    def __init__(self, torch, cycles_per_s: float):
+        self.torch = torch
+        self.cycles_per_s = cycles_per_s
+        self.ahead_s = 1e-3
+
+    @classmethod
+    def create(cls, torch) -> Optional["DeviceClock"]:
+        """A clock for the current CUDA device, or None where the spin kernel is missing."""
+        sleep = getattr(torch.cuda, "_sleep", None)
+        if sleep is None:
+            return None
+        start, end = cls._events(torch)
+        cycles = 20_000_000
+        sleep(cycles)  # the clocks ramp up first
+        torch.cuda.synchronize()
+        start.record()
+        sleep(cycles)
+        end.record()
+        torch.cuda.synchronize()
+        seconds = start.elapsed_time(end) * 1e-3
+        return cls(torch, cycles / seconds) if seconds > 0 else None
+
+    @staticmethod
+    def _events(torch):
+        return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def sample_s(self, fn: Callable[[], object], calls: int) -> float:
+        """One sample: device seconds per call over `calls` calls queued back to back."""
+        torch = self.torch
+        for attempt in range(RETRIES + 1):
+            start, end = self._events(torch)
+            begun = time.perf_counter()
+            torch.cuda._sleep(int(self.ahead_s * self.cycles_per_s))
+            start.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            queued_s = time.perf_counter() - begun
+            torch.cuda.synchronize()
+            fell_behind = queued_s > 0.5 * self.ahead_s
+            self.ahead_s = min(MAX_AHEAD_S, max(1e-4, 3 * queued_s))
+            if not fell_behind or attempt == RETRIES or self.ahead_s >= MAX_AHEAD_S:
+                return start.elapsed_time(end) * 1e-3 / calls
+        raise AssertionError("unreachable")
+
+    def timer(self, min_time_s: float, repeats: int) -> Callable[[Callable[[], object]], float]:
+        """A timer like flopsim.calibrate.make_timer's, in device seconds per call: the
+        median of `repeats` samples of enough calls to fill min_time_s (at most MAX_CALLS)."""
+
+        def timed(fn: Callable[[], object]) -> float:
+            fn()
+            first = self.sample_s(fn, 1)
+            calls = int(min(MAX_CALLS, max(1, min_time_s / max(first, 1e-7))))
+            return statistics.median(self.sample_s(fn, calls) for _ in range(repeats))
+
+        return timed
