@@ -78,20 +78,24 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from flopsim.ops.op import KINDS
+from flopsim.spec.paths import exists
 
 MAX_EFFICIENCY = 10.0  # >1 allowed: a "peak" that is itself a measurement can be beaten
 MAX_FIXED_S = 1.0  # no kernel's fixed cost is a second
+MIN_EFFICIENCY = 1e-6  # flopsim calibrate never records less (a 1e-300 "efficiency" makes times overflow)
 PROVENANCES = ("measured", "published", "custom", "ideal")
 LINK_LEVELS = ("scale_up", "scale_out")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Unknown fields refused, types strict (no `true` for 1, no "0.5" for 0.5), numbers finite."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class Efficiency(_Strict):
-    compute: float = Field(1.0, gt=0, le=MAX_EFFICIENCY)
-    memory: float = Field(1.0, gt=0, le=MAX_EFFICIENCY)
+    compute: float = Field(1.0, ge=MIN_EFFICIENCY, le=MAX_EFFICIENCY)
+    memory: float = Field(1.0, ge=MIN_EFFICIENCY, le=MAX_EFFICIENCY)
 
 
 class GemmPoint(_Strict):
@@ -111,8 +115,8 @@ class GemmPoint(_Strict):
     n: PositiveInt
     k: PositiveInt
     batch: PositiveInt = 1
-    compute: Optional[float] = Field(None, gt=0, le=MAX_EFFICIENCY)  # None: measured memory-bound
-    memory: Optional[float] = Field(None, gt=0, le=MAX_EFFICIENCY)  # None: measured compute-bound
+    compute: Optional[float] = Field(None, ge=MIN_EFFICIENCY, le=MAX_EFFICIENCY)  # None: measured memory-bound
+    memory: Optional[float] = Field(None, ge=MIN_EFFICIENCY, le=MAX_EFFICIENCY)  # None: measured compute-bound
     kind: Optional[str] = None
     variant: Optional[str] = None  # the kernel measured (e.g. fused / explicit attention)
     backward: bool = False  # measured on the kernel's backward (autograd's) rather than its forward
@@ -132,9 +136,9 @@ class SizePoint(_Strict):
     efficiency of these kinds depends on size as a GEMM's depends on shape."""
 
     kind: str
-    bytes: float = Field(gt=0)
-    compute: float = Field(gt=0, le=MAX_EFFICIENCY)
-    memory: float = Field(gt=0, le=MAX_EFFICIENCY)
+    bytes: float = Field(gt=0, le=1e16)
+    compute: float = Field(ge=MIN_EFFICIENCY, le=MAX_EFFICIENCY)
+    memory: float = Field(ge=MIN_EFFICIENCY, le=MAX_EFFICIENCY)
     variant: Optional[str] = None  # the kernel measured (e.g. gelu, rmsnorm)
     backward: bool = False  # measured on the kernel's backward (autograd's) rather than its forward
     source: Optional[str] = None  # a published point's citation
@@ -152,7 +156,7 @@ class LinkLevel(_Strict):
     bandwidth (nccl-tests' busbw) of large messages; see the module docstring."""
 
     latency_s: float = Field(ge=0, le=MAX_FIXED_S)
-    bus_bytes_per_s: float = Field(gt=0, le=1e15)
+    bus_bytes_per_s: float = Field(ge=1e3, le=1e15)
     hop_latency_s: float = Field(0.0, ge=0, le=MAX_FIXED_S)  # per ring step (flopsim.collectives.steps)
     source: str = ""
 
@@ -171,9 +175,9 @@ class Calibration(_Strict):
     default: Efficiency = Efficiency()
     kinds: dict[str, Efficiency] = {}
     gemm: list[GemmPoint] = []
-    gemm_kinds: tuple[str, ...] = ("matmul", "router", "conv")
+    gemm_kinds: tuple[str, ...] = Field(("matmul", "router", "conv"), strict=False)  # a YAML list
     sizes: list[SizePoint] = []
-    fold_batch_kinds: tuple[str, ...] = ("attention",)
+    fold_batch_kinds: tuple[str, ...] = Field(("attention",), strict=False)
     launch_overhead_s: Optional[float] = Field(None, ge=0, le=MAX_FIXED_S)
     fixed_s: dict[str, float] = {}  # "kind" or "kind:variant" -> seconds per launch
     graph_launch_s: Optional[float] = Field(None, ge=0, le=MAX_FIXED_S)  # per kernel, replayed as a CUDA graph
@@ -440,6 +444,20 @@ def calibration_path(device: str) -> Path:
     return specs_dir() / "calibration" / f"{device}.yaml"
 
 
+def calibration_output_path(device: str) -> Path:
+    """Where a new calibration of `device` is written by default: the specs folder of a
+    checkout (or $FLOPSIM_SPECS), never the specs inside an installed package."""
+    from flopsim.errors import InputError
+    from flopsim.spec.paths import specs_dir
+
+    path = calibration_path(device)
+    if specs_dir().name == "_specs":  # flopsim/_specs: the installed package's own data
+        raise InputError(f"output: the shipped specs are inside the installed package ({specs_dir()}); give "
+                         f"--output FILE and use it with --calibration FILE, or set FLOPSIM_SPECS to your own "
+                         f"specs folder")
+    return path
+
+
 def load_calibration(calibration: Any = None, hw=None) -> Calibration:
     """A Calibration from None/"auto" (the device's shipped file; a device
     without one is an error, never a silent ideal), "ideal", a Calibration, a
@@ -454,14 +472,14 @@ def load_calibration(calibration: Any = None, hw=None) -> Calibration:
         return validate(Calibration, calibration, "calibration")
     if calibration is None or calibration == "auto":
         path = calibration_path(device) if device else None
-        if path is None or not path.exists():
+        if path is None or not exists(path):
             raise InputError(f"hardware {device or '(unnamed)'!r} has no calibration (specs/calibration/{device}.yaml): "
                              f"run `flopsim calibrate` on it, give --calibration PATH, or --calibration ideal")
         return validate(Calibration, read_yaml(path, "calibration"), str(path))
     if calibration == "ideal":
         return Calibration.ideal(device)
     path = Path(str(calibration))
-    if path.suffix not in (".yaml", ".yml") and not path.exists():
+    if path.suffix not in (".yaml", ".yml") and not exists(path):
         path = calibration_path(str(calibration))
     return validate(Calibration, read_yaml(path, "calibration", str(calibration)), str(calibration))
 

@@ -123,6 +123,9 @@ def evaluate_ops(ops: list[Op], values: dict[sp.Symbol, Any]) -> list[OpCost]:
     return costs
 
 
+MAX_TOKEN_ARGUMENT = 2 ** 40  # batch, seq, context: beyond any real run, and where counts stay exact
+
+
 def token_values(spec, phase: str, batch: int, seq: int, context: Optional[int] = None) -> dict:
     """{B, S, T} for a phase, validated (see the module docstring)."""
     check_phase(spec, phase)
@@ -131,6 +134,8 @@ def token_values(spec, phase: str, batch: int, seq: int, context: Optional[int] 
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise bad_value(name, value, "must be a positive integer")
+        if value > MAX_TOKEN_ARGUMENT:
+            raise bad_value(name, value, f"must be at most {MAX_TOKEN_ARGUMENT:,} (2^40)")
     if phase == "decode":
         keys = context if context is not None else seq
         queries = 1
@@ -210,7 +215,7 @@ class CountResult(OpTotals):
     def to_dict(self, ops: bool = True) -> dict:
         out = {
             "model": self.spec.name, "family": self.spec.family, "phase": self.phase,
-            "batch": self.batch, "seq": self.seq, "context": self.context,
+            "batch": self.batch, "seq": 1 if self.phase == "decode" else self.seq, "context": self.context,
             "flops": self.flops, "causal_flops": self.causal_flops, "all_flops": self.all_flops,
             "params": self.params, "bytes": self.bytes,
             **{f: self.total(f) for f in BYTE_FIELDS},

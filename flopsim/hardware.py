@@ -30,7 +30,7 @@ Conventions:
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -58,22 +58,29 @@ FIGURES = (
 )
 
 
+# Ranges far wider than any device's (a kB/s link, a 10 EFLOP/s chip), yet finite and
+# positive: 1e-300 or .inf would make every time 0 or null.
+FlopsPerS = Annotated[float, Field(ge=1e6, le=1e19)]
+BytesPerS = Annotated[float, Field(ge=1e3, le=1e16)]
+Bytes = Annotated[float, Field(ge=1e3, le=1e16)]
+
+
 class HardwareSpec(BaseModel):
     """One device. See the module docstring for units and conventions."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     name: str = Field(min_length=1)
     description: str = ""
     kind: Literal["gpu", "tpu", "cpu", "other"] = "gpu"
-    peak_flops_per_s: dict[Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int8"], float]
-    memory_bandwidth_bytes_per_s: float = Field(gt=0)
-    memory_capacity_bytes: float = Field(gt=0)
-    last_level_cache_bytes: Optional[float] = Field(None, gt=0)
-    interconnect_bytes_per_s: Optional[float] = Field(None, gt=0)
+    peak_flops_per_s: dict[Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int8"], FlopsPerS]
+    memory_bandwidth_bytes_per_s: BytesPerS
+    memory_capacity_bytes: Bytes
+    last_level_cache_bytes: Optional[Bytes] = None
+    interconnect_bytes_per_s: Optional[BytesPerS] = None
     scale_up_domain: Optional[int] = Field(None, ge=1, le=100_000)
-    scale_out_bytes_per_s: Optional[float] = Field(None, gt=0)
-    launch_overhead_s: float = Field(0.0, ge=0)
+    scale_out_bytes_per_s: Optional[BytesPerS] = None
+    launch_overhead_s: float = Field(0.0, ge=0, le=1.0)
     sources: dict[str, str]
     verified: list[str] = []
 

@@ -215,7 +215,7 @@ class MemoryResult:
     def to_dict(self) -> dict:
         out = {
             "model": self.spec.name, "family": self.spec.family, "phase": self.phase,
-            "batch": self.batch, "seq": self.seq, "context": self.context,
+            "batch": self.batch, "seq": 1 if self.phase == "decode" else self.seq, "context": self.context,
             "recompute": self.recompute, "optimizer": self.optimizer, "dtype": self.spec.dtype,
             "params": self.params, "bytes_per_param": self.bytes_per_param,
             **{k: _int(v) for k, v in self.components.items()},

@@ -261,10 +261,14 @@ def _links(hw, cal, interconnect_bytes_per_s, inter_node_bytes_per_s, gpus_per_n
     from flopsim.calibration import LinkLevel
 
     latency = _non_negative("comm_latency_s", comm_latency_s)
+    if latency is not None and latency > 1.0:
+        raise bad_value("comm_latency_s", comm_latency_s, "expected at most 1 s per collective")
 
     def level(name: str, user_two_way, what: str):
         user = _positive(what, user_two_way)
         if user is not None:
+            if not 2e3 <= user <= 2e15:
+                raise bad_value(what, user_two_way, "expected 2e3 to 2e15 bytes/s (both directions)")
             base = cal.link(name, hw)
             return LinkLevel(latency_s=base.latency_s if base else cal.overhead_s(hw), bus_bytes_per_s=user / 2,
                              source=f"--{what.replace('_', '-')} (given: {user:.3g} B/s both ways)")
@@ -275,7 +279,7 @@ def _links(hw, cal, interconnect_bytes_per_s, inter_node_bytes_per_s, gpus_per_n
         if needed:
             raise InputError(f"hardware {hw.name} has no interconnect_bytes_per_s; give --interconnect "
                              f"(bytes/s per GPU, both directions)")
-        up = LinkLevel(latency_s=0.0, bus_bytes_per_s=1.0, source="none (one GPU: no collectives)")
+        up = LinkLevel(latency_s=0.0, bus_bytes_per_s=1e3, source="none (one GPU: no collectives)")
     out = level("scale_out", inter_node_bytes_per_s, "inter_node_bytes_per_s")
     if latency is not None:
         up = LinkLevel(latency_s=latency, bus_bytes_per_s=up.bus_bytes_per_s, source=up.source)
@@ -996,7 +1000,7 @@ def plan_serving(spec, hw, *, prompt: int, gen: int, gpus: Optional[int] = None,
             reasons = []
             if b_mem == 0:
                 m = model.memory(1)
-                row.update(batch=0, fits=False, meets=False)
+                row.update(batch=None, ttft_s=None, fits=False, meets=False)  # no batch runs: no latency
                 reasons.append(f"batch 1 needs {_gb(m['total_bytes'])} per GPU on tp {t}, device has "
                                f"{_gb(hw.memory_capacity_bytes)}{_usable_note(usable, hw)} "
                                f"(weights {_gb(m['weights_bytes'])}, KV cache "

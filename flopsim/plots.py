@@ -310,7 +310,7 @@ def memory_figure(settings: Sequence[dict], *, capacity_bytes: float, device: st
 def save(fig, stem: Path, formats: Sequence[str] = ("png",)) -> list[str]:
     """Write `fig` as stem.png / stem.svg (atomically) and close it; the file names written.
     PNGs are reduced to a 256-colour palette (a third of the size, no visible change)."""
-    from flopsim.cli.output import write_atomic
+    from flopsim.outputs import write_atomic
 
     plt = _plt()
     stem = Path(stem)
@@ -348,7 +348,7 @@ def _palette_png(data: bytes) -> bytes:
 
 def shrink_png(path: Path) -> None:
     """Reduce a PNG written elsewhere (e.g. flopsim.scaling.plot) to a palette, in place, atomically."""
-    from flopsim.cli.output import write_atomic
+    from flopsim.outputs import write_atomic
 
     path = Path(path)
     data = path.read_bytes()

@@ -125,7 +125,8 @@ class PredictResult(OpTotals):
     def summary(self) -> dict:
         return {
             "model": self.spec.name, "family": self.spec.family, "hardware": self.hw.name,
-            "phase": self.phase, "batch": self.batch, "seq": self.seq, "context": self.context,
+            "phase": self.phase, "batch": self.batch, "seq": 1 if self.phase == "decode" else self.seq,
+            "context": self.context,
             "dtype": self.spec.dtype, "calibration": self.calibration.source,
             "calibration_kind": self.calibration.kind, "calibration_label": self.calibration.provenance_label,
             "time_s": self.time_s, "flops": self.flops, "all_flops": self.all_flops, "bytes": self.bytes,

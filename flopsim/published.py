@@ -48,7 +48,9 @@ METRICS = ("tokens_per_s", "tokens_per_s_per_gpu", "ms_per_token", "ttft_s", "tf
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Unknown fields refused, types strict (no `true` for 1, no "0.5" for 0.5), numbers finite."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class Source(_Strict):
@@ -379,7 +381,7 @@ def write_published(result: PublishedResult, out_dir: Path) -> dict:
 
     import pandas as pd
 
-    from flopsim.cli.output import write_atomic
+    from flopsim.outputs import write_atomic
 
     out_dir = Path(out_dir)
     summary = result.summary()

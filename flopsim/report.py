@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from flopsim.errors import InputError, bad_value
+from flopsim.outputs import remove_stale, temp_prefix
 
 DEFAULT_PHASES = ("train", "prefill", "decode")
 DEFAULT_BUDGETS = (6e18, 2e19, 1e20)  # Raposo et al. 2024's isoFLOP budgets
@@ -430,8 +431,9 @@ def default_out_dir(spec_names: Sequence[str], hw_name: str) -> Path:
 
 
 def _check_out_dir(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise bad_value("out", str(out_dir), "exists and is not a folder")
+    from flopsim.outputs import check_output_folder
+
+    check_output_folder(out_dir, "out")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MARKER_FILE).exists():
         raise bad_value("out", str(out_dir), f"exists, is not empty and is not a flopsim report "
                                              f"(no {MARKER_FILE}); choose another --out")
@@ -532,7 +534,8 @@ def make_report(specs: Sequence, hw, *, phases: Optional[Sequence[str]] = None, 
     steps.append(("markdown", lambda tmp: _write_markdown(rep, tmp)))
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    remove_stale(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out_dir), suffix=".tmp", dir=out_dir.parent))
     try:
         total = len(steps)
         for i, (description, step) in enumerate(steps):
@@ -564,7 +567,7 @@ def _replace_dir(new: Path, out_dir: Path) -> None:
     """Put `new` at `out_dir`: a rename, with the old report moved aside first."""
     old = None
     if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+        old = Path(tempfile.mkdtemp(prefix=temp_prefix(out_dir), suffix=".old", dir=out_dir.parent))
         os.rmdir(old)
         os.replace(out_dir, old)
     try:
@@ -949,6 +952,6 @@ def _anchor(text: str) -> str:
 
 
 def write_text(path: Path, text: str) -> None:
-    from flopsim.cli.output import write_atomic
+    from flopsim.outputs import write_atomic
 
     write_atomic(path, text)

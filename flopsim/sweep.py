@@ -74,6 +74,7 @@ DIM_PATHS = {
 }
 REAL_DIMS = ("mod_capacity", "capacity_factor")
 MAX_POINTS = 200_000_000
+MAX_AXIS_VALUES = 10_000_000  # one axis's values (the grid's product is MAX_POINTS)
 VALIDATE_COMBINATIONS = 4096
 PARALLEL_MIN_POINTS = 200_000
 
@@ -84,6 +85,11 @@ def _number(text: str, where: str) -> float:
         return float(text)
     except ValueError:
         raise InputError(f"--vary {where!r}: {text!r} is not a number") from None
+
+
+def _not_too_many(n, text: str) -> None:
+    if n > MAX_AXIS_VALUES:
+        raise InputError(f"--vary {text!r}: {n:.4g} values is too many (at most {MAX_AXIS_VALUES:,} per axis)")
 
 
 def parse_vary(text: str) -> tuple[str, list]:
@@ -106,15 +112,15 @@ def parse_vary(text: str) -> tuple[str, list]:
             if factor <= 1 or start <= 0:
                 raise InputError(f"--vary {text!r}: a geometric grid needs START > 0 and FACTOR > 1")
             n = int(math.floor(math.log(stop / start) / math.log(factor) + 1e-9)) + 1
+            _not_too_many(n, text)
             values = start * factor ** np.arange(n)
         else:
             step = _number(parts[2], text)
             if step <= 0:
                 raise InputError(f"--vary {text!r}: STEP must be positive")
+            _not_too_many(math.floor((stop - start) / step + 1e-9) + 1, text)  # before any allocation
             n = int(math.floor((stop - start) / step + 1e-9)) + 1
             values = start + step * np.arange(n)
-        if n > MAX_POINTS:
-            raise InputError(f"--vary {text!r}: {n} values is too many")
         values = [float(v) for v in np.round(values, 12)]
     else:
         values = [_number(v.strip(), text) for v in spec.split(",") if v.strip()]
@@ -240,9 +246,16 @@ class SweepResult:
         return out
 
     def table(self):
+        """One row per grid point; FLOPs and bytes as integers where they are whole (counts, not
+        measurements), which they are except at fractional expected values (MoD decode)."""
         import pandas as pd
 
-        return pd.DataFrame(self.columns())
+        frame = pd.DataFrame(self.columns())
+        for name in ("flops", "bytes"):
+            values = frame[name].to_numpy(dtype=float)
+            if np.all(np.isfinite(values)) and np.all(values == np.round(values)) and np.all(values < 2 ** 63):
+                frame[name] = values.astype(np.int64)
+        return frame
 
     def at(self, **point) -> dict:
         """The results at one grid point, e.g. `result.at(capacity=0.5, batch=8)`."""

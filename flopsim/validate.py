@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from flopsim.errors import InputError
+from flopsim.spec.paths import exists
 
 GEMM_KINDS = ("matmul", "router")
 ROUNDS = 5  # round-robin passes over the cases when timing them (flopsim.profiling.time_rounds)
@@ -66,14 +67,14 @@ def suite_path(suite: str) -> Path:
 
 def load_suite(suite: str, device: str) -> list[Case]:
     """The cases of a suite for a device (its size and dtype changes applied)."""
-    import yaml
-
     from flopsim.spec import load_model
 
     path = suite_path(suite)
-    if not path.exists():
+    if not exists(path):
         raise InputError(f"suite: {suite!r}: no such suite ({path} does not exist; suites: quick, full)")
-    data = yaml.safe_load(path.read_text())
+    from flopsim.spec.reading import parse_yaml, read_input_text
+
+    data = parse_yaml(read_input_text(path, "validation suite"), str(path))
     device_changes = dict(data.get("devices", {}).get(device, {}))
     device_shape = device_changes.pop("shape", {})  # a device's own shape (a GPU's work must outweigh its host's)
     cases = []
@@ -205,7 +206,7 @@ def check_inputs(device: str, suite: str) -> None:
     """Bad device or suite: one-line errors before any work starts."""
     if device not in ("cpu", "cuda"):
         raise InputError(f"device: {device!r}: expected cpu or cuda")
-    if not suite_path(suite).exists():
+    if not exists(suite_path(suite)):
         raise InputError(f"suite: {suite!r}: no such suite ({suite_path(suite)} does not exist; suites: quick, full)")
     if device == "cuda":
         import torch
@@ -264,7 +265,7 @@ def run_validation(device: str = "cpu", suite: str = "quick", *, hardware: Optio
 def _calibration(device, hw, calibration, recalibrate: bool, threads, tick):
     """(the calibration to predict with, whether it was measured in this run)."""
     from flopsim.calibrate import calibrate
-    from flopsim.calibration import calibration_path, load_calibration
+    from flopsim.calibration import calibration_output_path, load_calibration
 
     if calibration is not None:
         return load_calibration(calibration, hw), False
@@ -272,7 +273,7 @@ def _calibration(device, hw, calibration, recalibrate: bool, threads, tick):
     if recalibrate or cal.measured is None:
         tick("calibrating", 0, 1)
         cal, _ = calibrate(device, hardware=hw.name, threads=threads)
-        write_calibration(cal, calibration_path(hw.name))
+        write_calibration(cal, calibration_output_path(hw.name))
         return cal, True
     return cal, False
 
@@ -363,7 +364,7 @@ def _speedup_rows(cases, results: dict) -> list:
 def write_calibration(cal, path: Path) -> None:
     import yaml
 
-    from flopsim.cli.output import write_atomic
+    from flopsim.outputs import write_atomic
 
     header = ("# Measured by `flopsim calibrate` (flopsim.calibrate); regenerate with\n"
               f"# `flopsim calibrate --device {cal.measured.get('device', 'cpu') if cal.measured else 'cpu'}`.\n")
@@ -374,7 +375,7 @@ def write_report(validation: Validation, out_dir: Path) -> dict:
     """CSVs, summary.json, summary.md and plots into out_dir (each file atomically)."""
     import pandas as pd
 
-    from flopsim.cli.output import write_atomic
+    from flopsim.outputs import write_atomic
 
     out_dir = Path(out_dir)
     summary = validation.summary()
@@ -460,7 +461,7 @@ def plot_validation(validation: Validation, out_dir: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from flopsim.cli.output import write_atomic
+    from flopsim.outputs import write_atomic
 
     def save(fig, name):
         buf = io.BytesIO()

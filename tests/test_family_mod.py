@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from conftest import assert_exact, tiny
 from flopsim.count import count, formula
-from flopsim.errors import InputError, SpecError
+from flopsim.errors import SpecError
 from flopsim.families import build_ops
 from flopsim.ops.symbols import B, S, T, symbol
 from flopsim.spec import load_model
@@ -264,10 +264,10 @@ def test_bad_input_is_one_line(change, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_post_norm_is_rejected_in_one_line():
-    spec = load_model({**BASE, "family": "mod", "norm_position": "post", "mod": {"capacity": 0.5}})
-    with pytest.raises(InputError, match="norm_position: 'post'"):
-        count(spec, batch=1, seq=8)
+def test_post_norm_is_rejected_at_load_in_one_line():
+    with pytest.raises(SpecError, match="norm_position 'post'") as err:
+        load_model({**BASE, "family": "mod", "norm_position": "post", "mod": {"capacity": 0.5}})
+    assert "\n" not in str(err.value)
 
 
 def test_preset():

@@ -22,7 +22,7 @@ import sympy as sp
 
 from conftest import assert_exact, tiny
 from flopsim.count import count, formula
-from flopsim.errors import InputError, SpecError
+from flopsim.errors import SpecError
 from flopsim.families import build_ops
 from flopsim.ops.expectations import expected_distinct
 from flopsim.ops.symbols import B, S, T, symbol
@@ -225,14 +225,13 @@ def test_bad_spec_is_one_line(change, message):
 
 
 @pytest.mark.parametrize("moe,mod,message", [
-    (dict(experts=4), {}, "moe.capacity_factor: None"),
-    (dict(experts=4, capacity_factor=1.0, routing="expert_choice"), {}, "moe.routing: 'expert_choice'"),
-    (dict(experts=4, capacity_factor=1.0), dict(predictor_hidden=8), "mod.predictor_hidden: 8"),
+    (dict(experts=4), {}, "moe.capacity_factor null"),
+    (dict(experts=4, capacity_factor=1.0, routing="expert_choice"), {}, "moe.routing 'expert_choice'"),
+    (dict(experts=4, capacity_factor=1.0), dict(predictor_hidden=8), "mod.predictor_hidden 8"),
 ])
-def test_integrated_needs_padded_token_choice(moe, mod, message):
-    spec = load_model({**BASE, "family": "mode", "mod": mod, "moe": moe, "mode": {"variant": "integrated"}})
-    with pytest.raises(InputError) as err:
-        count(spec, batch=1, seq=8)
+def test_integrated_needs_padded_token_choice_at_load(moe, mod, message):
+    with pytest.raises(SpecError) as err:
+        load_model({**BASE, "family": "mode", "mod": mod, "moe": moe, "mode": {"variant": "integrated"}})
     assert message in str(err.value) and "\n" not in str(err.value)
 
 

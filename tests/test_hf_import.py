@@ -314,4 +314,4 @@ def test_missing_and_binary_files_are_one_line(tmp_path):
     binary = tmp_path / "weights.json"
     binary.write_bytes(b"\x80\x81\xfe\xff\x00")
     r = runner.invoke(app, ["count", str(binary)])
-    assert r.exit_code == 2 and "not a text file" in r.stderr and r.stderr.count("\n") == 1
+    assert r.exit_code == 2 and "not UTF-8 text" in r.stderr and r.stderr.count("\n") == 1

@@ -207,3 +207,29 @@ def test_cli_import_does_not_load_matplotlib():
     subprocess.run([sys.executable, "-c", code], check=True)
     help_run = subprocess.run([sys.executable, "-m", "flopsim", "--help"], capture_output=True, text=True)
     assert help_run.returncode == 0 and "report" in help_run.stdout
+
+
+def test_the_committed_example_report_is_what_the_readme_command_writes(tmp_path):
+    """The README's `flopsim report` command, run now, writes the committed example's
+    summary and text (only its --out differs): the example is never stale."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from flopsim.cli import app
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    block = re.search(r"## Reports: `flopsim report`\s+```bash\n(.*?)```", readme, re.S).group(1)
+    args = shlex.split(block.replace("\\\n", " "))[1:]
+    committed = root / args[args.index("--out") + 1]
+    args[args.index("--out") + 1] = str(tmp_path / "fresh")
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    fresh = tmp_path / "fresh"
+    assert (fresh / "summary.csv").read_text() == (committed / "summary.csv").read_text()
+    text = (fresh / "README.md").read_text().replace(str(fresh), str(committed.relative_to(root)))
+    assert text == (committed / "README.md").read_text()
+    assert sorted(p.name for p in fresh.iterdir()) == sorted(p.name for p in committed.iterdir())

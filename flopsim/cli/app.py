@@ -23,8 +23,15 @@ except ImportError:  # pragma: no cover - older typer on real click
 from flopsim.errors import FlopsimError
 
 
+MAX_MESSAGE = 400  # characters of an error line (a value quoted in it is cut, never the line broken)
+
+
 def fail(message: str, code: int = 2):
-    echo(f"flopsim: error: {message}", err=True)
+    """The one error line: whitespace (newlines in a quoted name, say) folded, long values cut."""
+    line = " ".join(str(message).split())
+    if len(line) > MAX_MESSAGE:
+        line = line[:MAX_MESSAGE - 3] + "..."
+    echo(f"flopsim: error: {line}", err=True)
     sys.exit(code)
 
 
@@ -60,3 +67,17 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from flopsim import __version__
+
+        echo(f"flopsim {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print flopsim's version and exit.")) -> None:
+    """FLOPs, bytes, memory and wall-clock of dense and conditional-computation transformers."""

@@ -44,8 +44,9 @@ def count(
     total = result.flops or 1
     if ops:
         rows = [[op.name, op.pass_, op.kind, f"{op.flops:,}", f"{100 * op.flops / total:.2f}",
-                 human(op.bytes, "B"), f"{op.params:,}"] for op in result.ops]
-        out.print(rich_table(None, ["op", "pass", "kind", "FLOPs", "%", "bytes", "params"], rows))
+                 human(op.bytes, "B"), human(op.kv_read_bytes + op.kv_write_bytes, "B"), f"{op.params:,}"]
+                for op in result.ops]
+        out.print(rich_table(None, ["op", "pass", "kind", "FLOPs", "%", "bytes", "KV-cache bytes", "params"], rows))
         return
     layers = result.per_layer()
     tag_cols = [c for c in layers.columns if c not in ("layer", "part", "flops", "causal_flops", "all_flops", "bytes", "params")]

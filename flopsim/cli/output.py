@@ -7,9 +7,7 @@ import json
 import math
 import os
 import sys
-import tempfile
 from enum import Enum
-from pathlib import Path
 from typing import Any, Iterable
 
 
@@ -85,22 +83,3 @@ def console(stderr: bool = False):
     from rich.console import Console
 
     return Console(soft_wrap=False, width=max(100, int(os.environ.get("COLUMNS", "120"))), stderr=stderr)
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write a whole file or nothing: a temporary file in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
-        with os.fdopen(fd, mode) as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -272,11 +272,12 @@ def _print_serving(p) -> None:
 def _print_candidates(out, p) -> None:
     rows = []
     for r in p.candidates:
-        rows.append([r["tp"], f"{r.get('batch', 0):,}", _ms(r.get("ttft_s")), _ms(r.get("tpot_s")),
-                     human(r.get("output_tokens_per_s_per_gpu")),
-                     "yes" if r.get("meets") else ("fits" if r.get("fits") else "no"), r.get("reasons") or ""])
-    out.print(_table("tensor-parallel degrees tried", ["tp", "batch", "TTFT", "TPOT", "out tok/s/GPU", "ok",
-                                                       "why not"], rows))
+        verdict = "yes" if r.get("meets") else ("misses targets" if r.get("fits") else "does not fit")
+        rows.append([r["tp"], "-" if r.get("batch") is None else f"{r['batch']:,}", _ms(r.get("ttft_s")),
+                     _ms(r.get("tpot_s")), human(r.get("output_tokens_per_s_per_gpu")), verdict,
+                     r.get("reasons") or ""])
+    out.print(_table("tensor-parallel degrees tried", ["tp", "batch", "TTFT", "TPOT", "out tok/s/GPU",
+                                                       "meets targets", "why not"], rows))
 
 
 def _link_text(links) -> str:

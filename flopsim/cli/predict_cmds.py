@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -160,12 +159,15 @@ def sweep(
     calibration: str = CalibrationOpt,
     optimizer: str = OptimizerOpt,
     limit: int = typer.Option(40, "--limit", help="Table format: rows shown (the whole grid goes to --output or csv/json)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the whole grid to this file (csv, or json with --format json)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the whole grid to this file (csv, or json with --format json)."),
     fmt: Format = FormatOpt,
 ):
     """FLOPs, bytes and predicted time over a grid, evaluated at once (numpy)."""
+    from flopsim.outputs import check_output_file
     from flopsim.sweep import parse_varies, sweep as sweep_api
 
+    if output is not None:
+        check_output_file(output, "output")  # before the grid is computed
     grid = parse_varies(vary)
     r = sweep_api(spec, hardware, phase=phase, vary=grid, batch=batch, seq=seq, context=context,
                   calibration=calibration, optimizer=optimizer)
@@ -174,7 +176,8 @@ def sweep(
         import io
         import json
 
-        from flopsim.cli.output import _jsonable, write_atomic
+        from flopsim.cli.output import _jsonable
+        from flopsim.outputs import write_atomic
 
         if fmt == Format.json:
             write_atomic(output, json.dumps(_jsonable(table.to_dict("records"))))

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -25,7 +24,7 @@ def report(
     budget: Optional[List[float]] = typer.Option(None, "--budget", "-c", help="isoFLOP training budgets in FLOPs (repeat; default 6e18, 2e19, 1e20)."),
     group: str = typer.Option("auto", "--group", help="auto: one comparison group per dense trunk (derived baselines where none is given) | first: every spec against the first."),
     figures: str = typer.Option("png", "--figures", help="png | svg | both."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default reports/<specs>-<hardware>/); replaced atomically."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output folder (default reports/<specs>-<hardware>/); replaced atomically."),
     fmt: Format = typer.Option(Format.table, "--format", "-f", help="What to print once written: table (headline) | json | csv."),
 ):
     """Write a report (markdown + figures) comparing specs on a device: roofline, speedup vs knob, memory, isoFLOP."""
@@ -38,6 +37,10 @@ def report(
 
     if figures not in ("png", "svg", "both"):
         raise InputError(f"figures: {figures!r}: expected png, svg or both")
+    if out is not None:  # the name as given ('' is not the current folder)
+        from flopsim.outputs import check_output_folder
+
+        check_output_folder(out, "out")
     err = console()
     err.file = sys.stderr
     progress = Progress(TextColumn("[bold]report[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

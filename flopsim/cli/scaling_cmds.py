@@ -11,18 +11,13 @@ import typer
 
 from flopsim.cli.app import app
 from flopsim.cli.output import Format, console, human, human_time, print_csv, print_json, rich_table
+from flopsim.spec.paths import exists
 
 FormatOpt = typer.Option(Format.table, "--format", "-f", help="table | json | csv")
 
 
 def _n(x) -> str:
     return "-" if x is None else human(float(x))
-
-
-def _plot_path(plot: str) -> Path:
-    """A bare file name goes to reports/."""
-    p = Path(plot)
-    return p if p.parent != Path(".") or plot.startswith("./") else Path("reports") / p
 
 
 @app.command()
@@ -50,7 +45,7 @@ def isoflop(
     moe_granularity: int = typer.Option(1, "--moe-granularity", help="MoE variants: granularity G = d_ff / d_expert (top_k = G)."),
     moe_every: int = typer.Option(1, "--moe-every", help="MoE variants: MoE FFN every k-th block."),
     numeric: bool = typer.Option(False, "--numeric", help="Numeric optimum even where the closed form applies."),
-    plot: Optional[str] = typer.Option(None, "--plot", help="Write isoFLOP curves as a PNG (a bare file name goes to reports/)."),
+    plot: Optional[str] = typer.Option(None, "--plot", help="Write isoFLOP curves as a PNG, at this path."),
     fmt: Format = FormatOpt,
 ):
     """isoFLOP-optimal model size, tokens and loss under a scaling law; dense vs MoD/MoE."""
@@ -58,9 +53,13 @@ def isoflop(
     from flopsim.scaling import LadderRule, ModOptions, MoeOptions
     from flopsim.scaling import isoflop as isoflop_api
 
-    plot_path = _plot_path(plot) if plot else None
-    if plot_path is not None and plot_path.suffix.lower() != ".png":
-        raise InputError(f"plot: {plot!r}: expected a .png path")
+    plot_path = None
+    if plot is not None:  # checked before anything is computed
+        from flopsim.outputs import check_output_file
+
+        plot_path = check_output_file(plot, "plot")
+        if plot_path.suffix.lower() != ".png":
+            raise InputError(f"plot: {plot!r}: expected a .png path")
     budgets = list(budget or [])
     # the plot shows several budgets: with one given, add decades around it
     sweep = budgets
@@ -179,6 +178,17 @@ def _print_fit(out, fit):
         out.print(f"[bold red]warning: {n}[/]")
 
 
+def _coefficient_lines(coefficients: dict, prefix: str = "") -> list[str]:
+    """`name = value` pairs, one line per group (a nested mapping gets its own line)."""
+    flat = [f"{k} = {v:g}" if isinstance(v, float) else f"{k} = {v}"
+            for k, v in coefficients.items() if not isinstance(v, dict)]
+    lines = [prefix + ", ".join(flat)] if flat else []
+    for k, v in coefficients.items():
+        if isinstance(v, dict):
+            lines += _coefficient_lines(v, prefix=f"{k}: ")
+    return lines
+
+
 @app.command()
 def laws(
     law: Optional[str] = typer.Argument(None, help="A law name or a CSV of runs to fit; all laws when omitted."),
@@ -187,7 +197,7 @@ def laws(
     """The scaling laws flopsim knows: coefficients and sources (or fit a CSV of runs)."""
     from flopsim.scaling.laws import law_names, load_law
 
-    if law is not None and (law.lower().endswith(".csv") or Path(law).exists()):
+    if law is not None and (law.lower().endswith(".csv") or exists(Path(law))):
         from flopsim.scaling.fit import fit_csv
 
         fit = fit_csv(law)
@@ -209,6 +219,7 @@ def laws(
     for d in data:
         out.print(f"[bold]{d['name']}[/] ({', '.join(d['families'])}; N = {d['params_kind']} parameters)")
         out.print(f"  {d['source']}")
-        out.print(f"  {d['coefficients']}")
+        for line in _coefficient_lines(d["coefficients"]):
+            out.print(f"  {line}")
         for n in d["notes"]:
             out.print(f"  [dim]{n}[/]")

@@ -21,36 +21,36 @@ def calibrate(
     device: str = DeviceOpt,
     hardware: Optional[str] = HardwareOpt,
     threads: Optional[int] = ThreadsOpt,
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Calibration file (default: specs/calibration/<hardware>.yaml, which the roofline picks up)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Calibration file (default: specs/calibration/<hardware>.yaml, which the roofline picks up)."),
     fmt: Format = typer.Option(Format.table, "--format", "-f"),
-    gemms_into: Optional[Path] = typer.Option(None, "--gemms-into", help="Measure only the matrix products and replace them in this measured calibration of the device (written to --output, default: this file)."),
+    gemms_into: Optional[str] = typer.Option(None, "--gemms-into", help="Measure only the matrix products and replace them in this measured calibration of the device (written to --output, default: this file)."),
 ):
     """Measure kernel efficiencies on this device (matmuls incl. decode shapes, attention, copies, elementwise, gather/scatter/top-k)."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from flopsim.calibrate import calibrate as run
-    from flopsim.calibration import calibration_path
+    from flopsim.calibrate import calibrate as run, check_gemms_into, guess_hardware
+    from flopsim.calibration import calibration_output_path, load_calibration
+    from flopsim.outputs import check_output_file
     from flopsim.validate import write_calibration
 
-    if device not in ("cpu", "cuda"):
+    if device not in ("cpu", "cuda"):  # everything checked before any measuring
         raise InputError(f"device: {device!r}: expected cpu or cuda")
     if hardware is not None:
         from flopsim.hardware import load_hardware
 
         load_hardware(hardware)
     base = None
-    if gemms_into is not None:  # checked before any measuring
-        from flopsim.calibrate import check_gemms_into, guess_hardware
-        from flopsim.calibration import load_calibration
-
+    if gemms_into is not None:
         base = load_calibration(str(gemms_into))
         check_gemms_into(base, hardware or guess_hardware(device), "fp32" if device == "cpu" else "bf16")
+    if output is None:
+        output = gemms_into if gemms_into is not None else calibration_output_path(hardware or guess_hardware(device))
+    path = check_output_file(output, "output")
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True,
                   console=console(stderr=True)) as bar:
         task = bar.add_task("calibrating", total=None)
         cal, points = run(device, hardware=hardware, threads=threads, gemms_into=base,
                           progress=lambda message: bar.update(task, description=f"calibrating: {message}"))
-    path = output or gemms_into or calibration_path(cal.device)
     write_calibration(cal, path)
     rows = [{"benchmark": p.name, "kind": p.kind, "time_s": p.seconds, "all_flops": p.all_flops, "bytes": p.bytes,
              "compute_eff": p.compute_eff, "memory_eff": p.memory_eff} for p in points]
@@ -77,11 +77,11 @@ def validate(
     calibration: Optional[str] = typer.Option(None, "--calibration", help="Calibration file or 'ideal' (default: the device's measured file; measured first if missing)."),
     recalibrate: bool = typer.Option(False, "--recalibrate", help="Measure the calibration again first."),
     rounds: int = typer.Option(5, "--rounds", min=1, max=100, help="Round-robin passes over the cases when timing them."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: reports/validation/<device>/, or reports/published/ with --published)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Report folder (default: reports/validation/<device>/, or reports/published/ with --published)."),
     published: bool = typer.Option(False, "--published", help="Compare with the published-measurements suite (specs/published/measurements.yaml) instead of profiling here."),
     table: Optional[str] = typer.Option(None, "--table", help="With --published: another measurements YAML."),
     rows: Optional[str] = typer.Option(None, "--rows", help="With --published: only these row ids (comma-separated)."),
-    measurements: Optional[Path] = typer.Option(None, "--measurements", help="Predict again for the measurements saved in this validation folder (with --calibration, or the folder's own), profiling nothing."),
+    measurements: Optional[str] = typer.Option(None, "--measurements", help="Predict again for the measurements saved in this validation folder (with --calibration, or the folder's own), profiling nothing."),
     fmt: Format = typer.Option(Format.table, "--format", "-f"),
 ):
     """Profile the reference models, compare with predictions, write reports/validation/<device>/
@@ -91,6 +91,10 @@ def validate(
     from flopsim.spec.paths import specs_dir
     from flopsim.validate import check_inputs, run_validation, write_report
 
+    if out is not None:
+        from flopsim.outputs import check_output_folder
+
+        check_output_folder(out, "out")  # before anything is measured
     if published:
         return _published(out, table, rows, fmt)
     if measurements is not None:

@@ -45,8 +45,10 @@ three gradients (router, gather, scatter) and, without a predictor,
 `router.grad_sum` the router scores' two (loss, gather).
 
 prefill: the routed block's cache holds the kept tokens, so its attention
-reads k + ceil(c * (T - S)) keys (a cached prefix of T - S tokens was
-prefilled under the same rule; at T = S this is k).
+reads ceil(c * T) keys: the new k and a cached prefix of ceil(c * T) - k,
+the rule applied once over the whole context (at T = S this is k). Rounding
+the prefix and the new tokens separately would let a longer prompt at the
+same T read fewer keys (S = 1, T = 2 at c = 0.5 would read 2, S = 2 only 1).
 
 decode (one new token per sequence, per-token decisions). Expectation: a
 routed block runs for a token with probability c = mod.capacity
@@ -83,7 +85,6 @@ from dataclasses import replace
 
 import sympy as sp
 
-from flopsim.errors import InputError
 from flopsim.families import dense
 from flopsim.ops.expectations import expected_distinct
 from flopsim.ops.primitives import (
@@ -109,12 +110,6 @@ def kept_tokens(capacity, seq) -> sp.Expr:
 
 def is_routed(i: int, every: int) -> bool:
     return (i + 1) % every == 0
-
-
-def check_supported(spec) -> None:
-    if spec.norm_position != "pre":
-        raise InputError(f"norm_position: {spec.norm_position!r}: Mixture-of-Depths routes a pre-norm "
-                         "block's residual branch (x' = r f(x) + x); use norm_position: pre")
 
 
 def decider_loss(ctx: Ctx, i: int, *, tokens, kept, tags: dict) -> list:
@@ -165,7 +160,7 @@ def routed_block(ctx: Ctx, i: int, *, batch, queries, keys, ffn=None) -> list:
         p_any = expected_distinct(1, c, batch)
         return ops + [replace(op, weight_bytes=op.weight_bytes * p_any, kernels=op.kernels * p_any) for op in running]
     k = kept_tokens(c, queries)
-    cached = k if ctx.phase != "prefill" else k + kept_tokens(c, keys - queries)
+    cached = k if ctx.phase != "prefill" else kept_tokens(c, keys)  # ceil(c * T), at least k
     tags = {"routed": True, "tokens": k}
     tokens = batch * queries
     ops = router(ctx, i, tokens=tokens, tags=tags)
@@ -196,7 +191,6 @@ def dense_block(ctx: Ctx, i: int, *, batch, queries, keys, ffn=None) -> list:
 
 
 def build(ctx: Ctx) -> list:
-    check_supported(ctx.spec)
     every = ctx.spec.mod.every
 
     def block_fn(ctx, i, *, batch, queries, keys):

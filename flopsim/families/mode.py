@@ -48,26 +48,11 @@ from __future__ import annotations
 from dataclasses import replace
 from functools import partial
 
-from flopsim.errors import InputError
 from flopsim.families import dense, mod
 from flopsim.families.moe import capacity_slots, is_moe_layer, moe_ffn
 from flopsim.ops.expectations import expected_distinct
 from flopsim.ops.primitives import Ctx
 from flopsim.ops.symbols import B
-
-
-def check_supported(spec) -> None:
-    mod.check_supported(spec)
-    if spec.mode.variant == "integrated":
-        if spec.moe.capacity_factor is None:
-            raise InputError("moe.capacity_factor: None: integrated MoDE runs ceil(capacity_factor * "
-                             "mod.capacity * top_k * N / experts) slots per expert; set a capacity_factor")
-        if spec.moe.routing != "token_choice":
-            raise InputError(f"moe.routing: {spec.moe.routing!r}: integrated MoDE routes each token to "
-                             "experts or the no-op expert (token_choice)")
-        if spec.mod.predictor_hidden:
-            raise InputError(f"mod.predictor_hidden: {spec.mod.predictor_hidden}: integrated MoDE decides per "
-                             "token with its router (no predictor); use 0")
 
 
 def integrated_slots(ctx: Ctx, tokens):
@@ -104,7 +89,6 @@ def staged_ffn(ctx: Ctx, i: int, *, tokens, prefix: str, tags: dict | None = Non
 
 def build(ctx: Ctx) -> list:
     spec = ctx.spec
-    check_supported(spec)
     every, variant = spec.mod.every, spec.mode.variant
 
     def block_fn(ctx, i, *, batch, queries, keys):

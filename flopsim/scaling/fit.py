@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from flopsim.errors import InputError
+from flopsim.spec.paths import exists
 
 HUBER_DELTA = 1e-3
 REQUIRED = ("params", "tokens", "loss")
@@ -153,7 +154,7 @@ def read_runs(path) -> "object":
     import pandas as pd
 
     path = Path(path)
-    if not path.exists():
+    if not exists(path):
         raise InputError(f"law: {str(path)!r}: no such file (a CSV of runs with columns params, tokens, loss)")
     try:
         table = pd.read_csv(path)

@@ -50,6 +50,7 @@ import numpy as np
 from flopsim.errors import InputError, bad_value
 from flopsim.scaling.ladder import LadderRule, ModOptions, MoeOptions, by_depth, shape_cost, variant
 from flopsim.scaling.laws import ChinchillaLaw, Law, load_law
+from flopsim.spec.paths import exists
 
 FAMILIES = ("dense", "mod", "moe")
 RULES = ("exact", "6N")
@@ -326,7 +327,7 @@ def _resolve_law(law):
     if isinstance(law, Law):
         return law, None
     text = str(law)
-    if text.lower().endswith(".csv") or ("/" in text and Path(text).exists()):
+    if text.lower().endswith(".csv") or ("/" in text and exists(Path(text))):
         from flopsim.scaling.fit import fit_csv
 
         fit = fit_csv(text)

@@ -58,6 +58,7 @@ from typing import Optional
 import numpy as np
 
 from flopsim.errors import InputError
+from flopsim.spec.paths import exists
 
 HOFFMANN = ("Hoffmann et al. 2022, Training Compute-Optimal Large Language Models, "
             "sec. 3.3 eq. 10 (approach 3)")
@@ -281,7 +282,7 @@ def load_law(name_or_path) -> Law:
         parts = key.split(":")
         return clark(*(p for p in parts[1:3] if p))
     path = Path(text)
-    if path.suffix.lower() == ".csv" or path.exists():
+    if path.suffix.lower() == ".csv" or exists(path):
         from flopsim.scaling.fit import fit_csv
 
         return fit_csv(path).law

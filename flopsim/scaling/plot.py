@@ -79,7 +79,7 @@ def plot_isoflop(result, path, *, title: str | None = None) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
-    from flopsim.cli.output import write_atomic
+    from flopsim.outputs import write_atomic
 
     write_atomic(path, buf.getvalue())
     return path

@@ -52,7 +52,6 @@ Mapping decisions (see specs/models/hf/README.md for the full list):
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -423,6 +422,8 @@ def architecture(config: dict, source: str = "config") -> str:
         if model_type is None:
             raise SpecError(f"{source}: config has neither 'architectures' nor 'model_type'; "
                             f"is it a Hugging Face config.json?")
+        if not isinstance(model_type, str):
+            raise SpecError(f"{source}: key 'model_type': value {str(model_type)[:60]!r}: expected a name")
         arch = MODEL_TYPES.get(model_type, f"model_type {model_type!r}")
     if arch not in ARCHITECTURES:
         raise SpecError(f"{source}: architecture {arch} is not supported (supported: {', '.join(ARCHITECTURES)})")
@@ -459,17 +460,18 @@ def spec_name(path: Path) -> str:
 
 
 def read_config(path) -> tuple[dict, Path]:
+    from flopsim.spec.reading import parse_json, read_input_text
+
     path = Path(path)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise SpecError(f"{path}: no such file (expected a Hugging Face config.json)")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise SpecError(f"{path}: not a text file (expected a Hugging Face config.json)") from None
-    except json.JSONDecodeError as err:
-        raise SpecError(f"{path}: line {err.lineno}: JSON does not parse: {err.msg}") from None
+        if path.is_dir():
+            path = path / "config.json"
+        exists = path.exists()
+    except OSError:
+        exists = False
+    if not exists:
+        raise SpecError(f"{str(path)[:120]}: no such file (expected a Hugging Face config.json)")
+    config = parse_json(read_input_text(path, "Hugging Face config.json"), str(path))
     if not isinstance(config, dict):
         raise SpecError(f"{path}: expected a JSON object (a Hugging Face config.json), got {type(config).__name__}")
     return config, path

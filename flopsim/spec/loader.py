@@ -6,11 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Type, TypeVar
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from flopsim.errors import SpecError
-from flopsim.spec.paths import preset_names, resolve
+from flopsim.spec.paths import exists, is_dir, preset_names, resolve
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -24,9 +23,11 @@ def describe_validation_error(err: ValidationError, source: str) -> str:
         return f"{source}: unknown field '{loc}'"
     if first.get("type") == "missing":
         return f"{source}: missing field '{loc}'"
-    value = first.get("input")
+    value = repr(first.get("input"))
+    if len(value) > 60:  # a 400-digit number, a long list: the start is enough to find it
+        value = value[:57] + "..."
     if loc:
-        return f"{source}: field '{loc}': value {value!r}: {msg}"
+        return f"{source}: field '{loc}': value {value}: {msg}"
     return f"{source}: {msg}"
 
 
@@ -41,17 +42,13 @@ def validate(model: Type[M], data: Any, source: str) -> M:
 
 def read_yaml(path: Path, kind: str, given: str | None = None) -> Any:
     """Parse a spec file; `kind` is the presets folder (models, hardware)."""
-    if not path.exists():
+    if not exists(path):  # (a name the system cannot even look up, too long say, does not exist)
         names = ", ".join(preset_names(kind))
         raise SpecError(f"{kind.rstrip('s')} spec '{given or path}' is neither a file nor a preset "
                         f"(presets: {names})")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise SpecError(f"{path}:{where}: YAML does not parse: {problem}") from None
+    from flopsim.spec.reading import parse_yaml, read_input_text
+
+    return parse_yaml(read_input_text(path, kind.rstrip("s")), str(path))
 
 
 def load_model(path_or_name: Any):
@@ -63,7 +60,7 @@ def load_model(path_or_name: Any):
     if isinstance(path_or_name, dict):
         return validate(ModelSpec, path_or_name, "model spec")
     path = resolve("models", str(path_or_name))
-    if path.suffix == ".json" or path.is_dir():  # an HF config.json, or a folder holding one
+    if path.suffix == ".json" or is_dir(path):  # an HF config.json, or a folder holding one
         from flopsim.spec import hf
 
         return hf.load_hf_config(path)

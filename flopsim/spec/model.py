@@ -23,9 +23,9 @@ meaning):
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DTYPE_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
 
@@ -42,8 +42,20 @@ FAMILY_NEEDS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Bounds no real model comes near (layers ~10^2, widths ~10^4, vocabularies ~10^5-10^6,
+# contexts ~10^6): a value beyond one is a typo, and would make counting hang.
+MAX_LAYERS = 10_000
+MAX_SIZE = 2 ** 30  # widths, heads, experts, vocabulary, ranks, block sizes
+MAX_TOKENS = 2 ** 40  # max_seq
+Size = Annotated[int, Field(ge=1, le=MAX_SIZE)]
+Count = Annotated[int, Field(ge=0, le=MAX_SIZE)]  # may be 0 (none)
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    """Every spec block: unknown fields refused, types strict (no `true` for 1, no "16"
+    for 16, no 0 for false), numbers finite (no .inf, no .nan)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class ModBlock(_Strict):
@@ -52,8 +64,8 @@ class ModBlock(_Strict):
     block; predictor_hidden > 0 adds the sampling predictor d_model -> h -> 1."""
 
     capacity: float = 0.125
-    every: PositiveInt = 2
-    predictor_hidden: int = Field(0, ge=0)
+    every: Size = 2
+    predictor_hidden: Count = 0
 
     @field_validator("capacity")
     @classmethod
@@ -69,12 +81,12 @@ class MoeBlock(_Strict):
     ceil(capacity_factor * top_k * tokens / experts) slots per expert,
     expert_choice ceil(capacity_factor * tokens / experts)."""
 
-    experts: PositiveInt = 8
-    top_k: PositiveInt = 2
-    d_expert: Optional[PositiveInt] = None
-    shared_experts: int = Field(0, ge=0)
+    experts: Size = 8
+    top_k: Size = 2
+    d_expert: Optional[Size] = None
+    shared_experts: Count = 0
     capacity_factor: Optional[float] = Field(None, gt=0)
-    every: PositiveInt = 1
+    every: Size = 1
     routing: Literal["token_choice", "expert_choice"] = "token_choice"
     # grouped: the (token, expert) pairs sorted by expert, one product per expert (grouped GEMM);
     # gather: each pair indexes its expert's weights into a copy, then one batched
@@ -118,10 +130,10 @@ class SparseFFBlock(_Strict):
     modules of d_model / S (a multiplicative layer, then conv_kernel x conv_kernel
     convolutions over (length, modules) for Q and K, conv_kernel x 1 for V)."""
 
-    block_size: PositiveInt = 32
-    d_lowrank: PositiveInt = 64
-    sparse_qkv: Optional[PositiveInt] = None  # number of modules S (d_model / S per module)
-    conv_kernel: PositiveInt = 3
+    block_size: Size = 32
+    d_lowrank: Size = 64
+    sparse_qkv: Optional[Size] = None  # number of modules S (d_model / S per module)
+    conv_kernel: Size = 3
 
     @field_validator("conv_kernel")
     @classmethod
@@ -140,8 +152,8 @@ class LengthReductionBlock(_Strict):
     they receive and have no predictor (0, the default for them)."""
 
     method: Literal["adapler", "power_bert", "ltp", "tr_bert"] = "adapler"
-    keep: list[Union[PositiveInt, float]]
-    predictor_hidden: Optional[int] = Field(None, ge=0)
+    keep: list[Union[Size, float]]
+    predictor_hidden: Optional[Count] = None
 
     @property
     def fractions(self) -> bool:
@@ -180,25 +192,25 @@ class LengthReductionBlock(_Strict):
 class ModelSpec(_Strict):
     name: str = Field(min_length=1)
     family: Family = "dense"
-    layers: PositiveInt
-    d_model: PositiveInt
-    heads: PositiveInt
-    kv_heads: Optional[PositiveInt] = None
-    d_head: Optional[PositiveInt] = None
-    d_ff: PositiveInt
+    layers: Annotated[int, Field(ge=1, le=MAX_LAYERS)]
+    d_model: Size
+    heads: Size
+    kv_heads: Optional[Size] = None
+    d_head: Optional[Size] = None
+    d_ff: Size
     ffn: Literal["mlp", "gated"] = "mlp"
     activation: Literal["gelu", "gelu_tanh", "relu", "silu"] = "gelu"
-    vocab: PositiveInt
+    vocab: Size
     positions: Literal["learned", "rope", "none"] = "learned"
-    max_seq: PositiveInt = 2048
+    max_seq: Annotated[int, Field(ge=1, le=MAX_TOKENS)] = 2048
     causal: bool = True
     tied_embeddings: bool = True
     bias: bool = True
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_position: Literal["pre", "post"] = "pre"
-    token_types: int = Field(0, ge=0)
+    token_types: Count = 0
     head: Literal["lm", "cls", "none"] = "lm"
-    classes: PositiveInt = 2
+    classes: Size = 2
     dtype: Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int8"] = "bf16"
     attention_impl: Literal["fused", "explicit"] = "fused"
     mod: Optional[ModBlock] = None
@@ -244,6 +256,24 @@ class ModelSpec(_Strict):
             if sf.sparse_qkv is not None and (self.kv_heads * self.d_head) % sf.sparse_qkv:
                 raise ValueError(f"sparse_ff.sparse_qkv {sf.sparse_qkv} does not divide the key/value width "
                                  f"{self.kv_heads * self.d_head} (kv_heads * d_head)")
+        return self
+
+    @model_validator(mode="after")
+    def _routing_supported(self):
+        """What Mixture-of-Depths and integrated MoDE can route, checked at load (not at counting)."""
+        if self.family in ("mod", "mode") and self.norm_position != "pre":
+            raise ValueError(f"norm_position {self.norm_position!r}: Mixture-of-Depths routes a pre-norm block's "
+                             "residual branch (x' = r f(x) + x); use norm_position: pre")
+        if self.family == "mode" and self.mode.variant == "integrated":
+            if self.moe.capacity_factor is None:
+                raise ValueError("moe.capacity_factor null: integrated MoDE runs ceil(capacity_factor * "
+                                 "mod.capacity * top_k * N / experts) slots per expert; set a capacity_factor")
+            if self.moe.routing != "token_choice":
+                raise ValueError(f"moe.routing {self.moe.routing!r}: integrated MoDE routes each token to experts "
+                                 "or the no-op expert (token_choice)")
+            if self.mod.predictor_hidden:
+                raise ValueError(f"mod.predictor_hidden {self.mod.predictor_hidden}: integrated MoDE decides per "
+                                 "token with its router (no predictor); use 0")
         return self
 
     # -- derived ---------------------------------------------------------

@@ -29,12 +29,28 @@ def resolve(kind: str, path_or_name: str) -> Path:
     specs/<kind>/ (`name.yaml`, or `name.json` for shipped HF configs such as
     `hf/gpt2`), else the path as given (the loader reports it missing)."""
     path = Path(path_or_name)
-    if path.exists():
+    if exists(path):
         return path
     for suffix in (".yaml", ".json"):
         preset = specs_dir() / kind / f"{path_or_name}{suffix}"
-        if preset.is_file():
+        if exists(preset) and preset.is_file():
             return preset
     if path.suffix in (".yaml", ".yml", ".json") or os.sep in path_or_name:
         return path
     return specs_dir() / kind / f"{path_or_name}.yaml"
+
+
+def exists(path: Path) -> bool:
+    """path.exists(), False for a name the system cannot look up (too long, a NUL in it)."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
+def is_dir(path: Path) -> bool:
+    """path.is_dir(), False for a name the system cannot look up."""
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):
+        return False

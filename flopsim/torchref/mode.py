@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from flopsim.families.mode import check_supported, integrated_slots
+from flopsim.families.mode import integrated_slots
 from flopsim.families.mod import is_routed
 from flopsim.families.moe import is_moe_layer
 from flopsim.ops.primitives import Ctx
@@ -29,7 +29,6 @@ from flopsim.torchref.moe import MoEFFN
 
 
 def build(spec) -> nn.Module:
-    check_supported(spec)
     ctx = Ctx(spec=spec, phase="forward", dims=Dims.of(spec))
 
     def slots(tokens: int) -> int:
