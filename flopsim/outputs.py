@@ -77,25 +77,22 @@ def _nearest_existing(path: Path, option: str, value) -> Path:
 
 def check_output_file(path, option: str) -> Path:
     """`path` as a file this command may write (see the module docstring)."""
-    if path is None or str(path).strip() == "":
-        raise bad_value(option, "" if path is None else str(path), "expected a file name")
-    path = Path(path)
-    try:
-        if path.is_dir():
-            raise bad_value(option, str(path), "is a folder; give a file name")
-    except OSError as err:
-        raise bad_value(option, str(path)[:120], f"cannot be used ({err.strerror or type(err).__name__})") from None
-    _nearest_existing(path, option, str(path))
-    return path
+    return _check_output(path, option, "file")
 
 
 def check_output_folder(path, option: str) -> Path:
     """`path` as a folder this command may create or replace (see the module docstring)."""
+    return _check_output(path, option, "folder")
+
+
+def _check_output(path, option: str, what: str) -> Path:
     if path is None or str(path).strip() == "":
-        raise bad_value(option, "" if path is None else str(path), "expected a folder name")
+        raise bad_value(option, "" if path is None else str(path), f"expected a {what} name")
     path = Path(path)
     try:
-        if path.exists() and not path.is_dir():
+        if what == "file" and path.is_dir():
+            raise bad_value(option, str(path), "is a folder; give a file name")
+        if what == "folder" and path.exists() and not path.is_dir():
             raise bad_value(option, str(path), "exists and is not a folder")
     except OSError as err:
         raise bad_value(option, str(path)[:120], f"cannot be used ({err.strerror or type(err).__name__})") from None

@@ -118,8 +118,8 @@ def parse_vary(text: str) -> tuple[str, list]:
             step = _number(parts[2], text)
             if step <= 0:
                 raise InputError(f"--vary {text!r}: STEP must be positive")
-            _not_too_many(math.floor((stop - start) / step + 1e-9) + 1, text)  # before any allocation
-            n = int(math.floor((stop - start) / step + 1e-9)) + 1
+            n = math.floor((stop - start) / step + 1e-9) + 1
+            _not_too_many(n, text)  # before any allocation
             values = start + step * np.arange(n)
         values = [float(v) for v in np.round(values, 12)]
     else:
