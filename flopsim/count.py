@@ -202,15 +202,33 @@ class CountResult(OpTotals):
 
         return pd.DataFrame([op.to_dict() for op in self.ops])
 
+    def per_layer_rows(self) -> list[dict]:
+        """One dict per layer, in layer order: FLOPs, bytes, params and the ops' tags (each
+        tag's first value among the layer's ops; None where no op has it). Plain Python,
+        so that a command printing it need not import pandas."""
+        fields = ("flops", "causal_flops", "all_flops", "bytes", "params")
+        rows: dict[int, dict] = {}
+        tags: list[str] = []
+        for op in self.ops:
+            d = op.to_dict()
+            row = rows.setdefault(op.layer, {"layer": op.layer, "part": layer_label(op.layer, self.spec.layers),
+                                             **dict.fromkeys(fields, 0)})
+            for f in fields:
+                row[f] += d[f]
+            for key, value in d.items():
+                if key.startswith("tag_"):
+                    name = key.removeprefix("tag_")
+                    if name not in tags:
+                        tags.append(name)
+                    if row.get(name) is None:
+                        row[name] = value
+        return [{**row, **{t: row.get(t) for t in tags}} for _, row in sorted(rows.items())]
+
     def per_layer(self):
-        """One row per layer: FLOPs, bytes, params and the ops' tags."""
-        table = self.table()
-        sums = table.groupby("layer", sort=True)[["flops", "causal_flops", "all_flops", "bytes", "params"]].sum()
-        sums.insert(0, "part", [layer_label(layer, self.spec.layers) for layer in sums.index])
-        tag_cols = [c for c in table.columns if c.startswith("tag_")]
-        for col in tag_cols:
-            sums[col.removeprefix("tag_")] = table.groupby("layer")[col].first()
-        return sums.reset_index()
+        """One row per layer (pandas DataFrame of per_layer_rows)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.per_layer_rows())
 
     def to_dict(self, ops: bool = True) -> dict:
         out = {

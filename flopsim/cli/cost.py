@@ -48,10 +48,10 @@ def count(
                 for op in result.ops]
         out.print(rich_table(None, ["op", "pass", "kind", "FLOPs", "%", "bytes", "KV-cache bytes", "params"], rows))
         return
-    layers = result.per_layer()
-    tag_cols = [c for c in layers.columns if c not in ("layer", "part", "flops", "causal_flops", "all_flops", "bytes", "params")]
+    layers = result.per_layer_rows()
+    tag_cols = [c for c in layers[0] if c not in ("layer", "part", "flops", "causal_flops", "all_flops", "bytes", "params")]
     rows = []
-    for _, r in layers.iterrows():
+    for r in layers:
         tags = [("" if v is None or v != v else str(int(v)) if isinstance(v, float) and v.is_integer() else str(v))
                 for v in (r[c] for c in tag_cols)]
         rows.append([r["part"], f"{int(r['flops']):,}", f"{100 * r['flops'] / total:.2f}", human(r["bytes"], "B"),
