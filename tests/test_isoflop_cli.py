@@ -124,3 +124,22 @@ def test_bad_csv_columns_one_line(tmp_path):
     one_line_error(run("isoflop", "--budget", "1e20", "--law", csv), "missing column", "params")
     missing = tmp_path / "nope.csv"
     one_line_error(run("isoflop", "--budget", "1e20", "--law", missing), "no such file")
+
+
+def test_a_law_counting_non_embedding_parameters_names_both_counts():
+    """krajewski's N is the non-embedding count: the text names it N and gives the total
+    beside it, so one shape never shows two unlabelled parameter counts."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from flopsim.cli import app
+    from flopsim.cli.output import human
+    from flopsim.scaling import isoflop
+
+    r = CliRunner().invoke(app, ["isoflop", "--budget", "1e21", "--law", "krajewski"])
+    assert r.exit_code == 0, r.output
+    shape = isoflop(1e21, law="krajewski").optima[("dense", 1e21)].shape
+    line = next(ln for ln in r.stdout.splitlines() if "nearest shape" in ln)
+    assert f"N {human(shape.law_params('non_embedding'))}, {human(shape.params)} params in all" in line
+    assert re.search(r"optimum \(\w+\): N ", r.stdout)

@@ -121,10 +121,11 @@ def _print_table(result, written, budgets=None):
         for fam in result.families:
             o = result.optima[(fam, b)]
             s = o.shape
-            out.print(f"  {fam:5s} optimum ({_method(o.method)}): params {human(o.params)}, tokens {human(o.tokens)}, "
-                      f"{o.tokens_per_param:.1f} tokens/param, loss [bold]{o.loss:.4f}[/]")
-            out.print(f"        nearest shape {s.name}: {human(s.params)} params ({human(s.active)} active), "
-                      f"{human(s.flops_per_token, 'FLOP')}/token, loss {o.shape_loss:.4f}", highlight=False)
+            out.print(f"  {fam:5s} optimum ({_method(o.method)}): N {human(o.params)}, tokens {human(o.tokens)}, "
+                      f"{o.tokens_per_param:.1f} tokens/N, loss [bold]{o.loss:.4f}[/]")
+            n = "" if law.params_kind == "total" else f"N {human(s.law_params(law.params_kind))}, "
+            out.print(f"        nearest shape {s.name}: {n}{human(s.params)} params in all ({human(s.active)} "
+                      f"active), {human(s.flops_per_token, 'FLOP')}/token, loss {o.shape_loss:.4f}", highlight=False)
     if result.comparison and (len(result.families) > 1 or result.hardware):
         b = result.budgets[0]
         hw = result.hardware or "no --hardware: no step time"
