@@ -791,12 +791,16 @@ def _observations(rep: Report, g: Group) -> list[str]:
                     gap = f" -- {100 * (1 - (sp_t - 1) / (sp_f - 1)):.0f}% of the FLOP saving is lost"
             out.append(f"**{s.name}, {phase}**: {flops}, {speed} than {g.baseline.name}; {100 * share:.0f}% of its "
                        f"time is in memory-bound ops{gap}.")
+    serve = serving_phase(g)
     for s in g.specs:
-        m = g.memory[("train", s.name)]
-        if not m.fits:
-            out.append(f"**{s.name}** does not fit one {rep.hw.name} for training at B={rep.batch} S={g.seq} "
-                       f"({fmt_gb(m.total_bytes)} of {fmt_gb(rep.hw.memory_capacity_bytes)}): it needs sharding, "
-                       f"recomputation or a smaller batch.")
+        for key, what, remedy in (("train", f"training at {g.shape('train')}",
+                                   "sharding, recomputation or a smaller batch"),
+                                  ("serve", f"serving ({serve}) at {g.shape(serve)}",
+                                   "tensor parallelism, a smaller batch or context, or a narrower dtype")):
+            m = g.memory[(key, s.name)]
+            if not m.fits:
+                out.append(f"**{s.name}** does not fit one {rep.hw.name} for {what} ({fmt_gb(m.total_bytes)} of "
+                           f"{fmt_gb(rep.hw.memory_capacity_bytes)}): it needs {remedy}.")
     return out
 
 
