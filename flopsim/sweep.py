@@ -273,10 +273,11 @@ class SweepResult:
 # -- the sweep ----------------------------------------------------------------------
 def sweep(spec, hw, *, phase: str = "forward", vary: dict[str, Sequence] | None = None, batch: int = 1,
           seq: int = 1024, context: Optional[int] = None, calibration=None, optimizer: str = "adam",
-          threads: Optional[int] = None) -> SweepResult:
+          threads: Optional[int] = None, progress=None) -> SweepResult:
     """Evaluate `phase` of `spec` on `hw` at every point of the grid `vary`
     (axis -> values; see the module docstring). Non-varied tokens come from
-    batch/seq/context as in `predict`."""
+    batch/seq/context as in `predict`. `progress`: called as progress(done, total) over the
+    spec variants a structural axis makes (one when none)."""
     from flopsim.calibration import load_calibration
     from flopsim.count import token_values
     from flopsim.families import check_phase
@@ -319,8 +320,10 @@ def sweep(spec, hw, *, phase: str = "forward", vary: dict[str, Sequence] | None 
     structural = [a for a in axes if a.kind == "structural"]
     shape = tuple(len(a.values) for a in axes)
     grids = {name: np.zeros(shape) for name in ("flops", "bytes", "time_s", "compute_bound_s", "memory_bound_s")}
-    combos = itertools.product(*[range(len(a.values)) for a in structural]) if structural else [()]
-    for combo in combos:
+    combos = list(itertools.product(*[range(len(a.values)) for a in structural])) if structural else [()]
+    for done, combo in enumerate(combos):
+        if progress is not None:
+            progress(done, len(combos))
         changes: dict = {}
         for axis, i in zip(structural, combo):
             value = axis.values[i]
@@ -333,6 +336,8 @@ def sweep(spec, hw, *, phase: str = "forward", vary: dict[str, Sequence] | None 
         out = plan.evaluate(threads)
         for name in grids:
             grids[name][index] = np.broadcast_to(out[name], grids[name][index].shape)
+    if progress is not None:
+        progress(len(combos), len(combos))
 
     tokens = _tokens_grid(phase, axes, base_values)
     time_s = grids["time_s"]

@@ -104,3 +104,17 @@ def test_bad_axes():
         sweep("gpt2-small", "h100-sxm", phase="decode", vary={"seq": [8], "context": [16]})
     with pytest.raises(InputError, match="at least seq"):
         sweep("llama-3-8b", "h100-sxm", phase="prefill", seq=512, vary={"context": [128]})
+
+
+def test_sweep_and_isoflop_report_progress():
+    """The progress callbacks that the CLI's progress bars read: (done, total), ending done == total."""
+    from flopsim.scaling import isoflop
+    from flopsim.sweep import sweep
+
+    seen = []
+    sweep("decoder-220m-mod", "h100-sxm", vary={"layers": [2, 4, 6], "batch": [1, 8]}, seq=128,
+          progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(0, 3), (1, 3), (2, 3), (3, 3)]  # one spec variant per layer count
+    ticks = []
+    isoflop(1e20, progress=lambda done, total: ticks.append((done, total)))
+    assert ticks and ticks[-1][0] == ticks[-1][1] and [d for d, _ in ticks] == list(range(1, len(ticks) + 1))

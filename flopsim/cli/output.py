@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+from contextlib import contextmanager
 from enum import Enum
 from typing import Any, Iterable
 
@@ -83,3 +84,15 @@ def console(stderr: bool = False):
     from rich.console import Console
 
     return Console(soft_wrap=False, width=max(100, int(os.environ.get("COLUMNS", "120"))), stderr=stderr)
+
+
+@contextmanager
+def progress_bar(label: str):
+    """A transient progress bar on stderr, shown on a terminal only; yields tick(done, total)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    err = console(stderr=True)
+    with Progress(TextColumn(f"[bold]{label}[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)

@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 
 from flopsim.cli.app import app
-from flopsim.cli.output import Format, console, human, human_time, print_csv, print_json, rich_table
+from flopsim.cli.output import Format, console, human, human_time, print_csv, print_json, progress_bar, rich_table
 
 SpecArg = typer.Argument(..., help="Model spec: a YAML path, an HF config.json or a preset name.")
 HardwareOpt = typer.Option(..., "--hardware", "-H", help="Device: a preset (`flopsim hardware list`) or a YAML path.")
@@ -169,8 +169,9 @@ def sweep(
     if output is not None:
         check_output_file(output, "output")  # before the grid is computed
     grid = parse_varies(vary)
-    r = sweep_api(spec, hardware, phase=phase, vary=grid, batch=batch, seq=seq, context=context,
-                  calibration=calibration, optimizer=optimizer)
+    with progress_bar("sweep: variants") as tick:
+        r = sweep_api(spec, hardware, phase=phase, vary=grid, batch=batch, seq=seq, context=context,
+                      calibration=calibration, optimizer=optimizer, progress=tick)
     table = r.table()
     if output is not None:
         import io

@@ -10,7 +10,7 @@ from typing import List, Optional
 import typer
 
 from flopsim.cli.app import app
-from flopsim.cli.output import Format, console, human, human_time, print_csv, print_json, rich_table
+from flopsim.cli.output import Format, console, human, human_time, print_csv, print_json, progress_bar, rich_table
 from flopsim.spec.paths import exists
 
 FormatOpt = typer.Option(Format.table, "--format", "-f", help="table | json | csv")
@@ -66,16 +66,18 @@ def isoflop(
     if plot_path is not None and len(budgets) == 1:
         sweep = [budgets[0] * f for f in (1.0, 1e-2, 1e-1, 10.0)]  # the one asked for first
     spec_list = [s.strip() for item in (shapes or []) for s in item.split(",") if s.strip()] or None
-    result = isoflop_api(
-        budget=sweep or None, law=law, families=family or ["dense"], flops_rule=flops_rule, seq=seq, batch=batch,
-        ladder=LadderRule(base=base, aspect=aspect, head_size=head_size, ff_ratio=ff_ratio,
-                          min_layers=min_layers, max_layers=max_layers),
-        shapes=spec_list, hardware=hardware, gpu_hours=gpu_hours,
-        mod=ModOptions(capacity=mod_capacity, every=mod_every),
-        moe=MoeOptions(expansion=moe_expansion, granularity=moe_granularity, every=moe_every),
-        mod_effective_params=mod_effective_params, mod_law=mod_law,
-        method="numeric" if numeric else "auto",
-    )
+    with progress_bar("isoflop: shapes") as tick:
+        result = isoflop_api(
+            budget=sweep or None, law=law, families=family or ["dense"], flops_rule=flops_rule, seq=seq,
+            batch=batch,
+            ladder=LadderRule(base=base, aspect=aspect, head_size=head_size, ff_ratio=ff_ratio,
+                              min_layers=min_layers, max_layers=max_layers),
+            shapes=spec_list, hardware=hardware, gpu_hours=gpu_hours,
+            mod=ModOptions(capacity=mod_capacity, every=mod_every),
+            moe=MoeOptions(expansion=moe_expansion, granularity=moe_granularity, every=moe_every),
+            mod_effective_params=mod_effective_params, mod_law=mod_law,
+            method="numeric" if numeric else "auto", progress=tick,
+        )
     written = None
     if plot_path is not None:
         from flopsim.scaling.plot import plot_isoflop

@@ -386,7 +386,7 @@ def _views(law, families, mod_effective_params, mod_law, assumptions) -> dict:
     return views
 
 
-def _ladder_costs(shapes, family, seq, mod, moe) -> list:
+def _ladder_costs(shapes, family, seq, mod, moe, tick=None) -> list:
     """The family's variants of the ladder shapes. Routed blocks repeat every
     `every` blocks, so a depth that is not a multiple of it has an extra
     unrouted block (its curve would zig-zag): such depths are skipped when
@@ -399,7 +399,12 @@ def _ladder_costs(shapes, family, seq, mod, moe) -> list:
         whole = [s for s in specs if s.layers % P == 0]
         if P > 1 and len(whole) >= 3:
             specs = whole
-    return [shape_cost(s, seq) for s in specs]
+    costs = []
+    for s in specs:
+        costs.append(shape_cost(s, seq))
+        if tick is not None:
+            tick()
+    return costs
 
 
 def _params(spec) -> tuple:
@@ -459,13 +464,16 @@ def _flop_matched(family, target_fpt, shapes, seq, mod, moe, rule: Optional[Ladd
 def isoflop(budget=None, law="chinchilla", *, families: Sequence[str] = ("dense",), flops_rule: str = "exact",
             seq: int = 2048, batch: int = 8, ladder=None, shapes=None, hardware=None,
             gpu_hours: Optional[float] = None, mod: ModOptions = ModOptions(), moe: MoeOptions = MoeOptions(),
-            mod_effective_params: Optional[float] = None, mod_law=None, method: str = "auto") -> IsoflopResult:
+            mod_effective_params: Optional[float] = None, mod_law=None, method: str = "auto",
+            progress=None) -> IsoflopResult:
     """isoFLOP optima (and, with `hardware` and `gpu_hours`, iso-time optima).
 
     budget: training FLOPs, a number or a list; law: a name, a Law, or a CSV
     of runs to fit; families: dense, mod, moe; ladder: a LadderRule; shapes:
     explicit specs (presets, paths or ModelSpecs) instead of the ladder;
-    method: auto | numeric (numeric even where the closed form applies).
+    method: auto | numeric (numeric even where the closed form applies);
+    progress: called as progress(done, total) as the ladder's shapes are
+    costed (and, for iso-time, timed).
     """
     from flopsim.spec import load_model
 
@@ -514,7 +522,15 @@ def isoflop(budget=None, law="chinchilla", *, families: Sequence[str] = ("dense"
             spans += [gpu_hours * 3600.0 * peak * f for f in (0.01, 1.0)]
         chosen = _window(all_shapes, spans, seq)
 
-    costs = {f: _ladder_costs(chosen, f, seq, mod, moe) for f in fams}
+    total = len(chosen) * len(fams) * (2 if gpu_hours is not None else 1)  # shapes costed (and timed)
+    state = {"done": 0}
+
+    def tick():
+        state["done"] += 1
+        if progress is not None:
+            progress(state["done"], total)
+
+    costs = {f: _ladder_costs(chosen, f, seq, mod, moe, tick) for f in fams}
 
     def per_token(f):
         if rule == "6N":
@@ -551,7 +567,11 @@ def isoflop(budget=None, law="chinchilla", *, families: Sequence[str] = ("dense"
     if gpu_hours is not None:
         it_optima, it_curves = {}, {}
         for f in fams:
-            spt = np.array([step_time(c.spec, hw, batch=batch, seq=seq) / (batch * seq) for c in costs[f]])
+            per_token_s = []
+            for c in costs[f]:
+                per_token_s.append(step_time(c.spec, hw, batch=batch, seq=seq) / (batch * seq))
+                tick()
+            spt = np.array(per_token_s)
             opt, rows = _sweep(views[f], costs[f], spt, gpu_hours * 3600.0, "time")
             opt.budget, opt.kind = gpu_hours, "gpu_hours"
             it_optima[f], it_curves[f] = opt, rows
