@@ -304,3 +304,12 @@ def test_isoflop_plot_goes_where_asked(runner, tmp_path, monkeypatch):
     r = runner.invoke(app, ["isoflop", "--budget", "1e20", "--plot", "curves.png"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "curves.png").is_file() and not (tmp_path / "reports").exists()
+
+
+def test_a_union_field_names_the_field_and_the_real_reason(runner, tmp_path):
+    """keep entries are an integer or a fraction: a NaN is reported as not finite, at keep.1
+    (not as "not an integer" at keep.1.constrained-int, pydantic's first union member)."""
+    spec = {**BASE, "family": "length_reduction", "causal": False, "head": "cls", "attention_impl": "explicit",
+            "length_reduction": {"method": "power_bert", "keep": [1, float("nan")]}}
+    r = runner.invoke(app, ["count", _write(tmp_path, "s.yaml", spec)])
+    _one_line_exit_2(r, must_mention="field 'length_reduction.keep.1': value nan: Input should be a finite number")

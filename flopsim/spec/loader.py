@@ -14,10 +14,22 @@ from flopsim.spec.paths import exists, is_dir, preset_names, resolve
 M = TypeVar("M", bound=BaseModel)
 
 
+UNION_MEMBERS = ("int", "float", "str", "bool", "constrained-int", "constrained-float")
+
+
+def _field_path(loc) -> str:
+    """A pydantic location as a field path, without the union members pydantic names in it."""
+    return ".".join(str(p) for p in loc if p != "__root__" and p not in UNION_MEMBERS)
+
+
 def describe_validation_error(err: ValidationError, source: str) -> str:
-    """One line: `source: field: value: reason` for the first error pydantic found."""
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first.get("loc", ()) if p != "__root__")
+    """One line: `source: field: value: reason` for the first error pydantic found (for a
+    field whose type is a union, the error that says more than "not of this type")."""
+    errors = err.errors()
+    first = errors[0]
+    same = [e for e in errors if _field_path(e.get("loc", ())) == _field_path(first.get("loc", ()))]
+    first = next((e for e in same if not e.get("type", "").endswith("_type")), first)
+    loc = _field_path(first.get("loc", ()))
     msg = first.get("msg", "invalid").removeprefix("Value error, ")
     if first.get("type") == "extra_forbidden":
         return f"{source}: unknown field '{loc}'"
