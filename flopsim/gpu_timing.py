@@ -60,22 +60,27 @@ class DeviceClock:
 
     def sample_s(self, fn: Callable[[], object], calls: int) -> float:
         """One sample: device seconds per call over `calls` calls queued back to back."""
-        torch = self.torch
         for attempt in range(RETRIES + 1):
-            start, end = self._events(torch)
-            begun = time.perf_counter()
-            torch.cuda._sleep(int(self.ahead_s * self.cycles_per_s))
-            start.record()
-            for _ in range(calls):
-                fn()
-            end.record()
-            queued_s = time.perf_counter() - begun
-            torch.cuda.synchronize()
+            seconds, queued_s = self._queued_span(fn, calls)
             fell_behind = queued_s > 0.5 * self.ahead_s
             self.ahead_s = min(MAX_AHEAD_S, max(1e-4, 3 * queued_s))
-            if not fell_behind or attempt == RETRIES or self.ahead_s >= MAX_AHEAD_S:
-                return start.elapsed_time(end) * 1e-3 / calls
-        raise AssertionError("unreachable")
+            if not fell_behind or self.ahead_s >= MAX_AHEAD_S:
+                break
+        return seconds / calls
+
+    def _queued_span(self, fn: Callable[[], object], calls: int) -> tuple[float, float]:
+        """(device seconds of `calls` calls behind a spin of ahead_s, host seconds spent queueing them)."""
+        torch = self.torch
+        start, end = self._events(torch)
+        begun = time.perf_counter()
+        torch.cuda._sleep(int(self.ahead_s * self.cycles_per_s))
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        queued_s = time.perf_counter() - begun
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) * 1e-3, queued_s
 
     def timer(self, min_time_s: float, repeats: int) -> Callable[[Callable[[], object]], float]:
         """A timer like flopsim.calibrate.make_timer's, in device seconds per call: the

@@ -80,4 +80,4 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="Print flopsim's version and exit.")) -> None:
-    """FLOPs, bytes, memory and wall-clock of dense and conditional-computation transformers."""
+    """The options before any command (--version); the help text is the app's."""

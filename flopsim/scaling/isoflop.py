@@ -523,12 +523,13 @@ def isoflop(budget=None, law="chinchilla", *, families: Sequence[str] = ("dense"
         chosen = _window(all_shapes, spans, seq)
 
     total = len(chosen) * len(fams) * (2 if gpu_hours is not None else 1)  # shapes costed (and timed)
-    state = {"done": 0}
+    done = 0
 
     def tick():
-        state["done"] += 1
+        nonlocal done
+        done += 1
         if progress is not None:
-            progress(state["done"], total)
+            progress(done, total)
 
     costs = {f: _ladder_costs(chosen, f, seq, mod, moe, tick) for f in fams}
 
