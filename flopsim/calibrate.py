@@ -18,8 +18,11 @@ threads fixed, CUDA synchronised:
   back behind a spin kernel, flopsim.gpu_timing) and the host's dispatch
   per call (`host_s`, the eager wall-clock loop), which overlap in a step
   (flopsim.roofline.overlap_times). Every GPU point below is device time.
+  A GPU also gets `graph_launch_s`: the device's time per kernel when a
+  CUDA graph of GRAPH_KERNELS tiny kernels is replayed.
 - matrix products over a grid of shapes (decode shapes m = 1..64, router
-  widths n = 1, 8): the weights are views into a pool larger than the
+  widths n = 1, 8; a GPU's widths multiples of 128, GEMM_GRID): the
+  weights are views into a pool larger than the
   last-level cache, cycled so that every call reads them from memory.
   Where the product is compute-bound at the ideal roofline its measured
   busy time gives a compute efficiency; where it is memory-bound, a memory
@@ -51,6 +54,13 @@ from typing import Callable, Optional
 GEMM_ROWS = (1, 3, 8, 24, 64, 200, 700, 2400)
 GEMM_OUTPUTS = (1, 8, 96, 352, 1400, 5000)  # n: 1 and 8 for routers (MoD, MoE)
 GEMM_INPUTS = (24, 96, 352, 1400, 5000)  # k: 24 for low-rank controllers
+# A GPU's grid: widths that are multiples of 128, as models' are, and a row count past the
+# 4,096 tokens of a GPU step. cuBLAS tiles products 64-256 wide, and a width off that grain
+# wastes part of every tile: on an H200 (2026-11-26) 2400 x 5000 x 5000 ran at 0.59-0.61 of
+# peak and 2400 x 5120 x 5120 at 0.76-0.78 (docs/measurements.md). A model with widths off
+# the grain is predicted that much too fast.
+GEMM_GRID = {"cpu": (GEMM_ROWS, GEMM_OUTPUTS, GEMM_INPUTS),
+             "cuda": (GEMM_ROWS + (8192,), (1, 8, 96, 384, 1408, 5120), (24, 96, 384, 1408, 5120))}
 # attention: (batch, heads, queries, keys, d_head)
 ATTENTION_SHAPES = ((1, 6, 90, 90, 40), (2, 6, 300, 300, 40), (1, 10, 700, 700, 72), (3, 10, 1, 1500, 72),
                     (8, 6, 1, 300, 40), (1, 10, 1, 5000, 72))
@@ -185,6 +195,7 @@ class Bench:
     offset: int = 0
     probe: object = None  # flopsim.probe.Probe
     readings: list = field(default_factory=list)  # every probe reading taken
+    graph_launch_s: Optional[float] = None  # a GPU: device seconds per kernel replayed from a CUDA graph
 
     @property
     def queued(self) -> bool:
@@ -414,7 +425,36 @@ def measure_fixed_costs(bench: Bench) -> None:
             bench.time_host(key, fn, reading)
     bench.fixed_hot = {key: statistics.median(v) for key, v in hot.items()}
     bench.fixed_cold = {key: statistics.median(v) for key, v in cold.items()}  # in bench.fixed_units
+    if bench.queued:
+        bench.graph_launch_s = measure_graph_launch(bench)
     bench.say(f"fixed costs of {len(bench.fixed_cold)} kernels")
+
+
+GRAPH_KERNELS = 256  # tiny kernels captured in the graph that measures graph_launch_s
+
+
+def measure_graph_launch(bench: Bench) -> Optional[float]:
+    """Device seconds per kernel when a CUDA graph replays GRAPH_KERNELS tiny adds back to
+    back (what an engine that replays its step as a graph pays per kernel: the
+    Calibration's `graph_launch_s`); None where torch cannot capture a graph here."""
+    torch = bench.torch
+    x, y = bench.rand(1, 64), bench.rand(1, 64)
+    out = torch.empty_like(x)
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+            for _ in range(3):
+                torch.add(x, y, out=out)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(GRAPH_KERNELS):
+                torch.add(x, y, out=out)
+    except (RuntimeError, AttributeError) as err:  # no graph support in this build or driver
+        bench.say(f"CUDA graph capture failed ({type(err).__name__}): graph_launch_s not measured")
+        return None
+    return bench.timed(graph.replay) / GRAPH_KERNELS
 
 
 def tiny_kernels(bench: Bench) -> dict:
@@ -474,7 +514,7 @@ def measure_gemms(bench: Bench) -> None:
     ctx = _ctx(bench.dtype)
     peak, bandwidth = bench.hw.peak_flops_per_s_for(bench.dtype)[0], bench.hw.memory_bandwidth_bytes_per_s
     rows, outputs, inputs = ((SMOKE["rows"], SMOKE["features"], SMOKE["features"]) if bench.smoke
-                             else (GEMM_ROWS, GEMM_OUTPUTS, GEMM_INPUTS))
+                             else GEMM_GRID[bench.device])
     shapes = []
     for m in rows:
         for n in outputs:
@@ -789,10 +829,7 @@ def assemble(bench: Bench, cache_bytes: float, openmp: dict):
                 compute=statistics.median(p.compute_eff for p in largest),
                 memory=statistics.median(p.memory_eff for p in largest))
     default = Efficiency(compute=kinds["matmul"].compute, memory=kinds["elementwise"].memory)
-    unit = bench.fixed_units(ref)  # from probe units (a CPU) or seconds (a queued device)
-    fixed = {k: v * unit for k, v in bench.fixed_cold.items() if k != "launch"}
-    launch = bench.fixed_cold["launch"] * unit
-    host = {k: statistics.median(v) * ref.fixed_s for k, v in bench.host.items()}
+    fixed, launch, host = _fixed_part(bench, ref)
     meta = dict(device=bench.device, hardware=bench.hw.name, dtype=bench.dtype, threads=torch.get_num_threads(),
                 torch=torch.__version__, date=time.strftime("%Y-%m-%d"), device_name=device_name(bench.device),
                 launch_overhead_s=launch, last_level_cache_bytes=cache_bytes, probe=ref.to_dict(),
@@ -805,7 +842,7 @@ def assemble(bench: Bench, cache_bytes: float, openmp: dict):
                 f"torch {torch.__version__}, {meta['threads']} threads, {bench.dtype}, {meta['date']}"),
         default=default, kinds=kinds, gemm=gemm_points, gemm_kinds=("matmul", "router", "conv", "attention"),
         sizes=size_points, launch_overhead_s=launch, fixed_s=fixed, host_s=host,
-        measured=meta,
+        graph_launch_s=bench.graph_launch_s, measured=meta,
     )
 
 
@@ -827,9 +864,18 @@ def _gemm_part(points: list) -> tuple[list, dict]:
     return gemm_points, kinds
 
 
+def _fixed_part(bench: Bench, ref) -> tuple[dict, float, dict]:
+    """(fixed_s, launch_overhead_s, host_s) of the measured tiny kernels, at the reference reading."""
+    unit = bench.fixed_units(ref)  # from probe units (a CPU) or seconds (a queued device)
+    fixed = {k: v * unit for k, v in bench.fixed_cold.items() if k != "launch"}
+    host = {k: statistics.median(v) * ref.fixed_s for k, v in bench.host.items()}
+    return fixed, bench.fixed_cold["launch"] * unit, host
+
+
 def replace_gemms(base, bench: Bench):
     """`base` (a measured Calibration of this device) with its forward matrix-product
-    points and the matmul kind's medians replaced by the ones `bench` just measured."""
+    points, the matmul kind's medians and the fixed costs (device and host, per kernel,
+    and per kernel replayed from a graph) replaced by the ones `bench` just measured."""
     from flopsim.probe import median_reading
 
     ref = median_reading(bench.readings)
@@ -839,10 +885,14 @@ def replace_gemms(base, bench: Bench):
     when = time.strftime("%Y-%m-%d")
     note = dict(date=when, device_name=device_name(bench.device), points=len(fresh), probe=ref.to_dict(),
                 timing="device (queued behind a spin kernel, CUDA events)" if bench.queued else "wall clock")
+    fixed, launch, host = _fixed_part(bench, ref)
     return base.model_copy(update={
+        "fixed_s": {**base.fixed_s, **fixed}, "launch_overhead_s": launch, "host_s": {**base.host_s, **host},
+        "graph_launch_s": bench.graph_launch_s if bench.graph_launch_s is not None else base.graph_launch_s,
         "gemm": kept + fresh, "kinds": {**base.kinds, "matmul": kinds["matmul"]},
         "default": base.default.model_copy(update={"compute": kinds["matmul"].compute}),  # as assemble sets it
-        "source": f"{base.source}; matrix products re-measured {when} ({len(fresh)} shapes, --gemms-into)",
+        "source": f"{base.source}; matrix products and fixed costs re-measured {when} ({len(fresh)} shapes, "
+                  f"--gemms-into)",
         "measured": {**(base.measured or {}), "gemms_remeasured": note}})
 
 

@@ -132,6 +132,7 @@ class Runner:
     device: str
     model: object
     once: object
+    run: object = None  # the phase without the synchronisation (what a queued clock times)
 
 
 def make_runner(spec, phase: str, batch: int, seq: int, context: Optional[int] = None, *, device: str = "cpu",
@@ -149,7 +150,7 @@ def make_runner(spec, phase: str, batch: int, seq: int, context: Optional[int] =
         run()
         sync()
 
-    return Runner(spec, phase, batch, seq, context, device, model, once)
+    return Runner(spec, phase, batch, seq, context, device, model, once, run)
 
 
 def time_runs(runner: Runner, repeats: int, warmup: int = 1) -> list:
@@ -180,6 +181,26 @@ def time_rounds(runners: list, rounds: int = 5, repeats: int = 2, progress=None,
                 readings[i].append(probe.read())
             walls[i] += time_runs(runner, repeats)
     return walls, readings
+
+
+def time_queued(runner: Runner, clock, samples: int = 5) -> tuple[list, list, bool]:
+    """A GPU step timed on both sides of its host-device pipeline with a
+    flopsim.gpu_timing.DeviceClock: per sample, the device's seconds per step
+    (one step queued behind a spin kernel: the kernels and the device's
+    gaps between them, none of the host's dispatch) and the host's seconds per step
+    spent queueing them (the dispatch alone, nothing waited for). Returns (device
+    seconds, host seconds, whether the host fell behind in some sample: a step that
+    synchronises inside -- MoE's token counts read back, say -- cannot be queued
+    ahead, and its device seconds then include the device's waits for the host; nor
+    can a step of more kernels than the GPU's queue of pending launches holds)."""
+    runner.once()
+    device, host, behind = [], [], False
+    for _ in range(samples):
+        device_s, host_s, fell_behind = clock.span(runner.run, 1)  # one step: hundreds of kernels
+        device.append(device_s)
+        host.append(host_s)
+        behind = behind or fell_behind
+    return device, host, behind
 
 
 def profile_modules(runner: Runner, profiled_repeats: int = 3) -> tuple[dict, dict]:

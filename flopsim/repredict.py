@@ -52,7 +52,12 @@ def _measured(row, case, per_op):
     probe = str(getattr(row, "probe", "") or "")
     reading = ProbeReading(*(float(v) for v in probe.split(";"))) if probe.count(";") == 2 else None
     context = case.context if row.phase == "decode" else None
-    return Measured(context, (modules, aten), runs, reading)
+    queued = {}
+    if str(getattr(row, "measured_device_runs_s", "") or "").strip() not in ("", "nan"):  # a GPU's two sides
+        queued = dict(device_runs=[float(t) for t in str(row.measured_device_runs_s).split(";")],
+                      host_runs=[float(t) for t in str(row.measured_host_runs_s).split(";")],
+                      host_waits=str(row.host_waits).strip().lower() == "true")
+    return Measured(context, (modules, aten), runs, reading, **queued)
 
 
 def repredict(folder, calibration=None, hardware: Optional[str] = None):

@@ -136,6 +136,18 @@ class OpTime:
         return row
 
 
+def products_per_kernel(gemm, kernels):
+    """The products of a batched GEMM op (gemm = (batch, m, n, k)) that each of its
+    `kernels` expected launches runs: batch / kernels, between 1 and batch (a bmm or
+    grouped GEMM launches once for all; a loop of products launches once per product).
+    Numbers or numpy arrays."""
+    if gemm is None:
+        return 1.0
+    batch = np.asarray(gemm[0], dtype=float)
+    per = np.clip(batch / np.maximum(np.asarray(kernels, dtype=float), 1e-12), 1.0, np.maximum(batch, 1.0))
+    return float(per) if np.ndim(per) == 0 else per
+
+
 def op_time(op, hw, dtype: str, calibration=None) -> OpTime:
     """The roofline of one evaluated op (a flopsim.count.OpCost)."""
     from flopsim.calibration import Calibration
@@ -143,9 +155,10 @@ def op_time(op, hw, dtype: str, calibration=None) -> OpTime:
     calibration = calibration or Calibration.ideal(hw.name)
     peak = op_peak_flops_per_s(op.kind, hw, dtype)
     backward = op.pass_ == "bwd"
-    compute_eff, memory_eff = calibration.efficiency(op.kind, op.gemm, float(op.bytes), op.variant, backward)
-    all_flops, nbytes = op.all_flops, op.bytes
     kernels = float(getattr(op, "kernels", 1))
+    compute_eff, memory_eff = calibration.efficiency(op.kind, op.gemm, float(op.bytes), op.variant, backward,
+                                                     per_kernel=products_per_kernel(op.gemm, kernels))
+    all_flops, nbytes = op.all_flops, op.bytes
     compute_s, memory_s, time_s = roofline_time(
         float(executed_flops(op)), float(nbytes), peak, hw.memory_bandwidth_bytes_per_s,
         compute_eff, memory_eff, calibration.fixed_cost_s(op.kind, op.variant, hw, backward), kernels)

@@ -44,7 +44,7 @@ import numpy as np
 import sympy as sp
 
 from flopsim.errors import InputError, SpecError
-from flopsim.roofline import executed_flops, overlap_times, roofline_time
+from flopsim.roofline import executed_flops, overlap_times, products_per_kernel, roofline_time
 
 TOKEN_AXES = ("batch", "seq", "context")
 # short names and dotted spec paths -> Dims names (flopsim.ops.symbols.SYMBOL_NAMES)
@@ -577,7 +577,8 @@ class _Plan:
         for item in self.items:
             af, by = values[item["executed_flops"]], values[item["bytes"]]
             gemm = tuple(values[g] for g in item["gemm"]) if item["gemm"] is not None else None
-            ce, me = self.cal.efficiency(item["kind"], gemm, by, item["variant"], item["backward"])
+            per_kernel = products_per_kernel(gemm, values[item["kernels"]])
+            ce, me = self.cal.efficiency(item["kind"], gemm, by, item["variant"], item["backward"], per_kernel)
             mult = item["mult"]
             # the roofline (flopsim.roofline.roofline_time) with the multiplicity folded in
             c, m, t = roofline_time(af, by, item["peak"] / mult, bw / mult, ce, me, 0.0)

@@ -142,6 +142,9 @@ class Validation:
         forward = [r["error"] for r in self.per_model if r["phase"] == "forward"]
         gemm = [r["error"] for r in self.per_op if r["gemm"]]
         speed = [r["error"] for r in self.speedups]
+        queued = [r for r in self.per_model if r.get("device_error", "") != ""]
+        free = [r for r in queued if not r["host_waits"]]  # steps that queue ahead freely
+        host = [r["host_error"] for r in free if r["host_error"] != ""]
         kinds = sorted({r["kind"] for r in self.per_op})
         by_kind = {k: {"median_abs_error": _abs_quantile([r["error"] for r in self.per_op if r["kind"] == k], 0.5),
                        "p90_abs_error": _abs_quantile([r["error"] for r in self.per_op if r["kind"] == k], 0.9),
@@ -169,6 +172,11 @@ class Validation:
             "median_abs_error_gemm": _abs_quantile(gemm, 0.5),
             "p90_abs_error_gemm": _abs_quantile(gemm, 0.9),
             "median_abs_error_speedup": _abs_quantile(speed, 0.5),
+            "median_abs_error_device": _abs_quantile([r["device_error"] for r in free], 0.5),
+            "median_signed_error_device": _signed_median([r["device_error"] for r in free]),
+            "median_abs_error_host": _abs_quantile(host, 0.5),
+            "median_signed_error_host": _signed_median(host),
+            "queued_cases": len(free), "queued_cases_host_waits": len(queued) - len(free),
             "p90_abs_error_speedup": _abs_quantile(speed, 0.9),
             "cases": len(self.per_model), "gemm_ops": len(gemm), "speedups": len(speed),
             "by_kind": by_kind, "by_phase": by_phase, "by_family": by_family,
@@ -185,6 +193,9 @@ class Measured:
     modules: tuple
     runs: list
     reading: object = None
+    device_runs: list = field(default_factory=list)  # a GPU: device seconds per step, queued (profiling.time_queued)
+    host_runs: list = field(default_factory=list)  # a GPU: host seconds per step spent queueing it
+    host_waits: bool = False  # the step synchronises inside (its queued times are upper bounds)
 
 
 def join_measurements(out: "Validation", cases: list, jobs: list, measured: list, hw, cal) -> list:
@@ -196,7 +207,8 @@ def join_measurements(out: "Validation", cases: list, jobs: list, measured: list
         at_speed = (predicted_modules(case.spec, phase, case.batch, case.seq, seen.context, hw,
                                       cal.at_speed(seen.reading))[0] if seen.reading else None)  # beside the runs
         results[(case.name, phase)] = (result.time_s, statistics.median(seen.runs))
-        out.per_model.append(_model_row(case, phase, result, seen.runs, at_speed, seen.reading))
+        out.per_model.append({**_model_row(case, phase, result, seen.runs, at_speed, seen.reading),
+                              **_queued_columns(result, seen)})
         out.per_op += _op_rows(case, phase, seen.modules, predicted, members, gemm_shapes)
     out.speedups = _speedup_rows(cases, results)
     return gemm_shapes
@@ -248,6 +260,8 @@ def run_validation(device: str = "cpu", suite: str = "quick", *, hardware: Optio
     walls, readings = time_rounds(runners, rounds=rounds, progress=tick, probe=probe)
     measured = [Measured(runner.context, runner.modules, runs, median_reading(seen) if seen else None)
                 for runner, runs, seen in zip(runners, walls, readings)]
+    if device == "cuda":
+        _time_queued(runners, measured, tick)
     gemm_shapes = join_measurements(out, cases, jobs, measured, hw, cal)
     tick("done", len(jobs), len(jobs))
     overlap = overlapping_shapes(cal, gemm_shapes)
@@ -260,6 +274,37 @@ def run_validation(device: str = "cpu", suite: str = "quick", *, hardware: Optio
         "calibrated_in_run": calibrated_here, "environment": environment, "timing_rounds": rounds,
     }
     return out
+
+
+def _time_queued(runners: list, measured: list, tick) -> None:
+    """Each GPU step's device and host seconds, apart (flopsim.profiling.time_queued),
+    into its Measured; nothing where the spin kernel is unavailable."""
+    import torch
+
+    from flopsim.gpu_timing import DeviceClock
+    from flopsim.profiling import time_queued
+
+    clock = DeviceClock.create(torch)
+    if clock is None:
+        return
+    for i, (runner, seen) in enumerate(zip(runners, measured)):
+        tick(f"queued timing: {runner.spec.name} {runner.phase}", i, len(runners))
+        seen.device_runs, seen.host_runs, seen.host_waits = time_queued(runner, clock)
+
+
+def _queued_columns(result, seen: Measured) -> dict:
+    """A model row's device and host sides, predicted and measured apart (a GPU's queued
+    timing; empty values where none was taken)."""
+    if not seen.device_runs:
+        return dict.fromkeys(("measured_device_s", "device_error", "measured_host_s", "host_error", "host_waits",
+                              "measured_device_runs_s", "measured_host_runs_s"), "")
+    device_s, host_s = statistics.median(seen.device_runs), statistics.median(seen.host_runs)
+    predicted_device, predicted_host = result.total("device_s"), result.total("host_s")
+    return {"measured_device_s": device_s, "device_error": predicted_device / device_s - 1,
+            "measured_host_s": host_s, "host_error": (predicted_host / host_s - 1) if predicted_host else "",
+            "host_waits": seen.host_waits,
+            "measured_device_runs_s": ";".join(f"{t:.17g}" for t in seen.device_runs),
+            "measured_host_runs_s": ";".join(f"{t:.17g}" for t in seen.host_runs)}
 
 
 def _calibration(device, hw, calibration, recalibrate: bool, threads, tick):
@@ -394,6 +439,18 @@ def _pct(x) -> str:
     return "-" if x != x else f"{100 * x:.1f}%"
 
 
+def _queued_lines(summary: dict) -> list:
+    """The summary table's rows for a GPU's two sides, timed apart (none elsewhere)."""
+    if not summary.get("queued_cases") and not summary.get("queued_cases_host_waits"):
+        return []
+    waits = summary.get("queued_cases_host_waits", 0)
+    note = f" ({waits} more synchronise inside: left out)" if waits else ""
+    return [f"| device time per step, queued (host left out){note} | {_pct(summary['median_abs_error_device'])} "
+            f"(signed {_pct(summary['median_signed_error_device'])}) | | {summary['queued_cases']} |",
+            f"| host time per step (dispatch alone){note} | {_pct(summary['median_abs_error_host'])} "
+            f"(signed {_pct(summary['median_signed_error_host'])}) | | {summary['queued_cases']} |"]
+
+
 def summary_markdown(validation: Validation, summary: dict) -> str:
     lines = [
         f"# flopsim validation: {summary['device']} ({summary.get('device_name', '')})",
@@ -413,6 +470,7 @@ def summary_markdown(validation: Validation, summary: dict) -> str:
         f"| end-to-end time, forward | {_pct(summary['median_abs_error_e2e_forward'])} | | {summary['by_phase'].get('forward', {}).get('cases', 0)} |",
         f"| per GEMM op | {_pct(summary['median_abs_error_gemm'])} | {_pct(summary['p90_abs_error_gemm'])} | {summary['gemm_ops']} |",
         f"| speedup over dense | {_pct(summary['median_abs_error_speedup'])} | {_pct(summary['p90_abs_error_speedup'])} | {summary['speedups']} |",
+        *_queued_lines(summary),
         "",
         "## By phase (end to end)",
         "",

@@ -18,6 +18,7 @@ from flopsim.validate import (
     overlapping_shapes,
     predicted_modules,
     run_validation,
+    summary_markdown,
     write_calibration,
     write_report,
 )
@@ -106,23 +107,25 @@ def test_overlap_check_finds_shared_shapes():
 def test_suites_load_on_every_device_and_avoid_calibration_shapes(suite):
     """Every device a suite names gets valid specs (a GPU's changes are loaded nowhere
     else before a GPU run), and no validation product is a calibration shape."""
-    from flopsim.calibrate import ATTENTION_SHAPES, ATTENTION_SHAPES_GPU, GEMM_INPUTS, GEMM_OUTPUTS, GEMM_ROWS
+    from flopsim.calibrate import ATTENTION_SHAPES, ATTENTION_SHAPES_GPU, GEMM_GRID
     from flopsim.count import count
     from flopsim.validate import load_suite, suite_path
 
-    calibration = {(1, m, n, k) for m in GEMM_ROWS for n in GEMM_OUTPUTS for k in GEMM_INPUTS}
-    calibration |= {(b * h, s, t, d) for b, h, s, t, d in ATTENTION_SHAPES + ATTENTION_SHAPES_GPU}
     devices = yaml.safe_load(suite_path(suite).read_text())["devices"]
     assert set(devices) == {"cpu", "cuda"}
-    cases = [case for device in devices for case in load_suite(suite, device)]
     gpu = load_suite(suite, "cuda")[0]
     assert (gpu.spec.dtype, gpu.batch * gpu.seq) == ("bf16", 4096)  # the device's own shape applies
-    for case in cases:
-        for phase in case.phases:
-            ctx = case.context if phase == "decode" else None
-            for op in count(case.spec, batch=case.batch, seq=case.seq, phase=phase, context=ctx).ops:
-                if op.gemm:
-                    assert tuple(op.gemm) not in calibration, (case.name, op.name)
+    for device in devices:  # each device's cases against the shapes its own calibration measures
+        rows, outputs, inputs = GEMM_GRID[device]
+        calibration = {(1, m, n, k) for m in rows for n in outputs for k in inputs}
+        calibration |= {(b * h, s, t, d) for b, h, s, t, d in
+                        ATTENTION_SHAPES + (ATTENTION_SHAPES_GPU if device == "cuda" else ())}
+        for case in load_suite(suite, device):
+            for phase in case.phases:
+                ctx = case.context if phase == "decode" else None
+                for op in count(case.spec, batch=case.batch, seq=case.seq, phase=phase, context=ctx).ops:
+                    if op.gemm:
+                        assert tuple(op.gemm) not in calibration, (device, case.name, op.name)
 
 
 def test_predicted_modules_join_ops_to_reference_modules():
@@ -248,11 +251,63 @@ def test_gemms_into_needs_a_measured_calibration_of_this_device():
     assert r.exit_code == 2 and "gemms-into" in r.stderr and r.stderr.count("\n") == 1
 
 
-def test_the_h200_eager_calibration_is_measured_and_overlaps_host_dispatch():
-    """The shipped H200 eager calibration: measured, its products re-measured aligned,
-    host dispatch per kernel separate from the device's fixed costs."""
-    cal = load_calibration("h200-eager", load_hardware("h200"))
-    assert cal.kind == "measured" and cal.measured["gemms_remeasured"]["points"] == 240
-    assert cal.host_s["launch"] > cal.launch_overhead_s > 0
-    assert cal.default.compute == cal.kinds["matmul"].compute
-    assert load_calibration("auto", load_hardware("h200")).kind == "published"  # not the default
+def test_gemms_into_replaces_the_products_and_the_fixed_costs(smoke_calibration):
+    """`--gemms-into` re-measures the fixed costs and the forward products of a measured
+    calibration and keeps everything else (attention, memory-bound sizes, links)."""
+    from flopsim.calibrate import calibrate
+
+    base, _ = smoke_calibration
+    planted = base.model_copy(update={"fixed_s": {k: 1.0 for k in base.fixed_s}, "launch_overhead_s": 1.0})
+    cal, _ = calibrate("cpu", threads=1, min_time_s=0.001, repeats=2, smoke=True, gemms_into=planted)
+    fresh = [k for k in cal.fixed_s if "@bwd" not in k and k != "optimizer"]  # nor backward kernels, nor Adam
+    assert set(cal.fixed_s) == set(base.fixed_s) and fresh and max(cal.fixed_s[k] for k in fresh) < 1.0
+    assert cal.launch_overhead_s < 1.0
+    assert cal.sizes == base.sizes and [p for p in cal.gemm if p.kind == "attention"] == [
+        p for p in base.gemm if p.kind == "attention"]
+    assert "re-measured" in cal.source and cal.measured["gemms_remeasured"]["points"] > 0
+
+
+def test_the_h200_calibrations_are_measured_and_the_default_is_the_devices_side():
+    """The shipped H200 calibrations: eager (measured, products and fixed costs re-measured
+    on the aligned GPU grid, host dispatch per kernel apart from the device's fixed costs),
+    the default (the same without the host's dispatch) and the published seed it replaced."""
+    hw = load_hardware("h200")
+    eager, default = load_calibration("h200-eager", hw), load_calibration("auto", hw)
+    assert eager.kind == default.kind == "measured"
+    assert eager.measured["gemms_remeasured"]["points"] == len([p for p in eager.gemm if p.kind == "matmul"
+                                                                 and not p.backward])
+    assert {(p.n, p.k) for p in eager.gemm if p.kind == "matmul" and p.m == 8192} <= {
+        (n, k) for n in (1, 8, 96, 384, 1408, 5120) for k in (24, 96, 384, 1408, 5120)}
+    assert eager.host_s["launch"] > eager.launch_overhead_s > 0 and 0 < eager.graph_launch_s < eager.launch_overhead_s
+    assert eager.default.compute == eager.kinds["matmul"].compute
+    assert not default.host_s and default.model_copy(update={"host_s": eager.host_s, "source": eager.source}) == eager
+    assert load_calibration("h200-published", hw).kind == "published"
+
+
+def test_a_gpus_two_sides_are_scored_apart(tiny_report, tmp_path):
+    """A GPU folder's queued timing (device seconds and host seconds per step, measured
+    apart) comes back through `validate --measurements`: each row's device error is the
+    predicted device time against the queued one, steps that synchronise inside are left
+    out of the median, and the summary names both."""
+    import shutil
+
+    from flopsim.repredict import repredict
+
+    folder = tmp_path / "gpu"
+    shutil.copytree(tiny_report[0] / "out", folder)
+    rows = pd.read_csv(folder / "per_model.csv")
+    rows["measured_device_runs_s"] = [f"{2 * t!r};{2 * t!r};{3 * t!r}" for t in rows["predicted_device_s"]]
+    rows["measured_host_runs_s"] = "0.001;0.001;0.001"
+    rows["host_waits"] = [i == 0 for i in range(len(rows))]
+    rows.to_csv(folder / "per_model.csv", index=False)
+    again = repredict(folder)
+    scored = [r for r in again.per_model if not r["host_waits"]]
+    assert [r["device_error"] for r in scored] == pytest.approx([-0.5] * len(scored))  # 1 / median(2, 2, 3) - 1
+    summary = again.summary()
+    assert summary["median_abs_error_device"] == pytest.approx(0.5)
+    assert (summary["queued_cases"], summary["queued_cases_host_waits"]) == (len(rows) - 1, 1)
+    assert summary["median_abs_error_host"] != summary["median_abs_error_host"]  # a CPU calibration: no host side
+    text = summary_markdown(again, summary)
+    assert "device time per step, queued" in text and "1 more synchronise inside" in text
+    plain = repredict(tiny_report[0] / "out").summary()
+    assert plain["queued_cases"] == 0 and "device time per step" not in summary_markdown(again, plain)

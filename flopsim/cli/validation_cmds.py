@@ -23,7 +23,7 @@ def calibrate(
     threads: Optional[int] = ThreadsOpt,
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Calibration file (default: specs/calibration/<hardware>.yaml, which the roofline picks up)."),
     fmt: Format = typer.Option(Format.table, "--format", "-f"),
-    gemms_into: Optional[str] = typer.Option(None, "--gemms-into", help="Measure only the matrix products and replace them in this measured calibration of the device (written to --output, default: this file)."),
+    gemms_into: Optional[str] = typer.Option(None, "--gemms-into", help="Measure only the fixed costs and the matrix products and replace them in this measured calibration of the device (written to --output, default: this file)."),
 ):
     """Measure kernel efficiencies on this device (matmuls incl. decode shapes, attention, copies, elementwise, gather/scatter/top-k)."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -136,6 +136,9 @@ def _print_validation(result, summary: dict, folder: Path, fmt: Format):
         ["end to end (forward)", f"{100 * summary['median_abs_error_e2e_forward']:.1f}%", ""],
         ["per GEMM op", f"{100 * summary['median_abs_error_gemm']:.1f}%", f"{100 * summary['p90_abs_error_gemm']:.1f}%"],
         ["speedup over dense", f"{100 * summary['median_abs_error_speedup']:.1f}%", f"{100 * summary['p90_abs_error_speedup']:.1f}%"],
+        *([["device time per step, queued", f"{100 * summary['median_abs_error_device']:.1f}%", ""],
+           ["host time per step", f"{100 * summary['median_abs_error_host']:.1f}%", ""]]
+          if summary.get("queued_cases") else []),
     ]))
 
 
