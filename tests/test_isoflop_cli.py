@@ -95,17 +95,29 @@ def test_user_csv_law(tmp_path):
     assert laws.exit_code == 0 and "RMSE" in laws.stdout
 
 
-def test_laws_lists_the_four():
+def test_laws_lists_every_law_with_its_convention_and_source():
     r = run("laws", "--format", "json")
     assert r.exit_code == 0, r.output
-    names = [d["name"] for d in json.loads(r.stdout)]
-    assert names == ["chinchilla", "besiroglu", "krajewski", "clark"]
+    data = json.loads(r.stdout)
+    assert [d["name"] for d in data] == ["chinchilla-1", "chinchilla-2", "chinchilla-3", "chinchilla-3-printed",
+                                         "kaplan", "deepseek", "besiroglu", "krajewski", "clark"]
+    for d in data:
+        assert d["flops_convention"].startswith(("C = 6 N D", "C = M D")) and d["source"] and d["params_kind"]
+    gives = {d["name"]: d["gives"] for d in data}
+    assert gives["chinchilla-1"] == gives["kaplan"] == "allocation" and gives["chinchilla-3"] == "loss"
+    table = run("laws")
+    assert table.exit_code == 0 and "fitted FLOPs" in table.stdout and "kaplan" in table.stdout
+    assert run("laws", "chinchilla", "-f", "json").exit_code == 0
 
 
 @pytest.mark.parametrize("args,fragments", [
     (["--budget", "-1e20"], ["budget", "-1e+20"]),
     (["--budget", "0"], ["budget"]),
-    (["--budget", "1e20", "--law", "kaplan"], ["unknown law", "kaplan"]),
+    (["--budget", "1e20", "--law", "kaplan-2"], ["unknown law", "kaplan-2"]),
+    (["--budget", "1e20", "--law", "chinchilla-1", "--family", "dense,mod", "--mod-effective-params", "1"],
+     ["chinchilla-1", "allocation only"]),
+    (["--budget", "1e20", "--law", "kaplan", "--gpu-hours", "10", "--hardware", "h100-sxm"], ["kaplan", "iso-time"]),
+    (["--budget", "1e20", "--law", "chinchilla-2", "--plot", "curves.png"], ["allocation only", "plot"]),
     (["--budget", "1e20", "--flops-rule", "2N"], ["flops-rule"]),
     (["--budget", "1e20", "--family", "sparse"], ["family"]),
     (["--budget", "1e20", "--family", "mod"], ["mod-effective-params"]),

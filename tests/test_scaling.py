@@ -21,7 +21,10 @@ C_CHINCHILLA = 5.76e23  # Gopher's budget, at which Hoffmann et al. trained Chin
 
 
 def test_published_coefficients_are_the_papers():
-    assert PUBLISHED["chinchilla"] == dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
+    assert PUBLISHED["chinchilla-3-printed"] == dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
+    assert PUBLISHED["chinchilla-3"] == dict(E=math.exp(0.5267228), A=math.exp(6.0073404), B=math.exp(6.0179186),
+                                             alpha=0.33917084, beta=0.2849083)
+    assert PUBLISHED["kaplan"] == dict(coefficient=1.3e9, exponent=0.73, unit_flops=8.64e19, compute_fraction=0.5)
     assert PUBLISHED["besiroglu"] == dict(E=1.8172, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658)
     k = PUBLISHED["krajewski"]
     assert k["moe"] == dict(a=18.1, alpha=0.115, b=30.8, beta=0.147, g=2.1, gamma=0.58, c=0.47)
@@ -64,7 +67,7 @@ def test_clark_effective_parameters():
 
 def test_unknown_law_is_one_line_error():
     with pytest.raises(InputError, match="unknown law"):
-        load_law("kaplan")
+        load_law("kaplan-2")
 
 
 # -- isoFLOP optima ------------------------------------------------------------
@@ -82,13 +85,13 @@ def test_chinchilla_6n_optimum_matches_the_closed_form():
     d_opt = C_CHINCHILLA / (6 * n_opt)
     assert n_opt == pytest.approx(3.219e10, rel=1e-3)  # rounded approach-3 coefficients: ~32B, ~93 tokens/param
 
-    closed = isoflop(C_CHINCHILLA, law="chinchilla", flops_rule="6N")
+    closed = isoflop(C_CHINCHILLA, law="chinchilla-3-printed", flops_rule="6N")
     assert closed.primary.method.startswith("closed form")
     assert closed.params == pytest.approx(n_opt, rel=1e-9)
     assert closed.tokens == pytest.approx(d_opt, rel=1e-9)
     assert closed.loss == pytest.approx(E + A / n_opt ** a + B / d_opt ** b, rel=1e-12)
 
-    numeric = isoflop(C_CHINCHILLA, law="chinchilla", flops_rule="6N", method="numeric")
+    numeric = isoflop(C_CHINCHILLA, law="chinchilla-3-printed", flops_rule="6N", method="numeric")
     assert numeric.primary.method.startswith("numeric")
     assert numeric.params == pytest.approx(n_opt, rel=1e-5)
     assert numeric.tokens == pytest.approx(d_opt, rel=1e-5)

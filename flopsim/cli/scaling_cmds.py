@@ -23,7 +23,7 @@ def _n(x) -> str:
 @app.command()
 def isoflop(
     budget: Optional[List[float]] = typer.Option(None, "--budget", "-c", help="Training budget in FLOPs (repeat for several), e.g. 5.76e23."),
-    law: str = typer.Option("chinchilla", "--law", "-l", help="chinchilla | besiroglu | krajewski | clark[:s-base|rl-r|hash[:BASE]] | RUNS.csv (params, tokens, loss) to fit."),
+    law: str = typer.Option("chinchilla-3", "--law", "-l", help="chinchilla-1 | chinchilla-2 | chinchilla-3 (alias chinchilla) | chinchilla-3-printed | kaplan | deepseek | besiroglu | krajewski | clark[:s-base|rl-r|hash[:BASE]] | RUNS.csv (params, tokens, loss) to fit; `flopsim laws` lists them."),
     family: Optional[List[str]] = typer.Option(None, "--family", help="dense | mod | moe (repeat or comma-separate); dense is the reference."),
     flops_rule: str = typer.Option("exact", "--flops-rule", help="exact (flopsim's training FLOPs/token) | 6N."),
     hardware: Optional[str] = typer.Option(None, "--hardware", help="Hardware spec for step time and speedup (e.g. h100-sxm)."),
@@ -56,10 +56,13 @@ def isoflop(
     plot_path = None
     if plot is not None:  # checked before anything is computed
         from flopsim.outputs import check_output_file
+        from flopsim.scaling.laws import AllocationLaw, load_law
 
         plot_path = check_output_file(plot, "plot")
         if plot_path.suffix.lower() != ".png":
             raise InputError(f"plot: {plot!r}: expected a .png path")
+        if isinstance(load_law(law), AllocationLaw):
+            raise InputError(f"plot: law {law!r} gives the allocation only: no loss curves to plot")
     budgets = list(budget or [])
     # the plot shows several budgets: with one given, add decades around it
     sweep = budgets
@@ -111,7 +114,9 @@ def _print_table(result, written, budgets=None):
     out = console()
     law = result.law
     out.print(f"[bold]isoFLOP[/] law [bold]{law.name}[/]: {law.source}", soft_wrap=True)
-    out.print(f"  N = {law.params_kind.replace('_', '-')} parameters; FLOPs/token "
+    size = ("M = non-embedding FLOPs per token" if law.params_kind == "flops_per_token"
+            else f"N = {law.params_kind.replace('_', '-')} parameters")
+    out.print(f"  {size}; FLOPs/token "
               f"{'exact (flopsim train count / seq)' if result.flops_rule == 'exact' else '= 6N'}; seq {result.seq}")
     for a in result.assumptions:
         if a.startswith("ASSUMPTION"):
@@ -121,13 +126,7 @@ def _print_table(result, written, budgets=None):
     for b in (budgets or result.budgets):
         out.print(f"\n[bold]budget {b:.3g} FLOPs[/]")
         for fam in result.families:
-            o = result.optima[(fam, b)]
-            s = o.shape
-            out.print(f"  {fam:5s} optimum ({_method(o.method)}): N {human(o.params)}, tokens {human(o.tokens)}, "
-                      f"{o.tokens_per_param:.1f} tokens/N, loss [bold]{o.loss:.4f}[/]")
-            n = "" if law.params_kind == "total" else f"N {human(s.law_params(law.params_kind))}, "
-            out.print(f"        nearest shape {s.name}: {n}{human(s.params)} params in all ({human(s.active)} "
-                      f"active), {human(s.flops_per_token, 'FLOP')}/token, loss {o.shape_loss:.4f}", highlight=False)
+            _print_optimum(out, law, fam, result.optima[(fam, b)])
     if result.comparison and (len(result.families) > 1 or result.hardware):
         b = result.budgets[0]
         hw = result.hardware or "no --hardware: no step time"
@@ -147,16 +146,17 @@ def _print_table(result, written, budgets=None):
             out.print(f"  {fam:5s} optimum: params {human(o.params)}, tokens {human(o.tokens)}, "
                       f"{o.tokens_per_param:.1f} tokens/param, loss [bold]{o.loss:.4f}[/], "
                       f"{o.tokens * o.flops_per_token:.3g} FLOPs; nearest shape {s.name}")
-    # the curve of the reference family at the first budget
-    curve = result.curve
+    # the curve of the reference family at the first budget (none under a law with no loss)
+    curve = result.curve if any(r["loss"] is not None for r in result.curve) else []
     shown = [r for r in curve if 1.0 <= r["tokens_per_param"] <= 1000.0 or r["optimal_shape"]]
     fam0 = result.families[0]
     where = f"{result.budgets[0]:.3g} FLOPs" if result.budgets else f"{result.iso_time['gpu_hours']:g} GPU-hours"
     rows = [[("* " if r["optimal_shape"] else "") + r["shape"], _n(r["law_params"]), _n(r["tokens"]),
-             f"{r['tokens_per_param']:.1f}", human(r["flops_per_token"], "FLOP"), f"{r['loss']:.4f}"] for r in shown]
-    out.print(rich_table(f"\ncurve: {fam0} at {where} ({len(shown)} of {len(curve)} shapes with 1-1000 "
-                         f"tokens/param; --format csv for all)",
-                         ["shape", "params", "tokens", "tokens/param", "FLOPs/token", "loss"], rows))
+             f"{r['tokens_per_param']:.1f}", human(r["flops_per_token"], "FLOP"), _loss(r["loss"])] for r in shown]
+    if curve:
+        out.print(rich_table(f"\ncurve: {fam0} at {where} ({len(shown)} of {len(curve)} shapes with 1-1000 "
+                             f"tokens/param; --format csv for all)",
+                             ["shape", "params", "tokens", "tokens/param", "FLOPs/token", "loss"], rows))
     for a in result.assumptions:
         if not a.startswith("ASSUMPTION"):
             out.print(f"[dim]note: {a}[/]", soft_wrap=True)
@@ -166,6 +166,35 @@ def _print_table(result, written, budgets=None):
         extra = [b for b in result.budgets if b not in (budgets or [])]
         also = f" (with budgets {', '.join(f'{b:.3g}' for b in extra)} for comparison)" if extra else ""
         out.print(f"wrote {written}{also}")
+
+
+def _loss(x) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def _print_optimum(out, law, fam: str, o) -> None:
+    """One optimum: where it lies, in the law's own convention, and the nearest concrete shape."""
+    s = o.shape
+    per_flop = law.params_kind == "flops_per_token"  # DeepSeek's M: FLOPs per token, not parameters
+    size = (lambda x: f"M {human(x, 'FLOP')}/token") if per_flop else (lambda x: f"N {human(x)}")
+    ratio = "" if per_flop else f"{o.tokens_per_param:.1f} tokens/N, "
+    out.print(f"  {fam:5s} optimum ({_method(o.method)}): {size(o.params)}, tokens {human(o.tokens)}, "
+              f"{ratio}loss [bold]{_loss(o.loss)}[/]")
+    if o.law_optimum is not None and o.law_optimum[0] != o.params:
+        n, d = o.law_optimum
+        out.print(f"        in the law's convention ({law.flops_convention}): {size(n)}, tokens {human(d)}",
+                  soft_wrap=True)
+    n = "" if law.params_kind == "total" else f"{size(s.law_params(law.params_kind))}, "
+    out.print(f"        nearest shape {s.name}: {n}{human(s.params)} params in all ({human(s.active)} "
+              f"active), {human(s.flops_per_token, 'FLOP')}/token exact, {human(o.shape_tokens)} tokens, "
+              f"loss {_loss(o.shape_loss)}", highlight=False)
+    gap = o.convention_gap
+    if gap is not None:
+        verb = "understates" if gap < 0 else "overstates"
+        rule = "M" if per_flop else f"6N ({law.params_kind.replace('_', '-')} parameters)"
+        out.print(f"        {rule} {verb} this shape's training FLOPs "
+                  f"by {abs(gap):.0%} ({human(o.convention_flops_per_token, 'FLOP')}/token against "
+                  f"{human(s.flops_per_token, 'FLOP')} exact)", highlight=False)
 
 
 def _print_fit(out, fit):
@@ -216,13 +245,25 @@ def laws(
     if fmt == Format.json:
         return print_json(data if law is None else data[0])
     if fmt == Format.csv:
-        return print_csv({"name": d["name"], "source": d["source"], "params_kind": d["params_kind"],
-                          "coefficients": str(d["coefficients"])} for d in data)
+        return print_csv({"name": d["name"], "gives": d["gives"], "params_kind": d["params_kind"],
+                          "flops_convention": d["flops_convention"],
+                          "fitted_flops": "" if not d["fitted_flops"] else "{:.2g} to {:.2g}".format(*d["fitted_flops"]),
+                          "source": d["source"], "coefficients": str(d["coefficients"])} for d in data)
     out = console()
+    if law is None:
+        rows = [[d["name"], d["gives"], ", ".join(d["families"]), d["params_kind"].replace("_", "-"),
+                 "-" if not d["fitted_flops"] else "{:.2g} to {:.2g}".format(*d["fitted_flops"]),
+                 d["source"].split(",")[0]] for d in data]
+        out.print(rich_table("Scaling laws (`flopsim laws NAME` for one in full; alias chinchilla = chinchilla-3)",
+                             ["law", "gives", "families", "N counts", "fitted FLOPs", "source"], rows))
     for d in data:
-        out.print(f"[bold]{d['name']}[/] ({', '.join(d['families'])}; N = {d['params_kind']} parameters)")
-        out.print(f"  {d['source']}")
+        out.print(f"\n[bold]{d['name']}[/] ({d['gives']}; {', '.join(d['families'])}; N = {d['params_kind']} parameters)")
+        out.print(f"  {d['source']}", soft_wrap=True)
+        out.print(f"  convention: {d['flops_convention']}", soft_wrap=True)
+        fitted = d["fitted_flops"]
+        out.print(f"  fitted on: {'{:.2g} to {:.2g} FLOPs'.format(*fitted) if fitted else 'range not known'}"
+                  f"{' (' + d['fitted_note'] + ')' if d['fitted_note'] else ''}", soft_wrap=True)
         for line in _coefficient_lines(d["coefficients"]):
             out.print(f"  {line}")
         for n in d["notes"]:
-            out.print(f"  [dim]{n}[/]")
+            out.print(f"  [dim]{n}[/]", soft_wrap=True)

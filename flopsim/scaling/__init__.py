@@ -4,7 +4,7 @@
     r = flopsim.isoflop(5.76e23, law="besiroglu", flops_rule="6N")
     r.params, r.tokens, r.loss, r.curve
 
-- `laws`: the published laws (chinchilla, besiroglu, krajewski, clark) with
+- `laws`: the published laws (chinchilla-1/-2/-3, kaplan, besiroglu, krajewski, clark) with
   their sources and coefficients in one table; `load_law(name_or_csv)`.
 - `fit`: fit L = E + A/N^alpha + B/D^beta to the user's runs (Hoffmann et
   al. 2022 approach 3: Huber on log loss, L-BFGS from a grid of starts).

@@ -49,7 +49,7 @@ import numpy as np
 
 from flopsim.errors import InputError, bad_value
 from flopsim.scaling.ladder import LadderRule, ModOptions, MoeOptions, by_depth, shape_cost, variant
-from flopsim.scaling.laws import ChinchillaLaw, Law, load_law
+from flopsim.scaling.laws import AllocationLaw, ChinchillaLaw, Law, load_law
 from flopsim.spec.paths import exists
 
 FAMILIES = ("dense", "mod", "moe")
@@ -85,30 +85,44 @@ class Optimum:
     budget: float  # FLOPs (iso-FLOP) or GPU-hours (iso-time)
     params: float  # in the law's parameter count
     tokens: float
-    loss: float
+    loss: Optional[float]  # None under a law that gives the allocation only
     method: str
     shape: object  # ShapeCost nearest to `params`
     shape_tokens: float
-    shape_loss: float
+    shape_loss: Optional[float]
     flops_per_token: float  # interpolated at the optimum
     at_edge: bool = False
     kind: str = "flops"  # flops | gpu_hours
+    law_optimum: Optional[tuple] = None  # (N, D) in the law's own convention (C = 6 N D), where it has one
+    convention_flops_per_token: Optional[float] = None  # the shape's FLOPs per token in the law's convention
 
     @property
     def tokens_per_param(self) -> float:
         return self.tokens / self.params
 
+    @property
+    def convention_gap(self) -> Optional[float]:
+        """The law's convention against the shape's exact training FLOPs per token, minus 1
+        (negative: the convention understates them)."""
+        if self.convention_flops_per_token is None:
+            return None
+        return self.convention_flops_per_token / self.shape.flops_per_token - 1.0
+
     def to_dict(self) -> dict:
         s = self.shape
+        law = self.law_optimum
         return {
             "family": self.family, ("budget_flops" if self.kind == "flops" else "budget_gpu_hours"): self.budget,
             "params": self.params, "tokens": self.tokens, "loss": self.loss,
             "tokens_per_param": self.tokens_per_param, "flops_per_token": self.flops_per_token,
             "training_flops": self.tokens * self.flops_per_token, "method": self.method,
             "at_ladder_edge": self.at_edge,
+            "law_optimum": None if law is None else {"params": law[0], "tokens": law[1]},
             "shape": {"name": s.name, "layers": s.layers, "d_model": s.d_model, "params": s.params,
                       "active_params": s.active, "flops_per_token": s.flops_per_token,
-                      "tokens": self.shape_tokens, "loss": self.shape_loss},
+                      "tokens": self.shape_tokens, "loss": self.shape_loss,
+                      "convention_flops_per_token": self.convention_flops_per_token,
+                      "convention_gap": self.convention_gap},
         }
 
 
@@ -203,8 +217,11 @@ class LawView:
         return self.law.loss(N, D, family=fam, E=cost.experts, G=cost.granularity)
 
     def cost_per_token_6n(self, cost) -> float:
+        """Training FLOPs per token in the law's convention: 6 N (or M itself, for a law whose
+        model size is FLOPs per token)."""
         active = self.family != "dense"
-        return 6.0 * cost.law_params(self.law.params_kind, active=active)
+        size = cost.law_params(self.law.params_kind, active=active)
+        return size if self.law.params_kind == "flops_per_token" else 6.0 * size
 
 
 def _is_clark(law) -> bool:
@@ -272,9 +289,37 @@ def _sweep(view: LawView, costs: list, per_token: np.ndarray, budget: float, kin
     k = int(np.argmin(np.abs(np.log(N) - math.log(n_opt))))
     opt = Optimum(family=view.family, budget=budget, params=float(n_opt), tokens=float(d_opt), loss=float(l_opt),
                   method=how, shape=costs[k], shape_tokens=float(D[k]), shape_loss=float(loss[k]),
-                  flops_per_token=float(fpt_opt), at_edge=bool(at_edge), kind=kind)
+                  flops_per_token=float(fpt_opt), at_edge=bool(at_edge), kind=kind,
+                  law_optimum=_law_optimum(view, budget, kind),
+                  convention_flops_per_token=view.cost_per_token_6n(costs[k]))
     for r, c in zip(rows, costs):
         r["optimal_shape"] = c is costs[k]
+    return opt, rows
+
+
+def _law_optimum(view: LawView, budget: float, kind: str) -> Optional[tuple]:
+    """The dense optimum in the law's own convention (C = 6 N D), where the law has one."""
+    if kind != "flops" or view.family != "dense" or view.mod_factor is not None:
+        return None
+    return view.law.optimum(budget)
+
+
+def _allocate(view: LawView, costs: list, per_token: np.ndarray, budget: float) -> tuple[Optimum, list]:
+    """The optimum of a law that gives the allocation only (AllocationLaw): N_opt(C) and
+    D_opt = C / (6 N_opt) in its convention, and the ladder shape nearest N_opt with the
+    tokens the budget buys it (no loss, no curve of losses)."""
+    n_opt, d_opt = view.law.optimum(budget)
+    N = np.array([view.n(c) for c in costs], dtype=float)
+    k = int(np.argmin(np.abs(np.log(N) - math.log(n_opt))))
+    rows = [{"shape": c.name, "layers": c.layers, "d_model": c.d_model, "params": c.params,
+             "law_params": float(n), "active_params": c.active, "flops_per_token": c.flops_per_token,
+             "tokens": float(budget / t), "tokens_per_param": float(budget / t / n), "loss": None,
+             "optimal_shape": i == k} for i, (c, n, t) in enumerate(zip(costs, N, per_token))]
+    opt = Optimum(family=view.family, budget=budget, params=float(n_opt), tokens=float(d_opt), loss=None,
+                  method=f"the law's allocation (N_opt = {view.law.coefficient:.4g} x^{view.law.exponent:.4f})",
+                  shape=costs[k], shape_tokens=float(budget / per_token[k]), shape_loss=None,
+                  flops_per_token=budget / d_opt, at_edge=not (N.min() <= n_opt <= N.max()),
+                  law_optimum=(n_opt, d_opt), convention_flops_per_token=view.cost_per_token_6n(costs[k]))
     return opt, rows
 
 
@@ -461,7 +506,7 @@ def _flop_matched(family, target_fpt, shapes, seq, mod, moe, rule: Optional[Ladd
     return _match(cands, target_fpt)
 
 
-def isoflop(budget=None, law="chinchilla", *, families: Sequence[str] = ("dense",), flops_rule: str = "exact",
+def isoflop(budget=None, law="chinchilla-3", *, families: Sequence[str] = ("dense",), flops_rule: str = "exact",
             seq: int = 2048, batch: int = 8, ladder=None, shapes=None, hardware=None,
             gpu_hours: Optional[float] = None, mod: ModOptions = ModOptions(), moe: MoeOptions = MoeOptions(),
             mod_effective_params: Optional[float] = None, mod_law=None, method: str = "auto",
@@ -493,7 +538,9 @@ def isoflop(budget=None, law="chinchilla", *, families: Sequence[str] = ("dense"
             raise bad_value(name, v, "must be a positive integer")
     fams = _families(families)
     the_law, fit = _resolve_law(law)
+    _check_allocation_law(the_law, fams, gpu_hours)
     assumptions, warnings = [], []
+    warnings += _range_warnings(the_law, budgets)
     views = _views(the_law, fams, mod_effective_params, mod_law, assumptions)
     closed_ok = rule == "6N" and method != "numeric"
     if "moe" in fams:
@@ -539,10 +586,14 @@ def isoflop(budget=None, law="chinchilla", *, families: Sequence[str] = ("dense"
         return np.array([c.flops_per_token for c in costs[f]], dtype=float)
 
     optima, curves = {}, {}
+    allocation = isinstance(the_law, AllocationLaw)
     for f in fams:
         pt = per_token(f)
         for b in budgets:
-            opt, rows = _sweep(views[f], costs[f], pt, b, "flops", closed_ok)
+            if allocation:
+                opt, rows = _allocate(views[f], costs[f], pt, b)
+            else:
+                opt, rows = _sweep(views[f], costs[f], pt, b, "flops", closed_ok)
             optima[(f, b)], curves[(f, b)] = opt, rows
             if opt.at_edge:
                 warnings.append(f"{f} optimum at {b:.3g} FLOPs is at the edge of the ladder "
@@ -562,7 +613,8 @@ def isoflop(budget=None, law="chinchilla", *, families: Sequence[str] = ("dense"
         ref_fpt = optima[(fams[0], budgets[0])].shape.flops_per_token
         the_rule = None if shapes else (ladder or LadderRule())
         matched = {f: _flop_matched(f, ref_fpt, chosen, seq, mod, moe, the_rule) for f in fams[1:]}
-    comparison = _compare(fams, views, matched, optima, budgets[0], hw, batch, seq, rule) if budgets else []
+    comparison = (_compare(fams, views, matched, optima, budgets[0], hw, batch, seq, rule)
+                  if budgets and not allocation else [])
 
     iso_time = None
     if gpu_hours is not None:
@@ -588,6 +640,35 @@ def isoflop(budget=None, law="chinchilla", *, families: Sequence[str] = ("dense"
                          optima=optima, curves=curves, comparison=comparison, iso_time=iso_time,
                          hardware=getattr(hw, "name", None) if hw is not None else None, fit=fit,
                          assumptions=assumptions, warnings=warnings)
+
+
+def _check_allocation_law(law, families: list, gpu_hours) -> None:
+    """A law with no loss (AllocationLaw) prices only the dense isoFLOP optimum."""
+    if not isinstance(law, AllocationLaw):
+        return
+    if families != ["dense"]:
+        raise InputError(f"law {law.name}: gives the dense compute-optimal allocation only, no loss to compare "
+                         f"--family {','.join(families)} with; use chinchilla-3, besiroglu, krajewski or clark")
+    if gpu_hours is not None:
+        raise InputError(f"law {law.name}: iso-time needs a loss to minimise; use chinchilla-3 or besiroglu "
+                         f"for --gpu-hours")
+
+
+FAR_OUTSIDE = 10.0  # a budget this far beyond the fitted range of a law is flagged
+
+
+def _range_warnings(law, budgets: list) -> list:
+    """One warning per budget more than FAR_OUTSIDE times beyond the budgets the law was fitted on."""
+    if not law.fitted_flops:
+        return []
+    low, high = law.fitted_flops
+    out = []
+    for b in budgets:
+        if b > FAR_OUTSIDE * high or b < low / FAR_OUTSIDE:
+            side = f"{b / high:.3g}x above the largest" if b > high else f"{low / b:.3g}x below the smallest"
+            out.append(f"budget {b:.3g} FLOPs is {side} budget {law.name} was fitted on ({low:.2g} to {high:.2g} "
+                       f"FLOPs: {law.fitted_note}): an extrapolation")
+    return out
 
 
 def _compare(fams, views, matched, optima, budget, hw, batch, seq, rule) -> list:

@@ -142,6 +142,13 @@ class ShapeCost:
     spec: object = field(default=None, compare=False, repr=False)
 
     def law_params(self, kind: str, active: bool = False) -> float:
+        """The model size as a law counts it: every parameter (`total`), the blocks' (`non_embedding`),
+        or DeepSeek's non-embedding FLOPs per token (`flops_per_token`: M = 6 N_non-embedding +
+        6 n_layer d_model seq, DeepSeek-AI 2024 eq. 2 written for any block; 72 n_layer d_model^2
+        for a block of 12 d_model^2 parameters)."""
+        if kind == "flops_per_token":
+            n = self.active_non_embedding if active else self.params_non_embedding
+            return 6.0 * n + 6.0 * self.layers * self.d_model * self.seq
         if kind == "non_embedding":
             return self.active_non_embedding if active else self.params_non_embedding
         return self.active if active else self.params
