@@ -72,6 +72,7 @@ class OpCost:
     tags: dict = field(default_factory=dict, compare=False)
     variant: str = ""
     kernels: Any = 1  # expected launches (flopsim.ops.op.Op.kernels)
+    host_sync: bool = False  # the host waits for the device after it (flopsim.ops.op.Op.host_sync)
 
     @property
     def bytes(self):
@@ -118,7 +119,8 @@ def evaluate_ops(ops: list[Op], values: dict[sp.Symbol, Any]) -> list[OpCost]:
         tags = {k: got.get(f"tag:{k}", v) for k, v in op.tags.items()}
         costs.append(OpCost(
             name=op.name, kind=op.kind, layer=op.layer, module=op.module, pass_=op.pass_,
-            gemm=gemm, tags=tags, variant=op.variant, kernels=got["kernels"], **{f: got[f] for f in COST_FIELDS},
+            gemm=gemm, tags=tags, variant=op.variant, kernels=got["kernels"], host_sync=op.host_sync,
+            **{f: got[f] for f in COST_FIELDS},
         ))
     return costs
 

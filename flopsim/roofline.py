@@ -19,7 +19,9 @@ of op i (the running sum of host_s) and F_i the device's,
         = max over j of (host_s_1 + ... + host_s_j) + (device_s_j + ... + device_s_n),
 
 and each op's share of the step is F_i - F_{i-1} (its device time plus any
-wait for the host), so the shares sum to the step. With no host dispatch
+wait for the host), so the shares sum to the step. After an op that makes
+the host wait for the device (`Op.host_sync`: an eager MoE reading its
+token counts back) the host starts again from F_i: H_i = F_i. With no host dispatch
 (a CPU, whose dispatch is in fixed_s; CUDA graphs) this is the plain sum of
 device_s. Between max(sum host, sum device) and sum(host + device).
 
@@ -66,16 +68,20 @@ def roofline_time(all_flops, bytes_, peak_flops_per_s, bytes_per_s, compute_eff=
     return compute_s, memory_s, time_s
 
 
-def overlap_times(host_s, device_s) -> list:
+def overlap_times(host_s, device_s, syncs=None) -> list:
     """Each op's share F_i - F_{i-1} of a step run as a host-device pipeline (see the
     module docstring); `host_s` and `device_s` are sequences in execution order, of
-    numbers or numpy arrays (broadcast). The shares sum to the step's time."""
+    numbers or numpy arrays (broadcast). `syncs` (booleans, in the same order): after
+    such an op the host waits for the device (H_i = F_i) before it queues the next.
+    The shares sum to the step's time."""
     host_done, device_done, shares = 0.0, 0.0, []
-    for host, device in zip(host_s, device_s):
+    for i, (host, device) in enumerate(zip(host_s, device_s)):
         host_done = host_done + host
         finished = np.maximum(device_done, host_done) + device
         shares.append(finished - device_done)
         device_done = finished
+        if syncs is not None and syncs[i]:
+            host_done = finished
     return shares
 
 
@@ -125,6 +131,7 @@ class OpTime:
     variant: str = ""
     host_s: float = 0.0  # host dispatch, overlapping the device on a device that queues kernels
     device_s: float = 0.0  # max(compute_s, memory_s) + the device's fixed costs
+    host_sync: bool = False  # the host waits for the device after this op (flopsim.ops.op.Op.host_sync)
 
     @property
     def key(self) -> str:
@@ -173,6 +180,7 @@ def op_time(op, hw, dtype: str, calibration=None) -> OpTime:
         peak_flops_per_s=peak, compute_eff=float(compute_eff), memory_eff=float(memory_eff),
         compute_s=compute_s, memory_s=memory_s, overhead_s=overhead, time_s=time_s,
         bound=bound_of(compute_s, memory_s), kernels=kernels, variant=op.variant, host_s=host_s, device_s=device_s,
+        host_sync=bool(getattr(op, "host_sync", False)),
     )
 
 
@@ -183,7 +191,7 @@ def in_sequence(times: list) -> list:
 
     if not any(t.host_s for t in times):
         return times
-    shares = overlap_times([t.host_s for t in times], [t.device_s for t in times])
+    shares = overlap_times([t.host_s for t in times], [t.device_s for t in times], [t.host_sync for t in times])
     return [replace(t, time_s=float(share), overhead_s=float(share) - max(t.compute_s, t.memory_s))
             for t, share in zip(times, shares)]
 

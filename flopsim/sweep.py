@@ -509,7 +509,7 @@ class _Plan:
             shape_aware = op.gemm is not None and cal.uses_gemm_shape(op.kind)
             gemm = tuple(_sub(g, subs) for g in op.gemm) if shape_aware else None
             key = (op.kind, op.variant, _sub(op.flops, subs), _sub(executed_flops(op), subs), _sub(op.bytes, subs), gemm,
-                   _sub(op.kernels, subs), op.pass_ == "bwd")
+                   _sub(op.kernels, subs), op.pass_ == "bwd", op.host_sync)
             groups[key] = groups.get(key, 0) + 1
             order.append(key)
         self.groups = list(groups.items())
@@ -525,14 +525,14 @@ class _Plan:
             return index[e]
 
         self.items = []
-        for (kind, variant, flops, executed, nbytes, gemm, kernels, backward), mult in self.groups:
+        for (kind, variant, flops, executed, nbytes, gemm, kernels, backward, host_sync), mult in self.groups:
             self.items.append(dict(
                 kind=kind, variant=variant, mult=mult, peak=op_peak_flops_per_s(kind, hw, spec.dtype),
                 flops=ref(flops), executed_flops=ref(executed), bytes=ref(nbytes), kernels=ref(kernels),
                 gemm=tuple(ref(g) for g in gemm) if gemm is not None else None,
                 never_empty=bool((executed + nbytes).is_positive),
                 fixed_s=cal.fixed_cost_s(kind, variant, hw, backward), backward=backward,
-                host_s=cal.host_cost_s(kind, variant, backward),
+                host_s=cal.host_cost_s(kind, variant, backward), host_sync=host_sync,
             ))
         self.queued = any(item["host_s"] for item in self.items)
         self.total_flops = ref(sp.Add(*[mult * key[2] for key, mult in self.groups]))
@@ -600,7 +600,8 @@ class _Plan:
         compute_bound = sum(cbound.values(), 0.0)
         time_s = roofline_s + launch
         if self.queued:  # the host-device pipeline over the ops in order (flopsim.roofline.overlap_times)
-            time_s = sum(overlap_times([host[i] for i in self.sequence], [device[i] for i in self.sequence]))
+            time_s = sum(overlap_times([host[i] for i in self.sequence], [device[i] for i in self.sequence],
+                                       [self.items[i]["host_sync"] for i in self.sequence]))
         return {"time_s": time_s, "compute_bound_s": compute_bound,
                 "memory_bound_s": roofline_s - compute_bound,
                 "flops": values[self.total_flops], "bytes": values[self.total_bytes]}

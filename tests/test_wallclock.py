@@ -287,3 +287,72 @@ def test_graphs_and_probe_speed_treat_host_dispatch_apart():
     assert _cal().host_cost_s("matmul", "") == 0.0
     with pytest.raises(Exception, match="host_s"):
         _cal(host_s={"blas": 1e-6})
+
+
+def _pipeline_with_syncs(host, device, syncs):
+    """Event by event, with sync points: after a syncing op the host waits until the device is done."""
+    clock_host = clock_device = 0.0
+    for h, d, s in zip(host, device, syncs):
+        clock_host += h
+        clock_device = max(clock_host, clock_device) + d
+        if s:
+            clock_host = clock_device
+    return clock_device
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 1e-3), st.floats(0, 1e-3), st.booleans()), min_size=1, max_size=40))
+def test_a_sync_point_drains_the_pipeline(triples):
+    """With sync points the step is the simulation's; a step that syncs after every op is
+    host + device op by op (no overlap at all), one with no sync the plain pipeline."""
+    from flopsim.roofline import overlap_times
+
+    host, device, syncs = ([t[i] for t in triples] for i in range(3))
+    total = sum(overlap_times(host, device, syncs))
+    assert total == pytest.approx(_pipeline_with_syncs(host, device, syncs), rel=1e-9, abs=1e-15)
+    assert total >= sum(overlap_times(host, device)) - 1e-15
+    assert sum(overlap_times(host, device, [True] * len(host))) == pytest.approx(sum(host) + sum(device))
+
+
+def test_a_sync_point_by_hand():
+    """Host 1, 1, 1 and device 5, 5, 5 (us), the host waiting after the first op:
+    F1 = 1 + 5 = 6, the host resumes at 6 and queues op 2 at 7, F2 = 7 + 5 = 12, op 3 is
+    queued at 8, F3 = 12 + 5 = 17; with no sync F3 = 16."""
+    from flopsim.roofline import overlap_times
+
+    assert sum(overlap_times([1, 1, 1], [5, 5, 5], [True, False, False])) == pytest.approx(17)
+    assert sum(overlap_times([1, 1, 1], [5, 5, 5])) == pytest.approx(16)
+
+
+@pytest.mark.parametrize("family", ["moe", "mod"])
+def test_eager_moe_and_mod_decode_sync_and_sweep_agrees(family):
+    """A dropless MoE reads its token counts back (`counts`), a MoD block at decode which
+    tokens run (its router): those ops sync the host; predict and sweep agree on the step."""
+    from flopsim.sweep import sweep
+
+    preset, phase = ("mixtral-8x7b", "forward") if family == "moe" else ("decoder-220m-mod", "decode")
+    spec = tiny(preset, layers=2, kv_heads=2)
+    cal = _cal(**QUEUED)
+    r = predict(spec, H100, phase=phase, batch=2, seq=64, calibration=cal)
+    syncing = [o.name for o in r.ops if o.host_sync]
+    assert syncing and all(n.endswith(".counts") if family == "moe" else ".router" in n for n in syncing)
+    grid = sweep(spec, H100, phase=phase, vary={"batch": [2, 4]}, seq=64, calibration=cal).table()
+    assert grid.time_s.iloc[0] == pytest.approx(r.time_s, rel=1e-9)
+
+
+def test_the_steps_that_sync_are_the_ones_the_gpu_measured_waiting():
+    """On the H200 (reports/validation/cuda-h200/), the steps whose host could not queue
+    ahead (`host_waits`) are exactly those whose op list has a sync point."""
+    import pandas as pd
+
+    from flopsim.count import count
+    from flopsim.validate import load_suite
+
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent
+    measured = pd.read_csv(root / "reports" / "validation" / "cuda-h200" / "per_model.csv")
+    cases = {c.name: c for c in load_suite("quick", "cuda")}
+    for row in measured.itertuples():
+        case = cases[row.model]
+        ops = count(case.spec, batch=case.batch, seq=case.seq, phase=row.phase,
+                    context=case.context if row.phase == "decode" else None).ops
+        assert any(op.host_sync for op in ops) == bool(row.host_waits), (row.model, row.phase)

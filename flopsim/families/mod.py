@@ -156,6 +156,7 @@ def routed_block(ctx: Ctx, i: int, *, batch, queries, keys, ffn=None) -> list:
     if ctx.phase == "decode":
         tags = {"routed": True, "tokens": c * queries}
         ops = router(ctx, i, tokens=batch * queries, tags=tags)
+        ops[-1] = replace(ops[-1], host_sync=True)  # which tokens run is read back (Op.host_sync)
         running = dense.block(ctx, i, batch=c * batch, queries=queries, keys=1 + c * (keys - 1), ffn=ffn, tags=tags)
         p_any = expected_distinct(1, c, batch)
         return ops + [replace(op, weight_bytes=op.weight_bytes * p_any, kernels=op.kernels * p_any) for op in running]

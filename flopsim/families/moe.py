@@ -215,7 +215,9 @@ def _routing(ctx: Ctx, p: str, i: int, *, tokens, routed, slots, tags: dict):
         pairs = tokens * k
         ops += sort_indices(ctx, f"{p}.sort", layer=i, rows=1, n=pairs, module=p, tags=tags)
         ops += index_elementwise(ctx, f"{p}.rows", layer=i, elements=pairs, op="div", module=p, tags=tags)
-        ops += bincount(ctx, f"{p}.counts", layer=i, n=pairs, bins=E, module=p, tags=tags)
+        # the counts are read back to split the pairs by expert: the host waits here (Op.host_sync)
+        ops += [replace(op, host_sync=True) for op in bincount(ctx, f"{p}.counts", layer=i, n=pairs, bins=E,
+                                                                 module=p, tags=tags)]
         return ops, (pairs, pairs / E, E)
     # slot of each pair in its expert's buffer: cumsum of a one-hot
     ops += slot_assignment(ctx, f"{p}.positions", layer=i, pairs=tokens * k, slots=E * slots, routed=routed,

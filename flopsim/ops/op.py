@@ -29,6 +29,12 @@ Conventions (docs/design.md, "Counting conventions" -- a contract):
   batch chose it, so its kernels launch 1 - (1 - c)^B times in
   expectation). The roofline charges one fixed per-kernel cost (launch and
   dispatch) per launch; an op with no work launches nothing.
+- `host_sync`: the host waits here for the device to finish what it has
+  queued, because an eager implementation reads a device value back to
+  decide what to launch next: a dropless MoE's token counts per expert
+  (`counts`, read back to split the tokens), a MoD block's running tokens at
+  decode (its router's decisions). On a device that queues kernels the
+  host-device pipeline drains there (flopsim.roofline.overlap_times).
 """
 
 from __future__ import annotations
@@ -84,6 +90,7 @@ class Op:
     tags: dict = field(default_factory=dict, compare=False, hash=False)
     variant: str = ""  # the kernel that runs (gelu, rmsnorm, explicit attention, ...), for calibration
     kernels: sp.Expr = sp.Integer(1)  # expected launches per step (see the module docstring)
+    host_sync: bool = False  # an eager implementation reads a device value back here (see the module docstring)
 
     def __post_init__(self):
         if self.kind not in KINDS:
