@@ -457,36 +457,8 @@ def _train_memory(params_dense, params_expert, bpp, act_one_mb, *, tp, pp, dp, e
     return out
 
 
-def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = None,
-                  global_batch: Optional[int] = None, global_batch_tokens: Optional[float] = None,
-                  tp: int = 1, pp: int = 1, dp: Optional[int] = None, ep: int = 1, micro_batch: int = 1,
-                  recompute: bool | str = False, optimizer: str = "adam", zero: int = 1,
-                  interconnect_bytes_per_s: Optional[float] = None, inter_node_bytes_per_s: Optional[float] = None,
-                  gpus_per_node: Optional[int] = None, dp_overlap: float = 1.0, tp_overlap: float = 0.0,
-                  comm_latency_s: Optional[float] = None, price_per_gpu_hour: Optional[float] = None,
-                  calibration=None, progress: bool = False) -> TrainingPlan:
-    """Plan a training run of `tokens` tokens on `gpus` x `hw` (see the module docstring).
-
-    global batch: `global_batch` sequences or `global_batch_tokens` tokens (a
-    multiple of seq); default the smallest multiple of dp * micro_batch
-    sequences holding at least DEFAULT_GLOBAL_BATCH_TOKENS tokens."""
-    from flopsim.calibration import load_calibration
-    from flopsim.count import token_values
-    from flopsim.hardware import load_hardware
-    from flopsim.memory import memory
-    from flopsim.ops.optimizer import get_optimizer
-    from flopsim.predict import predict
-    from flopsim.spec import load_model
-
-    spec = load_model(spec)
-    hw = load_hardware(hw)
-    cal = load_calibration(calibration, hw)
-    gpus = _positive_int("gpus", gpus)
-    tp, pp, ep, micro_batch = (_positive_int(n, v) for n, v in
-                               (("tp", tp), ("pp", pp), ("ep", ep), ("micro_batch", micro_batch)))
-    tokens = _positive("tokens", tokens)
-    price = _non_negative("price", price_per_gpu_hour)
-    get_optimizer(optimizer)
+def _train_layout(spec, gpus, tp, pp, dp, ep, zero, dp_overlap, tp_overlap) -> int:
+    """The data-parallel degree of a valid layout (one-line errors otherwise)."""
     if zero not in (0, 1, 2, 3) or isinstance(zero, bool):
         raise bad_value("zero", zero, "expected a ZeRO stage 0, 1, 2 or 3")
     for name, value in (("dp_overlap", dp_overlap), ("tp_overlap", tp_overlap)):
@@ -510,15 +482,22 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
             raise InputError(f"ep {ep} does not divide the {spec.moe.experts} experts of {spec.name}")
         if dp % ep:
             raise InputError(f"ep {ep} does not divide dp {dp} (experts are sharded within the data-parallel group)")
+    return dp
+
+
+def _recompute_mode(recompute) -> tuple[bool, bool]:
+    """(full recomputation, selective recomputation) from True/False or none/selective/full."""
     selective = recompute == "selective"
     if recompute in ("none", "full"):
         recompute = recompute == "full"
     if not (isinstance(recompute, bool) or selective):
         raise bad_value("recompute", recompute, "expected none, selective or full")
-    recompute = False if selective else recompute
-    seq = min(DEFAULT_SEQ, spec.max_seq) if seq is None else _positive_int("seq", seq)
-    token_values(spec, "train", micro_batch, seq)  # seq within max_seq, phase supported
+    return (False if selective else recompute), selective
 
+
+def _global_batch(seq: int, dp: int, micro_batch: int, global_batch, global_batch_tokens) -> int:
+    """The global batch in sequences: given in sequences or tokens, else the smallest multiple of
+    dp * micro_batch holding DEFAULT_GLOBAL_BATCH_TOKENS tokens."""
     per_step = dp * micro_batch
     if global_batch is not None and global_batch_tokens is not None:
         raise InputError("give the global batch in sequences or in tokens, not both")
@@ -534,71 +513,62 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
     if global_batch % per_step:
         raise InputError(f"global batch {global_batch} sequences is not a multiple of dp * micro_batch = "
                          f"{dp} * {micro_batch} = {per_step}")
-    microbatches = global_batch // per_step
-    links = _links(hw, cal, interconnect_bytes_per_s, inter_node_bytes_per_s, gpus_per_node, comm_latency_s,
-                   needed=gpus > 1)
+    return global_batch
 
-    bar = _Progress(progress, f"predicting {spec.name} train step", total=3)
-    try:
-        r = predict(spec, hw, phase="train", batch=micro_batch, seq=seq, calibration=cal, optimizer=optimizer)
-        bar.advance("memory")
-        mem = memory(spec, phase="train", batch=micro_batch, seq=seq, recompute=recompute, optimizer=optimizer)
-        bar.advance("parameters")
-        params, params_expert = _param_split(spec)
-        bar.advance()
-    finally:
-        bar.close()
-    params_dense = params - params_expert
-    w = spec.dtype_bytes
-    L = spec.layers
 
-    # -- compute per GPU, one micro-batch ------------------------------------------
+def _train_compute(r, spec, c: dict, params: float, params_expert: float) -> dict:
+    """Per-GPU compute of one micro-batch (forward, backward, recomputation) and the optimizer
+    update of the GPU's shard, from the unsharded train-phase roofline `r` (layout `c`)."""
+    tp, pp, L = c["tp"], c["pp"], spec.layers
     fwd = [op for op in r.ops if op.pass_ == "fwd" and op.kind != "optimizer"]
     bwd = [op for op in r.ops if op.pass_ == "bwd"]
     opt = [op for op in r.ops if op.kind == "optimizer"]
     blocks_fwd = [op for op in fwd if 0 <= op.layer < L]
-    t_fwd = _stage_s(fwd, tp, pp, L)
-    t_bwd = _stage_s(bwd, tp, pp, L)
-    if recompute:
+    if c["full_recompute"]:
         t_rc = _stage_s(blocks_fwd, tp, pp, L)
-    elif selective:  # Korthikanti et al. 2022: only the attention core runs again
+    elif c["selective"]:  # Korthikanti et al. 2022: only the attention core runs again
         t_rc = _stage_s([op for op in blocks_fwd if op.kind == "attention"], tp, pp, L)
     else:
         t_rc = 0.0
-    updated = (params_dense / (tp * pp) / (dp if zero >= 1 else 1)
-               + params_expert / (tp * pp * ep) / (dp // ep if zero >= 1 else 1))
+    params_dense = params - params_expert
+    sharded = 1 if c["zero"] >= 1 else 0
+    updated = (params_dense / (tp * pp) / (c["dp"] if sharded else 1)
+               + params_expert / (tp * pp * c["ep"]) / (c["dp"] // c["ep"] if sharded else 1))
     t_opt = (sum(op.time_s - op.overhead_s for op in opt) * updated / params
              + sum(op.overhead_s for op in opt)) if params else 0.0
+    return {"fwd_ops": fwd, "t_fwd": _stage_s(fwd, tp, pp, L), "t_bwd": _stage_s(bwd, tp, pp, L),
+            "t_rc": t_rc, "t_opt": t_opt}
 
-    # -- tensor parallel -------------------------------------------------------------
-    act_bytes = micro_batch * seq * spec.d_model * w
-    blocks_stage = math.ceil(L / pp)  # the slowest stage's blocks
+
+def _model_parallel_comm(spec, links, t: dict, c: dict) -> dict:
+    """Tensor-parallel all-reduces, expert-parallel all-to-alls and pipeline sends of one
+    micro-batch on the slowest stage, and the stage's time with them."""
+    tp, pp, ep, dp, mb = c["tp"], c["pp"], c["ep"], c["dp"], c["micro_batch"]
+    act_bytes = mb * c["seq"] * spec.d_model * spec.dtype_bytes
+    passes = 2 + 2 + (2 if c["full_recompute"] else 0)  # forward, backward, recomputation
     tp_one = links.collective_s("all_reduce", act_bytes, tp, tp)
-    tp_count = (2 + 2 + (2 if recompute else 0)) * blocks_stage if tp > 1 else 0
-    tp_mb = tp_count * tp_one
-
-    # -- expert parallel (MoE all-to-all) -----------------------------------------------
-    dispatch = [op for op in fwd if op.kind == "gather" and op.name.endswith(".moe.dispatch")]
-    moe_layers_stage = len(dispatch) / pp
-    routed_total = _routed_bytes(spec, micro_batch, seq)  # all MoE layers, one micro-batch, whole batch
+    tp_count = passes * math.ceil(spec.layers / pp) if tp > 1 else 0
+    dispatch = [op for op in t["fwd_ops"] if op.kind == "gather" and op.name.endswith(".moe.dispatch")]
+    routed_total = _routed_bytes(spec, mb, c["seq"])  # all MoE layers, one micro-batch, whole batch
     routed_layer_gpu = (routed_total / len(dispatch) / tp) if dispatch else 0.0
     a2a_one = links.collective_s("all_to_all", routed_layer_gpu, ep, tp * ep)
-    ep_count = int(round((2 + 2 + (2 if recompute else 0)) * moe_layers_stage)) if ep > 1 else 0
-    ep_mb = ep_count * a2a_one
-
-    # -- pipeline point-to-point ----------------------------------------------------------
+    ep_count = int(round(passes * len(dispatch) / pp)) if ep > 1 else 0
     p2p_bytes = act_bytes / tp
     p2p_one = links.collective_s("send_recv", p2p_bytes, 2, tp * dp * pp) if pp > 1 else 0.0
-    p2p_mb = 2 * p2p_one
+    compute_mb = t["t_fwd"] + t["t_bwd"] + t["t_rc"]
+    tp_mb = tp_count * tp_one
+    tp_exposed_mb = max(0.0, tp_mb - float(c["tp_overlap"]) * compute_mb)  # hidden behind the GEMMs it feeds
+    return {"act_bytes": act_bytes, "tp_one": tp_one, "tp_count": tp_count, "tp_mb": tp_mb,
+            "tp_exposed_mb": tp_exposed_mb, "routed_layer_gpu": routed_layer_gpu, "a2a_one": a2a_one,
+            "ep_count": ep_count, "ep_mb": ep_count * a2a_one, "p2p_bytes": p2p_bytes, "p2p_one": p2p_one,
+            "p2p_mb": 2 * p2p_one, "compute_mb": compute_mb,
+            "stage_s": compute_mb + tp_exposed_mb + ep_count * a2a_one + 2 * p2p_one}
 
-    t_compute_mb = t_fwd + t_bwd + t_rc
-    tp_exposed_mb = max(0.0, tp_mb - float(tp_overlap) * t_compute_mb)  # hidden behind the GEMMs it feeds
-    t_stage = t_compute_mb + tp_exposed_mb + ep_mb + p2p_mb
-    pipeline_s = (microbatches + pp - 1) * t_stage
-    bubble_s = (pp - 1) * t_stage
 
-    # -- data parallel (ZeRO) ----------------------------------------------------------------
-    bpp = mem.bytes_per_param
+def _data_parallel_comm(links, bpp: dict, params_dense, params_expert, t: dict, c: dict) -> tuple:
+    """(bytes per step, raw seconds per step, seconds exposed past the overlap) of the
+    data-parallel traffic of ZeRO stage c["zero"] (flopsim.collectives)."""
+    tp, pp, ep, dp, m = c["tp"], c["pp"], c["ep"], c["dp"], c["microbatches"]
     edp = dp // ep
     W_d = params_dense / (tp * pp) * bpp["weights"]
     W_e = params_expert / (tp * pp * ep) * bpp["weights"]
@@ -609,118 +579,182 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
         return (links.collective_s(op, dense_bytes, dp, tp * dp)
                 + links.collective_s(op, expert_bytes, edp, tp * dp))
 
-    ar_g = both("all_reduce", G_d, G_e)
-    rs_g = both("reduce_scatter", G_d, G_e)
-    ag_w = both("all_gather", W_d, W_e)
-    f = float(dp_overlap)
-
     def exposed(traffic, window):
-        return max(0.0, traffic - f * window)
+        return max(0.0, traffic - float(c["dp_overlap"]) * window)
 
-    if zero == 0:
-        dp_traffic_bytes = 2 * (_frac(G_d, dp) + _frac(G_e, edp))
-        dp_raw = ar_g
-        dp_exposed = exposed(ar_g, t_bwd + t_rc)
-    elif zero == 1:
-        dp_traffic_bytes = _frac(G_d, dp) + _frac(G_e, edp) + _frac(W_d, dp) + _frac(W_e, edp)
-        dp_raw = rs_g + ag_w
-        dp_exposed = exposed(rs_g, t_bwd + t_rc) + exposed(ag_w, t_fwd)
-    elif zero == 2:
-        dp_traffic_bytes = microbatches * (_frac(G_d, dp) + _frac(G_e, edp)) + _frac(W_d, dp) + _frac(W_e, edp)
-        dp_raw = microbatches * rs_g + ag_w
-        dp_exposed = microbatches * exposed(rs_g, t_bwd + t_rc) + exposed(ag_w, t_fwd)
-    else:
-        gathers_bwd = 2 if recompute else 1
-        dp_traffic_bytes = microbatches * ((1 + gathers_bwd) * (_frac(W_d, dp) + _frac(W_e, edp))
-                                           + _frac(G_d, dp) + _frac(G_e, edp))
-        dp_raw = microbatches * ((1 + gathers_bwd) * ag_w + rs_g)
-        dp_exposed = microbatches * (exposed(ag_w, t_fwd) + exposed(gathers_bwd * ag_w + rs_g, t_bwd + t_rc))
+    ar_g, rs_g, ag_w = both("all_reduce", G_d, G_e), both("reduce_scatter", G_d, G_e), both("all_gather", W_d, W_e)
+    grads, weights = _frac(G_d, dp) + _frac(G_e, edp), _frac(W_d, dp) + _frac(W_e, edp)
+    back = t["t_bwd"] + t["t_rc"]
+    if c["zero"] == 0:
+        return 2 * grads, ar_g, exposed(ar_g, back)
+    if c["zero"] == 1:
+        return grads + weights, rs_g + ag_w, exposed(rs_g, back) + exposed(ag_w, t["t_fwd"])
+    if c["zero"] == 2:
+        return m * grads + weights, m * rs_g + ag_w, m * exposed(rs_g, back) + exposed(ag_w, t["t_fwd"])
+    gathers_bwd = 2 if c["full_recompute"] else 1
+    return (m * ((1 + gathers_bwd) * weights + grads), m * ((1 + gathers_bwd) * ag_w + rs_g),
+            m * (exposed(ag_w, t["t_fwd"]) + exposed(gathers_bwd * ag_w + rs_g, back)))
 
-    step_s = pipeline_s + dp_exposed + t_opt
 
-    # -- memory per GPU --------------------------------------------------------------------
+def _train_memory_verdict(spec, hw, mem, params, params_expert, c: dict, links, optimizer) -> tuple:
+    """(memory dict, fits, message, suggestions) for the layout `c`."""
+    tp, pp, ep, dp = c["tp"], c["pp"], c["ep"], c["dp"]
+    params_dense, bpp = params - params_expert, mem.bytes_per_param
     mem_gpu = _train_memory(params_dense, params_expert, bpp, mem.activations_bytes, tp=tp, pp=pp, dp=dp, ep=ep,
-                            zero=zero, microbatches=microbatches)
+                            zero=c["zero"], microbatches=c["microbatches"])
     capacity = hw.memory_capacity_bytes
     fits = mem_gpu["total_bytes"] <= capacity
     mem_out = {**mem_gpu, "capacity_bytes": capacity, "fits": fits,
                "params": params, "expert_params": params_expert,
                "params_per_gpu": params_dense / (tp * pp) + params_expert / (tp * pp * ep),
                "bytes_per_param": dict(bpp), "activations_one_microbatch_bytes": mem.activations_bytes,
-               "microbatches_in_flight": min(pp, microbatches)}
+               "microbatches_in_flight": min(pp, c["microbatches"])}
     desc = (f"weights {_gb(mem_gpu['weights_bytes'])}, gradients {_gb(mem_gpu['gradients_bytes'])}, "
             f"optimizer {_gb(mem_gpu['optimizer_bytes'])}, activations {_gb(mem_gpu['activations_bytes'])}")
-    suggestions: list[str] = []
     if fits:
-        message = f"fits: needs {_gb(mem_gpu['total_bytes'])} per GPU of {_gb(capacity)} ({desc})"
+        return mem_out, fits, f"fits: needs {_gb(mem_gpu['total_bytes'])} per GPU of {_gb(capacity)} ({desc})", []
+    message = f"does not fit: needs {_gb(mem_gpu['total_bytes'])} per GPU, device has {_gb(capacity)} ({desc})"
+    suggestions = _train_suggestions(
+        spec, mem, params_dense, params_expert, bpp, capacity, gpus=c["gpus"], tp=tp, pp=pp, dp=dp, ep=ep,
+        zero=c["zero"], micro_batch=c["micro_batch"], seq=c["seq"], recompute=c["full_recompute"],
+        optimizer=optimizer, global_batch=c["global_batch"], gpus_per_node=links.gpus_per_node)
+    if suggestions:
+        message += "; try " + "; ".join(suggestions)
     else:
-        message = (f"does not fit: needs {_gb(mem_gpu['total_bytes'])} per GPU, device has {_gb(capacity)} "
-                   f"({desc})")
-        suggestions = _train_suggestions(
-            spec, mem, params_dense, params_expert, bpp, capacity, gpus=gpus, tp=tp, pp=pp, dp=dp, ep=ep,
-            zero=zero, micro_batch=micro_batch, seq=seq, recompute=recompute, optimizer=optimizer,
-            global_batch=global_batch, gpus_per_node=links.gpus_per_node)
-        if suggestions:
-            message += "; try " + "; ".join(suggestions)
-        else:
-            message += "; no single change of recompute, ZeRO, micro-batch, tp or pp fits: add GPUs"
+        message += "; no single change of recompute, ZeRO, micro-batch, tp or pp fits: add GPUs"
+    return mem_out, fits, message, suggestions
 
-    # -- totals -------------------------------------------------------------------------
-    tokens_per_step = global_batch * seq
+
+def _train_totals(r, spec, hw, c: dict, tokens: float, step_s: float, price) -> dict:
+    """Steps, time, GPU-hours, cost, throughput and MFU of the run."""
+    tokens_per_step = c["global_batch"] * c["seq"]
     steps = math.ceil(tokens / tokens_per_step)
     train_s = steps * step_s
-    gpu_hours = gpus * train_s / 3600
-    flops_step = r.flops * (global_batch // micro_batch)
+    gpu_hours = c["gpus"] * train_s / 3600
+    flops_step = r.flops * (c["global_batch"] // c["micro_batch"])
     peak = hw.peak_flops_per_s_for(spec.dtype)[0]
-    totals = {
+    return {
         "tokens": tokens, "tokens_per_step": tokens_per_step, "tokens_trained": steps * tokens_per_step,
         "steps": steps, "step_time_s": step_s, "train_time_s": train_s, "days": train_s / 86400,
         "gpu_hours": gpu_hours, "price_per_gpu_hour": price,
         "cost": None if price is None else gpu_hours * price,
-        "tokens_per_s": tokens_per_step / step_s, "tokens_per_s_per_gpu": tokens_per_step / step_s / gpus,
+        "tokens_per_s": tokens_per_step / step_s, "tokens_per_s_per_gpu": tokens_per_step / step_s / c["gpus"],
         "model_flops_per_step": flops_step, "model_flops_total": flops_step * steps,
-        "mfu": flops_step / (step_s * gpus * peak), "peak_flops_per_s": peak,
+        "mfu": flops_step / (step_s * c["gpus"] * peak), "peak_flops_per_s": peak,
     }
-    compute = {
-        "forward_s_per_microbatch": t_fwd, "backward_s_per_microbatch": t_bwd,
-        "recompute_s_per_microbatch": t_rc, "compute_s_per_microbatch": t_compute_mb,
-        "compute_s_per_step": microbatches * t_compute_mb, "optimizer_s": t_opt,
-        "stage_s_per_microbatch": t_stage, "pipeline_s": pipeline_s, "bubble_s": bubble_s,
-        "bubble_fraction": bubble_fraction(pp, microbatches),
-        "unsharded_microbatch_s": r.time_s, "unsharded_microbatch_flops": r.flops,
-    }
-    communication = {
-        "tp_allreduce_bytes": act_bytes if tp > 1 else 0, "tp_allreduces_per_microbatch": tp_count,
-        "tp_allreduce_s": tp_one, "tp_s_per_microbatch": tp_mb, "tp_s_per_step": microbatches * tp_mb,
-        "tp_exposed_s_per_microbatch": tp_exposed_mb, "tp_overlap": float(tp_overlap),
+
+
+def _train_communication(links, mp: dict, dp_comm: tuple, c: dict) -> dict:
+    """The communication section of a training plan."""
+    tp, pp, ep, dp, m = c["tp"], c["pp"], c["ep"], c["dp"], c["microbatches"]
+    dp_bytes, dp_raw, dp_exposed = dp_comm
+    return {
+        "tp_allreduce_bytes": mp["act_bytes"] if tp > 1 else 0, "tp_allreduces_per_microbatch": mp["tp_count"],
+        "tp_allreduce_s": mp["tp_one"], "tp_s_per_microbatch": mp["tp_mb"], "tp_s_per_step": m * mp["tp_mb"],
+        "tp_exposed_s_per_microbatch": mp["tp_exposed_mb"], "tp_overlap": float(c["tp_overlap"]),
         "tp_link": links.where(tp, tp),
-        "ep_routed_bytes_per_layer": routed_layer_gpu if ep > 1 else 0, "ep_all_to_alls_per_microbatch": ep_count,
-        "ep_all_to_all_s": a2a_one if ep > 1 else 0.0, "ep_s_per_microbatch": ep_mb,
-        "ep_s_per_step": microbatches * ep_mb, "ep_link": links.where(tp * ep, ep),
-        "pp_p2p_bytes": p2p_bytes if pp > 1 else 0, "pp_p2p_s": p2p_one, "pp_s_per_microbatch": p2p_mb,
-        "pp_s_per_step": microbatches * p2p_mb, "pp_link": links.where(tp * dp * pp, pp),
-        "dp_zero_stage": zero, "dp_bytes_per_step": dp_traffic_bytes, "dp_s_per_step": dp_raw,
+        "ep_routed_bytes_per_layer": mp["routed_layer_gpu"] if ep > 1 else 0,
+        "ep_all_to_alls_per_microbatch": mp["ep_count"], "ep_all_to_all_s": mp["a2a_one"] if ep > 1 else 0.0,
+        "ep_s_per_microbatch": mp["ep_mb"], "ep_s_per_step": m * mp["ep_mb"], "ep_link": links.where(tp * ep, ep),
+        "pp_p2p_bytes": mp["p2p_bytes"] if pp > 1 else 0, "pp_p2p_s": mp["p2p_one"],
+        "pp_s_per_microbatch": mp["p2p_mb"], "pp_s_per_step": m * mp["p2p_mb"], "pp_link": links.where(tp * dp * pp, pp),
+        "dp_zero_stage": c["zero"], "dp_bytes_per_step": dp_bytes, "dp_s_per_step": dp_raw,
         "dp_exposed_s_per_step": dp_exposed, "dp_hidden_s_per_step": dp_raw - dp_exposed,
-        "dp_overlap": f, "dp_link": links.where(tp * dp, dp),
+        "dp_overlap": float(c["dp_overlap"]), "dp_link": links.where(tp * dp, dp),
     }
-    config = {
-        "gpus": gpus, "dp": dp, "tp": tp, "pp": pp, "ep": ep, "expert_dp": edp, "seq": seq,
-        "micro_batch": micro_batch, "global_batch": global_batch, "microbatches": microbatches,
-        "recompute": "selective" if selective else recompute, "optimizer": optimizer, "zero": zero,
-    }
+
+
+def _train_notes(spec, c: dict, tokens: float) -> list:
+    tokens_per_step = c["global_batch"] * c["seq"]
+    steps = math.ceil(tokens / tokens_per_step)
     notes = []
     if steps * tokens_per_step != tokens:
         notes.append(f"{steps:,} steps of {tokens_per_step:,} tokens train {steps * tokens_per_step:,.0f} tokens "
                      f"(the last step is full)")
-    if seq > spec.max_seq:
-        notes.append(f"seq {seq} exceeds max_seq {spec.max_seq} of {spec.name} "
+    if c["seq"] > spec.max_seq:
+        notes.append(f"seq {c['seq']} exceeds max_seq {spec.max_seq} of {spec.name} "
                      f"({spec.positions} positions: costed as is)")
-    if pp > 1 and microbatches < pp:
-        notes.append(f"{microbatches} micro-batches per step for {pp} pipeline stages: the bubble is "
-                     f"{bubble_fraction(pp, microbatches):.0%} of the ideal time")
+    if c["pp"] > 1 and c["microbatches"] < c["pp"]:
+        notes.append(f"{c['microbatches']} micro-batches per step for {c['pp']} pipeline stages: the bubble is "
+                     f"{bubble_fraction(c['pp'], c['microbatches']):.0%} of the ideal time")
+    return notes
+
+
+def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = None,
+                  global_batch: Optional[int] = None, global_batch_tokens: Optional[float] = None,
+                  tp: int = 1, pp: int = 1, dp: Optional[int] = None, ep: int = 1, micro_batch: int = 1,
+                  recompute: bool | str = False, optimizer: str = "adam", zero: int = 1,
+                  interconnect_bytes_per_s: Optional[float] = None, inter_node_bytes_per_s: Optional[float] = None,
+                  gpus_per_node: Optional[int] = None, dp_overlap: float = 1.0, tp_overlap: float = 0.0,
+                  comm_latency_s: Optional[float] = None, price_per_gpu_hour: Optional[float] = None,
+                  calibration=None, progress: bool = False) -> TrainingPlan:
+    """Plan a training run of `tokens` tokens on `gpus` x `hw` (see the module docstring).
+
+    global batch: `global_batch` sequences or `global_batch_tokens` tokens (a
+    multiple of seq); default the smallest multiple of dp * micro_batch
+    sequences holding at least DEFAULT_GLOBAL_BATCH_TOKENS tokens."""
+    from flopsim.calibration import load_calibration
+    from flopsim.count import token_values
+    from flopsim.hardware import load_hardware
+    from flopsim.memory import memory
+    from flopsim.ops.optimizer import get_optimizer
+    from flopsim.predict import predict
+    from flopsim.spec import load_model
+
+    spec, hw = load_model(spec), load_hardware(hw)
+    cal = load_calibration(calibration, hw)
+    gpus = _positive_int("gpus", gpus)
+    tp, pp, ep, micro_batch = (_positive_int(n, v) for n, v in
+                               (("tp", tp), ("pp", pp), ("ep", ep), ("micro_batch", micro_batch)))
+    tokens = _positive("tokens", tokens)
+    price = _non_negative("price", price_per_gpu_hour)
+    get_optimizer(optimizer)
+    dp = _train_layout(spec, gpus, tp, pp, dp, ep, zero, dp_overlap, tp_overlap)
+    full_recompute, selective = _recompute_mode(recompute)
+    seq = min(DEFAULT_SEQ, spec.max_seq) if seq is None else _positive_int("seq", seq)
+    token_values(spec, "train", micro_batch, seq)  # seq within max_seq, phase supported
+    global_batch = _global_batch(seq, dp, micro_batch, global_batch, global_batch_tokens)
+    c = dict(gpus=gpus, dp=dp, tp=tp, pp=pp, ep=ep, seq=seq, micro_batch=micro_batch, global_batch=global_batch,
+             microbatches=global_batch // (dp * micro_batch), zero=zero, full_recompute=full_recompute,
+             selective=selective, dp_overlap=dp_overlap, tp_overlap=tp_overlap)
+    links = _links(hw, cal, interconnect_bytes_per_s, inter_node_bytes_per_s, gpus_per_node, comm_latency_s,
+                   needed=gpus > 1)
+
+    bar = _Progress(progress, f"predicting {spec.name} train step", total=3)
+    try:
+        r = predict(spec, hw, phase="train", batch=micro_batch, seq=seq, calibration=cal, optimizer=optimizer)
+        bar.advance("memory")
+        mem = memory(spec, phase="train", batch=micro_batch, seq=seq, recompute=full_recompute, optimizer=optimizer)
+        bar.advance("parameters")
+        params, params_expert = _param_split(spec)
+        bar.advance()
+    finally:
+        bar.close()
+
+    t = _train_compute(r, spec, c, params, params_expert)
+    mp = _model_parallel_comm(spec, links, t, c)
+    pipeline_s = (c["microbatches"] + pp - 1) * mp["stage_s"]
+    dp_comm = _data_parallel_comm(links, mem.bytes_per_param, params - params_expert, params_expert, t, c)
+    step_s = pipeline_s + dp_comm[2] + t["t_opt"]
+    mem_out, fits, message, suggestions = _train_memory_verdict(spec, hw, mem, params, params_expert, c, links,
+                                                                optimizer)
+    compute = {
+        "forward_s_per_microbatch": t["t_fwd"], "backward_s_per_microbatch": t["t_bwd"],
+        "recompute_s_per_microbatch": t["t_rc"], "compute_s_per_microbatch": mp["compute_mb"],
+        "compute_s_per_step": c["microbatches"] * mp["compute_mb"], "optimizer_s": t["t_opt"],
+        "stage_s_per_microbatch": mp["stage_s"], "pipeline_s": pipeline_s, "bubble_s": (pp - 1) * mp["stage_s"],
+        "bubble_fraction": bubble_fraction(pp, c["microbatches"]),
+        "unsharded_microbatch_s": r.time_s, "unsharded_microbatch_flops": r.flops,
+    }
+    config = {
+        "gpus": gpus, "dp": dp, "tp": tp, "pp": pp, "ep": ep, "expert_dp": dp // ep, "seq": seq,
+        "micro_batch": micro_batch, "global_batch": global_batch, "microbatches": c["microbatches"],
+        "recompute": "selective" if selective else full_recompute, "optimizer": optimizer, "zero": zero,
+    }
     return TrainingPlan(spec=spec, hw=hw, calibration=cal, config=config, links=links, compute=compute,
-                        communication=communication, memory=mem_out, totals=totals, fits=fits, message=message,
-                        suggestions=suggestions, notes=notes)
+                        communication=_train_communication(links, mp, dp_comm, c), memory=mem_out,
+                        totals=_train_totals(r, spec, hw, c, tokens, step_s, price), fits=fits, message=message,
+                        suggestions=suggestions, notes=_train_notes(spec, c, tokens))
 
 
 def _frac(nbytes: float, n: int) -> float:
@@ -935,6 +969,111 @@ def _tp_candidates(spec, gpus: Optional[int], gpus_per_node: int) -> list[int]:
     return out
 
 
+def _serve_tps(spec, gpus, tp, interconnect_bytes_per_s, hw, gpus_per_node) -> list:
+    """The tensor-parallel degrees to try: the one given, 1 with no interconnect, else the candidates."""
+    if tp is not None:
+        tp = _positive_int("tp", tp)
+        if spec.heads % tp:
+            raise InputError(f"tp {tp} does not divide the {spec.heads} attention heads of {spec.name}")
+        if gpus is not None and gpus % tp:
+            raise InputError(f"tp {tp} does not divide gpus {gpus}")
+        return [tp]
+    if interconnect_bytes_per_s is None and hw.interconnect_bytes_per_s is None:
+        return [1]  # no interconnect to split a model over
+    tps = _tp_candidates(spec, gpus, gpus_per_node)
+    if not tps:
+        raise InputError(f"no tensor-parallel degree up to {gpus_per_node} divides both the {spec.heads} heads "
+                         f"and gpus {gpus}; give --tp")
+    return tps
+
+
+def _serve_row(model, t: int, hw, usable: float, upper: int, ttft_target, tpot_target, bar) -> dict:
+    """One tensor-parallel degree: the largest batch memory allows, the batch the TPOT target
+    allows, and why it misses its targets (reasons), with its latency and throughput."""
+    row: dict = {"tp": t, "ttft_s": model.ttft_s}
+    b_mem = largest_true(model.fits, upper)
+    row["max_batch_memory"] = b_mem
+    reasons = []
+    if b_mem == 0:
+        m = model.memory(1)
+        row.update(batch=None, ttft_s=None, fits=False, meets=False)  # no batch runs: no latency
+        reasons.append(f"batch 1 needs {_gb(m['total_bytes'])} per GPU on tp {t}, device has "
+                       f"{_gb(hw.memory_capacity_bytes)}{_usable_note(usable, hw)} "
+                       f"(weights {_gb(m['weights_bytes'])}, KV cache "
+                       f"{_gb(m['kv_cache_bytes'])}, activations {_gb(m['activations_bytes'])})")
+        row["reasons"] = reasons
+        return row
+    row["fits"] = True
+    batch = b_mem
+    if tpot_target is not None:
+        def meets(b):
+            bar.advance(f"tp {t}: batch {b}", n=0)
+            return model.tpot(b) <= tpot_target
+        b_lat = largest_true(meets, b_mem)
+        if b_lat == 0:
+            reasons.append(f"TPOT at batch 1 is {model.tpot(1) * 1e3:.3g} ms on tp {t}, over the "
+                           f"{tpot_target * 1e3:.3g} ms target")
+            batch = 1
+        else:
+            batch = b_lat
+    if ttft_target is not None and model.ttft_s > ttft_target:
+        reasons.append(f"TTFT {model.ttft_s * 1e3:.3g} ms on tp {t} is over the {ttft_target * 1e3:.3g} ms target")
+    row.update(batch=batch, tpot_s=model.tpot(batch), meets=not reasons, reasons=reasons)
+    th = model.throughput(batch)
+    row.update(output_tokens_per_s=th["output_tokens_per_s"], output_tokens_per_s_per_gpu=th["output_tokens_per_s"] / t)
+    return row
+
+
+def _serve_throughput(model, batch: int, t: int, gen: int, target, gpus, notes: list) -> dict:
+    """Throughput per replica, and replicas for a target rate or the GPUs available."""
+    tpot = model.tpot(batch)
+    th = model.throughput(batch)
+    per_replica = th["output_tokens_per_s"]
+    out = {"output_tokens_per_s_per_replica": per_replica, "input_tokens_per_s_per_replica": th["input_tokens_per_s"],
+           "output_tokens_per_s_per_gpu": per_replica / t, "decode_tokens_per_s_per_replica": batch / tpot,
+           "requests_per_s_per_replica": per_replica / gen}
+    if target is not None:
+        replicas = math.ceil(target / per_replica)
+        out.update(replicas=replicas, gpus=replicas * t, output_tokens_per_s=replicas * per_replica)
+        if gpus is not None:
+            out["gpus_available_meet_target"] = gpus // t * per_replica >= target
+            if not out["gpus_available_meet_target"]:
+                notes.append(f"{gpus} GPUs give {gpus // t * per_replica:,.0f} output tokens/s, short of the "
+                             f"{target:,.0f} target: {replicas * t} GPUs are needed")
+    elif gpus is not None:
+        replicas = gpus // t
+        out.update(replicas=replicas, gpus=replicas * t, output_tokens_per_s=replicas * per_replica)
+    else:
+        out.update(replicas=1, gpus=t, output_tokens_per_s=per_replica)
+    return out
+
+
+def _serve_cost(model, batch: int, t: int, prompt: int, gen: int, price, gpus_used: int) -> dict:
+    """Price per million output and input tokens (and blended), and per hour."""
+    cost: dict = {"price_per_gpu_hour": price}
+    if price is not None:
+        per_s = price * t / 3600
+        cost.update(
+            per_million_output_tokens=per_s * model.tpot(batch) / batch * 1e6,
+            per_million_input_tokens=per_s * model.ttft_s / prompt * 1e6,
+            per_million_output_tokens_blended=per_s * model.throughput(batch)["cycle_s"] / (batch * gen) * 1e6,
+            per_hour=price * gpus_used,
+        )
+    return cost
+
+
+def _serve_notes(spec, model, row: dict, latency: dict, prompt: int, gen: int, tpot_target, notes: list) -> None:
+    if prompt + gen > spec.max_seq:
+        notes.append(f"prompt + gen = {prompt + gen} exceeds max_seq {spec.max_seq} of {spec.name} "
+                     f"({spec.positions} positions: costed as is)")
+    if tpot_target is not None and latency["tpot_with_prefills_s"] > tpot_target:
+        notes.append(f"with other requests' prefills interleaved the mean time between tokens is "
+                     f"{latency['tpot_with_prefills_s'] * 1e3:.3g} ms, over the {tpot_target * 1e3:.3g} ms TPOT target "
+                     f"(the target bounds the decode step); lower --max-batch or run prefill on separate GPUs")
+    if row["batch"] == row.get("max_batch_memory") and tpot_target is None:
+        notes.append("no TPOT target: the batch is the largest that fits memory (give --tpot to bound latency)")
+
+
 def plan_serving(spec, hw, *, prompt: int, gen: int, gpus: Optional[int] = None,
                  target_tokens_per_s: Optional[float] = None, ttft_s: Optional[float] = None,
                  tpot_s: Optional[float] = None, tp: Optional[int] = None, max_batch: Optional[int] = None,
@@ -952,15 +1091,12 @@ def plan_serving(spec, hw, *, prompt: int, gen: int, gpus: Optional[int] = None,
     from flopsim.hardware import load_hardware
     from flopsim.spec import load_model
 
-    spec = load_model(spec)
-    hw = load_hardware(hw)
+    spec, hw = load_model(spec), load_hardware(hw)
     cal = load_calibration(calibration, hw)
-    prompt = _positive_int("prompt", prompt)
-    gen = _positive_int("gen", gen)
+    prompt, gen = _positive_int("prompt", prompt), _positive_int("gen", gen)
     gpus = None if gpus is None else _positive_int("gpus", gpus)
     target = _positive("target_tokens_per_s", target_tokens_per_s)
-    ttft_target = _positive("ttft_s", ttft_s)
-    tpot_target = _positive("tpot_s", tpot_s)
+    ttft_target, tpot_target = _positive("ttft_s", ttft_s), _positive("tpot_s", tpot_s)
     price = _non_negative("price", price_per_gpu_hour)
     if isinstance(memory_utilization, bool) or not isinstance(memory_utilization, (int, float)) \
             or not 0 < memory_utilization <= 1:
@@ -971,20 +1107,7 @@ def plan_serving(spec, hw, *, prompt: int, gen: int, gpus: Optional[int] = None,
                                   else (hw.scale_up_domain or DEFAULT_GPUS_PER_NODE))
     token_values(spec, "prefill", 1, prompt)
     token_values(spec, "decode", 1, 1, prompt + gen)  # the longest KV cache within max_seq
-    if tp is not None:
-        tp = _positive_int("tp", tp)
-        if spec.heads % tp:
-            raise InputError(f"tp {tp} does not divide the {spec.heads} attention heads of {spec.name}")
-        if gpus is not None and gpus % tp:
-            raise InputError(f"tp {tp} does not divide gpus {gpus}")
-        tps = [tp]
-    elif interconnect_bytes_per_s is None and hw.interconnect_bytes_per_s is None:
-        tps = [1]  # no interconnect to split a model over
-    else:
-        tps = _tp_candidates(spec, gpus, gpus_per_node)
-        if not tps:
-            raise InputError(f"no tensor-parallel degree up to {gpus_per_node} divides both the {spec.heads} heads "
-                             f"and gpus {gpus}; give --tp")
+    tps = _serve_tps(spec, gpus, tp, interconnect_bytes_per_s, hw, gpus_per_node)
     links = _links(hw, cal, interconnect_bytes_per_s, inter_node_bytes_per_s, gpus_per_node, comm_latency_s,
                    needed=max(tps) > 1)
 
@@ -994,42 +1117,7 @@ def plan_serving(spec, hw, *, prompt: int, gen: int, gpus: Optional[int] = None,
         for t in tps:
             bar.advance(f"tp {t}: batch search", n=0)
             model = _ServeModel(spec, hw, cal, links, tp=t, prompt=prompt, gen=gen, usable_bytes=usable)
-            row: dict = {"tp": t, "ttft_s": model.ttft_s}
-            b_mem = largest_true(model.fits, upper)
-            row["max_batch_memory"] = b_mem
-            reasons = []
-            if b_mem == 0:
-                m = model.memory(1)
-                row.update(batch=None, ttft_s=None, fits=False, meets=False)  # no batch runs: no latency
-                reasons.append(f"batch 1 needs {_gb(m['total_bytes'])} per GPU on tp {t}, device has "
-                               f"{_gb(hw.memory_capacity_bytes)}{_usable_note(usable, hw)} "
-                               f"(weights {_gb(m['weights_bytes'])}, KV cache "
-                               f"{_gb(m['kv_cache_bytes'])}, activations {_gb(m['activations_bytes'])})")
-                row["reasons"] = reasons
-                evaluated.append((row, model))
-                bar.advance()
-                continue
-            row["fits"] = True
-            batch = b_mem
-            if tpot_target is not None:
-                def meets(b, model=model):
-                    bar.advance(f"tp {t}: batch {b}", n=0)
-                    return model.tpot(b) <= tpot_target
-                b_lat = largest_true(meets, b_mem)
-                if b_lat == 0:
-                    reasons.append(f"TPOT at batch 1 is {model.tpot(1) * 1e3:.3g} ms on tp {t}, over the "
-                                   f"{tpot_target * 1e3:.3g} ms target")
-                    batch = 1
-                else:
-                    batch = b_lat
-            if ttft_target is not None and model.ttft_s > ttft_target:
-                reasons.append(f"TTFT {model.ttft_s * 1e3:.3g} ms on tp {t} is over the "
-                               f"{ttft_target * 1e3:.3g} ms target")
-            row.update(batch=batch, tpot_s=model.tpot(batch), meets=not reasons, reasons=reasons)
-            th = model.throughput(batch)
-            row.update(output_tokens_per_s=th["output_tokens_per_s"],
-                       output_tokens_per_s_per_gpu=th["output_tokens_per_s"] / t)
-            evaluated.append((row, model))
+            evaluated.append((_serve_row(model, t, hw, usable, upper, ttft_target, tpot_target, bar), model))
             bar.advance()
     finally:
         bar.close()
@@ -1037,8 +1125,7 @@ def plan_serving(spec, hw, *, prompt: int, gen: int, gpus: Optional[int] = None,
     good = [(row, m) for row, m in evaluated if row.get("meets")]
     fitting = [(row, m) for row, m in evaluated if row.get("fits")]
     pool = good or fitting
-    feasible = bool(good)
-    fits = bool(fitting)
+    feasible, fits = bool(good), bool(fitting)
     if pool:
         row, model = max(pool, key=lambda rm: (rm[0]["output_tokens_per_s_per_gpu"], -rm[0]["tp"]))
     else:
@@ -1064,57 +1151,22 @@ def plan_serving(spec, hw, *, prompt: int, gen: int, gpus: Optional[int] = None,
 
     batch = row["batch"]
     tpot = model.tpot(batch)
-    th = model.throughput(batch)
-    per_replica = th["output_tokens_per_s"]
     latency = {"ttft_s": model.ttft_s, "ttft_tp_comm_s": model.ttft_tp_s, "tpot_s": tpot,
                "tpot_tp_comm_s": model.decode_tp_s(batch),
                "tpot_with_prefills_s": tpot + batch * model.ttft_s / gen,
                "request_s": model.ttft_s + gen * tpot}
-    throughput = {"output_tokens_per_s_per_replica": per_replica,
-                  "input_tokens_per_s_per_replica": th["input_tokens_per_s"],
-                  "output_tokens_per_s_per_gpu": per_replica / t,
-                  "decode_tokens_per_s_per_replica": batch / tpot,
-                  "requests_per_s_per_replica": per_replica / gen}
-    notes = []
-    if target is not None:
-        replicas = math.ceil(target / per_replica)
-        throughput.update(replicas=replicas, gpus=replicas * t, output_tokens_per_s=replicas * per_replica)
-        if gpus is not None:
-            throughput["gpus_available_meet_target"] = gpus // t * per_replica >= target
-            if not throughput["gpus_available_meet_target"]:
-                notes.append(f"{gpus} GPUs give {gpus // t * per_replica:,.0f} output tokens/s, short of the "
-                             f"{target:,.0f} target: {replicas * t} GPUs are needed")
-    elif gpus is not None:
-        replicas = gpus // t
-        throughput.update(replicas=replicas, gpus=replicas * t, output_tokens_per_s=replicas * per_replica)
-    else:
-        throughput.update(replicas=1, gpus=t, output_tokens_per_s=per_replica)
+    notes: list = []
+    throughput = _serve_throughput(model, batch, t, gen, target, gpus, notes)
     active = _active_experts(spec, batch, model.t_mean)
     if active is not None:
         config["active_experts_per_layer"] = active
-    cost: dict = {"price_per_gpu_hour": price}
-    if price is not None:
-        per_s = price * t / 3600
-        cost.update(
-            per_million_output_tokens=per_s * tpot / batch * 1e6,
-            per_million_input_tokens=per_s * model.ttft_s / prompt * 1e6,
-            per_million_output_tokens_blended=per_s * th["cycle_s"] / (batch * gen) * 1e6,
-            per_hour=price * throughput["gpus"],
-        )
+    cost = _serve_cost(model, batch, t, prompt, gen, price, throughput["gpus"])
     if feasible:
         message = (f"tp {t}, batch {batch}: TTFT {model.ttft_s * 1e3:.3g} ms, TPOT {tpot * 1e3:.3g} ms, "
-                   f"{per_replica / t:,.0f} output tokens/s per GPU")
+                   f"{throughput['output_tokens_per_s_per_replica'] / t:,.0f} output tokens/s per GPU")
     else:
         message = "targets not met: " + "; ".join(row["reasons"]) + " (showing the best plan that fits)"
-    if prompt + gen > spec.max_seq:
-        notes.append(f"prompt + gen = {prompt + gen} exceeds max_seq {spec.max_seq} of {spec.name} "
-                     f"({spec.positions} positions: costed as is)")
-    if tpot_target is not None and latency["tpot_with_prefills_s"] > tpot_target:
-        notes.append(f"with other requests' prefills interleaved the mean time between tokens is "
-                     f"{latency['tpot_with_prefills_s'] * 1e3:.3g} ms, over the {tpot_target * 1e3:.3g} ms TPOT target "
-                     f"(the target bounds the decode step); lower --max-batch or run prefill on separate GPUs")
-    if batch == row.get("max_batch_memory") and tpot_target is None:
-        notes.append("no TPOT target: the batch is the largest that fits memory (give --tpot to bound latency)")
+    _serve_notes(spec, model, row, latency, prompt, gen, tpot_target, notes)
     return ServingPlan(spec=spec, hw=hw, calibration=cal, config=config, links=links, latency=latency,
                        throughput=throughput, memory=mem_out, cost=cost, fits=True, feasible=feasible,
                        message=message, candidates=candidates, notes=notes)

@@ -520,8 +520,6 @@ def isoflop(budget=None, law="chinchilla-3", *, families: Sequence[str] = ("dens
     progress: called as progress(done, total) as the ladder's shapes are
     costed (and, for iso-time, timed).
     """
-    from flopsim.spec import load_model
-
     rule = _rule(flops_rule)
     if method not in ("auto", "numeric"):
         raise bad_value("method", method, "expected auto or numeric")
@@ -553,21 +551,7 @@ def isoflop(budget=None, law="chinchilla-3", *, families: Sequence[str] = ("dens
         assumptions.append(f"MoD variants: capacity {mod.capacity:g}, routing every {mod.every} block(s)")
 
     hw = load_hw(hardware)
-    if shapes:
-        dense_shapes = [load_model(s) for s in shapes]
-        for s in dense_shapes:
-            if s.family not in ("dense", *fams):
-                raise InputError(f"shape {s.name}: family {s.family} is not among --family {', '.join(fams)}")
-        dense_shapes = [s for s in dense_shapes if s.family == "dense"] or dense_shapes
-        chosen = dense_shapes
-    else:
-        rule_obj = ladder or LadderRule()
-        all_shapes = rule_obj.shapes(seq)
-        spans = list(budgets)
-        if gpu_hours is not None:  # the FLOPs H GPU-hours can buy: 1% to 100% of the dtype's peak
-            peak = hw.peak_flops_per_s_for(load_model(rule_obj.base).dtype)[0]
-            spans += [gpu_hours * 3600.0 * peak * f for f in (0.01, 1.0)]
-        chosen = _window(all_shapes, spans, seq)
+    chosen = _chosen_shapes(shapes, fams, ladder, seq, budgets, gpu_hours, hw)
 
     total = len(chosen) * len(fams) * (2 if gpu_hours is not None else 1)  # shapes costed (and timed)
     done = 0
@@ -616,22 +600,8 @@ def isoflop(budget=None, law="chinchilla-3", *, families: Sequence[str] = ("dens
     comparison = (_compare(fams, views, matched, optima, budgets[0], hw, batch, seq, rule)
                   if budgets and not allocation else [])
 
-    iso_time = None
-    if gpu_hours is not None:
-        it_optima, it_curves = {}, {}
-        for f in fams:
-            per_token_s = []
-            for c in costs[f]:
-                per_token_s.append(step_time(c.spec, hw, batch=batch, seq=seq) / (batch * seq))
-                tick()
-            spt = np.array(per_token_s)
-            opt, rows = _sweep(views[f], costs[f], spt, gpu_hours * 3600.0, "time")
-            opt.budget, opt.kind = gpu_hours, "gpu_hours"
-            it_optima[f], it_curves[f] = opt, rows
-            if opt.at_edge:
-                warnings.append(f"{f} iso-time optimum is at the edge of the ladder ({opt.shape.name})")
-        iso_time = {"gpu_hours": gpu_hours, "hardware": getattr(hw, "name", str(hardware)),
-                    "optima": it_optima, "curves": it_curves}
+    iso_time = (_iso_time(fams, views, costs, hw, hardware, gpu_hours, batch, seq, tick, warnings)
+                if gpu_hours is not None else None)
 
     if fit is not None:
         assumptions.append(f"law fitted to {len(fit.runs)} runs: RMSE {fit.rmse:.4g}, max |residual| {fit.max_abs:.4g}")
@@ -640,6 +610,41 @@ def isoflop(budget=None, law="chinchilla-3", *, families: Sequence[str] = ("dens
                          optima=optima, curves=curves, comparison=comparison, iso_time=iso_time,
                          hardware=getattr(hw, "name", None) if hw is not None else None, fit=fit,
                          assumptions=assumptions, warnings=warnings)
+
+
+def _chosen_shapes(shapes, fams, ladder, seq, budgets, gpu_hours, hw) -> list:
+    """The dense shapes to cost: the explicit ones, else the ladder's within reach of the budgets."""
+    from flopsim.spec import load_model
+
+    if shapes:
+        dense_shapes = [load_model(s) for s in shapes]
+        for s in dense_shapes:
+            if s.family not in ("dense", *fams):
+                raise InputError(f"shape {s.name}: family {s.family} is not among --family {', '.join(fams)}")
+        return [s for s in dense_shapes if s.family == "dense"] or dense_shapes
+    rule_obj = ladder or LadderRule()
+    spans = list(budgets)
+    if gpu_hours is not None:  # the FLOPs H GPU-hours can buy: 1% to 100% of the dtype's peak
+        peak = hw.peak_flops_per_s_for(load_model(rule_obj.base).dtype)[0]
+        spans += [gpu_hours * 3600.0 * peak * f for f in (0.01, 1.0)]
+    return _window(rule_obj.shapes(seq), spans, seq)
+
+
+def _iso_time(fams, views, costs, hw, hardware, gpu_hours, batch, seq, tick, warnings) -> dict:
+    """Optima and curves when every shape trains for `gpu_hours` on `hw` (time from the roofline)."""
+    it_optima, it_curves = {}, {}
+    for f in fams:
+        per_token_s = []
+        for c in costs[f]:
+            per_token_s.append(step_time(c.spec, hw, batch=batch, seq=seq) / (batch * seq))
+            tick()
+        opt, rows = _sweep(views[f], costs[f], np.array(per_token_s), gpu_hours * 3600.0, "time")
+        opt.budget, opt.kind = gpu_hours, "gpu_hours"
+        it_optima[f], it_curves[f] = opt, rows
+        if opt.at_edge:
+            warnings.append(f"{f} iso-time optimum is at the edge of the ladder ({opt.shape.name})")
+    return {"gpu_hours": gpu_hours, "hardware": getattr(hw, "name", str(hardware)),
+            "optima": it_optima, "curves": it_curves}
 
 
 def _check_allocation_law(law, families: list, gpu_hours) -> None:
