@@ -219,9 +219,7 @@ class LawView:
     def cost_per_token_6n(self, cost) -> float:
         """Training FLOPs per token in the law's convention: 6 N (or M itself, for a law whose
         model size is FLOPs per token)."""
-        active = self.family != "dense"
-        size = cost.law_params(self.law.params_kind, active=active)
-        return size if self.law.params_kind == "flops_per_token" else 6.0 * size
+        return self.law.flops_per_token(cost.law_params(self.law.params_kind, active=self.family != "dense"))
 
 
 def _is_clark(law) -> bool:
@@ -263,7 +261,7 @@ def _sweep(view: LawView, costs: list, per_token: np.ndarray, budget: float, kin
     if closed:
         n_opt, d_opt = view.law.optimum_6n(budget)
         l_opt = float(view.law.loss(n_opt, d_opt))
-        fpt_opt = 6.0 * n_opt
+        fpt_opt = view.law.flops_per_token(n_opt)
         how = "closed form (Hoffmann et al. 2022 eq. 4, C = 6ND)"
         at_edge = not (xs[0] <= math.log(n_opt) <= xs[-1])
     elif len(xs) < 2:

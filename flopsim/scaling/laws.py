@@ -165,6 +165,11 @@ class Law:
         law counts it), where the law has one; None otherwise."""
         return None
 
+    def flops_per_token(self, size):
+        """Training FLOPs per token in the law's convention for a model of `size` (its N):
+        6 N, or N itself where the law's model size is FLOPs per token (DeepSeek's M)."""
+        return size if self.params_kind == "flops_per_token" else 6.0 * size
+
     def coefficients(self) -> dict:
         return {}
 
@@ -223,7 +228,6 @@ class AllocationLaw(Law):
     exponent: float = 0.5
     unit_flops: float = 1.0
     compute_fraction: float = 1.0
-    flops_per_size: float = 6.0  # training FLOPs per token per unit of N (6; 1 where N is FLOPs per token)
 
     def loss(self, N, D, *, family: str = "dense", E=None, G=None):
         raise InputError(f"law {self.name}: gives the compute-optimal allocation only, no loss: use it with "
@@ -232,11 +236,11 @@ class AllocationLaw(Law):
 
     def optimum(self, budget: float) -> tuple[float, float]:
         n = self.coefficient * (budget * self.compute_fraction / self.unit_flops) ** self.exponent
-        return n, budget / (self.flops_per_size * n)
+        return n, budget / self.flops_per_token(n)
 
     def coefficients(self) -> dict:
         return {"coefficient": self.coefficient, "exponent": self.exponent, "unit_flops": self.unit_flops,
-                "compute_fraction": self.compute_fraction, "flops_per_size": self.flops_per_size}
+                "compute_fraction": self.compute_fraction}
 
 
 @dataclass(frozen=True)
@@ -381,7 +385,6 @@ def deepseek() -> AllocationLaw:
         flops_convention="C = M D, M the non-embedding training FLOPs per token with attention over the "
                          "sequence (eq. 2: 72 n_layer d_model^2 + 6 n_layer d_model l_seq)",
         fitted_flops=(1e17, 3e20), fitted_note="the IsoFLOP profiles at 8 budgets of 1e17 to 3e20 FLOPs (sec. 3.2)",
-        flops_per_size=1.0,
         notes=("the model size is M, FLOPs per token, not a parameter count; D_opt = C / M_opt "
                f"(eq. 4's own D_opt = {p['tokens_coefficient']} C^{p['tokens_exponent']} is the same to 0.01%)",
                "fitted on DeepSeek's own data (its OpenWebText2 fit differs: the exponents move with data quality)"),
