@@ -45,6 +45,7 @@ MOD = [("mod-c1/8-every2", ("forward", "train", "prefill")), ("mod-predictor-gat
        ("mod-explicit-gqa-predictor", ("train", "prefill")), ("mod-encoder", ("forward", "train")),
        ("mod-c1-every1", ("train",))]
 MOE = [("moe-dropless-top2", ("forward", "train", "prefill")), ("moe-dropless-shared-bias", ("train",)),
+       ("moe-dropless-shared-gate", ("forward", "train")),  # dropless decode reads expected experts
        ("moe-capacity-top2-gated", ("train", "decode")), ("moe-capacity-drops", ("train",)),
        ("moe-expert-choice-shared", ("train", "decode")), ("moe-dropless-explicit-attn", ("train",))]
 MODE = [(spec.name, ("train", "prefill")) for spec, _ in mode_grid.GRID[::4]]

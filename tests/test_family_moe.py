@@ -43,6 +43,8 @@ CONFIGS = [
     ("dropless-shared", "llama-3-8b", dict(kv_heads=2), dict(experts=4, top_k=2, d_expert=16, shared_experts=2),
      (2, 3)),
     ("dropless-shared-bias", "gpt2-small", {}, dict(experts=4, top_k=2, shared_experts=1), (1, 9)),
+    ("dropless-shared-gate", "llama-3-8b", dict(kv_heads=2),  # Qwen2-MoE's gated shared expert
+     dict(experts=4, top_k=2, d_expert=16, shared_experts=2, shared_expert_gate=True), (2, 4)),
     ("dropless-one-expert", "gpt2-small", {}, dict(experts=1, top_k=1), (2, 4)),
     ("dropless-all-experts", "llama-3-8b", dict(kv_heads=4), dict(experts=3, top_k=3), (1, 5)),
     ("capacity-switch", "gpt2-small", {}, dict(experts=4, top_k=1, capacity_factor=1.25), (2, 8)),
@@ -79,7 +81,7 @@ def test_grid_covers_every_variant():
     variants = {("dropless" if s.moe.capacity_factor is None else s.moe.routing) for s in specs}
     assert variants == {"dropless", "token_choice", "expert_choice"}
     assert any((s.moe.d_expert or s.d_ff) < s.d_ff for s in specs)  # fine-grained
-    assert any(s.moe.shared_experts for s in specs)
+    assert any(s.moe.shared_experts for s in specs) and any(s.moe.shared_expert_gate for s in specs)
     assert any(s.moe.every > 1 for s in specs)
     assert {s.ffn for s in specs} == {"mlp", "gated"}
     assert any(s.kv_heads < s.heads for s in specs)

@@ -187,6 +187,7 @@ def test_qwen2_moe_shared_experts_and_notes():
     spec, notes = load_hf_config_with_notes(HF / "qwen1.5-moe-a2.7b-chat.json")
     moe = spec.moe
     assert (moe.experts, moe.top_k, moe.d_expert, moe.shared_experts, moe.every) == (60, 4, 1408, 4, 1)
+    assert moe.shared_expert_gate
     assert (spec.kv_heads, spec.bias, spec.tied_embeddings, spec.d_ff) == (16, False, False, 5632)
     assert any("4 shared experts of width 1408" in n for n in notes)
     assert any("q/k/v projections have biases" in n for n in notes)
@@ -200,7 +201,7 @@ def test_qwen1_5_moe_count_is_published_minus_unmodelled_parts():
                  + 2 * d)
     published = 2 * V * d + L * per_layer + d
     assert published == 14_315_784_192  # "14.3B parameters in total" (Qwen1.5-MoE-A2.7B model card)
-    not_modelled = L * (3 * d + d)  # q/k/v biases, shared_expert_gate
+    not_modelled = L * 3 * d  # q/k/v biases (the spec's one bias flag follows the MLP)
     assert params(str(HF / "qwen1.5-moe-a2.7b-chat.json")) == published - not_modelled
 
 

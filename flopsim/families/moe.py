@@ -45,7 +45,10 @@ d_expert (default d_ff), `ffn` mlp (up, down) or gated (gate_up, down):
   reads B * k expert matrices once, with no copy.
 - shared experts: `shared_experts` dense experts of width d_expert fused as
   one MLP of width shared_experts * d_expert (DeepSeek-MoE, Qwen-MoE) on
-  every token, added to the routed output.
+  every token, added to the routed output. With `shared_expert_gate`
+  (Qwen2-MoE) their rows are scaled by sigmoid(x W_g), W_g a d_model x 1
+  product (`shared_gate`, a router-kind op), its sigmoid (`shared_gate_act`)
+  and the row scaling (`shared_scale`).
 
 Bytes of the 0-FLOP ops, each one kernel as the reference runs it (checked
 by the bytes oracle, docs/bytes.md): top-k (`topk`; in train its backward
@@ -57,7 +60,7 @@ the pairs' experts and weights, writes the E * C slots' tokens and weights);
 dispatch via `gather` (N * k rows dropless, E * C rows padded), the
 weighting (`weight`, each row scaled by its weight), combine via `scatter`
 into a zero-filled N x d_model output. In train, x's gradients (it feeds
-the router, the dispatch and the shared experts) are summed (`grad_sum`).
+the router, the dispatch, the shared experts and their gate) are summed (`grad_sum`).
 
 Decode, dropless: the batch's n = B tokens read only the experts they
 activate. Under uniform, independent routing (what load-balancing losses aim
@@ -187,12 +190,19 @@ def moe_ffn(ctx: Ctx, i: int, *, tokens, prefix: str, tags: dict | None = None,
     if moe.shared_experts:
         ops += dense.mlp(ctx, i, tokens=tokens, prefix=p, d_ff=d.shared_experts * d_expert, name="shared",
                          tags=t)
+        if moe.shared_expert_gate:  # Qwen2-MoE: sigmoid(x W_g) scales the shared experts' rows
+            ops += linear(ctx, f"{p}.shared_gate", layer=i, tokens=tokens, d_in=d.d_model, d_out=1, bias=False,
+                          kind="router", tags=t)
+            ops += elementwise(ctx, f"{p}.shared_gate_act", layer=i, elements=tokens, op="sigmoid", module=p,
+                               tags=t)
+            ops += scale_rows(ctx, f"{p}.shared_scale", layer=i, rows=tokens, d=d.d_model, module=p, tags=t)
         ops += elementwise(ctx, f"{p}.shared_add", layer=i, elements=tokens * d.d_model, op="add", inputs=2,
                            module=p, tags=t)
     # x feeds the router, the dispatch (and the shared experts): autograd sums its gradients,
     # charged to x's last user in forward (post-norm: the residual add, in the block)
     ops += gradient_sum(ctx, f"{p}.grad_sum", layer=i, elements=tokens * d.d_model,
-                        count=2 if moe.shared_experts else 1, module=p if spec.norm_position == "pre" else prefix,
+                        count=1 + bool(moe.shared_experts) + moe.shared_expert_gate,
+                        module=p if spec.norm_position == "pre" else prefix,
                         tags=t)
     return ops
 

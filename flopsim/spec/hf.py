@@ -26,9 +26,9 @@ Mapping decisions (see specs/models/hf/README.md for the full list):
   `moe_intermediate_size` (Qwen1.5-MoE-A2.7B: 5632 / 1408 = 4). The moe
   family runs shared experts fused as one MLP of width
   shared_experts * d_expert, so this is Qwen's shared expert exactly
-  (weights, FLOPs, product shapes); only its sigmoid `shared_expert_gate`
-  (d_model weights per layer) is not modelled. A width that is not a multiple
-  is an error.
+  (weights, FLOPs, product shapes), and its sigmoid `shared_expert_gate`
+  (a d_model x 1 product scaling the shared experts' rows) is the moe
+  block's `shared_expert_gate`. A width that is not a multiple is an error.
 - Qwen `decoder_sparse_step` / `mlp_only_layers` -> `moe.every`; a set of
   sparse layers that no `every` reproduces is an error.
 - Biases: the spec has one `bias` flag. It follows the MLP (which holds most
@@ -241,12 +241,13 @@ def _qwen_moe(c: _Config, notes: list[str]) -> dict:
     shared = shared_size // d_expert
     if shared:
         notes.append(f"the shared expert of width {shared_size} is modelled as {shared} shared experts of width "
-                     f"{d_expert} (same weights and FLOPs); its sigmoid gate (d_model weights per layer) is not")
+                     f"{d_expert} (same weights and FLOPs), with its sigmoid gate (shared_expert_gate)")
     if every > 1 or c.data.get("mlp_only_layers"):
         notes.append(f"layers that are not sparse run a dense MLP of intermediate_size {spec['d_ff']}")
     spec["family"] = "moe"
     spec["moe"] = dict(experts=experts, top_k=c.integer("num_experts_per_tok"), d_expert=d_expert,
-                       shared_experts=shared, capacity_factor=None, every=every, routing="token_choice")
+                       shared_experts=shared, shared_expert_gate=bool(shared), capacity_factor=None, every=every,
+                       routing="token_choice")
     return spec
 
 

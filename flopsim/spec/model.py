@@ -85,6 +85,8 @@ class MoeBlock(_Strict):
     top_k: Size = 2
     d_expert: Optional[Size] = None
     shared_experts: Count = 0
+    # Qwen2-MoE: the shared experts' output scaled by sigmoid(x W_g), W_g a d_model x 1 gate
+    shared_expert_gate: bool = False
     capacity_factor: Optional[float] = Field(None, gt=0)
     every: Size = 1
     routing: Literal["token_choice", "expert_choice"] = "token_choice"
@@ -102,6 +104,8 @@ class MoeBlock(_Strict):
     def _top_k_le_experts(self):
         if self.top_k > self.experts:
             raise ValueError(f"top_k {self.top_k} exceeds experts {self.experts}")
+        if self.shared_expert_gate and not self.shared_experts:
+            raise ValueError("shared_expert_gate needs shared_experts > 0 (it scales their output)")
         if self.kernel not in ("grouped", "loop") and (self.capacity_factor is not None
                                                        or self.routing != "token_choice"):
             raise ValueError(f"kernel {self.kernel} runs dropless token choice (capacity_factor null, "

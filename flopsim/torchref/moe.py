@@ -134,6 +134,7 @@ class MoEFFN(nn.Module):
         self.router = nn.Linear(spec.d_model, moe.experts + noop_experts, bias=False)
         self.experts = Experts(spec, moe.experts, d_expert)
         self.shared = MLP(spec, d_ff=moe.shared_experts * d_expert) if moe.shared_experts else None
+        self.shared_gate = nn.Linear(spec.d_model, 1, bias=False) if moe.shared_expert_gate else None
 
     def slots(self, tokens: int) -> Optional[int]:
         """Slots per expert C (None: dropless), as flopsim.families.moe.capacity_slots."""
@@ -165,7 +166,10 @@ class MoEFFN(nn.Module):
         else:
             out = self._capacity(x, probs, slots)
         if self.shared is not None:
-            out = out + self.shared(x.view_as(x))
+            shared = self.shared(x.view_as(x))
+            if self.shared_gate is not None:  # Qwen2-MoE's sigmoid gate on the shared experts
+                shared = torch.sigmoid(self.shared_gate(x.view_as(x))) * shared
+            out = out + shared
         return out.reshape(shape)
 
     def _dropless(self, x, probs):
