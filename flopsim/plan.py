@@ -423,6 +423,59 @@ class TrainingPlan:
         """One row per figure (section, quantity, value): a long-format DataFrame."""
         return _long_table(self.to_dict(), ("config", "links", "compute", "communication", "memory", "totals"))
 
+    def time_parts(self) -> list[dict]:
+        """The step's time by part, as the CLI and the page show it: {part, per_microbatch_s
+        (None where the part is per step), per_step_s, how}; the parts sum to the step."""
+        from flopsim.cli.output import human, human_time
+
+        c, k, cm = self.config, self.compute, self.communication
+        mb = c["microbatches"]
+
+        def part(name, per_mb, per_step, how=""):
+            return {"part": name, "per_microbatch_s": per_mb, "per_step_s": per_step, "how": how}
+
+        parts = [part("forward", k["forward_s_per_microbatch"], mb * k["forward_s_per_microbatch"],
+                      "op-list time / (tp*pp) + launches / pp"),
+                 part("backward", k["backward_s_per_microbatch"], mb * k["backward_s_per_microbatch"])]
+        if c["recompute"]:
+            parts.append(part("recompute", k["recompute_s_per_microbatch"], mb * k["recompute_s_per_microbatch"],
+                              "blocks' forward again"))
+        if c["tp"] > 1:
+            parts.append(part("TP all-reduce", cm["tp_s_per_microbatch"], cm["tp_s_per_step"],
+                              f"{cm['tp_allreduces_per_microbatch']} x {human(cm['tp_allreduce_bytes'], 'B')} "
+                              f"({cm['tp_link']})"))
+        if c["ep"] > 1:
+            parts.append(part("MoE all-to-all", cm["ep_s_per_microbatch"], cm["ep_s_per_step"],
+                              f"{cm['ep_all_to_alls_per_microbatch']} x {human(cm['ep_routed_bytes_per_layer'], 'B')} "
+                              f"({cm['ep_link']})"))
+        if c["pp"] > 1:
+            parts.append(part("PP send/recv", cm["pp_s_per_microbatch"], cm["pp_s_per_step"],
+                              f"2 x {human(cm['pp_p2p_bytes'], 'B')} ({cm['pp_link']})"))
+            parts.append(part("pipeline bubble", None, k["bubble_s"],
+                              f"(pp-1)/microbatches = {k['bubble_fraction']:.3g} of the ideal"))
+        if c["dp"] > 1:
+            parts.append(part(f"DP (ZeRO-{c['zero']}) exposed", None, cm["dp_exposed_s_per_step"],
+                              f"{human(cm['dp_bytes_per_step'], 'B')} sent, {human_time(cm['dp_s_per_step'])} of "
+                              f"which {human_time(cm['dp_hidden_s_per_step'])} hidden ({cm['dp_link']})"))
+        parts.append(part("optimizer update", None, k["optimizer_s"], "this GPU's share of the parameters"))
+        return parts
+
+    def memory_parts(self) -> list[dict]:
+        """Memory per GPU by component: {component, bytes, how} (the total last)."""
+        from flopsim.cli.output import human
+
+        c, m = self.config, self.memory
+        per = m["bytes_per_param"]
+        return [{"component": name, "bytes": m[f"{key}_bytes"], "how": how} for name, key, how in (
+            ("weights", "weights", f"{human(m['params_per_gpu'])} params x {per['weights']} B"
+             + (" / dp" if c["zero"] >= 3 else "")),
+            ("gradients", "gradients", f"x {per['gradients']} B" + (" / dp" if c["zero"] >= 2 else "")),
+            ("optimizer state", "optimizer", f"x {per['optimizer']} B" + (" / dp" if c["zero"] >= 1 else "")),
+            ("activations", "activations", f"{human(m['activations_one_microbatch_bytes'], 'B')} per micro-batch "
+             f"/ tp" + (f" x {m['microbatches_in_flight']}/pp in flight" if c["pp"] > 1 else "")),
+            ("total", "total", f"device {human(m['capacity_bytes'], 'B')}"),
+        )]
+
 
 def _long_table(d: dict, sections) -> Any:
     import pandas as pd

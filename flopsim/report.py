@@ -69,6 +69,7 @@ FIGURE_FORMATS = ("png", "svg")
 GROUPINGS = ("auto", "first")
 MARKER_FILE = ".flopsim-report"
 REPORT_FILE = "README.md"
+PAGE_FILE = "index.html"
 SUMMARY_FILE = "summary.csv"
 CONDITIONAL_BLOCKS = ("mod", "moe", "mode", "sparse_ff", "length_reduction")
 # families the scaling laws can place on isoFLOP curves
@@ -176,6 +177,8 @@ class Group:
     memory: dict = field(default_factory=dict)  # (setting, name) -> MemoryResult
     knobs: list = field(default_factory=list)  # KnobSweep
     figures: dict = field(default_factory=dict)  # kind -> [relative paths]
+    pages: dict = field(default_factory=dict)  # kind -> interactive (plotly) figure for the page
+    batch_sweep: dict = field(default_factory=dict)  # spec name -> serving throughput against the batch
     slug: str = ""
     batch: int = DEFAULT_BATCH
 
@@ -369,6 +372,7 @@ class Report:
     command: str
     isoflop: list = field(default_factory=list)  # (law, IsoflopResult, relative path) tuples
     isoflop_notes: list = field(default_factory=list)
+    isoflop_times: dict = field(default_factory=dict)  # law -> isoflop_times(...)
     styles: dict = field(default_factory=dict)  # spec name -> {"color", "marker"}
     path: Optional[Path] = None  # the markdown file, once written
     given: list = field(default_factory=list)  # the spec names as given
@@ -483,21 +487,7 @@ def make_report(specs: Sequence, hw, *, phases: Optional[Sequence[str]] = None, 
     hw_spec = load_hardware(hw)
     cal = load_calibration(calibration, hw_spec)
     formats = _formats(figures)
-    phases = list(phases or DEFAULT_PHASES)
-    if not phases:
-        raise InputError("phase: give at least one phase")
-    from flopsim.families import PHASES
-
-    for p in phases:
-        if p not in PHASES:
-            raise bad_value("phase", p, f"expected one of {', '.join(PHASES)}")
-    budgets = [float(b) for b in (budgets or DEFAULT_BUDGETS)]
-    for b in budgets:
-        if not (math.isfinite(b) and b > 0):
-            raise bad_value("budget", b, "must be a positive number of FLOPs")
-    for name, value in (("batch", batch), ("seq", seq), ("context", context)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise bad_value(name, value, "must be a positive integer")
+    phases, budgets = _checked_args(phases, budgets, batch, seq, context)
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir([m.name for m in models], hw_spec.name)
     _check_out_dir(out_dir)
 
@@ -524,6 +514,7 @@ def make_report(specs: Sequence, hw, *, phases: Optional[Sequence[str]] = None, 
     for g in groups:
         steps.append((f"predict {g.title}", lambda tmp, g=g: _predict_group(rep, g)))
         steps.append((f"memory {g.title}", lambda tmp, g=g: _memory_group(rep, g)))
+        steps.append((f"batch sweep {g.title}", lambda tmp, g=g: _batch_sweep(rep, g)))
         for s in g.specs[1:]:
             for knob in knob_plan(s):
                 steps.append((f"sweep {s.name} {knob[0]}",
@@ -531,7 +522,7 @@ def make_report(specs: Sequence, hw, *, phases: Optional[Sequence[str]] = None, 
                                   _run_knob(g, s, *knob, hw_spec, cal, optimizer))))
         steps.append((f"figures {g.title}", lambda tmp, g=g: _group_figures(rep, g, tmp)))
     steps.append(("isoFLOP curves", lambda tmp: _isoflop(rep, models, tmp)))
-    steps.append(("markdown", lambda tmp: _write_markdown(rep, tmp)))
+    steps.append(("markdown and page", lambda tmp: _write_documents(rep, tmp)))
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(out_dir)
@@ -552,6 +543,26 @@ def make_report(specs: Sequence, hw, *, phases: Optional[Sequence[str]] = None, 
         raise
     rep.path = out_dir / REPORT_FILE
     return rep
+
+
+def _checked_args(phases, budgets, batch, seq, context) -> tuple[list, list]:
+    """The phases and budgets to use (defaults filled in), each argument checked: one error line if bad."""
+    from flopsim.families import PHASES
+
+    phases = list(phases or DEFAULT_PHASES)
+    if not phases:
+        raise InputError("phase: give at least one phase")
+    for p in phases:
+        if p not in PHASES:
+            raise bad_value("phase", p, f"expected one of {', '.join(PHASES)}")
+    budgets = [float(b) for b in (budgets or DEFAULT_BUDGETS)]
+    for b in budgets:
+        if not (math.isfinite(b) and b > 0):
+            raise bad_value("budget", b, "must be a positive number of FLOPs")
+    for name, value in (("batch", batch), ("seq", seq), ("context", context)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise bad_value(name, value, "must be a positive integer")
+    return phases, budgets
 
 
 def _make_readable(folder: Path) -> None:
@@ -607,6 +618,27 @@ def _memory_group(rep: Report, g: Group) -> None:
                                             context=g.context_for(serve), hw=rep.hw)
 
 
+BATCH_SWEEP = tuple(2 ** i for i in range(11))  # the serving batch sweep: 1 to 1024 sequences
+
+
+def _batch_sweep(rep: Report, g: Group) -> None:
+    """Each spec's serving step (decode, or forward for encoders) at every batch of
+    BATCH_SWEEP, at the group's context: time per step, tokens/s, and whether
+    it fits the device (flopsim.memory's largest batch)."""
+    from flopsim.sweep import sweep
+
+    serve = serving_phase(g)
+    for s in g.specs:
+        r = sweep(s, rep.hw, phase=serve, vary={"batch": list(BATCH_SWEEP)}, seq=g.seq,
+                  context=g.context_for(serve), calibration=rep.calibration, optimizer=rep.optimizer)
+        largest = g.memory[("serve", s.name)].max_batch
+        g.batch_sweep[s.name] = {
+            "phase": serve, "batch": list(BATCH_SWEEP), "max_batch": largest,
+            "time_s": [float(t) for t in r.grids["time_s"]],
+            "tokens_per_s": [float(t) for t in r.grids["tokens_per_s"]],
+            "fits": [largest is not None and b <= largest for b in BATCH_SWEEP]}
+
+
 def _styles(groups: list[Group]) -> dict:
     from flopsim.plots import BASELINE_COLOR, SPEC_COLORS, SPEC_MARKERS
 
@@ -632,47 +664,46 @@ def _hw_line(rep: Report, dtype: str) -> str:
             + f", {fmt_si(rep.hw.memory_bandwidth_bytes_per_s, 'B/s')}, {fmt_gb(rep.hw.memory_capacity_bytes)}")
 
 
-def _group_figures(rep: Report, g: Group, tmp: Path) -> None:
-    from flopsim import plots
+def roofline_panels(rep: Report, g: Group) -> list[dict]:
+    """Per phase, each spec's op points (flopsim.figure_data.op_points): what both rooflines draw."""
+    from flopsim.figure_data import op_points
 
+    return [{"title": f"{phase}: {g.shape(phase)}",
+             "specs": [{"name": s.name, "style": rep.styles[s.name],
+                        "points": op_points(g.results[(phase, s.name)].ops)} for s in g.specs]}
+            for phase in g.phases]
+
+
+def roofline_args(rep: Report, g: Group) -> dict:
+    """The roofs both rooflines draw: datasheet peaks, bandwidth and the calibrated efficiencies."""
     dtype = g.baseline.dtype
-    peak = rep.hw.peak_flops_per_s_for(dtype)[0]
-    # 1. roofline
-    panels = []
-    for phase in g.phases:
-        specs = []
-        for s in g.specs:
-            r = g.results[(phase, s.name)]
-            specs.append({"name": s.name, "style": rep.styles[s.name],
-                          "ops": [{"kind": op.kind, "all_flops": float(op.all_flops), "bytes": float(op.bytes),
-                                   "time_s": op.time_s} for op in r.ops]})
-        panels.append({"title": f"{phase}: {g.shape(phase)}", "specs": specs})
     eff = rep.calibration.efficiency("matmul")
-    fig = plots.roofline_figure(
-        panels, peak_flops_per_s=peak, vector_flops_per_s=rep.hw.vector_flops_per_s,
-        bytes_per_s=rep.hw.memory_bandwidth_bytes_per_s, dtype=dtype,
-        calibrated=None if rep.calibration.is_ideal else (float(eff[0]), float(eff[1])),
-        title=f"Roofline on {_hw_line(rep, dtype)}  |  {g.title}")
-    g.figures["roofline"] = plots.save(fig, tmp / f"{g.slug}-roofline", rep.formats)
+    return {"peak_flops_per_s": rep.hw.peak_flops_per_s_for(dtype)[0], "vector_flops_per_s": rep.hw.vector_flops_per_s,
+            "bytes_per_s": rep.hw.memory_bandwidth_bytes_per_s, "dtype": dtype,
+            "calibrated": None if rep.calibration.is_ideal else (float(eff[0]), float(eff[1])),
+            "title": f"Roofline on {_hw_line(rep, dtype)}  |  {g.title}"}
 
-    # 2. speedup vs knob
-    if g.knobs:
-        rows = []
-        for ks in g.knobs:
-            cols = []
-            for phase in g.phases:
-                base = g.results[(phase, g.baseline.name)]
-                cols.append({"time_speedup": [base.time_s / t for t in ks.time_s[phase]],
-                             "flop_speedup": [base.flops / f if f else float("nan") for f in ks.flops[phase]]})
-            rows.append({"spec": ks.spec.name, "label": ks.label, "x": ks.x, "preset_x": ks.preset_x,
-                         "log_x": ks.log_x, "style": rep.styles[ks.spec.name], "phases": cols})
-        fig = plots.knob_figure(
-            rows, [f"{p}: {g.shape(p)}" for p in g.phases], baseline=g.baseline.name,
-            title=f"Speedup over {g.baseline.name} as each knob varies, {rep.hw.name} "
-                  f"(calibration: {rep.calibration.label})")
-        g.figures["knobs"] = plots.save(fig, tmp / f"{g.slug}-knobs", rep.formats)
 
-    # 3. memory
+def knob_rows(rep: Report, g: Group) -> list[dict]:
+    """Per knob sweep: x values and, per phase, time and FLOP speedup over the baseline and tokens/s."""
+    rows = []
+    for ks in g.knobs:
+        cols = []
+        for phase in g.phases:
+            base = g.results[(phase, g.baseline.name)]
+            cols.append({"time_speedup": [base.time_s / t for t in ks.time_s[phase]],
+                         "flop_speedup": [base.flops / f if f else float("nan") for f in ks.flops[phase]],
+                         "tokens_per_s": [base.tokens / t for t in ks.time_s[phase]],
+                         "baseline_tokens_per_s": base.tokens_per_s})
+        rows.append({"spec": ks.spec.name, "knob": ks.knob, "label": ks.label, "x": ks.x, "preset_x": ks.preset_x,
+                     "log_x": ks.log_x, "style": rep.styles[ks.spec.name], "phases": cols})
+    return rows
+
+
+def memory_settings(rep: Report, g: Group) -> list[dict]:
+    """A training and a serving step: each spec's memory by component, and its largest batch."""
+    from flopsim.plots import MEMORY_COMPONENTS
+
     serve = serving_phase(g)
     settings = []
     for key, title in (("train", f"training step: B={rep.batch} S={g.seq}, {rep.optimizer}, no recomputation"),
@@ -682,13 +713,33 @@ def _group_figures(rep: Report, g: Group, tmp: Path) -> None:
         for s in g.specs:
             m = g.memory[(key, s.name)]
             bars.append({"name": s.name, "style": rep.styles[s.name],
-                         "components": {c: float(m.components[c]) for c in plots.MEMORY_COMPONENTS},
+                         "components": {c: float(m.components[c]) for c in MEMORY_COMPONENTS},
                          "max_batch": m.max_batch})
         settings.append({"title": title, "bars": bars})
+    return settings
+
+
+def _group_figures(rep: Report, g: Group, tmp: Path) -> None:
+    """The static figures (flopsim.plots) and their interactive versions (flopsim.report_page)."""
+    from flopsim import plots, report_page
+
+    panels, roofs = roofline_panels(rep, g), roofline_args(rep, g)
+    fig = plots.roofline_figure(panels, **roofs)
+    g.figures["roofline"] = plots.save(fig, tmp / f"{g.slug}-roofline", rep.formats)
+    rows = knob_rows(rep, g)
+    if rows:
+        fig = plots.knob_figure(
+            rows, [f"{p}: {g.shape(p)}" for p in g.phases], baseline=g.baseline.name,
+            title=f"Speedup over {g.baseline.name} as each knob varies, {rep.hw.name} "
+                  f"(calibration: {rep.calibration.label})")
+        g.figures["knobs"] = plots.save(fig, tmp / f"{g.slug}-knobs", rep.formats)
+    settings = memory_settings(rep, g)
+    memory_title = (f"Device memory per step on {rep.hw.name} ({fmt_gb(rep.hw.memory_capacity_bytes)}), "
+                    f"{g.baseline.dtype}")
     fig = plots.memory_figure(settings, capacity_bytes=rep.hw.memory_capacity_bytes, device=rep.hw.name,
-                              title=f"Device memory per step on {rep.hw.name} ({fmt_gb(rep.hw.memory_capacity_bytes)}), "
-                                    f"{g.baseline.dtype}")
+                              title=memory_title)
     g.figures["memory"] = plots.save(fig, tmp / f"{g.slug}-memory", rep.formats)
+    g.pages.update(report_page.group_figures(rep, g, panels, roofs, rows, settings, memory_title))
 
 
 def _isoflop(rep: Report, models: list, tmp: Path) -> None:
@@ -735,8 +786,40 @@ def _isoflop(rep: Report, models: list, tmp: Path) -> None:
 
         shrink_png(tmp / name)
         rep.isoflop.append((law, result, name))
+        rep.isoflop_times[law] = isoflop_times(rep, result)
     if "svg" in rep.formats and rep.isoflop:
         rep.isoflop_notes.append("isoFLOP figures are PNG only (flopsim.scaling.plot)")
+
+
+ISOFLOP_TIMED_SHAPES = 9  # ladder shapes per family timed for the isoFLOP-against-time view
+
+
+def isoflop_times(rep: Report, result) -> dict:
+    """(family, budget) -> rows of the isoFLOP curve with each shape's training
+    time on one device: steps (tokens / (batch x seq)) x the roofline's train
+    step (flopsim.scaling.isoflop.step_time, the report's calibration). Only
+    ISOFLOP_TIMED_SHAPES ladder shapes per family are timed, spread evenly
+    over the sizes within 20x of any budget's optimum (what the static
+    figure draws); every budget reuses their step times."""
+    from flopsim.scaling.isoflop import step_time
+
+    out: dict = {}
+    for fam in result.families:
+        near = set()
+        for b in result.budgets:
+            opt = result.optima[(fam, b)]
+            near |= {r["shape"] for r in result.curves[(fam, b)]
+                     if opt.params / 20 <= r["law_params"] <= opt.params * 20}
+        ordered = [r["shape"] for r in result.curves[(fam, result.budgets[0])] if r["shape"] in near]
+        n = min(ISOFLOP_TIMED_SHAPES, len(ordered))
+        chosen = {ordered[round(i * (len(ordered) - 1) / max(1, n - 1))] for i in range(n)}
+        steps = {name: step_time(result.shape_specs[fam][name], rep.hw, batch=result.batch, seq=result.seq,
+                                 calibration=rep.calibration) for name in chosen}
+        for b in result.budgets:
+            out[(fam, b)] = [dict(r, step_time_s=steps[r["shape"]],
+                                  train_time_s=r["tokens"] / (result.batch * result.seq) * steps[r["shape"]])
+                             for r in result.curves[(fam, b)] if r["shape"] in chosen]
+    return out
 
 
 # -- markdown ---------------------------------------------------------------------------
@@ -804,99 +887,195 @@ def _observations(rep: Report, g: Group) -> list[str]:
     return out
 
 
-def _write_markdown(rep: Report, tmp: Path) -> None:
+@dataclass
+class Figure:
+    """A figure in the document: static files for the markdown, a plotly figure for the page."""
+
+    name: str  # the page's element id (fig-NAME)
+    alt: str
+    static: list  # relative paths of the static figure ([] when the markdown shows `fallback` instead)
+    interactive: Any  # plotly figure
+    caption: str = ""  # markdown, under the figure in both
+    fallback: str = ""  # markdown shown instead of a static figure
+
+
+def document(rep: Report) -> list:
+    """The report as blocks, in order: markdown strings and Figures; the
+    markdown (README.md) and the page (index.html) both render these."""
+    blocks = _intro_blocks(rep) + _headline_blocks(rep)
+    for gi, g in enumerate(rep.groups):
+        blocks += _group_blocks(rep, gi, g)
+    return blocks + _isoflop_blocks(rep) + _assumption_blocks(rep)
+
+
+def _intro_blocks(rep: Report) -> list:
     from flopsim import __version__
 
-    hw = rep.hw
-    md: list[str] = []
-    md.append(f"# flopsim report: {', '.join(rep.given)} on {hw.name}")
-    md.append(f"Generated by flopsim {__version__}: predictions from the op-by-op roofline "
-              f"(`flopsim.predict`), not measurements. Regenerate with:\n\n```sh\n{rep.command}\n```")
+    out = [f"# flopsim report: {', '.join(rep.given)} on {rep.hw.name}",
+           f"Generated by flopsim {__version__}: predictions from the op-by-op roofline (`flopsim.predict`), not "
+           f"measurements. Interactive page: [{PAGE_FILE}]({PAGE_FILE}) (one self-contained file; hover for each "
+           f"op's and point's numbers). Regenerate with:\n\n```sh\n{rep.command}\n```"]
     if len(rep.groups) > 1:
-        md.append(f"The specs form {len(rep.groups)} comparison groups: each conditional model against its dense "
-                  f"baseline (the same trunk with the routing removed), so every speedup compares like with like. "
-                  f"`--group first` puts every spec in one group against the first.")
-    md.append("## Contents\n" + "\n".join(
-        f"{i + 1}. [{g.title}](#{i + 1}-{_anchor(g.title)})" for i, g in enumerate(rep.groups))
-        + f"\n{len(rep.groups) + 1}. [isoFLOP curves](#{len(rep.groups) + 1}-isoflop-curves)"
-        + f"\n{len(rep.groups) + 2}. [Assumptions](#{len(rep.groups) + 2}-assumptions)")
+        out.append(f"The specs form {len(rep.groups)} comparison groups: each conditional model against its dense "
+                   f"baseline (the same trunk with the routing removed), so every speedup compares like with like. "
+                   f"`--group first` puts every spec in one group against the first.")
+    n = len(rep.groups)
+    out.append("## Contents\n" + "\n".join(f"{i + 1}. [{g.title}](#{i + 1}-{_anchor(g.title)})"
+                                           for i, g in enumerate(rep.groups))
+               + f"\n{n + 1}. [isoFLOP curves](#{n + 1}-isoflop-curves)\n{n + 2}. [Assumptions](#{n + 2}-assumptions)")
+    return out
 
-    # headline
-    md.append("## Headline")
-    md.append(f"Predicted on {_hw_line(rep, rep.groups[0].baseline.dtype)}; calibration "
-              f"{rep.calibration.label}. *time speedup* = the group baseline's time / this spec's time; "
-              f"*FLOP speedup* = the baseline's FLOPs / this spec's FLOPs (what the FLOPs alone promise); "
-              f"FLOPs counted as torch's FlopCounterMode does (matrix products; train = forward + backward); "
-              f"MFU = FLOPs / (time x {rep.groups[0].baseline.dtype} peak); bound = the roofline side most of "
-              f"the step's time is on. Exact values: [{SUMMARY_FILE}]({SUMMARY_FILE}).")
+
+def _headline_blocks(rep: Report) -> list:
+    dtype = rep.groups[0].baseline.dtype
+    out = ["## Headline",
+           f"Predicted on {_hw_line(rep, dtype)}; calibration {rep.calibration.label}. *time speedup* = the group "
+           f"baseline's time / this spec's time; *FLOP speedup* = the baseline's FLOPs / this spec's FLOPs (what the "
+           f"FLOPs alone promise); FLOPs counted as torch's FlopCounterMode does (matrix products; train = forward "
+           f"+ backward); MFU = FLOPs / (time x {dtype} peak); bound = the roofline side most of the step's time is "
+           f"on. Exact values: [{SUMMARY_FILE}]({SUMMARY_FILE})."]
     rows = rep.rows()
     for gi, g in enumerate(rep.groups):
         grows = [r for r in rows if r["group"] == gi + 1]
-        md.append(f"**{gi + 1}. {g.title}** (baseline {g.baseline.name}; " +
-                  "; ".join(f"{p} {g.shape(p)}" for p in g.phases) + ")\n\n" +
-                  _md_table(headline_columns(), [headline_cells(r) for r in grows], align="lrlrrrrrlr"))
+        out.append(f"**{gi + 1}. {g.title}** (baseline {g.baseline.name}; "
+                   + "; ".join(f"{p} {g.shape(p)}" for p in g.phases) + ")\n\n"
+                   + _md_table(headline_columns(), [headline_cells(r) for r in grows], align="lrlrrrrrlr"))
+    return out
 
-    # groups
-    for gi, g in enumerate(rep.groups):
-        md.append(f"## {gi + 1}. {g.title}")
-        if g.derived:
-            md.append(f"Baseline **{g.baseline.name}**: {g.derived}.")
-        for note in g.notes:
-            md.append(f"> Note: {note}.")
-        obs = _observations(rep, g)
-        if obs:
-            md.append("What the numbers say:\n\n" + "\n".join(f"- {o}" for o in obs))
-        md.append(f"### Roofline\n{_img(g.figures['roofline'], 'roofline')}\n\n"
-                  f"Every op of one step, per phase, at its arithmetic intensity (all FLOPs, elementwise "
-                  f"included, over the bytes it moves) and the FLOP/s it achieves (its FLOPs over its predicted "
-                  f"time, launch overhead included). Colour: op kind; marker: spec; area: share of the step's "
-                  f"time. Solid lines: the datasheet roofs ({g.baseline.dtype} matrix peak, fp32 vector peak, "
-                  f"memory bandwidth); dotted: the calibrated roof. Ops left of the ridge are memory-bound. "
-                  f"Ops with no arithmetic (copies, gathers, the KV-cache append) cannot be placed on a log axis "
-                  f"and are left out; the panel titles give their share of the time.")
-        if "knobs" in g.figures:
-            knobs = ", ".join(f"{ks.spec.name}: {ks.knob}" for ks in g.knobs)
-            md.append(f"### Speedup vs knob\n{_img(g.figures['knobs'], 'speedup vs knob')}\n\n"
-                      f"Each conditional spec's knob ({knobs}) varied with everything else fixed, one column per "
-                      f"phase: solid, the predicted time speedup over {g.baseline.name}; dashed, the FLOP speedup "
-                      f"(baseline FLOPs / FLOPs); the shaded gap is FLOP saving that does not turn into time "
-                      f"(memory-bound weight and KV-cache reads, routing, gathers, launches); the dotted vertical "
-                      f"line marks the spec's own setting. Above 1: faster than the baseline.")
-        md.append(f"### Memory\n{_img(g.figures['memory'], 'memory breakdown')}\n\n"
-                  f"Device memory of one step by component (flopsim.memory: weights, gradients and Adam state "
-                  f"in training; activations kept for the backward pass without recomputation; the KV cache "
-                  f"when serving), against the device's capacity. Labels: the total, its share of the device "
-                  f"and the largest batch that fits at this length.")
 
-    # isoflop
-    md.append(f"## {len(rep.groups) + 1}. isoFLOP curves")
+def _group_blocks(rep: Report, gi: int, g: Group) -> list:
+    out = [f"## {gi + 1}. {g.title}"]
+    if g.derived:
+        out.append(f"Baseline **{g.baseline.name}**: {g.derived}.")
+    out += [f"> Note: {note}." for note in g.notes]
+    obs = _observations(rep, g)
+    if obs:
+        out.append("What the numbers say:\n\n" + "\n".join(f"- {o}" for o in obs))
+    out += ["### Roofline", Figure(
+        f"{g.slug}-roofline", "roofline", g.figures["roofline"], g.pages["roofline"],
+        f"Every op of one step, per phase. Upper panels: ops with FLOPs at their arithmetic intensity (all FLOPs, "
+        f"elementwise included, over the bytes they move) and the FLOP/s they achieve (their FLOPs over their "
+        f"predicted time, launch overhead included); solid lines: the datasheet roofs ({g.baseline.dtype} matrix "
+        f"peak, fp32 vector peak, memory bandwidth), dotted: the calibrated roof; ops left of the ridge are "
+        f"memory-bound. Lower panels: ops with no FLOPs (copies, gathers, the KV-cache append, launches), one op's "
+        f"bytes against its time, with the time the bytes take at full bandwidth. Colour: op kind; marker: spec; "
+        f"area: share of the step's time; the same op repeated in several layers is one marker (xN); the largest "
+        f"are named.")]
+    if g.knobs:
+        knobs = ", ".join(f"{ks.spec.name}: {ks.knob}" for ks in g.knobs)
+        out += ["### Speedup vs knob", Figure(
+            f"{g.slug}-knobs", "speedup vs knob", g.figures["knobs"], g.pages["knobs"],
+            f"Each conditional spec's knob ({knobs}) varied with everything else fixed, one column per phase: "
+            f"solid, the predicted time speedup over {g.baseline.name}; dashed, the FLOP speedup (baseline FLOPs / "
+            f"FLOPs); the gap is FLOP saving that does not turn into time (memory-bound weight and KV-cache reads, "
+            f"routing, gathers, launches); the ringed point (dotted line) is the spec's own setting. Above 1: faster "
+            f"than the baseline."),
+            "### Throughput vs knob", Figure(
+                f"{g.slug}-knob-throughput", "tokens/s vs knob", [], g.pages["knob_throughput"],
+                f"The same sweeps in absolute terms: tokens per second of one step on one {rep.hw.name} (dotted: "
+                f"{g.baseline.name}).", fallback=_knob_throughput_table(rep, g))]
+    out += ["### Memory", Figure(
+        f"{g.slug}-memory", "memory breakdown", g.figures["memory"], g.pages["memory"],
+        "Device memory of one step by component (flopsim.memory: weights, gradients and Adam state in training; "
+        "activations kept for the backward pass without recomputation; the KV cache when serving), against the "
+        "device's capacity. Labels: the total, its share of the device and the largest batch that fits at this "
+        "length.")]
+    out += [f"### Serving batch sweep", Figure(
+        f"{g.slug}-batch", "serving batch sweep", [], g.pages["batch"],
+        _batch_caption(rep, g), fallback=_batch_table(g))]
+    return out
+
+
+def _knob_throughput_table(rep: Report, g: Group) -> str:
+    """The markdown's stand-in for the throughput-vs-knob figure: tokens/s at each knob value."""
+    lines = []
+    for row in knob_rows(rep, g):
+        cols = [f"{row['knob']} ({row['spec']})"] + [f"{p} tokens/s" for p in g.phases]
+        cells = [[f"{x:g}" + (" (own)" if x == row["preset_x"] else "")]
+                 + [fmt_si(ph["tokens_per_s"][i]) for ph in row["phases"]] for i, x in enumerate(row["x"])]
+        base = ["baseline " + g.baseline.name] + [fmt_si(ph["baseline_tokens_per_s"]) for ph in row["phases"]]
+        lines.append(_md_table(cols, cells + [base]))
+    return "Tokens/s of one step on one device at each knob value (the page draws it):\n\n" + "\n\n".join(lines)
+
+
+def _batch_caption(rep: Report, g: Group) -> str:
+    serve = serving_phase(g)
+    what = (f"one new token per sequence against a KV cache of {g.context or g.seq} tokens" if serve == "decode"
+            else f"{g.seq} tokens per sequence")
+    return (f"The serving step ({serve}: {what}) at batch 1 to {BATCH_SWEEP[-1]} on one {rep.hw.name}: tokens/s "
+            f"(left) and time per step (right). Hollow markers: the batch does not fit the device's memory "
+            f"(flopsim.memory: weights, activations and the KV cache).")
+
+
+def _batch_table(g: Group) -> str:
+    names = list(g.batch_sweep)
+    first = g.batch_sweep[names[0]]
+    rows = []
+    for i, b in enumerate(first["batch"]):
+        cells = [str(b)]
+        for n in names:
+            sw = g.batch_sweep[n]
+            cells.append(fmt_si(sw["tokens_per_s"][i]) + ("" if sw["fits"][i] else " (does not fit)"))
+        rows.append(cells)
+    return (f"Tokens/s of one {first['phase']} step against the batch (the page draws it with the time per step):"
+            f"\n\n" + _md_table(["batch"] + [f"{n} tokens/s" for n in names], rows))
+
+
+def _isoflop_blocks(rep: Report) -> list:
+    out = [f"## {len(rep.groups) + 1}. isoFLOP curves"]
     if rep.isoflop:
-        md.append("Predicted final loss against model size at fixed training budgets (flopsim.scaling: every "
-                  "ladder shape trains on budget / exact training FLOPs per token); markers are each family's "
-                  "optimum. Not hardware-dependent, except the step times in the tables.")
+        out.append("Predicted final loss against model size at fixed training budgets (flopsim.scaling: every ladder "
+                   "shape trains on budget / exact training FLOPs per token); markers are each family's optimum. The "
+                   "loss does not depend on the hardware; the training times do.")
     for law, result, path in rep.isoflop:
-        md.append(f"### {law}\n![isoFLOP {law}]({path})")
+        from flopsim import report_page
+
+        out += [f"### {law}", Figure(f"isoflop-{law}", f"isoFLOP {law}", [path], report_page.isoflop_figure(rep, law, result)),
+                Figure(f"isoflop-{law}-time", f"isoFLOP {law} against time", [],
+                       report_page.isoflop_time_figure(rep, law), _isoflop_time_caption(rep),
+                       fallback=_isoflop_time_table(rep, law))]
         comp = result.comparison
         if comp:
             b = result.budgets[0]
-            md.append(f"At {b:.3g} FLOPs (step = {result.batch} x {result.seq} tokens on {hw.name}):\n\n" + _md_table(
+            out.append(f"At {b:.3g} FLOPs (step = {result.batch} x {result.seq} tokens on {rep.hw.name}):\n\n" + _md_table(
                 ["family", "role", "shape", "params", "loss", "FLOPs/step vs dense", "step time", "speedup/step"],
                 [[r["family"], r["role"], r["shape"], fmt_si(r["params"]), f"{r['loss']:.4f}",
                   fmt_ratio(r["flops_per_step_vs_ref"]),
                   fmt_time(r["step_time_s"]) if r.get("step_time_s") else "-",
                   fmt_ratio(r["speedup_per_step"]) if r.get("speedup_per_step") else "-"] for r in comp],
                 align="lllrrrrr"))
-        notes = [a for a in result.assumptions] + [f"warning: {w}" for w in result.warnings
-                                                   if "no --hardware" not in w]
+        notes = list(result.assumptions) + [f"warning: {w}" for w in result.warnings if "no --hardware" not in w]
         if notes:
-            md.append("\n".join(f"- {n}" for n in notes))
+            out.append("\n".join(f"- {n}" for n in notes))
     if rep.isoflop_notes:
-        md.append("\n".join(f"- {n}" for n in rep.isoflop_notes))
+        out.append("\n".join(f"- {n}" for n in rep.isoflop_notes))
+    return out
 
-    # assumptions
-    md.append(f"## {len(rep.groups) + 2}. Assumptions")
-    md.append(f"**Hardware: {hw.name}** ({hw.description}). Figures not marked verified are flagged by "
-              f"`flopsim hardware show {hw.name}`.")
+
+def _isoflop_time_caption(rep: Report) -> str:
+    return (f"The same curves against the time each shape takes to train on one {rep.hw.name} (training steps x the "
+            f"roofline's train step, calibration {rep.calibration.label}): at equal FLOPs, shapes that use the device "
+            f"better finish sooner. {ISOFLOP_TIMED_SHAPES} shapes per family are timed, spread over the sizes near "
+            f"the optima.")
+
+
+def _isoflop_time_table(rep: Report, law: str) -> str:
+    rows = []
+    for (fam, b), pts in rep.isoflop_times[law].items():
+        best = min(pts, key=lambda r: r["loss"])
+        fastest = min(pts, key=lambda r: r["train_time_s"])
+        rows.append([fam, f"{b:.3g}", f"{best['shape']} ({fmt_si(best['params'])})", f"{best['loss']:.4f}",
+                     fmt_time(best["train_time_s"]), f"{fastest['shape']}", fmt_time(fastest["train_time_s"])])
+    return (f"Training time on one {rep.hw.name} of the timed shapes (the page draws every one):\n\n"
+            + _md_table(["family", "budget (FLOPs)", "lowest loss: shape", "loss", "its time", "fastest shape",
+                         "its time"], rows, align="lrlrrlr"))
+
+
+def _assumption_blocks(rep: Report) -> list:
+    hw = rep.hw
+    out = [f"## {len(rep.groups) + 2}. Assumptions",
+           f"**Hardware: {hw.name}** ({hw.description}). Figures not marked verified are flagged by "
+           f"`flopsim hardware show {hw.name}`."]
     hw_rows = []
     for figure in ("peak_flops_per_s", "memory_bandwidth_bytes_per_s", "memory_capacity_bytes",
                    "last_level_cache_bytes", "launch_overhead_s"):
@@ -911,31 +1090,57 @@ def _write_markdown(rep: Report, tmp: Path) -> None:
             shown = fmt_si(value, "B/s" if "per_s" in figure else "B")
         source = " ".join(hw.sources.get(figure, "").split())
         hw_rows.append([figure, shown, "yes" if figure in hw.verified else "no", source])
-    md.append(_md_table(["figure", "value", "verified", "source"], hw_rows, align="llll"))
-    md.append(f"**Calibration:** {rep.calibration.label}. Source: {' '.join(rep.calibration.source.split())}")
-    shapes = []
-    for g in rep.groups:
-        for p in g.phases:
-            shapes.append([g.title, p, _phase_words(p, g)])
-    md.append("**Shapes** (one step of each phase):\n\n" + _md_table(["group", "phase", "shape"], shapes, "lll"))
-    md.append("**Model:** each op is its own kernel (no fusion beyond what the spec's ops state), ops run one "
-              "after another (no overlap), each op's time = max(FLOPs / peak, bytes / bandwidth) x calibration "
-              "+ launch overhead; non-matrix ops run at the fp32 vector rate. The train step includes the "
-              f"{rep.optimizer} update. Conditional models' decode costs (distinct experts read, MoD blocks that "
-              "run, sparse-FF units read) are expectations over uniform routing.")
+    out.append(_md_table(["figure", "value", "verified", "source"], hw_rows, align="llll"))
+    out.append(f"**Calibration:** {rep.calibration.label}. Source: {' '.join(rep.calibration.source.split())}")
+    shapes = [[g.title, p, _phase_words(p, g)] for g in rep.groups for p in g.phases]
+    out.append("**Shapes** (one step of each phase):\n\n" + _md_table(["group", "phase", "shape"], shapes, "lll"))
+    out.append("**Model** (flopsim's docs/wallclock.md): each op is its own kernel (no fusion beyond what the "
+               "spec's ops state) and the device runs them one after another; one op's device time = max(FLOPs / "
+               "(peak x compute efficiency), bytes / (bandwidth x memory efficiency)) + its kernels' fixed cost, "
+               "the efficiencies and fixed costs from the calibration; non-matrix ops run at the fp32 vector rate. "
+               "Where the calibration measured the host's dispatch per kernel (a GPU run eagerly), the host queues "
+               "kernels while the device runs earlier ones and a step is that two-stage pipeline. The train step "
+               f"includes the {rep.optimizer} update. Conditional models' decode costs (distinct experts read, MoD "
+               "blocks that run, sparse-FF units read) are expectations over uniform routing.")
     if any(ks.knob == "keep" for g in rep.groups for ks in g.knobs):
-        md.append("**Length reduction knob:** schedules keep[l] ** p for p in "
-                  f"{', '.join(f'{p:g}' for p in KEEP_POWERS)} (p = 0 keeps every token, p = 1 is the spec's "
-                  "own schedule); the x axis is their mean kept fraction.")
-    write_text(tmp / REPORT_FILE, "\n\n".join(md) + "\n")
+        out.append("**Length reduction knob:** schedules keep[l] ** p for p in "
+                   f"{', '.join(f'{p:g}' for p in KEEP_POWERS)} (p = 0 keeps every token, p = 1 is the spec's "
+                   "own schedule); the x axis is their mean kept fraction.")
+    return out
 
+
+def markdown_text(blocks: list) -> str:
+    """README.md: each block's markdown; a figure as its static image, or its stand-in table."""
+    parts = []
+    for b in blocks:
+        if isinstance(b, Figure):
+            parts.append(_img(b.static, b.alt) if b.static else b.fallback)
+            if b.caption:
+                parts.append(b.caption)
+        else:
+            parts.append(b)
+    return "\n\n".join(parts) + "\n"
+
+
+def summary_csv(rows: list[dict]) -> str:
+    """summary.csv: the headline rows, floats written exactly (repr)."""
     buf = io.StringIO()
     cols = list(rows[0].keys()) if rows else []
     writer = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
     writer.writeheader()
     for r in rows:
         writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items()})
-    write_text(tmp / SUMMARY_FILE, buf.getvalue())
+    return buf.getvalue()
+
+
+def _write_documents(rep: Report, tmp: Path) -> None:
+    """README.md, summary.csv and index.html, from the same blocks and rows."""
+    from flopsim import report_page
+
+    blocks = document(rep)
+    write_text(tmp / REPORT_FILE, markdown_text(blocks))
+    write_text(tmp / SUMMARY_FILE, summary_csv(rep.rows()))
+    report_page.page(rep, blocks).write(tmp / PAGE_FILE)
 
 
 def _phase_words(phase: str, g: Group) -> str:

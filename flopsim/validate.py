@@ -451,7 +451,8 @@ def _queued_lines(summary: dict) -> list:
             f"(signed {_pct(summary['median_signed_error_host'])}) | | {summary['queued_cases']} |"]
 
 
-def summary_markdown(validation: Validation, summary: dict) -> str:
+def summary_markdown(validation: Validation, summary: dict, images: bool = True) -> str:
+    """summary.md; `images`: embed the static figures (the page draws its own instead)."""
     lines = [
         f"# flopsim validation: {summary['device']} ({summary.get('device_name', '')})",
         "",
@@ -507,7 +508,8 @@ def summary_markdown(validation: Validation, summary: dict) -> str:
     for r in validation.speedups:
         lines.append(f"| {r['model']} | {r['baseline']} | {r['phase']} | {r['predicted_speedup']:.3f} | "
                      f"{r['measured_speedup']:.3f} | {_pct(r['error'])} |")
-    lines += ["", "![predicted vs measured](scatter.png)", "", "![error by op kind](error_by_kind.png)", ""]
+    if images:
+        lines += ["", "![predicted vs measured](scatter.png)", "", "![error by op kind](error_by_kind.png)", ""]
     return "\n".join(lines)
 
 

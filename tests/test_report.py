@@ -66,8 +66,9 @@ def test_report_files_are_valid_and_referenced(built):
             root = ET.fromstring(data)
             assert root.tag.endswith("svg"), name
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "no temporary folder left behind"
-    total = sum(p.stat().st_size for p in out.iterdir())
-    assert total < 4e6
+    figures = sum(p.stat().st_size for p in out.iterdir() if p.name != "index.html")
+    assert figures < 4e6
+    assert (out / "index.html").stat().st_size < 8e6  # plotly.js (about 4.8 MB) once, then the figures' data
 
 
 def test_markdown_table_equals_predict(built):
@@ -232,4 +233,80 @@ def test_the_committed_example_report_is_what_the_readme_command_writes(tmp_path
     assert (fresh / "summary.csv").read_text() == (committed / "summary.csv").read_text()
     text = (fresh / "README.md").read_text().replace(str(fresh), str(committed.relative_to(root)))
     assert text == (committed / "README.md").read_text()
+    # the page: byte for byte but plotly's own script and version (a newer plotly.js is not a stale example)
+    def page(folder):
+        text = (folder / "index.html").read_text().replace(str(fresh), str(committed.relative_to(root)))
+        text = re.sub(r'<script id="plotly-js".*?</script>', "", text, flags=re.S)
+        return re.sub(r'<meta name="generator"[^>]*>', "", text)
+
+    assert page(fresh) == page(committed)
     assert sorted(p.name for p in fresh.iterdir()) == sorted(p.name for p in committed.iterdir())
+
+
+# -- the interactive page ------------------------------------------------------------------------------------
+def test_page_holds_every_figure_and_the_csv(built):
+    from test_pages import figure_json, parse
+
+    from flopsim.report import document, Figure
+
+    rep, out, _ = built
+    text = (out / "index.html").read_text()
+    p = parse(text)
+    figures = [b for b in document(rep) if isinstance(b, Figure)]
+    assert p.figures == ["fig-" + f.name for f in figures]
+    kinds = {f.name.split("-", 1)[1] if f.name[0].isdigit() else f.name for f in figures}
+    for kind in ("st-800m-sparse-ff-roofline", "st-800m-sparse-ff-knobs", "st-800m-sparse-ff-knob-throughput",
+                 "st-800m-sparse-ff-memory", "st-800m-sparse-ff-batch", "isoflop-chinchilla",
+                 "isoflop-chinchilla-time"):
+        assert kind in kinds, kind
+    assert p.srcs == []  # self-contained: no image or script is fetched
+    # every Contents link lands on a heading of the page
+    for href in p.hrefs:
+        if href.startswith("#"):
+            assert href[1:] in p.ids, href
+    # summary.csv's every float, exactly, in the page's table
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    for row in rows:
+        for key, value in row.items():
+            if "." in value and value.replace(".", "").replace("e-", "").replace("e+", "").isdigit():
+                assert value in p.cells, (key, value)
+    assert len(p.cells) >= sum(len(r) for r in rows) // 2
+    fig = figure_json(text, "fig-2-st-800m-sparse-ff-roofline")
+    names = [cd[0] for t in fig["data"] if t.get("mode") == "markers" for cd in t["customdata"]]
+    assert any(n.startswith("block.*.mlp") and "gather" in n for n in names), "the no-FLOP weight gather is drawn"
+
+
+def test_new_views_agree_with_predict(built):
+    """The batch sweep at the report's batch, the throughput knob at the spec's own setting and the
+    isoFLOP times are predict's and the scaling module's own numbers."""
+    from flopsim.report import BATCH_SWEEP, knob_rows, serving_phase
+    from flopsim.scaling.isoflop import step_time
+
+    rep, out, _ = built
+    for g in rep.groups:
+        serve = serving_phase(g)
+        for s in g.specs:
+            sw = g.batch_sweep[s.name]
+            assert sw["batch"] == list(BATCH_SWEEP) and sw["phase"] == serve
+            i = sw["batch"].index(rep.batch)
+            r = g.results.get((serve, s.name)) or flopsim.predict(s, "h100-sxm", phase=serve, batch=rep.batch,
+                                                                   seq=g.seq, context=g.context_for(serve))
+            assert sw["time_s"][i] == pytest.approx(r.time_s, rel=1e-9)
+            assert sw["tokens_per_s"][i] == pytest.approx(r.tokens_per_s, rel=1e-9)
+            largest = g.memory[("serve", s.name)].max_batch
+            assert sw["fits"] == [largest is not None and b <= largest for b in BATCH_SWEEP]
+        for row, ks in zip(knob_rows(rep, g), g.knobs):
+            i = min(range(len(ks.x)), key=lambda j: abs(ks.x[j] - ks.preset_x))
+            for phase, ph in zip(g.phases, row["phases"]):
+                assert ph["tokens_per_s"][i] == pytest.approx(g.results[(phase, ks.spec.name)].tokens_per_s, rel=1e-9)
+    law, result, _ = rep.isoflop[0]
+    times = rep.isoflop_times[law]
+    assert set(times) == set(result.curves)
+    for (fam, b), rows in times.items():
+        assert 2 <= len(rows) <= 9
+        curve = {r["shape"]: r for r in result.curves[(fam, b)]}
+        for r in rows:
+            assert r["loss"] == curve[r["shape"]]["loss"]
+            step = step_time(result.shape_specs[fam][r["shape"]], rep.hw, batch=result.batch, seq=result.seq,
+                             calibration=rep.calibration)
+            assert r["train_time_s"] == pytest.approx(r["tokens"] / (result.batch * result.seq) * step, rel=1e-12)

@@ -22,6 +22,22 @@ GpusPerNodeOpt = typer.Option(None, "--gpus-per-node", help="GPUs per node (defa
 LatencyOpt = typer.Option(None, "--comm-latency", help="Seconds per collective on top of bytes/bandwidth (default: one kernel launch).")
 CalibrationOpt = typer.Option("auto", "--calibration", help="auto (specs/calibration/<device>.yaml: measured or published-seeded) | ideal (only when asked) | a YAML path.")
 FormatOpt = typer.Option(Format.table, "--format", "-f", help="table | json | csv")
+HtmlOpt = typer.Option(None, "--html", help="Also write the plan as one self-contained interactive page (an .html file).")
+
+
+def _check_html(html: Optional[str]) -> None:
+    if html is not None:
+        from flopsim.outputs import check_output_file
+
+        check_output_file(html, "html")
+
+
+def _write_html(page_of, plan, html: Optional[str]) -> None:
+    """Write the plan's page (flopsim.result_pages) when --html was given; say where on stderr."""
+    if html is None:
+        return
+    path = page_of(plan).write(html)
+    console(stderr=True).print(f"wrote {path}")
 
 
 def _quantity(text: Optional[str], name: str) -> Optional[float]:
@@ -80,9 +96,13 @@ def train(
     price: Optional[float] = PriceOpt,
     calibration: str = CalibrationOpt,
     fmt: Format = FormatOpt,
+    html: Optional[str] = HtmlOpt,
 ):
     """Plan a training run: step time (compute, TP/EP/PP/DP traffic), memory per GPU, days, GPU-hours, cost, MFU."""
     from flopsim.plan import plan_training
+    from flopsim.result_pages import training_plan_page
+
+    _check_html(html)
 
     p = plan_training(
         spec, hardware, gpus=gpus, tokens=_quantity(tokens, "tokens"), seq=seq, global_batch=global_batch,
@@ -92,6 +112,7 @@ def train(
         inter_node_bytes_per_s=_quantity(inter_node, "inter_node"), gpus_per_node=gpus_per_node,
         dp_overlap=dp_overlap, comm_latency_s=_duration(comm_latency, "comm_latency"), price_per_gpu_hour=price,
         calibration=calibration, progress=fmt == Format.table)
+    _write_html(training_plan_page, p, html)
     if fmt == Format.json:
         return print_json(p.to_dict())
     if fmt == Format.csv:
@@ -115,51 +136,14 @@ def _print_training(p) -> None:
               f"of a forward/backward pass")
     out.print(f"  links        {_link_text(ln)}")
     out.print(f"  calibration {p.calibration.label}")
-    mb = c["microbatches"]
-
-    def row(name, per_mb, per_step, note=""):
-        return [name, "-" if per_mb is None else human_time(per_mb), human_time(per_step),
-                _pct(per_step / t["step_time_s"]) if t["step_time_s"] else "-", note]
-
-    rows = [
-        row("forward", k["forward_s_per_microbatch"], mb * k["forward_s_per_microbatch"],
-            "op-list time / (tp*pp) + launches / pp"),
-        row("backward", k["backward_s_per_microbatch"], mb * k["backward_s_per_microbatch"]),
-    ]
-    if c["recompute"]:
-        rows.append(row("recompute", k["recompute_s_per_microbatch"], mb * k["recompute_s_per_microbatch"],
-                        "blocks' forward again"))
-    if c["tp"] > 1:
-        rows.append(row("TP all-reduce", cm["tp_s_per_microbatch"], cm["tp_s_per_step"],
-                        f"{cm['tp_allreduces_per_microbatch']} x {human(cm['tp_allreduce_bytes'], 'B')} ({cm['tp_link']})"))
-    if c["ep"] > 1:
-        rows.append(row("MoE all-to-all", cm["ep_s_per_microbatch"], cm["ep_s_per_step"],
-                        f"{cm['ep_all_to_alls_per_microbatch']} x {human(cm['ep_routed_bytes_per_layer'], 'B')} "
-                        f"({cm['ep_link']})"))
-    if c["pp"] > 1:
-        rows.append(row("PP send/recv", cm["pp_s_per_microbatch"], cm["pp_s_per_step"],
-                        f"2 x {human(cm['pp_p2p_bytes'], 'B')} ({cm['pp_link']})"))
-        rows.append(row("pipeline bubble", None, k["bubble_s"],
-                        f"(pp-1)/microbatches = {k['bubble_fraction']:.3g} of the ideal"))
-    if c["dp"] > 1:
-        rows.append(row(f"DP (ZeRO-{c['zero']}) exposed", None, cm["dp_exposed_s_per_step"],
-                        f"{human(cm['dp_bytes_per_step'], 'B')} sent, {human_time(cm['dp_s_per_step'])} of which "
-                        f"{human_time(cm['dp_hidden_s_per_step'])} hidden ({cm['dp_link']})"))
-    rows.append(row("optimizer update", None, k["optimizer_s"], "this GPU's share of the parameters"))
+    rows = [[x["part"], "-" if x["per_microbatch_s"] is None else human_time(x["per_microbatch_s"]),
+             human_time(x["per_step_s"]), _pct(x["per_step_s"] / t["step_time_s"]) if t["step_time_s"] else "-",
+             x["how"]] for x in p.time_parts()]
     rows.append(["[bold]step[/]", human_time(k["stage_s_per_microbatch"]), f"[bold]{human_time(t['step_time_s'])}[/]",
                  "100%", "per micro-batch: one pipeline stage"])
     out.print(_table("time per step, per GPU", ["part", "per micro-batch", "per step", "%", "how"], rows))
-
     cap = m["capacity_bytes"]
-    mrows = [[name, human(m[f"{key}_bytes"], "B"), _pct(m[f"{key}_bytes"] / cap), note] for name, key, note in (
-        ("weights", "weights", f"{human(m['params_per_gpu'])} params x {m['bytes_per_param']['weights']} B"
-         + (" / dp" if c["zero"] >= 3 else "")),
-        ("gradients", "gradients", f"x {m['bytes_per_param']['gradients']} B" + (" / dp" if c["zero"] >= 2 else "")),
-        ("optimizer state", "optimizer", f"x {m['bytes_per_param']['optimizer']} B" + (" / dp" if c["zero"] >= 1 else "")),
-        ("activations", "activations", f"{human(m['activations_one_microbatch_bytes'], 'B')} per micro-batch / tp"
-         + (f" x {m['microbatches_in_flight']}/pp in flight" if c["pp"] > 1 else "")),
-        ("total", "total", f"device {human(cap, 'B')}"),
-    )]
+    mrows = [[x["component"], human(x["bytes"], "B"), _pct(x["bytes"] / cap), x["how"]] for x in p.memory_parts()]
     out.print(_table("memory per GPU", ["component", "bytes", "% of device", "how"], mrows))
     color = "green" if p.fits else "red"
     out.print(f"  [{color}]{p.message}[/]")
@@ -192,9 +176,13 @@ def serve(
     price: Optional[float] = PriceOpt,
     calibration: str = CalibrationOpt,
     fmt: Format = FormatOpt,
+    html: Optional[str] = HtmlOpt,
 ):
     """Plan serving: batch, tp, GPUs, TTFT, TPOT, tokens/s and cost per million tokens."""
     from flopsim.plan import plan_serving
+    from flopsim.result_pages import serving_plan_page
+
+    _check_html(html)
 
     p = plan_serving(
         spec, hardware, prompt=prompt, gen=gen, gpus=gpus, target_tokens_per_s=_quantity(target, "target_tokens_per_s"),
@@ -204,6 +192,7 @@ def serve(
         inter_node_bytes_per_s=_quantity(inter_node, "inter_node"), gpus_per_node=gpus_per_node,
         comm_latency_s=_duration(comm_latency, "comm_latency"), calibration=calibration,
         progress=fmt == Format.table)
+    _write_html(serving_plan_page, p, html)
     if fmt == Format.json:
         return print_json(p.to_dict())
     if fmt == Format.csv:

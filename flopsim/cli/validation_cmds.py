@@ -83,27 +83,28 @@ def validate(
     rows: Optional[str] = typer.Option(None, "--rows", help="With --published: only these row ids (comma-separated)."),
     measurements: Optional[str] = typer.Option(None, "--measurements", help="Predict again for the measurements saved in this validation folder (with --calibration, or the folder's own), profiling nothing."),
     fmt: Format = typer.Option(Format.table, "--format", "-f"),
+    html: bool = typer.Option(False, "--html", help="Also write index.html into the report folder: one self-contained interactive page."),
 ):
     """Profile the reference models, compare with predictions, write reports/validation/<device>/
     (or, with --published, compare with public measurements and write reports/published/)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from flopsim.spec.paths import specs_dir
-    from flopsim.validate import check_inputs, run_validation, write_report
+    from flopsim.validate import check_inputs, run_validation
 
     if out is not None:
         from flopsim.outputs import check_output_folder
 
         check_output_folder(out, "out")  # before anything is measured
     if published:
-        return _published(out, table, rows, fmt)
+        return _published(out, table, rows, fmt, html)
     if measurements is not None:
         from flopsim.repredict import repredict
 
         if out is None:
             raise InputError("out: give --out with --measurements (the measured folder is kept as it is)")
         result = repredict(measurements, calibration, hardware)
-        return _print_validation(result, write_report(result, out), out, fmt)
+        return _print_validation(result, _write(result, out, html), out, fmt)
 
     check_inputs(device, suite)
     if hardware is not None:
@@ -120,7 +121,19 @@ def validate(
         result = run_validation(device, suite, hardware=hardware, calibration=calibration, threads=threads,
                                 recalibrate=recalibrate, rounds=rounds, progress=tick)
     folder = out or (specs_dir().parent / "reports" / "validation" / device)
-    return _print_validation(result, write_report(result, folder), folder, fmt)
+    return _print_validation(result, _write(result, folder, html), folder, fmt)
+
+
+def _write(result, folder, html: bool) -> dict:
+    """The validation folder (flopsim.validate.write_report) and, with --html, its page."""
+    from flopsim.validate import summary_markdown, write_report
+
+    summary = write_report(result, folder)
+    if html:
+        from flopsim.result_pages import validation_page
+
+        validation_page(result, summary_markdown(result, summary, images=False)).write(Path(folder) / "index.html")
+    return summary
 
 
 def _print_validation(result, summary: dict, folder: Path, fmt: Format):
@@ -142,7 +155,7 @@ def _print_validation(result, summary: dict, folder: Path, fmt: Format):
     ]))
 
 
-def _published(out: Optional[Path], table: Optional[str], rows: Optional[str], fmt: Format):
+def _published(out: Optional[Path], table: Optional[str], rows: Optional[str], fmt: Format, html: bool = False):
     """`flopsim validate --published`: every row, published next to predicted, and the summary."""
     from flopsim.published import run_published, write_published
     from flopsim.spec.paths import specs_dir
@@ -151,6 +164,11 @@ def _published(out: Optional[Path], table: Optional[str], rows: Optional[str], f
     result = run_published(table, rows=chosen)
     folder = out or (specs_dir().parent / "reports" / "published")
     summary = write_published(result, folder)
+    if html:
+        from flopsim.published import summary_markdown
+        from flopsim.result_pages import published_page
+
+        published_page(result, summary_markdown(result, summary)).write(Path(folder) / "index.html")
     if fmt == Format.json:
         return print_json({"out": str(folder), **summary, "rows_detail": [r.to_dict() for r in result.results],
                            "failures": result.failures})

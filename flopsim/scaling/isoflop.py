@@ -142,6 +142,7 @@ class IsoflopResult:
     fit: object = None
     assumptions: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
+    shape_specs: dict = field(default_factory=dict)  # family -> {ladder shape name: its ModelSpec}
 
     # the contract's keys: the first family at the first budget
     @property
@@ -327,18 +328,20 @@ def _allocate(view: LawView, costs: list, per_token: np.ndarray, budget: float) 
 _TIMES: dict = {}
 
 
-def step_time(spec, hw, *, batch: int, seq: int) -> float:
-    """Seconds per training step from flopsim's roofline (cached). The roofline
+def step_time(spec, hw, *, batch: int, seq: int, calibration=None) -> float:
+    """Seconds per training step from flopsim's roofline (cached), with
+    `calibration` as `predict` takes it (None: the device's own). The roofline
     sums per-op times, so a deep shape is timed from three shallow ones
     (`ladder.by_depth`, checked to be affine, else timed in full)."""
     from flopsim.scaling.ladder import by_depth
 
-    key = (spec.model_dump_json(), getattr(hw, "name", str(hw)), batch, seq)
+    cal_key = calibration.model_dump_json() if hasattr(calibration, "model_dump_json") else calibration
+    key = (spec.model_dump_json(), getattr(hw, "name", str(hw)), batch, seq, cal_key)
     if key not in _TIMES:
         import flopsim
 
         def timed(s):
-            r = flopsim.predict(s, hw, phase="train", batch=batch, seq=seq)
+            r = flopsim.predict(s, hw, phase="train", batch=batch, seq=seq, calibration=calibration)
             t = getattr(r, "time_s", None)
             if t is None and isinstance(r, dict):
                 t = r.get("time_s")
@@ -607,7 +610,8 @@ def isoflop(budget=None, law="chinchilla-3", *, families: Sequence[str] = ("dens
     return IsoflopResult(law=the_law, flops_rule=rule, budgets=budgets, families=fams, seq=seq, batch=batch,
                          optima=optima, curves=curves, comparison=comparison, iso_time=iso_time,
                          hardware=getattr(hw, "name", None) if hw is not None else None, fit=fit,
-                         assumptions=assumptions, warnings=warnings)
+                         assumptions=assumptions, warnings=warnings,
+                         shape_specs={f: {c.name: c.spec for c in costs[f]} for f in fams})
 
 
 def _chosen_shapes(shapes, fams, ladder, seq, budgets, gpu_hours, hw) -> list:
