@@ -62,6 +62,13 @@ Training (`plan_training`), dp * tp * pp = GPUs, the global batch split into
   activation writes in the Op list (N * top_k rows of d_model dropless,
   experts * slots with a capacity factor), / tp (sequence parallel: each tp
   rank dispatches its share of the tokens), (ep - 1) / ep of it leaving the GPU.
+  The step waits for the busiest expert-parallel rank: with dropless token
+  choice the routed experts' work and the all-to-all bytes are scaled by
+  `expert_imbalance` = E[max over ranks of its routed pairs] / the mean rank's,
+  for the ep micro-batches an EP group routes at once, from the spec's
+  `moe.popularity` (flopsim.ops.popularity; uniform routing too has a small
+  statistical imbalance). Padded slots and expert choice do the same work on
+  every rank; with a capacity factor `dropped_fraction` is reported instead.
 - Pipeline (1F1B): per micro-batch and stage one point-to-point send of the
   stage's output activations forward and one of their gradients backward,
   micro_batch * seq * d_model values / tp (Megatron's scatter-gather). A
@@ -569,13 +576,48 @@ def _global_batch(seq: int, dp: int, micro_batch: int, global_batch, global_batc
     return global_batch
 
 
+def routing_figures(spec, c: dict) -> dict:
+    """Skewed-routing figures of an MoE training layout (flopsim.ops.popularity): the busiest
+    expert-parallel rank's routed pairs over the mean rank's (`expert_imbalance`; dropless token
+    choice with ep > 1, else 1: padded slots and expert choice do the same work on every rank), and
+    the share of (token, expert) pairs dropped at the capacity factor (`dropped_fraction`, token
+    choice with a capacity factor, over the micro-batch's tokens, as the op list's slots)."""
+    from flopsim.ops import popularity
+
+    moe = getattr(spec, "moe", None)
+    if moe is None:
+        return {}
+    pi = popularity.spec_inclusion(spec)
+    tokens = c["micro_batch"] * c["seq"]
+    out = {"routing": popularity.describe(moe.popularity), "expert_imbalance": 1.0, "dropped_fraction": 0.0}
+    dropless = moe.capacity_factor is None and moe.routing == "token_choice"
+    if dropless and c["ep"] > 1:  # the EP group routes ep micro-batches' tokens over its ranks
+        out["expert_imbalance"] = popularity.imbalance(pi, c["ep"] * tokens, c["ep"])
+    if moe.capacity_factor is not None and moe.routing == "token_choice":
+        slots = math.ceil(moe.capacity_factor * moe.top_k * tokens / moe.experts)
+        out["dropped_fraction"] = popularity.expected_dropped(pi, tokens, slots) / (tokens * moe.top_k)
+    return out
+
+
+def _imbalanced(ops, factor: float) -> list:
+    """The routed experts' ops with their work (not their launches) scaled by `factor`."""
+    if factor == 1.0:
+        return list(ops)
+    from dataclasses import replace
+
+    return [replace(op, time_s=op.overhead_s + (op.time_s - op.overhead_s) * factor)
+            if ".moe.experts." in op.name else op for op in ops]
+
+
 def _train_compute(r, spec, c: dict, params: float, params_expert: float) -> dict:
     """Per-GPU compute of one micro-batch (forward, backward, recomputation) and the optimizer
-    update of the GPU's shard, from the unsharded train-phase roofline `r` (layout `c`)."""
+    update of the GPU's shard, from the unsharded train-phase roofline `r` (layout `c`); the
+    routed experts' work is the busiest expert-parallel rank's (c["expert_imbalance"])."""
     tp, pp, L = c["tp"], c["pp"], spec.layers
-    fwd = [op for op in r.ops if op.pass_ == "fwd" and op.kind != "optimizer"]
-    bwd = [op for op in r.ops if op.pass_ == "bwd"]
-    opt = [op for op in r.ops if op.kind == "optimizer"]
+    ops = _imbalanced(r.ops, c.get("expert_imbalance", 1.0))
+    fwd = [op for op in ops if op.pass_ == "fwd" and op.kind != "optimizer"]
+    bwd = [op for op in ops if op.pass_ == "bwd"]
+    opt = [op for op in ops if op.kind == "optimizer"]
     blocks_fwd = [op for op in fwd if 0 <= op.layer < L]
     if c["full_recompute"]:
         t_rc = _stage_s(blocks_fwd, tp, pp, L)
@@ -603,7 +645,8 @@ def _model_parallel_comm(spec, links, t: dict, c: dict) -> dict:
     tp_count = passes * math.ceil(spec.layers / pp) if tp > 1 else 0
     dispatch = [op for op in t["fwd_ops"] if op.kind == "gather" and op.name.endswith(".moe.dispatch")]
     routed_total = _routed_bytes(spec, mb, c["seq"])  # all MoE layers, one micro-batch, whole batch
-    routed_layer_gpu = (routed_total / len(dispatch) / tp) if dispatch else 0.0
+    # the busiest expert-parallel rank receives expert_imbalance x the mean rank's rows
+    routed_layer_gpu = (routed_total / len(dispatch) / tp * c.get("expert_imbalance", 1.0)) if dispatch else 0.0
     a2a_one = links.collective_s("all_to_all", routed_layer_gpu, ep, tp * ep)
     ep_count = int(round(passes * len(dispatch) / pp)) if ep > 1 else 0
     p2p_bytes = act_bytes / tp
@@ -730,6 +773,13 @@ def _train_notes(spec, c: dict, tokens: float) -> list:
     if c["pp"] > 1 and c["microbatches"] < c["pp"]:
         notes.append(f"{c['microbatches']} micro-batches per step for {c['pp']} pipeline stages: the bubble is "
                      f"{bubble_fraction(c['pp'], c['microbatches']):.0%} of the ideal time")
+    if c.get("expert_imbalance", 1.0) > 1.0:
+        notes.append(f"routing {c['routing']}: the busiest of {c['ep']} expert-parallel ranks gets "
+                     f"{c['expert_imbalance']:.3f}x the mean rank's (token, expert) pairs; its experts' work and "
+                     f"all-to-all set the step")
+    if c.get("dropped_fraction", 0.0) > 0.0:
+        notes.append(f"routing {c['routing']}: {100 * c['dropped_fraction']:.2f}% of the (token, expert) pairs "
+                     f"overflow the capacity factor {spec.moe.capacity_factor:g} and are dropped")
     return notes
 
 
@@ -784,6 +834,8 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
     finally:
         bar.close()
 
+    routing = routing_figures(spec, c)
+    c.update(routing)
     t = _train_compute(r, spec, c, params, params_expert)
     mp = _model_parallel_comm(spec, links, t, c)
     pipeline_s = (c["microbatches"] + pp - 1) * mp["stage_s"]
@@ -803,6 +855,7 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
         "gpus": gpus, "dp": dp, "tp": tp, "pp": pp, "ep": ep, "expert_dp": dp // ep, "seq": seq,
         "micro_batch": micro_batch, "global_batch": global_batch, "microbatches": c["microbatches"],
         "recompute": "selective" if selective else full_recompute, "optimizer": optimizer, "zero": zero,
+        **routing,
     }
     return TrainingPlan(spec=spec, hw=hw, calibration=cal, config=config, links=links, compute=compute,
                         communication=_train_communication(links, mp, dp_comm, c), memory=mem_out,

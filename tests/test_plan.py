@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 from conftest import one_error_line
 from conftest import run_cli as run
@@ -183,8 +184,14 @@ def test_moe_all_to_all_bytes_and_expert_sharding():
     # Routed bytes per layer per GPU = micro_batch * seq * top_k * d_model * 2 / tp
     # all-to-all: (ep - 1)/ep of them; dispatch + combine forward and backward = 4 per layer;
     # the ep group spans tp * ep = 8 ranks -> one node, 450 GB/s one way.
+    # The busiest of the 4 EP ranks receives expert_imbalance x the mean rank's rows: the expected maximum
+    # over ranks of the pairs that 4 micro-batches of 512 tokens route (uniform top-2 of 8, flopsim.ops.popularity).
+    from flopsim.ops.popularity import imbalance
+
     p = plan_training("mixtral-8x7b", H100, gpus=16, tp=2, ep=4, tokens=1e9, seq=512, comm_latency_s=0.0)
-    routed = 1 * 512 * 2 * 4096 * 2 / 2
+    imb = imbalance(np.full(8, 2 / 8), 4 * 512, 4)
+    assert p.config["expert_imbalance"] == pytest.approx(imb, rel=1e-12) and 1.0 < imb < 1.1
+    routed = 1 * 512 * 2 * 4096 * 2 / 2 * imb
     c = p.communication
     assert c["ep_routed_bytes_per_layer"] == pytest.approx(routed)
     assert c["ep_all_to_all_s"] == pytest.approx(3 / 4 * routed / UP)

@@ -49,7 +49,7 @@ from dataclasses import replace
 from functools import partial
 
 from flopsim.families import dense, mod
-from flopsim.families.moe import capacity_slots, is_moe_layer, moe_ffn
+from flopsim.families.moe import capacity_slots, distinct_experts, is_moe_layer, moe_ffn
 from flopsim.ops.expectations import expected_distinct
 from flopsim.ops.primitives import Ctx
 from flopsim.ops.symbols import B
@@ -75,7 +75,7 @@ def staged_ffn(ctx: Ctx, i: int, *, tokens, prefix: str, tags: dict | None = Non
     if ctx.phase != "decode" or ctx.spec.moe.capacity_factor is not None or ctx.spec.moe.routing != "token_choice":
         return ops
     d = ctx.dims
-    read = expected_distinct(d.experts, d.mod_capacity * d.top_k, B)  # experts read by the batch
+    read = distinct_experts(ctx, B, d.mod_capacity)  # experts read by the batch
     given_runs = read / expected_distinct(1, d.mod_capacity, B)
     experts = f"{prefix}.moe.experts."
     out = []

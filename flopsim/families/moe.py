@@ -87,6 +87,7 @@ import sympy as sp
 
 from flopsim.errors import InputError
 from flopsim.families import dense
+from flopsim.ops import popularity
 from flopsim.ops.expectations import expected_distinct
 from flopsim.ops.primitives import (
     GATED_ACTIVATION,
@@ -155,7 +156,7 @@ def moe_ffn(ctx: Ctx, i: int, *, tokens, prefix: str, tags: dict | None = None,
                          f"depend on the routing)")
     dropless = slots is None
     decode_read = dropless and ctx.phase == "decode"
-    active = expected_distinct(E, k, tokens) if decode_read else E
+    active = distinct_experts(ctx, tokens) if decode_read else E
     moe_tags = {"experts": E, "top_k": k, "active_experts": active}
     if not dropless:
         moe_tags["slots"] = slots
@@ -253,6 +254,21 @@ def gathered_expert_mlp(ctx: Ctx, i: int, *, pairs, prefix: str, tags: dict) -> 
                        inputs=2 if spec.ffn == "gated" else 1, module=p, tags=tags)
     ops += gathered_experts(ctx, f"{p}.down", d_in=d.d_expert, d_out=d.d_model, **common)
     return ops
+
+
+def distinct_experts(ctx: Ctx, tokens, run_probability=1):
+    """Expected distinct experts `tokens` tokens read, each running the MoE with probability
+    `run_probability`: expected_distinct(E, p k, n) under uniform routing, and under a skewed
+    `moe.popularity` sum_e 1 - (1 - p pi_e)^n (flopsim.ops.popularity)."""
+    d, moe = ctx.dims, ctx.spec.moe
+    if popularity.uniform(ctx.spec):
+        return expected_distinct(d.experts, run_probability * d.top_k, tokens)
+    if not (sp.sympify(d.experts).is_number and sp.sympify(d.top_k).is_number):
+        raise InputError("moe.popularity: experts and top_k cannot be varied with a skewed popularity "
+                         "(it gives each expert its own probability)")
+    pi = popularity.inclusion(popularity.shares(moe.popularity, int(d.experts)), int(d.top_k))
+    groups = [(n, sp.Float(p, 17)) for n, p in popularity.grouped(pi)]
+    return popularity.expected_distinct_experts([(n, run_probability * p) for n, p in groups], tokens)
 
 
 def _expected_reads(op, experts, active, pairs):

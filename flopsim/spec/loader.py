@@ -76,4 +76,31 @@ def load_model(path_or_name: Any):
         from flopsim.spec import hf
 
         return hf.load_hf_config(path)
-    return validate(ModelSpec, read_yaml(path, "models", str(path_or_name)), str(path_or_name))
+    data = read_yaml(path, "models", str(path_or_name))
+    _read_histogram_file(data, path)
+    return validate(ModelSpec, data, str(path_or_name))
+
+
+def _read_histogram_file(data: Any, spec_path: Path) -> None:
+    """`moe.popularity.histogram: FILE` in a spec file: the counts read from FILE (beside the
+    spec, or a path): numbers separated by commas, spaces or new lines, or a YAML/JSON list."""
+    popularity = ((data or {}).get("moe") or {}).get("popularity") if isinstance(data, dict) else None
+    if not isinstance(popularity, dict) or not isinstance(popularity.get("histogram"), str):
+        return
+    import re
+
+    from flopsim.spec.reading import parse_yaml, read_input_text
+
+    name = popularity["histogram"]
+    path = Path(name) if Path(name).is_absolute() else spec_path.parent / name
+    text = read_input_text(path, "histogram")
+    if text.lstrip().startswith("["):
+        counts = parse_yaml(text, str(path))
+    else:
+        counts = []
+        for field in re.split(r"[\s,;]+", text.strip()):
+            try:
+                counts.append(float(field))
+            except ValueError:
+                raise SpecError(f"{path}: moe.popularity.histogram: {field[:40]!r} is not a number") from None
+    popularity["histogram"] = counts

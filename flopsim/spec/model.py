@@ -75,6 +75,24 @@ class ModBlock(_Strict):
         return value
 
 
+class Popularity(_Strict):
+    """How often the router picks each expert (flopsim.ops.popularity): give `zipf` (the
+    exponent s: the expert of popularity rank r gets a share proportional to r^-s, ranks most
+    popular first) or `histogram` (the (token, expert) pairs each expert received, in expert-id
+    order; a list, or in a spec file the name of a file of numbers beside it). Neither: uniform."""
+
+    zipf: Optional[float] = Field(None, ge=0, le=10)
+    histogram: Optional[list[Annotated[float, Field(ge=0, allow_inf_nan=False)]]] = None
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if self.zipf is not None and self.histogram is not None:
+            raise ValueError("give zipf or histogram, not both")
+        if self.histogram is not None and not sum(self.histogram) > 0:
+            raise ValueError("histogram: every count is 0")
+        return self
+
+
 class MoeBlock(_Strict):
     """Mixture-of-Experts FFN (flopsim.families.moe); `d_expert` defaults to the spec's `d_ff`.
     capacity_factor null: dropless token choice; token_choice runs
@@ -99,11 +117,16 @@ class MoeBlock(_Strict):
     # product per expert (a Python loop, as eager implementations and flopsim's torch
     # reference run them): the same work as grouped, `experts` launches per projection
     kernel: Literal["grouped", "loop", "gather", "gather_fused"] = "grouped"
+    popularity: Optional[Popularity] = None  # None: uniform routing
 
     @model_validator(mode="after")
     def _top_k_le_experts(self):
         if self.top_k > self.experts:
             raise ValueError(f"top_k {self.top_k} exceeds experts {self.experts}")
+        if self.popularity is not None and self.popularity.histogram is not None \
+                and len(self.popularity.histogram) != self.experts:
+            raise ValueError(f"popularity.histogram has {len(self.popularity.histogram)} counts for "
+                             f"{self.experts} experts")
         if self.shared_expert_gate and not self.shared_experts:
             raise ValueError("shared_expert_gate needs shared_experts > 0 (it scales their output)")
         if self.kernel not in ("grouped", "loop") and (self.capacity_factor is not None
