@@ -71,7 +71,7 @@ MARKER_FILE = ".flopsim-report"
 REPORT_FILE = "README.md"
 PAGE_FILE = "index.html"
 SUMMARY_FILE = "summary.csv"
-CONDITIONAL_BLOCKS = ("mod", "moe", "mode", "sparse_ff", "length_reduction")
+CONDITIONAL_BLOCKS = ("mod", "moe", "mode", "sparse_ff", "length_reduction", "sparse_qkv")
 # families the scaling laws can place on isoFLOP curves
 ISOFLOP_FAMILIES = {"mod": ("mod",), "moe": ("moe",), "mode": ("mod", "moe")}
 
@@ -122,6 +122,11 @@ def dense_baseline(spec, name: Optional[str] = None):
     data["family"] = "dense"
     data["name"] = name or (spec.name if spec.family == "dense" else f"{spec.name}-dense")
     return validate(ModelSpec, data, data["name"])
+
+
+def is_baseline(spec) -> bool:
+    """A dense spec with nothing of CONDITIONAL_BLOCKS (sparse QKV too makes a variant)."""
+    return spec.family == "dense" and all(getattr(spec, b, None) is None for b in CONDITIONAL_BLOCKS)
 
 
 def trunk_key(spec) -> str:
@@ -218,7 +223,7 @@ def group_specs(specs: Sequence, mode: str = "auto") -> list[Group]:
         key = trunk_key(s)
         g = groups.get(key)
         if g is None:
-            if s.family == "dense":
+            if is_baseline(s):
                 groups[key] = Group(specs=[s])
             else:
                 preset = _preset_trunks().get(key)
@@ -230,7 +235,7 @@ def group_specs(specs: Sequence, mode: str = "auto") -> list[Group]:
                     how = (f"derived from {s.name}: the same trunk with its {s.family} block removed "
                            f"(not a preset)")
                 groups[key] = Group(specs=[base, s], derived=how)
-        elif s.family == "dense" and g.derived is not None:
+        elif is_baseline(s) and g.derived is not None:
             g.specs[0], g.derived = s, None  # the user's own baseline replaces a derived one
         else:
             g.specs.append(s)

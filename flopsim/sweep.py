@@ -58,8 +58,8 @@ ALIASES = {
     "capacity_factor": "capacity_factor", "moe.capacity_factor": "capacity_factor",
     "block_size": "block_size", "sparse_ff.block_size": "block_size",
     "d_lowrank": "d_lowrank", "sparse_ff.d_lowrank": "d_lowrank",
-    "sparse_qkv": "sparse_qkv", "sparse_ff.sparse_qkv": "sparse_qkv",
-    "conv_kernel": "conv_kernel", "sparse_ff.conv_kernel": "conv_kernel",
+    "sparse_qkv": "sparse_qkv", "sparse_qkv.modules": "sparse_qkv",
+    "conv_kernel": "conv_kernel", "sparse_qkv.conv_kernel": "conv_kernel",
     "length_reduction.predictor_hidden": "lr_predictor_hidden",
 }
 # Dims name -> (spec block or None, field) for validation through ModelSpec.with_changes
@@ -68,7 +68,7 @@ DIM_PATHS = {
     "experts": ("moe", "experts"), "top_k": ("moe", "top_k"), "d_expert": ("moe", "d_expert"),
     "shared_experts": ("moe", "shared_experts"), "capacity_factor": ("moe", "capacity_factor"),
     "block_size": ("sparse_ff", "block_size"), "d_lowrank": ("sparse_ff", "d_lowrank"),
-    "sparse_qkv": ("sparse_ff", "sparse_qkv"), "conv_kernel": ("sparse_ff", "conv_kernel"),
+    "sparse_qkv": ("sparse_qkv", "modules"), "conv_kernel": ("sparse_qkv", "conv_kernel"),
     "lr_predictor_hidden": ("length_reduction", "predictor_hidden"),
     "dtype_bytes": None,  # follows `dtype`; not sweepable
 }

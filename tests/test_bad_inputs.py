@@ -24,7 +24,7 @@ BASE = {"name": "t", "layers": 2, "d_model": 64, "heads": 4, "d_ff": 128, "vocab
 BLOCKS = {
     "mod": {"capacity": 0.5, "every": 2, "predictor_hidden": 0},
     "moe": {"experts": 4, "top_k": 2, "d_expert": 32, "shared_experts": 0, "every": 1, "capacity_factor": 1.25},
-    "sparse_ff": {"block_size": 8, "d_lowrank": 8, "conv_kernel": 3},
+    "sparse_ff": {"block_size": 8, "d_lowrank": 8},
     "length_reduction": {"method": "power_bert", "keep": [1.0, 0.5]},
 }
 # invalid for every integer field (sizes, counts): wrong types, fractions, negatives, beyond bounds, not finite
@@ -38,7 +38,7 @@ TOP_BOOLS = ["causal", "tied_embeddings", "bias"]
 TOP_CHOICES = ["family", "ffn", "activation", "positions", "norm", "norm_position", "head", "dtype", "attention_impl"]
 BLOCK_INTS = [("mod", "every"), ("mod", "predictor_hidden"), ("moe", "experts"), ("moe", "top_k"),
               ("moe", "d_expert"), ("moe", "shared_experts"), ("moe", "every"), ("sparse_ff", "block_size"),
-              ("sparse_ff", "d_lowrank"), ("sparse_ff", "conv_kernel")]
+              ("sparse_ff", "d_lowrank")]
 BLOCK_FRACTIONS = [("mod", "capacity"), ("moe", "capacity_factor")]
 BLOCK_CHOICES = [("moe", "routing"), ("moe", "kernel"), ("length_reduction", "method")]
 
@@ -62,6 +62,14 @@ def _spec_cases():
         for field in TOP_INTS:
             for value in BAD_INTS[::2]:
                 yield {**BASE, "family": family, family: BLOCKS[family], field: value}
+    for field in ("modules", "conv_kernel"):  # sparse QKV, a block of any family
+        for value in BAD_INTS + [2 if field == "conv_kernel" else 3]:  # even kernel; 3 modules do not divide 64
+            yield {**BASE, "sparse_qkv": {"modules": 4, "conv_kernel": 3, field: value}}
+    moe = {**BASE, "family": "moe", "moe": BLOCKS["moe"]}
+    for value in BAD_FRACTIONS + [-1, 11]:  # the Zipf exponent: finite, 0 to 10
+        yield {**moe, "moe": {**BLOCKS["moe"], "popularity": {"zipf": value}}}
+    for value in [[], [1, 2], "1,2,3,4", [float("inf")] * 4, [-1, 1, 1, 1], [0, 0, 0, 0], True, [1, 1, 1, "x"]]:
+        yield {**moe, "moe": {**BLOCKS["moe"], "popularity": {"histogram": value}}}
     for value in BAD_FRACTIONS + [[], [0.5, 1.0], [1, -1], [2, 0.5]]:
         keep = value if isinstance(value, list) else [1.0, value]
         yield {**BASE, "family": "length_reduction", "length_reduction": {"method": "power_bert", "keep": keep}}

@@ -24,8 +24,12 @@ ENCODER = dict(causal=False, head="cls", norm_position="post", token_types=2, cl
 LLAMA = dict(ffn="gated", activation="silu", bias=False, positions="rope", norm="rmsnorm", tied_embeddings=False)
 
 
-def sf(**kw):
-    return dict(sparse_ff=dict(BASE["sparse_ff"], **kw))
+def sf(sparse_qkv=None, conv_kernel=3, **kw):
+    """Sparse-FF changes; `sparse_qkv` S (and its conv_kernel) adds the spec's sparse_qkv block."""
+    out = dict(sparse_ff=dict(BASE["sparse_ff"], **kw))
+    if sparse_qkv is not None:
+        out["sparse_qkv"] = dict(modules=sparse_qkv, conv_kernel=conv_kernel)
+    return out
 
 
 # (id, spec changes, [(batch, seq)])
@@ -82,7 +86,7 @@ def test_exact_against_flop_counter(changes, batch, seq, phase):
 
 def test_enough_configs():
     assert len(CONFIGS) >= 20
-    assert any(make(c).sparse_ff.sparse_qkv for _, c, _ in CONFIGS)
+    assert any(make(c).sparse_qkv for _, c, _ in CONFIGS)
     assert any(not make(c).causal for _, c, _ in CONFIGS)
 
 
@@ -270,7 +274,8 @@ def test_preset():
 @pytest.mark.parametrize("changes,message", [
     (sf(block_size=7), "block_size 7 does not divide d_ff 64"),
     (sf(block_size=128), "block_size 128 does not divide d_ff 64"),
-    (sf(sparse_qkv=3), "sparse_qkv 3 does not divide d_model 32"),
+    (sf(sparse_qkv=3), "sparse_qkv.modules 3 does not divide d_model 32"),
+    (dict(sparse_ff=dict(block_size=8, sparse_qkv=4)), "has moved"),
     (dict(kv_heads=1, **sf(sparse_qkv=16)), "key/value width"),
     (sf(conv_kernel=4, sparse_qkv=4), "conv_kernel"),
     (sf(block_size=0), "block_size"),

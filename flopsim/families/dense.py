@@ -11,6 +11,23 @@ Token counts per phase (`seq_dims`):
 - decode: 1 new token per sequence attending to T cached keys (the new one
   included); the head on that token.
 Names match the torch reference's module paths (`block.3.attn.qkv`).
+
+Sparse QKV (`sparse_qkv: {modules: S, conv_kernel: K}`, any family; M =
+d_model / S), following trax's MultiplicativeConvCausalAttention
+(v_concat_type 'none', Jaszczur et al. 2021), replaces the QKV projection:
+- `attn.qkv.mult`: one multiplicative layer shared by Q, K and V (trax
+  FactoredDense), y[s, m] = sum_i x_i D[s, i] E[i, m] (+ b), d_model -> d_model
+  as S modules of M; FLOPs 2 * tokens * S * d_model * M = 2 * tokens * d_model^2.
+- `attn.qkv.q`, `.k`, `.v`: 2-D convolutions over (length, modules) with M
+  input channels, causal over the length (padding K - 1 earlier positions) and
+  'same' over the modules: Q and K with a K x K kernel, V with K x 1 (trax:
+  kernel_size 3 for Q/K, 1 for V, length_kernel_size for the length); output
+  channels per module heads * d_head / S for Q and kv_heads * d_head / S for
+  K and V (M each in trax, where heads * d_head = d_model). Biases follow
+  `spec.bias` (trax always has them). At decode the convolution reads the
+  K - 1 earlier multiplicative outputs of each sequence (trax keeps them in
+  its state); that small read is not costed. In a Mixture-of-Depths block the
+  convolution runs over the block's selected tokens, as the reference does.
 """
 
 from __future__ import annotations
@@ -21,9 +38,11 @@ from flopsim.ops.primitives import (
     GATED_ACTIVATION,
     Ctx,
     attention,
+    conv2d,
     cross_entropy,
     elementwise,
     embedding,
+    factored_dense,
     kv_cache_append,
     linear,
     norm,
@@ -73,6 +92,8 @@ def attention_block(ctx: Ctx, i: int, *, batch, queries, keys, prefix: str, tags
     spec, d = ctx.spec, ctx.dims
     p = f"{prefix}.attn"
     tokens = batch * queries
+    if qkv is None and spec.sparse_qkv is not None:
+        qkv = sparse_qkv
     if qkv is None:
         ops = linear(ctx, f"{p}.qkv", layer=i, tokens=tokens, d_in=d.d_model,
                      d_out=(d.heads + 2 * d.kv_heads) * d.d_head, bias=spec.bias, tags=tags)
@@ -89,6 +110,21 @@ def attention_block(ctx: Ctx, i: int, *, batch, queries, keys, prefix: str, tags
                      kv_from_cache=uses_kv_cache(ctx), module=p, tags=tags)
     ops += linear(ctx, f"{p}.out", layer=i, tokens=tokens, d_in=d.heads * d.d_head, d_out=d.d_model,
                   bias=spec.bias, tags=tags)
+    return ops
+
+
+def sparse_qkv(ctx: Ctx, i: int, *, batch, queries, prefix: str, tags: dict | None = None) -> list:
+    """Sparse QKV: the multiplicative layer, then the Q, K and V convolutions (module docstring)."""
+    spec, d = ctx.spec, ctx.dims
+    p = f"{prefix}.qkv"
+    modules, k = d.sparse_qkv, d.conv_kernel
+    m = d.d_model / modules
+    ops = factored_dense(ctx, f"{p}.mult", layer=i, tokens=batch * queries, d_in=d.d_model, modules=modules,
+                         d_module=m, bias=spec.bias, tags=tags)
+    for name, heads, kernel in (("q", d.heads, k * k), ("k", d.kv_heads, k * k), ("v", d.kv_heads, k)):
+        ops += conv2d(ctx, f"{p}.{name}", layer=i, batch=batch, c_in=m, c_out=heads * d.d_head / modules,
+                      out_positions=queries * modules, kernel_positions=kernel, bias=spec.bias,
+                      module=f"{p}.{name}", tags=tags)
     return ops
 
 

@@ -1,7 +1,6 @@
 """Scaling Transformers (Jaszczur et al. 2021, arXiv 2111.12763): sparse
-feed-forward and sparse QKV. Every block is the dense block with its FFN (and,
-with `sparse_qkv`, its QKV projection) replaced; names follow the torch
-reference (`flopsim.torchref.sparse_ff`).
+feed-forward. Every block is the dense block with its FFN replaced; names
+follow the torch reference (`flopsim.torchref.sparse_ff`).
 
 Sparse FF, Y = act(x W1 (+ b1)) * Controller(x) W2 (+ b2); the controller is
 low rank, logits = x C1 C2 (+ c), C1: d_model x d_lowrank (no bias, as trax's
@@ -54,21 +53,8 @@ block_size units picks one active unit per block, d_ff / N per token.
   W1 and W2 products, the mask multiply, and the sum of x's two gradients
   (controller, FFN).
 
-Sparse QKV (`sparse_qkv: S`, M = d_model / S), following trax's
-MultiplicativeConvCausalAttention (v_concat_type 'none'):
-- `attn.qkv.mult`: one multiplicative layer shared by Q, K and V (trax
-  FactoredDense), y[s, m] = sum_i x_i D[s, i] E[i, m] (+ b), d_model -> d_model
-  as S modules of M; FLOPs 2 * tokens * S * d_model * M = 2 * tokens * d_model^2.
-- `attn.qkv.q`, `.k`, `.v`: 2-D convolutions over (length, modules) with M
-  input channels, causal over the length (padding K - 1 earlier positions) and
-  'same' over the modules: Q and K with a K x K kernel (K = conv_kernel), V
-  with K x 1 (trax: kernel_size 3 for Q/K, 1 for V, length_kernel_size for
-  the length); output channels per module heads * d_head / S for Q and
-  kv_heads * d_head / S for K and V (M each in trax, where heads * d_head =
-  d_model). Biases everywhere follow `spec.bias` (trax always has them).
-  At decode the convolution reads the K - 1 earlier multiplicative outputs
-  of each sequence (trax keeps them in its state); that small read is not
-  costed.
+Sparse QKV, with or without sparse FF, is the spec's own `sparse_qkv` block on any
+family (flopsim.families.dense).
 
 Tags on every op of a block's FFN: `active_units` (d_ff / N per token) and
 `units_read` (the expectation above; all of d_ff in train).
@@ -82,9 +68,7 @@ from flopsim.ops.primitives import (
     GATED_ACTIVATION,
     Ctx,
     argmax,
-    conv2d,
     elementwise,
-    factored_dense,
     gathered_linear,
     gradient_sum,
     gumbel_mask,
@@ -151,25 +135,8 @@ def sparse_ffn(ctx: Ctx, i: int, *, tokens, prefix: str, tags: dict | None = Non
     return ops
 
 
-def sparse_qkv(ctx: Ctx, i: int, *, batch, queries, prefix: str, tags: dict | None = None) -> list:
-    """Multiplicative layer, then the Q, K and V convolutions (see the module docstring)."""
-    spec, d = ctx.spec, ctx.dims
-    p = f"{prefix}.qkv"
-    modules, k = d.sparse_qkv, d.conv_kernel
-    m = d.d_model / modules
-    ops = factored_dense(ctx, f"{p}.mult", layer=i, tokens=batch * queries, d_in=d.d_model, modules=modules,
-                         d_module=m, bias=spec.bias, tags=tags)
-    for name, heads, kernel in (("q", d.heads, k * k), ("k", d.kv_heads, k * k), ("v", d.kv_heads, k)):
-        ops += conv2d(ctx, f"{p}.{name}", layer=i, batch=batch, c_in=m, c_out=heads * d.d_head / modules,
-                      out_positions=queries * modules, kernel_positions=kernel, bias=spec.bias,
-                      module=f"{p}.{name}", tags=tags)
-    return ops
-
-
 def build(ctx: Ctx) -> list:
-    qkv = sparse_qkv if ctx.spec.sparse_ff.sparse_qkv is not None else None
-
     def block_fn(ctx, i, *, batch, queries, keys):
-        return dense.block(ctx, i, batch=batch, queries=queries, keys=keys, ffn=sparse_ffn, qkv=qkv)
+        return dense.block(ctx, i, batch=batch, queries=queries, keys=keys, ffn=sparse_ffn)
 
     return dense.build(ctx, block_fn=block_fn)

@@ -40,6 +40,7 @@ SYMBOL_NAMES = {
     # Sparse FF
     "block_size": "N",
     "d_lowrank": "d_lowrank",
+    # Sparse QKV (any family)
     "sparse_qkv": "S_qkv",
     "conv_kernel": "K_conv",
     # length reduction
@@ -108,8 +109,9 @@ class Dims:
         if spec.sparse_ff is not None:
             values["block_size"] = spec.sparse_ff.block_size
             values["d_lowrank"] = spec.sparse_ff.d_lowrank
-            values["sparse_qkv"] = spec.sparse_ff.sparse_qkv
-            values["conv_kernel"] = spec.sparse_ff.conv_kernel
+        if spec.sparse_qkv is not None:
+            values["sparse_qkv"] = spec.sparse_qkv.modules
+            values["conv_kernel"] = spec.sparse_qkv.conv_kernel
         if spec.length_reduction is not None:
             values["lr_predictor_hidden"] = spec.length_reduction.predictor_hidden
         return cls(values, symbolic)

@@ -151,15 +151,30 @@ class ModeBlock(_Strict):
 
 
 class SparseFFBlock(_Strict):
-    """Scaling Transformers' sparse FF (Jaszczur et al. 2021) and optional sparse QKV
-    (flopsim.families.sparse_ff): one active unit per block of `block_size` FF units,
-    chosen by a low-rank controller d_model -> d_lowrank -> d_ff; `sparse_qkv` S
-    modules of d_model / S (a multiplicative layer, then conv_kernel x conv_kernel
-    convolutions over (length, modules) for Q and K, conv_kernel x 1 for V)."""
+    """Scaling Transformers' sparse FF (Jaszczur et al. 2021; flopsim.families.sparse_ff):
+    one active unit per block of `block_size` FF units, chosen by a low-rank controller
+    d_model -> d_lowrank -> d_ff. (Sparse QKV is the spec's own `sparse_qkv` block.)"""
 
     block_size: Size = 32
     d_lowrank: Size = 64
-    sparse_qkv: Optional[Size] = None  # number of modules S (d_model / S per module)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_fields(cls, data):
+        for name in ("sparse_qkv", "conv_kernel"):
+            if isinstance(data, dict) and name in data:
+                raise ValueError(f"sparse_ff.{name} has moved: give the spec's own sparse_qkv block, "
+                                 f"sparse_qkv: {{modules: S, conv_kernel: K}} (any family)")
+        return data
+
+
+class SparseQKVBlock(_Strict):
+    """Scaling Transformers' sparse QKV (Jaszczur et al. 2021; flopsim.families.dense), on
+    any model: the QKV projection becomes `modules` S modules of d_model / S, a
+    multiplicative layer, then conv_kernel x conv_kernel convolutions over (length,
+    modules) for Q and K and conv_kernel x 1 for V."""
+
+    modules: Size
     conv_kernel: Size = 3
 
     @field_validator("conv_kernel")
@@ -244,6 +259,7 @@ class ModelSpec(_Strict):
     moe: Optional[MoeBlock] = None
     mode: Optional[ModeBlock] = None
     sparse_ff: Optional[SparseFFBlock] = None
+    sparse_qkv: Optional[SparseQKVBlock] = None
     length_reduction: Optional[LengthReductionBlock] = None
 
     @model_validator(mode="after")
@@ -278,11 +294,16 @@ class ModelSpec(_Strict):
             sf = self.sparse_ff
             if self.d_ff % sf.block_size:
                 raise ValueError(f"sparse_ff.block_size {sf.block_size} does not divide d_ff {self.d_ff}")
-            if sf.sparse_qkv is not None and self.d_model % sf.sparse_qkv:
-                raise ValueError(f"sparse_ff.sparse_qkv {sf.sparse_qkv} does not divide d_model {self.d_model}")
-            if sf.sparse_qkv is not None and (self.kv_heads * self.d_head) % sf.sparse_qkv:
-                raise ValueError(f"sparse_ff.sparse_qkv {sf.sparse_qkv} does not divide the key/value width "
+        if self.sparse_qkv is not None:
+            s = self.sparse_qkv.modules
+            if self.d_model % s:
+                raise ValueError(f"sparse_qkv.modules {s} does not divide d_model {self.d_model}")
+            if (self.kv_heads * self.d_head) % s:
+                raise ValueError(f"sparse_qkv.modules {s} does not divide the key/value width "
                                  f"{self.kv_heads * self.d_head} (kv_heads * d_head)")
+            if (self.heads * self.d_head) % s:
+                raise ValueError(f"sparse_qkv.modules {s} does not divide the query width "
+                                 f"{self.heads * self.d_head} (heads * d_head)")
         return self
 
     @model_validator(mode="after")

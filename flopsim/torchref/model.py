@@ -3,7 +3,10 @@
 Module paths equal flopsim op modules: `embed.tokens`, `block.{i}.norm1`,
 `block.{i}.attn.qkv`, `block.{i}.attn` (runs the attention kernel),
 `block.{i}.attn.out`, `block.{i}.mlp.{up|gate_up,down}`, `final_norm`,
-`head.lm` / `head.pooler` / `head.classifier`.
+`head.lm` / `head.pooler` / `head.classifier`. With `spec.sparse_qkv` the
+QKV projection is `SparseQKV` in every family: `block.{i}.attn.qkv.mult`
+(`FactoredDense`) and the convolutions `block.{i}.attn.qkv.q`, `.k`, `.v`
+(nn.Conv2d over [B, M, length, modules]; flopsim.families.dense).
 
 Attention follows `spec.attention_impl`: `fused` calls
 F.scaled_dot_product_attention (GQA through enable_gqa), `explicit` runs
@@ -106,12 +109,57 @@ def write_cache(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
 
 
+class FactoredDense(nn.Module):
+    """y[..., s, m] = sum_i x_i gate[s, i] weight[i, m] (+ bias[s, m]) (trax FactoredDense)."""
+
+    def __init__(self, modules: int, d_in: int, d_module: int, bias: bool):
+        super().__init__()
+        self.gate = nn.Parameter(torch.randn(modules, d_in) * 0.5)
+        self.weight = nn.Parameter(torch.randn(d_in, d_module) / math.sqrt(d_in))
+        self.bias = nn.Parameter(torch.zeros(modules, d_module)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = (x.unsqueeze(-2) * self.gate) @ self.weight  # one mm over tokens * modules rows
+        return y if self.bias is None else y + self.bias
+
+
+class SparseQKV(nn.Module):
+    """The multiplicative layer, then causal-over-length convolutions producing
+    Q, K, V laid out as the dense projection's [q | k | v]."""
+
+    def __init__(self, spec):
+        super().__init__()
+        s = spec.sparse_qkv.modules
+        self.modules_, self.k = s, spec.sparse_qkv.conv_kernel
+        m = spec.d_model // s
+        self.mult = FactoredDense(s, spec.d_model, m, spec.bias)
+        self.q = nn.Conv2d(m, spec.heads * spec.d_head // s, (self.k, self.k), bias=spec.bias)
+        self.k_ = nn.Conv2d(m, spec.kv_heads * spec.d_head // s, (self.k, self.k), bias=spec.bias)
+        self.v = nn.Conv2d(m, spec.kv_heads * spec.d_head // s, (self.k, 1), bias=spec.bias)
+        # registered as `k` for the module path (self.k is the kernel size)
+        self._modules["k"] = self._modules.pop("k_")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, length, _ = x.shape
+        y = self.mult(x).permute(0, 3, 1, 2)  # [B, M, length, modules]
+        outs = []
+        for name in ("q", "k", "v"):
+            conv = self._modules[name]
+            half = (conv.kernel_size[1] - 1) // 2
+            # causal over the length (K - 1 earlier positions: zeros here, the remembered
+            # ones when decoding), 'same' over the modules
+            z = conv(F.pad(y, (half, half, self.k - 1, 0)))  # [B, c, length, modules]
+            outs.append(z.permute(0, 2, 3, 1).reshape(b, length, -1))
+        return torch.cat(outs, dim=-1)
+
+
 class Attention(nn.Module):
     def __init__(self, spec):
         super().__init__()
         self.spec = spec
         h, hkv, dh = spec.heads, spec.kv_heads, spec.d_head
-        self.qkv = nn.Linear(spec.d_model, (h + 2 * hkv) * dh, bias=spec.bias)
+        self.qkv = (SparseQKV(spec) if spec.sparse_qkv is not None
+                    else nn.Linear(spec.d_model, (h + 2 * hkv) * dh, bias=spec.bias))
         self.out = nn.Linear(h * dh, spec.d_model, bias=spec.bias)
 
     def forward(self, x: torch.Tensor, state: RunState, layer: int, causal: Optional[bool] = None) -> torch.Tensor:

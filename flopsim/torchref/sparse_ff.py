@@ -5,9 +5,8 @@ Module paths: `block.{i}.mlp.controller.c1` (Linear(d_model, d_lowrank), no
 bias), `block.{i}.mlp.controller.c2` (Linear(d_lowrank, d_ff)),
 `block.{i}.mlp.up` or `.gate_up`, `block.{i}.mlp.down` (`GatheredLinear`:
 Linear weights that run whole in training and gathered per token at
-inference, one torch.bmm over the gathered weights); with sparse QKV,
-`block.{i}.attn.qkv.mult` (`FactoredDense`) and the convolutions
-`block.{i}.attn.qkv.q`, `.k`, `.v` (nn.Conv2d over [B, M, length, modules]).
+inference, one torch.bmm over the gathered weights). Sparse QKV is every
+reference's (flopsim.torchref.model.SparseQKV).
 
 Training (`model.train()`) runs trax's masked dense path: Gumbel noise on the
 per-block log-softmax, a straight-through one-hot mask multiplying the
@@ -111,55 +110,8 @@ class SparseFF(nn.Module):
         return y.view(shape)
 
 
-class FactoredDense(nn.Module):
-    """y[..., s, m] = sum_i x_i gate[s, i] weight[i, m] (+ bias[s, m]) (trax FactoredDense)."""
-
-    def __init__(self, modules: int, d_in: int, d_module: int, bias: bool):
-        super().__init__()
-        self.gate = nn.Parameter(torch.randn(modules, d_in) * 0.5)
-        self.weight = nn.Parameter(torch.randn(d_in, d_module) / math.sqrt(d_in))
-        self.bias = nn.Parameter(torch.zeros(modules, d_module)) if bias else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = (x.unsqueeze(-2) * self.gate) @ self.weight  # one mm over tokens * modules rows
-        return y if self.bias is None else y + self.bias
-
-
-class SparseQKV(nn.Module):
-    """The multiplicative layer, then causal-over-length convolutions producing
-    Q, K, V laid out as the dense projection's [q | k | v]."""
-
-    def __init__(self, spec):
-        super().__init__()
-        s = spec.sparse_ff.sparse_qkv
-        self.modules_, self.k = s, spec.sparse_ff.conv_kernel
-        m = spec.d_model // s
-        self.mult = FactoredDense(s, spec.d_model, m, spec.bias)
-        self.q = nn.Conv2d(m, spec.heads * spec.d_head // s, (self.k, self.k), bias=spec.bias)
-        self.k_ = nn.Conv2d(m, spec.kv_heads * spec.d_head // s, (self.k, self.k), bias=spec.bias)
-        self.v = nn.Conv2d(m, spec.kv_heads * spec.d_head // s, (self.k, 1), bias=spec.bias)
-        # registered as `k` for the module path (self.k is the kernel size)
-        self._modules["k"] = self._modules.pop("k_")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, length, _ = x.shape
-        y = self.mult(x).permute(0, 3, 1, 2)  # [B, M, length, modules]
-        outs = []
-        for name in ("q", "k", "v"):
-            conv = self._modules[name]
-            half = (conv.kernel_size[1] - 1) // 2
-            # causal over the length (K - 1 earlier positions: zeros here, the remembered
-            # ones when decoding), 'same' over the modules
-            z = conv(F.pad(y, (half, half, self.k - 1, 0)))  # [B, c, length, modules]
-            outs.append(z.permute(0, 2, 3, 1).reshape(b, length, -1))
-        return torch.cat(outs, dim=-1)
-
-
 def make_block(spec, i: int) -> Block:
-    block = Block(spec, i, mlp=SparseFF(spec))
-    if spec.sparse_ff.sparse_qkv is not None:
-        block.attn.qkv = SparseQKV(spec)
-    return block
+    return Block(spec, i, mlp=SparseFF(spec))
 
 
 def build(spec) -> nn.Module:
