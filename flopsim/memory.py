@@ -33,7 +33,8 @@ of the forward ops' `params`):
 - KV cache (prefill, decode): the keys and values of `context` tokens:
       sum of kv_write_bytes * T / (new tokens per sequence)
   (prefill writes S new tokens per sequence, decode 1), so a conditional
-  model's expected KV writes per token carry over.
+  model's expected KV writes per token carry over; a sliding-window layer
+  keeps min(T, W) of them (its op's `cache_tokens`, from `written_tokens`).
 - Not counted: framework and allocator overhead, temporary buffers inside a
   kernel, gradients of activations in flight during the backward pass.
 
@@ -91,9 +92,11 @@ class MemoryModel:
             return index[expr]
 
         # KV cache: bytes written per step x (context / new tokens per step)
+        # (a sliding-window layer keeps its op's cache_tokens, min(T, W), from written_tokens a step)
         new_tokens = {"prefill": S, "decode": sp.Integer(1)}.get(phase)
-        kv = sum((op.kv_write_bytes for op in ops), sp.Integer(0))
-        self._kv = ref(kv * T / new_tokens) if new_tokens is not None else ref(0)
+        kv = sum((op.kv_write_bytes * op.tags.get("cache_tokens", T) / op.tags.get("written_tokens", new_tokens)
+                  for op in ops if op.kv_write_bytes != 0), sp.Integer(0)) if new_tokens is not None else 0
+        self._kv = ref(kv)
 
         # activations
         self._sum_terms: list[int] = []  # summed

@@ -58,6 +58,7 @@ ALIASES = {
     "capacity_factor": "capacity_factor", "moe.capacity_factor": "capacity_factor",
     "block_size": "block_size", "sparse_ff.block_size": "block_size",
     "d_lowrank": "d_lowrank", "sparse_ff.d_lowrank": "d_lowrank",
+    "window": "window", "sliding_window.size": "window",
     "sparse_qkv": "sparse_qkv", "sparse_qkv.modules": "sparse_qkv",
     "conv_kernel": "conv_kernel", "sparse_qkv.conv_kernel": "conv_kernel",
     "length_reduction.predictor_hidden": "lr_predictor_hidden",
@@ -69,6 +70,7 @@ DIM_PATHS = {
     "shared_experts": ("moe", "shared_experts"), "capacity_factor": ("moe", "capacity_factor"),
     "block_size": ("sparse_ff", "block_size"), "d_lowrank": ("sparse_ff", "d_lowrank"),
     "sparse_qkv": ("sparse_qkv", "modules"), "conv_kernel": ("sparse_qkv", "conv_kernel"),
+    "window": ("sliding_window", "size"),
     "lr_predictor_hidden": ("length_reduction", "predictor_hidden"),
     "dtype_bytes": None,  # follows `dtype`; not sweepable
 }

@@ -65,6 +65,9 @@ def _spec_cases():
     for field in ("modules", "conv_kernel"):  # sparse QKV, a block of any family
         for value in BAD_INTS + [2 if field == "conv_kernel" else 3]:  # even kernel; 3 modules do not divide 64
             yield {**BASE, "sparse_qkv": {"modules": 4, "conv_kernel": 3, field: value}}
+    for field in ("size", "global_every"):  # sliding-window attention
+        for value in BAD_INTS[:-1]:  # (global_every may be null)
+            yield {**BASE, "sliding_window": {"size": 8, field: value}}
     moe = {**BASE, "family": "moe", "moe": BLOCKS["moe"]}
     for value in BAD_FRACTIONS + [-1, 11]:  # the Zipf exponent: finite, 0 to 10
         yield {**moe, "moe": {**BLOCKS["moe"], "popularity": {"zipf": value}}}

@@ -77,13 +77,20 @@ def test_hf_llama_equals_the_preset_field_by_field():
         count("llama-3-8b", seq=512, phase="train").flops
 
 
-def test_mistral_7b_published_count_and_sliding_window_note():
+def test_mistral_7b_published_count_and_sliding_window():
     spec, notes = load_hf_config_with_notes(HF / "mistral-7b-v0.1.json")
     derived = llama_like(layers=32, d=4096, heads=32, kv_heads=8, d_head=128, d_ff=14336, vocab=32000)
     assert derived == 7_241_732_096  # Mistral-7B-v0.1: 7.24B; sum of numel() of MistralForCausalLM
     assert params(spec) == derived
     assert spec.max_seq == 32768
-    assert any("sliding_window 4096" in n for n in notes)
+    assert spec.sliding_window.size == 4096 and spec.sliding_window.global_every is None  # every layer
+    assert not any("sliding_window" in n for n in notes)
+    # decode past the window reads (and caches) 4096 keys per layer, as HF's sliding cache keeps them
+    B, T = 1, 8192
+    full = spec.model_copy(update={"sliding_window": None})
+    dh, heads, L = 128, 32, 32
+    assert count(spec, batch=B, seq=1, context=T, phase="decode").flops == \
+        count(full, batch=B, seq=1, context=T, phase="decode").flops - L * 4 * B * heads * dh * (T - 4096)
 
 
 def test_gpt2_published_count_and_preset():

@@ -12,6 +12,20 @@ Token counts per phase (`seq_dims`):
   included); the head on that token.
 Names match the torch reference's module paths (`block.3.attn.qkv`).
 
+Sliding-window attention (`sliding_window: {size: W, global_every: n}`;
+Mistral, Gemma 2/3, GPT-OSS): a local layer keeps the keys and values of its
+last W positions (a ring of W slots; global layers keep every position) and
+a query attends to at most W keys, itself included.
+- decode: the new token is written into the ring and attends to min(T, W)
+  keys; the KV cache holds min(T, W) positions per local layer (memory).
+- prefill of S tokens after P = T - S cached ones: min(P, W) cached + S new
+  keys; the scores are counted over all of them (FlopCounterMode counts the
+  full product of an attention kernel given a window mask, as it counts the
+  causal one), the time uses the band a windowed kernel runs: query j sees
+  min(W, keys - S + j + 1) keys (`Op.causal_flops`). The ring receives the
+  last min(S, W) new positions.
+- train and forward: S x S scores counted, the band's work timed.
+
 Sparse QKV (`sparse_qkv: {modules: S, conv_kernel: K}`, any family; M =
 d_model / S), following trax's MultiplicativeConvCausalAttention
 (v_concat_type 'none', Jaszczur et al. 2021), replaces the QKV projection:
@@ -102,15 +116,37 @@ def attention_block(ctx: Ctx, i: int, *, batch, queries, keys, prefix: str, tags
     if spec.positions == "rope":
         ops += rope(ctx, f"{p}.rope", layer=i, tokens=tokens, heads=d.heads + d.kv_heads, d_head=d.d_head,
                     module=p, tags=tags)
+    window = d.window if is_local(spec, i) else None
+    written, kv_tags = queries, tags
+    if window is not None:
+        keys, written = windowed_keys(ctx, queries, keys, window), sp.Min(queries, window)
+        kv_tags = {**(tags or {}), "cache_tokens": sp.Min(T, window), "written_tokens": written}
     if uses_kv_cache(ctx):
-        ops += kv_cache_append(ctx, f"{p}.kv_cache", layer=i, batch=batch, tokens=queries,
-                               kv_heads=d.kv_heads, d_head=d.d_head, module=p, tags=tags)
+        ops += kv_cache_append(ctx, f"{p}.kv_cache", layer=i, batch=batch, tokens=written,
+                               kv_heads=d.kv_heads, d_head=d.d_head, module=p, tags=kv_tags)
     ops += attention(ctx, f"{p}.core", layer=i, batch=batch, queries=queries, keys=keys,
                      heads=d.heads, kv_heads=d.kv_heads, d_head=d.d_head, causal=spec.causal,
-                     kv_from_cache=uses_kv_cache(ctx), module=p, tags=tags)
+                     kv_from_cache=uses_kv_cache(ctx), module=p, tags=tags, window=window)
     ops += linear(ctx, f"{p}.out", layer=i, tokens=tokens, d_in=d.heads * d.d_head, d_out=d.d_model,
                   bias=spec.bias, tags=tags)
     return ops
+
+
+def is_local(spec, i: int) -> bool:
+    """Layer i attends within a sliding window (module docstring)."""
+    sw = spec.sliding_window
+    return sw is not None and not (sw.global_every and (i + 1) % sw.global_every == 0)
+
+
+def windowed_keys(ctx: Ctx, queries, keys, window):
+    """The keys a local layer's queries attend to: a ring of the last `window` positions.
+    decode: min(T, W); prefill after P = T - S cached tokens: min(P, W) + S; train and
+    forward: all S (the window only masks scores there)."""
+    if ctx.phase == "decode":
+        return sp.Min(keys, window)
+    if ctx.phase == "prefill":
+        return sp.Min(keys - queries, window) + queries
+    return keys
 
 
 def sparse_qkv(ctx: Ctx, i: int, *, batch, queries, prefix: str, tags: dict | None = None) -> list:

@@ -152,15 +152,20 @@ def linear(ctx: Ctx, name: str, *, layer: int, tokens, d_in, d_out, bias: bool,
 
 def attention(ctx: Ctx, name: str, *, layer: int, batch, queries, keys, heads, kv_heads,
               d_head, causal: bool, kv_from_cache: bool, module: str,
-              tags: dict | None = None) -> list[Op]:
+              tags: dict | None = None, window=None) -> list[Op]:
     """softmax(Q K^T / sqrt(d_head)) V for `queries` x `keys` per sequence and head.
-    Scores are the full queries x keys product (what the kernels run);
-    `causal_flops` counts the triangle: query j (0-based) of the last
-    `queries` positions sees keys - queries + j + 1 keys."""
+    Scores are the full queries x keys product (what FlopCounterMode counts);
+    `causal_flops` (what a kernel that skips masked blocks runs) counts the
+    triangle: query j (0-based) of the last `queries` positions sees
+    keys - queries + j + 1 keys; with a sliding `window`, min(window, that)."""
     w = ctx.w
     impl = ctx.spec.attention_impl
     products = batch * heads * queries * keys * d_head  # one product of Q K^T or P V
     triangle = queries * keys - queries * (queries - 1) / 2 if causal else queries * keys
+    if window is not None:  # the first m queries see a + j <= window keys, the rest `window`
+        a = keys - queries + 1
+        m = sp.Max(0, sp.Min(queries, window - a + 1))
+        triangle = m * a + m * (m - 1) / 2 + (queries - m) * window
     causal_fraction = triangle / (queries * keys)
     scores = batch * heads * queries * keys
     q_bytes = batch * queries * heads * d_head * w

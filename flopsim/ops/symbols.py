@@ -40,6 +40,8 @@ SYMBOL_NAMES = {
     # Sparse FF
     "block_size": "N",
     "d_lowrank": "d_lowrank",
+    # sliding-window attention (its size)
+    "window": "W_win",
     # Sparse QKV (any family)
     "sparse_qkv": "S_qkv",
     "conv_kernel": "K_conv",
@@ -109,6 +111,8 @@ class Dims:
         if spec.sparse_ff is not None:
             values["block_size"] = spec.sparse_ff.block_size
             values["d_lowrank"] = spec.sparse_ff.d_lowrank
+        if spec.sliding_window is not None:
+            values["window"] = spec.sliding_window.size
         if spec.sparse_qkv is not None:
             values["sparse_qkv"] = spec.sparse_qkv.modules
             values["conv_kernel"] = spec.sparse_qkv.conv_kernel

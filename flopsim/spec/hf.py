@@ -46,8 +46,10 @@ Mapping decisions (see specs/models/hf/README.md for the full list):
   (its pooler is not modelled).
 - dtype from `torch_dtype` (or `dtype`, transformers >= 4.56); a config
   without one loads as fp32 in transformers, and so it does here.
-- max_seq from `max_position_embeddings` / `n_positions`; sliding-window
-  attention is not modelled (full attention is costed).
+- max_seq from `max_position_embeddings` / `n_positions`; Mistral's and
+  Mixtral's `sliding_window` -> `sliding_window: {size: W}` on every layer
+  (decode reads and caches min(T, W) keys); Qwen2's windows from
+  `max_window_layers` on are not modelled (full attention, noted).
 """
 
 from __future__ import annotations
@@ -165,8 +167,11 @@ def _decoder_common(c: _Config, notes: list[str], *, max_pos_default: int, tied_
         spec["d_head"] = head_dim
     window = c.data.get("sliding_window")
     if window is not None and c.data.get("use_sliding_window", True) is not False:
-        notes.append(f"sliding_window {window} is not modelled: attention is costed over the full context "
-                     f"(exact up to {window} tokens)")
+        if c.arch in ("MistralForCausalLM", "MixtralForCausalLM"):  # every layer: a window of W keys
+            spec["sliding_window"] = {"size": c.integer("sliding_window")}
+        else:  # Qwen2's windows start at max_window_layers: not a pattern flopsim describes
+            notes.append(f"sliding_window {window} is not modelled: attention is costed over the full context "
+                         f"(exact up to {window} tokens)")
     return spec
 
 

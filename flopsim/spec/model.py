@@ -168,6 +168,16 @@ class SparseFFBlock(_Strict):
         return data
 
 
+class SlidingWindow(_Strict):
+    """Sliding-window attention (flopsim.families.dense): a local layer attends to the last
+    `size` positions (itself included) and keeps only their keys and values; with
+    `global_every` n, layer i is global (full attention) when (i + 1) % n == 0 (Gemma 2:
+    n = 2; Gemma 3: 6); without it every layer is local (Mistral)."""
+
+    size: Size
+    global_every: Optional[Size] = None
+
+
 class SparseQKVBlock(_Strict):
     """Scaling Transformers' sparse QKV (Jaszczur et al. 2021; flopsim.families.dense), on
     any model: the QKV projection becomes `modules` S modules of d_model / S, a
@@ -260,6 +270,7 @@ class ModelSpec(_Strict):
     mode: Optional[ModeBlock] = None
     sparse_ff: Optional[SparseFFBlock] = None
     sparse_qkv: Optional[SparseQKVBlock] = None
+    sliding_window: Optional[SlidingWindow] = None
     length_reduction: Optional[LengthReductionBlock] = None
 
     @model_validator(mode="after")
@@ -294,6 +305,12 @@ class ModelSpec(_Strict):
             sf = self.sparse_ff
             if self.d_ff % sf.block_size:
                 raise ValueError(f"sparse_ff.block_size {sf.block_size} does not divide d_ff {self.d_ff}")
+        if self.sliding_window is not None:
+            if not self.causal:
+                raise ValueError("sliding_window: needs a causal model (the window looks back)")
+            if self.family not in ("dense", "moe", "sparse_ff"):
+                raise ValueError(f"sliding_window: family {self.family} is not supported (dense, moe, sparse_ff): "
+                                 f"its blocks attend to routed or reduced tokens")
         if self.sparse_qkv is not None:
             s = self.sparse_qkv.modules
             if self.d_model % s:

@@ -6,7 +6,11 @@ Module paths equal flopsim op modules: `embed.tokens`, `block.{i}.norm1`,
 `head.lm` / `head.pooler` / `head.classifier`. With `spec.sparse_qkv` the
 QKV projection is `SparseQKV` in every family: `block.{i}.attn.qkv.mult`
 (`FactoredDense`) and the convolutions `block.{i}.attn.qkv.q`, `.k`, `.v`
-(nn.Conv2d over [B, M, length, modules]; flopsim.families.dense).
+(nn.Conv2d over [B, M, length, modules]; flopsim.families.dense). With
+`spec.sliding_window` a local layer's decode cache is a ring of min(context,
+window) positions and prefill writes the last `window` positions into it;
+train, forward and prefill attend to every key as the op list counts them (a
+window mask changes no count).
 
 Attention follows `spec.attention_impl`: `fused` calls
 F.scaled_dot_product_attention (GQA through enable_gqa), `explicit` runs
@@ -185,6 +189,10 @@ class Attention(nn.Module):
             prior[0][:, :, -s:].copy_(k)
             prior[1][:, :, -s:].copy_(v)
             k, v = prior
+        elif state.phase == "prefill" and window_of(spec, layer) is not None and s > window_of(spec, layer):
+            w = window_of(spec, layer)  # a local layer's ring keeps the last w positions; all s are attended
+            state.new_cache.append((write_cache(k[:, :, -w:]), write_cache(v[:, :, -w:])))
+            return q, k, v
         elif state.phase == "prefill":
             k, v = write_cache(k), write_cache(v)
         if state.phase in ("prefill", "decode"):
@@ -205,6 +213,13 @@ class Attention(nn.Module):
 
     def probabilities(self, q: torch.Tensor, k: torch.Tensor, is_causal: bool) -> torch.Tensor:
         return attention_probabilities(q, k, is_causal)
+
+
+def window_of(spec, layer: int) -> Optional[int]:
+    """The sliding window of a local layer (flopsim.families.dense.is_local), None for a global one."""
+    from flopsim.families.dense import is_local
+
+    return spec.sliding_window.size if is_local(spec, layer) else None
 
 
 def attention_probabilities(q: torch.Tensor, k: torch.Tensor, is_causal: bool) -> torch.Tensor:
@@ -414,11 +429,15 @@ def prepare_phase(model: nn.Module, spec, phase: str, batch: int, seq: int, cont
         keys = context if context is not None else seq
         ids = torch.randint(0, spec.vocab, (batch, 1), generator=g).to(device)
         positions = torch.full((batch, 1), keys - 1, dtype=torch.long, device=device)
-        shape = (batch, spec.kv_heads, keys, spec.d_head)
         dtype = next(model.parameters()).dtype
-        cache = [(torch.randn(shape, generator=g).to(device=device, dtype=dtype),
-                  torch.randn(shape, generator=g).to(device=device, dtype=dtype))
-                 for _ in range(spec.layers)]
+
+        def slots(layer: int) -> tuple:  # a sliding-window layer's ring holds min(keys, window) positions
+            w = window_of(spec, layer)
+            return (batch, spec.kv_heads, keys if w is None else min(keys, w), spec.d_head)
+
+        cache = [(torch.randn(slots(i), generator=g).to(device=device, dtype=dtype),
+                  torch.randn(slots(i), generator=g).to(device=device, dtype=dtype))
+                 for i in range(spec.layers)]
 
         def decode():
             with torch.no_grad():
