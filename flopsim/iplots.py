@@ -120,7 +120,6 @@ def _roofs(fig, n: int, placed: list, peak: float, vector: float, bw: float, dty
     ridge = peak / bw
     xs = [p["intensity"] for p in placed] + [ridge]
     lo, hi = min(xs) / 4, max(xs) * 4
-    grid = [lo * (hi / lo) ** (i / 120) for i in range(121)]
     roofs = [(f"roof: {dtype} matrix peak {human(peak, 'FLOP/s')}, HBM {human(bw, 'B/s')}", peak, 1.0,
               {"color": "black", "width": 2}),
              (f"roof: fp32 vector {human(vector, 'FLOP/s')}", vector, 1.0, {"color": "black", "width": 1.3,
@@ -129,6 +128,8 @@ def _roofs(fig, n: int, placed: list, peak: float, vector: float, bw: float, dty
         roofs.append((f"calibrated roof (matmul x{calibrated[0]:.2f}, memory x{calibrated[1]:.2f})",
                       peak * calibrated[0], calibrated[1], {"color": "grey", "width": 1.3, "dash": "dot"}))
     for name, top, mem_eff, line in roofs:
+        knee = top / (bw * mem_eff)  # min(top, bandwidth x intensity) is straight on log axes either side of it
+        grid = [lo, min(max(knee, lo), hi), hi]
         for col in range(1, n + 1):
             fig.add_trace(go.Scatter(x=grid, y=[min(top, bw * mem_eff * x) / 1e12 for x in grid], mode="lines",
                                      name=name, legendgroup=name, showlegend=col == 1, line=line,
@@ -142,8 +143,7 @@ def _bandwidth_line(fig, n: int, unplaced: list, bw: float) -> None:
     if not unplaced:
         return
     xs = [max(p["bytes"], 1.0) for p in unplaced]
-    lo, hi = min(xs) / 2, max(xs) * 2
-    grid = [lo * (hi / lo) ** (i / 60) for i in range(61)]
+    grid = [min(xs) / 2, max(xs) * 2]  # time = bytes / bandwidth: a straight line on log axes
     name = f"bytes / HBM bandwidth ({human(bw, 'B/s')})"
     for col in range(1, n + 1):
         fig.add_trace(go.Scatter(x=grid, y=[x / bw * 1e6 for x in grid], mode="lines", name=name, legendgroup=name,

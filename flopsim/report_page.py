@@ -195,12 +195,12 @@ def page(rep, blocks: list):
     """The page: every block, figures interactive; then summary.csv in full."""
     from flopsim import __version__
     from flopsim.report import SUMMARY_FILE, Figure
-    from flopsim.webpage import Page, csv_table
+    from flopsim.webpage import PLOTLY_JS_VERSION, Page, csv_table
 
     import plotly
 
     pg = Page(title=f"flopsim report: {', '.join(rep.given)} on {rep.hw.name}",
-              generator=f"flopsim {__version__}; plotly {plotly.__version__}")
+              generator=f"flopsim {__version__}; plotly {plotly.__version__}; plotly.js basic {PLOTLY_JS_VERSION}")
     for b in blocks:
         if isinstance(b, Figure):
             pg.figure(b.interactive, b.name, caption=b.caption)

@@ -27,7 +27,9 @@ def _generator() -> str:
 
     from flopsim import __version__
 
-    return f"flopsim {__version__}; plotly {plotly.__version__}"
+    from flopsim.webpage import PLOTLY_JS_VERSION
+
+    return f"flopsim {__version__}; plotly {plotly.__version__}; plotly.js basic {PLOTLY_JS_VERSION}"
 
 
 def training_plan_page(plan, command: str = "") -> Page:

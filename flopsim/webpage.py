@@ -2,9 +2,10 @@
 and `flopsim validate --html` write for a browser.
 
 Conventions:
-- self-contained: plotly.js is inlined once in the page's head (its own
-  `<script id="plotly-js">` block) and nothing is fetched, so the page opens
-  from `file://` with no network; figures are plotly figures (flopsim.iplots)
+- self-contained: plotly.js (its basic bundle, vendored in flopsim/_vendor) is
+  inlined once in the page's head (its own `<script id="plotly-js">` block)
+  and nothing is fetched, so the page opens from `file://` with no network;
+  figures are plotly figures (flopsim.iplots)
   placed as `<div id="fig-NAME">`, interactive (hover, legend toggles, zoom);
 - text is markdown, rendered by markdown-it-py (CommonMark plus tables; raw
   HTML in the text is escaped, never passed through), with GitHub-style
@@ -121,10 +122,15 @@ class Page:
         return path
 
 
-def _plotly_js() -> str:
-    from plotly.offline import get_plotlyjs
+PLOTLY_JS = Path(__file__).resolve().parent / "_vendor" / "plotly-basic.min.js"
+PLOTLY_JS_VERSION = "4.1.1"  # flopsim/_vendor/README.md
 
-    return get_plotlyjs()
+
+def _plotly_js() -> str:
+    """plotly.js's basic bundle (scatter and bar traces: all flopsim draws), vendored
+    unmodified with its license (flopsim/_vendor/README.md): 1.2 MB where the full
+    bundle plotly ships is 4.8 MB."""
+    return PLOTLY_JS.read_text(encoding="utf-8")
 
 
 def _markdown(text: str) -> str:

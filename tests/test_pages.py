@@ -216,3 +216,15 @@ def test_validate_measurements_html(tmp_path):
     drawn = [x for t in figure_json(text, "fig-per-model")["data"] if t.get("mode") == "markers" for x in t["x"]]
     assert sorted(drawn) == pytest.approx(sorted(1e3 * float(r["measured_s"]) for r in per_model))
     assert html.escape("# flopsim validation") not in text and "<h1" in text
+
+
+def test_the_vendored_plotly_js_is_the_basic_bundle_of_plotlys_own_major_version():
+    from plotly.offline import get_plotlyjs_version
+
+    from flopsim.webpage import PLOTLY_JS, PLOTLY_JS_VERSION
+
+    head = PLOTLY_JS.read_text(encoding="utf-8")[:200]
+    assert f"plotly.js (basic - minified) v{PLOTLY_JS_VERSION}" in head
+    assert PLOTLY_JS_VERSION.split(".")[0] == get_plotlyjs_version().split(".")[0]  # figures' schema: plotly.js 4
+    assert (PLOTLY_JS.parent / "plotly-LICENSE").read_text().startswith("MIT License")
+    assert PLOTLY_JS.stat().st_size < 1.5e6
