@@ -985,7 +985,7 @@ def _group_blocks(rep: Report, gi: int, g: Group) -> list:
         "activations kept for the backward pass without recomputation; the KV cache when serving), against the "
         "device's capacity. Labels: the total, its share of the device and the largest batch that fits at this "
         "length.")]
-    out += [f"### Serving batch sweep", Figure(
+    out += ["### Serving batch sweep", Figure(
         f"{g.slug}-batch", "serving batch sweep", [], g.pages["batch"],
         _batch_caption(rep, g), fallback=_batch_table(g))]
     return out

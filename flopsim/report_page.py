@@ -32,7 +32,7 @@ def group_figures(rep, g, panels, roofs, rows, settings, memory_title) -> dict:
     return out
 
 
-def _knob_panels(g, row: dict, key: str) -> list:
+def _knob_panels(g, row: dict) -> list:
     return [{"title": f"{phase}: {g.shape(phase)}", "x_title": row["label"], "log_x": row["log_x"],
              "series": [], "phase": phase, "data": ph} for phase, ph in zip(g.phases, row["phases"])]
 
@@ -43,7 +43,7 @@ def knob_figure(rep, g, rows: list):
 
     figs = []
     for row in rows:
-        panels = _knob_panels(g, row, "time_speedup")
+        panels = _knob_panels(g, row)
         own = row["x"].index(row["preset_x"]) if row["preset_x"] in row["x"] else None
         for p in panels:
             p["series"] = [
@@ -63,7 +63,7 @@ def knob_throughput_figure(rep, g, rows: list):
 
     figs = []
     for row in rows:
-        panels = _knob_panels(g, row, "tokens_per_s")
+        panels = _knob_panels(g, row)
         for p in panels:
             p["series"] = [{"name": f"{row['spec']} ({row['knob']}): tokens/s", "x": row["x"], "y": p["data"]["tokens_per_s"],
                             "style": row["style"],

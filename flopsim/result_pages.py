@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from flopsim import iplots
 from flopsim.cli.output import human, human_time
-from flopsim.webpage import Cell, Page, csv_table, number_cell
+from flopsim.webpage import Cell, Page, csv_table
 
 PHASE_COLORS = {"forward": "#1f77b4", "prefill": "#2ca02c", "decode": "#d62728", "train": "#9467bd",
                 "generate": "#ff7f0e", "train_run": "#8c564b", "speedup": "#e377c2"}
