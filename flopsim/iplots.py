@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
-from flopsim.cli.output import human, human_time
+from flopsim.units import human, human_time
 from flopsim.figure_data import layer_ranges, point_label
 from flopsim.plots import KIND_COLORS, MEMORY_COLORS, MEMORY_COMPONENTS, MEMORY_LABELS
 

@@ -433,7 +433,7 @@ class TrainingPlan:
     def time_parts(self) -> list[dict]:
         """The step's time by part, as the CLI and the page show it: {part, per_microbatch_s
         (None where the part is per step), per_step_s, how}; the parts sum to the step."""
-        from flopsim.cli.output import human, human_time
+        from flopsim.units import human, human_time
 
         c, k, cm = self.config, self.compute, self.communication
         mb = c["microbatches"]
@@ -469,7 +469,7 @@ class TrainingPlan:
 
     def memory_parts(self) -> list[dict]:
         """Memory per GPU by component: {component, bytes, how} (the total last)."""
-        from flopsim.cli.output import human
+        from flopsim.units import human
 
         c, m = self.config, self.memory
         per = m["bytes_per_param"]

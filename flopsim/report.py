@@ -79,7 +79,7 @@ ISOFLOP_FAMILIES = {"mod": ("mod",), "moe": ("moe",), "mode": ("mod", "moe")}
 # -- formatting (the markdown table and the tests use the same functions) ---------
 def fmt_si(value: float, unit: str = "") -> str:
     """4 significant digits with an SI prefix: 2.414e9 -> '2.414 G' + unit."""
-    from flopsim.cli.output import human
+    from flopsim.units import human
 
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -87,7 +87,7 @@ def fmt_si(value: float, unit: str = "") -> str:
 
 
 def fmt_time(seconds: float) -> str:
-    from flopsim.cli.output import human_time
+    from flopsim.units import human_time
 
     return human_time(float(seconds))
 

@@ -13,7 +13,7 @@ isoFLOP colours go from the smallest budget (dark) to the largest.
 from __future__ import annotations
 
 from flopsim import iplots
-from flopsim.cli.output import human, human_time
+from flopsim.units import human, human_time
 
 BUDGET_COLORS = ["#440154", "#31688e", "#35b779", "#90d743", "#fde725"]
 BATCH_TICKS = (1, 4, 16, 64, 256, 1024)

@@ -14,7 +14,7 @@ unit changes.
 from __future__ import annotations
 
 from flopsim import iplots
-from flopsim.cli.output import human, human_time
+from flopsim.units import human, human_time
 from flopsim.webpage import Cell, Page, csv_table
 
 PHASE_COLORS = {"forward": "#1f77b4", "prefill": "#2ca02c", "decode": "#d62728", "train": "#9467bd",

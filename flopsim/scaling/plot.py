@@ -32,7 +32,7 @@ def plot_isoflop(result, path, *, title: str | None = None) -> Path:
 
     from matplotlib.lines import Line2D
 
-    from flopsim.cli.output import human
+    from flopsim.units import human
 
     budgets = sorted(result.budgets)
     cmap = plt.get_cmap("viridis")
