@@ -215,7 +215,9 @@ def test_validate_measurements_html(tmp_path):
     per_model = list(__import__("csv").DictReader((tmp_path / "v" / "per_model.csv").open()))
     drawn = [x for t in figure_json(text, "fig-per-model")["data"] if t.get("mode") == "markers" for x in t["x"]]
     assert sorted(drawn) == pytest.approx(sorted(1e3 * float(r["measured_s"]) for r in per_model))
-    assert html.escape("# flopsim validation") not in text and "<h1" in text
+    summary = json.loads((tmp_path / "v" / "summary.json").read_text())  # the summary's title, rendered
+    title = html.escape(f"flopsim validation: {summary['device']} ({summary.get('device_name', '')})")
+    assert re.search(r"<h1 id=\"[^\"]+\">" + re.escape(title) + "</h1>", text), title
 
 
 def test_the_vendored_plotly_js_is_the_basic_bundle_of_plotlys_own_major_version():
