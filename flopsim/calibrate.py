@@ -665,7 +665,7 @@ def memory_kernels(bench: Bench, size: float) -> list:
     batch = max(1, rows // 8)  # new keys and values of `batch` sequences, 8 heads of 64
     cache_k, new_k = bench.rand(batch, 8, 16, 64), bench.rand(batch, 8, 1, 64)
     out.append(("kv_cache append", "kv_cache", lambda: cache_k[:, :, -1:].copy_(new_k),
-                P.kv_cache_append(ctx, "x", layer=0, batch=batch, tokens=1, kv_heads=8, d_head=64, module="x")[0]))
+                P.kv_cache_append(ctx, "x", layer=0, batch=batch, tokens=1, width=2 * 8 * 64, module="x")[0]))
     classes = 1024
     labels = torch.randint(0, classes, (n // classes,), generator=bench.gen).to(dev)
     out.append(("cross_entropy", "loss", lambda: F.cross_entropy(x.view(-1, classes), labels),

@@ -198,6 +198,26 @@ class CountResult(OpTotals):
     def tokens(self) -> int:
         return self.batch * (1 if self.phase == "decode" else self.seq)
 
+    def active_params(self, *, blocks_only: bool = False, lookups: bool = True) -> Optional[float]:
+        """Parameters one token uses, in expectation: each forward op's parameters times the
+        share its FLOPs imply, flops / (2 * params * tokens) capped at 1 (an MoE expert
+        product: k / E; an op without FLOPs, e.g. the embedding lookup, whole).
+        `blocks_only`: the blocks' (no embeddings, no head); `lookups` False: without the
+        embedding tables (DeepSeek's convention for activated parameters). Forward and
+        train only (prefill and decode run the head on fewer rows): None elsewhere."""
+        if self.phase not in ("forward", "train"):
+            return None
+        total = 0.0
+        for op in self.ops:
+            if op.pass_ != "fwd" or not op.params:
+                continue
+            if blocks_only and not 0 <= op.layer < self.spec.layers:
+                continue
+            if not lookups and op.kind == "embedding":
+                continue
+            total += op.params * (1.0 if not op.flops else min(1.0, op.flops / (2.0 * op.params * self.tokens)))
+        return total
+
     def table(self):
         """One row per op (pandas DataFrame)."""
         import pandas as pd
@@ -237,7 +257,7 @@ class CountResult(OpTotals):
             "model": self.spec.name, "family": self.spec.family, "phase": self.phase,
             "batch": self.batch, "seq": 1 if self.phase == "decode" else self.seq, "context": self.context,
             "flops": self.flops, "causal_flops": self.causal_flops, "all_flops": self.all_flops,
-            "params": self.params, "bytes": self.bytes,
+            "params": self.params, "active_params": self.active_params(), "bytes": self.bytes,
             **{f: self.total(f) for f in BYTE_FIELDS},
         }
         if ops:

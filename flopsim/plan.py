@@ -122,7 +122,8 @@ batching of `batch` sequences, every request a prompt of `prompt` tokens and
   batch, as the Op list states them.
 - Memory per GPU: weights / tp + KV cache of `batch` sequences at the full
   prompt + gen tokens / min(tp, kv_heads) (KV heads are split over tp, and
-  replicated when tp > kv_heads) + the largest working set of a decode step
+  replicated when tp > kv_heads; a multi-head-latent-attention cache is one
+  latent per token, replicated on every tp rank) + the largest working set of a decode step
   or a one-prompt prefill / tp, against `memory_utilization` (default 0.9,
   vLLM's gpu_memory_utilization) of the device's memory.
 - Batch: the largest batch that fits memory and, with a TPOT target, whose
@@ -1031,7 +1032,8 @@ class _ServeModel:
 
     def memory(self, batch: int) -> dict:
         m = self._decode.evaluate(batch, 1, self.t_max)
-        kv_split = min(self.tp, self.spec.kv_heads)
+        # KV heads split over tp; MLA's latent cache is one tensor every tp rank keeps whole
+        kv_split = 1 if self.spec.mla is not None else min(self.tp, self.spec.kv_heads)
         out = {
             "weights_bytes": m["weights_bytes"] / self.tp,
             "kv_cache_bytes": m["kv_cache_bytes"] / kv_split,

@@ -38,6 +38,10 @@ def count(
     out.print(f"  FLOPs        {result.flops:,}  ({human(result.flops, 'FLOP')}; causal {human(result.causal_flops, 'FLOP')}, "
               f"with elementwise {human(result.all_flops, 'FLOP')})")
     out.print(f"  parameters   {result.params:,}  ({human(result.params)})")
+    active = result.active_params() if s.moe is not None else None
+    if active is not None:
+        out.print(f"  activated    {active:,.0f} per token  ({human(active)}; without the embedding lookup "
+                  f"{human(result.active_params(lookups=False))})")
     out.print(f"  bytes        {human(result.bytes, 'B')}  (weights {human(result.total('weight_bytes'), 'B')}, "
               f"activations {human(result.total('act_read_bytes') + result.total('act_write_bytes'), 'B')}, "
               f"KV cache {human(result.total('kv_read_bytes') + result.total('kv_write_bytes'), 'B')})")

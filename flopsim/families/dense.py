@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import sympy as sp
 
+from flopsim.families import mla
 from flopsim.ops.primitives import (
     GATED_ACTIVATION,
     Ctx,
@@ -102,8 +103,11 @@ def embeddings(ctx: Ctx, *, batch, queries) -> list:
 def attention_block(ctx: Ctx, i: int, *, batch, queries, keys, prefix: str, tags: dict | None = None,
                     qkv=None) -> list:
     """QKV projection, rotary embedding, KV-cache append, attention, output projection;
-    `qkv(ctx, i, batch=, queries=, prefix=, tags=)` replaces the QKV projection (sparse QKV)."""
+    `qkv(ctx, i, batch=, queries=, prefix=, tags=)` replaces the QKV projection (sparse QKV).
+    A spec with an `mla` block runs multi-head latent attention instead (flopsim.families.mla)."""
     spec, d = ctx.spec, ctx.dims
+    if spec.mla is not None:
+        return mla.attention_block(ctx, i, batch=batch, queries=queries, keys=keys, prefix=prefix, tags=tags)
     p = f"{prefix}.attn"
     tokens = batch * queries
     if qkv is None and spec.sparse_qkv is not None:
@@ -123,7 +127,7 @@ def attention_block(ctx: Ctx, i: int, *, batch, queries, keys, prefix: str, tags
         kv_tags = {**(tags or {}), "cache_tokens": sp.Min(T, window), "written_tokens": written}
     if uses_kv_cache(ctx):
         ops += kv_cache_append(ctx, f"{p}.kv_cache", layer=i, batch=batch, tokens=written,
-                               kv_heads=d.kv_heads, d_head=d.d_head, module=p, tags=kv_tags)
+                               width=2 * d.kv_heads * d.d_head, module=p, tags=kv_tags)
     ops += attention(ctx, f"{p}.core", layer=i, batch=batch, queries=queries, keys=keys,
                      heads=d.heads, kv_heads=d.kv_heads, d_head=d.d_head, causal=spec.causal,
                      kv_from_cache=uses_kv_cache(ctx), module=p, tags=tags, window=window)

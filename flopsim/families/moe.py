@@ -1,5 +1,6 @@
 """Mixture-of-Experts (family `moe`): the dense transformer with an MoE FFN
-in block i when (i + 1) % moe.every == 0 (a dense MLP elsewhere).
+in block i when i >= moe.first_dense and (i + 1) % moe.every == 0 (a dense MLP
+elsewhere).
 
 Composes primitives and `dense.mlp` only. `moe_ffn` is public (MoDE reuses
 it); ops are named `{prefix}.moe.*`, the module paths of
@@ -10,7 +11,10 @@ d_expert (default d_ff), `ffn` mlp (up, down) or gated (gate_up, down):
 
 - router: Linear(d_model, E), no bias, kind "router", on every token; a
   softmax over the E logits (router probabilities, also the combination
-  weights).
+  weights), or a sigmoid per expert (`moe.gate: sigmoid`, DeepSeek-V3).
+  DeepSeek's options (`router`): a selection bias, group-limited routing
+  (`groups`, `top_groups`), the chosen weights normalised (`normalize`) and
+  scaled (`scale`); the first `first_dense` blocks keep a dense MLP.
 - token_choice, dropless (capacity_factor null): top-k of E per token; the
   N * k (token, expert) pairs are sorted by expert, gathered, run through
   their expert as a grouped GEMM (one product per expert on its own rows:
@@ -108,8 +112,8 @@ from flopsim.ops.primitives import (
 
 
 def is_moe_layer(spec, i: int) -> bool:
-    """Block i (0-based) has an MoE FFN when (i + 1) % moe.every == 0."""
-    return (i + 1) % spec.moe.every == 0
+    """Block i (0-based) has an MoE FFN when i >= moe.first_dense and (i + 1) % moe.every == 0."""
+    return i >= spec.moe.first_dense and (i + 1) % spec.moe.every == 0
 
 
 def capacity_slots(ctx: Ctx, tokens, *, routed_experts=None) -> Optional[sp.Expr]:
@@ -162,16 +166,13 @@ def moe_ffn(ctx: Ctx, i: int, *, tokens, prefix: str, tags: dict | None = None,
         moe_tags["slots"] = slots
     t = {**(tags or {}), **moe_tags}
 
-    ops = linear(ctx, f"{p}.router", layer=i, tokens=tokens, d_in=d.d_model, d_out=routed, bias=False,
-                 kind="router", tags=t)
-    ops += elementwise(ctx, f"{p}.softmax", layer=i, elements=tokens * routed, op="softmax", module=p,
-                       kind="softmax", tags=t)
+    ops = router(ctx, p, i, tokens=tokens, routed=routed, tags=t)
     gathers = moe.kernel in ("gather", "gather_fused")
     if gathers and ctx.train:
         raise InputError(f"moe.kernel: {moe.kernel!r} is an inference kernel (each token indexes its experts' "
                          f"weights); train with kernel grouped")
     routing, (rows, expert_tokens, batch) = _routing(ctx, p, i, tokens=tokens, routed=routed, slots=slots, tags=t)
-    ops += routing
+    ops += routing + _choice_weights(ctx, p, i, tokens=tokens, tags=t)
     ops += gather(ctx, f"{p}.dispatch", layer=i, rows=rows, d=d.d_model, module=p, tags=t)
     if gathers:  # the pairs in token order, each indexing its expert's weights
         ops += gathered_expert_mlp(ctx, i, pairs=rows, prefix=p, tags=t)
@@ -205,6 +206,51 @@ def moe_ffn(ctx: Ctx, i: int, *, tokens, prefix: str, tags: dict | None = None,
                         count=1 + bool(moe.shared_experts) + moe.shared_expert_gate,
                         module=p if spec.norm_position == "pre" else prefix,
                         tags=t)
+    return ops
+
+
+def router(ctx: Ctx, p: str, i: int, *, tokens, routed, tags: dict) -> list:
+    """The router's product and its scores: a softmax over the experts, or a sigmoid per
+    expert (`moe.gate`); with `moe.selection_bias` a per-expert bias added to the scores
+    that choose (not to the weights); with `moe.groups` G > 1 each token's best
+    `top_groups` groups are chosen first (a top-2 per group whose sum scores it under a
+    sigmoid gate, DeepSeek-V3; its best score under a softmax, DeepSeek-V2), then the
+    other groups' scores masked. The choice carries no gradient."""
+    moe, d = ctx.spec.moe, ctx.dims
+    ops = linear(ctx, f"{p}.router", layer=i, tokens=tokens, d_in=d.d_model, d_out=routed, bias=False,
+                 kind="router", tags=tags)
+    scores = tokens * routed
+    if moe.gate == "softmax":
+        ops += elementwise(ctx, f"{p}.softmax", layer=i, elements=scores, op="softmax", module=p, kind="softmax",
+                           tags=tags)
+    else:
+        ops += elementwise(ctx, f"{p}.sigmoid", layer=i, elements=scores, op="sigmoid", module=p, tags=tags)
+    if moe.selection_bias:
+        ops += elementwise(ctx, f"{p}.selection_bias", layer=i, elements=scores, op="add", module=p,
+                           backward=False, tags=tags)
+    if moe.groups > 1:
+        G = moe.groups
+        per_group = 2 if moe.gate == "sigmoid" else 1
+        ops += topk(ctx, f"{p}.group_scores", layer=i, rows=tokens * G, n=routed / G, k=per_group, module=p,
+                    tags=tags)
+        ops += topk(ctx, f"{p}.group_topk", layer=i, rows=tokens, n=G, k=moe.top_groups, module=p, values=False,
+                    tags=tags)
+        ops += elementwise(ctx, f"{p}.group_mask", layer=i, elements=scores, op="copy", module=p, backward=False,
+                           tags=tags)
+    return ops
+
+
+def _choice_weights(ctx: Ctx, p: str, i: int, *, tokens, tags: dict) -> list:
+    """The chosen experts' weights divided by their sum (`moe.normalize`) and multiplied by
+    `moe.scale`, each one kernel over the N * k weights."""
+    moe, d = ctx.spec.moe, ctx.dims
+    weights = tokens * d.top_k
+    ops = []
+    if moe.normalize:
+        ops += elementwise(ctx, f"{p}.normalize", layer=i, elements=weights, op="div", inputs=2, module=p,
+                           tags=tags)
+    if moe.scale != 1:
+        ops += elementwise(ctx, f"{p}.scale", layer=i, elements=weights, op="mul", module=p, tags=tags)
     return ops
 
 

@@ -152,46 +152,58 @@ def linear(ctx: Ctx, name: str, *, layer: int, tokens, d_in, d_out, bias: bool,
 
 def attention(ctx: Ctx, name: str, *, layer: int, batch, queries, keys, heads, kv_heads,
               d_head, causal: bool, kv_from_cache: bool, module: str,
-              tags: dict | None = None, window=None) -> list[Op]:
+              tags: dict | None = None, window=None, d_v=None, kv_width=None) -> list[Op]:
     """softmax(Q K^T / sqrt(d_head)) V for `queries` x `keys` per sequence and head.
     Scores are the full queries x keys product (what FlopCounterMode counts);
     `causal_flops` (what a kernel that skips masked blocks runs) counts the
     triangle: query j (0-based) of the last `queries` positions sees
-    keys - queries + j + 1 keys; with a sliding `window`, min(window, that)."""
+    keys - queries + j + 1 keys; with a sliding `window`, min(window, that).
+    `d_v`: the value head width when it differs from the query/key width d_head
+    (multi-head latent attention); `kv_width`: values read per key and key/value
+    head (default d_head + d_v: K and V apart; MLA's absorbed form reads one latent
+    that is both). sdpa_flop_count: Q K^T 2 d_head, P V 2 d_v per score; backward
+    (sdpa_backward_flop_count) 3 products of d_head (the recomputed scores, dQ, dK)
+    and 2 of d_v (dV, dP); explicit: 2 of each."""
     w = ctx.w
     impl = ctx.spec.attention_impl
-    products = batch * heads * queries * keys * d_head  # one product of Q K^T or P V
+    d_v = d_head if d_v is None else d_v
+    kv_width = d_head + d_v if kv_width is None else kv_width
+    per_score = batch * heads * queries * keys  # query-key pairs over heads
     triangle = queries * keys - queries * (queries - 1) / 2 if causal else queries * keys
     if window is not None:  # the first m queries see a + j <= window keys, the rest `window`
         a = keys - queries + 1
         m = sp.Max(0, sp.Min(queries, window - a + 1))
         triangle = m * a + m * (m - 1) / 2 + (queries - m) * window
     causal_fraction = triangle / (queries * keys)
-    scores = batch * heads * queries * keys
+    scores = per_score
     q_bytes = batch * queries * heads * d_head * w
-    kv_bytes = 2 * batch * keys * kv_heads * d_head * w
+    o_bytes = batch * queries * heads * d_v * w  # the output: a value-width row per query and head
+    kv_bytes = batch * keys * kv_heads * kv_width * w
     materialised = 4 * scores * w if impl == "explicit" else 0  # write/read scores, write/read probs
+    fwd_flops = 2 * per_score * (d_head + d_v)  # Q K^T and P V (sdpa_flop_count)
     fwd = Op(
         name=name, kind="attention", layer=layer, module=module,
-        flops=4 * products,  # Q K^T and P V (sdpa_flop_count)
-        causal_flops=4 * products * causal_fraction,
+        flops=fwd_flops,
+        causal_flops=fwd_flops * causal_fraction,
         other_flops=scores * (ELEMENTWISE_FLOPS["softmax"] + 1),  # softmax and the 1/sqrt(d) scale
         act_read_bytes=q_bytes + (0 if kv_from_cache else kv_bytes) + materialised / 2,
         kv_read_bytes=kv_bytes if kv_from_cache else 0,
-        act_write_bytes=q_bytes + materialised / 2,  # the output has the query's shape
+        act_write_bytes=o_bytes + materialised / 2,
         gemm=(batch * heads, queries, keys, d_head),
         tags=tags or {},
         variant=impl,
     )
-    bwd_products = 5 if impl == "fused" else 4  # fused recomputes Q K^T (sdpa_backward_flop_count)
+    # fused recomputes Q K^T (sdpa_backward_flop_count): 3 products of d_head, 2 of d_v
+    bwd_flops = 2 * per_score * ((3 if impl == "fused" else 2) * d_head + 2 * d_v)
     bwd = dict(
-        flops=2 * bwd_products * products,
-        causal_flops=2 * bwd_products * products * causal_fraction,
+        flops=bwd_flops,
+        causal_flops=bwd_flops * causal_fraction,
         other_flops=scores * (ELEMENTWISE_FLOPS["softmax"] * BACKWARD_ELEMENTWISE + 1),  # and the scale's
         # fused (one kernel): q, o, dO, k, v in; dq, dk, dv out. explicit (three kernels):
         # P V's backward reads dO, V, P and writes dP, dV; softmax's reads dP, P and writes
         # dS; Q K^T's reads dS, Q, K and writes dQ, dK
-        act_read_bytes=(3 * q_bytes + kv_bytes) if impl == "fused" else (2 * q_bytes + kv_bytes + 4 * scores * w),
+        act_read_bytes=(q_bytes + 2 * o_bytes + kv_bytes) if impl == "fused"
+        else (q_bytes + o_bytes + kv_bytes + 4 * scores * w),
         act_write_bytes=q_bytes + kv_bytes + (2 * scores * w if impl == "explicit" else 0),
     )
     return _with_backward(ctx, fwd, bwd)
@@ -320,10 +332,11 @@ def embedding(ctx: Ctx, name: str, *, layer: int, tokens, rows, d, module: str |
     return _with_backward(ctx, fwd, bwd)
 
 
-def kv_cache_append(ctx: Ctx, name: str, *, layer: int, batch, tokens, kv_heads, d_head, module: str,
+def kv_cache_append(ctx: Ctx, name: str, *, layer: int, batch, tokens, width, module: str,
                     tags: dict | None = None) -> list[Op]:
-    """Keys and values of `tokens` new tokens per sequence appended to the cache."""
-    size = 2 * batch * tokens * kv_heads * d_head * ctx.w
+    """The cache entries of `tokens` new tokens per sequence, `width` values each (keys and
+    values: 2 * kv_heads * d_head; MLA: its latent and rotary key), appended to the cache."""
+    size = batch * tokens * width * ctx.w
     return [Op(name=name, kind="kv_cache", layer=layer, module=module,
                act_read_bytes=size, kv_write_bytes=size, tags=tags or {})]
 

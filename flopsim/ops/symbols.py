@@ -45,6 +45,12 @@ SYMBOL_NAMES = {
     # Sparse QKV (any family)
     "sparse_qkv": "S_qkv",
     "conv_kernel": "K_conv",
+    # multi-head latent attention (DeepSeek-V2's notation: d_c, d_c', d_h^R)
+    "kv_rank": "d_c",
+    "q_rank": "d_cq",
+    "d_nope": "d_nope",
+    "d_rope": "d_rope",
+    "d_v": "d_v",
     # length reduction
     "lr_predictor_hidden": "h_lr",
 }
@@ -116,6 +122,9 @@ class Dims:
         if spec.sparse_qkv is not None:
             values["sparse_qkv"] = spec.sparse_qkv.modules
             values["conv_kernel"] = spec.sparse_qkv.conv_kernel
+        if spec.mla is not None:
+            values.update(kv_rank=spec.mla.kv_rank, q_rank=spec.mla.q_rank, d_nope=spec.mla.d_nope,
+                          d_rope=spec.mla.d_rope, d_v=spec.mla.d_v)
         if spec.length_reduction is not None:
             values["lr_predictor_hidden"] = spec.length_reduction.predictor_hidden
         return cls(values, symbolic)

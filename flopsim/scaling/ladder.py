@@ -169,14 +169,16 @@ def period(spec) -> int:
 
 def by_depth(spec, fn, *, rel_tol: float = 0.0):
     """fn(spec) -> tuple of numbers, computed for `spec` exactly but cheaply:
-    blocks repeat with `period(spec)`, so fn is evaluated at three small depths
-    r + P, r + 2P, r + 3P (r = layers mod P) and extrapolated linearly -- after
+    blocks repeat with `period(spec)` after the first `moe.first_dense` (f), so fn is
+    evaluated at three small depths f + r + P, f + r + 2P, f + r + 3P (r = (layers - f)
+    mod P) and extrapolated linearly -- after
     checking that the three are affine (to `rel_tol`; 0: exactly), falling
     back to fn(spec) itself when they are not (a family whose blocks differ)."""
     P = period(spec)
     L = spec.layers
-    r = L % P
-    depths = [r + P * k for k in (1, 2, 3)]
+    first = spec.moe.first_dense if spec.moe is not None else 0  # dense blocks before the period starts
+    r = (L - first) % P
+    depths = [first + r + P * k for k in (1, 2, 3)]
     if L <= depths[-1] or spec.length_reduction is not None:
         return fn(spec)
     a, b, c = (fn(spec.with_changes(layers=d)) for d in depths)
@@ -195,18 +197,9 @@ def _count_totals(spec, seq: int) -> tuple:
 
     result = count(spec, batch=1, seq=seq, phase="train")
     L = spec.layers
-    params = ne = 0
-    active = active_ne = 0.0
-    for op in result.ops:
-        if op.pass_ != "fwd" or not op.params:
-            continue
-        used = 1.0 if not op.flops else min(1.0, op.flops / (2.0 * op.params * seq))
-        params += op.params
-        active += op.params * used
-        if 0 <= op.layer < L:
-            ne += op.params
-            active_ne += op.params * used
-    return result.flops, params, ne, active, active_ne
+    params = result.params
+    ne = sum(op.params for op in result.ops if op.pass_ == "fwd" and 0 <= op.layer < L)
+    return result.flops, params, ne, result.active_params(), result.active_params(blocks_only=True)
 
 
 def shape_cost(spec, seq: int) -> ShapeCost:

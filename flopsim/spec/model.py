@@ -118,6 +118,20 @@ class MoeBlock(_Strict):
     # reference run them): the same work as grouped, `experts` launches per projection
     kernel: Literal["grouped", "loop", "gather", "gather_fused"] = "grouped"
     popularity: Optional[Popularity] = None  # None: uniform routing
+    # DeepSeek-MoE (DeepSeek-AI 2024, arXiv:2401.06066, 2405.04434, 2412.19437):
+    # the first `first_dense` blocks keep the dense MLP of width d_ff (first_k_dense_replace)
+    first_dense: Count = 0
+    # the router's scores: softmax over the experts (Switch, Mixtral, DeepSeek-V2) or a
+    # sigmoid per expert (DeepSeek-V3)
+    gate: Literal["softmax", "sigmoid"] = "softmax"
+    normalize: bool = False  # the top-k weights divided by their sum (norm_topk_prob)
+    scale: float = Field(1.0, gt=0, le=1e6)  # the routed output's factor (routed_scaling_factor)
+    selection_bias: bool = False  # a per-expert bias added for the choice only (V3's e_score_correction_bias)
+    # group-limited routing: the experts in `groups` groups; each token picks among the
+    # experts of its `top_groups` best groups (DeepSeek-V2: a group's best score; V3: the
+    # sum of its best two)
+    groups: Size = 1
+    top_groups: Size = 1
 
     @model_validator(mode="after")
     def _top_k_le_experts(self):
@@ -133,6 +147,15 @@ class MoeBlock(_Strict):
                                                        or self.routing != "token_choice"):
             raise ValueError(f"kernel {self.kernel} runs dropless token choice (capacity_factor null, "
                              f"routing token_choice)")
+        if self.experts % self.groups:
+            raise ValueError(f"groups {self.groups} does not divide experts {self.experts}")
+        if self.top_groups > self.groups:
+            raise ValueError(f"top_groups {self.top_groups} exceeds groups {self.groups}")
+        if self.top_k > self.top_groups * (self.experts // self.groups):
+            raise ValueError(f"top_k {self.top_k} exceeds the experts of the top_groups {self.top_groups} groups "
+                             f"({self.top_groups * (self.experts // self.groups)})")
+        if self.groups > 1 and self.routing != "token_choice":
+            raise ValueError("groups: group-limited routing is token choice (routing: token_choice)")
         if self.routing == "expert_choice" and self.capacity_factor is None:
             raise ValueError("routing expert_choice needs a capacity_factor (tokens per expert)")
         if self.routing == "expert_choice" and self.capacity_factor > self.experts:
@@ -193,6 +216,30 @@ class SparseQKVBlock(_Strict):
         if k % 2 == 0:
             raise ValueError(f"conv_kernel {k} must be odd (same padding over the modules)")
         return k
+
+
+class MLABlock(_Strict):
+    """Multi-head latent attention (DeepSeek-V2, arXiv:2405.04434, section 2.1;
+    flopsim.families.mla): keys and values come from a `kv_rank` latent per token (the
+    only thing cached, with one shared rotary key of `d_rope`); queries through a
+    `q_rank` latent (None: one projection). Each head's query and key have a `d_nope`
+    part from the latents and a `d_rope` rotary part; its value is `d_v` wide. Decode
+    runs `absorbed` (the key and value up-projections folded into the query and the
+    output, attention over the latents) or `expanded` (the cached latents up-projected)."""
+
+    kv_rank: Size
+    q_rank: Optional[Size] = None
+    d_nope: Size = 128
+    d_rope: Size = 64
+    d_v: Size = 128
+    decode: Literal["absorbed", "expanded"] = "absorbed"
+
+    @field_validator("d_rope")
+    @classmethod
+    def _even_rope(cls, value):
+        if value % 2:
+            raise ValueError(f"d_rope {value} must be even (rotary pairs)")
+        return value
 
 
 class LengthReductionBlock(_Strict):
@@ -271,6 +318,7 @@ class ModelSpec(_Strict):
     sparse_ff: Optional[SparseFFBlock] = None
     sparse_qkv: Optional[SparseQKVBlock] = None
     sliding_window: Optional[SlidingWindow] = None
+    mla: Optional[MLABlock] = None
     length_reduction: Optional[LengthReductionBlock] = None
 
     @model_validator(mode="after")
@@ -311,6 +359,9 @@ class ModelSpec(_Strict):
             if self.family not in ("dense", "moe", "sparse_ff"):
                 raise ValueError(f"sliding_window: family {self.family} is not supported (dense, moe, sparse_ff): "
                                  f"its blocks attend to routed or reduced tokens")
+        self._check_mla()
+        if self.moe is not None and self.moe.first_dense >= self.layers:
+            raise ValueError(f"moe.first_dense {self.moe.first_dense} leaves no MoE block in {self.layers} layers")
         if self.sparse_qkv is not None:
             s = self.sparse_qkv.modules
             if self.d_model % s:
@@ -323,12 +374,30 @@ class ModelSpec(_Strict):
                                  f"{self.heads * self.d_head} (heads * d_head)")
         return self
 
+    def _check_mla(self):
+        if self.mla is None:
+            return
+        if self.family not in ("dense", "moe"):
+            raise ValueError(f"mla: family {self.family} is not supported (dense, moe)")
+        if self.positions != "rope":
+            raise ValueError(f"mla: positions {self.positions!r}: latent attention's keys carry a decoupled rotary "
+                             f"part; use positions: rope")
+        if self.kv_heads != self.heads:
+            raise ValueError(f"mla: kv_heads {self.kv_heads}: every head has its own keys from the latent; "
+                             f"omit kv_heads")
+        for other in ("sparse_qkv", "sliding_window"):
+            if getattr(self, other) is not None:
+                raise ValueError(f"mla: not combined with {other}")
+
     @model_validator(mode="after")
     def _routing_supported(self):
         """What Mixture-of-Depths and integrated MoDE can route, checked at load (not at counting)."""
         if self.family in ("mod", "mode") and self.norm_position != "pre":
             raise ValueError(f"norm_position {self.norm_position!r}: Mixture-of-Depths routes a pre-norm block's "
                              "residual branch (x' = r f(x) + x); use norm_position: pre")
+        if self.family == "mode" and self.moe.groups > 1:
+            raise ValueError(f"moe.groups {self.moe.groups}: group-limited routing is not modelled with MoDE's "
+                             "routing (family moe)")
         if self.family == "mode" and self.mode.variant == "integrated":
             if self.moe.capacity_factor is None:
                 raise ValueError("moe.capacity_factor null: integrated MoDE runs ceil(capacity_factor * "

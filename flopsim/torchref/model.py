@@ -3,7 +3,8 @@
 Module paths equal flopsim op modules: `embed.tokens`, `block.{i}.norm1`,
 `block.{i}.attn.qkv`, `block.{i}.attn` (runs the attention kernel),
 `block.{i}.attn.out`, `block.{i}.mlp.{up|gate_up,down}`, `final_norm`,
-`head.lm` / `head.pooler` / `head.classifier`. With `spec.sparse_qkv` the
+`head.lm` / `head.pooler` / `head.classifier` (`spec.mla`: the attention is
+flopsim.torchref.mla.LatentAttention). With `spec.sparse_qkv` the
 QKV projection is `SparseQKV` in every family: `block.{i}.attn.qkv.mult`
 (`FactoredDense`) and the convolutions `block.{i}.attn.qkv.q`, `.k`, `.v`
 (nn.Conv2d over [B, M, length, modules]; flopsim.families.dense). With
@@ -275,7 +276,12 @@ class Block(nn.Module):
         self.spec, self.layer = spec, layer
         self.pre = spec.norm_position == "pre"
         self.norm1 = make_norm(spec, spec.d_model)
-        self.attn = Attention(spec)
+        if spec.mla is not None:
+            from flopsim.torchref.mla import LatentAttention
+
+            self.attn = LatentAttention(spec)
+        else:
+            self.attn = Attention(spec)
         self.norm2 = make_norm(spec, spec.d_model)
         ffn = mlp if mlp is not None else MLP(spec)
         # registered as `mlp`, or under the FFN's own `module_name` (MoE: `moe`,
@@ -435,9 +441,12 @@ def prepare_phase(model: nn.Module, spec, phase: str, batch: int, seq: int, cont
             w = window_of(spec, layer)
             return (batch, spec.kv_heads, keys if w is None else min(keys, w), spec.d_head)
 
-        cache = [(torch.randn(slots(i), generator=g).to(device=device, dtype=dtype),
-                  torch.randn(slots(i), generator=g).to(device=device, dtype=dtype))
-                 for i in range(spec.layers)]
+        def buffers(layer: int) -> tuple:  # keys and values, or MLA's one latent tensor
+            shapes = ([(batch, keys, spec.mla.kv_rank + spec.mla.d_rope)] if spec.mla is not None
+                      else [slots(layer)] * 2)
+            return tuple(torch.randn(shape, generator=g).to(device=device, dtype=dtype) for shape in shapes)
+
+        cache = [buffers(i) for i in range(spec.layers)]
 
         def decode():
             with torch.no_grad():

@@ -8,7 +8,8 @@ the block registers it as `moe` (its `module_name`), so module paths are
 `block.{i}.moe.shared.{gate_up|up,down}` (one MLP of width
 shared_experts * d_expert).
 
-Routing runs for real (softmax over the router logits, top-k):
+Routing runs for real (softmax over the router logits, or a sigmoid, then the
+top-k with DeepSeek's options: `MoEFFN.choose`):
 - token_choice, dropless: the N * k (token, expert) pairs are sorted by
   expert and each expert multiplies its own rows (one mm/addmm per expert,
   an expert that got no row included: flopsim reads every expert's weights
@@ -132,6 +133,8 @@ class MoEFFN(nn.Module):
             raise ValueError(f"moe: noop_experts {noop_experts} needs a capacity_factor")
         d_expert = moe.d_expert or spec.d_ff
         self.router = nn.Linear(spec.d_model, moe.experts + noop_experts, bias=False)
+        if moe.selection_bias:  # a buffer, not a parameter (DeepSeek-V3 updates it outside the gradient)
+            self.register_buffer("selection_bias", torch.randn(moe.experts + noop_experts) * 0.1)
         self.experts = Experts(spec, moe.experts, d_expert)
         self.shared = MLP(spec, d_ff=moe.shared_experts * d_expert) if moe.shared_experts else None
         self.shared_gate = nn.Linear(spec.d_model, 1, bias=False) if moe.shared_expert_gate else None
@@ -155,7 +158,8 @@ class MoEFFN(nn.Module):
         # the router and the shared experts each get their own view of x: torch's module
         # tracker closes a module's backward when its input's gradient is complete, which
         # for a tensor shared with other modules waits for their backward too
-        probs = self.router(x.view_as(x)).softmax(dim=-1)  # [N, E (+ noop)]
+        logits = self.router(x.view_as(x))  # [N, E (+ noop)]
+        probs = logits.softmax(dim=-1) if self.spec.moe.gate == "softmax" else logits.sigmoid()
         slots = self.slots(n)
         if self.routing == "expert_choice":
             out = self._expert_choice(x, probs, slots)
@@ -172,9 +176,30 @@ class MoEFFN(nn.Module):
             out = out + shared
         return out.reshape(shape)
 
+    def choose(self, probs):
+        """(weights, experts) [N, k] of token choice: the top k by score (plus the selection
+        bias), among the experts of each token's best `top_groups` groups; the weights are
+        the unbiased scores, normalised and scaled as the spec says (flopsim.families.moe.router)."""
+        moe = self.spec.moe
+        scores = probs + self.selection_bias if moe.selection_bias else probs
+        if moe.groups > 1:
+            n = scores.shape[0]
+            grouped = scores.view(n, moe.groups, -1)
+            best = grouped.topk(2, dim=-1)[0].sum(-1) if moe.gate == "sigmoid" else grouped.amax(-1)
+            keep = torch.zeros_like(best).scatter_(1, best.topk(moe.top_groups, dim=-1)[1], 1.0)
+            scores = grouped.masked_fill(keep.unsqueeze(-1) == 0, float("-inf")).view(n, -1)
+        if scores is probs:
+            weights, chosen = probs.topk(self.top_k, dim=-1)
+        else:  # chosen by the biased or masked scores, weighted by the scores themselves
+            chosen = scores.topk(self.top_k, dim=-1)[1]
+            weights = probs.gather(1, chosen)
+        if moe.normalize:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return weights * moe.scale if moe.scale != 1 else weights, chosen
+
     def _dropless(self, x, probs):
         n, d = x.shape
-        weights, chosen = probs.topk(self.top_k, dim=-1)  # [N, k]
+        weights, chosen = self.choose(probs)  # [N, k]
         flat_e = chosen.reshape(-1)
         order = flat_e.argsort(stable=True)
         token = order // self.top_k  # pair i is token i // k's choice i % k
@@ -186,7 +211,7 @@ class MoEFFN(nn.Module):
     def _gathered(self, x, probs):
         """moe.kernel gather: pairs in token order, each copying its expert's weights."""
         n, d = x.shape
-        weights, chosen = probs.topk(self.top_k, dim=-1)  # [N, k]
+        weights, chosen = self.choose(probs)  # [N, k]
         token = torch.arange(n, device=x.device).repeat_interleave(self.top_k)
         y = self.experts.gathered(x[token], chosen.reshape(-1))  # [N * k, d]
         y = y * weights.reshape(-1).unsqueeze(-1)
@@ -195,7 +220,7 @@ class MoEFFN(nn.Module):
     def _capacity(self, x, probs, slots):
         n, d = x.shape
         E, k = self.experts_n, self.top_k
-        weights, chosen = probs.topk(k, dim=-1)  # [N, k]
+        weights, chosen = self.choose(probs)  # [N, k]
         index, w = self._slots(chosen, weights, n, slots)
         y = self.experts(x[index].view(E, slots, d)).reshape(E * slots, d)
         y = y * w.unsqueeze(-1)
