@@ -74,6 +74,9 @@ class MemoryModel:
         same = {T: S} if phase in ("forward", "train") else {}
         w = spec.dtype_bytes
         self.params = int(sum((op.params for op in ops if op.pass_ == "fwd"), sp.Integer(0)))
+        # the weights as stored (precision.weights: quantized products, the rest in dtype)
+        self.weight_bytes = float(sum((op.param_bytes if op.param_bytes is not None else op.params * w
+                                       for op in ops if op.pass_ == "fwd"), sp.Integer(0)))
         train = phase == "train"
         self.bytes_per_param = {
             "weights": w,
@@ -138,7 +141,7 @@ class MemoryModel:
         act += sum(max(values[i] for i in cands) for cands in self._block_inputs)
         p = self.params
         out = {
-            "weights_bytes": p * self.bytes_per_param["weights"],
+            "weights_bytes": self.weight_bytes,
             "gradients_bytes": p * self.bytes_per_param["gradients"],
             "optimizer_bytes": p * self.bytes_per_param["optimizer"],
             "activations_bytes": act,

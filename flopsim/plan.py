@@ -418,7 +418,7 @@ class TrainingPlan:
     def to_dict(self) -> dict:
         return {
             "kind": "training", "model": self.spec.name, "family": self.spec.family, "hardware": self.hw.name,
-            "dtype": self.spec.dtype, "calibration": self.calibration.source,
+            "dtype": self.spec.dtype, "precision": self.spec.precision_label, "calibration": self.calibration.source,
             "calibration_kind": self.calibration.kind, "calibration_label": self.calibration.provenance_label,
             "config": dict(self.config), "links": self.links.to_dict(),
             "compute": dict(self.compute), "communication": dict(self.communication),
@@ -729,7 +729,7 @@ def _train_totals(r, spec, hw, c: dict, tokens: float, step_s: float, price) -> 
     train_s = steps * step_s
     gpu_hours = c["gpus"] * train_s / 3600
     flops_step = r.flops * (c["global_batch"] // c["micro_batch"])
-    peak = hw.peak_flops_per_s_for(spec.dtype)[0]
+    peak = hw.peak_flops_per_s_for(spec.compute_dtype)[0]
     return {
         "tokens": tokens, "tokens_per_step": tokens_per_step, "tokens_trained": steps * tokens_per_step,
         "steps": steps, "step_time_s": step_s, "train_time_s": train_s, "days": train_s / 86400,
@@ -976,7 +976,7 @@ class ServingPlan:
     def to_dict(self) -> dict:
         return {
             "kind": "serving", "model": self.spec.name, "family": self.spec.family, "hardware": self.hw.name,
-            "dtype": self.spec.dtype, "calibration": self.calibration.source,
+            "dtype": self.spec.dtype, "precision": self.spec.precision_label, "calibration": self.calibration.source,
             "calibration_kind": self.calibration.kind, "calibration_label": self.calibration.provenance_label,
             "config": dict(self.config), "links": self.links.to_dict(), "latency": dict(self.latency),
             "throughput": dict(self.throughput), "memory": dict(self.memory), "cost": dict(self.cost),

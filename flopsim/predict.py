@@ -100,7 +100,7 @@ class PredictResult(OpTotals):
 
     @property
     def peak_flops_per_s(self) -> float:
-        return self.hw.peak_flops_per_s_for(self.spec.dtype)[0]
+        return self.hw.peak_flops_per_s_for(self.spec.compute_dtype)[0]
 
     @property
     def mfu(self) -> float:
@@ -127,7 +127,7 @@ class PredictResult(OpTotals):
             "model": self.spec.name, "family": self.spec.family, "hardware": self.hw.name,
             "phase": self.phase, "batch": self.batch, "seq": 1 if self.phase == "decode" else self.seq,
             "context": self.context,
-            "dtype": self.spec.dtype, "calibration": self.calibration.source,
+            "dtype": self.spec.dtype, "precision": self.spec.precision_label, "calibration": self.calibration.source,
             "calibration_kind": self.calibration.kind, "calibration_label": self.calibration.provenance_label,
             "time_s": self.time_s, "flops": self.flops, "all_flops": self.all_flops, "bytes": self.bytes,
             "bound": self.bound, "tokens_per_s": self.tokens_per_s, "mfu": self.mfu,
@@ -161,7 +161,7 @@ def predict(spec, hw, *, phase: str = "forward", batch: int = 1, seq: int = 1024
     cal = load_calibration(calibration, hw)
     values = token_values(spec, phase, batch, seq, context)
     costs = evaluate_ops(phase_ops(spec, phase, optimizer=optimizer), values)
-    times = in_sequence([op_time(op, hw, spec.dtype, cal) for op in costs])
+    times = in_sequence([op_time(op, hw, spec.compute_dtype, cal) for op in costs])
     return PredictResult(spec=spec, hw=hw, phase=phase, batch=batch, seq=seq, context=int(values[T]),
                          calibration=cal, optimizer=optimizer, ops=times)
 

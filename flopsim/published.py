@@ -293,7 +293,7 @@ def to_metric(row: Row, s: _Setup, time_s: float, details: dict) -> float:
     if metric in ("tflops_per_gpu", "mfu"):
         flops = source_flops(row, s.spec, int(details.get("params", 0)))
         value = flops / (time_s * gpus)
-        return value / 1e12 if metric == "tflops_per_gpu" else value / s.hw.peak_flops_per_s_for(s.spec.dtype)[0]
+        return value / 1e12 if metric == "tflops_per_gpu" else value / s.hw.peak_flops_per_s_for(s.spec.compute_dtype)[0]
     raise InputError(f"published suite: row {row.id!r}: metric {metric!r} does not apply to task {row.task!r}")
 
 

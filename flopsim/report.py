@@ -681,7 +681,7 @@ def roofline_panels(rep: Report, g: Group) -> list[dict]:
 
 def roofline_args(rep: Report, g: Group) -> dict:
     """The roofs both rooflines draw: datasheet peaks, bandwidth and the calibrated efficiencies."""
-    dtype = g.baseline.dtype
+    dtype = g.baseline.compute_dtype
     eff = rep.calibration.efficiency("matmul")
     return {"peak_flops_per_s": rep.hw.peak_flops_per_s_for(dtype)[0], "vector_flops_per_s": rep.hw.vector_flops_per_s,
             "bytes_per_s": rep.hw.memory_bandwidth_bytes_per_s, "dtype": dtype,

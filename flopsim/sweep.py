@@ -345,7 +345,7 @@ def sweep(spec, hw, *, phase: str = "forward", vary: dict[str, Sequence] | None 
     time_s = grids["time_s"]
     with np.errstate(divide="ignore", invalid="ignore"):
         grids["tokens_per_s"] = np.broadcast_to(tokens, shape) / time_s
-        grids["mfu"] = grids["flops"] / (time_s * hw.peak_flops_per_s_for(spec.dtype)[0])
+        grids["mfu"] = grids["flops"] / (time_s * hw.peak_flops_per_s_for(spec.compute_dtype)[0])
     grids["bound"] = np.where(grids["compute_bound_s"] >= grids["memory_bound_s"], "compute", "memory")
     fixed = {"batch": batch, "seq": seq, "context": context, "phase": phase, "hardware": hw.name,
              "calibration": cal.source, "calibration_kind": cal.kind,
@@ -529,7 +529,7 @@ class _Plan:
         self.items = []
         for (kind, variant, flops, executed, nbytes, gemm, kernels, backward, host_sync), mult in self.groups:
             self.items.append(dict(
-                kind=kind, variant=variant, mult=mult, peak=op_peak_flops_per_s(kind, hw, spec.dtype),
+                kind=kind, variant=variant, mult=mult, peak=op_peak_flops_per_s(kind, hw, spec.compute_dtype),
                 flops=ref(flops), executed_flops=ref(executed), bytes=ref(nbytes), kernels=ref(kernels),
                 gemm=tuple(ref(g) for g in gemm) if gemm is not None else None,
                 never_empty=bool((executed + nbytes).is_positive),

@@ -123,7 +123,7 @@ def train(
 def _print_training(p) -> None:
     out = console()
     c, k, m, t, cm, ln = p.config, p.compute, p.memory, p.totals, p.communication, p.links
-    out.print(f"[bold]{p.spec.name}[/] ({p.spec.family}, {p.spec.dtype}) training on [bold]{c['gpus']} x {p.hw.name}[/]: "
+    out.print(f"[bold]{p.spec.name}[/] ({p.spec.family}, {p.spec.precision_label}) training on [bold]{c['gpus']} x {p.hw.name}[/]: "
               f"{human(t['tokens'])} tokens at seq {c['seq']}")
     ep = f" x ep {c['ep']} (expert dp {c['expert_dp']})" if c["ep"] > 1 else ""
     out.print(f"  layout       dp {c['dp']} x tp {c['tp']} x pp {c['pp']}{ep}; global batch {c['global_batch']:,} "
@@ -211,7 +211,7 @@ def _ms(x) -> str:
 def _print_serving(p) -> None:
     out = console()
     c, lat, th, m, cost = p.config, p.latency, p.throughput, p.memory, p.cost
-    out.print(f"[bold]{p.spec.name}[/] ({p.spec.family}, {p.spec.dtype}) serving on [bold]{p.hw.name}[/]: "
+    out.print(f"[bold]{p.spec.name}[/] ({p.spec.family}, {p.spec.precision_label}) serving on [bold]{p.hw.name}[/]: "
               f"prompt {c['prompt']:,} + gen {c['gen']:,} tokens per request")
     targets = [f"TTFT <= {_ms(c['ttft_target_s'])}" if c["ttft_target_s"] else None,
                f"TPOT <= {_ms(c['tpot_target_s'])}" if c["tpot_target_s"] else None,

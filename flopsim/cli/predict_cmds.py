@@ -25,14 +25,14 @@ def _summary_lines(r) -> list[str]:
     seq = "1" if r.phase == "decode" else str(r.seq)
     return [
         f"[bold]{r.spec.name}[/] ({r.spec.family}) {r.phase} on [bold]{r.hw.name}[/]: "
-        f"B={r.batch} S={seq} T={r.context}, {r.spec.dtype}",
+        f"B={r.batch} S={seq} T={r.context}, {r.spec.precision_label}",
         f"  time          {human_time(s['time_s'])}  ({s['bound']}-bound: compute-bound ops "
         f"{human_time(s['compute_bound_s'])}, memory-bound ops {human_time(s['memory_bound_s'])}, "
         f"launch {human_time(s['overhead_s'])} over {s['kernels']} kernels)",
         f"  FLOPs         {s['flops']:,}  ({human(s['flops'], 'FLOP')}; with elementwise {human(s['all_flops'], 'FLOP')})",
         f"  bytes         {human(s['bytes'], 'B')}",
         f"  tokens/s      {human(s['tokens_per_s'])}",
-        f"  MFU           {100 * s['mfu']:.1f}%  (of {human(s['peak_flops_per_s'], 'FLOP/s')} {r.spec.dtype} peak)",
+        f"  MFU           {100 * s['mfu']:.1f}%  (of {human(s['peak_flops_per_s'], 'FLOP/s')} {r.spec.compute_dtype} peak)",
         f"  calibration   {r.calibration.label}: {s['calibration']}",
     ]
 
@@ -129,7 +129,7 @@ def memory(
     out = console()
     d = r.to_dict()
     out.print(f"[bold]{r.spec.name}[/] ({r.spec.family}) {r.phase}: B={r.batch} S={1 if r.phase == 'decode' else r.seq} "
-              f"T={r.context}, {r.spec.dtype}" + (", full recomputation" if r.recompute else "")
+              f"T={r.context}, {r.spec.precision_label}" + (", full recomputation" if r.recompute else "")
               + (f", optimizer {r.optimizer}" if r.phase == "train" else ""))
     bpp = r.bytes_per_param
     out.print(f"  parameters {r.params:,}; bytes per parameter: weights {bpp['weights']}, gradients {bpp['gradients']}, "

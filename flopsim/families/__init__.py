@@ -35,6 +35,9 @@ def check_phase(spec, phase: str) -> None:
         raise InputError(f"phase: {phase!r}: expected one of {', '.join(PHASES)}")
     if phase in ("prefill", "decode") and not spec.causal:
         raise InputError(f"phase: {phase!r}: {spec.name} is an encoder (causal: false); use forward or train")
+    if phase == "train" and spec.quantized_weights:
+        raise InputError(f"phase: 'train': {spec.name} stores its weights in {spec.weight_dtype} "
+                         f"(precision.weights); training reads and updates {spec.dtype} weights")
     if phase in ("prefill", "decode") and spec.head == "cls":
         raise InputError(f"phase: {phase!r}: {spec.name} has a cls head; use forward or train")
 

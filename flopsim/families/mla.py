@@ -75,12 +75,14 @@ def _queries(ctx: Ctx, i: int, *, tokens, prefix: str, tags) -> list:
     return ops
 
 
-def _from_cache(op, cached_fraction):
-    """The forward op with `cached_fraction` of its activation reads taken from the KV cache."""
+def _from_cache(ctx: Ctx, op, cached_fraction):
+    """The forward op with `cached_fraction` of its activation reads taken from the KV cache
+    (in the cache's precision)."""
     if op.pass_ != "fwd":
         return op
     moved = op.act_read_bytes * cached_fraction
-    return replace(op, act_read_bytes=op.act_read_bytes - moved, kv_read_bytes=op.kv_read_bytes + moved)
+    return replace(op, act_read_bytes=op.act_read_bytes - moved,
+                   kv_read_bytes=op.kv_read_bytes + moved / ctx.w * ctx.w_kv)
 
 
 def _expanded(ctx: Ctx, i: int, *, batch, queries, keys, prefix: str, tags) -> list:
@@ -90,13 +92,13 @@ def _expanded(ctx: Ctx, i: int, *, batch, queries, keys, prefix: str, tags) -> l
     cached = (keys - queries) / keys  # the earlier positions' share of the keys, read from the cache
     up = linear(ctx, f"{prefix}.kv_b", layer=i, tokens=batch * keys, d_in=d.kv_rank,
                 d_out=H * (d.d_nope + d.d_v), bias=False, tags=tags)
-    ops = [_from_cache(op, cached) for op in up]
+    ops = [_from_cache(ctx, op, cached) for op in up]
     # the keys' latent parts (from kv_b) and the shared rotary key, copied into [keys, H, d_qk]
     # (the earlier positions' rotary keys are read from the cache)
     cat = elementwise(ctx, f"{prefix}.k_cat", layer=i, elements=batch * keys * H * (d.d_nope + d.d_rope),
                       op="copy", module=prefix, tags=tags)
     ops += [replace(cat[0], act_read_bytes=batch * (keys * H * d.d_nope + queries * d.d_rope) * w,
-                    kv_read_bytes=batch * (keys - queries) * d.d_rope * w), *cat[1:]]
+                    kv_read_bytes=batch * (keys - queries) * d.d_rope * ctx.w_kv), *cat[1:]]
     ops += attention(ctx, f"{prefix}.core", layer=i, batch=batch, queries=queries, keys=keys, heads=H,
                      kv_heads=H, d_head=d.d_nope + d.d_rope, d_v=d.d_v, causal=spec.causal,
                      kv_from_cache=False, module=prefix, tags=tags)

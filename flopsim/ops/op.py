@@ -90,6 +90,7 @@ class Op:
     tags: dict = field(default_factory=dict, compare=False, hash=False)
     variant: str = ""  # the kernel that runs (gelu, rmsnorm, explicit attention, ...), for calibration
     kernels: sp.Expr = sp.Integer(1)  # expected launches per step (see the module docstring)
+    param_bytes: Optional[sp.Expr] = None  # the params' bytes as stored (None: params x the dtype's bytes)
     host_sync: bool = False  # an eager implementation reads a device value back here (see the module docstring)
 
     def __post_init__(self):
@@ -101,6 +102,8 @@ class Op:
                 value = self.flops
             object.__setattr__(self, name, _sym(value))
         object.__setattr__(self, "kernels", _sym(self.kernels))
+        if self.param_bytes is not None:
+            object.__setattr__(self, "param_bytes", _sym(self.param_bytes))
         if self.gemm is not None:
             object.__setattr__(self, "gemm", tuple(_sym(v) for v in self.gemm))
 

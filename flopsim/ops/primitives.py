@@ -40,6 +40,7 @@ import sympy as sp
 
 from flopsim.ops.op import Op
 from flopsim.ops.symbols import Dims
+from flopsim.spec.model import DTYPE_BYTES, WEIGHT_BITS
 
 # arithmetic per element, forward (not part of `flops`)
 ELEMENTWISE_FLOPS = {
@@ -99,8 +100,27 @@ class Ctx:
 
     @property
     def w(self) -> sp.Expr:
-        """Bytes per stored value (weights, activations, KV cache)."""
+        """Bytes per activation value (and per weight and KV-cache value unless the spec's
+        `precision` stores those otherwise)."""
         return self.dims.dtype_bytes
+
+    @property
+    def w_kv(self) -> sp.Expr:
+        """Bytes per KV-cache value (`precision.kv_cache`)."""
+        spec = self.spec
+        return self.w if spec.kv_dtype == spec.dtype else sp.Integer(DTYPE_BYTES[spec.kv_dtype])
+
+
+def matrix_bytes(ctx: Ctx, elements, rows) -> sp.Expr:
+    """Bytes of a weight matrix of `elements` values in `rows` output rows, stored in the
+    spec's weight precision: `dtype` values, or bits / 8 per value plus one scale of
+    `scale_bytes` per `group_size` values of a row (per row without a group size)."""
+    spec = ctx.spec
+    if not spec.quantized_weights:
+        return elements * ctx.w
+    p = spec.precision
+    scales = rows * sp.ceiling(elements / rows / p.group_size) if p.group_size else rows
+    return elements * sp.Rational(WEIGHT_BITS[spec.weight_dtype], 8) + scales * p.scale_bytes
 
 
 def _with_backward(ctx: Ctx, fwd: Op, bwd: dict | None) -> list[Op]:
@@ -126,14 +146,17 @@ def linear(ctx: Ctx, name: str, *, layer: int, tokens, d_in, d_out, bias: bool,
     mnk = batch * tokens * d_in * d_out
     matrix = batch * d_in * d_out
     weight = matrix + (batch * d_out if bias else 0)
+    # the weights in their stored precision (a tied head reads the embedding table's dtype)
+    stored = weight * w if tied else matrix_bytes(ctx, matrix, batch * d_out) + (batch * d_out * w if bias else 0)
     fwd = Op(
         name=name, kind=kind, layer=layer, module=module or name,
         flops=2 * mnk,
         other_flops=batch * tokens * d_out if bias else 0,  # bias add
-        weight_bytes=weight * w,
+        weight_bytes=stored,
         act_read_bytes=batch * tokens * d_in * w,
         act_write_bytes=batch * tokens * d_out * w,
         params=0 if tied else weight,
+        param_bytes=0 if tied else stored,
         gemm=(batch, tokens, d_out, d_in),
         tags=tags or {},
     )
@@ -187,7 +210,7 @@ def attention(ctx: Ctx, name: str, *, layer: int, batch, queries, keys, heads, k
         causal_flops=fwd_flops * causal_fraction,
         other_flops=scores * (ELEMENTWISE_FLOPS["softmax"] + 1),  # softmax and the 1/sqrt(d) scale
         act_read_bytes=q_bytes + (0 if kv_from_cache else kv_bytes) + materialised / 2,
-        kv_read_bytes=kv_bytes if kv_from_cache else 0,
+        kv_read_bytes=kv_bytes / w * ctx.w_kv if kv_from_cache else 0,  # the cache's precision
         act_write_bytes=o_bytes + materialised / 2,
         gemm=(batch * heads, queries, keys, d_head),
         tags=tags or {},
@@ -336,9 +359,9 @@ def kv_cache_append(ctx: Ctx, name: str, *, layer: int, batch, tokens, width, mo
                     tags: dict | None = None) -> list[Op]:
     """The cache entries of `tokens` new tokens per sequence, `width` values each (keys and
     values: 2 * kv_heads * d_head; MLA: its latent and rotary key), appended to the cache."""
-    size = batch * tokens * width * ctx.w
+    values = batch * tokens * width  # read as activations, written in the cache's precision
     return [Op(name=name, kind="kv_cache", layer=layer, module=module,
-               act_read_bytes=size, kv_write_bytes=size, tags=tags or {})]
+               act_read_bytes=values * ctx.w, kv_write_bytes=values * ctx.w_kv, tags=tags or {})]
 
 
 def cross_entropy(ctx: Ctx, name: str, *, layer: int, rows, classes, module: str) -> list[Op]:
@@ -674,7 +697,8 @@ def gathered_experts(ctx: Ctx, name: str, *, layer: int, pairs, experts, d_in, d
         return [Op(name=name, kind="matmul", layer=layer, module=module,
                    flops=2 * pairs * matrix,
                    other_flops=pairs * d_out if bias else 0,
-                   weight_bytes=pairs * (matrix + (d_out if bias else 0)) * w,
+                   weight_bytes=pairs * (matrix_bytes(ctx, matrix, d_out) + (d_out * w if bias else 0)),
+                   param_bytes=experts * (matrix_bytes(ctx, matrix, d_out) + (d_out * w if bias else 0)),
                    act_read_bytes=pairs * d_in * w + index,
                    act_write_bytes=pairs * d_out * w,
                    params=experts * (matrix + (d_out if bias else 0)),

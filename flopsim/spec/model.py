@@ -28,6 +28,7 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DTYPE_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
+WEIGHT_BITS = {"fp32": 32, "bf16": 16, "fp16": 16, "fp8": 8, "int8": 8, "int4": 4}
 
 Family = Literal["dense", "mod", "moe", "mode", "sparse_ff", "length_reduction"]
 FAMILY_BLOCKS = ("mod", "moe", "mode", "sparse_ff", "length_reduction")
@@ -242,6 +243,28 @@ class MLABlock(_Strict):
         return value
 
 
+class Precision(_Strict):
+    """Precision per tensor class (flopsim.ops.primitives), each defaulting to the spec's
+    `dtype` (which stays the activations' dtype):
+    - `weights`: how the matrix products' weights are stored (Linear layers, routers and
+      experts; embedding tables, norms and biases stay in `dtype`, and so does a tied LM
+      head, which reads the embedding table). int4 and int8 carry
+      one scale (and zero point) of `scale_bytes` per `group_size` weights, or per output
+      channel when `group_size` is null; fp8 likewise (DeepSeek-V3: 128 x 128 blocks,
+      group_size 16384, fp32 scales).
+    - `kv_cache`: the KV cache's values (read and written by attention at decode).
+    - `compute`: the dtype the matrix products run in, which sets their peak: `dtype` for
+      weight-only quantization (the weights are dequantized inside the product), int8 or
+      fp8 for W8A8.
+    Quantized weights are inference only (train reads and updates `dtype` weights)."""
+
+    weights: Optional[Literal["fp32", "bf16", "fp16", "fp8", "int8", "int4"]] = None
+    group_size: Optional[Size] = None
+    scale_bytes: Literal[1, 2, 4] = 2
+    kv_cache: Optional[Literal["fp32", "bf16", "fp16", "fp8", "int8"]] = None
+    compute: Optional[Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int8"]] = None
+
+
 class LengthReductionBlock(_Strict):
     """Token dropping (flopsim.families.length_reduction): `keep[l]` tokens enter
     layer l -- counts, or fractions of S when every value is <= 1 (then keep[0]
@@ -319,6 +342,7 @@ class ModelSpec(_Strict):
     sparse_qkv: Optional[SparseQKVBlock] = None
     sliding_window: Optional[SlidingWindow] = None
     mla: Optional[MLABlock] = None
+    precision: Optional[Precision] = None
     length_reduction: Optional[LengthReductionBlock] = None
 
     @model_validator(mode="after")
@@ -360,6 +384,7 @@ class ModelSpec(_Strict):
                 raise ValueError(f"sliding_window: family {self.family} is not supported (dense, moe, sparse_ff): "
                                  f"its blocks attend to routed or reduced tokens")
         self._check_mla()
+        self._check_precision()
         if self.moe is not None and self.moe.first_dense >= self.layers:
             raise ValueError(f"moe.first_dense {self.moe.first_dense} leaves no MoE block in {self.layers} layers")
         if self.sparse_qkv is not None:
@@ -373,6 +398,16 @@ class ModelSpec(_Strict):
                 raise ValueError(f"sparse_qkv.modules {s} does not divide the query width "
                                  f"{self.heads * self.d_head} (heads * d_head)")
         return self
+
+    def _check_precision(self):
+        if not self.quantized_weights:
+            return
+        if self.family in ("sparse_ff", "length_reduction") or self.sparse_qkv is not None:
+            raise ValueError(f"precision.weights {self.precision.weights}: quantized weights are modelled for "
+                             f"Linear layers (dense, moe, mod, mode models without sparse_qkv)")
+        if self.moe is not None and self.moe.kernel == "gather":
+            raise ValueError("precision.weights: moe.kernel gather copies the experts' weights; use "
+                             "gather_fused or grouped with quantized weights")
 
     def _check_mla(self):
         if self.mla is None:
@@ -414,6 +449,41 @@ class ModelSpec(_Strict):
     @property
     def dtype_bytes(self) -> int:
         return DTYPE_BYTES[self.dtype]
+
+    @property
+    def weight_dtype(self) -> str:
+        """How the matrix products' weights are stored (`precision.weights`, else `dtype`)."""
+        return (self.precision and self.precision.weights) or self.dtype
+
+    @property
+    def kv_dtype(self) -> str:
+        return (self.precision and self.precision.kv_cache) or self.dtype
+
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype the matrix products run in: their peak (`precision.compute`, else `dtype`)."""
+        return (self.precision and self.precision.compute) or self.dtype
+
+    @property
+    def quantized_weights(self) -> bool:
+        """Weights stored apart from the activations' dtype (or with group scales)."""
+        p = self.precision
+        return p is not None and ((p.weights or self.dtype) != self.dtype or p.group_size is not None)
+
+    @property
+    def precision_label(self) -> str:
+        """`bf16`, or each tensor class that differs: `bf16, weights int4 g128, KV fp8`."""
+        p = self.precision
+        if p is None:
+            return self.dtype
+        parts = [self.dtype]
+        if self.quantized_weights:
+            parts.append(f"weights {self.weight_dtype}" + (f" g{p.group_size}" if p.group_size else ""))
+        if self.kv_dtype != self.dtype:
+            parts.append(f"KV {self.kv_dtype}")
+        if self.compute_dtype != self.dtype:
+            parts.append(f"compute {self.compute_dtype}")
+        return ", ".join(parts)
 
     @property
     def is_encoder(self) -> bool:
