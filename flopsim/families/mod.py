@@ -73,6 +73,10 @@ router's top-k runs in training). Hence, per routed block:
   times per step in expectation).
 - no topk / gather / scatter at decode (the running tokens are
   gathered inside the batch; costed as the block's rows).
+- `mod.keep_by_position` (a measured profile, e.g. routers that keep early
+  tokens more often): c becomes the profile's rate at the new token's
+  position T - 1, and the cache holds the expected kept tokens among
+  positions 0 .. T - 2, sum_p rate(p), instead of c (T - 1).
 
 Tags (per op, shown by `flopsim count`'s per-layer table): `routed`
 (bool) and `tokens`: tokens per sequence that run the block (k in routed
@@ -86,7 +90,7 @@ from dataclasses import replace
 import sympy as sp
 
 from flopsim.families import dense
-from flopsim.ops.expectations import expected_distinct
+from flopsim.ops.expectations import expected_distinct, kept_among
 from flopsim.ops.primitives import (
     INDEX_BYTES,
     Ctx,
@@ -154,10 +158,11 @@ def routed_block(ctx: Ctx, i: int, *, batch, queries, keys, ffn=None) -> list:
     c = d.mod_capacity
     prefix = f"block.{i}"
     if ctx.phase == "decode":
+        c, cached = decode_keep(ctx, keys)
         tags = {"routed": True, "tokens": c * queries}
         ops = router(ctx, i, tokens=batch * queries, tags=tags)
         ops[-1] = replace(ops[-1], host_sync=True)  # which tokens run is read back (Op.host_sync)
-        running = dense.block(ctx, i, batch=c * batch, queries=queries, keys=1 + c * (keys - 1), ffn=ffn, tags=tags)
+        running = dense.block(ctx, i, batch=c * batch, queries=queries, keys=1 + cached, ffn=ffn, tags=tags)
         p_any = expected_distinct(1, c, batch)
         return ops + [replace(op, weight_bytes=op.weight_bytes * p_any, kernels=op.kernels * p_any) for op in running]
     k = kept_tokens(c, queries)
@@ -184,6 +189,20 @@ def routed_block(ctx: Ctx, i: int, *, batch, queries, keys, ffn=None) -> list:
                         tags=tags)
     ops += decider_loss(ctx, i, tokens=tokens, kept=batch * k, tags=tags)
     return ops
+
+
+def decode_keep(ctx: Ctx, keys):
+    """(probability the new token runs a routed block, expected earlier tokens in its
+    cache) at decode with `keys` = T: (c, c (T - 1)), or with `mod.keep_by_position` the
+    profile's rate at position T - 1 and its expected kept tokens among positions
+    0 .. T - 2 (flopsim.ops.expectations.kept_among)."""
+    mod = ctx.spec.mod
+    if mod.keep_by_position is None:
+        c = ctx.dims.mod_capacity
+        return c, c * (keys - 1)
+    rates = [sp.Rational(str(r)) for r in mod.keep_by_position]
+    width = ctx.spec.max_seq // len(rates)
+    return kept_among(rates, width, keys) - kept_among(rates, width, keys - 1), kept_among(rates, width, keys - 1)
 
 
 def dense_block(ctx: Ctx, i: int, *, batch, queries, keys, ffn=None) -> list:

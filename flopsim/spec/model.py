@@ -67,6 +67,16 @@ class ModBlock(_Strict):
     capacity: float = 0.125
     every: Size = 2
     predictor_hidden: Count = 0
+    # decode: the keep rate by position, a measured profile over len(list) equal bins of
+    # positions 0 .. max_seq - 1 (positions beyond take the last bin's); None: capacity
+    keep_by_position: Optional[list[Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]]] = None
+
+    @field_validator("keep_by_position")
+    @classmethod
+    def _profile(cls, value):
+        if value is not None and not value:
+            raise ValueError("must list at least one keep rate")
+        return value
 
     @field_validator("capacity")
     @classmethod
@@ -385,6 +395,11 @@ class ModelSpec(_Strict):
                                  f"its blocks attend to routed or reduced tokens")
         self._check_mla()
         self._check_precision()
+        profile = self.mod.keep_by_position if self.mod is not None else None
+        if profile is not None and self.max_seq % len(profile):
+            raise ValueError(f"mod.keep_by_position: {len(profile)} bins do not divide max_seq {self.max_seq}")
+        if profile is not None and self.family == "mode":
+            raise ValueError("mod.keep_by_position: a keep rate by position is modelled for family mod")
         if self.moe is not None and self.moe.first_dense >= self.layers:
             raise ValueError(f"moe.first_dense {self.moe.first_dense} leaves no MoE block in {self.layers} layers")
         if self.sparse_qkv is not None:
