@@ -26,6 +26,16 @@ a query attends to at most W keys, itself included.
   last min(S, W) new positions.
 - train and forward: S x S scores counted, the band's work timed.
 
+Architecture options of dense and MoE models (Gemma 2/3, Qwen3, OLMo 2, GPT-OSS):
+`qk_norm` (an RMSNorm of each query and key head over d_head, `attn.q_norm` /
+`attn.k_norm`, before RoPE), `sandwich_norms` (`attn_out_norm`, `mlp_out_norm`:
+each sub-block's output normalised before its residual add), `scale_embeddings`
+(`embed.scale`: x * sqrt(d_model)), `softcap.attention` (the scores capped inside
+the attention kernel, 6 FLOPs a score: the division, tanh, the product),
+`softcap.logits` (`head.softcap`, one kernel over the logits) and
+`attention_sinks` (a learned logit per head in every softmax, owned by the
+attention op).
+
 Sparse QKV (`sparse_qkv: {modules: S, conv_kernel: K}`, any family; M =
 d_model / S), following trax's MultiplicativeConvCausalAttention
 (v_concat_type 'none', Jaszczur et al. 2021), replaces the QKV projection:
@@ -85,6 +95,8 @@ def embeddings(ctx: Ctx, *, batch, queries) -> list:
     spec, d = ctx.spec, ctx.dims
     tokens = batch * queries
     ops = embedding(ctx, "embed.tokens", layer=-1, tokens=tokens, rows=d.vocab, d=d.d_model)
+    if spec.scale_embeddings:  # Gemma: x * sqrt(d_model)
+        ops += elementwise(ctx, "embed.scale", layer=-1, elements=tokens * d.d_model, op="scale", module="embed")
     summed = 1
     if spec.positions == "learned":
         ops += embedding(ctx, "embed.positions", layer=-1, tokens=tokens, rows=d.max_seq, d=d.d_model)
@@ -117,6 +129,9 @@ def attention_block(ctx: Ctx, i: int, *, batch, queries, keys, prefix: str, tags
                      d_out=(d.heads + 2 * d.kv_heads) * d.d_head, bias=spec.bias, tags=tags)
     else:
         ops = qkv(ctx, i, batch=batch, queries=queries, prefix=p, tags=tags)
+    if spec.qk_norm:  # each query and key head normalised over d_head (Qwen3, Gemma 3, OLMo 2)
+        ops += norm(ctx, f"{p}.q_norm", layer=i, tokens=tokens * d.heads, d=d.d_head)
+        ops += norm(ctx, f"{p}.k_norm", layer=i, tokens=tokens * d.kv_heads, d=d.d_head)
     if spec.positions == "rope":
         ops += rope(ctx, f"{p}.rope", layer=i, tokens=tokens, heads=d.heads + d.kv_heads, d_head=d.d_head,
                     module=p, tags=tags)
@@ -130,7 +145,8 @@ def attention_block(ctx: Ctx, i: int, *, batch, queries, keys, prefix: str, tags
                                width=2 * d.kv_heads * d.d_head, module=p, tags=kv_tags)
     ops += attention(ctx, f"{p}.core", layer=i, batch=batch, queries=queries, keys=keys,
                      heads=d.heads, kv_heads=d.kv_heads, d_head=d.d_head, causal=spec.causal,
-                     kv_from_cache=uses_kv_cache(ctx), module=p, tags=tags, window=window)
+                     kv_from_cache=uses_kv_cache(ctx), module=p, tags=tags, window=window,
+                     softcap=bool(spec.softcap and spec.softcap.attention), sinks=spec.attention_sinks)
     ops += linear(ctx, f"{p}.out", layer=i, tokens=tokens, d_in=d.heads * d.d_head, d_out=d.d_model,
                   bias=spec.bias, tags=tags)
     return ops
@@ -205,9 +221,13 @@ def block(ctx: Ctx, i: int, *, batch, queries, keys, ffn=None, tags: dict | None
     if pre:
         ops += norm(ctx, f"{prefix}.norm1", layer=i, tokens=tokens, d=d.d_model)
     ops += attention_block(ctx, i, batch=batch, queries=queries, keys=keys, prefix=prefix, tags=tags, qkv=qkv)
+    if spec.sandwich_norms:  # Gemma 2/3: the sub-block's output normalised before the residual add
+        ops += norm(ctx, f"{prefix}.attn_out_norm", layer=i, tokens=tokens, d=d.d_model)
     ops += residual(ctx, f"{prefix}.attn_residual", i, tokens=tokens, module=prefix, tags=tags)
     ops += norm(ctx, f"{prefix}.norm2" if pre else f"{prefix}.norm1", layer=i, tokens=tokens, d=d.d_model)
     ops += ffn(ctx, i, tokens=tokens, prefix=prefix, tags=tags)
+    if spec.sandwich_norms:
+        ops += norm(ctx, f"{prefix}.mlp_out_norm", layer=i, tokens=tokens, d=d.d_model)
     ops += residual(ctx, f"{prefix}.mlp_residual", i, tokens=tokens, module=prefix, tags=tags)
     if not pre:
         ops += norm(ctx, f"{prefix}.norm2", layer=i, tokens=tokens, d=d.d_model)
@@ -225,6 +245,8 @@ def head(ctx: Ctx, *, batch, queries) -> list:
         rows = batch if ctx.phase == "prefill" else batch * queries  # prefill: last position only
         ops += linear(ctx, "head.lm", layer=L, tokens=rows, d_in=d.d_model, d_out=d.vocab, bias=False,
                       tied=spec.tied_embeddings)
+        if spec.softcap is not None and spec.softcap.logits:  # Gemma 2: cap * tanh(logits / cap)
+            ops += elementwise(ctx, "head.softcap", layer=L, elements=rows * d.vocab, op="softcap", module="head")
         if ctx.train:
             ops += cross_entropy(ctx, "head.loss", layer=L, rows=rows, classes=d.vocab, module="head")
     elif spec.head == "cls":

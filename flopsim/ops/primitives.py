@@ -47,6 +47,7 @@ ELEMENTWISE_FLOPS = {
     "copy": 0,
     "add": 1,
     "mul": 1,
+    "scale": 1,  # times a constant (its backward: the gradient times the constant, no saved input)
     "div": 1,
     "scale_add": 2,  # y = r * f(x) + x (MoD's router-weighted residual)
     "relu": 1,
@@ -60,6 +61,8 @@ ELEMENTWISE_FLOPS = {
     "sigmoid": 4,
     "soft_mask": 6,  # sigmoid(n * s - 1): the affine (2) and the sigmoid (4)
     "rope": 3,  # x * cos + rotate(x) * sin
+    "softcap": 6,  # cap * tanh(x / cap): the division, the tanh (4), the product
+    "softcap_bwd": 10,  # tanh's derivative (twice its 4) and the two scalings (1 each)
     "softmax": 5,  # max, subtract, exp, sum, divide
     "layernorm": 8,  # mean, variance, normalise, scale, shift
     "rmsnorm": 4,  # square-mean, rsqrt, normalise, scale
@@ -175,7 +178,8 @@ def linear(ctx: Ctx, name: str, *, layer: int, tokens, d_in, d_out, bias: bool,
 
 def attention(ctx: Ctx, name: str, *, layer: int, batch, queries, keys, heads, kv_heads,
               d_head, causal: bool, kv_from_cache: bool, module: str,
-              tags: dict | None = None, window=None, d_v=None, kv_width=None) -> list[Op]:
+              tags: dict | None = None, window=None, d_v=None, kv_width=None, softcap: bool = False,
+              sinks: bool = False) -> list[Op]:
     """softmax(Q K^T / sqrt(d_head)) V for `queries` x `keys` per sequence and head.
     Scores are the full queries x keys product (what FlopCounterMode counts);
     `causal_flops` (what a kernel that skips masked blocks runs) counts the
@@ -184,7 +188,9 @@ def attention(ctx: Ctx, name: str, *, layer: int, batch, queries, keys, heads, k
     `d_v`: the value head width when it differs from the query/key width d_head
     (multi-head latent attention); `kv_width`: values read per key and key/value
     head (default d_head + d_v: K and V apart; MLA's absorbed form reads one latent
-    that is both). sdpa_flop_count: Q K^T 2 d_head, P V 2 d_v per score; backward
+    that is both). `softcap`: the scores capped, cap * tanh(s / cap), inside the
+    kernel (Gemma 2); `sinks`: one learned logit per head joins every softmax
+    (GPT-OSS; `heads` parameters, a column more per softmax). sdpa_flop_count: Q K^T 2 d_head, P V 2 d_v per score; backward
     (sdpa_backward_flop_count) 3 products of d_head (the recomputed scores, dQ, dK)
     and 2 of d_v (dV, dP); explicit: 2 of each."""
     w = ctx.w
@@ -204,11 +210,18 @@ def attention(ctx: Ctx, name: str, *, layer: int, batch, queries, keys, heads, k
     kv_bytes = batch * keys * kv_heads * kv_width * w
     materialised = 4 * scores * w if impl == "explicit" else 0  # write/read scores, write/read probs
     fwd_flops = 2 * per_score * (d_head + d_v)  # Q K^T and P V (sdpa_flop_count)
+    per_score_ops = ELEMENTWISE_FLOPS["softmax"] + 1 + (ELEMENTWISE_FLOPS["softcap"] if softcap else 0)
+    # each softmax row's sink: in its max and its sum (max, subtract, exp, add; no probability kept)
+    sink_rows = batch * heads * queries if sinks else 0
+    sink_ops = 4
     fwd = Op(
         name=name, kind="attention", layer=layer, module=module,
         flops=fwd_flops,
         causal_flops=fwd_flops * causal_fraction,
-        other_flops=scores * (ELEMENTWISE_FLOPS["softmax"] + 1),  # softmax and the 1/sqrt(d) scale
+        # softmax and the 1/sqrt(d) scale (and the cap) per score
+        other_flops=scores * per_score_ops + sink_rows * sink_ops,
+        weight_bytes=heads * w if sinks else 0,
+        params=heads if sinks else 0,
         act_read_bytes=q_bytes + (0 if kv_from_cache else kv_bytes) + materialised / 2,
         kv_read_bytes=kv_bytes / w * ctx.w_kv if kv_from_cache else 0,  # the cache's precision
         act_write_bytes=o_bytes + materialised / 2,
@@ -221,12 +234,16 @@ def attention(ctx: Ctx, name: str, *, layer: int, batch, queries, keys, heads, k
     bwd = dict(
         flops=bwd_flops,
         causal_flops=bwd_flops * causal_fraction,
-        other_flops=scores * (ELEMENTWISE_FLOPS["softmax"] * BACKWARD_ELEMENTWISE + 1),  # and the scale's
+        other_flops=scores * (ELEMENTWISE_FLOPS["softmax"] * BACKWARD_ELEMENTWISE + 1  # and the scale's
+                              + (ELEMENTWISE_FLOPS["softcap_bwd"] if softcap else 0))
+        + sink_rows * sink_ops * BACKWARD_ELEMENTWISE,
+        weight_bytes=2 * heads * w if sinks else 0,  # read the sinks, write their gradient
         # fused (one kernel): q, o, dO, k, v in; dq, dk, dv out. explicit (three kernels):
         # P V's backward reads dO, V, P and writes dP, dV; softmax's reads dP, P and writes
         # dS; Q K^T's reads dS, Q, K and writes dQ, dK
+        # (explicit with a soft cap: its backward reads the saved capped scores too)
         act_read_bytes=(q_bytes + 2 * o_bytes + kv_bytes) if impl == "fused"
-        else (q_bytes + o_bytes + kv_bytes + 4 * scores * w),
+        else (q_bytes + o_bytes + kv_bytes + (5 if softcap else 4) * scores * w),
         act_write_bytes=q_bytes + kv_bytes + (2 * scores * w if impl == "explicit" else 0),
     )
     return _with_backward(ctx, fwd, bwd)
@@ -280,6 +297,10 @@ def elementwise(ctx: Ctx, name: str, *, layer: int, elements, op: str, inputs: i
                act_write_bytes=inputs * elements * w) if backward else None
     if backward and op == "add":
         bwd = {}  # the gradient passes through
+    if backward and op == "scale":  # the gradient times the constant: read it, write it
+        bwd = dict(other_flops=per * elements, act_read_bytes=elements * w, act_write_bytes=elements * w)
+    if backward and op == "softcap":
+        bwd["other_flops"] = ELEMENTWISE_FLOPS["softcap_bwd"] * elements
     return _with_backward(ctx, fwd, bwd)
 
 

@@ -275,6 +275,14 @@ class Precision(_Strict):
     compute: Optional[Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int8"]] = None
 
 
+class SoftCap(_Strict):
+    """Logit soft-capping (Gemma 2): x -> cap * tanh(x / cap) on the attention scores
+    before the softmax (`attention`) and on the LM head's logits (`logits`)."""
+
+    attention: Optional[float] = Field(None, gt=0, le=1e6)
+    logits: Optional[float] = Field(None, gt=0, le=1e6)
+
+
 class LengthReductionBlock(_Strict):
     """Token dropping (flopsim.families.length_reduction): `keep[l]` tokens enter
     layer l -- counts, or fractions of S when every value is <= 1 (then keep[0]
@@ -353,6 +361,12 @@ class ModelSpec(_Strict):
     sliding_window: Optional[SlidingWindow] = None
     mla: Optional[MLABlock] = None
     precision: Optional[Precision] = None
+    # Gemma 2/3, OLMo 2, Qwen3, GPT-OSS (flopsim.families.dense):
+    sandwich_norms: bool = False  # a norm on each sub-block's output too, before its residual add
+    qk_norm: bool = False  # an RMSNorm of each query and key head (over d_head) before RoPE
+    scale_embeddings: bool = False  # token embeddings multiplied by sqrt(d_model)
+    softcap: Optional[SoftCap] = None
+    attention_sinks: bool = False  # a learned logit per head joining every softmax (GPT-OSS)
     length_reduction: Optional[LengthReductionBlock] = None
 
     @model_validator(mode="after")
@@ -395,6 +409,7 @@ class ModelSpec(_Strict):
                                  f"its blocks attend to routed or reduced tokens")
         self._check_mla()
         self._check_precision()
+        self._check_architecture_options()
         profile = self.mod.keep_by_position if self.mod is not None else None
         if profile is not None and self.max_seq % len(profile):
             raise ValueError(f"mod.keep_by_position: {len(profile)} bins do not divide max_seq {self.max_seq}")
@@ -413,6 +428,16 @@ class ModelSpec(_Strict):
                 raise ValueError(f"sparse_qkv.modules {s} does not divide the query width "
                                  f"{self.heads * self.d_head} (heads * d_head)")
         return self
+
+    def _check_architecture_options(self):
+        if self.sandwich_norms and self.norm_position != "pre":
+            raise ValueError("sandwich_norms: adds output norms to a pre-norm block; use norm_position: pre")
+        options = [name for name in ("sandwich_norms", "qk_norm", "scale_embeddings", "attention_sinks")
+                   if getattr(self, name)] + (["softcap"] if self.softcap is not None else [])
+        if options and self.family not in ("dense", "moe"):
+            raise ValueError(f"{options[0]}: modelled for dense and moe models, not family {self.family}")
+        if options and (self.mla is not None or self.sparse_qkv is not None):
+            raise ValueError(f"{options[0]}: not combined with {'mla' if self.mla is not None else 'sparse_qkv'}")
 
     def _check_precision(self):
         if not self.quantized_weights:

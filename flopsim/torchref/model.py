@@ -165,6 +165,9 @@ class Attention(nn.Module):
         h, hkv, dh = spec.heads, spec.kv_heads, spec.d_head
         self.qkv = (SparseQKV(spec) if spec.sparse_qkv is not None
                     else nn.Linear(spec.d_model, (h + 2 * hkv) * dh, bias=spec.bias))
+        if spec.qk_norm:
+            self.q_norm, self.k_norm = make_norm(spec, dh), make_norm(spec, dh)
+        self.sinks = nn.Parameter(torch.randn(h) * 0.1) if spec.attention_sinks else None
         self.out = nn.Linear(h * dh, spec.d_model, bias=spec.bias)
 
     def forward(self, x: torch.Tensor, state: RunState, layer: int, causal: Optional[bool] = None) -> torch.Tensor:
@@ -180,8 +183,11 @@ class Attention(nn.Module):
         b, s, _ = x.shape
         h, hkv, dh = spec.heads, spec.kv_heads, spec.d_head
         q, k, v = self.qkv(x).split([h * dh, hkv * dh, hkv * dh], dim=-1)
-        q = q.view(b, s, h, dh).transpose(1, 2)
-        k = k.view(b, s, hkv, dh).transpose(1, 2)
+        q, k = q.view(b, s, h, dh), k.view(b, s, hkv, dh)
+        if spec.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.transpose(1, 2)
+        k = k.transpose(1, 2)
         v = v.view(b, s, hkv, dh).transpose(1, 2)
         if spec.positions == "rope":
             q, k = rope_qk(q, k, state.positions)
@@ -205,6 +211,10 @@ class Attention(nn.Module):
         explicit path groups the query heads sharing a key/value head (GQA) into one
         product per key/value head, so keys and values are read once, not repeated."""
         h, hkv = self.spec.heads, self.spec.kv_heads
+        capped = self.spec.softcap is not None and self.spec.softcap.attention
+        if self.spec.attention_impl == "fused" and (capped or self.sinks is not None):
+            raise ValueError("the reference's fused attention (SDPA) has no soft-capping or sinks; "
+                             "use attention_impl: explicit")
         if self.spec.attention_impl == "fused":
             return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=hkv != h)
         b, _, s, dh = q.shape
@@ -213,7 +223,8 @@ class Attention(nn.Module):
         return grouped.view(b, h, s, dh)
 
     def probabilities(self, q: torch.Tensor, k: torch.Tensor, is_causal: bool) -> torch.Tensor:
-        return attention_probabilities(q, k, is_causal)
+        cap = self.spec.softcap.attention if self.spec.softcap is not None else None
+        return attention_probabilities(q, k, is_causal, softcap=cap, sinks=self.sinks)
 
 
 def window_of(spec, layer: int) -> Optional[int]:
@@ -223,20 +234,30 @@ def window_of(spec, layer: int) -> Optional[int]:
     return spec.sliding_window.size if is_local(spec, layer) else None
 
 
-def attention_probabilities(q: torch.Tensor, k: torch.Tensor, is_causal: bool) -> torch.Tensor:
+def attention_probabilities(q: torch.Tensor, k: torch.Tensor, is_causal: bool, softcap: Optional[float] = None,
+                            sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
     """softmax(Q K^T / sqrt(d_head)) [B, H, S, T], causal over the last queries of the keys
     when asked; q [B, H, S, d], k [B, H_kv, T, d] (the H / H_kv query heads of a group
     share their key head: one product per key head). The scale, the mask and the
-    softmax are one fused kernel."""
+    softmax are one fused kernel; so are a soft cap (cap * tanh(s / cap)) and sinks
+    (a learned logit per head joining each softmax, its probability dropped)."""
     b, h, s, dh = q.shape
     hkv, t = k.shape[1], k.shape[-2]
     scores = (q.reshape(b, hkv, (h // hkv) * s, dh) @ k.transpose(-2, -1)).view(b, h, s, t)
     with fused("softmax") as region:
         scores = region.take(scores) / math.sqrt(dh)
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
         if is_causal:
             mask = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(diagonal=t - s)
             scores = scores.masked_fill(~mask, float("-inf"))
-        probs = scores.softmax(dim=-1)
+        if sinks is not None:  # the sink joins the max and the sum; its probability is not kept
+            sink = sinks.view(1, h, 1, 1).to(scores.dtype)
+            top = torch.maximum(scores.amax(dim=-1, keepdim=True), sink)
+            e = (scores - top).exp()
+            probs = e / (e.sum(dim=-1, keepdim=True) + (sink - top).exp())
+        else:
+            probs = scores.softmax(dim=-1)
         region.basis(probs)
     return probs
 
@@ -276,6 +297,8 @@ class Block(nn.Module):
         self.spec, self.layer = spec, layer
         self.pre = spec.norm_position == "pre"
         self.norm1 = make_norm(spec, spec.d_model)
+        if spec.sandwich_norms:  # each sub-block's output normalised before its residual add
+            self.attn_out_norm, self.mlp_out_norm = make_norm(spec, spec.d_model), make_norm(spec, spec.d_model)
         if spec.mla is not None:
             from flopsim.torchref.mla import LatentAttention
 
@@ -297,6 +320,9 @@ class Block(nn.Module):
             raise AttributeError("mlp") from None
 
     def forward(self, x: torch.Tensor, state: RunState) -> torch.Tensor:
+        if self.pre and self.spec.sandwich_norms:
+            x = x + self.attn_out_norm(self.attn(self.norm1(x), state, self.layer))
+            return x + self.mlp_out_norm(self.mlp(self.norm2(x)))
         if self.pre:
             x = x + self.attn(self.norm1(x), state, self.layer)
             return x + self.mlp(self.norm2(x))
@@ -318,6 +344,8 @@ class Embeddings(nn.Module):
 
     def forward(self, ids: torch.Tensor, state: RunState) -> torch.Tensor:
         parts = [self.tokens(ids)]
+        if self.spec.scale_embeddings:  # Gemma: x * sqrt(d_model)
+            parts[0] = parts[0] * math.sqrt(self.spec.d_model)
         if self.spec.positions == "learned":
             parts.append(self.positions(state.positions))
         if self.spec.token_types:
@@ -359,7 +387,14 @@ class Head(nn.Module):
         if self.spec.head == "lm":
             if phase == "prefill":
                 x = x[:, -1:]
-            return self.lm(x)
+            logits = self.lm(x)
+            cap = self.spec.softcap.logits if self.spec.softcap is not None else None
+            if not cap:
+                return logits
+            with fused("softcap") as region:  # one kernel: flopsim's head.softcap
+                logits = cap * torch.tanh(region.take(logits) / cap)
+                region.basis(logits)
+            return logits
         if self.spec.head == "cls":
             return self.classifier(torch.tanh(self.pooler(x[:, 0])))
         return x

@@ -1,0 +1,85 @@
+"""Architecture options of today's dense and MoE models (flopsim.families.dense): per-head
+q/k norms (Qwen3, Gemma 3, OLMo 2), sandwich norms and scaled embeddings (Gemma 2/3), logit
+soft-capping of the attention scores and of the LM head (Gemma 2) and attention sinks
+(GPT-OSS): exact against the torch reference in FLOPs and parameters in every phase, and
+in bytes and elementwise FLOPs as stated below; presets' parameters derived term by term."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import assert_exact
+from flopsim.count import count
+from flopsim.errors import SpecError
+from flopsim.spec import load_model
+
+SHAPES = {"forward": (2, 5, None), "train": (2, 5, None), "prefill": (2, 6, None), "decode": (2, 1, 9)}
+OPTIONS = {
+    "qk-norm": dict(qk_norm=True),
+    "sandwich-scaled": dict(sandwich_norms=True, scale_embeddings=True),
+    "softcap": dict(attention_impl="explicit", softcap=dict(attention=50.0, logits=30.0)),
+    "softcap-windows": dict(attention_impl="explicit", softcap=dict(attention=50.0),
+                            sliding_window=dict(size=3, global_every=2)),
+    "sinks-windows": dict(attention_impl="explicit", attention_sinks=True, sliding_window=dict(size=4, global_every=2)),
+    "gemma2-like": dict(attention_impl="explicit", sandwich_norms=True, scale_embeddings=True,
+                        softcap=dict(attention=50.0, logits=30.0), tied_embeddings=True,
+                        activation="gelu_tanh", sliding_window=dict(size=4, global_every=2)),
+    "moe-qk-norm-sandwich": dict(family="moe", moe=dict(experts=4, top_k=2, d_expert=32), qk_norm=True,
+                                 sandwich_norms=True),
+}
+# bytes and elementwise FLOPs: exact everywhere but the sinks' train step, whose eager
+# softmax-with-a-sink decomposition in the reference has a backward of its own
+BYTES_EXACT = [(name, phase) for name in OPTIONS for phase in SHAPES
+               if not (name == "sinks-windows" and phase == "train") and not name.startswith("moe")]
+
+
+def small(name):
+    return load_model("llama-3-8b").with_changes(layers=2, d_model=64, heads=4, kv_heads=2, d_ff=128, vocab=101,
+                                                 max_seq=64, **OPTIONS[name])
+
+
+@pytest.mark.parametrize("name, phase", [(n, p) for n in OPTIONS for p in SHAPES])
+def test_exact_flops_and_parameters(name, phase):
+    pytest.importorskip("torch")
+    batch, seq, context = SHAPES[phase]
+    assert_exact(small(name), phase, batch, seq, context)
+
+
+@pytest.mark.parametrize("name, phase", BYTES_EXACT)
+def test_exact_bytes_and_elementwise_flops(name, phase):
+    pytest.importorskip("torch")
+    from flopsim.torchref.bytes_check import compare_bytes
+
+    batch, seq, context = SHAPES[phase]
+    cmp = compare_bytes(small(name), phase, batch, seq, context)
+    assert cmp.exact, cmp.describe()
+
+
+def test_option_parameters():
+    """q/k norms: 2 * d_head per layer; sandwich norms: 2 * d_model per layer (RMSNorm
+    weights); sinks: heads per layer."""
+    base = small("qk-norm").with_changes(qk_norm=False)
+    p0 = count(base, seq=4).params
+    assert count(base.with_changes(qk_norm=True), seq=4).params - p0 == 2 * 2 * 16
+    assert count(base.with_changes(sandwich_norms=True), seq=4).params - p0 == 2 * 2 * 64
+    assert count(base.with_changes(attention_sinks=True, attention_impl="explicit"), seq=4).params - p0 == 2 * 4
+
+
+def test_logit_softcap_reads_and_writes_the_logits():
+    spec = small("softcap")
+    ops = {op.name: op for op in count(spec, phase="forward", batch=2, seq=5).ops}
+    cap = ops["head.softcap"]
+    assert cap.act_read_bytes == cap.act_write_bytes == 2 * 5 * 101 * 2  # B * S * vocab, bf16
+    assert cap.other_flops == 6 * 2 * 5 * 101
+
+
+@pytest.mark.parametrize("changes, expect", [
+    (dict(sandwich_norms=True, norm_position="post"), "sandwich_norms"),
+    (dict(family="mod", mod=dict(capacity=0.5), qk_norm=True), "qk_norm: modelled for dense and moe"),
+    (dict(softcap=dict(attention=0)), "softcap.attention"),
+    (dict(softcap=dict(logits=-1.0)), "softcap.logits"),
+])
+def test_bad_options_are_one_line(changes, expect):
+    with pytest.raises(SpecError) as err:
+        load_model("llama-3-8b").with_changes(**changes)
+    assert expect in str(err.value) and "\n" not in str(err.value)
