@@ -83,3 +83,38 @@ def test_bad_options_are_one_line(changes, expect):
     with pytest.raises(SpecError) as err:
         load_model("llama-3-8b").with_changes(**changes)
     assert expect in str(err.value) and "\n" not in str(err.value)
+
+
+def gemma_params(*, layers, d, heads, kv_heads, d_head, d_ff, vocab, qk_norm):
+    """Per block: q, k, v, o products (no biases), the gated FFN (gate, up, down), four
+    RMSNorms (before and after attention and the FFN) and, with q/k norms, two of d_head;
+    the tied embedding table and the final norm."""
+    attention = d * heads * d_head + 2 * d * kv_heads * d_head + heads * d_head * d
+    block = attention + 3 * d * d_ff + 4 * d + (2 * d_head if qk_norm else 0)
+    return vocab * d + layers * block + d
+
+
+def test_gemma_2_9b_parameters():
+    """Gemma 2 9B (arXiv 2408.00118; the model card's 9.24B)."""
+    expected = gemma_params(layers=42, d=3584, heads=16, kv_heads=8, d_head=256, d_ff=14336, vocab=256000,
+                            qk_norm=False)
+    assert count(load_model("gemma-2-9b"), seq=16).params == expected == 9_241_705_984
+
+
+def test_gemma_3_27b_parameters():
+    """Gemma 3 27B's language model (arXiv 2503.19786; the card's 27.4B adds a 417M vision encoder)."""
+    expected = gemma_params(layers=62, d=5376, heads=32, kv_heads=16, d_head=128, d_ff=21504, vocab=262208,
+                            qk_norm=True)
+    assert count(load_model("gemma-3-27b"), seq=16).params == expected == 27_009_346_304
+    assert round((expected + 417e6) / 1e8) / 10 == 27.4
+
+
+def test_gemma_3_decode_reads_local_windows():
+    """At a 32k context, Gemma 3's 52 local layers read min(T, 1024) keys and its 10 global
+    ones all T: the KV bytes of one decode step, 2 (K, V) * 16 heads * 128 * 2 bytes a key."""
+    spec = load_model("gemma-3-27b")
+    t = 32768
+    r = count(spec, phase="decode", batch=1, context=t)
+    per_key = 2 * 16 * 128 * 2
+    local, global_ = 62 - 62 // 6, 62 // 6
+    assert r.total("kv_read_bytes") == per_key * (local * 1024 + global_ * t)
