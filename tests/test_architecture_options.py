@@ -26,11 +26,14 @@ OPTIONS = {
                         activation="gelu_tanh", sliding_window=dict(size=4, global_every=2)),
     "moe-qk-norm-sandwich": dict(family="moe", moe=dict(experts=4, top_k=2, d_expert=32), qk_norm=True,
                                  sandwich_norms=True),
+    "gpt-oss-like": dict(family="moe", bias=True, attention_impl="explicit", attention_sinks=True,
+                         sliding_window=dict(size=4, global_every=2),
+                         moe=dict(experts=4, top_k=2, d_expert=32, normalize=True, router_bias=True)),
 }
 # bytes and elementwise FLOPs: exact everywhere but the sinks' train step, whose eager
 # softmax-with-a-sink decomposition in the reference has a backward of its own
 BYTES_EXACT = [(name, phase) for name in OPTIONS for phase in SHAPES
-               if not (name == "sinks-windows" and phase == "train") and not name.startswith("moe")]
+               if not (name == "sinks-windows" and phase == "train") and not name.startswith(("moe", "gpt-oss"))]
 
 
 def small(name):
@@ -118,3 +121,28 @@ def test_gemma_3_decode_reads_local_windows():
     per_key = 2 * 16 * 128 * 2
     local, global_ = 62 - 62 // 6, 62 // 6
     assert r.total("kv_read_bytes") == per_key * (local * 1024 + global_ * t)
+
+
+def test_gpt_oss_20b_parameters_and_mxfp4_weights():
+    """gpt-oss-20b (the gpt-oss model card, table 1: 20.91B total, 3.61B active, a 12.8 GiB
+    checkpoint). Per block: q, k, v, o with biases and 64 sink logits; the router with a
+    bias; 32 experts, each gate_up (2880 x 5760 + 5760) and down (2880 x 2880 + 2880);
+    two RMSNorms. Untied embeddings, the final norm. MXFP4 experts: 4 bits a weight and a
+    1-byte scale per 32 (biases bf16); everything else bf16."""
+    d, heads, kv, dh, E, L, V = 2880, 64, 8, 64, 32, 24, 201088
+    attention = d * heads * dh + heads * dh + 2 * (d * kv * dh + kv * dh) + heads * dh * d + d + heads
+    router = d * E + E
+    expert_weights = E * (d * 2 * d + d * d)
+    expert_biases = E * (2 * d + d)
+    block = attention + router + expert_weights + expert_biases + 2 * d
+    expected = L * block + 2 * V * d + d
+    spec = load_model("gpt-oss-20b")
+    r = count(spec, seq=16)
+    assert r.params == expected == 20_914_757_184
+    assert round(r.active_params(lookups=False) / 1e7) / 100 == 3.61
+    from flopsim.memory import MemoryModel
+
+    stored = (expected - L * expert_weights) * 2 + L * expert_weights * (4 / 8 + 1 / 32)
+    weights = MemoryModel(spec, "decode").evaluate(1, 1, 16)["weights_bytes"]
+    assert weights == stored
+    assert round(weights / 2 ** 30, 1) == 12.8

@@ -185,13 +185,13 @@ def sparse_qkv(ctx: Ctx, i: int, *, batch, queries, prefix: str, tags: dict | No
 
 
 def mlp(ctx: Ctx, i: int, *, tokens, prefix: str, d_ff=None, name: str = "mlp",
-        batch=1, tags: dict | None = None) -> list:
+        batch=1, tags: dict | None = None, expert: bool = False) -> list:
     """Up (gate and up, fused, when gated) projection, activation, down projection;
-    `batch` stacked copies (experts)."""
+    `batch` stacked copies (experts; `expert`: MoE experts' weights, for their precision)."""
     spec, d = ctx.spec, ctx.dims
     d_ff = d.d_ff if d_ff is None else d_ff
     p = f"{prefix}.{name}"
-    common = dict(layer=i, tokens=tokens, bias=spec.bias, batch=batch, tags=tags)
+    common = dict(layer=i, tokens=tokens, bias=spec.bias, batch=batch, tags=tags, expert=expert)
     if spec.ffn == "gated":
         # gate and up as one product (Megatron's linear_fc1, vLLM's merged projection)
         ops = linear(ctx, f"{p}.gate_up", d_in=d.d_model, d_out=2 * d_ff, **common)

@@ -178,7 +178,7 @@ def moe_ffn(ctx: Ctx, i: int, *, tokens, prefix: str, tags: dict | None = None,
         ops += gathered_expert_mlp(ctx, i, pairs=rows, prefix=p, tags=t)
     else:
         expert_ops = dense.mlp(ctx, i, tokens=expert_tokens, prefix=p, d_ff=d_expert, name="experts",
-                               batch=batch, tags=t)
+                               batch=batch, tags=t, expert=True)
         if decode_read:
             expert_ops = [_expected_reads(op, E, active, tokens * k) for op in expert_ops]
         if moe.kernel == "loop" and dropless:  # one product per expert: E launches of each
@@ -217,7 +217,7 @@ def router(ctx: Ctx, p: str, i: int, *, tokens, routed, tags: dict) -> list:
     sigmoid gate, DeepSeek-V3; its best score under a softmax, DeepSeek-V2), then the
     other groups' scores masked. The choice carries no gradient."""
     moe, d = ctx.spec.moe, ctx.dims
-    ops = linear(ctx, f"{p}.router", layer=i, tokens=tokens, d_in=d.d_model, d_out=routed, bias=False,
+    ops = linear(ctx, f"{p}.router", layer=i, tokens=tokens, d_in=d.d_model, d_out=routed, bias=moe.router_bias,
                  kind="router", tags=tags)
     scores = tokens * routed
     if moe.gate == "softmax":

@@ -114,12 +114,13 @@ class Ctx:
         return self.w if spec.kv_dtype == spec.dtype else sp.Integer(DTYPE_BYTES[spec.kv_dtype])
 
 
-def matrix_bytes(ctx: Ctx, elements, rows) -> sp.Expr:
+def matrix_bytes(ctx: Ctx, elements, rows, expert: bool = False) -> sp.Expr:
     """Bytes of a weight matrix of `elements` values in `rows` output rows, stored in the
     spec's weight precision: `dtype` values, or bits / 8 per value plus one scale of
-    `scale_bytes` per `group_size` values of a row (per row without a group size)."""
+    `scale_bytes` per `group_size` values of a row (per row without a group size).
+    `expert`: an MoE expert's matrix (quantized under `precision.scope: experts` too)."""
     spec = ctx.spec
-    if not spec.quantized_weights:
+    if not spec.quantized_weights or (spec.precision.scope == "experts" and not expert):
         return elements * ctx.w
     p = spec.precision
     scales = rows * sp.ceiling(elements / rows / p.group_size) if p.group_size else rows
@@ -135,10 +136,11 @@ def _with_backward(ctx: Ctx, fwd: Op, bwd: dict | None) -> list[Op]:
 
 def linear(ctx: Ctx, name: str, *, layer: int, tokens, d_in, d_out, bias: bool,
            module: str | None = None, kind: str = "matmul", tied: bool = False,
-           input_grad: bool = True, batch=1, tags: dict | None = None) -> list[Op]:
+           input_grad: bool = True, batch=1, tags: dict | None = None, expert: bool = False) -> list[Op]:
     """y = x W^T (+ b) on `tokens` rows; `batch` independent weight matrices
     (batched experts) each see `tokens` rows. `tied`: the weight belongs to
-    another op (it is read, not owned).
+    another op (it is read, not owned). `expert`: MoE experts' weights (their
+    precision scope, `matrix_bytes`).
 
     Backward, one kernel: reads the gradient and the saved input once, and W
     when the input needs a gradient (not the bias); writes grad W, grad b and
@@ -150,7 +152,7 @@ def linear(ctx: Ctx, name: str, *, layer: int, tokens, d_in, d_out, bias: bool,
     matrix = batch * d_in * d_out
     weight = matrix + (batch * d_out if bias else 0)
     # the weights in their stored precision (a tied head reads the embedding table's dtype)
-    stored = weight * w if tied else matrix_bytes(ctx, matrix, batch * d_out) + (batch * d_out * w if bias else 0)
+    stored = weight * w if tied else matrix_bytes(ctx, matrix, batch * d_out, expert) + (batch * d_out * w if bias else 0)
     fwd = Op(
         name=name, kind=kind, layer=layer, module=module or name,
         flops=2 * mnk,
@@ -718,8 +720,8 @@ def gathered_experts(ctx: Ctx, name: str, *, layer: int, pairs, experts, d_in, d
         return [Op(name=name, kind="matmul", layer=layer, module=module,
                    flops=2 * pairs * matrix,
                    other_flops=pairs * d_out if bias else 0,
-                   weight_bytes=pairs * (matrix_bytes(ctx, matrix, d_out) + (d_out * w if bias else 0)),
-                   param_bytes=experts * (matrix_bytes(ctx, matrix, d_out) + (d_out * w if bias else 0)),
+                   weight_bytes=pairs * (matrix_bytes(ctx, matrix, d_out, True) + (d_out * w if bias else 0)),
+                   param_bytes=experts * (matrix_bytes(ctx, matrix, d_out, True) + (d_out * w if bias else 0)),
                    act_read_bytes=pairs * d_in * w + index,
                    act_write_bytes=pairs * d_out * w,
                    params=experts * (matrix + (d_out if bias else 0)),

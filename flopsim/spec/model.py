@@ -28,7 +28,7 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DTYPE_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
-WEIGHT_BITS = {"fp32": 32, "bf16": 16, "fp16": 16, "fp8": 8, "int8": 8, "int4": 4}
+WEIGHT_BITS = {"fp32": 32, "bf16": 16, "fp16": 16, "fp8": 8, "int8": 8, "int4": 4, "fp4": 4}
 
 Family = Literal["dense", "mod", "moe", "mode", "sparse_ff", "length_reduction"]
 FAMILY_BLOCKS = ("mod", "moe", "mode", "sparse_ff", "length_reduction")
@@ -143,6 +143,7 @@ class MoeBlock(_Strict):
     # sum of its best two)
     groups: Size = 1
     top_groups: Size = 1
+    router_bias: bool = False  # the router's product has a bias (GPT-OSS)
 
     @model_validator(mode="after")
     def _top_k_le_experts(self):
@@ -261,16 +262,18 @@ class Precision(_Strict):
       head, which reads the embedding table). int4 and int8 carry
       one scale (and zero point) of `scale_bytes` per `group_size` weights, or per output
       channel when `group_size` is null; fp8 likewise (DeepSeek-V3: 128 x 128 blocks,
-      group_size 16384, fp32 scales).
+      group_size 16384, fp32 scales; MXFP4: fp4 with an 8-bit scale per 32, scale_bytes 1).
+      `scope: experts` quantizes only the MoE experts' weights (GPT-OSS).
     - `kv_cache`: the KV cache's values (read and written by attention at decode).
     - `compute`: the dtype the matrix products run in, which sets their peak: `dtype` for
       weight-only quantization (the weights are dequantized inside the product), int8 or
       fp8 for W8A8.
     Quantized weights are inference only (train reads and updates `dtype` weights)."""
 
-    weights: Optional[Literal["fp32", "bf16", "fp16", "fp8", "int8", "int4"]] = None
+    weights: Optional[Literal["fp32", "bf16", "fp16", "fp8", "int8", "int4", "fp4"]] = None
     group_size: Optional[Size] = None
     scale_bytes: Literal[1, 2, 4] = 2
+    scope: Literal["all", "experts"] = "all"  # which products' weights: all, or the MoE experts' only
     kv_cache: Optional[Literal["fp32", "bf16", "fp16", "fp8", "int8"]] = None
     compute: Optional[Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int8"]] = None
 
@@ -445,6 +448,8 @@ class ModelSpec(_Strict):
         if self.family in ("sparse_ff", "length_reduction") or self.sparse_qkv is not None:
             raise ValueError(f"precision.weights {self.precision.weights}: quantized weights are modelled for "
                              f"Linear layers (dense, moe, mod, mode models without sparse_qkv)")
+        if self.precision.scope == "experts" and self.moe is None:
+            raise ValueError("precision.scope experts: the model has no MoE experts")
         if self.moe is not None and self.moe.kernel == "gather":
             raise ValueError("precision.weights: moe.kernel gather copies the experts' weights; use "
                              "gather_fused or grouped with quantized weights")

@@ -132,7 +132,7 @@ class MoEFFN(nn.Module):
         if noop_experts and capacity is None and moe.capacity_factor is None:
             raise ValueError(f"moe: noop_experts {noop_experts} needs a capacity_factor")
         d_expert = moe.d_expert or spec.d_ff
-        self.router = nn.Linear(spec.d_model, moe.experts + noop_experts, bias=False)
+        self.router = nn.Linear(spec.d_model, moe.experts + noop_experts, bias=moe.router_bias)
         if moe.selection_bias:  # a buffer, not a parameter (DeepSeek-V3 updates it outside the gradient)
             self.register_buffer("selection_bias", torch.randn(moe.experts + noop_experts) * 0.1)
         self.experts = Experts(spec, moe.experts, d_expert)
