@@ -144,6 +144,7 @@ from __future__ import annotations
 
 import math
 import re
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -1182,6 +1183,35 @@ def _serve_notes(spec, model, row: dict, latency: dict, prompt: int, gen: int, t
         notes.append("no TPOT target: the batch is the largest that fits memory (give --tpot to bound latency)")
 
 
+def _fraction(name: str, value) -> float:
+    """A number in (0, 1], else the one-line error naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise bad_value(name, value, "must be a fraction in (0, 1]")
+    return value
+
+
+def _serving_latency(model, batch: int, gen: int) -> dict:
+    """Time to first token, time per output token (alone and with other requests' prefills
+    interleaved: each of the batch's requests prefills once per `gen` steps) and a request's time."""
+    tpot = model.tpot(batch)
+    return {"ttft_s": model.ttft_s, "ttft_tp_comm_s": model.ttft_tp_s, "tpot_s": tpot,
+            "tpot_tp_comm_s": model.decode_tp_s(batch),
+            "tpot_with_prefills_s": tpot + batch * model.ttft_s / gen,
+            "request_s": model.ttft_s + gen * tpot}
+
+
+def _best_serving(evaluated: list) -> tuple:
+    """((row, model) chosen, feasible, fits): the most output tokens/s per GPU among the
+    tp degrees that meet the targets, else among those that fit (the smaller tp on a tie),
+    else the last one tried (nothing fits)."""
+    good = [(row, m) for row, m in evaluated if row.get("meets")]
+    fitting = [(row, m) for row, m in evaluated if row.get("fits")]
+    pool = good or fitting
+    chosen = max(pool, key=lambda rm: (rm[0]["output_tokens_per_s_per_gpu"], -rm[0]["tp"])) if pool \
+        else evaluated[-1]
+    return chosen, bool(good), bool(fitting)
+
+
 def plan_serving(spec, hw, *, prompt: int, gen: int, gpus: Optional[int] = None,
                  target_tokens_per_s: Optional[float] = None, ttft_s: Optional[float] = None,
                  tpot_s: Optional[float] = None, tp: Optional[int] = None, max_batch: Optional[int] = None,
@@ -1206,10 +1236,7 @@ def plan_serving(spec, hw, *, prompt: int, gen: int, gpus: Optional[int] = None,
     target = _positive("target_tokens_per_s", target_tokens_per_s)
     ttft_target, tpot_target = _positive("ttft_s", ttft_s), _positive("tpot_s", tpot_s)
     price = _non_negative("price", price_per_gpu_hour)
-    if isinstance(memory_utilization, bool) or not isinstance(memory_utilization, (int, float)) \
-            or not 0 < memory_utilization <= 1:
-        raise bad_value("memory_utilization", memory_utilization, "must be a fraction in (0, 1]")
-    usable = memory_utilization * hw.memory_capacity_bytes
+    usable = _fraction("memory_utilization", memory_utilization) * hw.memory_capacity_bytes
     upper = MAX_SERVING_BATCH if max_batch is None else _positive_int("max_batch", max_batch)
     gpus_per_node = _positive_int("gpus_per_node", gpus_per_node if gpus_per_node is not None
                                   else (hw.scale_up_domain or DEFAULT_GPUS_PER_NODE))
@@ -1219,25 +1246,14 @@ def plan_serving(spec, hw, *, prompt: int, gen: int, gpus: Optional[int] = None,
     links = _links(hw, cal, interconnect_bytes_per_s, inter_node_bytes_per_s, gpus_per_node, comm_latency_s,
                    needed=max(tps) > 1)
 
-    bar = _Progress(progress, "serving plan", total=len(tps))
     evaluated = []
-    try:
+    with closing(_Progress(progress, "serving plan", total=len(tps))) as bar:
         for t in tps:
             bar.advance(f"tp {t}: batch search", n=0)
             model = _ServeModel(spec, hw, cal, links, tp=t, prompt=prompt, gen=gen, usable_bytes=usable)
             evaluated.append((_serve_row(model, t, hw, usable, upper, ttft_target, tpot_target, bar), model))
             bar.advance()
-    finally:
-        bar.close()
-
-    good = [(row, m) for row, m in evaluated if row.get("meets")]
-    fitting = [(row, m) for row, m in evaluated if row.get("fits")]
-    pool = good or fitting
-    feasible, fits = bool(good), bool(fitting)
-    if pool:
-        row, model = max(pool, key=lambda rm: (rm[0]["output_tokens_per_s_per_gpu"], -rm[0]["tp"]))
-    else:
-        row, model = evaluated[-1]
+    (row, model), feasible, fits = _best_serving(evaluated)
     t = row["tp"]
     candidates = [{k: v for k, v in r.items() if k != "reasons"} | {"reasons": "; ".join(r.get("reasons", []))}
                   for r, _ in evaluated]
@@ -1250,19 +1266,17 @@ def plan_serving(spec, hw, *, prompt: int, gen: int, gpus: Optional[int] = None,
     mem_out = {**mem, "capacity_bytes": hw.memory_capacity_bytes, "usable_bytes": usable,
                "memory_utilization": memory_utilization, "fits": fits}
     if not fits:
+        more_tp = tp is not None or t < gpus_per_node
         message = "does not fit: " + row["reasons"][0] + (
-            "; try a larger --tp, a device with more memory, or a shorter prompt + gen" if tp is not None or
-            t < gpus_per_node else "; try a device with more memory, a shorter prompt + gen, or tp across nodes")
-        return ServingPlan(spec=spec, hw=hw, calibration=cal, config=config, links=links, latency={},
-                           throughput={}, memory=mem_out, cost={}, fits=False, feasible=False, message=message,
+            "; try a larger --tp, a device with more memory, or a shorter prompt + gen" if more_tp
+            else "; try a device with more memory, a shorter prompt + gen, or tp across nodes")
+        return ServingPlan(spec=spec, hw=hw, calibration=cal, config=config, links=links, latency={}, throughput={},
+                           memory=mem_out, cost={}, fits=False, feasible=False, message=message,
                            candidates=candidates, notes=[])
 
     batch = row["batch"]
-    tpot = model.tpot(batch)
-    latency = {"ttft_s": model.ttft_s, "ttft_tp_comm_s": model.ttft_tp_s, "tpot_s": tpot,
-               "tpot_tp_comm_s": model.decode_tp_s(batch),
-               "tpot_with_prefills_s": tpot + batch * model.ttft_s / gen,
-               "request_s": model.ttft_s + gen * tpot}
+    latency = _serving_latency(model, batch, gen)
+    tpot = latency["tpot_s"]
     notes: list = []
     throughput = _serve_throughput(model, batch, t, gen, target, gpus, notes)
     active = _active_experts(spec, batch, model.t_mean)

@@ -507,6 +507,54 @@ def _flop_matched(family, target_fpt, shapes, seq, mod, moe, rule: Optional[Ladd
     return _match(cands, target_fpt)
 
 
+def _check_inputs(budget, gpu_hours, hardware, seq, batch, method) -> tuple:
+    """(budgets as a list of positive numbers, gpu_hours), or the one-line error."""
+    if method not in ("auto", "numeric"):
+        raise bad_value("method", method, "expected auto or numeric")
+    budgets = [] if budget is None else [budget] if np.isscalar(budget) else list(budget)
+    budgets = [_positive("budget", b) for b in budgets]
+    if gpu_hours is not None:
+        gpu_hours = _positive("gpu-hours", gpu_hours)
+    if not budgets and gpu_hours is None:
+        raise InputError("give --budget FLOPS (isoFLOP) and/or --gpu-hours H with --hardware (iso-time)")
+    if gpu_hours is not None and hardware is None:
+        raise InputError("--gpu-hours needs --hardware (time comes from the roofline)")
+    for name, v in (("seq", seq), ("batch", batch)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise bad_value(name, v, "must be a positive integer")
+    return budgets, gpu_hours
+
+
+def _variant_notes(the_law, fams, mod, moe, assumptions: list, warnings: list) -> None:
+    """The MoE and MoD variants' settings, as assumptions (and a warning where a law is extrapolated)."""
+    if "moe" in fams:
+        G, E = moe.granularity, moe.expansion
+        if the_law.name == "krajewski" and E != 64:
+            warnings.append(f"krajewski's MoE fit used expansion rate E = 64; E = {E} is extrapolation")
+        assumptions.append(f"MoE variants: expansion E = {E}, granularity G = {G} ({E * G} experts of width "
+                           f"d_ff/{G}, top-{G}), every {moe.every} block(s)")
+    if "mod" in fams:
+        assumptions.append(f"MoD variants: capacity {mod.capacity:g}, routing every {mod.every} block(s)")
+
+
+def _optima(fams, budgets, views, costs, per_token, allocation: bool, closed_ok: bool, warnings: list) -> tuple:
+    """({(family, budget): optimum}, {(family, budget): curve rows}): the law's allocation, or
+    the sweep of the ladder at each budget; an optimum at the ladder's edge is warned of."""
+    optima, curves = {}, {}
+    for f in fams:
+        pt = per_token(f)
+        for b in budgets:
+            if allocation:
+                opt, rows = _allocate(views[f], costs[f], pt, b)
+            else:
+                opt, rows = _sweep(views[f], costs[f], pt, b, "flops", closed_ok)
+            optima[(f, b)], curves[(f, b)] = opt, rows
+            if opt.at_edge:
+                warnings.append(f"{f} optimum at {b:.3g} FLOPs is at the edge of the ladder "
+                                f"({opt.shape.name}); widen --min-layers / --max-layers")
+    return optima, curves
+
+
 def isoflop(budget=None, law="chinchilla-3", *, families: Sequence[str] = ("dense",), flops_rule: str = "exact",
             seq: int = 2048, batch: int = 8, ladder=None, shapes=None, hardware=None,
             gpu_hours: Optional[float] = None, mod: ModOptions = ModOptions(), moe: MoeOptions = MoeOptions(),
@@ -522,19 +570,7 @@ def isoflop(budget=None, law="chinchilla-3", *, families: Sequence[str] = ("dens
     costed (and, for iso-time, timed).
     """
     rule = _rule(flops_rule)
-    if method not in ("auto", "numeric"):
-        raise bad_value("method", method, "expected auto or numeric")
-    budgets = [] if budget is None else [budget] if np.isscalar(budget) else list(budget)
-    budgets = [_positive("budget", b) for b in budgets]
-    if gpu_hours is not None:
-        gpu_hours = _positive("gpu-hours", gpu_hours)
-    if not budgets and gpu_hours is None:
-        raise InputError("give --budget FLOPS (isoFLOP) and/or --gpu-hours H with --hardware (iso-time)")
-    if gpu_hours is not None and hardware is None:
-        raise InputError("--gpu-hours needs --hardware (time comes from the roofline)")
-    for name, v in (("seq", seq), ("batch", batch)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise bad_value(name, v, "must be a positive integer")
+    budgets, gpu_hours = _check_inputs(budget, gpu_hours, hardware, seq, batch, method)
     fams = _families(families)
     the_law, fit = _resolve_law(law)
     _check_allocation_law(the_law, fams, gpu_hours)
@@ -542,14 +578,7 @@ def isoflop(budget=None, law="chinchilla-3", *, families: Sequence[str] = ("dens
     warnings += _range_warnings(the_law, budgets)
     views = _views(the_law, fams, mod_effective_params, mod_law, assumptions)
     closed_ok = rule == "6N" and method != "numeric"
-    if "moe" in fams:
-        G, E = moe.granularity, moe.expansion
-        if the_law.name == "krajewski" and E != 64:
-            warnings.append(f"krajewski's MoE fit used expansion rate E = 64; E = {E} is extrapolation")
-        assumptions.append(f"MoE variants: expansion E = {E}, granularity G = {G} ({E * G} experts of width "
-                           f"d_ff/{G}, top-{G}), every {moe.every} block(s)")
-    if "mod" in fams:
-        assumptions.append(f"MoD variants: capacity {mod.capacity:g}, routing every {mod.every} block(s)")
+    _variant_notes(the_law, fams, mod, moe, assumptions, warnings)
 
     hw = load_hw(hardware)
     chosen = _chosen_shapes(shapes, fams, ladder, seq, budgets, gpu_hours, hw)
@@ -570,19 +599,8 @@ def isoflop(budget=None, law="chinchilla-3", *, families: Sequence[str] = ("dens
             return np.array([views[f].cost_per_token_6n(c) for c in costs[f]], dtype=float)
         return np.array([c.flops_per_token for c in costs[f]], dtype=float)
 
-    optima, curves = {}, {}
     allocation = isinstance(the_law, AllocationLaw)
-    for f in fams:
-        pt = per_token(f)
-        for b in budgets:
-            if allocation:
-                opt, rows = _allocate(views[f], costs[f], pt, b)
-            else:
-                opt, rows = _sweep(views[f], costs[f], pt, b, "flops", closed_ok)
-            optima[(f, b)], curves[(f, b)] = opt, rows
-            if opt.at_edge:
-                warnings.append(f"{f} optimum at {b:.3g} FLOPs is at the edge of the ladder "
-                                f"({opt.shape.name}); widen --min-layers / --max-layers")
+    optima, curves = _optima(fams, budgets, views, costs, per_token, allocation, closed_ok, warnings)
 
     if hw is not None:
         from flopsim.calibration import load_calibration
