@@ -112,15 +112,18 @@ BERT_MODEL = 109_482_240  # BertModel("bert-base-uncased"), pooler included
 BERT_POOLER = 768 * 768 + 768
 
 
-def test_bert_masked_lm_counts_the_encoder_and_notes_the_mlm_transform():
+def test_bert_masked_lm_counts_the_encoder_and_the_mlm_transform():
     spec, notes = load_hf_config_with_notes(HF / "bert-base-uncased.json")
-    assert (spec.causal, spec.norm_position, spec.token_types, spec.head, spec.tied_embeddings) == \
-        (False, "post", 2, "lm", True)
-    assert params(spec) == BERT_MODEL - BERT_POOLER
-    # BertForMaskedLM's published 109,514,298 = encoder + MLM transform (768x768 dense, LayerNorm) + bias(vocab)
+    assert (spec.causal, spec.norm_position, spec.token_types, spec.head, spec.tied_embeddings, spec.lm_transform) == \
+        (False, "post", 2, "lm", True, True)
+    # BertForMaskedLM's published 109,514,298 = BertModel without its pooler + the MLM transform
+    # (768x768 dense with bias, LayerNorm) + the logits' bias (vocab)
     transform = 768 * 768 + 768 + 2 * 768 + 30522
-    assert params(spec) + transform == 109_514_298
-    assert any(f"{transform:,} parameters" in n for n in notes)
+    assert params(spec) == BERT_MODEL - BERT_POOLER + transform == 109_514_298
+    assert notes == []
+    pretraining, notes = convert({**cfg("bert-base-uncased"), "architectures": ["BertForPreTraining"]}, "bert")
+    assert params(pretraining) == params(spec)  # the pooler and next-sentence head are noted, not modelled
+    assert any(f"{BERT_POOLER + 2 * 768 + 2:,} parameters" in n for n in notes)
 
 
 def test_bert_sequence_classification_equals_the_preset():

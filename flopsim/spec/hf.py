@@ -41,9 +41,10 @@ Mapping decisions (see specs/models/hf/README.md for the full list):
   none. `gated-gelu` is HF's gated `gelu_new` (tanh GELU).
 - BERT: post-norm, token types; `BertForSequenceClassification` -> cls head
   (pooler + classifier, `classes` = len(id2label), else num_labels, else 2);
-  `BertForMaskedLM` / `BertForPreTraining` -> a tied LM head without the MLM
-  transform (dense + LayerNorm) or the output bias; `BertModel` -> no head
-  (its pooler is not modelled).
+  `BertForMaskedLM` / `BertForPreTraining` -> a tied LM head after the MLM
+  transform (`lm_transform`: dense + activation + LayerNorm, and the logits'
+  bias); BertForPreTraining's pooler and next-sentence head are not modelled;
+  `BertModel` -> no head (its pooler is not modelled).
 - dtype from `torch_dtype` (or `dtype`, transformers >= 4.56); a config
   without one loads as fp32 in transformers, and so it does here.
 - max_seq from `max_position_embeddings` / `n_positions`; Mistral's and
@@ -317,15 +318,12 @@ def _bert(c: _Config, notes: list[str]) -> dict:
     if c.arch == "BertForSequenceClassification":
         spec.update(head="cls", classes=_classes(c))
     elif c.arch in ("BertForMaskedLM", "BertForPreTraining"):
-        spec["head"] = "lm"
-        d = spec["d_model"]
-        extra = d * d + d + 2 * d + spec["vocab"]
-        what = "the MLM transform (dense + LayerNorm) and the output bias"
+        spec.update(head="lm", lm_transform=True)  # dense + activation + LayerNorm, logits bias
         if c.arch == "BertForPreTraining":
-            extra += d * d + d + 2 * d + 2
-            what += ", the pooler and the next-sentence head"
-        notes.append(f"{what} are not modelled ({extra:,} parameters); the LM head is a tied "
-                     f"d_model x vocab product")
+            d = spec["d_model"]
+            notes.append(f"the pooler (dense + tanh on the first token) and the next-sentence head "
+                         f"(Linear(d_model, 2)) are not modelled ({d * d + d + 2 * d + 2:,} parameters, "
+                         f"2 * batch * d_model * (d_model + 2) FLOPs forward)")
     else:
         spec["head"] = "none"
         notes.append(f"BertModel's pooler (dense + tanh on the first token, {spec['d_model'] ** 2 + spec['d_model']:,} "

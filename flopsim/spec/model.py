@@ -19,6 +19,10 @@ meaning):
 - `attention_impl`: `fused` (one scaled-dot-product-attention kernel; its
   backward recomputes the scores, 5 batched products) or `explicit` (two
   batched products and a softmax; backward 4 products).
+- `lm_transform` (head lm only): BERT's masked-LM head, which transforms the
+  hidden states before the LM product (dense d_model x d_model with the
+  spec's bias, the activation, a norm) and adds an output bias of `vocab`
+  to the logits (owned by the head even when the weight is tied).
 """
 
 from __future__ import annotations
@@ -353,6 +357,7 @@ class ModelSpec(_Strict):
     norm_position: Literal["pre", "post"] = "pre"
     token_types: Count = 0
     head: Literal["lm", "cls", "none"] = "lm"
+    lm_transform: bool = False
     classes: Size = 2
     dtype: Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int8"] = "bf16"
     attention_impl: Literal["fused", "explicit"] = "fused"
@@ -392,6 +397,8 @@ class ModelSpec(_Strict):
                     object.__setattr__(self, "mode", ModeBlock())
                 else:
                     raise ValueError(f"family '{self.family}' needs a '{block}' block")
+        if self.lm_transform and self.head != "lm":
+            raise ValueError(f"lm_transform transforms the hidden states before the LM head; head is {self.head!r}")
         if self.length_reduction is not None and len(self.length_reduction.keep) != self.layers:
             raise ValueError(
                 f"length_reduction.keep lists {len(self.length_reduction.keep)} layers, the model has {self.layers}"
