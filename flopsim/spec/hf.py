@@ -227,7 +227,10 @@ def _sparse_every(c: _Config, layers: int) -> Optional[int]:
 
 
 def _qwen_moe(c: _Config, notes: list[str]) -> dict:
-    c.require("num_experts", "num_experts_per_tok", "moe_intermediate_size")
+    # transformers 5 saves Qwen3-MoE's `num_experts` as `num_local_experts` (its attribute_map)
+    experts_key = "num_local_experts" if c.data.get("num_experts") is None and \
+        c.data.get("num_local_experts") is not None else "num_experts"
+    c.require(experts_key, "num_experts_per_tok", "moe_intermediate_size")
     spec = _decoder_common(c, notes, max_pos_default=8192 if c.arch == "Qwen2MoeForCausalLM" else 32768)
     if c.arch == "Qwen2MoeForCausalLM":
         spec["bias"] = _bias(c, notes, attention=True, mlp=False, what="the q/k/v projections")
@@ -235,7 +238,7 @@ def _qwen_moe(c: _Config, notes: list[str]) -> dict:
         spec["bias"] = _bias(c, notes, attention=c.flag("attention_bias", False), mlp=False)
         notes.append("Qwen3's per-head q/k RMSNorms (2 * d_head weights per layer) are not modelled")
     every = _sparse_every(c, spec["layers"])
-    experts = c.integer("num_experts", minimum=0)
+    experts = c.integer(experts_key, minimum=0)
     if every is None or experts == 0:
         notes.append("no layer is sparse (num_experts 0, or every layer in mlp_only_layers): a dense model")
         return spec
