@@ -210,6 +210,17 @@ def test_bad_hf_config_field(runner, tmp_path, field, value):
     _one_line_exit_2(runner.invoke(app, ["count", _write(tmp_path, "config.json", {**HF, field: value})]))
 
 
+@pytest.mark.parametrize("value", ["nope", "", "EAGER", 1, True, [], {"": "eager"}], ids=repr)
+def test_bad_hf_attn_implementation(runner, tmp_path, value):
+    _one_line_exit_2(runner.invoke(app, ["count", _write(tmp_path, "config.json",
+                                                          {**HF, "attn_implementation": value})]))
+
+
+@pytest.mark.parametrize("value", ["nope", "", "Explicit"], ids=repr)
+def test_bad_attention_option(runner, value):
+    _one_line_exit_2(runner.invoke(app, ["count", "gpt2-small", "--seq", "8", "--attention", value]))
+
+
 MODEL_TYPES = [["llama"], {"a": 1}, 3, None, True, "", "no-such-model"]
 
 

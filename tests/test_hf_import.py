@@ -120,7 +120,7 @@ def test_bert_masked_lm_counts_the_encoder_and_the_mlm_transform():
     # (768x768 dense with bias, LayerNorm) + the logits' bias (vocab)
     transform = 768 * 768 + 768 + 2 * 768 + 30522
     assert params(spec) == BERT_MODEL - BERT_POOLER + transform == 109_514_298
-    assert notes == []
+    assert len(notes) == 1 and notes[0].startswith("attention dropout 0.1: training on CPU")  # nothing unmodelled
     pretraining, notes = convert({**cfg("bert-base-uncased"), "architectures": ["BertForPreTraining"]}, "bert")
     assert params(pretraining) == params(spec)  # the pooler and next-sentence head are noted, not modelled
     assert any(f"{BERT_POOLER + 2 * 768 + 2:,} parameters" in n for n in notes)

@@ -45,6 +45,14 @@ Mapping decisions (see specs/models/hf/README.md for the full list):
   transform (`lm_transform`: dense + activation + LayerNorm, and the logits'
   bias); BertForPreTraining's pooler and next-sentence head are not modelled;
   `BertModel` -> no head (its pooler is not modelled).
+- attention_impl: `explicit` for transformers' `eager` attention, else
+  `fused` (sdpa, the default, and the flash and flex kernels), from the
+  `attention` argument or the config's `attn_implementation` (the key
+  transformers itself reads). Training on CPU, torch's SDPA runs the explicit
+  products whenever attention dropout is above 0 (GPT-2's and BERT's published
+  configs) or a mask needs a gradient (T5's relative position bias); CUDA's
+  fused kernels take both, so fused stays the default and such a config gets a
+  note saying how to count the CPU run.
 - dtype from `torch_dtype` (or `dtype`, transformers >= 4.56); a config
   without one loads as fp32 in transformers, and so it does here.
 - max_seq from `max_position_embeddings` / `n_positions`; Mistral's and
@@ -81,7 +89,30 @@ DTYPES = {
     "int8": "int8",
 }
 
+# transformers' attn_implementation -> ModelSpec.attention_impl (flopsim's own names accepted too):
+# eager runs Q K^T, softmax and P V as separate products (backward: 4 products); the others are
+# one kernel whose backward recomputes the scores (5 products, as torch's FLOP formulas count it)
+ATTENTION = {
+    "eager": "explicit",
+    "sdpa": "fused",
+    "flash_attention_2": "fused",
+    "flash_attention_3": "fused",
+    "flex_attention": "fused",
+    "explicit": "explicit",
+    "fused": "fused",
+}
+
+# the attention-dropout probability in each architecture's config
+ATTENTION_DROPOUT = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob", "dropout_rate")
+
 _MISSING = object()
+
+
+def attention_impl(value: Any, where: str = "attention") -> str:
+    """ModelSpec.attention_impl for an attention implementation's name (transformers' or flopsim's)."""
+    if not isinstance(value, str) or value not in ATTENTION:
+        raise SpecError(f"{where}: value {str(value)[:60]!r}: not supported (one of {', '.join(ATTENTION)})")
+    return ATTENTION[value]
 
 
 class _Config:
@@ -380,6 +411,31 @@ def _t5(c: _Config, notes: list[str]) -> dict:
     return spec
 
 
+def _attention(c: _Config, notes: list[str], attention: Optional[str]) -> str:
+    """The spec's attention_impl: `attention` when given, else the config's attn_implementation
+    (as transformers reads it), else fused (transformers' default, sdpa). A fused kernel that
+    torch's CPU SDPA would not run in training is noted."""
+    key = next((k for k in ("attn_implementation", "_attn_implementation") if c.data.get(k) is not None), None)
+    if attention is not None:
+        impl = attention_impl(attention, f"{c.source}: attention")
+    elif key is not None:
+        impl = attention_impl(c.data[key], f"{c.source}: {c.arch}: key '{key}'")
+    else:
+        impl = "fused"
+    if impl == "explicit":
+        return impl
+    dropout = next((c.data[k] for k in ATTENTION_DROPOUT if isinstance(c.data.get(k), (int, float))
+                    and not isinstance(c.data.get(k), bool) and c.data[k] > 0), None)
+    cpu = ("training on CPU, torch's SDPA then runs attention as plain products (Q K^T, softmax, P V: "
+           "4 backward products, not the fused kernel's 5; CUDA's fused kernels take it): count that run with "
+           "attention 'explicit' (`--attention explicit`, or attn_implementation eager in the config)")
+    if dropout is not None:
+        notes.append(f"attention dropout {dropout}: {cpu}")
+    if c.arch in ARCHITECTURES and ARCHITECTURES[c.arch] is _t5:
+        notes.append(f"T5's relative position bias is a trainable mask on the scores: {cpu}")
+    return impl
+
+
 ARCHITECTURES: dict[str, Callable[[_Config, list], dict]] = {
     "LlamaForCausalLM": _llama,
     "MistralForCausalLM": _llama,
@@ -437,8 +493,9 @@ def architecture(config: dict, source: str = "config") -> str:
     return arch
 
 
-def convert(config: dict, name: str, source: Optional[str] = None) -> tuple:
-    """(ModelSpec, notes): the spec and, one line each, what flopsim does not model for it."""
+def convert(config: dict, name: str, source: Optional[str] = None, attention: Optional[str] = None) -> tuple:
+    """(ModelSpec, notes): the spec and, one line each, what flopsim does not model for it.
+    `attention` (eager, sdpa, ... or explicit, fused) overrides the config's attn_implementation."""
     from flopsim.spec.loader import validate
     from flopsim.spec.model import ModelSpec
 
@@ -449,14 +506,15 @@ def convert(config: dict, name: str, source: Optional[str] = None) -> tuple:
     c = _Config(config, arch, source)
     notes: list[str] = []
     fields = ARCHITECTURES[arch](c, notes)
+    fields["attention_impl"] = _attention(c, notes, attention)
     if arch in _T5_DECODERS:
         name = f"{name}-decoder"
     return validate(ModelSpec, {"name": name, **fields}, f"{source} ({arch})"), notes
 
 
-def hf_to_spec(config: dict, name: str, source: Optional[str] = None):
+def hf_to_spec(config: dict, name: str, source: Optional[str] = None, attention: Optional[str] = None):
     """A ModelSpec from a parsed Hugging Face config dict."""
-    return convert(config, name, source)[0]
+    return convert(config, name, source, attention)[0]
 
 
 def spec_name(path: Path) -> str:
@@ -484,13 +542,13 @@ def read_config(path) -> tuple[dict, Path]:
     return config, path
 
 
-def load_hf_config(path):
+def load_hf_config(path, attention: Optional[str] = None):
     """A ModelSpec from a Hugging Face config.json (or a folder holding one), offline."""
     config, path = read_config(path)
-    return hf_to_spec(config, spec_name(path), str(path))
+    return hf_to_spec(config, spec_name(path), str(path), attention)
 
 
-def load_hf_config_with_notes(path) -> tuple:
+def load_hf_config_with_notes(path, attention: Optional[str] = None) -> tuple:
     """(ModelSpec, notes) from a Hugging Face config.json."""
     config, path = read_config(path)
-    return convert(config, spec_name(path), str(path))
+    return convert(config, spec_name(path), str(path), attention)
