@@ -223,8 +223,8 @@ def test_qwen3_moe_count():
     per_layer = d * 32 * dh + 2 * d * 4 * dh + 32 * dh * d + 2 * dh + E * 3 * d * w + d * E + 2 * d
     published = 2 * V * d + L * per_layer + d
     assert published == 30_532_122_624  # Qwen3-30B-A3B: "30.5B in total"
-    assert params(spec) == published - L * 2 * dh  # q/k norms not modelled
-    assert any("q/k RMSNorms" in n for n in notes)
+    assert spec.qk_norm and params(spec) == published  # its per-head q/k RMSNorms (2 x 128 a layer) included
+    assert notes == []
 
 
 @pytest.mark.parametrize("step,mlp_only,expected", [

@@ -225,7 +225,7 @@ def _llama(c: _Config, notes: list[str]) -> dict:
     else:
         spec["bias"] = _bias(c, notes, attention=c.flag("attention_bias", False), mlp=c.flag("mlp_bias", False))
     if c.arch == "Qwen3ForCausalLM":
-        notes.append("Qwen3's per-head q/k RMSNorms (2 * d_head weights per layer) are not modelled")
+        spec["qk_norm"] = True  # an RMSNorm over d_head on each query and key head
     return spec
 
 
@@ -267,7 +267,7 @@ def _qwen_moe(c: _Config, notes: list[str]) -> dict:
         spec["bias"] = _bias(c, notes, attention=True, mlp=False, what="the q/k/v projections")
     else:
         spec["bias"] = _bias(c, notes, attention=c.flag("attention_bias", False), mlp=False)
-        notes.append("Qwen3's per-head q/k RMSNorms (2 * d_head weights per layer) are not modelled")
+        spec["qk_norm"] = True  # Qwen3: an RMSNorm over d_head on each query and key head
     every = _sparse_every(c, spec["layers"])
     experts = c.integer(experts_key, minimum=0)
     if every is None or experts == 0:
