@@ -249,6 +249,12 @@ def test_qwen_moe_unrepresentable_layouts_are_errors():
     assert hf_to_spec({**base, "shared_expert_intermediate_size": 0}, "q").moe.shared_experts == 0
 
 
+def test_t5_model_has_no_lm_head():
+    spec, notes = convert({**cfg("t5-v1_1-base"), "architectures": ["T5Model"]}, "t5")
+    assert spec.head == "none" and spec.causal
+    assert any("no head (T5Model)" in n for n in notes) and not any("scales the decoder output" in n for n in notes)
+
+
 # -- smaller mapping rules --------------------------------------------------------
 
 def test_dtypes_head_dim_model_type_and_bias_rule():

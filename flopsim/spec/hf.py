@@ -381,6 +381,7 @@ def _t5(c: _Config, notes: list[str]) -> dict:
         raise c.fail(f"key 'feed_forward_proj': value {proj!r}: activation {act!r} not supported "
                      f"(one of {', '.join(ACTIVATIONS)})")
     decoder = c.arch in _T5_DECODERS
+    lm = c.arch.endswith("ForConditionalGeneration")  # T5Model: the decoder's hidden states, no LM head
     layers_key = "num_decoder_layers" if decoder and c.data.get("num_decoder_layers") is not None else "num_layers"
     spec = dict(
         layers=c.integer(layers_key),
@@ -398,15 +399,15 @@ def _t5(c: _Config, notes: list[str]) -> dict:
         bias=False,
         norm="rmsnorm",
         norm_position="pre",
-        head="lm" if decoder else "none",
+        head="lm" if lm else "none",
         dtype=c.dtype(),
     )
     notes.append("relative position biases (num_buckets x heads per stack) are costed as positions none")
     if decoder:
         notes.append(f"encoder-decoder: only the decoder stack is modelled ({spec['layers']} blocks of causal "
-                     f"self-attention and FFN, LM head); the {c.integer('num_layers')}-block encoder and the "
-                     f"decoder's cross-attention are not")
-    if decoder and spec["tied_embeddings"]:
+                     f"self-attention and FFN{', LM head' if lm else ', no head (T5Model)'}); the "
+                     f"{c.integer('num_layers')}-block encoder and the decoder's cross-attention are not")
+    if lm and spec["tied_embeddings"]:
         notes.append("tied LM head: T5 scales the decoder output by d_model ** -0.5 (an elementwise op, not costed)")
     return spec
 
