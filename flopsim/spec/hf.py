@@ -11,9 +11,12 @@ The architecture is `architectures[0]`, or, when a config has no
 
 | architectures | family | what is modelled |
 | --- | --- | --- |
-| LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM | dense | decoder, gated FFN, RMSNorm, RoPE |
+| LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM | dense | decoder, gated FFN, RMSNorm, RoPE (Qwen3: qk_norm) |
 | MixtralForCausalLM | moe | as Llama, every FFN an MoE of `num_local_experts` |
 | Qwen2MoeForCausalLM, Qwen3MoeForCausalLM | moe (dense if no sparse layer) | routed experts of `moe_intermediate_size`, shared experts |
+| DeepseekV2ForCausalLM, DeepseekV3ForCausalLM | moe (dense if no sparse layer) | mla (latent attention), DeepSeek-MoE routing |
+| Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3ForConditionalGeneration | dense | sandwich norms, scaled embeddings, local/global windows; Gemma 2 softcap, Gemma 3 qk_norm (multimodal: the language model) |
+| GptOssForCausalLM | moe | attention sinks, alternating windows, biased experts and router, MXFP4 experts |
 | GPT2LMHeadModel, GPT2Model | dense | pre-LayerNorm, learned positions, biases |
 | BertForSequenceClassification, BertForMaskedLM, BertForPreTraining, BertModel | dense | post-LayerNorm encoder, token types |
 | T5ForConditionalGeneration, T5Model, MT5ForConditionalGeneration, MT5Model, UMT5ForConditionalGeneration, UMT5Model | dense | the decoder stack only (spec name ends in `-decoder`) |
@@ -53,12 +56,41 @@ Mapping decisions (see specs/models/hf/README.md for the full list):
   configs) or a mask needs a gradient (T5's relative position bias); CUDA's
   fused kernels take both, so fused stays the default and such a config gets a
   note saying how to count the CPU run.
+  Gemma 2 and GPT-OSS have no SDPA path in transformers, which runs them
+  eagerly: their default is `explicit` (noted; a flash kernel: `fused`).
 - dtype from `torch_dtype` (or `dtype`, transformers >= 4.56); a config
   without one loads as fp32 in transformers, and so it does here.
 - max_seq from `max_position_embeddings` / `n_positions`; Mistral's and
   Mixtral's `sliding_window` -> `sliding_window: {size: W}` on every layer
-  (decode reads and caches min(T, W) keys); Qwen2's windows from
-  `max_window_layers` on are not modelled (full attention, noted).
+  (decode reads and caches min(T, W) keys); Gemma's and GPT-OSS's local
+  layers from transformers' `layer_types` (else Gemma 3's
+  `sliding_window_pattern` n, default 6; Gemma 2 and GPT-OSS: 2): layer i
+  global when (i + 1) % n == 0 (`global_every`); a layout that is not
+  periodic so is an error. Qwen2's windows from `max_window_layers` on are
+  not modelled (full attention, noted).
+- DeepSeek: `mla` {kv_rank: kv_lora_rank, q_rank: q_lora_rank, d_nope, d_rope,
+  d_v from the qk_*/v head dims}; moe {experts: n_routed_experts, top_k,
+  d_expert: moe_intermediate_size, shared_experts: n_shared_experts,
+  first_dense: first_k_dense_replace, every from moe_layer_freq (DeepSeek's
+  code routes layer i when i % freq == 0; transformers ignores the key), gate
+  from scoring_func, normalize: norm_topk_prob, scale: routed_scaling_factor,
+  selection_bias: topk_method noaux_tc, groups / top_groups: n_group /
+  topk_group unless topk_method is greedy}; absent keys take transformers'
+  defaults of the version (V3: sigmoid, noaux_tc, 3 dense blocks). Decode is
+  flopsim's absorbed form; transformers' class runs the expanded one (noted).
+- Gemma: `hidden_activation` (gelu_pytorch_tanh -> gelu_tanh), head_dim
+  (default 256), tied head, sandwich_norms, scale_embeddings; Gemma 2's
+  softcap {attention: attn_logit_softcapping, logits:
+  final_logit_softcapping} (absent: 50 and 30, as transformers); Gemma 3's
+  qk_norm. Gemma 3's text config holds only what differs from transformers'
+  Gemma3TextConfig defaults (GEMMA3_TEXT_DEFAULTS fills the rest).
+- GPT-OSS: moe {experts: num_local_experts, top_k, d_expert:
+  intermediate_size, normalize (the softmax over the chosen top-k logits),
+  router_bias}, bias (attention_bias; the experts' biases), attention_sinks;
+  quantization_config mxfp4 -> precision {weights fp4, group_size 32,
+  scale_bytes 1, scope experts}. Its clamped SwiGLU is costed as SwiGLU.
+- rope_scaling / rope_parameters other than default (llama3, yarn, linear,
+  dynamic): the rotary frequencies change, not the products: no cost, noted.
 """
 
 from __future__ import annotations
@@ -106,6 +138,12 @@ ATTENTION = {
 ATTENTION_DROPOUT = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob", "dropout_rate")
 
 _MISSING = object()
+
+# architectures whose per-layer windows `_windows` maps (not _decoder_common's every-layer window)
+_OWN_WINDOWS = ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration", "GptOssForCausalLM")
+# transformers runs these with eager attention by default: they have no SDPA path
+# (SDPA has no soft-capping, nor sinks)
+_EAGER_DEFAULT = ("Gemma2ForCausalLM", "GptOssForCausalLM")
 
 
 def attention_impl(value: Any, where: str = "attention") -> str:
@@ -198,13 +236,58 @@ def _decoder_common(c: _Config, notes: list[str], *, max_pos_default: int, tied_
     if head_dim is not None:
         spec["d_head"] = head_dim
     window = c.data.get("sliding_window")
-    if window is not None and c.data.get("use_sliding_window", True) is not False:
+    if c.arch in _OWN_WINDOWS:  # Gemma, GPT-OSS: per-layer windows (`_windows`)
+        pass
+    elif window is not None and c.data.get("use_sliding_window", True) is not False:
         if c.arch in ("MistralForCausalLM", "MixtralForCausalLM"):  # every layer: a window of W keys
             spec["sliding_window"] = {"size": c.integer("sliding_window")}
         else:  # Qwen2's windows start at max_window_layers: not a pattern flopsim describes
             notes.append(f"sliding_window {window} is not modelled: attention is costed over the full context "
                          f"(exact up to {window} tokens)")
+    _rope_note(c, notes)
     return spec
+
+
+def _rope_note(c: _Config, notes: list[str]) -> None:
+    """RoPE scaling (Llama 3.1's llama3, yarn, linear, dynamic) rescales the rotary frequencies
+    (computed once, or per sequence length): no product changes, so no cost; noted."""
+    for key in ("rope_scaling", "rope_parameters"):
+        value = c.data.get(key)
+        if not isinstance(value, dict) or not value:
+            continue
+        # Gemma 3 keeps one parameter set per layer type: {"full_attention": {...}, ...}
+        parts = list(value.values()) if all(isinstance(v, dict) for v in value.values()) else [value]
+        kinds = sorted({str(p.get("rope_type", p.get("type", "default"))) for p in parts} - {"default"})
+        if kinds:
+            notes.append(f"{key} {', '.join(kinds)}: RoPE's frequencies rescaled, no cost (the rotary "
+                         f"products and their count are unchanged)")
+            return
+
+
+def _windows(c: _Config, layers: int, *, pattern_default: Optional[int] = None) -> Optional[dict]:
+    """The spec's sliding_window from transformers' per-layer `layer_types` (sliding_attention /
+    full_attention), else from `sliding_window_pattern` n (Gemma 3's older key; also its default):
+    layer i full when (i + 1) % n == 0. None when no layer is local (or no window size)."""
+    size = c.integer("sliding_window", None)
+    types = c.get("layer_types", None)
+    if types is not None:
+        known = ("sliding_attention", "full_attention")
+        if not isinstance(types, list) or len(types) != layers or any(t not in known for t in types):
+            raise c.fail(f"key 'layer_types': value {str(types)[:80]!r}: expected {layers} entries, each "
+                         f"{' or '.join(known)}")
+        local = {i for i, t in enumerate(types) if t == "sliding_attention"}
+    else:
+        n = c.integer("sliding_window_pattern", pattern_default)
+        local = set(range(layers)) if n is None else {i for i in range(layers) if (i + 1) % n}
+    if size is None or not local:
+        return None
+    if local == set(range(layers)):
+        return {"size": size}
+    for n in range(2, layers + 1):
+        if local == {i for i in range(layers) if (i + 1) % n}:
+            return {"size": size, "global_every": n}
+    raise c.fail(f"local (sliding-window) layers {sorted(local)} of {layers}: not every layer but each n-th, "
+                 f"which flopsim's sliding_window.global_every needs")
 
 
 def _bias(c: _Config, notes: list[str], *, attention: bool, mlp: bool, what: str = "") -> bool:
@@ -288,6 +371,155 @@ def _qwen_moe(c: _Config, notes: list[str]) -> dict:
     spec["moe"] = dict(experts=experts, top_k=c.integer("num_experts_per_tok"), d_expert=d_expert,
                        shared_experts=shared, shared_expert_gate=bool(shared), capacity_factor=None, every=every,
                        routing="token_choice")
+    return spec
+
+
+def _deepseek_every(c: _Config, layers: int, first_dense: int) -> int:
+    """DeepSeek's own code routes layer i when i >= first_k_dense_replace and i % moe_layer_freq
+    == 0 (transformers' classes ignore moe_layer_freq: every layer from first_k_dense_replace).
+    The `every` of flopsim (block i routed when i >= first_dense and (i + 1) % every == 0)
+    that routes the same layers."""
+    freq = c.integer("moe_layer_freq", 1)
+    sparse = {i for i in range(first_dense, layers) if i % freq == 0}
+    for every in range(1, layers + 1):
+        if sparse == {i for i in range(first_dense, layers) if (i + 1) % every == 0}:
+            return every
+    raise c.fail(f"key 'moe_layer_freq': value {freq}: sparse layers {sorted(sparse)} are not each n-th layer "
+                 f"from first_k_dense_replace {first_dense}, which flopsim's moe.every needs")
+
+
+def _deepseek(c: _Config, notes: list[str]) -> dict:
+    """DeepSeek-V2 / V3: multi-head latent attention and DeepSeek-MoE (see the module docstring)."""
+    c.require("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+              "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
+              "num_experts_per_tok", "moe_intermediate_size")
+    v3 = c.arch == "DeepseekV3ForCausalLM"
+    spec = _decoder_common(c, notes, max_pos_default=4096 if v3 else 2048)
+    spec.pop("d_head", None)  # transformers' head_dim is the rotary width; MLA's widths are its own
+    spec.pop("kv_heads")  # every head has its own keys and values from the latent
+    spec["bias"] = _bias(c, notes, attention=c.flag("attention_bias", False),
+                         mlp=False if v3 else c.flag("mlp_bias", False))
+    spec["mla"] = dict(kv_rank=c.integer("kv_lora_rank"), q_rank=c.integer("q_lora_rank", None),
+                       d_nope=c.integer("qk_nope_head_dim"), d_rope=c.integer("qk_rope_head_dim"),
+                       d_v=c.integer("v_head_dim"))
+    notes.append("transformers' DeepSeek attention caches the latents and up-projects all of them at every "
+                 "decode step (mla.decode expanded); flopsim's default decode is absorbed, as serving engines "
+                 "run it")
+    first_dense = c.integer("first_k_dense_replace", 3 if v3 else 0, minimum=0)
+    if first_dense >= spec["layers"]:
+        notes.append(f"first_k_dense_replace {first_dense}: every layer runs a dense MLP: a dense model")
+        return spec
+    method = c.get("topk_method", "noaux_tc" if v3 else "greedy")
+    if method not in ("greedy", "group_limited_greedy", "noaux_tc"):
+        raise c.fail(f"key 'topk_method': value {str(method)[:60]!r}: not supported "
+                     f"(one of greedy, group_limited_greedy, noaux_tc)")
+    gate = c.get("scoring_func", "sigmoid" if v3 else "softmax")
+    if gate not in ("softmax", "sigmoid"):
+        raise c.fail(f"key 'scoring_func': value {str(gate)[:60]!r}: not supported (softmax or sigmoid)")
+    grouped = method != "greedy"
+    scale = c.get("routed_scaling_factor", 2.5 if v3 else 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise c.fail(f"key 'routed_scaling_factor': value {scale!r}: expected a positive number")
+    normalize = c.flag("norm_topk_prob", v3)
+    if normalize and not v3:
+        notes.append("norm_topk_prob: DeepSeek's code divides the top-k weights by their sum, transformers' "
+                     "DeepseekV2 does not (elementwise FLOPs only); costed as normalised")
+    spec["family"] = "moe"
+    spec["moe"] = dict(experts=c.integer("n_routed_experts"), top_k=c.integer("num_experts_per_tok"),
+                       d_expert=c.integer("moe_intermediate_size"),
+                       shared_experts=c.integer("n_shared_experts", 1 if v3 else 2, minimum=0),
+                       first_dense=first_dense, every=_deepseek_every(c, spec["layers"], first_dense),
+                       gate=gate, normalize=normalize, scale=float(scale), selection_bias=method == "noaux_tc",
+                       groups=c.integer("n_group", 1) if grouped else 1,
+                       top_groups=c.integer("topk_group", 1) if grouped else 1,
+                       capacity_factor=None, routing="token_choice")
+    return spec
+
+
+def _softcap(c: _Config, defaults: tuple) -> Optional[dict]:
+    """Gemma's soft-capping: attn_logit_softcapping (scores), final_logit_softcapping (logits);
+    an absent key takes transformers' default, null none."""
+    caps = {}
+    for field, key, default in zip(("attention", "logits"),
+                                   ("attn_logit_softcapping", "final_logit_softcapping"), defaults):
+        value = c.data[key] if key in c.data else default
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise c.fail(f"key '{key}': value {value!r}: expected a positive number or null")
+            caps[field] = float(value)
+    return caps or None
+
+
+# transformers' Gemma3TextConfig defaults (5.24): the Hub's Gemma 3 text_config holds only the
+# keys that differ from them (tests/test_transformers_exact.py checks them against the class)
+GEMMA3_TEXT_DEFAULTS = dict(
+    vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+    num_key_value_heads=4, head_dim=256, hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131_072,
+    tie_word_embeddings=True, attention_bias=False, sliding_window=4096,
+)
+
+
+def _gemma(c: _Config, notes: list[str]) -> dict:
+    """Gemma 2 and Gemma 3's language model: sandwich norms, scaled embeddings, tied head,
+    GeGLU, local and global layers; Gemma 2 soft-caps, Gemma 3 normalises q and k per head."""
+    gemma3 = c.arch != "Gemma2ForCausalLM"
+    if gemma3:
+        c = _Config({**GEMMA3_TEXT_DEFAULTS, **c.data}, c.arch, c.source)
+    if c.flag("use_bidirectional_attention", False):
+        raise c.fail("key 'use_bidirectional_attention': value True: a bidirectional Gemma is not supported")
+    spec = _decoder_common(c, notes, max_pos_default=8192, tied_default=True)
+    spec.update(activation=c.activation("hidden_activation", "gelu_pytorch_tanh"), d_head=c.integer("head_dim", 256),
+                bias=_bias(c, notes, attention=c.flag("attention_bias", False), mlp=False),
+                sandwich_norms=True, scale_embeddings=True)
+    if gemma3:
+        spec["qk_norm"] = True
+    window = _windows(c, spec["layers"], pattern_default=6 if gemma3 else 2)
+    if window is not None:
+        spec["sliding_window"] = window
+    caps = _softcap(c, (None, None) if gemma3 else (50.0, 30.0))
+    if caps is not None:
+        spec["softcap"] = caps
+    return spec
+
+
+def _gemma3_multimodal(c: _Config, notes: list[str]) -> dict:
+    """Gemma3ForConditionalGeneration: its language model (`text_config`, over transformers'
+    defaults); the SigLIP vision tower and the projector are not modelled."""
+    text = c.get("text_config", {})
+    if not isinstance(text, dict):
+        raise c.fail(f"key 'text_config': value {str(text)[:60]!r}: expected a mapping")
+    outer = {k: c.data[k] for k in ("torch_dtype", "dtype", "tie_word_embeddings") if c.data.get(k) is not None}
+    spec = _gemma(_Config({**outer, **text}, c.arch, f"{c.source}: text_config"), notes)
+    notes.append("the vision tower (SigLIP) and the multimodal projector are not modelled: the language model "
+                 "on text tokens")
+    return spec
+
+
+def _gpt_oss(c: _Config, notes: list[str]) -> dict:
+    """GPT-OSS: an MoE of biased experts under a biased router (softmax over the chosen top-k),
+    attention sinks, local and full layers alternating; MXFP4 experts when quantized so."""
+    c.require("num_local_experts", "num_experts_per_tok")
+    spec = _decoder_common(c, notes, max_pos_default=131072)
+    spec["d_head"] = c.integer("head_dim", spec["d_model"] // spec["heads"])
+    spec["bias"] = _bias(c, notes, attention=c.flag("attention_bias", True), mlp=True, what="the attention projections")
+    spec["attention_sinks"] = True
+    window = _windows(c, spec["layers"], pattern_default=2)
+    if window is not None:
+        spec["sliding_window"] = window
+    spec["family"] = "moe"
+    spec["moe"] = dict(experts=c.integer("num_local_experts"), top_k=c.integer("num_experts_per_tok"),
+                       d_expert=spec["d_ff"], normalize=True, router_bias=True, capacity_factor=None,
+                       routing="token_choice")
+    notes.append(f"the experts' clamped SwiGLU (limit {c.get('swiglu_limit', 7.0)}, alpha "
+                 f"{c.get('swiglu_alpha', 1.702)}, (up + 1) * gate * sigmoid(alpha gate)) is costed as SwiGLU")
+    quant = c.get("quantization_config", None)
+    if isinstance(quant, dict) and quant.get("quant_method") == "mxfp4":
+        spec["precision"] = dict(weights="fp4", group_size=32, scale_bytes=1, scope="experts")
+        notes.append("quantization_config mxfp4: the experts' weights in MXFP4 (4-bit values, an 8-bit scale "
+                     "per 32), the rest in the dtype")
+    elif quant is not None:
+        notes.append(f"quantization_config {str(quant.get('quant_method') if isinstance(quant, dict) else quant)[:40]}: "
+                     f"not modelled (weights in the dtype)")
     return spec
 
 
@@ -414,13 +646,18 @@ def _t5(c: _Config, notes: list[str]) -> dict:
 
 def _attention(c: _Config, notes: list[str], attention: Optional[str]) -> str:
     """The spec's attention_impl: `attention` when given, else the config's attn_implementation
-    (as transformers reads it), else fused (transformers' default, sdpa). A fused kernel that
-    torch's CPU SDPA would not run in training is noted."""
+    (as transformers reads it), else transformers' default for the class (sdpa: fused; eager,
+    noted, for the classes without an SDPA path). A fused kernel that torch's CPU SDPA would
+    not run in training is noted."""
     key = next((k for k in ("attn_implementation", "_attn_implementation") if c.data.get(k) is not None), None)
     if attention is not None:
         impl = attention_impl(attention, f"{c.source}: attention")
     elif key is not None:
         impl = attention_impl(c.data[key], f"{c.source}: {c.arch}: key '{key}'")
+    elif c.arch in _EAGER_DEFAULT:
+        notes.append(f"{c.arch} has no SDPA path in transformers, which runs it with eager attention: attention "
+                     f"explicit (a flash kernel with soft-capping or sinks: `--attention fused`)")
+        return "explicit"
     else:
         impl = "fused"
     if impl == "explicit":
@@ -434,6 +671,11 @@ def _attention(c: _Config, notes: list[str], attention: Optional[str]) -> str:
         notes.append(f"attention dropout {dropout}: {cpu}")
     if c.arch in ARCHITECTURES and ARCHITECTURES[c.arch] is _t5:
         notes.append(f"T5's relative position bias is a trainable mask on the scores: {cpu}")
+    if c.arch in ARCHITECTURES and ARCHITECTURES[c.arch] is _deepseek:
+        notes.append("latent attention's query and key heads (d_nope + d_rope) are wider than its value heads "
+                     "(d_v): torch's CPU SDPA then runs attention as plain products in every phase (the same "
+                     "FLOPs forward; in training 4 backward products, not the fused kernel's 5): count a CPU "
+                     "training run with attention 'explicit' (`--attention explicit`)")
     return impl
 
 
@@ -445,6 +687,12 @@ ARCHITECTURES: dict[str, Callable[[_Config, list], dict]] = {
     "MixtralForCausalLM": _mixtral,
     "Qwen2MoeForCausalLM": _qwen_moe,
     "Qwen3MoeForCausalLM": _qwen_moe,
+    "DeepseekV2ForCausalLM": _deepseek,
+    "DeepseekV3ForCausalLM": _deepseek,
+    "Gemma2ForCausalLM": _gemma,
+    "Gemma3ForCausalLM": _gemma,
+    "Gemma3ForConditionalGeneration": _gemma3_multimodal,
+    "GptOssForCausalLM": _gpt_oss,
     "GPT2LMHeadModel": _gpt2,
     "GPT2Model": _gpt2,
     "BertForSequenceClassification": _bert,
@@ -466,6 +714,12 @@ MODEL_TYPES = {
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+    "gemma3": "Gemma3ForConditionalGeneration",
+    "gpt_oss": "GptOssForCausalLM",
     "gpt2": "GPT2LMHeadModel",
     "bert": "BertModel",
     "t5": "T5ForConditionalGeneration",
