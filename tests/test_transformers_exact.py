@@ -40,7 +40,6 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -73,8 +72,8 @@ T5 = dict(vocab_size=97, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_
           feed_forward_proj="gated-gelu", dropout_rate=0.0)
 
 
-def _config(name: str, **fields):
-    return getattr(transformers, name)(**fields)
+def _config(name: str, **values):
+    return getattr(transformers, name)(**values)
 
 
 # -- what transformers runs -------------------------------------------------------------
@@ -197,11 +196,12 @@ class Case:
         return self.arch + (f"-{self.attn}" if self.attn else "")
 
     def model(self):
-        return _model(self)
+        return _built(self.arch, self.attn, self.config)
 
 
 @functools.cache
 def _built(arch: str, attn: Optional[str], config_fn) -> object:
+    """transformers' class from the small config, seed 0 (built once per case)."""
     torch.manual_seed(0)
     config = config_fn()
     if attn is not None:
@@ -300,8 +300,8 @@ def _tiny_siglip():
 
 
 def _gemma3_multimodal():
-    text = dict(DECODER, head_dim=8, sliding_window=5, layer_types=["sliding_attention", "full_attention"] * 1
-                + ["sliding_attention"])
+    text = dict(DECODER, head_dim=8, sliding_window=5,
+                layer_types=["sliding_attention", "full_attention", "sliding_attention"])
     return transformers.Gemma3Config(text_config=text, vision_config=_tiny_siglip().to_dict(), mm_tokens_per_image=4,
                                      image_token_index=96, boi_token_index=94, eoi_token_index=95)
 
@@ -438,3 +438,41 @@ def test_full_size_parameters_match_transformers(config):
     model = full_size(config)
     spec, _ = convert(config, "full")
     assert hf_params(model) - count(spec, seq=16).params == full_size_gap(model, spec)
+
+
+# -- the grouped GEMM's formula --------------------------------------------------------------
+
+def _grouped_mm_layouts():
+    """(layout, a, b, offs, each group's operands, the grouped output as the groups' products in
+    order): the four layouts of aten._grouped_mm; the 2D x 3D ends leave the last rows out."""
+    ends = lambda *e: torch.tensor(e, dtype=torch.int32)  # noqa: E731
+    cols = [slice(4 * g, 4 * g + 4) for g in range(3)]
+    a, b = torch.randn(12, 8), torch.randn(3, 8, 8)
+    yield ("2d-3d", a, b, ends(3, 5, 9), [(a[s:e], b[g]) for g, (s, e) in enumerate([(0, 3), (3, 5), (5, 9)])],
+           lambda out: out[:9].flatten())
+    a, b = torch.randn(3, 12, 8), torch.randn(8, 12)
+    yield ("3d-2d", a, b, ends(4, 8, 12), [(a[g], b[:, c]) for g, c in enumerate(cols)],
+           lambda out: torch.cat([out[:, c].flatten() for c in cols]))
+    a, b = torch.randn(8, 12), torch.randn(12, 8)
+    yield "2d-2d", a, b, ends(4, 8, 12), [(a[:, c], b[c]) for c in cols], lambda out: out.flatten()
+    a, b = torch.randn(3, 12, 8), torch.randn(3, 8, 8)
+    yield "3d-3d", a, b, None, [(a[g], b[g]) for g in range(3)], lambda out: out.flatten()
+
+
+def test_grouped_mm_formula_counts_the_products_of_its_groups():
+    """flopsim.torchref.counting's formula for aten._grouped_mm equals FlopCounterMode's count of
+    the same products run one group at a time (torch's own mm formula), in every layout; the
+    outputs agree, so the groups are the ones the kernel runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from flopsim.torchref.counting import register_formulas
+
+    register_formulas()
+    torch.manual_seed(0)
+    for layout, a, b, offs, operands, as_groups in _grouped_mm_layouts():
+        with FlopCounterMode(display=False) as grouped:
+            out = torch._grouped_mm(a, b, offs)
+        with FlopCounterMode(display=False) as one_by_one:
+            products = [x @ y for x, y in operands]
+        assert grouped.get_total_flops() == one_by_one.get_total_flops() > 0, layout
+        assert torch.allclose(as_groups(out), torch.cat([p.flatten() for p in products]), atol=1e-5), layout

@@ -518,8 +518,8 @@ def _gpt_oss(c: _Config, notes: list[str]) -> dict:
         notes.append("quantization_config mxfp4: the experts' weights in MXFP4 (4-bit values, an 8-bit scale "
                      "per 32), the rest in the dtype")
     elif quant is not None:
-        notes.append(f"quantization_config {str(quant.get('quant_method') if isinstance(quant, dict) else quant)[:40]}: "
-                     f"not modelled (weights in the dtype)")
+        method = quant.get("quant_method") if isinstance(quant, dict) else quant
+        notes.append(f"quantization_config {str(method)[:40]}: not modelled (weights in the dtype)")
     return spec
 
 
