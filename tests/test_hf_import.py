@@ -198,12 +198,13 @@ def test_qwen2_moe_shared_experts_and_notes():
     moe = spec.moe
     assert (moe.experts, moe.top_k, moe.d_expert, moe.shared_experts, moe.every) == (60, 4, 1408, 4, 1)
     assert moe.shared_expert_gate
-    assert (spec.kv_heads, spec.bias, spec.tied_embeddings, spec.d_ff) == (16, False, False, 5632)
+    assert (spec.kv_heads, spec.bias, spec.qkv_bias, spec.tied_embeddings, spec.d_ff) == (16, False, True, False, 5632)
     assert any("4 shared experts of width 1408" in n for n in notes)
-    assert any("q/k/v projections have biases" in n for n in notes)
+    assert not any("bias" in n for n in notes)
+    assert hf_to_spec({**cfg("qwen1.5-moe-a2.7b-chat"), "qkv_bias": False}, "q").qkv_has_bias is False
 
 
-def test_qwen1_5_moe_count_is_published_minus_unmodelled_parts():
+def test_qwen1_5_moe_count_is_the_published_one():
     d, L, V, E, w, shared = 2048, 24, 151936, 60, 1408, 5632
     per_layer = (4 * d * d + 3 * d  # q, k, v (with bias), o
                  + E * 3 * d * w + d * E  # routed experts, router
@@ -211,8 +212,7 @@ def test_qwen1_5_moe_count_is_published_minus_unmodelled_parts():
                  + 2 * d)
     published = 2 * V * d + L * per_layer + d
     assert published == 14_315_784_192  # "14.3B parameters in total" (Qwen1.5-MoE-A2.7B model card)
-    not_modelled = L * 3 * d  # q/k/v biases (the spec's one bias flag follows the MLP)
-    assert params(str(HF / "qwen1.5-moe-a2.7b-chat.json")) == published - not_modelled
+    assert params(str(HF / "qwen1.5-moe-a2.7b-chat.json")) == published  # q/k/v biases: qkv_bias
 
 
 def test_qwen3_moe_count():

@@ -22,7 +22,6 @@ are 5 tokens, so T > W and a local layer's cache holds W):
 
 Where transformers runs something flopsim does not model the same way, the case's gap says
 what and why (specs/models/hf/README.md, "Differences from transformers"):
-- Qwen2 / Qwen2-MoE: q/k/v biases (flopsim's one bias flag follows the MLP): parameters;
 - BERT pre-training and BertModel: the pooler (and the next-sentence head), not modelled;
 - T5 family: the encoder stack and the decoder's cross-attention (flopsim models the
   decoder stack), the relative-position tables; T5's prefill computes every position's
@@ -209,18 +208,6 @@ def _built(arch: str, attn: Optional[str], config_fn) -> object:
     return getattr(transformers, arch)(config).float()
 
 
-def _model(case: Case):
-    return _built(case.arch, case.attn, case.config)
-
-
-def qkv_bias_gap(case, phase, model, measured, spec) -> Gap:
-    """Qwen2's q/k/v biases: flopsim's one bias flag follows the MLP (none); bias adds are
-    not products, so only parameters differ."""
-    c = model.config
-    d_head = c.hidden_size // c.num_attention_heads
-    return Gap(params=c.num_hidden_layers * (c.num_attention_heads + 2 * c.num_key_value_heads) * d_head)
-
-
 def pooler_gap(case, phase, model, measured, spec) -> Gap:
     """BertModel's pooler (dense d x d + tanh on the first token), BertForPreTraining's with its
     next-sentence head (Linear(d, 2)): forward 2 B d (d + 2); the pre-training loss takes
@@ -310,13 +297,12 @@ CASES = [
     Case("LlamaForCausalLM", lambda: _config("LlamaConfig", **DECODER)),
     Case("LlamaForCausalLM", lambda: _config("LlamaConfig", **DECODER), attn="eager"),
     Case("MistralForCausalLM", lambda: _config("MistralConfig", **DECODER, sliding_window=5)),
-    Case("Qwen2ForCausalLM", lambda: _config("Qwen2Config", **DECODER), gap=qkv_bias_gap),
+    Case("Qwen2ForCausalLM", lambda: _config("Qwen2Config", **DECODER)),
     Case("Qwen3ForCausalLM", lambda: _config("Qwen3Config", **DECODER, head_dim=8)),
     Case("MixtralForCausalLM", lambda: _config("MixtralConfig", **DECODER, num_local_experts=4,
                                                num_experts_per_tok=2)),
     Case("Qwen2MoeForCausalLM", lambda: _config("Qwen2MoeConfig", **DECODER, **MOE, num_experts=4,
-                                                shared_expert_intermediate_size=32, decoder_sparse_step=1),
-         gap=qkv_bias_gap),
+                                                shared_expert_intermediate_size=32, decoder_sparse_step=1)),
     Case("Qwen3MoeForCausalLM", lambda: _config("Qwen3MoeConfig", **DECODER, **MOE, num_experts=4, head_dim=8)),
     Case("DeepseekV2ForCausalLM", lambda: _config("DeepseekV2Config", **dict(LATENT, q_lora_rank=None)),
          cpu_explicit=("train",), forms={"decode": "expanded"}),
@@ -405,15 +391,12 @@ def full_size(config: dict):
 
 
 def full_size_gap(model, spec) -> int:
-    """transformers minus flopsim, parameters of a full-size model: Qwen2's q/k/v biases; T5's
-    encoder stack, cross-attention and relative-position tables (t5_gap), less the LM head
+    """transformers minus flopsim, parameters of a full-size model: T5's encoder stack, cross-attention and relative-position tables (t5_gap), less the LM head
     that transformers 5.24 ties when it builds T5 from a config (T5Config forces
     tie_word_embeddings true and keeps a saved false only as `scale_decoder_outputs`; loading
     the v1.1 checkpoint unties it again, since both tensors are stored and differ, so
     flopsim counts the untied head the checkpoint holds); Gemma 3's vision tower."""
     name = type(model).__name__
-    if name.startswith("Qwen2"):
-        return qkv_bias_gap(None, None, model, None, spec).params
     if name.startswith(("T5", "MT5", "UMT5")):
         tied = model.lm_head.weight is model.shared.weight and not spec.tied_embeddings
         return t5_gap(None, "decode", model, {}, spec).params - (spec.vocab * spec.d_model if tied else 0)

@@ -126,7 +126,7 @@ def attention_block(ctx: Ctx, i: int, *, batch, queries, keys, prefix: str, tags
         qkv = sparse_qkv
     if qkv is None:
         ops = linear(ctx, f"{p}.qkv", layer=i, tokens=tokens, d_in=d.d_model,
-                     d_out=(d.heads + 2 * d.kv_heads) * d.d_head, bias=spec.bias, tags=tags)
+                     d_out=(d.heads + 2 * d.kv_heads) * d.d_head, bias=spec.qkv_has_bias, tags=tags)
     else:
         ops = qkv(ctx, i, batch=batch, queries=queries, prefix=p, tags=tags)
     if spec.qk_norm:  # each query and key head normalised over d_head (Qwen3, Gemma 3, OLMo 2)

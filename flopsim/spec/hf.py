@@ -34,10 +34,12 @@ Mapping decisions (see specs/models/hf/README.md for the full list):
   block's `shared_expert_gate`. A width that is not a multiple is an error.
 - Qwen `decoder_sparse_step` / `mlp_only_layers` -> `moe.every`; a set of
   sparse layers that no `every` reproduces is an error.
-- Biases: the spec has one `bias` flag. It follows the MLP (which holds most
-  of the weights): Qwen2's q/k/v biases (no bias elsewhere) are dropped, and
-  a Llama with `attention_bias` != `mlp_bias` gets `bias = mlp_bias`.
-  Bias adds count 0 FLOPs, so only parameters and bytes move (by < 0.01%).
+- Biases: Qwen2's and Qwen2-MoE's q/k/v biases (none on the output
+  projection or the MLP) are the spec's `qkv_bias` under `bias: false`.
+  Otherwise the spec's one `bias` flag follows the MLP (which holds most of
+  the weights): a Llama with `attention_bias` != `mlp_bias` gets `bias =
+  mlp_bias` (noted). Bias adds count 0 FLOPs, so only parameters and bytes
+  move (by < 0.01%).
 - T5 encoder-decoder: only the decoder stack (`num_decoder_layers` blocks of
   self-attention + FFN, causal, LM head) is modelled; the encoder stack and the
   decoder's cross-attention are not. Relative position biases -> positions
@@ -304,7 +306,7 @@ def _llama(c: _Config, notes: list[str]) -> dict:
     defaults = {"MistralForCausalLM": 4096 * 32, "Qwen2ForCausalLM": 32768, "Qwen3ForCausalLM": 32768}
     spec = _decoder_common(c, notes, max_pos_default=defaults.get(c.arch, 2048))
     if c.arch == "Qwen2ForCausalLM":  # q/k/v biases hard-wired, o_proj and MLP without
-        spec["bias"] = _bias(c, notes, attention=True, mlp=False, what="the q/k/v projections")
+        spec.update(bias=False, qkv_bias=True)
     else:
         spec["bias"] = _bias(c, notes, attention=c.flag("attention_bias", False), mlp=c.flag("mlp_bias", False))
     if c.arch == "Qwen3ForCausalLM":
@@ -346,8 +348,8 @@ def _qwen_moe(c: _Config, notes: list[str]) -> dict:
         c.data.get("num_local_experts") is not None else "num_experts"
     c.require(experts_key, "num_experts_per_tok", "moe_intermediate_size")
     spec = _decoder_common(c, notes, max_pos_default=8192 if c.arch == "Qwen2MoeForCausalLM" else 32768)
-    if c.arch == "Qwen2MoeForCausalLM":
-        spec["bias"] = _bias(c, notes, attention=True, mlp=False, what="the q/k/v projections")
+    if c.arch == "Qwen2MoeForCausalLM":  # q/k/v biases (transformers' qkv_bias), o_proj and MLP without
+        spec.update(bias=False, qkv_bias=c.flag("qkv_bias", True))
     else:
         spec["bias"] = _bias(c, notes, attention=c.flag("attention_bias", False), mlp=False)
         spec["qk_norm"] = True  # Qwen3: an RMSNorm over d_head on each query and key head

@@ -165,7 +165,7 @@ class Attention(nn.Module):
         self.spec = spec
         h, hkv, dh = spec.heads, spec.kv_heads, spec.d_head
         self.qkv = (SparseQKV(spec) if spec.sparse_qkv is not None
-                    else nn.Linear(spec.d_model, (h + 2 * hkv) * dh, bias=spec.bias))
+                    else nn.Linear(spec.d_model, (h + 2 * hkv) * dh, bias=spec.qkv_has_bias))
         if spec.qk_norm:
             self.q_norm, self.k_norm = make_norm(spec, dh), make_norm(spec, dh)
         self.sinks = nn.Parameter(torch.randn(h) * 0.1) if spec.attention_sinks else None
