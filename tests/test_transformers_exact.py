@@ -32,6 +32,11 @@ what and why (specs/models/hf/README.md, "Differences from transformers"):
 - CPU SDPA runs plain products in training with attention dropout, with T5's trainable
   bias, and with MLA's unequal query and value widths: flopsim's explicit count matches.
 A module that torch runs but no flopsim op covers is therefore never silently tolerated.
+
+At full size (on the meta device: no memory, no initialisation) every shipped config in
+specs/models/hf/ and the architecture dicts of today's presets (tests/test_hf_import.py)
+have flopsim's parameter count, less the same parts; T5 v1.1 also less its LM head, which
+transformers 5.24 ties when building T5 from a config (see full_size_gap).
 """
 
 from __future__ import annotations
