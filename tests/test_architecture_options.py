@@ -1,7 +1,7 @@
 """Architecture options of today's dense and MoE models (flopsim.families.dense): per-head
 q/k norms (Qwen3, Gemma 3, OLMo 2), sandwich norms and scaled embeddings (Gemma 2/3), logit
-soft-capping of the attention scores and of the LM head (Gemma 2) and attention sinks
-(GPT-OSS): exact against the torch reference in FLOPs and parameters in every phase, and
+soft-capping of the attention scores and of the LM head (Gemma 2), attention sinks
+(GPT-OSS) and q/k/v biases alone (`qkv_bias`: Qwen2): exact against the torch reference in FLOPs and parameters in every phase, and
 in bytes and elementwise FLOPs as stated below; presets' parameters derived term by term."""
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ OPTIONS = {
                         activation="gelu_tanh", sliding_window=dict(size=4, global_every=2)),
     "moe-qk-norm-sandwich": dict(family="moe", moe=dict(experts=4, top_k=2, d_expert=32), qk_norm=True,
                                  sandwich_norms=True),
+    "qwen2-qkv-bias": dict(bias=False, qkv_bias=True),
+    "moe-qkv-bias": dict(family="moe", moe=dict(experts=4, top_k=2, d_expert=32), bias=False, qkv_bias=True),
+    "qkv-without-bias": dict(bias=True, qkv_bias=False, norm="layernorm"),
     "gpt-oss-like": dict(family="moe", bias=True, attention_impl="explicit", attention_sinks=True,
                          sliding_window=dict(size=4, global_every=2),
                          moe=dict(experts=4, top_k=2, d_expert=32, normalize=True, router_bias=True)),
@@ -66,6 +69,11 @@ def test_option_parameters():
     assert count(base.with_changes(qk_norm=True), seq=4).params - p0 == 2 * 2 * 16
     assert count(base.with_changes(sandwich_norms=True), seq=4).params - p0 == 2 * 2 * 64
     assert count(base.with_changes(attention_sinks=True, attention_impl="explicit"), seq=4).params - p0 == 2 * 4
+    # q/k/v biases alone: (heads + 2 kv_heads) * d_head per layer; bias adds are no products
+    biased = base.with_changes(qkv_bias=True)
+    assert count(biased, seq=4).params - p0 == 2 * (4 + 2 * 2) * 16
+    assert count(biased, seq=4, phase="train").flops == count(base, seq=4, phase="train").flops
+    assert base.qkv_has_bias is False and biased.qkv_has_bias is True
 
 
 def test_logit_softcap_reads_and_writes_the_logits():
@@ -81,6 +89,8 @@ def test_logit_softcap_reads_and_writes_the_logits():
     (dict(family="mod", mod=dict(capacity=0.5), qk_norm=True), "qk_norm: modelled for dense and moe"),
     (dict(softcap=dict(attention=0)), "softcap.attention"),
     (dict(softcap=dict(logits=-1.0)), "softcap.logits"),
+    (dict(qkv_bias=True, sparse_qkv=dict(modules=4)), "qkv_bias: the q/k/v projection of standard attention"),
+    (dict(qkv_bias=1), "qkv_bias"),
 ])
 def test_bad_options_are_one_line(changes, expect):
     with pytest.raises(SpecError) as err:

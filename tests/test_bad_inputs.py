@@ -34,7 +34,7 @@ BAD_BOOLS = [0, 1, "yes", "true", 1.0, [], {}, None]
 BAD_CHOICES = ["nope", 1, True, [], {}, "", None, 1.5]
 BAD_FRACTIONS = [float("inf"), float("nan"), -1.0, "0.5", True, [], {}, 10 ** 401]
 TOP_INTS = ["layers", "d_model", "heads", "kv_heads", "d_head", "d_ff", "vocab", "max_seq", "token_types", "classes"]
-TOP_BOOLS = ["causal", "tied_embeddings", "bias"]
+TOP_BOOLS = ["causal", "tied_embeddings", "bias", "lm_transform"]
 TOP_CHOICES = ["family", "ffn", "activation", "positions", "norm", "norm_position", "head", "dtype", "attention_impl"]
 BLOCK_INTS = [("mod", "every"), ("mod", "predictor_hidden"), ("moe", "experts"), ("moe", "top_k"),
               ("moe", "d_expert"), ("moe", "shared_experts"), ("moe", "every"), ("sparse_ff", "block_size"),
@@ -208,6 +208,17 @@ def test_bad_hf_config_field(runner, tmp_path, field, value):
     if field in HF_OPTIONAL and value is None:
         return
     _one_line_exit_2(runner.invoke(app, ["count", _write(tmp_path, "config.json", {**HF, field: value})]))
+
+
+@pytest.mark.parametrize("value", ["nope", "", "EAGER", 1, True, [], {"": "eager"}], ids=repr)
+def test_bad_hf_attn_implementation(runner, tmp_path, value):
+    _one_line_exit_2(runner.invoke(app, ["count", _write(tmp_path, "config.json",
+                                                          {**HF, "attn_implementation": value})]))
+
+
+@pytest.mark.parametrize("value", ["nope", "", "Explicit"], ids=repr)
+def test_bad_attention_option(runner, value):
+    _one_line_exit_2(runner.invoke(app, ["count", "gpt2-small", "--seq", "8", "--attention", value]))
 
 
 MODEL_TYPES = [["llama"], {"a": 1}, 3, None, True, "", "no-such-model"]

@@ -112,15 +112,18 @@ BERT_MODEL = 109_482_240  # BertModel("bert-base-uncased"), pooler included
 BERT_POOLER = 768 * 768 + 768
 
 
-def test_bert_masked_lm_counts_the_encoder_and_notes_the_mlm_transform():
+def test_bert_masked_lm_counts_the_encoder_and_the_mlm_transform():
     spec, notes = load_hf_config_with_notes(HF / "bert-base-uncased.json")
-    assert (spec.causal, spec.norm_position, spec.token_types, spec.head, spec.tied_embeddings) == \
-        (False, "post", 2, "lm", True)
-    assert params(spec) == BERT_MODEL - BERT_POOLER
-    # BertForMaskedLM's published 109,514,298 = encoder + MLM transform (768x768 dense, LayerNorm) + bias(vocab)
+    assert (spec.causal, spec.norm_position, spec.token_types, spec.head, spec.tied_embeddings, spec.lm_transform) == \
+        (False, "post", 2, "lm", True, True)
+    # BertForMaskedLM's published 109,514,298 = BertModel without its pooler + the MLM transform
+    # (768x768 dense with bias, LayerNorm) + the logits' bias (vocab)
     transform = 768 * 768 + 768 + 2 * 768 + 30522
-    assert params(spec) + transform == 109_514_298
-    assert any(f"{transform:,} parameters" in n for n in notes)
+    assert params(spec) == BERT_MODEL - BERT_POOLER + transform == 109_514_298
+    assert len(notes) == 1 and notes[0].startswith("attention dropout 0.1: training on CPU")  # nothing unmodelled
+    pretraining, notes = convert({**cfg("bert-base-uncased"), "architectures": ["BertForPreTraining"]}, "bert")
+    assert params(pretraining) == params(spec)  # the pooler and next-sentence head are noted, not modelled
+    assert any(f"{BERT_POOLER + 2 * 768 + 2:,} parameters" in n for n in notes)
 
 
 def test_bert_sequence_classification_equals_the_preset():
@@ -195,12 +198,13 @@ def test_qwen2_moe_shared_experts_and_notes():
     moe = spec.moe
     assert (moe.experts, moe.top_k, moe.d_expert, moe.shared_experts, moe.every) == (60, 4, 1408, 4, 1)
     assert moe.shared_expert_gate
-    assert (spec.kv_heads, spec.bias, spec.tied_embeddings, spec.d_ff) == (16, False, False, 5632)
+    assert (spec.kv_heads, spec.bias, spec.qkv_bias, spec.tied_embeddings, spec.d_ff) == (16, False, True, False, 5632)
     assert any("4 shared experts of width 1408" in n for n in notes)
-    assert any("q/k/v projections have biases" in n for n in notes)
+    assert not any("bias" in n for n in notes)
+    assert hf_to_spec({**cfg("qwen1.5-moe-a2.7b-chat"), "qkv_bias": False}, "q").qkv_has_bias is False
 
 
-def test_qwen1_5_moe_count_is_published_minus_unmodelled_parts():
+def test_qwen1_5_moe_count_is_the_published_one():
     d, L, V, E, w, shared = 2048, 24, 151936, 60, 1408, 5632
     per_layer = (4 * d * d + 3 * d  # q, k, v (with bias), o
                  + E * 3 * d * w + d * E  # routed experts, router
@@ -208,8 +212,7 @@ def test_qwen1_5_moe_count_is_published_minus_unmodelled_parts():
                  + 2 * d)
     published = 2 * V * d + L * per_layer + d
     assert published == 14_315_784_192  # "14.3B parameters in total" (Qwen1.5-MoE-A2.7B model card)
-    not_modelled = L * 3 * d  # q/k/v biases (the spec's one bias flag follows the MLP)
-    assert params(str(HF / "qwen1.5-moe-a2.7b-chat.json")) == published - not_modelled
+    assert params(str(HF / "qwen1.5-moe-a2.7b-chat.json")) == published  # q/k/v biases: qkv_bias
 
 
 def test_qwen3_moe_count():
@@ -220,8 +223,8 @@ def test_qwen3_moe_count():
     per_layer = d * 32 * dh + 2 * d * 4 * dh + 32 * dh * d + 2 * dh + E * 3 * d * w + d * E + 2 * d
     published = 2 * V * d + L * per_layer + d
     assert published == 30_532_122_624  # Qwen3-30B-A3B: "30.5B in total"
-    assert params(spec) == published - L * 2 * dh  # q/k norms not modelled
-    assert any("q/k RMSNorms" in n for n in notes)
+    assert spec.qk_norm and params(spec) == published  # its per-head q/k RMSNorms (2 x 128 a layer) included
+    assert notes == []
 
 
 @pytest.mark.parametrize("step,mlp_only,expected", [
@@ -244,6 +247,178 @@ def test_qwen_moe_unrepresentable_layouts_are_errors():
     with pytest.raises(SpecError, match="'shared_expert_intermediate_size': value 5000: not a multiple"):
         hf_to_spec({**base, "shared_expert_intermediate_size": 5000}, "q")
     assert hf_to_spec({**base, "shared_expert_intermediate_size": 0}, "q").moe.shared_experts == 0
+
+
+# -- DeepSeek, Gemma, GPT-OSS --------------------------------------------------------
+# Each model's architecture fields in config.json's keys, with the values of the presets'
+# sources (the papers and model cards; DeepSeek-V3's also equal transformers' DeepseekV3Config
+# defaults). They are not verbatim copies of the published files (the Hub is not reachable
+# here); tests/test_transformers_exact.py builds transformers' classes from them at full size.
+
+YARN = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
+        "mscale": 1.0, "mscale_all_dim": 1.0}
+DEEPSEEK_V3 = {
+    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 129280,
+    "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
+    "num_attention_heads": 128, "num_key_value_heads": 128, "n_shared_experts": 1, "n_routed_experts": 256,
+    "routed_scaling_factor": 2.5, "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64,
+    "v_head_dim": 128, "qk_nope_head_dim": 128, "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4,
+    "num_experts_per_tok": 8, "moe_layer_freq": 1, "first_k_dense_replace": 3, "norm_topk_prob": True,
+    "scoring_func": "sigmoid", "max_position_embeddings": 163840, "tie_word_embeddings": False,
+    "rope_scaling": YARN, "torch_dtype": "bfloat16", "attention_bias": False,
+}
+DEEPSEEK_V2_LITE = {
+    **DEEPSEEK_V3, "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "vocab_size": 102400,
+    "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 27,
+    "num_attention_heads": 16, "num_key_value_heads": 16, "n_shared_experts": 2, "n_routed_experts": 64,
+    "routed_scaling_factor": 1.0, "q_lora_rank": None, "topk_method": "greedy", "n_group": 1, "topk_group": 1,
+    "num_experts_per_tok": 6, "first_k_dense_replace": 1, "norm_topk_prob": False, "scoring_func": "softmax",
+}
+GEMMA_2_9B = {
+    "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "vocab_size": 256000, "hidden_size": 3584,
+    "intermediate_size": 14336, "num_hidden_layers": 42, "num_attention_heads": 16, "num_key_value_heads": 8,
+    "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 8192,
+    "query_pre_attn_scalar": 256, "sliding_window": 4096, "final_logit_softcapping": 30.0,
+    "attn_logit_softcapping": 50.0, "torch_dtype": "bfloat16",
+}
+GEMMA_3_27B = {  # Gemma3ForConditionalGeneration: the text_config holds what differs from transformers' defaults
+    "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "torch_dtype": "bfloat16",
+    "text_config": {"head_dim": 128, "hidden_size": 5376, "intermediate_size": 21504, "model_type": "gemma3_text",
+                    "num_attention_heads": 32, "num_hidden_layers": 62, "num_key_value_heads": 16,
+                    "query_pre_attn_scalar": 168, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                    "sliding_window": 1024},
+    "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+                      "model_type": "siglip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 27,
+                      "patch_size": 14, "vision_use_head": False},
+}
+GPT_OSS_20B = {
+    "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "num_hidden_layers": 24, "num_local_experts": 32,
+    "vocab_size": 201088, "hidden_size": 2880, "intermediate_size": 2880, "head_dim": 64, "num_attention_heads": 64,
+    "num_key_value_heads": 8, "sliding_window": 128, "tie_word_embeddings": False, "hidden_act": "silu",
+    "max_position_embeddings": 131072, "num_experts_per_tok": 4, "attention_bias": True, "swiglu_limit": 7.0,
+    "layer_types": ["sliding_attention", "full_attention"] * 12, "torch_dtype": "bfloat16",
+    "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                     "original_max_position_embeddings": 4096},
+    "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]},
+}
+
+
+def _same_as_preset(spec, preset: str, *, but: tuple = ()) -> None:
+    mine = spec.model_dump()
+    theirs = flopsim.load_model(preset).model_dump()
+    assert {k for k in mine if mine[k] != theirs[k]} == {"name", *but}
+
+
+@pytest.mark.parametrize("config, preset, but", [
+    (DEEPSEEK_V3, "deepseek-v3", ()),
+    (DEEPSEEK_V2_LITE, "deepseek-v2-lite", ()),
+    (GEMMA_2_9B, "gemma-2-9b", ("attention_impl",)),  # transformers runs Gemma 2 eagerly
+    (GEMMA_3_27B, "gemma-3-27b", ()),
+    (GPT_OSS_20B, "gpt-oss-20b", ("attention_impl",)),  # transformers runs GPT-OSS eagerly
+], ids=["deepseek-v3", "deepseek-v2-lite", "gemma-2-9b", "gemma-3-27b", "gpt-oss-20b"])
+def test_todays_configs_equal_the_presets(config, preset, but):
+    spec, notes = convert(config, "x")
+    _same_as_preset(spec, preset, but=but)
+    assert spec.attention_impl == ("explicit" if "attention_impl" in but else "fused")
+
+
+def test_deepseek_notes_and_routing_options():
+    spec, notes = convert(DEEPSEEK_V3, "v3")
+    assert spec.mla.decode == "absorbed" and any("mla.decode expanded" in n for n in notes)
+    assert any(n.startswith("rope_scaling yarn: ") for n in notes)
+    moe = spec.moe
+    assert (moe.gate, moe.selection_bias, moe.groups, moe.top_groups, moe.normalize, moe.scale) == \
+        ("sigmoid", True, 8, 4, True, 2.5)
+    lite = hf_to_spec(DEEPSEEK_V2_LITE, "lite").moe
+    assert (lite.gate, lite.selection_bias, lite.groups, lite.top_groups, lite.normalize, lite.first_dense) == \
+        ("softmax", False, 1, 1, False, 1)
+    # V2's group-limited routing (DeepSeek-V2: 8 groups, the best 3) and a normalisation transformers skips
+    v2 = {**DEEPSEEK_V2_LITE, "topk_method": "group_limited_greedy", "n_group": 8, "topk_group": 3,
+          "norm_topk_prob": True}
+    spec, notes = convert(v2, "v2")
+    assert (spec.moe.groups, spec.moe.top_groups, spec.moe.normalize) == (8, 3, True)
+    assert any("transformers' DeepseekV2 does not" in n for n in notes)
+    # moe_layer_freq: DeepSeek's code routes layer i >= first_k_dense_replace when i % freq == 0
+    small = {**DEEPSEEK_V2_LITE, "num_hidden_layers": 3}
+    assert hf_to_spec({**small, "moe_layer_freq": 2}, "f").moe.every == 3  # layer 2 only
+    with pytest.raises(SpecError, match="'moe_layer_freq': value 2: sparse layers \\[2, 4\\]"):
+        hf_to_spec({**small, "num_hidden_layers": 5, "moe_layer_freq": 2}, "f")
+    dense, notes = convert({**small, "first_k_dense_replace": 3}, "d")
+    assert dense.family == "dense" and dense.moe is None and any("a dense model" in n for n in notes)
+
+
+@pytest.mark.parametrize("changes, local, every", [
+    ({}, 1, 2),  # Gemma 2: local, global, ...
+    ({"layer_types": ["full_attention"] * 4}, None, None),
+    ({"layer_types": ["sliding_attention"] * 4}, 1, None),  # every layer local (no global_every)
+    ({"layer_types": ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"]}, 1, 4),
+    ({"sliding_window": None}, None, None),
+])
+def test_gemma_window_layouts(changes, local, every):
+    spec = hf_to_spec({**GEMMA_2_9B, "num_hidden_layers": 4, **changes}, "g")
+    if local is None:
+        assert spec.sliding_window is None
+    else:
+        assert (spec.sliding_window.size, spec.sliding_window.global_every) == \
+            (changes.get("sliding_window", 4096), every)
+
+
+def test_gemma3_window_pattern_and_text_defaults():
+    text = {"num_hidden_layers": 12, "sliding_window_pattern": 3}
+    spec = hf_to_spec({**GEMMA_3_27B, "text_config": {**GEMMA_3_27B["text_config"], **text}}, "g")
+    assert (spec.layers, spec.sliding_window.global_every, spec.qk_norm, spec.softcap) == (12, 3, True, None)
+    bare = hf_to_spec({"architectures": ["Gemma3ForCausalLM"]}, "g")  # every key from transformers' defaults
+    assert (bare.layers, bare.d_model, bare.vocab, bare.sliding_window.size, bare.sliding_window.global_every) == \
+        (26, 2304, 262208, 4096, 6)
+    spec, notes = convert(GEMMA_3_27B, "g")
+    assert any("vision tower" in n for n in notes)
+    assert any(n.startswith("rope_scaling linear") for n in notes)
+
+
+def test_gpt_oss_mapping_and_notes():
+    spec, notes = convert(GPT_OSS_20B, "oss")
+    assert spec.attention_impl == "explicit" and any("no SDPA path in transformers" in n for n in notes)
+    assert convert(GPT_OSS_20B, "oss", attention="flash_attention_2")[0].attention_impl == "fused"
+    assert spec.precision.weights == "fp4" and spec.precision.scope == "experts"
+    assert any("clamped SwiGLU" in n for n in notes)
+    plain = hf_to_spec({k: v for k, v in GPT_OSS_20B.items() if k != "quantization_config"}, "oss")
+    assert plain.precision is None and count(plain, seq=16).params == count(spec, seq=16).params
+    spec, notes = convert({**GPT_OSS_20B, "attention_bias": False}, "oss")
+    assert spec.bias is True and any("the attention projections lack biases" in n for n in notes)
+
+
+def test_llama_rope_scaling_is_noted_and_costs_nothing():
+    llama31 = {**cfg("meta-llama-3-8b"), "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
+    spec, notes = convert(llama31, "l")
+    assert notes == ["rope_scaling llama3: RoPE's frequencies rescaled, no cost (the rotary products and their "
+                     "count are unchanged)"]
+    assert spec == hf_to_spec(cfg("meta-llama-3-8b"), "l")
+    assert convert({**llama31, "rope_scaling": None}, "l")[1] == []
+
+
+def test_t5_model_has_no_lm_head():
+    spec, notes = convert({**cfg("t5-v1_1-base"), "architectures": ["T5Model"]}, "t5")
+    assert spec.head == "none" and spec.causal
+    assert any("no head (T5Model)" in n for n in notes) and not any("scales the decoder output" in n for n in notes)
+
+
+@pytest.mark.parametrize("config, expected", [
+    ({**DEEPSEEK_V3, "topk_method": "random"}, "key 'topk_method': value 'random'"),
+    ({**DEEPSEEK_V3, "scoring_func": "relu"}, "key 'scoring_func': value 'relu'"),
+    ({**DEEPSEEK_V3, "routed_scaling_factor": "2.5"}, "key 'routed_scaling_factor': value '2.5'"),
+    ({**GEMMA_2_9B, "layer_types": ["sliding_attention"]}, "key 'layer_types'"),
+    ({**GEMMA_2_9B, "layer_types": ["full_attention", "sliding_attention"] * 21}, "local (sliding-window) layers"),
+    ({**GEMMA_2_9B, "attn_logit_softcapping": -1}, "key 'attn_logit_softcapping': value -1"),
+    ({**GEMMA_2_9B, "use_bidirectional_attention": True}, "a bidirectional Gemma is not supported"),
+    ({**GEMMA_3_27B, "text_config": "x"}, "key 'text_config': value 'x'"),
+    ({**GPT_OSS_20B, "num_local_experts": None}, "GptOssForCausalLM: config is missing key 'num_local_experts'"),
+], ids=["topk-method", "scoring", "scale", "layer-types-length", "layer-types-pattern", "softcap", "bidirectional",
+        "text-config", "experts"])
+def test_bad_todays_configs(config, expected):
+    with pytest.raises(SpecError) as err:
+        hf_to_spec(config, "x")
+    assert expected in str(err.value) and "\n" not in str(err.value)
 
 
 # -- smaller mapping rules --------------------------------------------------------
@@ -287,8 +462,10 @@ def write(tmp_path: Path, name: str, text: str) -> str:
 
 
 @pytest.mark.parametrize("content,expected", [
+    (json.dumps({"architectures": ["FalconForCausalLM"], "hidden_size": 7168}),
+     "architecture FalconForCausalLM is not supported"),
     (json.dumps({"architectures": ["DeepseekV3ForCausalLM"], "hidden_size": 7168}),
-     "architecture DeepseekV3ForCausalLM is not supported"),
+     "DeepseekV3ForCausalLM: config is missing keys 'num_hidden_layers', 'num_attention_heads'"),
     (json.dumps({"model_type": "falcon"}), "architecture model_type 'falcon' is not supported"),
     (json.dumps({"hidden_size": 8}), "neither 'architectures' nor 'model_type'"),
     (json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "num_attention_heads": 32}),
@@ -302,6 +479,11 @@ def write(tmp_path: Path, name: str, text: str) -> str:
     (json.dumps({**cfg("t5-v1_1-base"), "feed_forward_proj": "gated-mish"}), "key 'feed_forward_proj'"),
     (json.dumps({**cfg("bert-base-uncased"), "position_embedding_type": "relative_key"}),
      "only 'absolute' is supported"),
+    (json.dumps({**DEEPSEEK_V3, "topk_method": "random"}), "DeepseekV3ForCausalLM: key 'topk_method'"),
+    (json.dumps({**GEMMA_2_9B, "layer_types": "sliding"}), "Gemma2ForCausalLM: key 'layer_types'"),
+    (json.dumps({**GPT_OSS_20B, "sliding_window": 0}), "GptOssForCausalLM: key 'sliding_window': value 0"),
+    (json.dumps({**GEMMA_3_27B, "text_config": {"num_hidden_layers": "62"}}),
+     "text_config: Gemma3ForConditionalGeneration: key 'num_hidden_layers': value '62'"),
     (json.dumps([1, 2, 3]), "expected a JSON object"),
     ("{\"architectures\": [\"LlamaForCausalLM\"],\n  \"hidden_size\": 4096,,}", "line 2: JSON does not parse"),
     ("name: gpt2\nlayers: 12\n", "JSON does not parse"),

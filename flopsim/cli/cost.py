@@ -21,11 +21,17 @@ def count(
     context: Optional[int] = typer.Option(None, "--context", "-t", help="Keys each query attends to (T): decode's KV-cache length, or prefill with a cached prefix."),
     phase: str = PhaseOpt,
     ops: bool = typer.Option(False, "--ops", help="Table format: one row per op instead of per layer."),
+    attention: Optional[str] = typer.Option(None, "--attention", help="Attention kernel: fused or explicit (or transformers' names: sdpa, eager, ...); default: the spec's (an HF config's attn_implementation, else fused)."),
     fmt: Format = FormatOpt,
 ):
     """Exact FLOPs, bytes and parameters, per layer and per op."""
     from flopsim.count import count as count_api
 
+    if attention is not None:
+        from flopsim.spec import load_model
+        from flopsim.spec.hf import attention_impl
+
+        spec = load_model(spec).with_changes(attention_impl=attention_impl(attention, "--attention"))
     result = count_api(spec, batch=batch, seq=seq, phase=phase, context=context)
     if fmt == Format.json:
         return print_json(result.to_dict())

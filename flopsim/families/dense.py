@@ -126,7 +126,7 @@ def attention_block(ctx: Ctx, i: int, *, batch, queries, keys, prefix: str, tags
         qkv = sparse_qkv
     if qkv is None:
         ops = linear(ctx, f"{p}.qkv", layer=i, tokens=tokens, d_in=d.d_model,
-                     d_out=(d.heads + 2 * d.kv_heads) * d.d_head, bias=spec.bias, tags=tags)
+                     d_out=(d.heads + 2 * d.kv_heads) * d.d_head, bias=spec.qkv_has_bias, tags=tags)
     else:
         ops = qkv(ctx, i, batch=batch, queries=queries, prefix=p, tags=tags)
     if spec.qk_norm:  # each query and key head normalised over d_head (Qwen3, Gemma 3, OLMo 2)
@@ -243,7 +243,13 @@ def head(ctx: Ctx, *, batch, queries) -> list:
         ops += norm(ctx, "final_norm", layer=L, tokens=batch * queries, d=d.d_model)
     if spec.head == "lm":
         rows = batch if ctx.phase == "prefill" else batch * queries  # prefill: last position only
-        ops += linear(ctx, "head.lm", layer=L, tokens=rows, d_in=d.d_model, d_out=d.vocab, bias=False,
+        if spec.lm_transform:  # BERT's MLM head: dense, activation, norm; the logits get a bias
+            ops += linear(ctx, "head.transform.dense", layer=L, tokens=rows, d_in=d.d_model, d_out=d.d_model,
+                          bias=spec.bias)
+            ops += elementwise(ctx, "head.transform.act", layer=L, elements=rows * d.d_model, op=spec.activation,
+                               module="head.transform")
+            ops += norm(ctx, "head.transform.norm", layer=L, tokens=rows, d=d.d_model)
+        ops += linear(ctx, "head.lm", layer=L, tokens=rows, d_in=d.d_model, d_out=d.vocab, bias=spec.lm_transform,
                       tied=spec.tied_embeddings)
         if spec.softcap is not None and spec.softcap.logits:  # Gemma 2: cap * tanh(logits / cap)
             ops += elementwise(ctx, "head.softcap", layer=L, elements=rows * d.vocab, op="softcap", module="head")

@@ -139,8 +139,8 @@ def linear(ctx: Ctx, name: str, *, layer: int, tokens, d_in, d_out, bias: bool,
            input_grad: bool = True, batch=1, tags: dict | None = None, expert: bool = False) -> list[Op]:
     """y = x W^T (+ b) on `tokens` rows; `batch` independent weight matrices
     (batched experts) each see `tokens` rows. `tied`: the weight belongs to
-    another op (it is read, not owned). `expert`: MoE experts' weights (their
-    precision scope, `matrix_bytes`).
+    another op (it is read, not owned; a bias is still this op's). `expert`:
+    MoE experts' weights (their precision scope, `matrix_bytes`).
 
     Backward, one kernel: reads the gradient and the saved input once, and W
     when the input needs a gradient (not the bias); writes grad W, grad b and
@@ -160,8 +160,8 @@ def linear(ctx: Ctx, name: str, *, layer: int, tokens, d_in, d_out, bias: bool,
         weight_bytes=stored,
         act_read_bytes=batch * tokens * d_in * w,
         act_write_bytes=batch * tokens * d_out * w,
-        params=0 if tied else weight,
-        param_bytes=0 if tied else stored,
+        params=weight - matrix if tied else weight,  # tied: its bias alone
+        param_bytes=(weight - matrix) * w if tied else stored,
         gemm=(batch, tokens, d_out, d_in),
         tags=tags or {},
     )

@@ -11,9 +11,12 @@ The architecture is `architectures[0]`, or, when a config has no
 
 | architectures | family | what is modelled |
 | --- | --- | --- |
-| LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM | dense | decoder, gated FFN, RMSNorm, RoPE |
+| LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM | dense | decoder, gated FFN, RMSNorm, RoPE (Qwen3: qk_norm) |
 | MixtralForCausalLM | moe | as Llama, every FFN an MoE of `num_local_experts` |
 | Qwen2MoeForCausalLM, Qwen3MoeForCausalLM | moe (dense if no sparse layer) | routed experts of `moe_intermediate_size`, shared experts |
+| DeepseekV2ForCausalLM, DeepseekV3ForCausalLM | moe (dense if no sparse layer) | mla (latent attention), DeepSeek-MoE routing |
+| Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3ForConditionalGeneration | dense | sandwich norms, scaled embeddings, local/global windows; Gemma 2 softcap, Gemma 3 qk_norm (multimodal: the language model) |
+| GptOssForCausalLM | moe | attention sinks, alternating windows, biased experts and router, MXFP4 experts |
 | GPT2LMHeadModel, GPT2Model | dense | pre-LayerNorm, learned positions, biases |
 | BertForSequenceClassification, BertForMaskedLM, BertForPreTraining, BertModel | dense | post-LayerNorm encoder, token types |
 | T5ForConditionalGeneration, T5Model, MT5ForConditionalGeneration, MT5Model, UMT5ForConditionalGeneration, UMT5Model | dense | the decoder stack only (spec name ends in `-decoder`) |
@@ -31,25 +34,65 @@ Mapping decisions (see specs/models/hf/README.md for the full list):
   block's `shared_expert_gate`. A width that is not a multiple is an error.
 - Qwen `decoder_sparse_step` / `mlp_only_layers` -> `moe.every`; a set of
   sparse layers that no `every` reproduces is an error.
-- Biases: the spec has one `bias` flag. It follows the MLP (which holds most
-  of the weights): Qwen2's q/k/v biases (no bias elsewhere) are dropped, and
-  a Llama with `attention_bias` != `mlp_bias` gets `bias = mlp_bias`.
-  Bias adds count 0 FLOPs, so only parameters and bytes move (by < 0.01%).
+- Biases: Qwen2's and Qwen2-MoE's q/k/v biases (none on the output
+  projection or the MLP) are the spec's `qkv_bias` under `bias: false`.
+  Otherwise the spec's one `bias` flag follows the MLP (which holds most of
+  the weights): a Llama with `attention_bias` != `mlp_bias` gets `bias =
+  mlp_bias` (noted). Bias adds count 0 FLOPs, so only parameters and bytes
+  move (by < 0.01%).
 - T5 encoder-decoder: only the decoder stack (`num_decoder_layers` blocks of
   self-attention + FFN, causal, LM head) is modelled; the encoder stack and the
   decoder's cross-attention are not. Relative position biases -> positions
   none. `gated-gelu` is HF's gated `gelu_new` (tanh GELU).
 - BERT: post-norm, token types; `BertForSequenceClassification` -> cls head
   (pooler + classifier, `classes` = len(id2label), else num_labels, else 2);
-  `BertForMaskedLM` / `BertForPreTraining` -> a tied LM head without the MLM
-  transform (dense + LayerNorm) or the output bias; `BertModel` -> no head
-  (its pooler is not modelled).
+  `BertForMaskedLM` / `BertForPreTraining` -> a tied LM head after the MLM
+  transform (`lm_transform`: dense + activation + LayerNorm, and the logits'
+  bias); BertForPreTraining's pooler and next-sentence head are not modelled;
+  `BertModel` -> no head (its pooler is not modelled).
+- attention_impl: `explicit` for transformers' `eager` attention, else
+  `fused` (sdpa, the default, and the flash and flex kernels), from the
+  `attention` argument or the config's `attn_implementation` (the key
+  transformers itself reads). Training on CPU, torch's SDPA runs the explicit
+  products whenever attention dropout is above 0 (GPT-2's and BERT's published
+  configs) or a mask needs a gradient (T5's relative position bias); CUDA's
+  fused kernels take both, so fused stays the default and such a config gets a
+  note saying how to count the CPU run.
+  Gemma 2 and GPT-OSS have no SDPA path in transformers, which runs them
+  eagerly: their default is `explicit` (noted; a flash kernel: `fused`).
 - dtype from `torch_dtype` (or `dtype`, transformers >= 4.56); a config
   without one loads as fp32 in transformers, and so it does here.
 - max_seq from `max_position_embeddings` / `n_positions`; Mistral's and
   Mixtral's `sliding_window` -> `sliding_window: {size: W}` on every layer
-  (decode reads and caches min(T, W) keys); Qwen2's windows from
-  `max_window_layers` on are not modelled (full attention, noted).
+  (decode reads and caches min(T, W) keys); Gemma's and GPT-OSS's local
+  layers from transformers' `layer_types` (else Gemma 3's
+  `sliding_window_pattern` n, default 6; Gemma 2 and GPT-OSS: 2): layer i
+  global when (i + 1) % n == 0 (`global_every`); a layout that is not
+  periodic so is an error. Qwen2's windows from `max_window_layers` on are
+  not modelled (full attention, noted).
+- DeepSeek: `mla` {kv_rank: kv_lora_rank, q_rank: q_lora_rank, d_nope, d_rope,
+  d_v from the qk_*/v head dims}; moe {experts: n_routed_experts, top_k,
+  d_expert: moe_intermediate_size, shared_experts: n_shared_experts,
+  first_dense: first_k_dense_replace, every from moe_layer_freq (DeepSeek's
+  code routes layer i when i % freq == 0; transformers ignores the key), gate
+  from scoring_func, normalize: norm_topk_prob, scale: routed_scaling_factor,
+  selection_bias: topk_method noaux_tc, groups / top_groups: n_group /
+  topk_group unless topk_method is greedy}; absent keys take transformers'
+  defaults of the version (V3: sigmoid, noaux_tc, 3 dense blocks). Decode is
+  flopsim's absorbed form; transformers' class runs the expanded one (noted).
+- Gemma: `hidden_activation` (gelu_pytorch_tanh -> gelu_tanh), head_dim
+  (default 256), tied head, sandwich_norms, scale_embeddings; Gemma 2's
+  softcap {attention: attn_logit_softcapping, logits:
+  final_logit_softcapping} (absent: 50 and 30, as transformers); Gemma 3's
+  qk_norm. Gemma 3's text config holds only what differs from transformers'
+  Gemma3TextConfig defaults (GEMMA3_TEXT_DEFAULTS fills the rest).
+- GPT-OSS: moe {experts: num_local_experts, top_k, d_expert:
+  intermediate_size, normalize (the softmax over the chosen top-k logits),
+  router_bias}, bias (attention_bias; the experts' biases), attention_sinks;
+  quantization_config mxfp4 -> precision {weights fp4, group_size 32,
+  scale_bytes 1, scope experts}. Its clamped SwiGLU is costed as SwiGLU.
+- rope_scaling / rope_parameters other than default (llama3, yarn, linear,
+  dynamic): the rotary frequencies change, not the products: no cost, noted.
 """
 
 from __future__ import annotations
@@ -80,7 +123,36 @@ DTYPES = {
     "int8": "int8",
 }
 
+# transformers' attn_implementation -> ModelSpec.attention_impl (flopsim's own names accepted too):
+# eager runs Q K^T, softmax and P V as separate products (backward: 4 products); the others are
+# one kernel whose backward recomputes the scores (5 products, as torch's FLOP formulas count it)
+ATTENTION = {
+    "eager": "explicit",
+    "sdpa": "fused",
+    "flash_attention_2": "fused",
+    "flash_attention_3": "fused",
+    "flex_attention": "fused",
+    "explicit": "explicit",
+    "fused": "fused",
+}
+
+# the attention-dropout probability in each architecture's config
+ATTENTION_DROPOUT = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob", "dropout_rate")
+
 _MISSING = object()
+
+# architectures whose per-layer windows `_windows` maps (not _decoder_common's every-layer window)
+_OWN_WINDOWS = ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration", "GptOssForCausalLM")
+# transformers runs these with eager attention by default: they have no SDPA path
+# (SDPA has no soft-capping, nor sinks)
+_EAGER_DEFAULT = ("Gemma2ForCausalLM", "GptOssForCausalLM")
+
+
+def attention_impl(value: Any, where: str = "attention") -> str:
+    """ModelSpec.attention_impl for an attention implementation's name (transformers' or flopsim's)."""
+    if not isinstance(value, str) or value not in ATTENTION:
+        raise SpecError(f"{where}: value {str(value)[:60]!r}: not supported (one of {', '.join(ATTENTION)})")
+    return ATTENTION[value]
 
 
 class _Config:
@@ -166,13 +238,58 @@ def _decoder_common(c: _Config, notes: list[str], *, max_pos_default: int, tied_
     if head_dim is not None:
         spec["d_head"] = head_dim
     window = c.data.get("sliding_window")
-    if window is not None and c.data.get("use_sliding_window", True) is not False:
+    if c.arch in _OWN_WINDOWS:  # Gemma, GPT-OSS: per-layer windows (`_windows`)
+        pass
+    elif window is not None and c.data.get("use_sliding_window", True) is not False:
         if c.arch in ("MistralForCausalLM", "MixtralForCausalLM"):  # every layer: a window of W keys
             spec["sliding_window"] = {"size": c.integer("sliding_window")}
         else:  # Qwen2's windows start at max_window_layers: not a pattern flopsim describes
             notes.append(f"sliding_window {window} is not modelled: attention is costed over the full context "
                          f"(exact up to {window} tokens)")
+    _rope_note(c, notes)
     return spec
+
+
+def _rope_note(c: _Config, notes: list[str]) -> None:
+    """RoPE scaling (Llama 3.1's llama3, yarn, linear, dynamic) rescales the rotary frequencies
+    (computed once, or per sequence length): no product changes, so no cost; noted."""
+    for key in ("rope_scaling", "rope_parameters"):
+        value = c.data.get(key)
+        if not isinstance(value, dict) or not value:
+            continue
+        # Gemma 3 keeps one parameter set per layer type: {"full_attention": {...}, ...}
+        parts = list(value.values()) if all(isinstance(v, dict) for v in value.values()) else [value]
+        kinds = sorted({str(p.get("rope_type", p.get("type", "default"))) for p in parts} - {"default"})
+        if kinds:
+            notes.append(f"{key} {', '.join(kinds)}: RoPE's frequencies rescaled, no cost (the rotary "
+                         f"products and their count are unchanged)")
+            return
+
+
+def _windows(c: _Config, layers: int, *, pattern_default: Optional[int] = None) -> Optional[dict]:
+    """The spec's sliding_window from transformers' per-layer `layer_types` (sliding_attention /
+    full_attention), else from `sliding_window_pattern` n (Gemma 3's older key; also its default):
+    layer i full when (i + 1) % n == 0. None when no layer is local (or no window size)."""
+    size = c.integer("sliding_window", None)
+    types = c.get("layer_types", None)
+    if types is not None:
+        known = ("sliding_attention", "full_attention")
+        if not isinstance(types, list) or len(types) != layers or any(t not in known for t in types):
+            raise c.fail(f"key 'layer_types': value {str(types)[:80]!r}: expected {layers} entries, each "
+                         f"{' or '.join(known)}")
+        local = {i for i, t in enumerate(types) if t == "sliding_attention"}
+    else:
+        n = c.integer("sliding_window_pattern", pattern_default)
+        local = set(range(layers)) if n is None else {i for i in range(layers) if (i + 1) % n}
+    if size is None or not local:
+        return None
+    if local == set(range(layers)):
+        return {"size": size}
+    for n in range(2, layers + 1):
+        if local == {i for i in range(layers) if (i + 1) % n}:
+            return {"size": size, "global_every": n}
+    raise c.fail(f"local (sliding-window) layers {sorted(local)} of {layers}: not every layer but each n-th, "
+                 f"which flopsim's sliding_window.global_every needs")
 
 
 def _bias(c: _Config, notes: list[str], *, attention: bool, mlp: bool, what: str = "") -> bool:
@@ -189,11 +306,11 @@ def _llama(c: _Config, notes: list[str]) -> dict:
     defaults = {"MistralForCausalLM": 4096 * 32, "Qwen2ForCausalLM": 32768, "Qwen3ForCausalLM": 32768}
     spec = _decoder_common(c, notes, max_pos_default=defaults.get(c.arch, 2048))
     if c.arch == "Qwen2ForCausalLM":  # q/k/v biases hard-wired, o_proj and MLP without
-        spec["bias"] = _bias(c, notes, attention=True, mlp=False, what="the q/k/v projections")
+        spec.update(bias=False, qkv_bias=True)
     else:
         spec["bias"] = _bias(c, notes, attention=c.flag("attention_bias", False), mlp=c.flag("mlp_bias", False))
     if c.arch == "Qwen3ForCausalLM":
-        notes.append("Qwen3's per-head q/k RMSNorms (2 * d_head weights per layer) are not modelled")
+        spec["qk_norm"] = True  # an RMSNorm over d_head on each query and key head
     return spec
 
 
@@ -226,15 +343,18 @@ def _sparse_every(c: _Config, layers: int) -> Optional[int]:
 
 
 def _qwen_moe(c: _Config, notes: list[str]) -> dict:
-    c.require("num_experts", "num_experts_per_tok", "moe_intermediate_size")
+    # transformers 5 saves Qwen3-MoE's `num_experts` as `num_local_experts` (its attribute_map)
+    experts_key = "num_local_experts" if c.data.get("num_experts") is None and \
+        c.data.get("num_local_experts") is not None else "num_experts"
+    c.require(experts_key, "num_experts_per_tok", "moe_intermediate_size")
     spec = _decoder_common(c, notes, max_pos_default=8192 if c.arch == "Qwen2MoeForCausalLM" else 32768)
-    if c.arch == "Qwen2MoeForCausalLM":
-        spec["bias"] = _bias(c, notes, attention=True, mlp=False, what="the q/k/v projections")
+    if c.arch == "Qwen2MoeForCausalLM":  # q/k/v biases (transformers' qkv_bias), o_proj and MLP without
+        spec.update(bias=False, qkv_bias=c.flag("qkv_bias", True))
     else:
         spec["bias"] = _bias(c, notes, attention=c.flag("attention_bias", False), mlp=False)
-        notes.append("Qwen3's per-head q/k RMSNorms (2 * d_head weights per layer) are not modelled")
+        spec["qk_norm"] = True  # Qwen3: an RMSNorm over d_head on each query and key head
     every = _sparse_every(c, spec["layers"])
-    experts = c.integer("num_experts", minimum=0)
+    experts = c.integer(experts_key, minimum=0)
     if every is None or experts == 0:
         notes.append("no layer is sparse (num_experts 0, or every layer in mlp_only_layers): a dense model")
         return spec
@@ -253,6 +373,155 @@ def _qwen_moe(c: _Config, notes: list[str]) -> dict:
     spec["moe"] = dict(experts=experts, top_k=c.integer("num_experts_per_tok"), d_expert=d_expert,
                        shared_experts=shared, shared_expert_gate=bool(shared), capacity_factor=None, every=every,
                        routing="token_choice")
+    return spec
+
+
+def _deepseek_every(c: _Config, layers: int, first_dense: int) -> int:
+    """DeepSeek's own code routes layer i when i >= first_k_dense_replace and i % moe_layer_freq
+    == 0 (transformers' classes ignore moe_layer_freq: every layer from first_k_dense_replace).
+    The `every` of flopsim (block i routed when i >= first_dense and (i + 1) % every == 0)
+    that routes the same layers."""
+    freq = c.integer("moe_layer_freq", 1)
+    sparse = {i for i in range(first_dense, layers) if i % freq == 0}
+    for every in range(1, layers + 1):
+        if sparse == {i for i in range(first_dense, layers) if (i + 1) % every == 0}:
+            return every
+    raise c.fail(f"key 'moe_layer_freq': value {freq}: sparse layers {sorted(sparse)} are not each n-th layer "
+                 f"from first_k_dense_replace {first_dense}, which flopsim's moe.every needs")
+
+
+def _deepseek(c: _Config, notes: list[str]) -> dict:
+    """DeepSeek-V2 / V3: multi-head latent attention and DeepSeek-MoE (see the module docstring)."""
+    c.require("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+              "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
+              "num_experts_per_tok", "moe_intermediate_size")
+    v3 = c.arch == "DeepseekV3ForCausalLM"
+    spec = _decoder_common(c, notes, max_pos_default=4096 if v3 else 2048)
+    spec.pop("d_head", None)  # transformers' head_dim is the rotary width; MLA's widths are its own
+    spec.pop("kv_heads")  # every head has its own keys and values from the latent
+    spec["bias"] = _bias(c, notes, attention=c.flag("attention_bias", False),
+                         mlp=False if v3 else c.flag("mlp_bias", False))
+    spec["mla"] = dict(kv_rank=c.integer("kv_lora_rank"), q_rank=c.integer("q_lora_rank", None),
+                       d_nope=c.integer("qk_nope_head_dim"), d_rope=c.integer("qk_rope_head_dim"),
+                       d_v=c.integer("v_head_dim"))
+    notes.append("transformers' DeepSeek attention caches the latents and up-projects all of them at every "
+                 "decode step (mla.decode expanded); flopsim's default decode is absorbed, as serving engines "
+                 "run it")
+    first_dense = c.integer("first_k_dense_replace", 3 if v3 else 0, minimum=0)
+    if first_dense >= spec["layers"]:
+        notes.append(f"first_k_dense_replace {first_dense}: every layer runs a dense MLP: a dense model")
+        return spec
+    method = c.get("topk_method", "noaux_tc" if v3 else "greedy")
+    if method not in ("greedy", "group_limited_greedy", "noaux_tc"):
+        raise c.fail(f"key 'topk_method': value {str(method)[:60]!r}: not supported "
+                     f"(one of greedy, group_limited_greedy, noaux_tc)")
+    gate = c.get("scoring_func", "sigmoid" if v3 else "softmax")
+    if gate not in ("softmax", "sigmoid"):
+        raise c.fail(f"key 'scoring_func': value {str(gate)[:60]!r}: not supported (softmax or sigmoid)")
+    grouped = method != "greedy"
+    scale = c.get("routed_scaling_factor", 2.5 if v3 else 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise c.fail(f"key 'routed_scaling_factor': value {scale!r}: expected a positive number")
+    normalize = c.flag("norm_topk_prob", v3)
+    if normalize and not v3:
+        notes.append("norm_topk_prob: DeepSeek's code divides the top-k weights by their sum, transformers' "
+                     "DeepseekV2 does not (elementwise FLOPs only); costed as normalised")
+    spec["family"] = "moe"
+    spec["moe"] = dict(experts=c.integer("n_routed_experts"), top_k=c.integer("num_experts_per_tok"),
+                       d_expert=c.integer("moe_intermediate_size"),
+                       shared_experts=c.integer("n_shared_experts", 1 if v3 else 2, minimum=0),
+                       first_dense=first_dense, every=_deepseek_every(c, spec["layers"], first_dense),
+                       gate=gate, normalize=normalize, scale=float(scale), selection_bias=method == "noaux_tc",
+                       groups=c.integer("n_group", 1) if grouped else 1,
+                       top_groups=c.integer("topk_group", 1) if grouped else 1,
+                       capacity_factor=None, routing="token_choice")
+    return spec
+
+
+def _softcap(c: _Config, defaults: tuple) -> Optional[dict]:
+    """Gemma's soft-capping: attn_logit_softcapping (scores), final_logit_softcapping (logits);
+    an absent key takes transformers' default, null none."""
+    caps = {}
+    for field, key, default in zip(("attention", "logits"),
+                                   ("attn_logit_softcapping", "final_logit_softcapping"), defaults):
+        value = c.data[key] if key in c.data else default
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise c.fail(f"key '{key}': value {value!r}: expected a positive number or null")
+            caps[field] = float(value)
+    return caps or None
+
+
+# transformers' Gemma3TextConfig defaults (5.24): the Hub's Gemma 3 text_config holds only the
+# keys that differ from them (tests/test_transformers_exact.py checks them against the class)
+GEMMA3_TEXT_DEFAULTS = dict(
+    vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+    num_key_value_heads=4, head_dim=256, hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131_072,
+    tie_word_embeddings=True, attention_bias=False, sliding_window=4096,
+)
+
+
+def _gemma(c: _Config, notes: list[str]) -> dict:
+    """Gemma 2 and Gemma 3's language model: sandwich norms, scaled embeddings, tied head,
+    GeGLU, local and global layers; Gemma 2 soft-caps, Gemma 3 normalises q and k per head."""
+    gemma3 = c.arch != "Gemma2ForCausalLM"
+    if gemma3:
+        c = _Config({**GEMMA3_TEXT_DEFAULTS, **c.data}, c.arch, c.source)
+    if c.flag("use_bidirectional_attention", False):
+        raise c.fail("key 'use_bidirectional_attention': value True: a bidirectional Gemma is not supported")
+    spec = _decoder_common(c, notes, max_pos_default=8192, tied_default=True)
+    spec.update(activation=c.activation("hidden_activation", "gelu_pytorch_tanh"), d_head=c.integer("head_dim", 256),
+                bias=_bias(c, notes, attention=c.flag("attention_bias", False), mlp=False),
+                sandwich_norms=True, scale_embeddings=True)
+    if gemma3:
+        spec["qk_norm"] = True
+    window = _windows(c, spec["layers"], pattern_default=6 if gemma3 else 2)
+    if window is not None:
+        spec["sliding_window"] = window
+    caps = _softcap(c, (None, None) if gemma3 else (50.0, 30.0))
+    if caps is not None:
+        spec["softcap"] = caps
+    return spec
+
+
+def _gemma3_multimodal(c: _Config, notes: list[str]) -> dict:
+    """Gemma3ForConditionalGeneration: its language model (`text_config`, over transformers'
+    defaults); the SigLIP vision tower and the projector are not modelled."""
+    text = c.get("text_config", {})
+    if not isinstance(text, dict):
+        raise c.fail(f"key 'text_config': value {str(text)[:60]!r}: expected a mapping")
+    outer = {k: c.data[k] for k in ("torch_dtype", "dtype", "tie_word_embeddings") if c.data.get(k) is not None}
+    spec = _gemma(_Config({**outer, **text}, c.arch, f"{c.source}: text_config"), notes)
+    notes.append("the vision tower (SigLIP) and the multimodal projector are not modelled: the language model "
+                 "on text tokens")
+    return spec
+
+
+def _gpt_oss(c: _Config, notes: list[str]) -> dict:
+    """GPT-OSS: an MoE of biased experts under a biased router (softmax over the chosen top-k),
+    attention sinks, local and full layers alternating; MXFP4 experts when quantized so."""
+    c.require("num_local_experts", "num_experts_per_tok")
+    spec = _decoder_common(c, notes, max_pos_default=131072)
+    spec["d_head"] = c.integer("head_dim", spec["d_model"] // spec["heads"])
+    spec["bias"] = _bias(c, notes, attention=c.flag("attention_bias", True), mlp=True, what="the attention projections")
+    spec["attention_sinks"] = True
+    window = _windows(c, spec["layers"], pattern_default=2)
+    if window is not None:
+        spec["sliding_window"] = window
+    spec["family"] = "moe"
+    spec["moe"] = dict(experts=c.integer("num_local_experts"), top_k=c.integer("num_experts_per_tok"),
+                       d_expert=spec["d_ff"], normalize=True, router_bias=True, capacity_factor=None,
+                       routing="token_choice")
+    notes.append(f"the experts' clamped SwiGLU (limit {c.get('swiglu_limit', 7.0)}, alpha "
+                 f"{c.get('swiglu_alpha', 1.702)}, (up + 1) * gate * sigmoid(alpha gate)) is costed as SwiGLU")
+    quant = c.get("quantization_config", None)
+    if isinstance(quant, dict) and quant.get("quant_method") == "mxfp4":
+        spec["precision"] = dict(weights="fp4", group_size=32, scale_bytes=1, scope="experts")
+        notes.append("quantization_config mxfp4: the experts' weights in MXFP4 (4-bit values, an 8-bit scale "
+                     "per 32), the rest in the dtype")
+    elif quant is not None:
+        method = quant.get("quant_method") if isinstance(quant, dict) else quant
+        notes.append(f"quantization_config {str(method)[:40]}: not modelled (weights in the dtype)")
     return spec
 
 
@@ -317,15 +586,12 @@ def _bert(c: _Config, notes: list[str]) -> dict:
     if c.arch == "BertForSequenceClassification":
         spec.update(head="cls", classes=_classes(c))
     elif c.arch in ("BertForMaskedLM", "BertForPreTraining"):
-        spec["head"] = "lm"
-        d = spec["d_model"]
-        extra = d * d + d + 2 * d + spec["vocab"]
-        what = "the MLM transform (dense + LayerNorm) and the output bias"
+        spec.update(head="lm", lm_transform=True)  # dense + activation + LayerNorm, logits bias
         if c.arch == "BertForPreTraining":
-            extra += d * d + d + 2 * d + 2
-            what += ", the pooler and the next-sentence head"
-        notes.append(f"{what} are not modelled ({extra:,} parameters); the LM head is a tied "
-                     f"d_model x vocab product")
+            d = spec["d_model"]
+            notes.append(f"the pooler (dense + tanh on the first token) and the next-sentence head "
+                         f"(Linear(d_model, 2)) are not modelled ({d * d + d + 2 * d + 2:,} parameters, "
+                         f"2 * batch * d_model * (d_model + 2) FLOPs forward)")
     else:
         spec["head"] = "none"
         notes.append(f"BertModel's pooler (dense + tanh on the first token, {spec['d_model'] ** 2 + spec['d_model']:,} "
@@ -349,6 +615,7 @@ def _t5(c: _Config, notes: list[str]) -> dict:
         raise c.fail(f"key 'feed_forward_proj': value {proj!r}: activation {act!r} not supported "
                      f"(one of {', '.join(ACTIVATIONS)})")
     decoder = c.arch in _T5_DECODERS
+    lm = c.arch.endswith("ForConditionalGeneration")  # T5Model: the decoder's hidden states, no LM head
     layers_key = "num_decoder_layers" if decoder and c.data.get("num_decoder_layers") is not None else "num_layers"
     spec = dict(
         layers=c.integer(layers_key),
@@ -366,17 +633,52 @@ def _t5(c: _Config, notes: list[str]) -> dict:
         bias=False,
         norm="rmsnorm",
         norm_position="pre",
-        head="lm" if decoder else "none",
+        head="lm" if lm else "none",
         dtype=c.dtype(),
     )
     notes.append("relative position biases (num_buckets x heads per stack) are costed as positions none")
     if decoder:
         notes.append(f"encoder-decoder: only the decoder stack is modelled ({spec['layers']} blocks of causal "
-                     f"self-attention and FFN, LM head); the {c.integer('num_layers')}-block encoder and the "
-                     f"decoder's cross-attention are not")
-    if decoder and spec["tied_embeddings"]:
+                     f"self-attention and FFN{', LM head' if lm else ', no head (T5Model)'}); the "
+                     f"{c.integer('num_layers')}-block encoder and the decoder's cross-attention are not")
+    if lm and spec["tied_embeddings"]:
         notes.append("tied LM head: T5 scales the decoder output by d_model ** -0.5 (an elementwise op, not costed)")
     return spec
+
+
+def _attention(c: _Config, notes: list[str], attention: Optional[str]) -> str:
+    """The spec's attention_impl: `attention` when given, else the config's attn_implementation
+    (as transformers reads it), else transformers' default for the class (sdpa: fused; eager,
+    noted, for the classes without an SDPA path). A fused kernel that torch's CPU SDPA would
+    not run in training is noted."""
+    key = next((k for k in ("attn_implementation", "_attn_implementation") if c.data.get(k) is not None), None)
+    if attention is not None:
+        impl = attention_impl(attention, f"{c.source}: attention")
+    elif key is not None:
+        impl = attention_impl(c.data[key], f"{c.source}: {c.arch}: key '{key}'")
+    elif c.arch in _EAGER_DEFAULT:
+        notes.append(f"{c.arch} has no SDPA path in transformers, which runs it with eager attention: attention "
+                     f"explicit (a flash kernel with soft-capping or sinks: `--attention fused`)")
+        return "explicit"
+    else:
+        impl = "fused"
+    if impl == "explicit":
+        return impl
+    dropout = next((c.data[k] for k in ATTENTION_DROPOUT if isinstance(c.data.get(k), (int, float))
+                    and not isinstance(c.data.get(k), bool) and c.data[k] > 0), None)
+    cpu = ("training on CPU, torch's SDPA then runs attention as plain products (Q K^T, softmax, P V: "
+           "4 backward products, not the fused kernel's 5; CUDA's fused kernels take it): count that run with "
+           "attention 'explicit' (`--attention explicit`, or attn_implementation eager in the config)")
+    if dropout is not None:
+        notes.append(f"attention dropout {dropout}: {cpu}")
+    if c.arch in ARCHITECTURES and ARCHITECTURES[c.arch] is _t5:
+        notes.append(f"T5's relative position bias is a trainable mask on the scores: {cpu}")
+    if c.arch in ARCHITECTURES and ARCHITECTURES[c.arch] is _deepseek:
+        notes.append("latent attention's query and key heads (d_nope + d_rope) are wider than its value heads "
+                     "(d_v): torch's CPU SDPA then runs attention as plain products in every phase (the same "
+                     "FLOPs forward; in training 4 backward products, not the fused kernel's 5): count a CPU "
+                     "training run with attention 'explicit' (`--attention explicit`)")
+    return impl
 
 
 ARCHITECTURES: dict[str, Callable[[_Config, list], dict]] = {
@@ -387,6 +689,12 @@ ARCHITECTURES: dict[str, Callable[[_Config, list], dict]] = {
     "MixtralForCausalLM": _mixtral,
     "Qwen2MoeForCausalLM": _qwen_moe,
     "Qwen3MoeForCausalLM": _qwen_moe,
+    "DeepseekV2ForCausalLM": _deepseek,
+    "DeepseekV3ForCausalLM": _deepseek,
+    "Gemma2ForCausalLM": _gemma,
+    "Gemma3ForCausalLM": _gemma,
+    "Gemma3ForConditionalGeneration": _gemma3_multimodal,
+    "GptOssForCausalLM": _gpt_oss,
     "GPT2LMHeadModel": _gpt2,
     "GPT2Model": _gpt2,
     "BertForSequenceClassification": _bert,
@@ -408,6 +716,12 @@ MODEL_TYPES = {
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+    "gemma3": "Gemma3ForConditionalGeneration",
+    "gpt_oss": "GptOssForCausalLM",
     "gpt2": "GPT2LMHeadModel",
     "bert": "BertModel",
     "t5": "T5ForConditionalGeneration",
@@ -436,8 +750,9 @@ def architecture(config: dict, source: str = "config") -> str:
     return arch
 
 
-def convert(config: dict, name: str, source: Optional[str] = None) -> tuple:
-    """(ModelSpec, notes): the spec and, one line each, what flopsim does not model for it."""
+def convert(config: dict, name: str, source: Optional[str] = None, attention: Optional[str] = None) -> tuple:
+    """(ModelSpec, notes): the spec and, one line each, what flopsim does not model for it.
+    `attention` (eager, sdpa, ... or explicit, fused) overrides the config's attn_implementation."""
     from flopsim.spec.loader import validate
     from flopsim.spec.model import ModelSpec
 
@@ -448,14 +763,15 @@ def convert(config: dict, name: str, source: Optional[str] = None) -> tuple:
     c = _Config(config, arch, source)
     notes: list[str] = []
     fields = ARCHITECTURES[arch](c, notes)
+    fields["attention_impl"] = _attention(c, notes, attention)
     if arch in _T5_DECODERS:
         name = f"{name}-decoder"
     return validate(ModelSpec, {"name": name, **fields}, f"{source} ({arch})"), notes
 
 
-def hf_to_spec(config: dict, name: str, source: Optional[str] = None):
+def hf_to_spec(config: dict, name: str, source: Optional[str] = None, attention: Optional[str] = None):
     """A ModelSpec from a parsed Hugging Face config dict."""
-    return convert(config, name, source)[0]
+    return convert(config, name, source, attention)[0]
 
 
 def spec_name(path: Path) -> str:
@@ -483,13 +799,13 @@ def read_config(path) -> tuple[dict, Path]:
     return config, path
 
 
-def load_hf_config(path):
+def load_hf_config(path, attention: Optional[str] = None):
     """A ModelSpec from a Hugging Face config.json (or a folder holding one), offline."""
     config, path = read_config(path)
-    return hf_to_spec(config, spec_name(path), str(path))
+    return hf_to_spec(config, spec_name(path), str(path), attention)
 
 
-def load_hf_config_with_notes(path) -> tuple:
+def load_hf_config_with_notes(path, attention: Optional[str] = None) -> tuple:
     """(ModelSpec, notes) from a Hugging Face config.json."""
     config, path = read_config(path)
-    return convert(config, spec_name(path), str(path))
+    return convert(config, spec_name(path), str(path), attention)

@@ -19,6 +19,13 @@ meaning):
 - `attention_impl`: `fused` (one scaled-dot-product-attention kernel; its
   backward recomputes the scores, 5 batched products) or `explicit` (two
   batched products and a softmax; backward 4 products).
+- `qkv_bias`: the fused q/k/v projection's bias, when it differs from the
+  spec's `bias` (Qwen2: biases on q, k and v only, none on the output
+  projection, the MLP or the norms); None (the default) follows `bias`.
+- `lm_transform` (head lm only): BERT's masked-LM head, which transforms the
+  hidden states before the LM product (dense d_model x d_model with the
+  spec's bias, the activation, a norm) and adds an output bias of `vocab`
+  to the logits (owned by the head even when the weight is tied).
 """
 
 from __future__ import annotations
@@ -349,10 +356,12 @@ class ModelSpec(_Strict):
     causal: bool = True
     tied_embeddings: bool = True
     bias: bool = True
+    qkv_bias: Optional[bool] = None  # the q/k/v projection's own bias flag (Qwen2); None: `bias`
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_position: Literal["pre", "post"] = "pre"
     token_types: Count = 0
     head: Literal["lm", "cls", "none"] = "lm"
+    lm_transform: bool = False
     classes: Size = 2
     dtype: Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int8"] = "bf16"
     attention_impl: Literal["fused", "explicit"] = "fused"
@@ -392,6 +401,8 @@ class ModelSpec(_Strict):
                     object.__setattr__(self, "mode", ModeBlock())
                 else:
                     raise ValueError(f"family '{self.family}' needs a '{block}' block")
+        if self.lm_transform and self.head != "lm":
+            raise ValueError(f"lm_transform transforms the hidden states before the LM head; head is {self.head!r}")
         if self.length_reduction is not None and len(self.length_reduction.keep) != self.layers:
             raise ValueError(
                 f"length_reduction.keep lists {len(self.length_reduction.keep)} layers, the model has {self.layers}"
@@ -432,7 +443,15 @@ class ModelSpec(_Strict):
                                  f"{self.heads * self.d_head} (heads * d_head)")
         return self
 
+    @property
+    def qkv_has_bias(self) -> bool:
+        """Whether the q/k/v projection has a bias: `qkv_bias`, else `bias`."""
+        return self.bias if self.qkv_bias is None else self.qkv_bias
+
     def _check_architecture_options(self):
+        if self.qkv_bias is not None and (self.mla is not None or self.sparse_qkv is not None):
+            raise ValueError(f"qkv_bias: the q/k/v projection of standard attention; not combined with "
+                             f"{'mla' if self.mla is not None else 'sparse_qkv'} (their projections follow bias)")
         if self.sandwich_norms and self.norm_position != "pre":
             raise ValueError("sandwich_norms: adds output norms to a pre-norm block; use norm_position: pre")
         options = [name for name in ("sandwich_norms", "qk_norm", "scale_embeddings", "attention_sinks")

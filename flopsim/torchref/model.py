@@ -3,7 +3,8 @@
 Module paths equal flopsim op modules: `embed.tokens`, `block.{i}.norm1`,
 `block.{i}.attn.qkv`, `block.{i}.attn` (runs the attention kernel),
 `block.{i}.attn.out`, `block.{i}.mlp.{up|gate_up,down}`, `final_norm`,
-`head.lm` / `head.pooler` / `head.classifier` (`spec.mla`: the attention is
+`head.lm` (after `head.transform.{dense,norm}` with `spec.lm_transform`) /
+`head.pooler` / `head.classifier` (`spec.mla`: the attention is
 flopsim.torchref.mla.LatentAttention). With `spec.sparse_qkv` the
 QKV projection is `SparseQKV` in every family: `block.{i}.attn.qkv.mult`
 (`FactoredDense`) and the convolutions `block.{i}.attn.qkv.q`, `.k`, `.v`
@@ -164,7 +165,7 @@ class Attention(nn.Module):
         self.spec = spec
         h, hkv, dh = spec.heads, spec.kv_heads, spec.d_head
         self.qkv = (SparseQKV(spec) if spec.sparse_qkv is not None
-                    else nn.Linear(spec.d_model, (h + 2 * hkv) * dh, bias=spec.bias))
+                    else nn.Linear(spec.d_model, (h + 2 * hkv) * dh, bias=spec.qkv_has_bias))
         if spec.qk_norm:
             self.q_norm, self.k_norm = make_norm(spec, dh), make_norm(spec, dh)
         self.sinks = nn.Parameter(torch.randn(h) * 0.1) if spec.attention_sinks else None
@@ -363,14 +364,29 @@ class Embeddings(nn.Module):
 
 
 class TiedLinear(nn.Module):
-    """The LM head reading the token embedding's weight (owns no parameter)."""
+    """The LM head reading the token embedding's weight (owns no weight; a bias of its own
+    when asked, as BERT's MLM head)."""
 
-    def __init__(self, embedding: nn.Embedding):
+    def __init__(self, embedding: nn.Embedding, bias: bool = False):
         super().__init__()
         self._embedding = [embedding]  # a list: not registered as a child
+        self.bias = nn.Parameter(torch.zeros(embedding.num_embeddings)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self._embedding[0].weight)
+        return F.linear(x, self._embedding[0].weight, self.bias)
+
+
+class LMTransform(nn.Module):
+    """BERT's MLM transform (`spec.lm_transform`): dense d_model x d_model, activation, norm."""
+
+    def __init__(self, spec):
+        super().__init__()
+        self.dense = nn.Linear(spec.d_model, spec.d_model, bias=spec.bias)
+        self.act = ACTIVATIONS[spec.activation]
+        self.norm = make_norm(spec, spec.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.act(self.dense(x)))
 
 
 class Head(nn.Module):
@@ -378,7 +394,11 @@ class Head(nn.Module):
         super().__init__()
         self.spec = spec
         if spec.head == "lm":
-            self.lm = TiedLinear(embedding) if spec.tied_embeddings else nn.Linear(spec.d_model, spec.vocab, bias=False)
+            if spec.lm_transform:
+                self.transform = LMTransform(spec)
+            bias = spec.lm_transform  # BERT's logits bias
+            self.lm = (TiedLinear(embedding, bias) if spec.tied_embeddings
+                       else nn.Linear(spec.d_model, spec.vocab, bias=bias))
         elif spec.head == "cls":
             self.pooler = nn.Linear(spec.d_model, spec.d_model, bias=spec.bias)
             self.classifier = nn.Linear(spec.d_model, spec.classes, bias=spec.bias)
@@ -387,6 +407,8 @@ class Head(nn.Module):
         if self.spec.head == "lm":
             if phase == "prefill":
                 x = x[:, -1:]
+            if self.spec.lm_transform:  # (a [B, 1, d] slice as [B, d] rows: addmm takes it without a copy)
+                x = self.transform(x[:, 0]).unsqueeze(1) if phase == "prefill" else self.transform(x)
             logits = self.lm(x)
             cap = self.spec.softcap.logits if self.spec.softcap is not None else None
             if not cap:
