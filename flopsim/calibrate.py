@@ -946,8 +946,9 @@ def guess_hardware(device: str) -> str:
     import torch
 
     name = torch.cuda.get_device_name().lower()
-    for key, preset in (("h200", "h200"), ("h100", "h100-sxm"), ("a100", "a100-80gb"), ("l40s", "l40s"),
-                        ("l4", "l4"), ("a10g", "a10g"), ("v100", "v100-sxm2-32gb"), ("mi300", "mi300x")):
+    for key, preset in (("gb200", "gb200"), ("b200", "b200"), ("h200", "h200"), ("h100", "h100-sxm"),
+                        ("a100", "a100-80gb"), ("l40s", "l40s"), ("l4", "l4"), ("a10g", "a10g"),
+                        ("v100", "v100-sxm2-32gb"), ("mi325", "mi325x"), ("mi300", "mi300x")):
         if key in name:
             if preset == "h100-sxm" and "pcie" in name:
                 return "h100-pcie"

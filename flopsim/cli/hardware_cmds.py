@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 
 from flopsim.cli.app import app
 from flopsim.cli.output import Format, console, human, print_csv, print_json, rich_table
@@ -78,7 +79,7 @@ def show_hardware(
     if fmt == Format.csv:
         return print_csv(rows)
     out = console()
-    out.print(f"[bold]{hw.name}[/] ({hw.kind}): {hw.description}")
+    out.print(f"[bold]{hw.name}[/] ({hw.kind}): {escape(hw.description)}")
     units = {"peak_flops_per_s": "FLOP/s", "memory_bandwidth_bytes_per_s": "B/s", "memory_capacity_bytes": "B",
              "last_level_cache_bytes": "B", "interconnect_bytes_per_s": "B/s"}
     table_rows = []
@@ -94,4 +95,4 @@ def show_hardware(
     out.print(rich_table(None, ["figure", "value", "verified"], table_rows))
     for figure in FIGURES:
         if figure in hw.sources:
-            out.print(f"[bold]{figure}[/]: {hw.sources[figure]}")
+            out.print(f"[bold]{figure}[/]: {escape(hw.sources[figure])}")  # sources carry [sibling] tags
