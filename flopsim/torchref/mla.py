@@ -6,8 +6,10 @@ It follows DeepSeek-V2's equations (arXiv:2405.04434, section 2.1) with a latent
 the cache of a layer is one [B, T, d_c + d_rope] tensor (the normalised latent and the
 rotated shared key) in prefill and decode (`RunState.cache[layer][0]`).
 - expanded: kv_b up-projects every key's latent; each head's key joins the shared
-  rotary key (a copy), the queries' rotary parts are rotated in place; attention with
-  d_qk-wide queries and keys and d_v-wide values;
+  rotary key (a copy); the rotated rotary parts of the queries join their latent parts
+  by a concatenation (a copy flopsim does not cost: a serving engine rotates them in
+  place; no product changes); attention with d_qk-wide queries and keys and d_v-wide
+  values;
 - absorbed (decode with `mla.decode: absorbed`): q_nope times kv_b's key half per head,
   attention over the cached entries as one shared head (values: the latents), the output
   times kv_b's value half per head.
