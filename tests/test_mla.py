@@ -6,6 +6,8 @@
   fused attention (a fused train step against torch's own sdpa_backward_flop_count:
   torch's CPU kernel runs the math path when value and query widths differ);
 - the absorbed and expanded decode forms against their derivation, symbolically;
+- bytes and elementwise FLOPs against the reference's kernels (explicit attention), and
+  in train the one stated difference (the eager assembly of the query's gradient);
 - the latent cache: the bytes decode reads and the memory it holds;
 - presets: DeepSeek-V3 and DeepSeek-V2-Lite parameters derived term by term from their
   configs, against the published totals and activated counts;
@@ -62,6 +64,50 @@ def test_exact_against_torch(name, phase):
     pytest.importorskip("torch")
     batch, seq, context = SHAPES[phase]
     assert_exact(make(name), phase, batch, seq, context)
+
+
+BYTES_CONFIGS = ["direct-q-explicit", "bias-layernorm", "deepseek-v2-like"]
+
+
+@pytest.mark.parametrize("name, phase", [(n, p) for n in BYTES_CONFIGS for p in ("forward", "prefill", "decode")
+                                          if not (n.startswith("deepseek") and p == "decode")]
+                         + [("q-latent-absorbed", "decode"), ("q-latent-expanded", "decode")])
+def test_bytes_exact_against_the_reference(name, phase):
+    """Bytes and elementwise FLOPs per module equal what the reference's kernels move
+    (flopsim.torchref.bytes_check), explicit attention (torch's CPU SDPA runs its math
+    path for unequal query and value widths, so a fused kernel has no CPU counterpart).
+    (An MoE's decode reads the expected distinct experts, an expectation: not here.)"""
+    pytest.importorskip("torch")
+    from flopsim.torchref.bytes_check import compare_bytes
+
+    spec = make(name, attention_impl="explicit")
+    batch, seq, context = SHAPES[phase]
+    cmp = compare_bytes(spec, phase, batch, seq, context)
+    assert cmp.exact, cmp.describe()
+
+
+@pytest.mark.parametrize("name", BYTES_CONFIGS)
+def test_train_bytes_differ_by_the_eager_query_gradient_assembly(name):
+    """In train the reference's eager autograd assembles the query's gradient from its two
+    slices (latent part, rotated part): two zero-filled full copies (slice_backward: reads
+    each part, writes N H d_qk) and their sum (reads 2 N H d_qk, writes N H d_qk, an add
+    each). flopsim writes both parts into one buffer, as a fused kernel does: exactly
+    6 N H d_qk values (fp32: 4 bytes each) and N H d_qk adds a layer apart, nothing else."""
+    pytest.importorskip("torch")
+    from flopsim.torchref.bytes_check import compare_bytes
+
+    spec = make(name, attention_impl="explicit")
+    batch, seq, _ = SHAPES["train"]
+    cmp = compare_bytes(spec, "train", batch, seq)
+    m = spec.mla
+    values = batch * seq * spec.heads * (m.d_nope + m.d_rope)  # N H d_qk
+    for i in range(spec.layers):
+        torch_bytes, torch_flops = cmp.torch[(f"block.{i}.attn", "bwd")]
+        ours_bytes, ours_flops = cmp.flopsim[(f"block.{i}.attn", "bwd")]
+        assert (torch_bytes - ours_bytes, torch_flops - ours_flops) == (6 * values * 4, values)
+    # and no other module differs (only the attention modules and the totals above them)
+    above = {"", "block"} | {f"block.{i}" for i in range(spec.layers)} | {f"block.{i}.attn" for i in range(spec.layers)}
+    assert {path for path, *_ in cmp.mismatches} <= above, cmp.describe()
 
 
 def test_fused_train_attention_is_torchs_sdpa_backward_formula():

@@ -19,9 +19,10 @@ Attention, two forms:
 - expanded (train, forward, prefill; decode with `mla.decode: expanded`): `kv_b`
   (d_c -> H (d_nope + d_v), no bias) up-projects the latents of every key (in prefill and
   decode the earlier positions' latents are read from the cache); `k_cat` copies each
-  head's key together with the shared rotary key into one [keys, H, d_qk] tensor (the
-  queries take their rotary part in place); attention over H heads with d_qk-wide
-  queries and keys and d_v-wide values.
+  head's key together with the shared rotary key into one [keys, H, d_qk] tensor and
+  `q_cat` each query's latent and rotated parts into one (transformers' DeepSeek joins
+  them the same way); attention over H heads with d_qk-wide queries and keys and
+  d_v-wide values.
 - absorbed (decode, the default, as FlashMLA and serving engines run it): kv_b's key
   half W_UK is folded into the query (`q_absorb`: per head d_nope -> d_c, a batched
   product), the query's latent and rotary parts are joined (`q_cat`), attention runs as
@@ -36,7 +37,17 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from flopsim.ops.primitives import Ctx, attention, elementwise, kv_cache_append, linear, norm, rope
+from flopsim.ops.primitives import (
+    Ctx,
+    attention,
+    broadcast_gradient,
+    elementwise,
+    gradient_sum,
+    kv_cache_append,
+    linear,
+    norm,
+    rope,
+)
 
 
 def attention_block(ctx: Ctx, i: int, *, batch, queries, keys, prefix: str, tags: dict | None = None) -> list:
@@ -59,6 +70,8 @@ def attention_block(ctx: Ctx, i: int, *, batch, queries, keys, prefix: str, tags
         ops += _expanded(ctx, i, batch=batch, queries=queries, keys=keys, prefix=p, tags=tags)
     ops += linear(ctx, f"{p}.out", layer=i, tokens=tokens, d_in=d.heads * d.d_v, d_out=d.d_model,
                   bias=spec.bias, tags=tags)
+    # x feeds the query and the KV paths: autograd sums its two gradients
+    ops += gradient_sum(ctx, f"{p}.grad_sum", layer=i, elements=tokens * d.d_model, module=p, tags=tags)
     return ops
 
 
@@ -94,11 +107,17 @@ def _expanded(ctx: Ctx, i: int, *, batch, queries, keys, prefix: str, tags) -> l
                 d_out=H * (d.d_nope + d.d_v), bias=False, tags=tags)
     ops = [_from_cache(ctx, op, cached) for op in up]
     # the keys' latent parts (from kv_b) and the shared rotary key, copied into [keys, H, d_qk]
-    # (the earlier positions' rotary keys are read from the cache)
+    # (the earlier positions' rotary keys are read from the cache). A concatenation's backward
+    # is views of the gradient, but the shared rotary key's is the sum over the heads' copies.
     cat = elementwise(ctx, f"{prefix}.k_cat", layer=i, elements=batch * keys * H * (d.d_nope + d.d_rope),
-                      op="copy", module=prefix, tags=tags)
+                      op="copy", module=prefix, backward=False, tags=tags)
     ops += [replace(cat[0], act_read_bytes=batch * (keys * H * d.d_nope + queries * d.d_rope) * w,
-                    kv_read_bytes=batch * (keys - queries) * d.d_rope * ctx.w_kv), *cat[1:]]
+                    kv_read_bytes=batch * (keys - queries) * d.d_rope * ctx.w_kv)]
+    ops += broadcast_gradient(ctx, f"{prefix}.k_rot_grad", layer=i, elements=batch * keys * d.d_rope, copies=H,
+                              module=prefix, tags=tags)
+    # each query's latent part and its rotated part joined (transformers' DeepSeek does the same)
+    ops += elementwise(ctx, f"{prefix}.q_cat", layer=i, elements=batch * queries * H * (d.d_nope + d.d_rope),
+                       op="copy", module=prefix, backward=False, tags=tags)
     ops += attention(ctx, f"{prefix}.core", layer=i, batch=batch, queries=queries, keys=keys, heads=H,
                      kv_heads=H, d_head=d.d_nope + d.d_rope, d_v=d.d_v, causal=spec.causal,
                      kv_from_cache=False, module=prefix, tags=tags)

@@ -89,6 +89,19 @@ def gradient_sum(ctx: "Ctx", name: str, *, layer: int, elements, module: str, co
                act_read_bytes=count * (elements + second) * w, act_write_bytes=count * elements * w)]
 
 
+def broadcast_gradient(ctx: "Ctx", name: str, *, layer: int, elements, copies, module: str,
+                       tags: dict | None = None) -> list[Op]:
+    """train: the gradient of a tensor of `elements` values used as `copies` broadcast copies
+    (an expand) is their sum: one kernel reading the copies' gradients, writing the
+    tensor's, an add per value read. A backward op only (the expand is a view)."""
+    if not ctx.train:
+        return []
+    w = ctx.w
+    return [Op(name=name, kind="elementwise", layer=layer, module=module, pass_="bwd", tags=tags or {},
+               variant="sum", other_flops=elements * copies,
+               act_read_bytes=elements * copies * w, act_write_bytes=elements * w)]
+
+
 @dataclass(frozen=True)
 class Ctx:
     """What every builder needs: the spec, the phase and the dimensions."""
@@ -188,9 +201,9 @@ def attention(ctx: Ctx, name: str, *, layer: int, batch, queries, keys, heads, k
     triangle: query j (0-based) of the last `queries` positions sees
     keys - queries + j + 1 keys; with a sliding `window`, min(window, that).
     `d_v`: the value head width when it differs from the query/key width d_head
-    (multi-head latent attention); `kv_width`: values read per key and key/value
-    head (default d_head + d_v: K and V apart; MLA's absorbed form reads one latent
-    that is both). `softcap`: the scores capped, cap * tanh(s / cap), inside the
+    (multi-head latent attention); `kv_width`: values a fused kernel reads per key and
+    key/value head (default d_head + d_v: K and V apart; MLA's absorbed form reads one
+    latent that is both; explicit products read keys and values apart whatever it is). `softcap`: the scores capped, cap * tanh(s / cap), inside the
     kernel (Gemma 2); `sinks`: one learned logit per head joins every softmax
     (GPT-OSS; `heads` parameters, a column more per softmax). sdpa_flop_count: Q K^T 2 d_head, P V 2 d_v per score; backward
     (sdpa_backward_flop_count) 3 products of d_head (the recomputed scores, dQ, dK)
@@ -198,7 +211,8 @@ def attention(ctx: Ctx, name: str, *, layer: int, batch, queries, keys, heads, k
     w = ctx.w
     impl = ctx.spec.attention_impl
     d_v = d_head if d_v is None else d_v
-    kv_width = d_head + d_v if kv_width is None else kv_width
+    # a fused kernel reads a latent that is both key and value once; explicit products each read theirs
+    kv_width = d_head + d_v if kv_width is None or impl == "explicit" else kv_width
     per_score = batch * heads * queries * keys  # query-key pairs over heads
     triangle = queries * keys - queries * (queries - 1) / 2 if causal else queries * keys
     if window is not None:  # the first m queries see a + j <= window keys, the rest `window`

@@ -6,9 +6,8 @@ It follows DeepSeek-V2's equations (arXiv:2405.04434, section 2.1) with a latent
 the cache of a layer is one [B, T, d_c + d_rope] tensor (the normalised latent and the
 rotated shared key) in prefill and decode (`RunState.cache[layer][0]`).
 - expanded: kv_b up-projects every key's latent; each head's key joins the shared
-  rotary key (a copy); the rotated rotary parts of the queries join their latent parts
-  by a concatenation (a copy flopsim does not cost: a serving engine rotates them in
-  place; no product changes); attention with d_qk-wide queries and keys and d_v-wide
+  rotary key (a copy), and each query's rotated part joins its latent part (a copy, as
+  transformers' DeepSeek runs it); attention with d_qk-wide queries and keys and d_v-wide
   values;
 - absorbed (decode with `mla.decode: absorbed`): q_nope times kv_b's key half per head,
   attention over the cached entries as one shared head (values: the latents), the output
@@ -59,19 +58,21 @@ class LatentAttention(nn.Module):
         latent, k_rot = self.kv_a(xkv).split([m.kv_rank, m.d_rope], dim=-1)
         latent = self.kv_norm(latent)
         q_rot, k_rot = rope_qk(q[..., m.d_nope:], k_rot.unsqueeze(1), state.positions)
-        entries = self._cache(state, layer, latent, k_rot.squeeze(1))  # [B, keys, d_c + d_rope]
+        latent, k_rot, entries = self._cache(state, layer, latent, k_rot.squeeze(1))  # every key's
         if state.phase == "decode" and m.decode == "absorbed":
             o = self._absorbed(q[..., :m.d_nope], q_rot, entries)
         else:
-            o = self._expanded(torch.cat([q[..., :m.d_nope], q_rot], dim=-1), entries)
+            o = self._expanded(torch.cat([q[..., :m.d_nope], q_rot], dim=-1), latent, k_rot)
         return self.out(o.transpose(1, 2).reshape(b, s, h * m.d_v))
 
-    def _cache(self, state: RunState, layer: int, latent: torch.Tensor, k_rot: torch.Tensor) -> torch.Tensor:
-        """Every key's latent and rotary key [B, keys, d_c + d_rope]: the new tokens' written
-        into the cache in prefill and decode (decode: the preallocated buffer's last slots)."""
+    def _cache(self, state: RunState, layer: int, latent: torch.Tensor, k_rot: torch.Tensor) -> tuple:
+        """(latents [B, keys, d_c], rotary keys [B, keys, d_rope], the cache [B, keys, d_c +
+        d_rope] or None) of every key: in prefill and decode the new tokens' written into the
+        cache (decode: the preallocated buffer's last slots) and every key's read from it; in
+        forward and train the new tokens' as they are (no cache)."""
         r = self.m.kv_rank
         if state.phase not in ("prefill", "decode"):
-            return torch.cat([latent, k_rot], dim=-1)
+            return latent, k_rot, None
         s = latent.shape[1]
         if state.cache is not None:
             entries = state.cache[layer][0]
@@ -80,25 +81,27 @@ class LatentAttention(nn.Module):
         entries[:, -s:, :r].copy_(latent)
         entries[:, -s:, r:].copy_(k_rot)
         state.new_cache.append((entries,))
-        return entries
+        return entries[..., :r], entries[..., r:], entries
 
-    def _expanded(self, q: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
+    def _expanded(self, q: torch.Tensor, latent: torch.Tensor, k_rot: torch.Tensor) -> torch.Tensor:
         m, h = self.m, self.spec.heads
-        b, t, _ = entries.shape
-        kv = self.kv_b(entries[..., :m.kv_rank]).view(b, t, h, m.d_nope + m.d_v)
+        b, t, _ = latent.shape
+        kv = self.kv_b(latent).view(b, t, h, m.d_nope + m.d_v)
         k_nope, v = kv.split([m.d_nope, m.d_v], dim=-1)
-        k_rot = entries[..., m.kv_rank:].unsqueeze(2).expand(b, t, h, m.d_rope)
-        k = torch.cat([k_nope, k_rot], dim=-1).transpose(1, 2)  # [B, H, T, d_qk]
+        k = torch.cat([k_nope, k_rot.unsqueeze(2).expand(b, t, h, m.d_rope)], dim=-1).transpose(1, 2)  # [B, H, T, d_qk]
         return self.core(q, k, v.transpose(1, 2))
 
     def _absorbed(self, q_nope: torch.Tensor, q_rot: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
         m, h = self.m, self.spec.heads
         w = self.kv_b.weight.view(h, m.d_nope + m.d_v, m.kv_rank)
-        q_latent = q_nope @ w[:, :m.d_nope]  # [B, H, S, d_c]: W_UK folded into the query
+        # one product per head over the batch's queries (decode: S = 1, so [H, B, .] is a view)
+        per_head = q_nope.squeeze(2).transpose(0, 1)  # [H, B, d_nope]
+        q_latent = torch.bmm(per_head, w[:, :m.d_nope]).transpose(0, 1).unsqueeze(2)  # [B, H, 1, d_c]: W_UK
         q = torch.cat([q_latent, q_rot], dim=-1)
         keys = entries.unsqueeze(1)  # [B, 1, T, d_c + d_rope]: one head shared by all
-        o = self.core(q, keys, keys[..., :m.kv_rank])  # [B, H, S, d_c]
-        return o @ w[:, m.d_nope:].transpose(1, 2)  # W_UV: [B, H, S, d_v]
+        o = self.core(q, keys, keys[..., :m.kv_rank])  # [B, H, 1, d_c]
+        out = torch.bmm(o.squeeze(2).transpose(0, 1), w[:, m.d_nope:].transpose(1, 2))  # W_UV: [H, B, d_v]
+        return out.transpose(0, 1).unsqueeze(2)  # [B, H, 1, d_v]
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         causal = self.spec.causal and q.shape[2] > 1  # one query attends to the whole cache
