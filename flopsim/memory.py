@@ -79,7 +79,8 @@ class MemoryModel:
                                        for op in ops if op.pass_ == "fwd"), sp.Integer(0)))
         train = phase == "train"
         self.bytes_per_param = {
-            "weights": w,
+            # quantized weights: their stored bytes per parameter, scales included (an average)
+            "weights": self.weight_bytes / self.params if spec.quantized_weights else w,
             "gradients": (w if grad_bytes is None else grad_bytes) if train else 0,
             "optimizer": state_bytes_per_param(optimizer, w, master_weights) if train else 0,
         }

@@ -189,3 +189,15 @@ def test_a_tied_head_reads_the_embedding_table_in_its_dtype():
     ops = {op.name: op for op in count(spec, phase="decode", batch=1, context=64).ops}
     assert ops["head.lm"].weight_bytes == 50257 * 768 * 2
     assert ops["block.0.mlp.up"].weight_bytes == 768 * 3072 * 1 + 3072 * 2 + 3072 * 2  # int8, scales, bias
+
+
+def test_memory_reports_the_stored_bytes_per_parameter():
+    """The breakdown's bytes per parameter is the weights' stored bytes over the parameters:
+    int4 g32 with a scale and a zero point stores 0.625 bytes a Linear weight and the bf16
+    tables and norms 2, so the average lies between; bf16 alone is 2."""
+    from flopsim.memory import MemoryModel
+
+    int4 = MemoryModel(load_model("llama-2-7b-int4"), "decode")
+    assert int4.bytes_per_param["weights"] == int4.weight_bytes / 6_738_415_616
+    assert 0.625 < int4.bytes_per_param["weights"] < 2
+    assert MemoryModel(load_model("llama-2-7b"), "decode").bytes_per_param["weights"] == 2

@@ -219,7 +219,7 @@ class MoEFFN(nn.Module):
 
     def _capacity(self, x, probs, slots):
         n, d = x.shape
-        E, k = self.experts_n, self.top_k
+        E = self.experts_n
         weights, chosen = self.choose(probs)  # [N, k]
         index, w = self._slots(chosen, weights, n, slots)
         y = self.experts(x[index].view(E, slots, d)).reshape(E * slots, d)
