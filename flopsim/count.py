@@ -12,6 +12,9 @@ Token arguments by phase:
   a larger context means a cached prefix);
 - decode: one new token per sequence attending to `context` keys (the new
   one included); `context` defaults to `seq`.
+An encoder-decoder's encoder reads `encoder_seq` tokens per sequence (the
+symbol S_enc; default `seq`, in every phase: at decode the cross-attention
+cache holds that many); the arguments above are the decoder's.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import sympy as sp
 from flopsim.errors import InputError, bad_value
 from flopsim.families import build_ops, check_phase
 from flopsim.ops.op import BYTE_FIELDS, COST_FIELDS, Op
-from flopsim.ops.symbols import B, S, T
+from flopsim.ops.symbols import B, S, S_enc, T
 
 GEMM_AXES = ("gemm_batch", "gemm_m", "gemm_n", "gemm_k")
 
@@ -128,11 +131,15 @@ def evaluate_ops(ops: list[Op], values: dict[sp.Symbol, Any]) -> list[OpCost]:
 MAX_TOKEN_ARGUMENT = 2 ** 40  # batch, seq, context: beyond any real run, and where counts stay exact
 
 
-def token_values(spec, phase: str, batch: int, seq: int, context: Optional[int] = None) -> dict:
-    """{B, S, T} for a phase, validated (see the module docstring)."""
+def token_values(spec, phase: str, batch: int, seq: int, context: Optional[int] = None,
+                 encoder_seq: Optional[int] = None) -> dict:
+    """{B, S, T} for a phase (and S_enc for an encoder-decoder), validated (see the module
+    docstring)."""
     check_phase(spec, phase)
-    for name, value in (("batch", batch), ("seq", seq), ("context", context)):
-        if value is None and name == "context":
+    if encoder_seq is not None and not spec.is_encoder_decoder:
+        raise bad_value("encoder_seq", encoder_seq, f"{spec.name} has no encoder stack (encoder_layers 0)")
+    for name, value in (("batch", batch), ("seq", seq), ("context", context), ("encoder_seq", encoder_seq)):
+        if value is None and name in ("context", "encoder_seq"):
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise bad_value(name, value, "must be a positive integer")
@@ -151,7 +158,13 @@ def token_values(spec, phase: str, batch: int, seq: int, context: Optional[int] 
     if spec.positions == "learned" and keys > spec.max_seq:
         raise bad_value("seq" if context is None else "context", keys,
                         f"exceeds max_seq {spec.max_seq} of {spec.name} (learned positions)")
-    return {B: batch, S: queries, T: keys}
+    if not spec.is_encoder_decoder:
+        return {B: batch, S: queries, T: keys}
+    encoder_tokens = seq if encoder_seq is None else encoder_seq
+    if spec.positions == "learned" and encoder_tokens > spec.max_seq:
+        raise bad_value("encoder_seq" if encoder_seq is not None else "seq", encoder_tokens,
+                        f"exceeds max_seq {spec.max_seq} of {spec.name} (learned positions)")
+    return {B: batch, S: queries, T: keys, S_enc: encoder_tokens}
 
 
 class OpTotals:
@@ -185,6 +198,7 @@ class CountResult(OpTotals):
     seq: int
     context: int
     ops: list[OpCost]
+    encoder_seq: Optional[int] = None  # an encoder-decoder's encoder tokens per sequence
 
     @property
     def causal_flops(self):
@@ -211,11 +225,12 @@ class CountResult(OpTotals):
         for op in self.ops:
             if op.pass_ != "fwd" or not op.params:
                 continue
-            if blocks_only and not 0 <= op.layer < self.spec.layers:
+            if blocks_only and not 0 <= op.layer < self.spec.blocks:
                 continue
             if not lookups and op.kind == "embedding":
                 continue
-            total += op.params * (1.0 if not op.flops else min(1.0, op.flops / (2.0 * op.params * self.tokens)))
+            tokens = self.batch * self.encoder_seq if op.name.startswith("encoder.") else self.tokens
+            total += op.params * (1.0 if not op.flops else min(1.0, op.flops / (2.0 * op.params * tokens)))
         return total
 
     def table(self):
@@ -233,7 +248,7 @@ class CountResult(OpTotals):
         tags: list[str] = []
         for op in self.ops:
             d = op.to_dict()
-            row = rows.setdefault(op.layer, {"layer": op.layer, "part": layer_label(op.layer, self.spec.layers),
+            row = rows.setdefault(op.layer, {"layer": op.layer, "part": layer_label(op.layer, self.spec),
                                              **dict.fromkeys(fields, 0)})
             for f in fields:
                 row[f] += d[f]
@@ -260,28 +275,36 @@ class CountResult(OpTotals):
             "params": self.params, "active_params": self.active_params(), "bytes": self.bytes,
             **{f: self.total(f) for f in BYTE_FIELDS},
         }
+        if self.encoder_seq is not None:
+            out["encoder_seq"] = self.encoder_seq
         if ops:
             out["ops"] = [op.to_dict() for op in self.ops]
         return out
 
 
-def layer_label(layer: int, layers: int) -> str:
+def layer_label(layer: int, spec) -> str:
+    """`embed`, `block.3` (an encoder-decoder's `encoder.block.3`, `decoder.block.0`) or `head`."""
     if layer < 0:
         return "embed"
-    if layer >= layers:
+    if layer >= spec.blocks:
         return "head"
-    return f"block.{layer}"
+    if not spec.is_encoder_decoder:
+        return f"block.{layer}"
+    if layer < spec.encoder_layers:
+        return f"encoder.block.{layer}"
+    return f"decoder.block.{layer - spec.encoder_layers}"
 
 
 def count(spec, *, batch: int = 1, seq: int = 1, phase: str = "forward",
-          context: Optional[int] = None) -> CountResult:
+          context: Optional[int] = None, encoder_seq: Optional[int] = None) -> CountResult:
     """Exact FLOPs, bytes and parameters of `spec` (a ModelSpec, path or preset)."""
     from flopsim.spec import load_model
 
     spec = load_model(spec)
-    values = token_values(spec, phase, batch, seq, context)
+    values = token_values(spec, phase, batch, seq, context, encoder_seq)
     costs = evaluate_ops(build_ops(spec, phase), values)
-    return CountResult(spec=spec, phase=phase, batch=batch, seq=seq, context=int(values[T]), ops=costs)
+    return CountResult(spec=spec, phase=phase, batch=batch, seq=seq, context=int(values[T]), ops=costs,
+                       encoder_seq=values.get(S_enc))
 
 
 def formula(spec, *, phase: str = "forward", field: str = "flops", symbolic: bool = False,
@@ -303,7 +326,7 @@ def formula(spec, *, phase: str = "forward", field: str = "flops", symbolic: boo
     if not per_layer:
         return total(ops)
     layers = sorted({op.layer for op in ops})
-    return {layer_label(lay, spec.layers): total([op for op in ops if op.layer == lay]) for lay in layers}
+    return {layer_label(lay, spec): total([op for op in ops if op.layer == lay]) for lay in layers}
 
 
 # `flopsim.count(...)` stays the function even after `import flopsim.count`

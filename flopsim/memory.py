@@ -63,15 +63,19 @@ class MemoryModel:
     """Memory of one spec, phase and set of options as functions of B, S, T."""
 
     def __init__(self, spec, phase: str, *, recompute: bool = False, optimizer: str = "adam",
-                 grad_bytes: Optional[int] = None, master_weights: Optional[bool] = None):
+                 grad_bytes: Optional[int] = None, master_weights: Optional[bool] = None,
+                 encoder_seq: Optional[int] = None):
+        """`encoder_seq`: an encoder-decoder's encoder tokens per sequence, fixed; None: S
+        (at decode: T, the longest context)."""
         from flopsim.families import build_ops
         from flopsim.numeric import compile_exprs
         from flopsim.ops.optimizer import state_bytes_per_param
-        from flopsim.ops.symbols import B, S, T
+        from flopsim.ops.symbols import B, S, S_enc, T
 
         self.spec, self.phase, self.recompute, self.optimizer = spec, phase, recompute, optimizer
         ops = build_ops(spec, phase)
         same = {T: S} if phase in ("forward", "train") else {}
+        same[S_enc] = sp.Integer(encoder_seq) if encoder_seq is not None else (T if phase == "decode" else S)
         w = spec.dtype_bytes
         self.params = int(sum((op.params for op in ops if op.pass_ == "fwd"), sp.Integer(0)))
         # the weights as stored (precision.weights: quantized products, the rest in dtype)
@@ -100,6 +104,8 @@ class MemoryModel:
         new_tokens = {"prefill": S, "decode": sp.Integer(1)}.get(phase)
         kv = sum((op.kv_write_bytes * op.tags.get("cache_tokens", T) / op.tags.get("written_tokens", new_tokens)
                   for op in ops if op.kv_write_bytes != 0), sp.Integer(0)) if new_tokens is not None else 0
+        # a cache read but not written this step (an encoder-decoder's cross-attention cache at decode)
+        kv += sum((op.tags["held_cache_bytes"] for op in ops if "held_cache_bytes" in op.tags), sp.Integer(0))
         self._kv = ref(kv)
 
         # activations
@@ -111,7 +117,7 @@ class MemoryModel:
             layers = sorted({op.layer for op in kept})
             per_layer = {lay: sum((op.act_write_bytes for op in kept if op.layer == lay), sp.Integer(0))
                          for lay in layers}
-            blocks = [lay for lay in layers if 0 <= lay < spec.layers]
+            blocks = [lay for lay in layers if 0 <= lay < spec.blocks]
             if recompute:
                 for lay in layers:
                     if lay not in blocks:
@@ -247,22 +253,23 @@ def _int(v):
 
 def memory(spec, *, phase: str = "train", batch: int = 1, seq: int = 1024, context: Optional[int] = None,
            hw=None, recompute: bool = False, optimizer: str = "adam", grad_bytes: Optional[int] = None,
-           master_weights: Optional[bool] = None) -> MemoryResult:
+           master_weights: Optional[bool] = None, encoder_seq: Optional[int] = None) -> MemoryResult:
     """Memory of one step of `phase` (see the module docstring); with `hw`,
-    whether it fits and the largest batch and context that do."""
+    whether it fits and the largest batch and context that do (`encoder_seq`: an
+    encoder-decoder's encoder tokens per sequence, default `seq`)."""
     from flopsim.count import token_values
     from flopsim.hardware import load_hardware
     from flopsim.ops.optimizer import get_optimizer
-    from flopsim.ops.symbols import B, S, T
+    from flopsim.ops.symbols import B, S, S_enc, T
     from flopsim.spec import load_model
 
     spec = load_model(spec)
     get_optimizer(optimizer)
     if grad_bytes is not None and grad_bytes not in (1, 2, 4):
         raise InputError(f"grad_bytes: {grad_bytes!r}: expected 1, 2 or 4")
-    values = token_values(spec, phase, batch, seq, context)
+    values = token_values(spec, phase, batch, seq, context, encoder_seq)
     model = MemoryModel(spec, phase, recompute=recompute, optimizer=optimizer, grad_bytes=grad_bytes,
-                        master_weights=master_weights)
+                        master_weights=master_weights, encoder_seq=values.get(S_enc))
     components = model.evaluate(values[B], values[S], values[T])
     result = MemoryResult(spec=spec, phase=phase, batch=batch, seq=seq, context=int(values[T]),
                           recompute=recompute, optimizer=optimizer, params=model.params,

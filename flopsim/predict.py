@@ -46,7 +46,7 @@ def phase_ops(spec, phase: str, *, symbolic: bool = False, optimizer: str = "ada
     ops = build_ops(spec, phase, symbolic=symbolic)
     if phase == "train":
         params = sum((op.params for op in ops if op.pass_ == "fwd"), 0)
-        ops = ops + optimizer_update(params, weight_bytes=spec.dtype_bytes, layer=spec.layers + 1,
+        ops = ops + optimizer_update(params, weight_bytes=spec.dtype_bytes, layer=spec.blocks + 1,
                                      optimizer=optimizer, grad_bytes=grad_bytes, master_weights=master_weights)
     return ops
 
@@ -118,7 +118,7 @@ class PredictResult(OpTotals):
 
         table = self.table()
         sums = table.groupby("layer", sort=True)[["time_s", "flops", "bytes"]].sum()
-        sums.insert(0, "part", [layer_label(layer, self.spec.layers) if layer <= self.spec.layers else "optimizer"
+        sums.insert(0, "part", [layer_label(layer, self.spec) if layer <= self.spec.blocks else "optimizer"
                                 for layer in sums.index])
         return sums.reset_index()
 
@@ -145,10 +145,12 @@ class PredictResult(OpTotals):
 
 
 def predict(spec, hw, *, phase: str = "forward", batch: int = 1, seq: int = 1024,
-            context: Optional[int] = None, calibration=None, optimizer: str = "adam") -> PredictResult:
+            context: Optional[int] = None, calibration=None, optimizer: str = "adam",
+            encoder_seq: Optional[int] = None) -> PredictResult:
     """Predicted time of one step of `phase` of `spec` (ModelSpec, path or preset)
     on `hw` (HardwareSpec, path or preset). `calibration`: None/"auto" (the
-    device's specs/calibration file, else ideal), "ideal", a path or a Calibration."""
+    device's specs/calibration file, else ideal), "ideal", a path or a Calibration.
+    `encoder_seq`: an encoder-decoder's encoder tokens per sequence (default `seq`)."""
     from flopsim.calibration import load_calibration
     from flopsim.count import evaluate_ops, token_values
     from flopsim.hardware import load_hardware
@@ -159,7 +161,7 @@ def predict(spec, hw, *, phase: str = "forward", batch: int = 1, seq: int = 1024
     spec = load_model(spec)
     hw = load_hardware(hw)
     cal = load_calibration(calibration, hw)
-    values = token_values(spec, phase, batch, seq, context)
+    values = token_values(spec, phase, batch, seq, context, encoder_seq)
     costs = evaluate_ops(phase_ops(spec, phase, optimizer=optimizer), values)
     times = in_sequence([op_time(op, hw, spec.compute_dtype, cal) for op in costs])
     return PredictResult(spec=spec, hw=hw, phase=phase, batch=batch, seq=seq, context=int(values[T]),

@@ -36,6 +36,22 @@ the attention kernel, 6 FLOPs a score: the division, tanh, the product),
 `attention_sinks` (a learned logit per head in every softmax, owned by the
 attention op).
 
+T5's relative position bias (`positions: relative`): each stack computes one
+bias of heads x queries x keys per step (`position_bias.buckets`, the bucket
+of each query-key distance, a few integer ops per pair; `position_bias`, the
+lookup in a relative_buckets x heads table), and every layer adds it to its
+scores (`attn.position_bias`, broadcast over the batch; in train its gradient
+is summed over the batch, `attn.position_bias_grad`, and over the layers,
+`position_bias.grad_sum`). Decode computes the bias of its one query.
+
+An encoder-decoder's decoder block (`ctx.cross_keys`, flopsim.families.
+encoder_decoder) adds cross-attention after self-attention: `cross.q` on the
+decoder tokens, `cross.kv` on the encoder's output (projected once per
+sequence: in prefill written to the cross-attention cache, `cross.kv_cache`;
+at decode read from it, the projection not run), `cross.core` (bidirectional
+over the encoder tokens), `cross.out`, with its own norm (`norm_cross`) and
+residual (`cross_residual`).
+
 Sparse QKV (`sparse_qkv: {modules: S, conv_kernel: K}`, any family; M =
 d_model / S), following trax's MultiplicativeConvCausalAttention
 (v_concat_type 'none', Jaszczur et al. 2021), replaces the QKV projection:
@@ -56,6 +72,8 @@ d_model / S), following trax's MultiplicativeConvCausalAttention
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import sympy as sp
 
 from flopsim.families import mla
@@ -63,11 +81,14 @@ from flopsim.ops.primitives import (
     GATED_ACTIVATION,
     Ctx,
     attention,
+    broadcast_gradient,
     conv2d,
     cross_entropy,
     elementwise,
     embedding,
     factored_dense,
+    gradient_sum,
+    index_elementwise,
     kv_cache_append,
     linear,
     norm,
@@ -143,6 +164,11 @@ def attention_block(ctx: Ctx, i: int, *, batch, queries, keys, prefix: str, tags
     if uses_kv_cache(ctx):
         ops += kv_cache_append(ctx, f"{p}.kv_cache", layer=i, batch=batch, tokens=written,
                                width=2 * d.kv_heads * d.d_head, module=p, tags=kv_tags)
+    if spec.positions == "relative":  # the stack's bias added to the scores (T5)
+        ops += elementwise(ctx, f"{p}.position_bias", layer=i, elements=batch * d.heads * queries * keys,
+                           op="add", inputs=2, module=p, tags=tags)
+        ops += broadcast_gradient(ctx, f"{p}.position_bias_grad", layer=i, elements=d.heads * queries * keys,
+                                  copies=batch, module=p, tags=tags)
     ops += attention(ctx, f"{p}.core", layer=i, batch=batch, queries=queries, keys=keys,
                      heads=d.heads, kv_heads=d.kv_heads, d_head=d.d_head, causal=spec.causal,
                      kv_from_cache=uses_kv_cache(ctx), module=p, tags=tags, window=window,
@@ -224,7 +250,14 @@ def block(ctx: Ctx, i: int, *, batch, queries, keys, ffn=None, tags: dict | None
     if spec.sandwich_norms:  # Gemma 2/3: the sub-block's output normalised before the residual add
         ops += norm(ctx, f"{prefix}.attn_out_norm", layer=i, tokens=tokens, d=d.d_model)
     ops += residual(ctx, f"{prefix}.attn_residual", i, tokens=tokens, module=prefix, tags=tags)
-    ops += norm(ctx, f"{prefix}.norm2" if pre else f"{prefix}.norm1", layer=i, tokens=tokens, d=d.d_model)
+    if ctx.cross_keys is not None:  # an encoder-decoder's decoder block
+        if not pre:
+            ops += norm(ctx, f"{prefix}.norm1", layer=i, tokens=tokens, d=d.d_model)
+        ops += cross_attention_block(ctx, i, batch=batch, queries=queries, prefix=prefix, tags=tags)
+        ops += norm(ctx, f"{prefix}.norm2" if pre else f"{prefix}.norm_cross", layer=i, tokens=tokens,
+                    d=d.d_model)
+    else:
+        ops += norm(ctx, f"{prefix}.norm2" if pre else f"{prefix}.norm1", layer=i, tokens=tokens, d=d.d_model)
     ops += ffn(ctx, i, tokens=tokens, prefix=prefix, tags=tags)
     if spec.sandwich_norms:
         ops += norm(ctx, f"{prefix}.mlp_out_norm", layer=i, tokens=tokens, d=d.d_model)
@@ -234,10 +267,59 @@ def block(ctx: Ctx, i: int, *, batch, queries, keys, ffn=None, tags: dict | None
     return ops
 
 
+def cross_attention_block(ctx: Ctx, i: int, *, batch, queries, prefix: str, tags: dict | None = None) -> list:
+    """A decoder block's cross-attention to the encoder's `ctx.cross_keys` output tokens per
+    sequence, with its pre-norm (`norm_cross`) and residual (module docstring)."""
+    spec, d = ctx.spec, ctx.dims
+    p, keys, tokens = f"{prefix}.cross", ctx.cross_keys, batch * queries
+    kv_width = 2 * d.kv_heads * d.d_head
+    ops = norm(ctx, f"{prefix}.norm_cross", layer=i, tokens=tokens, d=d.d_model) \
+        if spec.norm_position == "pre" else []
+    ops += linear(ctx, f"{p}.q", layer=i, tokens=tokens, d_in=d.d_model, d_out=d.heads * d.d_head,
+                  bias=spec.qkv_has_bias, tags=tags)
+    kv = linear(ctx, f"{p}.kv", layer=i, tokens=batch * keys, d_in=d.d_model, d_out=kv_width,
+                bias=spec.qkv_has_bias, tags=tags)
+    if ctx.phase == "decode":  # projected at prefill and cached: held, not run
+        kv = [not_run(op) for op in kv]
+    ops += kv
+    if ctx.phase == "prefill":
+        ops += kv_cache_append(ctx, f"{p}.kv_cache", layer=i, batch=batch, tokens=keys, width=kv_width,
+                               module=p, tags={**(tags or {}), "cache_tokens": keys, "written_tokens": keys})
+    core_tags = tags
+    if ctx.phase == "decode":  # the cross cache, read and held (memory), written at prefill
+        core_tags = {**(tags or {}), "held_cache_bytes": batch * keys * kv_width * ctx.w_kv}
+    ops += attention(ctx, f"{p}.core", layer=i, batch=batch, queries=queries, keys=keys, heads=d.heads,
+                     kv_heads=d.kv_heads, d_head=d.d_head, causal=False, kv_from_cache=uses_kv_cache(ctx),
+                     module=p, tags=core_tags)
+    ops += linear(ctx, f"{p}.out", layer=i, tokens=tokens, d_in=d.heads * d.d_head, d_out=d.d_model,
+                  bias=spec.bias, tags=tags)
+    ops += residual(ctx, f"{prefix}.cross_residual", i, tokens=tokens, module=prefix, tags=tags)
+    return ops
+
+
+def not_run(op):
+    """`op` as held but not run this step: its parameters, no cost, no launch."""
+    return replace(op.scaled(0), kernels=0, gemm=None)
+
+
+def position_bias(ctx: Ctx, *, queries, keys, layers: int, prefix: str = "") -> list:
+    """A stack's relative position bias, heads x queries x keys, made once per step (T5;
+    module docstring); in train the gradients of its `layers` uses are summed."""
+    d = ctx.dims
+    p = f"{prefix}position_bias"
+    pairs = queries * keys  # per head, not per sequence: the bias is shared by the batch
+    ops = index_elementwise(ctx, f"{p}.buckets", layer=-1, elements=pairs, op="copy", inputs=0, module=p)
+    ops += embedding(ctx, p, layer=-1, tokens=pairs, rows=d.relative_buckets, d=d.heads)
+    if layers > 1:
+        ops += gradient_sum(ctx, f"{p}.grad_sum", layer=-1, elements=pairs * d.heads, module=p,
+                            count=layers - 1)
+    return ops
+
+
 def head(ctx: Ctx, *, batch, queries) -> list:
     """Final norm (pre-norm models) and the LM or classification head."""
     spec, d = ctx.spec, ctx.dims
-    L = spec.layers
+    L = spec.blocks
     ops = []
     if spec.norm_position == "pre":
         ops += norm(ctx, "final_norm", layer=L, tokens=batch * queries, d=d.d_model)
@@ -271,10 +353,17 @@ def head(ctx: Ctx, *, batch, queries) -> list:
 
 
 def build(ctx: Ctx, *, block_fn=None) -> list:
-    """Embeddings, `spec.layers` blocks (`block_fn(ctx, i, batch=, queries=, keys=)`), head."""
-    queries, keys = seq_dims(ctx)
+    """Embeddings, `spec.layers` blocks (`block_fn(ctx, i, batch=, queries=, keys=)`), head;
+    an encoder-decoder's two stacks (flopsim.families.encoder_decoder)."""
     block_fn = block_fn or block
+    if ctx.spec.is_encoder_decoder:
+        from flopsim.families import encoder_decoder
+
+        return encoder_decoder.build(ctx, block_fn=block_fn)
+    queries, keys = seq_dims(ctx)
     ops = embeddings(ctx, batch=B, queries=queries)
+    if ctx.spec.positions == "relative":
+        ops += position_bias(ctx, queries=queries, keys=keys, layers=ctx.spec.layers)
     for i in range(ctx.spec.layers):
         ops += block_fn(ctx, i, batch=B, queries=queries, keys=keys)
     ops += head(ctx, batch=B, queries=queries)

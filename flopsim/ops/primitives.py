@@ -109,6 +109,9 @@ class Ctx:
     spec: object
     phase: str
     dims: Dims
+    # an encoder-decoder's decoder: the encoder tokens per sequence its cross-attention
+    # reads (flopsim.families.encoder_decoder); None elsewhere
+    cross_keys: object = None
 
     @property
     def train(self) -> bool:

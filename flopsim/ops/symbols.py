@@ -1,7 +1,9 @@
 """Symbols shared by every formula.
 
 B (sequences in the batch), S (query tokens per sequence), T (context
-tokens each query attends to; T = S outside decode) are always symbols.
+tokens each query attends to; T = S outside decode) are always symbols;
+S_enc (an encoder-decoder's encoder tokens per sequence) appears only in
+encoder-decoder ops.
 Model dimensions come from a `Dims`: sympy integers for a concrete spec, or
 symbols named as in the papers for readable, fully symbolic formulas.
 """
@@ -15,6 +17,7 @@ import sympy as sp
 B = sp.Symbol("B", positive=True, integer=True)
 S = sp.Symbol("S", positive=True, integer=True)
 T = sp.Symbol("T", positive=True, integer=True)
+S_enc = sp.Symbol("S_enc", positive=True, integer=True)
 
 # spec field -> symbol name in formulas (papers' notation)
 SYMBOL_NAMES = {
@@ -53,6 +56,8 @@ SYMBOL_NAMES = {
     "d_v": "d_v",
     # length reduction
     "lr_predictor_hidden": "h_lr",
+    # T5's relative position bias
+    "relative_buckets": "n_buckets",
 }
 # fields that are not integers when symbolic
 _REAL = {"mod_capacity", "capacity_factor"}
@@ -127,4 +132,6 @@ class Dims:
                           d_rope=spec.mla.d_rope, d_v=spec.mla.d_v)
         if spec.length_reduction is not None:
             values["lr_predictor_hidden"] = spec.length_reduction.predictor_hidden
+        if spec.positions == "relative":
+            values["relative_buckets"] = spec.relative_buckets
         return cls(values, symbolic)

@@ -26,6 +26,15 @@ meaning):
   hidden states before the LM product (dense d_model x d_model with the
   spec's bias, the activation, a norm) and adds an output bias of `vocab`
   to the logits (owned by the head even when the weight is tied).
+- `encoder_layers` > 0 makes an encoder-decoder (T5, Switch, the Scaling
+  Transformers' 800M model; flopsim.families.encoder_decoder): that many
+  bidirectional encoder blocks over S_enc tokens, then `layers` causal decoder
+  blocks, each with cross-attention to the encoder's output. Every other field
+  describes both stacks (one d_model, heads, d_ff; an MoE's `every` counts
+  blocks within each stack, as Switch places its experts).
+- `positions: relative`: T5's relative position bias, one table of
+  `relative_buckets` x heads per stack, looked up once per stack and added to
+  every layer's scores (an explicit attention kernel: attention_impl explicit).
 """
 
 from __future__ import annotations
@@ -351,7 +360,8 @@ class ModelSpec(_Strict):
     ffn: Literal["mlp", "gated"] = "mlp"
     activation: Literal["gelu", "gelu_tanh", "relu", "silu"] = "gelu"
     vocab: Size
-    positions: Literal["learned", "rope", "none"] = "learned"
+    positions: Literal["learned", "rope", "relative", "none"] = "learned"
+    relative_buckets: Size = 32  # positions relative: T5's relative_attention_num_buckets
     max_seq: Annotated[int, Field(ge=1, le=MAX_TOKENS)] = 2048
     causal: bool = True
     tied_embeddings: bool = True
@@ -380,6 +390,7 @@ class ModelSpec(_Strict):
     softcap: Optional[SoftCap] = None
     attention_sinks: bool = False  # a learned logit per head joining every softmax (GPT-OSS)
     length_reduction: Optional[LengthReductionBlock] = None
+    encoder_layers: Annotated[int, Field(ge=0, le=MAX_LAYERS)] = 0  # > 0: an encoder-decoder
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -422,6 +433,7 @@ class ModelSpec(_Strict):
                 raise ValueError(f"sliding_window: family {self.family} is not supported (dense, moe, sparse_ff): "
                                  f"its blocks attend to routed or reduced tokens")
         self._check_mla()
+        self._check_encoder_decoder()
         self._check_precision()
         self._check_architecture_options()
         profile = self.mod.keep_by_position if self.mod is not None else None
@@ -472,6 +484,27 @@ class ModelSpec(_Strict):
         if self.moe is not None and self.moe.kernel == "gather":
             raise ValueError("precision.weights: moe.kernel gather copies the experts' weights; use "
                              "gather_fused or grouped with quantized weights")
+
+    def _check_encoder_decoder(self):
+        if self.positions == "relative" and self.attention_impl != "explicit":
+            raise ValueError("positions: 'relative': T5's position bias is added to explicit scores; "
+                             "set attention_impl: explicit")
+        if not self.encoder_layers:
+            return
+        if not self.causal:
+            raise ValueError(f"encoder_layers {self.encoder_layers}: an encoder-decoder's decoder is causal; "
+                             f"set causal: true (the encoder is bidirectional)")
+        if self.family not in ("dense", "moe", "sparse_ff"):
+            raise ValueError(f"encoder_layers: family {self.family} is not modelled as an encoder-decoder "
+                             f"(dense, moe, sparse_ff)")
+        if self.head not in ("lm", "none") or self.lm_transform or self.token_types:
+            raise ValueError("encoder_layers: an encoder-decoder has an LM head (or none) on its decoder, "
+                             "no token types and no lm_transform")
+        for other in ("mla", "sliding_window", "softcap"):
+            if getattr(self, other) is not None:
+                raise ValueError(f"encoder_layers: not combined with {other}")
+        if self.moe is not None and self.moe.first_dense:
+            raise ValueError("encoder_layers: moe.first_dense is not modelled for an encoder-decoder")
 
     def _check_mla(self):
         if self.mla is None:
@@ -552,6 +585,16 @@ class ModelSpec(_Strict):
     @property
     def is_encoder(self) -> bool:
         return not self.causal
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.encoder_layers > 0
+
+    @property
+    def blocks(self) -> int:
+        """Blocks in all: op layers 0 .. blocks - 1 (an encoder-decoder's encoder blocks
+        first); the final norm and the head are layer `blocks`."""
+        return self.encoder_layers + self.layers
 
     def with_changes(self, **changes) -> "ModelSpec":
         """A validated copy with some fields changed (nested blocks as dicts).

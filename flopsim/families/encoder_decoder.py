@@ -1,0 +1,86 @@
+"""Encoder-decoder models (T5, Switch, the Scaling Transformers' 800M model):
+two stacks built from any family's blocks (`spec.encoder_layers` > 0).
+
+- The encoder: `encoder_layers` bidirectional blocks over S_enc tokens per
+  sequence (the symbol `S_enc`), its own embedding lookup in the shared token
+  table (`encoder.embed.tokens` owns the table), its final norm (pre-norm).
+  It runs in forward, train and prefill; at decode its output is already in
+  the cross-attention cache, and its ops stay in the list with their
+  parameters only (no cost, no launch).
+- The decoder: `layers` causal blocks over the decoder's tokens (S queries
+  attending to T keys, as a decoder-only model's), each with cross-attention
+  to the encoder's output after self-attention (flopsim.families.dense,
+  `cross_attention_block`), then the final norm and the head. Its lookup
+  reads the same table (`decoder.embed.tokens`, no parameters of its own).
+- Names: every encoder op is prefixed `encoder.`, every decoder op before the
+  final norm `decoder.` (`decoder.block.3.cross.q`); op layers number the
+  encoder blocks 0 .. encoder_layers - 1, the decoder blocks after them and
+  the final norm and head `spec.blocks`. A block's family decisions (which
+  blocks hold experts: `moe.every`) use its index within its stack, as
+  Switch places an expert layer every other FFN in each stack.
+- Phases: forward and train run both stacks over (S_enc, S); prefill runs the
+  encoder and the decoder prompt, writing both caches; decode runs one
+  decoder token per sequence, reading its self-attention cache of T keys and
+  the cross-attention cache of S_enc.
+- Train: the encoder's output feeds every decoder block's `cross.kv`; autograd
+  sums those `layers` gradients (`encoder.output_grad_sum`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from flopsim.families import dense
+from flopsim.ops.primitives import Ctx, gradient_sum, norm
+from flopsim.ops.symbols import B, S_enc
+
+
+def _prefixed(ops: list, prefix: str, offset: int = 0) -> list:
+    """The ops renamed into a stack (`encoder.`, `decoder.`), block layers shifted by `offset`."""
+    return [replace(op, name=prefix + op.name, module=prefix + op.module if op.module else prefix.rstrip("."),
+                    layer=op.layer + offset if op.layer >= 0 else op.layer) for op in ops]
+
+
+def encoder(ctx: Ctx, block_fn) -> list:
+    """The encoder stack over S_enc tokens per sequence, bidirectional, with no cache."""
+    spec = ctx.spec
+    enc = Ctx(spec=spec.model_copy(update={"causal": False}), phase="train" if ctx.train else "forward",
+              dims=ctx.dims)
+    ops = dense.embeddings(enc, batch=B, queries=S_enc)
+    if spec.positions == "relative":
+        ops += dense.position_bias(enc, queries=S_enc, keys=S_enc, layers=spec.encoder_layers)
+    for j in range(spec.encoder_layers):
+        ops += block_fn(enc, j, batch=B, queries=S_enc, keys=S_enc)
+    last = spec.encoder_layers - 1
+    if spec.norm_position == "pre":
+        ops += norm(enc, "final_norm", layer=last, tokens=B * S_enc, d=ctx.dims.d_model)
+    if spec.layers > 1:
+        ops += gradient_sum(enc, "output_grad_sum", layer=last, elements=B * S_enc * ctx.dims.d_model,
+                            module="final_norm" if spec.norm_position == "pre" else f"block.{last}",
+                            count=spec.layers - 1)
+    return _prefixed(ops, "encoder.")
+
+
+def decoder(ctx: Ctx, block_fn) -> list:
+    """The decoder stack's embeddings and blocks (cross-attending to S_enc encoder tokens)."""
+    spec = ctx.spec
+    queries, keys = dense.seq_dims(ctx)
+    dec = replace(ctx, cross_keys=S_enc)
+    ops = [replace(op, params=0) if op.name == "embed.tokens" else op  # the encoder's table
+           for op in dense.embeddings(dec, batch=B, queries=queries)]
+    if spec.positions == "relative":
+        ops += dense.position_bias(dec, queries=queries, keys=keys, layers=spec.layers)
+    for j in range(spec.layers):
+        ops += block_fn(dec, j, batch=B, queries=queries, keys=keys)
+    return _prefixed(ops, "decoder.", offset=spec.encoder_layers)
+
+
+def build(ctx: Ctx, *, block_fn) -> list:
+    """Encoder (not at decode), decoder, final norm and head (module docstring)."""
+    queries, _ = dense.seq_dims(ctx)
+    ops = encoder(ctx, block_fn)
+    if ctx.phase == "decode":  # the encoder ran at prefill: its weights are held, not read
+        ops = [dense.not_run(op) for op in ops if op.pass_ == "fwd"]
+    ops += decoder(ctx, block_fn)
+    ops += dense.head(ctx, batch=B, queries=queries)
+    return ops
