@@ -205,6 +205,7 @@ class MemoryResult:
     hw: Any = None
     max_batch: Optional[int] = None
     max_context: Optional[int] = None
+    encoder_seq: Optional[int] = None  # an encoder-decoder's encoder tokens per sequence
     notes: list = field(default_factory=list)
 
     def __getattr__(self, name):
@@ -233,6 +234,8 @@ class MemoryResult:
             "params": self.params, "bytes_per_param": self.bytes_per_param,
             **{k: _int(v) for k, v in self.components.items()},
         }
+        if self.encoder_seq is not None:
+            out["encoder_seq"] = self.encoder_seq
         if self.hw is not None:
             out.update(hardware=self.hw.name, capacity_bytes=_int(self.hw.memory_capacity_bytes), fits=self.fits,
                        max_batch=self.max_batch, max_context=self.max_context)
@@ -273,7 +276,8 @@ def memory(spec, *, phase: str = "train", batch: int = 1, seq: int = 1024, conte
     components = model.evaluate(values[B], values[S], values[T])
     result = MemoryResult(spec=spec, phase=phase, batch=batch, seq=seq, context=int(values[T]),
                           recompute=recompute, optimizer=optimizer, params=model.params,
-                          bytes_per_param=model.bytes_per_param, components=components)
+                          bytes_per_param=model.bytes_per_param, components=components,
+                          encoder_seq=values.get(S_enc))
     if recompute and phase != "train":
         result.notes.append("recompute only changes the train phase")
     if hw is not None:

@@ -785,6 +785,14 @@ def _train_notes(spec, c: dict, tokens: float) -> list:
     return notes
 
 
+def _single_stack(spec) -> None:
+    """Plans cost one stack of blocks: refuse an encoder-decoder in one line."""
+    if spec.is_encoder_decoder:
+        raise InputError(f"{spec.name}: plan does not lay out encoder-decoders yet (the two stacks' token "
+                         f"counts, the cross-attention's all-reduces and cache); count, predict, memory and "
+                         f"sweep model them")
+
+
 def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = None,
                   global_batch: Optional[int] = None, global_batch_tokens: Optional[float] = None,
                   tp: int = 1, pp: int = 1, dp: Optional[int] = None, ep: int = 1, micro_batch: int = 1,
@@ -807,6 +815,7 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
     from flopsim.spec import load_model
 
     spec, hw = load_model(spec), load_hardware(hw)
+    _single_stack(spec)
     cal = load_calibration(calibration, hw)
     gpus = _positive_int("gpus", gpus)
     tp, pp, ep, micro_batch = (_positive_int(n, v) for n, v in
@@ -1230,6 +1239,7 @@ def plan_serving(spec, hw, *, prompt: int, gen: int, gpus: Optional[int] = None,
     from flopsim.spec import load_model
 
     spec, hw = load_model(spec), load_hardware(hw)
+    _single_stack(spec)
     cal = load_calibration(calibration, hw)
     prompt, gen = _positive_int("prompt", prompt), _positive_int("gen", gen)
     gpus = None if gpus is None else _positive_int("gpus", gpus)

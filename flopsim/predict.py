@@ -69,6 +69,7 @@ class PredictResult(OpTotals):
     calibration: Any
     optimizer: str
     ops: list = field(default_factory=list)  # list[flopsim.roofline.OpTime]
+    encoder_seq: Optional[int] = None  # an encoder-decoder's encoder tokens per sequence
 
     @property
     def time_s(self) -> float:
@@ -135,6 +136,7 @@ class PredictResult(OpTotals):
             "overhead_s": self.overhead_s, "peak_flops_per_s": self.peak_flops_per_s,
             "host_s": self.total("host_s"), "device_s": self.total("device_s"),
             "kernels": sum(1 for op in self.ops if op.time_s > 0),
+            **({"encoder_seq": self.encoder_seq} if self.encoder_seq is not None else {}),
         }
 
     def to_dict(self, ops: bool = True) -> dict:
@@ -154,7 +156,7 @@ def predict(spec, hw, *, phase: str = "forward", batch: int = 1, seq: int = 1024
     from flopsim.calibration import load_calibration
     from flopsim.count import evaluate_ops, token_values
     from flopsim.hardware import load_hardware
-    from flopsim.ops.symbols import T
+    from flopsim.ops.symbols import S_enc, T
     from flopsim.roofline import in_sequence, op_time
     from flopsim.spec import load_model
 
@@ -165,7 +167,7 @@ def predict(spec, hw, *, phase: str = "forward", batch: int = 1, seq: int = 1024
     costs = evaluate_ops(phase_ops(spec, phase, optimizer=optimizer), values)
     times = in_sequence([op_time(op, hw, spec.compute_dtype, cal) for op in costs])
     return PredictResult(spec=spec, hw=hw, phase=phase, batch=batch, seq=seq, context=int(values[T]),
-                         calibration=cal, optimizer=optimizer, ops=times)
+                         calibration=cal, optimizer=optimizer, ops=times, encoder_seq=values.get(S_enc))
 
 
 @dataclass
@@ -200,10 +202,13 @@ class CompareResult:
 
 
 def compare(specs: Sequence, hw, *, phase: str | Iterable[str] = "forward", batch: int = 1, seq: int = 1024,
-            context: Optional[int] = None, calibration=None, optimizer: str = "adam") -> CompareResult:
-    """`predict` for each spec (and each phase when `phase` is a list); see CompareResult."""
+            context: Optional[int] = None, calibration=None, optimizer: str = "adam",
+            encoder_seq: Optional[int] = None) -> CompareResult:
+    """`predict` for each spec (and each phase when `phase` is a list); see CompareResult.
+    `encoder_seq` applies to the encoder-decoders among the specs."""
     from flopsim.calibration import load_calibration
     from flopsim.hardware import load_hardware
+    from flopsim.spec import load_model
 
     if not specs:
         raise InputError("compare: give at least one spec")
@@ -212,8 +217,9 @@ def compare(specs: Sequence, hw, *, phase: str | Iterable[str] = "forward", batc
         raise InputError("phase: give at least one phase")
     hw = load_hardware(hw)
     cal = load_calibration(calibration, hw)
+    specs = [load_model(spec) for spec in specs]
     results = [predict(spec, hw, phase=p, batch=batch, seq=seq, context=context, calibration=cal,
-                       optimizer=optimizer)
+                       optimizer=optimizer, encoder_seq=encoder_seq if spec.is_encoder_decoder else None)
                for p in phases for spec in specs]
     return CompareResult(results=results)
 

@@ -462,7 +462,7 @@ class _Plan:
 
     def __init__(self, spec, phase, axes, base_values, hw, cal, optimizer, context_given: bool):
         from flopsim.numeric import compile_exprs
-        from flopsim.ops.symbols import B, S, T, Dims, symbol
+        from flopsim.ops.symbols import B, S, S_enc, T, Dims, symbol
         from flopsim.predict import phase_ops
         from flopsim.roofline import op_peak_flops_per_s
 
@@ -488,6 +488,7 @@ class _Plan:
                 args.append(symbol(a.target))
                 self.arg_axes.append(i)
         sym_for = {"batch": B, "seq": S, "context": T}
+        seq_varied = "seq" in token_axis
         if phase == "decode" and "seq" in token_axis:  # decode: seq sets the KV-cache length
             token_axis["context"] = token_axis.pop("seq")
         for name, a in token_axis.items():
@@ -500,6 +501,9 @@ class _Plan:
         if phase in ("forward", "train") or (phase == "prefill" and "context" not in token_axis
                                              and not context_given):
             subs[T] = S if S in args else subs[S]
+        if S_enc in base_values:  # an encoder-decoder's encoder length follows a varied seq (its default)
+            subs[S_enc] = ((T if phase == "decode" else S) if seq_varied
+                           else sp.Integer(int(base_values[S_enc])))
         if phase == "decode":
             subs[S] = sp.Integer(1)
         self.args = args

@@ -20,6 +20,7 @@ def count(
     seq: int = typer.Option(1024, "--seq", "-s", help="Tokens per sequence (S); decode: the context if --context is omitted."),
     context: Optional[int] = typer.Option(None, "--context", "-t", help="Keys each query attends to (T): decode's KV-cache length, or prefill with a cached prefix."),
     phase: str = PhaseOpt,
+    encoder_seq: Optional[int] = typer.Option(None, "--encoder-seq", help="An encoder-decoder's encoder tokens per sequence (S_enc; default: --seq). Decode: the cross-attention cache's length."),
     ops: bool = typer.Option(False, "--ops", help="Table format: one row per op instead of per layer."),
     attention: Optional[str] = typer.Option(None, "--attention", help="Attention kernel: fused or explicit (or transformers' names: sdpa, eager, ...); default: the spec's (an HF config's attn_implementation, else fused)."),
     fmt: Format = FormatOpt,
@@ -32,7 +33,7 @@ def count(
         from flopsim.spec.hf import attention_impl
 
         spec = load_model(spec).with_changes(attention_impl=attention_impl(attention, "--attention"))
-    result = count_api(spec, batch=batch, seq=seq, phase=phase, context=context)
+    result = count_api(spec, batch=batch, seq=seq, phase=phase, context=context, encoder_seq=encoder_seq)
     if fmt == Format.json:
         return print_json(result.to_dict())
     if fmt == Format.csv:
@@ -40,7 +41,8 @@ def count(
     out = console()
     s = result.spec
     out.print(f"[bold]{s.name}[/] ({s.family}) {result.phase}: B={result.batch} "
-              f"S={1 if result.phase == 'decode' else result.seq} T={result.context}")
+              f"S={1 if result.phase == 'decode' else result.seq} T={result.context}"
+              + (f" S_enc={result.encoder_seq}" if result.encoder_seq else ""))
     out.print(f"  FLOPs        {result.flops:,}  ({human(result.flops, 'FLOP')}; causal {human(result.causal_flops, 'FLOP')}, "
               f"with elementwise {human(result.all_flops, 'FLOP')})")
     out.print(f"  parameters   {result.params:,}  ({human(result.params)})")

@@ -15,6 +15,7 @@ BatchOpt = typer.Option(1, "--batch", "-b", help="Sequences per batch (B).")
 SeqOpt = typer.Option(1024, "--seq", "-s", help="Tokens per sequence (S); decode: the context if --context is omitted.")
 ContextOpt = typer.Option(None, "--context", "-t", help="Keys each query attends to (T): decode's KV-cache length, or prefill with a cached prefix.")
 PhaseOpt = typer.Option("forward", "--phase", "-p", help="forward | train | prefill | decode")
+EncoderSeqOpt = typer.Option(None, "--encoder-seq", help="An encoder-decoder's encoder tokens per sequence (S_enc; default: --seq). Decode: the cross-attention cache's length.")
 CalibrationOpt = typer.Option("auto", "--calibration", help="auto (specs/calibration/<device>.yaml: measured or published-seeded) | ideal (only when asked) | a YAML path.")
 OptimizerOpt = typer.Option("adam", "--optimizer", help="Train phase: adam | adamw | sgd | none.")
 FormatOpt = typer.Option(Format.table, "--format", "-f", help="table | json | csv")
@@ -25,7 +26,8 @@ def _summary_lines(r) -> list[str]:
     seq = "1" if r.phase == "decode" else str(r.seq)
     return [
         f"[bold]{r.spec.name}[/] ({r.spec.family}) {r.phase} on [bold]{r.hw.name}[/]: "
-        f"B={r.batch} S={seq} T={r.context}, {r.spec.precision_label}",
+        f"B={r.batch} S={seq} T={r.context}" + (f" S_enc={r.encoder_seq}" if r.encoder_seq else "")
+        + f", {r.spec.precision_label}",
         f"  time          {human_time(s['time_s'])}  ({s['bound']}-bound: compute-bound ops "
         f"{human_time(s['compute_bound_s'])}, memory-bound ops {human_time(s['memory_bound_s'])}, "
         f"launch {human_time(s['overhead_s'])} over {s['kernels']} kernels)",
@@ -47,6 +49,7 @@ def predict(
     context: Optional[int] = ContextOpt,
     calibration: str = CalibrationOpt,
     optimizer: str = OptimizerOpt,
+    encoder_seq: Optional[int] = EncoderSeqOpt,
     ops: bool = typer.Option(False, "--ops", help="Table format: every op instead of the slowest 15."),
     fmt: Format = FormatOpt,
 ):
@@ -54,7 +57,7 @@ def predict(
     from flopsim.predict import predict as predict_api
 
     r = predict_api(spec, hardware, phase=phase, batch=batch, seq=seq, context=context,
-                    calibration=calibration, optimizer=optimizer)
+                    calibration=calibration, optimizer=optimizer, encoder_seq=encoder_seq)
     if fmt == Format.json:
         return print_json(r.to_dict())
     if fmt == Format.csv:
@@ -81,13 +84,14 @@ def compare(
     context: Optional[int] = ContextOpt,
     calibration: str = CalibrationOpt,
     optimizer: str = OptimizerOpt,
+    encoder_seq: Optional[int] = EncoderSeqOpt,
     fmt: Format = FormatOpt,
 ):
     """Predicted time of several models on one device, with speedups over the first."""
     from flopsim.predict import compare as compare_api
 
     r = compare_api(specs, hardware, phase=phase, batch=batch, seq=seq, context=context,
-                    calibration=calibration, optimizer=optimizer)
+                    calibration=calibration, optimizer=optimizer, encoder_seq=encoder_seq)
     rows = r.rows
     if fmt == Format.json:
         return print_json(rows)
@@ -115,13 +119,15 @@ def memory(
     optimizer: str = OptimizerOpt,
     grad_bytes: Optional[int] = typer.Option(None, "--grad-bytes", help="Bytes per gradient value (default: the model dtype's)."),
     master_weights: Optional[bool] = typer.Option(None, "--master-weights/--no-master-weights", help="Keep an fp32 master copy (default: when the dtype is below fp32)."),
+    encoder_seq: Optional[int] = EncoderSeqOpt,
     fmt: Format = FormatOpt,
 ):
     """Weights, gradients, optimizer state, activations and KV cache of one step."""
     from flopsim.memory import memory as memory_api
 
     r = memory_api(spec, phase=phase, batch=batch, seq=seq, context=context, hw=hardware, recompute=recompute,
-                   optimizer=optimizer, grad_bytes=grad_bytes, master_weights=master_weights)
+                   optimizer=optimizer, grad_bytes=grad_bytes, master_weights=master_weights,
+                   encoder_seq=encoder_seq)
     if fmt == Format.json:
         return print_json(r.to_dict())
     if fmt == Format.csv:
@@ -129,7 +135,8 @@ def memory(
     out = console()
     d = r.to_dict()
     out.print(f"[bold]{r.spec.name}[/] ({r.spec.family}) {r.phase}: B={r.batch} S={1 if r.phase == 'decode' else r.seq} "
-              f"T={r.context}, {r.spec.precision_label}" + (", full recomputation" if r.recompute else "")
+              f"T={r.context}" + (f" S_enc={r.encoder_seq}" if r.encoder_seq else "")
+              + f", {r.spec.precision_label}" + (", full recomputation" if r.recompute else "")
               + (f", optimizer {r.optimizer}" if r.phase == "train" else ""))
     bpp = r.bytes_per_param
     out.print(f"  parameters {r.params:,}; bytes per parameter: weights {bpp['weights']}, gradients {bpp['gradients']}, "
