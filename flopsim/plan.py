@@ -999,27 +999,40 @@ class ServingPlan:
         return _long_table(self.to_dict(), ("config", "links", "latency", "throughput", "memory", "cost"))
 
 
-def tp_allreduce_s(spec, links, tp: int, rows: int) -> float:
+def tp_allreduce_s(spec, links, tp: int, rows: int, encoder_rows: int = 0) -> float:
     """Megatron tensor parallelism's all-reduces of one step: two per block (after
-    the attention and after the FFN), each of `rows` x d_model activations."""
+    the attention and after the FFN), each of `rows` x d_model activations; an
+    encoder-decoder's decoder blocks a third (after the cross-attention), and its
+    encoder blocks two each of `encoder_rows` (0: the encoder does not run)."""
     if tp <= 1:
         return 0.0
-    return 2 * spec.layers * links.collective_s("all_reduce", rows * spec.d_model * spec.dtype_bytes, tp, tp)
+    one = lambda n: links.collective_s("all_reduce", n * spec.d_model * spec.dtype_bytes, tp, tp)  # noqa: E731
+    per_block = 3 if spec.is_encoder_decoder else 2
+    encoder = 2 * spec.encoder_layers * one(encoder_rows) if encoder_rows else 0.0
+    return per_block * spec.layers * one(rows) + encoder
 
 
-def tp_prefill_s(spec, hw, cal, links, *, tp: int, batch: int, prompt: int) -> tuple[float, Any]:
-    """(seconds, PredictResult) of a prefill of `batch` prompts on a tp-way replica."""
+def tp_prefill_s(spec, hw, cal, links, *, tp: int, batch: int, prompt: int,
+                 encoder_seq: Optional[int] = None) -> tuple[float, Any]:
+    """(seconds, PredictResult) of a prefill of `batch` prompts on a tp-way replica (an
+    encoder-decoder's encoder over `encoder_seq` tokens a sequence, default `prompt`)."""
     from flopsim.predict import predict
 
-    r = predict(spec, hw, phase="prefill", batch=batch, seq=prompt, calibration=cal)
-    return _split_s(r.ops, tp, 1) + tp_allreduce_s(spec, links, tp, batch * prompt), r
+    r = predict(spec, hw, phase="prefill", batch=batch, seq=prompt, calibration=cal, encoder_seq=encoder_seq)
+    encoder_rows = batch * (r.encoder_seq or 0)
+    return _split_s(r.ops, tp, 1) + tp_allreduce_s(spec, links, tp, batch * prompt, encoder_rows), r
 
 
-def tp_decode_s(spec, hw, cal, links, *, tp: int, batch: int, context: int) -> tuple[float, Any]:
-    """(seconds, PredictResult) of one decode step of `batch` sequences at KV length `context`, tp-way."""
+def tp_decode_s(spec, hw, cal, links, *, tp: int, batch: int, context: int,
+                encoder_seq: Optional[int] = None) -> tuple[float, Any]:
+    """(seconds, PredictResult) of one decode step of `batch` sequences at KV length `context`, tp-way
+    (an encoder-decoder's cross-attention over `encoder_seq` encoder tokens, default `context`)."""
     from flopsim.predict import predict
 
-    r = predict(spec, hw, phase="decode", batch=batch, seq=1, context=context, calibration=cal)
+    if spec.is_encoder_decoder and encoder_seq is None:
+        encoder_seq = context
+    r = predict(spec, hw, phase="decode", batch=batch, seq=1, context=context, calibration=cal,
+                encoder_seq=encoder_seq)
     return _split_s(r.ops, tp, 1) + tp_allreduce_s(spec, links, tp, batch), r
 
 

@@ -203,8 +203,13 @@ def _prefill(row: Row, s: _Setup) -> tuple[float, dict]:
     from flopsim.plan import tp_prefill_s
 
     t, _ = tp_prefill_s(s.spec, s.hw, s.cal, s.links, tp=row.parallel.tp, batch=_shape(row, "batch", 1),
-                        prompt=_shape(row, "prompt"))
+                        prompt=_shape(row, "prompt"), encoder_seq=_encoder_seq(row))
     return t, {"prefill_s": t}
+
+
+def _encoder_seq(row: Row) -> Optional[int]:
+    """An encoder-decoder row's encoder tokens per sequence (`shape.encoder_seq`), else None."""
+    return _shape(row, "encoder_seq") if "encoder_seq" in row.shape else None
 
 
 def _decode_context(row: Row) -> int:
@@ -216,7 +221,7 @@ def _decode(row: Row, s: _Setup) -> tuple[float, dict]:
     from flopsim.plan import tp_decode_s
 
     t, _ = tp_decode_s(s.spec, s.hw, s.cal, s.links, tp=row.parallel.tp, batch=_shape(row, "batch", 1),
-                       context=_decode_context(row))
+                       context=_decode_context(row), encoder_seq=_encoder_seq(row))
     return t, {"decode_step_s": t, "context": _decode_context(row)}
 
 
