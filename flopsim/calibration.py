@@ -78,7 +78,7 @@ from typing import Any, Literal, Optional
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
-from flopsim.ops.op import KINDS
+from flopsim.ops.fields import KINDS
 from flopsim.spec.paths import exists
 
 MAX_EFFICIENCY = 10.0  # >1 allowed: a "peak" that is itself a measurement can be beaten

@@ -22,17 +22,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import sympy as sp
-
 from flopsim.errors import InputError, bad_value
-from flopsim.families import build_ops, check_phase
-from flopsim.ops.op import BYTE_FIELDS, COST_FIELDS, Op
-from flopsim.ops.symbols import B, S, S_enc, T
+from flopsim.families import check_phase
+from flopsim.ops.fields import BYTE_FIELDS, COST_FIELDS
+
+# sympy (and the op lists built with it) load where they are needed: a command line
+# count read from flopsim.opcache runs without them
 
 GEMM_AXES = ("gemm_batch", "gemm_m", "gemm_n", "gemm_k")
 
 
-def _number(value: sp.Expr):
+def _number(value):
     if value.is_Integer:
         return int(value)
     if value.is_number:
@@ -41,9 +41,11 @@ def _number(value: sp.Expr):
     raise InputError(f"expression still has free symbols {sorted(map(str, value.free_symbols))}: {value}")
 
 
-def evaluate(exprs, values: dict[sp.Symbol, Any]) -> list:
-    """Evaluate many expressions at `values`, each distinct expression once."""
-    cache: dict[sp.Expr, Any] = {}
+def evaluate(exprs, values: dict) -> list:
+    """Evaluate many expressions at `values` ({sympy symbol: number}), each distinct expression once."""
+    import sympy as sp
+
+    cache: dict = {}
     subs = {k: sp.Integer(v) if isinstance(v, int) else sp.sympify(v) for k, v in values.items()}
     out = []
     for e in exprs:
@@ -104,10 +106,12 @@ class OpCost:
         return row
 
 
-def evaluate_ops(ops: list[Op], values: dict[sp.Symbol, Any]) -> list[OpCost]:
+def evaluate_ops(ops: list, values: dict) -> list[OpCost]:
     """Every op's costs at `values` (B, S, T and, for symbolic ops, the dims).
     Tags whose values are sympy expressions (tokens kept, experts active) are
     evaluated too."""
+    import sympy as sp
+
     fields_per_op = []
     for op in ops:
         exprs = op.expressions()
@@ -134,7 +138,16 @@ MAX_TOKEN_ARGUMENT = 2 ** 40  # batch, seq, context: beyond any real run, and wh
 def token_values(spec, phase: str, batch: int, seq: int, context: Optional[int] = None,
                  encoder_seq: Optional[int] = None) -> dict:
     """{B, S, T} for a phase (and S_enc for an encoder-decoder), validated (see the module
-    docstring)."""
+    docstring): sympy symbol -> int."""
+    from flopsim.ops.symbols import B, S, S_enc, T
+
+    symbols = {"B": B, "S": S, "T": T, "S_enc": S_enc}
+    return {symbols[k]: v for k, v in token_numbers(spec, phase, batch, seq, context, encoder_seq).items()}
+
+
+def token_numbers(spec, phase: str, batch: int, seq: int, context: Optional[int] = None,
+                  encoder_seq: Optional[int] = None) -> dict[str, int]:
+    """token_values keyed by the symbols' names ("B", "S", "T", "S_enc"), without sympy."""
     check_phase(spec, phase)
     if encoder_seq is not None and not spec.is_encoder_decoder:
         raise bad_value("encoder_seq", encoder_seq, f"{spec.name} has no encoder stack (encoder_layers 0)")
@@ -159,12 +172,12 @@ def token_values(spec, phase: str, batch: int, seq: int, context: Optional[int] 
         raise bad_value("seq" if context is None else "context", keys,
                         f"exceeds max_seq {spec.max_seq} of {spec.name} (learned positions)")
     if not spec.is_encoder_decoder:
-        return {B: batch, S: queries, T: keys}
+        return {"B": batch, "S": queries, "T": keys}
     encoder_tokens = seq if encoder_seq is None else encoder_seq
     if spec.positions == "learned" and encoder_tokens > spec.max_seq:
         raise bad_value("encoder_seq" if encoder_seq is not None else "seq", encoder_tokens,
                         f"exceeds max_seq {spec.max_seq} of {spec.name} (learned positions)")
-    return {B: batch, S: queries, T: keys, S_enc: encoder_tokens}
+    return {"B": batch, "S": queries, "T": keys, "S_enc": encoder_tokens}
 
 
 class OpTotals:
@@ -300,17 +313,24 @@ def count(spec, *, batch: int = 1, seq: int = 1, phase: str = "forward",
     """Exact FLOPs, bytes and parameters of `spec` (a ModelSpec, path or preset)."""
     from flopsim.spec import load_model
 
+    from flopsim import opcache
+    from flopsim.families import build_ops
+
     spec = load_model(spec)
-    values = token_values(spec, phase, batch, seq, context, encoder_seq)
-    costs = evaluate_ops(build_ops(spec, phase), values)
-    return CountResult(spec=spec, phase=phase, batch=batch, seq=seq, context=int(values[T]), ops=costs,
-                       encoder_seq=values.get(S_enc))
+    numbers = token_numbers(spec, phase, batch, seq, context, encoder_seq)
+    costs = opcache.costs(spec, phase, numbers, lambda: build_ops(spec, phase))
+    return CountResult(spec=spec, phase=phase, batch=batch, seq=seq, context=numbers["T"], ops=costs,
+                       encoder_seq=numbers.get("S_enc"))
 
 
 def formula(spec, *, phase: str = "forward", field: str = "flops", symbolic: bool = False,
             per_layer: bool = False):
     """The total of `field` as a sympy expression in B, S, T (and the dims when
     `symbolic`). In forward and train T = S; decode has S = 1."""
+    import sympy as sp
+
+    from flopsim.families import build_ops
+    from flopsim.ops.symbols import S, T
     from flopsim.spec import load_model
 
     spec = load_model(spec)

@@ -33,11 +33,10 @@ from typing import Any, Iterable, Optional, Sequence
 
 from flopsim.count import OpTotals
 from flopsim.errors import InputError
-from flopsim.ops.op import Op
 
 
 def phase_ops(spec, phase: str, *, symbolic: bool = False, optimizer: str = "adam",
-              grad_bytes: Optional[int] = None, master_weights: Optional[bool] = None) -> list[Op]:
+              grad_bytes: Optional[int] = None, master_weights: Optional[bool] = None) -> list:
     """The ops one step of `phase` runs: the family's ops, plus the optimizer
     update in `train` (its parameter count summed from the same ops)."""
     from flopsim.families import build_ops
@@ -154,20 +153,21 @@ def predict(spec, hw, *, phase: str = "forward", batch: int = 1, seq: int = 1024
     device's specs/calibration file, else ideal), "ideal", a path or a Calibration.
     `encoder_seq`: an encoder-decoder's encoder tokens per sequence (default `seq`)."""
     from flopsim.calibration import load_calibration
-    from flopsim.count import evaluate_ops, token_values
+    from flopsim import opcache
+    from flopsim.count import token_numbers
     from flopsim.hardware import load_hardware
-    from flopsim.ops.symbols import S_enc, T
     from flopsim.roofline import in_sequence, op_time
     from flopsim.spec import load_model
 
     spec = load_model(spec)
     hw = load_hardware(hw)
     cal = load_calibration(calibration, hw)
-    values = token_values(spec, phase, batch, seq, context, encoder_seq)
-    costs = evaluate_ops(phase_ops(spec, phase, optimizer=optimizer), values)
+    numbers = token_numbers(spec, phase, batch, seq, context, encoder_seq)
+    costs = opcache.costs(spec, phase, numbers, lambda: phase_ops(spec, phase, optimizer=optimizer),
+                          options=f"optimizer={optimizer}")
     times = in_sequence([op_time(op, hw, spec.compute_dtype, cal) for op in costs])
-    return PredictResult(spec=spec, hw=hw, phase=phase, batch=batch, seq=seq, context=int(values[T]),
-                         calibration=cal, optimizer=optimizer, ops=times, encoder_seq=values.get(S_enc))
+    return PredictResult(spec=spec, hw=hw, phase=phase, batch=batch, seq=seq, context=numbers["T"],
+                         calibration=cal, optimizer=optimizer, ops=times, encoder_seq=numbers.get("S_enc"))
 
 
 @dataclass

@@ -25,4 +25,7 @@ for _module in COMMAND_MODULES:
 
 
 def main() -> None:
+    from flopsim import opcache
+
+    opcache.enable()  # repeated counts skip sympy (flopsim.opcache; FLOPSIM_CACHE=0 turns it off)
     app()

@@ -13,9 +13,8 @@ import importlib
 from functools import lru_cache
 
 from flopsim.errors import InputError
-from flopsim.ops.op import Op
-from flopsim.ops.primitives import Ctx
-from flopsim.ops.symbols import Dims
+
+# the ops, their context and sympy load with the first build (check_phase needs none of them)
 
 PHASES = ("forward", "train", "prefill", "decode")
 
@@ -42,14 +41,16 @@ def check_phase(spec, phase: str) -> None:
         raise InputError(f"phase: {phase!r}: {spec.name} has a cls head; use forward or train")
 
 
-def order_passes(ops: list[Op]) -> list[Op]:
+def order_passes(ops: list) -> list:
     forward = [op for op in ops if op.pass_ == "fwd"]
     backward = [op for op in ops if op.pass_ == "bwd"]
     return forward + backward[::-1]
 
 
 @lru_cache(maxsize=256)
-def _build_cached(spec_json: str, phase: str, symbolic: bool) -> tuple[Op, ...]:
+def _build_cached(spec_json: str, phase: str, symbolic: bool) -> tuple:
+    from flopsim.ops.primitives import Ctx
+    from flopsim.ops.symbols import Dims
     from flopsim.spec.model import ModelSpec
 
     spec = ModelSpec.model_validate_json(spec_json)
@@ -58,7 +59,7 @@ def _build_cached(spec_json: str, phase: str, symbolic: bool) -> tuple[Op, ...]:
     return tuple(order_passes(module.build(ctx)))
 
 
-def build_ops(spec, phase: str, symbolic: bool = False) -> list[Op]:
+def build_ops(spec, phase: str, symbolic: bool = False) -> list:
     """The model's ops for a phase, as sympy expressions of B, S, T (and the
     dimensions when `symbolic`)."""
     check_phase(spec, phase)

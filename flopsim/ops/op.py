@@ -44,26 +44,9 @@ from typing import Any, Optional
 
 import sympy as sp
 
-ZERO = sp.Integer(0)
-BYTE_FIELDS = ("weight_bytes", "act_read_bytes", "act_write_bytes", "kv_read_bytes", "kv_write_bytes")
-COST_FIELDS = ("flops", "causal_flops", "other_flops", *BYTE_FIELDS, "params")
+from flopsim.ops.fields import BYTE_FIELDS, COST_FIELDS, KINDS  # noqa: F401 - re-exported
 
-KINDS = (
-    "matmul",  # a dense matrix product (Linear)
-    "attention",  # scores + weighted sum (fused or explicit)
-    "router",  # a matrix product that routes tokens (MoD, MoE, controllers)
-    "embedding",  # table lookup
-    "norm",  # layernorm / rmsnorm
-    "elementwise",  # activations, residual adds, scaling
-    "softmax",
-    "topk",  # top-k / sort / argmax selection
-    "gather",  # index_select / gather of tokens
-    "scatter",  # scatter / index_add back into the residual stream
-    "conv",  # convolution (sparse QKV)
-    "kv_cache",  # appending keys and values to the cache
-    "loss",  # cross-entropy
-    "optimizer",  # parameter update
-)
+ZERO = sp.Integer(0)
 
 
 def _sym(value: Any) -> sp.Expr:

@@ -88,9 +88,17 @@ BoundedLoader.add_implicit_resolver(
 
 
 def parse_yaml(text: str, source: str) -> Any:
-    """Parse YAML text with BoundedLoader; every failure one line naming `source`."""
+    """Parse YAML text with BoundedLoader; every failure one line naming `source`. A text
+    that parsed before is read back from flopsim.opcache's folder when the cache is on."""
+    from flopsim import opcache
+
+    cached = opcache.parsed(text)
+    if cached is not None:
+        return cached
     try:
-        return yaml.load(text, Loader=BoundedLoader)  # noqa: S506 -- a SafeLoader subclass
+        data = yaml.load(text, Loader=BoundedLoader)  # noqa: S506 -- a SafeLoader subclass
+        opcache.store_parsed(text, data)
+        return data
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

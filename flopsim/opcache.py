@@ -1,0 +1,196 @@
+"""A disk cache of evaluated op lists, so that a repeated command skips sympy.
+
+Building a model's symbolic op lists needs sympy (about 0.35 s to import) and
+the build itself (0.1-0.4 s); the command line answers in under half a second
+only when it does neither. The first time a (spec, phase, options) is counted
+from the command line, its ops are built as always and each distinct
+expression is printed as exact Python arithmetic (ints, `Fraction`,
+`math.ceil`, `min`, `max`) into a small module compiled to a code object,
+stored under the cache folder; later runs load that code and evaluate the ops
+at B, S, T and S_enc with no sympy.
+
+Conventions:
+- The key hashes flopsim's own source files (every .py under the package), the
+  spec's JSON, the phase and the options, and the Python version: any change to
+  the code or the spec makes a new entry; nothing stale is ever read.
+- Values are exact: integers stay integers; a non-integer (an expectation)
+  becomes a float, as `flopsim.count.evaluate` returns it.
+- An expression with anything the printer does not know is not cached (the
+  caller falls back to sympy); so is a failure to write (a read-only home).
+- On by default for the command line only (`flopsim.cli.main`); the Python
+  API evaluates with sympy unless `enable()` is called. `FLOPSIM_CACHE=0`
+  turns it off; `FLOPSIM_CACHE_DIR` moves it (default
+  `$XDG_CACHE_HOME/flopsim`, else `~/.cache/flopsim`).
+- Large YAML files (hardware and calibration specs) are kept parsed, as JSON, keyed
+  by a hash of their text: parsing them is a tenth of a second in pure Python.
+- Writes are atomic (a temporary file renamed into place).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import marshal
+import os
+import sys
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Optional
+
+FORMAT = 1  # the cached files' layout; bump when it changes
+PARSED_MIN_CHARS = 4096  # YAML texts shorter than this parse faster than a cache look-up
+_enabled = False
+
+
+def enable(on: bool = True) -> None:
+    global _enabled
+    _enabled = on
+
+
+def enabled() -> bool:
+    return _enabled and os.environ.get("FLOPSIM_CACHE", "1") != "0"
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("FLOPSIM_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "flopsim"
+
+
+@lru_cache(maxsize=1)
+def code_hash() -> str:
+    """A hash of every source file of the package (what the op lists depend on)."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256(f"{FORMAT} {sys.version}".encode())
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def key(spec, phase: str, options: str = "") -> str:
+    return hashlib.sha256(f"{code_hash()}|{spec.model_dump_json()}|{phase}|{options}".encode()).hexdigest()[:40]
+
+
+def costs(spec, phase: str, numbers: dict, build: Callable[[], list], options: str = "") -> list:
+    """The OpCosts of `build()`'s ops at `numbers` ({"B", "S", "T", "S_enc"} -> int), through
+    the cache when enabled (see the module docstring)."""
+    if enabled():
+        fn = _load(key(spec, phase, options))
+        if fn is None:
+            fn = _store(key(spec, phase, options), build())
+        if fn is not None:
+            return fn(numbers)
+    from flopsim.count import evaluate_ops
+    from flopsim.ops.symbols import B, S, S_enc, T
+
+    symbols = {"B": B, "S": S, "T": T, "S_enc": S_enc}
+    return evaluate_ops(build(), {symbols[k]: v for k, v in numbers.items()})
+
+
+def _parsed_path(text: str) -> Path:
+    return cache_dir() / f"{hashlib.sha256(f'{FORMAT}|{text}'.encode()).hexdigest()[:40]}.yaml.json"
+
+
+def parsed(text: str):
+    """A YAML text's data parsed before (None when not cached or the cache is off). Only
+    specs of a few kilobytes and more are worth it: the calibration and hardware files."""
+    if not enabled() or len(text) < PARSED_MIN_CHARS:
+        return None
+    import json
+
+    try:
+        return json.loads(_parsed_path(text).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def store_parsed(text: str, data) -> None:
+    """Keep `data`, parsed from `text`, when it is plain JSON data (it reads back equal)."""
+    if not enabled() or len(text) < PARSED_MIN_CHARS:
+        return
+    import json
+
+    try:
+        dumped = json.dumps(data)
+        if json.loads(dumped) != data:  # a tuple, a non-string key, a date: not kept
+            return
+    except (TypeError, ValueError):
+        return
+    _write(_parsed_path(text), dumped.encode())
+
+
+def _write(path: Path, payload: bytes) -> None:
+    """Atomic: a temporary file renamed into place; nothing left behind on failure."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, path)
+    except OSError:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def _load(name: str) -> Optional[Callable]:
+    path = cache_dir() / f"{name}.ops"
+    try:
+        code = marshal.loads(path.read_bytes())
+    except (OSError, ValueError, EOFError, TypeError):
+        return None
+    return _make(code)
+
+
+def _make(code) -> Callable:
+    import math
+    from fractions import Fraction
+
+    namespace = {"F": Fraction, "ceil": math.ceil, "floor": math.floor}
+    exec(code, namespace)
+    return lambda numbers: _op_costs(namespace, numbers)
+
+
+def _store(name: str, ops: list) -> Optional[Callable]:
+    from flopsim.opcache_print import module_source
+
+    source = module_source(ops)
+    if source is None:
+        return None
+    code = compile(source, f"<flopsim op cache {name}>", "exec")
+    _write(cache_dir() / f"{name}.ops", marshal.dumps(code))
+    return _make(code)
+
+
+def _number(value):
+    """int when whole and exact, else float (as flopsim.count._number)."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value
+    return int(value) if value.denominator == 1 else float(value)
+
+
+def _op_costs(namespace: dict, numbers: dict) -> list:
+    from flopsim.count import OpCost
+    from flopsim.ops.fields import COST_FIELDS
+
+    values = [_number(v) for v in namespace["values"](numbers["B"], numbers["S"], numbers["T"],
+                                                      numbers.get("S_enc", 1))]
+    out = []
+    for static, fields, tags, gemm, kernels in namespace["OPS"]:
+        name, kind, layer, module, pass_, variant, host_sync = static
+        out.append(OpCost(
+            name=name, kind=kind, layer=layer, module=module, pass_=pass_, variant=variant, host_sync=host_sync,
+            gemm=tuple(values[i] for i in gemm) if gemm is not None else None,
+            # (key, True, expression index) or (key, False, the value itself), in the op's order
+            tags={k: values[v] if is_expr else v for k, is_expr, v in tags},
+            kernels=values[kernels], **{f: values[i] for f, i in zip(COST_FIELDS, fields)},
+        ))
+    return out
