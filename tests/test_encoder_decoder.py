@@ -13,7 +13,10 @@ against their torch reference (flopsim.torchref.encoder_decoder).
 - symbolic reduction: the encoder's ops are a non-causal encoder model's over
   S_enc tokens, and the decoder's ops less its cross-attention are a decoder-only
   model's, op for op;
-- the decoder-only reference's relative position bias, exact too.
+- the decoder-only reference's relative position bias, exact too;
+- the bytes oracle (flopsim.torchref.bytes_check): exact per module and pass on
+  three configs without relative positions; with them, only T5's bucket kernel
+  differs (its reads of the query positions and its arithmetic).
 """
 
 from __future__ import annotations
@@ -133,13 +136,13 @@ def test_encoder_ops_are_an_encoder_models(name):
 @pytest.mark.parametrize("name", ["t5-v1.1", "moe-dropless-top2", "gqa-rope"])
 def test_decoder_less_cross_attention_is_a_decoder_only_model(name):
     """The decoder's ops less its cross-attention (`cross.*`, `norm_cross`,
-    `cross_residual`) have, op for op, the FLOPs of a decoder-only model of `layers`
+    `cross_residual`; and the shared table's extra gradient sum) have, op for op, the FLOPs of a decoder-only model of `layers`
     blocks (the final norm and head included) in every phase."""
     spec = make(name)
     alone = spec.with_changes(encoder_layers=0)
     for phase in PHASES:
         ops = build_ops(spec, phase)
-        dec = {**_flops_by_name(ops, "decoder.", drop=("cross",)),
+        dec = {**_flops_by_name(ops, "decoder.", drop=("cross", "embed.tokens_grad_sum")),
                **{k: v for k, v in _flops_by_name(ops).items() if not k[0].startswith(("encoder.", "decoder."))}}
         assert _same(dec, _flops_by_name(build_ops(alone, phase)), {}), phase
 
@@ -156,3 +159,33 @@ def test_encoder_only_relative_position_bias(phase):
     spec = load_model({**BASE, **T5, "encoder_layers": 0, "causal": False, "head": "none", "name": "t5-encoder"})
     result = compare_with_torch(spec, phase, 2, 6)
     assert result.exact, result.describe()
+
+
+BYTES_CASES = [(name, phase) for name in ("tied-learned-post-fused", "gqa-rope", "moe-dropless-top2")
+               for phase in PHASES if (name, phase) != ("moe-dropless-top2", "decode")]  # dropless decode: expected experts
+
+
+@pytest.mark.parametrize("name, phase", BYTES_CASES)
+def test_bytes_oracle_exact(name, phase):
+    from flopsim.torchref.bytes_check import compare_bytes
+
+    result = compare_bytes(make(name), phase, 2, 5, 8 if phase == "decode" else None, encoder_seq=7)
+    assert result.exact, result.describe()
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_bytes_oracle_relative_bias_differs_only_in_its_buckets(phase):
+    """T5's buckets: the reference's kernel reads the S query position ids (8 bytes each)
+    and does T5's log-bucket arithmetic per pair; flopsim's `position_bias.buckets` costs
+    neither. Every other module and pass is exact."""
+    from flopsim.torchref.bytes_check import compare_bytes
+
+    result = compare_bytes(make("t5-v1.1"), phase, 2, 5, 8 if phase == "decode" else None, encoder_seq=7)
+    queries = {"encoder.position_bias": 7, "decoder.position_bias": 1 if phase == "decode" else 5}
+    for path, pass_, field, torch_value, flopsim_value in result.mismatches:
+        assert path in ("", "encoder", "decoder") or path in queries, (path, pass_, field)
+        assert pass_ == "fwd"
+        if path in queries and field == "bytes":
+            assert torch_value - flopsim_value == 8 * queries[path]
+        if path in queries and field == "other_flops":
+            assert flopsim_value == 0 < torch_value

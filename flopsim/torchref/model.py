@@ -383,8 +383,10 @@ class RelativePositionBias(nn.Module):
 
     def forward(self, queries: torch.Tensor, keys: int) -> torch.Tensor:
         """The bias [H, S, T] of query positions `queries` [S] against key positions 0 .. keys - 1."""
-        relative = torch.arange(keys, device=queries.device)[None, :] - queries[:, None]  # [S, T]
-        bucket = relative_position_buckets(relative, self.bidirectional, self.buckets)
+        with fused("position_buckets") as region:  # one kernel: flopsim's position_bias.buckets
+            relative = torch.arange(keys, device=queries.device)[None, :] - region.take(queries)[:, None]  # [S, T]
+            bucket = relative_position_buckets(relative, self.bidirectional, self.buckets)
+            region.basis(bucket)
         return F.embedding(bucket, self.weight).permute(2, 0, 1)
 
 
