@@ -165,8 +165,11 @@ def attention_block(ctx: Ctx, i: int, *, batch, queries, keys, prefix: str, tags
         ops += kv_cache_append(ctx, f"{p}.kv_cache", layer=i, batch=batch, tokens=written,
                                width=2 * d.kv_heads * d.d_head, module=p, tags=kv_tags)
     if spec.positions == "relative":  # the stack's bias added to the scores (T5)
-        ops += elementwise(ctx, f"{p}.position_bias", layer=i, elements=batch * d.heads * queries * keys,
-                           op="add", inputs=2, module=p, tags=tags)
+        scores, bias = batch * d.heads * queries * keys, d.heads * queries * keys
+        added = elementwise(ctx, f"{p}.position_bias", layer=i, elements=scores, op="add", inputs=2, module=p,
+                            tags=tags)
+        # the bias is broadcast over the batch: read once, not per sequence
+        ops += [replace(op, act_read_bytes=(scores + bias) * ctx.w) if op.pass_ == "fwd" else op for op in added]
         ops += broadcast_gradient(ctx, f"{p}.position_bias_grad", layer=i, elements=d.heads * queries * keys,
                                   copies=batch, module=p, tags=tags)
     ops += attention(ctx, f"{p}.core", layer=i, batch=batch, queries=queries, keys=keys,
@@ -310,9 +313,9 @@ def position_bias(ctx: Ctx, *, queries, keys, layers: int, prefix: str = "") -> 
     pairs = queries * keys  # per head, not per sequence: the bias is shared by the batch
     ops = index_elementwise(ctx, f"{p}.buckets", layer=-1, elements=pairs, op="copy", inputs=0, module=p)
     ops += embedding(ctx, p, layer=-1, tokens=pairs, rows=d.relative_buckets, d=d.heads)
-    if layers > 1:
-        ops += gradient_sum(ctx, f"{p}.grad_sum", layer=-1, elements=pairs * d.heads, module=p,
-                            count=layers - 1)
+    if layers > 1:  # charged to the bias's last user in forward, the last block's attention
+        ops += gradient_sum(ctx, f"{p}.grad_sum", layer=layers - 1, elements=pairs * d.heads,
+                            module=f"{prefix}block.{layers - 1}.attn", count=layers - 1)
     return ops
 
 

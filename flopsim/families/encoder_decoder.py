@@ -23,7 +23,11 @@ two stacks built from any family's blocks (`spec.encoder_layers` > 0).
   decoder token per sequence, reading its self-attention cache of T keys and
   the cross-attention cache of S_enc.
 - Train: the encoder's output feeds every decoder block's `cross.kv`; autograd
-  sums those `layers` gradients (`encoder.output_grad_sum`).
+  sums those `layers` gradients (`encoder.output_grad_sum`, charged to the
+  last decoder block's `cross`, the output's last user in forward). The decoder's
+  lookup adds its gradient of the shared token table to the encoder lookup's
+  (and a tied head's): one more sum of vocab x d_model
+  (`decoder.embed.tokens_grad_sum`).
 """
 
 from __future__ import annotations
@@ -51,13 +55,8 @@ def encoder(ctx: Ctx, block_fn) -> list:
         ops += dense.position_bias(enc, queries=S_enc, keys=S_enc, layers=spec.encoder_layers)
     for j in range(spec.encoder_layers):
         ops += block_fn(enc, j, batch=B, queries=S_enc, keys=S_enc)
-    last = spec.encoder_layers - 1
     if spec.norm_position == "pre":
-        ops += norm(enc, "final_norm", layer=last, tokens=B * S_enc, d=ctx.dims.d_model)
-    if spec.layers > 1:
-        ops += gradient_sum(enc, "output_grad_sum", layer=last, elements=B * S_enc * ctx.dims.d_model,
-                            module="final_norm" if spec.norm_position == "pre" else f"block.{last}",
-                            count=spec.layers - 1)
+        ops += norm(enc, "final_norm", layer=spec.encoder_layers - 1, tokens=B * S_enc, d=ctx.dims.d_model)
     return _prefixed(ops, "encoder.")
 
 
@@ -77,10 +76,20 @@ def decoder(ctx: Ctx, block_fn) -> list:
 
 def build(ctx: Ctx, *, block_fn) -> list:
     """Encoder (not at decode), decoder, final norm and head (module docstring)."""
+    spec = ctx.spec
     queries, _ = dense.seq_dims(ctx)
     ops = encoder(ctx, block_fn)
     if ctx.phase == "decode":  # the encoder ran at prefill: its weights are held, not read
         ops = [dense.not_run(op) for op in ops if op.pass_ == "fwd"]
     ops += decoder(ctx, block_fn)
+    if spec.layers > 1:  # charged to the encoder output's last user in forward: the last cross-attention
+        ops += gradient_sum(ctx, "encoder.output_grad_sum", layer=spec.blocks - 1,
+                            elements=B * S_enc * ctx.dims.d_model, module=f"decoder.block.{spec.layers - 1}.cross",
+                            count=spec.layers - 1)
     ops += dense.head(ctx, batch=B, queries=queries)
+    # train: the decoder's lookup adds a gradient of the shared table to the encoder's (and
+    # the tied head's): one more sum, charged where the earlier gradient was delivered
+    owner = "head.lm" if ctx.spec.tied_embeddings and ctx.spec.head == "lm" else "encoder.embed.tokens"
+    ops += gradient_sum(ctx, "decoder.embed.tokens_grad_sum", layer=-1,
+                        elements=ctx.dims.vocab * ctx.dims.d_model, module=owner)
     return ops

@@ -388,7 +388,8 @@ def compare(spec_name: str, phase: str, kernels, ops) -> BytesComparison:
     return BytesComparison(spec_name, phase, torch_h, flopsim_h, mismatches)
 
 
-def measure(spec, phase: str, batch: int, seq: int, context: Optional[int] = None, seed: int = 0):
+def measure(spec, phase: str, batch: int, seq: int, context: Optional[int] = None, seed: int = 0,
+            encoder_seq: Optional[int] = None):
     """The reference's kernels for one phase (inputs made outside the count). The train
     phase stops after the backward: the optimizer's update is checked on its own
     (`optimizer_bytes`), since count's op lists hold the model's ops only."""
@@ -396,17 +397,18 @@ def measure(spec, phase: str, batch: int, seq: int, context: Optional[int] = Non
     from flopsim.torchref.model import build_reference, prepare_phase
 
     model = build_reference(spec, seed=seed)
-    run = prepare_phase(model, spec, phase, batch, seq, context, seed=seed, optimizer="none")
+    run = prepare_phase(model, spec, phase, batch, seq, context, seed=seed, optimizer="none",
+                        encoder_seq=encoder_seq)
     return build_kernels(count_bytes(run))
 
 
 def compare_bytes(spec, phase: str, batch: int, seq: int, context: Optional[int] = None,
-                  seed: int = 0) -> BytesComparison:
+                  seed: int = 0, encoder_seq: Optional[int] = None) -> BytesComparison:
     from flopsim.count import count
 
-    kernels = measure(spec, phase, batch, seq, context, seed)
+    kernels = measure(spec, phase, batch, seq, context, seed, encoder_seq=encoder_seq)
     reference = spec.with_changes(dtype="fp32")  # the reference runs in fp32
-    ops = count(reference, batch=batch, seq=seq, phase=phase, context=context).ops
+    ops = count(reference, batch=batch, seq=seq, phase=phase, context=context, encoder_seq=encoder_seq).ops
     return compare(spec.name, phase, kernels, ops)
 
 

@@ -1,6 +1,6 @@
 """Exactness check: flopsim's counts against FlopCounterMode on the reference.
 
-`compare_with_torch(spec, phase, batch, seq, context)` runs the reference
+`compare_with_torch(spec, phase, batch, seq, context, encoder_seq=)` runs the reference
 under FlopCounterMode and returns a `Comparison` with torch's and flopsim's
 totals, parameters, and every module whose count differs. A module's
 flopsim count is the sum over ops whose `module` is that path or lies below
@@ -40,14 +40,15 @@ def module_flops(costs, path: str) -> int:
 
 
 def compare_with_torch(spec, phase: str, batch: int, seq: int, context: Optional[int] = None,
-                       seed: int = 0) -> Comparison:
+                       seed: int = 0, encoder_seq: Optional[int] = None) -> Comparison:
     from flopsim.count import count
     from flopsim.torchref.counting import count_with_torch
     from flopsim.torchref.model import build_reference, run_phase
 
     model = build_reference(spec, seed=seed)
-    measured = count_with_torch(lambda: run_phase(model, spec, phase, batch, seq, context, seed=seed))
-    result = count(spec, batch=batch, seq=seq, phase=phase, context=context)
+    measured = count_with_torch(lambda: run_phase(model, spec, phase, batch, seq, context, seed=seed,
+                                                  encoder_seq=encoder_seq))
+    result = count(spec, batch=batch, seq=seq, phase=phase, context=context, encoder_seq=encoder_seq)
     mismatches = [(path, flops, module_flops(result.ops, path))
                   for path, flops in sorted(measured.items())
                   if module_flops(result.ops, path) != flops]

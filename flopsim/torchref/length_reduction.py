@@ -27,8 +27,8 @@ class ScoredAttention(Attention):
     """Explicit attention (Q K^T, softmax, P V) that keeps the probabilities
     [B, H, queries, keys] in `self.probs` for the significance scores."""
 
-    def probabilities(self, q: torch.Tensor, k: torch.Tensor, is_causal: bool) -> torch.Tensor:
-        self.probs = super().probabilities(q, k, is_causal)
+    def probabilities(self, q: torch.Tensor, k: torch.Tensor, is_causal: bool, bias=None) -> torch.Tensor:
+        self.probs = super().probabilities(q, k, is_causal, bias=bias)
         return self.probs
 
 

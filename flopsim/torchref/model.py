@@ -57,7 +57,14 @@ class RunState:
         earlier tokens, with the last S slots free for the new tokens (or None);
     new_cache: filled with each layer's full (k, v) in prefill and decode (prefill
         writes the keys and values into new buffers, as a serving engine's cache);
-    token_types: [B, S] token type ids (an input, as BERT's token_type_ids; None: zeros).
+    token_types: [B, S] token type ids (an input, as BERT's token_type_ids; None: zeros);
+    position_bias: the stack's relative position bias [H, S, T] (`positions: relative`),
+        added to every layer's scores (set by the model once per stack);
+    encoder_ids, encoder_positions: [B, S_enc] an encoder-decoder's encoder inputs;
+    memory: the encoder's output [B, S_enc, d_model] its decoder blocks cross-attend to;
+    cross_cache: at decode, per decoder layer the (k, v) [B, H_kv, S_enc, d_head] of the
+        encoder's output; new_cross_cache: filled with them at prefill
+        (flopsim.torchref.encoder_decoder).
     """
 
     phase: str
@@ -65,6 +72,12 @@ class RunState:
     cache: Optional[list] = None
     new_cache: list = field(default_factory=list)
     token_types: Optional[torch.Tensor] = None
+    position_bias: Optional[torch.Tensor] = None
+    encoder_ids: Optional[torch.Tensor] = None
+    encoder_positions: Optional[torch.Tensor] = None
+    memory: Optional[torch.Tensor] = None
+    cross_cache: Optional[list] = None
+    new_cross_cache: list = field(default_factory=list)
 
 
 class RMSNorm(nn.RMSNorm):
@@ -175,7 +188,7 @@ class Attention(nn.Module):
         b, s, _ = x.shape
         q, k, v = self.project(x, state, layer)
         causal = self.spec.causal if causal is None else causal
-        o = self.core(q, k, v, causal and s > 1)  # one query attends to the whole cache
+        o = self.core(q, k, v, causal and s > 1, bias=state.position_bias)  # one query attends to the whole cache
         return self.out(o.transpose(1, 2).reshape(b, s, -1))
 
     def project(self, x: torch.Tensor, state: RunState, layer: int):
@@ -207,25 +220,28 @@ class Attention(nn.Module):
             state.new_cache.append((k, v))
         return q, k, v
 
-    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> torch.Tensor:
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool,
+             bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The attention kernel: fused (SDPA) or explicit (Q K^T, softmax, P V). The
         explicit path groups the query heads sharing a key/value head (GQA) into one
-        product per key/value head, so keys and values are read once, not repeated."""
+        product per key/value head, so keys and values are read once, not repeated;
+        `bias` [H, S, T] (T5's relative position bias) is added to its scores."""
         h, hkv = self.spec.heads, self.spec.kv_heads
         capped = self.spec.softcap is not None and self.spec.softcap.attention
-        if self.spec.attention_impl == "fused" and (capped or self.sinks is not None):
-            raise ValueError("the reference's fused attention (SDPA) has no soft-capping or sinks; "
-                             "use attention_impl: explicit")
+        if self.spec.attention_impl == "fused" and (capped or self.sinks is not None or bias is not None):
+            raise ValueError("the reference's fused attention (SDPA) has no soft-capping, sinks or position "
+                             "bias; use attention_impl: explicit")
         if self.spec.attention_impl == "fused":
             return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=hkv != h)
         b, _, s, dh = q.shape
-        probs = self.probabilities(q, k, is_causal)  # [B, H, S, T]
+        probs = self.probabilities(q, k, is_causal, bias=bias)  # [B, H, S, T]
         grouped = probs.view(b, hkv, (h // hkv) * s, -1) @ v  # [B, H_kv, G * S, d_head]
         return grouped.view(b, h, s, dh)
 
-    def probabilities(self, q: torch.Tensor, k: torch.Tensor, is_causal: bool) -> torch.Tensor:
+    def probabilities(self, q: torch.Tensor, k: torch.Tensor, is_causal: bool,
+                      bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         cap = self.spec.softcap.attention if self.spec.softcap is not None else None
-        return attention_probabilities(q, k, is_causal, softcap=cap, sinks=self.sinks)
+        return attention_probabilities(q, k, is_causal, softcap=cap, sinks=self.sinks, bias=bias)
 
 
 def window_of(spec, layer: int) -> Optional[int]:
@@ -236,15 +252,19 @@ def window_of(spec, layer: int) -> Optional[int]:
 
 
 def attention_probabilities(q: torch.Tensor, k: torch.Tensor, is_causal: bool, softcap: Optional[float] = None,
-                            sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+                            sinks: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """softmax(Q K^T / sqrt(d_head)) [B, H, S, T], causal over the last queries of the keys
     when asked; q [B, H, S, d], k [B, H_kv, T, d] (the H / H_kv query heads of a group
     share their key head: one product per key head). The scale, the mask and the
     softmax are one fused kernel; so are a soft cap (cap * tanh(s / cap)) and sinks
-    (a learned logit per head joining each softmax, its probability dropped)."""
+    (a learned logit per head joining each softmax, its probability dropped). A
+    relative position bias [H, S, T] is added to the raw scores first, as its own
+    kernel (flopsim's `attn.position_bias`)."""
     b, h, s, dh = q.shape
     hkv, t = k.shape[1], k.shape[-2]
     scores = (q.reshape(b, hkv, (h // hkv) * s, dh) @ k.transpose(-2, -1)).view(b, h, s, t)
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
     with fused("softmax") as region:
         scores = region.take(scores) / math.sqrt(dh)
         if softcap:
@@ -329,6 +349,52 @@ class Block(nn.Module):
             return x + self.mlp(self.norm2(x))
         x = self.norm1(x + self.attn(x, state, self.layer))
         return self.norm2(x + self.mlp(x))
+
+
+def relative_position_buckets(relative: torch.Tensor, bidirectional: bool, buckets: int,
+                               max_distance: int = 128) -> torch.Tensor:
+    """T5's bucket of each key - query distance (HF `_relative_position_bucket`): half the
+    buckets exact for short distances, the rest logarithmic up to `max_distance`; the
+    encoder's buckets split by direction, the decoder's look only back. Integer and
+    elementwise work only: FlopCounterMode counts 0 FLOPs."""
+    ret = torch.zeros_like(relative)
+    if bidirectional:
+        buckets //= 2
+        ret = ret + (relative > 0).long() * buckets
+        n = relative.abs()
+    else:
+        n = (-relative).clamp(min=0)
+    exact = buckets // 2
+    far = exact + (torch.log(n.float().clamp(min=1) / exact) / math.log(max_distance / exact)
+                   * (buckets - exact)).long()
+    far = far.clamp(max=buckets - 1)
+    return ret + torch.where(n < exact, n, far)
+
+
+class RelativePositionBias(nn.Module):
+    """T5's relative position bias of one stack (`positions: relative`; flopsim's
+    `position_bias`): a relative_buckets x heads table, looked up once per step for
+    every (query, key) pair and shared by the batch and every layer of the stack."""
+
+    def __init__(self, spec, bidirectional: bool):
+        super().__init__()
+        self.bidirectional, self.buckets = bidirectional, spec.relative_buckets
+        self.weight = nn.Parameter(torch.randn(spec.relative_buckets, spec.heads) * 0.1)
+
+    def forward(self, queries: torch.Tensor, keys: int) -> torch.Tensor:
+        """The bias [H, S, T] of query positions `queries` [S] against key positions 0 .. keys - 1."""
+        with fused("position_buckets") as region:  # one kernel: flopsim's position_bias.buckets
+            relative = torch.arange(keys, device=queries.device)[None, :] - region.take(queries)[:, None]  # [S, T]
+            bucket = relative_position_buckets(relative, self.bidirectional, self.buckets)
+            region.basis(bucket)
+        return F.embedding(bucket, self.weight).permute(2, 0, 1)
+
+
+def stack_position_bias(module: RelativePositionBias, positions: torch.Tensor) -> torch.Tensor:
+    """A stack's bias for the current tokens at `positions` [B, S] (every sequence at the
+    same positions): their queries against every key up to the last of them."""
+    queries = positions[0]
+    return module(queries, int(queries[-1]) + 1)
 
 
 class Embeddings(nn.Module):
@@ -428,6 +494,8 @@ class Reference(nn.Module):
         self.spec = spec
         block_factory = block_factory or (lambda spec, i: Block(spec, i))
         self.embed = Embeddings(spec)
+        if spec.positions == "relative":
+            self.position_bias = RelativePositionBias(spec, bidirectional=not spec.causal)
         self.block = nn.ModuleList([block_factory(spec, i) for i in range(spec.layers)])
         if spec.norm_position == "pre":
             self.final_norm = make_norm(spec, spec.d_model)
@@ -435,6 +503,8 @@ class Reference(nn.Module):
 
     def forward(self, ids: torch.Tensor, state: RunState) -> torch.Tensor:
         x = self.embed(ids, state)
+        if self.spec.positions == "relative":
+            state.position_bias = stack_position_bias(self.position_bias, state.positions)
         for blk in self.block:
             x = blk(x, state)
         if self.spec.norm_position == "pre":
@@ -467,7 +537,11 @@ def build_reference(spec, seed: int = 0) -> nn.Module:
         "sparse_ff": "flopsim.torchref.sparse_ff",
         "length_reduction": "flopsim.torchref.length_reduction",
     }[spec.family]
-    if family_module is None:
+    if spec.is_encoder_decoder:
+        from flopsim.torchref.encoder_decoder import build
+
+        model = build(spec)
+    elif family_module is None:
         model = Reference(spec)
     else:
         model = importlib.import_module(family_module).build(spec)
@@ -475,7 +549,8 @@ def build_reference(spec, seed: int = 0) -> nn.Module:
 
 
 def prepare_phase(model: nn.Module, spec, phase: str, batch: int, seq: int, context: Optional[int] = None,
-                  seed: int = 0, device: str = "cpu", optimizer: str = "adam") -> Callable[[], torch.Tensor]:
+                  seed: int = 0, device: str = "cpu", optimizer: str = "adam",
+                  encoder_seq: Optional[int] = None) -> Callable[[], torch.Tensor]:
     """Make the random inputs of one phase once; returns a function that runs the
     phase on them (what profiling times) and returns the logits or the loss.
 
@@ -485,8 +560,13 @@ def prepare_phase(model: nn.Module, spec, phase: str, batch: int, seq: int, cont
     stops after the backward); prefill: no_grad over the prompt, logits of the last
     position, KV cache built; decode: one token per sequence attending to a
     preallocated cache of context - 1 earlier tokens plus itself (written in
-    place into the cache's last slot, as serving engines do).
+    place into the cache's last slot, as serving engines do). An encoder-decoder's
+    encoder reads `encoder_seq` (default `seq`) tokens per sequence; at decode its
+    output is a cross-attention cache per decoder layer instead
+    (flopsim.torchref.encoder_decoder.encoder_inputs).
     """
+    from flopsim.torchref.encoder_decoder import encoder_inputs
+
     g = torch.Generator().manual_seed(seed)
     if phase == "decode":
         keys = context if context is not None else seq
@@ -504,19 +584,21 @@ def prepare_phase(model: nn.Module, spec, phase: str, batch: int, seq: int, cont
             return tuple(torch.randn(shape, generator=g).to(device=device, dtype=dtype) for shape in shapes)
 
         cache = [buffers(i) for i in range(spec.layers)]
+        extra = encoder_inputs(spec, phase, batch, seq if encoder_seq is None else encoder_seq, g, device, dtype)
 
         def decode():
             with torch.no_grad():
-                return model(ids, RunState(phase, positions, cache=cache))
+                return model(ids, RunState(phase, positions, cache=cache, **extra))
 
         return decode
     ids = torch.randint(0, spec.vocab, (batch, seq), generator=g).to(device)
     positions = torch.arange(seq, device=device).repeat(batch, 1)  # [B, S] position ids, as models take them
     types = torch.zeros_like(ids) if spec.token_types else None
+    extra = encoder_inputs(spec, phase, batch, seq if encoder_seq is None else encoder_seq, g, device)
     if phase != "train":
         def infer():
             with torch.no_grad():
-                return model(ids, RunState(phase, positions, token_types=types))
+                return model(ids, RunState(phase, positions, token_types=types, **extra))
 
         return infer
     rows, classes = loss_shape(spec, batch, seq)
@@ -526,7 +608,7 @@ def prepare_phase(model: nn.Module, spec, phase: str, batch: int, seq: int, cont
     def train():
         model.train()
         try:
-            out = model(ids, RunState(phase, positions, token_types=types))
+            out = model(ids, RunState(phase, positions, token_types=types, **extra))
             flat = out.reshape(-1, out.shape[-1]).float()
             with fused("cross_entropy", path="head") as region:  # the loss: flopsim's head.loss
                 loss = F.cross_entropy(region.take(flat), target)
@@ -567,6 +649,7 @@ def loss_shape(spec, batch: int, seq: int) -> tuple[int, int]:
 
 
 def run_phase(model: nn.Module, spec, phase: str, batch: int, seq: int, context: Optional[int] = None,
-              seed: int = 0, device: str = "cpu"):
+              seed: int = 0, device: str = "cpu", encoder_seq: Optional[int] = None):
     """Run one phase of `model` on random tokens (see prepare_phase)."""
-    return prepare_phase(model, spec, phase, batch, seq, context, seed=seed, device=device)()
+    return prepare_phase(model, spec, phase, batch, seq, context, seed=seed, device=device,
+                         encoder_seq=encoder_seq)()

@@ -257,10 +257,12 @@ class MoEFFN(nn.Module):
         return x.new_zeros(n, d).index_add(0, index, y)
 
 
+def ffn(spec, i: int) -> Optional[nn.Module]:
+    """Block i's FFN: an MoEFFN in MoE layers, None (the block's dense MLP) elsewhere; an
+    encoder-decoder asks per stack, i counting blocks within it (flopsim.torchref.encoder_decoder)."""
+    return MoEFFN(spec, i) if is_moe_layer(spec, i) else None
+
+
 def build(spec) -> nn.Module:
     """The MoE reference: Block(spec, i, mlp=MoEFFN(spec, i)) in MoE layers, dense elsewhere."""
-
-    def factory(spec, i):
-        return Block(spec, i, mlp=MoEFFN(spec, i)) if is_moe_layer(spec, i) else Block(spec, i)
-
-    return Reference(spec, block_factory=factory)
+    return Reference(spec, block_factory=lambda spec, i: Block(spec, i, mlp=ffn(spec, i)))

@@ -110,8 +110,13 @@ class SparseFF(nn.Module):
         return y.view(shape)
 
 
+def ffn(spec, i: int) -> nn.Module:
+    """Block i's FFN (every block's: a SparseFF); also each stack's of an encoder-decoder."""
+    return SparseFF(spec)
+
+
 def make_block(spec, i: int) -> Block:
-    return Block(spec, i, mlp=SparseFF(spec))
+    return Block(spec, i, mlp=ffn(spec, i))
 
 
 def build(spec) -> nn.Module:
