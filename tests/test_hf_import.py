@@ -145,34 +145,94 @@ def test_bert_model_has_no_head():
 
 # -- T5 -----------------------------------------------------------------------
 
-def test_t5_v1_1_base_models_the_decoder_stack():
+def test_t5_v1_1_base_is_an_encoder_decoder():
     spec, notes = load_hf_config_with_notes(HF / "t5-v1_1-base.json")
-    assert spec.name == "t5-v1_1-base-decoder"
-    assert (spec.layers, spec.d_model, spec.heads, spec.d_head, spec.d_ff) == (12, 768, 12, 64, 2048)
-    assert (spec.ffn, spec.activation, spec.positions, spec.norm, spec.bias, spec.causal) == \
-        ("gated", "gelu_tanh", "none", "rmsnorm", False, True)
+    assert spec.name == "t5-v1_1-base"
+    assert (spec.encoder_layers, spec.layers, spec.d_model, spec.heads, spec.d_head, spec.d_ff) == \
+        (12, 12, 768, 12, 64, 2048)
+    assert (spec.ffn, spec.activation, spec.positions, spec.relative_buckets, spec.norm, spec.bias, spec.causal,
+            spec.attention_impl, spec.tied_embeddings) == \
+        ("gated", "gelu_tanh", "relative", 32, "rmsnorm", False, True, "explicit", False)
     d, V, L, ff = 768, 32128, 12, 2048
-    attn, ffn = 4 * d * d, 3 * d * ff
-    modelled = V * d + L * (attn + ffn + 2 * d) + d + V * d  # untied LM head
-    assert params(spec) == modelled == 134_302_464
-    # T5ForConditionalGeneration("google/t5-v1_1-base") has 247,577,856 parameters; the rest is the
-    # encoder stack (+ its relative bias table and final norm), the decoder's cross-attention
-    # (4 d^2 + its norm per layer) and the decoder's relative bias table (32 buckets x 12 heads).
-    encoder = L * (attn + ffn + 2 * d) + 32 * 12 + d
-    cross = L * (attn + d)
-    assert modelled + encoder + cross + 32 * 12 == 247_577_856
-    assert any("only the decoder stack" in n for n in notes)
+    attn, ffn, table = 4 * d * d, 3 * d * ff, 32 * 12
+    encoder = L * (attn + ffn + 2 * d) + table + d  # blocks, the relative-position table, final norm
+    decoder = L * (attn + attn + ffn + 3 * d) + table + d  # self- and cross-attention, 3 norms a block
+    # T5ForConditionalGeneration("google/t5-v1_1-base") has 247,577,856 parameters: the shared
+    # table, the untied LM head the checkpoint stores, both stacks
+    assert params(spec) == V * d + encoder + decoder + V * d == 247_577_856
+    assert any("unties it when loading" in n for n in notes)
+    assert not any("scaled by d_model" in n for n in notes)
 
 
 def test_t5_encoder_and_original_relu_t5():
     enc = hf_to_spec({**cfg("t5-v1_1-base"), "architectures": ["T5EncoderModel"]}, "t5-enc")
-    assert (enc.causal, enc.head, enc.layers) == (False, "none", 12)
-    relu = hf_to_spec({**cfg("t5-v1_1-base"), "feed_forward_proj": "relu", "tie_word_embeddings": True,
-                       "num_decoder_layers": 6, "n_positions": 512}, "t5-small-ish")
-    assert (relu.ffn, relu.activation, relu.tied_embeddings, relu.layers) == ("mlp", "relu", True, 6)
+    assert (enc.causal, enc.head, enc.layers, enc.encoder_layers, enc.positions) == (False, "none", 12, 0, "relative")
+    relu, notes = convert({**cfg("t5-v1_1-base"), "feed_forward_proj": "relu", "tie_word_embeddings": True,
+                           "num_decoder_layers": 6, "n_positions": 512}, "t5-small-ish")
+    assert (relu.ffn, relu.activation, relu.tied_embeddings, relu.encoder_layers, relu.layers) == \
+        ("mlp", "relu", True, 12, 6)
+    assert any("scaled by d_model ** -0.5" in n for n in notes)
     # heads * d_kv need not equal d_model (t5-11b: 128 heads of 128 in d_model 1024)
     wide = hf_to_spec({**cfg("t5-v1_1-base"), "d_model": 1024, "num_heads": 128, "d_kv": 128}, "wide")
     assert wide.heads * wide.d_head == 16384
+
+
+def test_t5_attention_is_explicit_whatever_the_kernel():
+    """T5's relative position bias is added to explicit scores (positions relative); a fused
+    kernel asked for is noted, not an error."""
+    for attention in ("sdpa", "eager", "fused", None):
+        spec, notes = convert(cfg("t5-v1_1-base"), "t5", attention=attention)
+        assert spec.attention_impl == "explicit"
+        assert any("SDPA" in n for n in notes) == (attention != "eager")
+
+
+def test_umt5_notes_its_per_layer_tables():
+    spec, notes = convert({**cfg("t5-v1_1-base"), "architectures": ["UMT5ForConditionalGeneration"],
+                           "num_decoder_layers": 8}, "umt5")
+    assert (spec.encoder_layers, spec.layers) == (12, 8)
+    assert any("18 tables of 32 x 12 fewer parameters" in n for n in notes)
+
+
+# -- Switch Transformers --------------------------------------------------------
+
+# transformers 5.24's SwitchTransformersConfig defaults (its docstring's checkpoint:
+# google/switch-base-8), with experts in every other FFN of each stack
+SWITCH = dict(architectures=["SwitchTransformersForConditionalGeneration"], model_type="switch_transformers",
+              vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, expert_capacity=64, num_layers=12,
+              num_sparse_encoder_layers=6, num_decoder_layers=12, num_sparse_decoder_layers=6, num_heads=12,
+              num_experts=8, router_bias=False, relative_attention_num_buckets=32, dense_act_fn="relu",
+              tie_word_embeddings=True)
+
+
+def test_switch_is_a_top_1_encoder_decoder_moe():
+    spec, notes = convert(SWITCH, "switch")
+    assert (spec.family, spec.encoder_layers, spec.layers, spec.ffn, spec.activation, spec.positions,
+            spec.attention_impl) == ("moe", 12, 12, "mlp", "relu", "relative", "explicit")
+    m = spec.moe
+    assert (m.experts, m.top_k, m.d_expert, m.every, m.capacity_factor, m.kernel, m.router_bias) == \
+        (8, 1, 2048, 2, None, "loop", False)
+    assert any("expert_capacity 64" in n for n in notes) and not any("SDPA" in n for n in notes)
+    d, V, ff, E, table = 768, 32128, 2048, 8, 32 * 12
+    attn, mlp, moe = 4 * d * d, 2 * d * ff, E * 2 * d * ff + d * E
+    encoder = 6 * (attn + mlp + 2 * d) + 6 * (attn + moe + 2 * d) + table + d
+    decoder = 6 * (2 * attn + mlp + 3 * d) + 6 * (2 * attn + moe + 3 * d) + table + d
+    assert params(spec) == V * d + encoder + decoder  # tied head
+    assert convert({k: v for k, v in SWITCH.items() if k != "architectures"}, "switch")[0] == spec  # model_type
+
+
+def test_switch_sparse_blocks_map_to_every():
+    """transformers: block i sparse when i % step == 1 (step = layers // sparse layers);
+    flopsim: (i + 1) % every == 0. Step 2 is every 2 exactly; step 4 (the class's default, 3 of
+    12) as many blocks elsewhere (noted); no every giving as many in both stacks: an error."""
+    spec, notes = convert({**SWITCH, "num_sparse_encoder_layers": 3, "num_sparse_decoder_layers": 3}, "s")
+    assert spec.moe.every == 4 and any("encoder [1, 5, 9]" in n for n in notes)
+    dense, notes = convert({**SWITCH, "num_sparse_encoder_layers": 13, "num_sparse_decoder_layers": 13}, "s")
+    assert dense.family == "dense" and any("no sparse block" in n for n in notes)
+    with pytest.raises(SpecError, match="no moe.every gives as many"):
+        convert({**SWITCH, "num_layers": 11, "num_decoder_layers": 11, "num_sparse_encoder_layers": 3,
+                 "num_sparse_decoder_layers": 3}, "s")
+    with pytest.raises(SpecError, match="no moe.every gives as many"):
+        convert({**SWITCH, "num_sparse_decoder_layers": 3}, "s")
 
 
 # -- MoE ------------------------------------------------------------------------
@@ -399,8 +459,8 @@ def test_llama_rope_scaling_is_noted_and_costs_nothing():
 
 def test_t5_model_has_no_lm_head():
     spec, notes = convert({**cfg("t5-v1_1-base"), "architectures": ["T5Model"]}, "t5")
-    assert spec.head == "none" and spec.causal
-    assert any("no head (T5Model)" in n for n in notes) and not any("scales the decoder output" in n for n in notes)
+    assert spec.head == "none" and spec.causal and spec.encoder_layers == 12
+    assert any("no LM head" in n for n in notes) and not any("scaled by d_model" in n for n in notes)
 
 
 @pytest.mark.parametrize("config, expected", [

@@ -10,33 +10,41 @@ explicit, sdpa -> fused). FLOPs and parameters are equal, or differ by exactly t
 case states (`Gap`), derived from the modules flopsim does not model; never approximately.
 
 Phases, B = 2 sequences of S = 7 tokens, decode attending to T = 9 keys (sliding windows
-are 5 tokens, so T > W and a local layer's cache holds W):
+are 5 tokens, so T > W and a local layer's cache holds W); an encoder-decoder's encoder
+reads S_ENC = 5 tokens (flopsim's encoder_seq):
 - forward: no_grad, use_cache False, logits at every position;
 - train: model.train(), the model's own loss (LM: labels = the inputs; classification: one
   label per sequence; pre-training: and the next-sentence label; no head: cross-entropy over
   the last hidden states, as flopsim's reference trains such a model) and its backward, no
   optimizer step (Adam runs no products);
-- prefill: no_grad, use_cache, logits_to_keep=1 as generate() runs a prompt; encoder-decoders
-  take the encoder's output precomputed, as generate() does;
-- decode: one token per sequence after an uncounted prefill of T - 1 tokens (T keys).
+- prefill: no_grad, use_cache, logits_to_keep=1 as generate() runs a prompt; an
+  encoder-decoder runs its encoder and the decoder's prompt (both caches written);
+- decode: one token per sequence after an uncounted prefill of T - 1 tokens (T keys); an
+  encoder-decoder's decoder takes the encoder's output precomputed, as generate() does, and
+  reads its cross-attention cache.
 
 Where transformers runs something flopsim does not model the same way, the case's gap says
 what and why (specs/models/hf/README.md, "Differences from transformers"):
 - BERT pre-training and BertModel: the pooler (and the next-sentence head), not modelled;
-- T5 family: the encoder stack and the decoder's cross-attention (flopsim models the
-  decoder stack), the relative-position tables; T5's prefill computes every position's
-  logits (no logits_to_keep);
+- T5 family and Switch (both stacks, cross-attention, relative bias and experts modelled):
+  their prefill computes every position's logits (no logits_to_keep); UMT5's relative-position
+  table in every layer (flopsim: one per stack; parameters only); under SDPA in training the
+  cross-attention's fused backward recomputes its scores (seq2seq_gap). Switch is built with an
+  expert_capacity above any sequence, so that no token is dropped (flopsim: dropless);
 - DeepSeek: transformers' decode up-projects the cached latents (flopsim's `mla.decode:
   expanded`; the import's default, absorbed, is derived against it below);
 - Gemma 3 (multimodal): the vision tower and the projector (parameters; text-only input);
 - CPU SDPA runs plain products in training with attention dropout, with T5's trainable
-  bias, and with MLA's unequal query and value widths: flopsim's explicit count matches.
+  bias, and with MLA's unequal query and value widths: flopsim's explicit count matches
+  (T5's import is explicit in every phase: its bias is added to explicit scores).
 A module that torch runs but no flopsim op covers is therefore never silently tolerated.
 
 At full size (on the meta device: no memory, no initialisation) every shipped config in
 specs/models/hf/ and the architecture dicts of today's presets (tests/test_hf_import.py)
-have flopsim's parameter count, less the same parts; T5 v1.1 also less its LM head, which
-transformers 5.24 ties when building T5 from a config (see full_size_gap).
+and mT5's, UMT5's and Switch's transformers default configs (Switch also with experts in
+every other FFN: Switch-Base-8-like) have flopsim's parameter count, less the same parts; T5
+v1.1 also less its LM head, which transformers 5.24 ties when building T5 from a config
+(see full_size_gap).
 """
 
 from __future__ import annotations
@@ -58,6 +66,7 @@ from flopsim.spec.paths import specs_dir  # noqa: E402
 from flopsim.torchref.counting import count_with_torch  # noqa: E402
 
 B, S, T = 2, 7, 9
+S_ENC = 5  # an encoder-decoder's encoder tokens per sequence (S_enc != S)
 PHASES = ("forward", "train", "prefill", "decode")
 ENCODER_PHASES = ("forward", "train")
 HF = specs_dir() / "models" / "hf"
@@ -72,8 +81,16 @@ LATENT = dict(DECODER, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=12, q
 GPT2 = dict(vocab_size=97, n_embd=32, n_layer=3, n_head=4, n_positions=64)
 BERT = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
             max_position_embeddings=64, attention_probs_dropout_prob=0.0)
-T5 = dict(vocab_size=97, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_layers=3, num_heads=4,
+# T5: heads x d_kv (24) != d_model; 2 encoder and 3 decoder blocks
+T5 = dict(vocab_size=97, d_model=32, d_ff=64, d_kv=6, num_layers=2, num_decoder_layers=3, num_heads=4,
           feed_forward_proj="gated-gelu", dropout_rate=0.0)
+T5_V1_0 = dict(T5, feed_forward_proj="relu")
+# Switch: experts in encoder block 1 of 2 and decoder block 1 of 3 (transformers: i % step == 1, step
+# = layers // sparse layers; flopsim: every 2); expert_capacity above any sequence's tokens (T = 9):
+# no token is dropped, so transformers runs every token through its expert, as flopsim's dropless count
+SWITCH = dict(vocab_size=97, d_model=32, d_ff=48, d_kv=8, num_layers=2, num_decoder_layers=3, num_heads=4,
+              num_experts=4, expert_capacity=16, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1,
+              dropout_rate=0.0)
 
 
 def _config(name: str, **values):
@@ -97,7 +114,7 @@ def _ids(model, g, length: int):
 
 def _train_loss(model, g):
     """The model's own loss (a loss over the hidden states for a model without a head)."""
-    ids = _ids(model, g, S)
+    ids = _ids(model, g, S_ENC if _seq2seq(model) else S)
     kwargs = {"decoder_input_ids": _ids(model, g, S)} if _seq2seq(model) else {}
     name = type(model).__name__
     if name.endswith("ForSequenceClassification"):
@@ -115,19 +132,27 @@ def _train_loss(model, g):
 
 def _phase_fn(model, phase: str) -> Callable[[], object]:
     """The phase as a function of no arguments; what it needs beforehand (a prefill for
-    decode, the encoder's output for an encoder-decoder's prefill and decode) is run here."""
+    decode, the encoder's output for an encoder-decoder's decode) is run here. An
+    encoder-decoder's encoder reads S_ENC tokens, its decoder S (decode: T keys)."""
     g = torch.Generator().manual_seed(0)
     seq2seq = _seq2seq(model)
     model.train(phase == "train")
     if phase == "train":
         return lambda: _train_loss(model, g).backward()
-    ids = _ids(model, g, S)
+    ids = _ids(model, g, S_ENC if seq2seq else S)
     keep = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     if phase == "forward":
         extra = {"decoder_input_ids": _ids(model, g, S)} if seq2seq else {}
         return torch.no_grad()(lambda: model(ids, use_cache=False, **extra))
+    if seq2seq and phase == "prefill":  # generate()'s first step: the encoder, then the decoder's prompt
+        prompt = _ids(model, g, S)
+        # Switch's forward hands use_cache to its encoder too, which refuses it: its decoder
+        # caches by the config's use_cache (true)
+        cache = {"use_cache": True} if _accepts(model, "use_cache") else {}
+        assert cache or model.config.use_cache
+        return torch.no_grad()(lambda: model(ids, decoder_input_ids=prompt, **cache, **keep))
     encoder = {}
-    if seq2seq:  # generate() runs the encoder once, before the decoder's first step
+    if seq2seq:  # the encoder ran at prefill: decode takes its output
         with torch.no_grad():
             encoder = {"encoder_outputs": model.get_encoder()(input_ids=ids)}
 
@@ -159,15 +184,25 @@ def params_under(model, *prefixes: str) -> int:
 
 # -- what flopsim counts ------------------------------------------------------------------
 
-def import_config(model, attention: Optional[str] = None):
-    """(spec, notes): the model's config as a config.json would hold it, imported."""
-    config = model.config.to_dict()
+def import_config(model, attention: Optional[str] = None, overrides: Optional[dict] = None):
+    """(spec, notes): the model's config as a config.json would hold it (with a case's
+    `overrides`, the keys a published config.json holds where transformers rewrites them),
+    imported."""
+    config = {**model.config.to_dict(), **(overrides or {})}
     config["architectures"] = [type(model).__name__]
     return convert(config, "hf-small", attention=attention or model.config._attn_implementation)
 
 
+def import_default(model, overrides: Optional[dict] = None):
+    """(spec, notes): as import_config, attention left to the import's default."""
+    config = {k: v for k, v in model.config.to_dict().items() if "attn_implementation" not in k}
+    config = {**config, **(overrides or {}), "architectures": [type(model).__name__]}
+    return convert(config, "hf-small")
+
+
 def flopsim_count(spec, phase: str):
-    return count(spec, batch=B, seq=S, phase=phase, context=T if phase == "decode" else None)
+    return count(spec, batch=B, seq=S, phase=phase, context=T if phase == "decode" else None,
+                 encoder_seq=S_ENC if spec.is_encoder_decoder else None)
 
 
 # -- the cases ---------------------------------------------------------------------------
@@ -194,23 +229,39 @@ class Case:
     cpu_explicit: tuple = ()
     # spec changes in a phase where transformers runs another of flopsim's forms
     forms: dict = field(default_factory=dict)
+    tag: str = ""  # tells apart the cases of one architecture
+    # config.json keys as published where transformers' config rewrites them (T5 v1.1's
+    # tie_word_embeddings false), and the model as from_pretrained makes it (`prepare`)
+    overrides: dict = field(default_factory=dict)
+    prepare: Optional[Callable] = None
 
     @property
     def id(self) -> str:
-        return self.arch + (f"-{self.attn}" if self.attn else "")
+        return self.arch + (f"-{self.tag}" if self.tag else "") + (f"-{self.attn}" if self.attn else "")
 
     def model(self):
-        return _built(self.arch, self.attn, self.config)
+        return _built(self.arch, self.attn, self.config, self.prepare)
 
 
 @functools.cache
-def _built(arch: str, attn: Optional[str], config_fn) -> object:
+def _built(arch: str, attn: Optional[str], config_fn, prepare=None) -> object:
     """transformers' class from the small config, seed 0 (built once per case)."""
     torch.manual_seed(0)
     config = config_fn()
     if attn is not None:
         config._attn_implementation = attn
-    return getattr(transformers, arch)(config).float()
+    model = getattr(transformers, arch)(config).float()
+    if prepare is not None:
+        prepare(model)
+    return model
+
+
+def untie_head(model) -> None:
+    """The LM head as from_pretrained leaves T5 v1.1 and mT5: transformers 5.24 ties it when it
+    builds the model from a config (their configs force tie_word_embeddings true), and unties it
+    when it loads a checkpoint that stores the head apart with other values."""
+    assert model.lm_head.weight is model.shared.weight
+    model.lm_head.weight = torch.nn.Parameter(model.shared.weight.detach().clone())
 
 
 def pooler_gap(case, phase, model, measured, spec) -> Gap:
@@ -231,38 +282,49 @@ def module_path(measured: dict, leaf: str) -> str:
     return path
 
 
-def t5_gap(case, phase, model, measured, spec) -> Gap:
-    """T5: flopsim models one stack. An encoder-decoder's encoder stack (run in forward and
-    train; prefill and decode take its output) and the decoder's cross-attention
-    (`decoder.block.i.layer.1`) are not modelled: their FLOPs as measured, and the encoder
-    stack's equal flopsim's count of the encoder (T5EncoderModel) of the same config. The
-    relative-position tables (buckets x heads: every layer of UMT5, the first of T5 and mT5)
-    are costed as positions none. T5 has no logits_to_keep: its prefill computes the
-    logits of all S positions, flopsim's of the last."""
-    seq2seq = _seq2seq(model)
-    relative = sum(p.numel() for n, p in model.named_parameters()  # the encoder's are counted with it below
-                   if "relative_attention_bias" in n and not (seq2seq and n.startswith("encoder.")))
-    if not seq2seq:
-        return Gap(params=relative)
-    layers = model.config.num_decoder_layers
-    cross = [f"decoder.block.{i}.layer.1" for i in range(layers)]
-    flops = sum(measured.get(path, 0) for path in cross)
-    if phase in ("forward", "train"):
-        family = type(model).__name__.split("For")[0].removesuffix("Model")
-        encoder, _ = import_config_as(model, f"{family}EncoderModel", spec.attention_impl)
-        assert measured["encoder"] == flopsim_count(encoder, phase).flops
-        flops += measured["encoder"]
+def seq2seq_gap(case, phase, model, measured, spec) -> Gap:
+    """T5, mT5, UMT5 and Switch (encoder-decoders and T5's encoder stack). Both stacks,
+    cross-attention, the relative position bias and the experts are modelled; what differs:
+    - prefill: the ForConditionalGeneration classes have no logits_to_keep, so the LM head
+      runs on all S prompt positions, flopsim's on the last: 2 B (S - 1) d_model vocab FLOPs;
+    - UMT5: a relative-position table (buckets x heads) in every self-attention layer,
+      flopsim one per stack: (encoder layers + decoder layers - 2) tables of parameters (an
+      EncoderModel: layers - 1); their lookups and the bias adds are not products.
+    - train under SDPA: the cross-attention's bias is a tensor of zeros that needs no gradient,
+      so torch's CPU SDPA runs it with its fused kernel, whose backward recomputes the scores:
+      one product of 2 B heads S S_enc d_head per decoder layer more than flopsim's explicit
+      count (the self-attention's bias needs a gradient: plain products, as flopsim counts).
+    Also asserted: the encoder stack's FLOPs equal flopsim's encoder ops' (forward, train,
+    prefill)."""
+    flops = 0
+    if phase == "train" and spec.is_encoder_decoder and model.config._attn_implementation == "sdpa":
+        flops += spec.layers * 2 * B * spec.heads * S * S_ENC * spec.d_head
     if phase == "prefill" and spec.head == "lm":
         head = measured["lm_head"]
         assert head == S * 2 * B * spec.d_model * spec.vocab
         flops += head * (S - 1) // S
-    return Gap(flops=flops, params=params_under(model, "encoder.", *[p + "." for p in cross]) + relative)
+    if spec.is_encoder_decoder and phase != "decode":
+        ours = flopsim_count(spec, phase)
+        assert measured["encoder"] == sum(op.flops for op in ours.ops if op.name.startswith("encoder."))
+    if spec.moe is not None:  # transformers' expert blocks are flopsim's, stack by stack
+        for stack, layers in (("encoder", spec.encoder_layers), ("decoder", spec.layers)):
+            sparse = {i for i in range(layers) if getattr(model, stack).block[i].layer[-1].is_sparse}
+            assert sparse == {i for i in range(layers) if (i + 1) % spec.moe.every == 0}
+    return Gap(flops=flops, params=umt5_tables(model, spec))
 
 
-def import_config_as(model, arch: str, attention: str):
-    config = model.config.to_dict()
-    config["architectures"] = [arch]
-    return convert(config, "hf-small", attention=attention)
+def umt5_tables(model, spec) -> int:
+    """UMT5's relative-position tables past flopsim's one per stack: every self-attention layer
+    holds one (buckets x heads), so (encoder + decoder layers - 2) more (an EncoderModel:
+    layers - 1); T5, mT5 and Switch: one per stack, as flopsim."""
+    stored = sum(p.numel() for n, p in model.named_parameters() if "relative_attention_bias" in n)
+    table = spec.relative_buckets * spec.heads
+    stacks = 2 if spec.is_encoder_decoder else 1
+    if type(model).__name__.startswith("UMT5"):
+        assert stored == spec.blocks * table
+        return (spec.blocks - stacks) * table
+    assert stored == stacks * table
+    return 0
 
 
 def absorbed_decode_gap(case, phase, model, measured, spec) -> Gap:
@@ -331,15 +393,25 @@ CASES = [
     Case("BertForMaskedLM", lambda: _config("BertConfig", **{**BERT, "attention_probs_dropout_prob": 0.1}),
          phases=ENCODER_PHASES, attn="eager"),
 ]
-for family in ("T5", "MT5", "UMT5"):
-    config = f"{family}Config"
-    CASES += [
-        Case(f"{family}ForConditionalGeneration", lambda c=config: _config(c, **T5), gap=t5_gap,
-             cpu_explicit=("train",)),
-        Case(f"{family}Model", lambda c=config: _config(c, **T5), gap=t5_gap, cpu_explicit=("train",)),
-        Case(f"{family}EncoderModel", lambda c=config: _config(c, **T5), phases=ENCODER_PHASES, gap=t5_gap,
-             cpu_explicit=("train",)),
-    ]
+T5_CLASSES = ("ForConditionalGeneration", "Model", "EncoderModel")
+V1_1 = dict(overrides={"tie_word_embeddings": False}, prepare=untie_head)  # as published, as loaded
+CASES += [
+    Case("T5ForConditionalGeneration", lambda: _config("T5Config", **T5), tag="v1_1", gap=seq2seq_gap, **V1_1),
+    Case("T5ForConditionalGeneration", lambda: _config("T5Config", **T5_V1_0), tag="v1_0", gap=seq2seq_gap),
+    Case("T5ForConditionalGeneration", lambda: _config("T5Config", **T5_V1_0), tag="v1_0", attn="eager",
+         gap=seq2seq_gap),
+    Case("T5Model", lambda: _config("T5Config", **T5), gap=seq2seq_gap),
+    Case("T5EncoderModel", lambda: _config("T5Config", **T5), phases=ENCODER_PHASES, gap=seq2seq_gap),
+    Case("MT5ForConditionalGeneration", lambda: _config("MT5Config", **T5), gap=seq2seq_gap, **V1_1),
+    Case("MT5Model", lambda: _config("MT5Config", **T5), gap=seq2seq_gap),
+    Case("MT5EncoderModel", lambda: _config("MT5Config", **T5), phases=ENCODER_PHASES, gap=seq2seq_gap),
+    Case("UMT5ForConditionalGeneration", lambda: _config("UMT5Config", **T5), gap=seq2seq_gap),
+    Case("UMT5Model", lambda: _config("UMT5Config", **T5), gap=seq2seq_gap),
+    Case("UMT5EncoderModel", lambda: _config("UMT5Config", **T5), phases=ENCODER_PHASES, gap=seq2seq_gap),
+    Case("SwitchTransformersForConditionalGeneration", lambda: _config("SwitchTransformersConfig", **SWITCH),
+         gap=seq2seq_gap),
+    Case("SwitchTransformersModel", lambda: _config("SwitchTransformersConfig", **SWITCH), gap=seq2seq_gap),
+]
 
 
 def test_every_supported_architecture_has_a_case():
@@ -353,11 +425,14 @@ PARAMS = [pytest.param(case, phase, id=f"{case.id}-{phase}") for case in CASES f
 def test_flops_and_params_match_transformers(case, phase):
     model = case.model()
     attention = "explicit" if phase in case.cpu_explicit else None
-    spec, notes = import_config(model, attention)
+    spec, notes = import_config(model, attention, case.overrides)
     if case.attn is None:  # the import's default is the attention transformers chose for the class
-        default, default_notes = import_config_as(model, case.arch, None)
-        assert default.attention_impl == ("explicit" if model.config._attn_implementation == "eager" else "fused")
-        if phase in case.cpu_explicit:  # and its notes say when CPU SDPA runs plain products
+        default, default_notes = import_default(model, case.overrides)
+        # T5's relative position bias is added to explicit scores: explicit whatever the kernel
+        eager = model.config._attn_implementation == "eager"
+        relative_sdpa = default.positions == "relative" and not eager
+        assert default.attention_impl == ("explicit" if eager or relative_sdpa else "fused")
+        if phase in case.cpu_explicit or relative_sdpa:  # notes say when CPU SDPA runs plain products
             assert any("SDPA" in n and "plain products" in n for n in default_notes)
     if phase in case.forms:
         spec = spec.with_changes(mla={**spec.mla.model_dump(), "decode": case.forms[phase]})
@@ -381,6 +456,28 @@ def test_deepseek_decode_against_the_absorbed_default(arch):
     assert measured[""] - flopsim_count(spec, "decode").flops == gap.flops
 
 
+def test_switch_dropped_tokens_are_the_gap_to_dropless():
+    """With expert_capacity 2 (below the tokens a sequence sends an expert), transformers drops
+    a sequence's tokens past 2 per expert and runs each expert on its kept tokens only: its
+    FLOPs are flopsim's dropless count less 2 * 2 d_model d_ff (wi, wo) per dropped token,
+    the tokens kept read from the routers' dispatch masks."""
+    config = lambda: _config("SwitchTransformersConfig", **{**SWITCH, "expert_capacity": 2})  # noqa: E731
+    model = _built("SwitchTransformersForConditionalGeneration", None, config)
+    routed = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: routed.append(out[0].sum().item()))
+             for m in model.modules() if type(m).__name__ == "SwitchTransformersTop1Router"]
+    try:
+        measured = measure(model, "forward")
+    finally:
+        for h in hooks:
+            h.remove()
+    spec, _ = import_config(model)
+    tokens = (B * S_ENC, B * S)  # the encoder's sparse block, then the decoder's
+    dropped = sum(t - kept for t, kept in zip(tokens, routed))
+    assert len(routed) == 2 and dropped > 0
+    assert flopsim_count(spec, "forward").flops - measured[""] == dropped * 4 * spec.d_model * spec.d_ff
+
+
 def test_gemma3_text_defaults_are_transformers():
     defaults = transformers.Gemma3TextConfig()
     assert {k: getattr(defaults, k) for k in GEMMA3_TEXT_DEFAULTS} == GEMMA3_TEXT_DEFAULTS
@@ -396,18 +493,39 @@ def full_size(config: dict):
 
 
 def full_size_gap(model, spec) -> int:
-    """transformers minus flopsim, parameters of a full-size model: T5's encoder stack, cross-attention and relative-position tables (t5_gap), less the LM head
-    that transformers 5.24 ties when it builds T5 from a config (T5Config forces
-    tie_word_embeddings true and keeps a saved false only as `scale_decoder_outputs`; loading
-    the v1.1 checkpoint unties it again, since both tensors are stored and differ, so
-    flopsim counts the untied head the checkpoint holds); Gemma 3's vision tower."""
+    """transformers minus flopsim, parameters of a full-size model: UMT5's per-layer relative
+    position tables (umt5_tables); a T5 / mT5 / UMT5 LM head that transformers 5.24 ties when it
+    builds the model from a config (their configs force tie_word_embeddings true; loading a
+    checkpoint that stores the head apart unties it again, so flopsim counts the untied head
+    such a checkpoint holds, where the config.json says tie_word_embeddings false); Gemma 3's
+    vision tower."""
     name = type(model).__name__
     if name.startswith(("T5", "MT5", "UMT5")):
-        tied = model.lm_head.weight is model.shared.weight and not spec.tied_embeddings
-        return t5_gap(None, "decode", model, {}, spec).params - (spec.vocab * spec.d_model if tied else 0)
+        tied = hasattr(model, "lm_head") and model.lm_head.weight is model.shared.weight and not spec.tied_embeddings
+        return umt5_tables(model, spec) - (spec.vocab * spec.d_model if tied else 0)
     if name == "Gemma3ForConditionalGeneration":
         return vision_gap(None, None, model, None, spec).params
     return 0
+
+
+def _defaults(name: str, arch: str, **changes) -> dict:
+    """A transformers 5.24 config class's defaults (as config.json keys), with `changes`."""
+    config = {**getattr(transformers, name)(**changes).to_dict(), "architectures": [arch]}
+    return {k: v for k, v in config.items() if "attn_implementation" not in k}
+
+
+def _default_configs() -> dict:
+    """Full-size configs from transformers' own config classes (no Hub): mT5's and UMT5's
+    defaults (mt5-small's and umt5-small's shapes); Switch's defaults (the class's docstring
+    checkpoint is google/switch-base-8; experts in blocks 1, 5, 9 of each stack: placed
+    elsewhere than flopsim's every 4, as many) and Switch-Base-8-like, experts in every other
+    FFN (num_sparse_*_layers 6 of 12, blocks 1, 3, ...: flopsim's every 2)."""
+    switch = "SwitchTransformersForConditionalGeneration"
+    return {"mt5-defaults": _defaults("MT5Config", "MT5ForConditionalGeneration"),
+            "umt5-defaults": _defaults("UMT5Config", "UMT5ForConditionalGeneration"),
+            "switch-defaults": _defaults("SwitchTransformersConfig", switch),
+            "switch-base-8-like": _defaults("SwitchTransformersConfig", switch, num_sparse_encoder_layers=6,
+                                            num_sparse_decoder_layers=6)}
 
 
 def _todays():
@@ -419,6 +537,7 @@ def _todays():
 
 FULL_SIZE = [pytest.param(json.loads(p.read_text()), id=p.stem) for p in sorted(HF.glob("*.json"))]
 FULL_SIZE += [pytest.param(config, id=name) for name, config in _todays().items()]
+FULL_SIZE += [pytest.param(config, id=name) for name, config in _default_configs().items()]
 
 
 @pytest.mark.parametrize("config", FULL_SIZE)

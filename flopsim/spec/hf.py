@@ -19,8 +19,9 @@ The architecture is `architectures[0]`, or, when a config has no
 | GptOssForCausalLM | moe | attention sinks, alternating windows, biased experts and router, MXFP4 experts |
 | GPT2LMHeadModel, GPT2Model | dense | pre-LayerNorm, learned positions, biases |
 | BertForSequenceClassification, BertForMaskedLM, BertForPreTraining, BertModel | dense | post-LayerNorm encoder, token types |
-| T5ForConditionalGeneration, T5Model, MT5ForConditionalGeneration, MT5Model, UMT5ForConditionalGeneration, UMT5Model | dense | the decoder stack only (spec name ends in `-decoder`) |
-| T5EncoderModel, MT5EncoderModel, UMT5EncoderModel | dense | the encoder stack |
+| T5ForConditionalGeneration, T5Model, MT5ForConditionalGeneration, MT5Model, UMT5ForConditionalGeneration, UMT5Model | dense | encoder-decoder: `num_layers` encoder and `num_decoder_layers` decoder blocks, cross-attention, relative position bias |
+| T5EncoderModel, MT5EncoderModel, UMT5EncoderModel | dense | the encoder stack, relative position bias |
+| SwitchTransformersForConditionalGeneration, SwitchTransformersModel | moe | as T5 (v1.0), top-1 experts in every n-th FFN of each stack |
 
 Mapping decisions (see specs/models/hf/README.md for the full list):
 - Qwen shared experts: flopsim's moe block has one expert width, so a
@@ -40,10 +41,31 @@ Mapping decisions (see specs/models/hf/README.md for the full list):
   the weights): a Llama with `attention_bias` != `mlp_bias` gets `bias =
   mlp_bias` (noted). Bias adds count 0 FLOPs, so only parameters and bytes
   move (by < 0.01%).
-- T5 encoder-decoder: only the decoder stack (`num_decoder_layers` blocks of
-  self-attention + FFN, causal, LM head) is modelled; the encoder stack and the
-  decoder's cross-attention are not. Relative position biases -> positions
-  none. `gated-gelu` is HF's gated `gelu_new` (tanh GELU).
+- T5 / mT5 / UMT5 / Switch: `encoder_layers` = num_layers, `layers` =
+  num_decoder_layers (default num_layers), d_head = d_kv, RMSNorm pre-norm, no
+  biases; `positions: relative` with `relative_buckets` =
+  relative_attention_num_buckets (one table of buckets x heads per stack, in
+  its first layer), so attention_impl is explicit whatever kernel is asked
+  for (a fused one is noted: SDPA takes the bias as a mask, the same forward
+  products). UMT5 holds a table in every self-attention layer: (encoder +
+  decoder layers - 2) tables fewer parameters in flopsim, noted (lookups, no
+  products). `gated-gelu` is HF's gated `gelu_new` (tanh GELU). The head
+  follows `tie_word_embeddings` as saved: T5 v1.1's and mT5's false is the
+  untied head their checkpoints store (transformers 5.24 ties the head when it
+  builds these classes from a config and unties it on loading such a
+  checkpoint; noted). The Model classes have no head; the EncoderModel
+  classes are the encoder stack alone (not causal, no head).
+- Switch: family moe, top_k 1, experts num_experts, d_expert d_ff, FFN
+  `dense_act_fn` (not gated), router_bias; transformers makes block i of a
+  stack sparse when i % step == 1 (step = layers // num_sparse_*_layers),
+  flopsim when (i + 1) % every == 0: step 2 is every 2 exactly; otherwise an
+  `every` giving as many sparse blocks in each stack (placement noted: every
+  total is equal), else an error. `expert_capacity` is not a padded capacity:
+  transformers drops a sequence's tokens beyond it per expert and runs the
+  kept tokens only, so the import is dropless (`capacity_factor` null, kernel
+  loop, as transformers' loop over the experts), exact when no expert gets
+  more than expert_capacity tokens of a sequence and an upper bound otherwise
+  (noted). transformers runs Switch eagerly (no SDPA path).
 - BERT: post-norm, token types; `BertForSequenceClassification` -> cls head
   (pooler + classifier, `classes` = len(id2label), else num_labels, else 2);
   `BertForMaskedLM` / `BertForPreTraining` -> a tied LM head after the MLM
@@ -57,7 +79,7 @@ Mapping decisions (see specs/models/hf/README.md for the full list):
   products whenever attention dropout is above 0 (GPT-2's and BERT's published
   configs) or a mask needs a gradient (T5's relative position bias); CUDA's
   fused kernels take both, so fused stays the default and such a config gets a
-  note saying how to count the CPU run.
+  note saying how to count the CPU run. T5's relative bias: explicit (above).
   Gemma 2 and GPT-OSS have no SDPA path in transformers, which runs them
   eagerly: their default is `explicit` (noted; a flash kernel: `fused`).
 - dtype from `torch_dtype` (or `dtype`, transformers >= 4.56); a config
@@ -599,12 +621,37 @@ def _bert(c: _Config, notes: list[str]) -> dict:
     return spec
 
 
-_T5_DECODERS = {"T5ForConditionalGeneration", "T5Model", "MT5ForConditionalGeneration", "MT5Model",
-                "UMT5ForConditionalGeneration", "UMT5Model"}
+_T5_ENCODER_DECODERS = {"T5ForConditionalGeneration", "T5Model", "MT5ForConditionalGeneration", "MT5Model",
+                        "UMT5ForConditionalGeneration", "UMT5Model"}
+_SWITCH = {"SwitchTransformersForConditionalGeneration", "SwitchTransformersModel"}
+
+
+def _t5_stacks(c: _Config, notes: list[str], ffn: str, activation: str) -> dict:
+    """What T5, mT5, UMT5 and Switch share: RMSNorm pre-norm, no biases, d_kv-wide heads, T5's
+    relative position bias (one table of buckets x heads per stack, in the first layer), and for
+    an encoder-decoder class `num_layers` encoder blocks and `num_decoder_layers` decoder blocks."""
+    c.require("d_model", "d_ff", "num_heads", "d_kv", "num_layers", "vocab_size")
+    both = c.arch in _T5_ENCODER_DECODERS or c.arch in _SWITCH
+    lm = c.arch.endswith("ForConditionalGeneration")  # the Model classes: the decoder's hidden states
+    spec = dict(
+        layers=c.integer("num_decoder_layers", c.integer("num_layers")) if both else c.integer("num_layers"),
+        d_model=c.integer("d_model"), heads=c.integer("num_heads"), d_head=c.integer("d_kv"),
+        d_ff=c.integer("d_ff"), ffn=ffn, activation=activation, vocab=c.integer("vocab_size"),
+        positions="relative", relative_buckets=c.integer("relative_attention_num_buckets", 32),
+        max_seq=c.integer("n_positions", 512), causal=both,
+        tied_embeddings=c.flag("tie_word_embeddings", True), bias=False, norm="rmsnorm", norm_position="pre",
+        head="lm" if lm else "none", dtype=c.dtype(),
+    )
+    if both:
+        spec["encoder_layers"] = c.integer("num_layers")
+    if not lm:
+        notes.append(f"{c.arch}: no LM head (the {'decoder' if both else 'encoder'}'s hidden states)")
+    return spec
 
 
 def _t5(c: _Config, notes: list[str]) -> dict:
-    c.require("d_model", "d_ff", "num_heads", "d_kv", "num_layers", "vocab_size")
+    """T5, mT5, UMT5: encoder-decoders (the ForConditionalGeneration and Model classes) or the
+    encoder stack (EncoderModel); see the module docstring."""
     proj = c.get("feed_forward_proj", "relu")
     parts = str(proj).split("-")
     gated = len(parts) == 2 and parts[0] == "gated"
@@ -614,35 +661,79 @@ def _t5(c: _Config, notes: list[str]) -> dict:
     if act not in ACTIVATIONS:
         raise c.fail(f"key 'feed_forward_proj': value {proj!r}: activation {act!r} not supported "
                      f"(one of {', '.join(ACTIVATIONS)})")
-    decoder = c.arch in _T5_DECODERS
-    lm = c.arch.endswith("ForConditionalGeneration")  # T5Model: the decoder's hidden states, no LM head
-    layers_key = "num_decoder_layers" if decoder and c.data.get("num_decoder_layers") is not None else "num_layers"
-    spec = dict(
-        layers=c.integer(layers_key),
-        d_model=c.integer("d_model"),
-        heads=c.integer("num_heads"),
-        d_head=c.integer("d_kv"),
-        d_ff=c.integer("d_ff"),
-        ffn="gated" if gated else "mlp",
-        activation=ACTIVATIONS[act],
-        vocab=c.integer("vocab_size"),
-        positions="none",
-        max_seq=c.integer("n_positions", 512),
-        causal=decoder,
-        tied_embeddings=c.flag("tie_word_embeddings", True),
-        bias=False,
-        norm="rmsnorm",
-        norm_position="pre",
-        head="lm" if lm else "none",
-        dtype=c.dtype(),
-    )
-    notes.append("relative position biases (num_buckets x heads per stack) are costed as positions none")
-    if decoder:
-        notes.append(f"encoder-decoder: only the decoder stack is modelled ({spec['layers']} blocks of causal "
-                     f"self-attention and FFN{', LM head' if lm else ', no head (T5Model)'}); the "
-                     f"{c.integer('num_layers')}-block encoder and the decoder's cross-attention are not")
-    if lm and spec["tied_embeddings"]:
-        notes.append("tied LM head: T5 scales the decoder output by d_model ** -0.5 (an elementwise op, not costed)")
+    spec = _t5_stacks(c, notes, "gated" if gated else "mlp", ACTIVATIONS[act])
+    if c.arch.startswith("UMT5"):
+        tables = spec.get("encoder_layers", 0) + spec["layers"] - (2 if "encoder_layers" in spec else 1)
+        notes.append(f"UMT5 has a relative-position table in every self-attention layer; flopsim's positions "
+                     f"relative has one per stack: {tables} tables of {spec['relative_buckets']} x {spec['heads']} "
+                     f"fewer parameters (their lookups are not products: the FLOPs are equal)")
+    _t5_head_notes(c, notes, spec, scaled=c.data.get("scale_decoder_outputs", spec["tied_embeddings"])
+                   and not c.arch.startswith("MT5"))
+    return spec
+
+
+def _t5_head_notes(c: _Config, notes: list[str], spec: dict, scaled: bool) -> None:
+    if spec["head"] != "lm":
+        return
+    if not spec["tied_embeddings"] and c.arch not in _SWITCH:
+        notes.append("tie_word_embeddings false: transformers 5.24 builds a tied LM head from this config "
+                     "(its T5-family configs force tie_word_embeddings) and unties it when loading a checkpoint "
+                     "that stores both tensors; flopsim counts the untied head the checkpoint holds")
+    if scaled:
+        notes.append("tied LM head: the decoder output is scaled by d_model ** -0.5 (an elementwise op, not costed)")
+
+
+def _switch_sparse(layers: int, sparse_layers: int) -> set:
+    """transformers' SwitchTransformersStack: step = layers // sparse_layers (layers when 0);
+    block i holds experts when i % step == 1 or step == 1."""
+    step = layers // sparse_layers if sparse_layers > 0 else layers
+    return {i for i in range(layers) if step > 0 and (i % step == 1 or step == 1)}
+
+
+def _switch_every(c: _Config, notes: list[str], enc_layers: int, dec_layers: int) -> Optional[int]:
+    """flopsim's moe.every (block j of a stack routed when (j + 1) % every == 0, in both stacks)
+    for transformers' sparse blocks; None when no block is sparse. The same blocks when some
+    `every` gives them; else the same number in each stack (placement noted: the blocks are
+    alike, so every total is equal); else an error."""
+    enc = _switch_sparse(enc_layers, c.integer("num_sparse_encoder_layers", 3, minimum=0))
+    dec = _switch_sparse(dec_layers, c.integer("num_sparse_decoder_layers", 3, minimum=0))
+    if not enc and not dec:
+        return None
+    routed = lambda n, every: {i for i in range(n) if (i + 1) % every == 0}  # noqa: E731
+    candidates = range(1, max(enc_layers, dec_layers) + 2)
+    for every in candidates:
+        if routed(enc_layers, every) == enc and routed(dec_layers, every) == dec:
+            return every
+    for every in candidates:
+        if len(routed(enc_layers, every)) == len(enc) and len(routed(dec_layers, every)) == len(dec):
+            notes.append(f"transformers' sparse blocks (encoder {sorted(enc)}, decoder {sorted(dec)}: i % step == 1) "
+                         f"sit elsewhere than flopsim's moe.every {every} ((j + 1) % {every} == 0); as many in each "
+                         f"stack, and the blocks are alike: every total is equal, the per-layer breakdown is not")
+            return every
+    raise c.fail(f"sparse blocks encoder {sorted(enc)} of {enc_layers}, decoder {sorted(dec)} of {dec_layers} "
+                 f"(num_sparse_encoder_layers, num_sparse_decoder_layers): no moe.every gives as many in both "
+                 f"stacks")
+
+
+def _switch(c: _Config, notes: list[str]) -> dict:
+    """Switch Transformers: T5 (v1.0: relu MLP, tied head) with top-1 experts in every
+    `encoder_sparse_step`-th FFN of each stack (see the module docstring)."""
+    spec = _t5_stacks(c, notes, "mlp", c.activation("dense_act_fn", "relu"))
+    every = _switch_every(c, notes, spec["encoder_layers"], spec["layers"])
+    _t5_head_notes(c, notes, spec, scaled=spec["tied_embeddings"])
+    if every is None:
+        notes.append("no sparse block: a dense model")
+        return spec
+    capacity = c.integer("expert_capacity", 64)
+    spec["family"] = "moe"
+    spec["moe"] = dict(experts=c.integer("num_experts", 8), top_k=1, d_expert=spec["d_ff"], capacity_factor=None,
+                       every=every, kernel="loop", router_bias=c.flag("router_bias", False), routing="token_choice")
+    notes.append(f"expert_capacity {capacity}: transformers drops a sequence's tokens beyond {capacity} per expert "
+                 f"and runs each expert on its routed tokens only (a loop over the experts hit): its expert FLOPs "
+                 f"are those of the tokens kept, at most flopsim's dropless count and equal to it when no expert "
+                 f"gets more than {capacity} tokens of one sequence (always for sequences of <= {capacity})")
+    notes.append("the router runs in router_dtype (float32) whatever the dtype; its jitter noise and z-loss "
+                 "are elementwise (not costed)")
     return spec
 
 
@@ -662,6 +753,9 @@ def _attention(c: _Config, notes: list[str], attention: Optional[str]) -> str:
         return "explicit"
     else:
         impl = "fused"
+    if c.arch in ARCHITECTURES and ARCHITECTURES[c.arch] in (_t5, _switch):
+        # transformers has no SDPA path for Switch: it runs eagerly unless asked otherwise
+        return _relative_attention(c, notes, impl if c.arch not in _SWITCH or attention or key else "explicit")
     if impl == "explicit":
         return impl
     dropout = next((c.data[k] for k in ATTENTION_DROPOUT if isinstance(c.data.get(k), (int, float))
@@ -671,14 +765,26 @@ def _attention(c: _Config, notes: list[str], attention: Optional[str]) -> str:
            "attention 'explicit' (`--attention explicit`, or attn_implementation eager in the config)")
     if dropout is not None:
         notes.append(f"attention dropout {dropout}: {cpu}")
-    if c.arch in ARCHITECTURES and ARCHITECTURES[c.arch] is _t5:
-        notes.append(f"T5's relative position bias is a trainable mask on the scores: {cpu}")
     if c.arch in ARCHITECTURES and ARCHITECTURES[c.arch] is _deepseek:
         notes.append("latent attention's query and key heads (d_nope + d_rope) are wider than its value heads "
                      "(d_v): torch's CPU SDPA then runs attention as plain products in every phase (the same "
                      "FLOPs forward; in training 4 backward products, not the fused kernel's 5): count a CPU "
                      "training run with attention 'explicit' (`--attention explicit`)")
     return impl
+
+
+def _relative_attention(c: _Config, notes: list[str], impl: str) -> str:
+    """T5's relative position bias is added to explicit scores (flopsim's positions relative):
+    explicit whatever kernel runs it; a fused one is noted."""
+    if impl == "fused":
+        notes.append("T5's relative position bias is added to the scores: attention explicit. transformers' SDPA "
+                     "takes it as a float mask and runs the same two products in forward, prefill and decode; "
+                     "training on CPU, self-attention (whose bias needs a gradient) runs the plain products "
+                     "(4 backward, as flopsim counts), while an encoder-decoder's cross-attention (a bias of zeros, "
+                     "no gradient) runs the fused kernel, whose backward recomputes the scores: 2 B heads S S_enc "
+                     "d_head FLOPs more per decoder layer; a CUDA kernel taking the bias's gradient recomputes "
+                     "the self-attention's scores too")
+    return "explicit"
 
 
 ARCHITECTURES: dict[str, Callable[[_Config, list], dict]] = {
@@ -701,10 +807,12 @@ ARCHITECTURES: dict[str, Callable[[_Config, list], dict]] = {
     "BertForMaskedLM": _bert,
     "BertForPreTraining": _bert,
     "BertModel": _bert,
-    **{arch: _t5 for arch in sorted(_T5_DECODERS)},
+    **{arch: _t5 for arch in sorted(_T5_ENCODER_DECODERS)},
     "T5EncoderModel": _t5,
     "MT5EncoderModel": _t5,
     "UMT5EncoderModel": _t5,
+    "SwitchTransformersForConditionalGeneration": _switch,
+    "SwitchTransformersModel": _switch,
 }
 
 # a config without `architectures`: its model_type's usual architecture
@@ -727,6 +835,7 @@ MODEL_TYPES = {
     "t5": "T5ForConditionalGeneration",
     "mt5": "MT5ForConditionalGeneration",
     "umt5": "UMT5ForConditionalGeneration",
+    "switch_transformers": "SwitchTransformersForConditionalGeneration",
 }
 
 
@@ -764,8 +873,6 @@ def convert(config: dict, name: str, source: Optional[str] = None, attention: Op
     notes: list[str] = []
     fields = ARCHITECTURES[arch](c, notes)
     fields["attention_impl"] = _attention(c, notes, attention)
-    if arch in _T5_DECODERS:
-        name = f"{name}-decoder"
     return validate(ModelSpec, {"name": name, **fields}, f"{source} ({arch})"), notes
 
 
