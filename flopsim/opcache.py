@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 FORMAT = 1  # the cached files' layout; bump when it changes
-PARSED_MIN_CHARS = 4096  # YAML texts shorter than this parse faster than a cache look-up
+PARSED_MIN_CHARS = 1024  # YAML texts shorter than this parse faster than a cache look-up
 _enabled = False
 
 
@@ -96,7 +96,7 @@ def _parsed_path(text: str) -> Path:
 
 def parsed(text: str):
     """A YAML text's data parsed before (None when not cached or the cache is off). Only
-    specs of a few kilobytes and more are worth it: the calibration and hardware files."""
+    texts of a kilobyte and more are worth it: the calibration and hardware files."""
     if not enabled() or len(text) < PARSED_MIN_CHARS:
         return None
     import json

@@ -1253,8 +1253,7 @@ def plan_serving(spec, hw, *, prompt: int, gen: int, gpus: Optional[int] = None,
 
     spec, hw = load_model(spec), load_hardware(hw)
     _single_stack(spec)
-    cal = load_calibration(calibration, hw)
-    prompt, gen = _positive_int("prompt", prompt), _positive_int("gen", gen)
+    cal, prompt, gen = load_calibration(calibration, hw), _positive_int("prompt", prompt), _positive_int("gen", gen)
     gpus = None if gpus is None else _positive_int("gpus", gpus)
     target = _positive("target_tokens_per_s", target_tokens_per_s)
     ttft_target, tpot_target = _positive("ttft_s", ttft_s), _positive("tpot_s", tpot_s)

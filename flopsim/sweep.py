@@ -462,7 +462,7 @@ class _Plan:
 
     def __init__(self, spec, phase, axes, base_values, hw, cal, optimizer, context_given: bool):
         from flopsim.numeric import compile_exprs
-        from flopsim.ops.symbols import B, S, S_enc, T, Dims, symbol
+        from flopsim.ops.symbols import Dims, symbol
         from flopsim.predict import phase_ops
         from flopsim.roofline import op_peak_flops_per_s
 
@@ -480,32 +480,12 @@ class _Plan:
             subs[symbol("kv_heads")] = symbol("heads")
         if "d_ff" in varied and spec.moe is not None and spec.moe.d_expert is None:
             subs[symbol("d_expert")] = symbol("d_ff")
-        # tokens
-        token_axis = {a.target: a for a in axes if a.kind == "token"}
         args, self.arg_axes = [], []
         for i, a in enumerate(axes):
             if a.kind == "dim":
                 args.append(symbol(a.target))
                 self.arg_axes.append(i)
-        sym_for = {"batch": B, "seq": S, "context": T}
-        seq_varied = "seq" in token_axis
-        if phase == "decode" and "seq" in token_axis:  # decode: seq sets the KV-cache length
-            token_axis["context"] = token_axis.pop("seq")
-        for name, a in token_axis.items():
-            args.append(sym_for[name])
-            self.arg_axes.append(axes.index(a))
-        for name, sym in sym_for.items():
-            if name not in token_axis:
-                subs[sym] = sp.Integer(int(base_values[sym]))
-        # T follows S in forward/train, and in prefill unless a context is given or varied
-        if phase in ("forward", "train") or (phase == "prefill" and "context" not in token_axis
-                                             and not context_given):
-            subs[T] = S if S in args else subs[S]
-        if S_enc in base_values:  # an encoder-decoder's encoder length follows a varied seq (its default)
-            subs[S_enc] = ((T if phase == "decode" else S) if seq_varied
-                           else sp.Integer(int(base_values[S_enc])))
-        if phase == "decode":
-            subs[S] = sp.Integer(1)
+        self._token_arguments(phase, axes, base_values, context_given, args, subs)
         self.args = args
 
         # merge identical ops
@@ -544,6 +524,33 @@ class _Plan:
         self.total_flops = ref(sp.Add(*[mult * key[2] for key, mult in self.groups]))
         self.total_bytes = ref(sp.Add(*[mult * key[4] for key, mult in self.groups]))
         self.fn = compile_exprs(exprs, args)
+
+    def _token_arguments(self, phase, axes, base_values, context_given: bool, args: list, subs: dict) -> None:
+        """The varied token axes as arguments (appended to `args`, their axes to arg_axes);
+        the others substituted with their base values; T following S, S_enc following a
+        varied seq (its default)."""
+        from flopsim.ops.symbols import B, S, S_enc, T
+
+        token_axis = {a.target: a for a in axes if a.kind == "token"}
+        sym_for = {"batch": B, "seq": S, "context": T}
+        seq_varied = "seq" in token_axis
+        if phase == "decode" and "seq" in token_axis:  # decode: seq sets the KV-cache length
+            token_axis["context"] = token_axis.pop("seq")
+        for name, a in token_axis.items():
+            args.append(sym_for[name])
+            self.arg_axes.append(axes.index(a))
+        for name, sym in sym_for.items():
+            if name not in token_axis:
+                subs[sym] = sp.Integer(int(base_values[sym]))
+        # T follows S in forward/train, and in prefill unless a context is given or varied
+        if phase in ("forward", "train") or (phase == "prefill" and "context" not in token_axis
+                                             and not context_given):
+            subs[T] = S if S in args else subs[S]
+        if S_enc in base_values:
+            subs[S_enc] = ((T if phase == "decode" else S) if seq_varied
+                           else sp.Integer(int(base_values[S_enc])))
+        if phase == "decode":
+            subs[S] = sp.Integer(1)
 
     def _arrays(self, chunk: Optional[tuple] = None) -> list:
         n = len(self.axes)
