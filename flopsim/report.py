@@ -10,7 +10,8 @@ assumptions and the command that regenerates it.
 Comparison groups. A conditional model is only worth comparing with its own
 dense baseline: the same trunk with the routing removed (MoD with every
 token, MoE with one dense FFN of width d_ff, sparse FF with the dense FF,
-length reduction keeping every token; attention_impl back to fused). With
+length reduction keeping every token; attention_impl back to fused unless
+T5's relative position bias needs the explicit scores). With
 `group="auto"` (the default) the specs are grouped by that trunk: a dense
 spec given on the command line is the baseline of the conditional specs
 that share its trunk; a conditional spec without one gets a derived
@@ -111,14 +112,15 @@ def slug(text: str) -> str:
 # -- comparison groups -----------------------------------------------------------
 def dense_baseline(spec, name: Optional[str] = None):
     """The dense model with `spec`'s trunk: the conditional block removed,
-    family dense, fused attention (see the module docstring)."""
+    family dense, fused attention where the positions allow (see the module docstring)."""
     from flopsim.spec.loader import validate
     from flopsim.spec.model import ModelSpec
 
     data = spec.model_dump(exclude_unset=True)
     for block in CONDITIONAL_BLOCKS:
         data.pop(block, None)
-    data.pop("attention_impl", None)
+    if data.get("positions") != "relative":  # T5's bias is added to explicit scores: kept
+        data.pop("attention_impl", None)
     data["family"] = "dense"
     data["name"] = name or (spec.name if spec.family == "dense" else f"{spec.name}-dense")
     return validate(ModelSpec, data, data["name"])
