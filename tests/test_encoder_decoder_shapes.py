@@ -95,7 +95,8 @@ def test_stacks_name_ops_and_layers(spec):
 
 @pytest.mark.parametrize("changes, field", [
     (dict(attention_impl="fused"), "relative"),
-    (dict(family="mod", mod=dict(capacity=0.5)), "encoder_layers"),
+    (dict(family="mode", mod=dict(capacity=0.5), moe=dict(experts=4, top_k=1)), "encoder_layers"),
+    (dict(family="mod", mod=dict(capacity=0.5)), "relative"),  # the kept tokens' bias: gathered per sequence
     (dict(causal=False), "encoder_layers"),
     (dict(head="cls"), "encoder_layers"),
 ])

@@ -290,7 +290,7 @@ def cross_attention_block(ctx: Ctx, i: int, *, batch, queries, prefix: str, tags
                                module=p, tags={**(tags or {}), "cache_tokens": keys, "written_tokens": keys})
     core_tags = tags
     if ctx.phase == "decode":  # the cross cache, read and held (memory), written at prefill
-        core_tags = {**(tags or {}), "held_cache_bytes": batch * keys * kv_width * ctx.w_kv}
+        core_tags = {**(tags or {}), "held_cache_bytes": cross_cache_bytes(ctx, batch)}
     ops += attention(ctx, f"{p}.core", layer=i, batch=batch, queries=queries, keys=keys, heads=d.heads,
                      kv_heads=d.kv_heads, d_head=d.d_head, causal=False, kv_from_cache=uses_kv_cache(ctx),
                      module=p, tags=core_tags)
@@ -298,6 +298,12 @@ def cross_attention_block(ctx: Ctx, i: int, *, batch, queries, prefix: str, tags
                   bias=spec.bias, tags=tags)
     ops += residual(ctx, f"{prefix}.cross_residual", i, tokens=tokens, module=prefix, tags=tags)
     return ops
+
+
+def cross_cache_bytes(ctx: Ctx, batch):
+    """Bytes of a decoder layer's cross-attention cache: keys and values of the
+    `ctx.cross_keys` encoder outputs of `batch` sequences."""
+    return batch * ctx.cross_keys * 2 * ctx.dims.kv_heads * ctx.dims.d_head * ctx.w_kv
 
 
 def not_run(op):

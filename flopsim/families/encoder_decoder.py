@@ -28,6 +28,17 @@ two stacks built from any family's blocks (`spec.encoder_layers` > 0).
   lookup adds its gradient of the shared token table to the encoder lookup's
   (and a tied head's): one more sum of vocab x d_model
   (`decoder.embed.tokens_grad_sum`).
+- Conditional families, per stack where they make sense: MoE and sparse FF in
+  both stacks (their `every` counted within each); Mixture-of-Depths
+  (`family: mod`) routes the causal decoder only -- the encoder's blocks are
+  dense, decoder block j is routed when (j + 1) % mod.every == 0 and its
+  cross-attention runs for the kept tokens (queries k, keys all the encoder
+  outputs); length reduction (`family: length_reduction`) drops tokens in the
+  encoder only (`keep` lists the encoder's layers), and the dense decoder
+  cross-attends to the tokens leaving the encoder's last layer: S_enc' =
+  kept[-1] of the encoder's schedule (the encoder's final norm, the
+  cross-attention projections, the cross cache and its gradient sum are over
+  S_enc' tokens; S_enc in train, where the family keeps every token).
 """
 
 from __future__ import annotations
@@ -45,26 +56,34 @@ def _prefixed(ops: list, prefix: str, offset: int = 0) -> list:
                     layer=op.layer + offset if op.layer >= 0 else op.layer) for op in ops]
 
 
-def encoder(ctx: Ctx, block_fn) -> list:
-    """The encoder stack over S_enc tokens per sequence, bidirectional, with no cache."""
+def encoder(ctx: Ctx, block_fn, blocks=None) -> tuple[list, object]:
+    """The encoder stack over S_enc tokens per sequence, bidirectional, with no cache, and
+    the tokens per sequence of its output; `blocks(enc_ctx) -> (ops, tokens)` replaces its
+    blocks (length reduction: fewer tokens leave than enter)."""
     spec = ctx.spec
     enc = Ctx(spec=spec.model_copy(update={"causal": False}), phase="train" if ctx.train else "forward",
               dims=ctx.dims)
     ops = dense.embeddings(enc, batch=B, queries=S_enc)
     if spec.positions == "relative":
         ops += dense.position_bias(enc, queries=S_enc, keys=S_enc, layers=spec.encoder_layers)
-    for j in range(spec.encoder_layers):
-        ops += block_fn(enc, j, batch=B, queries=S_enc, keys=S_enc)
+    out = S_enc
+    if blocks is None:
+        for j in range(spec.encoder_layers):
+            ops += block_fn(enc, j, batch=B, queries=S_enc, keys=S_enc)
+    else:
+        block_ops, out = blocks(enc)
+        ops += block_ops
     if spec.norm_position == "pre":
-        ops += norm(enc, "final_norm", layer=spec.encoder_layers - 1, tokens=B * S_enc, d=ctx.dims.d_model)
-    return _prefixed(ops, "encoder.")
+        ops += norm(enc, "final_norm", layer=spec.encoder_layers - 1, tokens=B * out, d=ctx.dims.d_model)
+    return _prefixed(ops, "encoder."), out
 
 
-def decoder(ctx: Ctx, block_fn) -> list:
-    """The decoder stack's embeddings and blocks (cross-attending to S_enc encoder tokens)."""
+def decoder(ctx: Ctx, block_fn, memory=S_enc) -> list:
+    """The decoder stack's embeddings and blocks (cross-attending to `memory` encoder
+    output tokens per sequence)."""
     spec = ctx.spec
     queries, keys = dense.seq_dims(ctx)
-    dec = replace(ctx, cross_keys=S_enc)
+    dec = replace(ctx, cross_keys=memory)
     ops = [replace(op, params=0) if op.name == "embed.tokens" else op  # the encoder's table
            for op in dense.embeddings(dec, batch=B, queries=queries)]
     if spec.positions == "relative":
@@ -74,17 +93,18 @@ def decoder(ctx: Ctx, block_fn) -> list:
     return _prefixed(ops, "decoder.", offset=spec.encoder_layers)
 
 
-def build(ctx: Ctx, *, block_fn) -> list:
-    """Encoder (not at decode), decoder, final norm and head (module docstring)."""
+def build(ctx: Ctx, *, block_fn, encoder_blocks=None) -> list:
+    """Encoder (not at decode), decoder, final norm and head (module docstring);
+    `encoder_blocks(enc_ctx) -> (ops, tokens)` replaces the encoder's blocks."""
     spec = ctx.spec
     queries, _ = dense.seq_dims(ctx)
-    ops = encoder(ctx, block_fn)
+    ops, memory = encoder(ctx, block_fn, encoder_blocks)
     if ctx.phase == "decode":  # the encoder ran at prefill: its weights are held, not read
         ops = [dense.not_run(op) for op in ops if op.pass_ == "fwd"]
-    ops += decoder(ctx, block_fn)
+    ops += decoder(ctx, block_fn, memory)
     if spec.layers > 1:  # charged to the encoder output's last user in forward: the last cross-attention
         ops += gradient_sum(ctx, "encoder.output_grad_sum", layer=spec.blocks - 1,
-                            elements=B * S_enc * ctx.dims.d_model, module=f"decoder.block.{spec.layers - 1}.cross",
+                            elements=B * memory * ctx.dims.d_model, module=f"decoder.block.{spec.layers - 1}.cross",
                             count=spec.layers - 1)
     ops += dense.head(ctx, batch=B, queries=queries)
     # train: the decoder's lookup adds a gradient of the shared table to the encoder's (and

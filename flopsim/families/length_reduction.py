@@ -44,7 +44,16 @@ kernel) multiplies the hidden states (`mask_mul`); autograd sums the
 gradients of what the scorer shares with the block (`grad_sum`).
 The head runs on the tokens that survive the last layer (an LM head in
 forward: kept[L-1] positions; prefill: the last kept one; cls: the first).
-Decode is not modelled (token dropping acts on a prompt).
+Decode is not modelled for a decoder-only or encoder model (token dropping
+acts on a prompt).
+
+Encoder-decoders (`encoder_layers` > 0; flopsim.families.encoder_decoder):
+the encoder drops tokens -- `keep` lists its layers, the schedule above runs
+over its S_enc tokens (layer l, named `encoder.block.{l}`) -- and the decoder
+is dense: its blocks cross-attend to the S_enc' = kept[-1] tokens that leave
+the encoder's last layer (all S_enc in train: soft removal). At prefill the
+cross cache holds those S_enc' tokens; at decode the encoder does not run
+and each step reads them (`encoder_output_tokens`).
 
 Tags on every op of layer l: `tokens`, the tokens per sequence entering it.
 """
@@ -54,7 +63,7 @@ from __future__ import annotations
 import sympy as sp
 
 from flopsim.errors import InputError
-from flopsim.families import dense
+from flopsim.families import dense, encoder_decoder
 from flopsim.ops.primitives import (
     INDEX_BYTES,
     Ctx,
@@ -68,7 +77,7 @@ from flopsim.ops.primitives import (
     sort_indices,
     topk,
 )
-from flopsim.ops.symbols import B, exact
+from flopsim.ops.symbols import B, S_enc, exact
 
 ATTENTION_SCORED = ("power_bert", "ltp")
 
@@ -142,18 +151,19 @@ def select_tokens(ctx: Ctx, i: int, *, queries, kept, tags: dict) -> list:
     return ops
 
 
-def build(ctx: Ctx) -> list:
+def reduced_layers(ctx: Ctx, *, queries, keys) -> tuple[list, object]:
+    """The schedule's layers over `queries` tokens per sequence (a cached prefix of
+    keys - queries is kept whole): each layer's dense block and scorer, then its soft mask
+    (train) or the selection of the next layer's tokens; and the tokens per sequence
+    that leave the last layer."""
     spec, d = ctx.spec, ctx.dims
-    if ctx.phase == "decode":
-        raise InputError(f"phase: 'decode': {spec.name} is a length_reduction model; token dropping acts on "
-                         f"a prompt, use forward, prefill or train")
-    queries, keys = dense.seq_dims(ctx)
-    kept = [queries] * spec.layers if ctx.train else kept_tokens(spec, queries)
+    layers = len(spec.length_reduction.keep)
+    kept = [queries] * layers if ctx.train else kept_tokens(spec, queries)
     select = selects(spec)
-    ops = dense.embeddings(ctx, batch=B, queries=queries)
+    ops = []
     for i, q in enumerate(kept):
         tags = {"tokens": q}
-        k = q + (keys - queries)  # a cached prefix (prefill) is kept whole
+        k = q + (keys - queries)
         ops += dense.block(ctx, i, batch=B, queries=q, keys=k, tags=tags)
         ops += scorer(ctx, i, batch=B, queries=q, keys=k, tags=tags)
         if ctx.train:  # soft removal: x * sigmoid(n * score - 1)
@@ -164,5 +174,26 @@ def build(ctx: Ctx) -> list:
             ops += scorer_gradient_sum(ctx, i, queries=q, keys=k, tags=tags)
         elif select[i]:
             ops += select_tokens(ctx, i, queries=q, kept=kept[i + 1], tags=tags)
-    ops += dense.head(ctx, batch=B, queries=kept[-1])
+    return ops, kept[-1]
+
+
+def encoder_output_tokens(spec, encoder_seq):
+    """An encoder-decoder's encoder output tokens per sequence at inference (what the
+    cross-attention reads and caches): those leaving the encoder's last layer."""
+    return kept_tokens(spec, encoder_seq)[-1]
+
+
+def build(ctx: Ctx) -> list:
+    spec = ctx.spec
+    if spec.is_encoder_decoder:  # tokens dropped in the encoder; dense decoder blocks
+        return encoder_decoder.build(ctx, block_fn=dense.block,
+                                     encoder_blocks=lambda enc: reduced_layers(enc, queries=S_enc, keys=S_enc))
+    if ctx.phase == "decode":
+        raise InputError(f"phase: 'decode': {spec.name} is a length_reduction model; token dropping acts on "
+                         f"a prompt, use forward, prefill or train")
+    queries, keys = dense.seq_dims(ctx)
+    ops = dense.embeddings(ctx, batch=B, queries=queries)
+    block_ops, out = reduced_layers(ctx, queries=queries, keys=keys)
+    ops += block_ops
+    ops += dense.head(ctx, batch=B, queries=out)
     return ops

@@ -78,6 +78,20 @@ router's top-k runs in training). Hence, per routed block:
   position T - 1, and the cache holds the expected kept tokens among
   positions 0 .. T - 2, sum_p rate(p), instead of c (T - 1).
 
+Encoder-decoders (`encoder_layers` > 0; flopsim.families.encoder_decoder):
+MoD routes the causal decoder. The encoder's blocks are dense (it sees the
+whole input; no top-k over its sequence); decoder block j (its index within
+the decoder) is routed when (j + 1) % every == 0, with k = ceil(c * S) of the
+decoder's S tokens, and as above in every phase. A routed block's
+cross-attention runs for the kept tokens only: queries k (c * B tokens in
+expectation at decode), keys all S_enc encoder outputs, projected (`cross.kv`)
+for every sequence in forward / train / prefill; at decode the cross cache of
+all B sequences is held (memory) and read by the running ones. Its residual
+branch f = (a + c) + m (attention, cross-attention, FFN outputs) takes one
+add beyond the dense block's three (x + a, x + a + c, and the last):
+`branch_add`, a + c, forward and its gradient sum in backward (a feeds two
+adds); at decode on the c * B running tokens, as the rest of their block.
+
 Tags (per op, shown by `flopsim count`'s per-layer table): `routed`
 (bool) and `tokens`: tokens per sequence that run the block (k in routed
 blocks, c in expectation at decode; S, or 1 at decode, in dense blocks).
@@ -99,6 +113,7 @@ from flopsim.ops.primitives import (
     gradient_sum,
     gather,
     linear,
+    residual_add,
     scale_rows,
     scatter,
     sort_indices,
@@ -163,8 +178,10 @@ def routed_block(ctx: Ctx, i: int, *, batch, queries, keys, ffn=None) -> list:
         ops = router(ctx, i, tokens=batch * queries, tags=tags)
         ops[-1] = replace(ops[-1], host_sync=True)  # which tokens run is read back (Op.host_sync)
         running = dense.block(ctx, i, batch=c * batch, queries=queries, keys=1 + cached, ffn=ffn, tags=tags)
+        running += branch_add(ctx, i, tokens=c * batch * queries, tags=tags)
         p_any = expected_distinct(1, c, batch)
-        return ops + [replace(op, weight_bytes=op.weight_bytes * p_any, kernels=op.kernels * p_any) for op in running]
+        return ops + [replace(op, weight_bytes=op.weight_bytes * p_any, kernels=op.kernels * p_any,
+                              tags=_held_by_all(ctx, op.tags, batch)) for op in running]
     k = kept_tokens(c, queries)
     cached = k if ctx.phase != "prefill" else kept_tokens(c, keys)  # ceil(c * T), at least k
     tags = {"routed": True, "tokens": k}
@@ -182,6 +199,7 @@ def routed_block(ctx: Ctx, i: int, *, batch, queries, keys, ffn=None) -> list:
         ops += gather(ctx, f"{prefix}.gather_positions", layer=i, rows=batch * k, d=1, module=prefix,
                       value_bytes=INDEX_BYTES, tags=tags, variant="gather")[:1]
     ops += dense.block(ctx, i, batch=batch, queries=k, keys=cached, ffn=ffn, tags=tags)
+    ops += branch_add(ctx, i, tokens=batch * k, tags=tags)
     ops += scale_rows(ctx, f"{prefix}.scale", layer=i, rows=batch * k, d=d.d_model, module=prefix, tags=tags)
     ops += scatter(ctx, f"{prefix}.scatter", layer=i, rows=batch * k, d=d.d_model, module=prefix, tags=tags)
     # x feeds the router, the gather and the scatter: autograd sums its three gradients
@@ -189,6 +207,23 @@ def routed_block(ctx: Ctx, i: int, *, batch, queries, keys, ffn=None) -> list:
                         tags=tags)
     ops += decider_loss(ctx, i, tokens=tokens, kept=batch * k, tags=tags)
     return ops
+
+
+def branch_add(ctx: Ctx, i: int, *, tokens, tags: dict) -> list:
+    """An encoder-decoder's routed decoder block: its branch f = (a + c) + m takes the add
+    a + c beyond the dense block's three (module docstring); none elsewhere."""
+    if ctx.cross_keys is None:
+        return []
+    return residual_add(ctx, f"block.{i}.branch_add", layer=i, elements=tokens * ctx.dims.d_model,
+                        module=f"block.{i}", tags=tags)
+
+
+def _held_by_all(ctx: Ctx, tags: dict, batch) -> dict:
+    """decode: the cross-attention cache is held for every sequence, not only for the c*B
+    tokens that read it this step (an encoder-decoder's routed decoder block)."""
+    if "held_cache_bytes" not in tags:
+        return tags
+    return {**tags, "held_cache_bytes": dense.cross_cache_bytes(ctx, batch)}
 
 
 def decode_keep(ctx: Ctx, keys):
@@ -210,11 +245,16 @@ def dense_block(ctx: Ctx, i: int, *, batch, queries, keys, ffn=None) -> list:
                        tags={"routed": False, "tokens": queries})
 
 
+def in_encoder(ctx: Ctx) -> bool:
+    """An encoder-decoder's encoder block: dense (MoD routes the causal decoder)."""
+    return ctx.spec.is_encoder_decoder and ctx.cross_keys is None
+
+
 def build(ctx: Ctx) -> list:
     every = ctx.spec.mod.every
 
     def block_fn(ctx, i, *, batch, queries, keys):
-        fn = routed_block if is_routed(i, every) else dense_block
+        fn = routed_block if is_routed(i, every) and not in_encoder(ctx) else dense_block
         return fn(ctx, i, batch=batch, queries=queries, keys=keys)
 
     return dense.build(ctx, block_fn=block_fn)

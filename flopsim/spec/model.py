@@ -31,7 +31,15 @@ meaning):
   bidirectional encoder blocks over S_enc tokens, then `layers` causal decoder
   blocks, each with cross-attention to the encoder's output. Every other field
   describes both stacks (one d_model, heads, d_ff; an MoE's `every` counts
-  blocks within each stack, as Switch places its experts).
+  blocks within each stack, as Switch places its experts). Families: dense,
+  moe and sparse_ff in both stacks; `mod` routes the decoder only (dense
+  encoder blocks; decoder block j routed when (j + 1) % every == 0, its
+  cross-attention on the kept tokens); `length_reduction` drops tokens in the
+  encoder only (`keep` lists the encoder's `encoder_layers` layers; the dense
+  decoder cross-attends to the tokens leaving its last layer). Both refuse
+  `positions: relative` there (the bias would be gathered per sequence).
+  `mode` is refused (a staged MoDE decoder would need a MoE-aware reference
+  for both stacks; not modelled).
 - `positions: relative`: T5's relative position bias, one table of
   `relative_buckets` x heads per stack, looked up once per stack and added to
   every layer's scores (an explicit attention kernel: attention_impl explicit).
@@ -414,10 +422,11 @@ class ModelSpec(_Strict):
                     raise ValueError(f"family '{self.family}' needs a '{block}' block")
         if self.lm_transform and self.head != "lm":
             raise ValueError(f"lm_transform transforms the hidden states before the LM head; head is {self.head!r}")
-        if self.length_reduction is not None and len(self.length_reduction.keep) != self.layers:
-            raise ValueError(
-                f"length_reduction.keep lists {len(self.length_reduction.keep)} layers, the model has {self.layers}"
-            )
+        reduced = self.encoder_layers or self.layers  # an encoder-decoder drops tokens in its encoder
+        if self.length_reduction is not None and len(self.length_reduction.keep) != reduced:
+            stack = "encoder_layers" if self.encoder_layers else "layers"
+            raise ValueError(f"length_reduction.keep lists {len(self.length_reduction.keep)} layers, the model "
+                             f"has {reduced} ({stack})")
         if self.length_reduction is not None and self.length_reduction.method in ("power_bert", "ltp") \
                 and self.attention_impl != "explicit":
             raise ValueError(f"length_reduction.method {self.length_reduction.method} scores tokens by their "
@@ -494,9 +503,13 @@ class ModelSpec(_Strict):
         if not self.causal:
             raise ValueError(f"encoder_layers {self.encoder_layers}: an encoder-decoder's decoder is causal; "
                              f"set causal: true (the encoder is bidirectional)")
-        if self.family not in ("dense", "moe", "sparse_ff"):
+        if self.family not in ("dense", "moe", "sparse_ff", "mod", "length_reduction"):
             raise ValueError(f"encoder_layers: family {self.family} is not modelled as an encoder-decoder "
-                             f"(dense, moe, sparse_ff)")
+                             f"(dense, moe, sparse_ff, mod, length_reduction)")
+        if self.family in ("mod", "length_reduction") and self.positions == "relative":
+            raise ValueError(f"encoder_layers: family {self.family} with positions 'relative': its blocks attend "
+                             f"among the kept tokens, which would need the stack's shared bias gathered per "
+                             f"sequence; not modelled (use rope, learned or none)")
         if self.head not in ("lm", "none") or self.lm_transform or self.token_types:
             raise ValueError("encoder_layers: an encoder-decoder has an LM head (or none) on its decoder, "
                              "no token types and no lm_transform")

@@ -16,7 +16,16 @@ Module paths equal flopsim's op modules:
 - `final_norm` (pre-norm), `head.lm` (tied: the encoder's table).
 Each family supplies its FFN for both stacks (`ffn(spec, i)` of
 flopsim.torchref.moe and .sparse_ff; `i` counts blocks within a stack, as
-`moe.every` does); sparse QKV replaces the self-attention QKV only.
+`moe.every` does); sparse QKV replaces the self-attention QKV only
+(`stacks` picks each stack's blocks). Mixture-of-Depths (`family: mod`)
+routes the decoder: dense encoder Blocks, decoder block j a
+`RoutedDecoderBlock` when (j + 1) % mod.every == 0 (top-k of the decoder's
+tokens run self-attention, cross-attention to every encoder output and the
+FFN; the decider losses join the train loss). Length reduction
+(`family: length_reduction`) drops tokens in the encoder: a `ReducingEncoder`
+of LengthReductionBlocks, whose output (the tokens leaving its last layer)
+the dense DecoderBlocks cross-attend to; at decode the cross cache holds
+those tokens.
 
 Phases (inputs made by `encoder_inputs`, called by prepare_phase): forward
 and train run the encoder over S_enc tokens, then the decoder over S;
@@ -45,6 +54,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flopsim.families.length_reduction import encoder_output_tokens, kept_tokens, selects
+from flopsim.families.mod import is_routed
+from flopsim.torchref.length_reduction import LengthReductionBlock
+from flopsim.torchref.mod import RoutedBlock, aux_loss
 from flopsim.torchref.model import (
     Block,
     Embeddings,
@@ -69,7 +82,8 @@ def family_ffn(spec) -> Callable:
 
         return ffn
     if spec.family != "dense":
-        raise ValueError(f"encoder-decoder reference: family {spec.family} (dense, moe, sparse_ff)")
+        raise ValueError(f"encoder-decoder reference: family {spec.family} (dense, moe, sparse_ff, mod, "
+                         f"length_reduction)")
     return lambda spec, i: None
 
 
@@ -155,16 +169,17 @@ class DecoderBlock(Block):
 
 class Encoder(nn.Module):
     """The bidirectional stack over the encoder tokens: embeddings, position bias,
-    `encoder_layers` of the family's blocks, the final norm (pre-norm)."""
+    `encoder_layers` blocks (`block(spec, j)`, the spec a non-causal copy), the final
+    norm (pre-norm)."""
 
-    def __init__(self, spec, ffn: Callable):
+    def __init__(self, spec, block: Callable):
         super().__init__()
         spec = spec.model_copy(update={"causal": False})
         self.spec = spec
         self.embed = Embeddings(spec)
         if spec.positions == "relative":
             self.position_bias = RelativePositionBias(spec, bidirectional=True)
-        self.block = nn.ModuleList([Block(spec, j, mlp=ffn(spec, j)) for j in range(spec.encoder_layers)])
+        self.block = nn.ModuleList([block(spec, j) for j in range(spec.encoder_layers)])
         if spec.norm_position == "pre":
             self.final_norm = make_norm(spec, spec.d_model)
 
@@ -172,23 +187,40 @@ class Encoder(nn.Module):
         x = self.embed(ids, state)
         if self.spec.positions == "relative":
             state.position_bias = stack_position_bias(self.position_bias, state.positions)
+        x = self.blocks(x, state)
+        return self.final_norm(x) if self.spec.norm_position == "pre" else x
+
+    def blocks(self, x: torch.Tensor, state: RunState) -> torch.Tensor:
         for blk in self.block:
             x = blk(x, state)
-        return self.final_norm(x) if self.spec.norm_position == "pre" else x
+        return x
+
+
+class ReducingEncoder(Encoder):
+    """A length-reduction encoder (flopsim.families.length_reduction): its blocks are
+    LengthReductionBlocks, each selecting the next layer's tokens at inference (soft
+    removal in train); its output holds the tokens leaving the last layer."""
+
+    def blocks(self, x: torch.Tensor, state: RunState) -> torch.Tensor:
+        kept = [int(k) for k in kept_tokens(self.spec, x.shape[1])]
+        select = selects(self.spec)
+        for i, blk in enumerate(self.block):
+            x = blk(x, state, kept[i + 1] if select[i] else None)
+        return x
 
 
 class Decoder(nn.Module):
     """The causal stack: its embeddings (the encoder's token table), its position bias
-    and `layers` DecoderBlocks; the model calls the embeddings and the bias itself,
-    before the encoder (module docstring), and `forward` runs the blocks."""
+    and `layers` decoder blocks (`block(spec, j)`); the model calls the embeddings and
+    the bias itself, before the encoder (module docstring), and `forward` runs the blocks."""
 
-    def __init__(self, spec, ffn: Callable, tokens: nn.Embedding):
+    def __init__(self, spec, block: Callable, tokens: nn.Embedding):
         super().__init__()
         self.embed = Embeddings(spec)
         self.embed.tokens = SharedEmbedding(tokens)
         if spec.positions == "relative":
             self.position_bias = RelativePositionBias(spec, bidirectional=False)
-        self.block = nn.ModuleList([DecoderBlock(spec, j, mlp=ffn(spec, j)) for j in range(spec.layers)])
+        self.block = nn.ModuleList([block(spec, j) for j in range(spec.layers)])
 
     def forward(self, x: torch.Tensor, state: RunState) -> torch.Tensor:
         for blk in self.block:
@@ -197,11 +229,14 @@ class Decoder(nn.Module):
 
 
 class EncoderDecoder(nn.Module):
-    def __init__(self, spec, ffn: Callable):
+    """`encoder_block(spec, j)` / `decoder_block(spec, j)` make each stack's blocks
+    (`stacks`); `encoder` the encoder's class (ReducingEncoder for length reduction)."""
+
+    def __init__(self, spec, encoder_block: Callable, decoder_block: Callable, encoder: type = Encoder):
         super().__init__()
         self.spec = spec
-        self.encoder = Encoder(spec, ffn)
-        self.decoder = Decoder(spec, ffn, self.encoder.embed.tokens)
+        self.encoder = encoder(spec, encoder_block)
+        self.decoder = Decoder(spec, decoder_block, self.encoder.embed.tokens)
         if spec.norm_position == "pre":
             self.final_norm = make_norm(spec, spec.d_model)
         self.head = Head(spec, self.encoder.embed.tokens)
@@ -224,9 +259,51 @@ class EncoderDecoder(nn.Module):
         return self.head(x, state.phase)
 
 
+class ModEncoderDecoder(EncoderDecoder):
+    """Mixture-of-Depths in the decoder: the train phase adds its routed blocks' decider losses."""
+
+    def aux_loss(self) -> torch.Tensor:
+        return aux_loss(self.decoder.block)
+
+
+class RoutedDecoderBlock(RoutedBlock):
+    """A routed MoD block of the decoder (flopsim.families.mod): the kept tokens' branch
+    is the DecoderBlock's, f(x) = (a + c) + m with a = attn(norm1 x), c = cross(norm_cross
+    x1) on the kept tokens (keys all the encoder outputs), m = mlp(norm2(x1 + c)),
+    x1 = x + a: four adds, the dense block's three and a + c (flopsim's `branch_add`)."""
+
+    def __init__(self, spec, layer: int, mlp: Optional[nn.Module] = None):
+        super().__init__(spec, layer, mlp)
+        self.norm_cross = make_norm(spec, spec.d_model)
+        self.cross = CrossAttention(spec)
+
+    def branch(self, x: torch.Tensor, state: RunState) -> torch.Tensor:
+        a = self.attn(self.norm1(x), state, self.layer)
+        x1 = x + a
+        c = self.cross(self.norm_cross(x1), state, self.layer)
+        return (a + c) + self.mlp(self.norm2(x1 + c))
+
+
+def stacks(spec) -> tuple:
+    """(encoder_block, decoder_block, encoder class, model class) of the spec's family:
+    dense, moe, sparse_ff in both stacks; mod routes the decoder; length_reduction
+    drops tokens in the encoder (module docstring)."""
+    if spec.family == "mod":
+        def decoder_block(spec, j):
+            return (RoutedDecoderBlock if is_routed(j, spec.mod.every) else DecoderBlock)(spec, j)
+
+        return (lambda spec, j: Block(spec, j)), decoder_block, Encoder, ModEncoderDecoder
+    if spec.family == "length_reduction":
+        return LengthReductionBlock, (lambda spec, j: DecoderBlock(spec, j)), ReducingEncoder, EncoderDecoder
+    ffn = family_ffn(spec)
+    return (lambda spec, j: Block(spec, j, mlp=ffn(spec, j))), \
+        (lambda spec, j: DecoderBlock(spec, j, mlp=ffn(spec, j))), Encoder, EncoderDecoder
+
+
 def build(spec) -> nn.Module:
-    """The encoder-decoder reference of `spec` (its family's FFN in both stacks)."""
-    return EncoderDecoder(spec, family_ffn(spec))
+    """The encoder-decoder reference of `spec` (its family's blocks in each stack)."""
+    encoder_block, decoder_block, encoder, model = stacks(spec)
+    return model(spec, encoder_block, decoder_block, encoder)
 
 
 def encoder_inputs(spec, phase: str, batch: int, encoder_seq: int, generator: torch.Generator,
@@ -237,6 +314,8 @@ def encoder_inputs(spec, phase: str, batch: int, encoder_seq: int, generator: to
     if not spec.is_encoder_decoder:
         return {}
     if phase == "decode":
+        if spec.family == "length_reduction":  # the cross cache holds the tokens leaving the encoder
+            encoder_seq = int(encoder_output_tokens(spec, encoder_seq))
         shape = (batch, spec.kv_heads, encoder_seq, spec.d_head)
         cache = [tuple(torch.randn(shape, generator=generator).to(device=device, dtype=dtype) for _ in range(2))
                  for _ in range(spec.layers)]

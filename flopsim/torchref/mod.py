@@ -18,7 +18,13 @@ with uniform scores runs the fraction c (and c = 1 runs every token). The
 running tokens are gathered and attend to the first round(c * (T - 1))
 entries of the layer's cache (it holds only the tokens that ran the block)
 plus themselves. Decode's FLOPs are data-dependent; flopsim counts their
-expectation (exact at c = 1).
+expectation (exact at c = 1, and whenever exactly c * B tokens run each
+routed block with c * (T - 1) a whole number).
+
+An encoder-decoder's routed decoder block (flopsim.torchref.encoder_decoder.
+RoutedDecoderBlock) passes the encoder's output (`memory`, the prefill's
+cross cache list) to its kept tokens' branch, and at decode the running
+sequences' rows of its cross cache.
 """
 
 from __future__ import annotations
@@ -97,7 +103,8 @@ class RoutedBlock(Block):
         xs = x.gather(1, rows)
         rs = r.gather(1, idx).unsqueeze(-1)
         positions = state.positions.gather(1, idx) if self.spec.positions == "rope" else None  # only RoPE needs them
-        sub = RunState(state.phase, positions, cache=state.cache, new_cache=state.new_cache)
+        sub = RunState(state.phase, positions, cache=state.cache, new_cache=state.new_cache, memory=state.memory,
+                       new_cross_cache=state.new_cross_cache)
         f = self.branch(xs, sub)
         out = x.scatter_add(1, rows, rs * f)
         if self.training:
@@ -118,19 +125,28 @@ class RoutedBlock(Block):
             keep = round(float(self.capacity) * (k.shape[2] - 1))  # cached entries; one slot for the new token
             cache = list(state.cache)
             cache[self.layer] = (k[run, :, :keep + 1], v[run, :, :keep + 1])
-        sub = RunState(state.phase, state.positions[run], cache=cache, new_cache=state.new_cache)
+        cross = None
+        if state.cross_cache is not None:  # an encoder-decoder: the running sequences' cross cache
+            cross = list(state.cross_cache)
+            cross[self.layer] = tuple(t[run] for t in cross[self.layer])
+        sub = RunState(state.phase, state.positions[run], cache=cache, new_cache=state.new_cache, cross_cache=cross)
         xs = x[run]
         f = self.branch(xs, sub)
         return x.index_add(0, run, r[run].unsqueeze(-1) * f)
 
 
+def aux_loss(blocks) -> torch.Tensor:
+    """The sum of the routed blocks' decider losses of the last train step (then cleared)."""
+    losses = [blk._aux for blk in blocks if getattr(blk, "_aux", None) is not None]
+    for blk in blocks:
+        if hasattr(blk, "_aux"):
+            blk._aux = None
+    return sum(losses) if losses else torch.zeros(())
+
+
 class ModReference(Reference):
     def aux_loss(self) -> torch.Tensor:
-        losses = [blk._aux for blk in self.block if getattr(blk, "_aux", None) is not None]
-        for blk in self.block:
-            if hasattr(blk, "_aux"):
-                blk._aux = None
-        return sum(losses) if losses else torch.zeros(())
+        return aux_loss(self.block)
 
 
 def block_factory(spec, i: int, mlp_factory=None):
