@@ -95,7 +95,8 @@ def test_stacks_name_ops_and_layers(spec):
 
 @pytest.mark.parametrize("changes, field", [
     (dict(attention_impl="fused"), "relative"),
-    (dict(family="mode", mod=dict(capacity=0.5), moe=dict(experts=4, top_k=1)), "encoder_layers"),
+    (dict(family="mode", mod=dict(capacity=0.5), moe=dict(experts=4, top_k=1), positions="rope"),
+     "encoder_layers"),
     (dict(family="mod", mod=dict(capacity=0.5)), "relative"),  # the kept tokens' bias: gathered per sequence
     (dict(causal=False), "encoder_layers"),
     (dict(head="cls"), "encoder_layers"),
@@ -103,6 +104,14 @@ def test_stacks_name_ops_and_layers(spec):
 def test_spec_refuses(changes, field):
     with pytest.raises(SpecError, match=field):
         load_model({**T5_LIKE, **changes})
+
+
+@pytest.mark.parametrize("family", ["mod", "length_reduction"])
+def test_routed_decoder_only_models_refuse_relative_positions(family):
+    blocks = dict(mod=dict(mod=dict(capacity=0.5)), length_reduction=dict(length_reduction=dict(keep=[1, 0.5])))
+    decoder_only = {k: v for k, v in T5_LIKE.items() if k != "encoder_layers"}
+    with pytest.raises(SpecError, match="relative"):
+        load_model({**decoder_only, "family": family, **blocks[family]})
 
 
 def test_encoder_seq_needs_an_encoder():

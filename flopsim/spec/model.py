@@ -498,6 +498,10 @@ class ModelSpec(_Strict):
         if self.positions == "relative" and self.attention_impl != "explicit":
             raise ValueError("positions: 'relative': T5's position bias is added to explicit scores; "
                              "set attention_impl: explicit")
+        if self.family in ("mod", "mode", "length_reduction") and self.positions == "relative":
+            raise ValueError(f"positions: 'relative' with family {self.family}: its blocks attend among the kept "
+                             f"tokens, which would need the stack's shared bias gathered per sequence; not "
+                             f"modelled (use rope, learned or none)")
         if not self.encoder_layers:
             return
         if not self.causal:
@@ -506,10 +510,6 @@ class ModelSpec(_Strict):
         if self.family not in ("dense", "moe", "sparse_ff", "mod", "length_reduction"):
             raise ValueError(f"encoder_layers: family {self.family} is not modelled as an encoder-decoder "
                              f"(dense, moe, sparse_ff, mod, length_reduction)")
-        if self.family in ("mod", "length_reduction") and self.positions == "relative":
-            raise ValueError(f"encoder_layers: family {self.family} with positions 'relative': its blocks attend "
-                             f"among the kept tokens, which would need the stack's shared bias gathered per "
-                             f"sequence; not modelled (use rope, learned or none)")
         if self.head not in ("lm", "none") or self.lm_transform or self.token_types:
             raise ValueError("encoder_layers: an encoder-decoder has an LM head (or none) on its decoder, "
                              "no token types and no lm_transform")
