@@ -17,9 +17,12 @@ Conventions:
   becomes a float, as `flopsim.count.evaluate` returns it.
 - An expression with anything the printer does not know is not cached (the
   caller falls back to sympy); so is a failure to write (a read-only home).
-- On by default for the command line only (`flopsim.cli.main`); the Python
-  API evaluates with sympy unless `enable()` is called. `FLOPSIM_CACHE=0`
-  turns it off; `FLOPSIM_CACHE_DIR` moves it (default
+- On for the command line's single-model commands only (count, predict,
+  compare, memory, hardware list: `use()`, which the process entry point
+  `flopsim.cli.main` allows with `allow()`): commands that count hundreds of
+  generated specs once (isoflop, report, plan, sweep) would spend longer
+  printing them than they save. The Python API evaluates with sympy unless
+  `enable()` is called. `FLOPSIM_CACHE=0` turns it off; `FLOPSIM_CACHE_DIR` moves it (default
   `$XDG_CACHE_HOME/flopsim`, else `~/.cache/flopsim`).
 - Large YAML files (hardware and calibration specs) are kept parsed, as JSON, keyed
   by a hash of their text: parsing them is a tenth of a second in pure Python.
@@ -38,6 +41,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 FORMAT = 1  # the cached files' layout; bump when it changes
+_allowed = False
 PARSED_MIN_CHARS = 1024  # YAML texts shorter than this parse faster than a cache look-up
 _enabled = False
 
@@ -45,6 +49,18 @@ _enabled = False
 def enable(on: bool = True) -> None:
     global _enabled
     _enabled = on
+
+
+def allow() -> None:
+    """The command-line process may use the cache (flopsim.cli.main)."""
+    global _allowed
+    _allowed = True
+
+
+def use() -> None:
+    """A command that gains from the cache turns it on, where the process allows it."""
+    if _allowed:
+        enable()
 
 
 def enabled() -> bool:

@@ -27,5 +27,5 @@ for _module in COMMAND_MODULES:
 def main() -> None:
     from flopsim import opcache
 
-    opcache.enable()  # repeated counts skip sympy (flopsim.opcache; FLOPSIM_CACHE=0 turns it off)
+    opcache.allow()  # count, predict, ... read repeated op lists from the cache (flopsim.opcache)
     app()

@@ -26,6 +26,9 @@ def count(
     fmt: Format = FormatOpt,
 ):
     """Exact FLOPs, bytes and parameters, per layer and per op."""
+    from flopsim import opcache
+
+    opcache.use()  # a repeated (spec, phase) skips sympy (flopsim.opcache)
     from flopsim.count import count as count_api
 
     if attention is not None:

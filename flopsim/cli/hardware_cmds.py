@@ -34,6 +34,9 @@ def _tera(value) -> str:
 @hardware_app.command("list")
 def list_hardware(fmt: Format = FormatOpt):
     """Every device preset with its headline figures."""
+    from flopsim import opcache
+
+    opcache.use()  # a repeated (spec, phase) skips sympy (flopsim.opcache)
     from flopsim.hardware import hardware_names, load_hardware
 
     devices = [load_hardware(name) for name in hardware_names()]

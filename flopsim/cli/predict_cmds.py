@@ -54,6 +54,9 @@ def predict(
     fmt: Format = FormatOpt,
 ):
     """Predicted wall-clock time of one step on a device (roofline per op)."""
+    from flopsim import opcache
+
+    opcache.use()  # a repeated (spec, phase) skips sympy (flopsim.opcache)
     from flopsim.predict import predict as predict_api
 
     r = predict_api(spec, hardware, phase=phase, batch=batch, seq=seq, context=context,
@@ -88,6 +91,9 @@ def compare(
     fmt: Format = FormatOpt,
 ):
     """Predicted time of several models on one device, with speedups over the first."""
+    from flopsim import opcache
+
+    opcache.use()  # a repeated (spec, phase) skips sympy (flopsim.opcache)
     from flopsim.predict import compare as compare_api
 
     r = compare_api(specs, hardware, phase=phase, batch=batch, seq=seq, context=context,
