@@ -93,17 +93,20 @@ def key(spec, phase: str, options: str = "") -> str:
 def costs(spec, phase: str, numbers: dict, build: Callable[[], list], options: str = "") -> list:
     """The OpCosts of `build()`'s ops at `numbers` ({"B", "S", "T", "S_enc"} -> int), through
     the cache when enabled (see the module docstring)."""
+    ops = None
     if enabled():
-        fn = _load(key(spec, phase, options))
+        name = key(spec, phase, options)
+        fn = _load(name)
         if fn is None:
-            fn = _store(key(spec, phase, options), build())
+            ops = build()
+            fn = _store(name, ops)
         if fn is not None:
             return fn(numbers)
     from flopsim.count import evaluate_ops
     from flopsim.ops.symbols import B, S, S_enc, T
 
     symbols = {"B": B, "S": S, "T": T, "S_enc": S_enc}
-    return evaluate_ops(build(), {symbols[k]: v for k, v in numbers.items()})
+    return evaluate_ops(build() if ops is None else ops, {symbols[k]: v for k, v in numbers.items()})
 
 
 def _parsed_path(text: str) -> Path:
