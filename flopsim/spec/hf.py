@@ -47,10 +47,9 @@ Mapping decisions (see specs/models/hf/README.md for the full list):
   relative_attention_num_buckets (one table of buckets x heads per stack, in
   its first layer), so attention_impl is explicit whatever kernel is asked
   for (a fused one is noted: SDPA takes the bias as a mask, the same forward
-  products). UMT5 holds a table in every self-attention layer: (encoder +
-  decoder layers - 2) tables fewer parameters in flopsim, noted (lookups, no
-  products). `gated-gelu` is HF's gated `gelu_new` (tanh GELU). The head
-  follows `tie_word_embeddings` as saved: T5 v1.1's and mT5's false is the
+  products). UMT5 holds a table in every self-attention layer, each layer
+  computing its own bias: `relative_bias: layer`. `gated-gelu` is HF's gated
+  `gelu_new` (tanh GELU). The head follows `tie_word_embeddings` as saved: T5 v1.1's and mT5's false is the
   untied head their checkpoints store (transformers 5.24 ties the head when it
   builds these classes from a config and unties it on loading such a
   checkpoint; noted). The Model classes have no head; the EncoderModel
@@ -628,7 +627,8 @@ _SWITCH = {"SwitchTransformersForConditionalGeneration", "SwitchTransformersMode
 
 def _t5_stacks(c: _Config, notes: list[str], ffn: str, activation: str) -> dict:
     """What T5, mT5, UMT5 and Switch share: RMSNorm pre-norm, no biases, d_kv-wide heads, T5's
-    relative position bias (one table of buckets x heads per stack, in the first layer), and for
+    relative position bias (one table of buckets x heads per stack, in the first layer; UMT5: one
+    per self-attention layer, set by _t5), and for
     an encoder-decoder class `num_layers` encoder blocks and `num_decoder_layers` decoder blocks."""
     c.require("d_model", "d_ff", "num_heads", "d_kv", "num_layers", "vocab_size")
     both = c.arch in _T5_ENCODER_DECODERS or c.arch in _SWITCH
@@ -662,11 +662,8 @@ def _t5(c: _Config, notes: list[str]) -> dict:
         raise c.fail(f"key 'feed_forward_proj': value {proj!r}: activation {act!r} not supported "
                      f"(one of {', '.join(ACTIVATIONS)})")
     spec = _t5_stacks(c, notes, "gated" if gated else "mlp", ACTIVATIONS[act])
-    if c.arch.startswith("UMT5"):
-        tables = spec.get("encoder_layers", 0) + spec["layers"] - (2 if "encoder_layers" in spec else 1)
-        notes.append(f"UMT5 has a relative-position table in every self-attention layer; flopsim's positions "
-                     f"relative has one per stack: {tables} tables of {spec['relative_buckets']} x {spec['heads']} "
-                     f"fewer parameters (their lookups are not products: the FLOPs are equal)")
+    if c.arch.startswith("UMT5"):  # a relative-position table in every self-attention layer
+        spec["relative_bias"] = "layer"
     _t5_head_notes(c, notes, spec, scaled=c.data.get("scale_decoder_outputs", spec["tied_embeddings"])
                    and not c.arch.startswith("MT5"))
     return spec
