@@ -303,7 +303,9 @@ def seq2seq_gap(case, phase, model, measured, spec) -> Gap:
         ours = flopsim_count(spec, phase)
         assert measured["encoder"] == sum(op.flops for op in ours.ops if op.name.startswith("encoder."))
     if spec.moe is not None:  # transformers' expert blocks are flopsim's, stack by stack
-        for stack, layers in (("encoder", spec.encoder_layers), ("decoder", spec.layers)):
+        stacks = (("encoder", spec.encoder_layers), ("decoder", spec.layers)) if spec.is_encoder_decoder \
+            else (("encoder", spec.layers),)  # SwitchTransformersEncoderModel: the encoder stack
+        for stack, layers in stacks:
             sparse = {i for i in range(layers) if getattr(model, stack).block[i].layer[-1].is_sparse}
             assert sparse == {i for i in range(layers) if (i + 1) % spec.moe.every == 0}
     check_bias_tables(model, spec)
@@ -404,6 +406,8 @@ CASES += [
     Case("SwitchTransformersForConditionalGeneration", lambda: _config("SwitchTransformersConfig", **SWITCH),
          gap=seq2seq_gap),
     Case("SwitchTransformersModel", lambda: _config("SwitchTransformersConfig", **SWITCH), gap=seq2seq_gap),
+    Case("SwitchTransformersEncoderModel", lambda: _config("SwitchTransformersConfig", **SWITCH),
+         phases=ENCODER_PHASES, gap=seq2seq_gap),
 ]
 
 

@@ -21,6 +21,7 @@ The architecture is `architectures[0]`, or, when a config has no
 | BertForSequenceClassification, BertForMaskedLM, BertForPreTraining, BertModel | dense | post-LayerNorm encoder, token types |
 | T5ForConditionalGeneration, T5Model, MT5ForConditionalGeneration, MT5Model, UMT5ForConditionalGeneration, UMT5Model | dense | encoder-decoder: `num_layers` encoder and `num_decoder_layers` decoder blocks, cross-attention, relative position bias |
 | T5EncoderModel, MT5EncoderModel, UMT5EncoderModel | dense | the encoder stack, relative position bias |
+| SwitchTransformersEncoderModel | moe | a Switch model's encoder stack: `causal: false`, head none, experts as its encoder's |
 | SwitchTransformersForConditionalGeneration, SwitchTransformersModel | moe | as T5 (v1.0), top-1 experts in every n-th FFN of each stack |
 
 Mapping decisions (see specs/models/hf/README.md for the full list):
@@ -623,6 +624,7 @@ def _bert(c: _Config, notes: list[str]) -> dict:
 _T5_ENCODER_DECODERS = {"T5ForConditionalGeneration", "T5Model", "MT5ForConditionalGeneration", "MT5Model",
                         "UMT5ForConditionalGeneration", "UMT5Model"}
 _SWITCH = {"SwitchTransformersForConditionalGeneration", "SwitchTransformersModel"}
+_SWITCH_ENCODER = "SwitchTransformersEncoderModel"  # the encoder stack alone
 
 
 def _t5_stacks(c: _Config, notes: list[str], ffn: str, activation: str) -> dict:
@@ -716,7 +718,9 @@ def _switch(c: _Config, notes: list[str]) -> dict:
     """Switch Transformers: T5 (v1.0: relu MLP, tied head) with top-1 experts in every
     `encoder_sparse_step`-th FFN of each stack (see the module docstring)."""
     spec = _t5_stacks(c, notes, "mlp", c.activation("dense_act_fn", "relu"))
-    every = _switch_every(c, notes, spec["encoder_layers"], spec["layers"])
+    # the EncoderModel: its one stack is the encoder (no decoder blocks, so none sparse)
+    stacks = (spec["layers"], 0) if c.arch == _SWITCH_ENCODER else (spec["encoder_layers"], spec["layers"])
+    every = _switch_every(c, notes, *stacks)
     _t5_head_notes(c, notes, spec, scaled=spec["tied_embeddings"])
     if every is None:
         notes.append("no sparse block: a dense model")
@@ -752,7 +756,8 @@ def _attention(c: _Config, notes: list[str], attention: Optional[str]) -> str:
         impl = "fused"
     if c.arch in ARCHITECTURES and ARCHITECTURES[c.arch] in (_t5, _switch):
         # transformers has no SDPA path for Switch: it runs eagerly unless asked otherwise
-        return _relative_attention(c, notes, impl if c.arch not in _SWITCH or attention or key else "explicit")
+        switch = c.arch in _SWITCH or c.arch == _SWITCH_ENCODER
+        return _relative_attention(c, notes, impl if not switch or attention or key else "explicit")
     if impl == "explicit":
         return impl
     dropout = next((c.data[k] for k in ATTENTION_DROPOUT if isinstance(c.data.get(k), (int, float))
@@ -810,6 +815,7 @@ ARCHITECTURES: dict[str, Callable[[_Config, list], dict]] = {
     "UMT5EncoderModel": _t5,
     "SwitchTransformersForConditionalGeneration": _switch,
     "SwitchTransformersModel": _switch,
+    _SWITCH_ENCODER: _switch,
 }
 
 # a config without `architectures`: its model_type's usual architecture
