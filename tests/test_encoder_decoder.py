@@ -14,6 +14,9 @@ against their torch reference (flopsim.torchref.encoder_decoder).
   S_enc tokens, and the decoder's ops less its cross-attention are a decoder-only
   model's, op for op;
 - the decoder-only reference's relative position bias, exact too;
+- `relative_bias: layer` (UMT5: a table in every self-attention layer), exact
+  in every phase as an encoder-decoder and as a decoder-only model, and its
+  parameters: (encoder + decoder layers) tables where T5 has two;
 - the bytes oracle (flopsim.torchref.bytes_check): exact per module and pass on
   three configs without relative positions; with them, only T5's bucket kernel
   differs (its reads of the query positions and its arithmetic).
@@ -29,6 +32,7 @@ pytest.importorskip("torch")
 from flopsim import count  # noqa: E402
 from flopsim.families import build_ops  # noqa: E402
 from flopsim.ops.symbols import S, S_enc, T  # noqa: E402
+from flopsim.errors import SpecError  # noqa: E402
 from flopsim.spec import load_model  # noqa: E402
 from flopsim.torchref.check import compare_with_torch  # noqa: E402
 
@@ -49,6 +53,7 @@ CONFIGS = {
     "moe-dropless-top2": dict(family="moe", moe=dict(experts=4, top_k=2), attention_impl="fused"),
     "sparse-ff": dict(SPARSE_FF, positions="rope"),
     "sparse-qkv": dict(T5, **SPARSE_QKV),
+    "umt5": dict(T5, relative_bias="layer", encoder_layers=3),
     "sparse-ff-qkv": dict(SPARSE_FF, **SPARSE_QKV, positions="none", layers=3),
 }
 # (batch, seq, encoder_seq (None: seq), decode context)
@@ -119,7 +124,7 @@ def _same(left: dict, right: dict, subs: dict) -> bool:
     return left.keys() == right.keys() and all(sp.expand(left[k] - right[k].subs(subs)) == 0 for k in left)
 
 
-@pytest.mark.parametrize("name", ["t5-v1.1", "switch", "sparse-ff-qkv"])
+@pytest.mark.parametrize("name", ["t5-v1.1", "switch", "sparse-ff-qkv", "umt5"])
 def test_encoder_ops_are_an_encoder_models(name):
     """The encoder stack's ops, named `encoder.X`, have the FLOPs of op X of a non-causal
     model of `encoder_layers` blocks without a head, over S_enc tokens (symbolic in B, S_enc)."""
@@ -133,7 +138,7 @@ def test_encoder_ops_are_an_encoder_models(name):
     assert all(op.flops == 0 for op in decode if op.name.startswith("encoder."))
 
 
-@pytest.mark.parametrize("name", ["t5-v1.1", "moe-dropless-top2", "gqa-rope"])
+@pytest.mark.parametrize("name", ["t5-v1.1", "moe-dropless-top2", "gqa-rope", "umt5"])
 def test_decoder_less_cross_attention_is_a_decoder_only_model(name):
     """The decoder's ops less its cross-attention (`cross.*`, `norm_cross`,
     `cross_residual`; and the shared table's extra gradient sum) have, op for op, the FLOPs of a decoder-only model of `layers`
@@ -152,6 +157,31 @@ def test_decoder_only_relative_position_bias(phase):
     spec = load_model({**BASE, **T5, "encoder_layers": 0, "name": "t5-decoder-only"})
     result = compare_with_torch(spec, phase, 2, 5, 9 if phase == "decode" else None)
     assert result.exact, result.describe()
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_decoder_only_relative_bias_per_layer(phase):
+    spec = load_model({**BASE, **T5, "encoder_layers": 0, "relative_bias": "layer", "layers": 3,
+                       "name": "umt5-decoder-only"})
+    result = compare_with_torch(spec, phase, 2, 5, 9 if phase == "decode" else None)
+    assert result.exact, result.describe()
+    assert "block.2.attn.relative_bias" in {op.name for op in build_ops(spec, phase)}
+
+
+def test_relative_bias_per_layer_parameters():
+    """A table per self-attention layer (3 encoder + 2 decoder) and none per stack: three
+    tables more than T5's two; no gradient sum across layers in train."""
+    umt5, t5 = make("umt5"), make("umt5", relative_bias="stack")
+    extra = 3 * 8 * 2
+    for phase in PHASES:
+        assert count(umt5, batch=2, seq=3, phase=phase, encoder_seq=5).params \
+            == count(t5, batch=2, seq=3, phase=phase, encoder_seq=5).params + extra
+    names = {op.name for op in build_ops(umt5, "train")}
+    assert "encoder.block.2.attn.relative_bias" in names and "decoder.block.1.attn.relative_bias.buckets" in names
+    assert not any("position_bias.grad_sum" in n or n.startswith(("encoder.position_bias", "decoder.position_bias"))
+                   for n in names)
+    with pytest.raises(SpecError, match="relative_bias: 'layer' needs positions: 'relative'"):
+        make("umt5", positions="rope", attention_impl="fused")
 
 
 @pytest.mark.parametrize("phase", ["forward", "train"])

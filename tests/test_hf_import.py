@@ -186,11 +186,17 @@ def test_t5_attention_is_explicit_whatever_the_kernel():
         assert any("SDPA" in n for n in notes) == (attention != "eager")
 
 
-def test_umt5_notes_its_per_layer_tables():
+def test_umt5_has_a_table_per_layer():
+    """UMT5's relative-position table in every self-attention layer: relative_bias layer
+    (20 tables of 32 x 12 here); T5's one per stack."""
     spec, notes = convert({**cfg("t5-v1_1-base"), "architectures": ["UMT5ForConditionalGeneration"],
                            "num_decoder_layers": 8}, "umt5")
     assert (spec.encoder_layers, spec.layers) == (12, 8)
-    assert any("18 tables of 32 x 12 fewer parameters" in n for n in notes)
+    assert spec.relative_bias == "layer" and not any("tables" in n for n in notes)
+    t5 = spec.with_changes(relative_bias="stack")
+    assert count(spec, batch=1, seq=4, encoder_seq=4).params - count(t5, batch=1, seq=4, encoder_seq=4).params \
+        == 18 * 32 * 12
+    assert convert(cfg("t5-v1_1-base"), "t5")[0].relative_bias == "stack"
 
 
 # -- Switch Transformers --------------------------------------------------------

@@ -27,8 +27,7 @@ Where transformers runs something flopsim does not model the same way, the case'
 what and why (specs/models/hf/README.md, "Differences from transformers"):
 - BERT pre-training and BertModel: the pooler (and the next-sentence head), not modelled;
 - T5 family and Switch (both stacks, cross-attention, relative bias and experts modelled):
-  their prefill computes every position's logits (no logits_to_keep); UMT5's relative-position
-  table in every layer (flopsim: one per stack; parameters only); under SDPA in training the
+  their prefill computes every position's logits (no logits_to_keep); under SDPA in training the
   cross-attention's fused backward recomputes its scores (seq2seq_gap). Switch is built with an
   expert_capacity above any sequence, so that no token is dropped (flopsim: dropless);
 - DeepSeek: transformers' decode up-projects the cached latents (flopsim's `mla.decode:
@@ -287,9 +286,6 @@ def seq2seq_gap(case, phase, model, measured, spec) -> Gap:
     cross-attention, the relative position bias and the experts are modelled; what differs:
     - prefill: the ForConditionalGeneration classes have no logits_to_keep, so the LM head
       runs on all S prompt positions, flopsim's on the last: 2 B (S - 1) d_model vocab FLOPs;
-    - UMT5: a relative-position table (buckets x heads) in every self-attention layer,
-      flopsim one per stack: (encoder layers + decoder layers - 2) tables of parameters (an
-      EncoderModel: layers - 1); their lookups and the bias adds are not products.
     - train under SDPA: the cross-attention's bias is a tensor of zeros that needs no gradient,
       so torch's CPU SDPA runs it with its fused kernel, whose backward recomputes the scores:
       one product of 2 B heads S S_enc d_head per decoder layer more than flopsim's explicit
@@ -307,24 +303,23 @@ def seq2seq_gap(case, phase, model, measured, spec) -> Gap:
         ours = flopsim_count(spec, phase)
         assert measured["encoder"] == sum(op.flops for op in ours.ops if op.name.startswith("encoder."))
     if spec.moe is not None:  # transformers' expert blocks are flopsim's, stack by stack
-        for stack, layers in (("encoder", spec.encoder_layers), ("decoder", spec.layers)):
+        stacks = (("encoder", spec.encoder_layers), ("decoder", spec.layers)) if spec.is_encoder_decoder \
+            else (("encoder", spec.layers),)  # SwitchTransformersEncoderModel: the encoder stack
+        for stack, layers in stacks:
             sparse = {i for i in range(layers) if getattr(model, stack).block[i].layer[-1].is_sparse}
             assert sparse == {i for i in range(layers) if (i + 1) % spec.moe.every == 0}
-    return Gap(flops=flops, params=umt5_tables(model, spec))
+    check_bias_tables(model, spec)
+    return Gap(flops=flops)
 
 
-def umt5_tables(model, spec) -> int:
-    """UMT5's relative-position tables past flopsim's one per stack: every self-attention layer
-    holds one (buckets x heads), so (encoder + decoder layers - 2) more (an EncoderModel:
-    layers - 1); T5, mT5 and Switch: one per stack, as flopsim."""
+def check_bias_tables(model, spec) -> None:
+    """transformers' relative-position tables (buckets x heads) are flopsim's: UMT5's one in
+    every self-attention layer (`relative_bias: layer`), T5's, mT5's and Switch's one per stack."""
     stored = sum(p.numel() for n, p in model.named_parameters() if "relative_attention_bias" in n)
     table = spec.relative_buckets * spec.heads
-    stacks = 2 if spec.is_encoder_decoder else 1
-    if type(model).__name__.startswith("UMT5"):
-        assert stored == spec.blocks * table
-        return (spec.blocks - stacks) * table
-    assert stored == stacks * table
-    return 0
+    per_layer = type(model).__name__.startswith("UMT5")
+    assert spec.layer_bias == per_layer
+    assert stored == (spec.blocks if per_layer else (2 if spec.is_encoder_decoder else 1)) * table
 
 
 def absorbed_decode_gap(case, phase, model, measured, spec) -> Gap:
@@ -411,6 +406,8 @@ CASES += [
     Case("SwitchTransformersForConditionalGeneration", lambda: _config("SwitchTransformersConfig", **SWITCH),
          gap=seq2seq_gap),
     Case("SwitchTransformersModel", lambda: _config("SwitchTransformersConfig", **SWITCH), gap=seq2seq_gap),
+    Case("SwitchTransformersEncoderModel", lambda: _config("SwitchTransformersConfig", **SWITCH),
+         phases=ENCODER_PHASES, gap=seq2seq_gap),
 ]
 
 
@@ -493,16 +490,17 @@ def full_size(config: dict):
 
 
 def full_size_gap(model, spec) -> int:
-    """transformers minus flopsim, parameters of a full-size model: UMT5's per-layer relative
-    position tables (umt5_tables); a T5 / mT5 / UMT5 LM head that transformers 5.24 ties when it
-    builds the model from a config (their configs force tie_word_embeddings true; loading a
-    checkpoint that stores the head apart unties it again, so flopsim counts the untied head
-    such a checkpoint holds, where the config.json says tie_word_embeddings false); Gemma 3's
-    vision tower."""
+    """transformers minus flopsim, parameters of a full-size model: a T5 / mT5 / UMT5 LM head
+    that transformers 5.24 ties when it builds the model from a config (their configs force
+    tie_word_embeddings true; loading a checkpoint that stores the head apart unties it again,
+    so flopsim counts the untied head such a checkpoint holds, where the config.json says
+    tie_word_embeddings false); Gemma 3's vision tower. The relative-position tables are
+    flopsim's (check_bias_tables)."""
     name = type(model).__name__
     if name.startswith(("T5", "MT5", "UMT5")):
         tied = hasattr(model, "lm_head") and model.lm_head.weight is model.shared.weight and not spec.tied_embeddings
-        return umt5_tables(model, spec) - (spec.vocab * spec.d_model if tied else 0)
+        check_bias_tables(model, spec)
+        return -(spec.vocab * spec.d_model if tied else 0)
     if name == "Gemma3ForConditionalGeneration":
         return vision_gap(None, None, model, None, spec).params
     return 0

@@ -43,6 +43,10 @@ lookup in a relative_buckets x heads table), and every layer adds it to its
 scores (`attn.position_bias`, broadcast over the batch; in train its gradient
 is summed over the batch, `attn.position_bias_grad`, and over the layers,
 `position_bias.grad_sum`). Decode computes the bias of its one query.
+With `relative_bias: layer` (UMT5) every self-attention layer owns its table
+and makes its own bias the same way (`attn.relative_bias.buckets`,
+`attn.relative_bias`, layer ops with the layer's parameters), with no stack
+table and no gradient sum across layers (each table has one user).
 
 An encoder-decoder's decoder block (`ctx.cross_keys`, flopsim.families.
 encoder_decoder) adds cross-attention after self-attention: `cross.q` on the
@@ -164,7 +168,9 @@ def attention_block(ctx: Ctx, i: int, *, batch, queries, keys, prefix: str, tags
     if uses_kv_cache(ctx):
         ops += kv_cache_append(ctx, f"{p}.kv_cache", layer=i, batch=batch, tokens=written,
                                width=2 * d.kv_heads * d.d_head, module=p, tags=kv_tags)
-    if spec.positions == "relative":  # the stack's bias added to the scores (T5)
+    if spec.layer_bias:  # the layer's own table (UMT5)
+        ops += position_bias(ctx, queries=queries, keys=keys, layers=1, name=f"{p}.relative_bias", layer=i)
+    if spec.positions == "relative":  # the stack's (or the layer's) bias added to the scores (T5)
         scores, bias = batch * d.heads * queries * keys, d.heads * queries * keys
         added = elementwise(ctx, f"{p}.position_bias", layer=i, elements=scores, op="add", inputs=2, module=p,
                             tags=tags)
@@ -311,17 +317,18 @@ def not_run(op):
     return replace(op.scaled(0), kernels=0, gemm=None)
 
 
-def position_bias(ctx: Ctx, *, queries, keys, layers: int, prefix: str = "") -> list:
-    """A stack's relative position bias, heads x queries x keys, made once per step (T5;
-    module docstring); in train the gradients of its `layers` uses are summed."""
+def position_bias(ctx: Ctx, *, queries, keys, layers: int, name: str = "position_bias", layer: int = -1) -> list:
+    """A relative position bias, heads x queries x keys, made once per step from one table
+    (T5; module docstring): the stack's (`name` position_bias, layer -1), or with
+    `relative_bias: layer` block `layer`'s own (`block.{i}.attn.relative_bias`, layers 1). In
+    train the gradients of its `layers` uses are summed."""
     d = ctx.dims
-    p = f"{prefix}position_bias"
     pairs = queries * keys  # per head, not per sequence: the bias is shared by the batch
-    ops = index_elementwise(ctx, f"{p}.buckets", layer=-1, elements=pairs, op="copy", inputs=0, module=p)
-    ops += embedding(ctx, p, layer=-1, tokens=pairs, rows=d.relative_buckets, d=d.heads)
+    ops = index_elementwise(ctx, f"{name}.buckets", layer=layer, elements=pairs, op="copy", inputs=0, module=name)
+    ops += embedding(ctx, name, layer=layer, tokens=pairs, rows=d.relative_buckets, d=d.heads)
     if layers > 1:  # charged to the bias's last user in forward, the last block's attention
-        ops += gradient_sum(ctx, f"{p}.grad_sum", layer=layers - 1, elements=pairs * d.heads,
-                            module=f"{prefix}block.{layers - 1}.attn", count=layers - 1)
+        ops += gradient_sum(ctx, f"{name}.grad_sum", layer=layers - 1, elements=pairs * d.heads,
+                            module=f"block.{layers - 1}.attn", count=layers - 1)
     return ops
 
 
@@ -371,7 +378,7 @@ def build(ctx: Ctx, *, block_fn=None) -> list:
         return encoder_decoder.build(ctx, block_fn=block_fn)
     queries, keys = seq_dims(ctx)
     ops = embeddings(ctx, batch=B, queries=queries)
-    if ctx.spec.positions == "relative":
+    if ctx.spec.stack_bias:
         ops += position_bias(ctx, queries=queries, keys=keys, layers=ctx.spec.layers)
     for i in range(ctx.spec.layers):
         ops += block_fn(ctx, i, batch=B, queries=queries, keys=keys)

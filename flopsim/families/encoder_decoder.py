@@ -64,7 +64,7 @@ def encoder(ctx: Ctx, block_fn, blocks=None) -> tuple[list, object]:
     enc = Ctx(spec=spec.model_copy(update={"causal": False}), phase="train" if ctx.train else "forward",
               dims=ctx.dims)
     ops = dense.embeddings(enc, batch=B, queries=S_enc)
-    if spec.positions == "relative":
+    if spec.stack_bias:  # relative_bias layer: in each block's attention
         ops += dense.position_bias(enc, queries=S_enc, keys=S_enc, layers=spec.encoder_layers)
     out = S_enc
     if blocks is None:
@@ -86,7 +86,7 @@ def decoder(ctx: Ctx, block_fn, memory=S_enc) -> list:
     dec = replace(ctx, cross_keys=memory)
     ops = [replace(op, params=0) if op.name == "embed.tokens" else op  # the encoder's table
            for op in dense.embeddings(dec, batch=B, queries=queries)]
-    if spec.positions == "relative":
+    if spec.stack_bias:  # relative_bias layer: in each block's attention
         ops += dense.position_bias(dec, queries=queries, keys=keys, layers=spec.layers)
     for j in range(spec.layers):
         ops += block_fn(dec, j, batch=B, queries=queries, keys=keys)

@@ -21,6 +21,7 @@ The architecture is `architectures[0]`, or, when a config has no
 | BertForSequenceClassification, BertForMaskedLM, BertForPreTraining, BertModel | dense | post-LayerNorm encoder, token types |
 | T5ForConditionalGeneration, T5Model, MT5ForConditionalGeneration, MT5Model, UMT5ForConditionalGeneration, UMT5Model | dense | encoder-decoder: `num_layers` encoder and `num_decoder_layers` decoder blocks, cross-attention, relative position bias |
 | T5EncoderModel, MT5EncoderModel, UMT5EncoderModel | dense | the encoder stack, relative position bias |
+| SwitchTransformersEncoderModel | moe | a Switch model's encoder stack: `causal: false`, head none, experts as its encoder's |
 | SwitchTransformersForConditionalGeneration, SwitchTransformersModel | moe | as T5 (v1.0), top-1 experts in every n-th FFN of each stack |
 
 Mapping decisions (see specs/models/hf/README.md for the full list):
@@ -47,10 +48,9 @@ Mapping decisions (see specs/models/hf/README.md for the full list):
   relative_attention_num_buckets (one table of buckets x heads per stack, in
   its first layer), so attention_impl is explicit whatever kernel is asked
   for (a fused one is noted: SDPA takes the bias as a mask, the same forward
-  products). UMT5 holds a table in every self-attention layer: (encoder +
-  decoder layers - 2) tables fewer parameters in flopsim, noted (lookups, no
-  products). `gated-gelu` is HF's gated `gelu_new` (tanh GELU). The head
-  follows `tie_word_embeddings` as saved: T5 v1.1's and mT5's false is the
+  products). UMT5 holds a table in every self-attention layer, each layer
+  computing its own bias: `relative_bias: layer`. `gated-gelu` is HF's gated
+  `gelu_new` (tanh GELU). The head follows `tie_word_embeddings` as saved: T5 v1.1's and mT5's false is the
   untied head their checkpoints store (transformers 5.24 ties the head when it
   builds these classes from a config and unties it on loading such a
   checkpoint; noted). The Model classes have no head; the EncoderModel
@@ -624,11 +624,13 @@ def _bert(c: _Config, notes: list[str]) -> dict:
 _T5_ENCODER_DECODERS = {"T5ForConditionalGeneration", "T5Model", "MT5ForConditionalGeneration", "MT5Model",
                         "UMT5ForConditionalGeneration", "UMT5Model"}
 _SWITCH = {"SwitchTransformersForConditionalGeneration", "SwitchTransformersModel"}
+_SWITCH_ENCODER = "SwitchTransformersEncoderModel"  # the encoder stack alone
 
 
 def _t5_stacks(c: _Config, notes: list[str], ffn: str, activation: str) -> dict:
     """What T5, mT5, UMT5 and Switch share: RMSNorm pre-norm, no biases, d_kv-wide heads, T5's
-    relative position bias (one table of buckets x heads per stack, in the first layer), and for
+    relative position bias (one table of buckets x heads per stack, in the first layer; UMT5: one
+    per self-attention layer, set by _t5), and for
     an encoder-decoder class `num_layers` encoder blocks and `num_decoder_layers` decoder blocks."""
     c.require("d_model", "d_ff", "num_heads", "d_kv", "num_layers", "vocab_size")
     both = c.arch in _T5_ENCODER_DECODERS or c.arch in _SWITCH
@@ -662,11 +664,8 @@ def _t5(c: _Config, notes: list[str]) -> dict:
         raise c.fail(f"key 'feed_forward_proj': value {proj!r}: activation {act!r} not supported "
                      f"(one of {', '.join(ACTIVATIONS)})")
     spec = _t5_stacks(c, notes, "gated" if gated else "mlp", ACTIVATIONS[act])
-    if c.arch.startswith("UMT5"):
-        tables = spec.get("encoder_layers", 0) + spec["layers"] - (2 if "encoder_layers" in spec else 1)
-        notes.append(f"UMT5 has a relative-position table in every self-attention layer; flopsim's positions "
-                     f"relative has one per stack: {tables} tables of {spec['relative_buckets']} x {spec['heads']} "
-                     f"fewer parameters (their lookups are not products: the FLOPs are equal)")
+    if c.arch.startswith("UMT5"):  # a relative-position table in every self-attention layer
+        spec["relative_bias"] = "layer"
     _t5_head_notes(c, notes, spec, scaled=c.data.get("scale_decoder_outputs", spec["tied_embeddings"])
                    and not c.arch.startswith("MT5"))
     return spec
@@ -719,7 +718,9 @@ def _switch(c: _Config, notes: list[str]) -> dict:
     """Switch Transformers: T5 (v1.0: relu MLP, tied head) with top-1 experts in every
     `encoder_sparse_step`-th FFN of each stack (see the module docstring)."""
     spec = _t5_stacks(c, notes, "mlp", c.activation("dense_act_fn", "relu"))
-    every = _switch_every(c, notes, spec["encoder_layers"], spec["layers"])
+    # the EncoderModel: its one stack is the encoder (no decoder blocks, so none sparse)
+    stacks = (spec["layers"], 0) if c.arch == _SWITCH_ENCODER else (spec["encoder_layers"], spec["layers"])
+    every = _switch_every(c, notes, *stacks)
     _t5_head_notes(c, notes, spec, scaled=spec["tied_embeddings"])
     if every is None:
         notes.append("no sparse block: a dense model")
@@ -755,7 +756,8 @@ def _attention(c: _Config, notes: list[str], attention: Optional[str]) -> str:
         impl = "fused"
     if c.arch in ARCHITECTURES and ARCHITECTURES[c.arch] in (_t5, _switch):
         # transformers has no SDPA path for Switch: it runs eagerly unless asked otherwise
-        return _relative_attention(c, notes, impl if c.arch not in _SWITCH or attention or key else "explicit")
+        switch = c.arch in _SWITCH or c.arch == _SWITCH_ENCODER
+        return _relative_attention(c, notes, impl if not switch or attention or key else "explicit")
     if impl == "explicit":
         return impl
     dropout = next((c.data[k] for k in ATTENTION_DROPOUT if isinstance(c.data.get(k), (int, float))
@@ -813,6 +815,7 @@ ARCHITECTURES: dict[str, Callable[[_Config, list], dict]] = {
     "UMT5EncoderModel": _t5,
     "SwitchTransformersForConditionalGeneration": _switch,
     "SwitchTransformersModel": _switch,
+    _SWITCH_ENCODER: _switch,
 }
 
 # a config without `architectures`: its model_type's usual architecture

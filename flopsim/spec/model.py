@@ -43,6 +43,10 @@ meaning):
 - `positions: relative`: T5's relative position bias, one table of
   `relative_buckets` x heads per stack, looked up once per stack and added to
   every layer's scores (an explicit attention kernel: attention_impl explicit).
+  `relative_bias: layer` (UMT5) gives every self-attention layer its own
+  table instead: each layer computes and adds its own bias
+  (`block.{i}.attn.relative_bias`), no table per stack; `stack` (default) is
+  T5's one table per stack. Only with `positions: relative`.
 """
 
 from __future__ import annotations
@@ -370,6 +374,7 @@ class ModelSpec(_Strict):
     vocab: Size
     positions: Literal["learned", "rope", "relative", "none"] = "learned"
     relative_buckets: Size = 32  # positions relative: T5's relative_attention_num_buckets
+    relative_bias: Literal["stack", "layer"] = "stack"  # positions relative: a table per stack (T5) or layer (UMT5)
     max_seq: Annotated[int, Field(ge=1, le=MAX_TOKENS)] = 2048
     causal: bool = True
     tied_embeddings: bool = True
@@ -495,6 +500,9 @@ class ModelSpec(_Strict):
                              "gather_fused or grouped with quantized weights")
 
     def _check_encoder_decoder(self):
+        if self.relative_bias != "stack" and self.positions != "relative":
+            raise ValueError(f"relative_bias: {self.relative_bias!r} needs positions: 'relative' "
+                             f"(got {self.positions!r})")
         if self.positions == "relative" and self.attention_impl != "explicit":
             raise ValueError("positions: 'relative': T5's position bias is added to explicit scores; "
                              "set attention_impl: explicit")
@@ -598,6 +606,16 @@ class ModelSpec(_Strict):
     @property
     def is_encoder(self) -> bool:
         return not self.causal
+
+    @property
+    def stack_bias(self) -> bool:
+        """T5's relative position bias from one table per stack (`relative_bias: stack`)."""
+        return self.positions == "relative" and self.relative_bias == "stack"
+
+    @property
+    def layer_bias(self) -> bool:
+        """A relative position bias table in every self-attention layer (`relative_bias: layer`)."""
+        return self.positions == "relative" and self.relative_bias == "layer"
 
     @property
     def is_encoder_decoder(self) -> bool:

@@ -4,7 +4,8 @@ Transformers' 800M model); see flopsim.families.encoder_decoder.
 Module paths equal flopsim's op modules:
 - `encoder.embed.tokens` (owns the token table; `encoder.embed.positions` with
   learned positions, `encoder.embed.norm` post-norm), `encoder.position_bias`
-  (`positions: relative`), `encoder.block.{j}` (the family's `Block` over a
+  (`positions: relative`; with `relative_bias: layer` each block's
+  `attn.relative_bias` instead), `encoder.block.{j}` (the family's `Block` over a
   non-causal copy of the spec), `encoder.final_norm` (pre-norm);
 - `decoder.embed.tokens` (`SharedEmbedding`: a lookup in the encoder's table,
   no parameters), `decoder.position_bias`, `decoder.block.{j}`
@@ -38,7 +39,8 @@ d_head] x 2 per decoder layer, the encoder not run.
 Ordering for torch's module tracker (FlopCounterMode's per-module counts):
 a backward hook runs when autograd runs a node, and autograd runs the nodes
 made later first. Modules with no differentiable input (embeddings, the
-position bias) are entered in backward and never left, so the decoder's
+position bias; with `relative_bias: layer` every layer's, made with the
+stack's: `stack_biases`) are entered in backward and never left, so the decoder's
 embeddings and position bias are made before the encoder runs (their
 0-FLOP backward then comes last), the decoder stack gets a view of its
 input made after the encoder (so it is left before the encoder's backward),
@@ -66,7 +68,7 @@ from flopsim.torchref.model import (
     RunState,
     attention_probabilities,
     make_norm,
-    stack_position_bias,
+    stack_biases,
     write_cache,
 )
 
@@ -177,7 +179,7 @@ class Encoder(nn.Module):
         spec = spec.model_copy(update={"causal": False})
         self.spec = spec
         self.embed = Embeddings(spec)
-        if spec.positions == "relative":
+        if spec.stack_bias:  # relative_bias layer: each block's Attention holds its own
             self.position_bias = RelativePositionBias(spec, bidirectional=True)
         self.block = nn.ModuleList([block(spec, j) for j in range(spec.encoder_layers)])
         if spec.norm_position == "pre":
@@ -185,8 +187,7 @@ class Encoder(nn.Module):
 
     def forward(self, ids: torch.Tensor, state: RunState) -> torch.Tensor:
         x = self.embed(ids, state)
-        if self.spec.positions == "relative":
-            state.position_bias = stack_position_bias(self.position_bias, state.positions)
+        state.position_bias = stack_biases(self.spec, self, self.block, state.positions)
         x = self.blocks(x, state)
         return self.final_norm(x) if self.spec.norm_position == "pre" else x
 
@@ -218,7 +219,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.embed = Embeddings(spec)
         self.embed.tokens = SharedEmbedding(tokens)
-        if spec.positions == "relative":
+        if spec.stack_bias:
             self.position_bias = RelativePositionBias(spec, bidirectional=False)
         self.block = nn.ModuleList([block(spec, j) for j in range(spec.layers)])
 
@@ -246,8 +247,7 @@ class EncoderDecoder(nn.Module):
         cross cache, come in `state`."""
         spec = self.spec
         x = self.decoder.embed(ids, state)  # before the encoder: see the module docstring
-        if spec.positions == "relative":
-            state.position_bias = stack_position_bias(self.decoder.position_bias, state.positions)
+        state.position_bias = stack_biases(spec, self.decoder, self.decoder.block, state.positions)
         if state.cross_cache is None:
             encoder_state = RunState("train" if state.phase == "train" else "forward", state.encoder_positions)
             state.memory = self.encoder(state.encoder_ids, encoder_state)

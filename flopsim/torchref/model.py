@@ -59,7 +59,8 @@ class RunState:
         writes the keys and values into new buffers, as a serving engine's cache);
     token_types: [B, S] token type ids (an input, as BERT's token_type_ids; None: zeros);
     position_bias: the stack's relative position bias [H, S, T] (`positions: relative`),
-        added to every layer's scores (set by the model once per stack);
+        added to every layer's scores (set by the model once per stack); with
+        `relative_bias: layer` a list of each layer's own bias (`layer_biases`);
     encoder_ids, encoder_positions: [B, S_enc] an encoder-decoder's encoder inputs;
     memory: the encoder's output [B, S_enc, d_model] its decoder blocks cross-attend to;
     cross_cache: at decode, per decoder layer the (k, v) [B, H_kv, S_enc, d_head] of the
@@ -72,7 +73,7 @@ class RunState:
     cache: Optional[list] = None
     new_cache: list = field(default_factory=list)
     token_types: Optional[torch.Tensor] = None
-    position_bias: Optional[torch.Tensor] = None
+    position_bias: Optional[torch.Tensor | list] = None
     encoder_ids: Optional[torch.Tensor] = None
     encoder_positions: Optional[torch.Tensor] = None
     memory: Optional[torch.Tensor] = None
@@ -182,13 +183,16 @@ class Attention(nn.Module):
         if spec.qk_norm:
             self.q_norm, self.k_norm = make_norm(spec, dh), make_norm(spec, dh)
         self.sinks = nn.Parameter(torch.randn(h) * 0.1) if spec.attention_sinks else None
+        if spec.layer_bias:  # the layer's own relative position table (UMT5; flopsim's attn.relative_bias)
+            self.relative_bias = RelativePositionBias(spec, bidirectional=not spec.causal)
         self.out = nn.Linear(h * dh, spec.d_model, bias=spec.bias)
 
     def forward(self, x: torch.Tensor, state: RunState, layer: int, causal: Optional[bool] = None) -> torch.Tensor:
         b, s, _ = x.shape
         q, k, v = self.project(x, state, layer)
         causal = self.spec.causal if causal is None else causal
-        o = self.core(q, k, v, causal and s > 1, bias=state.position_bias)  # one query attends to the whole cache
+        bias = state.position_bias[layer] if self.spec.layer_bias else state.position_bias  # layer_biases
+        o = self.core(q, k, v, causal and s > 1, bias=bias)  # one query attends to the whole cache
         return self.out(o.transpose(1, 2).reshape(b, s, -1))
 
     def project(self, x: torch.Tensor, state: RunState, layer: int):
@@ -374,7 +378,9 @@ def relative_position_buckets(relative: torch.Tensor, bidirectional: bool, bucke
 class RelativePositionBias(nn.Module):
     """T5's relative position bias of one stack (`positions: relative`; flopsim's
     `position_bias`): a relative_buckets x heads table, looked up once per step for
-    every (query, key) pair and shared by the batch and every layer of the stack."""
+    every (query, key) pair and shared by the batch and every layer of the stack; with
+    `relative_bias: layer` each self-attention layer holds one (`block.{i}.attn.relative_bias`,
+    UMT5), shared by the batch only."""
 
     def __init__(self, spec, bidirectional: bool):
         super().__init__()
@@ -395,6 +401,21 @@ def stack_position_bias(module: RelativePositionBias, positions: torch.Tensor) -
     same positions): their queries against every key up to the last of them."""
     queries = positions[0]
     return module(queries, int(queries[-1]) + 1)
+
+
+def stack_biases(spec, stack: nn.Module, blocks, positions: torch.Tensor):
+    """`state.position_bias` of a stack (`positions: relative`): its one bias made by
+    `stack.position_bias`, or with `relative_bias: layer` the list of every block's own
+    (`block.{i}.attn.relative_bias`), None without relative positions. The per-layer biases
+    are all made here, where the stack's would be, not inside each attention: the module
+    tracker enters a module with no differentiable input in backward and never leaves it
+    (flopsim.torchref.encoder_decoder's docstring), so their 0-FLOP backward must come last.
+    The FLOPs are the same as making each inside its layer (HF UMT5)."""
+    if spec.stack_bias:
+        return stack_position_bias(stack.position_bias, positions)
+    if spec.layer_bias:
+        return [stack_position_bias(blk.attn.relative_bias, positions) for blk in blocks]
+    return None
 
 
 class Embeddings(nn.Module):
@@ -494,7 +515,7 @@ class Reference(nn.Module):
         self.spec = spec
         block_factory = block_factory or (lambda spec, i: Block(spec, i))
         self.embed = Embeddings(spec)
-        if spec.positions == "relative":
+        if spec.stack_bias:  # relative_bias layer: each Attention holds its own
             self.position_bias = RelativePositionBias(spec, bidirectional=not spec.causal)
         self.block = nn.ModuleList([block_factory(spec, i) for i in range(spec.layers)])
         if spec.norm_position == "pre":
@@ -503,8 +524,7 @@ class Reference(nn.Module):
 
     def forward(self, ids: torch.Tensor, state: RunState) -> torch.Tensor:
         x = self.embed(ids, state)
-        if self.spec.positions == "relative":
-            state.position_bias = stack_position_bias(self.position_bias, state.positions)
+        state.position_bias = stack_biases(self.spec, self, self.block, state.positions)
         for blk in self.block:
             x = blk(x, state)
         if self.spec.norm_position == "pre":
