@@ -30,8 +30,8 @@ _API = {
     "compare": "flopsim.predict",
     "memory": "flopsim.memory",
     "isoflop": "flopsim.scaling",
-    "plan_training": "flopsim.plan",
-    "plan_serving": "flopsim.plan",
+    "plan_training": "flopsim.planning",
+    "plan_serving": "flopsim.planning",
 }
 
 __all__ = sorted(_API)

@@ -10,17 +10,17 @@ presets, the shape, the parallel layout and what the software does.
 How a row is predicted (task -> flopsim call), all on the row's hardware
 with its shipped calibration (`cuda_graphs: true` -> Calibration.with_graphs):
 - prefill (ttft_s): one prefill of `batch` prompts on a tp-way replica
-  (flopsim.plan.tp_prefill_s: work / tp + Megatron's all-reduces, costed by
+  (flopsim.planning.tp_prefill_s: work / tp + Megatron's all-reduces, costed by
   message size on the scale-up link).
 - decode (ms_per_token): one decode step at the mean KV length of the
-  generation, prompt + gen / 2 (flopsim.plan.tp_decode_s).
+  generation, prompt + gen / 2 (flopsim.planning.tp_decode_s).
 - generate (tokens_per_s): a prefill that yields the first token, then
   gen - 1 decode steps at the mean KV length (or at the whole cache,
   prompt + gen, when `engine.static_cache` says attention runs over every
   slot of a preallocated cache, as gpt-fast's does); tokens = batch * gen,
   per GPU when `per_gpu`.
 - train (tokens_per_s_per_gpu, tokens_per_s, tflops_per_gpu, step_time_s):
-  flopsim.plan.plan_training of one step with the row's layout. A TFLOP/s
+  flopsim.planning.plan_training of one step with the row's layout. A TFLOP/s
   figure is compared in the source's own FLOP convention: `flops_formula`
   (the source's formula, in symbols B global batch in sequences, s, l, h,
   V, N, a, d_head) gives the step's FLOPs F, and the prediction is reported
@@ -174,7 +174,7 @@ def _setup(row: Row) -> _Setup:
     """The row's model (with its changes and engine), hardware, calibration and links."""
     from flopsim.calibration import load_calibration
     from flopsim.hardware import load_hardware
-    from flopsim.plan import _links
+    from flopsim.planning.links import resolve_links
     from flopsim.spec import load_model
 
     spec = load_model(row.model)
@@ -187,7 +187,7 @@ def _setup(row: Row) -> _Setup:
     cal = load_calibration("auto", hw)
     if row.engine.cuda_graphs:
         cal = cal.with_graphs()
-    links = _links(hw, cal, None, None, None, None, needed=row.parallel.gpus > 1)
+    links = resolve_links(hw, cal, None, None, None, None, needed=row.parallel.gpus > 1)
     return _Setup(spec, hw, cal, links)
 
 
@@ -200,7 +200,7 @@ def _shape(row: Row, name: str, default=None) -> int:
 
 
 def _prefill(row: Row, s: _Setup) -> tuple[float, dict]:
-    from flopsim.plan import tp_prefill_s
+    from flopsim.planning import tp_prefill_s
 
     t, _ = tp_prefill_s(s.spec, s.hw, s.cal, s.links, tp=row.parallel.tp, batch=_shape(row, "batch", 1),
                         prompt=_shape(row, "prompt"), encoder_seq=_encoder_seq(row))
@@ -218,7 +218,7 @@ def _decode_context(row: Row) -> int:
 
 
 def _decode(row: Row, s: _Setup) -> tuple[float, dict]:
-    from flopsim.plan import tp_decode_s
+    from flopsim.planning import tp_decode_s
 
     t, _ = tp_decode_s(s.spec, s.hw, s.cal, s.links, tp=row.parallel.tp, batch=_shape(row, "batch", 1),
                        context=_decode_context(row), encoder_seq=_encoder_seq(row))
@@ -234,7 +234,7 @@ def _generate(row: Row, s: _Setup) -> tuple[float, dict]:
 
 
 def _train_plan(row: Row, s: _Setup, tokens: Optional[float] = None):
-    from flopsim.plan import plan_training
+    from flopsim.planning import plan_training
 
     p = row.parallel
     seq = _shape(row, "seq")

@@ -162,7 +162,7 @@ def test_plan_train_html(tmp_path):
     p = parse(text)
     assert p.figures == ["fig-time-split", "fig-memory"]
     split = figure_json(text, "fig-time-split")["data"]
-    from flopsim.plan import plan_training
+    from flopsim.planning import plan_training
 
     plan = plan_training("llama-2-7b", "a100-80gb", gpus=64, tokens=2e12, tp=2, pp=2)
     parts = plan.time_parts()

@@ -1,4 +1,4 @@
-"""flopsim.plan (training and serving capacity plans) and `flopsim plan train|serve`.
+"""flopsim.planning (training and serving capacity plans) and `flopsim plan train|serve`.
 
 Each arithmetic test writes its derivation out and checks the plan against it."""
 
@@ -15,7 +15,7 @@ from conftest import run_cli as run
 import flopsim
 from flopsim.errors import InputError
 from flopsim.collectives import collective_s
-from flopsim.plan import bubble_fraction, largest_true, parse_duration, parse_quantity, plan_serving, plan_training
+from flopsim.planning import bubble_fraction, largest_true, parse_duration, parse_quantity, plan_serving, plan_training
 
 H100 = "h100-sxm"
 # the link levels of the shipped h100-sxm calibration (published nccl-tests bus bandwidths)

@@ -140,7 +140,7 @@ def test_mode_decode_reads_with_the_run_probability():
 
 
 def test_training_plan_waits_for_the_busiest_rank():
-    from flopsim.plan import plan_training
+    from flopsim.planning import plan_training
 
     base = load_model("mixtral-8x7b")
     skewed = base.with_changes(moe={"popularity": {"zipf": 1.0}})

@@ -118,12 +118,13 @@ def test_collectives_are_latency_plus_bandwidth():
 def test_decode_tensor_parallel_all_reduces_are_latency_bound():
     """Two all-reduces per block of batch x d_model values: on 8 GPUs at batch 1
     each costs about the link's latency, so the step gains 2 * layers * latency."""
-    from flopsim.plan import _links, tp_decode_s
+    from flopsim.planning.links import resolve_links
+    from flopsim.planning.serve import tp_decode_s
 
     spec = load_spec("llama-2-7b")
     cal = _cal(links={"scale_up": {"latency_s": 25e-6, "bus_bytes_per_s": 200e9, "source": "test"}},
                launch_overhead_s=0.0)
-    links = _links(H100, cal, None, None, None, None, needed=True)
+    links = resolve_links(H100, cal, None, None, None, None, needed=True)
     one, _ = tp_decode_s(spec, H100, cal, links, tp=1, batch=1, context=512)
     eight, r = tp_decode_s(spec, H100, cal, links, tp=8, batch=1, context=512)
     comm = 2 * spec.layers * (25e-6 + 2 * 7 / 8 * spec.d_model * 2 / 200e9)

@@ -1,4 +1,4 @@
-"""`flopsim plan train` and `flopsim plan serve`: capacity planning (flopsim.plan)."""
+"""`flopsim plan train` and `flopsim plan serve`: capacity planning (flopsim.planning)."""
 
 from __future__ import annotations
 
@@ -41,13 +41,13 @@ def _write_html(page_of, plan, html: Optional[str]) -> None:
 
 
 def _quantity(text: Optional[str], name: str) -> Optional[float]:
-    from flopsim.plan import parse_quantity
+    from flopsim.planning import parse_quantity
 
     return None if text is None else parse_quantity(text, name)
 
 
 def _duration(text: Optional[str], name: str) -> Optional[float]:
-    from flopsim.plan import parse_duration
+    from flopsim.planning import parse_duration
 
     return None if text is None else parse_duration(text, name)
 
@@ -99,7 +99,7 @@ def train(
     html: Optional[str] = HtmlOpt,
 ):
     """Plan a training run: step time (compute, TP/EP/PP/DP traffic), memory per GPU, days, GPU-hours, cost, MFU."""
-    from flopsim.plan import plan_training
+    from flopsim.planning import plan_training
     from flopsim.result_pages import training_plan_page
 
     _check_html(html)
@@ -179,7 +179,7 @@ def serve(
     html: Optional[str] = HtmlOpt,
 ):
     """Plan serving: batch, tp, GPUs, TTFT, TPOT, tokens/s and cost per million tokens."""
-    from flopsim.plan import plan_serving
+    from flopsim.planning import plan_serving
     from flopsim.result_pages import serving_plan_page
 
     _check_html(html)

@@ -1,0 +1,119 @@
+"""Link levels of a parallel layout: which level (scale-up or scale-out) a group of
+ranks uses and what a collective on it costs.
+
+Links: two levels, each with a latency and a bus bandwidth
+(flopsim.calibration.LinkLevel; nccl-tests' busbw, one way):
+
+- intra-node (scale-up: NVLink, xGMI, ICI): the calibration's
+  `links.scale_up` (published or measured nccl-tests figures), else the
+  hardware's `interconnect_bytes_per_s` halved with one launch of latency
+  (an ideal link, labelled so in the output); `interconnect_bytes_per_s=`
+  (two-way) overrides the bandwidth;
+- inter-node (scale-out: InfiniBand, RoCE): the calibration's
+  `links.scale_out`, else the hardware's `scale_out_bytes_per_s` halved;
+  `inter_node_bytes_per_s=` (two-way) overrides it;
+- nodes of `gpus_per_node` GPUs (default: the hardware's `scale_up_domain`).
+  Ranks are laid out Megatron-style, tp fastest, then dp (with ep inside
+  dp), then pp: a group whose ranks span at most one node (tp: tp ranks;
+  ep: tp * ep; dp: tp * dp; pp: tp * dp * pp) uses the intra-node level,
+  any other group the inter-node one (its slowest link);
+- `comm_latency_s=` overrides both levels' latency.
+
+Collectives (flopsim.collectives: latency + factor * nbytes / bus bandwidth;
+n ranks, `nbytes` the data one rank holds): all-reduce 2 (n - 1) / n,
+reduce-scatter and all-gather (n - 1) / n of the whole buffer, all-to-all
+(n - 1) / n, point-to-point 1. Small messages (decode's all-reduces of
+batch * d_model values) are latency-bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from flopsim.collectives import collective_s
+from flopsim.errors import InputError, bad_value
+from flopsim.planning.common import DEFAULT_GPUS_PER_NODE, _non_negative, _positive, _positive_int
+
+
+@dataclass(frozen=True)
+class Links:
+    """The two link levels a GPU's collectives use (flopsim.calibration.LinkLevel:
+    latency and bus bandwidth, with where each figure comes from) and how many
+    GPUs share the scale-up level."""
+
+    scale_up: Any
+    scale_out: Any  # None: no network figure (a group beyond one node is an error)
+    gpus_per_node: int
+
+    def inside(self, span: int) -> bool:
+        """Whether a group whose ranks span `span` consecutive ranks stays within one node."""
+        return span <= self.gpus_per_node and self.gpus_per_node % span == 0
+
+    def level(self, span: int):
+        if self.inside(span):
+            return self.scale_up
+        if self.scale_out is None:
+            raise InputError(f"a group spanning {span} GPUs crosses nodes of {self.gpus_per_node}, and neither the "
+                             "hardware spec (scale_out_bytes_per_s) nor the calibration (links.scale_out) gives a "
+                             "network figure; give --inter-node")
+        return self.scale_out
+
+    def collective_s(self, op: str, nbytes: float, ranks: int, span: int) -> float:
+        """`op` on `nbytes` over `ranks` ranks spanning `span` consecutive ranks (flopsim.collectives)."""
+        if ranks <= 1:
+            return 0.0
+        link = self.level(span)
+        return collective_s(op, nbytes, ranks, link.bus_bytes_per_s, link.latency_s, link.hop_latency_s)
+
+    def where(self, span: int, size: int = 2) -> str:
+        """'intra-node' or 'inter-node' for a group of `size` ranks spanning `span` ('-' for one rank)."""
+        if size <= 1:
+            return "-"
+        return "intra-node" if self.inside(span) else "inter-node"
+
+    def to_dict(self) -> dict:
+        out = {"gpus_per_node": self.gpus_per_node}
+        for name, link in (("intra_node", self.scale_up), ("inter_node", self.scale_out)):
+            if link is not None:
+                out[f"{name}_bus_bytes_per_s"] = link.bus_bytes_per_s
+                out[f"{name}_latency_s"] = link.latency_s
+                out[f"{name}_source"] = link.source
+        return out
+
+
+
+def resolve_links(hw, cal, interconnect_bytes_per_s, inter_node_bytes_per_s, gpus_per_node, comm_latency_s,
+           needed: bool) -> Links:
+    """Link levels from the user's figures, else the calibration's measured
+    `links`, else the hardware's datasheet bandwidths (half their two-way
+    figure, latency one launch: an ideal link, so labelled)."""
+    from flopsim.calibration import LinkLevel
+
+    latency = _non_negative("comm_latency_s", comm_latency_s)
+    if latency is not None and latency > 1.0:
+        raise bad_value("comm_latency_s", comm_latency_s, "expected at most 1 s per collective")
+
+    def level(name: str, user_two_way, what: str):
+        user = _positive(what, user_two_way)
+        if user is not None:
+            if not 2e3 <= user <= 2e15:
+                raise bad_value(what, user_two_way, "expected 2e3 to 2e15 bytes/s (both directions)")
+            base = cal.link(name, hw)
+            return LinkLevel(latency_s=base.latency_s if base else cal.overhead_s(hw), bus_bytes_per_s=user / 2,
+                             source=f"--{what.replace('_', '-')} (given: {user:.3g} B/s both ways)")
+        return cal.link(name, hw)
+
+    up = level("scale_up", interconnect_bytes_per_s, "interconnect_bytes_per_s")
+    if up is None:
+        if needed:
+            raise InputError(f"hardware {hw.name} has no interconnect_bytes_per_s; give --interconnect "
+                             f"(bytes/s per GPU, both directions)")
+        up = LinkLevel(latency_s=0.0, bus_bytes_per_s=1e3, source="none (one GPU: no collectives)")
+    out = level("scale_out", inter_node_bytes_per_s, "inter_node_bytes_per_s")
+    if latency is not None:
+        up = LinkLevel(latency_s=latency, bus_bytes_per_s=up.bus_bytes_per_s, source=up.source)
+        if out is not None:
+            out = LinkLevel(latency_s=latency, bus_bytes_per_s=out.bus_bytes_per_s, source=out.source)
+    node = gpus_per_node if gpus_per_node is not None else (hw.scale_up_domain or DEFAULT_GPUS_PER_NODE)
+    return Links(scale_up=up, scale_out=out, gpus_per_node=_positive_int("gpus_per_node", node))
