@@ -78,6 +78,7 @@ class OpCost:
     variant: str = ""
     kernels: Any = 1  # expected launches (flopsim.ops.op.Op.kernels)
     host_sync: bool = False  # the host waits for the device after it (flopsim.ops.op.Op.host_sync)
+    comm_bytes: Any = 0  # a collective's message (flopsim.ops.op.Op.comm_bytes)
 
     @property
     def bytes(self):
@@ -99,6 +100,7 @@ class OpCost:
         }
         row.update({f: getattr(self, f) for f in BYTE_FIELDS})
         row["params"] = self.params
+        row["comm_bytes"] = self.comm_bytes
         row["kernels"] = self.kernels
         if self.gemm is not None:
             row.update(dict(zip(GEMM_AXES, self.gemm)))
@@ -309,8 +311,10 @@ def layer_label(layer: int, spec) -> str:
 
 
 def count(spec, *, batch: int = 1, seq: int = 1, phase: str = "forward",
-          context: Optional[int] = None, encoder_seq: Optional[int] = None) -> CountResult:
-    """Exact FLOPs, bytes and parameters of `spec` (a ModelSpec, path or preset)."""
+          context: Optional[int] = None, encoder_seq: Optional[int] = None, layout=None) -> CountResult:
+    """Exact FLOPs, bytes and parameters of `spec` (a ModelSpec, path or preset).
+    `layout` (flopsim.parallel.Layout): one GPU's ops under it, collectives included
+    (`batch` is then the micro-batch); shares that do not divide evenly are fractions."""
     from flopsim.spec import load_model
 
     from flopsim import opcache
@@ -318,7 +322,13 @@ def count(spec, *, batch: int = 1, seq: int = 1, phase: str = "forward",
 
     spec = load_model(spec)
     numbers = token_numbers(spec, phase, batch, seq, context, encoder_seq)
-    costs = opcache.costs(spec, phase, numbers, lambda: build_ops(spec, phase))
+    if layout is not None and not layout.trivial:
+        from flopsim.parallel import shard
+
+        ops = shard(build_ops(spec, phase), spec, phase, layout)
+        costs = evaluate_ops(ops, token_values(spec, phase, batch, seq, context, encoder_seq))
+    else:
+        costs = opcache.costs(spec, phase, numbers, lambda: build_ops(spec, phase))
     return CountResult(spec=spec, phase=phase, batch=batch, seq=seq, context=numbers["T"], ops=costs,
                        encoder_seq=numbers.get("S_enc"))
 

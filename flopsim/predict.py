@@ -21,7 +21,8 @@ device; on a device that queues kernels the host's dispatch overlaps the
 device's work and each op's time is its share of that pipeline
 (flopsim.roofline.overlap_times);
 `bound` = compute when the compute-bound ops take at least as long as the
-memory-bound ones (launch overheads aside); `tokens_per_s` = tokens / time_s;
+memory-bound ones (launch overheads aside; collectives, bound "comm", are
+`comm_s`); `tokens_per_s` = tokens / time_s;
 `mfu` = flops / (time_s * peak) with `flops` the model FLOPs as counted
 (FlopCounterMode's convention) and peak the dtype's dense peak.
 """
@@ -69,6 +70,7 @@ class PredictResult(OpTotals):
     optimizer: str
     ops: list = field(default_factory=list)  # list[flopsim.roofline.OpTime]
     encoder_seq: Optional[int] = None  # an encoder-decoder's encoder tokens per sequence
+    layout: Any = None  # flopsim.parallel.Layout: the ops are one GPU's under it
 
     @property
     def time_s(self) -> float:
@@ -134,7 +136,8 @@ class PredictResult(OpTotals):
             "compute_bound_s": self.compute_bound_s, "memory_bound_s": self.memory_bound_s,
             "overhead_s": self.overhead_s, "peak_flops_per_s": self.peak_flops_per_s,
             "host_s": self.total("host_s"), "device_s": self.total("device_s"),
-            "kernels": sum(1 for op in self.ops if op.time_s > 0),
+            "kernels": sum(1 for op in self.ops if op.time_s > 0), "comm_s": self.total("comm_s"),
+            **({"layout": self.layout.describe()} if self.layout is not None else {}),
             **({"encoder_seq": self.encoder_seq} if self.encoder_seq is not None else {}),
         }
 
@@ -147,11 +150,14 @@ class PredictResult(OpTotals):
 
 def predict(spec, hw, *, phase: str = "forward", batch: int = 1, seq: int = 1024,
             context: Optional[int] = None, calibration=None, optimizer: str = "adam",
-            encoder_seq: Optional[int] = None) -> PredictResult:
+            encoder_seq: Optional[int] = None, layout=None, links: Optional[dict] = None) -> PredictResult:
     """Predicted time of one step of `phase` of `spec` (ModelSpec, path or preset)
     on `hw` (HardwareSpec, path or preset). `calibration`: None/"auto" (the
     device's specs/calibration file, else ideal), "ideal", a path or a Calibration.
-    `encoder_seq`: an encoder-decoder's encoder tokens per sequence (default `seq`)."""
+    `encoder_seq`: an encoder-decoder's encoder tokens per sequence (default `seq`).
+    `layout` (flopsim.parallel.Layout): one GPU's ops of that layout (`batch` is then the
+    micro-batch; its collectives run in sequence, none hidden: flopsim.planning applies
+    overlap), on the calibration's link levels or `links` ({level: LinkLevel})."""
     from flopsim.calibration import load_calibration
     from flopsim import opcache
     from flopsim.count import token_numbers
@@ -163,11 +169,19 @@ def predict(spec, hw, *, phase: str = "forward", batch: int = 1, seq: int = 1024
     hw = load_hardware(hw)
     cal = load_calibration(calibration, hw)
     numbers = token_numbers(spec, phase, batch, seq, context, encoder_seq)
-    costs = opcache.costs(spec, phase, numbers, lambda: phase_ops(spec, phase, optimizer=optimizer),
-                          options=f"optimizer={optimizer}")
-    times = in_sequence([op_time(op, hw, spec.compute_dtype, cal) for op in costs])
+    if layout is not None and not layout.trivial:
+        from flopsim.count import evaluate_ops, token_values
+        from flopsim.parallel import shard
+
+        ops = shard(phase_ops(spec, phase, optimizer=optimizer), spec, phase, layout)
+        costs = evaluate_ops(ops, token_values(spec, phase, batch, seq, context, encoder_seq))
+    else:
+        costs = opcache.costs(spec, phase, numbers, lambda: phase_ops(spec, phase, optimizer=optimizer),
+                              options=f"optimizer={optimizer}")
+    times = in_sequence([op_time(op, hw, spec.compute_dtype, cal, links) for op in costs])
     return PredictResult(spec=spec, hw=hw, phase=phase, batch=batch, seq=seq, context=numbers["T"],
-                         calibration=cal, optimizer=optimizer, ops=times, encoder_seq=numbers.get("S_enc"))
+                         calibration=cal, optimizer=optimizer, ops=times, encoder_seq=numbers.get("S_enc"),
+                         layout=layout)
 
 
 @dataclass

@@ -49,7 +49,7 @@ Conventions:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import numpy as np
@@ -132,6 +132,9 @@ class OpTime:
     host_s: float = 0.0  # host dispatch, overlapping the device on a device that queues kernels
     device_s: float = 0.0  # max(compute_s, memory_s) + the device's fixed costs
     host_sync: bool = False  # the host waits for the device after this op (flopsim.ops.op.Op.host_sync)
+    comm_s: float = 0.0  # a collective's time on its link (bound "comm")
+    comm_bytes: float = 0.0  # a collective's message
+    tags: dict = field(default_factory=dict, compare=False)  # a collective's group, ranks, level, per, window
 
     @property
     def key(self) -> str:
@@ -140,6 +143,8 @@ class OpTime:
     def to_dict(self) -> dict:
         row = asdict(self)
         row["pass"] = row.pop("pass_")
+        tags = row.pop("tags")
+        row.update({f"tag_{k}": v for k, v in tags.items()})
         return row
 
 
@@ -155,11 +160,38 @@ def products_per_kernel(gemm, kernels):
     return float(per) if np.ndim(per) == 0 else per
 
 
-def op_time(op, hw, dtype: str, calibration=None) -> OpTime:
-    """The roofline of one evaluated op (a flopsim.count.OpCost)."""
+def collective_time(op, hw, calibration, links=None) -> OpTime:
+    """A collective op (kind `collective`): flopsim.collectives' latency + bandwidth
+    time of its message on its link level (`links`: {level: LinkLevel} overriding the
+    calibration's `link`), times its expected launches (latency) and its bytes."""
+    from flopsim.collectives import collective_s
+    from flopsim.errors import InputError
+
+    level = op.tags.get("level", "scale_up")
+    link = (links or {}).get(level) or calibration.link(level, hw)
+    if link is None:
+        raise InputError(f"{op.name}: {hw.name} has no {level.replace('_', '-')} link figure (hardware "
+                         f"interconnect_bytes_per_s / scale_out_bytes_per_s, or the calibration's links)")
+    kernels = float(getattr(op, "kernels", 1))
+    ranks = int(op.tags.get("ranks", 1))
+    one = collective_s(op.variant, float(op.comm_bytes) / kernels if kernels else 0.0, ranks,
+                       link.bus_bytes_per_s, link.latency_s, link.hop_latency_s)
+    comm_s = kernels * one
+    return OpTime(name=op.name, kind=op.kind, layer=op.layer, pass_=op.pass_, flops=0, all_flops=0, bytes=0,
+                  intensity=0.0, peak_flops_per_s=0.0, compute_eff=1.0, memory_eff=1.0, compute_s=0.0,
+                  memory_s=0.0, overhead_s=0.0, time_s=comm_s, bound="comm", kernels=kernels, variant=op.variant,
+                  host_s=0.0, device_s=comm_s, comm_s=comm_s, comm_bytes=float(op.comm_bytes),
+                  tags=dict(op.tags))
+
+
+def op_time(op, hw, dtype: str, calibration=None, links=None) -> OpTime:
+    """The roofline of one evaluated op (a flopsim.count.OpCost); a collective's time
+    comes from its link level (`collective_time`)."""
     from flopsim.calibration import Calibration
 
     calibration = calibration or Calibration.ideal(hw.name)
+    if op.kind == "collective":
+        return collective_time(op, hw, calibration, links)
     peak = op_peak_flops_per_s(op.kind, hw, dtype)
     backward = op.pass_ == "bwd"
     kernels = float(getattr(op, "kernels", 1))

@@ -2,7 +2,7 @@
 costs (flopsim.count.OpCost, flopsim.opcache) need not import sympy."""
 
 BYTE_FIELDS = ("weight_bytes", "act_read_bytes", "act_write_bytes", "kv_read_bytes", "kv_write_bytes")
-COST_FIELDS = ("flops", "causal_flops", "other_flops", *BYTE_FIELDS, "params")
+COST_FIELDS = ("flops", "causal_flops", "other_flops", *BYTE_FIELDS, "params", "comm_bytes")
 
 KINDS = (
     "matmul",  # a dense matrix product (Linear)
@@ -19,4 +19,5 @@ KINDS = (
     "kv_cache",  # appending keys and values to the cache
     "loss",  # cross-entropy
     "optimizer",  # parameter update
+    "collective",  # communication between devices (flopsim.parallel): `variant` names it, `comm_bytes` its message
 )

@@ -14,6 +14,12 @@ Conventions (docs/design.md, "Counting conventions" -- a contract):
   KV cache). Each op is costed as its own kernel: what it reads comes from
   memory, what it writes goes to memory.
 - `params`: parameters this op owns (a tied head owns none).
+- `comm_bytes`: a collective's message (kind `collective`, added by
+  flopsim.parallel when a layout shards the list): the bytes each rank holds
+  (all-reduce, all-to-all, a send) or the whole buffer (all-gather,
+  reduce-scatter), as flopsim.collectives takes them; `variant` names the
+  collective and `tags` its group (`group`, `ranks`, `level`). Not memory
+  traffic: `bytes` leaves it out. 0 for every other op.
 - `gemm`: (batch, m, n, k) of the op's main matrix product, for shape-aware
   calibration; None for ops that are not matrix products.
 - `variant`: which kernel of its kind the op runs (the elementwise function,
@@ -69,6 +75,7 @@ class Op:
     kv_read_bytes: sp.Expr = ZERO
     kv_write_bytes: sp.Expr = ZERO
     params: sp.Expr = ZERO
+    comm_bytes: sp.Expr = ZERO
     gemm: Optional[tuple] = None
     tags: dict = field(default_factory=dict, compare=False, hash=False)
     variant: str = ""  # the kernel that runs (gelu, rmsnorm, explicit attention, ...), for calibration

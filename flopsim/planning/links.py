@@ -46,6 +46,11 @@ class Links:
     scale_out: Any  # None: no network figure (a group beyond one node is an error)
     gpus_per_node: int
 
+    @property
+    def by_level(self) -> dict:
+        """{level: LinkLevel} for flopsim.roofline.collective_time (scale_out left out when unknown)."""
+        return {k: v for k, v in (("scale_up", self.scale_up), ("scale_out", self.scale_out)) if v is not None}
+
     def inside(self, span: int) -> bool:
         """Whether a group whose ranks span `span` consecutive ranks stays within one node."""
         return span <= self.gpus_per_node and self.gpus_per_node % span == 0

@@ -87,7 +87,7 @@ from typing import Any, Optional
 
 from flopsim.errors import InputError, bad_value
 from flopsim.planning.common import (DEFAULT_GLOBAL_BATCH_TOKENS, DEFAULT_SEQ, _gb, _long_table,
-                                     _non_negative, _positive, _positive_int, _Progress, _split_s)
+                                     _non_negative, _positive, _positive_int, _Progress)
 from flopsim.planning.links import Links, resolve_links
 
 
@@ -95,16 +95,6 @@ def bubble_fraction(pp: int, microbatches: int) -> float:
     """1F1B pipeline bubble over the ideal time: (pp - 1) / microbatches."""
     return (pp - 1) / microbatches
 
-
-
-def _stage_s(ops, tp: int, pp: int, layers: int) -> float:
-    """The slowest pipeline stage's time for `ops`, split tp ways: it holds
-    ceil(layers / pp) of the blocks (stages are as even as the layers allow)
-    and a 1/pp share of the rest (embeddings, head, loss)."""
-    blocks = [op for op in ops if 0 <= op.layer < layers]
-    rest = [op for op in ops if not 0 <= op.layer < layers]
-    share = math.ceil(layers / pp) / layers
-    return share * _split_s(blocks, tp, 1) + _split_s(rest, tp * pp, pp)
 
 
 def _param_split(spec) -> tuple[int, int]:
@@ -183,22 +173,17 @@ class TrainingPlan:
             return {"part": name, "per_microbatch_s": per_mb, "per_step_s": per_step, "how": how}
 
         parts = [part("forward", k["forward_s_per_microbatch"], mb * k["forward_s_per_microbatch"],
-                      "op-list time / (tp*pp) + launches / pp"),
+                      "the slowest stage's sharded op list"),
                  part("backward", k["backward_s_per_microbatch"], mb * k["backward_s_per_microbatch"])]
         if c["recompute"]:
             parts.append(part("recompute", k["recompute_s_per_microbatch"], mb * k["recompute_s_per_microbatch"],
                               "blocks' forward again"))
-        if c["tp"] > 1:
-            parts.append(part("TP all-reduce", cm["tp_s_per_microbatch"], cm["tp_s_per_step"],
-                              f"{cm['tp_allreduces_per_microbatch']} x {human(cm['tp_allreduce_bytes'], 'B')} "
-                              f"({cm['tp_link']})"))
-        if c["ep"] > 1:
-            parts.append(part("MoE all-to-all", cm["ep_s_per_microbatch"], cm["ep_s_per_step"],
-                              f"{cm['ep_all_to_alls_per_microbatch']} x {human(cm['ep_routed_bytes_per_layer'], 'B')} "
-                              f"({cm['ep_link']})"))
+        for group, label in (("tp", "TP collectives"), ("ep", "MoE all-to-all"), ("pp", "PP send/recv")):
+            if c[group] > 1:
+                parts.append(part(label, cm[f"{group}_s_per_microbatch"], cm[f"{group}_s_per_step"],
+                                  f"{cm[f'{group}_collectives_per_microbatch']} x "
+                                  f"{human(cm[f'{group}_bytes_per_collective'], 'B')} ({cm[f'{group}_link']})"))
         if c["pp"] > 1:
-            parts.append(part("PP send/recv", cm["pp_s_per_microbatch"], cm["pp_s_per_step"],
-                              f"2 x {human(cm['pp_p2p_bytes'], 'B')} ({cm['pp_link']})"))
             parts.append(part("pipeline bubble", None, k["bubble_s"],
                               f"(pp-1)/microbatches = {k['bubble_fraction']:.3g} of the ideal"))
         if c["dp"] > 1:
@@ -329,99 +314,6 @@ def routing_figures(spec, c: dict) -> dict:
     return out
 
 
-def _imbalanced(ops, factor: float) -> list:
-    """The routed experts' ops with their work (not their launches) scaled by `factor`."""
-    if factor == 1.0:
-        return list(ops)
-    from dataclasses import replace
-
-    return [replace(op, time_s=op.overhead_s + (op.time_s - op.overhead_s) * factor)
-            if ".moe.experts." in op.name else op for op in ops]
-
-
-def _train_compute(r, spec, c: dict, params: float, params_expert: float) -> dict:
-    """Per-GPU compute of one micro-batch (forward, backward, recomputation) and the optimizer
-    update of the GPU's shard, from the unsharded train-phase roofline `r` (layout `c`); the
-    routed experts' work is the busiest expert-parallel rank's (c["expert_imbalance"])."""
-    tp, pp, L = c["tp"], c["pp"], spec.layers
-    ops = _imbalanced(r.ops, c.get("expert_imbalance", 1.0))
-    fwd = [op for op in ops if op.pass_ == "fwd" and op.kind != "optimizer"]
-    bwd = [op for op in ops if op.pass_ == "bwd"]
-    opt = [op for op in ops if op.kind == "optimizer"]
-    blocks_fwd = [op for op in fwd if 0 <= op.layer < L]
-    if c["full_recompute"]:
-        t_rc = _stage_s(blocks_fwd, tp, pp, L)
-    elif c["selective"]:  # Korthikanti et al. 2022: only the attention core runs again
-        t_rc = _stage_s([op for op in blocks_fwd if op.kind == "attention"], tp, pp, L)
-    else:
-        t_rc = 0.0
-    params_dense = params - params_expert
-    sharded = 1 if c["zero"] >= 1 else 0
-    updated = (params_dense / (tp * pp) / (c["dp"] if sharded else 1)
-               + params_expert / (tp * pp * c["ep"]) / (c["dp"] // c["ep"] if sharded else 1))
-    t_opt = (sum(op.time_s - op.overhead_s for op in opt) * updated / params
-             + sum(op.overhead_s for op in opt)) if params else 0.0
-    return {"fwd_ops": fwd, "t_fwd": _stage_s(fwd, tp, pp, L), "t_bwd": _stage_s(bwd, tp, pp, L),
-            "t_rc": t_rc, "t_opt": t_opt}
-
-
-def _model_parallel_comm(spec, links, t: dict, c: dict) -> dict:
-    """Tensor-parallel all-reduces, expert-parallel all-to-alls and pipeline sends of one
-    micro-batch on the slowest stage, and the stage's time with them."""
-    tp, pp, ep, dp, mb = c["tp"], c["pp"], c["ep"], c["dp"], c["micro_batch"]
-    act_bytes = mb * c["seq"] * spec.d_model * spec.dtype_bytes
-    passes = 2 + 2 + (2 if c["full_recompute"] else 0)  # forward, backward, recomputation
-    tp_one = links.collective_s("all_reduce", act_bytes, tp, tp)
-    tp_count = passes * math.ceil(spec.layers / pp) if tp > 1 else 0
-    dispatch = [op for op in t["fwd_ops"] if op.kind == "gather" and op.name.endswith(".moe.dispatch")]
-    routed_total = _routed_bytes(spec, mb, c["seq"])  # all MoE layers, one micro-batch, whole batch
-    # the busiest expert-parallel rank receives expert_imbalance x the mean rank's rows
-    routed_layer_gpu = (routed_total / len(dispatch) / tp * c.get("expert_imbalance", 1.0)) if dispatch else 0.0
-    a2a_one = links.collective_s("all_to_all", routed_layer_gpu, ep, tp * ep)
-    ep_count = int(round(passes * len(dispatch) / pp)) if ep > 1 else 0
-    p2p_bytes = act_bytes / tp
-    p2p_one = links.collective_s("send_recv", p2p_bytes, 2, tp * dp * pp) if pp > 1 else 0.0
-    compute_mb = t["t_fwd"] + t["t_bwd"] + t["t_rc"]
-    tp_mb = tp_count * tp_one
-    tp_exposed_mb = max(0.0, tp_mb - float(c["tp_overlap"]) * compute_mb)  # hidden behind the GEMMs it feeds
-    return {"act_bytes": act_bytes, "tp_one": tp_one, "tp_count": tp_count, "tp_mb": tp_mb,
-            "tp_exposed_mb": tp_exposed_mb, "routed_layer_gpu": routed_layer_gpu, "a2a_one": a2a_one,
-            "ep_count": ep_count, "ep_mb": ep_count * a2a_one, "p2p_bytes": p2p_bytes, "p2p_one": p2p_one,
-            "p2p_mb": 2 * p2p_one, "compute_mb": compute_mb,
-            "stage_s": compute_mb + tp_exposed_mb + ep_count * a2a_one + 2 * p2p_one}
-
-
-def _data_parallel_comm(links, bpp: dict, params_dense, params_expert, t: dict, c: dict) -> tuple:
-    """(bytes per step, raw seconds per step, seconds exposed past the overlap) of the
-    data-parallel traffic of ZeRO stage c["zero"] (flopsim.collectives)."""
-    tp, pp, ep, dp, m = c["tp"], c["pp"], c["ep"], c["dp"], c["microbatches"]
-    edp = dp // ep
-    W_d = params_dense / (tp * pp) * bpp["weights"]
-    W_e = params_expert / (tp * pp * ep) * bpp["weights"]
-    G_d = params_dense / (tp * pp) * bpp["gradients"]
-    G_e = params_expert / (tp * pp * ep) * bpp["gradients"]
-
-    def both(op, dense_bytes, expert_bytes):
-        return (links.collective_s(op, dense_bytes, dp, tp * dp)
-                + links.collective_s(op, expert_bytes, edp, tp * dp))
-
-    def exposed(traffic, window):
-        return max(0.0, traffic - float(c["dp_overlap"]) * window)
-
-    ar_g, rs_g, ag_w = both("all_reduce", G_d, G_e), both("reduce_scatter", G_d, G_e), both("all_gather", W_d, W_e)
-    grads, weights = _frac(G_d, dp) + _frac(G_e, edp), _frac(W_d, dp) + _frac(W_e, edp)
-    back = t["t_bwd"] + t["t_rc"]
-    if c["zero"] == 0:
-        return 2 * grads, ar_g, exposed(ar_g, back)
-    if c["zero"] == 1:
-        return grads + weights, rs_g + ag_w, exposed(rs_g, back) + exposed(ag_w, t["t_fwd"])
-    if c["zero"] == 2:
-        return m * grads + weights, m * rs_g + ag_w, m * exposed(rs_g, back) + exposed(ag_w, t["t_fwd"])
-    gathers_bwd = 2 if c["full_recompute"] else 1
-    return (m * ((1 + gathers_bwd) * weights + grads), m * ((1 + gathers_bwd) * ag_w + rs_g),
-            m * (exposed(ag_w, t["t_fwd"]) + exposed(gathers_bwd * ag_w + rs_g, back)))
-
-
 def _train_memory_verdict(spec, hw, mem, params, params_expert, c: dict, links, optimizer) -> tuple:
     """(memory dict, fits, message, suggestions) for the layout `c`."""
     tp, pp, ep, dp = c["tp"], c["pp"], c["ep"], c["dp"]
@@ -451,13 +343,13 @@ def _train_memory_verdict(spec, hw, mem, params, params_expert, c: dict, links, 
     return mem_out, fits, message, suggestions
 
 
-def _train_totals(r, spec, hw, c: dict, tokens: float, step_s: float, price) -> dict:
+def _train_totals(flops_microbatch, spec, hw, c: dict, tokens: float, step_s: float, price) -> dict:
     """Steps, time, GPU-hours, cost, throughput and MFU of the run."""
     tokens_per_step = c["global_batch"] * c["seq"]
     steps = math.ceil(tokens / tokens_per_step)
     train_s = steps * step_s
     gpu_hours = c["gpus"] * train_s / 3600
-    flops_step = r.flops * (c["global_batch"] // c["micro_batch"])
+    flops_step = flops_microbatch * (c["global_batch"] // c["micro_batch"])
     peak = hw.peak_flops_per_s_for(spec.compute_dtype)[0]
     return {
         "tokens": tokens, "tokens_per_step": tokens_per_step, "tokens_trained": steps * tokens_per_step,
@@ -470,24 +362,49 @@ def _train_totals(r, spec, hw, c: dict, tokens: float, step_s: float, price) -> 
     }
 
 
-def _train_communication(links, mp: dict, dp_comm: tuple, c: dict) -> dict:
-    """The communication section of a training plan."""
-    tp, pp, ep, dp, m = c["tp"], c["pp"], c["ep"], c["dp"], c["microbatches"]
-    dp_bytes, dp_raw, dp_exposed = dp_comm
-    return {
-        "tp_allreduce_bytes": mp["act_bytes"] if tp > 1 else 0, "tp_allreduces_per_microbatch": mp["tp_count"],
-        "tp_allreduce_s": mp["tp_one"], "tp_s_per_microbatch": mp["tp_mb"], "tp_s_per_step": m * mp["tp_mb"],
-        "tp_exposed_s_per_microbatch": mp["tp_exposed_mb"], "tp_overlap": float(c["tp_overlap"]),
-        "tp_link": links.where(tp, tp),
-        "ep_routed_bytes_per_layer": mp["routed_layer_gpu"] if ep > 1 else 0,
-        "ep_all_to_alls_per_microbatch": mp["ep_count"], "ep_all_to_all_s": mp["a2a_one"] if ep > 1 else 0.0,
-        "ep_s_per_microbatch": mp["ep_mb"], "ep_s_per_step": m * mp["ep_mb"], "ep_link": links.where(tp * ep, ep),
-        "pp_p2p_bytes": mp["p2p_bytes"] if pp > 1 else 0, "pp_p2p_s": mp["p2p_one"],
-        "pp_s_per_microbatch": mp["p2p_mb"], "pp_s_per_step": m * mp["p2p_mb"], "pp_link": links.where(tp * dp * pp, pp),
-        "dp_zero_stage": c["zero"], "dp_bytes_per_step": dp_bytes, "dp_s_per_step": dp_raw,
-        "dp_exposed_s_per_step": dp_exposed, "dp_hidden_s_per_step": dp_raw - dp_exposed,
-        "dp_overlap": float(c["dp_overlap"]), "dp_link": links.where(tp * dp, dp),
-    }
+def _stage_list(spec, hw, cal, links, c: dict, base_ops: list, bpp: dict) -> list:
+    """Each stage worth costing (flopsim.planning.train_step.stages_to_cost): its sharded
+    op list of one micro-batch, evaluated and costed op by op."""
+    from flopsim.count import evaluate_ops, token_values
+    from flopsim.parallel import make_layout, shard
+    from flopsim.planning.train_step import stage_times, stages_to_cost
+    from flopsim.roofline import in_sequence, op_time
+
+    values = token_values(spec, "train", c["micro_batch"], c["seq"])
+    out = []
+    for stage in stages_to_cost(spec.blocks, c["pp"]):
+        layout = make_layout(spec, "train", tp=c["tp"], pp=c["pp"], dp=c["dp"], ep=c["ep"], zero=c["zero"],
+                             recompute=c["recompute_mode"], gpus_per_node=links.gpus_per_node,
+                             expert_load=c.get("expert_imbalance", 1.0), stage=stage)
+        ops = shard(base_ops, spec, "train", layout, grad_bytes_per_param=bpp["gradients"],
+                    weight_bytes_per_param=bpp["weights"])
+        costs = evaluate_ops(ops, values)
+        times = in_sequence([op_time(op, hw, spec.compute_dtype, cal, links.by_level) for op in costs])
+        out.append(stage_times(times, stage))
+    return out
+
+
+def _train_communication(links, sched: dict, c: dict) -> dict:
+    """The communication section of a training plan: per group, its collectives per
+    micro-batch on the slowest stage, one message and its time, the per-step totals."""
+    from flopsim.planning.train_step import tp_exposed_s
+
+    slow, m = sched["slowest"], c["microbatches"]
+    spans = {"tp": (c["tp"], c["tp"]), "ep": (c["tp"] * c["ep"], c["ep"]),
+             "pp": (c["tp"] * c["dp"] * c["pp"], c["pp"]), "dp": (c["tp"] * c["dp"], c["dp"])}
+    out: dict = {}
+    for group in ("tp", "ep", "pp"):
+        nbytes, one = slow.comm_one.get(group, (0.0, 0.0))
+        out.update({f"{group}_collectives_per_microbatch": slow.comm_count[group],
+                    f"{group}_bytes_per_collective": nbytes, f"{group}_collective_s": one,
+                    f"{group}_s_per_microbatch": slow.comm_s[group], f"{group}_s_per_step": m * slow.comm_s[group],
+                    f"{group}_link": links.where(*spans[group])})
+    out.update({"tp_exposed_s_per_microbatch": tp_exposed_s(slow, float(c["tp_overlap"])),
+                "tp_overlap": float(c["tp_overlap"]), "dp_zero_stage": c["zero"],
+                "dp_bytes_per_step": sched["dp_bytes"], "dp_s_per_step": sched["dp_s"],
+                "dp_exposed_s_per_step": sched["dp_exposed_s"], "dp_hidden_s_per_step": sched["dp_s"] - sched["dp_exposed_s"],
+                "dp_overlap": float(c["dp_overlap"]), "dp_link": links.where(*spans["dp"])})
+    return out
 
 
 def _train_notes(spec, c: dict, tokens: float) -> list:
@@ -539,7 +456,7 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
     from flopsim.hardware import load_hardware
     from flopsim.memory import memory
     from flopsim.ops.optimizer import get_optimizer
-    from flopsim.predict import predict
+    from flopsim.planning.train_step import step_schedule
     from flopsim.spec import load_model
 
     spec, hw = load_model(spec), load_hardware(hw)
@@ -558,66 +475,51 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
     global_batch = _global_batch(seq, dp, micro_batch, global_batch, global_batch_tokens)
     c = dict(gpus=gpus, dp=dp, tp=tp, pp=pp, ep=ep, seq=seq, micro_batch=micro_batch, global_batch=global_batch,
              microbatches=global_batch // (dp * micro_batch), zero=zero, full_recompute=full_recompute,
-             selective=selective, dp_overlap=dp_overlap, tp_overlap=tp_overlap)
+             selective=selective, dp_overlap=dp_overlap, tp_overlap=tp_overlap, optimizer=optimizer,
+             recompute_mode="selective" if selective else ("full" if full_recompute else "none"))
     links = resolve_links(hw, cal, interconnect_bytes_per_s, inter_node_bytes_per_s, gpus_per_node, comm_latency_s,
                    needed=gpus > 1)
 
-    bar = _Progress(progress, f"predicting {spec.name} train step", total=3)
+    from flopsim.count import count
+    from flopsim.predict import phase_ops
+
+    bar = _Progress(progress, f"costing {spec.name} train step", total=3)
     try:
-        r = predict(spec, hw, phase="train", batch=micro_batch, seq=seq, calibration=cal, optimizer=optimizer)
-        bar.advance("memory")
         mem = memory(spec, phase="train", batch=micro_batch, seq=seq, recompute=full_recompute, optimizer=optimizer)
-        bar.advance("parameters")
         params, params_expert = _param_split(spec)
+        c.update(routing_figures(spec, c))
+        bar.advance("stages")
+        base_ops = phase_ops(spec, "train", optimizer=optimizer)
+        stages = _stage_list(spec, hw, cal, links, c, base_ops, mem.bytes_per_param)
+        bar.advance("totals")
+        flops = count(spec, batch=micro_batch, seq=seq, phase="train").flops
         bar.advance()
     finally:
         bar.close()
-
-    routing = routing_figures(spec, c)
-    c.update(routing)
-    t = _train_compute(r, spec, c, params, params_expert)
-    mp = _model_parallel_comm(spec, links, t, c)
-    pipeline_s = (c["microbatches"] + pp - 1) * mp["stage_s"]
-    dp_comm = _data_parallel_comm(links, mem.bytes_per_param, params - params_expert, params_expert, t, c)
-    step_s = pipeline_s + dp_comm[2] + t["t_opt"]
+    sched = step_schedule(stages, c["microbatches"], pp, float(tp_overlap), float(dp_overlap))
     mem_out, fits, message, suggestions = _train_memory_verdict(spec, hw, mem, params, params_expert, c, links,
                                                                 optimizer)
-    compute = {
-        "forward_s_per_microbatch": t["t_fwd"], "backward_s_per_microbatch": t["t_bwd"],
-        "recompute_s_per_microbatch": t["t_rc"], "compute_s_per_microbatch": mp["compute_mb"],
-        "compute_s_per_step": c["microbatches"] * mp["compute_mb"], "optimizer_s": t["t_opt"],
-        "stage_s_per_microbatch": mp["stage_s"], "pipeline_s": pipeline_s, "bubble_s": (pp - 1) * mp["stage_s"],
-        "bubble_fraction": bubble_fraction(pp, c["microbatches"]),
-        "unsharded_microbatch_s": r.time_s, "unsharded_microbatch_flops": r.flops,
+    config = {key: c[key] for key in ("gpus", "dp", "tp", "pp", "ep", "seq", "micro_batch", "global_batch",
+                                      "microbatches", "optimizer", "zero") if key in c}
+    config.update(expert_dp=dp // ep, recompute="selective" if selective else full_recompute, optimizer=optimizer,
+                  **{k: c[k] for k in ("routing", "expert_imbalance", "dropped_fraction") if k in c})
+    return TrainingPlan(spec=spec, hw=hw, calibration=cal, config=config, links=links,
+                        compute=_train_compute(sched, c), communication=_train_communication(links, sched, c),
+                        memory=mem_out, totals=_train_totals(flops, spec, hw, c, tokens, sched["step_s"], price),
+                        fits=fits, message=message, suggestions=suggestions, notes=_train_notes(spec, c, tokens))
+
+
+def _train_compute(sched: dict, c: dict) -> dict:
+    """The compute section: the slowest stage's passes per micro-batch, the pipeline."""
+    slow, m = sched["slowest"], c["microbatches"]
+    return {
+        "forward_s_per_microbatch": slow.fwd_s, "backward_s_per_microbatch": slow.bwd_s,
+        "recompute_s_per_microbatch": slow.recompute_s, "compute_s_per_microbatch": slow.compute_s,
+        "compute_s_per_step": m * slow.compute_s, "optimizer_s": sched["tail"].optimizer_s,
+        "stage_s_per_microbatch": sched["stage_s"], "pipeline_s": sched["pipeline_s"],
+        "bubble_s": sched["bubble_s"], "bubble_fraction": bubble_fraction(c["pp"], m),
+        "slowest_stage": slow.stage,
     }
-    config = {
-        "gpus": gpus, "dp": dp, "tp": tp, "pp": pp, "ep": ep, "expert_dp": dp // ep, "seq": seq,
-        "micro_batch": micro_batch, "global_batch": global_batch, "microbatches": c["microbatches"],
-        "recompute": "selective" if selective else full_recompute, "optimizer": optimizer, "zero": zero,
-        **routing,
-    }
-    return TrainingPlan(spec=spec, hw=hw, calibration=cal, config=config, links=links, compute=compute,
-                        communication=_train_communication(links, mp, dp_comm, c), memory=mem_out,
-                        totals=_train_totals(r, spec, hw, c, tokens, step_s, price), fits=fits, message=message,
-                        suggestions=suggestions, notes=_train_notes(spec, c, tokens))
-
-
-def _frac(nbytes: float, n: int) -> float:
-    """Bytes a rank sends in a reduce-scatter or all-gather of nbytes over n ranks."""
-    return (n - 1) / n * nbytes if n > 1 else 0.0
-
-
-def _routed_bytes(spec, batch: int, seq: int) -> float:
-    """Bytes the MoE layers' dispatch ops write forward in one micro-batch (all layers)."""
-    from flopsim.count import evaluate_ops, token_values
-    from flopsim.families import build_ops
-
-    ops = [op for op in build_ops(spec, "forward")
-           if op.pass_ == "fwd" and op.kind == "gather" and op.name.endswith(".moe.dispatch")]
-    if not ops:
-        return 0.0
-    values = token_values(spec, "forward", batch, seq)
-    return float(sum(op.act_write_bytes for op in evaluate_ops(ops, values)))
 
 
 def _train_suggestions(spec, mem, params_dense, params_expert, bpp, capacity, *, gpus, tp, pp, dp, ep, zero,

@@ -1,0 +1,398 @@
+"""Parallelism as a transformation of the op list: one step's ops (one
+micro-batch; flopsim.predict.phase_ops) under a Layout become one GPU's ops,
+the collectives that layout needs among them (kind `collective`, the
+message in `comm_bytes`, taken from the ops' own bytes).
+
+Splitting (each op's FLOPs, bytes, parameters and matrix shape; tp' = tp
+with sequence parallelism, else 1). A block's sub-layer is the run of ops
+that ends in its residual add (`attn_residual`, `cross_residual`,
+`mlp_residual`); within it the ops from its first column-parallel matrix
+product up to its row-parallel one work on tp-split tensors:
+- column-parallel products (q/k/v, gate/up, the LM head over the vocabulary):
+  everything / tp, the product's n / tp; row-parallel (attention out, down):
+  everything / tp, k / tp; the attention core: / tp over heads, its KV-cache
+  bytes / min(tp, kv_heads) (GQA replicates a KV head on tp / kv_heads
+  ranks; a latent MLA cache is whole on every rank); the ops between them
+  (activation, RoPE, per-head norms, the vocabulary-parallel loss): / tp;
+- token-wise ops outside (norms, residual adds, routers, embeddings): FLOPs,
+  activation and KV bytes / tp', their weights whole (replicated), except the
+  token embedding's table, split over the vocabulary (/ tp);
+- MLA's latent down-projections and their norm run whole on every rank;
+- routed experts (expert parallel, expert-tensor-parallel = tp, as
+  Megatron-Core's default): work / tp x expert_load (the busiest rank's
+  pairs; under ep a rank's E / ep experts serve all ep ranks' tokens, so the
+  work per GPU equals one micro-batch's), their weights / (tp * ep), the
+  grouped product (E, m, n, k) -> (E / ep, m * ep, ...);
+- context parallel: every op's FLOPs and activation bytes / cp (its m / cp),
+  weights whole.
+
+Collectives (flopsim.collectives prices them by message size and link level):
+- tp: per sub-layer, an all-reduce of its output (the residual add's bytes)
+  before the residual add; with sequence parallelism a reduce-scatter there
+  and an all-gather of its input before its first matrix product (Megatron's
+  pair, the same bytes); the token embedding's output likewise. Backward:
+  the conjugates (all-gather <-> reduce-scatter, all-reduce for all-reduce).
+- ep: an all-to-all after the dispatch (its bytes / tp' x expert_load) and one
+  back after the last expert product; backward the same two.
+- cp: keys and values all-gathered before each attention core (2 x its
+  tokens x kv_heads x d_head values, / min(tp, kv_heads)), reduce-scattered
+  in backward.
+- pp: the stage's output activations (its last residual add's bytes / tp,
+  Megatron's scatter-gather) sent forward, their gradients sent back.
+- dp (train): per layer of the stage, by ZeRO stage, over dp * cp ranks (routed
+  experts over dp * cp / ep): 0 all-reduce the gradients once a step; 1
+  reduce-scatter them once a step and all-gather the updated weights; 2
+  reduce-scatter after every micro-batch, all-gather once a step; 3 gather the
+  weights before each forward and backward (and recomputation) and
+  reduce-scatter the gradients after, every micro-batch. Gradient and weight
+  bytes per parameter come from the caller (flopsim.memory's). Tags: `per`
+  (`microbatch` or `step`), `window` (`forward` / `backward`: the pass the
+  traffic can hide behind).
+Every collective op carries tags `group`, `ranks`, `level` (scale_up /
+scale_out, Layout.level); a branch that runs only sometimes (its op's
+`kernels` below 1) scales its collective's launches the same.
+
+Recomputation (train): full copies every block's forward ops (collectives
+included), selective its attention cores, as forward-kernel ops named
+`<op>.recompute` (tag `recompute`) placed before the block's backward. Pipeline: the blocks
+split into `pp` contiguous stages as evenly as they go (the earlier stages
+take the extra block), the embeddings on the first, the final norm, head and
+loss on the last; the sharded list is stage `layout.stage` (default the
+last). The optimizer update covers the stage's parameters (/ the
+data-parallel ranks under ZeRO >= 1). Not counted: the vocabulary-parallel
+loss's small all-reduces, a tied embedding's copy on the last stage.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from typing import Optional
+
+import sympy as sp
+
+from flopsim.ops.op import Op
+
+RESIDUAL = re.compile(r"(attn|cross|mlp)_residual$")
+COLUMN = ("attn.qkv", "attn.q", "attn.q_b", "attn.kv_b", "attn.qkv.mult", "cross.q", "cross.kv", "mlp.up",
+          "mlp.gate_up", "moe.experts.up", "moe.experts.gate_up", "moe.shared.up", "moe.shared.gate_up", "head.lm")
+ROW = ("attn.out", "cross.out", "mlp.down", "moe.experts.down", "moe.shared.down")
+LATENT = ("attn.q_a", "attn.kv_a", "attn.kv_norm")  # MLA's down-projections: whole on every rank
+CONJUGATE = {"all_gather": "reduce_scatter", "reduce_scatter": "all_gather", "all_reduce": "all_reduce",
+             "all_to_all": "all_to_all", "send_recv": "send_recv"}
+_PREFIX = re.compile(r"^(encoder\.|decoder\.)?(block\.\d+\.)?")
+
+
+def local_name(name: str) -> str:
+    """An op's name within its block: `decoder.block.3.attn.q` -> `attn.q`."""
+    return _PREFIX.sub("", name, count=1)
+
+
+def stage_of_layers(blocks: int, pp: int) -> list[range]:
+    """The blocks each pipeline stage holds: contiguous, as even as they go, the earlier
+    stages taking the extra block."""
+    base, extra = divmod(blocks, pp)
+    out, start = [], 0
+    for s in range(pp):
+        size = base + (1 if s < extra else 0)
+        out.append(range(start, start + size))
+        start += size
+    return out
+
+
+def collective(name: str, op: str, nbytes, *, layer: int, group: str, layout, pass_: str = "fwd",
+               kernels=1, **tags) -> Op:
+    """A collective op: `op` over the layout's group `group` on a message of `nbytes`."""
+    ranks, _ = layout.group(group)
+    return Op(name=name, kind="collective", layer=layer, module=name.rsplit(".", 1)[0], pass_=pass_,
+              variant=op, comm_bytes=nbytes, kernels=kernels,
+              tags={"group": group, "ranks": ranks, "level": layout.level(group), **tags})
+
+
+# -- splitting ---------------------------------------------------------------------------------
+
+
+def _regions(fwd_ops: list) -> set:
+    """Names of the forward ops that work on tp-split tensors: in each sub-layer,
+    from its first column-parallel product to its row-parallel one (to the end of
+    the sub-layer when it has none, as the head's loss after the vocabulary-parallel head)."""
+    inside, names = False, set()
+    for op in fwd_ops:
+        local = local_name(op.name)
+        if local in COLUMN:
+            inside = True
+        if inside:
+            names.add(op.name)
+        if local in ROW or RESIDUAL.search(op.name):
+            inside = False
+    return names
+
+
+def _gemm(gemm, axis: int, divisor):
+    if gemm is None or divisor == 1:
+        return gemm
+    out = list(gemm)
+    out[axis] = out[axis] / divisor
+    return tuple(out)
+
+
+def _divided(op: Op, work, weights, kv=None, gemm=None) -> Op:
+    """The op with FLOPs and activation bytes / work, weights and parameters / weights,
+    KV bytes / kv (default work), `gemm` its new shape."""
+    kv = work if kv is None else kv
+    changes = {f: getattr(op, f) / work for f in ("flops", "causal_flops", "other_flops", "act_read_bytes",
+                                                  "act_write_bytes")}
+    changes.update(kv_read_bytes=op.kv_read_bytes / kv, kv_write_bytes=op.kv_write_bytes / kv,
+                   weight_bytes=op.weight_bytes / weights, params=op.params / weights,
+                   param_bytes=None if op.param_bytes is None else op.param_bytes / weights)
+    if gemm is not None:
+        changes["gemm"] = gemm
+    return replace(op, **changes)
+
+
+def split_op(op: Op, spec, layout, in_region: bool) -> Op:
+    """One op's share on one GPU (see the module docstring)."""
+    tp, cp, ts = layout.tp, layout.cp, layout.token_split
+    local = local_name(op.name)
+    kv_split = 1 if spec.mla is not None else min(tp, spec.kv_heads)
+    if ".moe.experts." in op.name:
+        load = sp.nsimplify(layout.expert_load)
+        gemm = op.gemm
+        if gemm is not None:
+            gemm = (gemm[0] / layout.ep, gemm[1] * layout.ep / cp * load, *gemm[2:])
+            gemm = _gemm(gemm, 2 if local in COLUMN else 3, tp) if local in COLUMN + ROW else gemm
+        return _divided(op, tp * cp / load, tp * layout.ep, gemm=gemm)
+    if local in LATENT and spec.mla is not None:
+        return _divided(op, cp, 1, gemm=_gemm(op.gemm, 1, cp))
+    if local in COLUMN or local in ROW:
+        gemm = _gemm(_gemm(op.gemm, 2 if local in COLUMN else 3, tp), 1, cp)
+        return _divided(op, tp * cp, tp, kv=tp * cp, gemm=gemm)
+    if op.kind in ("attention", "conv") or (op.kind == "kv_cache"):
+        gemm = _gemm(_gemm(op.gemm, 0, tp), 1, cp)
+        return _divided(op, tp * cp, tp, kv=kv_split * cp, gemm=gemm)
+    if in_region:
+        return _divided(op, tp * cp, 1, gemm=_gemm(_gemm(op.gemm, 1, tp), 1, cp))
+    weights = tp if op.kind == "embedding" and local.endswith("embed.tokens") else 1
+    return _divided(op, ts * cp, weights, gemm=_gemm(op.gemm, 1, ts * cp))
+
+
+# -- collectives -------------------------------------------------------------------------------
+
+
+class _Placed:
+    """Forward collectives and where they sit: (anchor op name, 'before' | 'after', op)."""
+
+    def __init__(self):
+        self.anchors: list[tuple[str, str, Op]] = []
+
+    def add(self, out: list, anchor: Op, where: str, coll: Op) -> None:
+        out.append(coll)
+        self.anchors.append((anchor.name, where, coll))
+
+
+def _kv_bytes(op: Op, spec):
+    """Keys and values an attention core reads (its gemm (B*H, S, T, d_head)): 2 x B x T x
+    kv_heads x d_head values."""
+    batch_heads, _, keys, d_head = op.gemm
+    return 2 * batch_heads / spec.heads * spec.kv_heads * keys * d_head * spec.dtype_bytes
+
+
+def _sublayer_bytes(ops: list, k: int):
+    """The bytes of the sub-layer's input at op k: its residual add's output (a sub-layer
+    maps d_model-wide tokens to as many), else the op before k's output (the head's input)."""
+    for orig, _ in ops[k:]:
+        if RESIDUAL.search(orig.name):
+            return orig.act_write_bytes
+    return ops[k - 1][0].act_write_bytes
+
+
+def _layer_forward(ops: list, spec, layout, region: set, placed: _Placed) -> list:
+    """One layer's forward ops (already split) with its tp, ep and cp collectives; `ops` are
+    (original, split) pairs: the collectives' bytes come from the original (whole) op."""
+    tp, ts, cp = layout.tp, layout.token_split, layout.cp
+    out: list = []
+    gathered = False
+    for k, (orig, op) in enumerate(ops):
+        local = local_name(op.name)
+        split_input = op.name in region or (local in LATENT and spec.mla is not None)
+        if tp > 1 and layout.sequence_parallel and not gathered and split_input and k > 0:
+            placed.add(out, op, "before", collective(f"{op.name}.tp_gather", "all_gather",
+                                                     _sublayer_bytes(ops, k) / cp, layer=op.layer, group="tp",
+                                                     layout=layout, kernels=op.kernels))
+            gathered = True
+        if cp > 1 and op.kind == "attention" and not local.startswith("cross."):
+            placed.add(out, op, "before", collective(f"{op.name}.cp_gather", "all_gather",
+                                                     _kv_bytes(orig, spec) / min(tp, spec.kv_heads), layer=op.layer,
+                                                     group="cp", layout=layout, kernels=op.kernels))
+        if tp > 1 and RESIDUAL.search(op.name):
+            reduce = "reduce_scatter" if layout.sequence_parallel else "all_reduce"
+            placed.add(out, op, "before", collective(f"{op.name}.tp_reduce", reduce, orig.act_write_bytes / cp,
+                                                     layer=op.layer, group="tp", layout=layout, kernels=op.kernels))
+            gathered = False
+        out.append(op)
+        if tp > 1 and op.kind == "embedding" and local.endswith("embed.tokens"):
+            reduce = "reduce_scatter" if layout.sequence_parallel else "all_reduce"
+            placed.add(out, op, "after", collective(f"{op.name}.tp_reduce", reduce, orig.act_write_bytes / cp,
+                                                    layer=op.layer, group="tp", layout=layout))
+        if layout.ep > 1 and local.endswith("moe.dispatch"):
+            routed = orig.act_write_bytes / (ts * cp) * sp.nsimplify(layout.expert_load)
+            placed.add(out, op, "after", collective(f"{op.name}.ep_dispatch", "all_to_all", routed, layer=op.layer,
+                                                    group="ep", layout=layout, kernels=op.kernels))
+            last = max(j for j, (o, _) in enumerate(ops) if ".moe.experts." in o.name)
+            ops[last] = (ops[last][0], replace(ops[last][1], tags={**ops[last][1].tags, "_combine": routed}))
+        if layout.ep > 1 and "_combine" in op.tags:
+            routed = op.tags["_combine"]
+            out[-1] = replace(op, tags={k: v for k, v in op.tags.items() if k != "_combine"})
+            placed.add(out, op, "after", collective(f"{op.name}.ep_combine", "all_to_all", routed, layer=op.layer,
+                                                    group="ep", layout=layout, kernels=op.kernels))
+    return out
+
+
+def _conjugate(coll: Op) -> Op:
+    return replace(coll, pass_="bwd", variant=CONJUGATE[coll.variant])
+
+
+def _layer_backward(ops: list, placed: _Placed, recomputed: list, layer: int) -> list:
+    """One layer's backward ops with the conjugates of its forward collectives: a
+    collective before an op in forward comes after its backward, one after it before."""
+    anchors = [(name, where, coll) for name, where, coll in placed.anchors if coll.layer == layer]
+    by_anchor: dict = {}
+    for name, where, coll in anchors:
+        by_anchor.setdefault(name, []).append((where, coll))
+    out = list(recomputed)
+    done = set()
+    for op in ops:
+        for where, coll in by_anchor.get(op.name, []):
+            if where == "after":
+                out.append(_conjugate(coll))
+        out.append(op)
+        for where, coll in by_anchor.get(op.name, []):
+            if where == "before":
+                out.append(_conjugate(coll))
+        done.add(op.name)
+    out += [_conjugate(c) for name, _, c in anchors if name not in done]
+    return out
+
+
+def _recomputation(fwd_layer: list, layout) -> list:
+    """Backward-pass copies of a block's forward (full) or of its attention cores (selective)."""
+    if layout.recompute == "none":
+        return []
+    chosen = fwd_layer if layout.recompute == "full" else [op for op in fwd_layer if op.kind == "attention"]
+    return [replace(op, name=f"{op.name}.recompute", tags={**op.tags, "recompute": True})
+            for op in chosen]
+
+
+def _data_parallel(params: dict, layout, layer: int, grad_bpp: float, weight_bpp: float) -> dict:
+    """A layer's ZeRO collectives by where they go: {'pre_fwd', 'pre_bwd', 'post_bwd': [ops]}
+    (see the module docstring); `params` {'dp': dense, 'edp': routed-expert} on this GPU."""
+    out: dict = {"pre_fwd": [], "pre_bwd": [], "post_bwd": []}
+    zero = layout.zero
+    for group, count in params.items():
+        if not count or layout.group(group)[0] <= 1:
+            continue
+        grads, weights = count * grad_bpp, count * weight_bpp
+        name = f"layer.{layer}.{group}"
+
+        def coll(suffix, op, nbytes, per, window, pass_):
+            return collective(f"{name}.{suffix}", op, nbytes, layer=layer, group=group, layout=layout, pass_=pass_,
+                              per=per, window=window)
+        reduce = coll("grad_reduce", "all_reduce" if zero == 0 else "reduce_scatter", grads,
+                      "microbatch" if zero >= 2 else "step", "backward", "bwd")
+        out["post_bwd"].append(reduce)
+        if zero in (1, 2):
+            out["pre_fwd"].append(coll("weight_gather", "all_gather", weights, "step", "forward", "fwd"))
+        if zero == 3:
+            out["pre_fwd"].append(coll("weight_gather", "all_gather", weights, "microbatch", "forward", "fwd"))
+            gathers = 2 if layout.recompute == "full" else 1
+            out["pre_bwd"] += [coll(f"weight_gather_bwd{'' if i == 0 else i}", "all_gather", weights, "microbatch",
+                                    "backward", "bwd") for i in range(gathers)]
+    return out
+
+
+def _by_layer(ops: list) -> list[tuple[int, list]]:
+    """Contiguous runs of ops of one layer, in order: [(layer, ops)]."""
+    runs: list = []
+    for op in ops:
+        if runs and runs[-1][0] == op.layer:
+            runs[-1][1].append(op)
+        else:
+            runs.append((op.layer, [op]))
+    return runs
+
+
+def _stage_layers(spec, layout) -> set:
+    """The layers stage `layout.last_stage` runs: its blocks, the embeddings on the first,
+    the final norm and head on the last."""
+    s = layout.last_stage
+    held = set(stage_of_layers(spec.blocks, layout.pp)[s])
+    if s == 0:
+        held.add(-1)
+    if s == layout.pp - 1:
+        held.add(spec.blocks)
+    return held
+
+
+def shard(ops: list, spec, phase: str, layout, *, grad_bytes_per_param: Optional[float] = None,
+          weight_bytes_per_param: Optional[float] = None) -> list:
+    """One GPU's ops of one micro-batch of `phase` under `layout` (see the module docstring).
+    `ops`: flopsim.predict.phase_ops of the phase; the ZeRO collectives need the bytes per
+    parameter of gradients and weights (default: the spec's dtype)."""
+    if layout.trivial:
+        return list(ops)
+    grad_bpp = spec.dtype_bytes if grad_bytes_per_param is None else grad_bytes_per_param
+    weight_bpp = spec.dtype_bytes if weight_bytes_per_param is None else weight_bytes_per_param
+    held = _stage_layers(spec, layout)
+    fwd_all = [op for op in ops if op.pass_ == "fwd" and op.kind != "optimizer"]
+    region = _regions(fwd_all)
+    fwd = [op for op in fwd_all if op.layer in held]
+    split = {op.key: split_op(op, spec, layout, op.name in region) for op in ops if op.layer in held}
+    placed, out_fwd, params_by_layer, recomputed = _Placed(), [], {}, {}
+    for layer, run in _by_layer(fwd):
+        layer_ops = _layer_forward([(op, split[op.key]) for op in run], spec, layout, region, placed)
+        params_by_layer[layer] = {
+            "dp": sum((split[op.key].params for op in run if ".moe.experts." not in op.name), sp.Integer(0)),
+            "edp": sum((split[op.key].params for op in run if ".moe.experts." in op.name), sp.Integer(0))}
+        recomputed[layer] = _recomputation(layer_ops, layout) if 0 <= layer < spec.blocks else []
+        dp_ops = _data_parallel(params_by_layer[layer], layout, layer, grad_bpp, weight_bpp) if phase == "train" \
+            else {"pre_fwd": [], "pre_bwd": [], "post_bwd": []}
+        params_by_layer[layer]["dp_ops"] = dp_ops
+        out_fwd += dp_ops["pre_fwd"] + layer_ops
+    out_fwd += _pipeline_send(out_fwd, spec, layout, "fwd") if layout.last_stage < layout.pp - 1 else []
+    out_bwd: list = []
+    for layer, run in _by_layer([op for op in ops if op.pass_ == "bwd" and op.layer in held]):
+        dp_ops = params_by_layer.get(layer, {}).get("dp_ops", {"pre_bwd": [], "post_bwd": []})
+        out_bwd += dp_ops["pre_bwd"] + _layer_backward([split[op.key] for op in run], placed,
+                                                       recomputed.get(layer, []), layer) + dp_ops["post_bwd"]
+    if out_bwd and layout.last_stage > 0:
+        out_bwd += [replace(c, pass_="bwd") for c in _pipeline_send(out_fwd, spec, layout, "bwd")]
+    return out_fwd + out_bwd + _optimizer(ops, params_by_layer, layout)
+
+
+def _pipeline_send(fwd: list, spec, layout, direction: str) -> list:
+    """The stage's activations (forward) or their gradients (backward) to its neighbour:
+    the last residual add's bytes / (tp * cp) (Megatron's scatter-gather)."""
+    if layout.pp <= 1:
+        return []
+    last = [op for op in fwd if op.kind != "collective" and RESIDUAL.search(op.name)]
+    if not last:
+        return []
+    op = last[-1]  # already split by tp' and cp; Megatron's scatter-gather sends 1 / tp of it
+    nbytes = op.act_write_bytes * layout.token_split / layout.tp
+    return [collective(f"stage.{layout.last_stage}.send_{direction}", "send_recv", nbytes, layer=op.layer,
+                       group="pp", layout=layout, kernels=op.kernels)]
+
+
+def _optimizer(ops: list, params_by_layer: dict, layout) -> list:
+    """The update of this GPU's parameters: the stage's shards, / the data-parallel
+    ranks under ZeRO >= 1."""
+    opt = [op for op in ops if op.kind == "optimizer"]
+    if not opt:
+        return []
+    total = sum((op.params for op in ops if op.pass_ == "fwd"), sp.Integer(0))
+    dense = sum((p["dp"] for p in params_by_layer.values()), sp.Integer(0))
+    expert = sum((p["edp"] for p in params_by_layer.values()), sp.Integer(0))
+    if layout.zero >= 1:
+        dense, expert = dense / layout.group("dp")[0], expert / max(1, layout.group("edp")[0])
+    share = (dense + expert) / total if total != 0 else sp.Integer(0)
+    return [op.scaled(share) for op in opt]

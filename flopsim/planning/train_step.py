@@ -1,0 +1,124 @@
+"""One training step on a parallel layout, from each pipeline stage's sharded op
+list (flopsim.parallel.shard: one GPU's ops of one micro-batch plus its
+collectives, costed by flopsim.roofline on the calibration's link levels).
+No communication formula lives here: the collectives' messages are ops.
+
+Per stage and micro-batch (`StageTimes`): forward, backward and
+recomputation compute; the collectives by group (tp, cp, ep, pp) and the
+data-parallel ones by when they run (`per` micro-batch or step) and which
+pass they can hide behind (`window`).
+
+The step (`step_schedule`), for microbatches m and pp stages, t_stage =
+compute + exposed tp + cp + ep + pp of the slowest stage:
+- tensor-parallel traffic hides behind up to `tp_overlap` of the
+  micro-batch's compute (Megatron-Core's --tp-comm-overlap: 1.0; default 0);
+  context-, expert- and pipeline-parallel traffic is exposed (it sits on the
+  critical path);
+- 1F1B pipeline: (m + pp - 1) * t_stage, a bubble of (pp - 1) / m of the ideal;
+- data-parallel traffic hides behind up to `dp_overlap` of the pass it follows
+  (gradients: the backward and recomputation) or precedes (weight gathers:
+  the forward); what is left is exposed, m times for per-micro-batch traffic;
+- the optimizer update of the stage's parameters;
+- step = pipeline + the largest (exposed data-parallel + optimizer) over stages.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from flopsim.collectives import factor
+from flopsim.parallel.shard import stage_of_layers
+
+GROUPS = ("tp", "cp", "ep", "pp")
+
+
+@dataclass
+class StageTimes:
+    """Sums over one stage's timed ops (flopsim.roofline.OpTime) of one micro-batch."""
+
+    stage: int
+    fwd_s: float = 0.0
+    bwd_s: float = 0.0
+    recompute_s: float = 0.0
+    optimizer_s: float = 0.0
+    comm_s: dict = field(default_factory=lambda: dict.fromkeys(GROUPS, 0.0))
+    comm_count: dict = field(default_factory=lambda: dict.fromkeys(GROUPS, 0))
+    comm_one: dict = field(default_factory=dict)  # group -> (message bytes, seconds) of its first collective
+    dp: dict = field(default_factory=lambda: defaultdict(float))  # (per, window) -> seconds
+    dp_bytes: dict = field(default_factory=lambda: defaultdict(float))  # per -> bytes sent
+    ops: list = field(default_factory=list)
+
+    @property
+    def compute_s(self) -> float:
+        return self.fwd_s + self.bwd_s + self.recompute_s
+
+
+def stage_times(times: list, stage: int) -> StageTimes:
+    """Sum a stage's timed ops by role (see the module docstring)."""
+    out = StageTimes(stage=stage, ops=times)
+    for t in times:
+        if t.kind == "collective":
+            group = t.tags["group"]
+            if group in GROUPS:
+                out.comm_s[group] += t.time_s
+                out.comm_count[group] += 1
+                out.comm_one.setdefault(group, (t.comm_bytes, t.time_s))
+            else:
+                out.dp[(t.tags["per"], t.tags["window"])] += t.time_s
+                out.dp_bytes[t.tags["per"]] += factor(t.variant, int(t.tags["ranks"])) * t.comm_bytes
+        elif t.kind == "optimizer":
+            out.optimizer_s += t.time_s
+        elif t.name.endswith(".recompute"):
+            out.recompute_s += t.time_s
+        elif t.pass_ == "fwd":
+            out.fwd_s += t.time_s
+        else:
+            out.bwd_s += t.time_s
+    return out
+
+
+def stages_to_cost(blocks: int, pp: int) -> list[int]:
+    """The stages whose time can differ: the first (embeddings), the last (head) and the
+    first stage of each size in between (stages of one size hold as many blocks)."""
+    chosen, sizes = {0, pp - 1}, set()
+    for s, layers in enumerate(stage_of_layers(blocks, pp)):
+        if 0 < s < pp - 1 and len(layers) not in sizes:
+            sizes.add(len(layers))
+            chosen.add(s)
+    return sorted(chosen)
+
+
+def tp_exposed_s(st: StageTimes, tp_overlap: float) -> float:
+    """Tensor-parallel traffic left after hiding up to tp_overlap of the micro-batch's compute."""
+    return max(0.0, st.comm_s["tp"] - tp_overlap * st.compute_s)
+
+
+def stage_s(st: StageTimes, tp_overlap: float) -> float:
+    """A stage's time per micro-batch: compute + exposed tp + cp + ep + pp traffic."""
+    return st.compute_s + tp_exposed_s(st, tp_overlap) + st.comm_s["cp"] + st.comm_s["ep"] + st.comm_s["pp"]
+
+
+def dp_times(st: StageTimes, microbatches: int, dp_overlap: float) -> tuple[float, float, float]:
+    """(bytes sent, seconds, seconds exposed) of a stage's data-parallel traffic per step."""
+    raw = exposed = 0.0
+    for (per, window), secs in st.dp.items():
+        n = microbatches if per == "microbatch" else 1
+        hide = st.fwd_s if window == "forward" else st.bwd_s + st.recompute_s
+        raw += n * secs
+        exposed += n * max(0.0, secs - dp_overlap * hide)
+    sent = st.dp_bytes.get("step", 0.0) + microbatches * st.dp_bytes.get("microbatch", 0.0)
+    return sent, raw, exposed
+
+
+def step_schedule(stages: list, microbatches: int, pp: int, tp_overlap: float, dp_overlap: float) -> dict:
+    """The step from the costed stages (see the module docstring): the slowest stage sets
+    the pipeline, the stage with the most exposed data-parallel traffic and update ends it."""
+    slow = max(stages, key=lambda st: stage_s(st, tp_overlap))
+    t_stage = stage_s(slow, tp_overlap)
+    tail = max(stages, key=lambda st: dp_times(st, microbatches, dp_overlap)[2] + st.optimizer_s)
+    sent, raw, exposed = dp_times(tail, microbatches, dp_overlap)
+    pipeline = (microbatches + pp - 1) * t_stage
+    return {"slowest": slow, "tail": tail, "stage_s": t_stage, "pipeline_s": pipeline,
+            "bubble_s": (pp - 1) * t_stage, "dp_bytes": sent, "dp_s": raw, "dp_exposed_s": exposed,
+            "step_s": pipeline + exposed + tail.optimizer_s}
