@@ -45,6 +45,8 @@ def op_points(ops: Iterable) -> list[dict]:
         get = op.get if isinstance(op, dict) else (lambda k, op=op: getattr(op, k))
         name, layer = generic_name(get("name"))
         flops, nbytes, time_s = float(get("all_flops")), float(get("bytes")), float(get("time_s"))
+        if get("kind") == "collective":  # a collective's bytes are its message (flopsim.parallel)
+            nbytes = float(get("comm_bytes"))
         total += time_s
         key = (name, get("pass_"), get("kind"), get("bound"))
         match = next((p for p in index.get(key, ()) if _same(p["all_flops"], flops)

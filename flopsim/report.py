@@ -383,6 +383,18 @@ class Report:
     styles: dict = field(default_factory=dict)  # spec name -> {"color", "marker"}
     path: Optional[Path] = None  # the markdown file, once written
     given: list = field(default_factory=list)  # the spec names as given
+    parallel: dict = field(default_factory=dict)  # the layout of the headline and roofline (flopsim.parallel)
+
+    def layout(self, spec, phase: str):
+        """The flopsim.parallel.Layout `spec` runs `phase` on (None: one GPU): the training-only
+        degrees (dp, zero, recompute) apply to train, context parallelism not to decode."""
+        if not self.parallel:
+            return None
+        from flopsim.parallel import make_layout
+
+        keep = {k: v for k, v in self.parallel.items()
+                if phase == "train" or k not in ("dp", "zero", "recompute") and not (k == "cp" and phase == "decode")}
+        return make_layout(spec, phase, gpus_per_node=self.hw.scale_up_domain, **keep)
 
     def rows(self) -> list[dict]:
         """The headline table: one row per group, phase and spec."""
@@ -408,8 +420,10 @@ class Report:
 
 
 def command_line(specs, hardware, *, phases, batch, seq, context, calibration, optimizer, budgets, group,
-                 formats, out_dir) -> str:
+                 formats, out_dir, parallel: Optional[dict] = None) -> str:
     parts = ["flopsim", "report", *[str(s) for s in specs], "--hardware", str(hardware)]
+    for key, value in (parallel or {}).items():
+        parts += [f"--{key}", str(value)]
     if list(phases) != list(DEFAULT_PHASES):
         for p in phases:
             parts += ["--phase", p]
@@ -466,21 +480,23 @@ def build_report(specs: Sequence, hw, *, phases: Optional[Sequence[str]] = None,
                  seq: int = DEFAULT_SEQ, context: Optional[int] = None, calibration=None, optimizer: str = "adam",
                  budgets: Optional[Sequence[float]] = None, group: str = "auto", figures="png",
                  out_dir=None, command: Optional[str] = None,
-                 progress: Optional[Callable[[int, int, str], None]] = None) -> Path:
+                 progress: Optional[Callable[[int, int, str], None]] = None, parallel: Optional[dict] = None) -> Path:
     """Write a report comparing `specs` (ModelSpecs, paths or preset names) on
     `hw` into `out_dir` (default reports/<specs>-<hardware>/) and return the
     markdown file's path. `figures`: png | svg | both (or a list);
-    `progress(done, total, description)` is called before each step and at the end."""
+    `progress(done, total, description)` is called before each step and at the end.
+    `parallel`: a layout ({tp, pp, dp, ep, cp, zero, recompute}) for the headline and the
+    roofline, whose collectives then appear as ops (flopsim.parallel)."""
     return make_report(specs, hw, phases=phases, batch=batch, seq=seq, context=context, calibration=calibration,
                        optimizer=optimizer, budgets=budgets, group=group, figures=figures, out_dir=out_dir,
-                       command=command, progress=progress).path
+                       command=command, progress=progress, parallel=parallel).path
 
 
 def make_report(specs: Sequence, hw, *, phases: Optional[Sequence[str]] = None, batch: int = DEFAULT_BATCH,
                 seq: int = DEFAULT_SEQ, context: Optional[int] = None, calibration=None, optimizer: str = "adam",
                 budgets: Optional[Sequence[float]] = None, group: str = "auto", figures="png",
                 out_dir=None, command: Optional[str] = None,
-                progress: Optional[Callable[[int, int, str], None]] = None) -> "Report":
+                progress: Optional[Callable[[int, int, str], None]] = None, parallel: Optional[dict] = None) -> "Report":
     """`build_report`, returning the Report (its `.rows()` and `.path`)."""
     from flopsim.calibration import load_calibration
     from flopsim.count import token_values
@@ -513,7 +529,13 @@ def make_report(specs: Sequence, hw, *, phases: Optional[Sequence[str]] = None, 
                  command=command or command_line(given, hw if isinstance(hw, str) else hw_spec.name, phases=phases,
                                                  batch=batch, seq=seq, context=context,
                                                  calibration=calibration, optimizer=optimizer, budgets=budgets,
-                                                 group=group, formats=formats, out_dir=out_dir))
+                                                 group=group, formats=formats, out_dir=out_dir,
+                                                 parallel=parallel),
+                 parallel={k: v for k, v in (parallel or {}).items() if v not in (1, 0, "none", None)})
+    for g in groups:  # every layout checked before any work
+        for p in g.phases:
+            for s in g.specs:
+                rep.layout(s, p)
     rep.styles = _styles(groups)
     rep.given = [m.name for m in models]
 
@@ -606,7 +628,7 @@ def _predict_group(rep: Report, g: Group) -> None:
         for s in g.specs:
             g.results[(phase, s.name)] = predict(s, rep.hw, phase=phase, batch=rep.batch, seq=g.seq,
                                                  context=g.context_for(phase), calibration=rep.calibration,
-                                                 optimizer=rep.optimizer)
+                                                 optimizer=rep.optimizer, layout=rep.layout(s, phase))
 
 
 def serving_phase(g: Group) -> str:
@@ -668,7 +690,8 @@ def _hw_line(rep: Report, dtype: str) -> str:
     peak, quoted = rep.hw.peak_flops_per_s_for(dtype)
     return (f"{rep.hw.name}: {dtype} {fmt_si(peak, 'FLOP/s')}"
             + (f" (the {quoted} figure)" if quoted != dtype else "")
-            + f", {fmt_si(rep.hw.memory_bandwidth_bytes_per_s, 'B/s')}, {fmt_gb(rep.hw.memory_capacity_bytes)}")
+            + f", {fmt_si(rep.hw.memory_bandwidth_bytes_per_s, 'B/s')}, {fmt_gb(rep.hw.memory_capacity_bytes)}"
+            + (f"; one GPU of {', '.join(f'{k} {v}' for k, v in rep.parallel.items())}" if rep.parallel else ""))
 
 
 def roofline_panels(rep: Report, g: Group) -> list[dict]:
@@ -940,7 +963,10 @@ def _headline_blocks(rep: Report) -> list:
            f"baseline's time / this spec's time; *FLOP speedup* = the baseline's FLOPs / this spec's FLOPs (what the "
            f"FLOPs alone promise); FLOPs counted as torch's FlopCounterMode does (matrix products; train = forward "
            f"+ backward); MFU = FLOPs / (time x {dtype} peak); bound = the roofline side most of the step's time is "
-           f"on. Exact values: [{SUMMARY_FILE}]({SUMMARY_FILE})."]
+           f"on. Exact values: [{SUMMARY_FILE}]({SUMMARY_FILE})."
+           + (" The layout's collectives (flopsim.parallel) are ops of each step, priced on the calibration's link "
+              "levels; the roofline draws them in its lower row (message bytes and time). The sweeps, memory and "
+              "isoFLOP figures are one device's." if rep.parallel else "")]
     rows = rep.rows()
     for gi, g in enumerate(rep.groups):
         grows = [r for r in rows if r["group"] == gi + 1]

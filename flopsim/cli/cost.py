@@ -7,6 +7,8 @@ from typing import Optional
 import typer
 
 from flopsim.cli.app import app
+from flopsim.cli.layout_opts import (CpOpt, DpOpt, EpOpt, GpusPerNodeOpt, PpOpt, RecomputeOpt, SequenceParallelOpt,
+                                     StageOpt, TpOpt, ZeroOpt, layout_from_options)
 from flopsim.cli.output import Format, console, human, print_csv, print_json, rich_table
 
 PhaseOpt = typer.Option("forward", "--phase", "-p", help="forward | train | prefill | decode")
@@ -23,9 +25,13 @@ def count(
     encoder_seq: Optional[int] = typer.Option(None, "--encoder-seq", help="An encoder-decoder's encoder tokens per sequence (S_enc; default: --seq). Decode: the cross-attention cache's length."),
     ops: bool = typer.Option(False, "--ops", help="Table format: one row per op instead of per layer."),
     attention: Optional[str] = typer.Option(None, "--attention", help="Attention kernel: fused or explicit (or transformers' names: sdpa, eager, ...); default: the spec's (an HF config's attn_implementation, else fused)."),
+    tp: int = TpOpt, pp: int = PpOpt, dp: int = DpOpt, ep: int = EpOpt, cp: int = CpOpt, zero: int = ZeroOpt,
+    recompute: str = RecomputeOpt, sequence_parallel: Optional[bool] = SequenceParallelOpt,
+    stage: Optional[int] = StageOpt, gpus_per_node: Optional[int] = GpusPerNodeOpt,
     fmt: Format = FormatOpt,
 ):
-    """Exact FLOPs, bytes and parameters, per layer and per op."""
+    """Exact FLOPs, bytes and parameters, per layer and per op; with a layout (--tp, --pp,
+    ...) one GPU's share and the collectives among the GPUs."""
     from flopsim import opcache
 
     opcache.use()  # a repeated (spec, phase) skips sympy (flopsim.opcache)
@@ -36,7 +42,10 @@ def count(
         from flopsim.spec.hf import attention_impl
 
         spec = load_model(spec).with_changes(attention_impl=attention_impl(attention, "--attention"))
-    result = count_api(spec, batch=batch, seq=seq, phase=phase, context=context, encoder_seq=encoder_seq)
+    layout = layout_from_options(spec, phase, tp=tp, pp=pp, dp=dp, ep=ep, cp=cp, zero=zero, recompute=recompute,
+                                 sequence_parallel=sequence_parallel, stage=stage, gpus_per_node=gpus_per_node)
+    result = count_api(spec, batch=batch, seq=seq, phase=phase, context=context, encoder_seq=encoder_seq,
+                       layout=layout)
     if fmt == Format.json:
         return print_json(result.to_dict())
     if fmt == Format.csv:
@@ -45,10 +54,11 @@ def count(
     s = result.spec
     out.print(f"[bold]{s.name}[/] ({s.family}) {result.phase}: B={result.batch} "
               f"S={1 if result.phase == 'decode' else result.seq} T={result.context}"
-              + (f" S_enc={result.encoder_seq}" if result.encoder_seq else ""))
+              + (f" S_enc={result.encoder_seq}" if result.encoder_seq else "")
+              + (f"; one GPU of {layout.describe()}, stage {layout.last_stage}" if layout else ""))
     out.print(f"  FLOPs        {result.flops:,}  ({human(result.flops, 'FLOP')}; causal {human(result.causal_flops, 'FLOP')}, "
               f"with elementwise {human(result.all_flops, 'FLOP')})")
-    out.print(f"  parameters   {result.params:,}  ({human(result.params)})")
+    out.print(f"  parameters   {result.params:,.0f}  ({human(result.params)})")
     active = result.active_params() if s.moe is not None else None
     if active is not None:
         out.print(f"  activated    {active:,.0f} per token  ({human(active)}; without the embedding lookup "
@@ -56,12 +66,19 @@ def count(
     out.print(f"  bytes        {human(result.bytes, 'B')}  (weights {human(result.total('weight_bytes'), 'B')}, "
               f"activations {human(result.total('act_read_bytes') + result.total('act_write_bytes'), 'B')}, "
               f"KV cache {human(result.total('kv_read_bytes') + result.total('kv_write_bytes'), 'B')})")
+    collectives = [op for op in result.ops if op.kind == "collective"]
+    if collectives:
+        out.print(f"  collectives  {len(collectives)} moving {human(result.total('comm_bytes'), 'B')} "
+                  f"(messages; flopsim predict prices them on the link levels)")
     total = result.flops or 1
     if ops:
-        rows = [[op.name, op.pass_, op.kind, f"{op.flops:,}", f"{100 * op.flops / total:.2f}",
-                 human(op.bytes, "B"), human(op.kv_read_bytes + op.kv_write_bytes, "B"), f"{op.params:,}"]
+        rows = [[op.name, op.pass_, op.kind + (f" {op.variant} {op.tags['group']}x{op.tags['ranks']}"
+                                                 if op.kind == "collective" else ""),
+                 f"{op.flops:,.0f}", f"{100 * op.flops / total:.2f}", human(op.bytes, "B"),
+                 human(op.kv_read_bytes + op.kv_write_bytes, "B"), human(op.comm_bytes, "B"), f"{op.params:,.0f}"]
                 for op in result.ops]
-        out.print(rich_table(None, ["op", "pass", "kind", "FLOPs", "%", "bytes", "KV-cache bytes", "params"], rows))
+        out.print(rich_table(None, ["op", "pass", "kind", "FLOPs", "%", "bytes", "KV-cache bytes", "message",
+                                    "params"], rows))
         return
     layers = result.per_layer_rows()
     tag_cols = [c for c in layers[0] if c not in ("layer", "part", "flops", "causal_flops", "all_flops", "bytes", "params")]

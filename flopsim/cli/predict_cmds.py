@@ -7,6 +7,8 @@ from typing import List, Optional
 import typer
 
 from flopsim.cli.app import app
+from flopsim.cli.layout_opts import (CpOpt, DpOpt, EpOpt, GpusPerNodeOpt, PpOpt, RecomputeOpt, SequenceParallelOpt,
+                                     StageOpt, TpOpt, ZeroOpt, layout_from_options)
 from flopsim.cli.output import Format, console, human, human_time, print_csv, print_json, progress_bar, rich_table
 
 SpecArg = typer.Argument(..., help="Model spec: a YAML path, an HF config.json or a preset name.")
@@ -36,6 +38,8 @@ def _summary_lines(r) -> list[str]:
         f"  tokens/s      {human(s['tokens_per_s'])}",
         f"  MFU           {100 * s['mfu']:.1f}%  (of {human(s['peak_flops_per_s'], 'FLOP/s')} {r.spec.compute_dtype} peak)",
         f"  calibration   {r.calibration.label}: {s['calibration']}",
+        *([f"  layout        one GPU of {s['layout']}, stage {r.layout.last_stage}: collectives "
+           f"{human_time(s['comm_s'])} of the step, in sequence (none hidden)"] if r.layout is not None else []),
     ]
 
 
@@ -51,16 +55,23 @@ def predict(
     optimizer: str = OptimizerOpt,
     encoder_seq: Optional[int] = EncoderSeqOpt,
     ops: bool = typer.Option(False, "--ops", help="Table format: every op instead of the slowest 15."),
+    tp: int = TpOpt, pp: int = PpOpt, dp: int = DpOpt, ep: int = EpOpt, cp: int = CpOpt, zero: int = ZeroOpt,
+    recompute: str = RecomputeOpt, sequence_parallel: Optional[bool] = SequenceParallelOpt,
+    stage: Optional[int] = StageOpt, gpus_per_node: Optional[int] = GpusPerNodeOpt,
     fmt: Format = FormatOpt,
 ):
-    """Predicted wall-clock time of one step on a device (roofline per op)."""
+    """Predicted wall-clock time of one step on a device (roofline per op); with a layout
+    (--tp, --pp, ...) one GPU's step, its collectives priced on the link levels."""
     from flopsim import opcache
 
     opcache.use()  # a repeated (spec, phase) skips sympy (flopsim.opcache)
     from flopsim.predict import predict as predict_api
 
+    layout = layout_from_options(spec, phase, tp=tp, pp=pp, dp=dp, ep=ep, cp=cp, zero=zero, recompute=recompute,
+                                 sequence_parallel=sequence_parallel, stage=stage, gpus_per_node=gpus_per_node,
+                                 hardware=hardware)
     r = predict_api(spec, hardware, phase=phase, batch=batch, seq=seq, context=context,
-                    calibration=calibration, optimizer=optimizer, encoder_seq=encoder_seq)
+                    calibration=calibration, optimizer=optimizer, encoder_seq=encoder_seq, layout=layout)
     if fmt == Format.json:
         return print_json(r.to_dict())
     if fmt == Format.csv:

@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from flopsim.cli.app import app
+from flopsim.cli.layout_opts import CpOpt, DpOpt, EpOpt, PpOpt, RecomputeOpt, TpOpt, ZeroOpt
 from flopsim.cli.output import Format, console, print_csv, print_json, rich_table
 
 
@@ -26,6 +27,8 @@ def report(
     figures: str = typer.Option("png", "--figures", help="png | svg | both."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Output folder (default reports/<specs>-<hardware>/); replaced atomically."),
     fmt: Format = typer.Option(Format.table, "--format", "-f", help="What to print once written: table (headline) | json | csv."),
+    tp: int = TpOpt, pp: int = PpOpt, dp: int = DpOpt, ep: int = EpOpt, cp: int = CpOpt, zero: int = ZeroOpt,
+    recompute: str = RecomputeOpt,
 ):
     """Write a report (markdown + figures) comparing specs on a device: roofline, speedup vs knob, memory, isoFLOP."""
     import sys
@@ -56,7 +59,8 @@ def report(
     with progress:
         rep = make_report(specs, hardware, phases=phase or None, batch=batch, seq=seq, context=context,
                             calibration=calibration, optimizer=optimizer, budgets=budget or None, group=group,
-                            figures=figures, out_dir=out, progress=advance)
+                            figures=figures, out_dir=out, progress=advance,
+                            parallel=dict(tp=tp, pp=pp, dp=dp, ep=ep, cp=cp, zero=zero, recompute=recompute))
     path = rep.path
     folder = path.parent
     files = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))

@@ -1,0 +1,197 @@
+"""flopsim.parallel: a layout turns one step's op list into one GPU's ops plus the
+collectives among the GPUs. Each expected value is written as its derivation."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from conftest import one_error_line
+from conftest import run_cli as run
+
+import flopsim
+from flopsim.collectives import collective_s
+from flopsim.count import count
+from flopsim.errors import InputError
+from flopsim.parallel import make_layout
+from flopsim.parallel.shard import stage_of_layers
+from flopsim.roofline import collective_time
+
+LLAMA = flopsim.load_model("llama-2-7b")  # d 4096, 32 blocks, 32 heads, d_ff 11008, vocab 32000, bf16
+D, L, DFF, V, W = 4096, 32, 11008, 32000, 2
+B, S = 2, 256
+
+
+def _layout(spec=LLAMA, phase="train", **kw):
+    return make_layout(spec, phase, **kw)
+
+
+def _collectives(result, **match):
+    return [op for op in result.ops if op.kind == "collective"
+            and all(op.tags.get(k) == v if k != "variant" else op.variant == v for k, v in match.items())]
+
+
+def test_a_one_gpu_layout_changes_nothing():
+    base = count(LLAMA, batch=B, seq=S, phase="train")
+    same = count(LLAMA, batch=B, seq=S, phase="train", layout=_layout())
+    assert [(o.key, o.flops, o.bytes, o.params) for o in same.ops] == [(o.key, o.flops, o.bytes, o.params)
+                                                                       for o in base.ops]
+
+
+@pytest.mark.parametrize("tp", [2, 4, 8])
+def test_tensor_parallelism_splits_the_matrix_flops_exactly(tp):
+    base = count(LLAMA, batch=B, seq=S, phase="train")
+    one = count(LLAMA, batch=B, seq=S, phase="train", layout=_layout(tp=tp))
+    assert one.flops * tp == base.flops
+
+
+def test_parameters_per_gpu_replicate_the_norms():
+    # tp 2: every matrix and both vocabulary tables / 2; the RMSNorms whole on each rank
+    one = count(LLAMA, batch=B, seq=S, phase="forward", layout=_layout(phase="forward", tp=2))
+    matrices = L * (4 * D * D + 3 * D * DFF)
+    norms = L * 2 * D + D
+    assert one.params == matrices / 2 + norms + 2 * V * D / 2
+
+
+def test_tensor_parallel_collectives_with_and_without_sequence_parallelism():
+    act = B * S * D * W  # a sub-layer's output: B x S x d_model values
+    # train (sequence parallel): per sub-layer an all-gather in and a reduce-scatter out, forward; their
+    # conjugates backward; + the embedding's reduce-scatter and the head's all-gather (and conjugates)
+    r = count(LLAMA, batch=B, seq=S, phase="train", layout=_layout(tp=4))
+    tp_ops = _collectives(r, group="tp")
+    assert Counter((o.variant, o.pass_) for o in tp_ops) == {
+        ("all_gather", "fwd"): 2 * L + 1, ("reduce_scatter", "fwd"): 2 * L + 1,
+        ("reduce_scatter", "bwd"): 2 * L + 1, ("all_gather", "bwd"): 2 * L + 1}
+    assert {o.comm_bytes for o in tp_ops} == {act}
+    assert {o.tags["ranks"] for o in tp_ops} == {4} and {o.tags["level"] for o in tp_ops} == {"scale_up"}
+    # decode (no sequence parallelism): one all-reduce per sub-layer and the embedding's, of B x d_model
+    d = count(LLAMA, batch=B, seq=1, context=S, phase="decode", layout=_layout(phase="decode", tp=4))
+    ars = _collectives(d, group="tp")
+    assert [o.variant for o in ars] == ["all_reduce"] * (2 * L + 1)
+    assert {o.comm_bytes for o in ars} == {B * D * W}
+
+
+def test_gqa_beyond_kv_heads_replicates_the_kv_cache():
+    # tp 16 > 8 KV heads: each rank keeps one KV head whole (replicated on 2 ranks) -> KV / 8
+    spec = flopsim.load_model("llama-3.1-70b")  # 64 heads, 8 KV heads, 80 blocks
+    base = count(spec, batch=1, seq=1, context=1024, phase="decode")
+    one = count(spec, batch=1, seq=1, context=1024, phase="decode", layout=_layout(spec, "decode", tp=16))
+    kv = lambda r: sum(o.kv_read_bytes + o.kv_write_bytes for o in r.ops)  # noqa: E731
+    assert kv(one) == pytest.approx(kv(base) / min(16, spec.kv_heads))
+
+
+def test_expert_parallel_all_to_alls_and_expert_shards():
+    spec = flopsim.load_model("mixtral-8x7b")  # 32 MoE blocks, top-2 of 8, d 4096, d_expert 14336
+    layout = _layout(spec, ep=4, dp=4, expert_load=1.25)
+    r = count(spec, batch=1, seq=S, phase="train", layout=layout)
+    a2a = _collectives(r, group="ep")
+    # dispatch and combine forward, the same two backward, per MoE layer; each the routed rows
+    # (S tokens x top-2) x d_model x 2 bytes, x the busiest rank's load
+    assert len(a2a) == 4 * 32
+    assert [o.comm_bytes for o in a2a] == pytest.approx([S * 2 * D * W * 1.25] * len(a2a))
+    # a GPU holds 8 / 4 experts: their weights / 4; their work is the busiest rank's
+    base = count(spec, batch=1, seq=S, phase="train")
+    gate_up = next(o for o in base.ops if o.name == "block.0.moe.experts.gate_up" and o.pass_ == "fwd")
+    mine = next(o for o in r.ops if o.name == "block.0.moe.experts.gate_up" and o.pass_ == "fwd")
+    assert mine.params == gate_up.params / 4 and mine.weight_bytes == gate_up.weight_bytes / 4
+    assert mine.flops == pytest.approx(gate_up.flops * 1.25)
+    assert mine.gemm == (8 / 4, gate_up.gemm[1] * 4 * 1.25, gate_up.gemm[2], gate_up.gemm[3])
+
+
+def test_pipeline_stages_and_their_sends():
+    assert [list(r) for r in stage_of_layers(5, 2)] == [[0, 1, 2], [3, 4]]
+    for stage in (0, 1, 3):
+        r = count(LLAMA, batch=B, seq=S, phase="train", layout=_layout(pp=4, tp=2, stage=stage))
+        layers = {o.layer for o in r.ops if o.kind != "collective"}
+        blocks = set(range(8 * stage, 8 * stage + 8))
+        assert layers == blocks | ({-1} if stage == 0 else set()) | ({L} if stage == 3 else set())
+        sends = _collectives(r, group="pp")
+        # the stage's activations forward (not the last), their gradients back (not the first),
+        # B x S x d_model / tp (Megatron's scatter-gather)
+        assert [o.pass_ for o in sends] == (["fwd"] if stage < 3 else []) + (["bwd"] if stage > 0 else [])
+        assert {o.comm_bytes for o in sends} == {B * S * D * W / 2}
+
+
+@pytest.mark.parametrize("zero, expected", [
+    (0, {("all_reduce", "step", "backward")}),
+    (1, {("reduce_scatter", "step", "backward"), ("all_gather", "step", "forward")}),
+    (2, {("reduce_scatter", "microbatch", "backward"), ("all_gather", "step", "forward")}),
+    (3, {("reduce_scatter", "microbatch", "backward"), ("all_gather", "microbatch", "forward"),
+         ("all_gather", "microbatch", "backward")}),
+])
+def test_zero_stages_move_the_layers_parameters(zero, expected):
+    r = count(LLAMA, batch=B, seq=S, phase="train", layout=_layout(dp=8, zero=zero))
+    dp_ops = _collectives(r, group="dp")
+    assert {(o.variant, o.tags["per"], o.tags["window"]) for o in dp_ops} == expected
+    # one collective of each kind per layer: the embedding, 32 blocks, the head; a block's
+    # message is its parameters x 2 bytes (gradients and weights in bf16)
+    block = 4 * D * D + 3 * D * DFF + 2 * D
+    grads = [o for o in dp_ops if o.pass_ == "bwd" and o.variant != "all_gather"]
+    assert len(grads) == L + 2 and {o.comm_bytes for o in grads if 0 <= o.layer < L} == {block * W}
+    assert sum(o.comm_bytes for o in grads) == count(LLAMA, seq=16).params * W
+
+
+def test_recomputation_copies_the_forward():
+    full = count(LLAMA, batch=B, seq=S, phase="train", layout=_layout(tp=2, recompute="full"))
+    plain = count(LLAMA, batch=B, seq=S, phase="train", layout=_layout(tp=2))
+    block_fwd = [o for o in plain.ops if o.pass_ == "fwd" and 0 <= o.layer < L]
+    rc = [o for o in full.ops if o.name.endswith(".recompute")]
+    assert sorted(o.name for o in rc) == sorted(f"{o.name}.recompute" for o in block_fwd)
+    assert full.flops - plain.flops == sum(o.flops for o in block_fwd)
+    selective = count(LLAMA, batch=B, seq=S, phase="train", layout=_layout(tp=2, recompute="selective"))
+    assert {o.kind for o in selective.ops if o.name.endswith(".recompute")} == {"attention"}
+
+
+def test_context_parallel_gathers_keys_and_values():
+    r = count(LLAMA, batch=B, seq=S, phase="forward", layout=_layout(phase="forward", cp=4, tp=2))
+    base = count(LLAMA, batch=B, seq=S, phase="forward")
+    assert r.flops * 8 == base.flops
+    kv = _collectives(r, group="cp")
+    # per block: keys and values of the whole sequence, 2 x B x S x kv_heads x d_head x 2 bytes, / tp heads
+    assert len(kv) == L and {o.comm_bytes for o in kv} == {2 * B * S * 32 * 128 * W / 2}
+    assert {o.tags["level"] for o in kv} == {"scale_up"}  # tp * cp = 8 ranks: one node
+
+
+def test_mod_decode_collectives_launch_when_the_block_runs():
+    spec = flopsim.load_model("decoder-220m-mod")
+    r = count(spec, batch=1, seq=1, context=64, phase="decode", layout=_layout(spec, "decode", tp=2))
+    kernels = {o.tags.get("group"): o.kernels for o in _collectives(r) if o.layer == 1}
+    assert 0 < kernels["tp"] < 1  # a routed block runs with probability below 1
+
+
+def test_encoder_decoder_tensor_parallel_reduces_per_sub_layer():
+    spec = flopsim.load_model("t5-v1.1-base")  # 12 + 12 blocks
+    r = count(spec, batch=1, seq=8, encoder_seq=16, phase="forward", layout=_layout(spec, "forward", tp=2))
+    per_layer = Counter(o.layer for o in _collectives(r, group="tp") if 0 <= o.layer < spec.blocks)
+    assert set(per_layer[i] for i in range(12)) == {2} and set(per_layer[i] for i in range(12, 24)) == {3}
+
+
+def test_a_collective_costs_latency_plus_its_message_over_the_link():
+    hw = flopsim.load_hardware("h100-sxm")
+    cal = flopsim.load_calibration("auto", hw)
+    r = count(LLAMA, batch=1, seq=1, context=128, phase="decode", layout=_layout(phase="decode", tp=8))
+    op = _collectives(r, group="tp")[1]
+    link = cal.link("scale_up", hw)
+    t = collective_time(op, hw, cal)
+    expected = link.latency_s + 2 * (8 - 1) * link.hop_latency_s + 2 * 7 / 8 * D * W / link.bus_bytes_per_s
+    assert t.time_s == pytest.approx(expected) == collective_s("all_reduce", D * W, 8, link.bus_bytes_per_s,
+                                                               link.latency_s, link.hop_latency_s)
+    assert t.bound == "comm"
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(tp=3), "tp"), (dict(pp=99), "pp"), (dict(ep=2), "ep"), (dict(zero=4), "zero"),
+    (dict(recompute="some"), "recompute"), (dict(stage=4, pp=2), "stage"), (dict(tp=0), "tp"),
+])
+def test_bad_layouts_are_one_line_errors(kw, field):
+    with pytest.raises(InputError, match=rf"^{field}"):
+        _layout(**kw)
+
+
+def test_cli_count_and_predict_show_the_collectives():
+    out = run("count", "llama-2-7b", "--seq", "128", "--tp", "2", "--ops", "--format", "csv")
+    assert out.exit_code == 0 and "tp_reduce" in out.output and "all_reduce" not in out.output.split("\n")[0]
+    out = run("predict", "llama-2-7b", "-H", "h100-sxm", "--phase", "decode", "--seq", "128", "--tp", "8")
+    assert out.exit_code == 0 and "collectives" in out.output
+    line = one_error_line(run("predict", "llama-2-7b", "-H", "h100-sxm", "--tp", "5"))
+    assert "tp" in line and "5" in line
