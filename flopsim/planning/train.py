@@ -362,25 +362,18 @@ def _train_totals(flops_microbatch, spec, hw, c: dict, tokens: float, step_s: fl
     }
 
 
-def _stage_list(spec, hw, cal, links, c: dict, base_ops: list, bpp: dict) -> list:
-    """Each stage worth costing (flopsim.planning.train_step.stages_to_cost): its sharded
-    op list of one micro-batch, evaluated and costed op by op."""
-    from flopsim.count import evaluate_ops, token_values
-    from flopsim.parallel import make_layout, shard
-    from flopsim.planning.train_step import stage_times, stages_to_cost
-    from flopsim.roofline import in_sequence, op_time
+def _stage_list(model, c: dict) -> list:
+    """Each stage worth costing (flopsim.planning.train_step.stages_to_cost), from the
+    per-layer costs of the sharded op list (flopsim.planning.layer_costs)."""
+    from flopsim.parallel import make_layout
+    from flopsim.planning.train_step import stages_to_cost
 
-    values = token_values(spec, "train", c["micro_batch"], c["seq"])
     out = []
-    for stage in stages_to_cost(spec.blocks, c["pp"]):
-        layout = make_layout(spec, "train", tp=c["tp"], pp=c["pp"], dp=c["dp"], ep=c["ep"], zero=c["zero"],
-                             recompute=c["recompute_mode"], gpus_per_node=links.gpus_per_node,
+    for stage in stages_to_cost(model.spec.blocks, c["pp"]):
+        layout = make_layout(model.spec, "train", tp=c["tp"], pp=c["pp"], dp=c["dp"], ep=c["ep"], zero=c["zero"],
+                             recompute=c["recompute_mode"], gpus_per_node=model.links.gpus_per_node,
                              expert_load=c.get("expert_imbalance", 1.0), stage=stage)
-        ops = shard(base_ops, spec, "train", layout, grad_bytes_per_param=bpp["gradients"],
-                    weight_bytes_per_param=bpp["weights"])
-        costs = evaluate_ops(ops, values)
-        times = in_sequence([op_time(op, hw, spec.compute_dtype, cal, links.by_level) for op in costs])
-        out.append(stage_times(times, stage))
+        out.append(model.stage_times(layout, c["micro_batch"], c["seq"]))
     return out
 
 
@@ -481,7 +474,7 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
                    needed=gpus > 1)
 
     from flopsim.count import count
-    from flopsim.predict import phase_ops
+    from flopsim.planning.layer_costs import ShardedModel
 
     bar = _Progress(progress, f"costing {spec.name} train step", total=3)
     try:
@@ -489,8 +482,8 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
         params, params_expert = _param_split(spec)
         c.update(routing_figures(spec, c))
         bar.advance("stages")
-        base_ops = phase_ops(spec, "train", optimizer=optimizer)
-        stages = _stage_list(spec, hw, cal, links, c, base_ops, mem.bytes_per_param)
+        model = ShardedModel(spec, hw, cal, links, optimizer=optimizer, bytes_per_param=mem.bytes_per_param)
+        stages = _stage_list(model, c)
         bar.advance("totals")
         flops = count(spec, batch=micro_batch, seq=seq, phase="train").flops
         bar.advance()

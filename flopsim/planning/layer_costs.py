@@ -1,0 +1,193 @@
+"""Per-layer costs of a sharded training step, cached, so that a plan and a layout
+search cost a pipeline stage the same way: as the sum of its layers.
+
+`ShardedModel(spec, hw, cal, links, optimizer, bpp)` shards the train-phase op
+list (flopsim.parallel.shard) once per (micro-batch, seq, tp, cp, ep, expert
+load) with pp = 1, costs each op on the device (flopsim.roofline.op_time,
+collectives on the link levels; one op_time per distinct op) and sums it by
+layer and role (`LayerCosts`). A stage under a full layout (`stage_times`) is
+then its layers' sums plus what depends on the rest of the layout, each again
+from flopsim.parallel's own ops:
+- recomputation: full adds each block's forward compute and its forward
+  collectives once more, selective its attention cores' forward;
+- the pipeline sends (flopsim.parallel.shard._pipeline_send's op);
+- the ZeRO collectives of each layer's parameters (shard._data_parallel's ops);
+- the optimizer update of the stage's parameters (shard._optimizer's share).
+The result equals costing the stage's own sharded list (`predict(layout=...)`);
+tests/test_search.py checks that. Host-dispatch overlap (roofline.in_sequence)
+is not applied: a device whose calibration queues kernels from the host is costed
+as if dispatch were hidden behind the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from flopsim.planning.train_step import GROUPS, StageTimes
+
+
+ROLES = ("fwd_s", "bwd_s", "attention_fwd_s", *(f"{g}_{p}_{q}" for g in GROUPS for p in ("fwd", "bwd")
+                                                  for q in ("s", "n")))
+
+
+@dataclass
+class LayerTable:
+    """One micro-batch on one GPU of a tp x cp x ep layout (pp 1), by layer: for each
+    role in ROLES (compute by pass, the attention cores' forward, each group's
+    collectives' seconds `_s` and count `_n` by pass) an array over `layers`."""
+
+    layers: list
+    roles: dict  # role -> np.ndarray over layers
+    params: list  # per layer {"dp": dense, "edp": routed-expert} parameters on this GPU
+    one: dict  # group -> (message bytes, seconds) of its first collective
+    fwd_ops: dict  # layer -> its sharded forward ops (symbolic), for the pipeline sends
+
+    def rows(self, held) -> list:
+        index = {layer: i for i, layer in enumerate(self.layers)}
+        return [index[layer] for layer in held if layer in index]
+
+
+class ShardedModel:
+    """A spec's train step on one device, sharded and costed per layer (see the module docstring)."""
+
+    def __init__(self, spec, hw, cal, links, *, optimizer: str = "adam", bytes_per_param: dict):
+        from flopsim.predict import phase_ops
+
+        self.spec, self.hw, self.cal, self.links, self.bpp = spec, hw, cal, links, bytes_per_param
+        self.base_ops = phase_ops(spec, "train", optimizer=optimizer)
+        self._shards: dict = {}
+        self._tables: dict = {}
+        self._times: dict = {}
+        self._values: dict = {}
+        self._extras: dict = {}
+
+    def _time(self, cost):
+        """op_time of an evaluated op, once per distinct op (its costs, kind, shape and group)."""
+        from flopsim.roofline import op_time
+
+        key = (cost.kind, cost.variant, cost.pass_, cost.flops, cost.other_flops, cost.causal_flops, cost.bytes,
+               cost.weight_bytes, cost.kv_read_bytes, cost.comm_bytes, cost.gemm, cost.kernels,
+               tuple(sorted((k, v) for k, v in cost.tags.items() if k in ("ranks", "level"))))
+        if key not in self._times:
+            self._times[key] = op_time(cost, self.hw, self.spec.compute_dtype, self.cal, self.links.by_level)
+        return self._times[key]
+
+    def _costed(self, ops: list, micro_batch: int, seq: int) -> list:
+        from flopsim.count import evaluate_ops, token_values
+
+        if (micro_batch, seq) not in self._values:
+            self._values[(micro_batch, seq)] = token_values(self.spec, "train", micro_batch, seq)
+        return [self._time(c) for c in evaluate_ops(ops, self._values[(micro_batch, seq)])]
+
+    def table(self, micro_batch: int, seq: int, *, tp: int, cp: int = 1, ep: int = 1,
+              expert_load: float = 1.0) -> LayerTable:
+        """The LayerTable of one micro-batch (cached; the sharded list is cached per degree)."""
+        key = (micro_batch, seq, tp, cp, ep, expert_load)
+        if key not in self._tables:
+            self._tables[key] = self._cost_layers(micro_batch, seq, self._sharded(tp, cp, ep, expert_load))
+        return self._tables[key]
+
+    def _sharded(self, tp: int, cp: int, ep: int, expert_load: float) -> list:
+        from flopsim.parallel import make_layout, shard
+
+        key = (tp, cp, ep, expert_load)
+        if key not in self._shards:
+            layout = make_layout(self.spec, "train", tp=tp, cp=cp, ep=ep, dp=ep,
+                                 gpus_per_node=self.links.gpus_per_node, expert_load=expert_load)
+            self._shards[key] = [op for op in shard(self.base_ops, self.spec, "train", layout)
+                                 if op.kind != "optimizer" and op.tags.get("group") not in ("dp", "edp")]
+        return self._shards[key]
+
+    def _cost_layers(self, micro_batch: int, seq: int, ops: list) -> LayerTable:
+        layers = sorted({op.layer for op in ops})
+        index = {layer: i for i, layer in enumerate(layers)}
+        roles = {r: np.zeros(len(layers)) for r in ROLES}
+        params = [{"dp": 0.0, "edp": 0.0} for _ in layers]
+        one: dict = {}
+        fwd_ops: dict = {layer: [] for layer in layers}
+        for op, t in zip(ops, self._costed(ops, micro_batch, seq)):
+            i, side = index[op.layer], op.pass_
+            if side == "fwd":
+                fwd_ops[op.layer].append(op)
+                params[i]["edp" if ".moe.experts." in op.name else "dp"] += float(op.params)
+            if op.kind == "collective":
+                group = op.tags["group"]
+                roles[f"{group}_{side}_s"][i] += t.time_s
+                roles[f"{group}_{side}_n"][i] += 1
+                one.setdefault(group, (t.comm_bytes, t.time_s))
+            else:
+                roles[f"{side}_s"][i] += t.time_s
+                if side == "fwd" and op.kind == "attention":
+                    roles["attention_fwd_s"][i] += t.time_s
+        return LayerTable(layers=layers, roles=roles, params=params, one=one, fwd_ops=fwd_ops)
+
+    def stage_times(self, layout, micro_batch: int, seq: int) -> StageTimes:
+        """Stage `layout.last_stage` under `layout` (see the module docstring)."""
+        from flopsim.parallel.shard import _stage_layers
+
+        table = self.table(micro_batch, seq, tp=layout.tp, cp=layout.cp, ep=layout.ep,
+                           expert_load=layout.expert_load)
+        held = sorted(_stage_layers(self.spec, layout))
+        rows = table.rows(held)
+        blocks = [i for i in rows if 0 <= table.layers[i] < self.spec.blocks]
+        r = table.roles
+        st = StageTimes(stage=layout.last_stage)
+        st.fwd_s, st.bwd_s = float(r["fwd_s"][rows].sum()), float(r["bwd_s"][rows].sum())
+        again = {"full": "fwd_s", "selective": "attention_fwd_s"}.get(layout.recompute)
+        st.recompute_s = float(r[again][blocks].sum()) if again else 0.0
+        for g in GROUPS:
+            extra = (r[f"{g}_fwd_s"][blocks].sum(), r[f"{g}_fwd_n"][blocks].sum()) \
+                if layout.recompute == "full" else (0.0, 0)
+            st.comm_s[g] = float(r[f"{g}_fwd_s"][rows].sum() + r[f"{g}_bwd_s"][rows].sum() + extra[0])
+            st.comm_count[g] = int(r[f"{g}_fwd_n"][rows].sum() + r[f"{g}_bwd_n"][rows].sum() + extra[1])
+        st.comm_one = dict(table.one)
+        self._add_sends(st, layout, table, held, micro_batch, seq)
+        self._add_data_parallel(st, layout, [table.params[i] for i in rows], [table.layers[i] for i in rows],
+                                micro_batch, seq)
+        return st
+
+    def _add_sends(self, st: StageTimes, layout, table: LayerTable, held: list, micro_batch: int, seq: int) -> None:
+        """The stage's pipeline sends (flopsim.parallel.shard._pipeline_send's ops)."""
+        from flopsim.parallel.shard import _pipeline_send
+
+        if layout.pp <= 1:
+            return
+        key = ("send", micro_batch, seq, layout.tp, layout.cp, layout.ep, layout.pp, layout.last_stage, layout.dp)
+        if key not in self._extras:
+            fwd = [op for layer in held for op in table.fwd_ops.get(layer, [])]
+            sends = (_pipeline_send(fwd, self.spec, layout, "fwd") if layout.last_stage < layout.pp - 1 else []) + \
+                ([replace(c, pass_="bwd") for c in _pipeline_send(fwd, self.spec, layout, "bwd")]
+                 if layout.last_stage > 0 else [])
+            self._extras[key] = self._costed(sends, micro_batch, seq)
+        for t in self._extras[key]:
+            st.comm_s["pp"] += t.time_s
+            st.comm_count["pp"] += 1
+            st.comm_one.setdefault("pp", (t.comm_bytes, t.time_s))
+
+    def _add_data_parallel(self, st: StageTimes, layout, params: list, layers: list, micro_batch: int,
+                           seq: int) -> None:
+        """The ZeRO collectives of the stage's layers (shard._data_parallel's ops, costed once per
+        distinct layer) and the optimizer update of its parameters (shard._optimizer)."""
+        from flopsim.collectives import factor
+        from flopsim.parallel.shard import _data_parallel, _optimizer
+
+        group_key = (layout.tp, layout.cp, layout.dp, layout.ep, layout.pp, layout.zero, layout.recompute)
+        for p in params:
+            key = ("dp", group_key, p["dp"], p["edp"])
+            if key not in self._extras:
+                dp_ops = _data_parallel(p, layout, 0, self.bpp["gradients"], self.bpp["weights"])
+                ops = [op for where in ("pre_fwd", "pre_bwd", "post_bwd") for op in dp_ops[where]]
+                self._extras[key] = [(op.tags["per"], op.tags["window"], t.time_s,
+                                      factor(op.variant, int(op.tags["ranks"])) * t.comm_bytes)
+                                     for op, t in zip(ops, self._costed(ops, micro_batch, seq))]
+            for per, window, secs, sent in self._extras[key]:
+                st.dp[(per, window)] += secs
+                st.dp_bytes[per] += sent
+        dense, expert = sum(p["dp"] for p in params), sum(p["edp"] for p in params)
+        key = ("opt", group_key, dense, expert)
+        if key not in self._extras:
+            opt = _optimizer(self.base_ops, {0: {"dp": dense, "edp": expert}}, layout)
+            self._extras[key] = sum(t.time_s for t in self._costed(opt, micro_batch, seq))
+        st.optimizer_s = self._extras[key]
