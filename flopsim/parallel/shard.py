@@ -128,6 +128,17 @@ def _regions(fwd_ops: list) -> set:
     return names
 
 
+EXPERT_LOAD = sp.Symbol("expert_load", positive=True)  # a layout may leave the load a symbol, set at evaluation
+
+
+def _load(layout):
+    """The busiest expert-parallel rank's load as a sympy number (1 exactly when balanced),
+    or the symbol EXPERT_LOAD when the layout holds it."""
+    if isinstance(layout.expert_load, sp.Basic):
+        return layout.expert_load
+    return sp.Integer(1) if layout.expert_load == 1 else sp.Float(layout.expert_load)
+
+
 def _gemm(gemm, axis: int, divisor):
     if gemm is None or divisor == 1:
         return gemm
@@ -136,15 +147,19 @@ def _gemm(gemm, axis: int, divisor):
     return tuple(out)
 
 
+def _div(value, divisor):
+    return value if divisor == 1 or value == 0 else value / divisor
+
+
 def _divided(op: Op, work, weights, kv=None, gemm=None) -> Op:
     """The op with FLOPs and activation bytes / work, weights and parameters / weights,
     KV bytes / kv (default work), `gemm` its new shape."""
     kv = work if kv is None else kv
-    changes = {f: getattr(op, f) / work for f in ("flops", "causal_flops", "other_flops", "act_read_bytes",
-                                                  "act_write_bytes")}
-    changes.update(kv_read_bytes=op.kv_read_bytes / kv, kv_write_bytes=op.kv_write_bytes / kv,
-                   weight_bytes=op.weight_bytes / weights, params=op.params / weights,
-                   param_bytes=None if op.param_bytes is None else op.param_bytes / weights)
+    changes = {f: _div(getattr(op, f), work) for f in ("flops", "causal_flops", "other_flops", "act_read_bytes",
+                                                       "act_write_bytes")}
+    changes.update(kv_read_bytes=_div(op.kv_read_bytes, kv), kv_write_bytes=_div(op.kv_write_bytes, kv),
+                   weight_bytes=_div(op.weight_bytes, weights), params=_div(op.params, weights),
+                   param_bytes=None if op.param_bytes is None else _div(op.param_bytes, weights))
     if gemm is not None:
         changes["gemm"] = gemm
     return replace(op, **changes)
@@ -156,7 +171,7 @@ def split_op(op: Op, spec, layout, in_region: bool) -> Op:
     local = local_name(op.name)
     kv_split = 1 if spec.mla is not None else min(tp, spec.kv_heads)
     if ".moe.experts." in op.name:
-        load = sp.nsimplify(layout.expert_load)
+        load = _load(layout)
         gemm = op.gemm
         if gemm is not None:
             gemm = (gemm[0] / layout.ep, gemm[1] * layout.ep / cp * load, *gemm[2:])
@@ -235,7 +250,7 @@ def _layer_forward(ops: list, spec, layout, region: set, placed: _Placed) -> lis
             placed.add(out, op, "after", collective(f"{op.name}.tp_reduce", reduce, orig.act_write_bytes / cp,
                                                     layer=op.layer, group="tp", layout=layout))
         if layout.ep > 1 and local.endswith("moe.dispatch"):
-            routed = orig.act_write_bytes / (ts * cp) * sp.nsimplify(layout.expert_load)
+            routed = orig.act_write_bytes / (ts * cp) * _load(layout)
             placed.add(out, op, "after", collective(f"{op.name}.ep_dispatch", "all_to_all", routed, layer=op.layer,
                                                     group="ep", layout=layout, kernels=op.kernels))
             last = max(j for j, (o, _) in enumerate(ops) if ".moe.experts." in o.name)
@@ -383,16 +398,20 @@ def _pipeline_send(fwd: list, spec, layout, direction: str) -> list:
                        group="pp", layout=layout, kernels=op.kernels)]
 
 
+def optimizer_share(params_by_layer: dict, layout, total):
+    """The share of the model's parameters this GPU updates: its stage's shards, / the
+    data-parallel ranks under ZeRO >= 1 (routed experts' over theirs)."""
+    dense = sum(p["dp"] for p in params_by_layer.values())
+    expert = sum(p["edp"] for p in params_by_layer.values())
+    if layout.zero >= 1:
+        dense, expert = dense / layout.group("dp")[0], expert / max(1, layout.group("edp")[0])
+    return (dense + expert) / total if total != 0 else 0
+
+
 def _optimizer(ops: list, params_by_layer: dict, layout) -> list:
-    """The update of this GPU's parameters: the stage's shards, / the data-parallel
-    ranks under ZeRO >= 1."""
+    """The update of this GPU's parameters (`optimizer_share` of the whole update)."""
     opt = [op for op in ops if op.kind == "optimizer"]
     if not opt:
         return []
     total = sum((op.params for op in ops if op.pass_ == "fwd"), sp.Integer(0))
-    dense = sum((p["dp"] for p in params_by_layer.values()), sp.Integer(0))
-    expert = sum((p["edp"] for p in params_by_layer.values()), sp.Integer(0))
-    if layout.zero >= 1:
-        dense, expert = dense / layout.group("dp")[0], expert / max(1, layout.group("edp")[0])
-    share = (dense + expert) / total if total != 0 else sp.Integer(0)
-    return [op.scaled(share) for op in opt]
+    return [op.scaled(optimizer_share(params_by_layer, layout, total)) for op in opt]

@@ -21,11 +21,14 @@ as if dispatch were hidden behind the device.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from flopsim.ops.fields import COST_FIELDS
 from flopsim.planning.train_step import GROUPS, StageTimes
+
+SCALED = tuple(f for f in COST_FIELDS if f != "params")  # what Op.scaled scales
 
 
 ROLES = ("fwd_s", "bwd_s", "attention_fwd_s", *(f"{g}_{p}_{q}" for g in GROUPS for p in ("fwd", "bwd")
@@ -44,9 +47,12 @@ class LayerTable:
     one: dict  # group -> (message bytes, seconds) of its first collective
     fwd_ops: dict  # layer -> its sharded forward ops (symbolic), for the pipeline sends
 
+    rep_of: dict = field(default_factory=dict)  # layer -> the identical layer costed for it
+
     def rows(self, held) -> list:
+        """The rows of the layers `held` (a layer identical to another reads that one's row)."""
         index = {layer: i for i, layer in enumerate(self.layers)}
-        return [index[layer] for layer in held if layer in index]
+        return [index[self.rep_of.get(layer, layer)] for layer in held if self.rep_of.get(layer, layer) in index]
 
 
 class ShardedModel:
@@ -57,11 +63,19 @@ class ShardedModel:
 
         self.spec, self.hw, self.cal, self.links, self.bpp = spec, hw, cal, links, bytes_per_param
         self.base_ops = phase_ops(spec, "train", optimizer=optimizer)
+        self.rep_of = _representatives(self.base_ops, spec.blocks)
+        self._rep_ops = [op for op in self.base_ops if self.rep_of.get(op.layer, op.layer) == op.layer]
         self._shards: dict = {}
+        self._groups: dict = {}  # id of a cached sharded list -> its groups of identical ops
         self._tables: dict = {}
         self._times: dict = {}
         self._values: dict = {}
         self._extras: dict = {}
+        from flopsim.count import evaluate_ops
+
+        opt = [op for op in self.base_ops if op.kind == "optimizer"]
+        self._optimizer_costs = evaluate_ops(opt, {})  # the whole model's update, scaled per stage
+        self._total_params = float(sum(op.params for op in self.base_ops if op.pass_ == "fwd"))
 
     def _time(self, cost):
         """op_time of an evaluated op, once per distinct op (its costs, kind, shape and group)."""
@@ -74,40 +88,59 @@ class ShardedModel:
             self._times[key] = op_time(cost, self.hw, self.spec.compute_dtype, self.cal, self.links.by_level)
         return self._times[key]
 
-    def _costed(self, ops: list, micro_batch: int, seq: int) -> list:
+    def _costed(self, ops: list, micro_batch: int, seq: int, expert_load: float = 1.0) -> list:
         from flopsim.count import evaluate_ops, token_values
+        from flopsim.parallel.shard import EXPERT_LOAD
 
         if (micro_batch, seq) not in self._values:
             self._values[(micro_batch, seq)] = token_values(self.spec, "train", micro_batch, seq)
-        return [self._time(c) for c in evaluate_ops(ops, self._values[(micro_batch, seq)])]
+        values = {**self._values[(micro_batch, seq)], EXPERT_LOAD: expert_load}
+        return [self._time(c) for c in evaluate_ops(ops, values)]
 
     def table(self, micro_batch: int, seq: int, *, tp: int, cp: int = 1, ep: int = 1,
               expert_load: float = 1.0) -> LayerTable:
         """The LayerTable of one micro-batch (cached; the sharded list is cached per degree)."""
         key = (micro_batch, seq, tp, cp, ep, expert_load)
         if key not in self._tables:
-            self._tables[key] = self._cost_layers(micro_batch, seq, self._sharded(tp, cp, ep, expert_load))
+            self._tables[key] = self._cost_layers(micro_batch, seq, self._sharded(tp, cp, ep), expert_load)
         return self._tables[key]
 
-    def _sharded(self, tp: int, cp: int, ep: int, expert_load: float) -> list:
+    def _sharded(self, tp: int, cp: int, ep: int) -> list:
+        """The sharded list of a tp x cp x ep layout, the expert load left a symbol."""
         from flopsim.parallel import make_layout, shard
+        from flopsim.parallel.shard import EXPERT_LOAD
 
-        key = (tp, cp, ep, expert_load)
+        key = (tp, cp, ep)
         if key not in self._shards:
-            layout = make_layout(self.spec, "train", tp=tp, cp=cp, ep=ep, dp=ep,
-                                 gpus_per_node=self.links.gpus_per_node, expert_load=expert_load)
-            self._shards[key] = [op for op in shard(self.base_ops, self.spec, "train", layout)
+            layout = replace(make_layout(self.spec, "train", tp=tp, cp=cp, ep=ep, dp=ep,
+                                         gpus_per_node=self.links.gpus_per_node), expert_load=EXPERT_LOAD)
+            self._shards[key] = [op for op in shard(self._rep_ops, self.spec, "train", layout)
                                  if op.kind != "optimizer" and op.tags.get("group") not in ("dp", "edp")]
         return self._shards[key]
 
-    def _cost_layers(self, micro_batch: int, seq: int, ops: list) -> LayerTable:
+    def _distinct_times(self, ops: list, micro_batch: int, seq: int, expert_load: float) -> list:
+        """Each op's OpTime, evaluating one op of each group of identical ops (the same
+        expressions, kind, shape and group: a block repeated) once."""
+        if id(ops) not in self._groups:
+            groups: dict = {}
+            which = []
+            for op in ops:
+                key = (op.kind, op.variant, op.pass_, tuple(op.expressions().items()), op.kernels,
+                       tuple(sorted((k, v) for k, v in op.tags.items() if k in ("ranks", "level"))))
+                which.append(groups.setdefault(key, (len(groups), op))[0])
+            self._groups[id(ops)] = (which, [op for _, op in groups.values()])
+        which, reps = self._groups[id(ops)]
+        timed = self._costed(reps, micro_batch, seq, expert_load)
+        return [timed[i] for i in which]
+
+    def _cost_layers(self, micro_batch: int, seq: int, ops: list, expert_load: float) -> LayerTable:
         layers = sorted({op.layer for op in ops})
         index = {layer: i for i, layer in enumerate(layers)}
         roles = {r: np.zeros(len(layers)) for r in ROLES}
         params = [{"dp": 0.0, "edp": 0.0} for _ in layers]
         one: dict = {}
         fwd_ops: dict = {layer: [] for layer in layers}
-        for op, t in zip(ops, self._costed(ops, micro_batch, seq)):
+        for op, t in zip(ops, self._distinct_times(ops, micro_batch, seq, expert_load)):
             i, side = index[op.layer], op.pass_
             if side == "fwd":
                 fwd_ops[op.layer].append(op)
@@ -121,7 +154,7 @@ class ShardedModel:
                 roles[f"{side}_s"][i] += t.time_s
                 if side == "fwd" and op.kind == "attention":
                     roles["attention_fwd_s"][i] += t.time_s
-        return LayerTable(layers=layers, roles=roles, params=params, one=one, fwd_ops=fwd_ops)
+        return LayerTable(layers=layers, roles=roles, params=params, one=one, fwd_ops=fwd_ops, rep_of=self.rep_of)
 
     def stage_times(self, layout, micro_batch: int, seq: int) -> StageTimes:
         """Stage `layout.last_stage` under `layout` (see the module docstring)."""
@@ -156,7 +189,7 @@ class ShardedModel:
             return
         key = ("send", micro_batch, seq, layout.tp, layout.cp, layout.ep, layout.pp, layout.last_stage, layout.dp)
         if key not in self._extras:
-            fwd = [op for layer in held for op in table.fwd_ops.get(layer, [])]
+            fwd = [op for layer in held for op in table.fwd_ops.get(table.rep_of.get(layer, layer), [])]
             sends = (_pipeline_send(fwd, self.spec, layout, "fwd") if layout.last_stage < layout.pp - 1 else []) + \
                 ([replace(c, pass_="bwd") for c in _pipeline_send(fwd, self.spec, layout, "bwd")]
                  if layout.last_stage > 0 else [])
@@ -171,9 +204,11 @@ class ShardedModel:
         """The ZeRO collectives of the stage's layers (shard._data_parallel's ops, costed once per
         distinct layer) and the optimizer update of its parameters (shard._optimizer)."""
         from flopsim.collectives import factor
-        from flopsim.parallel.shard import _data_parallel, _optimizer
+        from flopsim.parallel.shard import _data_parallel, optimizer_share
 
-        group_key = (layout.tp, layout.cp, layout.dp, layout.ep, layout.pp, layout.zero, layout.recompute)
+        # what the ZeRO collectives depend on: each group's ranks and link level, the stage, recomputation
+        group_key = (layout.group("dp")[0], layout.level("dp"), layout.group("edp")[0], layout.level("edp"),
+                     layout.zero, layout.zero == 3 and layout.recompute == "full")
         for p in params:
             key = ("dp", group_key, p["dp"], p["edp"])
             if key not in self._extras:
@@ -185,9 +220,20 @@ class ShardedModel:
             for per, window, secs, sent in self._extras[key]:
                 st.dp[(per, window)] += secs
                 st.dp_bytes[per] += sent
-        dense, expert = sum(p["dp"] for p in params), sum(p["edp"] for p in params)
-        key = ("opt", group_key, dense, expert)
-        if key not in self._extras:
-            opt = _optimizer(self.base_ops, {0: {"dp": dense, "edp": expert}}, layout)
-            self._extras[key] = sum(t.time_s for t in self._costed(opt, micro_batch, seq))
-        st.optimizer_s = self._extras[key]
+        share = optimizer_share({i: p for i, p in enumerate(params)}, layout, self._total_params)
+        st.optimizer_s = sum(self._time(replace(c, **{f: getattr(c, f) * share for f in SCALED})).time_s
+                             for c in self._optimizer_costs)
+
+
+def _representatives(ops: list, blocks: int) -> dict:
+    """{block: the first block with the same ops} (names aside: kind, pass, costs, launches), so
+    that a repeated block is sharded and costed once."""
+    from flopsim.parallel.shard import local_name
+
+    signature: dict = {}
+    for op in ops:
+        if 0 <= op.layer < blocks:
+            signature.setdefault(op.layer, []).append((local_name(op.name), op.kind, op.variant, op.pass_,
+                                                       tuple(op.expressions().items()), op.kernels))
+    first: dict = {}
+    return {layer: first.setdefault(tuple(sig), layer) for layer, sig in signature.items()}

@@ -1,0 +1,235 @@
+"""Layout search for a training run (`search_training`, `flopsim plan train --search`):
+every tensor x pipeline x data (x expert) layout of each GPU count, every
+micro-batch, ZeRO stage and recomputation choice; the layouts that fit memory
+are costed, the fastest first, with the Pareto front of (GPUs, days, cost).
+
+Candidates for G GPUs (N nodes of `gpus_per_node`): tp a power of two up to
+the node dividing the heads; pp a divisor of the blocks; dp = G / (tp * pp);
+ep (MoE) a divisor of the experts and of dp; micro-batches from
+`micro_batches`; one global batch for all (a training hyperparameter, not a
+layout choice): the one given, else ~4M tokens (ceil(4 Mi / seq) sequences);
+layouts whose dp * micro-batch does not divide it are skipped.
+
+Each layout is costed exactly as `plan_training` costs it (the same memory
+formula, the same per-layer costs of the sharded op lists,
+flopsim.planning.layer_costs, and the same step schedule): an op list is
+sharded once per (tp, ep), evaluated once per micro-batch and each distinct
+op costed once; what varies with pp, dp, ZeRO and recomputation is sums over
+the cached per-layer arrays. `benchmarks/plan_search.py` prints the time.
+
+Pareto front: a fitting layout is on it when no other fitting layout is at
+least as good in GPUs, days and cost (GPU-hours without a price) and better
+in one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+from flopsim.errors import InputError, bad_value
+from flopsim.planning.common import _positive, _positive_int
+
+DEFAULT_MICRO_BATCHES = (1, 2, 4, 8)
+ZERO_STAGES = (0, 1, 2, 3)
+RECOMPUTE = ("none", "selective", "full")
+MAX_LAYOUTS = 200_000
+
+
+@dataclass
+class SearchResult:
+    """Every layout tried (`rows`), the fitting ones fastest first (`fastest`) and the Pareto front."""
+
+    spec: Any
+    hw: Any
+    calibration: Any
+    rows: list
+    fastest: list
+    pareto: list
+    elapsed_s: float
+    notes: list = field(default_factory=list)
+
+    @property
+    def best(self) -> Optional[dict]:
+        return self.fastest[0] if self.fastest else None
+
+    def to_dict(self) -> dict:
+        return {"kind": "training_search", "model": self.spec.name, "hardware": self.hw.name,
+                "calibration": self.calibration.source, "calibration_kind": self.calibration.kind,
+                "calibration_label": self.calibration.provenance_label, "layouts": len(self.rows),
+                "fitting": len(self.fastest), "elapsed_s": self.elapsed_s, "fastest": self.fastest,
+                "pareto": self.pareto, "notes": list(self.notes)}
+
+
+def _powers_of_two(upper: int) -> list[int]:
+    out, t = [], 1
+    while t <= upper:
+        out.append(t)
+        t *= 2
+    return out
+
+
+def candidate_layouts(spec, gpus: int, gpus_per_node: int, micro_batches: Sequence[int], zeros: Sequence[int],
+                      recomputes: Sequence[str]) -> list[dict]:
+    """Every layout of `gpus` GPUs (see the module docstring), as keyword dicts."""
+    experts = spec.moe.experts if spec.moe is not None else 1
+    out = []
+    for tp in (t for t in _powers_of_two(min(gpus_per_node, gpus)) if spec.heads % t == 0):
+        for pp in (p for p in range(1, spec.blocks + 1) if spec.blocks % p == 0 and gpus % (tp * p) == 0):
+            dp = gpus // (tp * pp)
+            for ep in (e for e in range(1, experts + 1) if experts % e == 0 and dp % e == 0):
+                for mb in micro_batches:
+                    for zero in zeros:
+                        for rc in recomputes:
+                            out.append(dict(gpus=gpus, tp=tp, pp=pp, dp=dp, ep=ep, micro_batch=mb, zero=zero,
+                                            recompute=rc))
+    return out
+
+
+def _checked_choices(micro_batches, zero, recompute) -> tuple:
+    mbs = [_positive_int("micro_batches", m) for m in micro_batches]
+    for z in zero:
+        if isinstance(z, bool) or z not in ZERO_STAGES:
+            raise bad_value("zero", z, "expected ZeRO stages among 0, 1, 2, 3")
+    for r in recompute:
+        if r not in RECOMPUTE:
+            raise bad_value("recompute", r, "expected none, selective or full")
+    if not mbs or not zero or not recompute:
+        raise bad_value("search", "", "give at least one micro-batch, ZeRO stage and recomputation choice")
+    return mbs, list(zero), list(recompute)
+
+
+def pareto_front(rows: list[dict]) -> list[dict]:
+    """The rows no other row beats in GPUs, days and cost (GPU-hours without a price), by GPUs."""
+    def key(r):
+        return (r["gpus"], r["days"], r["cost"] if r["cost"] is not None else r["gpu_hours"])
+
+    front = []
+    for r in rows:
+        a = key(r)
+        if not any(all(x <= y for x, y in zip(key(o), a)) and key(o) != a for o in rows):
+            front.append(r)
+    seen, out = set(), []
+    for r in sorted(front, key=key):
+        if key(r) not in seen:
+            seen.add(key(r))
+            out.append(r)
+    return out
+
+
+class _Costing:
+    """What every layout of one search shares: the sharded model, the activations per
+    (micro-batch, recomputation), the routing figures and the FLOPs per micro-batch."""
+
+    def __init__(self, spec, hw, cal, links, *, seq: int, optimizer: str, dp_overlap: float, tp_overlap: float):
+        from flopsim.memory import MemoryModel
+        from flopsim.planning.layer_costs import ShardedModel
+        from flopsim.planning.train import _param_split
+
+        self.spec, self.hw, self.cal, self.links, self.seq = spec, hw, cal, links, seq
+        self.dp_overlap, self.tp_overlap, self.optimizer = dp_overlap, tp_overlap, optimizer
+        self._memory = {rc: MemoryModel(spec, "train", recompute=rc, optimizer=optimizer) for rc in (False, True)}
+        self.bpp = self._memory[False].bytes_per_param
+        self.model = ShardedModel(spec, hw, cal, links, optimizer=optimizer, bytes_per_param=self.bpp)
+        self.params, self.params_expert = _param_split(spec)
+        self._flops: dict = {}
+        self._routing: dict = {}
+
+    def activations(self, micro_batch: int, full: bool) -> float:
+        return self._memory[full].evaluate(micro_batch, self.seq, self.seq)["activations_bytes"]
+
+    def flops(self, micro_batch: int) -> float:
+        from flopsim.count import count
+
+        if micro_batch not in self._flops:
+            self._flops[micro_batch] = count(self.spec, batch=micro_batch, seq=self.seq, phase="train").flops
+        return self._flops[micro_batch]
+
+    def evaluate(self, layout: dict, global_batch: int, tokens: float, price) -> dict:
+        """One layout's row: memory, and when it fits its step, days, GPU-hours, cost and MFU,
+        by plan_training's own functions."""
+        from flopsim.planning.train import _stage_list, _train_memory, _train_totals, routing_figures
+        from flopsim.planning.train_step import step_schedule
+
+        c = dict(layout, seq=self.seq, global_batch=global_batch,
+                 microbatches=global_batch // (layout["dp"] * layout["micro_batch"]), recompute_mode=layout["recompute"])
+        full = layout["recompute"] == "full"
+        mem = _train_memory(self.params - self.params_expert, self.params_expert, self.bpp,
+                            self.activations(layout["micro_batch"], full), tp=c["tp"], pp=c["pp"], dp=c["dp"],
+                            ep=c["ep"], zero=c["zero"], microbatches=c["microbatches"])
+        row = {**layout, "global_batch": global_batch, "microbatches": c["microbatches"],
+               "memory_gb": mem["total_bytes"] / 1e9, "fits": mem["total_bytes"] <= self.hw.memory_capacity_bytes}
+        if not row["fits"]:
+            return row
+        key = (layout["micro_batch"], layout["ep"])
+        if key not in self._routing:
+            self._routing[key] = routing_figures(self.spec, c)
+        c.update(self._routing[key])
+        sched = step_schedule(_stage_list(self.model, c), c["microbatches"], c["pp"], self.tp_overlap,
+                              self.dp_overlap)
+        t = _train_totals(self.flops(layout["micro_batch"]), self.spec, self.hw, c, tokens, sched["step_s"], price)
+        row.update(step_time_s=t["step_time_s"], days=t["days"], gpu_hours=t["gpu_hours"], cost=t["cost"],
+                   mfu=t["mfu"], tokens_per_s_per_gpu=t["tokens_per_s_per_gpu"], bubble_s=sched["bubble_s"],
+                   dp_exposed_s=sched["dp_exposed_s"])
+        return row
+
+
+def search_training(spec, hw, *, gpus, tokens: float, seq: Optional[int] = None,
+                    global_batch: Optional[int] = None, global_batch_tokens: Optional[float] = None,
+                    micro_batches: Sequence[int] = DEFAULT_MICRO_BATCHES, zero: Sequence[int] = ZERO_STAGES,
+                    recompute: Sequence[str] = RECOMPUTE, optimizer: str = "adam", dp_overlap: float = 1.0,
+                    tp_overlap: float = 0.0, price_per_gpu_hour: Optional[float] = None, calibration=None,
+                    interconnect_bytes_per_s: Optional[float] = None, inter_node_bytes_per_s: Optional[float] = None,
+                    gpus_per_node: Optional[int] = None, comm_latency_s: Optional[float] = None,
+                    progress: bool = False) -> SearchResult:
+    """Search the layouts of a training run on `gpus` (an int or several) x `hw` (see the
+    module docstring); the other arguments as plan_training's."""
+    from flopsim.calibration import load_calibration
+    from flopsim.count import token_values
+    from flopsim.hardware import load_hardware
+    from flopsim.ops.optimizer import get_optimizer
+    from flopsim.planning.common import DEFAULT_GLOBAL_BATCH_TOKENS, DEFAULT_SEQ, _non_negative, _Progress
+    from flopsim.planning.links import resolve_links
+    from flopsim.planning.train import _global_batch, _single_stack
+    from flopsim.spec import load_model
+
+    start = time.perf_counter()
+    spec, hw = load_model(spec), load_hardware(hw)
+    _single_stack(spec)
+    cal = load_calibration(calibration, hw)
+    counts = sorted({_positive_int("gpus", g) for g in ([gpus] if isinstance(gpus, int) else gpus)})
+    if not counts:
+        raise bad_value("gpus", gpus, "give at least one GPU count")
+    tokens, price = _positive("tokens", tokens), _non_negative("price", price_per_gpu_hour)
+    get_optimizer(optimizer)
+    mbs, zeros, rcs = _checked_choices(micro_batches, zero, recompute)
+    seq = min(DEFAULT_SEQ, spec.max_seq) if seq is None else _positive_int("seq", seq)
+    token_values(spec, "train", 1, seq)
+    links = resolve_links(hw, cal, interconnect_bytes_per_s, inter_node_bytes_per_s, gpus_per_node, comm_latency_s,
+                          needed=max(counts) > 1)
+    if global_batch is None and global_batch_tokens is None:  # one global batch for every layout
+        global_batch = math.ceil(DEFAULT_GLOBAL_BATCH_TOKENS / seq)
+    layouts = [lay for g in counts for lay in candidate_layouts(spec, g, links.gpus_per_node, mbs, zeros, rcs)]
+    if len(layouts) > MAX_LAYOUTS:
+        raise bad_value("gpus", gpus, f"gives {len(layouts):,} layouts, over {MAX_LAYOUTS:,}: narrow the search")
+    costing = _Costing(spec, hw, cal, links, seq=seq, optimizer=optimizer, dp_overlap=float(dp_overlap),
+                       tp_overlap=float(tp_overlap))
+    rows, notes = [], []
+    bar = _Progress(progress, f"searching {len(layouts):,} layouts", total=len(layouts))
+    try:
+        for lay in layouts:
+            bar.advance()
+            try:
+                gb = _global_batch(seq, lay["dp"], lay["micro_batch"], global_batch, global_batch_tokens)
+            except InputError:  # the global batch does not divide over this layout
+                continue
+            rows.append(costing.evaluate(lay, gb, tokens, price))
+    finally:
+        bar.close()
+    fitting = sorted((r for r in rows if r["fits"]), key=lambda r: (r["days"], r["gpus"], r["memory_gb"]))
+    if not fitting:
+        notes.append(f"no layout of {', '.join(map(str, counts))} GPUs fits {hw.name}'s memory: add GPUs")
+    return SearchResult(spec=spec, hw=hw, calibration=cal, rows=rows, fastest=fitting, pareto=pareto_front(fitting),
+                        elapsed_s=time.perf_counter() - start, notes=notes)
