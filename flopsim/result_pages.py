@@ -68,13 +68,19 @@ def training_plan_page(plan, command: str = "") -> Page:
                          plan.notes)
 
 
+def _length(value) -> str:
+    """A fixed length (an int, with thousands separators) or a distribution's form."""
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
 def serving_plan_page(plan, command: str = "") -> Page:
     """The serving plan: the chosen configuration, each tensor-parallel degree tried, memory."""
     c = plan.config
     page = Page(title=f"flopsim plan: {plan.spec.name} serving on {plan.hw.name}", generator=_generator())
     page.markdown(f"# Serving plan: {plan.spec.name} on {plan.hw.name}\n\n"
                   + (f"```sh\n{command}\n```\n\n" if command else "")
-                  + f"Prompt {c['prompt']:,} + {c['gen']:,} generated tokens per request. Calibration: "
+                  + f"Prompt {_length(c['prompt'])} + {_length(c['gen'])} generated tokens per request (means "
+                  f"{c['prompt_mean']:,.0f} + {c['gen_mean']:,.0f}). Calibration: "
                   f"{plan.calibration.label}.\n\n**{plan.message}**")
     rows = [r for r in plan.candidates if r.get("batch") is not None]
     if rows:

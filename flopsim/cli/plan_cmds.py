@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import typer
@@ -160,8 +161,8 @@ def _print_training(p) -> None:
 def serve(
     spec: str = SpecArg,
     hardware: str = HardwareOpt,
-    prompt: int = typer.Option(..., "--prompt", help="Prompt tokens per request."),
-    gen: int = typer.Option(..., "--gen", help="Generated tokens per request."),
+    prompt: str = typer.Option(..., "--prompt", help="Prompt tokens per request: N, uniform:A:B, lognormal:MEDIAN:SIGMA or a CSV file of length,count rows."),
+    gen: str = typer.Option(..., "--gen", help="Generated tokens per request (the same forms as --prompt)."),
     gpus: Optional[int] = typer.Option(None, "--gpus", "-g", help="GPUs available: the throughput they give."),
     target: Optional[str] = typer.Option(None, "--target-tokens-per-s", "--throughput", help="Output tokens/s to sustain: the GPUs needed (e.g. 50k)."),
     ttft: Optional[str] = typer.Option(None, "--ttft", help="Time-to-first-token target (e.g. 500ms, 1s)."),
@@ -169,6 +170,11 @@ def serve(
     tp: Optional[int] = typer.Option(None, "--tp", help="Tensor-parallel degree (default: the best power of two up to --gpus-per-node)."),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Largest batch the server may run."),
     memory_utilization: float = typer.Option(0.9, "--memory-utilization", help="Share of device memory for weights, KV cache and activations."),
+    chunk: Optional[int] = typer.Option(None, "--chunk", help="Chunked prefill: prompt tokens per step beside the batch's decode tokens, one forward (vLLM --enable-chunked-prefill; max_num_batched_tokens = batch + chunk)."),
+    draft: Optional[str] = typer.Option(None, "--draft", help="Speculative decoding: the draft model (a spec, same vocabulary), run at the target's tp."),
+    draft_len: Optional[int] = typer.Option(None, "--draft-len", help="Tokens the draft proposes per step (k)."),
+    acceptance: Optional[float] = typer.Option(None, "--acceptance", help="Per-token acceptance rate of the draft's tokens, in (0, 1]."),
+    kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype", help="KV cache dtype: fp32 | bf16 | fp16 | fp8 | int8 (default: the spec's precision.kv_cache, else its dtype)."),
     interconnect: Optional[str] = InterconnectOpt,
     inter_node: Optional[str] = InterNodeOpt,
     gpus_per_node: Optional[int] = GpusPerNodeOpt,
@@ -190,8 +196,8 @@ def serve(
         memory_utilization=memory_utilization, price_per_gpu_hour=price,
         interconnect_bytes_per_s=_quantity(interconnect, "interconnect"),
         inter_node_bytes_per_s=_quantity(inter_node, "inter_node"), gpus_per_node=gpus_per_node,
-        comm_latency_s=_duration(comm_latency, "comm_latency"), calibration=calibration,
-        progress=fmt == Format.table)
+        comm_latency_s=_duration(comm_latency, "comm_latency"), chunk=chunk, draft=draft, draft_len=draft_len,
+        acceptance=acceptance, kv_dtype=kv_dtype, calibration=calibration, progress=fmt == Format.table)
     _write_html(serving_plan_page, p, html)
     if fmt == Format.json:
         return print_json(p.to_dict())
@@ -208,11 +214,52 @@ def _ms(x) -> str:
     return "-" if x is None else human_time(x)
 
 
+def _lengths_text(c) -> str:
+    """'prompt 512 + gen 128' or, for a distribution, its form and mean."""
+    from rich.markup import escape
+
+    def one(key):
+        v = c[key]
+        return f"{v:,}" if isinstance(v, int) else f"{escape(v)} (mean {c[key + '_mean']:,.0f})"
+    return f"prompt {one('prompt')} + gen {one('gen')} tokens per request"
+
+
+def _serving_lines(p) -> list:
+    """The mode, TTFT and TPOT lines of a plan that fits."""
+    c, lat = p.config, p.latency
+    which = f"the p99 prompt, {c['prompt_p99']:,} tokens (mean over prompts {_ms(lat['ttft_mean_s'])})" \
+        if not isinstance(c["prompt"], int) else f"one {c['prompt']:,}-token prompt"
+    comm = f"TP all-reduces {_ms(lat['ttft_tp_comm_s'])}"
+    between = f"{_ms(lat['tpot_with_prefills_s'])} between tokens on average with other requests' prefills"
+    if c["chunk"]:
+        steps = -(-c["prompt_p99"] // c["chunk"])
+        return [f"  mode         chunked prefill: {c['chunk']:,} prompt tokens per step beside the batch's decode tokens",
+                f"  TTFT         [bold]{_ms(lat['ttft_s'])}[/]  ({_n(steps, 'mixed step')} for {which}; {comm})",
+                f"  TPOT         [bold]{_ms(lat['tpot_s'])}[/]  (decode step of {c['batch']:,} sequences at the mean "
+                f"KV length {c['decode_context_mean']:,} carrying a chunk; {_ms(lat['decode_step_s'])} without); "
+                f"{between}"]
+    if c["draft"]:
+        return [f"  mode         speculative decoding: draft {c['draft']}, k {c['draft_len']}, acceptance "
+                f"{c['acceptance']:g} -> {c['expected_tokens_per_step']:.3g} tokens per step",
+                f"  TTFT         [bold]{_ms(lat['ttft_s'])}[/]  (prefill of {which} alone, target and draft; {comm})",
+                f"  TPOT         [bold]{_ms(lat['tpot_s'])}[/]  (a step of {c['draft_len']} draft decodes of "
+                f"{_ms(lat['draft_decode_s'])} and a {c['draft_len'] + 1}-token verification of {_ms(lat['verify_s'])} "
+                f"at batch {c['batch']:,}, / {c['expected_tokens_per_step']:.3g} tokens; the target's decode step "
+                f"{_ms(lat['decode_step_s'])}); {between}"]
+    return [f"  TTFT         [bold]{_ms(lat['ttft_s'])}[/]  (prefill of {which} alone; {comm})",
+            f"  TPOT         [bold]{_ms(lat['tpot_s'])}[/]  (decode step of {c['batch']:,} sequences at the mean KV "
+            f"length {c['decode_context_mean']:,}; TP all-reduces {_ms(lat['tpot_tp_comm_s'])}); {between}"]
+
+
 def _print_serving(p) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
     out = console()
-    c, lat, th, m, cost = p.config, p.latency, p.throughput, p.memory, p.cost
+    out.print = functools.partial(Console.print, out, emoji=False)  # a length form such as uniform:100:300 is text
+    c, th, m, cost = p.config, p.throughput, p.memory, p.cost
     out.print(f"[bold]{p.spec.name}[/] ({p.spec.family}, {p.spec.precision_label}) serving on [bold]{p.hw.name}[/]: "
-              f"prompt {c['prompt']:,} + gen {c['gen']:,} tokens per request")
+              f"{_lengths_text(c)}")
     targets = [f"TTFT <= {_ms(c['ttft_target_s'])}" if c["ttft_target_s"] else None,
                f"TPOT <= {_ms(c['tpot_target_s'])}" if c["tpot_target_s"] else None,
                f"{human(c['target_tokens_per_s'])} output tokens/s" if c["target_tokens_per_s"] else None,
@@ -223,14 +270,14 @@ def _print_serving(p) -> None:
         out.print(f"  [red]{p.message}[/]")
         _print_candidates(out, p)
         return
-    why = "fits memory" + (" and meets TPOT" if c["tpot_target_s"] else "")
-    out.print(f"  chosen       [bold]tp {c['tp']}, batch {c['batch']:,}[/] (the largest that {why}; memory alone "
+    keeps_up = " whose prompts the chunks keep up with" if c["max_batch_prefill"] is not None else ""
+    why = "the largest that fits memory" + keeps_up + (" and meets the targets" if c["tpot_target_s"] or
+                                                       c["ttft_target_s"] else "") \
+        if p.feasible else "it misses the targets, see below"
+    out.print(f"  chosen       [bold]tp {c['tp']}, batch {c['batch']:,}[/] ({why}; memory alone "
               f"allows {c['max_batch_memory']:,}) -> [bold]{_n(th['replicas'], 'replica')} = {_n(th['gpus'], 'GPU')}[/]")
-    out.print(f"  TTFT         [bold]{_ms(lat['ttft_s'])}[/]  (prefill of one {c['prompt']}-token prompt alone; "
-              f"TP all-reduces {_ms(lat['ttft_tp_comm_s'])})")
-    out.print(f"  TPOT         [bold]{_ms(lat['tpot_s'])}[/]  (decode step of {c['batch']:,} sequences at the mean KV "
-              f"length {c['decode_context_mean']:,}; TP all-reduces {_ms(lat['tpot_tp_comm_s'])}); "
-              f"{_ms(lat['tpot_with_prefills_s'])} between tokens with other requests' prefills interleaved")
+    for line in _serving_lines(p):
+        out.print(line)
     out.print(f"  throughput   [bold]{human(th['output_tokens_per_s_per_gpu'])} output tokens/s per GPU[/], "
               f"{human(th['output_tokens_per_s_per_replica'])} per replica, {human(th['output_tokens_per_s'])} on "
               f"{_n(th['gpus'], 'GPU')} ({human(th['input_tokens_per_s_per_replica'])} input tokens/s and "
@@ -244,18 +291,18 @@ def _print_serving(p) -> None:
                   f"{_money(cost['per_million_output_tokens_blended'])} per M output tokens all-in; "
                   f"{_money(cost['per_hour'])}/hour for {_n(th['gpus'], 'GPU')}")
     cap = m["capacity_bytes"]
-    rows = [[name, human(m[key], "B"), f"{100 * m[key] / cap:.1f}%"] for name, key in (
-        ("weights", "weights_bytes"), ("KV cache", "kv_cache_bytes"), ("activations", "activations_bytes"),
-        ("total", "total_bytes"))]
-    out.print(f"  memory/GPU   at batch {c['batch']:,}, every sequence's KV cache at its full {c['kv_context_max']:,} "
-              f"tokens; {human(m['usable_bytes'], 'B')} usable of {human(cap, 'B')} "
+    parts = (("weights", "weights_bytes"), ("KV cache", "kv_cache_bytes"), ("draft weights", "draft_weights_bytes"),
+             ("draft KV cache", "draft_kv_cache_bytes"), ("activations", "activations_bytes"), ("total", "total_bytes"))
+    rows = [[name, human(m[key], "B"), f"{100 * m[key] / cap:.1f}%"] for name, key in parts if key in m]
+    out.print(f"  memory/GPU   at batch {c['batch']:,}, every sequence's KV cache ({c['kv_dtype']}) at "
+              f"{c['kv_context_max']:,} tokens; {human(m['usable_bytes'], 'B')} usable of {human(cap, 'B')} "
               f"(memory utilization {m['memory_utilization']:g})")
     out.print(rich_table(None, ["component", "bytes", "% of device"], rows))
     color = "green" if p.feasible else "yellow"
     out.print(f"  [{color}]{p.message}[/]")
     _print_candidates(out, p)
     for note in p.notes:
-        out.print(f"  note: {note}")
+        out.print(f"  note: {escape(note)}")
 
 
 def _print_candidates(out, p) -> None:

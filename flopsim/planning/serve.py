@@ -1,36 +1,45 @@
 """Serving plans (`plan_serving`): replicas, batch, latency, throughput and cost.
 
 Serving (`plan_serving`): replicas of tp GPUs, each running continuous
-batching of `batch` sequences, every request a prompt of `prompt` tokens and
-`gen` generated tokens:
+batching of `batch` sequences; a request has a prompt of P tokens and
+generates G, each a fixed length or a distribution (flopsim.planning.serve_lengths:
+the steady state, the length-biased mean KV length T of a decode step, the p99
+worst cases). The times and memory of one tp (as is, with chunked prefill,
+or with speculative decoding) are flopsim.planning.serve_model's:
 
 - TTFT = the prefill of one prompt alone on the replica (no queueing):
   predict(prefill, batch 1) / tp + 2 all-reduces per block of
-  prompt * d_model activations.
-- TPOT = one decode step of the whole batch at the mean KV length
-  T = prompt + (gen + 1) // 2 (generated token j attends to prompt + j keys;
-  every op's time is linear in T while its bound does not change, so this is
+  prompt * d_model activations (`tp_prefill_s`); with a distribution, the
+  TTFT of the p99 prompt (what a target bounds) and the mean over prompts.
+- TPOT = one decode step of the whole batch at the mean KV length T
+  (every op's time is linear in T while its bound does not change, so this is
   the average over the generation), / tp, + 2 all-reduces per block of
-  batch * d_model. MoE decode reads the expected distinct experts of the
-  batch, as the Op list states them.
-- Memory per GPU: weights / tp + KV cache of `batch` sequences at the full
+  batch * d_model (`tp_decode_s`). MoE decode reads the expected distinct
+  experts of the batch, as the Op list states them. Chunked prefill: the mean
+  mixed step; speculative decoding: a draft-and-verify step / expected tokens.
+- KV cache values in `precision.kv_cache` (`kv_dtype`), else the spec's dtype.
+- Memory per GPU: weights / tp + KV cache of `batch` sequences at the p99 of
   prompt + gen tokens / min(tp, kv_heads) (KV heads are split over tp, and
   replicated when tp > kv_heads; a multi-head-latent-attention cache is one
-  latent per token, replicated on every tp rank) + the largest working set of a decode step
-  or a one-prompt prefill / tp, against `memory_utilization` (default 0.9,
-  vLLM's gpu_memory_utilization) of the device's memory.
-- Batch: the largest batch that fits memory and, with a TPOT target, whose
-  decode step meets it (both grow with the batch: doubling, then bisection).
-  A TTFT target does not depend on the batch: a tp that misses it is rejected.
-- Throughput: a replica spends batch * TTFT prefilling and gen * TPOT decoding
-  for every `batch` requests, so output tokens/s = batch * gen /
-  (batch * TTFT + gen * TPOT); GPUs for a target = ceil(target / that) * tp.
+  latent per token, replicated on every tp rank) + the largest working set
+  of a step / tp, against `memory_utilization` (default 0.9, vLLM's
+  gpu_memory_utilization) of the device's memory.
+- Batch: the largest batch that fits memory (and, with chunked prefill, whose
+  prompts the chunks keep up with: serve_model's `batch_limit`) and meets the
+  targets that grow with it (TPOT; TTFT too with chunked prefill: doubling,
+  then bisection); when none does, the largest that meets TPOT alone, else 1,
+  reported as missing.
+  A target is met when the figure reported for it is within it: every row and
+  the plan's message say met only then.
+- Throughput: a replica's cycle serves `batch` requests (serve_model's
+  `cycle`: as is, batch * E[TTFT] + E[G] * TPOT), so output tokens/s =
+  batch * E[G] / cycle; GPUs for a target = ceil(target / that) * tp.
 - Cost: price * tp / 3600 per replica-second; per million output tokens
-  (decode time only), per million input tokens (prefill time only), and
+  (decode time only), per million input tokens (the rest of the cycle), and
   blended (all replica time / output tokens).
-- tp: given, or every power of two up to gpus_per_node (dividing the heads and
-  the GPUs when given) is tried and the one with the most output tokens/s per
-  GPU that fits and meets the targets is chosen.
+- tp: given, or every power of two up to gpus_per_node (dividing the heads,
+  a draft's heads and the GPUs when given) is tried and the one with the
+  most output tokens/s per GPU that fits and meets the targets is chosen.
 """
 
 from __future__ import annotations
@@ -40,12 +49,15 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from flopsim.errors import InputError, bad_value
+from flopsim.errors import InputError
 from flopsim.planning.common import (DEFAULT_GPUS_PER_NODE, DEFAULT_MEMORY_UTILIZATION, MAX_SERVING_BATCH, _gb,
                                      _long_table, _non_negative, _positive, _positive_int, _Progress,
                                      _split_s, largest_true)
 from flopsim.planning.links import Links, resolve_links
-from flopsim.planning.train import _single_stack
+from flopsim.planning.serve_inputs import _fraction
+from flopsim.planning.serve_notes import serving_notes
+from flopsim.planning.serve_model import serve_model
+from flopsim.planning.serve_steps import StepCoster
 
 
 @dataclass
@@ -133,133 +145,96 @@ def tp_decode_s(spec, hw, cal, links, *, tp: int, batch: int, context: int,
     return _split_s(r.ops, tp, 1) + tp_allreduce_s(spec, links, tp, batch), r
 
 
-class _ServeModel:
-    """Per-GPU times and memory of one spec at one tp (cached by batch)."""
-
-    def __init__(self, spec, hw, cal, links, *, tp, prompt, gen, usable_bytes):
-        from flopsim.memory import MemoryModel
-
-        self.spec, self.hw, self.cal, self.links, self.tp = spec, hw, cal, links, tp
-        self.prompt, self.gen, self.usable_bytes = prompt, gen, usable_bytes
-        self.t_max = prompt + gen
-        self.t_mean = prompt + (gen + 1) // 2
-        self._decode = MemoryModel(spec, "decode")
-        self._prefill_act = MemoryModel(spec, "prefill").evaluate(1, prompt, prompt)["activations_bytes"]
-        self._times: dict[int, float] = {}
-        self.ttft_tp_s = tp_allreduce_s(spec, links, tp, prompt)
-        self.ttft_s, r = tp_prefill_s(spec, hw, cal, links, tp=tp, batch=1, prompt=prompt)
-        self.prefill_flops = r.flops
-
-    def memory(self, batch: int) -> dict:
-        m = self._decode.evaluate(batch, 1, self.t_max)
-        # KV heads split over tp; MLA's latent cache is one tensor every tp rank keeps whole
-        kv_split = 1 if self.spec.mla is not None else min(self.tp, self.spec.kv_heads)
-        out = {
-            "weights_bytes": m["weights_bytes"] / self.tp,
-            "kv_cache_bytes": m["kv_cache_bytes"] / kv_split,
-            "activations_bytes": max(m["activations_bytes"], self._prefill_act) / self.tp,
-        }
-        out["total_bytes"] = sum(out.values())
-        return out
-
-    def fits(self, batch: int) -> bool:
-        return self.memory(batch)["total_bytes"] <= self.usable_bytes
-
-    def decode_tp_s(self, batch: int) -> float:
-        return tp_allreduce_s(self.spec, self.links, self.tp, batch)
-
-    def tpot(self, batch: int) -> float:
-        if batch not in self._times:
-            self._times[batch] = tp_decode_s(self.spec, self.hw, self.cal, self.links, tp=self.tp, batch=batch,
-                                             context=self.t_mean)[0]
-        return self._times[batch]
-
-    def throughput(self, batch: int) -> dict:
-        tpot = self.tpot(batch)
-        cycle = batch * self.ttft_s + self.gen * tpot
-        return {"cycle_s": cycle, "output_tokens_per_s": batch * self.gen / cycle,
-                "input_tokens_per_s": batch * self.prompt / cycle}
-
-
 def _usable_note(usable: float, hw) -> str:
     if usable >= hw.memory_capacity_bytes:
         return ""
     return f" ({_gb(usable)} usable at memory utilization {usable / hw.memory_capacity_bytes:g})"
 
 
-def _tp_candidates(spec, gpus: Optional[int], gpus_per_node: int) -> list[int]:
+def _tp_candidates(heads: list, gpus: Optional[int], gpus_per_node: int) -> list[int]:
     out = []
     t = 1
     while t <= gpus_per_node and (gpus is None or t <= gpus):
-        if spec.heads % t == 0 and (gpus is None or gpus % t == 0):
+        if all(h % t == 0 for h in heads) and (gpus is None or gpus % t == 0):
             out.append(t)
         t *= 2
     return out
 
 
-def _serve_tps(spec, gpus, tp, interconnect_bytes_per_s, hw, gpus_per_node) -> list:
-    """The tensor-parallel degrees to try: the one given, 1 with no interconnect, else the candidates."""
+def _serve_tps(spec, draft, gpus, tp, interconnect_bytes_per_s, hw, gpus_per_node) -> list:
+    """The tensor-parallel degrees to try: the one given, 1 with no interconnect, else the
+    candidates (dividing a draft's heads too: it runs at the target's tp)."""
+    models = [spec] + ([draft.spec] if draft is not None else [])
     if tp is not None:
         tp = _positive_int("tp", tp)
-        if spec.heads % tp:
-            raise InputError(f"tp {tp} does not divide the {spec.heads} attention heads of {spec.name}")
+        for m in models:
+            if m.heads % tp:
+                raise InputError(f"tp {tp} does not divide the {m.heads} attention heads of "
+                                 f"{'draft ' if m is not spec else ''}{m.name}")
         if gpus is not None and gpus % tp:
             raise InputError(f"tp {tp} does not divide gpus {gpus}")
         return [tp]
     if interconnect_bytes_per_s is None and hw.interconnect_bytes_per_s is None:
         return [1]  # no interconnect to split a model over
-    tps = _tp_candidates(spec, gpus, gpus_per_node)
+    tps = _tp_candidates([m.heads for m in models], gpus, gpus_per_node)
     if not tps:
-        raise InputError(f"no tensor-parallel degree up to {gpus_per_node} divides both the {spec.heads} heads "
-                         f"and gpus {gpus}; give --tp")
+        raise InputError(f"no tensor-parallel degree up to {gpus_per_node} divides both the heads "
+                         f"({', '.join(str(m.heads) for m in models)}) and gpus {gpus}; give --tp")
     return tps
 
 
+def _misses(model, batch: int, t: int, ttft_target, tpot_target) -> list:
+    """Why the figures reported at `batch` miss the targets (empty: every target met)."""
+    reasons = []
+    if tpot_target is not None and model.tpot(batch) > tpot_target:
+        reasons.append(f"TPOT at batch {batch} is {model.tpot(batch) * 1e3:.3g} ms on tp {t}, over the "
+                       f"{tpot_target * 1e3:.3g} ms target")
+    if ttft_target is not None and model.ttft(batch) > ttft_target:
+        which = "" if model.prompt.fixed else f" (p99 prompt, {model.p_worst:,} tokens)"
+        reasons.append(f"TTFT{which} {model.ttft(batch) * 1e3:.3g} ms on tp {t} is over the "
+                       f"{ttft_target * 1e3:.3g} ms target")
+    return reasons
+
+
 def _serve_row(model, t: int, hw, usable: float, upper: int, ttft_target, tpot_target, bar) -> dict:
-    """One tensor-parallel degree: the largest batch memory allows, the batch the TPOT target
-    allows, and why it misses its targets (reasons), with its latency and throughput."""
-    row: dict = {"tp": t, "ttft_s": model.ttft_s}
+    """One tensor-parallel degree: the largest batch memory allows, the largest that meets
+    the targets (else that meets TPOT alone, else 1), and why it misses them (reasons,
+    at the batch reported), with its latency and throughput."""
+    row: dict = {"tp": t}
     b_mem = largest_true(model.fits, upper)
     row["max_batch_memory"] = b_mem
-    reasons = []
     if b_mem == 0:
         m = model.memory(1)
         row.update(batch=None, ttft_s=None, fits=False, meets=False)  # no batch runs: no latency
-        reasons.append(f"batch 1 needs {_gb(m['total_bytes'])} per GPU on tp {t}, device has "
-                       f"{_gb(hw.memory_capacity_bytes)}{_usable_note(usable, hw)} "
-                       f"(weights {_gb(m['weights_bytes'])}, KV cache "
-                       f"{_gb(m['kv_cache_bytes'])}, activations {_gb(m['activations_bytes'])})")
-        row["reasons"] = reasons
+        row["reasons"] = [f"batch 1 needs {_gb(m['total_bytes'])} per GPU on tp {t}, device has "
+                          f"{_gb(hw.memory_capacity_bytes)}{_usable_note(usable, hw)} "
+                          f"(weights {_gb(m['weights_bytes'])}, KV cache "
+                          f"{_gb(m['kv_cache_bytes'])}, activations {_gb(m['activations_bytes'])})"]
         return row
-    row["fits"] = True
-    batch = b_mem
-    if tpot_target is not None:
-        def meets(b):
+    limit = model.batch_limit()
+    if limit is not None:
+        row["max_batch_prefill"] = limit
+    batch = b_mem if limit is None else min(b_mem, limit)
+    if tpot_target is not None or ttft_target is not None:
+        def meets(b, ttft=ttft_target):
             bar.advance(f"tp {t}: batch {b}", n=0)
-            return model.tpot(b) <= tpot_target
-        b_lat = largest_true(meets, b_mem)
-        if b_lat == 0:
-            reasons.append(f"TPOT at batch 1 is {model.tpot(1) * 1e3:.3g} ms on tp {t}, over the "
-                           f"{tpot_target * 1e3:.3g} ms target")
-            batch = 1
-        else:
-            batch = b_lat
-    if ttft_target is not None and model.ttft_s > ttft_target:
-        reasons.append(f"TTFT {model.ttft_s * 1e3:.3g} ms on tp {t} is over the {ttft_target * 1e3:.3g} ms target")
-    row.update(batch=batch, tpot_s=model.tpot(batch), meets=not reasons, reasons=reasons)
+            return not _misses(model, b, t, ttft, tpot_target)
+        batch = largest_true(meets, batch) or largest_true(lambda b: meets(b, None), batch) or 1
+    reasons = _misses(model, batch, t, ttft_target, tpot_target)
     th = model.throughput(batch)
-    row.update(output_tokens_per_s=th["output_tokens_per_s"], output_tokens_per_s_per_gpu=th["output_tokens_per_s"] / t)
+    row.update(fits=True, batch=batch, ttft_s=model.ttft(batch), tpot_s=model.tpot(batch), meets=not reasons,
+               reasons=reasons, output_tokens_per_s=th["output_tokens_per_s"],
+               output_tokens_per_s_per_gpu=th["output_tokens_per_s"] / t)
     return row
 
 
-def _serve_throughput(model, batch: int, t: int, gen: int, target, gpus, notes: list) -> dict:
+def _serve_throughput(model, batch: int, t: int, target, gpus, notes: list) -> dict:
     """Throughput per replica, and replicas for a target rate or the GPUs available."""
-    tpot = model.tpot(batch)
     th = model.throughput(batch)
     per_replica = th["output_tokens_per_s"]
     out = {"output_tokens_per_s_per_replica": per_replica, "input_tokens_per_s_per_replica": th["input_tokens_per_s"],
-           "output_tokens_per_s_per_gpu": per_replica / t, "decode_tokens_per_s_per_replica": batch / tpot,
-           "requests_per_s_per_replica": per_replica / gen}
+           "output_tokens_per_s_per_gpu": per_replica / t, "decode_tokens_per_s_per_replica": batch / model.tpot(batch),
+           "requests_per_s_per_replica": per_replica / model.gen.mean}
     if target is not None:
         replicas = math.ceil(target / per_replica)
         out.update(replicas=replicas, gpus=replicas * t, output_tokens_per_s=replicas * per_replica)
@@ -276,47 +251,36 @@ def _serve_throughput(model, batch: int, t: int, gen: int, target, gpus, notes: 
     return out
 
 
-def _serve_cost(model, batch: int, t: int, prompt: int, gen: int, price, gpus_used: int) -> dict:
-    """Price per million output and input tokens (and blended), and per hour."""
+def _serve_cost(model, batch: int, t: int, price, gpus_used: int) -> dict:
+    """Price per million output tokens (decode time) and input tokens (the rest of the
+    cycle), blended (the whole cycle), and per hour."""
     cost: dict = {"price_per_gpu_hour": price}
     if price is not None:
         per_s = price * t / 3600
+        cycle, gen = model.throughput(batch)["cycle_s"], model.gen.mean
+        decode = gen * model.decode_token_s(batch)
         cost.update(
-            per_million_output_tokens=per_s * model.tpot(batch) / batch * 1e6,
-            per_million_input_tokens=per_s * model.ttft_s / prompt * 1e6,
-            per_million_output_tokens_blended=per_s * model.throughput(batch)["cycle_s"] / (batch * gen) * 1e6,
+            per_million_output_tokens=per_s * decode / (batch * gen) * 1e6,
+            per_million_input_tokens=per_s * (cycle - decode) / (batch * model.prompt.mean) * 1e6,
+            per_million_output_tokens_blended=per_s * cycle / (batch * gen) * 1e6,
             per_hour=price * gpus_used,
         )
     return cost
 
 
-def _serve_notes(spec, model, row: dict, latency: dict, prompt: int, gen: int, tpot_target, notes: list) -> None:
-    if prompt + gen > spec.max_seq:
-        notes.append(f"prompt + gen = {prompt + gen} exceeds max_seq {spec.max_seq} of {spec.name} "
-                     f"({spec.positions} positions: costed as is)")
-    if tpot_target is not None and latency["tpot_with_prefills_s"] > tpot_target:
-        notes.append(f"with other requests' prefills interleaved the mean time between tokens is "
-                     f"{latency['tpot_with_prefills_s'] * 1e3:.3g} ms, over the {tpot_target * 1e3:.3g} ms TPOT target "
-                     f"(the target bounds the decode step); lower --max-batch or run prefill on separate GPUs")
-    if row["batch"] == row.get("max_batch_memory") and tpot_target is None:
-        notes.append("no TPOT target: the batch is the largest that fits memory (give --tpot to bound latency)")
-
-
-def _fraction(name: str, value) -> float:
-    """A number in (0, 1], else the one-line error naming `name`."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise bad_value(name, value, "must be a fraction in (0, 1]")
-    return value
-
-
-def _serving_latency(model, batch: int, gen: int) -> dict:
-    """Time to first token, time per output token (alone and with other requests' prefills
-    interleaved: each of the batch's requests prefills once per `gen` steps) and a request's time."""
-    tpot = model.tpot(batch)
-    return {"ttft_s": model.ttft_s, "ttft_tp_comm_s": model.ttft_tp_s, "tpot_s": tpot,
-            "tpot_tp_comm_s": model.decode_tp_s(batch),
-            "tpot_with_prefills_s": tpot + batch * model.ttft_s / gen,
-            "request_s": model.ttft_s + gen * tpot}
+def _serving_latency(model, batch: int) -> dict:
+    """Time to first token (of the p99 prompt, and the mean), time per output token (alone,
+    and the mean time between tokens with other requests' prefills: the cycle / E[G]) and
+    a request's mean time."""
+    tpot, gen = model.tpot(batch), model.gen.mean
+    out = {"ttft_s": model.ttft(batch), "ttft_mean_s": model.ttft_mean(batch), "ttft_tp_comm_s": model.ttft_tp_s(batch),
+           "tpot_s": tpot, "tpot_tp_comm_s": model.decode_tp_s(batch),
+           "tpot_with_prefills_s": model.throughput(batch)["cycle_s"] / gen,
+           "request_s": model.ttft_mean(batch) + gen * tpot, "decode_step_s": model.decode_s(batch)}
+    if hasattr(model, "draft"):
+        out.update(speculative_step_s=model.step_s(batch), draft_decode_s=model.draft_decode_s(batch),
+                   verify_s=model.verify_s(batch))
+    return out
 
 
 def _best_serving(evaluated: list) -> tuple:
@@ -331,26 +295,30 @@ def _best_serving(evaluated: list) -> tuple:
     return chosen, bool(good), bool(fitting)
 
 
-def plan_serving(spec, hw, *, prompt: int, gen: int, gpus: Optional[int] = None,
+def plan_serving(spec, hw, *, prompt, gen, gpus: Optional[int] = None,
                  target_tokens_per_s: Optional[float] = None, ttft_s: Optional[float] = None,
                  tpot_s: Optional[float] = None, tp: Optional[int] = None, max_batch: Optional[int] = None,
                  memory_utilization: float = DEFAULT_MEMORY_UTILIZATION,
                  price_per_gpu_hour: Optional[float] = None, interconnect_bytes_per_s: Optional[float] = None,
                  inter_node_bytes_per_s: Optional[float] = None, gpus_per_node: Optional[int] = None,
-                 comm_latency_s: Optional[float] = None, calibration=None, progress: bool = False) -> ServingPlan:
-    """Plan serving requests of `prompt` prompt tokens and `gen` generated tokens
-    (see the module docstring). `target_tokens_per_s`: output tokens/s to sustain
-    (-> GPUs needed); `gpus`: GPUs available (-> throughput they give);
-    `ttft_s` / `tpot_s`: latency targets; `tp`: tensor-parallel degree (default:
-    the best power of two)."""
+                 comm_latency_s: Optional[float] = None, chunk: Optional[int] = None, draft=None,
+                 draft_len: Optional[int] = None, acceptance: Optional[float] = None,
+                 kv_dtype: Optional[str] = None, calibration=None, progress: bool = False) -> ServingPlan:
+    """Plan serving requests of `prompt` prompt tokens and `gen` generated tokens, each an
+    int or a distribution (flopsim.planning.serve_lengths: "uniform:A:B",
+    "lognormal:MEDIAN:SIGMA", a CSV histogram path) (see the module docstring).
+    `target_tokens_per_s`: output tokens/s to sustain (-> GPUs needed); `gpus`: GPUs
+    available (-> throughput they give); `ttft_s` / `tpot_s`: latency targets; `tp`:
+    tensor-parallel degree (default: the best power of two); `chunk`: chunked prefill,
+    prompt tokens per step; `draft` (a spec), `draft_len` (k) and `acceptance` (a):
+    speculative decoding (Leviathan et al. 2023); `kv_dtype`: the KV cache's dtype."""
     from flopsim.calibration import load_calibration
-    from flopsim.count import token_values
     from flopsim.hardware import load_hardware
-    from flopsim.spec import load_model
+    from flopsim.planning.serve_inputs import serving_inputs
 
-    spec, hw = load_model(spec), load_hardware(hw)
-    _single_stack(spec)
-    cal, prompt, gen = load_calibration(calibration, hw), _positive_int("prompt", prompt), _positive_int("gen", gen)
+    hw = load_hardware(hw)
+    x = serving_inputs(spec, prompt, gen, chunk, draft, draft_len, acceptance, kv_dtype)
+    spec, cal = x.spec, load_calibration(calibration, hw)
     gpus = None if gpus is None else _positive_int("gpus", gpus)
     target = _positive("target_tokens_per_s", target_tokens_per_s)
     ttft_target, tpot_target = _positive("ttft_s", ttft_s), _positive("tpot_s", tpot_s)
@@ -359,55 +327,50 @@ def plan_serving(spec, hw, *, prompt: int, gen: int, gpus: Optional[int] = None,
     upper = MAX_SERVING_BATCH if max_batch is None else _positive_int("max_batch", max_batch)
     gpus_per_node = _positive_int("gpus_per_node", gpus_per_node if gpus_per_node is not None
                                   else (hw.scale_up_domain or DEFAULT_GPUS_PER_NODE))
-    token_values(spec, "prefill", 1, prompt)
-    token_values(spec, "decode", 1, 1, prompt + gen)  # the longest KV cache within max_seq
-    tps = _serve_tps(spec, gpus, tp, interconnect_bytes_per_s, hw, gpus_per_node)
+    tps = _serve_tps(spec, x.draft, gpus, tp, interconnect_bytes_per_s, hw, gpus_per_node)
     links = resolve_links(hw, cal, interconnect_bytes_per_s, inter_node_bytes_per_s, gpus_per_node, comm_latency_s,
-                   needed=max(tps) > 1)
+                          needed=max(tps) > 1)
 
-    evaluated = []
+    evaluated, steps = [], StepCoster(spec, hw, cal, links)
     with closing(_Progress(progress, "serving plan", total=len(tps))) as bar:
         for t in tps:
             bar.advance(f"tp {t}: batch search", n=0)
-            model = _ServeModel(spec, hw, cal, links, tp=t, prompt=prompt, gen=gen, usable_bytes=usable)
+            model = serve_model(spec, hw, cal, links, tp=t, prompt=x.prompt, gen=x.gen, usable_bytes=usable,
+                                chunk=x.chunk, draft=x.draft, steps=steps)
             evaluated.append((_serve_row(model, t, hw, usable, upper, ttft_target, tpot_target, bar), model))
             bar.advance()
     (row, model), feasible, fits = _best_serving(evaluated)
     t = row["tp"]
     candidates = [{k: v for k, v in r.items() if k != "reasons"} | {"reasons": "; ".join(r.get("reasons", []))}
                   for r, _ in evaluated]
-    config = {"prompt": prompt, "gen": gen, "tp": t, "batch": row.get("batch", 0),
-              "decode_context_mean": model.t_mean, "kv_context_max": model.t_max,
-              "max_batch_memory": row.get("max_batch_memory", 0), "max_batch": max_batch,
+    config = {**x.config(model), "tp": t, "batch": row.get("batch", 0),
+              "max_batch_memory": row.get("max_batch_memory", 0), "max_batch_prefill": row.get("max_batch_prefill"),
+              "max_batch": max_batch,
               "ttft_target_s": ttft_target, "tpot_target_s": tpot_target, "target_tokens_per_s": target,
               "gpus_available": gpus, "memory_utilization": memory_utilization}
     mem = model.memory(max(1, row.get("batch", 0) or 1))
     mem_out = {**mem, "capacity_bytes": hw.memory_capacity_bytes, "usable_bytes": usable,
                "memory_utilization": memory_utilization, "fits": fits}
     if not fits:
-        more_tp = tp is not None or t < gpus_per_node
         message = "does not fit: " + row["reasons"][0] + (
-            "; try a larger --tp, a device with more memory, or a shorter prompt + gen" if more_tp
-            else "; try a device with more memory, a shorter prompt + gen, or tp across nodes")
+            "; try a larger --tp, a device with more memory, or a shorter prompt + gen" if tp is not None or
+            t < gpus_per_node else "; try a device with more memory, a shorter prompt + gen, or tp across nodes")
         return ServingPlan(spec=spec, hw=hw, calibration=cal, config=config, links=links, latency={}, throughput={},
                            memory=mem_out, cost={}, fits=False, feasible=False, message=message,
                            candidates=candidates, notes=[])
 
     batch = row["batch"]
-    latency = _serving_latency(model, batch, gen)
-    tpot = latency["tpot_s"]
-    notes: list = []
-    throughput = _serve_throughput(model, batch, t, gen, target, gpus, notes)
-    active = _active_experts(spec, batch, model.t_mean)
-    if active is not None:
+    latency, notes = _serving_latency(model, batch), []
+    throughput = _serve_throughput(model, batch, t, target, gpus, notes)
+    if (active := _active_experts(spec, batch, model.t_mean)) is not None:
         config["active_experts_per_layer"] = active
-    cost = _serve_cost(model, batch, t, prompt, gen, price, throughput["gpus"])
+    cost = _serve_cost(model, batch, t, price, throughput["gpus"])
     if feasible:
-        message = (f"tp {t}, batch {batch}: TTFT {model.ttft_s * 1e3:.3g} ms, TPOT {tpot * 1e3:.3g} ms, "
-                   f"{throughput['output_tokens_per_s_per_replica'] / t:,.0f} output tokens/s per GPU")
+        message = (f"tp {t}, batch {batch}: TTFT {latency['ttft_s'] * 1e3:.3g} ms, TPOT {latency['tpot_s'] * 1e3:.3g} "
+                   f"ms, {throughput['output_tokens_per_s_per_gpu']:,.0f} output tokens/s per GPU")
     else:
         message = "targets not met: " + "; ".join(row["reasons"]) + " (showing the best plan that fits)"
-    _serve_notes(spec, model, row, latency, prompt, gen, tpot_target, notes)
+    notes += serving_notes(x, model, row, latency, tpot_target)
     return ServingPlan(spec=spec, hw=hw, calibration=cal, config=config, links=links, latency=latency,
                        throughput=throughput, memory=mem_out, cost=cost, fits=True, feasible=feasible,
                        message=message, candidates=candidates, notes=notes)

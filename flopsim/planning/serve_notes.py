@@ -1,0 +1,89 @@
+"""The notes of a serving plan (flopsim.planning.serve): what its figures assume and
+how a mode compares.
+
+Conventions: chunked prefill and speculative decoding are compared with plain
+continuous batching (flopsim.planning.serve_model.ServeModel) at the same tp and batch;
+times in ms to 3 significant digits; a note is one sentence a reader can act on.
+"""
+
+from __future__ import annotations
+
+from flopsim.planning.serve_lengths import WORST_QUANTILE
+
+
+def _ms(x: float) -> str:
+    return f"{x * 1e3:.3g} ms"
+
+
+def _lengths_note(x, model) -> list:
+    if x.prompt.fixed and x.gen.fixed:
+        return []
+    q = f"p{WORST_QUANTILE * 100:g}"
+    return [f"lengths: prompt {x.prompt.describe()}, gen {x.gen.describe()}, independent; in steady state the "
+            f"requests in flight are weighted by their gen (length-biased), so a decode step reads a mean KV length "
+            f"of E[P] + E[G(G+1)]/(2E[G]) = {model.t_mean:,}; memory holds every slot at the {q} of prompt + gen "
+            f"({model.t_max:,} tokens) and a TTFT target bounds the {q} prompt ({model.p_worst:,} tokens)"]
+
+
+def _chunk_notes(model, batch: int) -> list:
+    from flopsim.planning.serve_model import ServeModel
+
+    m = model
+    plain = ServeModel(m.spec, m.hw, m.cal, m.links, tp=m.tp, prompt=m.prompt, gen=m.gen, usable_bytes=m.usable_bytes)
+    per_gpu = lambda mm: mm.throughput(batch)["output_tokens_per_s"] / m.tp  # noqa: E731
+    gap = lambda mm: mm.throughput(batch)["cycle_s"] / m.gen.mean  # noqa: E731
+    notes = [f"chunked prefill against whole-prompt prefills at the same tp and batch ({m.chunk:,} prompt tokens a "
+             f"step beside the {batch:,} decode tokens: vLLM's max_num_batched_tokens {batch + m.chunk:,}): TTFT "
+             f"{_ms(m.ttft(batch))} against {_ms(plain.ttft(batch))}; a decode step carrying a chunk takes "
+             f"{_ms(m.tpot(batch))} (alone {_ms(m.decode_s(batch))}) where a whole prompt prefilled between steps "
+             f"stalls every sequence for {_ms(plain.ttft_mean(batch))}; mean time between tokens "
+             f"{_ms(gap(m))} against {_ms(gap(plain))}; {per_gpu(m):,.0f} against {per_gpu(plain):,.0f} output "
+             f"tokens/s per GPU"]
+    chunk_steps = batch * m.mean_chunks()
+    if chunk_steps > m.gen.mean:
+        notes.append(f"prefill-limited: {batch:,} requests need {chunk_steps:,.0f} chunk steps for every "
+                     f"{m.gen.mean:,.0f} decode steps, so slots wait for their prompts; a larger --chunk or a "
+                     f"smaller batch keeps them full")
+    return notes
+
+
+def _draft_notes(model, batch: int) -> list:
+    m, d = model, model.draft
+    notes = [f"speculative decoding ({d.spec.name} drafts k = {d.k} tokens at the target's tp {m.tp}, acceptance "
+             f"{d.acceptance:g}): {d.expected_tokens:.3g} tokens per step of {_ms(m.step_s(batch))} "
+             f"({d.k} draft steps of {_ms(m.draft_decode_s(batch))}, a verification of {d.k + 1} tokens of "
+             f"{_ms(m.verify_s(batch))}): TPOT {_ms(m.tpot(batch))} against {_ms(m.decode_s(batch))} for the "
+             f"target's decode step alone (Leviathan et al. 2023)"]
+    if m.tpot(batch) > m.decode_s(batch):
+        notes.append(f"at batch {batch:,} speculation is slower than plain decoding: the verification of "
+                     f"{d.k + 1} tokens a sequence costs more than the {d.expected_tokens:.3g} decode steps it "
+                     f"replaces (decode is no longer memory-bound); a smaller batch or a shorter --draft-len gains")
+    return notes
+
+
+def serving_notes(x, model, row: dict, latency: dict, tpot_target) -> list:
+    """Every note of a plan that fits, at its batch."""
+    batch, notes = row["batch"], []
+    longest = x.prompt.max + x.gen.max + (x.draft.k if x.draft else 0)
+    if longest > x.spec.max_seq:
+        notes.append(f"the longest request, {longest:,} tokens, exceeds max_seq {x.spec.max_seq} of {x.spec.name} "
+                     f"({x.spec.positions} positions: costed as is)")
+    notes += _lengths_note(x, model)
+    if x.chunk is not None:
+        notes += _chunk_notes(model, batch)
+    if x.draft is not None:
+        notes += _draft_notes(model, batch)
+    if tpot_target is not None and latency["tpot_with_prefills_s"] > tpot_target:
+        fix = "a larger --chunk or a smaller batch" if x.chunk else "a lower --max-batch, prefill on separate GPUs" + \
+            ("" if x.draft else " or --chunk")
+        notes.append(f"with other requests' prefills the mean time between tokens is "
+                     f"{_ms(latency['tpot_with_prefills_s'])}, over the {_ms(tpot_target)} TPOT target (the target "
+                     f"bounds the step reported as TPOT); try {fix}")
+    if tpot_target is None and row["batch"] == row.get("max_batch_memory"):
+        notes.append("no TPOT target: the batch is the largest that fits memory (give --tpot to bound latency)")
+    elif row.get("max_batch_prefill") is not None and \
+            row["batch"] == row["max_batch_prefill"] < row["max_batch_memory"]:
+        notes.append(f"the batch is the largest whose prompts {x.chunk:,}-token chunks keep up with (batch x E[chunks "
+                     f"per prompt] = {row['batch'] * model.mean_chunks():,.0f} <= E[gen] = {x.gen.mean:,.0f}); memory "
+                     f"allows {row['max_batch_memory']:,}: a larger --chunk allows more")
+    return notes
