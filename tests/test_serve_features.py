@@ -134,7 +134,7 @@ def test_mixed_step_sums_the_work_and_reads_the_weights_once():
     # so the step is no shorter than either part and shorter than both one after the other
     hw = flopsim.load_hardware(H100)
     cal = flopsim.load_calibration("auto", hw)
-    mixed = StepCoster(spec, hw, cal, None).step_s(merged, 1, b + chunk)
+    mixed = StepCoster(spec, hw, cal, None).step_s(merged)
     d, p = _predict(spec, "decode", b, 1, t), _predict(spec, "prefill", 1, chunk, 2 * chunk)
     assert max(d, p) <= mixed < d + p
 

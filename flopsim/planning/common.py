@@ -67,14 +67,6 @@ def _positive(name: str, value) -> Optional[float]:
     return float(value)
 
 
-def _split_s(ops, shards: int, kernel_shards: int) -> float:
-    """A GPU's time for `ops` when their work is split `shards` ways and their
-    kernels `kernel_shards` ways: sum(max(compute, memory)) / shards + launches / kernel_shards."""
-    work = sum(op.time_s - op.overhead_s for op in ops)
-    launch = sum(op.overhead_s for op in ops)
-    return work / shards + launch / kernel_shards
-
-
 class _Progress:
     """A rich progress bar on stderr (only when enabled and stderr is a terminal)."""
 

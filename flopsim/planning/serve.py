@@ -52,7 +52,7 @@ from typing import Any, Optional
 from flopsim.errors import InputError
 from flopsim.planning.common import (DEFAULT_GPUS_PER_NODE, DEFAULT_MEMORY_UTILIZATION, MAX_SERVING_BATCH, _gb,
                                      _long_table, _non_negative, _positive, _positive_int, _Progress,
-                                     _split_s, largest_true)
+                                     largest_true)
 from flopsim.planning.links import Links, resolve_links
 from flopsim.planning.serve_inputs import _fraction
 from flopsim.planning.serve_notes import serving_notes
@@ -108,28 +108,39 @@ class ServingPlan:
         return _long_table(self.to_dict(), ("config", "links", "latency", "throughput", "memory", "cost"))
 
 
-def tp_allreduce_s(spec, links, tp: int, rows: int, encoder_rows: int = 0) -> float:
-    """Megatron tensor parallelism's all-reduces of one step: two per block (after
-    the attention and after the FFN), each of `rows` x d_model activations; an
-    encoder-decoder's decoder blocks a third (after the cross-attention), and its
-    encoder blocks two each of `encoder_rows` (0: the encoder does not run)."""
+def serve_layout(spec, phase: str, tp: int, links):
+    """The layout of one tp-way serving replica (flopsim.parallel; inference engines
+    all-reduce: no sequence parallelism), or None for one GPU."""
+    if tp <= 1:
+        return None
+    from flopsim.parallel import make_layout
+
+    return make_layout(spec, phase, tp=tp, gpus_per_node=links.gpus_per_node, sequence_parallel=False)
+
+
+def tp_allreduce_s(spec, links, tp: int, rows: int) -> float:
+    """The tensor-parallel collectives of a step over `rows` tokens: those of the sharded
+    decode op list of `rows` sequences (an all-reduce per sub-layer and the embedding's,
+    of rows x d_model values), priced on the link levels (flopsim.roofline.collective_time)."""
     if tp <= 1:
         return 0.0
-    one = lambda n: links.collective_s("all_reduce", n * spec.d_model * spec.dtype_bytes, tp, tp)  # noqa: E731
-    per_block = 3 if spec.is_encoder_decoder else 2
-    encoder = 2 * spec.encoder_layers * one(encoder_rows) if encoder_rows else 0.0
-    return per_block * spec.layers * one(rows) + encoder
+    from flopsim.count import count
+    from flopsim.roofline import collective_time
+
+    r = count(spec, batch=rows, seq=1, context=1, phase="decode", layout=serve_layout(spec, "decode", tp, links))
+    return sum(collective_time(op, None, None, links.by_level).time_s for op in r.ops if op.kind == "collective")
 
 
 def tp_prefill_s(spec, hw, cal, links, *, tp: int, batch: int, prompt: int,
                  encoder_seq: Optional[int] = None) -> tuple[float, Any]:
-    """(seconds, PredictResult) of a prefill of `batch` prompts on a tp-way replica (an
-    encoder-decoder's encoder over `encoder_seq` tokens a sequence, default `prompt`)."""
+    """(seconds, PredictResult) of a prefill of `batch` prompts on a tp-way replica: one GPU's
+    sharded op list, its all-reduces included (an encoder-decoder's encoder over
+    `encoder_seq` tokens a sequence, default `prompt`)."""
     from flopsim.predict import predict
 
-    r = predict(spec, hw, phase="prefill", batch=batch, seq=prompt, calibration=cal, encoder_seq=encoder_seq)
-    encoder_rows = batch * (r.encoder_seq or 0)
-    return _split_s(r.ops, tp, 1) + tp_allreduce_s(spec, links, tp, batch * prompt, encoder_rows), r
+    r = predict(spec, hw, phase="prefill", batch=batch, seq=prompt, calibration=cal, encoder_seq=encoder_seq,
+                layout=serve_layout(spec, "prefill", tp, links), links=links.by_level)
+    return r.time_s, r
 
 
 def tp_decode_s(spec, hw, cal, links, *, tp: int, batch: int, context: int,
@@ -141,8 +152,8 @@ def tp_decode_s(spec, hw, cal, links, *, tp: int, batch: int, context: int,
     if spec.is_encoder_decoder and encoder_seq is None:
         encoder_seq = context
     r = predict(spec, hw, phase="decode", batch=batch, seq=1, context=context, calibration=cal,
-                encoder_seq=encoder_seq)
-    return _split_s(r.ops, tp, 1) + tp_allreduce_s(spec, links, tp, batch), r
+                encoder_seq=encoder_seq, layout=serve_layout(spec, "decode", tp, links), links=links.by_level)
+    return r.time_s, r
 
 
 def _usable_note(usable: float, hw) -> str:

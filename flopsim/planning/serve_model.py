@@ -5,7 +5,7 @@ speculative decoding, over request length distributions (flopsim.planning.serve_
 Conventions (P, G: prompt and generated lengths, E[.] over their distributions; T: the
 mean KV length of a decode step, floor(E[P] + E[G (G + 1)] / (2 E[G])); Pw: the p99
 prompt; b: the batch; tp all-reduces in every time, through flopsim.planning.serve's
-tp_prefill_s / tp_decode_s / tp_allreduce_s):
+tp_prefill_s / tp_decode_s / tp_allreduce_s: one GPU's sharded op lists, all-reduces included):
 - prefill(P) = tp_prefill_s(one prompt of P tokens); decode(b) = tp_decode_s(b, T).
 - As is: TTFT(P) = prefill(P) (the prompt alone, no queueing); TPOT(b) = decode(b).
 - Chunked prefill, chunk C (flopsim.planning.serve_steps' mixed step): a prompt of

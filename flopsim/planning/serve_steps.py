@@ -7,9 +7,9 @@ Conventions:
   tokens read from the KV cache plus themselves); times from flopsim.roofline's
   `op_time` and `in_sequence`, as flopsim.predict computes them. No cost formula is
   written here.
-- A step's time on a tp-way replica: the work of its ops / tp, their launches whole
-  (flopsim.planning.common._split_s), + the tensor-parallel all-reduces of its rows
-  (flopsim.planning.serve.tp_allreduce_s).
+- A step's time on a tp-way replica: the roofline of one GPU's ops, the lists sharded
+  by flopsim.parallel (flopsim.planning.serve.serve_layout), their all-reduces among
+  them (collective ops, priced on the link levels).
 - Mixed step (chunked prefill, Sarathi-Serve, Agrawal et al. 2024; vLLM's
   --enable-chunked-prefill): ONE forward over the batch's B decode tokens and a chunk
   of S tokens of one prompt. `merge_ops` joins the decode list (B, T) and the chunk's
@@ -19,11 +19,11 @@ Conventions:
   once; an MoE layer's experts that B + S tokens are expected to reach, as that list
   states; B + S embedding rows); a matrix product's GEMM gets m = B + S rows (other
   kinds keep the GEMM of the part with more FLOPs); one launch (the larger expected
-  launches). Rows for the all-reduces: B + S.
+  launches); a collective's messages add (B + S rows).
 - Verification (speculative decoding): the target's prefill list of S = k + 1 tokens
   per sequence for B sequences at T keys, with its final norm and LM head taken from
   a decode list of B (k + 1) tokens: verification needs the logits of every one of
-  the k + 1 positions, a prefill computes them for the last only. Rows: B (k + 1).
+  the k + 1 positions, a prefill computes them for the last only.
 """
 
 from __future__ import annotations
@@ -32,9 +32,8 @@ from dataclasses import fields, replace
 
 from flopsim.count import OpCost
 from flopsim.ops.fields import BYTE_FIELDS
-from flopsim.planning.common import _split_s
 
-_SUMMED = ("flops", "causal_flops", "other_flops", *(f for f in BYTE_FIELDS if f != "weight_bytes"))
+_SUMMED = ("flops", "causal_flops", "other_flops", *(f for f in BYTE_FIELDS if f != "weight_bytes"), "comm_bytes")
 _KEY = tuple(f.name for f in fields(OpCost) if f.name not in ("name", "layer", "module", "tags"))
 
 
@@ -81,13 +80,15 @@ class StepCoster:
         self._values: dict = {}  # an op's costs (all but its name and place) -> index
         self._times: dict = {}  # index, or (decode index, chunk index, weight bytes) -> OpTime
 
-    def ops(self, phase: str, batch: int, seq: int, context: int) -> list:
-        """count(spec, phase, batch, seq, context).ops, cached."""
+    def ops(self, phase: str, batch: int, seq: int, context: int, tp: int = 1) -> list:
+        """count(spec, phase, batch, seq, context).ops of one GPU of a tp-way replica, cached."""
         from flopsim.count import count
+        from flopsim.planning.serve import serve_layout
 
-        key = (phase, batch, seq, context)
+        key = (phase, batch, seq, context, tp)
         if key not in self._lists:
-            self._lists[key] = ops = count(self.spec, phase=phase, batch=batch, seq=seq, context=context).ops
+            self._lists[key] = ops = count(self.spec, phase=phase, batch=batch, seq=seq, context=context,
+                                           layout=serve_layout(self.spec, phase, tp, self.links)).ops
             for op in ops:  # held as long as the list: their ids stay theirs
                 self._ids[id(op)] = self._index(op)
         return self._lists[key]
@@ -100,42 +101,47 @@ class StepCoster:
         from flopsim.roofline import op_time
 
         if key not in self._times:
-            self._times[key] = op_time(op() if callable(op) else op, self.hw, self.spec.compute_dtype, self.cal)
+            self._times[key] = op_time(op() if callable(op) else op, self.hw, self.spec.compute_dtype, self.cal,
+                                       self.links.by_level if self.links is not None else None)
         return self._times[key]
 
-    def _step_s(self, times: list, tp: int, rows: int) -> float:
-        from flopsim.planning.serve import tp_allreduce_s
+    @staticmethod
+    def _step_s(times: list) -> float:
         from flopsim.roofline import in_sequence
 
-        return _split_s(in_sequence(times), tp, 1) + tp_allreduce_s(self.spec, self.links, tp, rows)
+        return sum(t.time_s for t in in_sequence(times))
 
-    def step_s(self, ops: list, tp: int, rows: int) -> float:
-        """One step of `ops` (each an op of a list this StepCoster made, or any OpCost) on a
-        tp-way replica (module docstring)."""
-        return self._step_s([self._time(("op", self._index(op)), op) for op in ops], tp, rows)
+    def step_s(self, ops: list) -> float:
+        """One step of `ops` (each an op of a list this StepCoster made, or any OpCost): one
+        GPU's ops, collectives included (module docstring)."""
+        return self._step_s([self._time(("op", self._index(op)), op) for op in ops])
 
-    def weight_bytes(self, tokens: int, context: int) -> dict:
-        """{op name: weight bytes} of a decode list of `tokens` sequences (weights only)."""
+    def weight_bytes(self, tokens: int, context: int, tp: int = 1) -> dict:
+        """{op name: weight bytes} of one GPU's decode list of `tokens` sequences (weights only)."""
         from flopsim.count import evaluate, token_values
         from flopsim.families import build_ops
+        from flopsim.parallel import shard
+        from flopsim.planning.serve import serve_layout
 
-        key = ("weights", tokens, context)
+        key = ("weights", tokens, context, tp)
         if key not in self._lists:
-            ops = self._lists.setdefault(("decode ops",), build_ops(self.spec, "decode"))
+            layout = serve_layout(self.spec, "decode", tp, self.links)
+            ops = self._lists.setdefault(("decode ops", tp), build_ops(self.spec, "decode") if layout is None else
+                                         shard(build_ops(self.spec, "decode"), self.spec, "decode", layout))
             values = evaluate([op.weight_bytes for op in ops], token_values(self.spec, "decode", tokens, 1, context))
             self._lists[key] = {op.name: w for op, w in zip(ops, values)}
         return self._lists[key]
 
-    def mixed_ops(self, batch: int, context: int, chunk: int, chunk_context: int) -> list:
+    def mixed_ops(self, batch: int, context: int, chunk: int, chunk_context: int, tp: int = 1) -> list:
         """A decode of `batch` sequences at `context` keys and a `chunk`-token prompt chunk
         attending to `chunk_context` keys (its prefix + itself), as one step's ops."""
-        return merge_ops(self.ops("decode", batch, 1, context), self.ops("prefill", 1, chunk, chunk_context),
-                         self.ops("decode", batch + chunk, 1, context))
+        return merge_ops(self.ops("decode", batch, 1, context, tp), self.ops("prefill", 1, chunk, chunk_context, tp),
+                         self.ops("decode", batch + chunk, 1, context, tp))
 
     def mixed_s(self, tp: int, batch: int, context: int, chunk: int, chunk_context: int) -> float:
         """The mixed step's time: the roofline of merge_ops' list, each merged op cached by its parts."""
-        dec, part = self.ops("decode", batch, 1, context), self.ops("prefill", 1, chunk, chunk_context)
-        weights, by = self.weight_bytes(batch + chunk, context), {op.name: op for op in part}
+        dec, part = self.ops("decode", batch, 1, context, tp), self.ops("prefill", 1, chunk, chunk_context, tp)
+        weights, by = self.weight_bytes(batch + chunk, context, tp), {op.name: op for op in part}
         times, seen = [], set()
         for a in dec:
             b = by.get(a.name)
@@ -147,13 +153,13 @@ class StepCoster:
                                     lambda a=a, b=b, w=w: _merge_one(a, b, replace(a, weight_bytes=w))))
             seen.add(a.name)
         times += [self._time(("op", self._index(b)), b) for b in part if b.name not in seen]
-        return self._step_s(times, tp, batch + chunk)
+        return self._step_s(times)
 
-    def verify_ops(self, batch: int, draft_len: int, context: int) -> list:
+    def verify_ops(self, batch: int, draft_len: int, context: int, tp: int = 1) -> list:
         """The target's forward over k + 1 tokens for each of `batch` sequences at `context` keys."""
         s = draft_len + 1
-        return with_every_logit(self.ops("prefill", batch, s, context), self.ops("decode", batch * s, 1, context),
-                                self.spec.blocks)
+        return with_every_logit(self.ops("prefill", batch, s, context, tp),
+                                self.ops("decode", batch * s, 1, context, tp), self.spec.blocks)
 
     def verify_s(self, tp: int, batch: int, draft_len: int, context: int) -> float:
-        return self.step_s(self.verify_ops(batch, draft_len, context), tp, batch * (draft_len + 1))
+        return self.step_s(self.verify_ops(batch, draft_len, context, tp))
