@@ -76,7 +76,7 @@ def _pct(x: float) -> str:
 def train(
     spec: str = SpecArg,
     hardware: str = HardwareOpt,
-    gpus: int = typer.Option(..., "--gpus", "-g", help="GPUs in the run (= dp * tp * pp)."),
+    gpus: str = typer.Option(..., "--gpus", "-g", help="GPUs in the run (= dp * tp * pp); with --search also N,M,... or A:B (its powers of two)."),
     tokens: str = typer.Option(..., "--tokens", help="Tokens to train on (e.g. 1T, 300B, 2.5e11)."),
     seq: Optional[int] = typer.Option(None, "--seq", "-s", help="Sequence length (default min(4096, max_seq))."),
     global_batch: Optional[int] = typer.Option(None, "--global-batch", help="Global batch in sequences (default ~4M tokens)."),
@@ -86,9 +86,12 @@ def train(
     dp: Optional[int] = typer.Option(None, "--dp", help="Data-parallel degree (default gpus / (tp * pp))."),
     ep: int = typer.Option(1, "--ep", help="Expert-parallel degree (MoE; divides dp and the experts)."),
     micro_batch: int = typer.Option(1, "--micro-batch", "-m", help="Sequences per micro-batch."),
-    recompute: bool = typer.Option(False, "--recompute/--no-recompute", help="Full activation recomputation (a checkpoint per block)."),
+    recompute: Optional[str] = typer.Option(None, "--recompute", help="Activation recomputation: none (default) | selective (attention cores) | full (each block's forward); with --search, limits the search to it."),
     optimizer: str = typer.Option("adam", "--optimizer", help="adam | adamw | sgd | none."),
-    zero: int = typer.Option(1, "--zero", help="ZeRO stage over dp: 0 none, 1 optimizer state, 2 + gradients, 3 + weights."),
+    zero: Optional[int] = typer.Option(None, "--zero", help="ZeRO stage over dp: 0 none, 1 optimizer state (default), 2 + gradients, 3 + weights; with --search, limits the search to it."),
+    search: bool = typer.Option(False, "--search", help="Search every tp x pp x dp (x ep) layout, micro-batch, ZeRO stage and recomputation of --gpus: the fastest that fit, and the Pareto front of GPUs, days and cost."),
+    micro_batches: str = typer.Option("1,2,4,8", "--micro-batches", help="--search: the micro-batches to try."),
+    top: int = typer.Option(10, "--top", help="--search: the fastest layouts shown."),
     interconnect: Optional[str] = InterconnectOpt,
     inter_node: Optional[str] = InterNodeOpt,
     gpus_per_node: Optional[int] = GpusPerNodeOpt,
@@ -99,20 +102,36 @@ def train(
     fmt: Format = FormatOpt,
     html: Optional[str] = HtmlOpt,
 ):
-    """Plan a training run: step time (compute, TP/EP/PP/DP traffic), memory per GPU, days, GPU-hours, cost, MFU."""
+    """Plan a training run: step time (compute, TP/EP/PP/DP traffic), memory per GPU, days, GPU-hours, cost, MFU;
+    with --search, the fastest layouts and the Pareto front."""
     from flopsim.planning import plan_training
+    from flopsim.planning.common import parse_gpu_counts
     from flopsim.result_pages import training_plan_page
 
+    counts = parse_gpu_counts(gpus)
+    links = dict(interconnect_bytes_per_s=_quantity(interconnect, "interconnect"),
+                 inter_node_bytes_per_s=_quantity(inter_node, "inter_node"), gpus_per_node=gpus_per_node,
+                 comm_latency_s=_duration(comm_latency, "comm_latency"))
+    if search:
+        from flopsim.cli.plan_search_view import run_search
+
+        return run_search(spec, hardware, counts, tokens=_quantity(tokens, "tokens"), seq=seq, global_batch=global_batch,
+                          global_batch_tokens=_quantity(global_batch_tokens, "global_batch_tokens"),
+                          micro_batches=parse_gpu_counts(micro_batches, "micro_batches"), zero=zero,
+                          recompute=recompute, optimizer=optimizer, dp_overlap=dp_overlap, price=price,
+                          calibration=calibration, fmt=fmt, top=top, links=links)
+    if len(counts) > 1:
+        from flopsim.errors import bad_value
+
+        raise bad_value("gpus", gpus, "a plan takes one GPU count; give --search to compare several")
     _check_html(html)
 
     p = plan_training(
-        spec, hardware, gpus=gpus, tokens=_quantity(tokens, "tokens"), seq=seq, global_batch=global_batch,
+        spec, hardware, gpus=counts[0], tokens=_quantity(tokens, "tokens"), seq=seq, global_batch=global_batch,
         global_batch_tokens=_quantity(global_batch_tokens, "global_batch_tokens"), tp=tp, pp=pp, dp=dp, ep=ep,
-        micro_batch=micro_batch, recompute=recompute, optimizer=optimizer, zero=zero,
-        interconnect_bytes_per_s=_quantity(interconnect, "interconnect"),
-        inter_node_bytes_per_s=_quantity(inter_node, "inter_node"), gpus_per_node=gpus_per_node,
-        dp_overlap=dp_overlap, comm_latency_s=_duration(comm_latency, "comm_latency"), price_per_gpu_hour=price,
-        calibration=calibration, progress=fmt == Format.table)
+        micro_batch=micro_batch, recompute=recompute or "none", optimizer=optimizer, zero=1 if zero is None else zero,
+        dp_overlap=dp_overlap, price_per_gpu_hour=price, calibration=calibration, progress=fmt == Format.table,
+        **links)
     _write_html(training_plan_page, p, html)
     if fmt == Format.json:
         return print_json(p.to_dict())
@@ -132,8 +151,9 @@ def _print_training(p) -> None:
               f"{c['micro_batch']} per replica")
     zero_what = {0: "no sharding", 1: "optimizer state sharded", 2: "optimizer state + gradients sharded",
                  3: "optimizer state + gradients + weights sharded"}[c["zero"]]
+    rc = c["recompute"] if isinstance(c["recompute"], str) else ("full" if c["recompute"] else "none")
     out.print(f"  options      {c['optimizer']}, ZeRO-{c['zero']} ({zero_what} over dp), recompute "
-              f"{'on' if c['recompute'] else 'off'}, DP traffic hidden behind up to {_pct(cm['dp_overlap'])} "
+              f"{rc}, DP traffic hidden behind up to {_pct(cm['dp_overlap'])} "
               f"of a forward/backward pass")
     out.print(f"  links        {_link_text(ln)}")
     out.print(f"  calibration {p.calibration.label}")

@@ -131,3 +131,27 @@ def _long_table(d: dict, sections) -> Any:
     rows.append({"section": "verdict", "quantity": "fits", "value": d["fits"]})
     rows.append({"section": "verdict", "quantity": "message", "value": d["message"]})
     return pd.DataFrame(rows)
+
+
+def parse_gpu_counts(text, name: str = "gpus") -> list[int]:
+    """'1024' -> [1024]; '256,512,1024' -> those; '64:1024' -> every power of two from 64 to 1024."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return [_positive_int(name, text)]
+    raw = str(text).strip()
+    try:
+        if ":" in raw:
+            lo, hi = (int(x) for x in raw.split(":"))
+            if not 1 <= lo <= hi:
+                raise ValueError
+            out, g = [], 1
+            while g <= hi:
+                if g >= lo:
+                    out.append(g)
+                g *= 2
+            if not out:
+                raise ValueError
+            return out
+        out = [int(x) for x in raw.split(",")]
+    except ValueError:
+        raise bad_value(name, text, "expected a GPU count N, a list N,M,... or a range A:B (its powers of two)") from None
+    return [_positive_int(name, g) for g in out]

@@ -538,7 +538,7 @@ def _train_suggestions(spec, mem, params_dense, params_expert, bpp, capacity, *,
 
     options = []
     if not recompute:
-        options.append(("--recompute", dict(rc=True)))
+        options.append(("--recompute full", dict(rc=True)))
     for z in range(zero + 1, 4):
         options.append((f"--zero {z}", dict(zero=z)))
     if micro_batch > 1:
