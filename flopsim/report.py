@@ -423,7 +423,8 @@ def command_line(specs, hardware, *, phases, batch, seq, context, calibration, o
                  formats, out_dir, parallel: Optional[dict] = None) -> str:
     parts = ["flopsim", "report", *[str(s) for s in specs], "--hardware", str(hardware)]
     for key, value in (parallel or {}).items():
-        parts += [f"--{key}", str(value)]
+        if value not in (0, 1, "none", None):  # the defaults: one GPU
+            parts += [f"--{key}", str(value)]
     if list(phases) != list(DEFAULT_PHASES):
         for p in phases:
             parts += ["--phase", p]
