@@ -68,6 +68,7 @@ class Parallel(_Strict):
     cp: int = Field(1, ge=1)
     zero: int = Field(0, ge=0, le=3)
     recompute: Literal["none", "selective", "full"] = "none"
+    virtual_stages: int = Field(1, ge=1)  # the interleaved pipeline schedule's chunks a stage
 
 
 class Engine(_Strict):
@@ -77,6 +78,7 @@ class Engine(_Strict):
     static_cache: bool = False  # attention runs over every slot of a preallocated KV cache
     moe_kernel: Literal["grouped", "gather"] = "grouped"
     tp_comm_overlap: bool = False  # tensor-parallel collectives pipelined with the GEMMs (Megatron-Core)
+    dp_comm_overlap: bool = True  # the data-parallel reduction overlaps the backward (False: after it, exposed)
 
 
 class Row(_Strict):
@@ -243,7 +245,9 @@ def _train_plan(row: Row, s: _Setup, tokens: Optional[float] = None):
     return plan_training(s.spec, s.hw, gpus=p.gpus, tokens=tokens or seq * kwargs.get("global_batch", 1) or 1,
                          seq=seq, tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep, zero=p.zero, recompute=p.recompute,
                          micro_batch=_shape(row, "micro_batch", 1), calibration=s.cal,
-                         tp_overlap=1.0 if row.engine.tp_comm_overlap else 0.0, **kwargs)
+                         tp_overlap=1.0 if row.engine.tp_comm_overlap else 0.0,
+                         dp_overlap=1.0 if row.engine.dp_comm_overlap else 0.0,
+                         virtual_stages=p.virtual_stages, **kwargs)
 
 
 def source_flops(row: Row, spec, params: int) -> float:

@@ -195,3 +195,14 @@ def test_cli_count_and_predict_show_the_collectives():
     assert out.exit_code == 0 and "collectives" in out.output
     line = one_error_line(run("predict", "llama-2-7b", "-H", "h100-sxm", "--tp", "5"))
     assert "tp" in line and "5" in line
+
+
+def test_interleaved_stages_hold_chunks_and_send_per_chunk():
+    # 32 blocks, pp 4, v 2: chunks of 32 / 8 = 4 blocks, chunk c on stage c mod 4
+    assert stage_of_layers(32, 4, 2)[1] == [4, 5, 6, 7, 20, 21, 22, 23]
+    r = count(LLAMA, batch=B, seq=S, phase="train", layout=_layout(pp=4, virtual_stages=2, stage=3))
+    sends = _collectives(r, group="pp")
+    # the last stage's chunks 3 and 7: chunk 3 sends on, chunk 7 (the model's last) does not; both send back
+    assert [o.pass_ for o in sends] == ["fwd", "bwd", "bwd"]
+    with pytest.raises(InputError, match="^virtual_stages"):
+        _layout(pp=4, virtual_stages=3)  # 32 blocks do not split into 12 chunks

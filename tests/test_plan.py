@@ -392,6 +392,20 @@ def test_tensor_parallel_overlap_hides_traffic_behind_the_microbatch_compute():
     assert hidden.totals["step_time_s"] < base.totals["step_time_s"]
 
 
+def test_interleaved_schedule_shrinks_the_bubble_by_the_chunks():
+    """Narayanan et al. 2021: v chunks a stage make the bubble (pp - 1) / v slots of the stage time."""
+    plain = _train(tp=2, pp=4, global_batch=16)
+    inter = _train(tp=2, pp=4, global_batch=16, virtual_stages=2)
+    c = inter.compute
+    assert c["bubble_s"] == pytest.approx((4 - 1) / 2 * c["stage_s_per_microbatch"])
+    assert c["pipeline_s"] == pytest.approx(8 * c["stage_s_per_microbatch"] + c["bubble_s"])
+    assert c["bubble_fraction"] == (4 - 1) / (2 * 8)
+    # twice the chunks, twice the sends: the last stage's two chunks send 3 times (2 back, 1 on)
+    assert inter.communication["pp_collectives_per_microbatch"] == 3
+    assert plain.communication["pp_collectives_per_microbatch"] == 1
+    assert inter.step_time_s < plain.step_time_s
+
+
 def test_uneven_pipeline_stages_run_at_the_pace_of_the_largest():
     """pp 3 over llama-2-7b's 32 blocks: stages of 11, 11 and 10 blocks (the earlier ones take
     the extra block), the embedding on the first, the head on the last; the pipeline runs at

@@ -83,6 +83,7 @@ def train(
     global_batch_tokens: Optional[str] = typer.Option(None, "--global-batch-tokens", help="Global batch in tokens (e.g. 4M; a multiple of --seq)."),
     tp: int = typer.Option(1, "--tp", help="Tensor-parallel degree (Megatron, with sequence parallelism)."),
     pp: int = typer.Option(1, "--pp", help="Pipeline-parallel stages (1F1B)."),
+    virtual_stages: int = typer.Option(1, "--virtual-stages", help="Interleaved 1F1B: chunks of blocks per pipeline stage (Megatron's virtual pipeline; 1: plain 1F1B)."),
     dp: Optional[int] = typer.Option(None, "--dp", help="Data-parallel degree (default gpus / (tp * pp))."),
     ep: int = typer.Option(1, "--ep", help="Expert-parallel degree (MoE; divides dp and the experts)."),
     micro_batch: int = typer.Option(1, "--micro-batch", "-m", help="Sequences per micro-batch."),
@@ -131,7 +132,7 @@ def train(
         global_batch_tokens=_quantity(global_batch_tokens, "global_batch_tokens"), tp=tp, pp=pp, dp=dp, ep=ep,
         micro_batch=micro_batch, recompute=recompute or "none", optimizer=optimizer, zero=1 if zero is None else zero,
         dp_overlap=dp_overlap, price_per_gpu_hour=price, calibration=calibration, progress=fmt == Format.table,
-        **links)
+        virtual_stages=virtual_stages, **links)
     _write_html(training_plan_page, p, html)
     if fmt == Format.json:
         return print_json(p.to_dict())

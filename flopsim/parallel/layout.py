@@ -7,7 +7,9 @@ context parallel (the sequence split, keys and values gathered for
 attention), `pp` pipeline stages (contiguous blocks), `dp` data parallel
 (replicas; gradients reduced over dp * cp), `ep` expert parallel (each GPU
 holds experts / ep of every MoE layer's routed experts, within the
-data-parallel group). GPUs = tp * cp * dp * pp. `zero` (0-3) shards the
+data-parallel group). GPUs = tp * cp * dp * pp. `virtual_stages` v > 1: the
+interleaved 1F1B schedule (Narayanan et al. 2021), each stage holding v chunks
+of blocks / (pp v) blocks, chunk c on stage c mod pp. `zero` (0-3) shards the
 optimizer state, gradients and weights over the data-parallel group
 (Rajbhandari et al. 2020); `recompute` none / selective (the attention core,
 Korthikanti et al. 2022) / full (every block's forward, once more before its
@@ -61,6 +63,7 @@ class Layout:
     gpus_per_node: int = 8
     expert_load: float = 1.0
     stage: Optional[int] = None
+    virtual_stages: int = 1  # the interleaved schedule's chunks a stage (Narayanan et al. 2021); 1: plain 1F1B
 
     @property
     def gpus(self) -> int:
@@ -107,7 +110,7 @@ class Layout:
 def make_layout(spec, phase: str, *, tp: int = 1, pp: int = 1, dp: int = 1, ep: int = 1, cp: int = 1,
                 zero: int = 0, recompute="none", sequence_parallel: Optional[bool] = None,
                 gpus_per_node: Optional[int] = None, expert_load: float = 1.0,
-                stage: Optional[int] = None) -> Layout:
+                stage: Optional[int] = None, virtual_stages: int = 1) -> Layout:
     """A validated Layout of `spec` for `phase` (one-line errors naming the field).
     `sequence_parallel` defaults to on in train with tp > 1 (Megatron's setting), off
     elsewhere (inference engines all-reduce); `gpus_per_node` to the hardware's domain."""
@@ -138,10 +141,14 @@ def make_layout(spec, phase: str, *, tp: int = 1, pp: int = 1, dp: int = 1, ep: 
         raise bad_value("expert_load", expert_load, "must be a number >= 1 (busiest rank / mean rank)")
     if stage is not None and (isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < pp):
         raise bad_value("stage", stage, f"must be a pipeline stage 0 to {pp - 1}")
+    virtual_stages = _degree("virtual_stages", virtual_stages)
+    if virtual_stages > 1 and (pp == 1 or spec.blocks % (pp * virtual_stages)):
+        raise bad_value("virtual_stages", virtual_stages, f"interleaving needs pp > 1 and pp * virtual_stages "
+                                                          f"dividing the {spec.blocks} blocks (pp {pp})")
     node = _degree("gpus_per_node", gpus_per_node if gpus_per_node is not None else 8)
     sp = (phase == "train" and tp > 1) if sequence_parallel is None else bool(sequence_parallel)
     return Layout(tp=tp, pp=pp, dp=dp, ep=ep, cp=cp, zero=zero, recompute=recompute, sequence_parallel=sp,
-                  gpus_per_node=node, expert_load=float(expert_load), stage=stage)
+                  gpus_per_node=node, expert_load=float(expert_load), stage=stage, virtual_stages=virtual_stages)
 
 
 def _check_context_parallel(spec, phase: str, cp: int) -> None:

@@ -38,7 +38,8 @@ Collectives (flopsim.collectives prices them by message size and link level):
   tokens x kv_heads x d_head values, / min(tp, kv_heads)), reduce-scattered
   in backward.
 - pp: the stage's output activations (its last residual add's bytes / tp,
-  Megatron's scatter-gather) sent forward, their gradients sent back.
+  Megatron's scatter-gather) sent forward, their gradients sent back; with
+  the interleaved schedule once per chunk the stage holds.
 - dp (train): per layer of the stage, by ZeRO stage, over dp * cp ranks (routed
   experts over dp * cp / ep): 0 all-reduce the gradients once a step; 1
   reduce-scatter them once a step and all-gather the updated weights; 2
@@ -88,14 +89,18 @@ def local_name(name: str) -> str:
     return _PREFIX.sub("", name, count=1)
 
 
-def stage_of_layers(blocks: int, pp: int) -> list[range]:
-    """The blocks each pipeline stage holds: contiguous, as even as they go, the earlier
-    stages taking the extra block."""
+def stage_of_layers(blocks: int, pp: int, virtual: int = 1) -> list[list]:
+    """The blocks each pipeline stage holds. One chunk a stage (`virtual` 1): contiguous, as
+    even as they go, the earlier stages taking the extra block. Interleaved (Narayanan et al.
+    2021, `virtual` v chunks a stage): blocks / (pp v) blocks a chunk, chunk c on stage c mod pp."""
+    if virtual > 1:
+        size = blocks // (pp * virtual)
+        return [[b for c in range(s, pp * virtual, pp) for b in range(c * size, (c + 1) * size)] for s in range(pp)]
     base, extra = divmod(blocks, pp)
     out, start = [], 0
     for s in range(pp):
         size = base + (1 if s < extra else 0)
-        out.append(range(start, start + size))
+        out.append(list(range(start, start + size)))
         start += size
     return out
 
@@ -340,7 +345,7 @@ def _stage_layers(spec, layout) -> set:
     """The layers stage `layout.last_stage` runs: its blocks, the embeddings on the first,
     the final norm and head on the last."""
     s = layout.last_stage
-    held = set(stage_of_layers(spec.blocks, layout.pp)[s])
+    held = set(stage_of_layers(spec.blocks, layout.pp, layout.virtual_stages)[s])
     if s == 0:
         held.add(-1)
     if s == layout.pp - 1:
@@ -373,29 +378,37 @@ def shard(ops: list, spec, phase: str, layout, *, grad_bytes_per_param: Optional
             else {"pre_fwd": [], "pre_bwd": [], "post_bwd": []}
         params_by_layer[layer]["dp_ops"] = dp_ops
         out_fwd += dp_ops["pre_fwd"] + layer_ops
-    out_fwd += _pipeline_send(out_fwd, spec, layout, "fwd") if layout.last_stage < layout.pp - 1 else []
+    sends_fwd, sends_bwd = _pipeline_sends(out_fwd, spec, layout)
+    out_fwd += sends_fwd
     out_bwd: list = []
     for layer, run in _by_layer([op for op in ops if op.pass_ == "bwd" and op.layer in held]):
         dp_ops = params_by_layer.get(layer, {}).get("dp_ops", {"pre_bwd": [], "post_bwd": []})
         out_bwd += dp_ops["pre_bwd"] + _layer_backward([split[op.key] for op in run], placed,
                                                        recomputed.get(layer, []), layer) + dp_ops["post_bwd"]
-    if out_bwd and layout.last_stage > 0:
-        out_bwd += [replace(c, pass_="bwd") for c in _pipeline_send(out_fwd, spec, layout, "bwd")]
+    if out_bwd:
+        out_bwd += sends_bwd
     return out_fwd + out_bwd + _optimizer(ops, params_by_layer, layout)
 
 
-def _pipeline_send(fwd: list, spec, layout, direction: str) -> list:
-    """The stage's activations (forward) or their gradients (backward) to its neighbour:
-    the last residual add's bytes / (tp * cp) (Megatron's scatter-gather)."""
+def _pipeline_sends(fwd: list, spec, layout) -> tuple[list, list]:
+    """(forward, backward) sends of the stage: each of its chunks sends its output on
+    (but the model's last) and its input's gradient back (but the model's first), the
+    last residual add's bytes / (tp * cp) (Megatron's scatter-gather)."""
     if layout.pp <= 1:
-        return []
+        return [], []
     last = [op for op in fwd if op.kind != "collective" and RESIDUAL.search(op.name)]
     if not last:
-        return []
+        return [], []
     op = last[-1]  # already split by tp' and cp; Megatron's scatter-gather sends 1 / tp of it
     nbytes = op.act_write_bytes * layout.token_split / layout.tp
-    return [collective(f"stage.{layout.last_stage}.send_{direction}", "send_recv", nbytes, layer=op.layer,
-                       group="pp", layout=layout, kernels=op.kernels)]
+    s, v, pp = layout.last_stage, layout.virtual_stages, layout.pp
+    chunks = range(s, pp * v, pp)
+
+    def send(direction, i):
+        return collective(f"stage.{s}.send_{direction}{'' if v == 1 else f'.chunk{i}'}", "send_recv", nbytes,
+                          layer=op.layer, group="pp", layout=layout, kernels=op.kernels,
+                          pass_="fwd" if direction == "fwd" else "bwd")
+    return ([send("fwd", c) for c in chunks if c < pp * v - 1], [send("bwd", c) for c in chunks if c > 0])
 
 
 def optimizer_share(params_by_layer: dict, layout, total):

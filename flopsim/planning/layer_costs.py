@@ -182,18 +182,17 @@ class ShardedModel:
         return st
 
     def _add_sends(self, st: StageTimes, layout, table: LayerTable, held: list, micro_batch: int, seq: int) -> None:
-        """The stage's pipeline sends (flopsim.parallel.shard._pipeline_send's ops)."""
-        from flopsim.parallel.shard import _pipeline_send
+        """The stage's pipeline sends (flopsim.parallel.shard._pipeline_sends' ops)."""
+        from flopsim.parallel.shard import _pipeline_sends
 
         if layout.pp <= 1:
             return
-        key = ("send", micro_batch, seq, layout.tp, layout.cp, layout.ep, layout.pp, layout.last_stage, layout.dp)
+        key = ("send", micro_batch, seq, layout.tp, layout.cp, layout.ep, layout.pp, layout.last_stage, layout.dp,
+               layout.virtual_stages)
         if key not in self._extras:
             fwd = [op for layer in held for op in table.fwd_ops.get(table.rep_of.get(layer, layer), [])]
-            sends = (_pipeline_send(fwd, self.spec, layout, "fwd") if layout.last_stage < layout.pp - 1 else []) + \
-                ([replace(c, pass_="bwd") for c in _pipeline_send(fwd, self.spec, layout, "bwd")]
-                 if layout.last_stage > 0 else [])
-            self._extras[key] = self._costed(sends, micro_batch, seq)
+            sends = _pipeline_sends(fwd, self.spec, layout)
+            self._extras[key] = self._costed(sends[0] + sends[1], micro_batch, seq)
         for t in self._extras[key]:
             st.comm_s["pp"] += t.time_s
             st.comm_count["pp"] += 1

@@ -3,64 +3,29 @@
 Training (`plan_training`), dp * tp * pp = GPUs, the global batch split into
 `microbatches` = global sequences / (dp * micro_batch) per replica:
 
-- Compute. `predict(phase="train")` of the whole model at the micro-batch
-  (micro_batch sequences of `seq` tokens) gives every op's roofline time;
-  tensor and pipeline parallelism split every op's FLOPs and bytes evenly, so
-  a GPU's share of one micro-batch is (sum of max(compute_s, memory_s)) /
-  (tp * pp) plus the launch overheads of the kernels it runs (1 / pp of them;
-  when pp does not divide the layers, the slowest stage holds ceil(L / pp) blocks;
-  tp does not reduce the number of kernels). Norms and elementwise ops are
-  split by tp too (Megatron sequence parallelism is assumed), embeddings and
-  head count as an even share of a stage. Expert parallelism moves routed
-  tokens, not work: under uniform routing a GPU's experts process as many
-  (token, expert) pairs as the unsharded layer does per micro-batch, so the
-  expert ops are split like the rest. With `recompute` (full: a checkpoint
-  per block) the blocks' forward ops run again in the backward pass; with
-  `recompute="selective"` (Korthikanti et al. 2022) only the attention core
-  does (its memory is taken as without recomputation: an upper bound). The
-  optimizer update (one op in the Op list) runs once per step over the
-  parameters this GPU updates (1/dp of its shard under ZeRO >= 1).
-- Tensor parallel (Megatron): 2 all-reduces per block forward (after the
-  attention and after the MLP / MoE layer) and 2 backward, +2 per block with
-  recomputation, each of micro_batch * seq * d_model activations (bytes at
-  the spec's dtype) over tp ranks; the sequence-parallel all-gather /
-  reduce-scatter pair moves the same bytes. Embedding and loss collectives
-  are not counted; an MoD block all-reduces its full sequence (an upper bound).
-- MoE all-to-all (expert parallel over ep ranks): per MoE layer a dispatch
-  and a combine of the routed token rows forward, the same two backward, +2
-  with recomputation. Routed bytes = the MoE layer's `dispatch` op's
-  activation writes in the Op list (N * top_k rows of d_model dropless,
-  experts * slots with a capacity factor), / tp (sequence parallel: each tp
-  rank dispatches its share of the tokens), (ep - 1) / ep of it leaving the GPU.
-  The step waits for the busiest expert-parallel rank: with dropless token
-  choice the routed experts' work and the all-to-all bytes are scaled by
-  `expert_imbalance` = E[max over ranks of its routed pairs] / the mean rank's,
-  for the ep micro-batches an EP group routes at once, from the spec's
+- Each GPU's work and communication are its pipeline stage's sharded op list
+  (flopsim.parallel.shard: Megatron's splits with sequence parallelism, the
+  tensor-, expert- and pipeline-parallel collectives and each layer's ZeRO
+  collectives as ops, their messages read from the ops they serve; the
+  recomputation `none`, `selective` (Korthikanti et al. 2022: the attention
+  cores) or `full` as copies of the forward ops), costed by the roofline on the
+  calibration's link levels; flopsim.planning.layer_costs sums it by layer,
+  flopsim.planning.train_step turns the stages into a step. This module adds
+  no communication formula.
+- Expert parallelism: the step waits for the busiest expert-parallel rank.
+  With dropless token choice its experts' work and all-to-all messages are
+  `expert_imbalance` = E[max over ranks of its routed pairs] / the mean
+  rank's, for the ep micro-batches an EP group routes at once, from the spec's
   `moe.popularity` (flopsim.ops.popularity; uniform routing too has a small
   statistical imbalance). Padded slots and expert choice do the same work on
   every rank; with a capacity factor `dropped_fraction` is reported instead.
-- Pipeline (1F1B): per micro-batch and stage one point-to-point send of the
-  stage's output activations forward and one of their gradients backward,
-  micro_batch * seq * d_model values / tp (Megatron's scatter-gather). A
-  stage's time per micro-batch t_stage = compute + tp + ep + p2p; the
-  pipeline runs (microbatches + pp - 1) slots of t_stage, i.e. the ideal
-  microbatches * t_stage plus a bubble of (pp - 1) * t_stage, a fraction
-  (pp - 1) / microbatches.
-- Data parallel, by ZeRO stage (Rajbhandari et al. 2020), over dp ranks for
-  dense parameters and dp / ep for expert parameters; W, G = the GPU's weight
-  and gradient bytes before ZeRO sharding:
-      0: all-reduce G once per step (after the last micro-batch's backward);
-      1: reduce-scatter G once per step + all-gather W after the update;
-      2: reduce-scatter G after every micro-batch's backward (the gradients
-         are sharded, so they cannot accumulate locally) + all-gather W per step;
-      3: per micro-batch all-gather W before the forward and again before
-         the backward (and before the recomputation), reduce-scatter G after it.
-  Overlap: gradient traffic can hide behind the backward pass it follows,
-  parameter gathers behind the forward pass they precede, up to `dp_overlap`
-  (default 1.0) of that pass's compute; what is left is exposed. TP traffic
-  is exposed unless `tp_overlap` (default 0; Megatron-Core's --tp-comm-overlap
-  pipelines it with the GEMMs: 1.0) of the micro-batch's compute hides it;
-  EP and pipeline traffic is not overlapped (it sits on the critical path).
+- The schedule (train_step): tensor-parallel traffic hidden behind up to
+  `tp_overlap` of the micro-batch's compute (default 0; Megatron-Core's
+  --tp-comm-overlap: 1.0); 1F1B, (microbatches + (pp - 1) / v) slots of the
+  slowest stage's time (v = `virtual_stages`, the interleaved schedule's
+  chunks a stage); data-parallel traffic hidden behind up to `dp_overlap`
+  (default 1.0) of the pass it follows or precedes; the optimizer update of
+  the stage's parameters (/ dp under ZeRO >= 1).
 - step time = pipeline time + exposed DP traffic + optimizer update;
   steps = ceil(tokens / tokens per step); days = steps * step time / 86400;
   GPU-hours = GPUs * steps * step time / 3600; cost = GPU-hours * price;
@@ -74,8 +39,10 @@ Training (`plan_training`), dp * tp * pp = GPUs, the global batch split into
   train activations of one micro-batch (with or without recomputation) / tp
   (sequence parallel) * min(pp, microbatches) / pp (1F1B: the first stage
   holds min(pp, microbatches) micro-batches of its 1/pp of the layers).
-  Not counted: framework and allocator overhead, communication buffers,
-  ZeRO-3's gathered-parameter buffers, fp32 gradient-accumulation buffers.
+  Selective recomputation's memory is taken as without recomputation (an
+  upper bound). Not counted: framework and allocator overhead, communication
+  buffers, ZeRO-3's gathered-parameter buffers, fp32 gradient-accumulation
+  buffers, the interleaved schedule's extra micro-batches in flight.
 
 """
 
@@ -91,9 +58,9 @@ from flopsim.planning.common import (DEFAULT_GLOBAL_BATCH_TOKENS, DEFAULT_SEQ, _
 from flopsim.planning.links import Links, resolve_links
 
 
-def bubble_fraction(pp: int, microbatches: int) -> float:
-    """1F1B pipeline bubble over the ideal time: (pp - 1) / microbatches."""
-    return (pp - 1) / microbatches
+def bubble_fraction(pp: int, microbatches: int, virtual_stages: int = 1) -> float:
+    """1F1B pipeline bubble over the ideal time: (pp - 1) / microbatches (/ v interleaved)."""
+    return (pp - 1) / (virtual_stages * microbatches)
 
 
 
@@ -185,7 +152,7 @@ class TrainingPlan:
                                   f"{human(cm[f'{group}_bytes_per_collective'], 'B')} ({cm[f'{group}_link']})"))
         if c["pp"] > 1:
             parts.append(part("pipeline bubble", None, k["bubble_s"],
-                              f"(pp-1)/microbatches = {k['bubble_fraction']:.3g} of the ideal"))
+                              f"(pp-1)/(v*microbatches) = {k['bubble_fraction']:.3g} of the ideal"))
         if c["dp"] > 1:
             parts.append(part(f"DP (ZeRO-{c['zero']}) exposed", None, cm["dp_exposed_s_per_step"],
                               f"{human(cm['dp_bytes_per_step'], 'B')} sent, {human_time(cm['dp_s_per_step'])} of "
@@ -369,10 +336,11 @@ def _stage_list(model, c: dict) -> list:
     from flopsim.planning.train_step import stages_to_cost
 
     out = []
-    for stage in stages_to_cost(model.spec.blocks, c["pp"]):
+    v = c.get("virtual_stages", 1)
+    for stage in stages_to_cost(model.spec.blocks, c["pp"], v):
         layout = make_layout(model.spec, "train", tp=c["tp"], pp=c["pp"], dp=c["dp"], ep=c["ep"], zero=c["zero"],
                              recompute=c["recompute_mode"], gpus_per_node=model.links.gpus_per_node,
-                             expert_load=c.get("expert_imbalance", 1.0), stage=stage)
+                             expert_load=c.get("expert_imbalance", 1.0), stage=stage, virtual_stages=v)
         out.append(model.stage_times(layout, c["micro_batch"], c["seq"]))
     return out
 
@@ -412,7 +380,7 @@ def _train_notes(spec, c: dict, tokens: float) -> list:
                      f"({spec.positions} positions: costed as is)")
     if c["pp"] > 1 and c["microbatches"] < c["pp"]:
         notes.append(f"{c['microbatches']} micro-batches per step for {c['pp']} pipeline stages: the bubble is "
-                     f"{bubble_fraction(c['pp'], c['microbatches']):.0%} of the ideal time")
+                     f"{bubble_fraction(c['pp'], c['microbatches'], c['virtual_stages']):.0%} of the ideal time")
     if c.get("expert_imbalance", 1.0) > 1.0:
         notes.append(f"routing {c['routing']}: the busiest of {c['ep']} expert-parallel ranks gets "
                      f"{c['expert_imbalance']:.3f}x the mean rank's (token, expert) pairs; its experts' work and "
@@ -438,7 +406,7 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
                   interconnect_bytes_per_s: Optional[float] = None, inter_node_bytes_per_s: Optional[float] = None,
                   gpus_per_node: Optional[int] = None, dp_overlap: float = 1.0, tp_overlap: float = 0.0,
                   comm_latency_s: Optional[float] = None, price_per_gpu_hour: Optional[float] = None,
-                  calibration=None, progress: bool = False) -> TrainingPlan:
+                  calibration=None, progress: bool = False, virtual_stages: int = 1) -> TrainingPlan:
     """Plan a training run of `tokens` tokens on `gpus` x `hw` (see the module docstring).
 
     global batch: `global_batch` sequences or `global_batch_tokens` tokens (a
@@ -469,7 +437,8 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
     c = dict(gpus=gpus, dp=dp, tp=tp, pp=pp, ep=ep, seq=seq, micro_batch=micro_batch, global_batch=global_batch,
              microbatches=global_batch // (dp * micro_batch), zero=zero, full_recompute=full_recompute,
              selective=selective, dp_overlap=dp_overlap, tp_overlap=tp_overlap, optimizer=optimizer,
-             recompute_mode="selective" if selective else ("full" if full_recompute else "none"))
+             recompute_mode="selective" if selective else ("full" if full_recompute else "none"),
+             virtual_stages=_positive_int("virtual_stages", virtual_stages))
     links = resolve_links(hw, cal, interconnect_bytes_per_s, inter_node_bytes_per_s, gpus_per_node, comm_latency_s,
                    needed=gpus > 1)
 
@@ -489,12 +458,13 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
         bar.advance()
     finally:
         bar.close()
-    sched = step_schedule(stages, c["microbatches"], pp, float(tp_overlap), float(dp_overlap))
+    sched = step_schedule(stages, c["microbatches"], pp, float(tp_overlap), float(dp_overlap), virtual_stages)
     mem_out, fits, message, suggestions = _train_memory_verdict(spec, hw, mem, params, params_expert, c, links,
                                                                 optimizer)
     config = {key: c[key] for key in ("gpus", "dp", "tp", "pp", "ep", "seq", "micro_batch", "global_batch",
                                       "microbatches", "optimizer", "zero") if key in c}
     config.update(expert_dp=dp // ep, recompute="selective" if selective else full_recompute, optimizer=optimizer,
+                  virtual_stages=c["virtual_stages"],
                   **{k: c[k] for k in ("routing", "expert_imbalance", "dropped_fraction") if k in c})
     return TrainingPlan(spec=spec, hw=hw, calibration=cal, config=config, links=links,
                         compute=_train_compute(sched, c), communication=_train_communication(links, sched, c),
@@ -510,7 +480,7 @@ def _train_compute(sched: dict, c: dict) -> dict:
         "recompute_s_per_microbatch": slow.recompute_s, "compute_s_per_microbatch": slow.compute_s,
         "compute_s_per_step": m * slow.compute_s, "optimizer_s": sched["tail"].optimizer_s,
         "stage_s_per_microbatch": sched["stage_s"], "pipeline_s": sched["pipeline_s"],
-        "bubble_s": sched["bubble_s"], "bubble_fraction": bubble_fraction(c["pp"], m),
+        "bubble_s": sched["bubble_s"], "bubble_fraction": bubble_fraction(c["pp"], m, c.get("virtual_stages", 1)),
         "slowest_stage": slow.stage,
     }
 

@@ -15,6 +15,8 @@ compute + exposed tp + cp + ep + pp of the slowest stage:
   context-, expert- and pipeline-parallel traffic is exposed (it sits on the
   critical path);
 - 1F1B pipeline: (m + pp - 1) * t_stage, a bubble of (pp - 1) / m of the ideal;
+  interleaved over v chunks a stage (Narayanan et al. 2021), (m + (pp - 1) / v)
+  * t_stage, the chunks' extra sends in t_stage;
 - data-parallel traffic hides behind up to `dp_overlap` of the pass it follows
   (gradients: the backward and recomputation) or precedes (weight gathers:
   the forward); what is left is exposed, m times for per-micro-batch traffic;
@@ -78,11 +80,11 @@ def stage_times(times: list, stage: int) -> StageTimes:
     return out
 
 
-def stages_to_cost(blocks: int, pp: int) -> list[int]:
+def stages_to_cost(blocks: int, pp: int, virtual_stages: int = 1) -> list[int]:
     """The stages whose time can differ: the first (embeddings), the last (head) and the
     first stage of each size in between (stages of one size hold as many blocks)."""
     chosen, sizes = {0, pp - 1}, set()
-    for s, layers in enumerate(stage_of_layers(blocks, pp)):
+    for s, layers in enumerate(stage_of_layers(blocks, pp, virtual_stages)):
         if 0 < s < pp - 1 and len(layers) not in sizes:
             sizes.add(len(layers))
             chosen.add(s)
@@ -111,14 +113,16 @@ def dp_times(st: StageTimes, microbatches: int, dp_overlap: float) -> tuple[floa
     return sent, raw, exposed
 
 
-def step_schedule(stages: list, microbatches: int, pp: int, tp_overlap: float, dp_overlap: float) -> dict:
+def step_schedule(stages: list, microbatches: int, pp: int, tp_overlap: float, dp_overlap: float,
+                  virtual_stages: int = 1) -> dict:
     """The step from the costed stages (see the module docstring): the slowest stage sets
     the pipeline, the stage with the most exposed data-parallel traffic and update ends it."""
     slow = max(stages, key=lambda st: stage_s(st, tp_overlap))
     t_stage = stage_s(slow, tp_overlap)
     tail = max(stages, key=lambda st: dp_times(st, microbatches, dp_overlap)[2] + st.optimizer_s)
     sent, raw, exposed = dp_times(tail, microbatches, dp_overlap)
-    pipeline = (microbatches + pp - 1) * t_stage
+    bubble = (pp - 1) / virtual_stages * t_stage
+    pipeline = microbatches * t_stage + bubble
     return {"slowest": slow, "tail": tail, "stage_s": t_stage, "pipeline_s": pipeline,
-            "bubble_s": (pp - 1) * t_stage, "dp_bytes": sent, "dp_s": raw, "dp_exposed_s": exposed,
+            "bubble_s": bubble, "dp_bytes": sent, "dp_s": raw, "dp_exposed_s": exposed,
             "step_s": pipeline + exposed + tail.optimizer_s}
