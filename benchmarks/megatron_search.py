@@ -6,7 +6,7 @@ sequence, hardware and calibration: the row's own layout as plan_training
 costs it (the suite's prediction, its error against the published figure)
 and the fastest layout `flopsim plan train --search` finds (tp, pp, dp,
 micro-batches 1-8 and the row's own, ZeRO 0-3, recomputation none /
-selective / full). The search includes the published layout, so the best
+selective / full, interleaving; the row's data-parallel overlap). The search includes the published layout, so the best
 it finds is at least as fast unless flopsim judges the published layout not
 to fit memory (said so). Prints one line per row and, last,
 
@@ -43,7 +43,8 @@ def main() -> None:
         result = search_training(s.spec, s.hw, gpus=row.parallel.gpus, tokens=1e12, seq=_shape(row, "seq"),
                                  global_batch=_shape(row, "global_batch"),
                                  micro_batches=sorted({1, 2, 4, 8, mb}), calibration=s.cal,
-                                 tp_overlap=1.0 if row.engine.tp_comm_overlap else 0.0)
+                                 tp_overlap=1.0 if row.engine.tp_comm_overlap else 0.0,
+                                 dp_overlap=1.0 if row.engine.dp_comm_overlap else 0.0)
         best = result.best
         own = pred.details["step_time_s"]
         if best is None:
@@ -52,9 +53,9 @@ def main() -> None:
         ok = best["step_time_s"] <= own * (1 + 1e-9)
         faster += ok
         p = row.parallel
-        print(f"{row.id:48s} published tp{p.tp} pp{p.pp} dp{p.dp} mb{mb} {p.recompute}: {own:.3f} s "
+        print(f"{row.id:48s} published tp{p.tp} pp{p.pp} v{p.virtual_stages} dp{p.dp} mb{mb} {p.recompute}: {own:.3f} s "
               f"(error {100 * pred.error:+.1f}% vs measured; fits {pred.details.get('fits')}) | search best "
-              f"tp{best['tp']} pp{best['pp']} dp{best['dp']} mb{best['micro_batch']} ZeRO-{best['zero']} "
+              f"tp{best['tp']} pp{best['pp']} v{best['virtual_stages']} dp{best['dp']} mb{best['micro_batch']} ZeRO-{best['zero']} "
               f"{best['recompute']}: {best['step_time_s']:.3f} s ({own / best['step_time_s']:.2f}x) "
               f"[{len(result.rows)} layouts, {result.elapsed_s:.1f} s]")
     print(f"rows={len(rows)} search_at_least_as_fast={faster} "

@@ -29,6 +29,8 @@ def test_candidates_cover_every_layout_of_the_gpus():
     # tp: powers of two up to the node (1, 2, 4, 8); pp: divisors of 32 with tp * pp | 16
     expected = {(tp, pp, 16 // (tp * pp)) for tp in (1, 2, 4, 8) for pp in (1, 2, 4, 8, 16) if 16 % (tp * pp) == 0}
     assert {(c["tp"], c["pp"], c["dp"]) for c in got} == expected
+    # interleaving: 2, 3 or 4 chunks a stage where pp * v divides the 32 blocks (3 never does)
+    assert {(c["pp"], c["virtual_stages"]) for c in got if c["pp"] == 4} == {(4, 1), (4, 2), (4, 4)}
     moe = candidate_layouts(flopsim.load_model("mixtral-8x7b"), 16, 8, [1], [0], ["none"])
     assert {c["ep"] for c in moe if c["dp"] == 16} == {1, 2, 4, 8}  # divisors of 8 experts and of dp
     assert all(c["dp"] % c["ep"] == 0 for c in moe)
@@ -36,9 +38,11 @@ def test_candidates_cover_every_layout_of_the_gpus():
 
 def test_each_row_is_what_plan_train_gives_for_its_layout(small):
     rows = small.fastest
-    picks = [rows[0], rows[len(rows) // 2], next(r for r in rows if r["pp"] > 1)]
+    picks = [rows[0], rows[len(rows) // 2], next(r for r in rows if r["pp"] > 1),
+             next(r for r in rows if r["virtual_stages"] > 1)]
     for r in picks:
         p = plan_training("llama-2-7b", H100, gpus=r["gpus"], tokens=1e10, seq=1024, tp=r["tp"], pp=r["pp"],
+                          virtual_stages=r["virtual_stages"],
                           micro_batch=r["micro_batch"], zero=r["zero"], recompute=r["recompute"],
                           global_batch=r["global_batch"], price_per_gpu_hour=2.0)
         assert p.step_time_s == pytest.approx(r["step_time_s"], rel=1e-9)

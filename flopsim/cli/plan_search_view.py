@@ -12,12 +12,13 @@ def _money(value: Optional[float]) -> str:
 
 
 def _row(r: dict) -> list:
-    return [f"{r['gpus']:,}", str(r["tp"]), str(r["pp"]), str(r["dp"]), str(r["ep"]), str(r["micro_batch"]),
+    return [f"{r['gpus']:,}", str(r["tp"]), str(r["pp"]), str(r["virtual_stages"]), str(r["dp"]), str(r["ep"]),
+            str(r["micro_batch"]),
             str(r["zero"]), r["recompute"], f"{r['memory_gb']:.1f}", human_time(r["step_time_s"]),
             f"{r['days']:.3g}", f"{r['gpu_hours']:,.0f}", _money(r["cost"]), f"{100 * r['mfu']:.1f}%"]
 
 
-COLUMNS = ["GPUs", "tp", "pp", "dp", "ep", "mb", "ZeRO", "recompute", "GB/GPU", "step", "days", "GPU-hours", "cost",
+COLUMNS = ["GPUs", "tp", "pp", "v", "dp", "ep", "mb", "ZeRO", "recompute", "GB/GPU", "step", "days", "GPU-hours", "cost",
            "MFU"]
 
 
@@ -50,7 +51,8 @@ def run_search(spec, hardware, counts: list, *, tokens, seq, global_batch, globa
                              COLUMNS, [_row(r) for r in result.pareto]))
         b = result.best
         out.print(f"  best: flopsim plan train {result.spec.name} -H {result.hw.name} --gpus {b['gpus']} --tp {b['tp']} "
-                  f"--pp {b['pp']} --ep {b['ep']} --micro-batch {b['micro_batch']} --zero {b['zero']} "
+                  f"--pp {b['pp']} --virtual-stages {b['virtual_stages']} --ep {b['ep']} --micro-batch {b['micro_batch']} "
+                  f"--zero {b['zero']} "
                   f"--recompute {b['recompute']} --global-batch {b['global_batch']} ...")
     for note in result.notes:
         out.print(f"  note: {note}")

@@ -5,6 +5,8 @@ are costed, the fastest first, with the Pareto front of (GPUs, days, cost).
 
 Candidates for G GPUs (N nodes of `gpus_per_node`): tp a power of two up to
 the node dividing the heads; pp a divisor of the blocks; dp = G / (tp * pp);
+with pp > 1 the interleaved schedule's 2, 3 or 4 chunks a stage where they
+divide the blocks;
 ep (MoE) a divisor of the experts and of dp; micro-batches from
 `micro_batches`; one global batch for all (a training hyperparameter, not a
 layout choice): the one given, else ~4M tokens (ceil(4 Mi / seq) sequences);
@@ -35,6 +37,7 @@ from flopsim.planning.common import _positive, _positive_int
 DEFAULT_MICRO_BATCHES = (1, 2, 4, 8)
 ZERO_STAGES = (0, 1, 2, 3)
 RECOMPUTE = ("none", "selective", "full")
+VIRTUAL_STAGES = (1, 2, 3, 4)  # the interleaved schedule's chunks a stage tried (pp > 1, dividing the blocks)
 MAX_LAYOUTS = 200_000
 
 
@@ -79,12 +82,14 @@ def candidate_layouts(spec, gpus: int, gpus_per_node: int, micro_batches: Sequen
     for tp in (t for t in _powers_of_two(min(gpus_per_node, gpus)) if spec.heads % t == 0):
         for pp in (p for p in range(1, spec.blocks + 1) if spec.blocks % p == 0 and gpus % (tp * p) == 0):
             dp = gpus // (tp * pp)
+            chunks = [v for v in VIRTUAL_STAGES if v == 1 or (pp > 1 and spec.blocks % (pp * v) == 0)]
             for ep in (e for e in range(1, experts + 1) if experts % e == 0 and dp % e == 0):
-                for mb in micro_batches:
-                    for zero in zeros:
-                        for rc in recomputes:
-                            out.append(dict(gpus=gpus, tp=tp, pp=pp, dp=dp, ep=ep, micro_batch=mb, zero=zero,
-                                            recompute=rc))
+                for v in chunks:
+                    for mb in micro_batches:
+                        for zero in zeros:
+                            for rc in recomputes:
+                                out.append(dict(gpus=gpus, tp=tp, pp=pp, dp=dp, ep=ep, virtual_stages=v,
+                                                micro_batch=mb, zero=zero, recompute=rc))
     return out
 
 
@@ -168,7 +173,7 @@ class _Costing:
             self._routing[key] = routing_figures(self.spec, c)
         c.update(self._routing[key])
         sched = step_schedule(_stage_list(self.model, c), c["microbatches"], c["pp"], self.tp_overlap,
-                              self.dp_overlap)
+                              self.dp_overlap, c["virtual_stages"])
         t = _train_totals(self.flops(layout["micro_batch"]), self.spec, self.hw, c, tokens, sched["step_s"], price)
         row.update(step_time_s=t["step_time_s"], days=t["days"], gpu_hours=t["gpu_hours"], cost=t["cost"],
                    mfu=t["mfu"], tokens_per_s_per_gpu=t["tokens_per_s_per_gpu"], bubble_s=sched["bubble_s"],
