@@ -7,7 +7,7 @@ import math
 import re
 from typing import Any, Callable, Optional
 
-from flopsim.errors import bad_value
+from flopsim.errors import InputError, bad_value
 
 DEFAULT_GPUS_PER_NODE = 8  # when the hardware spec gives no scale_up_domain
 DEFAULT_GLOBAL_BATCH_TOKENS = 4 * 2 ** 20  # ~4M tokens (Llama 2's global batch)
@@ -155,3 +155,11 @@ def parse_gpu_counts(text, name: str = "gpus") -> list[int]:
     except ValueError:
         raise bad_value(name, text, "expected a GPU count N, a list N,M,... or a range A:B (its powers of two)") from None
     return [_positive_int(name, g) for g in out]
+
+
+def _single_stack(spec) -> None:
+    """Plans cost one stack of blocks: refuse an encoder-decoder in one line."""
+    if spec.is_encoder_decoder:
+        raise InputError(f"{spec.name}: plan does not lay out encoder-decoders yet (the two stacks' token "
+                         f"counts, the cross-attention's all-reduces and cache); count, predict, memory and "
+                         f"sweep model them")

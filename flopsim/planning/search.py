@@ -197,7 +197,8 @@ def search_training(spec, hw, *, gpus, tokens: float, seq: Optional[int] = None,
     from flopsim.ops.optimizer import get_optimizer
     from flopsim.planning.common import DEFAULT_GLOBAL_BATCH_TOKENS, DEFAULT_SEQ, _non_negative, _Progress
     from flopsim.planning.links import resolve_links
-    from flopsim.planning.train import _global_batch, _single_stack
+    from flopsim.planning.common import _single_stack
+    from flopsim.planning.train import _global_batch
     from flopsim.spec import load_model
 
     start = time.perf_counter()

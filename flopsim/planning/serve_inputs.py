@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from flopsim.errors import FlopsimError, InputError, bad_value
-from flopsim.planning.common import _positive_int
+from flopsim.planning.common import _positive_int, _single_stack
 from flopsim.planning.serve_lengths import Lengths, parse_lengths
 from flopsim.planning.serve_model import Draft
 
@@ -28,14 +28,6 @@ def _fraction(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
         raise bad_value(name, value, "must be a fraction in (0, 1]")
     return value
-
-
-def _single_stack(spec) -> None:
-    """Plans cost one stack of blocks: refuse an encoder-decoder in one line."""
-    if spec.is_encoder_decoder:
-        raise InputError(f"{spec.name}: plan does not lay out encoder-decoders yet (the two stacks' token "
-                         f"counts, the cross-attention's all-reduces and cache); count, predict, memory and "
-                         f"sweep model them")
 
 
 @dataclass(frozen=True)

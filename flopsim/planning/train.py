@@ -54,7 +54,7 @@ from typing import Any, Optional
 
 from flopsim.errors import InputError, bad_value
 from flopsim.planning.common import (DEFAULT_GLOBAL_BATCH_TOKENS, DEFAULT_SEQ, _gb, _long_table,
-                                     _non_negative, _positive, _positive_int, _Progress)
+                                     _non_negative, _positive, _positive_int, _Progress, _single_stack)
 from flopsim.planning.links import Links, resolve_links
 
 
@@ -389,14 +389,6 @@ def _train_notes(spec, c: dict, tokens: float) -> list:
         notes.append(f"routing {c['routing']}: {100 * c['dropped_fraction']:.2f}% of the (token, expert) pairs "
                      f"overflow the capacity factor {spec.moe.capacity_factor:g} and are dropped")
     return notes
-
-
-def _single_stack(spec) -> None:
-    """Plans cost one stack of blocks: refuse an encoder-decoder in one line."""
-    if spec.is_encoder_decoder:
-        raise InputError(f"{spec.name}: plan does not lay out encoder-decoders yet (the two stacks' token "
-                         f"counts, the cross-attention's all-reduces and cache); count, predict, memory and "
-                         f"sweep model them")
 
 
 def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = None,
