@@ -28,6 +28,10 @@ of the forward ops' `params`):
   with A_l the per-layer sum above and in_l the block's residual-stream
   input: the largest act_read_bytes among the block's forward norm and
   router ops (every block begins by normalising or routing its input).
+- activations, train, selective recomputation (Korthikanti et al. 2022): as
+  without recomputation, less what the attention cores write besides their
+  output (the explicit path's scores and probabilities, 2 * B * H * S * T
+  values; a fused kernel writes none), which the backward recomputes.
 - activations, inference phases (forward, prefill, decode): the working set
   of the largest op, max over ops of (act_read_bytes + act_write_bytes).
 - KV cache (prefill, decode): the keys and values of `context` tokens:
@@ -62,7 +66,7 @@ CHECKPOINT_KINDS = ("norm", "router")
 class MemoryModel:
     """Memory of one spec, phase and set of options as functions of B, S, T."""
 
-    def __init__(self, spec, phase: str, *, recompute: bool = False, optimizer: str = "adam",
+    def __init__(self, spec, phase: str, *, recompute: bool | str = False, optimizer: str = "adam",
                  grad_bytes: Optional[int] = None, master_weights: Optional[bool] = None,
                  encoder_seq: Optional[int] = None):
         """`encoder_seq`: an encoder-decoder's encoder tokens per sequence, fixed; None: S
@@ -72,6 +76,10 @@ class MemoryModel:
         from flopsim.ops.optimizer import state_bytes_per_param
         from flopsim.ops.symbols import B, S, S_enc, T
 
+        if isinstance(recompute, str):
+            if recompute not in ("none", "selective", "full"):
+                raise InputError(f"recompute: {recompute!r}: expected none, selective or full")
+            recompute = {"none": False, "full": True}.get(recompute, recompute)
         self.spec, self.phase, self.recompute, self.optimizer = spec, phase, recompute, optimizer
         ops = build_ops(spec, phase)
         same = {T: S} if phase in ("forward", "train") else {}
@@ -118,7 +126,13 @@ class MemoryModel:
             per_layer = {lay: sum((op.act_write_bytes for op in kept if op.layer == lay), sp.Integer(0))
                          for lay in layers}
             blocks = [lay for lay in layers if 0 <= lay < spec.blocks]
-            if recompute:
+            if recompute == "selective":  # Korthikanti et al. 2022: the attention cores' insides are recomputed
+                per_layer = {lay: per_layer[lay] - sum((self._recomputed_inside(op) for op in kept
+                                                        if op.layer == lay and 0 <= lay < spec.blocks), sp.Integer(0))
+                             for lay in layers}
+                self._sum_terms = [ref(sum(per_layer.values(), sp.Integer(0)))]
+                self._block_inputs = []
+            elif recompute:
                 for lay in layers:
                     if lay not in blocks:
                         self._sum_terms.append(ref(per_layer[lay]))
@@ -132,6 +146,15 @@ class MemoryModel:
             self._block_inputs = []
             self._max_terms = [ref(op.act_read_bytes + op.act_write_bytes) for op in ops]
         self._fn = compile_exprs(pool, [B, S, T])
+
+    def _recomputed_inside(self, op):
+        """What selective recomputation does not keep of an op: an attention core's writes
+        but its output (gemm (B*H, S, T, d_head): B*H*S rows of d_v values), i.e. the explicit
+        path's scores and probabilities (a fused kernel writes only its output)."""
+        if op.kind != "attention" or op.gemm is None:
+            return 0
+        d_v = self.spec.mla.d_v if self.spec.mla is not None else self.spec.d_head
+        return op.act_write_bytes - op.gemm[0] * op.gemm[1] * d_v * self.spec.dtype_bytes
 
     @staticmethod
     def _block_input_candidates(ops, layer: int) -> list:
@@ -255,7 +278,7 @@ def _int(v):
 
 
 def memory(spec, *, phase: str = "train", batch: int = 1, seq: int = 1024, context: Optional[int] = None,
-           hw=None, recompute: bool = False, optimizer: str = "adam", grad_bytes: Optional[int] = None,
+           hw=None, recompute: bool | str = False, optimizer: str = "adam", grad_bytes: Optional[int] = None,
            master_weights: Optional[bool] = None, encoder_seq: Optional[int] = None) -> MemoryResult:
     """Memory of one step of `phase` (see the module docstring); with `hw`,
     whether it fits and the largest batch and context that do (`encoder_seq`: an

@@ -150,3 +150,19 @@ def test_conditional_kv_cache_follows_the_family_ops():
     mod = memory("decoder-220m-mod", phase="decode", batch=8, context=2048)
     assert 0 < mod.kv_cache_bytes <= dense.kv_cache_bytes
     assert mod.weights_bytes == pytest.approx(dense.weights_bytes, rel=1e-3)
+
+
+def test_selective_recomputation_drops_the_attention_scores():
+    """Korthikanti et al. 2022: selective recomputation keeps no attention scores. Explicit
+    attention writes scores and probabilities, 2 * B * H * S * S values a layer (bf16), which
+    selective recomputation does not keep; a fused kernel writes none, so it changes nothing."""
+    fused = load_model("gpt2-small")  # 12 layers, 12 heads, bf16, fused attention
+    explicit = fused.with_changes(attention_impl="explicit")
+    b, s = 2, 128
+
+    def act(spec, rc):
+        return memory(spec, phase="train", batch=b, seq=s, recompute=rc).activations_bytes
+
+    assert act(explicit, "none") - act(explicit, "selective") == 12 * 2 * b * 12 * s * s * 2
+    assert act(explicit, "selective") == act(fused, "none") == act(fused, "selective")
+    assert act(explicit, "full") < act(explicit, "selective")

@@ -135,15 +135,15 @@ class _Costing:
 
         self.spec, self.hw, self.cal, self.links, self.seq = spec, hw, cal, links, seq
         self.dp_overlap, self.tp_overlap, self.optimizer = dp_overlap, tp_overlap, optimizer
-        self._memory = {rc: MemoryModel(spec, "train", recompute=rc, optimizer=optimizer) for rc in (False, True)}
-        self.bpp = self._memory[False].bytes_per_param
+        self._memory = {rc: MemoryModel(spec, "train", recompute=rc, optimizer=optimizer) for rc in RECOMPUTE}
+        self.bpp = self._memory["none"].bytes_per_param
         self.model = ShardedModel(spec, hw, cal, links, optimizer=optimizer, bytes_per_param=self.bpp)
         self.params, self.params_expert = _param_split(spec)
         self._flops: dict = {}
         self._routing: dict = {}
 
-    def activations(self, micro_batch: int, full: bool) -> float:
-        return self._memory[full].evaluate(micro_batch, self.seq, self.seq)["activations_bytes"]
+    def activations(self, micro_batch: int, recompute: str) -> float:
+        return self._memory[recompute].evaluate(micro_batch, self.seq, self.seq)["activations_bytes"]
 
     def flops(self, micro_batch: int) -> float:
         from flopsim.count import count
@@ -160,9 +160,8 @@ class _Costing:
 
         c = dict(layout, seq=self.seq, global_batch=global_batch,
                  microbatches=global_batch // (layout["dp"] * layout["micro_batch"]), recompute_mode=layout["recompute"])
-        full = layout["recompute"] == "full"
         mem = _train_memory(self.params - self.params_expert, self.params_expert, self.bpp,
-                            self.activations(layout["micro_batch"], full), tp=c["tp"], pp=c["pp"], dp=c["dp"],
+                            self.activations(layout["micro_batch"], layout["recompute"]), tp=c["tp"], pp=c["pp"], dp=c["dp"],
                             ep=c["ep"], zero=c["zero"], microbatches=c["microbatches"])
         row = {**layout, "global_batch": global_batch, "microbatches": c["microbatches"],
                "memory_gb": mem["total_bytes"] / 1e9, "fits": mem["total_bytes"] <= self.hw.memory_capacity_bytes}

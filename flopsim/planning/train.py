@@ -36,11 +36,10 @@ Training (`plan_training`), dp * tp * pp = GPUs, the global batch split into
   P = dense parameters / (tp * pp) + expert parameters / (tp * pp * ep);
   ZeRO shards the optimizer state (stage >= 1), the gradients (>= 2) and the
   weights (3) over the data-parallel group. Activations: flopsim.memory's
-  train activations of one micro-batch (with or without recomputation) / tp
+  train activations of one micro-batch (none, selective or full recomputation) / tp
   (sequence parallel) * min(pp, microbatches) / pp (1F1B: the first stage
   holds min(pp, microbatches) micro-batches of its 1/pp of the layers).
-  Selective recomputation's memory is taken as without recomputation (an
-  upper bound). Not counted: framework and allocator overhead, communication
+  Not counted: framework and allocator overhead, communication
   buffers, ZeRO-3's gathered-parameter buffers, fp32 gradient-accumulation
   buffers, the interleaved schedule's extra micro-batches in flight.
 
@@ -439,7 +438,8 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
 
     bar = _Progress(progress, f"costing {spec.name} train step", total=3)
     try:
-        mem = memory(spec, phase="train", batch=micro_batch, seq=seq, recompute=full_recompute, optimizer=optimizer)
+        mem = memory(spec, phase="train", batch=micro_batch, seq=seq, recompute=c["recompute_mode"],
+                     optimizer=optimizer)
         params, params_expert = _param_split(spec)
         c.update(routing_figures(spec, c))
         bar.advance("stages")
