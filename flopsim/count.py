@@ -323,7 +323,7 @@ def count(spec, *, batch: int = 1, seq: int = 1, phase: str = "forward",
     spec = load_model(spec)
     numbers = token_numbers(spec, phase, batch, seq, context, encoder_seq)
     if layout is not None and not layout.trivial:
-        from flopsim.parallel import shard
+        from flopsim.parallel.shard import shard
 
         ops = shard(build_ops(spec, phase), spec, phase, layout)
         costs = evaluate_ops(ops, token_values(spec, phase, batch, seq, context, encoder_seq))

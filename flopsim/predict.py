@@ -171,7 +171,7 @@ def predict(spec, hw, *, phase: str = "forward", batch: int = 1, seq: int = 1024
     numbers = token_numbers(spec, phase, batch, seq, context, encoder_seq)
     if layout is not None and not layout.trivial:
         from flopsim.count import evaluate_ops, token_values
-        from flopsim.parallel import shard
+        from flopsim.parallel.shard import shard
 
         ops = shard(phase_ops(spec, phase, optimizer=optimizer), spec, phase, layout)
         costs = evaluate_ops(ops, token_values(spec, phase, batch, seq, context, encoder_seq))

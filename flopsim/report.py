@@ -390,7 +390,7 @@ class Report:
         degrees (dp, zero, recompute) apply to train, context parallelism not to decode."""
         if not self.parallel:
             return None
-        from flopsim.parallel import make_layout
+        from flopsim.parallel.layout import make_layout
 
         keep = {k: v for k, v in self.parallel.items()
                 if phase == "train" or k not in ("dp", "zero", "recompute") and not (k == "cp" and phase == "decode")}

@@ -13,7 +13,7 @@ import flopsim
 from flopsim.collectives import collective_s
 from flopsim.count import count
 from flopsim.errors import InputError
-from flopsim.parallel import make_layout
+from flopsim.parallel.layout import make_layout
 from flopsim.parallel.shard import stage_of_layers
 from flopsim.roofline import collective_time
 

@@ -15,7 +15,7 @@ from conftest import run_cli as run
 import flopsim
 from flopsim.errors import InputError
 from flopsim.collectives import collective_s
-from flopsim.parallel import make_layout
+from flopsim.parallel.layout import make_layout
 from flopsim.planning import bubble_fraction, largest_true, parse_duration, parse_quantity, plan_serving, plan_training
 
 H100 = "h100-sxm"

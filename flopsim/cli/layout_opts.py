@@ -22,11 +22,11 @@ def layout_from_options(spec, phase: str, *, tp: int, pp: int, dp: int, ep: int,
                         sequence_parallel: Optional[bool], stage: Optional[int], gpus_per_node: Optional[int],
                         hardware=None):
     """A flopsim.parallel.Layout from the options, or None for one GPU with nothing to shard."""
-    from flopsim.parallel import make_layout
-    from flopsim.spec import load_model
-
     if (tp, pp, dp, ep, cp, zero, recompute, stage) == (1, 1, 1, 1, 1, 0, "none", None):
         return None
+    from flopsim.parallel.layout import make_layout
+    from flopsim.spec import load_model
+
     if gpus_per_node is None and hardware is not None:
         from flopsim.hardware import load_hardware
 

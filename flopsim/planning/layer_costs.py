@@ -107,8 +107,8 @@ class ShardedModel:
 
     def _sharded(self, tp: int, cp: int, ep: int) -> list:
         """The sharded list of a tp x cp x ep layout, the expert load left a symbol."""
-        from flopsim.parallel import make_layout, shard
-        from flopsim.parallel.shard import EXPERT_LOAD
+        from flopsim.parallel.layout import make_layout
+        from flopsim.parallel.shard import EXPERT_LOAD, shard
 
         key = (tp, cp, ep)
         if key not in self._shards:

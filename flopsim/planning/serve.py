@@ -113,7 +113,7 @@ def serve_layout(spec, phase: str, tp: int, links):
     all-reduce: no sequence parallelism), or None for one GPU."""
     if tp <= 1:
         return None
-    from flopsim.parallel import make_layout
+    from flopsim.parallel.layout import make_layout
 
     return make_layout(spec, phase, tp=tp, gpus_per_node=links.gpus_per_node, sequence_parallel=False)
 

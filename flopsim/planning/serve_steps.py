@@ -120,7 +120,7 @@ class StepCoster:
         """{op name: weight bytes} of one GPU's decode list of `tokens` sequences (weights only)."""
         from flopsim.count import evaluate, token_values
         from flopsim.families import build_ops
-        from flopsim.parallel import shard
+        from flopsim.parallel.shard import shard
         from flopsim.planning.serve import serve_layout
 
         key = ("weights", tokens, context, tp)

@@ -331,7 +331,7 @@ def _train_totals(flops_microbatch, spec, hw, c: dict, tokens: float, step_s: fl
 def _stage_list(model, c: dict) -> list:
     """Each stage worth costing (flopsim.planning.train_step.stages_to_cost), from the
     per-layer costs of the sharded op list (flopsim.planning.layer_costs)."""
-    from flopsim.parallel import make_layout
+    from flopsim.parallel.layout import make_layout
     from flopsim.planning.train_step import stages_to_cost
 
     out = []
