@@ -45,6 +45,11 @@ Conventions:
   each once): the calibration measures matrix products and decode attention
   with them cold, so their memory efficiency is that of cold reads.
 - Intensity is all_flops / bytes (FLOP per byte; inf for an op with no bytes).
+- A collective (kind `collective`, added by flopsim.parallel.shard) has no
+  FLOPs and no memory bytes: `collective_time` prices its message
+  (`comm_bytes`) with flopsim.collectives on its link level (latency and ring
+  steps once per expected launch, the bytes over the bus bandwidth), bound
+  "comm", its time in `comm_s`.
 """
 
 from __future__ import annotations
