@@ -173,7 +173,7 @@ def collective_time(op, hw, calibration, links=None) -> OpTime:
     from flopsim.errors import InputError
 
     level = op.tags.get("level", "scale_up")
-    link = (links or {}).get(level) or calibration.link(level, hw)
+    link = (links or {}).get(level) or (calibration.link(level, hw) if calibration is not None else None)
     if link is None:
         raise InputError(f"{op.name}: {hw.name} has no {level.replace('_', '-')} link figure (hardware "
                          f"interconnect_bytes_per_s / scale_out_bytes_per_s, or the calibration's links)")

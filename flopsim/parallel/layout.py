@@ -40,6 +40,12 @@ RECOMPUTE = ("none", "selective", "full")
 MAX_DEGREE = 2 ** 20
 
 
+def within_node(span: int, gpus_per_node: int) -> bool:
+    """Whether a group of `span` consecutive ranks stays within one node (and a whole number
+    of such groups fills a node): it then uses the scale-up link."""
+    return span <= gpus_per_node and gpus_per_node % span == 0
+
+
 def _degree(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_DEGREE:
         raise bad_value(name, value, f"must be a positive integer (at most {MAX_DEGREE:,})")
@@ -90,7 +96,7 @@ class Layout:
                 "edp": (dp * cp // ep, tp * cp * dp), "pp": (2 if pp > 1 else 1, tp * cp * dp * pp)}[name]
 
     def inside_node(self, span: int) -> bool:
-        return span <= self.gpus_per_node and self.gpus_per_node % span == 0
+        return within_node(span, self.gpus_per_node)
 
     def level(self, name: str) -> str:
         """'scale_up' or 'scale_out': the link level group `name` uses."""

@@ -230,41 +230,34 @@ def _layer_forward(ops: list, spec, layout, region: set, placed: _Placed) -> lis
     """One layer's forward ops (already split) with its tp, ep and cp collectives; `ops` are
     (original, split) pairs: the collectives' bytes come from the original (whole) op."""
     tp, ts, cp = layout.tp, layout.token_split, layout.cp
+    reduce = "reduce_scatter" if layout.sequence_parallel else "all_reduce"
+    last_expert = max((j for j, (o, _) in enumerate(ops) if ".moe.experts." in o.name), default=None)
     out: list = []
-    gathered = False
+    gathered, routed = False, None
+
+    def add(op, where, suffix, kind, nbytes, group, kernels=None):
+        placed.add(out, op, where, collective(f"{op.name}.{suffix}", kind, nbytes, layer=op.layer, group=group,
+                                              layout=layout, kernels=op.kernels if kernels is None else kernels))
+
     for k, (orig, op) in enumerate(ops):
         local = local_name(op.name)
         split_input = op.name in region or (local in LATENT and spec.mla is not None)
         if tp > 1 and layout.sequence_parallel and not gathered and split_input and k > 0:
-            placed.add(out, op, "before", collective(f"{op.name}.tp_gather", "all_gather",
-                                                     _sublayer_bytes(ops, k) / cp, layer=op.layer, group="tp",
-                                                     layout=layout, kernels=op.kernels))
+            add(op, "before", "tp_gather", "all_gather", _sublayer_bytes(ops, k) / cp, "tp")
             gathered = True
         if cp > 1 and op.kind == "attention" and not local.startswith("cross."):
-            placed.add(out, op, "before", collective(f"{op.name}.cp_gather", "all_gather",
-                                                     _kv_bytes(orig, spec) / min(tp, spec.kv_heads), layer=op.layer,
-                                                     group="cp", layout=layout, kernels=op.kernels))
+            add(op, "before", "cp_gather", "all_gather", _kv_bytes(orig, spec) / min(tp, spec.kv_heads), "cp")
         if tp > 1 and RESIDUAL.search(op.name):
-            reduce = "reduce_scatter" if layout.sequence_parallel else "all_reduce"
-            placed.add(out, op, "before", collective(f"{op.name}.tp_reduce", reduce, orig.act_write_bytes / cp,
-                                                     layer=op.layer, group="tp", layout=layout, kernels=op.kernels))
+            add(op, "before", "tp_reduce", reduce, orig.act_write_bytes / cp, "tp")
             gathered = False
         out.append(op)
         if tp > 1 and op.kind == "embedding" and local.endswith("embed.tokens"):
-            reduce = "reduce_scatter" if layout.sequence_parallel else "all_reduce"
-            placed.add(out, op, "after", collective(f"{op.name}.tp_reduce", reduce, orig.act_write_bytes / cp,
-                                                    layer=op.layer, group="tp", layout=layout))
+            add(op, "after", "tp_reduce", reduce, orig.act_write_bytes / cp, "tp", kernels=1)
         if layout.ep > 1 and local.endswith("moe.dispatch"):
             routed = orig.act_write_bytes / (ts * cp) * _load(layout)
-            placed.add(out, op, "after", collective(f"{op.name}.ep_dispatch", "all_to_all", routed, layer=op.layer,
-                                                    group="ep", layout=layout, kernels=op.kernels))
-            last = max(j for j, (o, _) in enumerate(ops) if ".moe.experts." in o.name)
-            ops[last] = (ops[last][0], replace(ops[last][1], tags={**ops[last][1].tags, "_combine": routed}))
-        if layout.ep > 1 and "_combine" in op.tags:
-            routed = op.tags["_combine"]
-            out[-1] = replace(op, tags={k: v for k, v in op.tags.items() if k != "_combine"})
-            placed.add(out, op, "after", collective(f"{op.name}.ep_combine", "all_to_all", routed, layer=op.layer,
-                                                    group="ep", layout=layout, kernels=op.kernels))
+            add(op, "after", "ep_dispatch", "all_to_all", routed, "ep")
+        if layout.ep > 1 and k == last_expert and routed is not None:
+            add(op, "after", "ep_combine", "all_to_all", routed, "ep")
     return out
 
 

@@ -1,5 +1,5 @@
-"""Link levels of a parallel layout: which level (scale-up or scale-out) a group of
-ranks uses and what a collective on it costs.
+"""Link levels of a plan: the two levels' figures (user overrides, else the
+calibration's, else the datasheet's) and where a group of ranks sits.
 
 Links: two levels, each with a latency and a bus bandwidth
 (flopsim.calibration.LinkLevel; nccl-tests' busbw, one way):
@@ -13,17 +13,14 @@ Links: two levels, each with a latency and a bus bandwidth
   `links.scale_out`, else the hardware's `scale_out_bytes_per_s` halved;
   `inter_node_bytes_per_s=` (two-way) overrides it;
 - nodes of `gpus_per_node` GPUs (default: the hardware's `scale_up_domain`).
-  Ranks are laid out Megatron-style, tp fastest, then dp (with ep inside
-  dp), then pp: a group whose ranks span at most one node (tp: tp ranks;
-  ep: tp * ep; dp: tp * dp; pp: tp * dp * pp) uses the intra-node level,
-  any other group the inter-node one (its slowest link);
+  Ranks are laid out Megatron-style (flopsim.parallel.layout): a group whose
+  ranks span at most one node uses the intra-node level, any other group the
+  inter-node one (its slowest link);
 - `comm_latency_s=` overrides both levels' latency.
 
-Collectives (flopsim.collectives: latency + factor * nbytes / bus bandwidth;
-n ranks, `nbytes` the data one rank holds): all-reduce 2 (n - 1) / n,
-reduce-scatter and all-gather (n - 1) / n of the whole buffer, all-to-all
-(n - 1) / n, point-to-point 1. Small messages (decode's all-reduces of
-batch * d_model values) are latency-bound.
+Which level a group uses is flopsim.parallel.layout's rule (`within_node`); a
+collective op is priced on its level by flopsim.roofline.collective_time with
+flopsim.collectives' formula (`Links.by_level` hands it these figures).
 """
 
 from __future__ import annotations
@@ -31,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from flopsim.collectives import collective_s
+from flopsim.parallel.layout import within_node
 from flopsim.errors import InputError, bad_value
 from flopsim.planning.common import DEFAULT_GPUS_PER_NODE, _non_negative, _positive, _positive_int
 
@@ -53,23 +50,7 @@ class Links:
 
     def inside(self, span: int) -> bool:
         """Whether a group whose ranks span `span` consecutive ranks stays within one node."""
-        return span <= self.gpus_per_node and self.gpus_per_node % span == 0
-
-    def level(self, span: int):
-        if self.inside(span):
-            return self.scale_up
-        if self.scale_out is None:
-            raise InputError(f"a group spanning {span} GPUs crosses nodes of {self.gpus_per_node}, and neither the "
-                             "hardware spec (scale_out_bytes_per_s) nor the calibration (links.scale_out) gives a "
-                             "network figure; give --inter-node")
-        return self.scale_out
-
-    def collective_s(self, op: str, nbytes: float, ranks: int, span: int) -> float:
-        """`op` on `nbytes` over `ranks` ranks spanning `span` consecutive ranks (flopsim.collectives)."""
-        if ranks <= 1:
-            return 0.0
-        link = self.level(span)
-        return collective_s(op, nbytes, ranks, link.bus_bytes_per_s, link.latency_s, link.hop_latency_s)
+        return within_node(span, self.gpus_per_node)
 
     def where(self, span: int, size: int = 2) -> str:
         """'intra-node' or 'inter-node' for a group of `size` ranks spanning `span` ('-' for one rank)."""

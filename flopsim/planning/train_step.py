@@ -29,7 +29,6 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from flopsim.collectives import factor
 from flopsim.parallel.shard import stage_of_layers
 
 GROUPS = ("tp", "cp", "ep", "pp")
@@ -49,35 +48,10 @@ class StageTimes:
     comm_one: dict = field(default_factory=dict)  # group -> (message bytes, seconds) of its first collective
     dp: dict = field(default_factory=lambda: defaultdict(float))  # (per, window) -> seconds
     dp_bytes: dict = field(default_factory=lambda: defaultdict(float))  # per -> bytes sent
-    ops: list = field(default_factory=list)
 
     @property
     def compute_s(self) -> float:
         return self.fwd_s + self.bwd_s + self.recompute_s
-
-
-def stage_times(times: list, stage: int) -> StageTimes:
-    """Sum a stage's timed ops by role (see the module docstring)."""
-    out = StageTimes(stage=stage, ops=times)
-    for t in times:
-        if t.kind == "collective":
-            group = t.tags["group"]
-            if group in GROUPS:
-                out.comm_s[group] += t.time_s
-                out.comm_count[group] += 1
-                out.comm_one.setdefault(group, (t.comm_bytes, t.time_s))
-            else:
-                out.dp[(t.tags["per"], t.tags["window"])] += t.time_s
-                out.dp_bytes[t.tags["per"]] += factor(t.variant, int(t.tags["ranks"])) * t.comm_bytes
-        elif t.kind == "optimizer":
-            out.optimizer_s += t.time_s
-        elif t.name.endswith(".recompute"):
-            out.recompute_s += t.time_s
-        elif t.pass_ == "fwd":
-            out.fwd_s += t.time_s
-        else:
-            out.bwd_s += t.time_s
-    return out
 
 
 def stages_to_cost(blocks: int, pp: int, virtual_stages: int = 1) -> list[int]:
