@@ -101,8 +101,9 @@ def _checked_choices(micro_batches, zero, recompute) -> tuple:
     for r in recompute:
         if r not in RECOMPUTE:
             raise bad_value("recompute", r, "expected none, selective or full")
-    if not mbs or not zero or not recompute:
-        raise bad_value("search", "", "give at least one micro-batch, ZeRO stage and recomputation choice")
+    for name, chosen in (("micro_batches", mbs), ("zero", zero), ("recompute", recompute)):
+        if not chosen:
+            raise bad_value(name, "", "give at least one choice to search")
     return mbs, list(zero), list(recompute)
 
 
