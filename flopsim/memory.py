@@ -63,6 +63,18 @@ COMPONENTS = ("weights_bytes", "gradients_bytes", "optimizer_bytes", "activation
 CHECKPOINT_KINDS = ("norm", "router")
 
 
+RECOMPUTE_MODES = ("none", "selective", "full")
+
+
+def recompute_mode(recompute: bool | str) -> str:
+    """'none' | 'selective' | 'full', from that string or a boolean (True: full)."""
+    if isinstance(recompute, bool):
+        return "full" if recompute else "none"
+    if recompute not in RECOMPUTE_MODES:
+        raise InputError(f"recompute: {recompute!r}: expected none, selective or full")
+    return recompute
+
+
 class MemoryModel:
     """Memory of one spec, phase and set of options as functions of B, S, T."""
 
@@ -76,10 +88,7 @@ class MemoryModel:
         from flopsim.ops.optimizer import state_bytes_per_param
         from flopsim.ops.symbols import B, S, S_enc, T
 
-        if isinstance(recompute, str):
-            if recompute not in ("none", "selective", "full"):
-                raise InputError(f"recompute: {recompute!r}: expected none, selective or full")
-            recompute = {"none": False, "full": True}.get(recompute, recompute)
+        recompute = {"none": False, "full": True}.get(recompute_mode(recompute), "selective")
         self.spec, self.phase, self.recompute, self.optimizer = spec, phase, recompute, optimizer
         ops = build_ops(spec, phase)
         same = {T: S} if phase in ("forward", "train") else {}
@@ -220,7 +229,7 @@ class MemoryResult:
     batch: int
     seq: int
     context: int
-    recompute: bool
+    recompute: str  # none | selective | full
     optimizer: str
     params: int
     bytes_per_param: dict
@@ -290,6 +299,7 @@ def memory(spec, *, phase: str = "train", batch: int = 1, seq: int = 1024, conte
     from flopsim.spec import load_model
 
     spec = load_model(spec)
+    recompute = recompute_mode(recompute)
     get_optimizer(optimizer)
     if grad_bytes is not None and grad_bytes not in (1, 2, 4):
         raise InputError(f"grad_bytes: {grad_bytes!r}: expected 1, 2 or 4")
@@ -301,7 +311,7 @@ def memory(spec, *, phase: str = "train", batch: int = 1, seq: int = 1024, conte
                           recompute=recompute, optimizer=optimizer, params=model.params,
                           bytes_per_param=model.bytes_per_param, components=components,
                           encoder_seq=values.get(S_enc))
-    if recompute and phase != "train":
+    if recompute != "none" and phase != "train":
         result.notes.append("recompute only changes the train phase")
     if hw is not None:
         hw = load_hardware(hw)

@@ -162,7 +162,7 @@ def predict(spec, hw, *, phase: str = "forward", batch: int = 1, seq: int = 1024
     from flopsim import opcache
     from flopsim.count import token_numbers
     from flopsim.hardware import load_hardware
-    from flopsim.roofline import in_sequence, op_time
+    from flopsim.roofline import in_sequence, op_times
     from flopsim.spec import load_model
 
     spec = load_model(spec)
@@ -178,7 +178,7 @@ def predict(spec, hw, *, phase: str = "forward", batch: int = 1, seq: int = 1024
     else:
         costs = opcache.costs(spec, phase, numbers, lambda: phase_ops(spec, phase, optimizer=optimizer),
                               options=f"optimizer={optimizer}")
-    times = in_sequence([op_time(op, hw, spec.compute_dtype, cal, links) for op in costs])
+    times = in_sequence(op_times(costs, hw, spec.compute_dtype, cal, links))
     return PredictResult(spec=spec, hw=hw, phase=phase, batch=batch, seq=seq, context=numbers["T"],
                          calibration=cal, optimizer=optimizer, ops=times, encoder_seq=numbers.get("S_enc"),
                          layout=layout)

@@ -54,6 +54,7 @@ Conventions:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
@@ -189,19 +190,21 @@ def collective_time(op, hw, calibration, links=None) -> OpTime:
                   tags=dict(op.tags))
 
 
-def op_time(op, hw, dtype: str, calibration=None, links=None) -> OpTime:
+def op_time(op, hw, dtype: str, calibration=None, links=None, efficiency=None) -> OpTime:
     """The roofline of one evaluated op (a flopsim.count.OpCost); a collective's time
-    comes from its link level (`collective_time`)."""
+    comes from its link level (`collective_time`). `efficiency`: the calibration's
+    lookup (`op_times` passes a memoized one)."""
     from flopsim.calibration import Calibration
 
     calibration = calibration or Calibration.ideal(hw.name)
+    efficiency = efficiency or calibration.efficiency
     if op.kind == "collective":
         return collective_time(op, hw, calibration, links)
     peak = op_peak_flops_per_s(op.kind, hw, dtype)
     backward = op.pass_ == "bwd"
     kernels = float(getattr(op, "kernels", 1))
-    compute_eff, memory_eff = calibration.efficiency(op.kind, op.gemm, float(op.bytes), op.variant, backward,
-                                                     per_kernel=products_per_kernel(op.gemm, kernels))
+    compute_eff, memory_eff = efficiency(op.kind, op.gemm, float(op.bytes), op.variant, backward,
+                                         products_per_kernel(op.gemm, kernels))
     all_flops, nbytes = op.all_flops, op.bytes
     compute_s, memory_s, time_s = roofline_time(
         float(executed_flops(op)), float(nbytes), peak, hw.memory_bandwidth_bytes_per_s,
@@ -219,6 +222,17 @@ def op_time(op, hw, dtype: str, calibration=None, links=None) -> OpTime:
         bound=bound_of(compute_s, memory_s), kernels=kernels, variant=op.variant, host_s=host_s, device_s=device_s,
         host_sync=bool(getattr(op, "host_sync", False)),
     )
+
+
+def op_times(ops, hw, dtype: str, calibration=None, links=None) -> list:
+    """`op_time` of each of a step's evaluated ops (numbers, not arrays), the calibration's
+    efficiency looked up once per distinct (kind, shape, bytes, variant, pass): a model's
+    blocks repeat the same few shapes, and the lookup interpolates."""
+    from flopsim.calibration import Calibration
+
+    calibration = calibration or Calibration.ideal(hw.name)
+    efficiency = functools.lru_cache(maxsize=None)(calibration.efficiency)
+    return [op_time(op, hw, dtype, calibration, links, efficiency) for op in ops]
 
 
 def in_sequence(times: list) -> list:

@@ -133,3 +133,21 @@ def test_cli_and_core_import_neither_torch_nor_matplotlib():
 def test_help_runs_as_module():
     out = subprocess.run([sys.executable, "-m", "flopsim", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "count" in out.stdout and "formula" in out.stdout
+
+
+def test_main_builds_only_the_command_it_runs(monkeypatch, capsys):
+    """`flopsim.cli.main` hands typer the one command argv names (a start-up saving); the
+    full app where argv names none, so the help and click's suggestions still see them all."""
+    from flopsim.cli import main
+    from flopsim.cli.app import narrowed
+
+    one = narrowed(app, ["count", "gpt2-small"])
+    assert [c.callback.__name__ for c in one.registered_commands] == ["count"] and one.registered_groups == []
+    assert [g.name for g in narrowed(app, ["plan", "train"]).registered_groups] == ["plan"]
+    assert narrowed(app, ["--version"]) is app and narrowed(app, ["cuont"]) is app and narrowed(app, []) is app
+    assert len(app.registered_commands) > 1  # the full app is left as it was
+    monkeypatch.setattr(sys, "argv", ["flopsim", "count", "gpt2-small", "--seq", "1024", "--format", "json"])
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert done.value.code == 0
+    assert json.loads(capsys.readouterr().out)["flops"] == 291_648_307_200

@@ -104,10 +104,26 @@ def test_memory_cli():
     assert {"weights_bytes", "kv_cache_bytes", "activations_bytes", "total_bytes", "fits", "max_batch",
             "max_context"} <= set(data)
     assert data["kv_cache_bytes"] == 2 * 32 * 8 * 128 * 2 * 8192 * 4
-    r = run("memory", "gpt2-small", "--phase", "train", "--batch", 8, "--seq", 1024, "--recompute", "-H", "l4")
-    assert r.exit_code == 0 and "fits" in r.output
+    r = run("memory", "gpt2-small", "--phase", "train", "--batch", 8, "--seq", 1024, "--recompute", "full", "-H", "l4")
+    assert r.exit_code == 0 and "fits" in r.output and "full recomputation" in r.output
     r = run("memory", "gpt2-small", "--format", "csv")
     assert r.stdout.splitlines()[0] == "component,bytes"
+
+
+@pytest.mark.parametrize("mode", ["none", "selective", "full"])
+def test_memory_cli_recompute_modes(mode):
+    """`memory --recompute` takes the three modes `plan` and `count` take; the JSON is the API's."""
+    r = run("memory", "gpt2-small", "--phase", "train", "--batch", 2, "--seq", 256, "--recompute", mode,
+            "--format", "json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    api = flopsim.memory("gpt2-small", phase="train", batch=2, seq=256, recompute=mode)
+    assert data["recompute"] == mode and data["activations_bytes"] == int(api.activations_bytes)
+
+
+def test_memory_cli_recompute_bad_value():
+    r = run("memory", "gpt2-small", "--recompute", "some")
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "recompute: 'some'" in r.output
 
 
 # -- sweep --------------------------------------------------------------------------------

@@ -211,3 +211,12 @@ def test_time_is_non_negative_and_monotone_in_batch(spec, phase, b, s, db, hw):
     assert base.time_s > 0
     assert more.time_s >= base.time_s
     assert 0 <= base.mfu <= 1.5
+
+
+def test_op_times_memoized_lookup_equals_op_time():
+    """`op_times` looks each distinct shape's efficiency up once; every OpTime is op_time's."""
+    from flopsim.roofline import op_time, op_times
+
+    hw, cal = load_hardware("h100-sxm"), load_calibration("h100-sxm")
+    ops = count("llama-3-8b", phase="decode", batch=2, context=512).ops
+    assert op_times(ops, hw, "bf16", cal) == [op_time(op, hw, "bf16", cal) for op in ops]

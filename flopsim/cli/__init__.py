@@ -6,8 +6,10 @@ Each module in COMMAND_MODULES registers its commands on `app`.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 
-from flopsim.cli.app import app
+from flopsim.cli.app import app, narrowed
 
 COMMAND_MODULES = [
     "flopsim.cli.cost",  # count, formula
@@ -27,5 +29,8 @@ for _module in COMMAND_MODULES:
 def main() -> None:
     from flopsim import opcache
 
+    # flopsim's schemas need no pydantic plugin; looking plugins up scans every installed
+    # package's entry points when the first schema is built (~15 ms of each command).
+    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     opcache.allow()  # count, predict, ... read repeated op lists from the cache (flopsim.opcache)
-    app()
+    narrowed(app, sys.argv[1:])()

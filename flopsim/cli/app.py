@@ -8,9 +8,11 @@ register on `app` and import heavy modules inside their functions so that
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import typer
+import typer.main
 from typer.core import TyperGroup
 
 try:  # typer >= 0.20 vendors click
@@ -57,6 +59,23 @@ class OneLineErrors(TyperGroup):
         if standalone_mode:
             sys.exit(code)
         return code
+
+
+def narrowed(full: typer.Typer, argv: list) -> typer.Typer:
+    """`full` with only the command that `argv` names (its first word), so that a run
+    builds one command's parameters rather than every command's; `full` itself where
+    argv names none of them (no command, an option first, a typo: the help and click's
+    "No such command" need them all)."""
+    if not argv or argv[0].startswith("-"):
+        return full
+    commands = [c for c in full.registered_commands
+                if (c.name or typer.main.get_command_name(c.callback.__name__)) == argv[0]]
+    groups = [g for g in full.registered_groups if g.name == argv[0]]
+    if not commands and not groups:
+        return full
+    one = copy.copy(full)
+    one.registered_commands, one.registered_groups = commands, groups
+    return one
 
 
 app = typer.Typer(

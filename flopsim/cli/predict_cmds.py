@@ -132,7 +132,7 @@ def memory(
     seq: int = SeqOpt,
     context: Optional[int] = ContextOpt,
     hardware: Optional[str] = typer.Option(None, "--hardware", "-H", help="Device: report whether it fits, and the largest batch and context that do."),
-    recompute: bool = typer.Option(False, "--recompute", help="Train: full activation recomputation (a checkpoint per block)."),
+    recompute: str = RecomputeOpt,
     optimizer: str = OptimizerOpt,
     grad_bytes: Optional[int] = typer.Option(None, "--grad-bytes", help="Bytes per gradient value (default: the model dtype's)."),
     master_weights: Optional[bool] = typer.Option(None, "--master-weights/--no-master-weights", help="Keep an fp32 master copy (default: when the dtype is below fp32)."),
@@ -153,7 +153,7 @@ def memory(
     d = r.to_dict()
     out.print(f"[bold]{r.spec.name}[/] ({r.spec.family}) {r.phase}: B={r.batch} S={1 if r.phase == 'decode' else r.seq} "
               f"T={r.context}" + (f" S_enc={r.encoder_seq}" if r.encoder_seq else "")
-              + f", {r.spec.precision_label}" + (", full recomputation" if r.recompute else "")
+              + f", {r.spec.precision_label}" + ("" if r.recompute == "none" else f", {r.recompute} recomputation")
               + (f", optimizer {r.optimizer}" if r.phase == "train" else ""))
     bpp = r.bytes_per_param
     out.print(f"  parameters {r.params:,}; bytes per parameter: weights {bpp['weights']}, gradients {bpp['gradients']}, "
