@@ -12,7 +12,7 @@ from conftest import run_cli as run
 import flopsim
 from flopsim.collectives import collective_s
 from flopsim.count import count
-from flopsim.errors import InputError
+from flopsim.errors import InputError, SpecError
 from flopsim.parallel.layout import make_layout
 from flopsim.parallel.shard import stage_of_layers
 from flopsim.roofline import collective_time
@@ -78,6 +78,32 @@ def test_gqa_beyond_kv_heads_replicates_the_kv_cache():
     one = count(spec, batch=1, seq=1, context=1024, phase="decode", layout=_layout(spec, "decode", tp=16))
     kv = lambda r: sum(o.kv_read_bytes + o.kv_write_bytes for o in r.ops)  # noqa: E731
     assert kv(one) == pytest.approx(kv(base) / min(16, spec.kv_heads))
+
+
+def test_a_kernel_loading_the_cache_per_query_head():
+    """`kv_cache_reads: per_query_head` (a thread block per query head: TensorRT-LLM's masked
+    MHA before XQA): a decode step's attention loads each KV head heads / kv_heads times;
+    the cache's append, prefill and MHA models are unchanged; under tp each GPU loads
+    its own query heads' share (/ tp, not / min(tp, kv_heads))."""
+    spec = flopsim.load_model("llama-3.1-70b")  # 64 heads, 8 KV heads, 80 blocks, d_head 128
+    per_query = spec.with_changes(kv_cache_reads="per_query_head")
+    T = 1024
+    reads = lambda r: sum(o.kv_read_bytes for o in r.ops if o.kind == "attention")  # noqa: E731
+    base = count(spec, batch=B, context=T, phase="decode")
+    assert reads(base) == 80 * B * T * 8 * (128 + 128) * W  # layers x B x T x kv heads x (K + V) x bytes
+    group = count(per_query, batch=B, context=T, phase="decode")
+    assert reads(group) == 80 * B * T * 64 * (128 + 128) * W  # a load per query head
+    writes = lambda r: sum(o.kv_write_bytes for o in r.ops)  # noqa: E731
+    assert writes(group) == writes(base)
+    assert count(per_query, batch=B, seq=S, phase="prefill").bytes == count(spec, batch=B, seq=S,
+                                                                              phase="prefill").bytes
+    mha = flopsim.load_model("llama-2-7b")
+    assert count(mha.with_changes(kv_cache_reads="per_query_head"), batch=B, context=T, phase="decode").bytes \
+        == count(mha, batch=B, context=T, phase="decode").bytes
+    tp16 = count(per_query, batch=B, context=T, phase="decode", layout=_layout(per_query, "decode", tp=16))
+    assert reads(tp16) == pytest.approx(reads(group) / 16)  # 4 local query heads each load their KV head
+    with pytest.raises(SpecError, match="kv_cache_reads: per_query_head"):
+        flopsim.load_model("deepseek-v2-lite").with_changes(kv_cache_reads="per_query_head")
 
 
 def test_expert_parallel_all_to_alls_and_expert_shards():

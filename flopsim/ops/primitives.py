@@ -194,6 +194,14 @@ def linear(ctx: Ctx, name: str, *, layer: int, tokens, d_in, d_out, bias: bool,
     return _with_backward(ctx, fwd, bwd)
 
 
+def _cache_reads(ctx: Ctx, heads, kv_heads):
+    """Loads of each cached key/value head by a decode step's attention (`kv_cache_reads`):
+    1, or one per query head of its group (a thread block per query head)."""
+    if ctx.phase == "decode" and ctx.spec.kv_cache_reads == "per_query_head":
+        return sp.Integer(heads) / kv_heads
+    return 1
+
+
 def attention(ctx: Ctx, name: str, *, layer: int, batch, queries, keys, heads, kv_heads,
               d_head, causal: bool, kv_from_cache: bool, module: str,
               tags: dict | None = None, window=None, d_v=None, kv_width=None, softcap: bool = False,
@@ -242,7 +250,7 @@ def attention(ctx: Ctx, name: str, *, layer: int, batch, queries, keys, heads, k
         weight_bytes=heads * w if sinks else 0,
         params=heads if sinks else 0,
         act_read_bytes=q_bytes + (0 if kv_from_cache else kv_bytes) + materialised / 2,
-        kv_read_bytes=kv_bytes / w * ctx.w_kv if kv_from_cache else 0,  # the cache's precision
+        kv_read_bytes=kv_bytes / w * ctx.w_kv * _cache_reads(ctx, heads, kv_heads) if kv_from_cache else 0,
         act_write_bytes=o_bytes + materialised / 2,
         gemm=(batch * heads, queries, keys, d_head),
         tags=tags or {},

@@ -12,7 +12,8 @@ product up to its row-parallel one work on tp-split tensors:
   everything / tp, the product's n / tp; row-parallel (attention out, down):
   everything / tp, k / tp; the attention core: / tp over heads, its KV-cache
   bytes / min(tp, kv_heads) (GQA replicates a KV head on tp / kv_heads
-  ranks; a latent MLA cache is whole on every rank); the ops between them
+  ranks; a latent MLA cache is whole on every rank; a kernel loading the cache
+  once per query head, `kv_cache_reads: per_query_head`, / tp); the ops between them
   (activation, RoPE, per-head norms, the vocabulary-parallel loss): / tp;
 - token-wise ops outside (norms, residual adds, routers, embeddings): FLOPs,
   activation and KV bytes / tp', their weights whole (replicated), except the
@@ -189,7 +190,9 @@ def split_op(op: Op, spec, layout, in_region: bool) -> Op:
         return _divided(op, tp * cp, tp, kv=tp * cp, gemm=gemm)
     if op.kind in ("attention", "conv") or (op.kind == "kv_cache"):
         gemm = _gemm(_gemm(op.gemm, 0, tp), 1, cp)
-        return _divided(op, tp * cp, tp, kv=kv_split * cp, gemm=gemm)
+        # a kernel loading the cache once per query head loads it once per local query head
+        per_query = op.kind == "attention" and spec.kv_cache_reads == "per_query_head"
+        return _divided(op, tp * cp, tp, kv=(tp if per_query else kv_split) * cp, gemm=gemm)
     if in_region:
         return _divided(op, tp * cp, 1, gemm=_gemm(_gemm(op.gemm, 1, tp), 1, cp))
     weights = tp if op.kind == "embedding" and local.endswith("embed.tokens") else 1

@@ -19,6 +19,12 @@ meaning):
 - `attention_impl`: `fused` (one scaled-dot-product-attention kernel; its
   backward recomputes the scores, 5 batched products) or `explicit` (two
   batched products and a softmax; backward 4 products).
+- `kv_cache_reads` (decode): how often a step's attention kernel loads a cached
+  key/value head: `per_kv_head` (once, shared by the query heads of its group:
+  FlashAttention, FlashDecoding, TensorRT-LLM's XQA) or `per_query_head` (once per
+  query head: a kernel that runs one thread block per query head and sequence, as
+  TensorRT-LLM's masked multi-head attention kernel does for GQA before XQA, v0.8);
+  the KV-cache bytes read at decode are then heads / kv_heads times as many.
 - `qkv_bias`: the fused q/k/v projection's bias, when it differs from the
   spec's `bias` (Qwen2: biases on q, k and v only, none on the output
   projection, the MLP or the norms); None (the default) follows `bias`.
@@ -388,6 +394,7 @@ class ModelSpec(_Strict):
     classes: Size = 2
     dtype: Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int8"] = "bf16"
     attention_impl: Literal["fused", "explicit"] = "fused"
+    kv_cache_reads: Literal["per_kv_head", "per_query_head"] = "per_kv_head"
     mod: Optional[ModBlock] = None
     moe: Optional[MoeBlock] = None
     mode: Optional[ModeBlock] = None
@@ -475,6 +482,9 @@ class ModelSpec(_Strict):
         return self.bias if self.qkv_bias is None else self.qkv_bias
 
     def _check_architecture_options(self):
+        if self.kv_cache_reads == "per_query_head" and self.mla is not None:
+            raise ValueError("kv_cache_reads: per_query_head describes a GQA/MHA kernel; multi-head latent "
+                             "attention reads one latent per token")
         if self.qkv_bias is not None and (self.mla is not None or self.sparse_qkv is not None):
             raise ValueError(f"qkv_bias: the q/k/v projection of standard attention; not combined with "
                              f"{'mla' if self.mla is not None else 'sparse_qkv'} (their projections follow bias)")
