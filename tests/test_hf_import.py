@@ -44,7 +44,8 @@ def llama_like(*, layers, d, heads, kv_heads, d_head, d_ff, vocab, tied=False, b
 # -- every shipped file loads --------------------------------------------------
 
 SHIPPED = ["meta-llama-3-8b", "mistral-7b-v0.1", "mixtral-8x7b-v0.1", "qwen1.5-moe-a2.7b-chat",
-           "qwen3-30b-a3b", "gpt2", "bert-base-uncased", "t5-v1_1-base"]
+           "qwen3-30b-a3b", "gpt2", "bert-base-uncased", "t5-v1_1-base", "deepseek-v3", "deepseek-v2-lite",
+           "gpt-oss-20b", "gpt-oss-120b", "qwen3-8b", "llama-3.1-8b"]
 
 
 def test_every_shipped_config_is_documented_and_loads():
@@ -316,30 +317,16 @@ def test_qwen_moe_unrepresentable_layouts_are_errors():
 
 
 # -- DeepSeek, Gemma, GPT-OSS --------------------------------------------------------
-# Each model's architecture fields in config.json's keys, with the values of the presets'
-# sources (the papers and model cards; DeepSeek-V3's also equal transformers' DeepseekV3Config
-# defaults). They are not verbatim copies of the published files (the Hub is not reachable
-# here); tests/test_transformers_exact.py builds transformers' classes from them at full size.
+# DeepSeek-V3, DeepSeek-V2-Lite and gpt-oss-20b: the shipped config.json files. Gemma 2 9B and
+# Gemma 3 27B: their architecture fields in config.json's keys, with the values of the presets'
+# sources (the papers and model cards); no verbatim copy of either file could be found, so
+# they are written out here (tests/test_transformers_exact.py builds transformers' classes
+# from them at full size).
 
-YARN = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
-        "mscale": 1.0, "mscale_all_dim": 1.0}
-DEEPSEEK_V3 = {
-    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 129280,
-    "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
-    "num_attention_heads": 128, "num_key_value_heads": 128, "n_shared_experts": 1, "n_routed_experts": 256,
-    "routed_scaling_factor": 2.5, "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64,
-    "v_head_dim": 128, "qk_nope_head_dim": 128, "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4,
-    "num_experts_per_tok": 8, "moe_layer_freq": 1, "first_k_dense_replace": 3, "norm_topk_prob": True,
-    "scoring_func": "sigmoid", "max_position_embeddings": 163840, "tie_word_embeddings": False,
-    "rope_scaling": YARN, "torch_dtype": "bfloat16", "attention_bias": False,
-}
-DEEPSEEK_V2_LITE = {
-    **DEEPSEEK_V3, "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "vocab_size": 102400,
-    "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 27,
-    "num_attention_heads": 16, "num_key_value_heads": 16, "n_shared_experts": 2, "n_routed_experts": 64,
-    "routed_scaling_factor": 1.0, "q_lora_rank": None, "topk_method": "greedy", "n_group": 1, "topk_group": 1,
-    "num_experts_per_tok": 6, "first_k_dense_replace": 1, "norm_topk_prob": False, "scoring_func": "softmax",
-}
+DEEPSEEK_V3 = cfg("deepseek-v3")
+DEEPSEEK_V2_LITE = cfg("deepseek-v2-lite")
+GPT_OSS_20B = cfg("gpt-oss-20b")
+
 GEMMA_2_9B = {
     "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "vocab_size": 256000, "hidden_size": 3584,
     "intermediate_size": 14336, "num_hidden_layers": 42, "num_attention_heads": 16, "num_key_value_heads": 8,
@@ -357,17 +344,6 @@ GEMMA_3_27B = {  # Gemma3ForConditionalGeneration: the text_config holds what di
                       "model_type": "siglip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 27,
                       "patch_size": 14, "vision_use_head": False},
 }
-GPT_OSS_20B = {
-    "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "num_hidden_layers": 24, "num_local_experts": 32,
-    "vocab_size": 201088, "hidden_size": 2880, "intermediate_size": 2880, "head_dim": 64, "num_attention_heads": 64,
-    "num_key_value_heads": 8, "sliding_window": 128, "tie_word_embeddings": False, "hidden_act": "silu",
-    "max_position_embeddings": 131072, "num_experts_per_tok": 4, "attention_bias": True, "swiglu_limit": 7.0,
-    "layer_types": ["sliding_attention", "full_attention"] * 12, "torch_dtype": "bfloat16",
-    "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
-                     "original_max_position_embeddings": 4096},
-    "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": [
-        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]},
-}
 
 
 def _same_as_preset(spec, preset: str, *, but: tuple = ()) -> None:
@@ -381,12 +357,14 @@ def _same_as_preset(spec, preset: str, *, but: tuple = ()) -> None:
     (DEEPSEEK_V2_LITE, "deepseek-v2-lite", ()),
     (GEMMA_2_9B, "gemma-2-9b", ("attention_impl",)),  # transformers runs Gemma 2 eagerly
     (GEMMA_3_27B, "gemma-3-27b", ()),
-    (GPT_OSS_20B, "gpt-oss-20b", ("attention_impl",)),  # transformers runs GPT-OSS eagerly
+    # transformers runs GPT-OSS eagerly; the config.json has no torch_dtype: fp32 (see below)
+    (GPT_OSS_20B, "gpt-oss-20b", ("attention_impl", "dtype")),
 ], ids=["deepseek-v3", "deepseek-v2-lite", "gemma-2-9b", "gemma-3-27b", "gpt-oss-20b"])
 def test_todays_configs_equal_the_presets(config, preset, but):
     spec, notes = convert(config, "x")
     _same_as_preset(spec, preset, but=but)
     assert spec.attention_impl == ("explicit" if "attention_impl" in but else "fused")
+    assert spec.dtype == ("fp32" if "dtype" in but else "bf16")
 
 
 def test_deepseek_notes_and_routing_options():
@@ -454,13 +432,85 @@ def test_gpt_oss_mapping_and_notes():
     assert spec.bias is True and any("the attention projections lack biases" in n for n in notes)
 
 
-def test_llama_rope_scaling_is_noted_and_costs_nothing():
-    llama31 = {**cfg("meta-llama-3-8b"), "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
+def test_llama_3_1_rope_scaling_is_noted_and_costs_nothing():
+    """Llama 3.1 8B is Llama 3 8B with a 128k context and llama3 rope scaling, which changes
+    RoPE's frequencies only: the same spec as the preset, 8,030,261,248 parameters (8.03B)."""
+    llama31 = cfg("llama-3.1-8b")
     spec, notes = convert(llama31, "l")
     assert notes == ["rope_scaling llama3: RoPE's frequencies rescaled, no cost (the rotary products and their "
                      "count are unchanged)"]
-    assert spec == hf_to_spec(cfg("meta-llama-3-8b"), "l")
+    _same_as_preset(spec, "llama-3.1-8b")
+    assert spec == hf_to_spec({**cfg("meta-llama-3-8b"), "max_position_embeddings": 131072}, "l")
+    assert params(spec) == llama_like(layers=32, d=4096, heads=32, kv_heads=8, d_head=128, d_ff=14336,
+                                      vocab=128256) == 8_030_261_248
     assert convert({**llama31, "rope_scaling": None}, "l")[1] == []
+
+
+# -- today's shipped configs: the published counts ---------------------------------------
+
+def test_deepseek_files_have_the_published_counts():
+    """DeepSeek-V3: 671B total, 37B activated (arXiv 2412.19437; the model card's 685B adds the
+    14B multi-token-prediction module, num_nextn_predict_layers 1, which neither transformers'
+    class nor flopsim has). DeepSeek-V2-Lite: 15.7B total, 2.4B activated (arXiv 2405.04434,
+    appendix B). Both derived term by term (tests/test_mla.py's deepseek_params); activated
+    without the embedding lookup, as DeepSeek counts them."""
+    from test_mla import deepseek_params
+
+    v3 = count(str(HF / "deepseek-v3.json"), seq=16)
+    assert DEEPSEEK_V3["num_nextn_predict_layers"] == 1
+    assert v3.params == deepseek_params(layers=61, d=7168, heads=128, vocab=129280, d_ff=18432, kv_rank=512,
+                                        q_rank=1536, d_nope=128, d_rope=64, d_v=128, experts=256, d_expert=2048,
+                                        shared=1, first_dense=3) == 671_026_404_352
+    assert round(v3.active_params(lookups=False) / 1e9) == 37
+    lite = count(str(HF / "deepseek-v2-lite.json"), seq=16)
+    assert lite.params == deepseek_params(layers=27, d=2048, heads=16, vocab=102400, d_ff=10944, kv_rank=512,
+                                          q_rank=None, d_nope=128, d_rope=64, d_v=128, experts=64, d_expert=1408,
+                                          shared=2, first_dense=1) == 15_706_484_224
+    assert round(lite.params / 1e8) / 10 == 15.7
+    assert lite.active_params(lookups=False) / 1e9 == pytest.approx(2.4, rel=0.025)  # 2.45B: see test_mla
+
+
+def gpt_oss_params(*, layers: int, experts: int) -> int:
+    """gpt-oss's parameters, term by term: per block q, k, v, o with biases and 64 sink
+    logits, the router with its bias, the experts' gate_up (2880 x 5760 + 5760) and down
+    (2880 x 2880 + 2880), two RMSNorms; untied embeddings and head, the final norm."""
+    d, heads, kv, dh, vocab = 2880, 64, 8, 64, 201088
+    attention = d * heads * dh + heads * dh + 2 * (d * kv * dh + kv * dh) + heads * dh * d + d + heads
+    moe = d * experts + experts + experts * (d * 2 * d + 2 * d + d * d + d)
+    return layers * (attention + moe + 2 * d) + 2 * vocab * d + d
+
+
+@pytest.mark.parametrize("name, layers, experts, total, card_total, card_active", [
+    ("gpt-oss-20b", 24, 32, 20_914_757_184, 20.91, 3.61),
+    ("gpt-oss-120b", 36, 128, 116_829_156_672, 116.83, 5.13),
+])
+def test_gpt_oss_files_have_the_published_counts(name, layers, experts, total, card_total, card_active):
+    """The gpt-oss model card, table 1: gpt-oss-120b 116.83B total, 5.13B active; gpt-oss-20b
+    20.91B and 3.61B (active: 4 experts a token, the embedding lookup left out). Neither
+    config.json has a torch_dtype: flopsim imports fp32, as transformers builds a model from
+    the config (the checkpoints hold the non-expert weights in bf16)."""
+    spec, notes = load_hf_config_with_notes(HF / f"{name}.json")
+    assert (spec.layers, spec.moe.experts, spec.moe.top_k, spec.precision.weights, spec.dtype) == \
+        (layers, experts, 4, "fp4", "fp32")
+    r = count(spec, seq=16)
+    assert r.params == gpt_oss_params(layers=layers, experts=experts) == total
+    assert round(total / 1e7) / 100 == card_total
+    assert round(r.active_params(lookups=False) / 1e7) / 100 == card_active
+    big, small = cfg("gpt-oss-120b"), cfg("gpt-oss-20b")
+    assert {k for k in big if big[k] != small.get(k)} == {"num_hidden_layers", "num_local_experts", "layer_types"}
+
+
+def test_qwen3_8b_published_count():
+    """Qwen3-8B's model card: 8.2B parameters, 6.95B without the embeddings (the input table
+    and the untied head); per-head q/k RMSNorms (2 x 128 a layer) counted."""
+    spec, notes = load_hf_config_with_notes(HF / "qwen3-8b.json")
+    assert (spec.qk_norm, spec.d_head, spec.kv_heads, spec.tied_embeddings, spec.max_seq) == (True, 128, 8, False, 40960)
+    assert notes == []  # sliding windows are off (use_sliding_window false)
+    derived = llama_like(layers=36, d=4096, heads=32, kv_heads=8, d_head=128, d_ff=12288, vocab=151936) \
+        + 36 * 2 * 128
+    assert params(spec) == derived == 8_190_735_360
+    assert round(derived / 1e8) / 10 == 8.2
+    assert round((derived - 2 * 151936 * 4096) / 1e7) / 100 == 6.95
 
 
 def test_t5_model_has_no_lm_head():
