@@ -346,6 +346,19 @@ GEMMA_3_27B = {  # Gemma3ForConditionalGeneration: the text_config holds what di
 }
 
 
+def test_deepseek_v3_fp8_checkpoint_is_its_precision():
+    """quantization_config fp8, weight_block_size [128, 128], activation_scheme dynamic: fp8
+    weights with a float32 scale per 128 x 128 block, fp8 products; the MTP layer noted."""
+    spec, notes = load_hf_config_with_notes(HF / "deepseek-v3.json")
+    p = spec.precision
+    assert (p.weights, p.group_size, p.scale_bytes, p.compute, p.scope) == ("fp8", 128 * 128, 4, "fp8", "all")
+    assert any(n.startswith("quantization_config fp8") for n in notes)
+    assert any(n.startswith("num_nextn_predict_layers 1") for n in notes)
+    bad = {**DEEPSEEK_V3, "quantization_config": {**DEEPSEEK_V3["quantization_config"], "weight_block_size": [0, 128]}}
+    with pytest.raises(SpecError, match="weight_block_size"):
+        hf_to_spec(bad, "bad")
+
+
 def _same_as_preset(spec, preset: str, *, but: tuple = ()) -> None:
     mine = spec.model_dump()
     theirs = flopsim.load_model(preset).model_dump()
@@ -353,7 +366,7 @@ def _same_as_preset(spec, preset: str, *, but: tuple = ()) -> None:
 
 
 @pytest.mark.parametrize("config, preset, but", [
-    (DEEPSEEK_V3, "deepseek-v3", ()),
+    (DEEPSEEK_V3, "deepseek-v3", ("precision",)),  # the checkpoint's fp8 blocks; the preset is bf16
     (DEEPSEEK_V2_LITE, "deepseek-v2-lite", ()),
     (GEMMA_2_9B, "gemma-2-9b", ("attention_impl",)),  # transformers runs Gemma 2 eagerly
     (GEMMA_3_27B, "gemma-3-27b", ()),

@@ -102,6 +102,12 @@ Mapping decisions (see specs/models/hf/README.md for the full list):
   topk_group unless topk_method is greedy}; absent keys take transformers'
   defaults of the version (V3: sigmoid, noaux_tc, 3 dense blocks). Decode is
   flopsim's absorbed form; transformers' class runs the expanded one (noted).
+  quantization_config fp8 with weight_block_size [a, b] (DeepSeek-V3's
+  checkpoint) -> precision {weights fp8, group_size a*b, scale_bytes 4 (its
+  weight_scale_inv tensors are float32), compute fp8 when activation_scheme is
+  dynamic (activations quantized per token group at run time)}; the
+  multi-token-prediction layers (num_nextn_predict_layers) are not modelled
+  (noted: they are not part of the published 671B).
 - Gemma: `hidden_activation` (gelu_pytorch_tanh -> gelu_tanh), head_dim
   (default 256), tied head, sandwich_norms, scale_embeddings; Gemma 2's
   softcap {attention: attn_logit_softcapping, logits:
@@ -412,6 +418,31 @@ def _deepseek_every(c: _Config, layers: int, first_dense: int) -> int:
                  f"from first_k_dense_replace {first_dense}, which flopsim's moe.every needs")
 
 
+def _deepseek_quantization(c: _Config, spec: dict, notes: list[str]) -> None:
+    """DeepSeek-V3's fp8 checkpoint (block-scaled weights) as a precision; its next-token
+    prediction layers noted (see the module docstring)."""
+    quant = c.get("quantization_config", None)
+    if isinstance(quant, dict) and quant.get("quant_method") == "fp8":
+        block = quant.get("weight_block_size")
+        if not (isinstance(block, list) and len(block) == 2
+                and all(isinstance(b, int) and not isinstance(b, bool) and 0 < b <= 1 << 16 for b in block)):
+            raise c.fail(f"key 'quantization_config.weight_block_size': value {str(block)[:60]}: expected two "
+                         f"positive integers")
+        dynamic = quant.get("activation_scheme") == "dynamic"
+        spec["precision"] = dict(weights="fp8", group_size=block[0] * block[1], scale_bytes=4,
+                                 **({"compute": "fp8"} if dynamic else {}))
+        notes.append(f"quantization_config fp8: weights in fp8 with a float32 scale per {block[0]} x {block[1]} "
+                     f"block" + (", products in fp8 (activations quantized at run time)" if dynamic else "")
+                     + "; the router's weights, stored in the dtype, are costed as fp8 too")
+    elif quant is not None:
+        method = quant.get("quant_method") if isinstance(quant, dict) else quant
+        notes.append(f"quantization_config {str(method)[:40]}: not modelled (weights in the dtype)")
+    mtp = c.integer("num_nextn_predict_layers", 0, minimum=0)
+    if mtp:
+        notes.append(f"num_nextn_predict_layers {mtp}: the multi-token-prediction module is not modelled (it "
+                     f"is not part of the published parameter count; inference may skip it)")
+
+
 def _deepseek(c: _Config, notes: list[str]) -> dict:
     """DeepSeek-V2 / V3: multi-head latent attention and DeepSeek-MoE (see the module docstring)."""
     c.require("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
@@ -426,6 +457,7 @@ def _deepseek(c: _Config, notes: list[str]) -> dict:
     spec["mla"] = dict(kv_rank=c.integer("kv_lora_rank"), q_rank=c.integer("q_lora_rank", None),
                        d_nope=c.integer("qk_nope_head_dim"), d_rope=c.integer("qk_rope_head_dim"),
                        d_v=c.integer("v_head_dim"))
+    _deepseek_quantization(c, spec, notes)
     notes.append("transformers' DeepSeek attention caches the latents and up-projects all of them at every "
                  "decode step (mla.decode expanded); flopsim's default decode is absorbed, as serving engines "
                  "run it")
