@@ -569,6 +569,10 @@ def _gpt_oss(c: _Config, notes: list[str]) -> dict:
     notes.append(f"the experts' clamped SwiGLU (limit {c.get('swiglu_limit', 7.0)}, alpha "
                  f"{c.get('swiglu_alpha', 1.702)}, (up + 1) * gate * sigmoid(alpha gate)) is costed as SwiGLU")
     quant = c.get("quantization_config", None)
+    if all(c.data.get(k) is None for k in ("torch_dtype", "dtype")):
+        notes.append("no torch_dtype: fp32, as transformers builds this config; the checkpoint stores the "
+                     "weights outside the experts in bf16, which from_pretrained(dtype='auto') keeps (set `dtype: "
+                     "bf16` in a spec to cost that)")
     if isinstance(quant, dict) and quant.get("quant_method") == "mxfp4":
         spec["precision"] = dict(weights="fp4", group_size=32, scale_bytes=1, scope="experts")
         notes.append("quantization_config mxfp4: the experts' weights in MXFP4 (4-bit values, an 8-bit scale "
