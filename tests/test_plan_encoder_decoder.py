@@ -152,6 +152,8 @@ def test_a_sequence_trains_its_encoder_and_decoder_tokens():
     assert p.totals["model_flops_per_step"] == flops * p.config["global_batch"]
     with pytest.raises(InputError, match="^global_batch_tokens"):
         _plan(global_batch=None, global_batch_tokens=per_seq * 64 + S)
+    long = _plan(pp=1, gpus=2, encoder_seq=1024)  # relative positions: costed beyond max_seq 512, said so
+    assert any(n.startswith("encoder_seq 1024 exceeds max_seq 512") for n in long.notes)
 
 
 def test_switch_routing_takes_each_stacks_tokens():

@@ -459,9 +459,10 @@ def _train_notes(spec, c: dict, tokens: float) -> list:
     if steps * tokens_per_step != tokens:
         notes.append(f"{steps:,} steps of {tokens_per_step:,} tokens train {steps * tokens_per_step:,.0f} tokens "
                      f"(the last step is full)")
-    if c["seq"] > spec.max_seq:
-        notes.append(f"seq {c['seq']} exceeds max_seq {spec.max_seq} of {spec.name} "
-                     f"({spec.positions} positions: costed as is)")
+    for name in ("seq", "encoder_seq"):
+        if (c.get(name) or 0) > spec.max_seq:
+            notes.append(f"{name} {c[name]} exceeds max_seq {spec.max_seq} of {spec.name} "
+                         f"({spec.positions} positions: costed as is)")
     if c["pp"] > 1 and c["microbatches"] < c["pp"]:
         notes.append(f"{c['microbatches']} micro-batches per step for {c['pp']} pipeline stages: the bubble is "
                      f"{bubble_fraction(c['pp'], c['microbatches'], c['virtual_stages']):.0%} of the ideal time")
