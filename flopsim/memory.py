@@ -32,6 +32,15 @@ of the forward ops' `params`):
   without recomputation, less what the attention cores write besides their
   output (the explicit path's scores and probabilities, 2 * B * H * S * T
   values; a fused kernel writes none), which the backward recomputes.
+- activations of a pipeline stage (train, `stage_activations`): the same
+  sums over the ops the stage runs, grouped by their placement key
+  (flopsim.parallel.layout.place: a block's layer, the embeddings, a stack's
+  position bias, the head); full recomputation keeps the inputs of the
+  stage's blocks and rebuilds its largest. A pipelined encoder-decoder's
+  decoder stage also keeps the encoder's output it receives for its
+  cross-attention (B x S_enc x d_model values, as the cross.kv projection
+  reads it), which the whole-model figure counts once (the encoder's final
+  norm writes it).
 - activations, inference phases (forward, prefill, decode): the working set
   of the largest op, max over ops of (act_read_bytes + act_write_bytes).
 - KV cache (prefill, decode): the keys and values of `context` tokens:
@@ -128,16 +137,21 @@ class MemoryModel:
         # activations
         self._sum_terms: list[int] = []  # summed
         self._max_terms: list[int] = []  # the largest one is added
+        self._key_terms: dict = {}  # train: placement key -> (its activations, its block's input candidates)
         if train:
+            from flopsim.parallel.layout import RECEIVED_ENCODER_OUTPUT, place
+
             with_backward = {op.name for op in ops if op.pass_ == "bwd"}
             kept = [op for op in ops if op.pass_ == "fwd" and op.name in with_backward]
-            layers = sorted({op.layer for op in kept})
-            per_layer = {lay: sum((op.act_write_bytes for op in kept if op.layer == lay), sp.Integer(0))
+            key_of = {op.key: place(op, spec) for op in kept}
+            layers = sorted(set(key_of.values()))
+            per_layer = {lay: sum((op.act_write_bytes for op in kept if key_of[op.key] == lay), sp.Integer(0))
                          for lay in layers}
             blocks = [lay for lay in layers if 0 <= lay < spec.blocks]
             if recompute == "selective":  # Korthikanti et al. 2022: the attention cores' insides are recomputed
                 per_layer = {lay: per_layer[lay] - sum((self._recomputed_inside(op) for op in kept
-                                                        if op.layer == lay and 0 <= lay < spec.blocks), sp.Integer(0))
+                                                        if key_of[op.key] == lay and 0 <= lay < spec.blocks),
+                                                       sp.Integer(0))
                              for lay in layers}
                 self._sum_terms = [ref(sum(per_layer.values(), sp.Integer(0)))]
                 self._block_inputs = []
@@ -151,6 +165,13 @@ class MemoryModel:
             else:
                 self._sum_terms = [ref(sum(per_layer.values(), sp.Integer(0)))]
                 self._block_inputs = []
+            full = recompute is True
+            self._key_terms = {lay: (ref(per_layer[lay]), [ref(e) for e in self._block_input_candidates(ops, lay)]
+                                     if full and 0 <= lay < spec.blocks else [])
+                               for lay in layers}
+            received = [op.act_read_bytes for op in kept if op.name.endswith(".cross.kv")][:1]
+            if received:  # the encoder's output, as the decoder's key/value projections read it
+                self._key_terms[RECEIVED_ENCODER_OUTPUT] = (ref(received[0]), [])
         else:
             self._block_inputs = []
             self._max_terms = [ref(op.act_read_bytes + op.act_write_bytes) for op in ops]
@@ -170,6 +191,21 @@ class MemoryModel:
         fwd = [op for op in ops if op.pass_ == "fwd" and op.layer == layer]
         chosen = [op.act_read_bytes for op in fwd if op.kind in CHECKPOINT_KINDS]
         return chosen or [op.act_read_bytes for op in fwd]
+
+    def stage_activations(self, batch, seq, context, stages: list) -> list[float]:
+        """Train: one micro-batch's activations on each pipeline stage, `stages` each stage's
+        placement keys (flopsim.parallel.layout.stage_places): the sum of its keys' (full
+        recomputation: its non-block keys', its blocks' inputs and its largest block's), the
+        RECEIVED_ENCODER_OUTPUT key the encoder's output a decoder stage keeps. One stage
+        holding every key (pp 1) gives `evaluate`'s activations."""
+        values = [float(v) for v in self._fn(batch, seq, context)]
+        out = []
+        for keys in stages:
+            terms = [self._key_terms[k] for k in sorted(keys) if k in self._key_terms]
+            blocks = [values[a] for a, inputs in terms if inputs]
+            out.append(sum(values[a] for a, inputs in terms if not inputs) + max(blocks, default=0.0)
+                       + sum(max(values[i] for i in inputs) for _, inputs in terms if inputs))
+        return out
 
     def evaluate(self, batch, seq, context) -> dict[str, float]:
         """Each component in bytes at B=batch, S=seq, T=context (floats)."""

@@ -128,7 +128,9 @@ def test_cli(tmp_path):
     assert json.loads(out.output)["encoder_seq"] == 9
     out = runner.invoke(app, ["predict", str(path), "-H", "h100-sxm", "--seq", "4", "--encoder-seq", "9"])
     assert out.exit_code == 0 and "S_enc=9" in out.output
-    for args in (["count", "gpt2-small", "--encoder-seq", "9"],
-                 ["plan", "train", str(path), "-H", "h100-sxm", "--gpus", "8", "--tokens", "1B"]):
-        out = runner.invoke(app, args)
-        assert out.exit_code == 2 and len(out.output.strip().splitlines()) == 1, out.output
+    out = runner.invoke(app, ["count", "gpt2-small", "--encoder-seq", "9"])
+    assert out.exit_code == 2 and len(out.output.strip().splitlines()) == 1, out.output
+    # plan train lays out both stacks (tests/test_plan_encoder_decoder.py)
+    out = runner.invoke(app, ["plan", "train", str(path), "-H", "h100-sxm", "--gpus", "8", "--tokens", "1B",
+                              "--seq", "4", "--encoder-seq", "9", "-f", "json"])
+    assert out.exit_code == 0 and json.loads(out.output)["config"]["encoder_seq"] == 9, out.output

@@ -78,12 +78,14 @@ def train(
     hardware: str = HardwareOpt,
     gpus: str = typer.Option(..., "--gpus", "-g", help="GPUs in the run (= dp * tp * pp); with --search also N,M,... or A:B (its powers of two)."),
     tokens: str = typer.Option(..., "--tokens", help="Tokens to train on (e.g. 1T, 300B, 2.5e11)."),
-    seq: Optional[int] = typer.Option(None, "--seq", "-s", help="Sequence length (default min(4096, max_seq))."),
+    seq: Optional[int] = typer.Option(None, "--seq", "-s", help="Sequence length (default min(4096, max_seq)); an encoder-decoder's decoder tokens."),
+    encoder_seq: Optional[int] = typer.Option(None, "--encoder-seq", help="An encoder-decoder's encoder tokens per sequence (default --seq); a sequence trains --encoder-seq + --seq tokens."),
     global_batch: Optional[int] = typer.Option(None, "--global-batch", help="Global batch in sequences (default ~4M tokens)."),
-    global_batch_tokens: Optional[str] = typer.Option(None, "--global-batch-tokens", help="Global batch in tokens (e.g. 4M; a multiple of --seq)."),
+    global_batch_tokens: Optional[str] = typer.Option(None, "--global-batch-tokens", help="Global batch in tokens (e.g. 4M; a multiple of a sequence's tokens)."),
     tp: int = typer.Option(1, "--tp", help="Tensor-parallel degree (Megatron, with sequence parallelism)."),
     pp: int = typer.Option(1, "--pp", help="Pipeline-parallel stages (1F1B)."),
     virtual_stages: int = typer.Option(1, "--virtual-stages", help="Interleaved 1F1B: chunks of blocks per pipeline stage (Megatron's virtual pipeline; 1: plain 1F1B)."),
+    encoder_stages: Optional[int] = typer.Option(None, "--encoder-stages", help="An encoder-decoder under --pp > 1: the stages holding the encoder, the rest the decoder (Megatron's --pipeline-model-parallel-split-rank; default by the stacks' blocks)."),
     dp: Optional[int] = typer.Option(None, "--dp", help="Data-parallel degree (default gpus / (tp * pp))."),
     ep: int = typer.Option(1, "--ep", help="Expert-parallel degree (MoE; divides dp and the experts)."),
     micro_batch: int = typer.Option(1, "--micro-batch", "-m", help="Sequences per micro-batch."),
@@ -116,11 +118,16 @@ def train(
     if search:
         from flopsim.cli.plan_search_view import run_search
 
+        if encoder_stages is not None:
+            from flopsim.errors import bad_value
+
+            raise bad_value("encoder_stages", encoder_stages, "--search tries each pp's default encoder stages; "
+                                                              "give it without --search")
         return run_search(spec, hardware, counts, tokens=_quantity(tokens, "tokens"), seq=seq, global_batch=global_batch,
                           global_batch_tokens=_quantity(global_batch_tokens, "global_batch_tokens"),
                           micro_batches=parse_gpu_counts(micro_batches, "micro_batches"), zero=zero,
                           recompute=recompute, optimizer=optimizer, dp_overlap=dp_overlap, price=price,
-                          calibration=calibration, fmt=fmt, top=top, links=links)
+                          calibration=calibration, fmt=fmt, top=top, links=links, encoder_seq=encoder_seq)
     if len(counts) > 1:
         from flopsim.errors import bad_value
 
@@ -132,7 +139,7 @@ def train(
         global_batch_tokens=_quantity(global_batch_tokens, "global_batch_tokens"), tp=tp, pp=pp, dp=dp, ep=ep,
         micro_batch=micro_batch, recompute=recompute or "none", optimizer=optimizer, zero=1 if zero is None else zero,
         dp_overlap=dp_overlap, price_per_gpu_hour=price, calibration=calibration, progress=fmt == Format.table,
-        virtual_stages=virtual_stages, **links)
+        virtual_stages=virtual_stages, encoder_seq=encoder_seq, encoder_stages=encoder_stages, **links)
     _write_html(training_plan_page, p, html)
     if fmt == Format.json:
         return print_json(p.to_dict())
@@ -144,9 +151,13 @@ def train(
 def _print_training(p) -> None:
     out = console()
     c, k, m, t, cm, ln = p.config, p.compute, p.memory, p.totals, p.communication, p.links
+    seqs = f"encoder {c['encoder_seq']} + decoder {c['seq']} tokens a sequence" if "encoder_seq" in c \
+        else f"seq {c['seq']}"
     out.print(f"[bold]{p.spec.name}[/] ({p.spec.family}, {p.spec.precision_label}) training on [bold]{c['gpus']} x {p.hw.name}[/]: "
-              f"{human(t['tokens'])} tokens at seq {c['seq']}")
+              f"{human(t['tokens'])} tokens at {seqs}")
     ep = f" x ep {c['ep']} (expert dp {c['expert_dp']})" if c["ep"] > 1 else ""
+    if c.get("encoder_stages"):
+        ep += f" (encoder on stages 0-{c['encoder_stages'] - 1}, decoder on {c['encoder_stages']}-{c['pp'] - 1})"
     out.print(f"  layout       dp {c['dp']} x tp {c['tp']} x pp {c['pp']}{ep}; global batch {c['global_batch']:,} "
               f"sequences = {human(t['tokens_per_step'])} tokens; {c['microbatches']} micro-batches of "
               f"{c['micro_batch']} per replica")

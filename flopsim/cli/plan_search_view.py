@@ -23,7 +23,8 @@ COLUMNS = ["GPUs", "tp", "pp", "v", "dp", "ep", "mb", "ZeRO", "recompute", "GB/G
 
 
 def run_search(spec, hardware, counts: list, *, tokens, seq, global_batch, global_batch_tokens, micro_batches,
-               zero, recompute, optimizer, dp_overlap, price, calibration, fmt: Format, top: int, links: dict):
+               zero, recompute, optimizer, dp_overlap, price, calibration, fmt: Format, top: int, links: dict,
+               encoder_seq=None):
     """Search, then print the fastest `top` layouts and the Pareto front (or JSON / CSV of every layout)."""
     from flopsim.errors import bad_value
     from flopsim.planning.search import RECOMPUTE, ZERO_STAGES, search_training
@@ -35,7 +36,7 @@ def run_search(spec, hardware, counts: list, *, tokens, seq, global_batch, globa
                              zero=ZERO_STAGES if zero is None else [zero],
                              recompute=RECOMPUTE if recompute is None else [recompute], optimizer=optimizer,
                              dp_overlap=dp_overlap, price_per_gpu_hour=price, calibration=calibration,
-                             progress=fmt == Format.table, **links)
+                             progress=fmt == Format.table, encoder_seq=encoder_seq, **links)
     if fmt == Format.json:
         return print_json(result.to_dict())
     if fmt == Format.csv:
@@ -53,6 +54,7 @@ def run_search(spec, hardware, counts: list, *, tokens, seq, global_batch, globa
         out.print(f"  best: flopsim plan train {result.spec.name} -H {result.hw.name} --gpus {b['gpus']} --tp {b['tp']} "
                   f"--pp {b['pp']} --virtual-stages {b['virtual_stages']} --ep {b['ep']} --micro-batch {b['micro_batch']} "
                   f"--zero {b['zero']} "
-                  f"--recompute {b['recompute']} --global-batch {b['global_batch']} ...")
+                  f"--recompute {b['recompute']} --global-batch {b['global_batch']}"
+                  + (f" --encoder-seq {encoder_seq}" if encoder_seq is not None else "") + " ...")
     for note in result.notes:
         out.print(f"  note: {note}")

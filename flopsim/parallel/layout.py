@@ -15,6 +15,23 @@ optimizer state, gradients and weights over the data-parallel group
 Korthikanti et al. 2022) / full (every block's forward, once more before its
 backward).
 
+Pipeline stages (`stage_blocks`, `stage_places`): one stack's blocks split
+into pp contiguous stages as evenly as they go (the earlier stages take the
+extra block), or into the interleaved schedule's chunks. An encoder-decoder
+is split as Megatron-LM split T5 (`pipeline_model_parallel_split_rank`,
+2021-2025; megatron/model/transformer.py `_get_num_layers`): stages 0 ..
+E - 1 hold the encoder's blocks, stages E .. pp - 1 the decoder's, each stack
+split as evenly as it goes over its own stages; E = `encoder_stages`, by
+default floor(pp x encoder_layers / blocks) within [1, pp - 1] (the decoder,
+whose blocks add cross-attention, takes an odd stage of two equal stacks).
+Megatron runs an encoder-decoder with plain 1F1B only ("Interleaving is not
+supported with an encoder and decoder model", schedules.py): so does this.
+Ops that are no block are placed by a key (`place`): the embeddings on the
+first stage (an encoder-decoder's decoder embeddings and their gradient sum
+on its first decoder stage E), a stack's relative position bias (T5's one
+table per stack) on every stage holding that stack's blocks (Megatron-Core's
+T5Model computes it on each stage), the final norm and head on the last.
+
 Rank order (Megatron's): tp fastest, then cp, then dp (ep inside dp), then
 pp. A group whose ranks span at most one node of `gpus_per_node` GPUs (and
 a whole number of groups fits a node) uses the scale-up link (NVLink, ICI),
@@ -70,6 +87,7 @@ class Layout:
     expert_load: float = 1.0
     stage: Optional[int] = None
     virtual_stages: int = 1  # the interleaved schedule's chunks a stage (Narayanan et al. 2021); 1: plain 1F1B
+    encoder_stages: Optional[int] = None  # an encoder-decoder's encoder stages under pp > 1 (else None)
 
     @property
     def gpus(self) -> int:
@@ -110,16 +128,20 @@ class Layout:
             parts.append(f"recompute {self.recompute}")
         if self.sequence_parallel and self.tp > 1:
             parts.append("sequence parallel")
+        if self.encoder_stages is not None:
+            parts.append(f"encoder on stages 0-{self.encoder_stages - 1}")
         return ", ".join(parts) or "one GPU"
 
 
 def make_layout(spec, phase: str, *, tp: int = 1, pp: int = 1, dp: int = 1, ep: int = 1, cp: int = 1,
                 zero: int = 0, recompute="none", sequence_parallel: Optional[bool] = None,
                 gpus_per_node: Optional[int] = None, expert_load: float = 1.0,
-                stage: Optional[int] = None, virtual_stages: int = 1) -> Layout:
+                stage: Optional[int] = None, virtual_stages: int = 1,
+                encoder_stages: Optional[int] = None) -> Layout:
     """A validated Layout of `spec` for `phase` (one-line errors naming the field).
     `sequence_parallel` defaults to on in train with tp > 1 (Megatron's setting), off
-    elsewhere (inference engines all-reduce); `gpus_per_node` to the hardware's domain."""
+    elsewhere (inference engines all-reduce); `gpus_per_node` to the hardware's domain;
+    `encoder_stages` (an encoder-decoder under pp > 1) to `default_encoder_stages`."""
     tp, pp, dp, ep, cp = (_degree(n, v) for n, v in (("tp", tp), ("pp", pp), ("dp", dp), ("ep", ep), ("cp", cp)))
     if isinstance(zero, bool) or zero not in (0, 1, 2, 3):
         raise bad_value("zero", zero, "expected a ZeRO stage 0, 1, 2 or 3")
@@ -148,13 +170,15 @@ def make_layout(spec, phase: str, *, tp: int = 1, pp: int = 1, dp: int = 1, ep: 
     if stage is not None and (isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < pp):
         raise bad_value("stage", stage, f"must be a pipeline stage 0 to {pp - 1}")
     virtual_stages = _degree("virtual_stages", virtual_stages)
+    encoder_stages = checked_encoder_stages(spec, pp, virtual_stages, encoder_stages)
     if virtual_stages > 1 and (pp == 1 or spec.blocks % (pp * virtual_stages)):
         raise bad_value("virtual_stages", virtual_stages, f"interleaving needs pp > 1 and pp * virtual_stages "
                                                           f"dividing the {spec.blocks} blocks (pp {pp})")
     node = _degree("gpus_per_node", gpus_per_node if gpus_per_node is not None else 8)
     sp = (phase == "train" and tp > 1) if sequence_parallel is None else bool(sequence_parallel)
     return Layout(tp=tp, pp=pp, dp=dp, ep=ep, cp=cp, zero=zero, recompute=recompute, sequence_parallel=sp,
-                  gpus_per_node=node, expert_load=float(expert_load), stage=stage, virtual_stages=virtual_stages)
+                  gpus_per_node=node, expert_load=float(expert_load), stage=stage, virtual_stages=virtual_stages,
+                  encoder_stages=encoder_stages)
 
 
 def _check_context_parallel(spec, phase: str, cp: int) -> None:
@@ -166,3 +190,108 @@ def _check_context_parallel(spec, phase: str, cp: int) -> None:
                           ("an encoder-decoder", spec.is_encoder_decoder)):
         if present:
             raise InputError(f"cp {cp}: context parallelism of {what} ({spec.name}) is not modelled; use cp 1")
+
+
+# -- pipeline stages -------------------------------------------------------------------------
+
+# Placement keys of the ops that are no block (a block's ops are keyed by its layer, the final
+# norm and head by `spec.blocks`; see the module docstring)
+MODEL_INPUT = -1  # the embeddings (an encoder-decoder's encoder's): the first stage
+DECODER_INPUT = -2  # an encoder-decoder's decoder embeddings and their gradient sum: its first decoder stage
+STACK_BIAS = -3  # a decoder-only model's or an encoder's relative position bias: every stage of its stack
+DECODER_BIAS = -4  # an encoder-decoder's decoder's relative position bias: every decoder stage
+# not an op's key: the encoder's output a decoder stage receives and keeps for its cross-attention
+# (memory only; flopsim.memory.MemoryModel.stage_activations)
+RECEIVED_ENCODER_OUTPUT = -5
+
+
+def place(op, spec) -> int:
+    """The key that places `op` on a pipeline stage (see MODEL_INPUT ... DECODER_BIAS; a
+    collective of flopsim.parallel.shard may carry its key as the tag `place`)."""
+    if "place" in op.tags:
+        return op.tags["place"]
+    if op.layer != -1:
+        return op.layer
+    decoder = spec.is_encoder_decoder and op.name.startswith("decoder.")
+    local = op.name.split(".", 1)[1] if op.name.startswith(("encoder.", "decoder.")) else op.name
+    if local.startswith("position_bias"):
+        return DECODER_BIAS if decoder else STACK_BIAS
+    return DECODER_INPUT if decoder else MODEL_INPUT
+
+
+def stage_of_layers(blocks: int, pp: int, virtual: int = 1) -> list[list]:
+    """The blocks each pipeline stage holds. One chunk a stage (`virtual` 1): contiguous, as
+    even as they go, the earlier stages taking the extra block. Interleaved (Narayanan et al.
+    2021, `virtual` v chunks a stage): blocks / (pp v) blocks a chunk, chunk c on stage c mod pp."""
+    if virtual > 1:
+        size = blocks // (pp * virtual)
+        return [[b for c in range(s, pp * virtual, pp) for b in range(c * size, (c + 1) * size)] for s in range(pp)]
+    base, extra = divmod(blocks, pp)
+    out, start = [], 0
+    for s in range(pp):
+        size = base + (1 if s < extra else 0)
+        out.append(list(range(start, start + size)))
+        start += size
+    return out
+
+
+def default_encoder_stages(spec, pp: int) -> int:
+    """An encoder-decoder's encoder stages under pp > 1 (module docstring): floor(pp x
+    encoder_layers / blocks), at least 1 and pp - layers, at most pp - 1 and encoder_layers."""
+    share = pp * spec.encoder_layers // spec.blocks
+    return max(1, pp - spec.layers, min(share, pp - 1, spec.encoder_layers))
+
+
+def checked_encoder_stages(spec, pp: int, virtual_stages: int, encoder_stages) -> Optional[int]:
+    """The encoder stages of a layout (None unless an encoder-decoder under pp > 1); one-line
+    errors naming the field for what is not modelled."""
+    if not spec.is_encoder_decoder or pp == 1:
+        if encoder_stages is not None:
+            raise bad_value("encoder_stages", encoder_stages, "applies to an encoder-decoder split over pp > 1 "
+                                                              f"stages ({spec.name}, pp {pp})")
+        return None
+    if virtual_stages > 1:
+        raise bad_value("virtual_stages", virtual_stages, f"the interleaved schedule of an encoder-decoder "
+                                                          f"({spec.name}) is not modelled (Megatron-LM runs T5 with "
+                                                          f"plain 1F1B); use 1")
+    if encoder_stages is None:
+        return default_encoder_stages(spec, pp)
+    e = _degree("encoder_stages", encoder_stages)
+    if e >= pp or e > spec.encoder_layers or pp - e > spec.layers:
+        raise bad_value("encoder_stages", encoder_stages, f"must leave each stack 1 to its blocks' number of the "
+                                                          f"{pp} stages ({spec.encoder_layers} encoder, "
+                                                          f"{spec.layers} decoder blocks)")
+    return e
+
+
+def stage_blocks(spec, pp: int, virtual: int = 1, encoder_stages: Optional[int] = None) -> list[list]:
+    """The blocks each stage holds (module docstring): `stage_of_layers` of the model's blocks,
+    or of an encoder-decoder's two stacks over their `encoder_stages` and pp - encoder_stages stages."""
+    if encoder_stages is None or not spec.is_encoder_decoder or pp == 1:
+        return stage_of_layers(spec.blocks, pp, virtual)
+    enc = stage_of_layers(spec.encoder_layers, encoder_stages)
+    dec = stage_of_layers(spec.layers, pp - encoder_stages)
+    return enc + [[spec.encoder_layers + b for b in stage] for stage in dec]
+
+
+def stage_places(spec, pp: int, stage: int, virtual: int = 1, encoder_stages: Optional[int] = None) -> set:
+    """The placement keys (`place`) stage `stage` runs: its blocks, the non-block keys of the
+    module docstring, and for a decoder stage of a pipelined encoder-decoder
+    RECEIVED_ENCODER_OUTPUT (the encoder's output it receives and keeps)."""
+    held = set(stage_blocks(spec, pp, virtual, encoder_stages)[stage])
+    decoder_from = encoder_stages if spec.is_encoder_decoder and pp > 1 else 0
+    if stage == 0:
+        held.add(MODEL_INPUT)
+    if stage == pp - 1:
+        held.add(spec.blocks)
+    if not spec.is_encoder_decoder:
+        held.add(STACK_BIAS)
+        return held
+    if pp == 1:
+        return held | {DECODER_INPUT, STACK_BIAS, DECODER_BIAS}
+    if stage < decoder_from:
+        return held | {STACK_BIAS}
+    held |= {DECODER_BIAS, RECEIVED_ENCODER_OUTPUT}
+    if stage == decoder_from:
+        held.add(DECODER_INPUT)
+    return held

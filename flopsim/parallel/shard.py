@@ -31,7 +31,10 @@ Collectives (flopsim.collectives prices them by message size and link level):
 - tp: per sub-layer, an all-reduce of its output (the residual add's bytes)
   before the residual add; with sequence parallelism a reduce-scatter there
   and an all-gather of its input before its first matrix product (Megatron's
-  pair, the same bytes); the token embedding's output likewise. Backward:
+  pair, the same bytes), and before a cross-attention's key/value projection
+  an all-gather of the encoder's output (its input bytes; Megatron's
+  ColumnParallelLinear gathers a sequence-parallel input); the token
+  embedding's output likewise. Backward:
   the conjugates (all-gather <-> reduce-scatter, all-reduce for all-reduce).
 - ep: an all-to-all after the dispatch (its bytes / tp' x expert_load) and one
   back after the last expert product; backward the same two.
@@ -40,7 +43,12 @@ Collectives (flopsim.collectives prices them by message size and link level):
   in backward.
 - pp: the stage's output activations (its last residual add's bytes / tp,
   Megatron's scatter-gather) sent forward, their gradients sent back; with
-  the interleaved schedule once per chunk the stage holds.
+  the interleaved schedule once per chunk the stage holds. An encoder-decoder
+  (Megatron-LM's T5 schedule, schedules.py get_tensor_shapes / forward_step):
+  a decoder stage also sends the encoder's output on (its cross.kv's input
+  bytes / tp) and its gradient back (the first decoder stage, whose input is
+  the encoder's output alone, sends back only that); each decoder stage adds
+  its blocks' gradients of the encoder's output to the one it receives.
 - dp (train): per layer of the stage, by ZeRO stage, over dp * cp ranks (routed
   experts over dp * cp / ep): 0 all-reduce the gradients once a step; 1
   reduce-scatter them once a step and all-gather the updated weights; 2
@@ -56,13 +64,23 @@ scale_out, Layout.level); a branch that runs only sometimes (its op's
 
 Recomputation (train): full copies every block's forward ops (collectives
 included), selective its attention cores, as forward-kernel ops named
-`<op>.recompute` (tag `recompute`) placed before the block's backward. Pipeline: the blocks
-split into `pp` contiguous stages as evenly as they go (the earlier stages
-take the extra block), the embeddings on the first, the final norm, head and
-loss on the last; the sharded list is stage `layout.stage` (default the
-last). The optimizer update covers the stage's parameters (/ the
+`<op>.recompute` (tag `recompute`) placed before the block's backward. Pipeline: each
+stage's blocks and other ops by flopsim.parallel.layout (`stage_places`, `place`:
+the blocks in contiguous stages as evenly as they go, an encoder-decoder's
+encoder stages first; the embeddings on the first stage, the final norm, head
+and loss on the last); the sharded list is stage `layout.stage` (default the
+last). Ops are grouped by their placement key; a key whose backward comes in
+two runs (a stack's bias gradient sum, charged to its last block) gets its
+recomputation and weight gathers before the first, its gradient collectives
+after the last. The optimizer update covers the stage's parameters (/ the
 data-parallel ranks under ZeRO >= 1). Not counted: the vocabulary-parallel
-loss's small all-reduces, a tied embedding's copy on the last stage.
+loss's small all-reduces, a tied embedding's copy on the last stage (and an
+encoder-decoder's shared table's on its first decoder stage) and the
+all-reduce of that table's gradient over the stages holding it (Megatron's
+embedding group). A stack's bias gradient sum (its blocks' n - 1 adds) is
+charged to the stage of its last block, as the encoder output's gradient sum
+to the last stage (each decoder stage adds its own blocks' in fact: as many
+adds in all).
 """
 
 from __future__ import annotations
@@ -74,6 +92,8 @@ from typing import Optional
 import sympy as sp
 
 from flopsim.ops.op import Op
+from flopsim.parallel.layout import DECODER_BIAS, DECODER_INPUT, STACK_BIAS, place, stage_places
+from flopsim.parallel.layout import stage_of_layers  # noqa: F401 (re-exported: callers import it from here)
 
 RESIDUAL = re.compile(r"(attn|cross|mlp)_residual$")
 COLUMN = ("attn.qkv", "attn.q", "attn.q_b", "attn.kv_b", "attn.qkv.mult", "cross.q", "cross.kv", "mlp.up",
@@ -88,22 +108,6 @@ _PREFIX = re.compile(r"^(encoder\.|decoder\.)?(block\.\d+\.)?")
 def local_name(name: str) -> str:
     """An op's name within its block: `decoder.block.3.attn.q` -> `attn.q`."""
     return _PREFIX.sub("", name, count=1)
-
-
-def stage_of_layers(blocks: int, pp: int, virtual: int = 1) -> list[list]:
-    """The blocks each pipeline stage holds. One chunk a stage (`virtual` 1): contiguous, as
-    even as they go, the earlier stages taking the extra block. Interleaved (Narayanan et al.
-    2021, `virtual` v chunks a stage): blocks / (pp v) blocks a chunk, chunk c on stage c mod pp."""
-    if virtual > 1:
-        size = blocks // (pp * virtual)
-        return [[b for c in range(s, pp * virtual, pp) for b in range(c * size, (c + 1) * size)] for s in range(pp)]
-    base, extra = divmod(blocks, pp)
-    out, start = [], 0
-    for s in range(pp):
-        size = base + (1 if s < extra else 0)
-        out.append(list(range(start, start + size)))
-        start += size
-    return out
 
 
 def collective(name: str, op: str, nbytes, *, layer: int, group: str, layout, pass_: str = "fwd",
@@ -203,14 +207,16 @@ def split_op(op: Op, spec, layout, in_region: bool) -> Op:
 
 
 class _Placed:
-    """Forward collectives and where they sit: (anchor op name, 'before' | 'after', op)."""
+    """Forward collectives and where they sit, by the placement key of their run:
+    key -> [(anchor op name, 'before' | 'after', op)]."""
 
     def __init__(self):
-        self.anchors: list[tuple[str, str, Op]] = []
+        self.anchors: dict = {}
+        self.key = None  # the key of the run being laid out
 
     def add(self, out: list, anchor: Op, where: str, coll: Op) -> None:
         out.append(coll)
-        self.anchors.append((anchor.name, where, coll))
+        self.anchors.setdefault(self.key, []).append((anchor.name, where, coll))
 
 
 def _kv_bytes(op: Op, spec):
@@ -248,6 +254,8 @@ def _layer_forward(ops: list, spec, layout, region: set, placed: _Placed) -> lis
         if tp > 1 and layout.sequence_parallel and not gathered and split_input and k > 0:
             add(op, "before", "tp_gather", "all_gather", _sublayer_bytes(ops, k) / cp, "tp")
             gathered = True
+        if tp > 1 and layout.sequence_parallel and local == "cross.kv":  # the encoder's output, split by tokens
+            add(op, "before", "tp_gather", "all_gather", orig.act_read_bytes / cp, "tp")
         if cp > 1 and op.kind == "attention" and not local.startswith("cross."):
             add(op, "before", "cp_gather", "all_gather", _kv_bytes(orig, spec) / min(tp, spec.kv_heads), "cp")
         if tp > 1 and RESIDUAL.search(op.name):
@@ -268,15 +276,15 @@ def _conjugate(coll: Op) -> Op:
     return replace(coll, pass_="bwd", variant=CONJUGATE[coll.variant])
 
 
-def _layer_backward(ops: list, placed: _Placed, recomputed: list, layer: int) -> list:
-    """One layer's backward ops with the conjugates of its forward collectives: a
-    collective before an op in forward comes after its backward, one after it before."""
-    anchors = [(name, where, coll) for name, where, coll in placed.anchors if coll.layer == layer]
+def _layer_backward(ops: list, placed: _Placed, recomputed: list, key: int, done: set, last: bool) -> list:
+    """One run of a key's backward ops with the conjugates of its forward collectives: a
+    collective before an op in forward comes after its backward, one after it before; those
+    whose op has no backward after the key's `last` run (`done`: the ops met in its runs)."""
+    anchors = placed.anchors.get(key, [])
     by_anchor: dict = {}
     for name, where, coll in anchors:
         by_anchor.setdefault(name, []).append((where, coll))
     out = list(recomputed)
-    done = set()
     for op in ops:
         for where, coll in by_anchor.get(op.name, []):
             if where == "after":
@@ -286,7 +294,8 @@ def _layer_backward(ops: list, placed: _Placed, recomputed: list, layer: int) ->
             if where == "before":
                 out.append(_conjugate(coll))
         done.add(op.name)
-    out += [_conjugate(c) for name, _, c in anchors if name not in done]
+    if last:
+        out += [_conjugate(c) for name, _, c in anchors if name not in done]
     return out
 
 
@@ -299,20 +308,25 @@ def _recomputation(fwd_layer: list, layout) -> list:
             for op in chosen]
 
 
-def _data_parallel(params: dict, layout, layer: int, grad_bpp: float, weight_bpp: float) -> dict:
+_KEY_NAMES = {DECODER_INPUT: "decoder_input", STACK_BIAS: "position_bias", DECODER_BIAS: "decoder_position_bias"}
+
+
+def _data_parallel(params: dict, layout, layer: int, grad_bpp: float, weight_bpp: float, key=None) -> dict:
     """A layer's ZeRO collectives by where they go: {'pre_fwd', 'pre_bwd', 'post_bwd': [ops]}
-    (see the module docstring); `params` {'dp': dense, 'edp': routed-expert} on this GPU."""
+    (see the module docstring); `params` {'dp': dense, 'edp': routed-expert} on this GPU; `key`
+    (flopsim.parallel.layout.place), when not the layer, tags them `place`."""
     out: dict = {"pre_fwd": [], "pre_bwd": [], "post_bwd": []}
     zero = layout.zero
+    own = {} if key is None or key == layer else {"place": key}
     for group, count in params.items():
         if not count or layout.group(group)[0] <= 1:
             continue
         grads, weights = count * grad_bpp, count * weight_bpp
-        name = f"layer.{layer}.{group}"
+        name = f"layer.{layer}" + (f".{_KEY_NAMES[key]}" if own else "") + f".{group}"
 
         def coll(suffix, op, nbytes, per, window, pass_):
             return collective(f"{name}.{suffix}", op, nbytes, layer=layer, group=group, layout=layout, pass_=pass_,
-                              per=per, window=window)
+                              per=per, window=window, **own)
         reduce = coll("grad_reduce", "all_reduce" if zero == 0 else "reduce_scatter", grads,
                       "microbatch" if zero >= 2 else "step", "backward", "bwd")
         out["post_bwd"].append(reduce)
@@ -326,27 +340,36 @@ def _data_parallel(params: dict, layout, layer: int, grad_bpp: float, weight_bpp
     return out
 
 
-def _by_layer(ops: list) -> list[tuple[int, list]]:
-    """Contiguous runs of ops of one layer, in order: [(layer, ops)]."""
+def _runs(ops: list, spec) -> list[tuple[int, list]]:
+    """Contiguous runs of ops of one placement key (flopsim.parallel.layout.place), in order:
+    [(key, ops)]. A key may come back (a stack's bias gradient sum is charged to its last
+    block, after the block's other backward ops)."""
     runs: list = []
     for op in ops:
-        if runs and runs[-1][0] == op.layer:
+        key = place(op, spec)
+        if runs and runs[-1][0] == key:
             runs[-1][1].append(op)
         else:
-            runs.append((op.layer, [op]))
+            runs.append((key, [op]))
     return runs
 
 
 def _stage_layers(spec, layout) -> set:
-    """The layers stage `layout.last_stage` runs: its blocks, the embeddings on the first,
-    the final norm and head on the last."""
-    s = layout.last_stage
-    held = set(stage_of_layers(spec.blocks, layout.pp, layout.virtual_stages)[s])
-    if s == 0:
-        held.add(-1)
-    if s == layout.pp - 1:
-        held.add(spec.blocks)
-    return held
+    """The placement keys stage `layout.last_stage` runs (flopsim.parallel.layout.stage_places):
+    its blocks, the embeddings on the first, the final norm and head on the last."""
+    return stage_places(spec, layout.pp, layout.last_stage, layout.virtual_stages, layout.encoder_stages)
+
+
+def _forward_runs(fwd: list, spec, layout, region: set, split: dict, placed: _Placed) -> tuple[list, dict]:
+    """([(key, its run's forward ops with their collectives)], {key: parameters on this GPU})."""
+    runs, params = [], {}
+    for key, run in _runs(fwd, spec):
+        placed.key = key
+        runs.append((key, _layer_forward([(op, split[op.key]) for op in run], spec, layout, region, placed)))
+        p = params.setdefault(key, {"dp": sp.Integer(0), "edp": sp.Integer(0)})
+        for op in run:
+            p["edp" if ".moe.experts." in op.name else "dp"] += split[op.key].params
+    return runs, params
 
 
 def shard(ops: list, spec, phase: str, layout, *, grad_bytes_per_param: Optional[float] = None,
@@ -361,35 +384,54 @@ def shard(ops: list, spec, phase: str, layout, *, grad_bytes_per_param: Optional
     held = _stage_layers(spec, layout)
     fwd_all = [op for op in ops if op.pass_ == "fwd" and op.kind != "optimizer"]
     region = _regions(fwd_all)
-    fwd = [op for op in fwd_all if op.layer in held]
-    split = {op.key: split_op(op, spec, layout, op.name in region) for op in ops if op.layer in held}
-    placed, out_fwd, params_by_layer, recomputed = _Placed(), [], {}, {}
-    for layer, run in _by_layer(fwd):
-        layer_ops = _layer_forward([(op, split[op.key]) for op in run], spec, layout, region, placed)
-        params_by_layer[layer] = {
-            "dp": sum((split[op.key].params for op in run if ".moe.experts." not in op.name), sp.Integer(0)),
-            "edp": sum((split[op.key].params for op in run if ".moe.experts." in op.name), sp.Integer(0))}
-        recomputed[layer] = _recomputation(layer_ops, layout) if 0 <= layer < spec.blocks else []
-        dp_ops = _data_parallel(params_by_layer[layer], layout, layer, grad_bpp, weight_bpp) if phase == "train" \
-            else {"pre_fwd": [], "pre_bwd": [], "post_bwd": []}
-        params_by_layer[layer]["dp_ops"] = dp_ops
-        out_fwd += dp_ops["pre_fwd"] + layer_ops
+    mine = [op for op in ops if op.kind != "optimizer" and place(op, spec) in held]
+    split = {op.key: split_op(op, spec, layout, op.name in region) for op in mine}
+    placed = _Placed()
+    runs, params_by_layer = _forward_runs([op for op in mine if op.pass_ == "fwd"], spec, layout, region, split,
+                                          placed)
+    layer_of = {key: run[0].layer for key, run in _runs(mine, spec)}
+    none = {"pre_fwd": [], "pre_bwd": [], "post_bwd": []}
+    dp_ops = {key: _data_parallel(p, layout, layer_of[key], grad_bpp, weight_bpp, key) if phase == "train" else none
+              for key, p in params_by_layer.items()}
+    recomputed: dict = {}
+    out_fwd: list = []
+    for key, layer_ops in runs:
+        if key not in recomputed:
+            out_fwd += dp_ops[key]["pre_fwd"]
+            recomputed[key] = []
+        if 0 <= key < spec.blocks:
+            recomputed[key] += _recomputation(layer_ops, layout)
+        out_fwd += layer_ops
     sends_fwd, sends_bwd = _pipeline_sends(out_fwd, spec, layout)
     out_fwd += sends_fwd
-    out_bwd: list = []
-    for layer, run in _by_layer([op for op in ops if op.pass_ == "bwd" and op.layer in held]):
-        dp_ops = params_by_layer.get(layer, {}).get("dp_ops", {"pre_bwd": [], "post_bwd": []})
-        out_bwd += dp_ops["pre_bwd"] + _layer_backward([split[op.key] for op in run], placed,
-                                                       recomputed.get(layer, []), layer) + dp_ops["post_bwd"]
+    out_bwd = _backward([op for op in mine if op.pass_ == "bwd"], spec, split, placed, recomputed, dp_ops)
     if out_bwd:
         out_bwd += sends_bwd
     return out_fwd + out_bwd + _optimizer(ops, params_by_layer, layout)
 
 
+def _backward(bwd: list, spec, split: dict, placed: _Placed, recomputed: dict, dp_ops: dict) -> list:
+    """The stage's backward ops by runs of a key: before a key's first run its weight
+    gathers and recomputation, after its last its gradient collectives (module docstring)."""
+    runs = _runs(bwd, spec)
+    last = {key: i for i, (key, _) in enumerate(runs)}
+    none = {"pre_bwd": [], "post_bwd": []}
+    out: list = []
+    done: dict = {}  # key -> the names of its ops met so far
+    for i, (key, run) in enumerate(runs):
+        first, d = key not in done, dp_ops.get(key, none)
+        out += d["pre_bwd"] if first else []
+        out += _layer_backward([split[op.key] for op in run], placed, recomputed.get(key, []) if first else [],
+                               key, done.setdefault(key, set()), last[key] == i)
+        out += d["post_bwd"] if last[key] == i else []
+    return out
+
+
 def _pipeline_sends(fwd: list, spec, layout) -> tuple[list, list]:
     """(forward, backward) sends of the stage: each of its chunks sends its output on
     (but the model's last) and its input's gradient back (but the model's first), the
-    last residual add's bytes / (tp * cp) (Megatron's scatter-gather)."""
+    last residual add's bytes / (tp * cp) (Megatron's scatter-gather); an encoder-decoder's
+    decoder stage also the encoder's output, and back its gradient (the module docstring)."""
     if layout.pp <= 1:
         return [], []
     last = [op for op in fwd if op.kind != "collective" and RESIDUAL.search(op.name)]
@@ -400,11 +442,20 @@ def _pipeline_sends(fwd: list, spec, layout) -> tuple[list, list]:
     s, v, pp = layout.last_stage, layout.virtual_stages, layout.pp
     chunks = range(s, pp * v, pp)
 
-    def send(direction, i):
-        return collective(f"stage.{s}.send_{direction}{'' if v == 1 else f'.chunk{i}'}", "send_recv", nbytes,
-                          layer=op.layer, group="pp", layout=layout, kernels=op.kernels,
+    def send(direction, i, what="", size=nbytes, kernels=op.kernels):
+        return collective(f"stage.{s}.send_{direction}{'' if v == 1 else f'.chunk{i}'}{what}", "send_recv", size,
+                          layer=op.layer, group="pp", layout=layout, kernels=kernels,
                           pass_="fwd" if direction == "fwd" else "bwd")
-    return ([send("fwd", c) for c in chunks if c < pp * v - 1], [send("bwd", c) for c in chunks if c > 0])
+    fwd_sends = [send("fwd", c) for c in chunks if c < pp * v - 1]
+    bwd_sends = [send("bwd", c) for c in chunks if c > 0]
+    if layout.encoder_stages is None or s < layout.encoder_stages:
+        return fwd_sends, bwd_sends
+    kv = next(o for o in fwd if local_name(o.name) == "cross.kv" and o.kind != "collective")
+    enc = kv.act_read_bytes  # its column-parallel share: the encoder's output / tp
+    if s == layout.encoder_stages:  # its input is the encoder's output alone; the decoder's starts here
+        bwd_sends = []
+    return (fwd_sends + [send("fwd", s, ".encoder_output", enc, 1) for _ in fwd_sends],
+            bwd_sends + [send("bwd", s, ".encoder_output", enc, 1)])
 
 
 def optimizer_share(params_by_layer: dict, layout, total):

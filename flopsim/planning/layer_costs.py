@@ -5,7 +5,9 @@ search cost a pipeline stage the same way: as the sum of its layers.
 list (flopsim.parallel.shard) once per (micro-batch, seq, tp, cp, ep, expert
 load) with pp = 1, costs each op on the device (flopsim.roofline.op_time,
 collectives on the link levels; one op_time per distinct op) and sums it by
-layer and role (`LayerCosts`). A stage under a full layout (`stage_times`) is
+placement key (flopsim.parallel.layout.place: a block's layer, the embeddings,
+a stack's position bias, the head) and role (`LayerTable`). A stage under a
+full layout (`stage_times`) is
 then its layers' sums plus what depends on the rest of the layout, each again
 from flopsim.parallel's own ops:
 - recomputation: full adds each block's forward compute and its forward
@@ -37,7 +39,8 @@ ROLES = ("fwd_s", "bwd_s", "attention_fwd_s", *(f"{g}_{p}_{q}" for g in GROUPS f
 
 @dataclass
 class LayerTable:
-    """One micro-batch on one GPU of a tp x cp x ep layout (pp 1), by layer: for each
+    """One micro-batch on one GPU of a tp x cp x ep layout (pp 1), by placement key
+    (`layers`: flopsim.parallel.layout.place, a block's its layer): for each
     role in ROLES (compute by pass, the attention cores' forward, each group's
     collectives' seconds `_s` and count `_n` by pass) an array over `layers`."""
 
@@ -58,10 +61,13 @@ class LayerTable:
 class ShardedModel:
     """A spec's train step on one device, sharded and costed per layer (see the module docstring)."""
 
-    def __init__(self, spec, hw, cal, links, *, optimizer: str = "adam", bytes_per_param: dict):
+    def __init__(self, spec, hw, cal, links, *, optimizer: str = "adam", bytes_per_param: dict,
+                 encoder_seq=None):
+        """`encoder_seq`: an encoder-decoder's encoder tokens per sequence (None: the seq costed)."""
         from flopsim.predict import phase_ops
 
         self.spec, self.hw, self.cal, self.links, self.bpp = spec, hw, cal, links, bytes_per_param
+        self.encoder_seq = encoder_seq
         self.base_ops = phase_ops(spec, "train", optimizer=optimizer)
         self.rep_of = _representatives(self.base_ops, spec.blocks)
         self._rep_ops = [op for op in self.base_ops if self.rep_of.get(op.layer, op.layer) == op.layer]
@@ -93,7 +99,8 @@ class ShardedModel:
         from flopsim.parallel.shard import EXPERT_LOAD
 
         if (micro_batch, seq) not in self._values:
-            self._values[(micro_batch, seq)] = token_values(self.spec, "train", micro_batch, seq)
+            self._values[(micro_batch, seq)] = token_values(self.spec, "train", micro_batch, seq,
+                                                            encoder_seq=self.encoder_seq)
         values = {**self._values[(micro_batch, seq)], EXPERT_LOAD: expert_load}
         return [self._time(c) for c in evaluate_ops(ops, values)]
 
@@ -134,16 +141,19 @@ class ShardedModel:
         return [timed[i] for i in which]
 
     def _cost_layers(self, micro_batch: int, seq: int, ops: list, expert_load: float) -> LayerTable:
-        layers = sorted({op.layer for op in ops})
+        from flopsim.parallel.layout import place
+
+        keys = [place(op, self.spec) for op in ops]
+        layers = sorted(set(keys))
         index = {layer: i for i, layer in enumerate(layers)}
         roles = {r: np.zeros(len(layers)) for r in ROLES}
         params = [{"dp": 0.0, "edp": 0.0} for _ in layers]
         one: dict = {}
         fwd_ops: dict = {layer: [] for layer in layers}
-        for op, t in zip(ops, self._distinct_times(ops, micro_batch, seq, expert_load)):
-            i, side = index[op.layer], op.pass_
+        for op, key, t in zip(ops, keys, self._distinct_times(ops, micro_batch, seq, expert_load)):
+            i, side = index[key], op.pass_
             if side == "fwd":
-                fwd_ops[op.layer].append(op)
+                fwd_ops[key].append(op)
                 params[i]["edp" if ".moe.experts." in op.name else "dp"] += float(op.params)
             if op.kind == "collective":
                 group = op.tags["group"]
@@ -188,7 +198,7 @@ class ShardedModel:
         if layout.pp <= 1:
             return
         key = ("send", micro_batch, seq, layout.tp, layout.cp, layout.ep, layout.pp, layout.last_stage, layout.dp,
-               layout.virtual_stages)
+               layout.virtual_stages, layout.encoder_stages)
         if key not in self._extras:
             fwd = [op for layer in held for op in table.fwd_ops.get(table.rep_of.get(layer, layer), [])]
             sends = _pipeline_sends(fwd, self.spec, layout)

@@ -6,10 +6,14 @@ are costed, the fastest first, with the Pareto front of (GPUs, days, cost).
 Candidates for G GPUs (N nodes of `gpus_per_node`): tp a power of two up to
 the node dividing the heads; pp a divisor of the blocks; dp = G / (tp * pp);
 with pp > 1 the interleaved schedule's 2, 3 or 4 chunks a stage where they
-divide the blocks;
+divide the blocks; an encoder-decoder's pp where its default encoder stages
+(flopsim.parallel.layout) divide the encoder's blocks and the rest the
+decoder's (train.pipeline_fits_blocks), plain 1F1B only, and one
+`encoder_seq` for all;
 ep (MoE) a divisor of the experts and of dp; micro-batches from
 `micro_batches`; one global batch for all (a training hyperparameter, not a
-layout choice): the one given, else ~4M tokens (ceil(4 Mi / seq) sequences);
+layout choice): the one given, else ~4M tokens (ceil(4 Mi / a sequence's
+tokens) sequences, an encoder-decoder's encoder_seq + seq);
 layouts whose dp * micro-batch does not divide it are skipped.
 
 Each layout is costed exactly as `plan_training` costs it (the same memory
@@ -77,12 +81,14 @@ def _powers_of_two(upper: int) -> list[int]:
 def candidate_layouts(spec, gpus: int, gpus_per_node: int, micro_batches: Sequence[int], zeros: Sequence[int],
                       recomputes: Sequence[str]) -> list[dict]:
     """Every layout of `gpus` GPUs (see the module docstring), as keyword dicts."""
+    from flopsim.planning.train import pipeline_fits_blocks
+
     experts = spec.moe.experts if spec.moe is not None else 1
     out = []
     for tp in (t for t in _powers_of_two(min(gpus_per_node, gpus)) if spec.heads % t == 0):
-        for pp in (p for p in range(1, spec.blocks + 1) if spec.blocks % p == 0 and gpus % (tp * p) == 0):
+        for pp in (p for p in range(1, spec.blocks + 1) if pipeline_fits_blocks(spec, p) and gpus % (tp * p) == 0):
             dp = gpus // (tp * pp)
-            chunks = [v for v in VIRTUAL_STAGES if v == 1 or (pp > 1 and spec.blocks % (pp * v) == 0)]
+            chunks = [v for v in VIRTUAL_STAGES if v == 1 or (pp > 1 and pipeline_fits_blocks(spec, pp, v))]
             for ep in (e for e in range(1, experts + 1) if experts % e == 0 and dp % e == 0):
                 for v in chunks:
                     for mb in micro_batches:
@@ -129,28 +135,40 @@ class _Costing:
     """What every layout of one search shares: the sharded model, the activations per
     (micro-batch, recomputation), the routing figures and the FLOPs per micro-batch."""
 
-    def __init__(self, spec, hw, cal, links, *, seq: int, optimizer: str, dp_overlap: float, tp_overlap: float):
+    def __init__(self, spec, hw, cal, links, *, seq: int, optimizer: str, dp_overlap: float, tp_overlap: float,
+                 encoder_seq=None):
         from flopsim.memory import MemoryModel
         from flopsim.planning.layer_costs import ShardedModel
         from flopsim.planning.train import _param_split
 
         self.spec, self.hw, self.cal, self.links, self.seq = spec, hw, cal, links, seq
+        self.encoder_seq = encoder_seq
         self.dp_overlap, self.tp_overlap, self.optimizer = dp_overlap, tp_overlap, optimizer
-        self._memory = {rc: MemoryModel(spec, "train", recompute=rc, optimizer=optimizer) for rc in RECOMPUTE}
+        self._memory = {rc: MemoryModel(spec, "train", recompute=rc, optimizer=optimizer, encoder_seq=encoder_seq)
+                        for rc in RECOMPUTE}
         self.bpp = self._memory["none"].bytes_per_param
-        self.model = ShardedModel(spec, hw, cal, links, optimizer=optimizer, bytes_per_param=self.bpp)
+        self.model = ShardedModel(spec, hw, cal, links, optimizer=optimizer, bytes_per_param=self.bpp,
+                                  encoder_seq=encoder_seq)
         self.params, self.params_expert = _param_split(spec)
         self._flops: dict = {}
         self._routing: dict = {}
+        self._acts: dict = {}
 
-    def activations(self, micro_batch: int, recompute: str) -> float:
-        return self._memory[recompute].evaluate(micro_batch, self.seq, self.seq)["activations_bytes"]
+    def activations(self, c: dict):
+        """One micro-batch's activations of layout `c` (flopsim.planning.train._activations), cached."""
+        from flopsim.planning.train import _activations
+
+        key = (c["micro_batch"], c["recompute_mode"], c["pp"] if self.spec.is_encoder_decoder else 1)
+        if key not in self._acts:
+            self._acts[key] = _activations(self.spec, c, self._memory[c["recompute_mode"]])
+        return self._acts[key]
 
     def flops(self, micro_batch: int) -> float:
         from flopsim.count import count
 
         if micro_batch not in self._flops:
-            self._flops[micro_batch] = count(self.spec, batch=micro_batch, seq=self.seq, phase="train").flops
+            self._flops[micro_batch] = count(self.spec, batch=micro_batch, seq=self.seq, encoder_seq=self.encoder_seq,
+                                             phase="train").flops
         return self._flops[micro_batch]
 
     def evaluate(self, layout: dict, global_batch: int, tokens: float, price) -> dict:
@@ -159,12 +177,19 @@ class _Costing:
         from flopsim.planning.train import _stage_list, _train_memory, _train_totals, routing_figures
         from flopsim.planning.train_step import step_schedule
 
-        c = dict(layout, seq=self.seq, global_batch=global_batch,
-                 microbatches=global_batch // (layout["dp"] * layout["micro_batch"]), recompute_mode=layout["recompute"])
-        mem = _train_memory(self.params - self.params_expert, self.params_expert, self.bpp,
-                            self.activations(layout["micro_batch"], layout["recompute"]), tp=c["tp"], pp=c["pp"], dp=c["dp"],
-                            ep=c["ep"], zero=c["zero"], microbatches=c["microbatches"])
+        from flopsim.parallel.layout import default_encoder_stages
+
+        enc = default_encoder_stages(self.spec, layout["pp"]) if self.spec.is_encoder_decoder and layout["pp"] > 1 \
+            else None
+        c = dict(layout, seq=self.seq, encoder_seq=self.encoder_seq, seq_tokens=self.seq + (self.encoder_seq or 0),
+                 global_batch=global_batch, encoder_stages=enc,
+                 microbatches=global_batch // (layout["dp"] * layout["micro_batch"]),
+                 recompute_mode=layout["recompute"])
+        mem = _train_memory(self.params - self.params_expert, self.params_expert, self.bpp, self.activations(c),
+                            tp=c["tp"], pp=c["pp"], dp=c["dp"], ep=c["ep"], zero=c["zero"],
+                            microbatches=c["microbatches"], virtual_stages=c["virtual_stages"])
         row = {**layout, "global_batch": global_batch, "microbatches": c["microbatches"],
+               **({"encoder_stages": enc} if self.spec.is_encoder_decoder else {}),
                "memory_gb": mem["total_bytes"] / 1e9, "fits": mem["total_bytes"] <= self.hw.memory_capacity_bytes}
         if not row["fits"]:
             return row
@@ -188,7 +213,7 @@ def search_training(spec, hw, *, gpus, tokens: float, seq: Optional[int] = None,
                     tp_overlap: float = 0.0, price_per_gpu_hour: Optional[float] = None, calibration=None,
                     interconnect_bytes_per_s: Optional[float] = None, inter_node_bytes_per_s: Optional[float] = None,
                     gpus_per_node: Optional[int] = None, comm_latency_s: Optional[float] = None,
-                    progress: bool = False) -> SearchResult:
+                    progress: bool = False, encoder_seq: Optional[int] = None) -> SearchResult:
     """Search the layouts of a training run on `gpus` (an int or several) x `hw` (see the
     module docstring); the other arguments as plan_training's."""
     from flopsim.calibration import load_calibration
@@ -197,13 +222,11 @@ def search_training(spec, hw, *, gpus, tokens: float, seq: Optional[int] = None,
     from flopsim.ops.optimizer import get_optimizer
     from flopsim.planning.common import DEFAULT_GLOBAL_BATCH_TOKENS, DEFAULT_SEQ, _non_negative, _Progress
     from flopsim.planning.links import resolve_links
-    from flopsim.planning.common import _single_stack
-    from flopsim.planning.train import _global_batch
+    from flopsim.planning.train import _encoder_tokens, _global_batch
     from flopsim.spec import load_model
 
     start = time.perf_counter()
     spec, hw = load_model(spec), load_hardware(hw)
-    _single_stack(spec)
     cal = load_calibration(calibration, hw)
     counts = sorted({_positive_int("gpus", g) for g in ([gpus] if isinstance(gpus, int) else gpus)})
     if not counts:
@@ -212,23 +235,24 @@ def search_training(spec, hw, *, gpus, tokens: float, seq: Optional[int] = None,
     get_optimizer(optimizer)
     mbs, zeros, rcs = _checked_choices(micro_batches, zero, recompute)
     seq = min(DEFAULT_SEQ, spec.max_seq) if seq is None else _positive_int("seq", seq)
-    token_values(spec, "train", 1, seq)
+    encoder_seq = _encoder_tokens(token_values(spec, "train", 1, seq, encoder_seq=encoder_seq))
+    seq_tokens = seq + (encoder_seq or 0)
     links = resolve_links(hw, cal, interconnect_bytes_per_s, inter_node_bytes_per_s, gpus_per_node, comm_latency_s,
                           needed=max(counts) > 1)
     if global_batch is None and global_batch_tokens is None:  # one global batch for every layout
-        global_batch = math.ceil(DEFAULT_GLOBAL_BATCH_TOKENS / seq)
+        global_batch = math.ceil(DEFAULT_GLOBAL_BATCH_TOKENS / seq_tokens)
     layouts = [lay for g in counts for lay in candidate_layouts(spec, g, links.gpus_per_node, mbs, zeros, rcs)]
     if len(layouts) > MAX_LAYOUTS:
         raise bad_value("gpus", gpus, f"gives {len(layouts):,} layouts, over {MAX_LAYOUTS:,}: narrow the search")
     costing = _Costing(spec, hw, cal, links, seq=seq, optimizer=optimizer, dp_overlap=float(dp_overlap),
-                       tp_overlap=float(tp_overlap))
+                       tp_overlap=float(tp_overlap), encoder_seq=encoder_seq)
     rows, notes = [], []
     bar = _Progress(progress, f"searching {len(layouts):,} layouts", total=len(layouts))
     try:
         for lay in layouts:
             bar.advance()
             try:
-                gb = _global_batch(seq, lay["dp"], lay["micro_batch"], global_batch, global_batch_tokens)
+                gb = _global_batch(seq_tokens, lay["dp"], lay["micro_batch"], global_batch, global_batch_tokens)
             except InputError:  # the global batch does not divide over this layout
                 continue
             rows.append(costing.evaluate(lay, gb, tokens, price))

@@ -1,7 +1,11 @@
 """Training plans (`plan_training`): GPUs, days, GPU-hours and cost of a run.
 
 Training (`plan_training`), dp * tp * pp = GPUs, the global batch split into
-`microbatches` = global sequences / (dp * micro_batch) per replica:
+`microbatches` = global sequences / (dp * micro_batch) per replica. A
+sequence trains `seq` tokens; an encoder-decoder's `encoder_seq` (default
+seq) encoder input tokens + `seq` decoder target tokens, which the tokens to
+train on, the global batch in tokens and the throughput count (T5 and
+Switch presets: `count` and `predict` take the same encoder_seq).
 
 - Each GPU's work and communication are its pipeline stage's sharded op list
   (flopsim.parallel.shard: Megatron's splits with sequence parallelism, the
@@ -11,7 +15,10 @@ Training (`plan_training`), dp * tp * pp = GPUs, the global batch split into
   cores) or `full` as copies of the forward ops), costed by the roofline on the
   calibration's link levels; flopsim.planning.layer_costs sums it by layer,
   flopsim.planning.train_step turns the stages into a step. This module adds
-  no communication formula.
+  no communication formula. An encoder-decoder's stages are Megatron-LM's T5
+  split (flopsim.parallel.layout: `encoder_stages` stages of encoder blocks,
+  then the decoder's; plain 1F1B only, `virtual_stages` > 1 refused): its
+  decoder stages also pass the encoder's output on (flopsim.parallel.shard).
 - Expert parallelism: the step waits for the busiest expert-parallel rank.
   With dropless token choice its experts' work and all-to-all messages are
   `expert_imbalance` = E[max over ranks of its routed pairs] / the mean
@@ -19,6 +26,10 @@ Training (`plan_training`), dp * tp * pp = GPUs, the global batch split into
   `moe.popularity` (flopsim.ops.popularity; uniform routing too has a small
   statistical imbalance). Padded slots and expert choice do the same work on
   every rank; with a capacity factor `dropped_fraction` is reported instead.
+  An encoder-decoder routes B x encoder_seq tokens a micro-batch in its
+  encoder and B x seq in its decoder: the plan applies the larger imbalance
+  (the stack with fewer tokens) to both (a note says so when they differ)
+  and reports the dropped share of both stacks' pairs.
 - The schedule (train_step): tensor-parallel traffic hidden behind up to
   `tp_overlap` of the micro-batch's compute (default 0; Megatron-Core's
   --tp-comm-overlap: 1.0); 1F1B, (microbatches + (pp - 1) / v) slots of the
@@ -37,11 +48,20 @@ Training (`plan_training`), dp * tp * pp = GPUs, the global batch split into
   ZeRO shards the optimizer state (stage >= 1), the gradients (>= 2) and the
   weights (3) over the data-parallel group. Activations: flopsim.memory's
   train activations of one micro-batch (none, selective or full recomputation) / tp
-  (sequence parallel) * min(pp, microbatches) / pp (1F1B: the first stage
-  holds min(pp, microbatches) micro-batches of its 1/pp of the layers).
+  (sequence parallel) x the first stage's share in flight,
+  train_step.in_flight_chunks / (pp v) (its blocks spread evenly): min(pp,
+  microbatches) / pp under 1F1B (pp micro-batches of 1/pp of the blocks);
+  interleaved, min(v pp + pp - 1, v m) / (v pp), 1 + (pp - 1) / (pp v) once
+  the micro-batches fill the warm-up (Korthikanti et al. 2022, arXiv
+  2205.05198; Megatron-LM's theoretical_memory_usage.py). A pipelined
+  encoder-decoder's stages differ: each stage's own activations of one
+  micro-batch (flopsim.memory.MemoryModel.stage_activations: its blocks, its
+  embeddings or head, a decoder stage's received encoder output) x its
+  min(pp - r, microbatches) in flight, the largest over stages r.
   Not counted: framework and allocator overhead, communication
   buffers, ZeRO-3's gathered-parameter buffers, fp32 gradient-accumulation
-  buffers, the interleaved schedule's extra micro-batches in flight.
+  buffers, a stage's received input activations (but an encoder-decoder's
+  encoder output).
 
 """
 
@@ -53,7 +73,7 @@ from typing import Any, Optional
 
 from flopsim.errors import InputError, bad_value
 from flopsim.planning.common import (DEFAULT_GLOBAL_BATCH_TOKENS, DEFAULT_SEQ, _gb, _long_table,
-                                     _non_negative, _positive, _positive_int, _Progress, _single_stack)
+                                     _non_negative, _positive, _positive_int, _Progress)
 from flopsim.planning.links import Links, resolve_links
 
 
@@ -170,8 +190,7 @@ class TrainingPlan:
              + (" / dp" if c["zero"] >= 3 else "")),
             ("gradients", "gradients", f"x {per['gradients']} B" + (" / dp" if c["zero"] >= 2 else "")),
             ("optimizer state", "optimizer", f"x {per['optimizer']} B" + (" / dp" if c["zero"] >= 1 else "")),
-            ("activations", "activations", f"{human(m['activations_one_microbatch_bytes'], 'B')} per micro-batch "
-             f"/ tp" + (f" x {m['microbatches_in_flight']}/pp in flight" if c["pp"] > 1 else "")),
+            ("activations", "activations", _activations_how(c, m)),
             ("total", "total", f"device {human(m['capacity_bytes'], 'B')}"),
         )]
 
@@ -179,8 +198,49 @@ class TrainingPlan:
 
 
 
-def _train_memory(params_dense, params_expert, bpp, act_one_mb, *, tp, pp, dp, ep, zero, microbatches):
-    """Bytes per GPU by component (see the module docstring)."""
+def _activations_how(c: dict, m: dict) -> str:
+    from flopsim.units import human
+
+    one = f"{human(m['activations_one_microbatch_bytes'], 'B')} per micro-batch / tp"
+    if c["pp"] == 1:
+        return one
+    if "activation_stage" in m:  # an encoder-decoder's stages, each its own
+        return f"stage {m['activation_stage']}'s {one} x {m['microbatches_in_flight']:g} in flight"
+    v = c.get("virtual_stages", 1)
+    if v == 1:
+        return f"{one} x {m['microbatches_in_flight']:g}/pp in flight"
+    return f"{one} x {m['microbatches_in_flight'] * v:g} chunks/(pp x {v}) in flight (interleaved)"
+
+
+def activations_in_flight(act, *, tp: int, pp: int, microbatches: int, virtual_stages: int = 1) -> dict:
+    """The activations a GPU holds (see the module docstring): `act` one micro-batch's of the
+    whole model (a number: the blocks spread evenly over the stages, the first holding the
+    most) or of each stage (a list: a pipelined encoder-decoder, the largest stage's).
+    {activations_bytes, microbatches_in_flight, activations_one_microbatch_bytes[, activation_stage]}."""
+    from flopsim.planning.train_step import in_flight_chunks
+
+    if not isinstance(act, (list, tuple)):
+        chunks = in_flight_chunks(pp, microbatches, virtual_stages)
+        return {"activations_bytes": act * chunks / (pp * virtual_stages) / tp,
+                "microbatches_in_flight": chunks / virtual_stages, "activations_one_microbatch_bytes": act}
+    held = [a * in_flight_chunks(pp, microbatches, 1, r) for r, a in enumerate(act)]
+    r = max(range(len(held)), key=held.__getitem__)
+    return {"activations_bytes": held[r] / tp, "microbatches_in_flight": in_flight_chunks(pp, microbatches, 1, r),
+            "activations_one_microbatch_bytes": act[r], "activation_stage": r}
+
+
+def stage_activations(spec, memory_model, micro_batch: int, seq: int, pp: int, encoder_stages) -> list:
+    """One micro-batch's activations of each of a pipelined encoder-decoder's stages
+    (flopsim.memory.MemoryModel.stage_activations of flopsim.parallel.layout.stage_places)."""
+    from flopsim.parallel.layout import stage_places
+
+    stages = [stage_places(spec, pp, r, 1, encoder_stages) for r in range(pp)]
+    return memory_model.stage_activations(micro_batch, seq, seq, stages)
+
+
+def _train_memory(params_dense, params_expert, bpp, act, *, tp, pp, dp, ep, zero, microbatches,
+                  virtual_stages: int = 1):
+    """Bytes per GPU by component (see the module docstring; `act` as activations_in_flight's)."""
     edp = dp // ep
 
     def per_gpu(per_param: float, sharded: bool) -> float:
@@ -192,7 +252,8 @@ def _train_memory(params_dense, params_expert, bpp, act_one_mb, *, tp, pp, dp, e
         "weights_bytes": per_gpu(bpp["weights"], zero >= 3),
         "gradients_bytes": per_gpu(bpp["gradients"], zero >= 2),
         "optimizer_bytes": per_gpu(bpp["optimizer"], zero >= 1),
-        "activations_bytes": act_one_mb / tp * min(pp, microbatches) / pp,
+        "activations_bytes": activations_in_flight(act, tp=tp, pp=pp, microbatches=microbatches,
+                                                   virtual_stages=virtual_stages)["activations_bytes"],
     }
     out["total_bytes"] = sum(out.values())
     return out
@@ -214,8 +275,8 @@ def _train_layout(spec, gpus, tp, pp, dp, ep, zero, dp_overlap, tp_overlap) -> i
         raise InputError(f"dp * tp * pp = {dp} * {tp} * {pp} = {dp * tp * pp} does not equal gpus {gpus}")
     if spec.heads % tp:
         raise InputError(f"tp {tp} does not divide the {spec.heads} attention heads of {spec.name}")
-    if pp > spec.layers:
-        raise InputError(f"pp {pp} exceeds the {spec.layers} layers of {spec.name}")
+    if pp > spec.blocks:
+        raise InputError(f"pp {pp} exceeds the {spec.blocks} blocks of {spec.name}")
     if ep > 1:
         if spec.moe is None:
             raise InputError(f"ep {ep}: {spec.name} ({spec.family}) has no experts; expert parallelism needs an MoE")
@@ -238,14 +299,16 @@ def _recompute_mode(recompute) -> tuple[bool, bool]:
 
 def _global_batch(seq: int, dp: int, micro_batch: int, global_batch, global_batch_tokens) -> int:
     """The global batch in sequences: given in sequences or tokens, else the smallest multiple of
-    dp * micro_batch holding DEFAULT_GLOBAL_BATCH_TOKENS tokens."""
+    dp * micro_batch holding DEFAULT_GLOBAL_BATCH_TOKENS tokens (`seq`: a sequence's tokens,
+    an encoder-decoder's encoder_seq + seq)."""
     per_step = dp * micro_batch
     if global_batch is not None and global_batch_tokens is not None:
         raise InputError("give the global batch in sequences or in tokens, not both")
     if global_batch_tokens is not None:
         gbt = _positive("global_batch_tokens", global_batch_tokens)
         if gbt % seq:
-            raise bad_value("global_batch_tokens", global_batch_tokens, f"is not a multiple of seq {seq}")
+            raise bad_value("global_batch_tokens", global_batch_tokens, f"is not a multiple of a sequence's {seq} "
+                                                                        f"tokens")
         global_batch = int(gbt // seq)
     if global_batch is None:
         seqs = math.ceil(DEFAULT_GLOBAL_BATCH_TOKENS / seq)
@@ -269,39 +332,52 @@ def routing_figures(spec, c: dict) -> dict:
     if moe is None:
         return {}
     pi = popularity.spec_inclusion(spec)
-    tokens = c["micro_batch"] * c["seq"]
+    # [(tokens a micro-batch routes, MoE layers)] of each stack with experts
+    stacks = [(n, layers) for n, layers in _routed_stacks(spec, c) if layers]
     out = {"routing": popularity.describe(moe.popularity), "expert_imbalance": 1.0, "dropped_fraction": 0.0}
     dropless = moe.capacity_factor is None and moe.routing == "token_choice"
     if dropless and c["ep"] > 1:  # the EP group routes ep micro-batches' tokens over its ranks
-        out["expert_imbalance"] = popularity.imbalance(pi, c["ep"] * tokens, c["ep"])
+        out["expert_imbalance"] = max(popularity.imbalance(pi, c["ep"] * n, c["ep"]) for n, _ in stacks)
     if moe.capacity_factor is not None and moe.routing == "token_choice":
-        slots = math.ceil(moe.capacity_factor * moe.top_k * tokens / moe.experts)
-        out["dropped_fraction"] = popularity.expected_dropped(pi, tokens, slots) / (tokens * moe.top_k)
+        dropped = sum(layers * popularity.expected_dropped(pi, n, math.ceil(moe.capacity_factor * moe.top_k * n
+                                                                            / moe.experts)) for n, layers in stacks)
+        out["dropped_fraction"] = dropped / sum(layers * n * moe.top_k for n, layers in stacks)
     return out
 
 
-def _train_memory_verdict(spec, hw, mem, params, params_expert, c: dict, links, optimizer) -> tuple:
-    """(memory dict, fits, message, suggestions) for the layout `c`."""
+def _routed_stacks(spec, c: dict) -> list:
+    """[(tokens one micro-batch routes, MoE layers)] of each stack (an encoder-decoder's encoder
+    over B x encoder_seq tokens, its decoder over B x seq; flopsim.families.moe.is_moe_layer)."""
+    from flopsim.families.moe import is_moe_layer
+
+    if not spec.is_encoder_decoder:
+        return [(c["micro_batch"] * c["seq"], 1)]
+    count = lambda n: sum(1 for j in range(n) if is_moe_layer(spec, j))  # noqa: E731
+    return [(c["micro_batch"] * c["encoder_seq"], count(spec.encoder_layers)),
+            (c["micro_batch"] * c["seq"], count(spec.layers))]
+
+
+def _train_memory_verdict(spec, hw, act, bpp, params, params_expert, c: dict, links, optimizer) -> tuple:
+    """(memory dict, fits, message, suggestions) for the layout `c`; `act` as activations_in_flight's."""
     tp, pp, ep, dp = c["tp"], c["pp"], c["ep"], c["dp"]
-    params_dense, bpp = params - params_expert, mem.bytes_per_param
-    mem_gpu = _train_memory(params_dense, params_expert, bpp, mem.activations_bytes, tp=tp, pp=pp, dp=dp, ep=ep,
-                            zero=c["zero"], microbatches=c["microbatches"])
+    params_dense = params - params_expert
+    mem_gpu = _train_memory(params_dense, params_expert, bpp, act, tp=tp, pp=pp, dp=dp, ep=ep, zero=c["zero"],
+                            microbatches=c["microbatches"], virtual_stages=c["virtual_stages"])
     capacity = hw.memory_capacity_bytes
     fits = mem_gpu["total_bytes"] <= capacity
+    flight = activations_in_flight(act, tp=tp, pp=pp, microbatches=c["microbatches"],
+                                   virtual_stages=c["virtual_stages"])
     mem_out = {**mem_gpu, "capacity_bytes": capacity, "fits": fits,
                "params": params, "expert_params": params_expert,
                "params_per_gpu": params_dense / (tp * pp) + params_expert / (tp * pp * ep),
-               "bytes_per_param": dict(bpp), "activations_one_microbatch_bytes": mem.activations_bytes,
-               "microbatches_in_flight": min(pp, c["microbatches"])}
+               "bytes_per_param": dict(bpp), **{k: v for k, v in flight.items() if k != "activations_bytes"}}
     desc = (f"weights {_gb(mem_gpu['weights_bytes'])}, gradients {_gb(mem_gpu['gradients_bytes'])}, "
             f"optimizer {_gb(mem_gpu['optimizer_bytes'])}, activations {_gb(mem_gpu['activations_bytes'])}")
     if fits:
         return mem_out, fits, f"fits: needs {_gb(mem_gpu['total_bytes'])} per GPU of {_gb(capacity)} ({desc})", []
     message = f"does not fit: needs {_gb(mem_gpu['total_bytes'])} per GPU, device has {_gb(capacity)} ({desc})"
-    suggestions = _train_suggestions(
-        spec, mem, params_dense, params_expert, bpp, capacity, gpus=c["gpus"], tp=tp, pp=pp, dp=dp, ep=ep,
-        zero=c["zero"], micro_batch=c["micro_batch"], seq=c["seq"], recompute=c["full_recompute"],
-        optimizer=optimizer, global_batch=c["global_batch"], gpus_per_node=links.gpus_per_node)
+    suggestions = _train_suggestions(spec, act, params_dense, params_expert, bpp, capacity, c, optimizer,
+                                     links.gpus_per_node)
     if suggestions:
         message += "; try " + "; ".join(suggestions)
     else:
@@ -309,9 +385,17 @@ def _train_memory_verdict(spec, hw, mem, params, params_expert, c: dict, links, 
     return mem_out, fits, message, suggestions
 
 
+def _activations(spec, c: dict, mem_model) -> float | list:
+    """One micro-batch's activations (flopsim.memory), as activations_in_flight takes them: the
+    whole model's, or each stage's of a pipelined encoder-decoder."""
+    if spec.is_encoder_decoder and c["pp"] > 1:
+        return stage_activations(spec, mem_model, c["micro_batch"], c["seq"], c["pp"], c["encoder_stages"])
+    return mem_model.evaluate(c["micro_batch"], c["seq"], c["seq"])["activations_bytes"]
+
+
 def _train_totals(flops_microbatch, spec, hw, c: dict, tokens: float, step_s: float, price) -> dict:
     """Steps, time, GPU-hours, cost, throughput and MFU of the run."""
-    tokens_per_step = c["global_batch"] * c["seq"]
+    tokens_per_step = c["global_batch"] * c["seq_tokens"]
     steps = math.ceil(tokens / tokens_per_step)
     train_s = steps * step_s
     gpu_hours = c["gpus"] * train_s / 3600
@@ -335,11 +419,12 @@ def _stage_list(model, c: dict) -> list:
     from flopsim.planning.train_step import stages_to_cost
 
     out = []
-    v = c.get("virtual_stages", 1)
-    for stage in stages_to_cost(model.spec.blocks, c["pp"], v):
+    v, e = c.get("virtual_stages", 1), c.get("encoder_stages")
+    for stage in stages_to_cost(model.spec, c["pp"], v, e):
         layout = make_layout(model.spec, "train", tp=c["tp"], pp=c["pp"], dp=c["dp"], ep=c["ep"], zero=c["zero"],
                              recompute=c["recompute_mode"], gpus_per_node=model.links.gpus_per_node,
-                             expert_load=c.get("expert_imbalance", 1.0), stage=stage, virtual_stages=v)
+                             expert_load=c.get("expert_imbalance", 1.0), stage=stage, virtual_stages=v,
+                             encoder_stages=e)
         out.append(model.stage_times(layout, c["micro_batch"], c["seq"]))
     return out
 
@@ -368,15 +453,16 @@ def _train_communication(links, sched: dict, c: dict) -> dict:
 
 
 def _train_notes(spec, c: dict, tokens: float) -> list:
-    tokens_per_step = c["global_batch"] * c["seq"]
+    tokens_per_step = c["global_batch"] * c["seq_tokens"]
     steps = math.ceil(tokens / tokens_per_step)
     notes = []
     if steps * tokens_per_step != tokens:
         notes.append(f"{steps:,} steps of {tokens_per_step:,} tokens train {steps * tokens_per_step:,.0f} tokens "
                      f"(the last step is full)")
-    if c["seq"] > spec.max_seq:
-        notes.append(f"seq {c['seq']} exceeds max_seq {spec.max_seq} of {spec.name} "
-                     f"({spec.positions} positions: costed as is)")
+    for name in ("seq", "encoder_seq"):
+        if (c.get(name) or 0) > spec.max_seq:
+            notes.append(f"{name} {c[name]} exceeds max_seq {spec.max_seq} of {spec.name} "
+                         f"({spec.positions} positions: costed as is)")
     if c["pp"] > 1 and c["microbatches"] < c["pp"]:
         notes.append(f"{c['microbatches']} micro-batches per step for {c['pp']} pipeline stages: the bubble is "
                      f"{bubble_fraction(c['pp'], c['microbatches'], c['virtual_stages']):.0%} of the ideal time")
@@ -384,10 +470,46 @@ def _train_notes(spec, c: dict, tokens: float) -> list:
         notes.append(f"routing {c['routing']}: the busiest of {c['ep']} expert-parallel ranks gets "
                      f"{c['expert_imbalance']:.3f}x the mean rank's (token, expert) pairs; its experts' work and "
                      f"all-to-all set the step")
+    if c.get("expert_imbalance", 1.0) > 1.0 and spec.is_encoder_decoder and c["encoder_seq"] != c["seq"]:
+        notes.append(f"the imbalance of the stack with fewer tokens a micro-batch (encoder {c['encoder_seq']}, "
+                     f"decoder {c['seq']} a sequence) is applied to both stacks' experts")
     if c.get("dropped_fraction", 0.0) > 0.0:
         notes.append(f"routing {c['routing']}: {100 * c['dropped_fraction']:.2f}% of the (token, expert) pairs "
                      f"overflow the capacity factor {spec.moe.capacity_factor:g} and are dropped")
     return notes
+
+
+def _train_config(spec, *, gpus, tp, pp, dp, ep, micro_batch, zero, dp_overlap, tp_overlap, recompute, optimizer,
+                  seq, encoder_seq, encoder_stages, virtual_stages, global_batch, global_batch_tokens) -> dict:
+    """The checked layout, schedule and batch of a plan (one-line errors naming the field)."""
+    from flopsim.count import token_values
+    from flopsim.parallel.layout import checked_encoder_stages
+
+    gpus = _positive_int("gpus", gpus)
+    tp, pp, ep, micro_batch = (_positive_int(n, v) for n, v in
+                               (("tp", tp), ("pp", pp), ("ep", ep), ("micro_batch", micro_batch)))
+    dp = _train_layout(spec, gpus, tp, pp, dp, ep, zero, dp_overlap, tp_overlap)
+    virtual_stages = _positive_int("virtual_stages", virtual_stages)
+    encoder_stages = checked_encoder_stages(spec, pp, virtual_stages, encoder_stages)
+    full_recompute, selective = _recompute_mode(recompute)
+    seq = min(DEFAULT_SEQ, spec.max_seq) if seq is None else _positive_int("seq", seq)
+    # seq (and encoder_seq) within max_seq, the phase supported
+    encoder_seq = _encoder_tokens(token_values(spec, "train", micro_batch, seq, encoder_seq=encoder_seq))
+    seq_tokens = seq + (encoder_seq or 0)
+    global_batch = _global_batch(seq_tokens, dp, micro_batch, global_batch, global_batch_tokens)
+    return dict(gpus=gpus, dp=dp, tp=tp, pp=pp, ep=ep, seq=seq, encoder_seq=encoder_seq, seq_tokens=seq_tokens,
+                micro_batch=micro_batch, global_batch=global_batch, microbatches=global_batch // (dp * micro_batch),
+                zero=zero, full_recompute=full_recompute, selective=selective, dp_overlap=dp_overlap,
+                tp_overlap=tp_overlap, optimizer=optimizer, virtual_stages=virtual_stages,
+                encoder_stages=encoder_stages,
+                recompute_mode="selective" if selective else ("full" if full_recompute else "none"))
+
+
+def _encoder_tokens(values: dict):
+    """The encoder tokens per sequence in flopsim.count.token_values' answer (None: one stack)."""
+    from flopsim.ops.symbols import S_enc
+
+    return int(values[S_enc]) if S_enc in values else None
 
 
 def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = None,
@@ -397,67 +519,62 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
                   interconnect_bytes_per_s: Optional[float] = None, inter_node_bytes_per_s: Optional[float] = None,
                   gpus_per_node: Optional[int] = None, dp_overlap: float = 1.0, tp_overlap: float = 0.0,
                   comm_latency_s: Optional[float] = None, price_per_gpu_hour: Optional[float] = None,
-                  calibration=None, progress: bool = False, virtual_stages: int = 1) -> TrainingPlan:
+                  calibration=None, progress: bool = False, virtual_stages: int = 1,
+                  encoder_seq: Optional[int] = None, encoder_stages: Optional[int] = None) -> TrainingPlan:
     """Plan a training run of `tokens` tokens on `gpus` x `hw` (see the module docstring).
 
     global batch: `global_batch` sequences or `global_batch_tokens` tokens (a
-    multiple of seq); default the smallest multiple of dp * micro_batch
-    sequences holding at least DEFAULT_GLOBAL_BATCH_TOKENS tokens."""
+    multiple of a sequence's tokens); default the smallest multiple of dp * micro_batch
+    sequences holding at least DEFAULT_GLOBAL_BATCH_TOKENS tokens. An encoder-decoder:
+    `encoder_seq` encoder tokens a sequence (default seq), `encoder_stages` of pp
+    (flopsim.parallel.layout's default: by the stacks' blocks)."""
     from flopsim.calibration import load_calibration
-    from flopsim.count import token_values
+    from flopsim.count import count
     from flopsim.hardware import load_hardware
-    from flopsim.memory import memory
+    from flopsim.memory import MemoryModel
     from flopsim.ops.optimizer import get_optimizer
+    from flopsim.planning.layer_costs import ShardedModel
     from flopsim.planning.train_step import step_schedule
     from flopsim.spec import load_model
 
     spec, hw = load_model(spec), load_hardware(hw)
-    _single_stack(spec)
     cal = load_calibration(calibration, hw)
-    gpus = _positive_int("gpus", gpus)
-    tp, pp, ep, micro_batch = (_positive_int(n, v) for n, v in
-                               (("tp", tp), ("pp", pp), ("ep", ep), ("micro_batch", micro_batch)))
     tokens = _positive("tokens", tokens)
     price = _non_negative("price", price_per_gpu_hour)
     get_optimizer(optimizer)
-    dp = _train_layout(spec, gpus, tp, pp, dp, ep, zero, dp_overlap, tp_overlap)
-    full_recompute, selective = _recompute_mode(recompute)
-    seq = min(DEFAULT_SEQ, spec.max_seq) if seq is None else _positive_int("seq", seq)
-    token_values(spec, "train", micro_batch, seq)  # seq within max_seq, phase supported
-    global_batch = _global_batch(seq, dp, micro_batch, global_batch, global_batch_tokens)
-    c = dict(gpus=gpus, dp=dp, tp=tp, pp=pp, ep=ep, seq=seq, micro_batch=micro_batch, global_batch=global_batch,
-             microbatches=global_batch // (dp * micro_batch), zero=zero, full_recompute=full_recompute,
-             selective=selective, dp_overlap=dp_overlap, tp_overlap=tp_overlap, optimizer=optimizer,
-             recompute_mode="selective" if selective else ("full" if full_recompute else "none"),
-             virtual_stages=_positive_int("virtual_stages", virtual_stages))
+    c = _train_config(spec, gpus=gpus, tp=tp, pp=pp, dp=dp, ep=ep, micro_batch=micro_batch, zero=zero,
+                      dp_overlap=dp_overlap, tp_overlap=tp_overlap, recompute=recompute, optimizer=optimizer,
+                      seq=seq, encoder_seq=encoder_seq, encoder_stages=encoder_stages, virtual_stages=virtual_stages,
+                      global_batch=global_batch, global_batch_tokens=global_batch_tokens)
     links = resolve_links(hw, cal, interconnect_bytes_per_s, inter_node_bytes_per_s, gpus_per_node, comm_latency_s,
-                   needed=gpus > 1)
-
-    from flopsim.count import count
-    from flopsim.planning.layer_costs import ShardedModel
-
+                          needed=c["gpus"] > 1)
     bar = _Progress(progress, f"costing {spec.name} train step", total=3)
     try:
-        mem = memory(spec, phase="train", batch=micro_batch, seq=seq, recompute=c["recompute_mode"],
-                     optimizer=optimizer)
+        mem = MemoryModel(spec, "train", recompute=c["recompute_mode"], optimizer=optimizer,
+                          encoder_seq=c["encoder_seq"])
+        act = _activations(spec, c, mem)
         params, params_expert = _param_split(spec)
         c.update(routing_figures(spec, c))
         bar.advance("stages")
-        model = ShardedModel(spec, hw, cal, links, optimizer=optimizer, bytes_per_param=mem.bytes_per_param)
+        model = ShardedModel(spec, hw, cal, links, optimizer=optimizer, bytes_per_param=mem.bytes_per_param,
+                             encoder_seq=c["encoder_seq"])
         stages = _stage_list(model, c)
         bar.advance("totals")
-        flops = count(spec, batch=micro_batch, seq=seq, phase="train").flops
+        flops = count(spec, batch=c["micro_batch"], seq=c["seq"], encoder_seq=c["encoder_seq"], phase="train").flops
         bar.advance()
     finally:
         bar.close()
-    sched = step_schedule(stages, c["microbatches"], pp, float(tp_overlap), float(dp_overlap), virtual_stages)
-    mem_out, fits, message, suggestions = _train_memory_verdict(spec, hw, mem, params, params_expert, c, links,
-                                                                optimizer)
+    sched = step_schedule(stages, c["microbatches"], c["pp"], float(tp_overlap), float(dp_overlap),
+                          c["virtual_stages"])
+    mem_out, fits, message, suggestions = _train_memory_verdict(spec, hw, act, mem.bytes_per_param, params,
+                                                                params_expert, c, links, optimizer)
     config = {key: c[key] for key in ("gpus", "dp", "tp", "pp", "ep", "seq", "micro_batch", "global_batch",
-                                      "microbatches", "optimizer", "zero") if key in c}
-    config.update(expert_dp=dp // ep, recompute="selective" if selective else full_recompute, optimizer=optimizer,
+                                      "microbatches", "optimizer", "zero")}
+    config.update(expert_dp=c["dp"] // c["ep"], recompute="selective" if c["selective"] else c["full_recompute"],
                   virtual_stages=c["virtual_stages"],
-                  **{k: c[k] for k in ("routing", "expert_imbalance", "dropped_fraction") if k in c})
+                  **{k: c[k] for k in ("routing", "expert_imbalance", "dropped_fraction") if k in c},
+                  **({"encoder_seq": c["encoder_seq"], "encoder_stages": c["encoder_stages"]}
+                     if spec.is_encoder_decoder else {}))
     return TrainingPlan(spec=spec, hw=hw, calibration=cal, config=config, links=links,
                         compute=_train_compute(sched, c), communication=_train_communication(links, sched, c),
                         memory=mem_out, totals=_train_totals(flops, spec, hw, c, tokens, sched["step_s"], price),
@@ -477,41 +594,46 @@ def _train_compute(sched: dict, c: dict) -> dict:
     }
 
 
-def _train_suggestions(spec, mem, params_dense, params_expert, bpp, capacity, *, gpus, tp, pp, dp, ep, zero,
-                       micro_batch, seq, recompute, optimizer, global_batch, gpus_per_node) -> list[str]:
-    """Single changes to the layout that fit, each with its per-GPU need."""
-    from flopsim.memory import memory
+def _train_suggestions(spec, act_now, params_dense, params_expert, bpp, capacity, c: dict, optimizer,
+                       gpus_per_node) -> list[str]:
+    """Single changes to the layout `c` that fit, each with its per-GPU need (`act_now`: its
+    activations, as activations_in_flight takes them)."""
+    from flopsim.memory import MemoryModel
+    from flopsim.parallel.layout import default_encoder_stages
 
-    acts: dict = {}
+    gpus, tp, pp, dp, ep, zero = (c[k] for k in ("gpus", "tp", "pp", "dp", "ep", "zero"))
+    micro_batch, rc_now, v = c["micro_batch"], c["recompute_mode"], c["virtual_stages"]
+    models: dict = {}
 
-    def act(mb, rc):
-        if (mb, rc) not in acts:
-            acts[(mb, rc)] = (mem.activations_bytes if (mb, rc) == (micro_batch, recompute) else
-                              memory(spec, phase="train", batch=mb, seq=seq, recompute=rc,
-                                     optimizer=optimizer).activations_bytes)
-        return acts[(mb, rc)]
+    def act(mb, rc, p):
+        if (mb, rc, p) == (micro_batch, rc_now, pp):
+            return act_now
+        if rc not in models:
+            models[rc] = MemoryModel(spec, "train", recompute=rc, optimizer=optimizer, encoder_seq=c["encoder_seq"])
+        stages = c["encoder_stages"] if p == pp else (default_encoder_stages(spec, p) if p > 1 else None)
+        return _activations(spec, {**c, "micro_batch": mb, "pp": p, "encoder_stages": stages}, models[rc])
 
-    def need(*, tp=tp, pp=pp, dp=dp, zero=zero, mb=micro_batch, rc=recompute):
+    def need(*, tp=tp, pp=pp, dp=dp, zero=zero, mb=micro_batch, rc=rc_now):
         per_step = dp * mb
-        if global_batch % per_step:
+        if c["global_batch"] % per_step:
             return None
-        return _train_memory(params_dense, params_expert, bpp, act(mb, rc), tp=tp, pp=pp, dp=dp, ep=ep, zero=zero,
-                             microbatches=global_batch // per_step)["total_bytes"]
+        return _train_memory(params_dense, params_expert, bpp, act(mb, rc, pp), tp=tp, pp=pp, dp=dp, ep=ep,
+                             zero=zero, microbatches=c["global_batch"] // per_step,
+                             virtual_stages=v)["total_bytes"]
 
     options = []
-    if not recompute:
-        options.append(("--recompute full", dict(rc=True)))
+    if rc_now != "full":
+        options.append(("--recompute full", dict(rc="full")))
     for z in range(zero + 1, 4):
         options.append((f"--zero {z}", dict(zero=z)))
     if micro_batch > 1:
         options.append(("--micro-batch 1", dict(mb=1)))
     t2 = tp * 2
-    while t2 <= gpus_per_node and spec.heads % t2 == 0 and gpus % (t2 * pp) == 0 and (gpus // (t2 * pp)) % ep == 0:
+    if t2 <= gpus_per_node and spec.heads % t2 == 0 and gpus % (t2 * pp) == 0 and (gpus // (t2 * pp)) % ep == 0:
         options.append((f"--tp {t2}", dict(tp=t2, dp=gpus // (t2 * pp))))
-        break
     p2 = pp * 2
-    while p2 <= spec.layers:
-        if spec.layers % p2 == 0 and gpus % (tp * p2) == 0 and (gpus // (tp * p2)) % ep == 0:
+    while p2 <= spec.blocks:
+        if pipeline_fits_blocks(spec, p2, v) and gpus % (tp * p2) == 0 and (gpus // (tp * p2)) % ep == 0:
             options.append((f"--pp {p2}", dict(pp=p2, dp=gpus // (tp * p2))))
             break
         p2 *= 2
@@ -533,3 +655,15 @@ def _train_suggestions(spec, mem, params_dense, params_expert, bpp, capacity, *,
                 out.append(f"{' '.join(labels)} together ({_gb(total)})")
                 break
     return out
+
+
+def pipeline_fits_blocks(spec, pp: int, virtual_stages: int = 1) -> bool:
+    """Whether pp stages (of v chunks) take whole, equal shares of the blocks, as Megatron-LM
+    asks: pp x v divides the blocks; an encoder-decoder's default encoder stages divide its
+    encoder blocks and the rest its decoder blocks (flopsim.parallel.layout), with v 1."""
+    from flopsim.parallel.layout import default_encoder_stages
+
+    if not spec.is_encoder_decoder or pp == 1:
+        return spec.blocks % (pp * virtual_stages) == 0
+    e = default_encoder_stages(spec, pp)
+    return virtual_stages == 1 and spec.encoder_layers % e == 0 and spec.layers % (pp - e) == 0

@@ -22,6 +22,17 @@ compute + exposed tp + cp + ep + pp of the slowest stage:
   the forward); what is left is exposed, m times for per-micro-batch traffic;
 - the optimizer update of the stage's parameters;
 - step = pipeline + the largest (exposed data-parallel + optimizer) over stages.
+
+Micro-batches in flight (`in_flight_chunks`, for memory): under 1F1B stage r
+runs pp - r - 1 warm-up forwards, then one forward before its first
+backward: it holds min(pp - r, m) micro-batches of its blocks. Interleaved,
+its warm-up is (pp - r - 1) x 2 + (v - 1) x pp model chunks (Megatron-LM's
+schedules.py, get_pp_rank_microbatches, with microbatch_group_size_per_vp_stage
+= pp, its default), each 1/v of its blocks: stage 0 holds min(v pp + pp - 1,
+m v) chunks, (v pp + pp - 1) / (v pp) = 1 + (pp - 1) / (pp v) times the
+blocks of plain 1F1B's pp micro-batches once m v >= v pp + pp - 1 -- the
+factor Korthikanti et al. 2022 give for the first stage and Megatron-LM's
+theoretical_memory_usage.py applies (interleaved_schedule_memory_penalty).
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from flopsim.parallel.shard import stage_of_layers
+from flopsim.parallel.layout import stage_blocks
 
 GROUPS = ("tp", "cp", "ep", "pp")
 
@@ -54,15 +65,29 @@ class StageTimes:
         return self.fwd_s + self.bwd_s + self.recompute_s
 
 
-def stages_to_cost(blocks: int, pp: int, virtual_stages: int = 1) -> list[int]:
-    """The stages whose time can differ: the first (embeddings), the last (head) and the
-    first stage of each size in between (stages of one size hold as many blocks)."""
-    chosen, sizes = {0, pp - 1}, set()
-    for s, layers in enumerate(stage_of_layers(blocks, pp, virtual_stages)):
-        if 0 < s < pp - 1 and len(layers) not in sizes:
-            sizes.add(len(layers))
+def stages_to_cost(spec, pp: int, virtual_stages: int = 1, encoder_stages=None) -> list[int]:
+    """The stages whose time can differ: the first (embeddings), the last (head), an
+    encoder-decoder's last encoder stage (the encoder's final norm) and first decoder stage
+    (the decoder's embeddings, one gradient sent back), and the first stage of each stack and
+    size in between (stages of one stack and size hold as many like blocks and send alike)."""
+    chosen, kinds = {0, pp - 1}, set()
+    if encoder_stages is not None:
+        chosen |= {encoder_stages - 1, encoder_stages}
+    for s, layers in enumerate(stage_blocks(spec, pp, virtual_stages, encoder_stages)):
+        kind = (encoder_stages is not None and s >= encoder_stages, len(layers))
+        if s not in chosen and kind not in kinds:
+            kinds.add(kind)
             chosen.add(s)
     return sorted(chosen)
+
+
+def in_flight_chunks(pp: int, microbatches: int, virtual_stages: int = 1, stage: int = 0) -> int:
+    """Model chunks (1 / virtual_stages of a stage's blocks, one micro-batch) whose activations
+    pipeline stage `stage` holds at its peak (see the module docstring): its warm-up forwards
+    and the forward of its first 1F1B pair, at most all microbatches x virtual_stages."""
+    rest = pp - stage - 1
+    warmup = rest if virtual_stages == 1 else rest * 2 + (virtual_stages - 1) * pp
+    return min(warmup + 1, microbatches * virtual_stages)
 
 
 def tp_exposed_s(st: StageTimes, tp_overlap: float) -> float:
