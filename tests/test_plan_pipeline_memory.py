@@ -51,10 +51,22 @@ def test_the_plan_holds_the_interleaved_factor():
     assert inter.memory["activations_bytes"] / plain.memory["activations_bytes"] == pytest.approx(1 + 3 / (4 * 2))
     assert inter.memory["microbatches_in_flight"] == 11 / 2
     assert "11 chunks/(pp x 2) in flight" in inter.memory_parts()[3]["how"]
-    # the memory changes no time
-    assert inter.step_time_s == plan_training("llama-2-7b", H100, gpus=16, tokens=1e10, seq=1024, tp=2, pp=4,
-                                              global_batch=128, virtual_stages=2).step_time_s
     # 8 micro-batches of a replica (global batch 16 / dp 2) x 2 chunks: 16 forwards, over the 11 of the warm-up
     assert plan(2, 16).memory["activations_bytes"] == pytest.approx(one / 2 * 11 / 8, rel=1e-12)
-    # 2 micro-batches x 2 chunks = 4 forwards, all in the warm-up: 4 chunks of 1/8
-    assert plan(2, 4).memory["activations_bytes"] == pytest.approx(one / 2 * 4 / 8, rel=1e-12)
+    # fewer than pp micro-batches a replica: Megatron does not interleave (test below)
+
+
+def test_interleaving_needs_pp_micro_batches():
+    """Megatron-LM runs the interleaved schedule with at least pp micro-batches a replica:
+    a plan with fewer is a one-line error, and the search never offers one."""
+    from flopsim.errors import InputError
+    from flopsim.planning.search import search_training
+
+    kw = dict(gpus=64, tokens=1e9, tp=8, pp=4, micro_batch=1, virtual_stages=2)
+    assert plan_training("llama-2-70b", "a100-80gb", global_batch=8, **kw).config["microbatches"] == 8 // 2
+    with pytest.raises(InputError, match="virtual_stages: 2: .* at least pp = 4 micro-batches .* gives 3"):
+        plan_training("llama-2-70b", "a100-80gb", global_batch=6, **kw)
+    rows = search_training("llama-2-70b", "a100-80gb", gpus=64, tokens=1e9, global_batch=8, micro_batches=[1],
+                           zero=[1], recompute=["none"]).rows
+    assert rows and all(r["virtual_stages"] == 1 or r["microbatches"] >= r["pp"] for r in rows)
+    assert any(r["virtual_stages"] > 1 for r in rows)

@@ -222,7 +222,7 @@ def search_training(spec, hw, *, gpus, tokens: float, seq: Optional[int] = None,
     from flopsim.ops.optimizer import get_optimizer
     from flopsim.planning.common import DEFAULT_GLOBAL_BATCH_TOKENS, DEFAULT_SEQ, _non_negative, _Progress
     from flopsim.planning.links import resolve_links
-    from flopsim.planning.train import _encoder_tokens, _global_batch
+    from flopsim.planning.train import _encoder_tokens, _global_batch, interleaving_runs
     from flopsim.spec import load_model
 
     start = time.perf_counter()
@@ -254,6 +254,8 @@ def search_training(spec, hw, *, gpus, tokens: float, seq: Optional[int] = None,
             try:
                 gb = _global_batch(seq_tokens, lay["dp"], lay["micro_batch"], global_batch, global_batch_tokens)
             except InputError:  # the global batch does not divide over this layout
+                continue
+            if not interleaving_runs(lay["pp"], gb // (lay["dp"] * lay["micro_batch"]), lay["virtual_stages"]):
                 continue
             rows.append(costing.evaluate(lay, gb, tokens, price))
     finally:

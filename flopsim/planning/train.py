@@ -77,6 +77,13 @@ from flopsim.planning.common import (DEFAULT_GLOBAL_BATCH_TOKENS, DEFAULT_SEQ, _
 from flopsim.planning.links import Links, resolve_links
 
 
+def interleaving_runs(pp: int, microbatches: int, virtual_stages: int) -> bool:
+    """Megatron-LM runs the interleaved schedule only with at least pp micro-batches
+    (megatron/core/pipeline_parallel/schedules.py: microbatch_group_size_per_vp_stage,
+    default pp, within [pp, M]; before 2023 M had to be a multiple of pp)."""
+    return virtual_stages == 1 or microbatches >= pp
+
+
 def bubble_fraction(pp: int, microbatches: int, virtual_stages: int = 1) -> float:
     """1F1B pipeline bubble over the ideal time: (pp - 1) / microbatches (/ v interleaved)."""
     return (pp - 1) / (virtual_stages * microbatches)
@@ -497,6 +504,9 @@ def _train_config(spec, *, gpus, tp, pp, dp, ep, micro_batch, zero, dp_overlap, 
     encoder_seq = _encoder_tokens(token_values(spec, "train", micro_batch, seq, encoder_seq=encoder_seq))
     seq_tokens = seq + (encoder_seq or 0)
     global_batch = _global_batch(seq_tokens, dp, micro_batch, global_batch, global_batch_tokens)
+    if not interleaving_runs(pp, global_batch // (dp * micro_batch), virtual_stages):
+        raise InputError(f"virtual_stages: {virtual_stages}: the interleaved schedule needs at least pp = {pp} "
+                         f"micro-batches per replica, the global batch gives {global_batch // (dp * micro_batch)}")
     return dict(gpus=gpus, dp=dp, tp=tp, pp=pp, ep=ep, seq=seq, encoder_seq=encoder_seq, seq_tokens=seq_tokens,
                 micro_batch=micro_batch, global_batch=global_batch, microbatches=global_batch // (dp * micro_batch),
                 zero=zero, full_recompute=full_recompute, selective=selective, dp_overlap=dp_overlap,
