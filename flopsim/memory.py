@@ -67,6 +67,33 @@ COMPONENTS = ("weights_bytes", "gradients_bytes", "optimizer_bytes", "activation
 CHECKPOINT_KINDS = ("norm", "router")
 
 
+def _weights_by_layer(ops: list, w: int) -> dict:
+    """{op layer: its weights as stored} (precision.weights: quantized products, the rest in dtype)."""
+    out: dict = {}
+    for op in ops:
+        if op.pass_ == "fwd":
+            stored = op.param_bytes if op.param_bytes is not None else op.params * w
+            out[op.layer] = out.get(op.layer, 0.0) + float(stored)
+    return out
+
+
+def _cache_by_layer(ops: list, phase: str) -> dict:
+    """{op layer: its KV cache}: bytes written per step x (context / new tokens per step) (a
+    sliding-window layer keeps its op's cache_tokens, min(T, W), from written_tokens a step), and
+    a cache read but not written this step (an encoder-decoder's cross-attention cache at decode)."""
+    from flopsim.ops.symbols import S, T
+
+    new_tokens = {"prefill": S, "decode": sp.Integer(1)}.get(phase)
+    out: dict = {}
+    for op in ops:
+        if op.kv_write_bytes != 0 and new_tokens is not None:
+            out[op.layer] = out.get(op.layer, 0) + \
+                op.kv_write_bytes * op.tags.get("cache_tokens", T) / op.tags.get("written_tokens", new_tokens)
+        if "held_cache_bytes" in op.tags:
+            out[op.layer] = out.get(op.layer, 0) + op.tags["held_cache_bytes"]
+    return out
+
+
 class MemoryModel:
     """Memory of one spec, phase and set of options as functions of B, S, T."""
 
@@ -100,12 +127,7 @@ class MemoryModel:
         same[S_enc] = sp.Integer(encoder_seq) if encoder_seq is not None else (T if phase == "decode" else S)
         w = spec.dtype_bytes
         self.params = int(sum((op.params for op in ops if op.pass_ == "fwd"), sp.Integer(0)))
-        # the weights as stored (precision.weights: quantized products, the rest in dtype), by op layer
-        self._layer_weights: dict = {}
-        for op in ops:
-            if op.pass_ == "fwd":
-                stored = op.param_bytes if op.param_bytes is not None else op.params * w
-                self._layer_weights[op.layer] = self._layer_weights.get(op.layer, 0.0) + float(stored)
+        self._layer_weights = _weights_by_layer(ops, w)
         self.weight_bytes = float(sum(self._layer_weights.values()))
         train = phase == "train"
         self.bytes_per_param = {
@@ -125,17 +147,7 @@ class MemoryModel:
                 pool.append(expr)
             return index[expr]
 
-        # KV cache: bytes written per step x (context / new tokens per step)
-        # (a sliding-window layer keeps its op's cache_tokens, min(T, W), from written_tokens a step)
-        new_tokens = {"prefill": S, "decode": sp.Integer(1)}.get(phase)
-        kv_of = {}  # op layer -> its ops' cache
-        for op in ops:
-            if op.kv_write_bytes != 0 and new_tokens is not None:
-                kv_of[op.layer] = kv_of.get(op.layer, 0) + \
-                    op.kv_write_bytes * op.tags.get("cache_tokens", T) / op.tags.get("written_tokens", new_tokens)
-            # a cache read but not written this step (an encoder-decoder's cross-attention cache at decode)
-            if "held_cache_bytes" in op.tags:
-                kv_of[op.layer] = kv_of.get(op.layer, 0) + op.tags["held_cache_bytes"]
+        kv_of = _cache_by_layer(ops, phase)
         self._kv = ref(sum(kv_of.values(), sp.Integer(0)))
         self._kv_layers = [(layer, ref(expr)) for layer, expr in kv_of.items()]
 

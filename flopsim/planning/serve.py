@@ -1,45 +1,48 @@
 """Serving plans (`plan_serving`): replicas, batch, latency, throughput and cost.
 
-Serving (`plan_serving`): replicas of tp GPUs, each running continuous
-batching of `batch` sequences; a request has a prompt of P tokens and
-generates G, each a fixed length or a distribution (flopsim.planning.serve_lengths:
-the steady state, the length-biased mean KV length T of a decode step, the p99
-worst cases). The times and memory of one tp (as is, with chunked prefill,
-or with speculative decoding) are flopsim.planning.serve_model's:
+Serving (`plan_serving`): replicas of tp x pp x ep GPUs (flopsim.planning.serve_layouts:
+tp tensor-parallel within an attention group; ep attention groups, MoE only, each with its
+own batch, sharing the routed experts; pp pipeline stages, pp batches in flight as vLLM's
+virtual engines), each engine -- a stage's batch of one group -- running continuous
+batching of `batch` sequences; a request has a prompt of P tokens and generates G, each a
+fixed length or a distribution (flopsim.planning.serve_lengths: the steady state, the
+length-biased mean KV length T of a decode step, the p99 worst cases). The times and
+memory of one replica (as is, with chunked prefill, or with speculative decoding; an
+encoder-decoder's prompt is its encoder's input) are flopsim.planning.serve_model's, every
+time the roofline of one GPU's sharded ops per stage (flopsim.planning.serve_steps):
 
-- TTFT = the prefill of one prompt alone on the replica (no queueing):
-  predict(prefill, batch 1) / tp + 2 all-reduces per block of
-  prompt * d_model activations (`tp_prefill_s`); with a distribution, the
-  TTFT of the p99 prompt (what a target bounds) and the mean over prompts.
-- TPOT = one decode step of the whole batch at the mean KV length T
-  (every op's time is linear in T while its bound does not change, so this is
-  the average over the generation), / tp, + 2 all-reduces per block of
-  batch * d_model (`tp_decode_s`). MoE decode reads the expected distinct
-  experts of the batch, as the Op list states them. Chunked prefill: the mean
-  mixed step; speculative decoding: a draft-and-verify step / expected tokens.
+- TTFT = the prefill of one prompt alone on the replica (no queueing): the sum of the
+  stages' prefill times, each with its collectives (tp all-reduces, ep all-to-alls) and
+  its send to the next stage; with a distribution, the TTFT of the p99 prompt (what a
+  target bounds) and the mean over prompts.
+- TPOT = one decode step of an engine's batch at the mean KV length T (every op's time
+  is linear in T while its bound does not change, so this is the average over the
+  generation): its period, pp x the busiest stage's step. MoE decode reads the expected
+  distinct experts of the ep groups' tokens, as the op list states them. Chunked prefill:
+  the mean mixed step; speculative decoding: a draft-and-verify step / expected tokens.
 - KV cache values in `precision.kv_cache` (`kv_dtype`), else the spec's dtype.
-- Memory per GPU: weights / tp + KV cache of `batch` sequences at the p99 of
-  prompt + gen tokens / min(tp, kv_heads) (KV heads are split over tp, and
-  replicated when tp > kv_heads; a multi-head-latent-attention cache is one
-  latent per token, replicated on every tp rank) + the largest working set
-  of a step / tp, against `memory_utilization` (default 0.9, vLLM's
-  gpu_memory_utilization) of the device's memory.
-- Batch: the largest batch that fits memory (and, with chunked prefill, whose
-  prompts the chunks keep up with: serve_model's `batch_limit`) and meets the
-  targets that grow with it (TPOT; TTFT too with chunked prefill: doubling,
-  then bisection); when none does, the largest that meets TPOT alone, else 1,
-  reported as missing.
-  A target is met when the figure reported for it is within it: every row and
+- Memory per GPU (the fullest stage): its stage's weights (flopsim.memory on the sharded
+  list: matrices / tp, routed experts / (tp ep), norms whole), the KV cache of its layers
+  for the pp x batch sequences that pass through it at the p99 of prompt + gen (KV heads
+  split over min(tp, kv_heads), replicated beyond; a latent MLA cache whole on every rank)
+  and the largest working set of a step, against `memory_utilization` (default 0.9,
+  vLLM's gpu_memory_utilization) of the device's memory.
+- Batch (an engine's): the largest batch that fits memory (and, with chunked prefill,
+  whose prompts the chunks keep up with: serve_model's `batch_limit`) and meets the
+  targets that grow with it (TPOT; TTFT too with chunked prefill: doubling, then
+  bisection); when none does, the largest that meets TPOT alone, else 1, reported as
+  missing. A target is met when the figure reported for it is within it: every row and
   the plan's message say met only then.
-- Throughput: a replica's cycle serves `batch` requests (serve_model's
-  `cycle`: as is, batch * E[TTFT] + E[G] * TPOT), so output tokens/s =
-  batch * E[G] / cycle; GPUs for a target = ceil(target / that) * tp.
-- Cost: price * tp / 3600 per replica-second; per million output tokens
-  (decode time only), per million input tokens (the rest of the cycle), and
-  blended (all replica time / output tokens).
-- tp: given, or every power of two up to gpus_per_node (dividing the heads,
-  a draft's heads and the GPUs when given) is tried and the one with the
-  most output tokens/s per GPU that fits and meets the targets is chosen.
+- Throughput: an engine's cycle serves `batch` requests (serve_model's `cycle`), a
+  replica's pp x ep engines at once, so output tokens/s = engines x batch x E[G] / cycle;
+  GPUs for a target = ceil(target / that) x replica GPUs.
+- Cost: price x replica GPUs / 3600 per replica-second; per million output tokens
+  (decode time only), per million input tokens (the rest of the cycle), and blended (all
+  replica time / output tokens).
+- Search: tp, pp and ep each given or tried (serve_layouts' candidates: powers of two, a
+  replica within `gpus` or one node); the replica with the most output tokens/s per GPU
+  that fits and meets the targets is chosen (the smaller replica on a tie); every replica
+  tried is a row of `candidates`.
 """
 
 from __future__ import annotations
@@ -49,7 +52,6 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from flopsim.errors import InputError
 from flopsim.planning.common import (DEFAULT_GPUS_PER_NODE, DEFAULT_MEMORY_UTILIZATION, MAX_SERVING_BATCH, _gb,
                                      _long_table, _non_negative, _positive, _positive_int, _Progress,
                                      largest_true)
@@ -318,6 +320,12 @@ def _config(x, model, row: dict, **given) -> dict:
             **given}
 
 
+def _no_fit_message(row: dict, gpus, given: tuple) -> str:
+    bigger = "a larger --tp, --pp or --ep (or --gpus for a larger replica)" if gpus is None or \
+        any(g is not None for g in given) else "more --gpus"
+    return f"does not fit: {row['reasons'][0]}; try {bigger}, a device with more memory, or a shorter prompt + gen"
+
+
 def plan_serving(spec, hw, *, prompt, gen, gpus: Optional[int] = None,
                  target_tokens_per_s: Optional[float] = None, ttft_s: Optional[float] = None,
                  tpot_s: Optional[float] = None, tp: Optional[int] = None, pp: Optional[int] = None,
@@ -376,10 +384,7 @@ def plan_serving(spec, hw, *, prompt, gen, gpus: Optional[int] = None,
     mem_out = {**mem, "capacity_bytes": hw.memory_capacity_bytes, "usable_bytes": usable,
                "memory_utilization": memory_utilization, "fits": fits}
     if not fits:
-        bigger = "a larger --tp, --pp or --ep (or --gpus for a larger replica)" if tp is not None or \
-            pp is not None or ep is not None or gpus is None else "more --gpus"
-        message = "does not fit: " + row["reasons"][0] + f"; try {bigger}, a device with more memory, or a " \
-                                                         f"shorter prompt + gen"
+        message = _no_fit_message(row, gpus, given=(tp, pp, ep))
         return ServingPlan(spec=spec, hw=hw, calibration=cal, config=config, links=links, latency={}, throughput={},
                            memory=mem_out, cost={}, fits=False, feasible=False, message=message,
                            candidates=candidates, notes=notes)
