@@ -169,6 +169,9 @@ def test_encoder_decoder_ttft_decode_and_cache():
     assert s.config["kv_context_max"] == 1 + gen + prompt
     assert any(n.startswith("encoder-decoder:") for n in s.notes)
     assert all(r["pp"] == 1 for r in s.candidates)  # an encoder-decoder is served with pp 1
+    # tp 2: both caches' heads split over the two GPUs (the cross cache held at decode too)
+    two = plan_serving("t5-base", H100, prompt=prompt, gen=gen, tp=2, max_batch=8)
+    assert two.memory["kv_cache_bytes"] == pytest.approx(two.batch * 12 * 2 * 768 * 2 * (1 + gen + prompt) / 2)
 
 
 def test_cli_pp_ep_json_and_table():

@@ -54,7 +54,7 @@ its collectives (tp all-reduces, ep all-to-alls, pipeline sends) included, per s
   with an encoder of P tokens: the encoder's forward, the cross-attention K/V of the P
   encoder outputs projected and cached, the decoder's first step. A decode step's self
   attention reads the decoder's own cache, 1 + j keys at step j, so T = floor(1 +
-  E[G (G + 1)] / (2 E[G])), and its cross-attention the E[P] (floor) cached encoder
+  E[G (G + 1)] / (2 E[G])), and its cross-attention the E[P] (rounded) cached encoder
   outputs. KV cache per sequence: self-attention K/V of its decoder tokens plus the
   cross-attention K/V of its P encoder outputs, in every decoder layer, both of
   2 kv_heads d_head values a token: at the p99 of P + G, (p99(P + G) - Pw + 1)
@@ -112,7 +112,7 @@ class ServeModel:
         self.encoder_decoder = spec.is_encoder_decoder
         if self.encoder_decoder:  # the decoder's own tokens: the start token and the generated ones
             self.t_mean = math.floor(mean_decode_context(fixed_length(1), gen))
-            self.enc_mean, self.enc_worst = math.floor(prompt.mean), self.p_worst
+            self.enc_mean, self.enc_worst = round(prompt.mean), self.p_worst
             self.t_max = total - self.p_worst + 1
         else:
             self.t_mean = math.floor(mean_decode_context(prompt, gen))

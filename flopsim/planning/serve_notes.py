@@ -19,10 +19,12 @@ def _lengths_note(x, model) -> list:
     if x.prompt.fixed and x.gen.fixed:
         return []
     q = f"p{WORST_QUANTILE * 100:g}"
+    mean = f"E[P] + E[G(G+1)]/(2E[G]) = {model.t_mean:,}" if not model.encoder_decoder else \
+        f"1 + E[G(G+1)]/(2E[G]) = {model.t_mean:,} decoder tokens, and E[P] = {model.enc_mean:,} encoder outputs"
     return [f"lengths: prompt {x.prompt.describe()}, gen {x.gen.describe()}, independent; in steady state the "
             f"requests in flight are weighted by their gen (length-biased), so a decode step reads a mean KV length "
-            f"of E[P] + E[G(G+1)]/(2E[G]) = {model.t_mean:,}; memory holds every slot at the {q} of prompt + gen "
-            f"({model.t_max:,} tokens) and a TTFT target bounds the {q} prompt ({model.p_worst:,} tokens)"]
+            f"of {mean}; memory holds every slot at the {q} of prompt + gen ({model.kv_tokens_max:,} tokens) and "
+            f"a TTFT target bounds the {q} prompt ({model.p_worst:,} tokens)"]
 
 
 def _layout_notes(x, model, batch: int) -> list:
