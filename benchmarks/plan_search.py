@@ -9,7 +9,14 @@ several runs; prints the layouts tried, how many fit and the fastest.
 
 Last line: search_s_<model>=<median seconds> for each model.
 
+`--serve`: the serving search instead, `flopsim plan serve`'s (plan_serving, in-process,
+after the imports and a first search that loads the presets): every tp x pp x ep replica of
+--serve-gpus GPUs (default 8) and its batch, for prompt 1024 + gen 256 with TTFT <= 1 s and
+TPOT <= 50 ms, for mixtral-8x7b and llama-3.1-70b on h100-sxm. Target: a few seconds per
+model. Last line: serve_s_<model>=<median seconds>.
+
     python benchmarks/plan_search.py [--runs 3] [--gpus 1024]
+    python benchmarks/plan_search.py --serve [--runs 3] [--serve-gpus 8]
 """
 
 from __future__ import annotations
@@ -24,8 +31,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--gpus", type=int, default=1024)
     parser.add_argument("--hardware", default="h100-sxm")
-    parser.add_argument("--models", default="llama-2-70b,mixtral-8x22b")
+    parser.add_argument("--models", default=None, help="default llama-2-70b,mixtral-8x22b (serving: "
+                                                           "mixtral-8x7b,llama-3.1-70b)")
+    parser.add_argument("--serve", action="store_true", help="time the serving search instead")
+    parser.add_argument("--serve-gpus", type=int, default=8)
     args = parser.parse_args()
+    if args.serve:
+        return serve(args)
+    args.models = args.models or "llama-2-70b,mixtral-8x22b"
 
     from flopsim.planning.search import search_training
 
@@ -45,6 +58,27 @@ def main() -> None:
                   f"{best['micro_batch']} ZeRO-{best['zero']} recompute {best['recompute']}: {best['days']:.2f} days, "
                   f"MFU {100 * best['mfu']:.1f}%, {best['memory_gb']:.1f} GB per GPU")
     print(" ".join(f"search_s_{m}={t:.3f}" for m, t in medians.items()))
+
+
+def serve(args) -> None:
+    from flopsim.planning import plan_serving
+
+    def one(model):
+        return plan_serving(model, args.hardware, prompt=1024, gen=256, gpus=args.serve_gpus, ttft_s=1.0,
+                            tpot_s=0.05)
+
+    medians = {}
+    for model in (args.models or "mixtral-8x7b,llama-3.1-70b").split(","):
+        one(model)  # the preset's op lists built once, as a command builds them
+        times, plan = [], None
+        for _ in range(args.runs):
+            start = time.perf_counter()
+            plan = one(model)
+            times.append(time.perf_counter() - start)
+        medians[model] = statistics.median(times)
+        print(f"{model} on {args.serve_gpus} x {args.hardware}: {len(plan.candidates)} replicas, median "
+              f"{medians[model]:.2f} s of {args.runs} runs; chosen: {plan.message}")
+    print(" ".join(f"serve_s_{m}={t:.3f}" for m, t in medians.items()))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,10 @@ of the forward ops' `params`):
   (prefill writes S new tokens per sequence, decode 1), so a conditional
   model's expected KV writes per token carry over; a sliding-window layer
   keeps min(T, W) of them (its op's `cache_tokens`, from `written_tokens`).
+- One GPU of a parallel layout (`layout=`, inference phases): the same sums
+  over its sharded op list (flopsim.parallel.shard: weights / tp or / (tp ep),
+  KV heads / min(tp, kv_heads), ...); `evaluate_layers` restricts each sum (the
+  largest working set: the max) to the ops of given layers, a pipeline stage's.
 - Not counted: framework and allocator overhead, temporary buffers inside a
   kernel, gradients of activations in flight during the backward pass.
 
@@ -84,14 +88,44 @@ def recompute_mode(recompute: bool | str) -> str:
     return recompute
 
 
+def _weights_by_layer(ops: list, w: int) -> dict:
+    """{op layer: its weights as stored} (precision.weights: quantized products, the rest in dtype)."""
+    out: dict = {}
+    for op in ops:
+        if op.pass_ == "fwd":
+            stored = op.param_bytes if op.param_bytes is not None else op.params * w
+            out[op.layer] = out.get(op.layer, 0.0) + float(stored)
+    return out
+
+
+def _cache_by_layer(ops: list, phase: str) -> dict:
+    """{op layer: its KV cache}: bytes written per step x (context / new tokens per step) (a
+    sliding-window layer keeps its op's cache_tokens, min(T, W), from written_tokens a step), and
+    a cache read but not written this step (an encoder-decoder's cross-attention cache at decode)."""
+    from flopsim.ops.symbols import S, T
+
+    new_tokens = {"prefill": S, "decode": sp.Integer(1)}.get(phase)
+    out: dict = {}
+    for op in ops:
+        if op.kv_write_bytes != 0 and new_tokens is not None:
+            out[op.layer] = out.get(op.layer, 0) + \
+                op.kv_write_bytes * op.tags.get("cache_tokens", T) / op.tags.get("written_tokens", new_tokens)
+        if "held_cache_bytes" in op.tags:
+            out[op.layer] = out.get(op.layer, 0) + op.tags["held_cache_bytes"]
+    return out
+
+
 class MemoryModel:
     """Memory of one spec, phase and set of options as functions of B, S, T."""
 
     def __init__(self, spec, phase: str, *, recompute: bool | str = False, optimizer: str = "adam",
                  grad_bytes: Optional[int] = None, master_weights: Optional[bool] = None,
-                 encoder_seq: Optional[int] = None):
+                 encoder_seq: Optional[int] = None, layout=None, ops: Optional[list] = None):
         """`encoder_seq`: an encoder-decoder's encoder tokens per sequence, fixed; None: S
-        (at decode: T, the longest context)."""
+        (at decode: T, the longest context). `layout` (flopsim.parallel.Layout, inference
+        phases): one GPU's share, read off its sharded op list (flopsim.parallel.shard).
+        `ops`: the phase's op list to read (default build_ops(spec, phase)), e.g. one block
+        of each kind, `evaluate_layers`' counts standing for the others."""
         from flopsim.families import build_ops
         from flopsim.numeric import compile_exprs
         from flopsim.ops.optimizer import state_bytes_per_param
@@ -99,14 +133,20 @@ class MemoryModel:
 
         recompute = {"none": False, "full": True}.get(recompute_mode(recompute), "selective")
         self.spec, self.phase, self.recompute, self.optimizer = spec, phase, recompute, optimizer
-        ops = build_ops(spec, phase)
+        ops = build_ops(spec, phase) if ops is None else ops
+        if layout is not None and not layout.trivial:
+            if phase == "train":
+                raise ValueError("MemoryModel: a layout applies to inference phases (flopsim.planning.train "
+                                 "lays out training memory)")
+            from flopsim.parallel.shard import shard
+
+            ops = shard(ops, spec, phase, layout)
         same = {T: S} if phase in ("forward", "train") else {}
         same[S_enc] = sp.Integer(encoder_seq) if encoder_seq is not None else (T if phase == "decode" else S)
         w = spec.dtype_bytes
         self.params = int(sum((op.params for op in ops if op.pass_ == "fwd"), sp.Integer(0)))
-        # the weights as stored (precision.weights: quantized products, the rest in dtype)
-        self.weight_bytes = float(sum((op.param_bytes if op.param_bytes is not None else op.params * w
-                                       for op in ops if op.pass_ == "fwd"), sp.Integer(0)))
+        self._layer_weights = _weights_by_layer(ops, w)
+        self.weight_bytes = float(sum(self._layer_weights.values()))
         train = phase == "train"
         self.bytes_per_param = {
             # quantized weights: their stored bytes per parameter, scales included (an average)
@@ -125,14 +165,9 @@ class MemoryModel:
                 pool.append(expr)
             return index[expr]
 
-        # KV cache: bytes written per step x (context / new tokens per step)
-        # (a sliding-window layer keeps its op's cache_tokens, min(T, W), from written_tokens a step)
-        new_tokens = {"prefill": S, "decode": sp.Integer(1)}.get(phase)
-        kv = sum((op.kv_write_bytes * op.tags.get("cache_tokens", T) / op.tags.get("written_tokens", new_tokens)
-                  for op in ops if op.kv_write_bytes != 0), sp.Integer(0)) if new_tokens is not None else 0
-        # a cache read but not written this step (an encoder-decoder's cross-attention cache at decode)
-        kv += sum((op.tags["held_cache_bytes"] for op in ops if "held_cache_bytes" in op.tags), sp.Integer(0))
-        self._kv = ref(kv)
+        kv_of = _cache_by_layer(ops, phase)
+        self._kv = ref(sum(kv_of.values(), sp.Integer(0)))
+        self._kv_layers = [(layer, ref(expr)) for layer, expr in kv_of.items()]
 
         # activations
         self._sum_terms: list[int] = []  # summed
@@ -175,6 +210,7 @@ class MemoryModel:
         else:
             self._block_inputs = []
             self._max_terms = [ref(op.act_read_bytes + op.act_write_bytes) for op in ops]
+        self._max_layers = [op.layer for op in ops] if not train else []
         self._fn = compile_exprs(pool, [B, S, T])
 
     def _recomputed_inside(self, op):
@@ -205,6 +241,25 @@ class MemoryModel:
             blocks = [values[a] for a, inputs in terms if inputs]
             out.append(sum(values[a] for a, inputs in terms if not inputs) + max(blocks, default=0.0)
                        + sum(max(values[i] for i in inputs) for _, inputs in terms if inputs))
+        return out
+
+    def evaluate_layers(self, batch, seq, context, stages: list) -> list[dict]:
+        """evaluate() of each stage in `stages`: its op layers, an iterable, or {layer: count}
+        (a layer standing for `count` identical ones): their weights and caches summed, the
+        largest working set among their ops; inference phases."""
+        if self.phase == "train":
+            raise ValueError("MemoryModel.evaluate_layers: inference phases only")
+        values = [float(v) for v in self._fn(batch, seq, context)]
+        out = []
+        for layers in stages:
+            n = layers if isinstance(layers, dict) else dict.fromkeys(layers, 1)
+            part = {"weights_bytes": sum(w * n.get(layer, 0) for layer, w in self._layer_weights.items()),
+                    "gradients_bytes": 0.0, "optimizer_bytes": 0.0,
+                    "activations_bytes": max((values[i] for i, layer in zip(self._max_terms, self._max_layers)
+                                              if n.get(layer, 0) > 0), default=0.0),
+                    "kv_cache_bytes": sum(values[i] * n.get(layer, 0) for layer, i in self._kv_layers)}
+            part["total_bytes"] = sum(part[c] for c in COMPONENTS)
+            out.append(part)
         return out
 
     def evaluate(self, batch, seq, context) -> dict[str, float]:

@@ -196,12 +196,29 @@ def _number(value):
     return int(value) if value.denominator == 1 else float(value)
 
 
-def _op_costs(namespace: dict, numbers: dict) -> list:
+def compiled(ops: list, extra: tuple = ()) -> Optional[Callable]:
+    """f(numbers, *extra_values) -> the ops' OpCosts at {"B", "S", "T"[, "S_enc"]}, compiled in
+    memory as the cached modules are (exact, no sympy; `extra`: further symbols' names, their
+    values in order); None when an expression is not printable."""
+    import math
+    from fractions import Fraction
+
+    from flopsim.opcache_print import module_source
+
+    source = module_source(ops, extra)
+    if source is None:
+        return None
+    namespace = {"F": Fraction, "ceil": math.ceil, "floor": math.floor}
+    exec(compile(source, "<flopsim compiled ops>", "exec"), namespace)
+    return lambda numbers, *values: _op_costs(namespace, numbers, values)
+
+
+def _op_costs(namespace: dict, numbers: dict, extra: tuple = ()) -> list:
     from flopsim.count import OpCost
     from flopsim.ops.fields import COST_FIELDS
 
     values = [_number(v) for v in namespace["values"](numbers["B"], numbers["S"], numbers["T"],
-                                                      numbers.get("S_enc", 1))]
+                                                      numbers.get("S_enc", 1), *extra)]
     out = []
     for static, fields, tags, gemm, kernels in namespace["OPS"]:
         name, kind, layer, module, pass_, variant, host_sync = static

@@ -1,5 +1,5 @@
 """Op lists -> the source of a sympy-free module (flopsim.opcache): `values(B, S, T, S_enc)`
-returns each distinct expression's exact value, `OPS` says which ones each op's fields
+(and any further symbols named, e.g. flopsim.parallel.shard's expert load) returns each distinct expression's exact value, `OPS` says which ones each op's fields
 are. Printing: integers as literals, rationals as `F(p, q)` (fractions.Fraction), a
 negative power as a Fraction's, `ceiling` / `floor` as math's, `Min` / `Max` as min / max,
 floats as their repr. Anything else makes `module_source` return None (not cached)."""
@@ -19,7 +19,8 @@ class Unprintable(Exception):
     """An expression the cache does not print exactly."""
 
 
-def expr_source(e: sp.Expr) -> str:
+def expr_source(e: sp.Expr, extra: tuple = ()) -> str:
+    """`e` as exact Python arithmetic over the token symbols (and the symbols named in `extra`)."""
     if e.is_Integer:
         return str(int(e))
     if e.is_Rational:
@@ -27,10 +28,12 @@ def expr_source(e: sp.Expr) -> str:
     if e.is_Float:
         return repr(float(e))
     if e.is_Symbol:
+        if e.name in extra:
+            return e.name
         if e.name not in SYMBOLS:
             raise Unprintable(e.name)
         return SYMBOLS[e.name]
-    args = [expr_source(a) for a in e.args]
+    args = [expr_source(a, extra) for a in e.args]
     if e.is_Add:
         return "(" + " + ".join(args) + ")"
     if e.is_Mul:
@@ -53,8 +56,9 @@ def expr_source(e: sp.Expr) -> str:
     raise Unprintable(type(e).__name__)
 
 
-def module_source(ops: list) -> Optional[str]:
-    """The module's source, or None when an expression is not printable."""
+def module_source(ops: list, extra: tuple = ()) -> Optional[str]:
+    """The module's source, or None when an expression is not printable; `extra`: names of
+    further symbols, arguments of `values` after S_enc (identifiers, in order)."""
     index: dict = {}
     exprs: list = []
 
@@ -73,7 +77,7 @@ def module_source(ops: list) -> Optional[str]:
         gemm = tuple(ref(g) for g in op.gemm) if op.gemm is not None else None
         table.append((static, fields, tags, gemm, ref(op.kernels)))
     try:
-        body = ",\n        ".join(expr_source(e) for e in exprs)
+        body = ",\n        ".join(expr_source(e, extra) for e in exprs)
     except Unprintable:
         return None
     literal = repr(table)
@@ -82,4 +86,5 @@ def module_source(ops: list) -> Optional[str]:
             return None
     except Exception:  # noqa: BLE001 - a tag that is no literal: not cached
         return None
-    return f"OPS = {literal}\n\n\ndef values(B, S, T, S_enc):\n    return [\n        {body},\n    ]\n"
+    args = ", ".join(("B", "S", "T", "S_enc", *extra))
+    return f"OPS = {literal}\n\n\ndef values({args}):\n    return [\n        {body},\n    ]\n"

@@ -74,7 +74,7 @@ def _length(value) -> str:
 
 
 def serving_plan_page(plan, command: str = "") -> Page:
-    """The serving plan: the chosen configuration, each tensor-parallel degree tried, memory."""
+    """The serving plan: the chosen configuration, each replica (tp x pp x ep) tried, memory."""
     c = plan.config
     page = Page(title=f"flopsim plan: {plan.spec.name} serving on {plan.hw.name}", generator=_generator())
     page.markdown(f"# Serving plan: {plan.spec.name} on {plan.hw.name}\n\n"
@@ -82,23 +82,23 @@ def serving_plan_page(plan, command: str = "") -> Page:
                   + f"Prompt {_length(c['prompt'])} + {_length(c['gen'])} generated tokens per request (means "
                   f"{c['prompt_mean']:,.0f} + {c['gen_mean']:,.0f}). Calibration: "
                   f"{plan.calibration.label}.\n\n**{plan.message}**")
-    rows = [r for r in plan.candidates if r.get("batch") is not None]
+    rows = sorted((r for r in plan.candidates if r.get("batch") is not None),
+                  key=lambda r: (r["gpus"], r["tp"], r["pp"], r["ep"]))
     if rows:
-        labels = [f"tp {r['tp']}, batch {r['batch']:,}" for r in rows]
-        page.markdown("## Tensor-parallel degrees tried")
-        ticks = [r["tp"] for r in rows]
-        fig = iplots.lines([{"title": "latency", "x_title": "tensor-parallel degree", "log_x": True, "x_ticks": ticks,
-                             "series": [
-            {"name": "TTFT (ms)", "x": [r["tp"] for r in rows], "y": [1e3 * (r.get("ttft_s") or 0) for r in rows],
+        x = [f"tp {r['tp']} x pp {r['pp']} x ep {r['ep']}" for r in rows]
+        labels = [f"{name}, batch {r['batch']:,}" for name, r in zip(x, rows)]
+        page.markdown("## Replicas tried")
+        axis = "replica (tp x pp x ep GPUs)"
+        fig = iplots.lines([{"title": "latency", "x_title": axis, "series": [
+            {"name": "TTFT (ms)", "x": x, "y": [1e3 * (r.get("ttft_s") or 0) for r in rows],
              "style": {"color": "#1f77b4", "marker": "o"}, "text": labels, "hover": "%{text}: TTFT %{y:.4g} ms"},
-            {"name": "TPOT (ms)", "x": [r["tp"] for r in rows], "y": [1e3 * (r.get("tpot_s") or 0) for r in rows],
+            {"name": "TPOT (ms)", "x": x, "y": [1e3 * (r.get("tpot_s") or 0) for r in rows],
              "style": {"color": "#d62728", "marker": "s"}, "text": labels, "hover": "%{text}: TPOT %{y:.4g} ms"}]},
-            {"title": "throughput", "x_title": "tensor-parallel degree", "log_x": True, "x_ticks": ticks, "series": [
-                {"name": "output tokens/s per GPU", "x": [r["tp"] for r in rows],
-                 "y": [r.get("output_tokens_per_s_per_gpu") or 0 for r in rows],
+            {"title": "throughput", "x_title": axis, "series": [
+                {"name": "output tokens/s per GPU", "x": x, "y": [r.get("output_tokens_per_s_per_gpu") or 0 for r in rows],
                  "style": {"color": "#2ca02c", "marker": "D"}, "text": labels,
                  "hover": "%{text}: %{y:.4s} output tokens/s per GPU"}]}],
-            y_title="ms", title="Each tensor-parallel degree at its largest batch")
+            y_title="ms", title="Each replica at its largest batch")
         page.figure(fig, "candidates")
     csv_table(page, [{k: v for k, v in r.items()} for r in plan.candidates], name="candidates")
     return _with_figures(page, plan.to_dict(), ("config", "latency", "throughput", "memory", "cost"), plan.notes)

@@ -263,7 +263,8 @@ def test_sequence_limits():
 def test_serving_batch_search_respects_latency_and_memory():
     # tp 1 (no collectives): TPOT = predict(decode) at the mean KV length prompt + (gen + 1) // 2
     prompt, gen, target = 512, 128, 0.015
-    s = plan_serving("llama-2-7b", H100, prompt=prompt, gen=gen, tp=1, tpot_s=target, price_per_gpu_hour=2.0)
+    s = plan_serving("llama-2-7b", H100, prompt=prompt, gen=gen, tp=1, pp=1, tpot_s=target,
+                     price_per_gpu_hour=2.0)
     b = s.batch
     t_mean = prompt + (gen + 1) // 2
     tpot = lambda n: flopsim.predict("llama-2-7b", H100, phase="decode", batch=n, seq=1, context=t_mean).time_s  # noqa: E731
@@ -288,18 +289,21 @@ def test_serving_batch_search_respects_latency_and_memory():
 
 def test_serving_memory_bound_batch_without_latency_target():
     # no target: the largest batch whose weights + KV cache + working set fit 0.9 * 80 GB
-    s = plan_serving("llama-2-7b", H100, prompt=2000, gen=2000, tp=2)
+    s = plan_serving("llama-2-7b", H100, prompt=2000, gen=2000, tp=2, pp=1)
     b = s.batch
     kv_per_seq = 2 * 32 * 4096 * 2 * 4000  # K and V, 32 layers, d_model 4096 (32 kv heads), bf16, 4000 tokens
     assert s.memory["kv_cache_bytes"] == pytest.approx(b * kv_per_seq / 2)  # split over tp 2
-    assert s.memory["weights_bytes"] == pytest.approx(LLAMA2_PARAMS * 2 / 2)
+    # the sharded list's weights: every matrix and the embedding split over tp 2, the 2 x 32 + 1 RMS norms'
+    # 4096 weights whole on each GPU (flopsim.parallel.shard)
+    norms = (2 * 32 + 1) * 4096
+    assert s.memory["weights_bytes"] == pytest.approx(((LLAMA2_PARAMS - norms) / 2 + norms) * 2)
     room = 0.9 * 80e9 - s.memory["weights_bytes"] - s.memory["activations_bytes"]
     assert b == int(room // (kv_per_seq / 2)) or b == int(room // (kv_per_seq / 2)) - 1  # working set grows with b
     assert s.memory["total_bytes"] <= 0.9 * 80e9
 
 
 def test_serving_gpus_for_a_throughput_target_and_tp_communication():
-    s = plan_serving("llama-2-7b", H100, prompt=512, gen=128, tp=2, tpot_s=0.02, target_tokens_per_s=1e5,
+    s = plan_serving("llama-2-7b", H100, prompt=512, gen=128, tp=2, pp=1, tpot_s=0.02, target_tokens_per_s=1e5,
                      comm_latency_s=0.0)
     per_replica = s.throughput["output_tokens_per_s_per_replica"]
     assert s.throughput["replicas"] == math.ceil(1e5 / per_replica)
@@ -310,29 +314,32 @@ def test_serving_gpus_for_a_throughput_target_and_tp_communication():
 
 
 def test_serving_moe_reads_the_op_lists_expected_experts():
-    s = plan_serving("mixtral-8x7b", H100, prompt=256, gen=64, tp=2, max_batch=4)
+    s = plan_serving("mixtral-8x7b", H100, prompt=256, gen=64, tp=2, pp=1, ep=1, max_batch=4)
     b = s.batch
     assert b == 4
     assert s.config["active_experts_per_layer"] == pytest.approx(8 * (1 - (1 - 2 / 8) ** b))
 
 
 def test_serving_does_not_fit_on_one_gpu():
-    s = plan_serving("mixtral-8x7b", H100, prompt=1024, gen=256, tp=1)
+    s = plan_serving("mixtral-8x7b", H100, prompt=1024, gen=256, tp=1, pp=1, ep=1)
     assert not s.fits and not s.feasible
     assert s.message.startswith("does not fit: batch 1 needs")
     assert "device has 80.0 GB" in s.message and "weights 93.4 GB" in s.message
-    r = run("plan", "serve", "mixtral-8x7b", "-H", H100, "--prompt", 1024, "--gen", 256, "--tp", 1)
+    r = run("plan", "serve", "mixtral-8x7b", "-H", H100, "--prompt", 1024, "--gen", 256, "--tp", 1, "--pp", 1,
+            "--ep", 1)
     assert r.exit_code == 0 and "does not fit" in r.output
 
 
 def test_serving_picks_a_tp_when_not_given():
     s = plan_serving("mixtral-8x7b", H100, prompt=1024, gen=256, gpus=8, tpot_s=0.05, ttft_s=1.0)
-    assert s.fits and s.feasible and s.tp in (2, 4, 8)
-    rows = {r["tp"]: r for r in s.candidates}
-    assert not rows[1]["fits"]  # 93 GB of weights
+    assert s.fits and s.feasible
+    rows = {(r["tp"], r["pp"], r["ep"]): r for r in s.candidates}
+    assert not rows[(1, 1, 1)]["fits"]  # 93 GB of weights
+    assert all(8 % r["gpus"] == 0 and r["gpus"] == r["tp"] * r["pp"] * r["ep"] for r in s.candidates)
     best = max((r for r in s.candidates if r["meets"]), key=lambda r: r["output_tokens_per_s_per_gpu"])
-    assert s.tp == best["tp"]
-    assert s.throughput["gpus"] == 8 and s.throughput["replicas"] == 8 // s.tp
+    assert (s.tp, s.pp, s.ep) == (best["tp"], best["pp"], best["ep"])
+    n = s.config["replica_gpus"]
+    assert s.throughput["gpus"] == 8 and s.throughput["replicas"] == 8 // n
 
 
 # -- command line -------------------------------------------------------------------------

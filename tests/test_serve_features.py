@@ -91,7 +91,8 @@ def test_mean_decode_context_is_length_biased_as_a_simulation_of_full_slots_find
 
 def test_plan_over_length_distributions():
     prompt, gen = parse_lengths("prompt", "uniform:100:300"), parse_lengths("gen", "uniform:20:60")
-    s = plan_serving("gpt2-small", H100, prompt="uniform:100:300", gen="uniform:20:60", tp=1, max_batch=64)
+    s = plan_serving("gpt2-small", H100, prompt="uniform:100:300", gen="uniform:20:60", tp=1, pp=1,
+                     max_batch=64)
     b = s.batch
     assert b == 64
     # E[G (G + 1)] over 20..60: E[G^2] + E[G] = (Var + mean^2) + mean, Var = (41^2 - 1) / 12 = 140
@@ -141,7 +142,7 @@ def test_mixed_step_sums_the_work_and_reads_the_weights_once():
 
 def test_chunked_prefill_ttft_tpot_and_cycle():
     prompt, gen, chunk, b = 600, 128, 256, 16
-    s = plan_serving("gpt2-small", H100, prompt=prompt, gen=gen, tp=1, chunk=chunk, max_batch=b)
+    s = plan_serving("gpt2-small", H100, prompt=prompt, gen=gen, tp=1, pp=1, chunk=chunk, max_batch=b)
     assert s.batch == b and s.config["max_batch_prefill"] == 128 // 3  # b x 3 chunks <= 128 decode steps
     t = prompt + (gen + 1) // 2
     steps = StepCoster(s.spec, s.hw, s.calibration, s.links)
@@ -195,8 +196,8 @@ def test_speculative_decoding_step_and_memory():
 # -- KV cache dtype ------------------------------------------------------------------------
 def test_kv_dtype_sets_the_cache_bytes_in_memory_and_decode():
     b, prompt, gen = 32, 500, 100
-    s16 = plan_serving("gpt2-small", H100, prompt=prompt, gen=gen, tp=1, max_batch=b)
-    s8 = plan_serving("gpt2-small", H100, prompt=prompt, gen=gen, tp=1, max_batch=b, kv_dtype="fp8")
+    s16 = plan_serving("gpt2-small", H100, prompt=prompt, gen=gen, tp=1, pp=1, max_batch=b)
+    s8 = plan_serving("gpt2-small", H100, prompt=prompt, gen=gen, tp=1, pp=1, max_batch=b, kv_dtype="fp8")
     assert s8.config["kv_dtype"] == "fp8" and s8.spec.precision_label == "bf16, KV fp8"
     # b sequences x 600 tokens x 2 x 12 x 768 values x 1 byte (bf16: 2)
     assert s8.memory["kv_cache_bytes"] == pytest.approx(b * 600 * KV_PER_TOKEN_GPT2_SMALL * 1)
@@ -220,7 +221,7 @@ def _check_verdicts(s, ttft_target, tpot_target):
         ok = (ttft_target is None or r["ttft_s"] <= ttft_target) and (tpot_target is None or r["tpot_s"] <= tpot_target)
         assert r["meets"] is ok and (r["reasons"] == "") is ok
     assert s.feasible is any(r["meets"] for r in s.candidates)
-    row = next(r for r in s.candidates if r["tp"] == s.tp)
+    row = next(r for r in s.candidates if (r["tp"], r["pp"], r["ep"]) == (s.tp, s.pp, s.ep))
     assert (s.batch, s.latency["ttft_s"], s.latency["tpot_s"]) == (row["batch"], row["ttft_s"], row["tpot_s"])
     assert s.message.startswith("targets not met") is not s.feasible
 
@@ -236,7 +237,7 @@ def test_verdicts_agree_with_figures_in_every_mode(mode):
     base = plan_serving(spec, H100, prompt=300, gen=64, gpus=4, **mode)
     tpots = sorted(r["tpot_s"] for r in base.candidates)
     # a TPOT target between the tp degrees' steps at batch 1 splits them; a TTFT target under every one fails all
-    one = [plan_serving(spec, H100, prompt=300, gen=64, tp=r["tp"], **dict(mode, max_batch=1))
+    one = [plan_serving(spec, H100, prompt=300, gen=64, tp=r["tp"], pp=r["pp"], **dict(mode, max_batch=1))
            for r in base.candidates]
     t1 = sorted(p.latency["tpot_s"] for p in one)
     assert t1[0] < t1[-1]
@@ -248,7 +249,7 @@ def test_verdicts_agree_with_figures_in_every_mode(mode):
         meets = [r["meets"] for r in s.candidates]
         assert {"some": any(meets) and not all(meets), "none": not any(meets), "all": all(meets)}[meeting]
         if tpot is not None and s.feasible:  # the largest batch that meets it
-            m = serve_model(s.spec, s.hw, s.calibration, s.links, tp=s.tp, prompt=parse_lengths("p", 300),
+            m = serve_model(s.spec, s.hw, s.calibration, s.links, tp=s.tp, pp=s.pp, prompt=parse_lengths("p", 300),
                             gen=parse_lengths("g", 64), usable_bytes=s.memory["usable_bytes"], chunk=mode.get("chunk"),
                             draft=_draft(mode))
             limit = min(s.config["max_batch_memory"], s.config["max_batch_prefill"] or math.inf)
@@ -257,10 +258,10 @@ def test_verdicts_agree_with_figures_in_every_mode(mode):
 
 def test_chunked_ttft_target_bounds_the_batch():
     # with chunks the TTFT grows with the batch (each mixed step carries the batch's decode tokens)
-    lo = plan_serving("gpt2-small", H100, prompt=600, gen=256, tp=1, chunk=128, max_batch=1).latency["ttft_s"]
-    hi = plan_serving("gpt2-small", H100, prompt=600, gen=256, tp=1, chunk=128).latency["ttft_s"]
+    lo = plan_serving("gpt2-small", H100, prompt=600, gen=256, tp=1, pp=1, chunk=128, max_batch=1).latency["ttft_s"]
+    hi = plan_serving("gpt2-small", H100, prompt=600, gen=256, tp=1, pp=1, chunk=128).latency["ttft_s"]
     target = (lo + hi) / 2
-    s = plan_serving("gpt2-small", H100, prompt=600, gen=256, tp=1, chunk=128, ttft_s=target)
+    s = plan_serving("gpt2-small", H100, prompt=600, gen=256, tp=1, pp=1, chunk=128, ttft_s=target)
     _check_verdicts(s, target, None)
     m = serve_model(s.spec, s.hw, s.calibration, s.links, tp=1, prompt=parse_lengths("p", 600),
                     gen=parse_lengths("g", 256), usable_bytes=s.memory["usable_bytes"], chunk=128)
@@ -272,7 +273,7 @@ def test_cli_serve_chunked_speculative_and_histogram(tmp_path):
     csv = tmp_path / "prompts.csv"
     csv.write_text("length,count\n100,3\n300,1\n")
     r = run("plan", "serve", "gpt2-small", "-H", H100, "--prompt", csv, "--gen", "uniform:32:96", "--chunk", 128,
-            "--tp", 1, "--max-batch", 8, "--kv-dtype", "fp8", "--format", "json")
+            "--tp", 1, "--pp", 1, "--max-batch", 8, "--kv-dtype", "fp8", "--format", "json")
     assert r.exit_code == 0, r.output
     c = json.loads(r.output)["config"]
     assert (c["prompt"], c["prompt_mean"], c["chunk"], c["kv_dtype"]) == ("prompts.csv", 150, 128, "fp8")

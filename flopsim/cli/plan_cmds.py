@@ -199,8 +199,10 @@ def serve(
     target: Optional[str] = typer.Option(None, "--target-tokens-per-s", "--throughput", help="Output tokens/s to sustain: the GPUs needed (e.g. 50k)."),
     ttft: Optional[str] = typer.Option(None, "--ttft", help="Time-to-first-token target (e.g. 500ms, 1s)."),
     tpot: Optional[str] = typer.Option(None, "--tpot", help="Time-per-output-token target (decode step; e.g. 50ms)."),
-    tp: Optional[int] = typer.Option(None, "--tp", help="Tensor-parallel degree (default: the best power of two up to --gpus-per-node)."),
-    max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Largest batch the server may run."),
+    tp: Optional[int] = typer.Option(None, "--tp", help="Tensor-parallel degree of a replica (default: searched, powers of two up to --gpus-per-node)."),
+    pp: Optional[int] = typer.Option(None, "--pp", help="Pipeline stages of a replica, pp batches in flight (vLLM's virtual engines; default: searched, powers of two up to the blocks)."),
+    ep: Optional[int] = typer.Option(None, "--ep", help="Expert-parallel degree (MoE): ep attention groups of tp GPUs, each with its own batch, sharing the routed experts (default: searched; 1 for a dense model)."),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Largest batch of one engine (a pipeline stage's, an expert group's) the server may run."),
     memory_utilization: float = typer.Option(0.9, "--memory-utilization", help="Share of device memory for weights, KV cache and activations."),
     chunk: Optional[int] = typer.Option(None, "--chunk", help="Chunked prefill: prompt tokens per step beside the batch's decode tokens, one forward (vLLM --enable-chunked-prefill; max_num_batched_tokens = batch + chunk)."),
     draft: Optional[str] = typer.Option(None, "--draft", help="Speculative decoding: the draft model (a spec, same vocabulary), run at the target's tp."),
@@ -216,7 +218,7 @@ def serve(
     fmt: Format = FormatOpt,
     html: Optional[str] = HtmlOpt,
 ):
-    """Plan serving: batch, tp, GPUs, TTFT, TPOT, tokens/s and cost per million tokens."""
+    """Plan serving: replica (tp x pp x ep), batch, GPUs, TTFT, TPOT, tokens/s and cost per million tokens."""
     from flopsim.planning import plan_serving
     from flopsim.result_pages import serving_plan_page
 
@@ -224,7 +226,7 @@ def serve(
 
     p = plan_serving(
         spec, hardware, prompt=prompt, gen=gen, gpus=gpus, target_tokens_per_s=_quantity(target, "target_tokens_per_s"),
-        ttft_s=_duration(ttft, "ttft"), tpot_s=_duration(tpot, "tpot"), tp=tp, max_batch=max_batch,
+        ttft_s=_duration(ttft, "ttft"), tpot_s=_duration(tpot, "tpot"), tp=tp, pp=pp, ep=ep, max_batch=max_batch,
         memory_utilization=memory_utilization, price_per_gpu_hour=price,
         interconnect_bytes_per_s=_quantity(interconnect, "interconnect"),
         inter_node_bytes_per_s=_quantity(inter_node, "inter_node"), gpus_per_node=gpus_per_node,
@@ -261,7 +263,9 @@ def _serving_lines(p) -> list:
     c, lat = p.config, p.latency
     which = f"the p99 prompt, {c['prompt_p99']:,} tokens (mean over prompts {_ms(lat['ttft_mean_s'])})" \
         if not isinstance(c["prompt"], int) else f"one {c['prompt']:,}-token prompt"
-    comm = f"TP all-reduces {_ms(lat['ttft_tp_comm_s'])}"
+    if c["encoder_tokens_mean"] is not None:
+        which = f"the encoder over {which} and the decoder's first token"
+    comm = _comm_text(p, "ttft")
     between = f"{_ms(lat['tpot_with_prefills_s'])} between tokens on average with other requests' prefills"
     if c["chunk"]:
         steps = -(-c["prompt_p99"] // c["chunk"])
@@ -278,9 +282,20 @@ def _serving_lines(p) -> list:
                 f"{_ms(lat['draft_decode_s'])} and a {c['draft_len'] + 1}-token verification of {_ms(lat['verify_s'])} "
                 f"at batch {c['batch']:,}, / {c['expected_tokens_per_step']:.3g} tokens; the target's decode step "
                 f"{_ms(lat['decode_step_s'])}); {between}"]
-    return [f"  TTFT         [bold]{_ms(lat['ttft_s'])}[/]  (prefill of {which} alone; {comm})",
-            f"  TPOT         [bold]{_ms(lat['tpot_s'])}[/]  (decode step of {c['batch']:,} sequences at the mean KV "
-            f"length {c['decode_context_mean']:,}; TP all-reduces {_ms(lat['tpot_tp_comm_s'])}); {between}"]
+    stages = f" through {c['pp']} stages" if c["pp"] > 1 else ""
+    period = f", every {c['pp']} x the busiest stage" if c["pp"] > 1 else ""
+    keys = f"the mean KV length {c['decode_context_mean']:,}" if c["encoder_tokens_mean"] is None else \
+        f"the mean decoder length {c['decode_context_mean']:,}, cross-attending to {c['encoder_tokens_mean']:,} " \
+        f"cached encoder outputs"
+    return [f"  TTFT         [bold]{_ms(lat['ttft_s'])}[/]  (prefill of {which} alone{stages}; {comm})",
+            f"  TPOT         [bold]{_ms(lat['tpot_s'])}[/]  (decode step of {c['batch']:,} sequences at {keys}"
+            f"{period}; {_comm_text(p, 'tpot')}); {between}"]
+
+
+def _comm_text(p, figure: str) -> str:
+    """'TP all-reduces 1.2 ms, EP all-to-alls 0.3 ms, PP sends 0.1 ms' within a latency figure."""
+    c, lat, what = p.config, p.latency, {"tp": "TP all-reduces", "ep": "EP all-to-alls", "pp": "PP sends"}
+    return ", ".join(f"{what[g]} {_ms(lat[f'{figure}_{g}_comm_s'])}" for g in what if c[g] > 1) or "no collectives"
 
 
 def _print_serving(p) -> None:
@@ -306,8 +321,12 @@ def _print_serving(p) -> None:
     why = "the largest that fits memory" + keeps_up + (" and meets the targets" if c["tpot_target_s"] or
                                                        c["ttft_target_s"] else "") \
         if p.feasible else "it misses the targets, see below"
-    out.print(f"  chosen       [bold]tp {c['tp']}, batch {c['batch']:,}[/] ({why}; memory alone "
-              f"allows {c['max_batch_memory']:,}) -> [bold]{_n(th['replicas'], 'replica')} = {_n(th['gpus'], 'GPU')}[/]")
+    label = ", ".join(f"{k} {c[k]}" for k in ("tp", "pp", "ep") if k == "tp" or c[k] > 1)
+    engines = f"; {c['engines']} batches in flight a replica ({c['concurrent_sequences']:,} sequences)" \
+        if c["engines"] > 1 else ""
+    out.print(f"  chosen       [bold]{label}, batch {c['batch']:,}[/] ({why}; memory alone "
+              f"allows {c['max_batch_memory']:,}{engines}) -> [bold]{_n(th['replicas'], 'replica')} of "
+              f"{_n(c['replica_gpus'], 'GPU')} = {_n(th['gpus'], 'GPU')}[/]")
     for line in _serving_lines(p):
         out.print(line)
     out.print(f"  throughput   [bold]{human(th['output_tokens_per_s_per_gpu'])} output tokens/s per GPU[/], "
@@ -316,7 +335,8 @@ def _print_serving(p) -> None:
               f"{th['requests_per_s_per_replica']:.3g} requests/s per replica)")
     if "active_experts_per_layer" in c:
         out.print(f"  MoE          {c['active_experts_per_layer']:.3g} of {p.spec.moe.experts} experts read per MoE "
-                  f"layer per decode step (expected distinct under uniform routing, from the op list)")
+                  f"layer per decode step by its {c['batch'] * c['ep']:,} tokens (expected distinct under uniform "
+                  f"routing, from the op list)")
     if cost.get("price_per_gpu_hour") is not None:
         out.print(f"  cost         [bold]{_money(cost['per_million_output_tokens'])} per M output tokens[/] (decode time), "
                   f"{_money(cost['per_million_input_tokens'])} per M input tokens (prefill time); "
@@ -326,7 +346,9 @@ def _print_serving(p) -> None:
     parts = (("weights", "weights_bytes"), ("KV cache", "kv_cache_bytes"), ("draft weights", "draft_weights_bytes"),
              ("draft KV cache", "draft_kv_cache_bytes"), ("activations", "activations_bytes"), ("total", "total_bytes"))
     rows = [[name, human(m[key], "B"), f"{100 * m[key] / cap:.1f}%"] for name, key in parts if key in m]
-    out.print(f"  memory/GPU   at batch {c['batch']:,}, every sequence's KV cache ({c['kv_dtype']}) at "
+    where = f"stage {m['stage']} of {c['pp']} (its layers' weights, the KV cache of its layers for " \
+        f"{c['pp'] * c['batch']:,} sequences), " if "stage" in m else ""
+    out.print(f"  memory/GPU   {where}at batch {c['batch']:,}, every sequence's KV cache ({c['kv_dtype']}) at "
               f"{c['kv_context_max']:,} tokens; {human(m['usable_bytes'], 'B')} usable of {human(cap, 'B')} "
               f"(memory utilization {m['memory_utilization']:g})")
     out.print(rich_table(None, ["component", "bytes", "% of device"], rows))
@@ -337,15 +359,24 @@ def _print_serving(p) -> None:
         out.print(f"  note: {escape(note)}")
 
 
+CANDIDATES_SHOWN = 12
+
+
 def _print_candidates(out, p) -> None:
+    """The replicas tried, best first: those meeting the targets, then those that fit, by output tokens/s per GPU."""
+    order = sorted(p.candidates, key=lambda r: (not r.get("meets"), not r.get("fits"),
+                                                -(r.get("output_tokens_per_s_per_gpu") or 0), r["gpus"]))
     rows = []
-    for r in p.candidates:
+    for r in order[:CANDIDATES_SHOWN]:
         verdict = "yes" if r.get("meets") else ("misses targets" if r.get("fits") else "does not fit")
-        rows.append([r["tp"], "-" if r.get("batch") is None else f"{r['batch']:,}", _ms(r.get("ttft_s")),
-                     _ms(r.get("tpot_s")), human(r.get("output_tokens_per_s_per_gpu")), verdict,
-                     r.get("reasons") or ""])
-    out.print(_table("tensor-parallel degrees tried", ["tp", "batch", "TTFT", "TPOT", "out tok/s/GPU",
-                                                       "meets targets", "why not"], rows))
+        why = f"batch 1 needs {human(r['needs_bytes'], 'B')}/GPU" if "needs_bytes" in r else r.get("reasons") or ""
+        rows.append([r["tp"], r["pp"], r["ep"], r["gpus"], "-" if r.get("batch") is None else f"{r['batch']:,}",
+                     _ms(r.get("ttft_s")), _ms(r.get("tpot_s")), human(r.get("output_tokens_per_s_per_gpu")), verdict,
+                     why])
+    more = f"; {len(order) - CANDIDATES_SHOWN} more in --format json" if len(order) > CANDIDATES_SHOWN else ""
+    out.print(_table(f"replicas tried (tp x pp x ep GPUs; batch: one engine's){more}",
+                     ["tp", "pp", "ep", "GPUs", "batch", "TTFT", "TPOT", "out tok/s/GPU", "meets targets", "why not"],
+                     rows))
 
 
 def _link_text(links) -> str:

@@ -23,7 +23,12 @@ product up to its row-parallel one work on tp-split tensors:
   Megatron-Core's default): work / tp x expert_load (the busiest rank's
   pairs; under ep a rank's E / ep experts serve all ep ranks' tokens, so the
   work per GPU equals one micro-batch's), their weights / (tp * ep), the
-  grouped product (E, m, n, k) -> (E / ep, m * ep, ...);
+  grouped product (E, m, n, k) -> (E / ep, m * ep, ...); the weight bytes a
+  step reads are those the ep ranks' tokens reach (B -> ep B in an op whose
+  reads depend on B: decode's expected distinct experts, a gather kernel's
+  pairs), / (tp * ep);
+- a cache an op holds without writing it (`held_cache_bytes`: an
+  encoder-decoder's cross-attention cache at decode) / its KV split;
 - context parallel: every op's FLOPs and activation bytes / cp (its m / cp),
   weights whole.
 
@@ -92,6 +97,7 @@ from typing import Optional
 import sympy as sp
 
 from flopsim.ops.op import Op
+from flopsim.ops.symbols import B
 from flopsim.parallel.layout import DECODER_BIAS, DECODER_INPUT, STACK_BIAS, place, stage_places
 from flopsim.parallel.layout import stage_of_layers  # noqa: F401 (re-exported: callers import it from here)
 
@@ -170,6 +176,8 @@ def _divided(op: Op, work, weights, kv=None, gemm=None) -> Op:
     changes.update(kv_read_bytes=_div(op.kv_read_bytes, kv), kv_write_bytes=_div(op.kv_write_bytes, kv),
                    weight_bytes=_div(op.weight_bytes, weights), params=_div(op.params, weights),
                    param_bytes=None if op.param_bytes is None else _div(op.param_bytes, weights))
+    if "held_cache_bytes" in op.tags:  # a cache held, not written this step (cross-attention's at decode)
+        changes["tags"] = {**op.tags, "held_cache_bytes": _div(op.tags["held_cache_bytes"], kv)}
     if gemm is not None:
         changes["gemm"] = gemm
     return replace(op, **changes)
@@ -183,6 +191,8 @@ def split_op(op: Op, spec, layout, in_region: bool) -> Op:
     if ".moe.experts." in op.name:
         load = _load(layout)
         gemm = op.gemm
+        if layout.ep > 1 and isinstance(op.weight_bytes, sp.Basic) and B in op.weight_bytes.free_symbols:
+            op = replace(op, weight_bytes=op.weight_bytes.xreplace({B: B * layout.ep}))  # ep groups' tokens
         if gemm is not None:
             gemm = (gemm[0] / layout.ep, gemm[1] * layout.ep / cp * load, *gemm[2:])
             gemm = _gemm(gemm, 2 if local in COLUMN else 3, tp) if local in COLUMN + ROW else gemm

@@ -7,9 +7,11 @@ come from `flopsim.predict` (roofline per op, the device's calibration),
 memory from `flopsim.memory`; the layout, the collectives and the arithmetic
 of steps, days and money are added here. Link levels: `links`; shared input
 checks: `common`. Serving's pieces: request lengths and their steady state
-(`serve_lengths`), steps composed from op lists, chunked prefill's mixed step
-and speculative verification (`serve_steps`), one tp degree's times and memory
-(`serve_model`), checked inputs (`serve_inputs`) and notes (`serve_notes`).
+(`serve_lengths`), replicas of tp x pp x ep GPUs and the degrees searched
+(`serve_layouts`), steps composed from op lists per pipeline stage, chunked
+prefill's mixed step and speculative verification (`serve_steps`), one
+replica's times and memory (`serve_model`), checked inputs (`serve_inputs`)
+and notes (`serve_notes`).
 """
 
 from __future__ import annotations

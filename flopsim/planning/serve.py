@@ -1,45 +1,48 @@
 """Serving plans (`plan_serving`): replicas, batch, latency, throughput and cost.
 
-Serving (`plan_serving`): replicas of tp GPUs, each running continuous
-batching of `batch` sequences; a request has a prompt of P tokens and
-generates G, each a fixed length or a distribution (flopsim.planning.serve_lengths:
-the steady state, the length-biased mean KV length T of a decode step, the p99
-worst cases). The times and memory of one tp (as is, with chunked prefill,
-or with speculative decoding) are flopsim.planning.serve_model's:
+Serving (`plan_serving`): replicas of tp x pp x ep GPUs (flopsim.planning.serve_layouts:
+tp tensor-parallel within an attention group; ep attention groups, MoE only, each with its
+own batch, sharing the routed experts; pp pipeline stages, pp batches in flight as vLLM's
+virtual engines), each engine -- a stage's batch of one group -- running continuous
+batching of `batch` sequences; a request has a prompt of P tokens and generates G, each a
+fixed length or a distribution (flopsim.planning.serve_lengths: the steady state, the
+length-biased mean KV length T of a decode step, the p99 worst cases). The times and
+memory of one replica (as is, with chunked prefill, or with speculative decoding; an
+encoder-decoder's prompt is its encoder's input) are flopsim.planning.serve_model's, every
+time the roofline of one GPU's sharded ops per stage (flopsim.planning.serve_steps):
 
-- TTFT = the prefill of one prompt alone on the replica (no queueing):
-  predict(prefill, batch 1) / tp + 2 all-reduces per block of
-  prompt * d_model activations (`tp_prefill_s`); with a distribution, the
-  TTFT of the p99 prompt (what a target bounds) and the mean over prompts.
-- TPOT = one decode step of the whole batch at the mean KV length T
-  (every op's time is linear in T while its bound does not change, so this is
-  the average over the generation), / tp, + 2 all-reduces per block of
-  batch * d_model (`tp_decode_s`). MoE decode reads the expected distinct
-  experts of the batch, as the Op list states them. Chunked prefill: the mean
-  mixed step; speculative decoding: a draft-and-verify step / expected tokens.
+- TTFT = the prefill of one prompt alone on the replica (no queueing): the sum of the
+  stages' prefill times, each with its collectives (tp all-reduces, ep all-to-alls) and
+  its send to the next stage; with a distribution, the TTFT of the p99 prompt (what a
+  target bounds) and the mean over prompts.
+- TPOT = one decode step of an engine's batch at the mean KV length T (every op's time
+  is linear in T while its bound does not change, so this is the average over the
+  generation): its period, pp x the busiest stage's step. MoE decode reads the expected
+  distinct experts of the ep groups' tokens, as the op list states them. Chunked prefill:
+  the mean mixed step; speculative decoding: a draft-and-verify step / expected tokens.
 - KV cache values in `precision.kv_cache` (`kv_dtype`), else the spec's dtype.
-- Memory per GPU: weights / tp + KV cache of `batch` sequences at the p99 of
-  prompt + gen tokens / min(tp, kv_heads) (KV heads are split over tp, and
-  replicated when tp > kv_heads; a multi-head-latent-attention cache is one
-  latent per token, replicated on every tp rank) + the largest working set
-  of a step / tp, against `memory_utilization` (default 0.9, vLLM's
-  gpu_memory_utilization) of the device's memory.
-- Batch: the largest batch that fits memory (and, with chunked prefill, whose
-  prompts the chunks keep up with: serve_model's `batch_limit`) and meets the
-  targets that grow with it (TPOT; TTFT too with chunked prefill: doubling,
-  then bisection); when none does, the largest that meets TPOT alone, else 1,
-  reported as missing.
-  A target is met when the figure reported for it is within it: every row and
+- Memory per GPU (the fullest stage): its stage's weights (flopsim.memory on the sharded
+  list: matrices / tp, routed experts / (tp ep), norms whole), the KV cache of its layers
+  for the pp x batch sequences that pass through it at the p99 of prompt + gen (KV heads
+  split over min(tp, kv_heads), replicated beyond; a latent MLA cache whole on every rank)
+  and the largest working set of a step, against `memory_utilization` (default 0.9,
+  vLLM's gpu_memory_utilization) of the device's memory.
+- Batch (an engine's): the largest batch that fits memory (and, with chunked prefill,
+  whose prompts the chunks keep up with: serve_model's `batch_limit`) and meets the
+  targets that grow with it (TPOT; TTFT too with chunked prefill: doubling, then
+  bisection); when none does, the largest that meets TPOT alone, else 1, reported as
+  missing. A target is met when the figure reported for it is within it: every row and
   the plan's message say met only then.
-- Throughput: a replica's cycle serves `batch` requests (serve_model's
-  `cycle`: as is, batch * E[TTFT] + E[G] * TPOT), so output tokens/s =
-  batch * E[G] / cycle; GPUs for a target = ceil(target / that) * tp.
-- Cost: price * tp / 3600 per replica-second; per million output tokens
-  (decode time only), per million input tokens (the rest of the cycle), and
-  blended (all replica time / output tokens).
-- tp: given, or every power of two up to gpus_per_node (dividing the heads,
-  a draft's heads and the GPUs when given) is tried and the one with the
-  most output tokens/s per GPU that fits and meets the targets is chosen.
+- Throughput: an engine's cycle serves `batch` requests (serve_model's `cycle`), a
+  replica's pp x ep engines at once, so output tokens/s = engines x batch x E[G] / cycle;
+  GPUs for a target = ceil(target / that) x replica GPUs.
+- Cost: price x replica GPUs / 3600 per replica-second; per million output tokens
+  (decode time only), per million input tokens (the rest of the cycle), and blended (all
+  replica time / output tokens).
+- Search: tp, pp and ep each given or tried (serve_layouts' candidates: powers of two, a
+  replica within `gpus` or one node); the replica with the most output tokens/s per GPU
+  that fits and meets the targets is chosen (the smaller replica on a tie); every replica
+  tried is a row of `candidates`.
 """
 
 from __future__ import annotations
@@ -49,7 +52,6 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from flopsim.errors import InputError
 from flopsim.planning.common import (DEFAULT_GPUS_PER_NODE, DEFAULT_MEMORY_UTILIZATION, MAX_SERVING_BATCH, _gb,
                                      _long_table, _non_negative, _positive, _positive_int, _Progress,
                                      largest_true)
@@ -62,8 +64,8 @@ from flopsim.planning.serve_steps import StepCoster
 
 @dataclass
 class ServingPlan:
-    """Serving `prompt` + `gen` token requests: the chosen tp and batch, latencies,
-    throughput, GPUs and cost; `candidates` has one row per tp tried."""
+    """Serving `prompt` + `gen` token requests: the chosen replica (tp, pp, ep) and batch,
+    latencies, throughput, GPUs and cost; `candidates` has one row per replica tried."""
 
     spec: Any
     hw: Any
@@ -89,6 +91,14 @@ class ServingPlan:
         return self.config["tp"]
 
     @property
+    def pp(self) -> int:
+        return self.config["pp"]
+
+    @property
+    def ep(self) -> int:
+        return self.config["ep"]
+
+    @property
     def gpus(self) -> Optional[int]:
         return self.throughput.get("gpus")
 
@@ -108,51 +118,45 @@ class ServingPlan:
         return _long_table(self.to_dict(), ("config", "links", "latency", "throughput", "memory", "cost"))
 
 
-def serve_layout(spec, phase: str, tp: int, links):
-    """The layout of one tp-way serving replica (flopsim.parallel; inference engines
-    all-reduce: no sequence parallelism), or None for one GPU."""
-    if tp <= 1:
-        return None
-    from flopsim.parallel.layout import make_layout
+def serve_layout(spec, phase: str, tp: int, links, *, pp: int = 1, ep: int = 1, stage: Optional[int] = None,
+                 expert_load: float = 1.0):
+    """The layout of one GPU of a tp x pp x ep serving replica (stage `stage`, None: the
+    last; flopsim.planning.serve_layouts), or None for one GPU."""
+    from flopsim.planning.serve_layouts import Replica, replica_layout
 
-    return make_layout(spec, phase, tp=tp, gpus_per_node=links.gpus_per_node, sequence_parallel=False)
-
-
-def tp_allreduce_s(spec, links, tp: int, rows: int) -> float:
-    """The tensor-parallel collectives of a step over `rows` tokens: those of the sharded
-    decode op list of `rows` sequences (an all-reduce per sub-layer and the embedding's,
-    of rows x d_model values), priced on the link levels (flopsim.roofline.collective_time)."""
-    if tp <= 1:
-        return 0.0
-    from flopsim.count import count
-    from flopsim.roofline import collective_time
-
-    r = count(spec, batch=rows, seq=1, context=1, phase="decode", layout=serve_layout(spec, "decode", tp, links))
-    return sum(collective_time(op, None, None, links.by_level).time_s for op in r.ops if op.kind == "collective")
+    return replica_layout(spec, phase, Replica(tp, pp, ep), links.gpus_per_node, stage=stage,
+                          expert_load=expert_load)
 
 
-def tp_prefill_s(spec, hw, cal, links, *, tp: int, batch: int, prompt: int,
-                 encoder_seq: Optional[int] = None) -> tuple[float, Any]:
-    """(seconds, PredictResult) of a prefill of `batch` prompts on a tp-way replica: one GPU's
-    sharded op list, its all-reduces included (an encoder-decoder's encoder over
-    `encoder_seq` tokens a sequence, default `prompt`)."""
+def _stage_predict(spec, hw, cal, links, phase, *, tp, pp, ep, stage, batch, seq, context, encoder_seq):
+    from flopsim.planning.serve_layouts import expert_load
     from flopsim.predict import predict
 
-    r = predict(spec, hw, phase="prefill", batch=batch, seq=prompt, calibration=cal, encoder_seq=encoder_seq,
-                layout=serve_layout(spec, "prefill", tp, links), links=links.by_level)
+    layout = serve_layout(spec, phase, tp, links, pp=pp, ep=ep, stage=stage,
+                          expert_load=expert_load(spec, ep, batch * seq))
+    return predict(spec, hw, phase=phase, batch=batch, seq=seq, context=context, calibration=cal,
+                   encoder_seq=encoder_seq, layout=layout, links=links.by_level)
+
+
+def tp_prefill_s(spec, hw, cal, links, *, tp: int, batch: int, prompt: int, encoder_seq: Optional[int] = None,
+                 pp: int = 1, ep: int = 1, stage: Optional[int] = None) -> tuple[float, Any]:
+    """(seconds, PredictResult) of a prefill of `batch` prompts on one GPU of a tp x pp x ep
+    replica: its sharded op list, collectives included (with pp: stage `stage`'s, None the
+    last; an encoder-decoder's encoder over `encoder_seq` tokens a sequence, default `prompt`)."""
+    r = _stage_predict(spec, hw, cal, links, "prefill", tp=tp, pp=pp, ep=ep, stage=stage, batch=batch, seq=prompt,
+                       context=None, encoder_seq=encoder_seq)
     return r.time_s, r
 
 
-def tp_decode_s(spec, hw, cal, links, *, tp: int, batch: int, context: int,
-                encoder_seq: Optional[int] = None) -> tuple[float, Any]:
-    """(seconds, PredictResult) of one decode step of `batch` sequences at KV length `context`, tp-way
-    (an encoder-decoder's cross-attention over `encoder_seq` encoder tokens, default `context`)."""
-    from flopsim.predict import predict
-
+def tp_decode_s(spec, hw, cal, links, *, tp: int, batch: int, context: int, encoder_seq: Optional[int] = None,
+                pp: int = 1, ep: int = 1, stage: Optional[int] = None) -> tuple[float, Any]:
+    """(seconds, PredictResult) of one decode step of `batch` sequences at KV length `context` on
+    one GPU of a tp x pp x ep replica (with pp: stage `stage`'s ops; an encoder-decoder's
+    cross-attention over `encoder_seq` encoder tokens, default `context`)."""
     if spec.is_encoder_decoder and encoder_seq is None:
         encoder_seq = context
-    r = predict(spec, hw, phase="decode", batch=batch, seq=1, context=context, calibration=cal,
-                encoder_seq=encoder_seq, layout=serve_layout(spec, "decode", tp, links), links=links.by_level)
+    r = _stage_predict(spec, hw, cal, links, "decode", tp=tp, pp=pp, ep=ep, stage=stage, batch=batch, seq=1,
+                       context=context, encoder_seq=encoder_seq)
     return r.time_s, r
 
 
@@ -162,62 +166,31 @@ def _usable_note(usable: float, hw) -> str:
     return f" ({_gb(usable)} usable at memory utilization {usable / hw.memory_capacity_bytes:g})"
 
 
-def _tp_candidates(heads: list, gpus: Optional[int], gpus_per_node: int) -> list[int]:
-    out = []
-    t = 1
-    while t <= gpus_per_node and (gpus is None or t <= gpus):
-        if all(h % t == 0 for h in heads) and (gpus is None or gpus % t == 0):
-            out.append(t)
-        t *= 2
-    return out
-
-
-def _serve_tps(spec, draft, gpus, tp, interconnect_bytes_per_s, hw, gpus_per_node) -> list:
-    """The tensor-parallel degrees to try: the one given, 1 with no interconnect, else the
-    candidates (dividing a draft's heads too: it runs at the target's tp)."""
-    models = [spec] + ([draft.spec] if draft is not None else [])
-    if tp is not None:
-        tp = _positive_int("tp", tp)
-        for m in models:
-            if m.heads % tp:
-                raise InputError(f"tp {tp} does not divide the {m.heads} attention heads of "
-                                 f"{'draft ' if m is not spec else ''}{m.name}")
-        if gpus is not None and gpus % tp:
-            raise InputError(f"tp {tp} does not divide gpus {gpus}")
-        return [tp]
-    if interconnect_bytes_per_s is None and hw.interconnect_bytes_per_s is None:
-        return [1]  # no interconnect to split a model over
-    tps = _tp_candidates([m.heads for m in models], gpus, gpus_per_node)
-    if not tps:
-        raise InputError(f"no tensor-parallel degree up to {gpus_per_node} divides both the heads "
-                         f"({', '.join(str(m.heads) for m in models)}) and gpus {gpus}; give --tp")
-    return tps
-
-
-def _misses(model, batch: int, t: int, ttft_target, tpot_target) -> list:
+def _misses(model, batch: int, ttft_target, tpot_target) -> list:
     """Why the figures reported at `batch` miss the targets (empty: every target met)."""
-    reasons = []
+    reasons, on = [], model.replica.label
     if tpot_target is not None and model.tpot(batch) > tpot_target:
-        reasons.append(f"TPOT at batch {batch} is {model.tpot(batch) * 1e3:.3g} ms on tp {t}, over the "
+        reasons.append(f"TPOT at batch {batch} is {model.tpot(batch) * 1e3:.3g} ms on {on}, over the "
                        f"{tpot_target * 1e3:.3g} ms target")
     if ttft_target is not None and model.ttft(batch) > ttft_target:
         which = "" if model.prompt.fixed else f" (p99 prompt, {model.p_worst:,} tokens)"
-        reasons.append(f"TTFT{which} {model.ttft(batch) * 1e3:.3g} ms on tp {t} is over the "
+        reasons.append(f"TTFT{which} {model.ttft(batch) * 1e3:.3g} ms on {on} is over the "
                        f"{ttft_target * 1e3:.3g} ms target")
     return reasons
 
 
-def _serve_row(model, t: int, hw, usable: float, upper: int, ttft_target, tpot_target, bar) -> dict:
-    """One tensor-parallel degree: the largest batch memory allows, the largest that meets
-    the targets (else that meets TPOT alone, else 1), and why it misses them (reasons,
-    at the batch reported), with its latency and throughput."""
-    row: dict = {"tp": t}
+def _serve_row(model, hw, usable: float, upper: int, ttft_target, tpot_target, bar) -> dict:
+    """One replica: the largest batch memory allows, the largest that meets the targets
+    (else that meets TPOT alone, else 1), and why it misses them (reasons, at the batch
+    reported), with its latency and throughput."""
+    r = model.replica
+    row: dict = {"tp": r.tp, "pp": r.pp, "ep": r.ep, "gpus": r.gpus}
     b_mem = largest_true(model.fits, upper)
     row["max_batch_memory"] = b_mem
     if b_mem == 0:
         m = model.memory(1)
-        row.update(batch=None, ttft_s=None, fits=False, meets=False)  # no batch runs: no latency
-        row["reasons"] = [f"batch 1 needs {_gb(m['total_bytes'])} per GPU on tp {t}, device has "
+        row.update(batch=None, ttft_s=None, fits=False, meets=False, needs_bytes=m["total_bytes"])  # no latency
+        row["reasons"] = [f"batch 1 needs {_gb(m['total_bytes'])} per GPU on {r.label}, device has "
                           f"{_gb(hw.memory_capacity_bytes)}{_usable_note(usable, hw)} "
                           f"(weights {_gb(m['weights_bytes'])}, KV cache "
                           f"{_gb(m['kv_cache_bytes'])}, activations {_gb(m['activations_bytes'])})"]
@@ -228,52 +201,55 @@ def _serve_row(model, t: int, hw, usable: float, upper: int, ttft_target, tpot_t
     batch = b_mem if limit is None else min(b_mem, limit)
     if tpot_target is not None or ttft_target is not None:
         def meets(b, ttft=ttft_target):
-            bar.advance(f"tp {t}: batch {b}", n=0)
-            return not _misses(model, b, t, ttft, tpot_target)
-        batch = largest_true(meets, batch) or largest_true(lambda b: meets(b, None), batch) or 1
-    reasons = _misses(model, batch, t, ttft_target, tpot_target)
+            bar.advance(f"{r.label}: batch {b}", n=0)
+            return not _misses(model, b, ttft, tpot_target)
+        if not meets(batch):
+            batch = largest_true(meets, batch) or largest_true(lambda b: meets(b, None), batch) or 1
+    reasons = _misses(model, batch, ttft_target, tpot_target)
     th = model.throughput(batch)
     row.update(fits=True, batch=batch, ttft_s=model.ttft(batch), tpot_s=model.tpot(batch), meets=not reasons,
                reasons=reasons, output_tokens_per_s=th["output_tokens_per_s"],
-               output_tokens_per_s_per_gpu=th["output_tokens_per_s"] / t)
+               output_tokens_per_s_per_gpu=th["output_tokens_per_s"] / r.gpus)
     return row
 
 
-def _serve_throughput(model, batch: int, t: int, target, gpus, notes: list) -> dict:
+def _serve_throughput(model, batch: int, target, gpus, notes: list) -> dict:
     """Throughput per replica, and replicas for a target rate or the GPUs available."""
-    th = model.throughput(batch)
+    th, n = model.throughput(batch), model.replica.gpus
     per_replica = th["output_tokens_per_s"]
     out = {"output_tokens_per_s_per_replica": per_replica, "input_tokens_per_s_per_replica": th["input_tokens_per_s"],
-           "output_tokens_per_s_per_gpu": per_replica / t, "decode_tokens_per_s_per_replica": batch / model.tpot(batch),
+           "output_tokens_per_s_per_gpu": per_replica / n,
+           "decode_tokens_per_s_per_replica": model.replica.engines * batch / model.tpot(batch),
            "requests_per_s_per_replica": per_replica / model.gen.mean}
     if target is not None:
         replicas = math.ceil(target / per_replica)
-        out.update(replicas=replicas, gpus=replicas * t, output_tokens_per_s=replicas * per_replica)
+        out.update(replicas=replicas, gpus=replicas * n, output_tokens_per_s=replicas * per_replica)
         if gpus is not None:
-            out["gpus_available_meet_target"] = gpus // t * per_replica >= target
+            out["gpus_available_meet_target"] = gpus // n * per_replica >= target
             if not out["gpus_available_meet_target"]:
-                notes.append(f"{gpus} GPUs give {gpus // t * per_replica:,.0f} output tokens/s, short of the "
-                             f"{target:,.0f} target: {replicas * t} GPUs are needed")
+                notes.append(f"{gpus} GPUs give {gpus // n * per_replica:,.0f} output tokens/s, short of the "
+                             f"{target:,.0f} target: {replicas * n} GPUs are needed")
     elif gpus is not None:
-        replicas = gpus // t
-        out.update(replicas=replicas, gpus=replicas * t, output_tokens_per_s=replicas * per_replica)
+        replicas = gpus // n
+        out.update(replicas=replicas, gpus=replicas * n, output_tokens_per_s=replicas * per_replica)
     else:
-        out.update(replicas=1, gpus=t, output_tokens_per_s=per_replica)
+        out.update(replicas=1, gpus=n, output_tokens_per_s=per_replica)
     return out
 
 
-def _serve_cost(model, batch: int, t: int, price, gpus_used: int) -> dict:
+def _serve_cost(model, batch: int, price, gpus_used: int) -> dict:
     """Price per million output tokens (decode time) and input tokens (the rest of the
-    cycle), blended (the whole cycle), and per hour."""
+    cycle), blended (the whole cycle), and per hour; a replica's cycle serves engines x
+    batch requests."""
     cost: dict = {"price_per_gpu_hour": price}
     if price is not None:
-        per_s = price * t / 3600
+        per_s = price * model.replica.gpus / 3600
         cycle, gen = model.throughput(batch)["cycle_s"], model.gen.mean
-        decode = gen * model.decode_token_s(batch)
+        decode, served = gen * model.decode_token_s(batch), model.replica.engines * batch
         cost.update(
-            per_million_output_tokens=per_s * decode / (batch * gen) * 1e6,
-            per_million_input_tokens=per_s * (cycle - decode) / (batch * model.prompt.mean) * 1e6,
-            per_million_output_tokens_blended=per_s * cycle / (batch * gen) * 1e6,
+            per_million_output_tokens=per_s * decode / (served * gen) * 1e6,
+            per_million_input_tokens=per_s * (cycle - decode) / (served * model.prompt.mean) * 1e6,
+            per_million_output_tokens_blended=per_s * cycle / (served * gen) * 1e6,
             per_hour=price * gpus_used,
         )
     return cost
@@ -281,13 +257,20 @@ def _serve_cost(model, batch: int, t: int, price, gpus_used: int) -> dict:
 
 def _serving_latency(model, batch: int) -> dict:
     """Time to first token (of the p99 prompt, and the mean), time per output token (alone,
-    and the mean time between tokens with other requests' prefills: the cycle / E[G]) and
-    a request's mean time."""
+    and the mean time between tokens with other requests' prefills: the cycle / E[G]), a
+    request's mean time, and the collectives within TTFT and TPOT by group (tp always; ep,
+    pp where the replica has them)."""
     tpot, gen = model.tpot(batch), model.gen.mean
-    out = {"ttft_s": model.ttft(batch), "ttft_mean_s": model.ttft_mean(batch), "ttft_tp_comm_s": model.ttft_tp_s(batch),
-           "tpot_s": tpot, "tpot_tp_comm_s": model.decode_tp_s(batch),
-           "tpot_with_prefills_s": model.throughput(batch)["cycle_s"] / gen,
+    comm, r = model.comm(batch), model.replica
+    out = {"ttft_s": model.ttft(batch), "ttft_mean_s": model.ttft_mean(batch),
+           "tpot_s": tpot, "tpot_with_prefills_s": model.throughput(batch)["cycle_s"] / gen,
            "request_s": model.ttft_mean(batch) + gen * tpot, "decode_step_s": model.decode_s(batch)}
+    for group in ["tp"] + [g for g, n in (("ep", r.ep), ("pp", r.pp)) if n > 1]:
+        out[f"ttft_{group}_comm_s"] = comm["ttft"].get(group, 0.0)
+        out[f"tpot_{group}_comm_s"] = comm["tpot"].get(group, 0.0)
+    if r.pp > 1:
+        out["decode_stage_s"] = list(model.decode_stages(batch))
+        out["prefill_stage_s"] = list(model.prefill_stages(model.p_worst))
     if hasattr(model, "draft"):
         out.update(speculative_step_s=model.step_s(batch), draft_decode_s=model.draft_decode_s(batch),
                    verify_s=model.verify_s(batch))
@@ -296,19 +279,57 @@ def _serving_latency(model, batch: int) -> dict:
 
 def _best_serving(evaluated: list) -> tuple:
     """((row, model) chosen, feasible, fits): the most output tokens/s per GPU among the
-    tp degrees that meet the targets, else among those that fit (the smaller tp on a tie),
-    else the last one tried (nothing fits)."""
+    replicas that meet the targets, else among those that fit (on a tie the smaller
+    replica, then the smaller tp, then the fewer stages), else the last one tried (nothing fits)."""
     good = [(row, m) for row, m in evaluated if row.get("meets")]
     fitting = [(row, m) for row, m in evaluated if row.get("fits")]
     pool = good or fitting
-    chosen = max(pool, key=lambda rm: (rm[0]["output_tokens_per_s_per_gpu"], -rm[0]["tp"])) if pool \
-        else evaluated[-1]
+    chosen = max(pool, key=lambda rm: (rm[0]["output_tokens_per_s_per_gpu"], -rm[0]["gpus"], -rm[0]["tp"],
+                                       -rm[0]["pp"])) if pool else evaluated[-1]
     return chosen, bool(good), bool(fitting)
+
+
+def _replicas(spec, hw, x, *, tp, pp, ep, gpus, gpus_per_node, interconnect_bytes_per_s) -> list:
+    from flopsim.planning.serve_layouts import replica_candidates
+
+    one = interconnect_bytes_per_s is None and hw.interconnect_bytes_per_s is None
+    return replica_candidates(spec, x.draft, tp=tp, pp=pp, ep=ep, gpus=gpus, gpus_per_node=gpus_per_node,
+                              one_gpu=one)
+
+
+def _reachable(replicas: list, links, searched: bool, notes: list) -> list:
+    """The replicas the links can lay out: without an inter-node figure, a searched replica
+    whose groups span nodes is left out (a given one is costed, and fails on the missing figure)."""
+    from flopsim.planning.serve_layouts import spans_nodes
+
+    if links.scale_out is not None or not searched:
+        return replicas
+    kept = [r for r in replicas if not spans_nodes(r, links.gpus_per_node)]
+    if len(kept) < len(replicas):
+        notes.append(f"{len(replicas) - len(kept)} replicas spanning nodes left out: no inter-node link figure "
+                     f"(give --inter-node)")
+    return kept or replicas
+
+
+def _config(x, model, row: dict, **given) -> dict:
+    r = model.replica
+    return {**x.config(model), "tp": r.tp, "pp": r.pp, "ep": r.ep, "replica_gpus": r.gpus,
+            "engines": r.engines, "batch": row.get("batch", 0),
+            "concurrent_sequences": (row.get("batch") or 0) * r.engines,
+            "max_batch_memory": row.get("max_batch_memory", 0), "max_batch_prefill": row.get("max_batch_prefill"),
+            **given}
+
+
+def _no_fit_message(row: dict, gpus, given: tuple) -> str:
+    bigger = "a larger --tp, --pp or --ep (or --gpus for a larger replica)" if gpus is None or \
+        any(g is not None for g in given) else "more --gpus"
+    return f"does not fit: {row['reasons'][0]}; try {bigger}, a device with more memory, or a shorter prompt + gen"
 
 
 def plan_serving(spec, hw, *, prompt, gen, gpus: Optional[int] = None,
                  target_tokens_per_s: Optional[float] = None, ttft_s: Optional[float] = None,
-                 tpot_s: Optional[float] = None, tp: Optional[int] = None, max_batch: Optional[int] = None,
+                 tpot_s: Optional[float] = None, tp: Optional[int] = None, pp: Optional[int] = None,
+                 ep: Optional[int] = None, max_batch: Optional[int] = None,
                  memory_utilization: float = DEFAULT_MEMORY_UTILIZATION,
                  price_per_gpu_hour: Optional[float] = None, interconnect_bytes_per_s: Optional[float] = None,
                  inter_node_bytes_per_s: Optional[float] = None, gpus_per_node: Optional[int] = None,
@@ -319,10 +340,11 @@ def plan_serving(spec, hw, *, prompt, gen, gpus: Optional[int] = None,
     int or a distribution (flopsim.planning.serve_lengths: "uniform:A:B",
     "lognormal:MEDIAN:SIGMA", a CSV histogram path) (see the module docstring).
     `target_tokens_per_s`: output tokens/s to sustain (-> GPUs needed); `gpus`: GPUs
-    available (-> throughput they give); `ttft_s` / `tpot_s`: latency targets; `tp`:
-    tensor-parallel degree (default: the best power of two); `chunk`: chunked prefill,
-    prompt tokens per step; `draft` (a spec), `draft_len` (k) and `acceptance` (a):
-    speculative decoding (Leviathan et al. 2023); `kv_dtype`: the KV cache's dtype."""
+    available (-> throughput they give); `ttft_s` / `tpot_s`: latency targets; `tp`, `pp`,
+    `ep`: a replica's tensor, pipeline and expert-parallel degrees (each not given is
+    searched); `max_batch`: an engine's largest batch; `chunk`: chunked prefill, prompt
+    tokens per step; `draft` (a spec), `draft_len` (k) and `acceptance` (a): speculative
+    decoding (Leviathan et al. 2023); `kv_dtype`: the KV cache's dtype."""
     from flopsim.calibration import load_calibration
     from flopsim.hardware import load_hardware
     from flopsim.planning.serve_inputs import serving_inputs
@@ -338,47 +360,45 @@ def plan_serving(spec, hw, *, prompt, gen, gpus: Optional[int] = None,
     upper = MAX_SERVING_BATCH if max_batch is None else _positive_int("max_batch", max_batch)
     gpus_per_node = _positive_int("gpus_per_node", gpus_per_node if gpus_per_node is not None
                                   else (hw.scale_up_domain or DEFAULT_GPUS_PER_NODE))
-    tps = _serve_tps(spec, x.draft, gpus, tp, interconnect_bytes_per_s, hw, gpus_per_node)
+    replicas = _replicas(spec, hw, x, tp=tp, pp=pp, ep=ep, gpus=gpus, gpus_per_node=gpus_per_node,
+                         interconnect_bytes_per_s=interconnect_bytes_per_s)
     links = resolve_links(hw, cal, interconnect_bytes_per_s, inter_node_bytes_per_s, gpus_per_node, comm_latency_s,
-                          needed=max(tps) > 1)
+                          needed=max(r.gpus for r in replicas) > 1)
+    notes: list = []
+    replicas = _reachable(replicas, links, None in (tp, pp, ep), notes)
 
     evaluated, steps = [], StepCoster(spec, hw, cal, links)
-    with closing(_Progress(progress, "serving plan", total=len(tps))) as bar:
-        for t in tps:
-            bar.advance(f"tp {t}: batch search", n=0)
-            model = serve_model(spec, hw, cal, links, tp=t, prompt=x.prompt, gen=x.gen, usable_bytes=usable,
+    with closing(_Progress(progress, "serving plan", total=len(replicas))) as bar:
+        for r in replicas:
+            bar.advance(f"{r.label}: batch search", n=0)
+            model = serve_model(spec, hw, cal, links, replica=r, prompt=x.prompt, gen=x.gen, usable_bytes=usable,
                                 chunk=x.chunk, draft=x.draft, steps=steps)
-            evaluated.append((_serve_row(model, t, hw, usable, upper, ttft_target, tpot_target, bar), model))
+            evaluated.append((_serve_row(model, hw, usable, upper, ttft_target, tpot_target, bar), model))
             bar.advance()
     (row, model), feasible, fits = _best_serving(evaluated)
-    t = row["tp"]
     candidates = [{k: v for k, v in r.items() if k != "reasons"} | {"reasons": "; ".join(r.get("reasons", []))}
                   for r, _ in evaluated]
-    config = {**x.config(model), "tp": t, "batch": row.get("batch", 0),
-              "max_batch_memory": row.get("max_batch_memory", 0), "max_batch_prefill": row.get("max_batch_prefill"),
-              "max_batch": max_batch,
-              "ttft_target_s": ttft_target, "tpot_target_s": tpot_target, "target_tokens_per_s": target,
-              "gpus_available": gpus, "memory_utilization": memory_utilization}
+    config = _config(x, model, row, max_batch=max_batch, ttft_target_s=ttft_target, tpot_target_s=tpot_target,
+                     target_tokens_per_s=target, gpus_available=gpus, memory_utilization=memory_utilization)
     mem = model.memory(max(1, row.get("batch", 0) or 1))
     mem_out = {**mem, "capacity_bytes": hw.memory_capacity_bytes, "usable_bytes": usable,
                "memory_utilization": memory_utilization, "fits": fits}
     if not fits:
-        message = "does not fit: " + row["reasons"][0] + (
-            "; try a larger --tp, a device with more memory, or a shorter prompt + gen" if tp is not None or
-            t < gpus_per_node else "; try a device with more memory, a shorter prompt + gen, or tp across nodes")
+        message = _no_fit_message(row, gpus, given=(tp, pp, ep))
         return ServingPlan(spec=spec, hw=hw, calibration=cal, config=config, links=links, latency={}, throughput={},
                            memory=mem_out, cost={}, fits=False, feasible=False, message=message,
-                           candidates=candidates, notes=[])
+                           candidates=candidates, notes=notes)
 
     batch = row["batch"]
-    latency, notes = _serving_latency(model, batch), []
-    throughput = _serve_throughput(model, batch, t, target, gpus, notes)
-    if (active := _active_experts(spec, batch, model.t_mean)) is not None:
+    latency = _serving_latency(model, batch)
+    throughput = _serve_throughput(model, batch, target, gpus, notes)
+    if (active := _active_experts(spec, batch * model.replica.ep, model.t_mean)) is not None:
         config["active_experts_per_layer"] = active
-    cost = _serve_cost(model, batch, t, price, throughput["gpus"])
+    cost = _serve_cost(model, batch, price, throughput["gpus"])
     if feasible:
-        message = (f"tp {t}, batch {batch}: TTFT {latency['ttft_s'] * 1e3:.3g} ms, TPOT {latency['tpot_s'] * 1e3:.3g} "
-                   f"ms, {throughput['output_tokens_per_s_per_gpu']:,.0f} output tokens/s per GPU")
+        message = (f"{model.replica.label}, batch {batch}: TTFT {latency['ttft_s'] * 1e3:.3g} ms, TPOT "
+                   f"{latency['tpot_s'] * 1e3:.3g} ms, {throughput['output_tokens_per_s_per_gpu']:,.0f} output "
+                   f"tokens/s per GPU")
     else:
         message = "targets not met: " + "; ".join(row["reasons"]) + " (showing the best plan that fits)"
     notes += serving_notes(x, model, row, latency, tpot_target)

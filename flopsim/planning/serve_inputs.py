@@ -8,6 +8,9 @@ Conventions:
 - A draft model shares the target's vocabulary (speculative sampling compares their
   distributions token by token); it runs at the target's tp.
 - Chunked prefill and speculative decoding together are not modelled (one or the other).
+- An encoder-decoder (T5, Switch) is served with its prompt as the encoder's input
+  (flopsim.planning.serve_model), without chunked prefill (its encoder runs over the
+  whole prompt at once) or speculative decoding; a draft is a decoder-only model.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from flopsim.errors import FlopsimError, InputError, bad_value
-from flopsim.planning.common import _positive_int, _single_stack
+from flopsim.planning.common import _positive_int
 from flopsim.planning.serve_lengths import Lengths, parse_lengths
 from flopsim.planning.serve_model import Draft
 
@@ -44,7 +47,8 @@ class ServingInputs:
         return {"prompt": self.prompt.max if self.prompt.fixed else self.prompt.label,
                 "gen": self.gen.max if self.gen.fixed else self.gen.label,
                 "prompt_mean": self.prompt.mean, "gen_mean": self.gen.mean, "prompt_p99": model.p_worst,
-                "decode_context_mean": model.t_mean, "kv_context_max": model.t_max, "kv_dtype": self.spec.kv_dtype,
+                "decode_context_mean": model.t_mean, "kv_context_max": model.kv_tokens_max,
+                "encoder_tokens_mean": model.enc_mean, "kv_dtype": self.spec.kv_dtype,
                 "chunk": self.chunk, "draft": d and d.spec.name, "draft_len": d and d.k,
                 "acceptance": d and d.acceptance, "expected_tokens_per_step": d and d.expected_tokens}
 
@@ -69,7 +73,11 @@ def _draft(spec, draft, draft_len, acceptance, kv_dtype) -> Optional[Draft]:
         d = _with_kv_dtype(load_model(draft), kv_dtype)
     except FlopsimError as err:
         raise InputError(f"draft: {err}") from None
-    _single_stack(d)
+    if d.is_encoder_decoder:
+        raise bad_value("draft", d.name, "a draft is a decoder-only model (an encoder-decoder drafts no tokens "
+                                         "that a target can verify in one forward here)")
+    if spec.is_encoder_decoder:
+        raise bad_value("draft", d.name, f"speculative decoding of an encoder-decoder ({spec.name}) is not modelled")
     if d.vocab != spec.vocab:
         raise bad_value("draft", d.name, f"its vocab {d.vocab} differs from {spec.name}'s {spec.vocab} (speculative "
                                          f"sampling compares both models' probabilities of each token)")
@@ -85,13 +93,19 @@ def serving_inputs(spec, prompt, gen, chunk, draft, draft_len, acceptance, kv_dt
     from flopsim.spec import load_model
 
     spec = _with_kv_dtype(load_model(spec), kv_dtype)
-    _single_stack(spec)
     prompt, gen = parse_lengths("prompt", prompt), parse_lengths("gen", gen)
     chunk = None if chunk is None else _positive_int("chunk", chunk)
+    if chunk is not None and spec.is_encoder_decoder:
+        raise bad_value("chunk", chunk, f"chunked prefill of an encoder-decoder ({spec.name}) is not modelled: its "
+                                        f"encoder runs over the whole prompt")
     d = _draft(spec, draft, draft_len, acceptance, kv_dtype)
     if chunk is not None and d is not None:
         raise bad_value("chunk", chunk, "chunked prefill with speculative decoding is not modelled: give --chunk "
                                         "or --draft")
+    if spec.is_encoder_decoder:  # the encoder over the prompt, the decoder over the start token and gen
+        token_values(spec, "prefill", 1, 1, encoder_seq=prompt.max)
+        token_values(spec, "decode", 1, 1, 1 + gen.max, encoder_seq=prompt.max)
+        return ServingInputs(spec, prompt, gen, chunk, d)
     longest = prompt.max + gen.max + (d.k if d else 0)
     for m in [spec] + ([d.spec] if d else []):
         if m.positions == "learned" and longest > m.max_seq:

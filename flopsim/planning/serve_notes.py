@@ -19,18 +19,45 @@ def _lengths_note(x, model) -> list:
     if x.prompt.fixed and x.gen.fixed:
         return []
     q = f"p{WORST_QUANTILE * 100:g}"
+    mean = f"E[P] + E[G(G+1)]/(2E[G]) = {model.t_mean:,}" if not model.encoder_decoder else \
+        f"1 + E[G(G+1)]/(2E[G]) = {model.t_mean:,} decoder tokens, and E[P] = {model.enc_mean:,} encoder outputs"
     return [f"lengths: prompt {x.prompt.describe()}, gen {x.gen.describe()}, independent; in steady state the "
             f"requests in flight are weighted by their gen (length-biased), so a decode step reads a mean KV length "
-            f"of E[P] + E[G(G+1)]/(2E[G]) = {model.t_mean:,}; memory holds every slot at the {q} of prompt + gen "
-            f"({model.t_max:,} tokens) and a TTFT target bounds the {q} prompt ({model.p_worst:,} tokens)"]
+            f"of {mean}; memory holds every slot at the {q} of prompt + gen ({model.kv_tokens_max:,} tokens) and "
+            f"a TTFT target bounds the {q} prompt ({model.p_worst:,} tokens)"]
+
+
+def _layout_notes(x, model, batch: int) -> list:
+    """What a pipeline, expert parallelism or an encoder-decoder change in the figures."""
+    r, notes = model.replica, []
+    if r.pp > 1:
+        dec = model.decode_stages(batch)
+        notes.append(f"pipeline of {r.pp} stages (vLLM's virtual engines): {r.pp} batches of {batch:,} in flight, "
+                     f"each stepping once every {r.pp} x the busiest stage's {_ms(max(dec))} (stages "
+                     f"{', '.join(_ms(t) for t in dec)}, sends included); a prompt alone passes the stages one "
+                     f"after the other; each GPU holds its stage's weights and the KV cache of its layers for all "
+                     f"{r.pp * batch:,} sequences")
+    if r.ep > 1:
+        notes.append(f"expert parallel {r.ep}: {r.ep} attention groups of tp {r.tp}, each with its own batch of "
+                     f"{batch:,} (data-parallel attention), stepping together; each GPU holds "
+                     f"{x.spec.moe.experts // r.ep} of the {x.spec.moe.experts} routed experts of every MoE layer "
+                     f"(split tp {r.tp} ways) and every dense weight; two all-to-alls per MoE layer")
+    if model.encoder_decoder:
+        notes.append(f"encoder-decoder: the prompt is the encoder's input; TTFT is the encoder's forward over it "
+                     f"and the decoder's first step (writing both caches); a decode step attends to its "
+                     f"{model.t_mean:,} decoder tokens (mean) and cross-attends to the {model.enc_mean:,} cached "
+                     f"encoder outputs (mean); the KV cache holds both, {model.kv_tokens_max:,} tokens a sequence "
+                     f"at the p99")
+    return notes
 
 
 def _chunk_notes(model, batch: int) -> list:
     from flopsim.planning.serve_model import ServeModel
 
     m = model
-    plain = ServeModel(m.spec, m.hw, m.cal, m.links, tp=m.tp, prompt=m.prompt, gen=m.gen, usable_bytes=m.usable_bytes)
-    per_gpu = lambda mm: mm.throughput(batch)["output_tokens_per_s"] / m.tp  # noqa: E731
+    plain = ServeModel(m.spec, m.hw, m.cal, m.links, replica=m.replica, prompt=m.prompt, gen=m.gen,
+                       usable_bytes=m.usable_bytes, steps=m.steps)
+    per_gpu = lambda mm: mm.throughput(batch)["output_tokens_per_s"] / m.replica.gpus  # noqa: E731
     gap = lambda mm: mm.throughput(batch)["cycle_s"] / m.gen.mean  # noqa: E731
     notes = [f"chunked prefill against whole-prompt prefills at the same tp and batch ({m.chunk:,} prompt tokens a "
              f"step beside the {batch:,} decode tokens: vLLM's max_num_batched_tokens {batch + m.chunk:,}): TTFT "
@@ -65,10 +92,12 @@ def serving_notes(x, model, row: dict, latency: dict, tpot_target) -> list:
     """Every note of a plan that fits, at its batch."""
     batch, notes = row["batch"], []
     longest = x.prompt.max + x.gen.max + (x.draft.k if x.draft else 0)
+    if x.spec.is_encoder_decoder:
+        longest = max(x.prompt.max, 1 + x.gen.max)  # the encoder's input, the decoder's tokens
     if longest > x.spec.max_seq:
         notes.append(f"the longest request, {longest:,} tokens, exceeds max_seq {x.spec.max_seq} of {x.spec.name} "
                      f"({x.spec.positions} positions: costed as is)")
-    notes += _lengths_note(x, model)
+    notes += _lengths_note(x, model) + _layout_notes(x, model, batch)
     if x.chunk is not None:
         notes += _chunk_notes(model, batch)
     if x.draft is not None:
