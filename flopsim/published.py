@@ -69,6 +69,7 @@ class Parallel(_Strict):
     zero: int = Field(0, ge=0, le=3)
     recompute: Literal["none", "selective", "full"] = "none"
     virtual_stages: int = Field(1, ge=1)  # the interleaved pipeline schedule's chunks a stage
+    sequence_parallel: Optional[bool] = None  # token-wise ops split over tp (None: on when tp > 1)
 
 
 class Engine(_Strict):
@@ -247,7 +248,7 @@ def _train_plan(row: Row, s: _Setup, tokens: Optional[float] = None):
                          micro_batch=_shape(row, "micro_batch", 1), calibration=s.cal,
                          tp_overlap=1.0 if row.engine.tp_comm_overlap else 0.0,
                          dp_overlap=1.0 if row.engine.dp_comm_overlap else 0.0,
-                         virtual_stages=p.virtual_stages, **kwargs)
+                         virtual_stages=p.virtual_stages, sequence_parallel=p.sequence_parallel, **kwargs)
 
 
 def source_flops(row: Row, spec, params: int) -> float:

@@ -443,3 +443,18 @@ def test_selective_recompute_reruns_only_the_attention_core():
     assert selective.compute["recompute_s_per_microbatch"] == pytest.approx(attention, rel=1e-9)
     assert 0 < selective.compute["recompute_s_per_microbatch"] < full.compute["recompute_s_per_microbatch"]
     assert selective.config["recompute"] == "selective"
+
+
+def test_plan_without_sequence_parallelism_all_reduces():
+    """`sequence_parallel=False` (Megatron-LM before 2022): each tensor-parallel reduction is one
+    all-reduce of B S d_model values, where sequence parallelism runs a reduce-scatter and an
+    all-gather of the same message; the token-wise ops run whole on each rank (slower)."""
+    kw = dict(gpus=2, tokens=1e8, seq=1024, tp=2)
+    off = plan_training("llama-2-7b", "a100-80gb", sequence_parallel=False, **kw).to_dict()
+    on = plan_training("llama-2-7b", "a100-80gb", **kw).to_dict()
+    assert off["config"]["sequence_parallel"] is False and on["config"]["sequence_parallel"] is True
+    # 32 blocks x (2 forward + 2 backward reductions) + the embedding's forward and the LM head's input gradient
+    assert off["communication"]["tp_collectives_per_microbatch"] == 32 * 4 + 2
+    assert on["communication"]["tp_collectives_per_microbatch"] == 2 * (32 * 4 + 2)
+    assert off["communication"]["tp_bytes_per_collective"] == 1 * 1024 * 4096 * 2  # B S d_model x bf16
+    assert off["compute"]["forward_s_per_microbatch"] > on["compute"]["forward_s_per_microbatch"]

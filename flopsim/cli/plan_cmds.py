@@ -83,6 +83,7 @@ def train(
     global_batch: Optional[int] = typer.Option(None, "--global-batch", help="Global batch in sequences (default ~4M tokens)."),
     global_batch_tokens: Optional[str] = typer.Option(None, "--global-batch-tokens", help="Global batch in tokens (e.g. 4M; a multiple of a sequence's tokens)."),
     tp: int = typer.Option(1, "--tp", help="Tensor-parallel degree (Megatron, with sequence parallelism)."),
+    sequence_parallel: Optional[bool] = typer.Option(None, "--sequence-parallel/--no-sequence-parallel", help="Split the token-wise ops over tp with reduce-scatter / all-gather pairs (default on when tp > 1); off: all-reduces, as Megatron-LM before 2022."),
     pp: int = typer.Option(1, "--pp", help="Pipeline-parallel stages (1F1B)."),
     virtual_stages: int = typer.Option(1, "--virtual-stages", help="Interleaved 1F1B: chunks of blocks per pipeline stage (Megatron's virtual pipeline; 1: plain 1F1B)."),
     encoder_stages: Optional[int] = typer.Option(None, "--encoder-stages", help="An encoder-decoder under --pp > 1: the stages holding the encoder, the rest the decoder (Megatron's --pipeline-model-parallel-split-rank; default by the stacks' blocks)."),
@@ -139,7 +140,8 @@ def train(
         global_batch_tokens=_quantity(global_batch_tokens, "global_batch_tokens"), tp=tp, pp=pp, dp=dp, ep=ep,
         micro_batch=micro_batch, recompute=recompute or "none", optimizer=optimizer, zero=1 if zero is None else zero,
         dp_overlap=dp_overlap, price_per_gpu_hour=price, calibration=calibration, progress=fmt == Format.table,
-        virtual_stages=virtual_stages, encoder_seq=encoder_seq, encoder_stages=encoder_stages, **links)
+        virtual_stages=virtual_stages, encoder_seq=encoder_seq, encoder_stages=encoder_stages,
+        sequence_parallel=sequence_parallel, **links)
     _write_html(training_plan_page, p, html)
     if fmt == Format.json:
         return print_json(p.to_dict())
@@ -156,6 +158,8 @@ def _print_training(p) -> None:
     out.print(f"[bold]{p.spec.name}[/] ({p.spec.family}, {p.spec.precision_label}) training on [bold]{c['gpus']} x {p.hw.name}[/]: "
               f"{human(t['tokens'])} tokens at {seqs}")
     ep = f" x ep {c['ep']} (expert dp {c['expert_dp']})" if c["ep"] > 1 else ""
+    if c["tp"] > 1:
+        ep += " (sequence parallel)" if c.get("sequence_parallel") else " (no sequence parallelism: all-reduces)"
     if c.get("encoder_stages"):
         ep += f" (encoder on stages 0-{c['encoder_stages'] - 1}, decoder on {c['encoder_stages']}-{c['pp'] - 1})"
     out.print(f"  layout       dp {c['dp']} x tp {c['tp']} x pp {c['pp']}{ep}; global batch {c['global_batch']:,} "

@@ -24,6 +24,7 @@ as if dispatch were hidden behind the device.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Optional
 
 import numpy as np
 
@@ -105,21 +106,24 @@ class ShardedModel:
         return [self._time(c) for c in evaluate_ops(ops, values)]
 
     def table(self, micro_batch: int, seq: int, *, tp: int, cp: int = 1, ep: int = 1,
-              expert_load: float = 1.0) -> LayerTable:
+              expert_load: float = 1.0, sequence_parallel: Optional[bool] = None) -> LayerTable:
         """The LayerTable of one micro-batch (cached; the sharded list is cached per degree)."""
-        key = (micro_batch, seq, tp, cp, ep, expert_load)
+        key = (micro_batch, seq, tp, cp, ep, expert_load, sequence_parallel)
         if key not in self._tables:
-            self._tables[key] = self._cost_layers(micro_batch, seq, self._sharded(tp, cp, ep), expert_load)
+            self._tables[key] = self._cost_layers(micro_batch, seq, self._sharded(tp, cp, ep, sequence_parallel),
+                                                  expert_load)
         return self._tables[key]
 
-    def _sharded(self, tp: int, cp: int, ep: int) -> list:
-        """The sharded list of a tp x cp x ep layout, the expert load left a symbol."""
+    def _sharded(self, tp: int, cp: int, ep: int, sequence_parallel: Optional[bool] = None) -> list:
+        """The sharded list of a tp x cp x ep layout (sequence parallelism: make_layout's default
+        when None), the expert load left a symbol."""
         from flopsim.parallel.layout import make_layout
         from flopsim.parallel.shard import EXPERT_LOAD, shard
 
-        key = (tp, cp, ep)
+        key = (tp, cp, ep, sequence_parallel)
         if key not in self._shards:
             layout = replace(make_layout(self.spec, "train", tp=tp, cp=cp, ep=ep, dp=ep,
+                                         sequence_parallel=sequence_parallel,
                                          gpus_per_node=self.links.gpus_per_node), expert_load=EXPERT_LOAD)
             self._shards[key] = [op for op in shard(self._rep_ops, self.spec, "train", layout)
                                  if op.kind != "optimizer" and op.tags.get("group") not in ("dp", "edp")]
@@ -171,7 +175,7 @@ class ShardedModel:
         from flopsim.parallel.shard import _stage_layers
 
         table = self.table(micro_batch, seq, tp=layout.tp, cp=layout.cp, ep=layout.ep,
-                           expert_load=layout.expert_load)
+                           expert_load=layout.expert_load, sequence_parallel=layout.sequence_parallel)
         held = sorted(_stage_layers(self.spec, layout))
         rows = table.rows(held)
         blocks = [i for i in rows if 0 <= table.layers[i] < self.spec.blocks]

@@ -429,7 +429,8 @@ def _stage_list(model, c: dict) -> list:
     v, e = c.get("virtual_stages", 1), c.get("encoder_stages")
     for stage in stages_to_cost(model.spec, c["pp"], v, e):
         layout = make_layout(model.spec, "train", tp=c["tp"], pp=c["pp"], dp=c["dp"], ep=c["ep"], zero=c["zero"],
-                             recompute=c["recompute_mode"], gpus_per_node=model.links.gpus_per_node,
+                             recompute=c["recompute_mode"], sequence_parallel=c.get("sequence_parallel"),
+                             gpus_per_node=model.links.gpus_per_node,
                              expert_load=c.get("expert_imbalance", 1.0), stage=stage, virtual_stages=v,
                              encoder_stages=e)
         out.append(model.stage_times(layout, c["micro_batch"], c["seq"]))
@@ -530,8 +531,10 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
                   gpus_per_node: Optional[int] = None, dp_overlap: float = 1.0, tp_overlap: float = 0.0,
                   comm_latency_s: Optional[float] = None, price_per_gpu_hour: Optional[float] = None,
                   calibration=None, progress: bool = False, virtual_stages: int = 1,
-                  encoder_seq: Optional[int] = None, encoder_stages: Optional[int] = None) -> TrainingPlan:
+                  encoder_seq: Optional[int] = None, encoder_stages: Optional[int] = None,
+                  sequence_parallel: Optional[bool] = None) -> TrainingPlan:
     """Plan a training run of `tokens` tokens on `gpus` x `hw` (see the module docstring).
+    `sequence_parallel`: split the token-wise ops over tp (default: on when tp > 1).
 
     global batch: `global_batch` sequences or `global_batch_tokens` tokens (a
     multiple of a sequence's tokens); default the smallest multiple of dp * micro_batch
@@ -556,6 +559,7 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
                       dp_overlap=dp_overlap, tp_overlap=tp_overlap, recompute=recompute, optimizer=optimizer,
                       seq=seq, encoder_seq=encoder_seq, encoder_stages=encoder_stages, virtual_stages=virtual_stages,
                       global_batch=global_batch, global_batch_tokens=global_batch_tokens)
+    c["sequence_parallel"] = None if sequence_parallel is None else bool(sequence_parallel)
     links = resolve_links(hw, cal, interconnect_bytes_per_s, inter_node_bytes_per_s, gpus_per_node, comm_latency_s,
                           needed=c["gpus"] > 1)
     bar = _Progress(progress, f"costing {spec.name} train step", total=3)
@@ -582,6 +586,7 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
                                       "microbatches", "optimizer", "zero")}
     config.update(expert_dp=c["dp"] // c["ep"], recompute="selective" if c["selective"] else c["full_recompute"],
                   virtual_stages=c["virtual_stages"],
+                  sequence_parallel=c["tp"] > 1 if c["sequence_parallel"] is None else c["sequence_parallel"],
                   **{k: c[k] for k in ("routing", "expert_imbalance", "dropped_fraction") if k in c},
                   **({"encoder_seq": c["encoder_seq"], "encoder_stages": c["encoder_stages"]}
                      if spec.is_encoder_decoder else {}))
