@@ -481,6 +481,10 @@ def _train_notes(spec, c: dict, tokens: float) -> list:
     if c.get("expert_imbalance", 1.0) > 1.0 and spec.is_encoder_decoder and c["encoder_seq"] != c["seq"]:
         notes.append(f"the imbalance of the stack with fewer tokens a micro-batch (encoder {c['encoder_seq']}, "
                      f"decoder {c['seq']} a sequence) is applied to both stacks' experts")
+    if c["tp"] > 1 and c.get("sequence_parallel") is False:
+        notes.append("no sequence parallelism: the time runs the token-wise ops (norms, residual adds) whole on "
+                     "each tensor-parallel rank, but memory still splits every activation over tp, so it is "
+                     "understated by those ops' activations x (1 - 1/tp)")
     if c.get("dropped_fraction", 0.0) > 0.0:
         notes.append(f"routing {c['routing']}: {100 * c['dropped_fraction']:.2f}% of the (token, expert) pairs "
                      f"overflow the capacity factor {spec.moe.capacity_factor:g} and are dropped")
