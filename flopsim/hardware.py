@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flopsim.errors import InputError
 
-DTYPES = ("fp32", "tf32", "bf16", "fp16", "fp8", "int8")
+DTYPES = ("fp32", "tf32", "bf16", "fp16", "fp8", "int8", "fp4")
 # where to look when a device publishes no peak for a dtype, nearest first
 DTYPE_FALLBACK: dict[str, tuple[str, ...]] = {
     "fp32": ("tf32", "bf16", "fp16"),  # a TPU runs fp32 products as bf16 MXU passes
@@ -45,6 +45,7 @@ DTYPE_FALLBACK: dict[str, tuple[str, ...]] = {
     "fp16": ("bf16", "fp32"),
     "fp8": ("fp16", "bf16", "fp32"),
     "int8": ("fp8", "fp16", "bf16", "fp32"),
+    "fp4": ("fp8", "int8", "fp16", "bf16", "fp32"),  # a device without fp4 tensor cores upcasts
 }
 FIGURES = (
     "peak_flops_per_s",
@@ -73,7 +74,7 @@ class HardwareSpec(BaseModel):
     name: str = Field(min_length=1)
     description: str = ""
     kind: Literal["gpu", "tpu", "cpu", "other"] = "gpu"
-    peak_flops_per_s: dict[Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int8"], FlopsPerS]
+    peak_flops_per_s: dict[Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int8", "fp4"], FlopsPerS]
     memory_bandwidth_bytes_per_s: BytesPerS
     memory_capacity_bytes: Bytes
     last_level_cache_bytes: Optional[Bytes] = None

@@ -89,7 +89,7 @@ def _base():
     (lambda d: d["sources"].pop("memory_bandwidth_bytes_per_s"), "memory_bandwidth_bytes_per_s"),
     (lambda d: d.update(memory_bandwidth_bytes_per_s=-1), "memory_bandwidth_bytes_per_s"),
     (lambda d: d.update(flux=3), "flux"),
-    (lambda d: d["peak_flops_per_s"].update(fp4=1e15), "fp4"),
+    (lambda d: d["peak_flops_per_s"].update(fp2=1e15), "fp2"),
     (lambda d: d["peak_flops_per_s"].update(bf16=0), "bf16"),
     (lambda d: d.pop("memory_capacity_bytes"), "memory_capacity_bytes"),
 ])

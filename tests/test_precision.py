@@ -133,6 +133,18 @@ def test_compute_dtype_sets_the_peak():
     assert product(runs["w4"]).bytes < product(runs["w8a8"]).bytes < product(runs["bf16"]).bytes
 
 
+def test_fp4_products_run_at_the_fp4_peak_where_there_is_one():
+    """W4A4 (MXFP4 weights, fp4 products): B200's dense fp4 peak, 9 PFLOP/s (twice its fp8
+    4.5); a device publishing no fp4 peak (H100) runs them at its fp8 one."""
+    from flopsim.predict import predict
+
+    w4a4 = load_model("llama-3-8b").with_changes(precision=dict(weights="fp4", group_size=32, scale_bytes=1,
+                                                                compute="fp4"))
+    peak = {hw: predict(w4a4, hw, phase="prefill", batch=1, seq=512, calibration="ideal").summary()["peak_flops_per_s"]
+            for hw in ("b200", "h100-sxm")}
+    assert peak == {"b200": 9000.0e12, "h100-sxm": 1978.9e12}
+
+
 def test_predict_names_the_precision(tmp_path):
     import json
 

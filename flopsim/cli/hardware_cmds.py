@@ -13,7 +13,7 @@ hardware_app = typer.Typer(help="Device specs (specs/hardware): peaks, bandwidth
 app.add_typer(hardware_app, name="hardware")
 
 FormatOpt = typer.Option(Format.table, "--format", "-f", help="table | json | csv")
-PEAK_COLUMNS = ("fp32", "tf32", "bf16", "fp16", "fp8", "int8")
+PEAK_COLUMNS = ("fp32", "tf32", "bf16", "fp16", "fp8", "int8", "fp4")
 
 
 def _flat(hw) -> dict:

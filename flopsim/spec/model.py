@@ -301,7 +301,8 @@ class Precision(_Strict):
     - `kv_cache`: the KV cache's values (read and written by attention at decode).
     - `compute`: the dtype the matrix products run in, which sets their peak: `dtype` for
       weight-only quantization (the weights are dequantized inside the product), int8 or
-      fp8 for W8A8.
+      fp8 for W8A8, fp4 for W4A4 (MXFP4 / NVFP4 products on Blackwell's fp4 tensor cores;
+      a device publishing no fp4 peak runs them at its fp8 one).
     Quantized weights are inference only (train reads and updates `dtype` weights)."""
 
     weights: Optional[Literal["fp32", "bf16", "fp16", "fp8", "int8", "int4", "fp4"]] = None
@@ -309,7 +310,7 @@ class Precision(_Strict):
     scale_bytes: Literal[1, 2, 4] = 2
     scope: Literal["all", "experts"] = "all"  # which products' weights: all, or the MoE experts' only
     kv_cache: Optional[Literal["fp32", "bf16", "fp16", "fp8", "int8"]] = None
-    compute: Optional[Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int8"]] = None
+    compute: Optional[Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int8", "fp4"]] = None
 
 
 class SoftCap(_Strict):
