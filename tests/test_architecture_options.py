@@ -29,7 +29,8 @@ OPTIONS = {
     "qwen2-qkv-bias": dict(bias=False, qkv_bias=True),
     "moe-qkv-bias": dict(family="moe", moe=dict(experts=4, top_k=2, d_expert=32), bias=False, qkv_bias=True),
     "qkv-without-bias": dict(bias=True, qkv_bias=False, norm="layernorm"),
-    "gpt-oss-like": dict(family="moe", bias=True, attention_impl="explicit", attention_sinks=True,
+    "clamped-swiglu": dict(activation="silu_clamped"),  # GPT-OSS's gated unit on a dense model
+    "gpt-oss-like": dict(family="moe", bias=True, attention_impl="explicit", attention_sinks=True, activation="silu_clamped",
                          sliding_window=dict(size=4, global_every=2),
                          moe=dict(experts=4, top_k=2, d_expert=32, normalize=True, router_bias=True)),
 }

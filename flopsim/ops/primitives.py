@@ -57,18 +57,26 @@ ELEMENTWISE_FLOPS = {
     "swiglu": 5,  # silu(gate) * up
     "geglu": 9,  # gelu(gate) * up
     "reglu": 2,  # relu(gate) * up
+    # GPT-OSS: g = min(gate, L); (clamp(up, -L, L) + 1) * g * sigmoid(alpha g): two clamps (one
+    # each, as torch's clamp is one op with both bounds), the scale by alpha, the sigmoid (4),
+    # the product with g, the + 1, the product with up
+    "swiglu_clamped": 10,
     "tanh": 4,
     "sigmoid": 4,
     "soft_mask": 6,  # sigmoid(n * s - 1): the affine (2) and the sigmoid (4)
     "rope": 3,  # x * cos + rotate(x) * sin
     "softcap": 6,  # cap * tanh(x / cap): the division, the tanh (4), the product
     "softcap_bwd": 10,  # tanh's derivative (twice its 4) and the two scalings (1 each)
+    # autograd through GPT-OSS's unit: the two products' gradients (2 + 2), the sigmoid's (8),
+    # the alpha scale's (1), g's two gradients summed (1), each clamp's mask test (2 + 1)
+    "swiglu_clamped_bwd": 17,
     "softmax": 5,  # max, subtract, exp, sum, divide
     "layernorm": 8,  # mean, variance, normalise, scale, shift
     "rmsnorm": 4,  # square-mean, rsqrt, normalise, scale
     "cross_entropy": 5,  # log-softmax and the pick
 }
-GATED_ACTIVATION = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu", "relu": "reglu"}
+GATED_ACTIVATION = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu", "relu": "reglu",
+                    "silu_clamped": "swiglu_clamped"}
 BACKWARD_ELEMENTWISE = 2  # backward elementwise arithmetic relative to forward
 INDEX_BYTES = 8  # int64 indices (token ids, positions, top-k and gather indices), as torch uses
 
@@ -326,8 +334,8 @@ def elementwise(ctx: Ctx, name: str, *, layer: int, elements, op: str, inputs: i
         bwd = {}  # the gradient passes through
     if backward and op == "scale":  # the gradient times the constant: read it, write it
         bwd = dict(other_flops=per * elements, act_read_bytes=elements * w, act_write_bytes=elements * w)
-    if backward and op == "softcap":
-        bwd["other_flops"] = ELEMENTWISE_FLOPS["softcap_bwd"] * elements
+    if backward and op in ("softcap", "swiglu_clamped"):  # a derivative of its own, not twice the forward
+        bwd["other_flops"] = ELEMENTWISE_FLOPS[f"{op}_bwd"] * elements
     return _with_backward(ctx, fwd, bwd)
 
 

@@ -118,7 +118,8 @@ Mapping decisions (see specs/models/hf/README.md for the full list):
   intermediate_size, normalize (the softmax over the chosen top-k logits),
   router_bias}, bias (attention_bias; the experts' biases), attention_sinks;
   quantization_config mxfp4 -> precision {weights fp4, group_size 32,
-  scale_bytes 1, scope experts}. Its clamped SwiGLU is costed as SwiGLU.
+  scale_bytes 1, scope experts}; activation silu_clamped (the experts' clamped
+  SwiGLU).
 - rope_scaling / rope_parameters other than default (llama3, yarn, linear,
   dynamic): the rotary frequencies change, not the products: no cost, noted.
 """
@@ -566,8 +567,7 @@ def _gpt_oss(c: _Config, notes: list[str]) -> dict:
     spec["moe"] = dict(experts=c.integer("num_local_experts"), top_k=c.integer("num_experts_per_tok"),
                        d_expert=spec["d_ff"], normalize=True, router_bias=True, capacity_factor=None,
                        routing="token_choice")
-    notes.append(f"the experts' clamped SwiGLU (limit {c.get('swiglu_limit', 7.0)}, alpha "
-                 f"{c.get('swiglu_alpha', 1.702)}, (up + 1) * gate * sigmoid(alpha gate)) is costed as SwiGLU")
+    spec["activation"] = "silu_clamped"  # its limit and alpha are constants: the cost is the same for any
     quant = c.get("quantization_config", None)
     if all(c.data.get(k) is None for k in ("torch_dtype", "dtype")):
         notes.append("no torch_dtype: fp32, as transformers builds this config; the checkpoint stores the "

@@ -14,8 +14,9 @@ meaning):
   norm) or `post` (BERT: norm after each residual, embedding norm, no final
   norm).
 - `token_types`: size of BERT's token-type embedding (0: none).
-- `activation`: the FFN non-linearity (gelu, relu, silu, gelu_tanh); it sets
-  the elementwise cost only.
+- `activation`: the FFN non-linearity (gelu, relu, silu, gelu_tanh, or
+  silu_clamped: GPT-OSS's gated unit, (clamp(up, -7, 7) + 1) * g * sigmoid(1.702 g)
+  with g = min(gate, 7), `ffn: gated` only); it sets the elementwise cost only.
 - `attention_impl`: `fused` (one scaled-dot-product-attention kernel; its
   backward recomputes the scores, 5 batched products) or `explicit` (two
   batched products and a softmax; backward 4 products).
@@ -377,7 +378,7 @@ class ModelSpec(_Strict):
     d_head: Optional[Size] = None
     d_ff: Size
     ffn: Literal["mlp", "gated"] = "mlp"
-    activation: Literal["gelu", "gelu_tanh", "relu", "silu"] = "gelu"
+    activation: Literal["gelu", "gelu_tanh", "relu", "silu", "silu_clamped"] = "gelu"
     vocab: Size
     positions: Literal["learned", "rope", "relative", "none"] = "learned"
     relative_buckets: Size = 32  # positions relative: T5's relative_attention_num_buckets
@@ -483,6 +484,8 @@ class ModelSpec(_Strict):
         return self.bias if self.qkv_bias is None else self.qkv_bias
 
     def _check_architecture_options(self):
+        if self.activation == "silu_clamped" and self.ffn != "gated":
+            raise ValueError("activation silu_clamped: GPT-OSS's gated unit; needs ffn: gated")
         if self.kv_cache_reads == "per_query_head" and self.mla is not None:
             raise ValueError("kv_cache_reads: per_query_head describes a GQA/MHA kernel; multi-head latent "
                              "attention reads one latent per token")

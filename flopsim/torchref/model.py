@@ -40,12 +40,26 @@ from torch import nn
 
 from flopsim.torchref.bytes_counter import fused
 
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float = 7.0, alpha: float = 1.702) -> torch.Tensor:
+    """GPT-OSS's gated unit (transformers' GptOssExperts): both halves clamped, up shifted by one."""
+    gate = gate.clamp(max=limit)
+    return (up.clamp(-limit, limit) + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+clamped_swiglu.gates_up = True  # takes (gate, up), not gate alone
+
 ACTIVATIONS = {
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
     "silu": F.silu,
+    "silu_clamped": clamped_swiglu,
 }
+
+
+def gate_times_up(act, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """act(gate) * up, or the activation's own combination of both (clamped_swiglu)."""
+    return act(gate, up) if getattr(act, "gates_up", False) else act(gate) * up
 
 
 @dataclass
@@ -309,7 +323,7 @@ def gated_activation(act, gate_up: torch.Tensor) -> torch.Tensor:
     """act(gate) * up of a fused gate_up output [..., 2 d_ff], as one fused kernel."""
     with fused("gated_act") as region:
         gate, up = region.take(gate_up).chunk(2, dim=-1)
-        h = act(gate) * up
+        h = gate_times_up(act, gate, up)
         region.basis(h)
     return h
 

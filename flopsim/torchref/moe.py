@@ -41,7 +41,7 @@ from torch import nn
 
 from flopsim.families.moe import is_moe_layer
 from flopsim.torchref.bytes_counter import fused
-from flopsim.torchref.model import ACTIVATIONS, MLP, Block, Reference, gated_activation
+from flopsim.torchref.model import ACTIVATIONS, MLP, Block, Reference, gate_times_up, gated_activation
 
 
 class GroupedLinear(nn.Module):
@@ -100,7 +100,7 @@ class Experts(nn.Module):
         """moe.kernel gather: every (token, expert) row through copies of its expert's weights."""
         if self.gated:
             gate, up = self.gate_up.gathered(x, expert).chunk(2, dim=-1)
-            h = self.act(gate) * up
+            h = gate_times_up(self.act, gate, up)
         else:
             h = self.act(self.up.gathered(x, expert))
         return self.down.gathered(h, expert)
