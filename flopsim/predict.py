@@ -37,15 +37,25 @@ from flopsim.errors import InputError
 
 
 def phase_ops(spec, phase: str, *, symbolic: bool = False, optimizer: str = "adam",
-              grad_bytes: Optional[int] = None, master_weights: Optional[bool] = None) -> list:
-    """The ops one step of `phase` runs: the family's ops, plus the optimizer
-    update in `train` (its parameter count summed from the same ops)."""
+              grad_bytes: Optional[int] = None, master_weights: Optional[bool] = None,
+              grad_accumulation: str = "autograd", grad_reduce_dtype: Optional[str] = None,
+              microbatches: int = 1) -> list:
+    """The ops one step of `phase` runs: the family's ops, plus in `train` the
+    gradient accumulation of a step of `microbatches` micro-batches (flopsim.ops.grad_accum:
+    its op x the micro-batches that pay it; autograd's form pays none of one) and the
+    optimizer update (their parameter count summed from the same ops)."""
     from flopsim.families import build_ops
+    from flopsim.ops import grad_accum
     from flopsim.ops.optimizer import optimizer_update
 
     ops = build_ops(spec, phase, symbolic=symbolic)
     if phase == "train":
         params = sum((op.params for op in ops if op.pass_ == "fwd"), 0)
+        g = spec.dtype_bytes if grad_bytes is None else grad_bytes
+        paying = grad_accum.paying_microbatches(grad_accumulation, microbatches)
+        acc = grad_accum.grad_accumulation(params, grad_accumulation, grad_bytes=g, layer=spec.blocks + 1,
+                                           buffer_bytes=grad_accum.reduce_bytes(grad_reduce_dtype, g))
+        ops = ops + [op.scaled(paying) for op in acc if paying]
         ops = ops + optimizer_update(params, weight_bytes=spec.dtype_bytes, layer=spec.blocks + 1,
                                      optimizer=optimizer, grad_bytes=grad_bytes, master_weights=master_weights)
     return ops
@@ -150,14 +160,17 @@ class PredictResult(OpTotals):
 
 def predict(spec, hw, *, phase: str = "forward", batch: int = 1, seq: int = 1024,
             context: Optional[int] = None, calibration=None, optimizer: str = "adam",
-            encoder_seq: Optional[int] = None, layout=None, links: Optional[dict] = None) -> PredictResult:
+            encoder_seq: Optional[int] = None, layout=None, links: Optional[dict] = None,
+            grad_accumulation: str = "autograd", grad_reduce_dtype: Optional[str] = None) -> PredictResult:
     """Predicted time of one step of `phase` of `spec` (ModelSpec, path or preset)
     on `hw` (HardwareSpec, path or preset). `calibration`: None/"auto" (the
     device's specs/calibration file, else ideal), "ideal", a path or a Calibration.
     `encoder_seq`: an encoder-decoder's encoder tokens per sequence (default `seq`).
     `layout` (flopsim.parallel.Layout): one GPU's ops of that layout (`batch` is then the
     micro-batch; its collectives run in sequence, none hidden: flopsim.planning applies
-    overlap), on the calibration's link levels or `links` ({level: LinkLevel})."""
+    overlap), on the calibration's link levels or `links` ({level: LinkLevel}).
+    `grad_accumulation`, `grad_reduce_dtype` (train): flopsim.ops.grad_accum's form (a step of
+    one micro-batch: only `main_grad` adds an op) and the data-parallel reduction's dtype."""
     from flopsim.calibration import load_calibration
     from flopsim import opcache
     from flopsim.count import token_numbers
@@ -173,11 +186,19 @@ def predict(spec, hw, *, phase: str = "forward", batch: int = 1, seq: int = 1024
         from flopsim.count import evaluate_ops, token_values
         from flopsim.parallel.shard import shard
 
-        ops = shard(phase_ops(spec, phase, optimizer=optimizer), spec, phase, layout)
+        from flopsim.ops.grad_accum import reduce_bytes
+
+        ops = shard(phase_ops(spec, phase, optimizer=optimizer, grad_accumulation=grad_accumulation,
+                              grad_reduce_dtype=grad_reduce_dtype), spec, phase, layout,
+                    grad_bytes_per_param=reduce_bytes(grad_reduce_dtype, spec.dtype_bytes))
         costs = evaluate_ops(ops, token_values(spec, phase, batch, seq, context, encoder_seq))
     else:
-        costs = opcache.costs(spec, phase, numbers, lambda: phase_ops(spec, phase, optimizer=optimizer),
-                              options=f"optimizer={optimizer}")
+        options = f"optimizer={optimizer}" + ("" if grad_accumulation == "autograd" and grad_reduce_dtype is None
+                                              else f",grad_accumulation={grad_accumulation},"
+                                                   f"grad_reduce_dtype={grad_reduce_dtype}")
+        costs = opcache.costs(spec, phase, numbers, lambda: phase_ops(
+            spec, phase, optimizer=optimizer, grad_accumulation=grad_accumulation,
+            grad_reduce_dtype=grad_reduce_dtype), options=options)
     times = in_sequence(op_times(costs, hw, spec.compute_dtype, cal, links))
     return PredictResult(spec=spec, hw=hw, phase=phase, batch=batch, seq=seq, context=numbers["T"],
                          calibration=cal, optimizer=optimizer, ops=times, encoder_seq=numbers.get("S_enc"),

@@ -80,6 +80,9 @@ class Engine(_Strict):
     moe_kernel: Literal["grouped", "gather"] = "grouped"
     tp_comm_overlap: bool = False  # tensor-parallel collectives pipelined with the GEMMs (Megatron-Core)
     dp_comm_overlap: bool = True  # the data-parallel reduction overlaps the backward (False: after it, exposed)
+    # gradient accumulation over micro-batches and the reduction's dtype (flopsim.ops.grad_accum)
+    grad_accumulation: Literal["none", "autograd", "main_grad"] = "autograd"
+    grad_reduce_dtype: Optional[Literal["fp32", "bf16", "fp16"]] = None  # None: the gradients' dtype
 
 
 class Row(_Strict):
@@ -248,7 +251,9 @@ def _train_plan(row: Row, s: _Setup, tokens: Optional[float] = None):
                          micro_batch=_shape(row, "micro_batch", 1), calibration=s.cal,
                          tp_overlap=1.0 if row.engine.tp_comm_overlap else 0.0,
                          dp_overlap=1.0 if row.engine.dp_comm_overlap else 0.0,
-                         virtual_stages=p.virtual_stages, sequence_parallel=p.sequence_parallel, **kwargs)
+                         virtual_stages=p.virtual_stages, sequence_parallel=p.sequence_parallel,
+                         grad_accumulation=row.engine.grad_accumulation,
+                         grad_reduce_dtype=row.engine.grad_reduce_dtype, **kwargs)
 
 
 def source_flops(row: Row, spec, params: int) -> float:

@@ -99,6 +99,8 @@ def train(
     interconnect: Optional[str] = InterconnectOpt,
     inter_node: Optional[str] = InterNodeOpt,
     gpus_per_node: Optional[int] = GpusPerNodeOpt,
+    grad_accumulation: str = typer.Option("autograd", "--grad-accumulation", help="Gradient accumulation over micro-batches: autograd (default: .grad += on micro-batches 2..m) | main_grad (Megatron's add into its reduction buffer every micro-batch) | none (fused into the weight-gradient GEMM)."),
+    grad_reduce_dtype: Optional[str] = typer.Option(None, "--grad-reduce-dtype", help="Dtype of the data-parallel gradient reduction (and of main_grad): fp32 | bf16 | fp16 (default the gradients' dtype; fp32 for Megatron-Core bf16, FSDP mixed precision)."),
     dp_overlap: float = typer.Option(1.0, "--dp-overlap", help="Fraction of the forward/backward pass that data-parallel traffic can hide behind (0: none)."),
     comm_latency: Optional[str] = LatencyOpt,
     price: Optional[float] = PriceOpt,
@@ -128,7 +130,8 @@ def train(
                           global_batch_tokens=_quantity(global_batch_tokens, "global_batch_tokens"),
                           micro_batches=parse_gpu_counts(micro_batches, "micro_batches"), zero=zero,
                           recompute=recompute, optimizer=optimizer, dp_overlap=dp_overlap, price=price,
-                          calibration=calibration, fmt=fmt, top=top, links=links, encoder_seq=encoder_seq)
+                          calibration=calibration, fmt=fmt, top=top, links=links, encoder_seq=encoder_seq,
+                          grad_accumulation=grad_accumulation, grad_reduce_dtype=grad_reduce_dtype)
     if len(counts) > 1:
         from flopsim.errors import bad_value
 
@@ -141,7 +144,8 @@ def train(
         micro_batch=micro_batch, recompute=recompute or "none", optimizer=optimizer, zero=1 if zero is None else zero,
         dp_overlap=dp_overlap, price_per_gpu_hour=price, calibration=calibration, progress=fmt == Format.table,
         virtual_stages=virtual_stages, encoder_seq=encoder_seq, encoder_stages=encoder_stages,
-        sequence_parallel=sequence_parallel, **links)
+        sequence_parallel=sequence_parallel, grad_accumulation=grad_accumulation,
+        grad_reduce_dtype=grad_reduce_dtype, **links)
     _write_html(training_plan_page, p, html)
     if fmt == Format.json:
         return print_json(p.to_dict())
@@ -170,7 +174,8 @@ def _print_training(p) -> None:
     rc = c["recompute"] if isinstance(c["recompute"], str) else ("full" if c["recompute"] else "none")
     out.print(f"  options      {c['optimizer']}, ZeRO-{c['zero']} ({zero_what} over dp), recompute "
               f"{rc}, DP traffic hidden behind up to {_pct(cm['dp_overlap'])} "
-              f"of a forward/backward pass")
+              f"of a forward/backward pass; gradient accumulation {c['grad_accumulation']}, reduced in "
+              f"{c['grad_reduce_dtype'] or p.spec.dtype}")
     out.print(f"  links        {_link_text(ln)}")
     out.print(f"  calibration {p.calibration.label}")
     rows = [[x["part"], "-" if x["per_microbatch_s"] is None else human_time(x["per_microbatch_s"]),

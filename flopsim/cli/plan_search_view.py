@@ -24,7 +24,7 @@ COLUMNS = ["GPUs", "tp", "pp", "v", "dp", "ep", "mb", "ZeRO", "recompute", "GB/G
 
 def run_search(spec, hardware, counts: list, *, tokens, seq, global_batch, global_batch_tokens, micro_batches,
                zero, recompute, optimizer, dp_overlap, price, calibration, fmt: Format, top: int, links: dict,
-               encoder_seq=None):
+               encoder_seq=None, grad_accumulation: str = "autograd", grad_reduce_dtype=None):
     """Search, then print the fastest `top` layouts and the Pareto front (or JSON / CSV of every layout)."""
     from flopsim.errors import bad_value
     from flopsim.planning.search import RECOMPUTE, ZERO_STAGES, search_training
@@ -36,7 +36,8 @@ def run_search(spec, hardware, counts: list, *, tokens, seq, global_batch, globa
                              zero=ZERO_STAGES if zero is None else [zero],
                              recompute=RECOMPUTE if recompute is None else [recompute], optimizer=optimizer,
                              dp_overlap=dp_overlap, price_per_gpu_hour=price, calibration=calibration,
-                             progress=fmt == Format.table, encoder_seq=encoder_seq, **links)
+                             progress=fmt == Format.table, encoder_seq=encoder_seq,
+                             grad_accumulation=grad_accumulation, grad_reduce_dtype=grad_reduce_dtype, **links)
     if fmt == Format.json:
         return print_json(result.to_dict())
     if fmt == Format.csv:

@@ -78,7 +78,11 @@ last). Ops are grouped by their placement key; a key whose backward comes in
 two runs (a stack's bias gradient sum, charged to its last block) gets its
 recomputation and weight gathers before the first, its gradient collectives
 after the last. The optimizer update covers the stage's parameters (/ the
-data-parallel ranks under ZeRO >= 1). Not counted: the vocabulary-parallel
+data-parallel ranks under ZeRO >= 1); a gradient-accumulation op
+(flopsim.ops.grad_accum, tag `grad_accumulation`) the stage's parameters (/
+the data-parallel ranks under ZeRO >= 2, whose gradients are sharded), after
+the backward. The ZeRO collectives' gradient message is in the caller's
+bytes per parameter (flopsim.ops.grad_accum.reduce_bytes: the reduction's dtype). Not counted: the vocabulary-parallel
 loss's small all-reduces, a tied embedding's copy on the last stage (and an
 encoder-decoder's shared table's on its first decoder stage) and the
 all-reduce of that table's gradient over the stages holding it (Megatron's
@@ -394,7 +398,7 @@ def shard(ops: list, spec, phase: str, layout, *, grad_bytes_per_param: Optional
     held = _stage_layers(spec, layout)
     fwd_all = [op for op in ops if op.pass_ == "fwd" and op.kind != "optimizer"]
     region = _regions(fwd_all)
-    mine = [op for op in ops if op.kind != "optimizer" and place(op, spec) in held]
+    mine = [op for op in ops if op.kind != "optimizer" and not _accumulates(op) and place(op, spec) in held]
     split = {op.key: split_op(op, spec, layout, op.name in region) for op in mine}
     placed = _Placed()
     runs, params_by_layer = _forward_runs([op for op in mine if op.pass_ == "fwd"], spec, layout, region, split,
@@ -417,7 +421,7 @@ def shard(ops: list, spec, phase: str, layout, *, grad_bytes_per_param: Optional
     out_bwd = _backward([op for op in mine if op.pass_ == "bwd"], spec, split, placed, recomputed, dp_ops)
     if out_bwd:
         out_bwd += sends_bwd
-    return out_fwd + out_bwd + _optimizer(ops, params_by_layer, layout)
+    return out_fwd + out_bwd + _accumulation(ops, params_by_layer, layout) + _optimizer(ops, params_by_layer, layout)
 
 
 def _backward(bwd: list, spec, split: dict, placed: _Placed, recomputed: dict, dp_ops: dict) -> list:
@@ -485,3 +489,26 @@ def _optimizer(ops: list, params_by_layer: dict, layout) -> list:
         return []
     total = sum((op.params for op in ops if op.pass_ == "fwd"), sp.Integer(0))
     return [op.scaled(optimizer_share(params_by_layer, layout, total)) for op in opt]
+
+
+def _accumulates(op: Op) -> bool:
+    return "grad_accumulation" in op.tags
+
+
+def accumulation_share(params_by_layer: dict, layout, total):
+    """The share of the model's parameters whose gradients this GPU accumulates: its stage's
+    shards, / the data-parallel ranks under ZeRO >= 2 (its gradient shard)."""
+    dense = sum(p["dp"] for p in params_by_layer.values())
+    expert = sum(p["edp"] for p in params_by_layer.values())
+    if layout.zero >= 2:
+        dense, expert = dense / layout.group("dp")[0], expert / max(1, layout.group("edp")[0])
+    return (dense + expert) / total if total != 0 else 0
+
+
+def _accumulation(ops: list, params_by_layer: dict, layout) -> list:
+    """The gradient accumulation of this GPU's parameters (`accumulation_share` of the whole)."""
+    acc = [op for op in ops if _accumulates(op)]
+    if not acc:
+        return []
+    total = sum((op.params for op in ops if op.pass_ == "fwd"), sp.Integer(0))
+    return [op.scaled(accumulation_share(params_by_layer, layout, total)) for op in acc]

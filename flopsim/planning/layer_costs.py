@@ -14,7 +14,10 @@ from flopsim.parallel's own ops:
   collectives once more, selective its attention cores' forward;
 - the pipeline sends (flopsim.parallel.shard._pipeline_send's op);
 - the ZeRO collectives of each layer's parameters (shard._data_parallel's ops);
-- the optimizer update of the stage's parameters (shard._optimizer's share).
+- the optimizer update of the stage's parameters (shard._optimizer's share), and
+  one micro-batch's gradient accumulation of them (flopsim.ops.grad_accum's op,
+  shard._accumulation's share; the ZeRO collectives' gradient message in the
+  reduction's dtype, `grad_reduce_dtype`).
 The result equals costing the stage's own sharded list (`predict(layout=...)`);
 tests/test_search.py checks that. Host-dispatch overlap (roofline.in_sequence)
 is not applied: a device whose calibration queues kernels from the host is costed
@@ -63,8 +66,10 @@ class ShardedModel:
     """A spec's train step on one device, sharded and costed per layer (see the module docstring)."""
 
     def __init__(self, spec, hw, cal, links, *, optimizer: str = "adam", bytes_per_param: dict,
-                 encoder_seq=None):
-        """`encoder_seq`: an encoder-decoder's encoder tokens per sequence (None: the seq costed)."""
+                 encoder_seq=None, grad_accumulation: str = "autograd", grad_reduce_dtype=None):
+        """`encoder_seq`: an encoder-decoder's encoder tokens per sequence (None: the seq costed);
+        `grad_accumulation`, `grad_reduce_dtype`: flopsim.ops.grad_accum's form and reduction dtype."""
+        from flopsim.ops import grad_accum
         from flopsim.predict import phase_ops
 
         self.spec, self.hw, self.cal, self.links, self.bpp = spec, hw, cal, links, bytes_per_param
@@ -83,6 +88,11 @@ class ShardedModel:
         opt = [op for op in self.base_ops if op.kind == "optimizer"]
         self._optimizer_costs = evaluate_ops(opt, {})  # the whole model's update, scaled per stage
         self._total_params = float(sum(op.params for op in self.base_ops if op.pass_ == "fwd"))
+        g = bytes_per_param["gradients"]
+        self.reduce_bpp = grad_accum.reduce_bytes(grad_reduce_dtype, g)
+        acc = grad_accum.grad_accumulation(self._total_params, grad_accumulation, grad_bytes=g,
+                                           buffer_bytes=self.reduce_bpp, layer=spec.blocks + 1)
+        self._accumulation_costs = evaluate_ops(acc, {})  # one micro-batch's, the whole model's
 
     def _time(self, cost):
         """op_time of an evaluated op, once per distinct op (its costs, kind, shape and group)."""
@@ -217,7 +227,7 @@ class ShardedModel:
         """The ZeRO collectives of the stage's layers (shard._data_parallel's ops, costed once per
         distinct layer) and the optimizer update of its parameters (shard._optimizer)."""
         from flopsim.collectives import factor
-        from flopsim.parallel.shard import _data_parallel, optimizer_share
+        from flopsim.parallel.shard import _data_parallel, accumulation_share, optimizer_share
 
         # what the ZeRO collectives depend on: each group's ranks and link level, the stage, recomputation
         group_key = (layout.group("dp")[0], layout.level("dp"), layout.group("edp")[0], layout.level("edp"),
@@ -225,7 +235,7 @@ class ShardedModel:
         for p in params:
             key = ("dp", group_key, p["dp"], p["edp"])
             if key not in self._extras:
-                dp_ops = _data_parallel(p, layout, 0, self.bpp["gradients"], self.bpp["weights"])
+                dp_ops = _data_parallel(p, layout, 0, self.reduce_bpp, self.bpp["weights"])
                 ops = [op for where in ("pre_fwd", "pre_bwd", "post_bwd") for op in dp_ops[where]]
                 self._extras[key] = [(op.tags["per"], op.tags["window"], t.time_s,
                                       factor(op.variant, int(op.tags["ranks"])) * t.comm_bytes)
@@ -234,8 +244,13 @@ class ShardedModel:
                 st.dp[(per, window)] += secs
                 st.dp_bytes[per] += sent
         share = optimizer_share({i: p for i, p in enumerate(params)}, layout, self._total_params)
-        st.optimizer_s = sum(self._time(replace(c, **{f: getattr(c, f) * share for f in SCALED})).time_s
-                             for c in self._optimizer_costs)
+        st.optimizer_s = self._scaled_s(self._optimizer_costs, share)
+        st.accumulate_s = self._scaled_s(self._accumulation_costs, accumulation_share(
+            {i: p for i, p in enumerate(params)}, layout, self._total_params))
+
+    def _scaled_s(self, costs: list, share: float) -> float:
+        """The time of evaluated whole-model ops scaled to `share` of the parameters."""
+        return sum(self._time(replace(c, **{f: getattr(c, f) * share for f in SCALED})).time_s for c in costs)
 
 
 def _representatives(ops: list, blocks: int) -> dict:

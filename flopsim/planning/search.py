@@ -136,7 +136,7 @@ class _Costing:
     (micro-batch, recomputation), the routing figures and the FLOPs per micro-batch."""
 
     def __init__(self, spec, hw, cal, links, *, seq: int, optimizer: str, dp_overlap: float, tp_overlap: float,
-                 encoder_seq=None):
+                 encoder_seq=None, grad_accumulation: str = "autograd", grad_reduce_dtype=None):
         from flopsim.memory import MemoryModel
         from flopsim.planning.layer_costs import ShardedModel
         from flopsim.planning.train import _param_split
@@ -148,7 +148,9 @@ class _Costing:
                         for rc in RECOMPUTE}
         self.bpp = self._memory["none"].bytes_per_param
         self.model = ShardedModel(spec, hw, cal, links, optimizer=optimizer, bytes_per_param=self.bpp,
-                                  encoder_seq=encoder_seq)
+                                  encoder_seq=encoder_seq, grad_accumulation=grad_accumulation,
+                                  grad_reduce_dtype=grad_reduce_dtype)
+        self.grad_accumulation = grad_accumulation
         self.params, self.params_expert = _param_split(spec)
         self._flops: dict = {}
         self._routing: dict = {}
@@ -175,9 +177,9 @@ class _Costing:
         """One layout's row: memory, and when it fits its step, days, GPU-hours, cost and MFU,
         by plan_training's own functions."""
         from flopsim.planning.train import _stage_list, _train_memory, _train_totals, routing_figures
-        from flopsim.planning.train_step import step_schedule
-
+        from flopsim.ops.grad_accum import paying_microbatches
         from flopsim.parallel.layout import default_encoder_stages
+        from flopsim.planning.train_step import step_schedule
 
         enc = default_encoder_stages(self.spec, layout["pp"]) if self.spec.is_encoder_decoder and layout["pp"] > 1 \
             else None
@@ -198,7 +200,8 @@ class _Costing:
             self._routing[key] = routing_figures(self.spec, c)
         c.update(self._routing[key])
         sched = step_schedule(_stage_list(self.model, c), c["microbatches"], c["pp"], self.tp_overlap,
-                              self.dp_overlap, c["virtual_stages"])
+                              self.dp_overlap, c["virtual_stages"],
+                              paying_microbatches(self.grad_accumulation, c["microbatches"]))
         t = _train_totals(self.flops(layout["micro_batch"]), self.spec, self.hw, c, tokens, sched["step_s"], price)
         row.update(step_time_s=t["step_time_s"], days=t["days"], gpu_hours=t["gpu_hours"], cost=t["cost"],
                    mfu=t["mfu"], tokens_per_s_per_gpu=t["tokens_per_s_per_gpu"], bubble_s=sched["bubble_s"],
@@ -213,7 +216,8 @@ def search_training(spec, hw, *, gpus, tokens: float, seq: Optional[int] = None,
                     tp_overlap: float = 0.0, price_per_gpu_hour: Optional[float] = None, calibration=None,
                     interconnect_bytes_per_s: Optional[float] = None, inter_node_bytes_per_s: Optional[float] = None,
                     gpus_per_node: Optional[int] = None, comm_latency_s: Optional[float] = None,
-                    progress: bool = False, encoder_seq: Optional[int] = None) -> SearchResult:
+                    progress: bool = False, encoder_seq: Optional[int] = None, grad_accumulation: str = "autograd",
+                    grad_reduce_dtype: Optional[str] = None) -> SearchResult:
     """Search the layouts of a training run on `gpus` (an int or several) x `hw` (see the
     module docstring); the other arguments as plan_training's."""
     from flopsim.calibration import load_calibration
@@ -222,7 +226,7 @@ def search_training(spec, hw, *, gpus, tokens: float, seq: Optional[int] = None,
     from flopsim.ops.optimizer import get_optimizer
     from flopsim.planning.common import DEFAULT_GLOBAL_BATCH_TOKENS, DEFAULT_SEQ, _non_negative, _Progress
     from flopsim.planning.links import resolve_links
-    from flopsim.planning.train import _encoder_tokens, _global_batch, interleaving_runs
+    from flopsim.planning.train import _encoder_tokens, _global_batch, check_engine, interleaving_runs
     from flopsim.spec import load_model
 
     start = time.perf_counter()
@@ -233,6 +237,7 @@ def search_training(spec, hw, *, gpus, tokens: float, seq: Optional[int] = None,
         raise bad_value("gpus", gpus, "give at least one GPU count")
     tokens, price = _positive("tokens", tokens), _non_negative("price", price_per_gpu_hour)
     get_optimizer(optimizer)
+    check_engine(grad_accumulation, grad_reduce_dtype)
     mbs, zeros, rcs = _checked_choices(micro_batches, zero, recompute)
     seq = min(DEFAULT_SEQ, spec.max_seq) if seq is None else _positive_int("seq", seq)
     encoder_seq = _encoder_tokens(token_values(spec, "train", 1, seq, encoder_seq=encoder_seq))
@@ -245,7 +250,8 @@ def search_training(spec, hw, *, gpus, tokens: float, seq: Optional[int] = None,
     if len(layouts) > MAX_LAYOUTS:
         raise bad_value("gpus", gpus, f"gives {len(layouts):,} layouts, over {MAX_LAYOUTS:,}: narrow the search")
     costing = _Costing(spec, hw, cal, links, seq=seq, optimizer=optimizer, dp_overlap=float(dp_overlap),
-                       tp_overlap=float(tp_overlap), encoder_seq=encoder_seq)
+                       tp_overlap=float(tp_overlap), encoder_seq=encoder_seq, grad_accumulation=grad_accumulation,
+                       grad_reduce_dtype=grad_reduce_dtype)
     rows, notes = [], []
     bar = _Progress(progress, f"searching {len(layouts):,} layouts", total=len(layouts))
     try:

@@ -37,7 +37,15 @@ Switch presets: `count` and `predict` take the same encoder_seq).
   chunks a stage); data-parallel traffic hidden behind up to `dp_overlap`
   (default 1.0) of the pass it follows or precedes; the optimizer update of
   the stage's parameters (/ dp under ZeRO >= 1).
-- step time = pipeline time + exposed DP traffic + optimizer update;
+- Gradient accumulation (`grad_accumulation`, flopsim.ops.grad_accum): none
+  (fused into the weight-gradient GEMM), `autograd` (default: `.grad +=` on
+  micro-batches 2..m) or `main_grad` (Megatron's add into its reduction buffer
+  every micro-batch), an elementwise op over the stage's parameters, x the
+  micro-batches that pay it; the data-parallel gradient collectives' message in
+  `grad_reduce_dtype` (default the gradients' own dtype; fp32 for
+  Megatron-Core bf16 and FSDP's mixed precision with an fp32 reduce dtype).
+- step time = pipeline time + exposed DP traffic + optimizer update + gradient
+  accumulation;
   steps = ceil(tokens / tokens per step); days = steps * step time / 86400;
   GPU-hours = GPUs * steps * step time / 3600; cost = GPU-hours * price;
   MFU = model FLOPs per step (FlopCounterMode's count of the train step,
@@ -183,6 +191,11 @@ class TrainingPlan:
             parts.append(part(f"DP (ZeRO-{c['zero']}) exposed", None, cm["dp_exposed_s_per_step"],
                               f"{human(cm['dp_bytes_per_step'], 'B')} sent, {human_time(cm['dp_s_per_step'])} of "
                               f"which {human_time(cm['dp_hidden_s_per_step'])} hidden ({cm['dp_link']})"))
+        if k.get("grad_accumulation_s_per_step"):
+            form = c["grad_accumulation"]
+            paying = "microbatches - 1" if form == "autograd" else "microbatches"
+            parts.append(part("gradient accumulation", k["grad_accumulation_s_per_microbatch"],
+                              k["grad_accumulation_s_per_step"], f"{form} add over this GPU's parameters x {paying}"))
         parts.append(part("optimizer update", None, k["optimizer_s"], "this GPU's share of the parameters"))
         return parts
 
@@ -292,6 +305,14 @@ def _train_layout(spec, gpus, tp, pp, dp, ep, zero, dp_overlap, tp_overlap) -> i
         if dp % ep:
             raise InputError(f"ep {ep} does not divide dp {dp} (experts are sharded within the data-parallel group)")
     return dp
+
+
+def check_engine(grad_accumulation: str, grad_reduce_dtype: Optional[str]) -> None:
+    """One-line errors for the gradient accumulation form and the reduction's dtype."""
+    from flopsim.ops.grad_accum import check_form, reduce_bytes
+
+    check_form(grad_accumulation)
+    reduce_bytes(grad_reduce_dtype, 2)
 
 
 def _recompute_mode(recompute) -> tuple[bool, bool]:
@@ -536,9 +557,12 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
                   comm_latency_s: Optional[float] = None, price_per_gpu_hour: Optional[float] = None,
                   calibration=None, progress: bool = False, virtual_stages: int = 1,
                   encoder_seq: Optional[int] = None, encoder_stages: Optional[int] = None,
-                  sequence_parallel: Optional[bool] = None) -> TrainingPlan:
+                  sequence_parallel: Optional[bool] = None, grad_accumulation: str = "autograd",
+                  grad_reduce_dtype: Optional[str] = None) -> TrainingPlan:
     """Plan a training run of `tokens` tokens on `gpus` x `hw` (see the module docstring).
     `sequence_parallel`: split the token-wise ops over tp (default: on when tp > 1).
+    `grad_accumulation` none | autograd | main_grad, `grad_reduce_dtype` None | fp32 | bf16 |
+    fp16: flopsim.ops.grad_accum.
 
     global batch: `global_batch` sequences or `global_batch_tokens` tokens (a
     multiple of a sequence's tokens); default the smallest multiple of dp * micro_batch
@@ -549,6 +573,7 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
     from flopsim.count import count
     from flopsim.hardware import load_hardware
     from flopsim.memory import MemoryModel
+    from flopsim.ops.grad_accum import paying_microbatches
     from flopsim.ops.optimizer import get_optimizer
     from flopsim.planning.layer_costs import ShardedModel
     from flopsim.planning.train_step import step_schedule
@@ -559,6 +584,7 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
     tokens = _positive("tokens", tokens)
     price = _non_negative("price", price_per_gpu_hour)
     get_optimizer(optimizer)
+    check_engine(grad_accumulation, grad_reduce_dtype)
     c = _train_config(spec, gpus=gpus, tp=tp, pp=pp, dp=dp, ep=ep, micro_batch=micro_batch, zero=zero,
                       dp_overlap=dp_overlap, tp_overlap=tp_overlap, recompute=recompute, optimizer=optimizer,
                       seq=seq, encoder_seq=encoder_seq, encoder_stages=encoder_stages, virtual_stages=virtual_stages,
@@ -575,7 +601,8 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
         c.update(routing_figures(spec, c))
         bar.advance("stages")
         model = ShardedModel(spec, hw, cal, links, optimizer=optimizer, bytes_per_param=mem.bytes_per_param,
-                             encoder_seq=c["encoder_seq"])
+                             encoder_seq=c["encoder_seq"], grad_accumulation=grad_accumulation,
+                             grad_reduce_dtype=grad_reduce_dtype)
         stages = _stage_list(model, c)
         bar.advance("totals")
         flops = count(spec, batch=c["micro_batch"], seq=c["seq"], encoder_seq=c["encoder_seq"], phase="train").flops
@@ -583,12 +610,13 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
     finally:
         bar.close()
     sched = step_schedule(stages, c["microbatches"], c["pp"], float(tp_overlap), float(dp_overlap),
-                          c["virtual_stages"])
+                          c["virtual_stages"], paying_microbatches(grad_accumulation, c["microbatches"]))
     mem_out, fits, message, suggestions = _train_memory_verdict(spec, hw, act, mem.bytes_per_param, params,
                                                                 params_expert, c, links, optimizer)
     config = {key: c[key] for key in ("gpus", "dp", "tp", "pp", "ep", "seq", "micro_batch", "global_batch",
                                       "microbatches", "optimizer", "zero")}
-    config.update(expert_dp=c["dp"] // c["ep"], recompute="selective" if c["selective"] else c["full_recompute"],
+    config.update(grad_accumulation=grad_accumulation, grad_reduce_dtype=grad_reduce_dtype,
+                  grad_reduce_bytes_per_param=model.reduce_bpp, expert_dp=c["dp"] // c["ep"], recompute="selective" if c["selective"] else c["full_recompute"],
                   virtual_stages=c["virtual_stages"],
                   sequence_parallel=c["tp"] > 1 if c["sequence_parallel"] is None else c["sequence_parallel"],
                   **{k: c[k] for k in ("routing", "expert_imbalance", "dropped_fraction") if k in c},
@@ -607,6 +635,8 @@ def _train_compute(sched: dict, c: dict) -> dict:
         "forward_s_per_microbatch": slow.fwd_s, "backward_s_per_microbatch": slow.bwd_s,
         "recompute_s_per_microbatch": slow.recompute_s, "compute_s_per_microbatch": slow.compute_s,
         "compute_s_per_step": m * slow.compute_s, "optimizer_s": sched["tail"].optimizer_s,
+        "grad_accumulation_s_per_microbatch": sched["accumulate_s"],
+        "grad_accumulation_s_per_step": sched["accumulate_step_s"],
         "stage_s_per_microbatch": sched["stage_s"], "pipeline_s": sched["pipeline_s"],
         "bubble_s": sched["bubble_s"], "bubble_fraction": bubble_fraction(c["pp"], m, c.get("virtual_stages", 1)),
         "slowest_stage": slow.stage,

@@ -21,7 +21,11 @@ compute + exposed tp + cp + ep + pp of the slowest stage:
   (gradients: the backward and recomputation) or precedes (weight gathers:
   the forward); what is left is exposed, m times for per-micro-batch traffic;
 - the optimizer update of the stage's parameters;
-- step = pipeline + the largest (exposed data-parallel + optimizer) over stages.
+- gradient accumulation (flopsim.ops.grad_accum): the op over the stage's
+  parameters, x the micro-batches that pay it (`accumulating`), serial (not
+  hidden, not in the bubble: charged once a paying micro-batch);
+- step = pipeline + the largest (exposed data-parallel + optimizer +
+  accumulation) over stages.
 
 Micro-batches in flight (`in_flight_chunks`, for memory): under 1F1B stage r
 runs pp - r - 1 warm-up forwards, then one forward before its first
@@ -54,6 +58,7 @@ class StageTimes:
     bwd_s: float = 0.0
     recompute_s: float = 0.0
     optimizer_s: float = 0.0
+    accumulate_s: float = 0.0  # one micro-batch's gradient accumulation (flopsim.ops.grad_accum)
     comm_s: dict = field(default_factory=lambda: dict.fromkeys(GROUPS, 0.0))
     comm_count: dict = field(default_factory=lambda: dict.fromkeys(GROUPS, 0))
     comm_one: dict = field(default_factory=dict)  # group -> (message bytes, seconds) of its first collective
@@ -113,15 +118,18 @@ def dp_times(st: StageTimes, microbatches: int, dp_overlap: float) -> tuple[floa
 
 
 def step_schedule(stages: list, microbatches: int, pp: int, tp_overlap: float, dp_overlap: float,
-                  virtual_stages: int = 1) -> dict:
+                  virtual_stages: int = 1, accumulating: int = 0) -> dict:
     """The step from the costed stages (see the module docstring): the slowest stage sets
-    the pipeline, the stage with the most exposed data-parallel traffic and update ends it."""
+    the pipeline, the stage with the most exposed data-parallel traffic, update and gradient
+    accumulation (`accumulating`: the micro-batches that pay it) ends it."""
     slow = max(stages, key=lambda st: stage_s(st, tp_overlap))
     t_stage = stage_s(slow, tp_overlap)
-    tail = max(stages, key=lambda st: dp_times(st, microbatches, dp_overlap)[2] + st.optimizer_s)
+    tail = max(stages, key=lambda st: dp_times(st, microbatches, dp_overlap)[2] + st.optimizer_s
+               + accumulating * st.accumulate_s)
     sent, raw, exposed = dp_times(tail, microbatches, dp_overlap)
     bubble = (pp - 1) / virtual_stages * t_stage
     pipeline = microbatches * t_stage + bubble
     return {"slowest": slow, "tail": tail, "stage_s": t_stage, "pipeline_s": pipeline,
             "bubble_s": bubble, "dp_bytes": sent, "dp_s": raw, "dp_exposed_s": exposed,
-            "step_s": pipeline + exposed + tail.optimizer_s}
+            "accumulate_s": tail.accumulate_s, "accumulate_step_s": accumulating * tail.accumulate_s,
+            "step_s": pipeline + exposed + tail.optimizer_s + accumulating * tail.accumulate_s}
