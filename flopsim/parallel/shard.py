@@ -472,14 +472,20 @@ def _pipeline_sends(fwd: list, spec, layout) -> tuple[list, list]:
             bwd_sends + [send("bwd", s, ".encoder_output", enc, 1)])
 
 
-def optimizer_share(params_by_layer: dict, layout, total):
-    """The share of the model's parameters this GPU updates: its stage's shards, / the
-    data-parallel ranks under ZeRO >= 1 (routed experts' over theirs)."""
+def _owned_share(params_by_layer: dict, layout, total, zero_from: int):
+    """The share of the model's parameters this GPU holds some state of: its stage's shards,
+    / the data-parallel ranks when the ZeRO stage is at least `zero_from` (routed experts'
+    over theirs)."""
     dense = sum(p["dp"] for p in params_by_layer.values())
     expert = sum(p["edp"] for p in params_by_layer.values())
-    if layout.zero >= 1:
+    if layout.zero >= zero_from:
         dense, expert = dense / layout.group("dp")[0], expert / max(1, layout.group("edp")[0])
     return (dense + expert) / total if total != 0 else 0
+
+
+def optimizer_share(params_by_layer: dict, layout, total):
+    """The share of the parameters this GPU updates (its optimizer state: sharded from ZeRO 1)."""
+    return _owned_share(params_by_layer, layout, total, 1)
 
 
 def _optimizer(ops: list, params_by_layer: dict, layout) -> list:
@@ -496,13 +502,9 @@ def _accumulates(op: Op) -> bool:
 
 
 def accumulation_share(params_by_layer: dict, layout, total):
-    """The share of the model's parameters whose gradients this GPU accumulates: its stage's
-    shards, / the data-parallel ranks under ZeRO >= 2 (its gradient shard)."""
-    dense = sum(p["dp"] for p in params_by_layer.values())
-    expert = sum(p["edp"] for p in params_by_layer.values())
-    if layout.zero >= 2:
-        dense, expert = dense / layout.group("dp")[0], expert / max(1, layout.group("edp")[0])
-    return (dense + expert) / total if total != 0 else 0
+    """The share of the parameters whose gradients this GPU accumulates (its gradient shard:
+    sharded from ZeRO 2)."""
+    return _owned_share(params_by_layer, layout, total, 2)
 
 
 def _accumulation(ops: list, params_by_layer: dict, layout) -> list:
