@@ -28,10 +28,18 @@ of the forward ops' `params`):
   with A_l the per-layer sum above and in_l the block's residual-stream
   input: the largest act_read_bytes among the block's forward norm and
   router ops (every block begins by normalising or routing its input).
+  Dropout (`dropout`, flopsim.ops.primitives.dropout) keeps its output and
+  its one-byte mask: with hidden dropout 2 * 2 + 2 * 1 = 6 * s*b*h per block
+  more (the 2 * 2 outputs are the upper bound's: the residual add reads them
+  and saves nothing; Korthikanti's 2 * sbh counts the masks). An explicit
+  attention's probability dropout keeps 2 + 1 = 3 bytes a score: with the
+  softmax's 2, Korthikanti's 5 * a*s^2*b (flopsim also keeps the raw scores,
+  2 more); a fused kernel keeps none.
 - activations, train, selective recomputation (Korthikanti et al. 2022): as
   without recomputation, less what the attention cores write besides their
   output (the explicit path's scores and probabilities, 2 * B * H * S * T
-  values; a fused kernel writes none), which the backward recomputes.
+  values, and its probabilities' dropout's output and mask: `Op.attention_core`;
+  a fused kernel writes none), which the backward recomputes.
 - activations of a pipeline stage (train, `stage_activations`): the same
   sums over the ops the stage runs, grouped by their placement key
   (flopsim.parallel.layout.place: a block's layer, the embeddings, a stack's
@@ -216,7 +224,10 @@ class MemoryModel:
     def _recomputed_inside(self, op):
         """What selective recomputation does not keep of an op: an attention core's writes
         but its output (gemm (B*H, S, T, d_head): B*H*S rows of d_v values), i.e. the explicit
-        path's scores and probabilities (a fused kernel writes only its output)."""
+        path's scores and probabilities (a fused kernel writes only its output), and all an
+        explicit attention's probability dropout writes (its output and mask)."""
+        if op.attention_core and op.kind != "attention":
+            return op.act_write_bytes
         if op.kind != "attention" or op.gemm is None:
             return 0
         d_v = self.spec.mla.d_v if self.spec.mla is not None else self.spec.d_head

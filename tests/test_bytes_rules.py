@@ -157,6 +157,21 @@ def test_recompute_drops_layernorm_statistics():
     assert bwd.read_bytes == (2 * rows * d + 2 * d) * F32  # grad, x, weight, bias: no statistics
 
 
+def test_random_dropout_mask_is_kept_not_recomputed():
+    """native_dropout's bool mask is read only by its own backward -- the case RECOMPUTE
+    drops -- but a random draw cannot be remade from x: written forward, read backward."""
+    _, capture, kernels = run("gpt2-small", "train", layers=1, positions="none", dropout={"hidden": 0.1})
+    drop = next(e for e in capture.events if e.op == "native_dropout" and e.path == "embed")
+    assert len(drop.outputs) == 2  # the output and the mask
+    (fwd,) = [k for k in kernels if k.path == "embed" and k.pass_ == "fwd" and k.events[0].op == "native_dropout"]
+    (bwd,) = [k for k in kernels if k.path == "embed" and k.pass_ == "bwd"
+              and k.events[0].op == "native_dropout_backward"]
+    values = 2 * 5 * 32
+    assert fwd.read_bytes == values * F32 and fwd.write_bytes == values * (F32 + 1)  # x; output and mask
+    assert bwd.read_bytes == values * (F32 + 1) and bwd.write_bytes == values * F32  # grad and mask; grad x
+    assert fwd.flops == bwd.flops == 2 * values
+
+
 def test_dead_outputs_of_multi_output_ops_are_not_written():
     _, capture, kernels = run("gpt2-small", "forward", layers=1)
     sdpa = next(k for k in kernels if k.events[0].op.startswith("_scaled_dot_product"))

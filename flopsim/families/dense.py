@@ -36,6 +36,18 @@ the attention kernel, 6 FLOPs a score: the division, tanh, the product),
 `attention_sinks` (a learned logit per head in every softmax, owned by the
 attention op).
 
+Dropout in training (`dropout: {attention: p, hidden: q}`; none at inference,
+where nn.Dropout is the identity; flopsim.ops.primitives.dropout's bytes:
+reads x, writes the output and a one-byte mask; backward reads the gradient
+and the mask): `embed.dropout` on the embeddings' output, `attn_dropout` and
+`mlp_dropout` on each sub-block's output before its residual add (the unfused
+torch form; Megatron-LM fuses bias, dropout and add, not modelled), and the
+probabilities' dropout: an explicit attention's own kernel `attn.core.dropout`
+on B x heads x S x T values (tag `attention_core`: selective recomputation
+runs it again), whose output P V reads instead of the probabilities (the
+attention op's bytes unchanged); a fused attention drops inside its kernel
+(no mask kept; its arithmetic only, flopsim.ops.primitives.attention).
+
 T5's relative position bias (`positions: relative`): each stack computes one
 bias of heads x queries x keys per step (`position_bias.buckets`, the bucket
 of each query-key distance, a few integer ops per pair; `position_bias`, the
@@ -88,6 +100,7 @@ from flopsim.ops.primitives import (
     broadcast_gradient,
     conv2d,
     cross_entropy,
+    dropout,
     elementwise,
     embedding,
     factored_dense,
@@ -134,6 +147,8 @@ def embeddings(ctx: Ctx, *, batch, queries) -> list:
                            inputs=summed, module="embed")
     if spec.norm_position == "post":
         ops += norm(ctx, "embed.norm", layer=-1, tokens=tokens, d=d.d_model)
+    ops += dropout(ctx, "embed.dropout", layer=-1, elements=tokens * d.d_model, p=spec.hidden_dropout,
+                   module="embed")
     return ops
 
 
@@ -181,7 +196,11 @@ def attention_block(ctx: Ctx, i: int, *, batch, queries, keys, prefix: str, tags
     ops += attention(ctx, f"{p}.core", layer=i, batch=batch, queries=queries, keys=keys,
                      heads=d.heads, kv_heads=d.kv_heads, d_head=d.d_head, causal=spec.causal,
                      kv_from_cache=uses_kv_cache(ctx), module=p, tags=tags, window=window,
-                     softcap=bool(spec.softcap and spec.softcap.attention), sinks=spec.attention_sinks)
+                     softcap=bool(spec.softcap and spec.softcap.attention), sinks=spec.attention_sinks,
+                     dropout=bool(spec.attention_dropout))
+    if spec.attention_impl == "explicit":  # its own kernel on the probabilities, before P V
+        ops += dropout(ctx, f"{p}.core.dropout", layer=i, elements=batch * d.heads * queries * keys,
+                       p=spec.attention_dropout, module=p, tags={**(tags or {}), "attention_core": True})
     ops += linear(ctx, f"{p}.out", layer=i, tokens=tokens, d_in=d.heads * d.d_head, d_out=d.d_model,
                   bias=spec.bias, tags=tags)
     return ops
@@ -244,6 +263,14 @@ def residual(ctx: Ctx, name: str, i: int, *, tokens, module: str, tags: dict | N
     return residual_add(ctx, name, layer=i, elements=tokens * ctx.dims.d_model, module=module, tags=tags)
 
 
+def hidden_dropout(ctx: Ctx, name: str, i: int, *, tokens, module: str, tags: dict | None = None) -> list:
+    """`dropout.hidden` on a sub-block's output before its residual add (train only): the
+    unfused torch form, as flopsim keeps the residual add its own kernel (Megatron fuses
+    the output projection's bias, this dropout and the add: bias_dropout_add_fused_train)."""
+    return dropout(ctx, name, layer=i, elements=tokens * ctx.dims.d_model, p=ctx.spec.hidden_dropout,
+                   module=module, tags=tags)
+
+
 def block(ctx: Ctx, i: int, *, batch, queries, keys, ffn=None, tags: dict | None = None, qkv=None) -> list:
     """One transformer block on `queries` tokens per sequence; `ffn(ctx, i, tokens=, prefix=)`
     replaces the MLP (MoE, sparse FF), `qkv` the QKV projection (see attention_block)."""
@@ -258,6 +285,7 @@ def block(ctx: Ctx, i: int, *, batch, queries, keys, ffn=None, tags: dict | None
     ops += attention_block(ctx, i, batch=batch, queries=queries, keys=keys, prefix=prefix, tags=tags, qkv=qkv)
     if spec.sandwich_norms:  # Gemma 2/3: the sub-block's output normalised before the residual add
         ops += norm(ctx, f"{prefix}.attn_out_norm", layer=i, tokens=tokens, d=d.d_model)
+    ops += hidden_dropout(ctx, f"{prefix}.attn_dropout", i, tokens=tokens, module=prefix, tags=tags)
     ops += residual(ctx, f"{prefix}.attn_residual", i, tokens=tokens, module=prefix, tags=tags)
     if ctx.cross_keys is not None:  # an encoder-decoder's decoder block
         if not pre:
@@ -270,6 +298,7 @@ def block(ctx: Ctx, i: int, *, batch, queries, keys, ffn=None, tags: dict | None
     ops += ffn(ctx, i, tokens=tokens, prefix=prefix, tags=tags)
     if spec.sandwich_norms:
         ops += norm(ctx, f"{prefix}.mlp_out_norm", layer=i, tokens=tokens, d=d.d_model)
+    ops += hidden_dropout(ctx, f"{prefix}.mlp_dropout", i, tokens=tokens, module=prefix, tags=tags)
     ops += residual(ctx, f"{prefix}.mlp_residual", i, tokens=tokens, module=prefix, tags=tags)
     if not pre:
         ops += norm(ctx, f"{prefix}.norm2", layer=i, tokens=tokens, d=d.d_model)

@@ -41,6 +41,10 @@ Conventions (docs/design.md, "Counting conventions" -- a contract):
   (`counts`, read back to split the tokens), a MoD block's running tokens at
   decode (its router's decisions). On a device that queues kernels the
   host-device pipeline drains there (flopsim.roofline.overlap_times).
+- `attention_core` (property): the attention kernel and, with an explicit
+  attention, its probabilities' dropout (tag `attention_core`): what selective
+  recomputation (Korthikanti et al. 2022, section 4.2: "attention softmax,
+  dropout, and attention over V") runs again in backward instead of keeping.
 """
 
 from __future__ import annotations
@@ -104,6 +108,11 @@ class Op:
     @property
     def all_flops(self) -> sp.Expr:
         return self.flops + self.other_flops
+
+    @property
+    def attention_core(self) -> bool:
+        """Recomputed by selective recomputation (module docstring)."""
+        return self.kind == "attention" or bool(self.tags.get("attention_core"))
 
     @property
     def key(self) -> str:

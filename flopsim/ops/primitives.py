@@ -74,11 +74,13 @@ ELEMENTWISE_FLOPS = {
     "layernorm": 8,  # mean, variance, normalise, scale, shift
     "rmsnorm": 4,  # square-mean, rsqrt, normalise, scale
     "cross_entropy": 5,  # log-softmax and the pick
+    "dropout": 2,  # the random draw compared with p, the product by mask / (1 - p) (the draw itself uncounted)
 }
 GATED_ACTIVATION = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu", "relu": "reglu",
                     "silu_clamped": "swiglu_clamped"}
 BACKWARD_ELEMENTWISE = 2  # backward elementwise arithmetic relative to forward
 INDEX_BYTES = 8  # int64 indices (token ids, positions, top-k and gather indices), as torch uses
+MASK_BYTES = 1  # a dropout mask: torch.bool, one byte per element
 
 
 def gradient_sum(ctx: "Ctx", name: str, *, layer: int, elements, module: str, count=1, broadcast=None,
@@ -213,7 +215,7 @@ def _cache_reads(ctx: Ctx, heads, kv_heads):
 def attention(ctx: Ctx, name: str, *, layer: int, batch, queries, keys, heads, kv_heads,
               d_head, causal: bool, kv_from_cache: bool, module: str,
               tags: dict | None = None, window=None, d_v=None, kv_width=None, softcap: bool = False,
-              sinks: bool = False) -> list[Op]:
+              sinks: bool = False, dropout: bool = False) -> list[Op]:
     """softmax(Q K^T / sqrt(d_head)) V for `queries` x `keys` per sequence and head.
     Scores are the full queries x keys product (what FlopCounterMode counts);
     `causal_flops` (what a kernel that skips masked blocks runs) counts the
@@ -224,7 +226,11 @@ def attention(ctx: Ctx, name: str, *, layer: int, batch, queries, keys, heads, k
     key/value head (default d_head + d_v: K and V apart; MLA's absorbed form reads one
     latent that is both; explicit products read keys and values apart whatever it is). `softcap`: the scores capped, cap * tanh(s / cap), inside the
     kernel (Gemma 2); `sinks`: one learned logit per head joins every softmax
-    (GPT-OSS; `heads` parameters, a column more per softmax). sdpa_flop_count: Q K^T 2 d_head, P V 2 d_v per score; backward
+    (GPT-OSS; `heads` parameters, a column more per softmax). `dropout` (train, fused):
+    the kernel drops probabilities inside (FlashAttention with dropout_p: the mask
+    regenerated from the RNG seed in backward, none stored), its bytes unchanged, the
+    dropout's arithmetic per score added forward and backward; an explicit attention's
+    dropout is its own kernel (`dropout`, flopsim.families.dense). sdpa_flop_count: Q K^T 2 d_head, P V 2 d_v per score; backward
     (sdpa_backward_flop_count) 3 products of d_head (the recomputed scores, dQ, dK)
     and 2 of d_v (dV, dP); explicit: 2 of each."""
     w = ctx.w
@@ -245,7 +251,9 @@ def attention(ctx: Ctx, name: str, *, layer: int, batch, queries, keys, heads, k
     kv_bytes = batch * keys * kv_heads * kv_width * w
     materialised = 4 * scores * w if impl == "explicit" else 0  # write/read scores, write/read probs
     fwd_flops = 2 * per_score * (d_head + d_v)  # Q K^T and P V (sdpa_flop_count)
-    per_score_ops = ELEMENTWISE_FLOPS["softmax"] + 1 + (ELEMENTWISE_FLOPS["softcap"] if softcap else 0)
+    in_kernel_dropout = ELEMENTWISE_FLOPS["dropout"] if dropout and ctx.train and impl == "fused" else 0
+    per_score_ops = ELEMENTWISE_FLOPS["softmax"] + 1 + (ELEMENTWISE_FLOPS["softcap"] if softcap else 0) \
+        + in_kernel_dropout
     # each softmax row's sink: in its max and its sum (max, subtract, exp, add; no probability kept)
     sink_rows = batch * heads * queries if sinks else 0
     sink_ops = 4
@@ -270,7 +278,7 @@ def attention(ctx: Ctx, name: str, *, layer: int, batch, queries, keys, heads, k
         flops=bwd_flops,
         causal_flops=bwd_flops * causal_fraction,
         other_flops=scores * (ELEMENTWISE_FLOPS["softmax"] * BACKWARD_ELEMENTWISE + 1  # and the scale's
-                              + (ELEMENTWISE_FLOPS["softcap_bwd"] if softcap else 0))
+                              + (ELEMENTWISE_FLOPS["softcap_bwd"] if softcap else 0) + in_kernel_dropout)
         + sink_rows * sink_ops * BACKWARD_ELEMENTWISE,
         weight_bytes=2 * heads * w if sinks else 0,  # read the sinks, write their gradient
         # fused (one kernel): q, o, dO, k, v in; dq, dk, dv out. explicit (three kernels):
@@ -336,6 +344,28 @@ def elementwise(ctx: Ctx, name: str, *, layer: int, elements, op: str, inputs: i
         bwd = dict(other_flops=per * elements, act_read_bytes=elements * w, act_write_bytes=elements * w)
     if backward and op in ("softcap", "swiglu_clamped"):  # a derivative of its own, not twice the forward
         bwd["other_flops"] = ELEMENTWISE_FLOPS[f"{op}_bwd"] * elements
+    return _with_backward(ctx, fwd, bwd)
+
+
+def dropout(ctx: Ctx, name: str, *, layer: int, elements, p: float, module: str,
+            tags: dict | None = None) -> list[Op]:
+    """Training dropout of `elements` values with probability p (train only, p > 0; else
+    no op: nn.Dropout is the identity), as torch's native_dropout runs it on a GPU, one
+    kernel: reads x, writes the output and the kept-values mask (bool, MASK_BYTES each),
+    which backward needs. Backward (native_dropout_backward), one kernel: reads the
+    gradient and the mask, writes the input's gradient (grad * mask / (1 - p))."""
+    if not ctx.train or not p:
+        return []
+    w = ctx.w
+    per = ELEMENTWISE_FLOPS["dropout"]
+    fwd = Op(name=name, kind="elementwise", layer=layer, module=module,
+             other_flops=per * elements,
+             act_read_bytes=elements * w,
+             act_write_bytes=elements * (w + MASK_BYTES),
+             tags=tags or {}, variant="dropout")
+    bwd = dict(other_flops=per * elements,
+               act_read_bytes=elements * (w + MASK_BYTES),
+               act_write_bytes=elements * w)
     return _with_backward(ctx, fwd, bwd)
 
 

@@ -68,7 +68,8 @@ scale_out, Layout.level); a branch that runs only sometimes (its op's
 `kernels` below 1) scales its collective's launches the same.
 
 Recomputation (train): full copies every block's forward ops (collectives
-included), selective its attention cores, as forward-kernel ops named
+included), selective its attention cores (`Op.attention_core`: with an explicit
+attention its probabilities' dropout too), as forward-kernel ops named
 `<op>.recompute` (tag `recompute`) placed before the block's backward. Pipeline: each
 stage's blocks and other ops by flopsim.parallel.layout (`stage_places`, `place`:
 the blocks in contiguous stages as evenly as they go, an encoder-decoder's
@@ -317,7 +318,7 @@ def _recomputation(fwd_layer: list, layout) -> list:
     """Backward-pass copies of a block's forward (full) or of its attention cores (selective)."""
     if layout.recompute == "none":
         return []
-    chosen = fwd_layer if layout.recompute == "full" else [op for op in fwd_layer if op.kind == "attention"]
+    chosen = fwd_layer if layout.recompute == "full" else [op for op in fwd_layer if op.attention_core]
     return [replace(op, name=f"{op.name}.recompute", tags={**op.tags, "recompute": True})
             for op in chosen]
 

@@ -54,6 +54,16 @@ meaning):
   table instead: each layer computes and adds its own bias
   (`block.{i}.attn.relative_bias`), no table per stack; `stack` (default) is
   T5's one table per stack. Only with `positions: relative`.
+- `dropout: {attention: p, hidden: q}` (training only; the default 0 runs
+  none, and inference never does: nn.Dropout is the identity there):
+  `attention` drops the attention probabilities before P V (an explicit
+  attention runs it as its own kernel, `attn.core.dropout`; a fused kernel
+  drops them inside, its bytes unchanged), `hidden` the embeddings' output
+  (`embed.dropout`) and each sub-block's output before its residual add
+  (`attn_dropout`, `mlp_dropout`): Megatron-LM's attention_dropout and
+  hidden_dropout, GPT-2's attn_pdrop and resid_pdrop / embd_pdrop.
+  Probabilities in [0, 1); dense, moe and sparse_ff models, not
+  encoder-decoders; `attention` not with `mla` (flopsim.families.dense).
 """
 
 from __future__ import annotations
@@ -368,6 +378,21 @@ class LengthReductionBlock(_Strict):
         return keep
 
 
+class Dropout(_Strict):
+    """Dropout probabilities in training (module docstring): `attention` on the attention
+    probabilities, `hidden` on the embeddings' and each sub-block's output."""
+
+    attention: float = 0.0
+    hidden: float = 0.0
+
+    @field_validator("attention", "hidden")
+    @classmethod
+    def _probability(cls, value):
+        if not 0 <= value < 1:  # also rejects NaN
+            raise ValueError(f"{value} must be in [0, 1): the probability of dropping a value")
+        return value
+
+
 class ModelSpec(_Strict):
     name: str = Field(min_length=1)
     family: Family = "dense"
@@ -413,6 +438,7 @@ class ModelSpec(_Strict):
     attention_sinks: bool = False  # a learned logit per head joining every softmax (GPT-OSS)
     length_reduction: Optional[LengthReductionBlock] = None
     encoder_layers: Annotated[int, Field(ge=0, le=MAX_LAYERS)] = 0  # > 0: an encoder-decoder
+    dropout: Optional[Dropout] = None  # training's dropout probabilities; None: none
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -459,6 +485,7 @@ class ModelSpec(_Strict):
         self._check_encoder_decoder()
         self._check_precision()
         self._check_architecture_options()
+        self._check_dropout()
         profile = self.mod.keep_by_position if self.mod is not None else None
         if profile is not None and self.max_seq % len(profile):
             raise ValueError(f"mod.keep_by_position: {len(profile)} bins do not divide max_seq {self.max_seq}")
@@ -500,6 +527,16 @@ class ModelSpec(_Strict):
             raise ValueError(f"{options[0]}: modelled for dense and moe models, not family {self.family}")
         if options and (self.mla is not None or self.sparse_qkv is not None):
             raise ValueError(f"{options[0]}: not combined with {'mla' if self.mla is not None else 'sparse_qkv'}")
+
+    def _check_dropout(self):
+        if self.dropout is None or not (self.dropout.attention or self.dropout.hidden):
+            return
+        if self.family not in ("dense", "moe", "sparse_ff"):
+            raise ValueError(f"dropout: modelled for dense, moe and sparse_ff models, not family {self.family}")
+        if self.dropout.attention and self.mla is not None:
+            raise ValueError("dropout.attention: not modelled with mla (latent attention's probabilities)")
+        if self.encoder_layers:
+            raise ValueError("dropout: not modelled for an encoder-decoder (encoder_layers > 0)")
 
     def _check_precision(self):
         if not self.quantized_weights:
@@ -616,6 +653,16 @@ class ModelSpec(_Strict):
         if self.compute_dtype != self.dtype:
             parts.append(f"compute {self.compute_dtype}")
         return ", ".join(parts)
+
+    @property
+    def attention_dropout(self) -> float:
+        """The training dropout of the attention probabilities (0: none)."""
+        return self.dropout.attention if self.dropout is not None else 0.0
+
+    @property
+    def hidden_dropout(self) -> float:
+        """The training dropout of the embeddings' and sub-blocks' outputs (0: none)."""
+        return self.dropout.hidden if self.dropout is not None else 0.0
 
     @property
     def is_encoder(self) -> bool:

@@ -53,6 +53,10 @@ a flopsim op stands for; tests/test_bytes_rules.py pins each one.
   mean and rstd, attention's log-sum-exp, the gated activation's act(gate),
   the loss's log-probabilities) is recomputed by the backward kernel from the
   forward's inputs: not written, and the backward reads those inputs instead.
+- RANDOM: a random mask (native_dropout's) is kept, not recomputed: the
+  forward writes it and its backward reads it (drawn at random, it cannot be
+  remade from the forward's inputs; a fused attention regenerating its mask
+  from the RNG seed is not in the reference).
 - DEAD: an output of a multi-output op that nothing reads is not written
   (statistics at inference, unused top-k values); nor is anything a fused
   kernel makes and keeps to itself.
@@ -79,6 +83,7 @@ REGION_FLOPS = {  # kernel arithmetic per element of the region's basis: (forwar
     "gumbel_mask": (6, 10),  # log-softmax 5, the noisy argmax's comparison 1 (the Gumbel noise, made
     # on chip, not counted); backward the log-softmax's, twice
 }
+RANDOM_OPS = ("native_dropout",)  # RANDOM: their outputs are kept for backward, never recomputed
 SPLIT_NODES = ("SplitWithSizesBackward0", "SplitBackward0", "UnbindBackward0")
 LAYOUT_OPS = ("clone", "contiguous")
 INIT_OPS = ("zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "new_zeros", "new_ones", "new_full",
@@ -266,8 +271,8 @@ def _recomputed(kernels, owner, readers) -> dict:
     out = {}
     for s, maker in owner.items():
         kernel = kernels[maker]
-        if kernel.pass_ != "fwd":
-            continue
+        if kernel.pass_ != "fwd" or any(e.op in RANDOM_OPS for e in kernel.events):
+            continue  # RANDOM: a random mask is kept
         others = readers[s] - {maker}
         if others and all(kernels[o].creator == maker for o in others):
             out[s] = maker

@@ -158,6 +158,8 @@ PER_OUTPUT = {
     "_softmax": 5, "_log_softmax": 5, "native_layer_norm": 8,
     "threshold_backward": 2, "tanh_backward": 8, "sigmoid_backward": 8, "silu_backward": 8,
     "gelu_backward": 16, "_softmax_backward_data": 10, "_log_softmax_backward_data": 5,
+    # the random draw compared with p and the product by mask / (1 - p); backward grad * mask / (1 - p)
+    "native_dropout": 2, "native_dropout_backward": 2,
 }
 PER_INPUT = dict.fromkeys(("sum", "mean", "amax", "amin", "max", "min", "argmax", "argmin", "topk", "sort",
                            "argsort", "cumsum", "logsumexp", "any", "all", "bincount"), 1)

@@ -20,6 +20,14 @@ Q K^T, softmax and P V as separate ops, the query heads of a key/value head
 grouped into one product (keys and values read once). Families subclass
 `Block` or pass their own `block_factory`.
 
+Training dropout (`spec.dropout`, phase train only) runs `dropout`: torch's
+native_dropout, the one kernel a GPU's F.dropout dispatches to (output and a
+bool mask; CPU's F.dropout decomposes into bernoulli_, div_ and mul instead),
+on the embeddings' output (in `embed`), each sub-block's output before its
+residual add (in `block.{i}`) and an explicit attention's probabilities (in
+`block.{i}.attn`); a fused attention with attention dropout has no CPU kernel
+that drops inside (CPU SDPA runs the plain products then), so it is refused.
+
 Code that flopsim counts as one kernel is marked `fused(kind)` (RoPE on q and
 k, RMSNorm, the gated activation, the explicit scale + mask + softmax, the
 embeddings' sum, the loss) for the bytes oracle (flopsim.torchref.bytes_check);
@@ -103,6 +111,13 @@ class RMSNorm(nn.RMSNorm):
             y = super().forward(region.take(x))
             region.basis(y)
         return y
+
+
+def dropout(x: torch.Tensor, p: float, state: "RunState") -> torch.Tensor:
+    """x with training dropout p (module docstring); x itself outside train or at p 0."""
+    if state.phase != "train" or not p:
+        return x
+    return torch.native_dropout(x, p, True)[0]
 
 
 def make_norm(spec, d: int) -> nn.Module:
@@ -206,7 +221,8 @@ class Attention(nn.Module):
         q, k, v = self.project(x, state, layer)
         causal = self.spec.causal if causal is None else causal
         bias = state.position_bias[layer] if self.spec.layer_bias else state.position_bias  # layer_biases
-        o = self.core(q, k, v, causal and s > 1, bias=bias)  # one query attends to the whole cache
+        drop = self.spec.attention_dropout if state.phase == "train" else 0.0
+        o = self.core(q, k, v, causal and s > 1, bias=bias, dropout_p=drop)  # one query: the whole cache
         return self.out(o.transpose(1, 2).reshape(b, s, -1))
 
     def project(self, x: torch.Tensor, state: RunState, layer: int):
@@ -239,20 +255,26 @@ class Attention(nn.Module):
         return q, k, v
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool,
-             bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+             bias: Optional[torch.Tensor] = None, dropout_p: float = 0.0) -> torch.Tensor:
         """The attention kernel: fused (SDPA) or explicit (Q K^T, softmax, P V). The
         explicit path groups the query heads sharing a key/value head (GQA) into one
         product per key/value head, so keys and values are read once, not repeated;
-        `bias` [H, S, T] (T5's relative position bias) is added to its scores."""
+        `bias` [H, S, T] (T5's relative position bias) is added to its scores;
+        `dropout_p` (train) drops the explicit path's probabilities before P V."""
         h, hkv = self.spec.heads, self.spec.kv_heads
         capped = self.spec.softcap is not None and self.spec.softcap.attention
         if self.spec.attention_impl == "fused" and (capped or self.sinks is not None or bias is not None):
             raise ValueError("the reference's fused attention (SDPA) has no soft-capping, sinks or position "
                              "bias; use attention_impl: explicit")
+        if self.spec.attention_impl == "fused" and dropout_p:
+            raise ValueError("the reference's fused attention (SDPA) on CPU does not drop inside its kernel; "
+                             "use attention_impl: explicit with dropout.attention")
         if self.spec.attention_impl == "fused":
             return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=hkv != h)
         b, _, s, dh = q.shape
         probs = self.probabilities(q, k, is_causal, bias=bias)  # [B, H, S, T]
+        if dropout_p:  # flopsim's attn.core.dropout
+            probs = torch.native_dropout(probs, dropout_p, True)[0]
         grouped = probs.view(b, hkv, (h // hkv) * s, -1) @ v  # [B, H_kv, G * S, d_head]
         return grouped.view(b, h, s, dh)
 
@@ -359,14 +381,15 @@ class Block(nn.Module):
             raise AttributeError("mlp") from None
 
     def forward(self, x: torch.Tensor, state: RunState) -> torch.Tensor:
+        p = self.spec.hidden_dropout  # on each sub-block's output (train only)
         if self.pre and self.spec.sandwich_norms:
-            x = x + self.attn_out_norm(self.attn(self.norm1(x), state, self.layer))
-            return x + self.mlp_out_norm(self.mlp(self.norm2(x)))
+            x = x + dropout(self.attn_out_norm(self.attn(self.norm1(x), state, self.layer)), p, state)
+            return x + dropout(self.mlp_out_norm(self.mlp(self.norm2(x))), p, state)
         if self.pre:
-            x = x + self.attn(self.norm1(x), state, self.layer)
-            return x + self.mlp(self.norm2(x))
-        x = self.norm1(x + self.attn(x, state, self.layer))
-        return self.norm2(x + self.mlp(x))
+            x = x + dropout(self.attn(self.norm1(x), state, self.layer), p, state)
+            return x + dropout(self.mlp(self.norm2(x)), p, state)
+        x = self.norm1(x + dropout(self.attn(x, state, self.layer), p, state))
+        return self.norm2(x + dropout(self.mlp(x), p, state))
 
 
 def relative_position_buckets(relative: torch.Tensor, bidirectional: bool, buckets: int,
@@ -461,7 +484,7 @@ class Embeddings(nn.Module):
                 region.basis(x)
         if self.spec.norm_position == "post":
             x = self.norm(x)
-        return x
+        return dropout(x, self.spec.hidden_dropout, state)
 
 
 class TiedLinear(nn.Module):
