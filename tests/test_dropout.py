@@ -145,3 +145,21 @@ def test_reference_refuses_a_fused_attention_dropout():
 
     with pytest.raises(ValueError, match="does not drop inside"):
         compare_with_torch(_spec(dropout={"attention": 0.1}), "train", B, S)
+
+
+def test_plan_selective_recomputation_reruns_the_probability_dropout():
+    """plan train --recompute selective reruns each block's attention core with its
+    probabilities' dropout (Korthikanti et al. 2022 §4.2): the recompute time is those
+    forward ops' predicted time, one GPU, one micro-batch."""
+    import flopsim
+    from flopsim.planning import plan_training
+    from flopsim.predict import predict
+
+    spec = flopsim.load_model("gpt2-small").with_changes(attention_impl="explicit",
+                                                         dropout=dict(attention=0.1, hidden=0.1))
+    plan = plan_training(spec, "a100-80gb", gpus=1, tokens=1e8, seq=512, recompute="selective", global_batch=8)
+    ops = predict(spec, "a100-80gb", phase="train", batch=1, seq=512).ops
+    core = [o for o in ops if o.pass_ == "fwd" and (o.kind == "attention" or o.name.endswith(".attn.core.dropout"))]
+    assert len(core) == 2 * 12  # each block's core and its dropout
+    assert plan.to_dict()["compute"]["recompute_s_per_microbatch"] == pytest.approx(sum(o.time_s for o in core),
+                                                                                  rel=1e-12)

@@ -176,7 +176,7 @@ class ShardedModel:
                 one.setdefault(group, (t.comm_bytes, t.time_s))
             else:
                 roles[f"{side}_s"][i] += t.time_s
-                if side == "fwd" and op.kind == "attention":
+                if side == "fwd" and op.attention_core:  # what selective recomputation runs again
                     roles["attention_fwd_s"][i] += t.time_s
         return LayerTable(layers=layers, roles=roles, params=params, one=one, fwd_ops=fwd_ops, rep_of=self.rep_of)
 
