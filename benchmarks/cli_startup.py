@@ -1,5 +1,5 @@
-"""Whole-process time of the common commands (median of several runs, each a
-fresh process) against the 0.5 s target of the issue "Hardening", and
+"""Whole-process time of the common commands (median of several rounds, each
+command a fresh process once a round) against the 0.5 s target of the issue "Hardening", and
 whether torch / matplotlib were imported on the way.
 
     python benchmarks/cli_startup.py [--runs 7]
@@ -38,9 +38,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=7)
     runs = parser.parse_args().runs
+    # round-robin (each round runs every command once), so that a drift of the host's
+    # speed during the benchmark weighs on every command alike
+    times: dict = {name: [] for name in ("python", *COMMANDS)}
+    for _ in range(runs):
+        times["python"].append(median_seconds([sys.executable, "-c", "pass"], 1))
+        for name, argv in COMMANDS.items():
+            times[name].append(median_seconds([sys.executable, "-m", "flopsim", *argv], 1))
+    print(f"{'python -c pass':18s} {statistics.median(times.pop('python')):.3f} s  (the interpreter alone)")
     medians = {}
-    for name, argv in COMMANDS.items():
-        medians[name] = median_seconds([sys.executable, "-m", "flopsim", *argv], runs)
+    for name in COMMANDS:
+        medians[name] = statistics.median(times[name])
         verdict = "met" if medians[name] <= TARGET_S else "NOT met"
         print(f"{name:18s} {medians[name]:.3f} s  (target {TARGET_S} s: {verdict})")
     probe = subprocess.run([sys.executable, "-c",

@@ -24,8 +24,9 @@ Conventions:
   printing them than they save. The Python API evaluates with sympy unless
   `enable()` is called. `FLOPSIM_CACHE=0` turns it off; `FLOPSIM_CACHE_DIR` moves it (default
   `$XDG_CACHE_HOME/flopsim`, else `~/.cache/flopsim`).
-- Large YAML files (hardware and calibration specs) are kept parsed, as JSON, keyed
-  by a hash of their text: parsing them is a tenth of a second in pure Python.
+- YAML files (specs, hardware, calibrations) are kept parsed, as JSON, keyed by a
+  hash of their text: parsing a calibration is a tenth of a second in pure Python, and
+  with every file read back PyYAML is not even imported.
 - Writes are atomic (a temporary file renamed into place).
 """
 
@@ -42,7 +43,6 @@ from typing import Callable, Optional
 
 FORMAT = 1  # the cached files' layout; bump when it changes
 _allowed = False
-PARSED_MIN_CHARS = 1024  # YAML texts shorter than this parse faster than a cache look-up
 _enabled = False
 
 
@@ -114,9 +114,9 @@ def _parsed_path(text: str) -> Path:
 
 
 def parsed(text: str):
-    """A YAML text's data parsed before (None when not cached or the cache is off). Only
-    texts of a kilobyte and more are worth it: the calibration and hardware files."""
-    if not enabled() or len(text) < PARSED_MIN_CHARS:
+    """A YAML text's data parsed before (None when not cached or the cache is off): a
+    command whose spec, hardware and calibration all come from here never imports PyYAML."""
+    if not enabled():
         return None
     import json
 
@@ -128,7 +128,7 @@ def parsed(text: str):
 
 def store_parsed(text: str, data) -> None:
     """Keep `data`, parsed from `text`, when it is plain JSON data (it reads back equal)."""
-    if not enabled() or len(text) < PARSED_MIN_CHARS:
+    if not enabled():
         return
     import json
 

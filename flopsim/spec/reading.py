@@ -15,12 +15,11 @@ Conventions (each failure is a SpecError, one line naming the file):
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from flopsim.errors import SpecError
 
@@ -47,44 +46,49 @@ def read_input_text(path: Path, what: str) -> str:
         raise SpecError(f"{path}: not UTF-8 text, expected a {what} file (YAML or JSON)") from None
 
 
-class BoundedLoader(yaml.SafeLoader):
-    """yaml.SafeLoader without aliases or duplicate keys, nesting at most MAX_DEPTH."""
+@functools.lru_cache(maxsize=1)
+def bounded_loader():
+    """yaml.SafeLoader without aliases or duplicate keys, nesting at most MAX_DEPTH (built on
+    first use: a command whose files all come from the parsed cache never imports PyYAML)."""
+    import yaml
 
-    depth = 0
+    class BoundedLoader(yaml.SafeLoader):
+        depth = 0
 
-    def compose_node(self, parent, index):
-        event = self.peek_event()
-        if isinstance(event, yaml.AliasEvent):
-            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not supported", event.start_mark)
-        self.depth += 1
-        try:
-            if self.depth > MAX_DEPTH:
-                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels",
+        def compose_node(self, parent, index):
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent):
+                raise yaml.composer.ComposerError(None, None, "aliases (*name) are not supported",
                                                   event.start_mark)
-            return super().compose_node(parent, index)
-        finally:
-            self.depth -= 1
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
+            self.depth += 1
             try:
-                duplicate = key in seen
-            except TypeError:  # an unhashable key: the base class reports it
-                break
-            if duplicate:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {str(key)[:60]!r}",
-                                                        key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep)
+                if self.depth > MAX_DEPTH:
+                    raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels",
+                                                      event.start_mark)
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
 
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    duplicate = key in seen
+                except TypeError:  # an unhashable key: the base class reports it
+                    break
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {str(key)[:60]!r}",
+                                                            key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
 
-# YAML 1.2 floats that PyYAML (YAML 1.1) reads as strings: 1e12, 19.5e12 (no sign, or no dot)
-BoundedLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
+    # YAML 1.2 floats that PyYAML (YAML 1.1) reads as strings: 1e12, 19.5e12 (no sign, or no dot)
+    BoundedLoader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+        list("-+0123456789."))
+    return BoundedLoader
 
 
 def parse_yaml(text: str, source: str) -> Any:
@@ -95,8 +99,10 @@ def parse_yaml(text: str, source: str) -> Any:
     cached = opcache.parsed(text)
     if cached is not None:
         return cached
+    import yaml
+
     try:
-        data = yaml.load(text, Loader=BoundedLoader)  # noqa: S506 -- a SafeLoader subclass
+        data = yaml.load(text, Loader=bounded_loader())  # noqa: S506 -- a SafeLoader subclass
         opcache.store_parsed(text, data)
         return data
     except yaml.YAMLError as err:
