@@ -182,44 +182,52 @@ class MemoryModel:
         self._max_terms: list[int] = []  # the largest one is added
         self._key_terms: dict = {}  # train: placement key -> (its activations, its block's input candidates)
         if train:
-            from flopsim.parallel.layout import RECEIVED_ENCODER_OUTPUT, place
-
-            with_backward = {op.name for op in ops if op.pass_ == "bwd"}
-            kept = [op for op in ops if op.pass_ == "fwd" and op.name in with_backward]
-            key_of = {op.key: place(op, spec) for op in kept}
-            layers = sorted(set(key_of.values()))
-            per_layer = {lay: sum((op.act_write_bytes for op in kept if key_of[op.key] == lay), sp.Integer(0))
-                         for lay in layers}
-            blocks = [lay for lay in layers if 0 <= lay < spec.blocks]
-            if recompute == "selective":  # Korthikanti et al. 2022: the attention cores' insides are recomputed
-                per_layer = {lay: per_layer[lay] - sum((self._recomputed_inside(op) for op in kept
-                                                        if key_of[op.key] == lay and 0 <= lay < spec.blocks),
-                                                       sp.Integer(0))
-                             for lay in layers}
-                self._sum_terms = [ref(sum(per_layer.values(), sp.Integer(0)))]
-                self._block_inputs = []
-            elif recompute:
-                for lay in layers:
-                    if lay not in blocks:
-                        self._sum_terms.append(ref(per_layer[lay]))
-                for lay in blocks:
-                    self._max_terms.append(ref(per_layer[lay]))
-                self._block_inputs = [[ref(e) for e in self._block_input_candidates(ops, lay)] for lay in blocks]
-            else:
-                self._sum_terms = [ref(sum(per_layer.values(), sp.Integer(0)))]
-                self._block_inputs = []
-            full = recompute is True
-            self._key_terms = {lay: (ref(per_layer[lay]), [ref(e) for e in self._block_input_candidates(ops, lay)]
-                                     if full and 0 <= lay < spec.blocks else [])
-                               for lay in layers}
-            received = [op.act_read_bytes for op in kept if op.name.endswith(".cross.kv")][:1]
-            if received:  # the encoder's output, as the decoder's key/value projections read it
-                self._key_terms[RECEIVED_ENCODER_OUTPUT] = (ref(received[0]), [])
+            self._train_activations(ops, ref)
         else:
             self._block_inputs = []
             self._max_terms = [ref(op.act_read_bytes + op.act_write_bytes) for op in ops]
         self._max_layers = [op.layer for op in ops] if not train else []
         self._fn = compile_exprs(pool, [B, S, T])
+
+    def _train_activations(self, ops: list, ref) -> None:
+        """Train: the activations kept for backward, as terms of the compiled pool (`ref`):
+        every kept forward output per placement key (see the module docstring), less what
+        selective recomputation recomputes, or under full recomputation the largest block's
+        and the blocks' inputs; each key's terms for pipeline stages (`stage_activations`)."""
+        from flopsim.parallel.layout import RECEIVED_ENCODER_OUTPUT, place
+
+        spec, recompute = self.spec, self.recompute
+        with_backward = {op.name for op in ops if op.pass_ == "bwd"}
+        kept = [op for op in ops if op.pass_ == "fwd" and op.name in with_backward]
+        key_of = {op.key: place(op, spec) for op in kept}
+        layers = sorted(set(key_of.values()))
+        per_layer = {lay: sum((op.act_write_bytes for op in kept if key_of[op.key] == lay), sp.Integer(0))
+                     for lay in layers}
+        blocks = [lay for lay in layers if 0 <= lay < spec.blocks]
+        if recompute == "selective":  # Korthikanti et al. 2022: the attention cores' insides are recomputed
+            per_layer = {lay: per_layer[lay] - sum((self._recomputed_inside(op) for op in kept
+                                                    if key_of[op.key] == lay and 0 <= lay < spec.blocks),
+                                                   sp.Integer(0))
+                         for lay in layers}
+            self._sum_terms = [ref(sum(per_layer.values(), sp.Integer(0)))]
+            self._block_inputs = []
+        elif recompute:
+            for lay in layers:
+                if lay not in blocks:
+                    self._sum_terms.append(ref(per_layer[lay]))
+            for lay in blocks:
+                self._max_terms.append(ref(per_layer[lay]))
+            self._block_inputs = [[ref(e) for e in self._block_input_candidates(ops, lay)] for lay in blocks]
+        else:
+            self._sum_terms = [ref(sum(per_layer.values(), sp.Integer(0)))]
+            self._block_inputs = []
+        full = recompute is True
+        self._key_terms = {lay: (ref(per_layer[lay]), [ref(e) for e in self._block_input_candidates(ops, lay)]
+                                 if full and 0 <= lay < spec.blocks else [])
+                           for lay in layers}
+        received = [op.act_read_bytes for op in kept if op.name.endswith(".cross.kv")][:1]
+        if received:  # the encoder's output, as the decoder's key/value projections read it
+            self._key_terms[RECEIVED_ENCODER_OUTPUT] = (ref(received[0]), [])
 
     def _recomputed_inside(self, op):
         """What selective recomputation does not keep of an op: an attention core's writes
