@@ -43,7 +43,9 @@ Lookup order for an op of kind K with GEMM shape (batch, m, n, k):
    whose dispatch is part of the kernel's time, and under CUDA graphs.
 5. collectives (`links`): per link level (`scale_up`: within the scale-up
    domain, NVLink / xGMI / ICI; `scale_out`: between domains, InfiniBand /
-   Ethernet) a latency and a bus bandwidth, in nccl-tests' convention
+   Ethernet; `scale_up_torus`: a torus' whole axes, whose rings wrap around
+   and run both ways, flopsim.parallel.layout; without it such groups use
+   `scale_up`) a latency and a bus bandwidth, in nccl-tests' convention
    (busbw: the per-rank bandwidth a ring algorithm sees), so a collective
    moving `nbytes` over n ranks takes
        latency_s + steps(op, n) * hop_latency_s + factor(op, n) * nbytes / bus_bytes_per_s
@@ -183,7 +185,7 @@ class Calibration(_Strict):
     fixed_s: dict[str, float] = {}  # "kind" or "kind:variant" -> seconds per launch
     graph_launch_s: Optional[float] = Field(None, ge=0, le=MAX_FIXED_S)  # per kernel, replayed as a CUDA graph
     host_s: dict[str, float] = {}  # "kind[:variant][@bwd]" or "launch" -> host dispatch seconds per kernel (queued)
-    links: dict[Literal["scale_up", "scale_out"], LinkLevel] = {}
+    links: dict[Literal["scale_up", "scale_up_torus", "scale_out"], LinkLevel] = {}
     measured: Optional[dict[str, Any]] = None  # how it was measured (device, date, ...); None if not measured
 
     @field_validator("kinds", "gemm_kinds", "fold_batch_kinds")
@@ -425,6 +427,8 @@ class Calibration(_Strict):
         bandwidth (half its two-way figure) and launch overhead, else None."""
         if level in self.links:
             return self.links[level]
+        if level == "scale_up_torus":  # no figure for the wrapped rings: the line's (conservative)
+            return self.link("scale_up", hw)
         if hw is None:
             return None
         total = hw.interconnect_bytes_per_s if level == "scale_up" else getattr(hw, "scale_out_bytes_per_s", None)

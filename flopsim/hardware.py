@@ -10,6 +10,11 @@ Conventions:
   summed); `scale_up_domain` is how many devices share it (a node's 8 GPUs,
   an NVL72 rack, a TPU slice); `scale_out_bytes_per_s` is the network
   bandwidth per device between domains (its NICs, both directions summed).
+  `torus_axis`: the scale-up domain is a torus (TPU ICI) whose rings close
+  with wraparound links only over whole axes of this many devices (a TPU
+  v5e pod: 16x16, so 16); a group of whole axes then runs bidirectional
+  rings (flopsim.parallel.layout, level `scale_up_torus`), a smaller one the
+  line without wraparound (`scale_up`). None: no torus.
   The calibration's `links` give the measured latency and bus bandwidth
   of collectives on each level.
 - Peaks are dense (no 2:4 structured sparsity). For `int8` the figure is
@@ -55,6 +60,7 @@ FIGURES = (
     "interconnect_bytes_per_s",
     "scale_up_domain",
     "scale_out_bytes_per_s",
+    "torus_axis",
     "launch_overhead_s",
 )
 
@@ -81,6 +87,7 @@ class HardwareSpec(BaseModel):
     interconnect_bytes_per_s: Optional[BytesPerS] = None
     scale_up_domain: Optional[int] = Field(None, ge=1, le=100_000)
     scale_out_bytes_per_s: Optional[BytesPerS] = None
+    torus_axis: Optional[int] = Field(None, ge=2, le=1024)
     launch_overhead_s: float = Field(0.0, ge=0, le=1.0)
     sources: dict[str, str]
     verified: list[str] = []

@@ -394,7 +394,7 @@ class Report:
 
         keep = {k: v for k, v in self.parallel.items()
                 if phase == "train" or k not in ("dp", "zero", "recompute") and not (k == "cp" and phase == "decode")}
-        return make_layout(spec, phase, gpus_per_node=self.hw.scale_up_domain, **keep)
+        return make_layout(spec, phase, gpus_per_node=self.hw.scale_up_domain, torus_axis=self.hw.torus_axis, **keep)
 
     def rows(self) -> list[dict]:
         """The headline table: one row per group, phase and spec."""

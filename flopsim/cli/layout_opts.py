@@ -27,9 +27,13 @@ def layout_from_options(spec, phase: str, *, tp: int, pp: int, dp: int, ep: int,
     from flopsim.parallel.layout import make_layout
     from flopsim.spec import load_model
 
-    if gpus_per_node is None and hardware is not None:
+    torus_axis = None
+    if hardware is not None:
         from flopsim.hardware import load_hardware
 
-        gpus_per_node = load_hardware(hardware).scale_up_domain
+        hw = load_hardware(hardware)
+        gpus_per_node = hw.scale_up_domain if gpus_per_node is None else gpus_per_node
+        torus_axis = hw.torus_axis
     return make_layout(load_model(spec), phase, tp=tp, pp=pp, dp=dp, ep=ep, cp=cp, zero=zero, recompute=recompute,
-                       sequence_parallel=sequence_parallel, stage=stage, gpus_per_node=gpus_per_node)
+                       sequence_parallel=sequence_parallel, stage=stage, gpus_per_node=gpus_per_node,
+                       torus_axis=torus_axis)

@@ -391,7 +391,8 @@ def _print_candidates(out, p) -> None:
 def _link_text(links) -> str:
     """'intra-node 370 GB/s bus, 30 us latency; inter-node ...; 8 GPUs per node' for the plan's links."""
     parts = []
-    for name, link in (("intra-node", links.scale_up), ("inter-node", links.scale_out)):
-        if link is not None:
+    torus = f"torus rings (whole {links.torus_axis}-device axes)" if links.torus_axis else None
+    for name, link in (("intra-node", links.scale_up), (torus, links.scale_up_torus), ("inter-node", links.scale_out)):
+        if link is not None and name is not None:
             parts.append(f"{name} {human(link.bus_bytes_per_s, 'B/s')} bus, {human_time(link.latency_s)} latency")
     return "; ".join(parts) + f"; {links.gpus_per_node} GPUs per node"

@@ -44,6 +44,12 @@ any other group the scale-out link (its slowest):
     dp      dp * cp            tp * cp * dp        (dense parameters' gradients)
     edp     dp * cp / ep       tp * cp * dp        (routed experts' gradients)
     pp      2 (a send)         tp * cp * dp * pp
+
+On a torus (`torus_axis`, TPU ICI: the hardware's figure) a scale-up group
+whose ranks are whole axes (a multiple of the axis length, each a row or a
+column: stride span / ranks of 1 or a multiple of the axis) closes its rings
+with the wraparound links and runs them both ways: level `scale_up_torus`.
+A smaller group (a line of chips without wraparound) uses `scale_up`.
 """
 
 from __future__ import annotations
@@ -61,6 +67,16 @@ def within_node(span: int, gpus_per_node: int) -> bool:
     """Whether a group of `span` consecutive ranks stays within one node (and a whole number
     of such groups fills a node): it then uses the scale-up link."""
     return span <= gpus_per_node and gpus_per_node % span == 0
+
+
+def closes_torus_rings(ranks: int, span: int, torus_axis: Optional[int]) -> bool:
+    """Whether a group of `ranks` ranks spanning `span` consecutive ranks is whole
+    axes of a torus of axis `torus_axis` (rows: stride 1; columns: a stride that is
+    a multiple of the axis), so its rings wrap around (see the module docstring)."""
+    if not torus_axis or ranks < torus_axis or ranks % torus_axis:
+        return False
+    stride = span // ranks
+    return stride == 1 or stride % torus_axis == 0
 
 
 def _degree(name: str, value) -> int:
@@ -88,6 +104,7 @@ class Layout:
     stage: Optional[int] = None
     virtual_stages: int = 1  # the interleaved schedule's chunks a stage (Narayanan et al. 2021); 1: plain 1F1B
     encoder_stages: Optional[int] = None  # an encoder-decoder's encoder stages under pp > 1 (else None)
+    torus_axis: Optional[int] = None  # the scale-up torus' axis length (see the module docstring); None: no torus
 
     @property
     def gpus(self) -> int:
@@ -117,8 +134,11 @@ class Layout:
         return within_node(span, self.gpus_per_node)
 
     def level(self, name: str) -> str:
-        """'scale_up' or 'scale_out': the link level group `name` uses."""
-        return "scale_up" if self.inside_node(self.group(name)[1]) else "scale_out"
+        """'scale_up', 'scale_up_torus' or 'scale_out': the link level group `name` uses."""
+        ranks, span = self.group(name)
+        if not self.inside_node(span):
+            return "scale_out"
+        return "scale_up_torus" if closes_torus_rings(ranks, span, self.torus_axis) else "scale_up"
 
     def describe(self) -> str:
         parts = [f"{k}{getattr(self, k)}" for k in ("tp", "cp", "pp", "dp", "ep") if getattr(self, k) > 1]
@@ -137,10 +157,11 @@ def make_layout(spec, phase: str, *, tp: int = 1, pp: int = 1, dp: int = 1, ep: 
                 zero: int = 0, recompute="none", sequence_parallel: Optional[bool] = None,
                 gpus_per_node: Optional[int] = None, expert_load: float = 1.0,
                 stage: Optional[int] = None, virtual_stages: int = 1,
-                encoder_stages: Optional[int] = None) -> Layout:
+                encoder_stages: Optional[int] = None, torus_axis: Optional[int] = None) -> Layout:
     """A validated Layout of `spec` for `phase` (one-line errors naming the field).
     `sequence_parallel` defaults to on in train with tp > 1 (Megatron's setting), off
-    elsewhere (inference engines all-reduce); `gpus_per_node` to the hardware's domain;
+    elsewhere (inference engines all-reduce); `gpus_per_node` to the hardware's domain
+    (and `torus_axis` to its torus, flopsim.hardware);
     `encoder_stages` (an encoder-decoder under pp > 1) to `default_encoder_stages`."""
     tp, pp, dp, ep, cp = (_degree(n, v) for n, v in (("tp", tp), ("pp", pp), ("dp", dp), ("ep", ep), ("cp", cp)))
     if isinstance(zero, bool) or zero not in (0, 1, 2, 3):
@@ -175,10 +196,11 @@ def make_layout(spec, phase: str, *, tp: int = 1, pp: int = 1, dp: int = 1, ep: 
         raise bad_value("virtual_stages", virtual_stages, f"interleaving needs pp > 1 and pp * virtual_stages "
                                                           f"dividing the {spec.blocks} blocks (pp {pp})")
     node = _degree("gpus_per_node", gpus_per_node if gpus_per_node is not None else 8)
+    torus_axis = None if torus_axis is None else _degree("torus_axis", torus_axis)
     sp = (phase == "train" and tp > 1) if sequence_parallel is None else bool(sequence_parallel)
     return Layout(tp=tp, pp=pp, dp=dp, ep=ep, cp=cp, zero=zero, recompute=recompute, sequence_parallel=sp,
                   gpus_per_node=node, expert_load=float(expert_load), stage=stage, virtual_stages=virtual_stages,
-                  encoder_stages=encoder_stages)
+                  encoder_stages=encoder_stages, torus_axis=torus_axis)
 
 
 def _check_context_parallel(spec, phase: str, cp: int) -> None:

@@ -134,7 +134,8 @@ class ShardedModel:
         if key not in self._shards:
             layout = replace(make_layout(self.spec, "train", tp=tp, cp=cp, ep=ep, dp=ep,
                                          sequence_parallel=sequence_parallel,
-                                         gpus_per_node=self.links.gpus_per_node), expert_load=EXPERT_LOAD)
+                                         gpus_per_node=self.links.gpus_per_node, torus_axis=self.links.torus_axis),
+                             expert_load=EXPERT_LOAD)
             self._shards[key] = [op for op in shard(self._rep_ops, self.spec, "train", layout)
                                  if op.kind != "optimizer" and op.tags.get("group") not in ("dp", "edp")]
         return self._shards[key]

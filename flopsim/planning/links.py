@@ -12,6 +12,10 @@ Links: two levels, each with a latency and a bus bandwidth
 - inter-node (scale-out: InfiniBand, RoCE): the calibration's
   `links.scale_out`, else the hardware's `scale_out_bytes_per_s` halved;
   `inter_node_bytes_per_s=` (two-way) overrides it;
+- on a torus (the hardware's `torus_axis`, TPU ICI), groups of whole axes
+  (flopsim.parallel.layout) use the calibration's `links.scale_up_torus`
+  (bidirectional rings over the wraparound links), else the scale-up figure;
+  a user's `interconnect_bytes_per_s` sets both;
 - nodes of `gpus_per_node` GPUs (default: the hardware's `scale_up_domain`).
   Ranks are laid out Megatron-style (flopsim.parallel.layout): a group whose
   ranks span at most one node uses the intra-node level, any other group the
@@ -26,9 +30,9 @@ flopsim.collectives' formula (`Links.by_level` hands it these figures).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
-from flopsim.parallel.layout import within_node
+from flopsim.parallel.layout import closes_torus_rings, within_node
 from flopsim.errors import InputError, bad_value
 from flopsim.planning.common import DEFAULT_GPUS_PER_NODE, _non_negative, _positive, _positive_int
 
@@ -42,25 +46,34 @@ class Links:
     scale_up: Any
     scale_out: Any  # None: no network figure (a group beyond one node is an error)
     gpus_per_node: int
+    scale_up_torus: Any = None  # a torus' whole axes (None: no torus); see the module docstring
+    torus_axis: Optional[int] = None  # the hardware's torus axis (None: no torus)
 
     @property
     def by_level(self) -> dict:
         """{level: LinkLevel} for flopsim.roofline.collective_time (scale_out left out when unknown)."""
-        return {k: v for k, v in (("scale_up", self.scale_up), ("scale_out", self.scale_out)) if v is not None}
+        return {k: v for k, v in (("scale_up", self.scale_up), ("scale_up_torus", self.scale_up_torus),
+                                  ("scale_out", self.scale_out)) if v is not None}
 
     def inside(self, span: int) -> bool:
         """Whether a group whose ranks span `span` consecutive ranks stays within one node."""
         return within_node(span, self.gpus_per_node)
 
     def where(self, span: int, size: int = 2) -> str:
-        """'intra-node' or 'inter-node' for a group of `size` ranks spanning `span` ('-' for one rank)."""
+        """'intra-node' (', torus rings' on a torus' whole axes) or 'inter-node' for a group
+        of `size` ranks spanning `span` ('-' for one rank)."""
         if size <= 1:
             return "-"
-        return "intra-node" if self.inside(span) else "inter-node"
+        if not self.inside(span):
+            return "inter-node"
+        return "intra-node, torus rings" if closes_torus_rings(size, span, self.torus_axis) else "intra-node"
 
     def to_dict(self) -> dict:
         out = {"gpus_per_node": self.gpus_per_node}
-        for name, link in (("intra_node", self.scale_up), ("inter_node", self.scale_out)):
+        if self.torus_axis:
+            out["torus_axis"] = self.torus_axis
+        for name, link in (("intra_node", self.scale_up), ("intra_node_torus", self.scale_up_torus),
+                           ("inter_node", self.scale_out)):
             if link is not None:
                 out[f"{name}_bus_bytes_per_s"] = link.bus_bytes_per_s
                 out[f"{name}_latency_s"] = link.latency_s
@@ -97,9 +110,13 @@ def resolve_links(hw, cal, interconnect_bytes_per_s, inter_node_bytes_per_s, gpu
                              f"(bytes/s per GPU, both directions)")
         up = LinkLevel(latency_s=0.0, bus_bytes_per_s=1e3, source="none (one GPU: no collectives)")
     out = level("scale_out", inter_node_bytes_per_s, "inter_node_bytes_per_s")
+    torus_axis = getattr(hw, "torus_axis", None)
+    torus = None
+    if torus_axis:
+        torus = up if interconnect_bytes_per_s is not None else cal.link("scale_up_torus", hw) or up
     if latency is not None:
-        up = LinkLevel(latency_s=latency, bus_bytes_per_s=up.bus_bytes_per_s, source=up.source)
-        if out is not None:
-            out = LinkLevel(latency_s=latency, bus_bytes_per_s=out.bus_bytes_per_s, source=out.source)
+        up, out, torus = (None if link is None else LinkLevel(latency_s=latency, bus_bytes_per_s=link.bus_bytes_per_s,
+                                                              source=link.source) for link in (up, out, torus))
     node = gpus_per_node if gpus_per_node is not None else (hw.scale_up_domain or DEFAULT_GPUS_PER_NODE)
-    return Links(scale_up=up, scale_out=out, gpus_per_node=_positive_int("gpus_per_node", node))
+    return Links(scale_up=up, scale_out=out, gpus_per_node=_positive_int("gpus_per_node", node),
+                 scale_up_torus=torus, torus_axis=torus_axis)

@@ -125,7 +125,7 @@ def serve_layout(spec, phase: str, tp: int, links, *, pp: int = 1, ep: int = 1, 
     from flopsim.planning.serve_layouts import Replica, replica_layout
 
     return replica_layout(spec, phase, Replica(tp, pp, ep), links.gpus_per_node, stage=stage,
-                          expert_load=expert_load)
+                          expert_load=expert_load, torus_axis=links.torus_axis)
 
 
 def _stage_predict(spec, hw, cal, links, phase, *, tp, pp, ep, stage, batch, seq, context, encoder_seq):

@@ -133,6 +133,7 @@ class StepCoster:
     def __init__(self, spec, hw, cal, links):
         self.spec, self.hw, self.cal, self.links = spec, hw, cal, links
         self.gpus_per_node = links.gpus_per_node if links is not None else 8
+        self.torus_axis = links.torus_axis if links is not None else None
         self._lists: dict = {}
         self._evaluated: dict = {}
         self._memory: dict = {}
@@ -167,7 +168,8 @@ class StepCoster:
 
         key = ("sharded", phase, tp, ep)
         if key not in self._lists:
-            layout = replica_layout(self.spec, phase, Replica(tp, 1, ep), self.gpus_per_node, expert_load=EXPERT_LOAD)
+            layout = replica_layout(self.spec, phase, Replica(tp, 1, ep), self.gpus_per_node, expert_load=EXPERT_LOAD,
+                                    torus_axis=self.torus_axis)
             ops = self.rep_ops(phase)
             self._lists[key] = _runs(ops if layout is None else shard(ops, self.spec, phase, layout))
         return self._lists[key]
@@ -200,7 +202,7 @@ class StepCoster:
             by_key, sends = dict(runs), {}
             for s in range(replica.pp - 1):
                 layout = replica_layout(self.spec, phase, replica, self.gpus_per_node, stage=s,
-                                        expert_load=EXPERT_LOAD)
+                                        expert_load=EXPERT_LOAD, torus_axis=self.torus_axis)
                 fwd = [op for k, st in order if st == s for op in by_key[k] if op.pass_ == "fwd"]
                 sends[s] = _pipeline_sends(fwd, self.spec, layout)[0]
             self._lists[key] = _Listed(runs, order, sends, replica.pp)
@@ -345,7 +347,8 @@ class StepCoster:
 
         key = (phase, tp, ep, encoder_seq)
         if key not in self._memory:
-            layout = replica_layout(self.spec, phase, Replica(tp, 1, ep), self.gpus_per_node)
+            layout = replica_layout(self.spec, phase, Replica(tp, 1, ep), self.gpus_per_node,
+                                    torus_axis=self.torus_axis)
             self._memory[key] = MemoryModel(self.spec, phase, encoder_seq=encoder_seq, layout=layout,
                                             ops=self.rep_ops(phase))
         return self._memory[key]

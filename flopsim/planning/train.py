@@ -451,7 +451,7 @@ def _stage_list(model, c: dict) -> list:
     for stage in stages_to_cost(model.spec, c["pp"], v, e):
         layout = make_layout(model.spec, "train", tp=c["tp"], pp=c["pp"], dp=c["dp"], ep=c["ep"], zero=c["zero"],
                              recompute=c["recompute_mode"], sequence_parallel=c.get("sequence_parallel"),
-                             gpus_per_node=model.links.gpus_per_node,
+                             gpus_per_node=model.links.gpus_per_node, torus_axis=model.links.torus_axis,
                              expert_load=c.get("expert_imbalance", 1.0), stage=stage, virtual_stages=v,
                              encoder_stages=e)
         out.append(model.stage_times(layout, c["micro_batch"], c["seq"]))
