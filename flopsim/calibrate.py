@@ -650,9 +650,7 @@ def memory_kernels(bench: Bench, size: float) -> list:
                         ("gather", lambda: x.gather(0, along))):  # the gather kernels the references run
         out.append((f"gather {variant}", "gather", fn,
                     _fwd(P.gather(ctx, "x", layer=0, rows=rows, d=width, module="x", variant=variant))))
-    units = torch.randint(0, table_rows, (max(1, rows // 16), 16), generator=bench.gen).to(dev)
-    out.append(("gather index_2d", "gather", lambda: table[units],  # sparse FF: rows of a table per token
-                _fwd(P.gather(ctx, "x", layer=0, rows=units.numel(), d=width, module="x", variant="index_2d"))))
+    out.append(_weight_row_copy(bench, ctx, rows, width))
     target = bench.rand(rows, width)
     perm = torch.randperm(rows, generator=bench.gen).to(dev)  # distinct rows, as combine / scatter-back write
     out.append(("scatter", "scatter", lambda: target.index_add_(0, perm, x),
@@ -671,6 +669,26 @@ def memory_kernels(bench: Bench, size: float) -> list:
     out.append(("cross_entropy", "loss", lambda: F.cross_entropy(x.view(-1, classes), labels),
                 _fwd(P.cross_entropy(ctx, "x", layer=0, rows=n // classes, classes=classes, module="x"))))
     return out
+
+
+SPARSE_FF_TABLE_ROWS = 4096  # the table of the index_2d measurement: a 4096 x 1024 FF weight (16 MB in fp32)
+
+
+def _weight_row_copy(bench: Bench, ctx, rows: int, width: int) -> tuple:
+    """Sparse FF's per-token weight gather as the model runs it: `rows` rows copied
+    out of one FF-sized weight table (W[units], 16 per token) and priced with the
+    model's own op (flopsim.ops.primitives.weight_row_copy: the distinct rows read
+    once, the copy written). The table stays the same size at every size: a forward's
+    copy outgrows it, as a model's does, so reads hit the cache and writes dominate."""
+    import torch
+
+    from flopsim.ops import primitives as P
+
+    table = bench.rand(SPARSE_FF_TABLE_ROWS, width)
+    units = torch.randint(0, SPARSE_FF_TABLE_ROWS, (max(1, rows // 16), 16), generator=bench.gen).to(bench.device)
+    op = P.weight_row_copy(ctx, "x", layer=0, copies=units.numel(), row=width,
+                           units_read=int(units.unique().numel()), module="x")
+    return "gather index_2d", "gather", (lambda: table[units]), op
 
 
 def backward_kernels(bench: Bench, n: int, width: int = 1024) -> list:

@@ -311,3 +311,25 @@ def test_a_gpus_two_sides_are_scored_apart(tiny_report, tmp_path):
     assert "device time per step, queued" in text and "1 more synchronise inside" in text
     plain = repredict(tiny_report[0] / "out").summary()
     assert plain["queued_cases"] == 0 and "device time per step" not in summary_markdown(again, plain)
+
+
+def test_the_weight_gather_is_measured_as_sparse_ff_runs_it(smoke_calibration):
+    """The index_2d points: rows of one FF-sized table copied per token, priced with the
+    model's op (flopsim.ops.primitives.weight_row_copy, which sparse FF's gather is):
+    the distinct rows read once, the copy written, the index read."""
+    from flopsim.calibrate import SPARSE_FF_TABLE_ROWS
+    from flopsim.families import build_ops
+    from flopsim.spec import load_model
+
+    _, points = smoke_calibration
+    gathers = sorted((p for p in points if p.kind == "gather" and p.variant == "index_2d" and p.size),
+                     key=lambda p: p.size)
+    row = 1024 * 4  # fp32 rows of 1024
+    # smoke sizes 64 kB and 1 MB of read + write: 7 and 122 rows of 1024 (calibrate._memory_shapes),
+    # copied 16 per token: 1 x 16 and 7 x 16 copies
+    for p, copies in zip(gathers, (16, 7 * 16)):
+        distinct = (p.bytes - copies * (row + 8)) / row  # bytes = copies * (row + index) + distinct * row
+        assert distinct == int(distinct) and 1 <= distinct <= min(copies, SPARSE_FF_TABLE_ROWS)
+    spec = load_model("decoder-220m").with_changes(family="sparse_ff", sparse_ff={"block_size": 16, "d_lowrank": 32})
+    gather = next(op for op in build_ops(spec, "forward") if op.name == "block.0.mlp.up.gather")
+    assert (gather.kind, gather.variant, gather.flops) == ("gather", "index_2d", 0)

@@ -618,6 +618,21 @@ def scatter(ctx: Ctx, name: str, *, layer: int, rows, d, module: str, into_zeros
 
 # -- sparse feed-forward and sparse QKV (Scaling Transformers), length reduction --
 
+def weight_row_copy(ctx: Ctx, name: str, *, layer: int, copies, row, units_read, module: str,
+                    tags: dict | None = None) -> Op:
+    """`copies` rows of width `row` copied out of a weight table by an int64 index
+    (torch: `W[units]` with a 2-d index, kind "gather", variant "index_2d"): the
+    `units_read` distinct rows come from memory once (weight_bytes), the index is
+    read, the copy written. Sparse FF's per-token weight gather, and the
+    calibration's measurement of that kernel (flopsim.calibrate), are this op."""
+    w = ctx.w
+    return Op(name=name, kind="gather", layer=layer, module=module, variant="index_2d",
+              weight_bytes=units_read * row * w,
+              act_read_bytes=copies * INDEX_BYTES,
+              act_write_bytes=copies * row * w,
+              tags=tags or {})
+
+
 def gathered_linear(ctx: Ctx, name: str, *, layer: int, tokens, d_in, d_out, select: str, units,
                     units_read, bias: bool, module: str | None = None, kind: str = "matmul",
                     tags: dict | None = None) -> list[Op]:
@@ -655,11 +670,8 @@ def gathered_linear(ctx: Ctx, name: str, *, layer: int, tokens, d_in, d_out, sel
         raise ValueError(f"select must be 'in' or 'out', not {select!r}")
     copy = tokens * units * row  # values of the per-token weight copy
     index = tokens * units * INDEX_BYTES
-    ops = [Op(name=f"{name}.gather", kind="gather", layer=layer, module=module, variant="index_2d",
-              weight_bytes=units_read * row * w,
-              act_read_bytes=index,
-              act_write_bytes=copy * w,
-              tags=tags),
+    ops = [weight_row_copy(ctx, f"{name}.gather", layer=layer, copies=tokens * units, row=row,
+                           units_read=units_read, module=module, tags=tags),
            Op(name=name, kind=kind, layer=layer, module=module,
               flops=2 * tokens * k * n,  # bmm_flop
               act_read_bytes=tokens * k * w + copy * w,
