@@ -45,7 +45,8 @@ def llama_like(*, layers, d, heads, kv_heads, d_head, d_ff, vocab, tied=False, b
 
 SHIPPED = ["meta-llama-3-8b", "mistral-7b-v0.1", "mixtral-8x7b-v0.1", "qwen1.5-moe-a2.7b-chat",
            "qwen3-30b-a3b", "gpt2", "bert-base-uncased", "t5-v1_1-base", "deepseek-v3", "deepseek-v2-lite",
-           "gpt-oss-20b", "gpt-oss-120b", "qwen3-8b", "llama-3.1-8b"]
+           "gpt-oss-20b", "gpt-oss-120b", "qwen3-8b", "llama-3.1-8b", "gemma-2-9b-it", "gemma-3-4b-it",
+           "gemma-3-27b-it"]
 
 
 def test_every_shipped_config_is_documented_and_loads():
@@ -317,33 +318,14 @@ def test_qwen_moe_unrepresentable_layouts_are_errors():
 
 
 # -- DeepSeek, Gemma, GPT-OSS --------------------------------------------------------
-# DeepSeek-V3, DeepSeek-V2-Lite and gpt-oss-20b: the shipped config.json files. Gemma 2 9B and
-# Gemma 3 27B: their architecture fields in config.json's keys, with the values of the presets'
-# sources (the papers and model cards); no verbatim copy of either file could be found, so
-# they are written out here (tests/test_transformers_exact.py builds transformers' classes
-# from them at full size).
+# The shipped config.json files (sources in specs/models/hf/README.md). Gemma 2 9B's is
+# gemma-2-9b-it as released (query_pre_attn_scalar 224, later 256 on the Hub: a scale, no cost).
 
 DEEPSEEK_V3 = cfg("deepseek-v3")
 DEEPSEEK_V2_LITE = cfg("deepseek-v2-lite")
 GPT_OSS_20B = cfg("gpt-oss-20b")
-
-GEMMA_2_9B = {
-    "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "vocab_size": 256000, "hidden_size": 3584,
-    "intermediate_size": 14336, "num_hidden_layers": 42, "num_attention_heads": 16, "num_key_value_heads": 8,
-    "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 8192,
-    "query_pre_attn_scalar": 256, "sliding_window": 4096, "final_logit_softcapping": 30.0,
-    "attn_logit_softcapping": 50.0, "torch_dtype": "bfloat16",
-}
-GEMMA_3_27B = {  # Gemma3ForConditionalGeneration: the text_config holds what differs from transformers' defaults
-    "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "torch_dtype": "bfloat16",
-    "text_config": {"head_dim": 128, "hidden_size": 5376, "intermediate_size": 21504, "model_type": "gemma3_text",
-                    "num_attention_heads": 32, "num_hidden_layers": 62, "num_key_value_heads": 16,
-                    "query_pre_attn_scalar": 168, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
-                    "sliding_window": 1024},
-    "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
-                      "model_type": "siglip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 27,
-                      "patch_size": 14, "vision_use_head": False},
-}
+GEMMA_2_9B = cfg("gemma-2-9b-it")
+GEMMA_3_27B = cfg("gemma-3-27b-it")  # Gemma3ForConditionalGeneration: text_config over the class defaults
 
 
 def test_deepseek_v3_fp8_checkpoint_is_its_precision():
@@ -431,6 +413,56 @@ def test_gemma3_window_pattern_and_text_defaults():
     spec, notes = convert(GEMMA_3_27B, "g")
     assert any("vision tower" in n for n in notes)
     assert any(n.startswith("rope_scaling linear") for n in notes)
+
+
+# Published counts: keras-hub's presets (keras_hub/src/models/gemma/gemma_presets.py at 02aeee5f,
+# gemma3/gemma3_presets.py at 00d9f10a). Keras' Gemma 3 text presets hold 262,144 embedding rows,
+# transformers' (vocab_size 262,208) 64 more, one row of d_model each.
+KERAS_GEMMA3_ROWS = 262_144
+
+
+@pytest.mark.parametrize("name, shape, published", [
+    ("gemma-2-9b-it", dict(layers=42, d=3584, heads=16, kv_heads=8, d_head=256, d_ff=14336, vocab=256000,
+                           qk_norm=False),
+     9_241_705_984),  # gemma2_instruct_9b_en; the copy's model.safetensors.index.json: 2 x 9,241,705,984 bytes
+    ("gemma-3-4b-it", dict(layers=34, d=2560, heads=8, kv_heads=4, d_head=256, d_ff=10240, vocab=262208,
+                           qk_norm=True),
+     3_880_099_328 + (262_208 - KERAS_GEMMA3_ROWS) * 2560),  # gemma3_instruct_4b_text
+    ("gemma-3-27b-it", dict(layers=62, d=5376, heads=32, kv_heads=16, d_head=128, d_ff=21504, vocab=262208,
+                            qk_norm=True),
+     27_009_002_240 + (262_208 - KERAS_GEMMA3_ROWS) * 5376),  # gemma3_instruct_27b_text
+], ids=["gemma-2-9b-it", "gemma-3-4b-it", "gemma-3-27b-it"])
+def test_gemma_published_counts(name, shape, published):
+    """Gemma 2 9B and Gemma 3 4B / 27B as published: the language model's parameters derived
+    term by term (gemma_params) equal keras-hub's published counts and flopsim's; Gemma 3 4B's
+    text_config gives only its widths and layers, transformers' defaults the heads (8 of 256,
+    4 key/value heads), which the import fills in."""
+    from test_architecture_options import gemma_params
+
+    spec = flopsim.load_model(str(HF / f"{name}.json"))
+    assert (spec.layers, spec.d_model, spec.heads, spec.kv_heads, spec.d_head, spec.d_ff, spec.vocab) == \
+        tuple(shape[k] for k in ("layers", "d", "heads", "kv_heads", "d_head", "d_ff", "vocab"))
+    assert params(spec) == gemma_params(**shape) == published
+
+
+def test_gemma_shipped_structure():
+    """Gemma 2: a 4096 window on every other layer (local first), soft-capped scores (50) and
+    logits (30), eager attention; Gemma 3: 1024-token windows, five local layers to a global
+    one (the class's default pattern: no layer_types or pattern in the files), q/k norms, no
+    soft-capping; both tied, sandwich-normed, scaled embeddings, bf16."""
+    g2, g2_notes = load_hf_config_with_notes(HF / "gemma-2-9b-it.json")
+    assert (g2.sliding_window.size, g2.sliding_window.global_every) == (4096, 2)
+    assert (g2.softcap.attention, g2.softcap.logits, g2.qk_norm, g2.attention_impl) == (50.0, 30.0, False, "explicit")
+    assert any("no SDPA path" in n for n in g2_notes)
+    for name in ("gemma-3-4b-it", "gemma-3-27b-it"):
+        g3, notes = load_hf_config_with_notes(HF / f"{name}.json")
+        window = (g3.sliding_window.size, g3.sliding_window.global_every)
+        assert (window, g3.softcap, g3.qk_norm) == ((1024, 6), None, True)
+        assert g3.max_seq == 131_072 and g3.attention_impl == "fused"
+        assert any("vision tower" in n for n in notes) and any(n.startswith("rope_scaling linear") for n in notes)
+    for spec in (g2, g3):
+        assert (spec.tied_embeddings, spec.sandwich_norms, spec.scale_embeddings) == (True, True, True)
+        assert spec.dtype == "bf16"
 
 
 def test_gpt_oss_mapping_and_notes():

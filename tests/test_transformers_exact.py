@@ -39,11 +39,12 @@ what and why (specs/models/hf/README.md, "Differences from transformers"):
 A module that torch runs but no flopsim op covers is therefore never silently tolerated.
 
 At full size (on the meta device: no memory, no initialisation) every shipped config in
-specs/models/hf/ and the Gemma 2 / Gemma 3 architecture dicts (tests/test_hf_import.py)
-and mT5's, UMT5's and Switch's transformers default configs (Switch also with experts in
-every other FFN: Switch-Base-8-like) have flopsim's parameter count, less the same parts; T5
-v1.1 also less its LM head, which transformers 5.24 ties when building T5 from a config
-(see full_size_gap).
+specs/models/hf/ (Gemma 2 9B and Gemma 3 4B / 27B among them) and mT5's, UMT5's and Switch's
+transformers default configs (Switch also with experts in every other FFN: Switch-Base-8-like)
+have flopsim's parameter count, less the same parts; T5 v1.1 also less its LM head, which
+transformers 5.24 ties when building T5 from a config (see full_size_gap). The shipped Gemma
+files also run at the small widths with every other key as published (shipped_small): FLOPs
+in the four phases, the windows from the files' own keys (Gemma 3's default pattern).
 """
 
 from __future__ import annotations
@@ -526,16 +527,7 @@ def _default_configs() -> dict:
                                             num_sparse_decoder_layers=6)}
 
 
-def _todays():
-    """Gemma 2 9B's and Gemma 3 27B's architecture fields (no verbatim config.json of either is
-    shipped); DeepSeek's and GPT-OSS's shipped files are among the glob below."""
-    from test_hf_import import GEMMA_2_9B, GEMMA_3_27B
-
-    return {"gemma-2-9b": GEMMA_2_9B, "gemma-3-27b": GEMMA_3_27B}
-
-
 FULL_SIZE = [pytest.param(json.loads(p.read_text()), id=p.stem) for p in sorted(HF.glob("*.json"))]
-FULL_SIZE += [pytest.param(config, id=name) for name, config in _todays().items()]
 FULL_SIZE += [pytest.param(config, id=name) for name, config in _default_configs().items()]
 
 
@@ -544,6 +536,59 @@ def test_full_size_parameters_match_transformers(config):
     model = full_size(config)
     spec, _ = convert(config, "full")
     assert hf_params(model) - count(spec, seq=16).params == full_size_gap(model, spec)
+
+
+# -- the shipped Gemma files at the small widths -------------------------------------------
+
+SMALL_TEXT = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=8, max_position_embeddings=64, sliding_window=5)
+# the multimodal wrapper's image tokens inside the small vocabulary, for the tiny vision tower
+SMALL_IMAGE = dict(image_token_index=96, boi_token_index=94, eoi_token_index=95, mm_tokens_per_image=4)
+SHIPPED_SMALL = [("gemma-2-9b-it", 4), ("gemma-3-27b-it", 7)]
+
+
+def shipped_small(name: str, layers: int) -> dict:
+    """A shipped Gemma config.json at the small widths (SMALL_TEXT, `layers` layers, a window of
+    5 < T), every other key as published: Gemma 2's soft-caps and query_pre_attn_scalar (its
+    unused sliding_window_size follows the window), Gemma 3's rope_scaling and
+    query_pre_attn_scalar. Neither file has layer_types or a window pattern: both take their
+    class's default layout (Gemma 2 every other layer local, Gemma 3 five local to one global)."""
+    config = json.loads((HF / f"{name}.json").read_text())
+    if "text_config" not in config:
+        return {**config, **SMALL_TEXT, "num_hidden_layers": layers, "sliding_window_size": 5}
+    text = {**config["text_config"], **SMALL_TEXT, "num_hidden_layers": layers}
+    return {**config, **SMALL_IMAGE, "text_config": text, "vision_config": _tiny_siglip().to_dict()}
+
+
+@functools.cache
+def _shipped_model(name: str, layers: int):
+    config = shipped_small(name, layers)
+    cls = getattr(transformers, architecture(config))
+    torch.manual_seed(0)
+    return cls(cls.config_class.from_dict(config)).float()
+
+
+@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("name, layers", SHIPPED_SMALL, ids=[name for name, _ in SHIPPED_SMALL])
+def test_shipped_gemma_files_small_match_transformers(name, layers, phase):
+    """flopsim imports the file's own keys (the dict itself, not transformers' rewrite of it, at
+    the import's default attention); its local layers are transformers' layer_types, its
+    attention the one transformers runs, and FLOPs and parameters are transformers' less the
+    vision tower."""
+    from flopsim.families.dense import is_local
+
+    model = _shipped_model(name, layers)
+    spec, _ = convert(shipped_small(name, layers), name)
+    types = model.config.get_text_config().layer_types
+    assert [t == "sliding_attention" for t in types] == [is_local(spec, i) for i in range(layers)]
+    assert 0 < sum(t == "full_attention" for t in types) < layers
+    eager = model.config.get_text_config()._attn_implementation == "eager"
+    assert spec.attention_impl == ("explicit" if eager else "fused")
+    measured = measure(model, phase)
+    multimodal = type(model).__name__ == "Gemma3ForConditionalGeneration"
+    gap = vision_gap(None, phase, model, measured, spec) if multimodal else Gap()
+    result = flopsim_count(spec, phase)
+    assert (measured[""] - result.flops, hf_params(model) - result.params) == (gap.flops, gap.params)
 
 
 # -- the grouped GEMM's formula --------------------------------------------------------------
