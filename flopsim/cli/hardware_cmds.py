@@ -84,7 +84,7 @@ def show_hardware(
     out = console()
     out.print(f"[bold]{hw.name}[/] ({hw.kind}): {escape(hw.description)}")
     units = {"peak_flops_per_s": "FLOP/s", "memory_bandwidth_bytes_per_s": "B/s", "memory_capacity_bytes": "B",
-             "last_level_cache_bytes": "B", "interconnect_bytes_per_s": "B/s"}
+             "last_level_cache_bytes": "B", "interconnect_bytes_per_s": "B/s", "scale_out_bytes_per_s": "B/s"}
     table_rows = []
     for r in rows:
         base = r["figure"].split(".")[0]
