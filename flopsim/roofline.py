@@ -257,9 +257,9 @@ def op_time(op, hw, dtype: str, calibration=None, links=None, efficiency=None) -
     peak = op_peak_flops_per_s(op.kind, hw, dtype)
     backward = op.pass_ == "bwd"
     kernels = float(getattr(op, "kernels", 1))
-    compute_eff, memory_eff = efficiency(op.kind, op.gemm, float(op.bytes), op.variant, backward,
+    all_flops, nbytes = op.all_flops, op.bytes  # (OpCost.bytes is a sum: read once)
+    compute_eff, memory_eff = efficiency(op.kind, op.gemm, float(nbytes), op.variant, backward,
                                          products_per_kernel(op.gemm, kernels))
-    all_flops, nbytes = op.all_flops, op.bytes
     compute_s, memory_s, time_s = roofline_time(
         float(executed_flops(op)), float(nbytes), peak, hw.memory_bandwidth_bytes_per_s,
         compute_eff, memory_eff, calibration.fixed_cost_s(op.kind, op.variant, hw, backward), kernels)
