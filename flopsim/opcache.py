@@ -153,20 +153,27 @@ class Efficiencies:
 
     def __init__(self, calibration):
         self.calibration, self.known, self.new, self.path = calibration, {}, False, None
-        if enabled():
-            self.path = cache_dir() / f"{_efficiency_key(calibration)}.eff.json"
-            try:
-                import json
+        if not enabled():
+            return
+        import json
 
-                self.known = {k: tuple(v) for k, v in json.loads(self.path.read_text()).items()}
-            except (OSError, ValueError, TypeError):
-                self.known = {}
+        try:
+            self.path = cache_dir() / f"{_efficiency_key(calibration)}.eff.json"
+        except (ValueError, TypeError):  # a `measured` block JSON cannot hold: memoized in this run only
+            return
+        try:
+            self.known = {k: tuple(v) for k, v in json.loads(self.path.read_text()).items()}
+        except (OSError, ValueError, TypeError):
+            self.known = {}
 
     def __call__(self, *args):
         name = _args_key(args)  # None: kept for this run only, under the arguments themselves
         memo = args if name is None else name
-        if memo in self.known:
-            return self.known[memo]
+        try:
+            if memo in self.known:
+                return self.known[memo]
+        except TypeError:  # unhashable (an array): not memoized
+            return self.calibration.efficiency(*args)
         value = self.known[memo] = self.calibration.efficiency(*args)
         self.new = self.new or (self.path is not None and name is not None and _storable(value))
         return value
@@ -201,7 +208,7 @@ _PLAIN = (str, int, float, bool, type(None))
 
 def _args_key(args: tuple) -> Optional[str]:
     """repr(args) where they are plain values and tuples of them (a repr that names them
-    exactly), else None (memoized nowhere: an array, a sympy number)."""
+    exactly), else None (an array, a sympy number: not kept on disk)."""
     for value in args:
         if type(value) is tuple:
             if not all(type(v) in _PLAIN for v in value):

@@ -239,8 +239,9 @@ def test_plain_numbers_give_numpys_results_bit_for_bit():
         plain = roofline_time(*args)
         ref = roofline_time(*(np.float64(a) for a in args))  # numpy scalars: numpy's arithmetic
         assert all(type(v) is float for v in plain) and list(plain) == [float(v) for v in ref], args
-        gemm, kernels = (rng.choice([1, 8, rng.uniform(0.5, 300)]), 64, 64, 64), rng.choice([1, 0.0, rng.uniform(0, 9)])
-        assert products_per_kernel(gemm, kernels) == float(products_per_kernel((np.float64(gemm[0]),), np.float64(kernels)))
+        batch, kernels = rng.choice([1, 8, rng.uniform(0.5, 300)]), rng.choice([1, 0.0, rng.uniform(0, 9)])
+        per = products_per_kernel((batch, 64, 64, 64), kernels)
+        assert per == float(products_per_kernel((np.float64(batch),), np.float64(kernels)))
     host = [rng.uniform(0, 1e-4) for _ in range(50)]
     device = [rng.choice([0.0, rng.uniform(0, 1e-3)]) for _ in range(50)]
     syncs = [rng.random() < 0.1 for _ in range(50)]
