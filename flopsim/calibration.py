@@ -67,7 +67,9 @@ that device) or anywhere else (`--calibration PATH`); `ideal` is the all-ones
 calibration. A device without a calibration file is an error unless the
 user asks for `ideal`.
 
-The lookup works on numbers and on numpy arrays (sweeps), and imports no torch.
+The lookup works on numbers and on numpy arrays (sweeps), and imports no torch;
+numpy is imported by the first interpolation, not with the module (a command whose
+look-ups all come from flopsim.opcache never imports it).
 """
 
 from __future__ import annotations
@@ -77,7 +79,6 @@ import math
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from flopsim.ops.fields import KINDS
@@ -316,6 +317,8 @@ class Calibration(_Strict):
         base = self.kinds.get(f"{kind}@bwd" if backward and f"{kind}@bwd" in self.kinds else kind, self.default)
         points = self._points(kind, variant, backward) if gemm is not None else []
         if points:
+            import numpy as np
+
             batch, m, n, k = gemm
             if kind in self.fold_batch_kinds:  # one kernel over the batch (attention heads)
                 coords = [np.asarray(batch, dtype=float) * np.asarray(m, dtype=float), n, k]
@@ -507,6 +510,8 @@ def _interpolate_shapes(coords: list, where: list, values: list):
     and outside their hull. Chosen by leave-one-out on measured calibrations (each point
     predicted from the others; H200, 226 memory-bound products: median error 8.8%
     against 27% for inverse-distance weighting alone; docs/wallclock.md)."""
+    import numpy as np
+
     table = _shape_table(tuple(tuple(float(v) for v in w) for w in where), tuple(float(v) for v in values))
     if table is None:
         return _interpolate(coords, where, values, values)[0]
@@ -526,6 +531,8 @@ def _interpolate_shapes(coords: list, where: list, values: list):
 def _shape_table(where: tuple, values: tuple):
     """(low, high, scipy LinearNDInterpolator) over log shapes and log efficiencies, or None
     where the shapes do not span three dimensions (fewer than 4 affinely independent)."""
+    import numpy as np
+
     points = np.log(np.maximum(np.array(where, dtype=float), 1.0))
     if len(points) < points.shape[1] + 1 or np.linalg.matrix_rank(points[1:] - points[0]) < points.shape[1]:
         return None
@@ -543,6 +550,8 @@ def _interpolate(coords: list, where: list, compute: list, memory: list):
     """Efficiencies at `coords` (numbers or arrays) from measured points at
     `where`: inverse-distance weighting in log space of log-efficiency (a
     weighted geometric mean), exact at a measured point."""
+    import numpy as np
+
     logs = [np.log(np.maximum(np.asarray(c, dtype=float), 1.0)) for c in coords]
     total_w = sum_c = sum_m = 0.0
     exact_c = exact_m = None

@@ -27,6 +27,12 @@ Conventions:
 - YAML files (specs, hardware, calibrations) are kept parsed, as JSON, keyed by a
   hash of their text: parsing a calibration is a tenth of a second in pure Python, and
   with every file read back PyYAML is not even imported.
+- A calibration's efficiency look-ups (flopsim.roofline.op_times) are kept too, one
+  JSON file per calibration, keyed by the code's hash, the calibration's JSON and the
+  installed numpy and scipy (their version files: the interpolation's numerics): a
+  command whose look-ups were all made before never imports numpy. Each entry is the
+  (compute, memory) pair `Calibration.efficiency` returned for one argument tuple,
+  floats stored exactly (JSON writes a float's shortest round-tripping repr).
 - Writes are atomic (a temporary file renamed into place).
 """
 
@@ -139,6 +145,85 @@ def store_parsed(text: str, data) -> None:
     except (TypeError, ValueError):
         return
     _write(_parsed_path(text), dumped.encode())
+
+
+class Efficiencies:
+    """`calibration.efficiency` memoized within the run and, when the cache is enabled,
+    across runs (see the module docstring); `save()` writes the run's new look-ups."""
+
+    def __init__(self, calibration):
+        self.calibration, self.known, self.new, self.path = calibration, {}, False, None
+        if not enabled():
+            return
+        import json
+
+        try:
+            self.path = cache_dir() / f"{_efficiency_key(calibration)}.eff.json"
+        except (ValueError, TypeError):  # a `measured` block JSON cannot hold: memoized in this run only
+            return
+        try:
+            self.known = {k: tuple(v) for k, v in json.loads(self.path.read_text()).items()}
+        except (OSError, ValueError, TypeError):
+            self.known = {}
+
+    def __call__(self, *args):
+        name = _args_key(args)  # None: kept for this run only, under the arguments themselves
+        memo = args if name is None else name
+        try:
+            if memo in self.known:
+                return self.known[memo]
+        except TypeError:  # unhashable (an array): not memoized
+            return self.calibration.efficiency(*args)
+        value = self.known[memo] = self.calibration.efficiency(*args)
+        self.new = self.new or (self.path is not None and name is not None and _storable(value))
+        return value
+
+    def save(self) -> None:
+        if not self.new:
+            return
+        import json
+
+        kept = {k: list(v) for k, v in self.known.items() if type(k) is str and _storable(v)}
+        _write(self.path, json.dumps(kept, sort_keys=True).encode())
+        self.new = False
+
+
+def _efficiency_key(calibration) -> str:
+    from importlib.util import find_spec
+
+    libraries = []
+    for name in ("numpy", "scipy"):
+        spec = find_spec(name)
+        version = Path(spec.origin).parent / "version.py" if spec is not None and spec.origin else None
+        try:
+            libraries.append(version.read_text() if version is not None else "")
+        except OSError:
+            libraries.append("")
+    text = f"{code_hash()}|{libraries}|{calibration.model_dump_json(warnings=False)}"
+    return hashlib.sha256(text.encode()).hexdigest()[:40]
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _args_key(args: tuple) -> Optional[str]:
+    """repr(args) where they are plain values and tuples of them (a repr that names them
+    exactly), else None (an array, a sympy number: not kept on disk)."""
+    for value in args:
+        if type(value) is tuple:
+            if not all(type(v) in _PLAIN for v in value):
+                return None
+        elif type(value) not in _PLAIN:
+            return None
+    return repr(args)
+
+
+def _storable(value) -> bool:
+    """A pair of finite Python floats (what JSON gives back exactly)."""
+    import math
+
+    return (type(value) is tuple and len(value) == 2
+            and all(type(v) is float and math.isfinite(v) for v in value))
 
 
 def _write(path: Path, payload: bytes) -> None:

@@ -50,27 +50,72 @@ Conventions:
   (`comm_bytes`) with flopsim.collectives on its link level (latency and ring
   steps once per expected launch, the bytes over the bus bandwidth), bound
   "comm", its time in `comm_s`.
+- Numbers or numpy arrays: on plain Python numbers (a predict) the formulas run in
+  Python floats, which is numpy's IEEE double arithmetic bit for bit, so a command
+  whose efficiencies come from flopsim.opcache never imports numpy (`_evaluate`);
+  arrays, numpy scalars, NaN, infinities and a division by zero go to numpy.
 """
 
 from __future__ import annotations
 
-import functools
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-import numpy as np
-
 MATRIX_KINDS = ("matmul", "attention", "router", "conv")
+
+
+class _Floats:
+    """The few numpy functions the formulas below use, on Python floats."""
+
+    divide = staticmethod(lambda a, b: a / b)
+    add = staticmethod(lambda a, b: a + b)
+    multiply = staticmethod(lambda a, b: a * b)
+    maximum = staticmethod(lambda a, b: max(a, b))  # the first on a tie, as np.maximum
+    clip = staticmethod(lambda a, low, high: min(max(a, low), high))  # np.clip: minimum(maximum(a, low), high)
+    asarray = staticmethod(lambda a, dtype=float: float(a))
+    ndim = staticmethod(lambda a: 0)
+
+
+def _plain(value) -> bool:
+    """A Python int that converts to a double exactly, or a finite Python float."""
+    if type(value) is int:
+        return -2 ** 53 <= value <= 2 ** 53
+    return type(value) is float and math.isfinite(value)
+
+
+def _evaluate(formula, numbers, *args):
+    """formula(xp, *args) with xp = _Floats when every value in `numbers` is plain
+    (`_plain`) and the results are finite: each operation rounds once as numpy's does,
+    so the results are numpy's bit for bit; else (arrays, numpy scalars, NaN or
+    infinities in or out, a division by zero) with xp = numpy."""
+    if all(_plain(v) for v in numbers):
+        try:
+            out = formula(_Floats, *args)
+        except ZeroDivisionError:  # numpy's inf or nan (and its warning)
+            pass
+        else:
+            if all(math.isfinite(v) for v in (out if isinstance(out, (tuple, list)) else [out])):
+                return out
+    import numpy as np
+
+    return formula(np, *args)
 
 
 def roofline_time(all_flops, bytes_, peak_flops_per_s, bytes_per_s, compute_eff=1.0, memory_eff=1.0,
                   overhead_s=0.0, kernels=1.0):
     """(compute_s, memory_s, time_s) for numbers or numpy arrays (broadcast);
     `overhead_s` is the fixed cost of one launch, `kernels` the expected launches."""
-    compute_s = np.divide(all_flops, peak_flops_per_s * compute_eff)
-    memory_s = np.divide(bytes_, bytes_per_s * memory_eff)
-    launched = np.add(all_flops, bytes_) > 0
-    time_s = np.maximum(compute_s, memory_s) + np.multiply(overhead_s, kernels) * launched
+    compute_rate, memory_rate = peak_flops_per_s * compute_eff, bytes_per_s * memory_eff
+    return _evaluate(_roofline, (all_flops, bytes_, compute_rate, memory_rate, overhead_s, kernels),
+                     all_flops, bytes_, compute_rate, memory_rate, overhead_s, kernels)
+
+
+def _roofline(xp, all_flops, bytes_, compute_rate, memory_rate, overhead_s, kernels):
+    compute_s = xp.divide(all_flops, compute_rate)
+    memory_s = xp.divide(bytes_, memory_rate)
+    launched = xp.add(all_flops, bytes_) > 0
+    time_s = xp.maximum(compute_s, memory_s) + xp.multiply(overhead_s, kernels) * launched
     return compute_s, memory_s, time_s
 
 
@@ -80,10 +125,15 @@ def overlap_times(host_s, device_s, syncs=None) -> list:
     numbers or numpy arrays (broadcast). `syncs` (booleans, in the same order): after
     such an op the host waits for the device (H_i = F_i) before it queues the next.
     The shares sum to the step's time."""
+    host_s, device_s = list(host_s), list(device_s)
+    return _evaluate(_overlap, host_s + device_s, host_s, device_s, syncs)
+
+
+def _overlap(xp, host_s, device_s, syncs) -> list:
     host_done, device_done, shares = 0.0, 0.0, []
     for i, (host, device) in enumerate(zip(host_s, device_s)):
         host_done = host_done + host
-        finished = np.maximum(device_done, host_done) + device
+        finished = xp.maximum(device_done, host_done) + device
         shares.append(finished - device_done)
         device_done = finished
         if syncs is not None and syncs[i]:
@@ -161,9 +211,13 @@ def products_per_kernel(gemm, kernels):
     Numbers or numpy arrays."""
     if gemm is None:
         return 1.0
-    batch = np.asarray(gemm[0], dtype=float)
-    per = np.clip(batch / np.maximum(np.asarray(kernels, dtype=float), 1e-12), 1.0, np.maximum(batch, 1.0))
-    return float(per) if np.ndim(per) == 0 else per
+    return _evaluate(_products, (gemm[0], kernels), gemm[0], kernels)
+
+
+def _products(xp, batch, kernels):
+    batch = xp.asarray(batch, dtype=float)
+    per = xp.clip(batch / xp.maximum(xp.asarray(kernels, dtype=float), 1e-12), 1.0, xp.maximum(batch, 1.0))
+    return float(per) if xp.ndim(per) == 0 else per
 
 
 def collective_time(op, hw, calibration, links=None) -> OpTime:
@@ -203,9 +257,9 @@ def op_time(op, hw, dtype: str, calibration=None, links=None, efficiency=None) -
     peak = op_peak_flops_per_s(op.kind, hw, dtype)
     backward = op.pass_ == "bwd"
     kernels = float(getattr(op, "kernels", 1))
-    compute_eff, memory_eff = efficiency(op.kind, op.gemm, float(op.bytes), op.variant, backward,
+    all_flops, nbytes = op.all_flops, op.bytes  # (OpCost.bytes is a sum: read once)
+    compute_eff, memory_eff = efficiency(op.kind, op.gemm, float(nbytes), op.variant, backward,
                                          products_per_kernel(op.gemm, kernels))
-    all_flops, nbytes = op.all_flops, op.bytes
     compute_s, memory_s, time_s = roofline_time(
         float(executed_flops(op)), float(nbytes), peak, hw.memory_bandwidth_bytes_per_s,
         compute_eff, memory_eff, calibration.fixed_cost_s(op.kind, op.variant, hw, backward), kernels)
@@ -228,11 +282,14 @@ def op_times(ops, hw, dtype: str, calibration=None, links=None) -> list:
     """`op_time` of each of a step's evaluated ops (numbers, not arrays), the calibration's
     efficiency looked up once per distinct (kind, shape, bytes, variant, pass): a model's
     blocks repeat the same few shapes, and the lookup interpolates."""
+    from flopsim import opcache
     from flopsim.calibration import Calibration
 
     calibration = calibration or Calibration.ideal(hw.name)
-    efficiency = functools.lru_cache(maxsize=None)(calibration.efficiency)
-    return [op_time(op, hw, dtype, calibration, links, efficiency) for op in ops]
+    efficiency = opcache.Efficiencies(calibration)  # memoized; across runs when the cache is on
+    times = [op_time(op, hw, dtype, calibration, links, efficiency) for op in ops]
+    efficiency.save()
+    return times
 
 
 def in_sequence(times: list) -> list:

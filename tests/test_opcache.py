@@ -5,6 +5,7 @@ what the printer cannot print exactly, and a folder it cannot write, fall back t
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 
@@ -125,3 +126,61 @@ def test_command_line_uses_it_and_env_turns_it_off(tmp_path):
                              capture_output=True, text=True, env=env, check=True)
         assert '"flops"' in out.stdout
     assert list((tmp_path / "on").glob("*.ops")) and not (tmp_path / "off").exists()
+
+
+def test_efficiencies_are_read_back_exactly_and_keyed_by_the_calibration(cache, monkeypatch):
+    """op_times' look-ups, stored per calibration, read back equal to a fresh lookup's (the
+    h200's measured points: scipy's triangulation; h100-sxm's published ones: inverse distance);
+    a changed calibration is another file, looked up afresh."""
+    from flopsim.calibration import Calibration, Efficiency, load_calibration
+    from flopsim.hardware import load_hardware
+    from flopsim.roofline import op_times
+
+    for device in ("h200", "h100-sxm"):
+        hw = load_hardware(device)
+        cal = load_calibration(None, hw)
+        ops = [*count("llama-3-8b", phase="prefill", batch=2, seq=256).ops,
+               *count("llama-3-8b", phase="decode", batch=8, context=512).ops]
+        opcache.enable(False)
+        reference = op_times(ops, hw, "bf16", cal)
+        opcache.enable()
+        assert op_times(ops, hw, "bf16", cal) == reference  # looked up, then stored
+        with monkeypatch.context() as m:
+            m.setattr(Calibration, "efficiency", lambda *a: pytest.fail("looked up again"))
+            assert op_times(ops, hw, "bf16", cal) == reference  # every look-up from the file
+        changed = cal.model_copy(update={"default": Efficiency(compute=0.5, memory=0.5), "kinds": {}, "sizes": []})
+        opcache.enable(False)
+        fresh = op_times(ops, hw, "bf16", changed)
+        opcache.enable()
+        assert fresh != reference and op_times(ops, hw, "bf16", changed) == fresh
+    assert len(list(cache.glob("*.eff.json"))) == 4
+
+
+def test_a_cached_predict_follows_edited_hardware_and_calibration_files(tmp_path):
+    """The command line, cache on: a repeated predict imports neither numpy nor sympy nor
+    PyYAML and prints what it printed; an edited calibration or hardware file (a copy in
+    tmp_path) changes the output, to what the same command prints with the cache off."""
+    from flopsim.spec.paths import specs_dir
+
+    hw, cal = tmp_path / "hw.yaml", tmp_path / "cal.yaml"
+    hw.write_text((specs_dir() / "hardware" / "h100-sxm.yaml").read_text())
+    cal.write_text((specs_dir() / "calibration" / "h100-sxm.yaml").read_text())
+    argv = [sys.executable, "-X", "importtime", "-m", "flopsim", "predict", "gpt2-small", "-H", str(hw),
+            "--calibration", str(cal), "--phase", "decode", "-f", "json"]
+
+    def run(cache="1"):
+        env = {**os.environ, "FLOPSIM_CACHE_DIR": str(tmp_path / "cache"), "FLOPSIM_CACHE": cache}
+        out = subprocess.run(argv, capture_output=True, text=True, env=env, check=True)
+        imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines()}
+        return out.stdout, imported
+
+    first, _ = run()
+    again, imported = run()
+    assert again == first and not imported & {"numpy", "sympy", "yaml"}
+    for path, old, new in [(cal, "memory: 0.896}", "memory: 0.5}"),
+                           (hw, "memory_bandwidth_bytes_per_s: 3.35e12", "memory_bandwidth_bytes_per_s: 2.0e12")]:
+        assert old in path.read_text()
+        path.write_text(path.read_text().replace(old, new))
+        edited, _ = run()
+        assert edited != first and edited == run(cache="0")[0]
+        first = edited

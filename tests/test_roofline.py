@@ -220,3 +220,32 @@ def test_op_times_memoized_lookup_equals_op_time():
     hw, cal = load_hardware("h100-sxm"), load_calibration("h100-sxm")
     ops = count("llama-3-8b", phase="decode", batch=2, context=512).ops
     assert op_times(ops, hw, "bf16", cal) == [op_time(op, hw, "bf16", cal) for op in ops]
+
+
+def test_plain_numbers_give_numpys_results_bit_for_bit():
+    """On plain Python numbers the roofline runs in Python floats (no numpy import on a
+    cached predict); every result equals numpy's exactly, on random operands."""
+    import random
+
+    from flopsim.roofline import overlap_times, products_per_kernel
+
+    rng = random.Random(7)
+    for _ in range(3000):
+        args = [rng.choice([0, rng.randrange(1, 2 ** 50), rng.uniform(0, 1e18)]),  # flops
+                rng.choice([0, rng.randrange(1, 2 ** 40), rng.uniform(1, 1e12)]),  # bytes
+                rng.uniform(1e9, 2e15), rng.uniform(1e9, 8e12),  # peak, bandwidth
+                rng.uniform(1e-6, 10.0), rng.uniform(1e-6, 10.0),  # efficiencies
+                rng.choice([0.0, rng.uniform(0, 1e-4)]), rng.choice([1, 0.25, rng.uniform(0, 64)])]
+        plain = roofline_time(*args)
+        ref = roofline_time(*(np.float64(a) for a in args))  # numpy scalars: numpy's arithmetic
+        assert all(type(v) is float for v in plain) and list(plain) == [float(v) for v in ref], args
+        batch, kernels = rng.choice([1, 8, rng.uniform(0.5, 300)]), rng.choice([1, 0.0, rng.uniform(0, 9)])
+        per = products_per_kernel((batch, 64, 64, 64), kernels)
+        assert per == float(products_per_kernel((np.float64(batch),), np.float64(kernels)))
+    host = [rng.uniform(0, 1e-4) for _ in range(50)]
+    device = [rng.choice([0.0, rng.uniform(0, 1e-3)]) for _ in range(50)]
+    syncs = [rng.random() < 0.1 for _ in range(50)]
+    shares = overlap_times(host, device, syncs)
+    assert shares == [float(v) for v in overlap_times([np.float64(h) for h in host], device, syncs)]
+    with pytest.warns(RuntimeWarning):  # a zero rate still gives numpy's inf (and its warning)
+        assert roofline_time(1.0, 1.0, 0.0, BW)[0] == float("inf")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import typer
-from rich.markup import escape
 
 from flopsim.cli.app import app
 from flopsim.cli.output import Format, console, human, print_csv, print_json, rich_table
@@ -81,6 +80,8 @@ def show_hardware(
                          "verified": figure in hw.verified})
     if fmt == Format.csv:
         return print_csv(rows)
+    from rich.markup import escape
+
     out = console()
     out.print(f"[bold]{hw.name}[/] ({hw.kind}): {escape(hw.description)}")
     units = {"peak_flops_per_s": "FLOP/s", "memory_bandwidth_bytes_per_s": "B/s", "memory_capacity_bytes": "B",
