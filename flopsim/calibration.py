@@ -41,6 +41,10 @@ Lookup order for an op of kind K with GEMM shape (batch, m, n, k):
    for any kind without its own): the host enqueues while the device runs,
    so the two overlap (flopsim.roofline.overlap_times). Empty on a CPU,
    whose dispatch is part of the kernel's time, and under CUDA graphs.
+Another fused attention kernel (`attention_kernels[name]`, e.g. Triton's
+FlashAttention) has its own points; `with_attention_kernel(name)` puts them
+in place of the fused attention points for a run that uses that kernel.
+
 5. collectives (`links`): per link level (`scale_up`: within the scale-up
    domain, NVLink / xGMI / ICI; `scale_out`: between domains, InfiniBand /
    Ethernet; `scale_up_torus`: a torus' whole axes, whose rings wrap around
@@ -187,7 +191,17 @@ class Calibration(_Strict):
     graph_launch_s: Optional[float] = Field(None, ge=0, le=MAX_FIXED_S)  # per kernel, replayed as a CUDA graph
     host_s: dict[str, float] = {}  # "kind[:variant][@bwd]" or "launch" -> host dispatch seconds per kernel (queued)
     links: dict[Literal["scale_up", "scale_up_torus", "scale_out"], LinkLevel] = {}
+    # another fused attention kernel's points by name (e.g. "triton"): with_attention_kernel(name)
+    attention_kernels: dict[str, list[GemmPoint]] = {}
     measured: Optional[dict[str, Any]] = None  # how it was measured (device, date, ...); None if not measured
+
+    @field_validator("attention_kernels")
+    @classmethod
+    def _attention_points(cls, kernels):
+        for name, points in kernels.items():
+            if not points or any(p.kind != "attention" or p.variant not in (None, "fused") for p in points):
+                raise ValueError(f"attention_kernels.{name}: needs points of kind attention, variant fused")
+        return kernels
 
     @field_validator("kinds", "gemm_kinds", "fold_batch_kinds")
     @classmethod
@@ -406,6 +420,18 @@ class Calibration(_Strict):
         if self.graph_launch_s is None:
             return self.model_copy(update={"host_s": {}}) if self.host_s else self
         return self.model_copy(update={"fixed_s": {}, "host_s": {}, "launch_overhead_s": self.graph_launch_s})
+
+    def with_attention_kernel(self, name: str) -> "Calibration":
+        """This calibration for a run whose fused attention is the kernel `name` (e.g.
+        Triton's FlashAttention): its `attention_kernels[name]` points replace the
+        fused attention points. An InputError when the calibration has none for it."""
+        if name not in self.attention_kernels:
+            from flopsim.errors import InputError
+
+            raise InputError(f"attention kernel {name!r}: calibration {self.device or '(unnamed)'} has no figures "
+                             f"for it (attention_kernels: {', '.join(self.attention_kernels) or 'none'})")
+        keep = [g for g in self.gemm if not (g.kind == "attention" and g.variant in (None, "fused"))]
+        return self.model_copy(update={"gemm": keep + list(self.attention_kernels[name])})
 
     def fixed_cost_s(self, kind: str, variant: str, hw, backward: bool = False) -> float:
         """Seconds per launch of a kernel of `kind` / `variant` (lookup step 4);

@@ -83,6 +83,8 @@ class Engine(_Strict):
     # gradient accumulation over micro-batches and the reduction's dtype (flopsim.ops.grad_accum)
     grad_accumulation: Literal["none", "autograd", "main_grad"] = "autograd"
     grad_reduce_dtype: Optional[Literal["fp32", "bf16", "fp16"]] = None  # None: the gradients' dtype
+    # the fused attention kernel when not the calibration's own (its `attention_kernels`), e.g. Triton's
+    attention_kernel: Optional[Literal["triton"]] = None
 
 
 class Row(_Strict):
@@ -174,6 +176,7 @@ class _Setup:
     hw: Any
     cal: Any
     links: Any
+    attention_kernel: str = ""  # the row's attention kernel as priced ('' when the calibration's own)
 
 
 def _setup(row: Row) -> _Setup:
@@ -193,8 +196,13 @@ def _setup(row: Row) -> _Setup:
     cal = load_calibration("auto", hw)
     if row.engine.cuda_graphs:
         cal = cal.with_graphs()
+    kernel = row.engine.attention_kernel or ""
+    if kernel in cal.attention_kernels:
+        cal = cal.with_attention_kernel(kernel)
+    elif kernel:  # no figures for it on this device: its own fused points, and the row says so
+        kernel = f"{kernel} (no figures in the {cal.device} calibration: its fused attention points)"
     links = resolve_links(hw, cal, None, None, None, None, needed=row.parallel.gpus > 1)
-    return _Setup(spec, hw, cal, links)
+    return _Setup(spec, hw, cal, links, kernel)
 
 
 def _shape(row: Row, name: str, default=None) -> int:
@@ -327,6 +335,8 @@ def predict_row(row: Row, by_id: dict, cache: Optional[dict] = None) -> RowResul
     else:
         s = _setup(row)
         time_s, details = TASK_TIME[row.task](row, s)
+        if s.attention_kernel:
+            details["attention_kernel"] = s.attention_kernel
         result = RowResult(row, to_metric(row, s, time_s, details), time_s, details)
     cache[row.id] = result
     return result

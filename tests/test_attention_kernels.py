@@ -1,0 +1,49 @@
+"""A calibration's other fused attention kernels (`attention_kernels`, e.g. Triton's
+FlashAttention, which llm-foundry's MPT runs): `with_attention_kernel` prices the fused
+attention with that kernel's points; the published suite's rows name theirs
+(`engine.attention_kernel`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from flopsim.calibration import Calibration, GemmPoint, load_calibration
+from flopsim.errors import InputError
+from flopsim.hardware import load_hardware
+
+
+def _a100():
+    return load_calibration("auto", load_hardware("a100-80gb"))
+
+
+def test_the_kernels_points_replace_the_fused_ones():
+    cal = _a100()
+    triton = cal.with_attention_kernel("triton")
+    fused = [g for g in triton.gemm if g.kind == "attention" and g.variant in (None, "fused")]
+    assert fused == cal.attention_kernels["triton"]
+    assert [g for g in triton.gemm if g.kind != "attention"] == [g for g in cal.gemm if g.kind != "attention"]
+    # at a measured shape the efficiency is the point's: the FlashAttention-2 paper's Fig. 4 Triton bar,
+    # head dim 128, seq 2048 (batch 16k / 2048 x 16 heads), 90 TF/s fwd+bwd, forward share 0.73 / 204.6
+    shape = (8 * 16, 2048, 2048, 128)
+    assert triton.efficiency("attention", shape, variant="fused")[0] == pytest.approx(0.73 * 90 / 204.6, abs=5e-4)
+    assert triton.efficiency("attention", shape, variant="fused", backward=True)[0] == pytest.approx(
+        0.63 * 90 / 204.6, abs=5e-4)
+    # FlashAttention-2's own bar at the same shape is 187 TF/s: the calibration's fused point
+    assert cal.efficiency("attention", shape, variant="fused")[0] == pytest.approx(0.73 * 187 / 204.6, abs=5e-4)
+
+
+def test_a_kernel_without_figures_is_one_line_and_points_must_be_attention():
+    with pytest.raises(InputError, match="attention kernel 'triton': calibration h100-sxm has no figures"):
+        load_calibration("auto", load_hardware("h100-sxm")).with_attention_kernel("triton")
+    with pytest.raises(ValueError, match="attention_kernels.x: needs points of kind attention"):
+        Calibration(attention_kernels={"x": [GemmPoint(kind="matmul", m=1, n=1, k=1, compute=0.5)]})
+
+
+def test_published_rows_price_their_attention_kernel():
+    from flopsim.published import load_published, predict_row
+
+    rows = {r.id: r for r in load_published().rows}
+    a100 = predict_row(rows["foundry-mpt125m-a100-80-8gpu-seq2048"], rows)
+    assert a100.details["attention_kernel"] == "triton"
+    h100 = predict_row(rows["foundry-mpt7b-h100-8gpu-seq8192"], rows)
+    assert h100.details["attention_kernel"].startswith("triton (no figures in the h100-sxm calibration")
