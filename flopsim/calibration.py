@@ -41,10 +41,6 @@ Lookup order for an op of kind K with GEMM shape (batch, m, n, k):
    for any kind without its own): the host enqueues while the device runs,
    so the two overlap (flopsim.roofline.overlap_times). Empty on a CPU,
    whose dispatch is part of the kernel's time, and under CUDA graphs.
-Another fused attention kernel (`attention_kernels[name]`, e.g. Triton's
-FlashAttention) has its own points; `with_attention_kernel(name)` puts them
-in place of the fused attention points for a run that uses that kernel.
-
 5. collectives (`links`): per link level (`scale_up`: within the scale-up
    domain, NVLink / xGMI / ICI; `scale_out`: between domains, InfiniBand /
    Ethernet; `scale_up_torus`: a torus' whole axes, whose rings wrap around
@@ -57,6 +53,10 @@ in place of the fused attention points for a run that uses that kernel.
    all-gather (nbytes: the whole gathered buffer) and all-to-all, 1 for a
    point-to-point send. Small messages are latency-bound, large ones
    bandwidth-bound.
+
+Another fused attention kernel (`attention_kernels[name]`, e.g. Triton's
+FlashAttention) has its own points; `with_attention_kernel(name)` puts them
+in place of the fused attention points for a run that uses that kernel.
 
 Provenance (a contract; every output names it): `measured` (`flopsim
 calibrate` on the device: `measured` records how, when and with which
