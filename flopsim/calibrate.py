@@ -86,7 +86,7 @@ BACKWARD_SIZES = {"cpu": (64e3, 4e6, 64e6), "cuda": (1e6, 64e6, 512e6)}
 ADAM_PARAMS = {"cpu": (256 * 1024, 8 * 2 ** 20), "cuda": (2 ** 20, 64 * 2 ** 20)}
 SMOKE = dict(rows=(1, 24), features=(96, 352), attention=((1, 2, 16, 16, 8), (1, 2, 1, 40, 8)),
              backward_attention=((1, 2, 16, 16, 8),), sizes=(64e3, 1e6), backward_sizes=(64e3,),
-             pool=8e6, adam=(4096,), repeats=5)
+             pool=8e6, adam=(4096,), repeats=5, int4=((1, 256, 256),))
 
 
 @dataclass
@@ -392,6 +392,7 @@ def calibrate(device: str = "cpu", *, hardware: Optional[str] = None, threads: O
     with torch.no_grad():
         measure_fixed_costs(bench)
         measure_gemms(bench)
+        measure_int4_products(bench)
     if gemms_into is not None:
         return replace_gemms(gemms_into, bench), bench.points
     measure_attention(bench)
@@ -534,6 +535,67 @@ def measure_gemms(bench: Bench) -> None:
         seconds, reading = at_first_reading(samples[(m, n, k)], "memory_s" if memory_bound else "compute_s")
         bench.record(f"linear m={m} n={n} k={k}", "matmul", (1, m, n, k), seconds, op, matrix=True,
                      memory_bound=memory_bound, reading=reading)
+
+
+# weight-only int4 products (tinygemm, `torch.ops.aten._weight_int4pack_mm`: gpt-fast's int4 kernel) at
+# decode: (m, n, k) and group sizes; a bf16 / fp16 run only (its scales and zero points are the dtype's)
+INT4_SHAPES = {"cpu": ((1, 4096, 4096),), "cuda": ((1, 4096, 4096), (1, 12288, 4096), (1, 4096, 11008),
+                                                   (1, 8192, 8192), (16, 4096, 4096))}
+INT4_GROUPS = (32, 128)
+
+
+def _int4_kernel(bench: Bench):
+    """(make packed weights (n, k) -> tensor, product (x, w, group, scales) -> y) of tinygemm on
+    this device, or None where torch has none."""
+    torch, aten = bench.torch, bench.torch.ops.aten
+    if bench.device == "cpu" and hasattr(aten, "_weight_int4pack_mm_for_cpu"):
+        def make(n, k):
+            return aten._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k), dtype=torch.int32,
+                                                                          generator=bench.gen), 8)
+        return make, aten._weight_int4pack_mm_for_cpu
+    if bench.device == "cuda" and hasattr(aten, "_weight_int4pack_mm"):
+        def make(n, k):  # two 4-bit values a byte, packed for the kernel's 8 inner k-tiles
+            raw = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=bench.gen).to(bench.device)
+            return aten._convert_weight_to_int4pack(raw, 8)
+        return make, aten._weight_int4pack_mm
+    return None
+
+
+def measure_int4_products(bench: Bench) -> None:
+    """Weight-only int4 products as gpt-fast runs them (tinygemm: int4 weights, a bf16 scale
+    and zero point per group, dequantized inside the kernel), each reading weights cold (copies
+    spread over the pool), priced with the model's op (`precision: {weights: int4, group_size,
+    scale_bytes: 4}`, variant int4_weights). Only in bf16 / fp16 runs; a torch without the kernel,
+    or one that refuses a shape, measures none (said in the progress)."""
+    from flopsim.ops import primitives as P
+
+    kernel = _int4_kernel(bench) if bench.dtype in ("bf16", "fp16") else None
+    if kernel is None:
+        bench.say("int4 products: not measured (a bf16 / fp16 run with torch's tinygemm kernel only)")
+        return
+    make, product = kernel
+    shapes = SMOKE["int4"] if bench.smoke else INT4_SHAPES[bench.device]
+    for m, n, k in shapes:
+        for group in INT4_GROUPS:
+            ctx = _ctx(bench.dtype, precision={"weights": "int4", "group_size": group, "scale_bytes": 4})
+            op = _fwd(P.linear(ctx, "x", layer=0, tokens=m, d_in=k, d_out=n, bias=False))
+            copies = max(2, int(bench.pool_bytes // float(op.weight_bytes)) + 1)  # more than the pool: cold
+            try:
+                weights = [make(n, k) for _ in range(min(copies, MAX_VIEWS))]
+                scales = bench.rand(k // group, n, 2)
+                x = bench.rand(m, k)
+                nxt = iter(range(10 ** 12))
+
+                def fn(x=x, weights=weights, scales=scales, group=group):
+                    return product(x, weights[next(nxt) % len(weights)], group, scales)
+
+                seconds = bench.timed(fn)
+            except (RuntimeError, TypeError, ValueError) as err:  # this torch refuses the shape or the layout
+                bench.say(f"int4 product m={m} n={n} k={k} group {group}: not measured ({str(err)[:80]})")
+                continue
+            bench.record(f"int4 linear m={m} n={n} k={k} g={group}", "matmul", (1, m, n, k), seconds, op,
+                         matrix=True, memory_bound=True)
+    bench.say("int4 products")
 
 
 def at_first_reading(samples: list, component: str):
@@ -875,7 +937,8 @@ def _gemm_part(points: list) -> tuple[list, dict]:
                    for p in points if p.gemm is not None]
     kinds = {}
     for kind in sorted({p.kind for p in points if p.gemm is not None}):
-        mine = [p for p in points if p.kind == kind and p.gemm is not None and not p.backward]
+        mine = [p for p in points if p.kind == kind and p.gemm is not None and not p.backward
+                and not (p.variant or "").endswith("_weights")]  # a weight-only kernel's points: their own
         compute = [p.compute_eff for p in mine if not p.memory_bound] or [1.0]
         memory = [p.memory_eff for p in mine if p.memory_bound] or [1.0]
         kinds[kind] = Efficiency(compute=statistics.median(compute), memory=statistics.median(memory))

@@ -213,3 +213,43 @@ def test_memory_reports_the_stored_bytes_per_parameter():
     assert int4.bytes_per_param["weights"] == int4.weight_bytes / 6_738_415_616
     assert 0.625 < int4.bytes_per_param["weights"] < 2
     assert MemoryModel(load_model("llama-2-7b"), "decode").bytes_per_param["weights"] == 2
+
+
+def test_weight_only_products_name_their_kernel():
+    """A weight-only quantized product runs its own kernel (dequantized inside it): variant
+    '<weights>_weights', priced from that kernel's calibration points when measured; W8A8 and
+    a tied head (the embedding table's dtype) stay plain products."""
+    from flopsim.count import count
+
+    base = load_model("llama-2-7b")
+    int4 = base.with_changes(precision={"weights": "int4", "group_size": 32, "scale_bytes": 4})
+    ops = {op.name: op for op in count(int4, batch=1, seq=1, phase="decode").ops}
+    assert ops["block.0.attn.qkv"].variant == "int4_weights"
+    assert ops["head.lm"].variant == "int4_weights"  # untied head: a quantized Linear
+    w8a8 = base.with_changes(precision={"weights": "int8", "compute": "int8"})
+    assert {op.variant for op in count(w8a8, batch=1, seq=1, phase="decode").ops if op.kind == "matmul"} == {None}
+    plain = {op.variant for op in count(base, batch=1, seq=1, phase="decode").ops if op.kind == "matmul"}
+    assert plain == {None}
+
+
+def test_int4_points_price_int4_products_and_only_them():
+    from flopsim.calibration import GemmPoint, load_calibration
+    from flopsim.hardware import load_hardware
+
+    cal = load_calibration("auto", load_hardware("a100-80gb"))
+    shape = (1, 1, 4096, 4096)
+    plain = cal.efficiency("matmul", shape, variant=None)
+    assert cal.efficiency("matmul", shape, variant="int4_weights") == plain  # none measured: the plain points
+    int4 = cal.model_copy(update={"gemm": cal.gemm + [
+        GemmPoint(kind="matmul", variant="int4_weights", m=1, n=4096, k=4096, memory=0.41)]})
+    assert int4.efficiency("matmul", shape, variant="int4_weights")[1] == pytest.approx(0.41)
+    assert int4.efficiency("matmul", shape, variant=None) == plain
+
+
+def test_calibrate_measures_tinygemm_in_bf16_runs():
+    from flopsim.calibrate import calibrate
+
+    cal, _ = calibrate("cpu", threads=1, min_time_s=0.001, repeats=2, smoke=True, dtype="bf16")
+    int4 = [g for g in cal.gemm if g.variant == "int4_weights"]
+    assert len(int4) == 2 and all(g.memory and g.compute is None for g in int4)  # groups 32 and 128
+    assert {(g.m, g.n, g.k) for g in int4} == {(1, 256, 256)}

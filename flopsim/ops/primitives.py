@@ -153,6 +153,18 @@ def matrix_bytes(ctx: Ctx, elements, rows, expert: bool = False) -> sp.Expr:
     return elements * sp.Rational(WEIGHT_BITS[spec.weight_dtype], 8) + scales * p.scale_bytes
 
 
+def weight_only_kernel(ctx: Ctx, expert: bool = False) -> str | None:
+    """The kernel of a product whose weights are quantized weight-only (stored in
+    `precision.weights`, dequantized inside the product, which runs in `dtype`):
+    "<weights>_weights", e.g. "int4_weights" (tinygemm, Marlin), calibrated apart from
+    the plain product when measured (flopsim.calibrate); None for a plain product, a
+    W8A8 / fp8 one (its own peak) or a product outside `precision.scope`."""
+    spec = ctx.spec
+    if not spec.quantized_weights or (spec.precision.scope == "experts" and not expert):
+        return None
+    return f"{spec.weight_dtype}_weights" if spec.compute_dtype == spec.dtype else None
+
+
 def _with_backward(ctx: Ctx, fwd: Op, bwd: dict | None) -> list[Op]:
     if not ctx.train or bwd is None:
         return [fwd]
@@ -190,6 +202,7 @@ def linear(ctx: Ctx, name: str, *, layer: int, tokens, d_in, d_out, bias: bool,
         param_bytes=(weight - matrix) * w if tied else stored,
         gemm=(batch, tokens, d_out, d_in),
         tags=tags or {},
+        variant=None if tied else weight_only_kernel(ctx, expert),
     )
     products = 2 if input_grad else 1  # grad-input (when needed) and grad-weight
     bwd = dict(
@@ -800,7 +813,7 @@ def gathered_experts(ctx: Ctx, name: str, *, layer: int, pairs, experts, d_in, d
                    act_read_bytes=pairs * d_in * w + index,
                    act_write_bytes=pairs * d_out * w,
                    params=experts * (matrix + (d_out if bias else 0)),
-                   gemm=(pairs, 1, d_out, d_in), tags=tags)]
+                   gemm=(pairs, 1, d_out, d_in), tags=tags, variant=weight_only_kernel(ctx, True))]
     ops = [Op(name=f"{name}.gather", kind="gather", layer=layer, module=module,
               weight_bytes=pairs * matrix * w,
               act_read_bytes=index,
