@@ -44,6 +44,7 @@ validation shape).
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 import time
@@ -583,11 +584,10 @@ def measure_int4_products(bench: Bench) -> None:
             try:
                 weights = [make(n, k) for _ in range(min(copies, MAX_VIEWS))]
                 scales = bench.rand(k // group, n, 2)
-                x = bench.rand(m, k)
-                nxt = iter(range(10 ** 12))
+                x, turn = bench.rand(m, k), itertools.cycle(weights)  # the next copy each call: cold
 
-                def fn(x=x, weights=weights, scales=scales, group=group):
-                    return product(x, weights[next(nxt) % len(weights)], group, scales)
+                def fn(x=x, turn=turn, scales=scales, group=group):
+                    return product(x, next(turn), group, scales)
 
                 seconds = bench.timed(fn)
             except (RuntimeError, TypeError, ValueError) as err:  # this torch refuses the shape or the layout
