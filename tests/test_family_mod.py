@@ -231,6 +231,15 @@ def test_decode_exact_at_capacity_one(predictor):
     assert_exact(spec, "decode", 3, 9)
 
 
+@pytest.mark.parametrize("predictor", [0, 4])
+def test_decode_exact_where_c_b_and_the_cache_are_whole(predictor):
+    """Below c = 1 the reference runs the round(c * B) best-scored tokens of the batch:
+    with c * B = 2 and c * (T - 1) = 4 cached keys whole, the expectation is exact."""
+    spec = mod_spec("m", base="llama-3-8b", kv_heads=2, mod=dict(capacity=0.5, every=2,
+                                                               predictor_hidden=predictor))
+    assert_exact(spec, "decode", 4, 9)
+
+
 def test_decode_reference_runs_below_capacity_one():
     from flopsim.torchref.counting import count_with_torch
     from flopsim.torchref.model import build_reference, run_phase

@@ -12,14 +12,15 @@ predictor (or, without one, the router) is fitted by BCE to the top-k
 membership; `Reference.aux_loss` returns the sum, which run_phase adds to
 the loss.
 
-decode: each token runs the block when its decider (the predictor, else the
-router) gives sigmoid(score) > 1 - c -- a threshold under which a decider
-with uniform scores runs the fraction c (and c = 1 runs every token). The
-running tokens are gathered and attend to the first round(c * (T - 1))
-entries of the layer's cache (it holds only the tokens that ran the block)
-plus themselves. Decode's FLOPs are data-dependent; flopsim counts their
-expectation (exact at c = 1, and whenever exactly c * B tokens run each
-routed block with c * (T - 1) a whole number).
+decode: the round(c * B) tokens (half up) of the batch whose decider (the
+predictor, else the router) scores highest run the block -- what a
+calibrated per-token decider runs in expectation, c of the tokens. (A fixed
+threshold on an untrained decider's scores, all near sigmoid 0.5, would run
+none below c = 1/2 and all above it.) The running tokens are gathered and
+attend to the first round(c * (T - 1)) entries of the layer's cache (it
+holds only the tokens that ran the block) plus themselves. flopsim counts
+the expectation of a per-token decision: exact in FLOPs whenever c * B and
+c * (T - 1) are whole numbers (and at c = 1).
 
 An encoder-decoder's routed decoder block (flopsim.torchref.encoder_decoder.
 RoutedDecoderBlock) passes the encoder's output (`memory`, the prefill's
@@ -116,9 +117,10 @@ class RoutedBlock(Block):
 
     def _decode(self, x, r, p, state: RunState) -> torch.Tensor:
         score = p if p is not None else r  # [B, 1]
-        run = (torch.sigmoid(score[:, 0]) > 1 - float(self.capacity)).nonzero().squeeze(-1)
-        if run.numel() == 0:
+        running = decode_runs(self.capacity, score.shape[0])
+        if running == 0:
             return x
+        run = score[:, 0].topk(running).indices.sort().values
         cache = None
         if state.cache is not None and state.cache[self.layer] is not None:
             k, v = state.cache[self.layer]
@@ -133,6 +135,11 @@ class RoutedBlock(Block):
         xs = x[run]
         f = self.branch(xs, sub)
         return x.index_add(0, run, r[run].unsqueeze(-1) * f)
+
+
+def decode_runs(capacity, batch: int) -> int:
+    """Tokens of a decode batch that run a routed block: c * B rounded half up."""
+    return int(exact(capacity) * batch + exact(1) / 2)  # floor(c B + 1/2), exact in rationals
 
 
 def aux_loss(blocks) -> torch.Tensor:
