@@ -435,7 +435,8 @@ def write_report(validation: Validation, out_dir: Path) -> dict:
     return summary
 
 
-def _pct(x) -> str:
+def percent(x) -> str:
+    """A fraction as a percentage with one decimal; "-" where it is NaN (nothing to score)."""
     return "-" if x != x else f"{100 * x:.1f}%"
 
 
@@ -445,10 +446,10 @@ def _queued_lines(summary: dict) -> list:
         return []
     waits = summary.get("queued_cases_host_waits", 0)
     note = f" ({waits} more synchronise inside: left out)" if waits else ""
-    return [f"| device time per step, queued (host left out){note} | {_pct(summary['median_abs_error_device'])} "
-            f"(signed {_pct(summary['median_signed_error_device'])}) | | {summary['queued_cases']} |",
-            f"| host time per step (dispatch alone){note} | {_pct(summary['median_abs_error_host'])} "
-            f"(signed {_pct(summary['median_signed_error_host'])}) | | {summary['queued_cases']} |"]
+    return [f"| device time per step, queued (host left out){note} | {percent(summary['median_abs_error_device'])} "
+            f"(signed {percent(summary['median_signed_error_device'])}) | | {summary['queued_cases']} |",
+            f"| host time per step (dispatch alone){note} | {percent(summary['median_abs_error_host'])} "
+            f"(signed {percent(summary['median_signed_error_host'])}) | | {summary['queued_cases']} |"]
 
 
 def summary_markdown(validation: Validation, summary: dict, images: bool = True) -> str:
@@ -467,10 +468,10 @@ def summary_markdown(validation: Validation, summary: dict, images: bool = True)
         "",
         "| figure | median abs error | p90 abs error | n |",
         "|---|---|---|---|",
-        f"| end-to-end time, all phases | {_pct(summary['median_abs_error_e2e'])} | {_pct(summary['p90_abs_error_e2e'])} | {summary['cases']} |",
-        f"| end-to-end time, forward | {_pct(summary['median_abs_error_e2e_forward'])} | | {summary['by_phase'].get('forward', {}).get('cases', 0)} |",
-        f"| per GEMM op | {_pct(summary['median_abs_error_gemm'])} | {_pct(summary['p90_abs_error_gemm'])} | {summary['gemm_ops']} |",
-        f"| speedup over dense | {_pct(summary['median_abs_error_speedup'])} | {_pct(summary['p90_abs_error_speedup'])} | {summary['speedups']} |",
+        f"| end-to-end time, all phases | {percent(summary['median_abs_error_e2e'])} | {percent(summary['p90_abs_error_e2e'])} | {summary['cases']} |",
+        f"| end-to-end time, forward | {percent(summary['median_abs_error_e2e_forward'])} | | {summary['by_phase'].get('forward', {}).get('cases', 0)} |",
+        f"| per GEMM op | {percent(summary['median_abs_error_gemm'])} | {percent(summary['p90_abs_error_gemm'])} | {summary['gemm_ops']} |",
+        f"| speedup over dense | {percent(summary['median_abs_error_speedup'])} | {percent(summary['p90_abs_error_speedup'])} | {summary['speedups']} |",
         *_queued_lines(summary),
         "",
         "## By phase (end to end)",
@@ -481,15 +482,15 @@ def summary_markdown(validation: Validation, summary: dict, images: bool = True)
         "",
         "| phase | median abs error | median signed error | worst abs error | cases | median abs error, at the probed speed |",
         "|---|---|---|---|---|---|",
-        *[f"| {p} | {_pct(v['median_abs_error'])} | {_pct(v['median_signed_error'])} | {_pct(v['max_abs_error'])} | "
-          f"{v['cases']} | {_pct(v['median_abs_error_probe'])} |"
+        *[f"| {p} | {percent(v['median_abs_error'])} | {percent(v['median_signed_error'])} | {percent(v['max_abs_error'])} | "
+          f"{v['cases']} | {percent(v['median_abs_error_probe'])} |"
           for p, v in summary["by_phase"].items()],
         "",
         "## By family and phase (median abs error, end to end)",
         "",
         "| family | " + " | ".join(PHASES) + " |",
         "|---|" + "---|" * len(PHASES),
-        *[f"| {f} | " + " | ".join(_pct(v[p]["median_abs_error"]) if p in v else "-" for p in PHASES) + " |"
+        *[f"| {f} | " + " | ".join(percent(v[p]["median_abs_error"]) if p in v else "-" for p in PHASES) + " |"
           for f, v in summary["by_family"].items()],
         "",
         "## By op kind (module rows)",
@@ -498,16 +499,16 @@ def summary_markdown(validation: Validation, summary: dict, images: bool = True)
         "|---|---|---|---|",
     ]
     for kind, row in summary["by_kind"].items():
-        lines.append(f"| {kind} | {_pct(row['median_abs_error'])} | {_pct(row['p90_abs_error'])} | {row['modules']} |")
+        lines.append(f"| {kind} | {percent(row['median_abs_error'])} | {percent(row['p90_abs_error'])} | {row['modules']} |")
     lines += ["", "## End to end", "", "| model | phase | predicted | measured | error |", "|---|---|---|---|---|"]
     for r in validation.per_model:
         lines.append(f"| {r['model']} | {r['phase']} | {r['predicted_s'] * 1e3:.3f} ms | {r['measured_s'] * 1e3:.3f} ms | "
-                     f"{_pct(r['error'])} |")
+                     f"{percent(r['error'])} |")
     lines += ["", "## Speedup over the dense baseline", "",
               "| model | baseline | phase | predicted | measured | error |", "|---|---|---|---|---|---|"]
     for r in validation.speedups:
         lines.append(f"| {r['model']} | {r['baseline']} | {r['phase']} | {r['predicted_speedup']:.3f} | "
-                     f"{r['measured_speedup']:.3f} | {_pct(r['error'])} |")
+                     f"{r['measured_speedup']:.3f} | {percent(r['error'])} |")
     if images:
         lines += ["", "![predicted vs measured](scatter.png)", "", "![error by op kind](error_by_kind.png)", ""]
     return "\n".join(lines)

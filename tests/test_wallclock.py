@@ -346,7 +346,10 @@ def test_eager_moe_and_mod_decode_sync_and_sweep_agrees(family):
 
 def test_the_steps_that_sync_are_the_ones_the_gpu_measured_waiting():
     """On the H200 (reports/validation/cuda-h200/), the steps whose host could not queue
-    ahead (`host_waits`) are exactly those whose op list has a sync point."""
+    ahead (`host_waits`) are exactly those whose op list has a sync point, but MoD's decode:
+    flopsim models the paper's per-token decision (which tokens run is read back to gather
+    them), while the reference runs the round(c * B) best-scored tokens, a topk on the
+    device (flopsim.torchref.mod.decode_runs) that reads nothing back, and did not wait."""
     import pandas as pd
 
     from flopsim.count import count
@@ -359,4 +362,6 @@ def test_the_steps_that_sync_are_the_ones_the_gpu_measured_waiting():
         case = cases[row.model]
         ops = count(case.spec, batch=case.batch, seq=case.seq, phase=row.phase,
                     context=case.context if row.phase == "decode" else None).ops
-        assert any(op.host_sync for op in ops) == bool(row.host_waits), (row.model, row.phase)
+        fixed_count = case.spec.family == "mod" and row.phase == "decode"
+        assert any(op.host_sync for op in ops) == (bool(row.host_waits) or fixed_count), (row.model, row.phase)
+        assert not (fixed_count and row.host_waits)

@@ -137,6 +137,8 @@ def _write(result, folder, html: bool) -> dict:
 
 
 def _print_validation(result, summary: dict, folder: Path, fmt: Format):
+    from flopsim.validate import percent
+
     if fmt == Format.json:
         return print_json({"out": str(folder), **summary})
     if fmt == Format.csv:
@@ -145,12 +147,12 @@ def _print_validation(result, summary: dict, folder: Path, fmt: Format):
     con.print(f"wrote [bold]{folder}[/] ({summary['cases']} model runs, {summary['gemm_ops']} GEMM ops, "
               f"{summary['speedups']} speedups) -- {summary['device_name']}, torch {summary['torch']}")
     con.print(rich_table(None, ["figure", "median |error|", "p90 |error|"], [
-        ["end to end (all phases)", f"{100 * summary['median_abs_error_e2e']:.1f}%", f"{100 * summary['p90_abs_error_e2e']:.1f}%"],
-        ["end to end (forward)", f"{100 * summary['median_abs_error_e2e_forward']:.1f}%", ""],
-        ["per GEMM op", f"{100 * summary['median_abs_error_gemm']:.1f}%", f"{100 * summary['p90_abs_error_gemm']:.1f}%"],
-        ["speedup over dense", f"{100 * summary['median_abs_error_speedup']:.1f}%", f"{100 * summary['p90_abs_error_speedup']:.1f}%"],
-        *([["device time per step, queued", f"{100 * summary['median_abs_error_device']:.1f}%", ""],
-           ["host time per step", f"{100 * summary['median_abs_error_host']:.1f}%", ""]]
+        ["end to end (all phases)", percent(summary["median_abs_error_e2e"]), percent(summary["p90_abs_error_e2e"])],
+        ["end to end (forward)", percent(summary["median_abs_error_e2e_forward"]), ""],
+        ["per GEMM op", percent(summary["median_abs_error_gemm"]), percent(summary["p90_abs_error_gemm"])],
+        ["speedup over dense", percent(summary["median_abs_error_speedup"]), percent(summary["p90_abs_error_speedup"])],
+        *([["device time per step, queued", percent(summary["median_abs_error_device"]), ""],
+           ["host time per step", percent(summary["median_abs_error_host"]), ""]]  # "-": no host_s to predict it
           if summary.get("queued_cases") else []),
     ]))
 
