@@ -4,7 +4,7 @@ to the byte and the FLOP.
 
 - the dense exactness grid (tests/test_dense_exact.py's configurations), every phase;
 - a subset of each family's exactness grid covering its variants, in the phases
-  where the model is exact: its expectations (MoD decode, dropless MoE decode, sparse
+  where the model is exact: its expectations (MoD decode below capacity 1, dropless MoE decode, sparse
   FF inference on more than one token) are not realised counts, and sparse QKV is not
   in the oracle (docs/bytes.md, "What is not compared");
 - where flopsim counts an expectation, the difference stays in the modules that read
@@ -43,7 +43,8 @@ def _named(grid, name):
 # (family grid, config name, phases): each family's variants, in its exact phases
 MOD = [("mod-c1/8-every2", ("forward", "train", "prefill")), ("mod-predictor-gated-gqa", ("train",)),
        ("mod-explicit-gqa-predictor", ("train", "prefill")), ("mod-encoder", ("forward", "train")),
-       ("mod-c1-every1", ("train",))]
+       ("mod-c1-every1", ("train", "decode")),  # capacity 1: decode's selection, gathers and scatter exact
+       ("mod-c1-predictor", ("decode",))]
 MOE = [("moe-dropless-top2", ("forward", "train", "prefill")), ("moe-dropless-shared-bias", ("train",)),
        ("moe-dropless-shared-gate", ("forward", "train")),  # dropless decode reads expected experts
        ("moe-capacity-top2-gated", ("train", "decode")), ("moe-capacity-drops", ("train",)),

@@ -205,6 +205,30 @@ def test_decode_expectation_structure():
     assert total == c * dense_block + 2 * b * spec.d_model
 
 
+def test_decode_moves_the_running_tokens_and_their_cache():
+    """Decode, B = 4, T = 9, c = 1/4, RoPE, GQA (2 of 4 heads, d_head 16), fp32: the pick
+    among the B scores runs every step; with probability p_any = 175/256 the running
+    tokens' cache (1 + c (T - 1) = 3 slots of keys and of values), positions and hidden
+    states are gathered and their scaled branch scattered back; `decode_cache: in_place`
+    drops the two cache copies and nothing else."""
+    c, b, t = 0.25, 4, 9
+    spec = mod_spec("m", base="llama-3-8b", kv_heads=2, mod=dict(capacity=c, every=2))
+    ops = _ops(spec, b, t)
+    w, index, running, p_any = spec.dtype_bytes, 8, c * b, 175 / 256
+    slab = spec.kv_heads * spec.d_head * 3  # one sequence's keys (or values) the block reads
+    assert ops["block.1.select"].kernels == ops["block.1.order"].kernels == 1
+    assert ops["block.1.select"].bytes == b * w + running * index  # the B scores in, the picks out
+    for name in ("cache_k", "cache_v"):
+        op = ops[f"block.1.{name}"]
+        assert op.bytes == running * (2 * slab * w + index) and op.kernels == pytest.approx(p_any)
+    assert ops["block.1.gather"].bytes == running * (2 * spec.d_model * w + index)
+    assert ops["block.1.gather_positions"].bytes == running * 3 * index  # index, position read, written
+    assert ops["block.1.scatter"].bytes == running * (3 * spec.d_model * w + index)
+    in_place = _ops(spec.with_changes(mod={**spec.mod.model_dump(), "decode_cache": "in_place"}), b, t)
+    assert set(ops) - set(in_place) == {"block.1.cache_k", "block.1.cache_v"}
+    assert all(in_place[n] == ops[n] for n in in_place)
+
+
 def test_decode_expectations_match_a_simulation():
     """Random per-token decisions (probability c each): the mean number of running
     tokens, of keys a running token attends to, and of blocks whose weights are read."""

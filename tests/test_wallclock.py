@@ -67,14 +67,17 @@ def _bst(b, s, t):
 @pytest.mark.parametrize("batch", [1, 4])
 def test_skipped_mod_blocks_launch_nothing(batch):
     """MoD at decode: a routed block runs when any of the B tokens chose it, with
-    probability p = 1 - (1 - c)^B, so each of its kernels launches p times per step
-    in expectation; the router (and every dense block) launches every step. The
-    launch overhead of the step is fixed * (ops outside routed blocks + p * ops in them)."""
+    probability p = 1 - (1 - c)^B, so each of its kernels (the running tokens' gathers and
+    scatter among them) launches p times per step in expectation; the decision (router,
+    the pick among the B scores and its sort) and every dense block launch every step.
+    The launch overhead of the step is fixed * (ops outside routed blocks + p * ops in them)."""
     c = 0.125
     spec = tiny("decoder-220m-mod", layers=4, mod={"capacity": c, "every": 2})
     ops = count(spec, batch=batch, seq=1, phase="decode", context=16).ops
     p = 1 - (1 - c) ** batch
-    routed = [op for op in ops if op.layer in (1, 3) and not op.name.endswith("router") and ".predictor" not in op.name]
+    decision = ("router", "select", "order")
+    routed = [op for op in ops if op.layer in (1, 3) and not op.name.endswith(decision) and ".predictor" not in op.name]
+    assert {op.name.rsplit(".", 1)[1] for op in routed} >= {"cache_k", "cache_v", "gather", "gather_r", "scatter"}
     assert routed and all(op.kernels == pytest.approx(p) for op in routed)
     assert all(op.kernels == 1 for op in ops if op not in routed)
     fixed = 3e-6

@@ -71,8 +71,18 @@ router's top-k runs in training). Hence, per routed block:
   Op.kernels = 1 - (1 - c)^B per op, so a skipped block costs no launch
   overhead (at B = 1 a block skipped with probability 1 - c launches c
   times per step in expectation).
-- no topk / gather / scatter at decode (the running tokens are
-  gathered inside the batch; costed as the block's rows).
+- the decision and the data movement around the block, as an eager
+  implementation runs them (the reference's kernels, bytes-exact at c = 1):
+  `select` picks the running tokens among the B scores and `order` sorts
+  them (every step); with probability p each, `cache_k` / `cache_v` copy the
+  running sequences' 1 + c(T - 1) cached keys and values out of the batch's
+  cache (advanced indexing; an encoder-decoder's `cross_cache_k` / `_v` its
+  cross cache), `gather_positions` (RoPE) and `gather` their positions and
+  hidden states, and after the block `gather_r`, `scale` and `scatter` add
+  each running token's branch, scaled by its router score, back into its
+  row. `mod.decode_cache: in_place` (an engine whose attention reads the
+  running sequences' cache where it is: indexed or paged kernels) drops the
+  cache copies.
 - `mod.keep_by_position` (a measured profile, e.g. routers that keep early
   tokens more often): c becomes the profile's rate at the new token's
   position T - 1, and the cache holds the expected kept tokens among
@@ -177,8 +187,11 @@ def routed_block(ctx: Ctx, i: int, *, batch, queries, keys, ffn=None) -> list:
         tags = {"routed": True, "tokens": c * queries}
         ops = router(ctx, i, tokens=batch * queries, tags=tags)
         ops[-1] = replace(ops[-1], host_sync=True)  # which tokens run is read back (Op.host_sync)
-        running = dense.block(ctx, i, batch=c * batch, queries=queries, keys=1 + cached, ffn=ffn, tags=tags)
+        ops += decode_select(ctx, i, batch=batch, running=c * batch, tags=tags)
+        running = decode_gather(ctx, i, running=c * batch, cached=cached, tags=tags)
+        running += dense.block(ctx, i, batch=c * batch, queries=queries, keys=1 + cached, ffn=ffn, tags=tags)
         running += branch_add(ctx, i, tokens=c * batch * queries, tags=tags)
+        running += decode_scatter(ctx, i, running=c * batch, tags=tags)
         p_any = expected_distinct(1, c, batch)
         return ops + [replace(op, weight_bytes=op.weight_bytes * p_any, kernels=op.kernels * p_any,
                               tags=_held_by_all(ctx, op.tags, batch)) for op in running]
@@ -207,6 +220,46 @@ def routed_block(ctx: Ctx, i: int, *, batch, queries, keys, ffn=None) -> list:
                         tags=tags)
     ops += decider_loss(ctx, i, tokens=tokens, kept=batch * k, tags=tags)
     return ops
+
+
+def decode_select(ctx: Ctx, i: int, *, batch, running, tags: dict) -> list:
+    """decode: which of the batch's tokens run the block, picked among the B scores and
+    put in batch order (module docstring)."""
+    prefix = f"block.{i}"
+    return (topk(ctx, f"{prefix}.select", layer=i, rows=1, n=batch, k=running, module=prefix, values=False,
+                 tags=tags)
+            + sort_indices(ctx, f"{prefix}.order", layer=i, rows=1, n=running, module=prefix, tags=tags))
+
+
+def decode_gather(ctx: Ctx, i: int, *, running, cached, tags: dict) -> list:
+    """decode: the running sequences' inputs gathered out of the batch (advanced indexing,
+    a copy each): their cached keys and values (the 1 + cached slots their attention
+    reads; none with `mod.decode_cache: in_place`), an encoder-decoder's cross cache, their
+    RoPE positions, their hidden states."""
+    d, prefix = ctx.dims, f"block.{i}"
+    slab = d.kv_heads * d.d_head  # one position's keys (or values) of one sequence
+    ops = []
+    copies = ctx.spec.mod.decode_cache == "copy"
+    for name in ("k", "v") if copies else ():
+        ops += gather(ctx, f"{prefix}.cache_{name}", layer=i, rows=running, d=slab * (1 + cached),
+                      value_bytes=ctx.w_kv, module=prefix, tags=tags)
+    if ctx.cross_keys is not None and copies:
+        for name in ("k", "v"):
+            ops += gather(ctx, f"{prefix}.cross_cache_{name}", layer=i, rows=running, d=slab * ctx.cross_keys,
+                          value_bytes=ctx.w_kv, module=prefix, tags=tags)
+    if ctx.spec.positions == "rope":
+        ops += gather(ctx, f"{prefix}.gather_positions", layer=i, rows=running, d=1, value_bytes=INDEX_BYTES,
+                      module=prefix, tags=tags)
+    return ops + gather(ctx, f"{prefix}.gather", layer=i, rows=running, d=d.d_model, module=prefix, tags=tags)
+
+
+def decode_scatter(ctx: Ctx, i: int, *, running, tags: dict) -> list:
+    """decode: each running token's branch output scaled by its router score (gathered)
+    and added back into its row of the batch."""
+    d, prefix = ctx.dims, f"block.{i}"
+    return (gather(ctx, f"{prefix}.gather_r", layer=i, rows=running, d=1, module=prefix, tags=tags)
+            + scale_rows(ctx, f"{prefix}.scale", layer=i, rows=running, d=d.d_model, module=prefix, tags=tags)
+            + scatter(ctx, f"{prefix}.scatter", layer=i, rows=running, d=d.d_model, module=prefix, tags=tags))
 
 
 def branch_add(ctx: Ctx, i: int, *, tokens, tags: dict) -> list:

@@ -115,6 +115,10 @@ class ModBlock(_Strict):
     # decode: the keep rate by position, a measured profile over len(list) equal bins of
     # positions 0 .. max_seq - 1 (positions beyond take the last bin's); None: capacity
     keep_by_position: Optional[list[Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]]] = None
+    # decode: "copy" -- the running sequences' cached keys and values are copied out of the
+    # batch's cache (advanced indexing, as eager PyTorch and the reference run it);
+    # "in_place" -- the attention reads them where they are (an indexed or paged kernel)
+    decode_cache: Literal["copy", "in_place"] = "copy"
 
     @field_validator("keep_by_position")
     @classmethod

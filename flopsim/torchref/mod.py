@@ -131,7 +131,8 @@ class RoutedBlock(Block):
         if state.cross_cache is not None:  # an encoder-decoder: the running sequences' cross cache
             cross = list(state.cross_cache)
             cross[self.layer] = tuple(t[run] for t in cross[self.layer])
-        sub = RunState(state.phase, state.positions[run], cache=cache, new_cache=state.new_cache, cross_cache=cross)
+        positions = state.positions[run] if self.spec.positions == "rope" else None  # only RoPE needs them
+        sub = RunState(state.phase, positions, cache=cache, new_cache=state.new_cache, cross_cache=cross)
         xs = x[run]
         f = self.branch(xs, sub)
         return x.index_add(0, run, r[run].unsqueeze(-1) * f)
