@@ -9,7 +9,8 @@ Lookup order for an op of kind K with GEMM shape (batch, m, n, k):
 1. when K is in `gemm_kinds`, the op has a GEMM shape and `gemm` lists
    measured shapes for K (points whose `kind` is K -- those of the op's
    `variant`, the kernel that runs, when measured -- else points with no
-   kind), the efficiencies are interpolated between the measured shapes in
+   kind; a router, an nn.Linear, with neither takes the matmul points),
+   the efficiencies are interpolated between the measured shapes in
    log space over (m, n, k) of one product -- a batched product (experts)
    runs `batch` such products -- or over (batch*m, n, k) for the kinds in
    `fold_batch_kinds` (attention: one kernel over all heads): inverse-distance
@@ -90,6 +91,9 @@ from flopsim.spec.paths import exists
 
 MAX_EFFICIENCY = 10.0  # >1 allowed: a "peak" that is itself a measurement can be beaten
 MAX_FIXED_S = 1.0  # no kernel's fixed cost is a second
+# GEMM kinds run by the same kernel as a matrix product (a router is an nn.Linear): with no
+# points of their own they take the products' points, not the kind-less default
+PRICED_AS_MATMUL = ("router",)
 MIN_EFFICIENCY = 1e-6  # flopsim calibrate never records less (a 1e-300 "efficiency" makes times overflow)
 PROVENANCES = ("measured", "published", "custom", "ideal")
 LINK_LEVELS = ("scale_up", "scale_out")
@@ -308,7 +312,10 @@ class Calibration(_Strict):
         """The measured shapes that apply to `kind` (see _matching)."""
         if kind not in self.gemm_kinds:
             return []
-        return self._matching(self.gemm, kind, variant, kindless=True, backward=backward)
+        own = self._matching(self.gemm, kind, variant, kindless=True, backward=backward)
+        if not own and kind in PRICED_AS_MATMUL:  # a product like any other: the products' points
+            return self._matching(self.gemm, "matmul", variant, kindless=True, backward=backward)
+        return own
 
     def uses_gemm_shape(self, kind: str) -> bool:
         return bool(self._points(kind))

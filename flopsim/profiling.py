@@ -203,6 +203,33 @@ def time_queued(runner: Runner, clock, samples: int = 5) -> tuple[list, list, bo
     return device, host, behind
 
 
+def aten_breakdown(runner: Runner, profiled_repeats: int = 3) -> list:
+    """Per aten op the step runs (top level: what the model's code calls), over
+    `profiled_repeats` profiled steps: calls per step, the host's seconds per step in those
+    calls (what they call included: dispatch and, on a CPU, the work) and their kernels' device seconds per
+    step (a GPU; 0 on a CPU). Rows (name, calls, host_s, device_s), most device time (else
+    host time) first. A diagnostic: which kernels a step's time goes to, and what a call
+    costs the host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    runner.once()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runner.device == "cuda" else [])
+    with native_stderr_muted(), profile(activities=activities) as prof:
+        for _ in range(profiled_repeats):
+            runner.once()
+    totals: dict[str, list] = defaultdict(lambda: [0, 0.0, 0.0])
+    for event in prof.events():
+        if event.cpu_parent is not None or not event.name.startswith("aten::"):
+            continue  # top-level aten calls only (their device time includes what they call)
+        row = totals[event.name]
+        row[0] += 1
+        row[1] += event.cpu_time_total * 1e-6
+        row[2] += getattr(event, "device_time_total", 0.0) * 1e-6 if runner.device == "cuda" else 0.0
+    rows = [(name, calls / profiled_repeats, host / profiled_repeats, device / profiled_repeats)
+            for name, (calls, host, device) in totals.items()]
+    return sorted(rows, key=lambda r: (-r[3], -r[2]))
+
+
 def profile_modules(runner: Runner, profiled_repeats: int = 3) -> tuple[dict, dict]:
     """Per-module median seconds under torch.profiler and the aten ops seen per module
     (inference phases; the train phase is measured end to end only)."""

@@ -17,12 +17,12 @@
 #
 # Writes into OUT_DIR: calibration.yaml (the measured calibration, provenance
 # measured), per_op.csv, per_model.csv, speedups.csv, summary.json,
-# summary.md, scatter.png, error_by_kind.png, environment.txt and run.log
-# (ten files: set ARCHIVE to get them as one).
+# summary.md, scatter.png, error_by_kind.png, environment.txt, run.log and aten.csv
+# (scripts/aten_profile.py: per aten op, calls and host and device seconds per step)
+# (eleven files: set ARCHIVE to get them as one).
 # Copy calibration.yaml to specs/calibration/<hardware>.yaml to make it the
-# device's calibration. Took 250 s on an H200 (2026-11-26, before the GPU
-# attention shapes were added); the same steps take about 3.5 minutes on the
-# 2-core development CPU.
+# device's calibration. Took 214 s on an H200 (2026-11-27, before aten.csv was
+# added); the same steps take about 3.5 minutes on the 2-core development CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE="${DEVICE:-cuda}"
@@ -52,6 +52,9 @@ mkdir -p "$OUT"
 START=$SECONDS
 python3 -m flopsim validate --device "$DEVICE" --suite quick --recalibrate --hardware "$HARDWARE" \
     --out "$OUT" 2>&1 | tee "$OUT/run.log"
+# where each step's time goes, per aten op (calls, host and device seconds per step): a diagnostic
+python3 scripts/aten_profile.py --device "$DEVICE" --suite quick --out "$OUT/aten.csv" >> "$OUT/run.log" 2>&1 \
+    || echo "gpu-validate: aten_profile failed (run.log says why); the validation above stands" | tee -a "$OUT/run.log"
 echo "gpu-validate: done in $((SECONDS - START)) s; folder $OUT" | tee -a "$OUT/run.log"
 if [ -n "${ARCHIVE:-}" ]; then  # one file to carry back (e.g. ARCHIVE=$OUT_DIR/cuda.tgz)
     tar czf "$ARCHIVE" -C "$(dirname "$OUT")" "$(basename "$OUT")"

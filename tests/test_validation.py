@@ -333,3 +333,28 @@ def test_the_weight_gather_is_measured_as_sparse_ff_runs_it(smoke_calibration):
     spec = load_model("decoder-220m").with_changes(family="sparse_ff", sparse_ff={"block_size": 16, "d_lowrank": 32})
     gather = next(op for op in build_ops(spec, "forward") if op.name == "block.0.mlp.up.gather")
     assert (gather.kind, gather.variant, gather.flops) == ("gather", "index_2d", 0)
+
+
+def test_aten_profile_script_breaks_a_step_down_per_aten_op(tmp_path):
+    """scripts/aten_profile.py (run by scripts/gpu-validate.sh): per aten op of a step, its
+    calls and host seconds per step (device seconds on a GPU, none here); the dense
+    decoder's forward calls the products it is made of. Bad input: one line, exit 2."""
+    import csv
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "aten_profile.py"
+    out = tmp_path / "aten.csv"
+    r = subprocess.run([sys.executable, str(script), "--device", "cpu", "--cases", "dense", "--repeats", "1",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(out.open()))
+    forward = {row["aten_op"]: row for row in rows if row["phase"] == "forward"}
+    assert {row["phase"] for row in rows} == {"forward", "prefill", "decode"}
+    assert float(forward["aten::linear"]["calls_per_step"]) >= 4 * 4  # 4 layers x (qkv, out, up, down) at least
+    assert all(float(row["host_s_per_step"]) > 0 and float(row["device_s_per_step"]) == 0 for row in rows)
+    bad = subprocess.run([sys.executable, str(script), "--cases", "nope", "--out", str(tmp_path / "x.csv")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--cases" in bad.stderr and bad.stderr.count("\n") == 1
+    assert not (tmp_path / "x.csv").exists()
