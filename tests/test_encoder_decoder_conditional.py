@@ -212,11 +212,26 @@ BYTES_CASES = [("mod", "forward"), ("mod", "train"), ("mod-predictor", "prefill"
 @pytest.mark.parametrize("name, phase", BYTES_CASES)
 def test_bytes_oracle_exact(name, phase):
     """The bytes oracle (flopsim.torchref.bytes_check) per module and pass, as well: the
-    routed decoder block's extra add (`branch_add`) included. (MoD decode is not: the
-    reference gathers the running tokens' cache rows, decoder-only MoD's too.)"""
+    routed decoder block's extra add (`branch_add`) included. (MoD decode below capacity 1
+    is an expectation: the next test takes it at capacity 1.)"""
     from flopsim.torchref.bytes_check import compare_bytes
 
     batch, seq, encoder_seq, context = SHAPE
     result = compare_bytes(make(name), phase, batch, seq, context if phase == "decode" else None,
                            encoder_seq=encoder_seq)
     assert result.exact, result.describe()
+
+
+@pytest.mark.parametrize("name", ["mod", "mod-predictor"])
+def test_mod_decode_bytes_exact_at_capacity_one(name):
+    """MoD decode at capacity 1, where the expectation is the run: the routed decoder block's
+    selection, its copies of the running sequences' self and cross caches, its gathers and
+    its scatter move what the reference moves (flopsim.families.mod.decode_gather)."""
+    from flopsim.torchref.bytes_check import compare_bytes
+
+    batch, seq, encoder_seq, context = SHAPE
+    spec = make(name, mod={**CONFIGS[name]["mod"], "capacity": 1.0})
+    result = compare_bytes(spec, "decode", batch, seq, context, encoder_seq=encoder_seq)
+    assert result.exact, result.describe()
+    assert {"cross_cache_k", "cross_cache_v"} <= {op.name.rsplit(".", 1)[-1] for op in count(
+        spec, batch=batch, seq=context, phase="decode", encoder_seq=encoder_seq).ops}

@@ -238,15 +238,12 @@ def decode_gather(ctx: Ctx, i: int, *, running, cached, tags: dict) -> list:
     RoPE positions, their hidden states."""
     d, prefix = ctx.dims, f"block.{i}"
     slab = d.kv_heads * d.d_head  # one position's keys (or values) of one sequence
-    ops = []
-    copies = ctx.spec.mod.decode_cache == "copy"
-    for name in ("k", "v") if copies else ():
-        ops += gather(ctx, f"{prefix}.cache_{name}", layer=i, rows=running, d=slab * (1 + cached),
-                      value_bytes=ctx.w_kv, module=prefix, tags=tags)
-    if ctx.cross_keys is not None and copies:
-        for name in ("k", "v"):
-            ops += gather(ctx, f"{prefix}.cross_cache_{name}", layer=i, rows=running, d=slab * ctx.cross_keys,
-                          value_bytes=ctx.w_kv, module=prefix, tags=tags)
+    caches = {"cache": slab * (1 + cached)} if ctx.spec.mod.decode_cache == "copy" else {}
+    if caches and ctx.cross_keys is not None:
+        caches["cross_cache"] = slab * ctx.cross_keys
+    ops = [op for cache, width in caches.items() for name in ("k", "v")
+           for op in gather(ctx, f"{prefix}.{cache}_{name}", layer=i, rows=running, d=width, value_bytes=ctx.w_kv,
+                            module=prefix, tags=tags)]
     if ctx.spec.positions == "rope":
         ops += gather(ctx, f"{prefix}.gather_positions", layer=i, rows=running, d=1, value_bytes=INDEX_BYTES,
                       module=prefix, tags=tags)
