@@ -253,3 +253,44 @@ def test_calibrate_measures_tinygemm_in_bf16_runs():
     int4 = [g for g in cal.gemm if g.variant == "int4_weights"]
     assert len(int4) == 2 and all(g.memory and g.compute is None for g in int4)  # groups 32 and 128
     assert {(g.m, g.n, g.k) for g in int4} == {(1, 256, 256)}
+
+
+def test_routers_take_the_matrix_products_points_and_convolutions_do_not():
+    """A measured calibration holds GEMM points of kind matmul only. A router is an
+    nn.Linear: with no points of its own it is looked up on the matmul points at its shape
+    (calibration.PRICED_AS_MATMUL), not the kind-less default; a convolution, another
+    kernel, keeps the default. With router points of its own, a router uses those."""
+    from flopsim.calibration import Calibration, GemmPoint
+
+    points = [GemmPoint(kind="matmul", m=m, n=n, k=k, memory=0.2 + m * n * k / 1e12)
+              for m in (1, 4) for n in (64, 4096) for k in (64, 1024)]
+    cal = Calibration(device="cpu", source="test", gemm=points, default={"compute": 0.9, "memory": 0.18},
+                      gemm_kinds=("matmul", "router", "conv", "attention"))
+    shape = (1, 1, 4096, 64)  # the sparse FF controller's second product at decode
+    assert cal.efficiency("router", shape) == cal.efficiency("matmul", shape)
+    assert cal.efficiency("router", shape)[1] != pytest.approx(0.18)
+    assert cal.efficiency("conv", shape) == (0.9, 0.18)
+    own = cal.model_copy(update={"gemm": points + [GemmPoint(kind="router", m=1, n=4096, k=64, memory=0.05)]})
+    assert own.efficiency("router", shape)[1] == pytest.approx(0.05)
+
+
+def test_the_shipped_cpu_calibration_measured_the_large_product_corner():
+    """specs/calibration/cpu.yaml holds the products of large m and n at mid to large k
+    (flopsim.calibrate.MAX_GEMM_FLOPS): without them a training step's LM head, 512 x 8000 x
+    512, was interpolated from the k = 24 and 96 edge of that corner at 0.63 of peak, where
+    the corner's measured neighbours run near 1 (fp32, 2 threads)."""
+    from flopsim.calibrate import GEMM_GRID, MAX_GEMM_FLOPS
+    from flopsim.calibration import load_calibration
+    from flopsim.hardware import load_hardware
+
+    rows, outputs, inputs = GEMM_GRID["cpu"]
+    corner = {(2400, 5000, 352), (2400, 5000, 1400), (700, 5000, 5000)}
+    assert all(2 * m * n * k <= MAX_GEMM_FLOPS["cpu"] for m, n, k in corner)
+    assert all(m in rows and n in outputs and k in inputs for m, n, k in corner)
+    cal = load_calibration("auto", load_hardware("cpu"))
+    measured = {(p.m, p.n, p.k) for p in cal.gemm if p.kind == "matmul" and p.compute and not p.backward}
+    assert corner <= measured
+    head = cal.efficiency("matmul", (1, 512, 8000, 512))[0]
+    neighbours = [p.compute for p in cal.gemm if p.kind == "matmul" and p.compute and not p.backward
+                  and (p.m, p.n, p.k) in {(700, 5000, 352), (200, 5000, 352), (700, 1400, 352)}]
+    assert head > 0.8 * min(neighbours)
