@@ -32,9 +32,24 @@ def test_the_kernels_points_replace_the_fused_ones():
     assert cal.efficiency("attention", shape, variant="fused")[0] == pytest.approx(0.73 * 187 / 204.6, abs=5e-4)
 
 
+def test_the_h100_points_are_the_a100_ratio_times_flashattention2_on_the_h100():
+    # derived (the calibration's attention_kernels.triton source): Triton / FlashAttention-2 on the A100
+    # (FlashAttention-2 paper Fig. 4, fwd+bwd, seq 2048: 90 / 187) x FlashAttention-2 on the H100
+    # (FlashAttention-3 paper Figs. 5-6, seq 2048: forward 362, backward 291 TF/s) / 989.4 TF/s
+    h100 = load_calibration("auto", load_hardware("h100-sxm"))
+    triton = h100.with_attention_kernel("triton")
+    shape = (8 * 16, 2048, 2048, 128)
+    assert triton.efficiency("attention", shape, variant="fused")[0] == pytest.approx(90 / 187 * 362 / 989.4, abs=5e-4)
+    assert triton.efficiency("attention", shape, variant="fused", backward=True)[0] == pytest.approx(
+        90 / 187 * 291 / 989.4, abs=5e-4)
+    # the pre-MLIR Triton kernel runs at under a third of the calibration's own (cuDNN) attention there
+    assert triton.efficiency("attention", shape, variant="fused")[0] < h100.efficiency(
+        "attention", shape, variant="fused")[0] / 3
+
+
 def test_a_kernel_without_figures_is_one_line_and_points_must_be_attention():
-    with pytest.raises(InputError, match="attention kernel 'triton': calibration h100-sxm has no figures"):
-        load_calibration("auto", load_hardware("h100-sxm")).with_attention_kernel("triton")
+    with pytest.raises(InputError, match="attention kernel 'triton': calibration b200 has no figures"):
+        load_calibration("auto", load_hardware("b200")).with_attention_kernel("triton")
     with pytest.raises(ValueError, match="attention_kernels.x: needs points of kind attention"):
         Calibration(attention_kernels={"x": [GemmPoint(kind="matmul", m=1, n=1, k=1, compute=0.5)]})
 
@@ -46,4 +61,12 @@ def test_published_rows_price_their_attention_kernel():
     a100 = predict_row(rows["foundry-mpt125m-a100-80-8gpu-seq2048"], rows)
     assert a100.details["attention_kernel"] == "triton"
     h100 = predict_row(rows["foundry-mpt7b-h100-8gpu-seq8192"], rows)
-    assert h100.details["attention_kernel"].startswith("triton (no figures in the h100-sxm calibration")
+    assert h100.details["attention_kernel"] == "triton"
+    # a device whose calibration has no figures for the row's kernel keeps its own fused points and says so
+    elsewhere = rows["foundry-mpt7b-h100-8gpu-seq8192"].model_copy(update={"hardware": "b200"})
+    b200 = predict_row(elsewhere, rows)
+    assert b200.details["attention_kernel"].startswith("triton (no figures in the b200 calibration")
+    # and the kernel's points are what the row's step time moved by: the H100 row with its own points is faster
+    own = rows["foundry-mpt7b-h100-8gpu-seq8192"].model_copy(
+        update={"engine": rows["foundry-mpt7b-h100-8gpu-seq8192"].engine.model_copy(update={"attention_kernel": None})})
+    assert predict_row(own, rows).time_s < h100.time_s
