@@ -20,7 +20,17 @@ Timing: threads fixed (`torch.set_num_threads`), warm-up runs first, the
 end-to-end time is the median of unprofiled runs (perf_counter; CUDA
 synchronised), per-module times the median over profiled runs. Validation
 times many runners round-robin (`time_rounds`), so that each samples the
-whole measurement period rather than one moment of a drifting host.
+whole measurement period rather than one moment of a drifting host. Each
+visit first runs the step back to back for `WARMUP_S` (`warm_up`): a step
+that follows another model's runs is slower for its first runs (on the
+2-core VM a small decode step's first six to ten runs after a train step
+took 8.5, 7.7, 7.4 ... ms against a steady 6.8 ms; the cause is not pinned
+down -- glibc's allocation settings do not change it, a cache that takes the
+step's data back over several passes would), while a
+model in use runs the same step back to back, and the calibration's
+microbenchmarks are timed in hot loops. Timing each visit after one run
+measured that transient instead (decode about 15% slower than its steady
+state).
 """
 
 from __future__ import annotations
@@ -35,6 +45,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 SCOPE = "flopsim::"
+# back-to-back runs before each round-robin visit's timed runs (`warm_up`): long enough
+# to cover the transient after another model's runs (six to ten runs of a 5-10 ms
+# decode step on the 2-core VM, under 0.1 s); a step longer than this runs once
+WARMUP_S = 0.2
+WARMUP_MOST = 200
 
 
 @dataclass
@@ -165,21 +180,35 @@ def time_runs(runner: Runner, repeats: int, warmup: int = 1) -> list:
     return walls
 
 
+def warm_up(runner: Runner, seconds: Optional[float] = None, most: int = WARMUP_MOST) -> int:
+    """Run the step back to back for `seconds` (default WARMUP_S; at least once, at most
+    `most` times), so that what follows is timed in its steady state, not in the
+    transient after another model ran (the module docstring). Returns the runs made."""
+    seconds = WARMUP_S if seconds is None else seconds
+    start, runs = time.perf_counter(), 0
+    while runs < 1 or (runs < most and time.perf_counter() - start < seconds):
+        runner.once()
+        runs += 1
+    return runs
+
+
 def time_rounds(runners: list, rounds: int = 5, repeats: int = 2, progress=None, probe=None) -> tuple[list, list]:
     """Wall times of every runner, measured round-robin: `rounds` passes over all of
-    them, each a warm-up and `repeats` timed runs, so that every runner samples the
-    whole measurement period (a shared host's speed drifts by tens of percent over
-    seconds to minutes). With a flopsim.probe.Probe, a reading is taken beside each
-    runner's timed runs. Returns (times per runner, readings per runner)."""
+    them, each `warm_up` and then `repeats` timed runs, so that every runner samples
+    the whole measurement period (a shared host's speed drifts by tens of percent over
+    seconds to minutes) and is timed in its steady state. With a flopsim.probe.Probe, a
+    reading is taken beside each runner's timed runs. Returns (times per runner,
+    readings per runner)."""
     walls = [[] for _ in runners]
     readings = [[] for _ in runners]
     for r in range(rounds):
         for i, runner in enumerate(runners):
             if progress:
                 progress(f"timing round {r + 1}/{rounds}: {runner.spec.name} {runner.phase}", i, len(runners))
-            if probe is not None:
+            if probe is not None:  # before the warm-up: the probe's cold pool evicts the step's data
                 readings[i].append(probe.read())
-            walls[i] += time_runs(runner, repeats)
+            warm_up(runner)
+            walls[i] += time_runs(runner, repeats, warmup=0)
     return walls, readings
 
 

@@ -83,7 +83,8 @@ def repredict(folder, calibration=None, hardware: Optional[str] = None):
         measured.append(_measured(row, cases[row.model], per_op))
     out = Validation(device=device, hardware=hw.name, suite=suite, calibration=cal)
     join_measurements(out, list(cases.values()), jobs, measured, hw, cal)
-    kept = ("torch", "date", "threads", "device_name", "environment", "timing_rounds", "calibrated_in_run")
+    kept = ("torch", "date", "threads", "device_name", "environment", "timing_rounds", "timing_warmup_s",
+            "calibrated_in_run")
     out.meta = {**{key: summary[key] for key in kept if key in summary},
                 "calibration": cal.source, "calibration_kind": cal.kind, "calibration_gemm_points": len(cal.gemm),
                 "repredicted_from": str(folder)}

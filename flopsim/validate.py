@@ -8,9 +8,11 @@ family and variant, each with the dense baseline it saves compute over), on
    (flopsim.calibrate) when that file holds no measurement;
 2. the reference model runs each phase (flopsim.profiling): per-module
    times under torch.profiler, then end-to-end times of unprofiled runs,
-   measured round-robin over all cases (`rounds` passes, each a warm-up
-   and two timed runs) so that each case samples the whole measurement
-   period of a host whose speed drifts; the median is the measured time;
+   measured round-robin over all cases (`rounds` passes, each back-to-back
+   warm-up runs for `flopsim.profiling.WARMUP_S` and two timed runs) so
+   that each case samples the whole measurement period of a host whose speed
+   drifts, in the steady state of a step run back to back; the median is the
+   measured time;
 3. flopsim.predict costs the same phase and shape on the device's hardware
    spec with that calibration, and the two are joined on module paths
    (flopsim.profiling's docstring says how torch ops map to flopsim ops).
@@ -239,7 +241,7 @@ def run_validation(device: str = "cpu", suite: str = "quick", *, hardware: Optio
     from flopsim.calibrate import device_name, guess_hardware
     from flopsim.hardware import load_hardware
     from flopsim.probe import median_reading
-    from flopsim.profiling import make_runner, profile_modules, time_rounds
+    from flopsim.profiling import WARMUP_S, make_runner, profile_modules, time_rounds
 
     check_inputs(device, suite)
     hw = load_hardware(hardware or guess_hardware(device))
@@ -272,6 +274,7 @@ def run_validation(device: str = "cpu", suite: str = "quick", *, hardware: Optio
         "device_name": device_name(device), "calibration": cal.source, "calibration_kind": cal.kind,
         "calibration_gemm_points": len(cal.gemm), "validation_gemm_shapes": len(set(gemm_shapes)),
         "calibrated_in_run": calibrated_here, "environment": environment, "timing_rounds": rounds,
+        "timing_warmup_s": WARMUP_S,
     }
     return out
 
