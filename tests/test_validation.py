@@ -361,34 +361,40 @@ def test_aten_profile_script_breaks_a_step_down_per_aten_op(tmp_path):
 
 
 def test_each_round_robin_visit_times_the_step_after_back_to_back_warm_up(monkeypatch):
-    """A step that follows another model's runs is slower for its first runs (the data it
-    streams comes back into the cache over several passes), so every visit runs the step
-    back to back for WARMUP_S before its timed runs; the probe reads the host first (its
-    cold pool would evict the step's data again)."""
+    """A step that follows another model's runs is slower for its first runs, so every
+    visit runs the step back to back for WARMUP_S before its timed runs; the probe reads
+    the host first (its cold pool would evict the step's data again)."""
     from types import SimpleNamespace
 
     import flopsim.profiling as profiling
 
-    log = []
+    log = []  # (runner name or "probe", perf_counter at the call's start)
 
     def fake(name, step_s):
         def once():
-            log.append(name)
-            end = profiling.time.perf_counter() + step_s
+            log.append((name, profiling.time.perf_counter()))
+            end = log[-1][1] + step_s
             while profiling.time.perf_counter() < end:
                 pass
         return SimpleNamespace(spec=SimpleNamespace(name=name), phase="decode", once=once)
 
-    probe = SimpleNamespace(read=lambda: log.append("probe") or "reading")
+    probe = SimpleNamespace(read=lambda: log.append(("probe", profiling.time.perf_counter())) or "reading")
     monkeypatch.setattr(profiling, "WARMUP_S", 0.02)
     walls, readings = profiling.time_rounds([fake("a", 0.002), fake("b", 0.05)], rounds=2, repeats=2, probe=probe)
     assert [len(w) for w in walls] == [4, 4] and readings == [["reading"] * 2] * 2
-    visits = "".join("|" if x == "probe" else x for x in log).split("|")[1:]
-    assert [v[0] for v in visits] == ["a", "b", "a", "b"]
+    visits, visit = [], None
+    for name, at in log:
+        if name == "probe":
+            visit = []
+            visits.append(visit)
+        else:
+            visit.append((name, at))
+    assert [v[0][0] for v in visits] == ["a", "b", "a", "b"]
     for visit in visits:
-        runs = len(visit)
-        if visit[0] == "a":  # 2 ms steps: 0.02 s of warm-up is about ten runs, then the two timed
-            assert runs >= 2 + 0.02 / 0.002 - 1
-        else:  # a step longer than the warm-up runs once before its timed runs
-            assert runs == 1 + 2
+        warm, timed = visit[:-2], visit[-2:]
+        assert warm and all(name == visit[0][0] for name, _ in visit)
+        # the timed runs start only after WARMUP_S of back-to-back runs (or one run, if longer)
+        assert timed[0][1] - warm[0][1] >= 0.02
+        if visit[0][0] == "b":  # a 50 ms step outlasts the warm-up: it runs once before its timed runs
+            assert len(warm) == 1
     assert profiling.warm_up(fake("c", 0.0), seconds=10.0, most=7) == 7  # capped
