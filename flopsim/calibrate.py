@@ -896,10 +896,8 @@ def assemble(bench: Bench, cache_bytes: float, openmp: dict):
     import torch
 
     from flopsim.calibration import Calibration, Efficiency
-    from flopsim.probe import median_reading
 
-    ref = median_reading(bench.readings)
-    points = [_at_reference(p, ref) for p in bench.points]
+    ref, points = _at_reference_all(bench)
     bench.points = points
     gemm_points, kinds = _gemm_part(points)
     size_points = []
@@ -962,10 +960,7 @@ def replace_gemms(base, bench: Bench):
     """`base` (a measured Calibration of this device) with its forward matrix-product
     points, the matmul kind's medians and the fixed costs (device and host, per kernel,
     and per kernel replayed from a graph) replaced by the ones `bench` just measured."""
-    from flopsim.probe import median_reading
-
-    ref = median_reading(bench.readings)
-    bench.points = [_at_reference(p, ref) for p in bench.points]
+    ref, bench.points = _at_reference_all(bench)
     fresh, kinds = _gemm_part(bench.points)
     kept = [p for p in base.gemm if not (p.kind == "matmul" and not p.backward)]
     when = time.strftime("%Y-%m-%d")
@@ -986,6 +981,20 @@ def _largest_copy(points: list) -> Point:
     """The copy measured at the largest size (streaming from memory, not cache)."""
     copies = [p for p in points if p.kind == "elementwise" and p.variant == "copy" and not p.backward]
     return max(copies, key=lambda p: p.size or 0.0)
+
+
+def _at_reference_all(bench: Bench) -> tuple:
+    """(the calibration's median reading, every point scaled to it from the smoothed
+    reading around its own: flopsim.probe.smoothed, not the one right after the point's
+    own timing, which reads a large kernel's aftermath)."""
+    from dataclasses import replace
+
+    from flopsim.probe import median_reading, smoothed
+
+    ref = median_reading(bench.readings)
+    steady = dict(zip(map(id, bench.readings), smoothed(bench.readings)))
+    points = [_at_reference(replace(p, probe=steady.get(id(p.probe), p.probe)), ref) for p in bench.points]
+    return ref, points
 
 
 def _at_reference(p: Point, ref) -> Point:

@@ -33,6 +33,17 @@ second figure was neither better nor worse on the whole (the probe's own
 snapshot noise is as large as the drift it corrects), so it is not the
 headline. The probe is a microbenchmark; nothing in it comes from the
 models it helps to validate.
+
+A reading is not only the host's drift: one taken right after a kernel that
+streamed a large footprint reads that kernel's aftermath. On the 2-core VM
+(2026-11-27, a 480 MiB last-level cache) the cold-read reading beside a
+memory-bound calibration point was the median's at sizes up to 32 MB, 1.5-3x
+it beside the 64 MB points and 2.3-11x beside the 256 MB ones; scaled by
+it, those points came out 2-10x faster than measured, and every forward and
+train step that streams such tensors was predicted fast. So each reading is
+used through `smoothed`: the median of the readings within
+SMOOTH_HALF_WINDOW of it in time, which a drift over minutes moves and one
+kernel's aftermath does not.
 """
 
 from __future__ import annotations
@@ -40,12 +51,13 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 # shapes: (m, n, k) of the cached product; (rows, cols) of each cold weight view
 SHAPES = {"cpu": dict(gemm=(192, 768, 768), gemv=(1024, 1024)),
           "cuda": dict(gemm=(2048, 2048, 2048), gemv=(4096, 4096))}
 CALLS = 5
+SMOOTH_HALF_WINDOW = 10  # readings on each side of one in `smoothed`
 # every view into a cold pool starts at a multiple of this many bytes, as the
 # framework's allocator places real tensors: cuBLAS picks slower kernels for
 # operands that are not 16-byte aligned (an H200 ran such products at 0.08-0.22
@@ -78,6 +90,26 @@ class ProbeReading:
 def median_reading(readings: list) -> ProbeReading:
     return ProbeReading(*(statistics.median(getattr(r, f) for r in readings)
                           for f in ("compute_s", "memory_s", "fixed_s")))
+
+
+def smoothed(readings: list, half_window: Optional[int] = None) -> list:
+    """Each reading of a sequence (in the order taken) replaced by the component-wise
+    median of the readings within `half_window` (default SMOOTH_HALF_WINDOW) of it: the
+    host's drift without one kernel's aftermath (the module docstring)."""
+    k = SMOOTH_HALF_WINDOW if half_window is None else half_window
+    return [median_reading(readings[max(0, i - k):i + k + 1]) for i in range(len(readings))]
+
+
+def smoothed_round_robin(readings: list) -> list:
+    """`smoothed` over readings taken round-robin (readings[i][r]: runner i in round r,
+    taken in the order round 0 runner 0, 1, ..., round 1 runner 0, ...), returned in the
+    same per-runner lists."""
+    order = [(i, r) for r in range(max(map(len, readings), default=0)) for i in range(len(readings))
+             if r < len(readings[i])]
+    out = [[] for _ in readings]
+    for (i, _), reading in zip(order, smoothed([readings[i][r] for i, r in order])):
+        out[i].append(reading)
+    return out
 
 
 class Probe:

@@ -240,7 +240,7 @@ def run_validation(device: str = "cpu", suite: str = "quick", *, hardware: Optio
 
     from flopsim.calibrate import device_name, guess_hardware
     from flopsim.hardware import load_hardware
-    from flopsim.probe import median_reading
+    from flopsim.probe import median_reading, smoothed_round_robin
     from flopsim.profiling import WARMUP_S, make_runner, profile_modules, time_rounds
 
     check_inputs(device, suite)
@@ -260,6 +260,7 @@ def run_validation(device: str = "cpu", suite: str = "quick", *, hardware: Optio
         runners.append(runner)
     probe = _probe(device, cal, hw)
     walls, readings = time_rounds(runners, rounds=rounds, progress=tick, probe=probe)
+    readings = smoothed_round_robin(readings)  # the drift, not the previous model's aftermath
     measured = [Measured(runner.context, runner.modules, runs, median_reading(seen) if seen else None)
                 for runner, runs, seen in zip(runners, walls, readings)]
     if device == "cuda":

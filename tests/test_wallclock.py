@@ -7,6 +7,7 @@ value by hand; none asserts a measured time."""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
@@ -368,3 +369,31 @@ def test_the_steps_that_sync_are_the_ones_the_gpu_measured_waiting():
         fixed_count = case.spec.family == "mod" and row.phase == "decode"
         assert any(op.host_sync for op in ops) == (bool(row.host_waits) or fixed_count), (row.model, row.phase)
         assert not (fixed_count and row.host_waits)
+
+
+def test_a_reading_right_after_a_large_kernel_does_not_scale_its_point():
+    """A calibration point is scaled to the median host speed from the smoothed readings
+    around it (flopsim.probe.smoothed), not from the one right after its own timing: that
+    one reads the kernel's aftermath (beside 256 MB kernels 2-11x the median on the 2-core
+    VM). A drift that lasts is still corrected."""
+    from flopsim.calibrate import Point, _at_reference_all
+    from flopsim.probe import ProbeReading, smoothed, smoothed_round_robin
+
+    quiet, slow = ProbeReading(1e-3, 2e-4, 5e-5), ProbeReading(1e-3, 4e-4, 5e-5)  # slow: cold reads half as fast
+    readings = [quiet] * 30 + [ProbeReading(1e-3, 2e-3, 5e-5)] + [quiet] * 30 + [slow] * 40
+    assert smoothed(readings)[30] == quiet  # one aftermath spike: the drift around it
+    assert smoothed(readings)[80] == slow  # a drift of many readings: followed
+    assert smoothed(readings, half_window=0) == readings
+
+    def point(name, reading):
+        return Point(name, "elementwise", None, 1e-3, 0.0, 1e6, 1.0, 0.5, size=256e6, probe=reading)
+
+    bench = SimpleNamespace(readings=readings, points=[point("spiked", readings[30]), point("drifted", readings[80])])
+    ref, (spiked, drifted) = _at_reference_all(bench)
+    assert ref == quiet  # the median of all readings
+    assert spiked.memory_eff == pytest.approx(0.5)  # unscaled: its own reading was 10x the median
+    assert drifted.memory_eff == pytest.approx(0.5 * 4e-4 / 2e-4)  # measured while the host ran half as fast
+
+    # validation's readings, taken runner after runner in each round, smoothed in the order taken
+    per_runner = [[quiet, quiet], [ProbeReading(1e-3, 2e-3, 5e-5), quiet], [quiet, quiet]]
+    assert smoothed_round_robin(per_runner) == [[quiet, quiet]] * 3
