@@ -39,8 +39,9 @@ streamed a large footprint reads that kernel's aftermath. On the 2-core VM
 (2026-11-27, a 480 MiB last-level cache) the cold-read reading beside a
 memory-bound calibration point was the median's at sizes up to 32 MB, 1.5-3x
 it beside the 64 MB points and 2.3-11x beside the 256 MB ones; scaled by
-it, those points came out 2-10x faster than measured, and every forward and
-train step that streams such tensors was predicted fast. So each reading is
+it, those points came out 2-10x faster than measured, and a step streaming
+such tensors would be predicted fast (the CPU validation suite's models
+stream few). So each reading is
 used through `smoothed`: the median of the readings within
 SMOOTH_HALF_WINDOW of it in time, which a drift over minutes moves and one
 kernel's aftermath does not.
