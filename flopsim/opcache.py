@@ -34,6 +34,12 @@ Conventions:
   (compute, memory) pair `Calibration.efficiency` returned for one argument tuple,
   floats stored exactly (JSON writes a float's shortest round-tripping repr).
 - Writes are atomic (a temporary file renamed into place).
+- The folder is bounded: every key changes with the code, so entries of older
+  versions are never read again. The first write of a process (`_prune`) looks at
+  the folder once and, when it holds more than MAX_BYTES (256 MiB;
+  `FLOPSIM_CACHE_MAX_MB` sets it), removes the files written longest ago until
+  it holds three quarters of that; a temporary file a killed process left is
+  removed once it is an hour old.
 """
 
 from __future__ import annotations
@@ -48,8 +54,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 FORMAT = 1  # the cached files' layout; bump when it changes
+MAX_BYTES = 256 * 2**20  # the folder's size bound (the module docstring); FLOPSIM_CACHE_MAX_MB overrides it
+STALE_TMP_S = 3600.0  # a temporary file older than this was left by a killed process
 _allowed = False
 _enabled = False
+_pruned = False
 
 
 def enable(on: bool = True) -> None:
@@ -226,11 +235,63 @@ def _storable(value) -> bool:
             and all(type(v) is float and math.isfinite(v) for v in value))
 
 
+def max_bytes() -> int:
+    """The cache folder's size bound: FLOPSIM_CACHE_MAX_MB (MiB) when it is a positive
+    number, else MAX_BYTES (a cache setting that cannot stop a command)."""
+    try:
+        mib = float(os.environ["FLOPSIM_CACHE_MAX_MB"])
+    except (KeyError, ValueError):
+        return MAX_BYTES
+    return int(mib * 2**20) if mib > 0 and mib != float("inf") else MAX_BYTES
+
+
+def _prune(folder: Path) -> None:
+    """Once a process: the files written longest ago removed until the folder holds at
+    most three quarters of max_bytes() (when it holds more than max_bytes()), and stale
+    temporary files (the module docstring). Files another process removes meanwhile
+    are skipped."""
+    global _pruned
+    if _pruned:
+        return
+    _pruned = True
+    import time
+
+    entries, now = [], time.time()
+    try:
+        with os.scandir(folder) as it:
+            for entry in it:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    if entry.name.startswith(".tmp-") and now - st.st_mtime > STALE_TMP_S:
+                        os.unlink(entry.path)
+                        continue
+                    entries.append((st.st_mtime, st.st_size, entry.path))
+                except OSError:
+                    continue
+    except OSError:
+        return
+    total, bound = sum(size for _, size, _ in entries), max_bytes()
+    if total <= bound:
+        return
+    for _, size, path in sorted(entries):
+        if total <= bound * 3 // 4:
+            break
+        try:
+            os.unlink(path)
+            total -= size
+        except OSError:
+            continue
+
+
 def _write(path: Path, payload: bytes) -> None:
-    """Atomic: a temporary file renamed into place; nothing left behind on failure."""
+    """Atomic: a temporary file renamed into place; nothing left behind on failure.
+    The first write of a process bounds the folder's size (`_prune`)."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _prune(path.parent)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         with os.fdopen(fd, "wb") as f:
             f.write(payload)

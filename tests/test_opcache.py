@@ -184,3 +184,36 @@ def test_a_cached_predict_follows_edited_hardware_and_calibration_files(tmp_path
         edited, _ = run()
         assert edited != first and edited == run(cache="0")[0]
         first = edited
+
+
+def test_the_folder_is_bounded_oldest_written_first(tmp_path, monkeypatch):
+    """Every key changes with the code, so old entries are never read again: the first
+    write of a process removes the files written longest ago once the folder holds more
+    than FLOPSIM_CACHE_MAX_MB, down to three quarters of it, and stale temporaries."""
+    import time
+
+    monkeypatch.setattr(opcache, "_pruned", False)
+    monkeypatch.setenv("FLOPSIM_CACHE_MAX_MB", "0.5")  # 512 KiB
+    now = time.time()
+    for i in range(8):  # 800 KiB, entry-0 written first
+        f = tmp_path / f"entry-{i}.ops"
+        f.write_bytes(b"x" * 100 * 1024)
+        os.utime(f, (now - 100 + i, now - 100 + i))
+    stale, fresh = tmp_path / ".tmp-stale", tmp_path / ".tmp-fresh"
+    for f, age in ((stale, 2 * opcache.STALE_TMP_S), (fresh, 0.0)):
+        f.write_bytes(b"")
+        os.utime(f, (now - age, now - age))
+    opcache._write(tmp_path / "new.ops", b"y")
+    # 800 KiB > 512: the oldest go until at most 384 KiB are left (the three newest, 300 KiB)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [".tmp-fresh", "entry-5.ops", "entry-6.ops", "entry-7.ops", "new.ops"])
+    for i in range(8, 12):
+        (tmp_path / f"entry-{i}.ops").write_bytes(b"x" * 100 * 1024)
+    opcache._write(tmp_path / "newer.ops", b"z")  # once a process: nothing more removed
+    assert len(list(tmp_path.glob("entry-*.ops"))) == 7
+    assert opcache.max_bytes() == 2**19
+    for unusable in ("-1", "0", "lots", "inf", "nan"):
+        monkeypatch.setenv("FLOPSIM_CACHE_MAX_MB", unusable)
+        assert opcache.max_bytes() == opcache.MAX_BYTES
+    monkeypatch.delenv("FLOPSIM_CACHE_MAX_MB")
+    assert opcache.max_bytes() == opcache.MAX_BYTES
