@@ -197,15 +197,15 @@ def time_rounds(runners: list, rounds: int = 5, repeats: int = 2, progress=None,
     them, each `warm_up` and then `repeats` timed runs, so that every runner samples
     the whole measurement period (a shared host's speed drifts by tens of percent over
     seconds to minutes) and is timed in its steady state. With a flopsim.probe.Probe, a
-    reading is taken beside each runner's timed runs. Returns (times per runner,
-    readings per runner)."""
+    reading is taken at the start of each visit, before its warm-up. Returns (times per
+    runner, readings per runner)."""
     walls = [[] for _ in runners]
     readings = [[] for _ in runners]
     for r in range(rounds):
         for i, runner in enumerate(runners):
             if progress:
                 progress(f"timing round {r + 1}/{rounds}: {runner.spec.name} {runner.phase}", i, len(runners))
-            if probe is not None:  # before the warm-up: the probe's cold pool evicts the step's data
+            if probe is not None:  # before the warm-up: the probe's cold reads would disturb the step's cached data
                 readings[i].append(probe.read())
             warm_up(runner)
             walls[i] += time_runs(runner, repeats, warmup=0)
