@@ -18,11 +18,24 @@ with h the latency of one step of the ring (0 unless measured): steps are
 latency model has this form). Small messages (decode all-reduces of a few
 kB) are latency-bound and large ones (gradients) bandwidth-bound. One rank, or nothing to move,
 costs nothing. Where a and b come from: flopsim.calibration (`links`).
+
+Over the network (the scale-out level) the calibration's b is one GPU's NIC
+share. A ring collective (all-reduce, reduce-scatter, all-gather) whose group
+has r ranks on each node runs one ring per NIC, each crossing the nodes
+through its own NIC and carrying 1/r of the buffer, the rest of each ring on
+the node's scale-up link: its bus bandwidth is r x b, at most the scale-up
+level's (`network_bus_bytes_per_s`). An all-to-all or a send moves each
+GPU's own bytes through its own NIC share: b. This is what nccl-tests
+report: 2 nodes x 4 H100 over 4 NICs, NCCL_ALGO=RING, 95 GB/s busbw, "~24GB/s
+per NIC" (NVIDIA/nccl-tests #252); 3 nodes x 8 A100 over 4 HDR NICs, 85-96
+GB/s of 4 x 25 (#119); 4 x 8 B200 over 8 x 400G EFA, 381.8 GB/s = 8 x 47.7
+(ml-engineering, the b200 calibration's source).
 """
 
 from __future__ import annotations
 
 COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "send_recv")
+RING = ("all_reduce", "reduce_scatter", "all_gather")  # one ring per NIC over the network
 
 
 def factor(op: str, ranks: int) -> float:
@@ -58,3 +71,15 @@ def collective_s(op: str, nbytes: float, ranks: int, bus_bytes_per_s: float, lat
     if f == 0 or nbytes <= 0:
         return 0.0
     return latency_s + steps(op, ranks) * hop_latency_s + f * nbytes / bus_bytes_per_s
+
+
+def network_bus_bytes_per_s(op: str, nic_bytes_per_s: float, node_ranks: int,
+                            scale_up_bytes_per_s: float | None = None) -> float:
+    """The bus bandwidth of `op` over the network for a group with `node_ranks` ranks on
+    each node, from one GPU's NIC share `nic_bytes_per_s` (see the module docstring): a
+    ring collective's r rings, one per NIC, at most the scale-up level's bandwidth; an
+    all-to-all or a send, the GPU's own share."""
+    if op not in RING or node_ranks <= 1:
+        return nic_bytes_per_s
+    bus = node_ranks * nic_bytes_per_s
+    return min(bus, scale_up_bytes_per_s) if scale_up_bytes_per_s else bus

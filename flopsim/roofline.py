@@ -223,8 +223,10 @@ def _products(xp, batch, kernels):
 def collective_time(op, hw, calibration, links=None) -> OpTime:
     """A collective op (kind `collective`): flopsim.collectives' latency + bandwidth
     time of its message on its link level (`links`: {level: LinkLevel} overriding the
-    calibration's `link`), times its expected launches (latency) and its bytes."""
-    from flopsim.collectives import collective_s
+    calibration's `link`), times its expected launches (latency) and its bytes. Over the
+    network a ring collective's bandwidth is its group's ranks on a node (tag `node_ranks`)
+    times the level's NIC share, at most the scale-up level's."""
+    from flopsim.collectives import collective_s, network_bus_bytes_per_s
     from flopsim.errors import InputError
 
     level = op.tags.get("level", "scale_up")
@@ -234,8 +236,13 @@ def collective_time(op, hw, calibration, links=None) -> OpTime:
                          f"interconnect_bytes_per_s / scale_out_bytes_per_s, or the calibration's links)")
     kernels = float(getattr(op, "kernels", 1))
     ranks = int(op.tags.get("ranks", 1))
+    bus = link.bus_bytes_per_s
+    if level == "scale_out":  # a ring per NIC of the group's ranks on a node
+        up = (links or {}).get("scale_up") or (calibration.link("scale_up", hw) if calibration is not None else None)
+        bus = network_bus_bytes_per_s(op.variant, bus, int(op.tags.get("node_ranks", 1)),
+                                      up.bus_bytes_per_s if up is not None else None)
     one = collective_s(op.variant, float(op.comm_bytes) / kernels if kernels else 0.0, ranks,
-                       link.bus_bytes_per_s, link.latency_s, link.hop_latency_s)
+                       bus, link.latency_s, link.hop_latency_s)
     comm_s = kernels * one
     return OpTime(name=op.name, kind=op.kind, layer=op.layer, pass_=op.pass_, flops=0, all_flops=0, bytes=0,
                   intensity=0.0, peak_flops_per_s=0.0, compute_eff=1.0, memory_eff=1.0, compute_s=0.0,

@@ -35,7 +35,10 @@ T5Model computes it on each stage), the final norm and head on the last.
 Rank order (Megatron's): tp fastest, then cp, then dp (ep inside dp), then
 pp. A group whose ranks span at most one node of `gpus_per_node` GPUs (and
 a whole number of groups fits a node) uses the scale-up link (NVLink, ICI),
-any other group the scale-out link (its slowest):
+any other group the scale-out link (its slowest). Its ranks lie span / ranks
+apart, so a node holds gpus_per_node // (span / ranks) of them (`node_ranks`,
+at least one): over the network a ring collective runs one ring per NIC of
+those ranks (flopsim.collectives):
 
     group   ranks              span (consecutive ranks)
     tp      tp                 tp
@@ -129,6 +132,13 @@ class Layout:
         tp, cp, dp, ep, pp = self.tp, self.cp, self.dp, self.ep, self.pp
         return {"tp": (tp, tp), "cp": (cp, tp * cp), "ep": (ep, tp * cp * ep), "dp": (dp * cp, tp * cp * dp),
                 "edp": (dp * cp // ep, tp * cp * dp), "pp": (2 if pp > 1 else 1, tp * cp * dp * pp)}[name]
+
+    def node_ranks(self, name: str) -> int:
+        """The ranks of group `name` on one node: its ranks lie `span / ranks` apart, so a
+        node of gpus_per_node holds gpus_per_node // that stride of them (at least one)."""
+        ranks, span = self.group(name)
+        stride = max(1, span // max(ranks, 1))
+        return max(1, min(ranks, self.gpus_per_node // stride))
 
     def inside_node(self, span: int) -> bool:
         return within_node(span, self.gpus_per_node)

@@ -64,7 +64,9 @@ Collectives (flopsim.collectives prices them by message size and link level):
   (`microbatch` or `step`), `window` (`forward` / `backward`: the pass the
   traffic can hide behind).
 Every collective op carries tags `group`, `ranks`, `level` (scale_up /
-scale_out, Layout.level); a branch that runs only sometimes (its op's
+scale_out, Layout.level), `node_ranks` (its group's ranks on one node,
+Layout.node_ranks: over the network a ring collective runs one ring per NIC
+of them, flopsim.collectives); a branch that runs only sometimes (its op's
 `kernels` below 1) scales its collective's launches the same.
 
 Recomputation (train): full copies every block's forward ops (collectives
@@ -127,7 +129,8 @@ def collective(name: str, op: str, nbytes, *, layer: int, group: str, layout, pa
     ranks, _ = layout.group(group)
     return Op(name=name, kind="collective", layer=layer, module=name.rsplit(".", 1)[0], pass_=pass_,
               variant=op, comm_bytes=nbytes, kernels=kernels,
-              tags={"group": group, "ranks": ranks, "level": layout.level(group), **tags})
+              tags={"group": group, "ranks": ranks, "level": layout.level(group),
+                    "node_ranks": layout.node_ranks(group), **tags})
 
 
 # -- splitting ---------------------------------------------------------------------------------

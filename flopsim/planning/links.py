@@ -19,7 +19,10 @@ Links: two levels, each with a latency and a bus bandwidth
 - nodes of `gpus_per_node` GPUs (default: the hardware's `scale_up_domain`).
   Ranks are laid out Megatron-style (flopsim.parallel.layout): a group whose
   ranks span at most one node uses the intra-node level, any other group the
-  inter-node one (its slowest link);
+  inter-node one (its slowest link), whose figure is one GPU's NIC share: a
+  ring collective (all-reduce, reduce-scatter, all-gather) of a group with r
+  ranks on each node runs r rings, one per NIC, at r times it (at most the
+  intra-node figure; flopsim.collectives.network_bus_bytes_per_s);
 - `comm_latency_s=` overrides both levels' latency.
 
 Which level a group uses is flopsim.parallel.layout's rule (`within_node`); a
