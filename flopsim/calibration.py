@@ -54,6 +54,12 @@ Lookup order for an op of kind K with GEMM shape (batch, m, n, k):
    all-gather (nbytes: the whole gathered buffer) and all-to-all, 1 for a
    point-to-point send. Small messages are latency-bound, large ones
    bandwidth-bound.
+6. `collective_sm_share`: the share of the GPU's SMs a collective's kernel
+   holds while it runs (NCCL launches one thread block per channel: its
+   channels / the SM count). Compute that overlaps a data-parallel
+   collective runs on the other SMs, so each second of hidden traffic costs
+   this share of a second of compute (flopsim.planning.train_step). 0 (the
+   default): not known, no slowdown.
 
 Another fused attention kernel (`attention_kernels[name]`, e.g. Triton's
 FlashAttention) has its own points; `with_attention_kernel(name)` puts them
@@ -195,6 +201,7 @@ class Calibration(_Strict):
     graph_launch_s: Optional[float] = Field(None, ge=0, le=MAX_FIXED_S)  # per kernel, replayed as a CUDA graph
     host_s: dict[str, float] = {}  # "kind[:variant][@bwd]" or "launch" -> host dispatch seconds per kernel (queued)
     links: dict[Literal["scale_up", "scale_up_torus", "scale_out"], LinkLevel] = {}
+    collective_sm_share: float = Field(0.0, ge=0, lt=1)  # SMs a collective holds / all (lookup step 6)
     # another fused attention kernel's points by name (e.g. "triton"): with_attention_kernel(name)
     attention_kernels: dict[str, list[GemmPoint]] = {}
     measured: Optional[dict[str, Any]] = None  # how it was measured (device, date, ...); None if not measured

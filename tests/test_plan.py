@@ -202,7 +202,10 @@ def test_compute_split_pipeline_bubble_and_tensor_parallel_all_reduces():
     assert p.compute["pipeline_s"] == pytest.approx((8 + 3) * stage)
     assert p.compute["bubble_s"] == pytest.approx(3 * stage)
     assert p.compute["bubble_fraction"] == 3 / 8
+    # the data-parallel traffic: its exposed part, and the contention of its hidden part
+    # (test_hidden_data_parallel_traffic_slows_the_compute_it_overlaps)
     assert p.step_time_s == pytest.approx(p.compute["pipeline_s"] + p.communication["dp_exposed_s_per_step"]
+                                          + p.communication["dp_contention_s_per_step"]
                                           + p.compute["optimizer_s"] + p.compute["grad_accumulation_s_per_step"])
     # recomputation adds the blocks' forward, its 4 collectives per block included
     q = _train(tp=2, pp=4, global_batch=16, recompute=True)
@@ -510,3 +513,22 @@ def test_fsdp_over_nodes_keeps_its_per_gpu_throughput():
     one_node = per_gpu(8)
     for gpus in (16, 64):
         assert per_gpu(gpus) == pytest.approx(one_node, rel=0.05), gpus
+
+
+def test_hidden_data_parallel_traffic_slows_the_compute_it_overlaps():
+    # NCCL runs one thread block per channel: 24 on 8 H100s of the 132 SMs (the calibration's source). FSDP's
+    # gathers and reduce-scatters hide behind the passes (dp_overlap 1) while holding those SMs, so the
+    # passes run on the rest: the step grows by collective_sm_share x the hidden seconds.
+    share = _H100_CAL.collective_sm_share
+    assert share == pytest.approx(24 / 132, abs=1e-3)
+    p = _train(gpus=8, zero=3, dp_overlap=1.0)
+    c = p.communication
+    assert c["dp_hidden_s_per_step"] > 0
+    assert c["dp_contention_s_per_step"] == pytest.approx(share * c["dp_hidden_s_per_step"])
+    free = _H100_CAL.model_copy(update={"collective_sm_share": 0.0})  # a calibration without the figure
+    q = _train(gpus=8, zero=3, dp_overlap=1.0, calibration=free)
+    assert q.communication["dp_contention_s_per_step"] == 0.0
+    assert p.totals["step_time_s"] - q.totals["step_time_s"] == pytest.approx(c["dp_contention_s_per_step"])
+    # traffic left exposed overlaps nothing: no contention
+    r = _train(gpus=8, zero=3, dp_overlap=0.0)
+    assert r.communication["dp_contention_s_per_step"] == 0.0

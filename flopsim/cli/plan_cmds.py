@@ -394,5 +394,6 @@ def _link_text(links) -> str:
     torus = f"torus rings (whole {links.torus_axis}-device axes)" if links.torus_axis else None
     for name, link in (("intra-node", links.scale_up), (torus, links.scale_up_torus), ("inter-node", links.scale_out)):
         if link is not None and name is not None:
-            parts.append(f"{name} {human(link.bus_bytes_per_s, 'B/s')} bus, {human_time(link.latency_s)} latency")
+            per = " per GPU's NIC (a ring collective: x its ranks on a node)" if name == "inter-node" else ""
+            parts.append(f"{name} {human(link.bus_bytes_per_s, 'B/s')} bus{per}, {human_time(link.latency_s)} latency")
     return "; ".join(parts) + f"; {links.gpus_per_node} GPUs per node"

@@ -201,7 +201,8 @@ class _Costing:
         c.update(self._routing[key])
         sched = step_schedule(_stage_list(self.model, c), c["microbatches"], c["pp"], self.tp_overlap,
                               self.dp_overlap, c["virtual_stages"],
-                              paying_microbatches(self.grad_accumulation, c["microbatches"]))
+                              paying_microbatches(self.grad_accumulation, c["microbatches"]),
+                              self.cal.collective_sm_share)
         t = _train_totals(self.flops(layout["micro_batch"]), self.spec, self.hw, c, tokens, sched["step_s"], price)
         row.update(step_time_s=t["step_time_s"], days=t["days"], gpu_hours=t["gpu_hours"], cost=t["cost"],
                    mfu=t["mfu"], tokens_per_s_per_gpu=t["tokens_per_s_per_gpu"], bubble_s=sched["bubble_s"],

@@ -191,6 +191,10 @@ class TrainingPlan:
             parts.append(part(f"DP (ZeRO-{c['zero']}) exposed", None, cm["dp_exposed_s_per_step"],
                               f"{human(cm['dp_bytes_per_step'], 'B')} sent, {human_time(cm['dp_s_per_step'])} of "
                               f"which {human_time(cm['dp_hidden_s_per_step'])} hidden ({cm['dp_link']})"))
+            if cm.get("dp_contention_s_per_step"):
+                parts.append(part("DP contention", None, cm["dp_contention_s_per_step"],
+                                  f"the hidden traffic's kernels hold {self.calibration.collective_sm_share:.3g} "
+                                  f"of the SMs: the passes it overlaps run on the rest"))
         if k.get("grad_accumulation_s_per_step"):
             form = c["grad_accumulation"]
             paying = "microbatches - 1" if form == "autograd" else "microbatches"
@@ -477,6 +481,7 @@ def _train_communication(links, sched: dict, c: dict) -> dict:
                 "tp_overlap": float(c["tp_overlap"]), "dp_zero_stage": c["zero"],
                 "dp_bytes_per_step": sched["dp_bytes"], "dp_s_per_step": sched["dp_s"],
                 "dp_exposed_s_per_step": sched["dp_exposed_s"], "dp_hidden_s_per_step": sched["dp_s"] - sched["dp_exposed_s"],
+                "dp_contention_s_per_step": sched["dp_contention_s"],
                 "dp_overlap": float(c["dp_overlap"]), "dp_link": links.where(*spans["dp"])})
     return out
 
@@ -610,7 +615,8 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
     finally:
         bar.close()
     sched = step_schedule(stages, c["microbatches"], c["pp"], float(tp_overlap), float(dp_overlap),
-                          c["virtual_stages"], paying_microbatches(grad_accumulation, c["microbatches"]))
+                          c["virtual_stages"], paying_microbatches(grad_accumulation, c["microbatches"]),
+                          cal.collective_sm_share)
     mem_out, fits, message, suggestions = _train_memory_verdict(spec, hw, act, mem.bytes_per_param, params,
                                                                 params_expert, c, links, optimizer)
     config = {key: c[key] for key in ("gpus", "dp", "tp", "pp", "ep", "seq", "micro_batch", "global_batch",

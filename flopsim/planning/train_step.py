@@ -20,12 +20,15 @@ compute + exposed tp + cp + ep + pp of the slowest stage:
 - data-parallel traffic hides behind up to `dp_overlap` of the pass it follows
   (gradients: the backward and recomputation) or precedes (weight gathers:
   the forward); what is left is exposed, m times for per-micro-batch traffic;
+  while hidden, its kernels hold the calibration's `collective_sm_share` of
+  the SMs, so the pass it hides behind runs that much slower: `sm_share` x
+  the hidden seconds (`dp_contention_s`);
 - the optimizer update of the stage's parameters;
 - gradient accumulation (flopsim.ops.grad_accum): the op over the stage's
   parameters, x the micro-batches that pay it (`accumulating`), serial (not
   hidden, not in the bubble: charged once a paying micro-batch);
-- step = pipeline + the largest (exposed data-parallel + optimizer +
-  accumulation) over stages.
+- step = pipeline + the largest (exposed data-parallel + its contention +
+  optimizer + accumulation) over stages.
 
 Micro-batches in flight (`in_flight_chunks`, for memory): under 1F1B stage r
 runs pp - r - 1 warm-up forwards, then one forward before its first
@@ -105,8 +108,11 @@ def stage_s(st: StageTimes, tp_overlap: float) -> float:
     return st.compute_s + tp_exposed_s(st, tp_overlap) + st.comm_s["cp"] + st.comm_s["ep"] + st.comm_s["pp"]
 
 
-def dp_times(st: StageTimes, microbatches: int, dp_overlap: float) -> tuple[float, float, float]:
-    """(bytes sent, seconds, seconds exposed) of a stage's data-parallel traffic per step."""
+def dp_times(st: StageTimes, microbatches: int, dp_overlap: float,
+             sm_share: float = 0.0) -> tuple[float, float, float, float]:
+    """(bytes sent, seconds, seconds exposed, seconds of contention) of a stage's
+    data-parallel traffic per step: contention = sm_share x the seconds hidden (the
+    compute it overlaps runs on the SMs the collectives leave)."""
     raw = exposed = 0.0
     for (per, window), secs in st.dp.items():
         n = microbatches if per == "microbatch" else 1
@@ -114,22 +120,28 @@ def dp_times(st: StageTimes, microbatches: int, dp_overlap: float) -> tuple[floa
         raw += n * secs
         exposed += n * max(0.0, secs - dp_overlap * hide)
     sent = st.dp_bytes.get("step", 0.0) + microbatches * st.dp_bytes.get("microbatch", 0.0)
-    return sent, raw, exposed
+    return sent, raw, exposed, sm_share * (raw - exposed)
 
 
 def step_schedule(stages: list, microbatches: int, pp: int, tp_overlap: float, dp_overlap: float,
-                  virtual_stages: int = 1, accumulating: int = 0) -> dict:
+                  virtual_stages: int = 1, accumulating: int = 0, sm_share: float = 0.0) -> dict:
     """The step from the costed stages (see the module docstring): the slowest stage sets
-    the pipeline, the stage with the most exposed data-parallel traffic, update and gradient
-    accumulation (`accumulating`: the micro-batches that pay it) ends it."""
+    the pipeline, the stage with the most exposed data-parallel traffic (and its contention,
+    `sm_share`: the calibration's collective_sm_share), update and gradient accumulation
+    (`accumulating`: the micro-batches that pay it) ends it."""
     slow = max(stages, key=lambda st: stage_s(st, tp_overlap))
     t_stage = stage_s(slow, tp_overlap)
-    tail = max(stages, key=lambda st: dp_times(st, microbatches, dp_overlap)[2] + st.optimizer_s
-               + accumulating * st.accumulate_s)
-    sent, raw, exposed = dp_times(tail, microbatches, dp_overlap)
+
+    def tail_s(st):
+        _, _, exposed, contention = dp_times(st, microbatches, dp_overlap, sm_share)
+        return exposed + contention + st.optimizer_s + accumulating * st.accumulate_s
+
+    tail = max(stages, key=tail_s)
+    sent, raw, exposed, contention = dp_times(tail, microbatches, dp_overlap, sm_share)
     bubble = (pp - 1) / virtual_stages * t_stage
     pipeline = microbatches * t_stage + bubble
     return {"slowest": slow, "tail": tail, "stage_s": t_stage, "pipeline_s": pipeline,
             "bubble_s": bubble, "dp_bytes": sent, "dp_s": raw, "dp_exposed_s": exposed,
+            "dp_contention_s": contention,
             "accumulate_s": tail.accumulate_s, "accumulate_step_s": accumulating * tail.accumulate_s,
-            "step_s": pipeline + exposed + tail.optimizer_s + accumulating * tail.accumulate_s}
+            "step_s": pipeline + exposed + contention + tail.optimizer_s + accumulating * tail.accumulate_s}
