@@ -532,3 +532,22 @@ def test_hidden_data_parallel_traffic_slows_the_compute_it_overlaps():
     # traffic left exposed overlaps nothing: no contention
     r = _train(gpus=8, zero=3, dp_overlap=0.0)
     assert r.communication["dp_contention_s_per_step"] == 0.0
+
+
+def test_collective_sm_share_is_cited_and_derived_where_shipped():
+    # channels (one thread block each) / SMs: 24 / 132 on Hopper (H100, H200: one die), 24 / 108 on the A100
+    import yaml
+    from pathlib import Path
+
+    expected = {"h100-sxm": 24 / 132, "h200-published": 24 / 132, "h200": 24 / 132, "h200-eager": 24 / 132,
+                "a100-80gb": 24 / 108, "a100-40gb": 24 / 108}
+    folder = Path(__file__).resolve().parent.parent / "specs" / "calibration"
+    shipped = {}
+    for path in sorted(folder.glob("*.yaml")):
+        data = yaml.safe_load(path.read_text())
+        if data.get("collective_sm_share"):
+            shipped[path.stem] = data["collective_sm_share"]
+            assert "thread block per channel" in data["sources"]["collective_sm_share"], path.stem
+    assert shipped.keys() == expected.keys()
+    for name, share in shipped.items():
+        assert share == pytest.approx(expected[name], abs=5e-4), name
