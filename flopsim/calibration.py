@@ -480,16 +480,6 @@ class Calibration(_Strict):
         return LinkLevel(latency_s=self.overhead_s(hw), bus_bytes_per_s=total / 2,
                          source=f"{hw.name} datasheet bandwidth, no measured latency (ideal link)")
 
-    def collective_s(self, op: str, nbytes, ranks: int, level: str, hw=None) -> float:
-        """Seconds for collective `op` on a buffer of `nbytes` over `ranks` ranks
-        on link `level` (lookup step 5; the formula is flopsim.collectives')."""
-        from flopsim.collectives import collective_s
-
-        link = self.link(level, hw)
-        if link is None:
-            raise ValueError(f"no {level} link for {self.device or 'this device'}")
-        return collective_s(op, float(nbytes), ranks, link.bus_bytes_per_s, link.latency_s, link.hop_latency_s)
-
 
 def calibration_path(device: str) -> Path:
     from flopsim.spec.paths import specs_dir

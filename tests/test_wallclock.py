@@ -115,8 +115,16 @@ def test_collectives_are_latency_plus_bandwidth():
     assert collective_s("all_reduce", 1e9, 1, b, a) == 0.0  # one rank: nothing
     small = collective_s("all_reduce", 2 * 8192 * 1, 8, b, a)  # a decode all-reduce: batch 1, d_model 8192, bf16
     assert small == pytest.approx(a, rel=0.02)  # latency-bound: the bandwidth term is 0.3 us of 20
+    # a collective op on a calibration's link level: the same formula (flopsim.roofline.collective_time)
+    from types import SimpleNamespace
+
+    from flopsim.hardware import load_hardware
+    from flopsim.roofline import collective_time
+
     cal = _cal(links={"scale_up": {"latency_s": a, "bus_bytes_per_s": b, "source": "test"}})
-    assert cal.collective_s("all_reduce", 1e9, 8, "scale_up") == collective_s("all_reduce", 1e9, 8, b, a)
+    op = SimpleNamespace(name="ar", kind="collective", layer=0, pass_="fwd", variant="all_reduce", comm_bytes=1e9,
+                         kernels=1, tags={"ranks": 8, "level": "scale_up"})
+    assert collective_time(op, load_hardware("h100-sxm"), cal).time_s == pytest.approx(collective_s("all_reduce", 1e9, 8, b, a))
 
 
 def test_decode_tensor_parallel_all_reduces_are_latency_bound():
