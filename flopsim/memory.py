@@ -14,7 +14,8 @@ of the forward ops' `params`):
 - activations, train, no recomputation: every tensor that a forward op with
   a backward op writes is kept until the backward pass reads it:
       sum over forward ops that have a backward op of act_write_bytes.
-  Each tensor is written by exactly one op, so nothing is counted twice; it
+  Each tensor is written by exactly one op (an op overwriting its input in place,
+  tagged `in_place`, writes no new tensor: not counted), so nothing is counted twice; it
   is an upper bound of what autograd keeps: outputs whose only consumers
   save nothing (projections that feed a residual add, rope's input) are
   counted although autograd frees them. For a GPT-2-style block with fused
@@ -198,7 +199,7 @@ class MemoryModel:
 
         spec, recompute = self.spec, self.recompute
         with_backward = {op.name for op in ops if op.pass_ == "bwd"}
-        kept = [op for op in ops if op.pass_ == "fwd" and op.name in with_backward]
+        kept = [op for op in ops if op.pass_ == "fwd" and op.name in with_backward and not op.tags.get("in_place")]
         key_of = {op.key: place(op, spec) for op in kept}
         layers = sorted(set(key_of.values()))
         per_layer = {lay: sum((op.act_write_bytes for op in kept if key_of[op.key] == lay), sp.Integer(0))

@@ -35,7 +35,8 @@ BAD_CHOICES = ["nope", 1, True, [], {}, "", None, 1.5]
 BAD_FRACTIONS = [float("inf"), float("nan"), -1.0, "0.5", True, [], {}, 10 ** 401]
 TOP_INTS = ["layers", "d_model", "heads", "kv_heads", "d_head", "d_ff", "vocab", "max_seq", "token_types", "classes"]
 TOP_BOOLS = ["causal", "tied_embeddings", "bias", "lm_transform"]
-TOP_CHOICES = ["family", "ffn", "activation", "positions", "norm", "norm_position", "head", "dtype", "attention_impl"]
+TOP_CHOICES = ["family", "ffn", "activation", "positions", "norm", "norm_position", "head", "dtype", "attention_impl",
+               "loss_impl"]
 BLOCK_INTS = [("mod", "every"), ("mod", "predictor_hidden"), ("moe", "experts"), ("moe", "top_k"),
               ("moe", "d_expert"), ("moe", "shared_experts"), ("moe", "every"), ("sparse_ff", "block_size"),
               ("sparse_ff", "d_lowrank")]

@@ -112,3 +112,24 @@ def test_every_activation_bytes_exact(ffn, activation):
     spec = tiny("llama-3-8b", kv_heads=2, layers=1, ffn=ffn, activation=activation)
     for phase in ("forward", "train"):
         assert_bytes_exact(spec, phase, 2, 5)
+
+
+def _fp32_loss_cases():
+    """The fp32 unfused loss (spec.loss_impl) on an LM head (tied and not), a class head,
+    no head (the loss over the hidden units) and a MoE's head."""
+    from conftest import tiny
+
+    moe, (b, s) = _named(moe_grid.GRID, "moe-dropless-top2")
+    return [pytest.param(tiny("gpt2-small", layers=1), 2, 5, id="lm-tied"),
+            pytest.param(tiny("llama-3-8b", kv_heads=2, layers=1), 2, 5, id="lm-untied"),
+            pytest.param(tiny("bert-base", layers=1, head="cls"), 3, 4, id="cls"),
+            pytest.param(tiny("gpt2-small", layers=1, head="none"), 2, 3, id="no-head"),
+            pytest.param(moe, b, s, id="moe")]
+
+
+@pytest.mark.parametrize("spec,batch,seq", _fp32_loss_cases())
+def test_fp32_unfused_loss_bytes_exact(spec, batch, seq):
+    """Megatron's fp32 cross-entropy, one kernel per step (the reference runs the same
+    steps as an autograd Function), to the byte and the FLOP, under `head.loss`."""
+    cmp = assert_bytes_exact(spec.with_changes(loss_impl="fp32_unfused"), "train", batch, seq)
+    assert cmp.torch[("head.loss", "fwd")][0] > 0 and cmp.torch[("head.loss", "bwd")][0] > 0

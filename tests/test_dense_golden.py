@@ -139,3 +139,32 @@ def test_per_layer_table_sums_to_total():
     table = r.table()
     assert set(["name", "layer", "kind", "flops", "bytes"]) <= set(table.columns)
     assert int(table["flops"].sum()) == r.flops
+
+
+def test_fp32_unfused_loss_bytes_at_bf16():
+    """Megatron's fp32 cross-entropy (loss_impl fp32_unfused) on bf16 logits, derived per
+    logit (n = rows x vocab) and per row; the oracle checks it at fp32, where the two casts
+    vanish (tests/test_bytes_exact.py). Against the fused loss: 52 bytes a logit, not 6."""
+    rows, vocab = 2 * 16, 50257  # batch 2 x seq 16, GPT-2's vocabulary
+    n = rows * vocab
+    fwd = (2 * n + 4 * n  # cast: read bf16, write fp32
+           + 4 * n + 4 * rows  # row max
+           + 4 * n + 4 * rows + 4 * n  # subtract it in place
+           + rows * (8 + 4) + 4 * rows  # pick the targets' logits
+           + 4 * n + 4 * n  # exp in place
+           + 4 * n + 4 * rows  # row sum
+           + 4 * rows + 4 * rows  # log of the sum
+           + 2 * 4 * rows + 4 * rows  # minus the pick
+           + 4 * n + 4 * rows + 4 * n  # divide by the sum: the softmax
+           + 4 * rows)  # mean
+    bwd = (4 * rows  # the mean's gradient
+           + rows * (8 + 4) + 4 * rows  # one subtracted at each target
+           + 4 * n + 4 * rows + 4 * n  # scaled by the rows' gradients in place
+           + 4 * n + 2 * n)  # cast back to bf16
+    assert fwd + bwd == 52 * n + 80 * rows
+    spec = flopsim.load_model("gpt2-small").with_changes(dtype="bf16")
+    for impl, total in (("fp32_unfused", fwd + bwd), ("fused", 6 * n + 16 * rows)):
+        ops = count(spec.with_changes(loss_impl=impl), batch=2, seq=16, phase="train").ops
+        assert sum(o.bytes for o in ops if o.module.startswith("head") and ".loss" in o.name) == total
+        assert sum(o.kernels if hasattr(o, "kernels") else 1 for o in ops if ".loss" in o.name) == (
+            13 if impl == "fp32_unfused" else 2)

@@ -166,3 +166,16 @@ def test_selective_recomputation_drops_the_attention_scores():
     assert act(explicit, "none") - act(explicit, "selective") == 12 * 2 * b * 12 * s * s * 2
     assert act(explicit, "selective") == act(fused, "none") == act(fused, "selective")
     assert act(explicit, "full") < act(explicit, "selective")
+
+
+@pytest.mark.parametrize("dtype,kept", [("bf16", 4), ("fp32", 0)])
+def test_fp32_unfused_loss_keeps_its_fp32_softmax_once(dtype, kept):
+    """Megatron's fp32 loss (loss_impl fp32_unfused) keeps one fp32 copy of the logits
+    for backward (the softmax, written in place over the cast's buffer): 4 bytes a logit
+    more than the fused loss in bf16, nothing more in fp32 (the logits themselves, which
+    the LM head's output already counts). The in-place steps add nothing."""
+    b, s, vocab = 2, 128, 50257
+    spec = load_model("gpt2-small").with_changes(dtype=dtype)
+    fused = memory(spec, phase="train", batch=b, seq=s).activations_bytes
+    unfused = memory(spec.with_changes(loss_impl="fp32_unfused"), phase="train", batch=b, seq=s).activations_bytes
+    assert unfused - fused == kept * b * s * vocab

@@ -232,3 +232,22 @@ def test_interleaved_stages_hold_chunks_and_send_per_chunk():
     assert [o.pass_ for o in sends] == ["fwd", "bwd", "bwd"]
     with pytest.raises(InputError, match="^virtual_stages"):
         _layout(pp=4, virtual_stages=3)  # 32 blocks do not split into 12 chunks
+
+
+def test_fp32_unfused_loss_is_split_with_the_vocabulary_parallel_head():
+    """Megatron's fp32 loss runs on each rank's share of the vocabulary: every one of its
+    kernels, forward and backward, moves 1 / tp of the logits' bytes, with or without
+    sequence parallelism (without it, an op outside the vocabulary-parallel region would
+    run whole on every rank)."""
+    spec = LLAMA.with_changes(loss_impl="fp32_unfused")
+
+    def loss_bytes(result, pass_):
+        return {o.name: float(o.bytes) for o in result.ops if ".loss." in o.name and o.pass_ == pass_}
+
+    one = count(spec, batch=B, seq=S, phase="train")
+    for sp in (True, False):
+        two = count(spec, batch=B, seq=S, phase="train", layout=_layout(spec, tp=2, sequence_parallel=sp))
+        for pass_ in ("fwd", "bwd"):
+            whole, half = loss_bytes(one, pass_), loss_bytes(two, pass_)
+            assert set(whole) == set(half) and len(whole) >= 3
+            assert all(half[k] == pytest.approx(v / 2, rel=1e-12) for k, v in whole.items()), (sp, pass_)

@@ -467,7 +467,11 @@ def cross_entropy(ctx: Ctx, name: str, *, layer: int, rows, classes, module: str
     """Softmax cross-entropy over `rows` x `classes` logits and int64 targets (train
     only), one fused kernel per pass: forward reads the logits and the targets and
     writes the (scalar) loss; backward reads them again (the row statistics are
-    recomputed, not saved) and writes the logits' gradient."""
+    recomputed, not saved) and writes the logits' gradient. `spec.loss_impl:
+    fp32_unfused`: `cross_entropy_fp32_unfused`'s kernels instead (module `<module>.loss`)."""
+    if ctx.spec.loss_impl == "fp32_unfused":
+        return cross_entropy_fp32_unfused(ctx, name, layer=layer, rows=rows, classes=classes,
+                                          module=f"{module}.loss")
     w = ctx.w
     fwd = Op(name=name, kind="loss", layer=layer, module=module,
              other_flops=ELEMENTWISE_FLOPS["cross_entropy"] * rows * classes,
@@ -476,6 +480,56 @@ def cross_entropy(ctx: Ctx, name: str, *, layer: int, rows, classes, module: str
                act_read_bytes=rows * classes * w + rows * INDEX_BYTES,
                act_write_bytes=rows * classes * w)
     return _with_backward(ctx, fwd, bwd)
+
+
+def cross_entropy_fp32_unfused(ctx: Ctx, name: str, *, layer: int, rows, classes, module: str) -> list[Op]:
+    """Megatron-LM's vocab_parallel_cross_entropy without loss fusion (`spec.loss_impl:
+    fp32_unfused`) over `rows` x `classes` logits: the logits cast to fp32, then one
+    kernel per step over the fp32 copy, in place where Megatron works in place. With
+    n = rows x classes, f = 4 bytes (fp32) and w the spec's dtype:
+    - forward: the cast (reads n w, writes n f; none when the dtype is fp32: .float()
+      returns the logits themselves), the row max (reads n f, writes rows), its
+      subtraction (reads n f and the maxima, writes n f), the targets' logits picked
+      (reads the int64 targets and one value a row, writes rows), exp (reads and
+      writes n f), the row sum (reads n f, writes rows), log of the sum minus the pick
+      (two kernels over rows), the division by the sum (`softmax`: reads n f and the
+      sums, writes n f, kept for backward) and the mean (reads rows);
+    - backward: the mean's (writes rows); one autograd node (`softmax`) subtracting
+      one at each target (reads the targets and one value a row, writes it) and
+      scaling the softmax by the rows' gradients in place (reads n f and them, writes
+      n f); the cast of the gradient back to the dtype (reads n f, writes n w; none at
+      fp32).
+    Arithmetic: 1 per element of each step (a reduction: per element read), as the
+    torch counter's table. Megatron's vocab-range masking of targets (tensor-parallel
+    ranks) touches only rows-sized tensors and is not counted. The steps overwriting
+    the fp32 copy are tagged `in_place` (flopsim.memory keeps that buffer once: the
+    cast's, or at fp32 the logits); a backward op shares the name of the forward op it
+    belongs to (flopsim.parallel.shard splits it with it)."""
+    w, f, n = ctx.w, DTYPE_BYTES["fp32"], rows * classes
+
+    def step(suffix, kind="elementwise", variant="", pass_="fwd", in_place=False, **cost):
+        return Op(name=f"{name}.{suffix}", kind=kind, layer=layer, module=module, pass_=pass_,
+                  variant=variant or suffix, tags={"in_place": True} if in_place else {}, **cost)
+
+    cast = w != f
+    ops = [step("cast", variant="copy", act_read_bytes=n * w, act_write_bytes=n * f)] if cast else []
+    ops += [step("max", other_flops=n, act_read_bytes=n * f, act_write_bytes=rows * f),
+            step("sub", in_place=True, other_flops=n, act_read_bytes=n * f + rows * f, act_write_bytes=n * f),
+            step("pick", kind="gather", variant="gather", act_read_bytes=rows * (INDEX_BYTES + f),
+                 act_write_bytes=rows * f),
+            step("exp", in_place=True, other_flops=n, act_read_bytes=n * f, act_write_bytes=n * f),
+            step("sum", other_flops=n, act_read_bytes=n * f, act_write_bytes=rows * f),
+            step("log", other_flops=rows, act_read_bytes=rows * f, act_write_bytes=rows * f),
+            step("nll", variant="sub", other_flops=rows, act_read_bytes=2 * rows * f, act_write_bytes=rows * f),
+            step("softmax", variant="div", in_place=True, other_flops=n, act_read_bytes=n * f + rows * f,
+                 act_write_bytes=n * f),
+            step("mean", other_flops=rows, act_read_bytes=rows * f)]
+    # backward, listed as its forward (families.build_ops runs backward ops in reverse order)
+    if cast:
+        ops += [step("cast", variant="copy", pass_="bwd", act_read_bytes=n * f, act_write_bytes=n * w)]
+    return ops + [step("softmax", variant="mul", pass_="bwd", in_place=True, other_flops=n + rows,  # scale; minus one
+                       act_read_bytes=n * f + rows * (INDEX_BYTES + 2 * f), act_write_bytes=n * f + rows * f),
+                  step("mean", variant="div", pass_="bwd", other_flops=rows, act_write_bytes=rows * f)]
 
 
 def binary_cross_entropy(ctx: Ctx, name: str, *, layer: int, rows, picked, module: str,

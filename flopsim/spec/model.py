@@ -20,6 +20,15 @@ meaning):
 - `attention_impl`: `fused` (one scaled-dot-product-attention kernel; its
   backward recomputes the scores, 5 batched products) or `explicit` (two
   batched products and a softmax; backward 4 products).
+- `loss_impl` (train): the training loss's kernels. `fused` (default): one
+  softmax cross-entropy kernel per pass reading the logits in `dtype` (a
+  fused loss: flash-attn's, Transformer Engine's, torch.compile's).
+  `fp32_unfused`: Megatron-LM's vocab_parallel_cross_entropy without
+  --cross-entropy-loss-fusion (and Megatron-DeepSpeed's CrossEntropy): the
+  logits cast to fp32, then max, subtract, exp, sum and divide as separate
+  kernels over the fp32 copy (the softmax kept for backward), whose backward
+  scales the softmax in place and casts the gradient back to `dtype`
+  (flopsim.ops.primitives.cross_entropy).
 - `kv_cache_reads` (decode): how often a step's attention kernel loads a cached
   key/value head: `per_kv_head` (once, shared by the query heads of its group:
   FlashAttention, FlashDecoding, TensorRT-LLM's XQA) or `per_query_head` (once per
@@ -425,6 +434,7 @@ class ModelSpec(_Strict):
     classes: Size = 2
     dtype: Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int8"] = "bf16"
     attention_impl: Literal["fused", "explicit"] = "fused"
+    loss_impl: Literal["fused", "fp32_unfused"] = "fused"
     kv_cache_reads: Literal["per_kv_head", "per_query_head"] = "per_kv_head"
     mod: Optional[ModBlock] = None
     moe: Optional[MoeBlock] = None

@@ -513,10 +513,50 @@ class LMTransform(nn.Module):
         return self.norm(self.act(self.dense(x)))
 
 
+class _Fp32CrossEntropyFn(torch.autograd.Function):
+    """Megatron-LM's vocab_parallel_cross_entropy (megatron/core/tensor_parallel/
+    cross_entropy.py at f2e5db402c; megatron/mpu/cross_entropy.py in 2021-22) on one
+    rank holding every class: per row the loss log(sum(exp(x - max))) - (x - max)[target],
+    each step its own kernel, in place over the fp32 logits (the logits themselves at
+    fp32, as .float() returns them); the softmax is kept for backward, which subtracts
+    one at each target and scales it by the incoming gradient in place. The target's
+    logit is picked with gather (Megatron indexes with an arange: the same values read)."""
+
+    @staticmethod
+    def forward(ctx, logits, target):
+        x = logits.float()
+        x -= torch.max(x, dim=-1)[0].unsqueeze(-1)
+        picked = x.gather(1, target.unsqueeze(1)).squeeze(1)
+        torch.exp(x, out=x)
+        total = x.sum(dim=-1)
+        loss = torch.log(total) - picked
+        x.div_(total.unsqueeze(-1))
+        ctx.save_for_backward(x, target)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        softmax, target = ctx.saved_tensors
+        one = torch.full((target.numel(), 1), -1.0, dtype=softmax.dtype, device=softmax.device)
+        softmax.scatter_add_(1, target.unsqueeze(1), one)
+        softmax.mul_(grad.unsqueeze(-1))
+        return softmax, None
+
+
+class Fp32CrossEntropy(nn.Module):
+    """`spec.loss_impl: fp32_unfused`: the mean of _Fp32CrossEntropyFn's per-row losses
+    (flopsim's head.loss.* ops), a child of the head so that its ops are charged there."""
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return _Fp32CrossEntropyFn.apply(logits, target).mean()
+
+
 class Head(nn.Module):
     def __init__(self, spec, embedding: nn.Embedding):
         super().__init__()
         self.spec = spec
+        if spec.loss_impl == "fp32_unfused":
+            self.loss = Fp32CrossEntropy()
         if spec.head == "lm":
             if spec.lm_transform:
                 self.transform = LMTransform(spec)
@@ -667,9 +707,12 @@ def prepare_phase(model: nn.Module, spec, phase: str, batch: int, seq: int, cont
         try:
             out = model(ids, RunState(phase, positions, token_types=types, **extra))
             flat = out.reshape(-1, out.shape[-1]).float()
-            with fused("cross_entropy", path="head") as region:  # the loss: flopsim's head.loss
-                loss = F.cross_entropy(region.take(flat), target)
-                region.basis(flat)
+            if spec.loss_impl == "fp32_unfused":  # Megatron's kernels: flopsim's head.loss.*
+                loss = model.head.loss(flat, target)
+            else:
+                with fused("cross_entropy", path="head") as region:  # the loss: flopsim's head.loss
+                    loss = F.cross_entropy(region.take(flat), target)
+                    region.basis(flat)
             if hasattr(model, "aux_loss"):
                 loss = loss + model.aux_loss()
             loss.backward()
