@@ -382,6 +382,23 @@ def test_serving_picks_a_tp_when_not_given():
 
 
 # -- command line -------------------------------------------------------------------------
+def test_cli_train_loss_option():
+    """--loss fp32_unfused plans Megatron's fp32 cross-entropy: the same plan as the spec
+    with loss_impl fp32_unfused, slower than the fused loss by its forward and backward
+    kernels (Megatron-Core's 1.7B, vocabulary 131,072); the options line names it; a bad
+    value is one line, exit 2."""
+    args = ("plan", "train", "mcore-gpt-1.7b", "-H", H100, "--gpus", 8, "--tokens", "1B", "--seq", 4096,
+            "--global-batch", 8, "--format", "json")
+    fused, unfused = (json.loads(run(*args, "--loss", impl).output) for impl in ("fused", "fp32_unfused"))
+    spec = flopsim.load_model("mcore-gpt-1.7b").with_changes(loss_impl="fp32_unfused")
+    direct = flopsim.plan_training(spec, H100, gpus=8, tokens=1e9, seq=4096, global_batch=8)
+    assert unfused["totals"]["step_time_s"] == pytest.approx(direct.totals["step_time_s"], rel=1e-12)
+    assert unfused["totals"]["step_time_s"] > 1.05 * fused["totals"]["step_time_s"]
+    table = run(*args[:-2], "--loss", "fp32_unfused")
+    assert table.exit_code == 0 and "loss fp32_unfused" in table.output
+    assert "loss" in one_error_line(run(*args, "--loss", "fp16"))
+
+
 def test_cli_train_prints_a_complete_plan_and_json():
     r = run("plan", "train", "llama-2-7b", "-H", H100, "--gpus", 16, "--tokens", "10B", "--seq", 1024,
             "--price", 2)

@@ -101,6 +101,7 @@ def train(
     gpus_per_node: Optional[int] = GpusPerNodeOpt,
     grad_accumulation: str = typer.Option("autograd", "--grad-accumulation", help="Gradient accumulation over micro-batches: autograd (default: .grad += on micro-batches 2..m) | main_grad (Megatron's add into its reduction buffer every micro-batch) | none (fused into the weight-gradient GEMM)."),
     grad_reduce_dtype: Optional[str] = typer.Option(None, "--grad-reduce-dtype", help="Dtype of the data-parallel gradient reduction (and of main_grad): fp32 | bf16 | fp16 (default the gradients' dtype; fp32 for Megatron-Core bf16, FSDP mixed precision)."),
+    loss: Optional[str] = typer.Option(None, "--loss", help="The loss's kernels: fused (one a pass) | fp32_unfused (Megatron-LM's and Megatron-DeepSpeed's fp32 cross-entropy, a kernel a step); default: the spec's loss_impl (fused)."),
     dp_overlap: float = typer.Option(1.0, "--dp-overlap", help="Fraction of the forward/backward pass that data-parallel traffic can hide behind (0: none)."),
     comm_latency: Optional[str] = LatencyOpt,
     price: Optional[float] = PriceOpt,
@@ -115,6 +116,7 @@ def train(
     from flopsim.result_pages import training_plan_page
 
     counts = parse_gpu_counts(gpus)
+    spec = _with_loss(spec, loss)
     links = dict(interconnect_bytes_per_s=_quantity(interconnect, "interconnect"),
                  inter_node_bytes_per_s=_quantity(inter_node, "inter_node"), gpus_per_node=gpus_per_node,
                  comm_latency_s=_duration(comm_latency, "comm_latency"))
@@ -154,6 +156,18 @@ def train(
     _print_training(p)
 
 
+def _with_loss(spec: str, loss: Optional[str]):
+    """The spec (a name or path) with `--loss` as its loss_impl, when given."""
+    if loss is None:
+        return spec
+    from flopsim.errors import bad_value
+    from flopsim.spec import load_model
+
+    if loss not in ("fused", "fp32_unfused"):
+        raise bad_value("loss", loss, "one of fused, fp32_unfused")
+    return load_model(spec).with_changes(loss_impl=loss)
+
+
 def _print_training(p) -> None:
     out = console()
     c, k, m, t, cm, ln = p.config, p.compute, p.memory, p.totals, p.communication, p.links
@@ -175,7 +189,7 @@ def _print_training(p) -> None:
     out.print(f"  options      {c['optimizer']}, ZeRO-{c['zero']} ({zero_what} over dp), recompute "
               f"{rc}, DP traffic hidden behind up to {_pct(cm['dp_overlap'])} "
               f"of a forward/backward pass; gradient accumulation {c['grad_accumulation']}, reduced in "
-              f"{c['grad_reduce_dtype'] or p.spec.dtype}")
+              f"{c['grad_reduce_dtype'] or p.spec.dtype}; loss {p.spec.loss_impl}")
     out.print(f"  links        {_link_text(ln)}")
     out.print(f"  calibration {p.calibration.label}")
     rows = [[x["part"], "-" if x["per_microbatch_s"] is None else human_time(x["per_microbatch_s"]),
