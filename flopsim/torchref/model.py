@@ -706,8 +706,8 @@ def prepare_phase(model: nn.Module, spec, phase: str, batch: int, seq: int, cont
         model.train()
         try:
             out = model(ids, RunState(phase, positions, token_types=types, **extra))
-            flat = out.reshape(-1, out.shape[-1]).float()
-            if spec.loss_impl == "fp32_unfused":  # Megatron's kernels: flopsim's head.loss.*
+            flat = out.reshape(-1, out.shape[-1])  # in the model's dtype, as flopsim's loss reads it
+            if spec.loss_impl == "fp32_unfused":  # Megatron's kernels (their own cast): flopsim's head.loss.*
                 loss = model.head.loss(flat, target)
             else:
                 with fused("cross_entropy", path="head") as region:  # the loss: flopsim's head.loss
