@@ -232,9 +232,21 @@ def time_queued(runner: Runner, clock, samples: int = 5) -> tuple[list, list, bo
     return device, host, behind
 
 
+def _inside_aten(event) -> bool:
+    """The profiler event runs inside an aten op (its caller's row counts it); an op under
+    an autograd node's or another scope's record is not."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
 def aten_breakdown(runner: Runner, profiled_repeats: int = 3) -> list:
-    """Per aten op the step runs (top level: what the model's code calls), over
-    `profiled_repeats` profiled steps: calls per step, the host's seconds per step in those
+    """Per aten op the step runs (top level: what the model's code calls and, in a
+    train step's backward, what each autograd node calls; an aten op inside another is
+    part of it), over `profiled_repeats` profiled steps: calls per step, the host's seconds per step in those
     calls (what they call included: dispatch and, on a CPU, the work) and their kernels' device seconds per
     step (a GPU; 0 on a CPU). Rows (name, calls, host_s, device_s), most device time (else
     host time) first. A diagnostic: which kernels a step's time goes to, and what a call
@@ -248,7 +260,7 @@ def aten_breakdown(runner: Runner, profiled_repeats: int = 3) -> list:
             runner.once()
     totals: dict[str, list] = defaultdict(lambda: [0, 0.0, 0.0])
     for event in prof.events():
-        if event.cpu_parent is not None or not event.name.startswith("aten::"):
+        if not event.name.startswith("aten::") or _inside_aten(event):
             continue  # top-level aten calls only (their device time includes what they call)
         row = totals[event.name]
         row[0] += 1

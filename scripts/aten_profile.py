@@ -5,7 +5,7 @@
 
 For every case and phase of the suite (or the cases named), the reference model
 runs a few profiled steps (torch.profiler) and each top-level aten op the step
-calls gets a row: calls per step, the host's seconds per step in those calls and,
+calls (a train step: its backward's too, each autograd node's, and the optimizer's) gets a row: calls per step, the host's seconds per step in those calls and,
 on a GPU, their kernels' device seconds per step (flopsim.profiling.aten_breakdown).
 What it answers that the validation's per-module table does not: which kernel a
 module's time goes to, and what one call costs the host (seconds / calls), the
@@ -41,8 +41,6 @@ def rows(device: str, suite: str, names: list | None, repeats: int) -> list:
     out = []
     for case in cases:
         for phase in case.phases:
-            if phase == "train":  # the suites' train steps: the optimizer and backward, not a diagnostic here
-                continue
             runner = make_runner(case.spec, phase, case.batch, case.seq, case.context if phase == "decode" else None,
                                  device=device)
             for name, calls, host_s, device_s in aten_breakdown(runner, repeats):

@@ -338,7 +338,9 @@ def test_the_weight_gather_is_measured_as_sparse_ff_runs_it(smoke_calibration):
 def test_aten_profile_script_breaks_a_step_down_per_aten_op(tmp_path):
     """scripts/aten_profile.py (run by scripts/gpu-validate.sh): per aten op of a step, its
     calls and host seconds per step (device seconds on a GPU, none here); the dense
-    decoder's forward calls the products it is made of. Bad input: one line, exit 2."""
+    decoder's forward calls the products it is made of, and its train step's backward
+    two products for each (the weight and input gradients, under the autograd nodes).
+    Bad input: one line, exit 2."""
     import csv
     import subprocess
     import sys
@@ -351,8 +353,10 @@ def test_aten_profile_script_breaks_a_step_down_per_aten_op(tmp_path):
     assert r.returncode == 0, r.stderr
     rows = list(csv.DictReader(out.open()))
     forward = {row["aten_op"]: row for row in rows if row["phase"] == "forward"}
-    assert {row["phase"] for row in rows} == {"forward", "prefill", "decode"}
+    train = {row["aten_op"]: row for row in rows if row["phase"] == "train"}
+    assert {row["phase"] for row in rows} == {"forward", "prefill", "decode", "train"}
     assert float(forward["aten::linear"]["calls_per_step"]) >= 4 * 4  # 4 layers x (qkv, out, up, down) at least
+    assert float(train["aten::mm"]["calls_per_step"]) >= 2 * 4 * 4  # each product's two gradients
     assert all(float(row["host_s_per_step"]) > 0 and float(row["device_s_per_step"]) == 0 for row in rows)
     bad = subprocess.run([sys.executable, str(script), "--cases", "nope", "--out", str(tmp_path / "x.csv")],
                          capture_output=True, text=True, timeout=120)
