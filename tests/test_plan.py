@@ -397,6 +397,8 @@ def test_cli_train_loss_option():
     table = run(*args[:-2], "--loss", "fp32_unfused")
     assert table.exit_code == 0 and "loss fp32_unfused" in table.output
     assert "loss" in one_error_line(run(*args, "--loss", "fp16"))
+    search = run(*args[:-2], "--search", "--micro-batches", 1, "--top", 1, "--loss", "fp32_unfused")
+    assert search.exit_code == 0 and "--loss fp32_unfused ..." in " ".join(search.output.split())  # its best's command
 
 
 def test_cli_train_prints_a_complete_plan_and_json():

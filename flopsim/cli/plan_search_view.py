@@ -56,6 +56,7 @@ def run_search(spec, hardware, counts: list, *, tokens, seq, global_batch, globa
                   f"--pp {b['pp']} --virtual-stages {b['virtual_stages']} --ep {b['ep']} --micro-batch {b['micro_batch']} "
                   f"--zero {b['zero']} "
                   f"--recompute {b['recompute']} --global-batch {b['global_batch']}"
-                  + (f" --encoder-seq {encoder_seq}" if encoder_seq is not None else "") + " ...")
+                  + (f" --encoder-seq {encoder_seq}" if encoder_seq is not None else "")
+                  + (f" --loss {result.spec.loss_impl}" if result.spec.loss_impl != "fused" else "") + " ...")
     for note in result.notes:
         out.print(f"  note: {note}")
