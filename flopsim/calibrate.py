@@ -610,6 +610,16 @@ def at_first_reading(samples: list, component: str):
     return statistics.median(t * getattr(first, component) / getattr(r, component) for t, r in samples), first
 
 
+def projected_qkv(bench: Bench, b: int, h: int, s: int, dh: int, grad: bool = False):
+    """Queries, keys and values [b, h, s, dh] as the references lay them out: views of one
+    fused projection's output [b, s, 3 h dh], split and transposed (flopsim.torchref.model's
+    Attention.project), not three contiguous tensors: a kernel reads them strided. With
+    `grad`, the projection's output is a leaf and the views are what gradients are taken
+    for (torch.autograd.grad to the views runs no split-backward copy)."""
+    qkv = bench.rand(b, s, 3 * h * dh, grad=grad)
+    return tuple(t.view(b, s, h, dh).transpose(1, 2) for t in qkv.split(h * dh, dim=-1))
+
+
 def measure_attention(bench: Bench) -> None:
     """Fused (SDPA) and explicit attention, forward (decode shapes reading cold keys) and backward."""
     import torch
@@ -626,10 +636,9 @@ def measure_attention(bench: Bench) -> None:
     shapes = ATTENTION_SHAPES + (ATTENTION_SHAPES_GPU if gpu else ())
     backward_shapes = ATTENTION_BACKWARD_SHAPES + (ATTENTION_BACKWARD_SHAPES_GPU if gpu else ())
     for b, h, s, t, dh in (SMOKE["attention"] if bench.smoke else shapes):
-        q = bench.rand(b, h, s, dh)
-        decode = s == 1
+        decode = s == 1  # one query against a cache: contiguous cached keys and values
         cold = (lambda shape=(b, h, t, dh): bench.cold(*shape)) if decode else None
-        k_, v = (bench.rand(b, h, t, dh), bench.rand(b, h, t, dh)) if not decode else (None, None)
+        q, k_, v = (bench.rand(b, h, s, dh), None, None) if decode else projected_qkv(bench, b, h, s, dh)
         for impl in ("fused", "explicit"):
             if decode:
                 fn = (lambda impl=impl: run(impl, q, cold(), cold(), False))
@@ -644,7 +653,7 @@ def measure_attention(bench: Bench) -> None:
                          seconds, op, matrix=True, memory_bound=decode)
     for b, h, s, t, dh in (SMOKE["backward_attention"] if bench.smoke else backward_shapes):
         for impl in ("fused", "explicit"):
-            q, k_, v = (bench.rand(b, h, s, dh, grad=True) for _ in range(3))
+            q, k_, v = projected_qkv(bench, b, h, s, dh, grad=True)
             out = run(impl, q, k_, v, True)
             grad = torch.randn_like(out)
             seconds = bench.timed(lambda: torch.autograd.grad(out, (q, k_, v), grad, retain_graph=True))
@@ -691,10 +700,10 @@ def memory_kernels(bench: Bench, size: float) -> list:
     for op, (inputs, fn) in elementwise_kernels().items():
         out.append((op, "elementwise", (lambda fn=fn: fn(x, other)),
                     _fwd(P.elementwise(ctx, "x", layer=0, elements=n, op=op, inputs=inputs, module="x"))))
-    span = min(64, n // 128)  # queries and keys of [1, heads, positions, 64]: n elements in all
-    heads = max(1, n // (2 * span * 64))
-    q, k = x.view(-1)[:heads * span * 64].view(1, heads, span, 64), other.view(-1)[:heads * span * 64].view(
-        1, heads, span, 64)
+    span = min(64, n // 192)  # queries and keys of [1, heads, positions, 64], as the references lay them out:
+    heads = max(1, n // (3 * span * 64))  # views of a [1, positions, 3 heads 64] projection (projected_qkv)
+    qkv = x.view(-1)[:3 * heads * span * 64].view(1, span, 3 * heads * 64)
+    q, k = (t.view(1, span, heads, 64).transpose(1, 2) for t in qkv.split(heads * 64, dim=-1)[:2])
     positions = torch.arange(span, device=dev).expand(1, span)
     out.append(("rope", "elementwise", lambda: rope_qk(q, k, positions),
                 _fwd(P.elementwise(ctx, "x", layer=0, elements=2 * heads * span * 64, op="rope", module="x"))))

@@ -402,3 +402,25 @@ def test_each_round_robin_visit_times_the_step_after_back_to_back_warm_up(monkey
         if visit[0][0] == "b":  # a 50 ms step outlasts the warm-up: it runs once before its timed runs
             assert len(warm) == 1
     assert profiling.warm_up(fake("c", 0.0), seconds=10.0, most=7) == 7  # capped
+
+
+def test_attention_is_calibrated_on_the_references_layout():
+    """The calibration's queries, keys and values (flopsim.calibrate.projected_qkv) are laid
+    out as the references' attention takes them, views of one projection's output, not
+    three contiguous tensors: the same shapes and strides as Attention.project's (a kernel
+    reading them strided runs 5-12% slower on the development CPU's flash kernel)."""
+    import torch
+    from types import SimpleNamespace
+
+    from flopsim.calibrate import projected_qkv
+    from flopsim.torchref.model import RunState, build_reference
+
+    b, h, s, dh = 2, 4, 8, 16
+    spec = tiny("gpt2-small", layers=1, d_model=h * dh, heads=h, dtype="fp32")
+    model = build_reference(spec)
+    positions = torch.arange(s).repeat(b, 1)
+    reference = model.block[0].attn.project(torch.randn(b, s, h * dh), RunState("forward", positions), 0)
+    bench = SimpleNamespace(rand=lambda *shape, grad=False: torch.randn(*shape).requires_grad_(grad))
+    calibrated = projected_qkv(bench, b, h, s, dh)
+    assert [(t.shape, t.stride()) for t in calibrated] == [(t.shape, t.stride()) for t in reference]
+    assert not calibrated[0].is_contiguous()
