@@ -160,11 +160,15 @@ def _with_loss(spec: str, loss: Optional[str]):
     """The spec (a name or path) with `--loss` as its loss_impl, when given."""
     if loss is None:
         return spec
+    from typing import get_args
+
     from flopsim.errors import bad_value
     from flopsim.spec import load_model
+    from flopsim.spec.model import ModelSpec
 
-    if loss not in ("fused", "fp32_unfused"):
-        raise bad_value("loss", loss, "one of fused, fp32_unfused")
+    choices = get_args(ModelSpec.model_fields["loss_impl"].annotation)
+    if loss not in choices:
+        raise bad_value("loss", loss, f"one of {', '.join(choices)}")
     return load_model(spec).with_changes(loss_impl=loss)
 
 
