@@ -84,15 +84,21 @@ FLUSH_BYTES = 4e6  # the decode-like product run before each cold timing
 COLD_REPEATS = 41
 MAX_VIEWS = 4096  # views a cold cycle spreads over the pool
 PASSES = 3  # interleaved passes over the memory-bound products and the fixed costs
-# bytes moved by the memory-bound benchmarks: from cache-resident to memory-bound
-# (on a CPU, outputs above the allocator's mmap threshold -- glibc's grows to 32 MB -- are fresh
-# pages faulted in on first touch: 64 MB sits just above it)
+# bytes moved by the memory-bound benchmarks: from cache-resident to memory-bound (on a CPU an
+# output above the allocator's mmap threshold -- glibc's grows to 32 MiB -- is fresh pages faulted
+# in on first touch: the points are recorded net of that cost, measured apart, FRESH_PAGE_MIB)
 MEMORY_SIZES = {"cpu": (8e3, 64e3, 512e3, 4e6, 32e6, 64e6, 256e6), "cuda": (64e3, 1e6, 16e6, 256e6, 2e9)}
 BACKWARD_SIZES = {"cpu": (64e3, 4e6, 64e6), "cuda": (1e6, 64e6, 512e6)}
+# allocations whose fresh pages are timed (CPU; flopsim.calibration lookup step 7): well above
+# the most glibc's malloc serves from its heap (DEFAULT_MMAP_THRESHOLD_MAX, 32 MiB on 64-bit),
+# so each is mapped afresh; below it a loop that frees and allocates one buffer is served by
+# the heap's trimmed top, which a model's step, holding its other tensors, does not see
+FRESH_PAGE_MIB = (64, 128, 256)
+FRESH_PAGE_REPEATS = 9  # fresh and reused copies, alternating
 ADAM_PARAMS = {"cpu": (256 * 1024, 8 * 2 ** 20), "cuda": (2 ** 20, 64 * 2 ** 20)}
 SMOKE = dict(rows=(1, 24), features=(96, 352), attention=((1, 2, 16, 16, 8), (1, 2, 1, 40, 8)),
              backward_attention=((1, 2, 16, 16, 8),), sizes=(64e3, 1e6), backward_sizes=(64e3,),
-             pool=8e6, adam=(4096,), repeats=5, int4=((1, 256, 256),))
+             pool=8e6, adam=(4096,), repeats=5, int4=((1, 256, 256),), fresh_pages=(2,))
 
 
 @dataclass
@@ -112,6 +118,7 @@ class Point:
     backward: bool = False
     memory_bound: bool = False  # measured where the ideal roofline is memory-bound (cold reads)
     fixed_s: float = 0.0  # the kernel's hot fixed cost, subtracted from `seconds` for the efficiencies
+    fresh_s: float = 0.0  # its output's fresh pages (flopsim.roofline.fresh_pages_s), subtracted as well
     probe: object = None  # the flopsim.probe reading taken beside it
 
 
@@ -202,6 +209,8 @@ class Bench:
     probe: object = None  # flopsim.probe.Probe
     readings: list = field(default_factory=list)  # every probe reading taken
     graph_launch_s: Optional[float] = None  # a GPU: device seconds per kernel replayed from a CUDA graph
+    fresh_pages: object = None  # a CPU's calibration.FreshPages, at the speed of `fresh_reading`
+    fresh_reading: object = None  # the probe reading beside the fresh pages' timing
 
     @property
     def queued(self) -> bool:
@@ -312,20 +321,22 @@ class Bench:
         from flopsim.calibration import MAX_EFFICIENCY
         from flopsim.count import evaluate_ops
 
-        from flopsim.roofline import executed_flops
+        from flopsim.roofline import executed_flops, fresh_pages_s
 
         cost = evaluate_ops([op], {})[0]
         all_flops, nbytes = float(executed_flops(cost)), float(cost.bytes)
         backward = op.pass_ == "bwd"
         fixed = self.fixed(f"{kind}:{op.variant}" if op.variant else kind, backward)
-        busy = max(seconds - fixed, 0.1 * seconds)
+        fresh = float(fresh_pages_s(float(cost.act_write_bytes), float(cost.kernels), bool(op.tags.get("in_place")),
+                                    self.fresh_pages))  # predicted on top of the roofline, as the fixed cost is
+        busy = max(seconds - fixed - fresh, 0.1 * seconds)
         rate = self.hw.peak_flops_per_s_for(self.dtype)[0] if matrix else self.hw.vector_flops_per_s
         ce = min(MAX_EFFICIENCY, max(1e-6, all_flops / rate / busy)) if all_flops else 1.0
         me = min(MAX_EFFICIENCY, max(1e-6, nbytes / self.hw.memory_bandwidth_bytes_per_s / busy)) if nbytes else 1.0
         if reading is None and self.probe is not None:
             reading = self.read_probe()
         self.points.append(Point(name, kind, gemm, seconds, all_flops, nbytes, ce, me, size, op.variant, backward,
-                                 memory_bound, fixed, reading))
+                                 memory_bound, fixed, fresh, reading))
 
 
 def _ctx(dtype: str, phase: str = "forward", **changes):
@@ -397,6 +408,7 @@ def calibrate(device: str = "cpu", *, hardware: Optional[str] = None, threads: O
     say(f"cold pool {pool_bytes / 1e6:.0f} MB (last-level cache {cache / 1e6:.0f} MB)")
     with torch.no_grad():
         measure_fixed_costs(bench)
+        measure_fresh_pages(bench)
         measure_gemms(bench)
         measure_int4_products(bench)
     if gemms_into is not None:
@@ -435,6 +447,52 @@ def measure_fixed_costs(bench: Bench) -> None:
     if bench.queued:
         bench.graph_launch_s = measure_graph_launch(bench)
     bench.say(f"fixed costs of {len(bench.fixed_cold)} kernels")
+
+
+def measure_fresh_pages(bench: Bench) -> None:
+    """A CPU's cost of fresh pages (flopsim.calibration, lookup step 7): at each size of
+    FRESH_PAGE_MIB, a copy into a buffer allocated for it, as an eager op allocates its
+    output (and freed after it, as the op's output is when it dies), against the same
+    copy into a buffer in use, alternating; the median over the sizes of the difference
+    a byte, at least 0. Measured before every other kernel, whose points are then
+    recorded net of it (Bench.record). Not on a GPU, whose caching allocator reuses
+    its blocks."""
+    if bench.device != "cpu":
+        return
+    from flopsim.calibration import GLIBC_MMAP_MAX_BYTES, FreshPages
+
+    torch = bench.torch
+    bench.fresh_reading = bench.read_probe()
+    rates = []
+    for mib in (SMOKE["fresh_pages"] if bench.smoke else FRESH_PAGE_MIB):
+        n = min(int(mib * 2 ** 20 / bench.value_bytes), bench.pool.numel())
+        src = bench.pool[:n]
+        kept = torch.empty_like(src)
+        kept.copy_(src)  # its pages in use from now on
+        fresh, reused = [], []
+        for _ in range(SMOKE["repeats"] if bench.smoke else FRESH_PAGE_REPEATS):
+            start = time.perf_counter()
+            torch.empty_like(src).copy_(src)
+            fresh.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            kept.copy_(src)
+            reused.append(time.perf_counter() - start)
+        rates.append(max(0.0, statistics.median(fresh) - statistics.median(reused)) / (n * bench.value_bytes))
+    sizes = "/".join(str(m) for m in (SMOKE["fresh_pages"] if bench.smoke else FRESH_PAGE_MIB))
+    bench.fresh_pages = FreshPages(
+        above_bytes=float(GLIBC_MMAP_MAX_BYTES), s_per_byte=statistics.median(rates),
+        source=(f"flopsim calibrate: a copy into a new {sizes} MiB buffer against one in use, "
+                f"{statistics.median(rates) * 1e12:.3g} ms a GB (median of the sizes); threshold: glibc "
+                f"malloc.c DEFAULT_MMAP_THRESHOLD_MAX"))
+    bench.say(f"fresh pages: {bench.fresh_pages.s_per_byte * 1e12:.3g} ms a GB above 32 MiB")
+
+
+def fresh_pages_at(bench: Bench, ref):
+    """The measured fresh pages scaled from the speed read beside them to `ref` (memory work)."""
+    if bench.fresh_pages is None or bench.fresh_reading is None:
+        return bench.fresh_pages
+    factor = ref.memory_s / bench.fresh_reading.memory_s
+    return bench.fresh_pages.model_copy(update={"s_per_byte": min(1e-6, bench.fresh_pages.s_per_byte * factor)})
 
 
 GRAPH_KERNELS = 256  # tiny kernels captured in the graph that measures graph_launch_s
@@ -934,7 +992,7 @@ def assemble(bench: Bench, cache_bytes: float, openmp: dict):
                 f"torch {torch.__version__}, {meta['threads']} threads, {bench.dtype}, {meta['date']}"),
         default=default, kinds=kinds, gemm=gemm_points, gemm_kinds=("matmul", "router", "conv", "attention"),
         sizes=size_points, launch_overhead_s=launch, fixed_s=fixed, host_s=host,
-        graph_launch_s=bench.graph_launch_s, measured=meta,
+        graph_launch_s=bench.graph_launch_s, fresh_pages=fresh_pages_at(bench, ref), measured=meta,
     )
 
 
@@ -980,6 +1038,7 @@ def replace_gemms(base, bench: Bench):
         "fixed_s": {**base.fixed_s, **fixed}, "launch_overhead_s": launch, "host_s": {**base.host_s, **host},
         "graph_launch_s": bench.graph_launch_s if bench.graph_launch_s is not None else base.graph_launch_s,
         "gemm": kept + fresh, "kinds": {**base.kinds, "matmul": kinds["matmul"]},
+        "fresh_pages": fresh_pages_at(bench, ref) or base.fresh_pages,  # what the new points are net of
         "default": base.default.model_copy(update={"compute": kinds["matmul"].compute}),  # as assemble sets it
         "source": f"{base.source}; matrix products and fixed costs re-measured {when} ({len(fresh)} shapes, "
                   f"--gemms-into)",

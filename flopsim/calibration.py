@@ -60,6 +60,20 @@ Lookup order for an op of kind K with GEMM shape (batch, m, n, k):
    collective runs on the other SMs, so each second of hidden traffic costs
    this share of a second of compute (flopsim.planning.train_step). 0 (the
    default): not known, no slowdown.
+7. fresh pages (`fresh_pages`): an eager framework allocates every op's
+   output anew, and a C library that maps large blocks from the OS hands
+   them over as fresh pages, which the kernel faults in and zeroes on the
+   first write (glibc's malloc maps a block above its mapping threshold,
+   which grows with use up to 32 MiB, DEFAULT_MMAP_THRESHOLD_MAX; smaller
+   ones come from its heap, in use). An allocation above `above_bytes`
+   costs `s_per_byte` seconds a byte beyond writing into memory in use
+   (measured by `flopsim calibrate` on a CPU: a copy into a new 64-256 MiB
+   buffer against the same copy into one in use). Each launch of an op
+   allocates its written activations (`act_write_bytes` / kernels) unless
+   it writes in place (tag `in_place`); flopsim.roofline.fresh_pages_s.
+   None (a GPU, whose caching allocator reuses its blocks; a published
+   calibration): no cost. A process whose heap already holds a free block
+   that large (freed by an earlier, larger step) serves it without faults.
 
 Another fused attention kernel (`attention_kernels[name]`, e.g. Triton's
 FlashAttention) has its own points; `with_attention_kernel(name)` puts them
@@ -169,6 +183,30 @@ class SizePoint(_Strict):
         return kind
 
 
+GLIBC_MMAP_MAX_BYTES = 32 * 2 ** 20  # glibc malloc.c DEFAULT_MMAP_THRESHOLD_MAX: 4 MiB x sizeof(long), 64-bit
+
+
+class FreshPages(_Strict):
+    """A host's fresh pages (lookup step 7): an allocation above `above_bytes` costs
+    `s_per_byte` seconds a byte of faulting in and zeroing its pages."""
+
+    above_bytes: float = Field(GLIBC_MMAP_MAX_BYTES, ge=0, le=1e16)
+    s_per_byte: float = Field(ge=0, le=1e-6)  # 1 us a byte: 4 ms a 4 kB page, beyond any page fault
+    source: str = ""
+
+
+def fresh_pages_s(fresh: Optional[FreshPages], alloc_bytes):
+    """Seconds of fresh pages for one allocation of `alloc_bytes` (a number or a numpy
+    array; lookup step 7): s_per_byte x its bytes above the threshold, else 0."""
+    if fresh is None:
+        return 0.0
+    if isinstance(alloc_bytes, (int, float)):
+        return fresh.s_per_byte * alloc_bytes if alloc_bytes > fresh.above_bytes else 0.0
+    import numpy as np
+
+    return np.where(np.asarray(alloc_bytes) > fresh.above_bytes, fresh.s_per_byte * alloc_bytes, 0.0)
+
+
 class LinkLevel(_Strict):
     """One level of the interconnect: a collective's fixed latency and the bus
     bandwidth (nccl-tests' busbw) of large messages; see the module docstring."""
@@ -202,6 +240,7 @@ class Calibration(_Strict):
     host_s: dict[str, float] = {}  # "kind[:variant][@bwd]" or "launch" -> host dispatch seconds per kernel (queued)
     links: dict[Literal["scale_up", "scale_up_torus", "scale_out"], LinkLevel] = {}
     collective_sm_share: float = Field(0.0, ge=0, lt=1)  # SMs a collective holds / all (lookup step 6)
+    fresh_pages: Optional[FreshPages] = None  # a large allocation's page faults (lookup step 7)
     # another fused attention kernel's points by name (e.g. "triton"): with_attention_kernel(name)
     attention_kernels: dict[str, list[GemmPoint]] = {}
     measured: Optional[dict[str, Any]] = None  # how it was measured (device, date, ...); None if not measured
@@ -249,7 +288,7 @@ class Calibration(_Strict):
     def is_ideal(self) -> bool:
         return (self.default == Efficiency() and all(e == Efficiency() for e in self.kinds.values())
                 and not self.gemm and not self.sizes and self.launch_overhead_s is None and not self.fixed_s
-                and not self.host_s and not self.links)
+                and not self.host_s and not self.links and self.fresh_pages is None)
 
     @property
     def kind(self) -> str:
@@ -396,8 +435,9 @@ class Calibration(_Strict):
         reading): compute efficiencies x ref.compute_s / now.compute_s, memory
         efficiencies x ref.memory_s / now.memory_s, the host's per-kernel costs x
         now.fixed_s / ref.fixed_s (`host_s` on a device that queues kernels, whose
-        device-side `fixed_s` does not move with the host; else `fixed_s`).
-        Unchanged without a reference reading."""
+        device-side `fixed_s` does not move with the host; else `fixed_s`), fresh
+        pages' seconds a byte x now.memory_s / ref.memory_s. Unchanged without a
+        reference reading."""
         ref = (self.measured or {}).get("probe")
         if not ref:
             return self
@@ -417,7 +457,10 @@ class Calibration(_Strict):
                                         "memory": min(MAX_EFFICIENCY, p.memory * m)})
 
         update = {"default": eff(self.default), "kinds": {k: eff(v) for k, v in self.kinds.items()},
-                  "gemm": [point(p) for p in self.gemm], "sizes": [size(p) for p in self.sizes]}
+                  "gemm": [point(p) for p in self.gemm], "sizes": [size(p) for p in self.sizes],
+                  # zeroing fresh pages is memory work: its seconds a byte move with memory speed
+                  "fresh_pages": None if self.fresh_pages is None else self.fresh_pages.model_copy(
+                      update={"s_per_byte": min(1e-6, self.fresh_pages.s_per_byte / m)})}
         if self.host_s:
             update["host_s"] = {k: min(MAX_FIXED_S, v * f) for k, v in self.host_s.items()}
         else:

@@ -6,6 +6,7 @@ sweep (numpy arrays):
     compute_s = executed_flops / (peak_flops_per_s * compute_eff)
     memory_s  = bytes     / (memory_bandwidth_bytes_per_s * memory_eff)
     device_s  = max(compute_s, memory_s) + kernels * fixed_s   (0 for an op with no work)
+                + fresh_s                                        (fresh pages, `fresh_pages_s`)
     host_s    = kernels * host dispatch per kernel               (0 unless the device queues kernels)
     time_s    = host_s + device_s                                (the op alone)
     bound     = "compute" if compute_s >= memory_s else "memory"
@@ -41,6 +42,11 @@ Conventions:
   Calibration (ideal: 1, 1 and the hardware's launch_overhead_s); `kernels`
   is the op's expected launches per step (Op.kernels: below 1 for a branch
   that is not always taken, so a skipped block costs no launch).
+- `fresh_s`: on a host whose allocator maps large buffers afresh (a CPU with
+  glibc's malloc), each launch's output, `act_write_bytes / kernels` unless
+  the op writes in place (tag `in_place`), costs the calibration's fresh-page
+  seconds a byte once above its threshold (flopsim.calibration, lookup step
+  7); 0 without such figures (a GPU's caching allocator reuses its blocks).
 - Weights and the KV cache are read from memory, not cache (a step reads
   each once): the calibration measures matrix products and decode attention
   with them cold, so their memory efficiency is that of cold reads.
@@ -152,6 +158,24 @@ def executed_flops(op):
     return op.all_flops
 
 
+def fresh_pages_s(write_bytes, kernels, in_place: bool, fresh):
+    """Seconds an op's launches spend on fresh pages (see the module docstring):
+    `kernels` launches, each allocating `write_bytes / kernels` (numbers or numpy
+    arrays), priced by `fresh` (a calibration's `fresh_pages`); 0 for an op that
+    writes in place or without the figure."""
+    from flopsim.calibration import fresh_pages_s as per_allocation
+
+    if in_place or fresh is None:
+        return 0.0
+    if isinstance(kernels, (int, float)) and isinstance(write_bytes, (int, float)):
+        return kernels * per_allocation(fresh, write_bytes / kernels) if kernels > 0 else 0.0
+    import numpy as np
+
+    kernels = np.asarray(kernels, dtype=float)
+    launches = np.maximum(kernels, 1e-300)
+    return np.where(kernels > 0, kernels * per_allocation(fresh, write_bytes / launches), 0.0)
+
+
 def bound_of(compute_s, memory_s):
     return "compute" if compute_s >= memory_s else "memory"
 
@@ -190,6 +214,7 @@ class OpTime:
     host_sync: bool = False  # the host waits for the device after this op (flopsim.ops.op.Op.host_sync)
     comm_s: float = 0.0  # a collective's time on its link (bound "comm")
     comm_bytes: float = 0.0  # a collective's message
+    fresh_s: float = 0.0  # fresh pages of its outputs (in device_s; `fresh_pages_s`)
     tags: dict = field(default_factory=dict, compare=False)  # a collective's group, ranks, level, per, window
 
     @property
@@ -271,6 +296,9 @@ def op_time(op, hw, dtype: str, calibration=None, links=None, efficiency=None) -
         float(executed_flops(op)), float(nbytes), peak, hw.memory_bandwidth_bytes_per_s,
         compute_eff, memory_eff, calibration.fixed_cost_s(op.kind, op.variant, hw, backward), kernels)
     compute_s, memory_s, device_s = float(compute_s), float(memory_s), float(time_s)
+    fresh_s = float(fresh_pages_s(float(getattr(op, "act_write_bytes", 0)), kernels, bool(op.tags.get("in_place")),
+                                  calibration.fresh_pages))
+    device_s += fresh_s
     host_s = kernels * calibration.host_cost_s(op.kind, op.variant, backward) if device_s > 0 else 0.0
     time_s = host_s + device_s
     overhead = time_s - max(compute_s, memory_s)
@@ -281,7 +309,7 @@ def op_time(op, hw, dtype: str, calibration=None, links=None, efficiency=None) -
         peak_flops_per_s=peak, compute_eff=float(compute_eff), memory_eff=float(memory_eff),
         compute_s=compute_s, memory_s=memory_s, overhead_s=overhead, time_s=time_s,
         bound=bound_of(compute_s, memory_s), kernels=kernels, variant=op.variant, host_s=host_s, device_s=device_s,
-        host_sync=bool(getattr(op, "host_sync", False)),
+        host_sync=bool(getattr(op, "host_sync", False)), fresh_s=fresh_s,
     )
 
 

@@ -44,7 +44,7 @@ import numpy as np
 import sympy as sp
 
 from flopsim.errors import InputError, SpecError
-from flopsim.roofline import executed_flops, overlap_times, products_per_kernel, roofline_time
+from flopsim.roofline import executed_flops, fresh_pages_s, overlap_times, products_per_kernel, roofline_time
 
 TOKEN_AXES = ("batch", "seq", "context")
 # short names and dotted spec paths -> Dims names (flopsim.ops.symbols.SYMBOL_NAMES)
@@ -495,7 +495,8 @@ class _Plan:
             shape_aware = op.gemm is not None and cal.uses_gemm_shape(op.kind)
             gemm = tuple(_sub(g, subs) for g in op.gemm) if shape_aware else None
             key = (op.kind, op.variant, _sub(op.flops, subs), _sub(executed_flops(op), subs), _sub(op.bytes, subs), gemm,
-                   _sub(op.kernels, subs), op.pass_ == "bwd", op.host_sync)
+                   _sub(op.kernels, subs), op.pass_ == "bwd", op.host_sync, _sub(op.act_write_bytes, subs),
+                   bool(op.tags.get("in_place")))
             groups[key] = groups.get(key, 0) + 1
             order.append(key)
         self.groups = list(groups.items())
@@ -511,7 +512,8 @@ class _Plan:
             return index[e]
 
         self.items = []
-        for (kind, variant, flops, executed, nbytes, gemm, kernels, backward, host_sync), mult in self.groups:
+        for (kind, variant, flops, executed, nbytes, gemm, kernels, backward, host_sync, written, in_place), mult \
+                in self.groups:
             self.items.append(dict(
                 kind=kind, variant=variant, mult=mult, peak=op_peak_flops_per_s(kind, hw, spec.compute_dtype),
                 flops=ref(flops), executed_flops=ref(executed), bytes=ref(nbytes), kernels=ref(kernels),
@@ -519,6 +521,7 @@ class _Plan:
                 never_empty=bool((executed + nbytes).is_positive),
                 fixed_s=cal.fixed_cost_s(kind, variant, hw, backward), backward=backward,
                 host_s=cal.host_cost_s(kind, variant, backward), host_sync=host_sync,
+                written=ref(written), in_place=in_place,
             ))
         self.queued = any(item["host_s"] for item in self.items)
         self.total_flops = ref(sp.Add(*[mult * key[2] for key, mult in self.groups]))
@@ -605,10 +608,11 @@ class _Plan:
                 t = t * mask
                 accumulate(cbound, t, owned=True)
             launched = values[item["kernels"]] * (1.0 if item["never_empty"] else (np.add(af, by) > 0))
-            launch = launch + mult * item["fixed_s"] * launched  # fixed cost x expected launches
+            fresh = fresh_pages_s(values[item["written"]], values[item["kernels"]], item["in_place"], self.cal.fresh_pages)
+            launch = launch + mult * (item["fixed_s"] * launched + fresh)  # fixed cost x launches, fresh pages
             if self.queued:
                 host.append(item["host_s"] * launched)
-                device.append(busy + item["fixed_s"] * launched)
+                device.append(busy + item["fixed_s"] * launched + fresh)
         roofline_s = sum(roof.values(), 0.0)
         compute_bound = sum(cbound.values(), 0.0)
         time_s = roofline_s + launch

@@ -56,6 +56,9 @@ def test_calibrate_measures_every_benchmark_kind(smoke_calibration):
             "optimizer"} <= set(cal.fixed_s)
     assert all(v > 0 for v in cal.fixed_s.values())
     assert any(p.kind == "optimizer" for p in cal.sizes)
+    # a CPU's fresh pages: above glibc's mapping ceiling, a cost a byte (calibration lookup step 7)
+    assert cal.fresh_pages.above_bytes == 32 * 2 ** 20 and cal.fresh_pages.s_per_byte >= 0
+    assert "DEFAULT_MMAP_THRESHOLD_MAX" in cal.fresh_pages.source
     # decode-shaped products (m = 1) were measured memory-bound, large ones compute-bound
     assert any(g.memory and not g.compute for g in cal.gemm if g.kind == "matmul" and g.m == 1)
     assert any(g.compute and not g.memory for g in cal.gemm if g.kind == "matmul" and g.m == 24)
@@ -78,7 +81,7 @@ def test_calibration_points_reproduce_their_measurement(smoke_calibration):
         ce, me = cal.efficiency(p.kind, p.gemm, p.bytes)
         compute_s, memory_s, _ = roofline_time(p.all_flops, p.bytes, hw.peak_flops_per_s_for("fp32")[0],
                                                hw.memory_bandwidth_bytes_per_s, ce, me)
-        busy = max(p.seconds - p.fixed_s, 0.1 * p.seconds)
+        busy = max(p.seconds - p.fixed_s - p.fresh_s, 0.1 * p.seconds)
         # scaled from the host speed the drift probe read beside the point to the calibration's median
         ref = cal.measured["probe"]
         speed = (ref["memory_s"] / p.probe.memory_s) if p.memory_bound else (ref["compute_s"] / p.probe.compute_s)

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import tiny
-from flopsim.calibration import Calibration, load_calibration
+from flopsim.calibration import Calibration, FreshPages, load_calibration
 from flopsim.collectives import collective_s, factor
 from flopsim.count import count, evaluate_ops
 from flopsim.errors import InputError
@@ -218,6 +218,9 @@ def test_at_speed_scales_each_ceiling_by_its_probe_component():
     assert slow.sizes[0].memory == pytest.approx(0.1) and slow.sizes[0].compute == pytest.approx(0.05)
     assert slow.fixed_s["norm"] == pytest.approx(2e-5) and slow.launch_overhead_s == pytest.approx(4e-6)
     assert _cal().at_speed(ProbeReading(1.0, 1.0, 1.0)) == _cal()  # no reference reading: unchanged
+    paged = cal.model_copy(update={"fresh_pages": FreshPages(s_per_byte=2e-10)})  # zeroing pages: memory work
+    assert paged.at_speed(ProbeReading(compute_s=2e-3, memory_s=4e-4, fixed_s=1e-4)).fresh_pages.s_per_byte == \
+        pytest.approx(4e-10)
 
 
 # -- host dispatch overlapping the device (a GPU run eagerly) ------------------------------
@@ -405,3 +408,81 @@ def test_a_reading_right_after_a_large_kernel_does_not_scale_its_point():
     # validation's readings, taken runner after runner in each round, smoothed in the order taken
     per_runner = [[quiet, quiet], [ProbeReading(1e-3, 2e-3, 5e-5), quiet], [quiet, quiet]]
     assert smoothed_round_robin(per_runner) == [[quiet, quiet]] * 3
+
+
+# -- fresh pages (a CPU's allocator maps large outputs afresh) ---------------------------
+
+MIB = 2 ** 20
+
+
+def test_fresh_pages_are_paid_by_allocations_above_the_threshold():
+    """Each launch allocates write_bytes / kernels; above glibc's 32 MiB the bytes cost
+    s_per_byte each, at or below it nothing (the heap serves them), in place nothing."""
+    import numpy as np
+
+    from flopsim.roofline import fresh_pages_s
+
+    fresh = FreshPages(s_per_byte=2e-10)
+    assert fresh.above_bytes == 32 * MIB  # glibc malloc.c DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
+    assert fresh_pages_s(64 * MIB, 1, False, fresh) == pytest.approx(2e-10 * 64 * MIB)
+    assert fresh_pages_s(32 * MIB, 1, False, fresh) == 0.0
+    assert fresh_pages_s(128 * MIB, 2, False, fresh) == pytest.approx(2e-10 * 128 * MIB)  # two of 64 MiB
+    assert fresh_pages_s(64 * MIB, 4, False, fresh) == 0.0  # four of 16 MiB
+    assert fresh_pages_s(64 * MIB, 1, True, fresh) == 0.0  # written in place
+    assert fresh_pages_s(64 * MIB, 1, False, None) == 0.0  # no figure (a GPU)
+    assert fresh_pages_s(64 * MIB, 0, False, fresh) == 0.0  # never launched
+    grid = fresh_pages_s(np.array([16.0, 64.0, 64.0]) * MIB, np.array([1.0, 1.0, 0.5]), False, fresh)
+    assert grid.tolist() == pytest.approx([0.0, 2e-10 * 64 * MIB, 2e-10 * 64 * MIB])  # half a launch of 128 MiB
+
+
+def _sparse_ff():
+    """The full CPU suite's sparse FF decoder (specs/validation/full.yaml), fp32."""
+    from flopsim.spec import load_model
+
+    return load_model("decoder-220m").with_changes(
+        layers=4, d_model=512, heads=8, d_ff=2048, vocab=8000, max_seq=4096, dtype="fp32", family="sparse_ff",
+        sparse_ff={"block_size": 16, "d_lowrank": 32})
+
+
+def test_sparse_ff_forward_pays_fresh_pages_for_its_weight_copies_and_sweep_agrees():
+    """At B = 2, S = 256 each token's weight copy is n * (d_ff / N) * d_model * 4 bytes =
+    512 * 128 * 512 * 4 = 128 MiB, one allocation per gather: the up and down gathers of
+    the 4 blocks pay for it, nothing else does; at decode (n = 2) nothing does."""
+    from flopsim.sweep import sweep
+
+    cpu = load_hardware("cpu")
+    base = load_calibration("auto", cpu).model_copy(update={"fresh_pages": None})
+    paged = base.model_copy(update={"fresh_pages": FreshPages(s_per_byte=1.5e-10)})
+    spec = _sparse_ff()
+    r = predict(spec, cpu, phase="forward", batch=2, seq=256, calibration=paged)
+    plain = predict(spec, cpu, phase="forward", batch=2, seq=256, calibration=base)
+    copy = 2 * 256 * (2048 // 16) * 512 * 4
+    assert copy == 128 * MIB
+    paying = {o.name: o.fresh_s for o in r.ops if o.fresh_s > 0}
+    assert sorted(paying) == sorted(f"block.{i}.mlp.{w}.gather" for i in range(4) for w in ("up", "down"))
+    assert all(v == pytest.approx(1.5e-10 * copy) for v in paying.values())
+    assert r.time_s - plain.time_s == pytest.approx(8 * 1.5e-10 * copy)
+    decode = predict(spec, cpu, phase="decode", batch=2, context=1024, calibration=paged)
+    assert not any(o.fresh_s for o in decode.ops)
+    grid = sweep(spec, cpu, phase="forward", vary={"batch": [2, 1]}, seq=256, calibration=paged).table()
+    assert grid.time_s.iloc[0] == pytest.approx(r.time_s, rel=1e-9)
+
+
+def test_calibrate_records_points_net_of_their_fresh_pages():
+    """A memory-bound kernel timed at t seconds whose output (64 MiB) is mapped afresh is
+    recorded at t - fixed - fresh, as predict adds the fresh pages back."""
+    import torch
+
+    from flopsim.calibrate import Bench, _ctx
+    from flopsim.ops import primitives as P
+
+    cpu = load_hardware("cpu")
+    bench = Bench(torch=torch, device="cpu", dtype="fp32", hw=cpu, timed=None, pool=None, say=print, smoke=True,
+                  gen=None, fixed_hot={"launch": 1e-5}, fresh_pages=FreshPages(s_per_byte=1e-10))
+    n = 16 * MIB  # fp32 elements: 64 MiB written
+    op = P.elementwise(_ctx("fp32"), "x", layer=0, elements=n, op="copy", module="x")[0]
+    bench.record("copy", "elementwise", None, 0.05, op, matrix=False)
+    point = bench.points[-1]
+    assert point.fresh_s == pytest.approx(1e-10 * 4 * n)
+    busy = 0.05 - 1e-5 - 1e-10 * 4 * n
+    assert point.memory_eff == pytest.approx(point.bytes / cpu.memory_bandwidth_bytes_per_s / busy)

@@ -32,7 +32,8 @@ def _summary_lines(r) -> list[str]:
         + f", {r.spec.precision_label}",
         f"  time          {human_time(s['time_s'])}  ({s['bound']}-bound: compute-bound ops "
         f"{human_time(s['compute_bound_s'])}, memory-bound ops {human_time(s['memory_bound_s'])}, "
-        f"launch {human_time(s['overhead_s'])} over {s['kernels']} kernels)",
+        f"launch {human_time(s['overhead_s'] - s['fresh_s'])} over {s['kernels']} kernels"
+        + (f", fresh pages {human_time(s['fresh_s'])}" if s["fresh_s"] else "") + ")",
         f"  FLOPs         {s['flops']:,}  ({human(s['flops'], 'FLOP')}; with elementwise {human(s['all_flops'], 'FLOP')})",
         f"  bytes         {human(s['bytes'], 'B')}",
         f"  tokens/s      {human(s['tokens_per_s'])}",

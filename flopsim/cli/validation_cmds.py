@@ -62,7 +62,9 @@ def calibrate(
     m = cal.measured
     out.print(f"wrote [bold]{path}[/]: {len(points)} benchmarks on {m['device_name']} ({m['threads']} threads, {m['dtype']})")
     out.print(f"  launch overhead {m['launch_overhead_s'] * 1e6:.2f} us, achieved copy bandwidth "
-              f"{human(m['achieved_bandwidth_bytes_per_s'], 'B/s')}")
+              f"{human(m['achieved_bandwidth_bytes_per_s'], 'B/s')}"
+              + (f", fresh pages {cal.fresh_pages.s_per_byte * 1e12:.3g} ms a GB above "
+                 f"{cal.fresh_pages.above_bytes / 2 ** 20:.0f} MiB" if cal.fresh_pages is not None else ""))
     out.print(rich_table(None, ["benchmark", "kind", "time", "compute eff", "memory eff"],
                          [[r["benchmark"], r["kind"], f"{r['time_s'] * 1e6:.1f} us", f"{r['compute_eff']:.3f}",
                            f"{r['memory_eff']:.3f}"] for r in rows]))

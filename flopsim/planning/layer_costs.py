@@ -99,8 +99,8 @@ class ShardedModel:
         from flopsim.roofline import op_time
 
         key = (cost.kind, cost.variant, cost.pass_, cost.flops, cost.other_flops, cost.causal_flops, cost.bytes,
-               cost.weight_bytes, cost.kv_read_bytes, cost.comm_bytes, cost.gemm, cost.kernels,
-               tuple(sorted((k, v) for k, v in cost.tags.items() if k in ("ranks", "level"))))
+               cost.weight_bytes, cost.kv_read_bytes, cost.act_write_bytes, cost.comm_bytes, cost.gemm, cost.kernels,
+               tuple(sorted((k, v) for k, v in cost.tags.items() if k in ("ranks", "level", "in_place"))))
         if key not in self._times:
             self._times[key] = op_time(cost, self.hw, self.spec.compute_dtype, self.cal, self.links.by_level)
         return self._times[key]

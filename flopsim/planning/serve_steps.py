@@ -43,7 +43,7 @@ from flopsim.ops.fields import BYTE_FIELDS
 
 _SUMMED = ("flops", "causal_flops", "other_flops", *(f for f in BYTE_FIELDS if f != "weight_bytes"), "comm_bytes")
 _KEY = tuple(f.name for f in fields(OpCost) if f.name not in ("name", "layer", "module", "tags"))
-_LINK_TAGS = ("group", "ranks", "level")  # what prices a collective besides its values
+_LINK_TAGS = ("group", "ranks", "level", "in_place")  # what prices an op besides its values (a collective's link)
 
 
 def _merge_one(a: OpCost, b: OpCost, union: OpCost) -> OpCost:
