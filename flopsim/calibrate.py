@@ -1097,6 +1097,7 @@ def _size_points(mine: list, kind: str, backward: bool) -> list:
                 continue
             out.append(SizePoint(kind=kind, variant=variant, backward=backward,
                                  bytes=statistics.median(p.bytes for p in at),
+                                 flops=statistics.median(p.all_flops for p in at),
                                  compute=statistics.median(p.compute_eff for p in at),
                                  memory=statistics.median(p.memory_eff for p in at)))
     return out

@@ -22,7 +22,11 @@ Lookup order for an op of kind K with GEMM shape (batch, m, n, k):
    kind's;
 2. otherwise, when `sizes` lists measured sizes for K (memory-bound kinds:
    small tensors stay in cache; per variant, e.g. gelu or rmsnorm, when
-   measured), the same interpolation over log(bytes) gives both efficiencies;
+   measured), the same interpolation over log(bytes) gives the memory
+   efficiency, and over log(executed FLOPs) the compute efficiency where the
+   points record their FLOPs (else over log(bytes) too): a kernel whose bytes
+   and arithmetic scale apart (an embedding's backward, the table's bytes
+   and the rows' adds) meets the measured kernels that did as much work;
 3. otherwise (and for a point without a memory efficiency) `kinds[K]`
    (`kinds["K@bwd"]` for a backward op, when given), else `default`.
    Backward ops (autograd's kernels) use points measured on backward
@@ -171,6 +175,7 @@ class SizePoint(_Strict):
     bytes: float = Field(gt=0, le=1e16)
     compute: float = Field(ge=MIN_EFFICIENCY, le=MAX_EFFICIENCY)
     memory: float = Field(ge=MIN_EFFICIENCY, le=MAX_EFFICIENCY)
+    flops: Optional[float] = Field(None, ge=0, le=1e21)  # the kernel's executed FLOPs: its compute coordinate
     variant: Optional[str] = None  # the kernel measured (e.g. gelu, rmsnorm)
     backward: bool = False  # measured on the kernel's backward (autograd's) rather than its forward
     source: Optional[str] = None  # a published point's citation
@@ -367,7 +372,7 @@ class Calibration(_Strict):
         return bool(self._points(kind))
 
     def efficiency(self, kind: str, gemm: Optional[tuple] = None, nbytes=None, variant: Optional[str] = None,
-                   backward: bool = False, per_kernel=1):
+                   backward: bool = False, per_kernel=1, flops=None):
         """(compute, memory) efficiency of an op, interpolated between the
         measured GEMM shapes (gemm kinds) or measured sizes (`nbytes`, the op's
         bytes) of its kind and variant, else the kind's, else the default.
@@ -380,7 +385,11 @@ class Calibration(_Strict):
         (a bmm or grouped GEMM: all of `batch`; a loop of launches: 1); such a kernel is
         looked up as one product of its combined size: (per_kernel * m, n, k) for its
         compute, (m, per_kernel * n, k) for its memory (it streams all its products'
-        weights, as one product that wide would)."""
+        weights, as one product that wide would). Size points give the memory efficiency
+        at the op's bytes and, when they record their FLOPs and the op's `flops` (executed)
+        are given, the compute efficiency at its FLOPs: a kernel whose bytes and arithmetic
+        scale apart (an embedding's backward: the table's bytes, the rows' adds) is
+        compared with the measured kernels that did as much arithmetic."""
         base = self.kinds.get(f"{kind}@bwd" if backward and f"{kind}@bwd" in self.kinds else kind, self.default)
         points = self._points(kind, variant, backward) if gemm is not None else []
         if points:
@@ -409,8 +418,12 @@ class Calibration(_Strict):
             return compute, base.memory if streaming is None else streaming
         sized = self._matching(self.sizes, kind, variant, kindless=False, backward=backward) if nbytes is not None else []
         if sized:
-            return _interpolate([nbytes], [(p.bytes,) for p in sized], [p.compute for p in sized],
-                                [p.memory for p in sized])
+            compute, memory = _interpolate([nbytes], [(p.bytes,) for p in sized], [p.compute for p in sized],
+                                           [p.memory for p in sized])
+            if flops is not None and all(p.flops is not None for p in sized):
+                compute = _interpolate([flops], [(p.flops,) for p in sized], [p.compute for p in sized],
+                                       [p.compute for p in sized])[0]
+            return compute, memory
         return base.compute, base.memory
 
     def _streaming_memory(self, nbytes):

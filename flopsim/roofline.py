@@ -290,10 +290,11 @@ def op_time(op, hw, dtype: str, calibration=None, links=None, efficiency=None) -
     backward = op.pass_ == "bwd"
     kernels = float(getattr(op, "kernels", 1))
     all_flops, nbytes = op.all_flops, op.bytes  # (OpCost.bytes is a sum: read once)
+    executed = float(executed_flops(op))
     compute_eff, memory_eff = efficiency(op.kind, op.gemm, float(nbytes), op.variant, backward,
-                                         products_per_kernel(op.gemm, kernels))
+                                         products_per_kernel(op.gemm, kernels), executed)
     compute_s, memory_s, time_s = roofline_time(
-        float(executed_flops(op)), float(nbytes), peak, hw.memory_bandwidth_bytes_per_s,
+        executed, float(nbytes), peak, hw.memory_bandwidth_bytes_per_s,
         compute_eff, memory_eff, calibration.fixed_cost_s(op.kind, op.variant, hw, backward), kernels)
     compute_s, memory_s, device_s = float(compute_s), float(memory_s), float(time_s)
     fresh_s = float(fresh_pages_s(float(getattr(op, "act_write_bytes", 0)), kernels, bool(op.tags.get("in_place")),

@@ -594,7 +594,7 @@ class _Plan:
             af, by = values[item["executed_flops"]], values[item["bytes"]]
             gemm = tuple(values[g] for g in item["gemm"]) if item["gemm"] is not None else None
             per_kernel = products_per_kernel(gemm, values[item["kernels"]])
-            ce, me = self.cal.efficiency(item["kind"], gemm, by, item["variant"], item["backward"], per_kernel)
+            ce, me = self.cal.efficiency(item["kind"], gemm, by, item["variant"], item["backward"], per_kernel, af)
             mult = item["mult"]
             # the roofline (flopsim.roofline.roofline_time) with the multiplicity folded in
             c, m, t = roofline_time(af, by, item["peak"] / mult, bw / mult, ce, me, 0.0)

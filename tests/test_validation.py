@@ -56,6 +56,7 @@ def test_calibrate_measures_every_benchmark_kind(smoke_calibration):
             "optimizer"} <= set(cal.fixed_s)
     assert all(v > 0 for v in cal.fixed_s.values())
     assert any(p.kind == "optimizer" for p in cal.sizes)
+    assert all(p.flops is not None for p in cal.sizes)  # each size point's compute coordinate
     # a CPU's fresh pages: above glibc's mapping ceiling, a cost a byte (calibration lookup step 7)
     assert cal.fresh_pages.above_bytes == 32 * 2 ** 20 and cal.fresh_pages.s_per_byte >= 0
     assert "DEFAULT_MMAP_THRESHOLD_MAX" in cal.fresh_pages.source

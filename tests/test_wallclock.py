@@ -486,3 +486,20 @@ def test_calibrate_records_points_net_of_their_fresh_pages():
     assert point.fresh_s == pytest.approx(1e-10 * 4 * n)
     busy = 0.05 - 1e-5 - 1e-10 * 4 * n
     assert point.memory_eff == pytest.approx(point.bytes / cpu.memory_bandwidth_bytes_per_s / busy)
+
+
+def test_size_points_give_the_compute_efficiency_at_the_ops_flops():
+    """An embedding's backward moves its table's bytes and does its rows' adds: two points
+    of about one table's bytes, measured with 7 and 488 rows (7 k and 500 k adds), carry
+    compute efficiencies 100x apart. An op of 512 rows on the same table takes the compute
+    efficiency of the point that did as much arithmetic (exact at its FLOPs), and its
+    memory efficiency by bytes; without FLOPs (an older file's points, or no `flops`
+    given) both come by bytes."""
+    points = [{"kind": "embedding", "backward": True, "bytes": 16.8e6, "flops": 7e3, "compute": 5e-5, "memory": 1.6},
+              {"kind": "embedding", "backward": True, "bytes": 18.8e6, "flops": 5e5, "compute": 6e-3, "memory": 1.2}]
+    cal = _cal(sizes=points)
+    compute, memory = cal.efficiency("embedding", None, 16.8e6, None, True, 1, 5e5)
+    assert compute == pytest.approx(6e-3) and memory == pytest.approx(1.6)
+    assert cal.efficiency("embedding", None, 16.8e6, None, True)[0] == pytest.approx(5e-5)  # no flops: by bytes
+    older = _cal(sizes=[{k: v for k, v in p.items() if k != "flops"} for p in points])
+    assert older.efficiency("embedding", None, 16.8e6, None, True, 1, 5e5)[0] == pytest.approx(5e-5)
