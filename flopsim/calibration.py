@@ -199,17 +199,14 @@ class FreshPages(_Strict):
     s_per_byte: float = Field(ge=0, le=1e-6)  # 1 us a byte: 4 ms a 4 kB page, beyond any page fault
     source: str = ""
 
+    def seconds(self, alloc_bytes):
+        """Seconds of fresh pages for one allocation of `alloc_bytes` (a number or a numpy
+        array): s_per_byte x its bytes above the threshold, else 0."""
+        if isinstance(alloc_bytes, (int, float)):
+            return self.s_per_byte * alloc_bytes if alloc_bytes > self.above_bytes else 0.0
+        import numpy as np
 
-def fresh_pages_s(fresh: Optional[FreshPages], alloc_bytes):
-    """Seconds of fresh pages for one allocation of `alloc_bytes` (a number or a numpy
-    array; lookup step 7): s_per_byte x its bytes above the threshold, else 0."""
-    if fresh is None:
-        return 0.0
-    if isinstance(alloc_bytes, (int, float)):
-        return fresh.s_per_byte * alloc_bytes if alloc_bytes > fresh.above_bytes else 0.0
-    import numpy as np
-
-    return np.where(np.asarray(alloc_bytes) > fresh.above_bytes, fresh.s_per_byte * alloc_bytes, 0.0)
+        return np.where(np.asarray(alloc_bytes) > self.above_bytes, self.s_per_byte * alloc_bytes, 0.0)
 
 
 class LinkLevel(_Strict):

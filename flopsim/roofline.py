@@ -163,17 +163,15 @@ def fresh_pages_s(write_bytes, kernels, in_place: bool, fresh):
     `kernels` launches, each allocating `write_bytes / kernels` (numbers or numpy
     arrays), priced by `fresh` (a calibration's `fresh_pages`); 0 for an op that
     writes in place or without the figure."""
-    from flopsim.calibration import fresh_pages_s as per_allocation
-
     if in_place or fresh is None:
         return 0.0
     if isinstance(kernels, (int, float)) and isinstance(write_bytes, (int, float)):
-        return kernels * per_allocation(fresh, write_bytes / kernels) if kernels > 0 else 0.0
+        return kernels * fresh.seconds(write_bytes / kernels) if kernels > 0 else 0.0
     import numpy as np
 
     kernels = np.asarray(kernels, dtype=float)
     launches = np.maximum(kernels, 1e-300)
-    return np.where(kernels > 0, kernels * per_allocation(fresh, write_bytes / launches), 0.0)
+    return np.where(kernels > 0, kernels * fresh.seconds(write_bytes / launches), 0.0)
 
 
 def bound_of(compute_s, memory_s):
