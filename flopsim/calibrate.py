@@ -482,7 +482,8 @@ def measure_fresh_pages(bench: Bench) -> None:
     bench.fresh_pages = FreshPages(
         above_bytes=float(GLIBC_MMAP_MAX_BYTES), s_per_byte=statistics.median(rates),
         source=(f"flopsim calibrate: a copy into a new {sizes} MiB buffer against one in use, "
-                f"{statistics.median(rates) * 1e12:.3g} ms a GB (median of the sizes); threshold: glibc "
+                f"{statistics.median(rates) * 1e12:.3g} ms a GB as measured (median of the sizes; the figure is "
+                f"scaled to the calibration's reference speed); threshold: glibc "
                 f"malloc.c DEFAULT_MMAP_THRESHOLD_MAX"))
     bench.say(f"fresh pages: {bench.fresh_pages.s_per_byte * 1e12:.3g} ms a GB above 32 MiB")
 

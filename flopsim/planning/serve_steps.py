@@ -43,7 +43,7 @@ from flopsim.ops.fields import BYTE_FIELDS
 
 _SUMMED = ("flops", "causal_flops", "other_flops", *(f for f in BYTE_FIELDS if f != "weight_bytes"), "comm_bytes")
 _KEY = tuple(f.name for f in fields(OpCost) if f.name not in ("name", "layer", "module", "tags"))
-_LINK_TAGS = ("group", "ranks", "level", "in_place")  # what prices an op besides its values (a collective's link)
+_PRICING_TAGS = ("group", "ranks", "level", "in_place")  # what prices an op besides its values (a collective's link)
 
 
 def _merge_one(a: OpCost, b: OpCost, union: OpCost) -> OpCost:
@@ -79,7 +79,7 @@ def with_every_logit(prefill: list, decode: list, blocks: int) -> list:
 
 def _op_key(op) -> tuple:
     """What an op's cost depends on (symbolic Op or OpCost): its expressions or values, kind and group."""
-    tags = tuple((k, op.tags[k]) for k in _LINK_TAGS if k in op.tags)
+    tags = tuple((k, op.tags[k]) for k in _PRICING_TAGS if k in op.tags)
     if isinstance(op, OpCost):
         return tuple(getattr(op, f) for f in _KEY) + tags
     return (op.kind, op.variant, op.pass_, tuple(op.expressions().items()), op.host_sync) + tags
