@@ -48,7 +48,9 @@ MOD = [("mod-c1/8-every2", ("forward", "train", "prefill")), ("mod-predictor-gat
 MOE = [("moe-dropless-top2", ("forward", "train", "prefill")), ("moe-dropless-shared-bias", ("train",)),
        ("moe-dropless-shared-gate", ("forward", "train")),  # dropless decode reads expected experts
        ("moe-capacity-top2-gated", ("train", "decode")), ("moe-capacity-drops", ("train",)),
-       ("moe-expert-choice-shared", ("train", "decode")), ("moe-dropless-explicit-attn", ("train",))]
+       ("moe-expert-choice-shared", ("train", "decode")), ("moe-dropless-explicit-attn", ("train",)),
+       # the per-expert loop as it runs: its outputs joined, gradients joined and stacked
+       ("moe-dropless-loop-bias", ("forward", "train")), ("moe-dropless-loop-gated", ("train", "prefill"))]
 MODE = [(spec.name, ("train", "prefill")) for spec, _ in mode_grid.GRID[::4]]
 SPARSE_FF = [("n8", ("train",)), ("gated-llama", ("train",)), ("explicit-attn", ("train",)),
              ("encoder-gated-n2", ("train",))]

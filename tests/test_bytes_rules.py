@@ -139,6 +139,28 @@ def test_split_backward_concatenation_is_free():
     assert all(k.free for k in split)
 
 
+def test_eager_joins_are_kernels_where_the_reference_marks_them():
+    """SPLIT's exception: MoE's per-expert loop (moe.kernel loop) runs its splits and unbinds
+    inside eager_joins, so the joins of their gradients are the copies they are in eager code:
+    the input gradients' cat (rows x d_in) and the weight gradients' stack (E x d_in x d_out,
+    and the biases' E x d_out), each read and written once. The same loop marked as one grouped
+    GEMM (moe.kernel grouped) joins nothing."""
+    moe = dict(experts=4, top_k=2)
+    _, _, kernels = run("gpt2-small", "train", layers=1, family="moe", moe={**moe, "kernel": "loop"})
+    rows, d, d_ff, experts = 2 * 5 * 2, 32, 64, 4  # pairs = B * S * k; tiny gpt2: d_model 32, d_ff 64
+    joins = {type(k.events[0].node).__name__: k for k in kernels
+             if k.key[0] == "node" and not k.free and k.path == "block.0.moe.experts.up"
+             and type(k.events[0].node).__name__ in ("SplitWithSizesBackward0", "UnbindBackward0")}
+    assert joins["SplitWithSizesBackward0"].read_bytes == joins["SplitWithSizesBackward0"].write_bytes \
+        == rows * d * F32
+    stacked = sorted(k.write_bytes for k in kernels if k.key[0] == "node" and not k.free
+                     and k.path == "block.0.moe.experts.up" and type(k.events[0].node).__name__ == "UnbindBackward0")
+    assert stacked == [experts * d_ff * F32, experts * d * d_ff * F32]  # biases, weights
+    _, _, grouped = run("gpt2-small", "train", layers=1, family="moe", moe=moe)
+    assert not [k for k in grouped if k.key[0] == "node" and not k.free
+                and type(k.events[0].node).__name__ in ("SplitWithSizesBackward0", "UnbindBackward0")]
+
+
 def test_layout_copies_are_free():
     _, capture, kernels = run("gpt2-small", "train", layers=1, attention_impl="explicit", positions="none")
     assert sum(e.op == "clone" for e in capture.events) >= 3  # reshape copies of strided q, o, dO

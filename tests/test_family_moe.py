@@ -27,6 +27,7 @@ from flopsim.families import build_ops
 from flopsim.ops.expectations import expected_distinct
 from flopsim.ops.symbols import B, S, T, symbol
 from flopsim.spec import load_model
+from flopsim.spec.model import DTYPE_BYTES
 
 
 def moe_spec(name, *, base="gpt2-small", moe=None, **changes):
@@ -70,6 +71,9 @@ CONFIGS = [
     ("capacity-single-token", "llama-3-8b", dict(kv_heads=2), dict(experts=4, top_k=2, capacity_factor=1.25),
      (1, 1)),
     ("dropless-wide-batch", "gpt2-small", {}, dict(experts=6, top_k=2, d_expert=24), (5, 4)),
+    ("dropless-loop-bias", "gpt2-small", {}, dict(experts=4, top_k=2, kernel="loop"), (2, 5)),
+    ("dropless-loop-gated", "llama-3-8b", dict(kv_heads=2), dict(experts=3, top_k=2, d_expert=16, kernel="loop"),
+     (1, 6)),
 ]
 GRID = [(moe_spec(f"moe-{name}", base=base, moe=moe, **changes), shape)
         for name, base, changes, moe, shape in CONFIGS]
@@ -259,22 +263,36 @@ def test_fused_gather_kernel_reads_each_pairs_expert_once_without_a_copy():
     assert_exact(spec, "decode", 3, 10, 12)  # the reference runs it eagerly: FLOPs are the same
 
 
-def test_loop_kernel_is_grouped_work_launched_once_per_expert():
-    """kernel loop: the same FLOPs and bytes as grouped (one product per expert
-    instead of one grouped kernel), each expert op launched `experts` times;
-    the torch reference runs exactly this loop, so FlopCounterMode agrees."""
+def test_loop_kernel_is_grouped_work_launched_once_per_expert_plus_its_copies():
+    """kernel loop: the products of the grouped kernel (the same FLOPs and parameters),
+    each launched `experts` times, plus the copies the loop makes around each projection:
+    forward, its outputs joined; backward, its input gradients joined and its weight
+    gradients stacked. The torch reference runs exactly this loop (FlopCounterMode and the
+    bytes oracle agree: the grid's dropless-loop cases)."""
     moe = dict(experts=4, top_k=2, d_expert=16)
     loop = moe_spec("moe-loop", base="llama-3-8b", kv_heads=2, moe={**moe, "kernel": "loop"})
     grouped = moe_spec("moe-loop", base="llama-3-8b", kv_heads=2, moe=moe)
-    for phase in ("forward", "decode"):
-        a, b = count(loop, batch=2, seq=6, phase=phase), count(grouped, batch=2, seq=6, phase=phase)
-        assert (a.flops, a.bytes, a.params) == (b.flops, b.bytes, b.params)
+    batch, seq, E, d, f = 2, 6, 4, loop.d_model, 16  # gated: gate_up d -> 2f, down f -> d
+    w = DTYPE_BYTES[loop.dtype]
+    for phase, tokens in (("forward", batch * seq), ("decode", batch), ("train", batch * seq)):
+        a, b = (count(s, batch=batch, seq=seq, phase=phase, context=seq + 2 if phase == "decode" else None)
+                for s in (loop, grouped))
+        rows = tokens * 2  # (token, expert) pairs, top-2
+        joined = 2 * rows * 2 * f * w + 2 * rows * d * w  # outputs of gate_up and down, read and written
+        if phase == "train":
+            joined += 2 * rows * d * w + 2 * rows * f * w  # input gradients of gate_up and down
+            joined += 2 * (E * d * 2 * f + E * f * d) * w  # the weights' gradients stacked: read, write
+        assert (a.flops, a.params) == (b.flops, b.params)
+        assert a.bytes - b.bytes == loop.layers * joined
         experts = [op for op in a.ops if ".moe.experts." in op.name and op.kind == "matmul"]
         assert experts and all(op.kernels == 4 for op in experts)
-        assert all(op.kernels == 1 for op in a.ops if op not in experts)
-    assert_exact(loop, "train", 2, 6)
+        joins = [op for op in a.ops if op.name.endswith(".join")]
+        assert len(joins) == loop.layers * 2 * (2 if phase == "train" else 1)
+        assert all(op.kernels == (2 if op.pass_ == "bwd" else 1) for op in joins)
+        assert all(op.kernels == 1 for op in a.ops if op not in experts and op not in joins)
     capacity = moe_spec("moe-loop-cap", moe={**moe, "kernel": "loop", "capacity_factor": 1.25})
     assert all(op.kernels == 1 for op in count(capacity, batch=2, seq=6).ops)  # one bmm: no loop
+    assert not any(op.name.endswith(".join") for op in count(capacity, batch=2, seq=6, phase="train").ops)
 
 
 def test_gather_kernel_is_inference_only():

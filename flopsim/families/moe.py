@@ -33,9 +33,14 @@ d_expert (default d_ff), `ffn` mlp (up, down) or gated (gate_up, down):
   [E, C, d]; the combination weight is the router probability of the pair.
   top_k plays no part (the `top_k` tag shows the spec's value).
 - kernel loop (`moe.kernel: loop`): the grouped products as one matrix
-  product per expert (a Python loop, as eager code and the torch reference
-  run them): the same FLOPs and bytes, each expert op launched `experts`
-  times (Op.kernels), which sets the time of small decode steps.
+  product per expert (a Python loop over weights stored stacked, [E, d_in,
+  d_out], as eager code and the torch reference run them): the same FLOPs
+  and bytes in the products, each launched `experts` times (Op.kernels),
+  which sets the time of small decode steps; and the copies the loop makes
+  around each projection (`<projection>.join`,
+  primitives.expert_loop_copies): the experts' outputs joined, and in
+  backward their input gradients joined and their weight gradients stacked
+  into the parameter's.
 - kernel gather (`moe.kernel: gather`, dropless token choice, inference):
   the pairs stay in token order (no sort); for each projection every pair
   indexes its expert's weight matrix into a copy and one batched
@@ -98,6 +103,7 @@ from flopsim.ops.primitives import (
     Ctx,
     bincount,
     elementwise,
+    expert_loop_copies,
     gather,
     gathered_experts,
     gradient_sum,
@@ -182,8 +188,7 @@ def moe_ffn(ctx: Ctx, i: int, *, tokens, prefix: str, tags: dict | None = None,
         if decode_read:
             expert_ops = [_expected_reads(op, E, active, tokens * k) for op in expert_ops]
         if moe.kernel == "loop" and dropless:  # one product per expert: E launches of each
-            expert_ops = [replace(op, kernels=op.kernels * batch) if op.gemm is not None else op
-                          for op in expert_ops]
+            expert_ops = _per_expert_loop(ctx, expert_ops, experts=batch, rows=rows, tags=t)
         ops += expert_ops
     if dropless and not gathers:  # the combination weights follow the pairs into expert order
         ops += gather(ctx, f"{p}.gather_weights", layer=i, rows=rows, d=1, module=p, tags=t)
@@ -207,6 +212,22 @@ def moe_ffn(ctx: Ctx, i: int, *, tokens, prefix: str, tags: dict | None = None,
                         module=p if spec.norm_position == "pre" else prefix,
                         tags=t)
     return ops
+
+
+def _per_expert_loop(ctx: Ctx, expert_ops: list, *, experts, rows, tags: dict) -> list:
+    """`moe.kernel: loop`: each expert projection launched once per expert, followed by
+    the copies the loop makes around it (`primitives.expert_loop_copies`)."""
+    out = []
+    for op in expert_ops:
+        if op.gemm is None:
+            out.append(op)
+            continue
+        out.append(replace(op, kernels=op.kernels * experts))
+        if op.pass_ == ("bwd" if ctx.train else "fwd"):  # after the projection's last op; gemm (batch, m, n, k)
+            out += expert_loop_copies(ctx, f"{op.name}.join", layer=op.layer, experts=experts, rows=rows,
+                                      d_in=op.gemm[3], d_out=op.gemm[2], bias=ctx.spec.bias, module=op.module,
+                                      tags=tags)
+    return out
 
 
 def router(ctx: Ctx, p: str, i: int, *, tokens, routed, tags: dict) -> list:

@@ -836,6 +836,23 @@ def index_elementwise(ctx: Ctx, name: str, *, layer: int, elements, op: str = "a
                tags=tags or {}, variant=op)]
 
 
+def expert_loop_copies(ctx: Ctx, name: str, *, layer: int, experts, rows, d_in, d_out, bias: bool,
+                       module: str, tags: dict | None = None) -> list[Op]:
+    """The copies a per-expert loop (`moe.kernel: loop`) makes around one expert projection
+    whose weights are stored stacked, [E, d_in, d_out], each expert's a view: forward, the
+    E outputs joined into one `rows` x d_out tensor (a cat: read and write it). Backward,
+    two kernels: the E input gradients joined into one `rows` x d_in tensor (the split's
+    backward) and the E weight (and bias) gradients stacked into the parameter's gradient
+    (the views' backward): each read and written once. A grouped GEMM makes none."""
+    w = ctx.w
+    fwd = Op(name=name, kind="elementwise", layer=layer, module=module, variant="copy",
+             act_read_bytes=rows * d_out * w, act_write_bytes=rows * d_out * w, tags=tags or {})
+    stacked = experts * (d_in * d_out + (d_out if bias else 0))
+    bwd = dict(act_read_bytes=rows * d_in * w, act_write_bytes=rows * d_in * w,
+               weight_bytes=2 * stacked * w, kernels=2 + bool(bias))
+    return _with_backward(ctx, fwd, bwd)
+
+
 def gathered_experts(ctx: Ctx, name: str, *, layer: int, pairs, experts, d_in, d_out, bias: bool,
                      module: str | None = None, tags: dict | None = None, fused: bool = False) -> list[Op]:
     """`pairs` (token, expert) pairs, each indexing its expert's d_out x d_in weight

@@ -40,6 +40,8 @@ a flopsim op stands for; tests/test_bytes_rules.py pins each one.
   last user of the tensor (the residual add, the tied LM head).
 - SPLIT: the concatenation autograd runs to join a split's or chunk's
   gradients (QKV, gate/up) is free: a kernel writes the pieces into one buffer.
+  Except where the reference marks the code `eager_joins()` (MoE's per-expert
+  loop, moe.kernel loop): there each join is the copy it is in eager code.
 - LAYOUT: copies that only change layout (clone, contiguous, `reshape` of a
   strided tensor, `_to_copy` to the same dtype, AccumulateGrad's copy of a
   gradient into the parameter's layout) are free; their consumers read the
@@ -190,7 +192,8 @@ class _Builder:
             if k[0] == "region" and kernel.region is None and e.pass_ == "fwd":
                 kernel.region = e.region
             if k[0] == "node" and type(e.node).__name__ in SPLIT_NODES:
-                kernel.free = True
+                origin = self.forward_of(e.node)
+                kernel.free = origin is None or not origin.eager_join  # SPLIT, unless an eager join
         for kernel in kernels.values():
             if all(_is_layout(e) or not (e.reads or e.writes) for e in kernel.events):
                 kernel.free = True  # LAYOUT (and kernels of views only)

@@ -146,6 +146,21 @@ def active_region() -> Optional[Region]:
     return _ACTIVE_REGIONS[-1] if _ACTIVE_REGIONS else None
 
 
+_EAGER_JOINS = [0]  # eager_joins scopes open
+
+
+@contextlib.contextmanager
+def eager_joins():
+    """Mark the splits and unbinds made inside as joined by eager copies in backward:
+    their gradients' concatenation is a kernel of its own, not the free join of the
+    SPLIT rule (bytes_check). MoE's per-expert loop (moe.kernel loop) runs this way."""
+    _EAGER_JOINS[0] += 1
+    try:
+        yield
+    finally:
+        _EAGER_JOINS[0] -= 1
+
+
 # ---- the arithmetic table ---------------------------------------------------
 
 PER_OUTPUT = {
@@ -397,6 +412,7 @@ class Event:
     outputs: list  # storages the op created (not views, not in place)
     flops: int
     region: Optional[Region] = None  # forward: the fused region running
+    eager_join: bool = False  # forward: made inside eager_joins (its backward join is a kernel)
     node: Any = None  # backward: the autograd node running
     accumulate: bool = False  # backward: a gradient sum between nodes
     deliverer: Any = None  # for a gradient sum: the node that delivered the earlier gradient
@@ -495,7 +511,8 @@ class BytesCounterMode:
         event = Event(index=len(cap.events), op=name, pass_="bwd" if bw else "fwd",
                       path=_innermost(self.tracker.parents), reads=m.reads, writes=m.writes,
                       outputs=list(dict.fromkeys(created)), flops=elementwise_flops(name, args, kwargs, out),
-                      region=None if bw else active_region(), node=node, self_copy=m.self_copy,
+                      region=None if bw else active_region(), eager_join=not bw and _EAGER_JOINS[0] > 0,
+                      node=node, self_copy=m.self_copy,
                       input_storages=tuple(dict.fromkeys(_storage_key(t) for t in tensors_in)))
         if bw:
             self._mark_accumulation(event, node, tensors_in, outs)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flopsim.families.moe import is_moe_layer
-from flopsim.torchref.bytes_counter import fused
+from flopsim.torchref.bytes_counter import eager_joins, fused
 from flopsim.torchref.model import ACTIVATIONS, MLP, Block, Reference, gate_times_up, gated_activation
 
 
@@ -54,25 +54,37 @@ class GroupedLinear(nn.Module):
 
     forward(x): x [E, C, d_in] -> [E, C, d_out] as one bmm (baddbmm with bias).
     forward(x, counts): x [sum(counts), d_in] sorted by expert -> one
-    product per expert on its counts[e] rows (grouped GEMM)."""
+    product per expert on its counts[e] rows. `loop` False (moe.kernel grouped):
+    the loop is marked as one grouped GEMM writing every expert's rows into one
+    output (flopsim counts one kernel). `loop` True (moe.kernel loop): the loop as
+    it runs, the copies it makes included: the experts' outputs joined (cat), and in
+    backward their input gradients joined (split's backward) and their weight
+    gradients stacked into the parameter's (unbind's backward)."""
 
-    def __init__(self, experts: int, d_in: int, d_out: int, bias: bool):
+    def __init__(self, experts: int, d_in: int, d_out: int, bias: bool, loop: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(experts, d_in, d_out) / math.sqrt(d_in))
         self.bias = nn.Parameter(torch.zeros(experts, d_out)) if bias else None
+        self.loop = loop
 
     def forward(self, x: torch.Tensor, counts: Optional[list] = None) -> torch.Tensor:
         if counts is None:
             if self.bias is None:
                 return torch.bmm(x, self.weight)
             return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
+        if self.loop:
+            with eager_joins():  # the loop's input and weight gradients are joined by copies
+                return self._loop(x, counts)
         with fused("grouped_gemm") as region:  # one kernel writing every expert's rows into one output
-            biases = self.bias.unbind(0) if self.bias is not None else [None] * len(counts)
-            outs = [chunk @ w if b is None else torch.addmm(b, chunk, w)
-                    for chunk, w, b in zip(x.split(counts, dim=0), self.weight.unbind(0), biases)]
-            y = torch.cat(outs, dim=0)
+            y = self._loop(x, counts)
             region.basis(y)
         return y
+
+    def _loop(self, x: torch.Tensor, counts: list) -> torch.Tensor:
+        biases = self.bias.unbind(0) if self.bias is not None else [None] * len(counts)
+        outs = [chunk @ w if b is None else torch.addmm(b, chunk, w)
+                for chunk, w, b in zip(x.split(counts, dim=0), self.weight.unbind(0), biases)]
+        return torch.cat(outs, dim=0)
 
     def gathered(self, x: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
         """x [P, d_in], expert [P]: each row times a copy of its expert's weight (moe.kernel gather)."""
@@ -87,11 +99,12 @@ class Experts(nn.Module):
     def __init__(self, spec, experts: int, d_expert: int):
         super().__init__()
         self.gated = spec.ffn == "gated"
+        loop = spec.moe.kernel == "loop"
         if self.gated:
-            self.gate_up = GroupedLinear(experts, spec.d_model, 2 * d_expert, spec.bias)
+            self.gate_up = GroupedLinear(experts, spec.d_model, 2 * d_expert, spec.bias, loop)
         else:
-            self.up = GroupedLinear(experts, spec.d_model, d_expert, spec.bias)
-        self.down = GroupedLinear(experts, d_expert, spec.d_model, spec.bias)
+            self.up = GroupedLinear(experts, spec.d_model, d_expert, spec.bias, loop)
+        self.down = GroupedLinear(experts, d_expert, spec.d_model, spec.bias, loop)
         self.act = ACTIVATIONS[spec.activation]
 
     def forward(self, x: torch.Tensor, counts: Optional[list] = None) -> torch.Tensor:
