@@ -852,8 +852,17 @@ def backward_kernels(bench: Bench, n: int, width: int = 1024) -> list:
         bench, lambda x: torch.softmax(x, dim=-1), [(rows, width, True)])))
     out.append(("embedding", "embedding", "", lambda: _graph(
         bench, lambda t: F.embedding(ids, t), [(table_rows, width, True)])))
-    out.append(("gather", "gather", "", lambda: _graph(
-        bench, lambda x: x.index_select(0, local), [(rows, width, True)])))
+    # the gather kernels' backward differs by kernel: index_select's and torch.gather's add the
+    # rows' gradients in parallel; x[idx]'s (index_put_ with accumulate) runs serially on a CPU,
+    # about 10x slower (MoE's dispatch: each token's row picked top-k times)
+    src = max(1, rows // 2)
+    repeated = torch.randint(0, src, (rows,), generator=bench.gen).to(dev)
+    along = local.unsqueeze(-1).expand(-1, width)
+    for variant, fn, source in (("index_select", lambda x: x.index_select(0, local), rows),
+                                ("index", lambda x: x[repeated], src),
+                                ("gather", lambda x: x.gather(0, along), rows)):
+        out.append((f"gather {variant}", "gather", variant, lambda fn=fn, source=source: _graph(
+            bench, fn, [(source, width, True)])))
     out.append(("cross_entropy", "loss", "", lambda: _graph(
         bench, lambda x: F.cross_entropy(x, labels), [(rows, width, True)])))
     return out
@@ -882,7 +891,7 @@ def _graph(bench: Bench, fn, shapes):
     return fn(*args), [a for a in args if a.requires_grad]
 
 
-def _backward_op(bench: Bench, name: str, kind: str, n: int, width: int = 1024):
+def _backward_op(bench: Bench, name: str, kind: str, n: int, width: int = 1024, variant: str = ""):
     """The flopsim backward op of a kernel measured by measure_backward_kernels."""
     from flopsim.ops import primitives as P
 
@@ -897,7 +906,7 @@ def _backward_op(bench: Bench, name: str, kind: str, n: int, width: int = 1024):
     if kind == "embedding":
         return _bwd(P.embedding(ctx, "x", layer=0, tokens=rows, rows=max(4 * rows, 4096), d=width))
     if kind == "gather":
-        return _bwd(P.gather(ctx, "x", layer=0, rows=rows, d=width, module="x"))
+        return _bwd(P.gather(ctx, "x", layer=0, rows=rows, d=width, module="x", variant=variant))
     return _bwd(P.cross_entropy(ctx, "x", layer=0, rows=rows, classes=width, module="x"))
 
 
@@ -919,15 +928,25 @@ def measure_backward_kernels(bench: Bench) -> None:
         chain = timer_of(lambda make=make: _chain(make))
         bench.fixed_cold[key] = bench.timed(chain) / CHAIN / bench.fixed_units(reading)
         bench.time_host(key, chain, reading, per=CHAIN)
+    _kind_level_backward_costs(bench)
     for size in (SMOKE["backward_sizes"] if bench.smoke else BACKWARD_SIZES[bench.device]):
         n, _ = _memory_shapes(bench, size)
         for name, kind, variant, make in backward_kernels(bench, n):
-            op = _backward_op(bench, name, kind, n)
+            op = _backward_op(bench, name, kind, n, variant=variant)
             if op is None:
                 continue
             bench.record(f"{name} backward {size:.3g}B", kind, None, bench.timed(timer_of(make)), op, matrix=False,
                          size=size)
         bench.say(f"backward kernels at {size:.3g} B")
+
+
+def _kind_level_backward_costs(bench: Bench, kinds: tuple = ("gather",)) -> None:
+    """A kind whose backward is measured per kernel only (gather) also gets a kind-level
+    backward fixed cost, the median of its kernels', for its kernels not measured."""
+    for kind in kinds:
+        values = [v for k, v in bench.fixed_cold.items() if k.startswith(f"{kind}:") and k.endswith("@bwd")]
+        if values:
+            bench.fixed_cold.setdefault(f"{kind}@bwd", statistics.median(values))
 
 
 def measure_optimizer(bench: Bench) -> None:

@@ -339,6 +339,20 @@ def test_the_weight_gather_is_measured_as_sparse_ff_runs_it(smoke_calibration):
     assert (gather.kind, gather.variant, gather.flops) == ("gather", "index_2d", 0)
 
 
+def test_gather_backward_is_measured_per_kernel(smoke_calibration):
+    """The gather kernels' backward per kernel the references run (x[idx]'s index_put_ with
+    accumulate runs serially on a CPU, index_select's and torch.gather's in parallel): size
+    points and fixed costs of each, and a kind-level fixed cost (their median) for the rest."""
+    import statistics
+
+    cal, points = smoke_calibration
+    measured = {p.variant for p in points if p.kind == "gather" and p.backward}
+    assert measured == {"index", "index_select", "gather"}
+    assert {p.variant for p in cal.sizes if p.kind == "gather" and p.backward} == measured | {None}
+    per_kernel = [cal.fixed_s[f"gather:{v}@bwd"] for v in sorted(measured)]
+    assert cal.fixed_s["gather@bwd"] == statistics.median(per_kernel)
+
+
 def test_aten_profile_script_breaks_a_step_down_per_aten_op(tmp_path):
     """scripts/aten_profile.py (run by scripts/gpu-validate.sh): per aten op of a step, its
     calls and host seconds per step (device seconds on a GPU, none here); the dense
