@@ -33,7 +33,10 @@ threads fixed, CUDA synchronised:
 - memory-bound kernels (copy, elementwise ops per variant, RoPE, norms,
   softmax, embedding, gather, scatter, top-k, argmax, KV-cache append, loss,
   fused Adam), forward and backward, at sizes from cache-resident to
-  memory-bound: an efficiency per size (small tensors stay in cache).
+  memory-bound: an efficiency per size (small tensors stay in cache). The
+  gathers per kernel both ways (index_select, x[idx], torch.gather, and
+  forward the 2-d index): x[idx]'s backward, index_put_ with accumulate,
+  runs serially on a CPU.
 
 Efficiencies: compute_eff = (all_flops / peak) / busy, memory_eff =
 (bytes / bandwidth) / busy, so fixed cost + roofline reproduces every

@@ -150,15 +150,20 @@ _EAGER_JOINS = [0]  # eager_joins scopes open
 
 
 @contextlib.contextmanager
-def eager_joins():
-    """Mark the splits and unbinds made inside as joined by eager copies in backward:
-    their gradients' concatenation is a kernel of its own, not the free join of the
-    SPLIT rule (bytes_check). MoE's per-expert loop (moe.kernel loop) runs this way."""
+def _eager_scope():
     _EAGER_JOINS[0] += 1
     try:
         yield
     finally:
         _EAGER_JOINS[0] -= 1
+
+
+def eager_joins():
+    """Mark the splits and unbinds made inside as joined by eager copies in backward:
+    their gradients' concatenation is a kernel of its own, not the free join of the
+    SPLIT rule (bytes_check). MoE's per-expert loop (moe.kernel loop) runs this way.
+    A no-op outside a counter, as `fused` is."""
+    return _eager_scope() if _COUNTING[0] else _NO_REGION
 
 
 # ---- the arithmetic table ---------------------------------------------------
