@@ -148,17 +148,16 @@ def test_eager_joins_are_kernels_where_the_reference_marks_them():
     moe = dict(experts=4, top_k=2)
     _, _, kernels = run("gpt2-small", "train", layers=1, family="moe", moe={**moe, "kernel": "loop"})
     rows, d, d_ff, experts = 2 * 5 * 2, 32, 64, 4  # pairs = B * S * k; tiny gpt2: d_model 32, d_ff 64
-    joins = {type(k.events[0].node).__name__: k for k in kernels
-             if k.key[0] == "node" and not k.free and k.path == "block.0.moe.experts.up"
-             and type(k.events[0].node).__name__ in ("SplitWithSizesBackward0", "UnbindBackward0")}
-    assert joins["SplitWithSizesBackward0"].read_bytes == joins["SplitWithSizesBackward0"].write_bytes \
-        == rows * d * F32
-    stacked = sorted(k.write_bytes for k in kernels if k.key[0] == "node" and not k.free
-                     and k.path == "block.0.moe.experts.up" and type(k.events[0].node).__name__ == "UnbindBackward0")
+    def joins(kernels, node):
+        return [k for k in kernels if k.key[0] == "node" and not k.free and type(k.events[0].node).__name__ == node
+                and k.path == "block.0.moe.experts.up"]
+
+    (split,) = joins(kernels, "SplitWithSizesBackward0")
+    assert split.read_bytes == split.write_bytes == rows * d * F32
+    stacked = sorted(k.write_bytes for k in joins(kernels, "UnbindBackward0"))
     assert stacked == [experts * d_ff * F32, experts * d * d_ff * F32]  # biases, weights
     _, _, grouped = run("gpt2-small", "train", layers=1, family="moe", moe=moe)
-    assert not [k for k in grouped if k.key[0] == "node" and not k.free
-                and type(k.events[0].node).__name__ in ("SplitWithSizesBackward0", "UnbindBackward0")]
+    assert not joins(grouped, "SplitWithSizesBackward0") + joins(grouped, "UnbindBackward0")
 
 
 def test_layout_copies_are_free():
