@@ -442,35 +442,30 @@ class Calibration(_Strict):
     def at_speed(self, now) -> "Calibration":
         """This calibration scaled from the host speed it was measured at
         (`measured["probe"]`, a flopsim.probe reading) to the speed `now` (another
-        reading): compute efficiencies x ref.compute_s / now.compute_s, memory
-        efficiencies x ref.memory_s / now.memory_s, the host's per-kernel costs x
-        now.fixed_s / ref.fixed_s (`host_s` on a device that queues kernels, whose
-        device-side `fixed_s` does not move with the host; else `fixed_s`), fresh
-        pages' seconds a byte x now.memory_s / ref.memory_s. Unchanged without a
-        reference reading."""
+        reading): every efficiency and the fresh pages' seconds a byte by the matrix
+        rate, ref.compute_s / now.compute_s, as flopsim.calibrate scales its points (the
+        cold reads are disturbed by whatever ran just before: flopsim.probe); the host's
+        per-kernel costs x now.fixed_s / ref.fixed_s (`host_s` on a device that queues
+        kernels, whose device-side `fixed_s` does not move with the host; else
+        `fixed_s`). Unchanged without a reference reading."""
         ref = (self.measured or {}).get("probe")
         if not ref:
             return self
-        c, m, f = ref["compute_s"] / now.compute_s, ref["memory_s"] / now.memory_s, now.fixed_s / ref["fixed_s"]
+        c, f = ref["compute_s"] / now.compute_s, now.fixed_s / ref["fixed_s"]
 
         def eff(e):
             return e.model_copy(update={"compute": min(MAX_EFFICIENCY, e.compute * c),
-                                        "memory": min(MAX_EFFICIENCY, e.memory * m)})
+                                        "memory": min(MAX_EFFICIENCY, e.memory * c)})
 
         def point(p):
             return p.model_copy(update={
                 "compute": None if p.compute is None else min(MAX_EFFICIENCY, p.compute * c),
-                "memory": None if p.memory is None else min(MAX_EFFICIENCY, p.memory * m)})
-
-        def size(p):  # both efficiencies come from one memory-bound time: it moves with memory speed
-            return p.model_copy(update={"compute": min(MAX_EFFICIENCY, p.compute * m),
-                                        "memory": min(MAX_EFFICIENCY, p.memory * m)})
+                "memory": None if p.memory is None else min(MAX_EFFICIENCY, p.memory * c)})
 
         update = {"default": eff(self.default), "kinds": {k: eff(v) for k, v in self.kinds.items()},
-                  "gemm": [point(p) for p in self.gemm], "sizes": [size(p) for p in self.sizes],
-                  # zeroing fresh pages is memory work: its seconds a byte move with memory speed
+                  "gemm": [point(p) for p in self.gemm], "sizes": [eff(p) for p in self.sizes],
                   "fresh_pages": None if self.fresh_pages is None else self.fresh_pages.model_copy(
-                      update={"s_per_byte": min(1e-6, self.fresh_pages.s_per_byte / m)})}
+                      update={"s_per_byte": min(1e-6, self.fresh_pages.s_per_byte / c)})}
         if self.host_s:
             update["host_s"] = {k: min(MAX_FIXED_S, v * f) for k, v in self.host_s.items()}
         else:

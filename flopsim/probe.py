@@ -20,19 +20,22 @@ device's time, queued behind a spin kernel, and `fixed_s` is the host's
 wall-clock dispatch: the device and its host drift apart.
 
 `flopsim calibrate` takes a reading beside every measured point and scales
-each point to the calibration's median reading (`measured.probe`), so the
-calibration describes the host at its median speed; validation times the
+each point to the calibration's median reading (`measured.probe`) by the
+matrix rate (`compute_s`), so the calibration describes the host at its
+median speed. Not by the cold reads: the calibration's own memory-bound
+kernels disturb them (beside the forward memory-bound kernels, 8 kB to
+256 MB, `memory_s` read 1.43-1.66x its median while `compute_s` read
+0.99-1.03x and `fixed_s` 0.86-0.93x on the 2-core VM, 2026-11-27), and
+scaling by them made those kernels 1.5x faster than measured. Validation times the
 models round-robin over several minutes, so their medians describe it at
 its median speed too, and the two are compared. `flopsim validate` also
 takes a reading beside every model's runs and reports, as a second figure,
 each model predicted with the calibration scaled to that reading
-(`Calibration.at_speed`: compute efficiencies by reference compute_s /
-compute_s now, memory efficiencies by reference memory_s / memory_s now,
-fixed costs by fixed_s now / reference fixed_s). On the development VM that
-second figure was neither better nor worse on the whole (the probe's own
-snapshot noise is as large as the drift it corrects), so it is not the
-headline. The probe is a microbenchmark; nothing in it comes from the
-models it helps to validate.
+(`Calibration.at_speed`: every efficiency by reference compute_s /
+compute_s now, fixed costs by fixed_s now / reference fixed_s). It is the
+second figure, not the headline: one reading beside a model is a snapshot
+of a host that moves within seconds. The probe is a microbenchmark; nothing
+in it comes from the models it helps to validate.
 
 A reading is not only the host's drift: one taken right after a kernel that
 streamed a large footprint reads that kernel's aftermath. On the 2-core VM
@@ -44,7 +47,9 @@ such tensors would be predicted fast (the CPU validation suite's models
 stream few). So each reading is
 used through `smoothed`: the median of the readings within
 SMOOTH_HALF_WINDOW of it in time, which a drift over minutes moves and one
-kernel's aftermath does not.
+kernel's aftermath does not. Smoothing cannot help where a whole phase of
+the calibration streams memory, every reading around a point reading the
+phase's aftermath: hence the matrix rate for the calibration's points.
 """
 
 from __future__ import annotations

@@ -199,10 +199,10 @@ def test_published_and_measured_provenance_need_their_evidence():
     assert math.isclose(_cal(provenance="published", sources={"default.compute": "x"}).default.compute, 1.0)
 
 
-def test_at_speed_scales_each_ceiling_by_its_probe_component():
+def test_at_speed_scales_every_ceiling_by_the_matrix_rate():
     """A calibration measured at reference probe times (c, m, f) predicts at a host now
-    reading (c', m', f'): compute efficiencies x c / c', memory efficiencies x m / m',
-    fixed costs x f' / f (flopsim.probe)."""
+    reading (c', m', f'): every efficiency x c / c' (as calibrate scales its points: the
+    cold reads m are disturbed by what ran just before, flopsim.probe), fixed costs x f' / f."""
     from flopsim.probe import ProbeReading
 
     ref = {"compute_s": 1e-3, "memory_s": 2e-4, "fixed_s": 5e-5}
@@ -221,6 +221,8 @@ def test_at_speed_scales_each_ceiling_by_its_probe_component():
     paged = cal.model_copy(update={"fresh_pages": FreshPages(s_per_byte=2e-10)})  # zeroing pages: memory work
     assert paged.at_speed(ProbeReading(compute_s=2e-3, memory_s=4e-4, fixed_s=1e-4)).fresh_pages.s_per_byte == \
         pytest.approx(4e-10)
+    streamed = cal.at_speed(ProbeReading(compute_s=1e-3, memory_s=8e-4, fixed_s=5e-5))  # cold reads alone slow
+    assert streamed.gemm == cal.gemm and streamed.sizes == cal.sizes and streamed.default == cal.default
 
 
 # -- host dispatch overlapping the device (a GPU run eagerly) ------------------------------
@@ -386,24 +388,30 @@ def test_a_reading_right_after_a_large_kernel_does_not_scale_its_point():
     """A calibration point is scaled to the median host speed from the smoothed readings
     around it (flopsim.probe.smoothed), not from the one right after its own timing: that
     one reads the kernel's aftermath (beside 256 MB kernels 2-11x the median on the 2-core
-    VM). A drift that lasts is still corrected."""
+    VM). A drift that lasts is still corrected, by the matrix-rate reading; cold reads
+    slowed by the calibration's own memory-bound kernels (1.43-1.66x the median beside
+    them, the matrix rate 0.99-1.03x) scale nothing."""
     from flopsim.calibrate import Point, _at_reference_all
     from flopsim.probe import ProbeReading, smoothed, smoothed_round_robin
 
-    quiet, slow = ProbeReading(1e-3, 2e-4, 5e-5), ProbeReading(1e-3, 4e-4, 5e-5)  # slow: cold reads half as fast
-    readings = [quiet] * 30 + [ProbeReading(1e-3, 2e-3, 5e-5)] + [quiet] * 30 + [slow] * 40
+    quiet, slow = ProbeReading(1e-3, 2e-4, 5e-5), ProbeReading(2e-3, 2e-4, 5e-5)  # slow: the host at half speed
+    spike, streamed = ProbeReading(1e-2, 2e-3, 5e-5), ProbeReading(1e-3, 3.2e-4, 5e-5)
+    readings = [quiet] * 30 + [spike] + [quiet] * 30 + [slow] * 40 + [streamed] * 40
     assert smoothed(readings)[30] == quiet  # one aftermath spike: the drift around it
     assert smoothed(readings)[80] == slow  # a drift of many readings: followed
+    assert smoothed(readings)[130] == streamed
     assert smoothed(readings, half_window=0) == readings
 
     def point(name, reading):
-        return Point(name, "elementwise", None, 1e-3, 0.0, 1e6, 1.0, 0.5, size=256e6, probe=reading)
+        return Point(name, "elementwise", None, 1e-3, 1e6, 1e6, 0.5, 0.5, size=256e6, probe=reading)
 
-    bench = SimpleNamespace(readings=readings, points=[point("spiked", readings[30]), point("drifted", readings[80])])
-    ref, (spiked, drifted) = _at_reference_all(bench)
+    bench = SimpleNamespace(readings=readings, points=[point("spiked", readings[30]), point("drifted", readings[80]),
+                                                       point("streamed", readings[130])])
+    ref, (spiked, drifted, streamed_point) = _at_reference_all(bench)
     assert ref == quiet  # the median of all readings
-    assert spiked.memory_eff == pytest.approx(0.5)  # unscaled: its own reading was 10x the median
-    assert drifted.memory_eff == pytest.approx(0.5 * 4e-4 / 2e-4)  # measured while the host ran half as fast
+    assert (spiked.compute_eff, spiked.memory_eff) == pytest.approx((0.5, 0.5))  # its own reading was 10x the median
+    assert (drifted.compute_eff, drifted.memory_eff) == pytest.approx((1.0, 1.0))  # measured at half speed
+    assert (streamed_point.compute_eff, streamed_point.memory_eff) == pytest.approx((0.5, 0.5))  # cold reads only
 
     # validation's readings, taken runner after runner in each round, smoothed in the order taken
     per_runner = [[quiet, quiet], [ProbeReading(1e-3, 2e-3, 5e-5), quiet], [quiet, quiet]]

@@ -599,11 +599,13 @@ def gumbel_mask(ctx: Ctx, name: str, *, layer: int, elements, module: str, tags:
     controller logits, one kernel: a softmax per block and the argmax of the noisy
     log-probabilities (one comparison per logit; the noise is made on chip and its
     arithmetic not counted), writing the mask; backward reads the mask's gradient and the
-    logits (the softmax recomputed) and writes the logits' gradient."""
+    logits (the softmax recomputed) and writes the logits' gradient. Variant "gumbel": its
+    forward is calibrated apart, as the reference runs it (eagerly, a dozen kernels and a
+    random draw, flopsim.torchref.sparse_ff.gumbel_mask); without such points, a softmax's."""
     w = ctx.w
     per = ELEMENTWISE_FLOPS["softmax"]
     fwd = Op(name=name, kind="softmax", layer=layer, module=module, other_flops=(per + 1) * elements,
-             act_read_bytes=elements * w, act_write_bytes=elements * w, tags=tags or {}, variant="softmax")
+             act_read_bytes=elements * w, act_write_bytes=elements * w, tags=tags or {}, variant="gumbel")
     bwd = dict(other_flops=per * BACKWARD_ELEMENTWISE * elements, act_read_bytes=2 * elements * w,
                act_write_bytes=elements * w)
     return _with_backward(ctx, fwd, bwd)

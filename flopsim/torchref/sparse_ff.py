@@ -27,6 +27,19 @@ from flopsim.torchref.model import ACTIVATIONS, Block, Reference, gated_activati
 GUMBEL_TEMPERATURE = 0.1  # trax SparseFF's default
 
 
+def gumbel_mask(logits: torch.Tensor) -> torch.Tensor:
+    """trax's straight-through Gumbel-softmax mask over logits [..., block_size]: the
+    one-hot of the argmax of the noisy log-probabilities forward, the probabilities'
+    gradient backward. Run eagerly it is a chain of about a dozen kernels, among them a
+    random draw (serial on a CPU); flopsim.calibrate times this function as the cost of
+    flopsim's one-kernel op (primitives.gumbel_mask, variant "gumbel")."""
+    log_mask = logits.log_softmax(dim=-1)
+    mask = log_mask.exp()
+    u = torch.rand_like(mask).clamp(1e-6, 1 - 1e-6)
+    choice = (log_mask - torch.log(-torch.log(u)) * GUMBEL_TEMPERATURE).argmax(dim=-1)
+    return F.one_hot(choice, logits.shape[-1]).to(mask.dtype) + mask - mask.detach()  # straight-through
+
+
 class GatheredLinear(nn.Module):
     """A Linear(d_in, d_out) that at inference uses only some units per token:
     `select="out"` output units, `select="in"` input units. The weight is
@@ -97,11 +110,7 @@ class SparseFF(nn.Module):
         x = x.reshape(n, shape[-1])
         if self.training:
             with fused("gumbel_mask") as region:  # one kernel: flopsim's mlp.controller.mask
-                log_mask = logits.log_softmax(dim=-1)
-                mask = log_mask.exp()
-                u = torch.rand_like(mask).clamp(1e-6, 1 - 1e-6)
-                choice = (log_mask - torch.log(-torch.log(u)) * GUMBEL_TEMPERATURE).argmax(dim=-1)
-                quant = F.one_hot(choice, self.n).to(mask.dtype) + mask - mask.detach()  # straight-through
+                quant = gumbel_mask(logits)
                 region.basis(quant)
             y = self.down(self._hidden(x) * quant.view(n, -1))
         else:
