@@ -20,6 +20,8 @@ threads fixed, CUDA synchronised:
   (flopsim.roofline.overlap_times). Every GPU point below is device time.
   A GPU also gets `graph_launch_s`: the device's time per kernel when a
   CUDA graph of GRAPH_KERNELS tiny kernels is replayed.
+- batched products (torch.bmm, padded MoE experts: variant bmm), E = 8
+  products per kernel, their weights read cold.
 - matrix products over a grid of shapes (decode shapes m = 1..64, router
   widths n = 1, 8; a GPU's widths multiples of 128, GEMM_GRID): the
   weights are views into a pool larger than the
@@ -98,7 +100,9 @@ BACKWARD_SIZES = {"cpu": (64e3, 4e6, 64e6), "cuda": (1e6, 64e6, 512e6)}
 # the heap's trimmed top, which a model's step, holding its other tensors, does not see
 FRESH_PAGE_MIB = (64, 128, 256)
 FRESH_PAGE_REPEATS = 9  # fresh and reused copies, alternating
-ADAM_PARAMS = {"cpu": (256 * 1024, 8 * 2 ** 20), "cuda": (2 ** 20, 64 * 2 ** 20)}
+# parameters of the fused Adam benchmarks: from cache-resident to a state (28 bytes a parameter
+# moved) twice a CPU's last-level cache (on the 2-core VM: 44 GB/s at 8M parameters, 35 at 16M and 32M)
+ADAM_PARAMS = {"cpu": (256 * 1024, 8 * 2 ** 20, 32 * 2 ** 20), "cuda": (2 ** 20, 64 * 2 ** 20)}
 SMOKE = dict(rows=(1, 24), features=(96, 352), attention=((1, 2, 16, 16, 8), (1, 2, 1, 40, 8)),
              backward_attention=((1, 2, 16, 16, 8),), sizes=(64e3, 1e6), backward_sizes=(64e3,),
              pool=8e6, adam=(4096,), repeats=5, int4=((1, 256, 256),), fresh_pages=(2,))
@@ -414,6 +418,7 @@ def calibrate(device: str = "cpu", *, hardware: Optional[str] = None, threads: O
         measure_fresh_pages(bench)
         measure_gemms(bench)
         measure_int4_products(bench)
+        measure_batched_products(bench)
     if gemms_into is not None:
         return replace_gemms(gemms_into, bench), bench.points
     measure_attention(bench)
@@ -488,7 +493,7 @@ def measure_fresh_pages(bench: Bench) -> None:
                 f"{statistics.median(rates) * 1e12:.3g} ms a GB as measured (median of the sizes; the figure is "
                 f"scaled to the calibration's reference speed); threshold: glibc "
                 f"malloc.c DEFAULT_MMAP_THRESHOLD_MAX"))
-    bench.say(f"fresh pages: {bench.fresh_pages.s_per_byte * 1e12:.3g} ms a GB above 32 MiB")
+    bench.say(f"fresh pages: {bench.fresh_pages.s_per_byte * 1e12:.3g} ms a GB from 32 MiB")
 
 
 def fresh_pages_at(bench: Bench, ref):
@@ -606,6 +611,46 @@ def measure_gemms(bench: Bench) -> None:
         seconds, reading = at_first_reading(samples[(m, n, k)], "memory_s" if memory_bound else "compute_s")
         bench.record(f"linear m={m} n={n} k={k}", "matmul", (1, m, n, k), seconds, op, matrix=True,
                      memory_bound=memory_bound, reading=reading)
+
+
+# batched products (torch.bmm over [E, m, k] x [E, k, n], as padded MoE experts run): E, then the rows,
+# outputs and inputs of each product (the CPU's GEMM grid's widths)
+BMM_GRID = {"cpu": ((8,), (8, 24, 64, 200), (352, 1400), (352, 1400)),
+            "cuda": ((8,), (64, 256, 1024), (1024, 4096), (1024, 4096))}
+
+
+def measure_batched_products(bench: Bench) -> None:
+    """Batched products (torch.bmm, the padded MoE experts' kernel: variant "bmm") with each
+    batch's weights read cold, as one projection of E experts streams them. A CPU runs the E
+    products of a bmm about as its own products, not as one product of E x m rows, and reads
+    E weight matrices: the lookup places a bmm point (batch E, m, n, k) where an op of E
+    products in one kernel looks, (E m, n, k) for compute and (m, E n, k) for memory
+    (Calibration.efficiency). Timed as measure_gemms times F.linear."""
+    from dataclasses import replace
+
+    from flopsim.ops import primitives as P
+
+    ctx = _ctx(bench.dtype)
+    peak, bandwidth = bench.hw.peak_flops_per_s_for(bench.dtype)[0], bench.hw.memory_bandwidth_bytes_per_s
+    batches, rows, outputs, inputs = (((2,), SMOKE["rows"], SMOKE["features"], SMOKE["features"]) if bench.smoke
+                                      else BMM_GRID[bench.device])
+    shapes = []
+    for e, m, n, k in itertools.product(batches, rows, outputs, inputs):
+        if 2 * e * m * n * k > MAX_GEMM_FLOPS[bench.device]:
+            continue
+        op = replace(_fwd(P.linear(ctx, "x", layer=0, tokens=m, d_in=k, d_out=n, bias=False, batch=e)), variant="bmm")
+        memory_bound = 2 * e * m * n * k / peak < float(op.bytes) / bandwidth
+        x, weights = bench.rand(e, m, k), bench.cold_cycle(e, k, n)
+        shapes.append(((e, m, n, k), (lambda x=x, w=weights: bench.torch.bmm(x, w())), op, memory_bound))
+    samples = {shape: [] for shape, _, _, _ in shapes}
+    for _ in range(1 if bench.smoke else PASSES):
+        for shape, fn, _, _ in shapes:
+            samples[shape].append((bench.timed(fn), bench.read_probe()))
+    for shape, _, op, memory_bound in shapes:
+        seconds, reading = at_first_reading(samples[shape], "memory_s" if memory_bound else "compute_s")
+        bench.record("bmm b={} m={} n={} k={}".format(*shape), "matmul", shape, seconds, op, matrix=True,
+                     memory_bound=memory_bound, reading=reading)
+    bench.say(f"{len(shapes)} batched products")
 
 
 # weight-only int4 products (tinygemm, `torch.ops.aten._weight_int4pack_mm`: gpt-fast's int4 kernel) at
@@ -1045,7 +1090,7 @@ def _gemm_part(points: list) -> tuple[list, dict]:
     kinds = {}
     for kind in sorted({p.kind for p in points if p.gemm is not None}):
         mine = [p for p in points if p.kind == kind and p.gemm is not None and not p.backward
-                and not (p.variant or "").endswith("_weights")]  # a weight-only kernel's points: their own
+                and not (kind == "matmul" and p.variant)]  # int4 weights', bmm's points: their own
         compute = [p.compute_eff for p in mine if not p.memory_bound] or [1.0]
         memory = [p.memory_eff for p in mine if p.memory_bound] or [1.0]
         kinds[kind] = Efficiency(compute=statistics.median(compute), memory=statistics.median(memory))

@@ -79,7 +79,8 @@ def test_calibration_points_reproduce_their_measurement(smoke_calibration):
     for p in points:
         if p.gemm is None or p.kind != "matmul":
             continue
-        ce, me = cal.efficiency(p.kind, p.gemm, p.bytes)
+        # a bmm point is one kernel of its batch's products, looked up as such (variant bmm)
+        ce, me = cal.efficiency(p.kind, p.gemm, p.bytes, variant=p.variant or None, per_kernel=p.gemm[0])
         compute_s, memory_s, _ = roofline_time(p.all_flops, p.bytes, hw.peak_flops_per_s_for("fp32")[0],
                                                hw.memory_bandwidth_bytes_per_s, ce, me)
         busy = max(p.seconds - p.fixed_s - p.fresh_s, 0.1 * p.seconds)
@@ -91,6 +92,7 @@ def test_calibration_points_reproduce_their_measurement(smoke_calibration):
         assert bound == pytest.approx(busy * speed, rel=1e-6)
         checked[p.memory_bound] += 1
     assert checked[True] and checked[False]
+    assert any(p.variant == "bmm" for p in points if p.gemm is not None)  # batched products checked too
 
 
 def test_calibration_file_round_trip(tmp_path, smoke_calibration):
@@ -385,6 +387,35 @@ def test_the_gumbel_mask_is_calibrated_as_the_reference_runs_it(smoke_calibratio
     assert cal.efficiency("softmax", nbytes=size, variant="softmax")[1] == pytest.approx(
         max(softmax, key=lambda p: p.bytes).memory)
     assert cal.fixed_cost_s("softmax", "gumbel", None) == cal.fixed_s["softmax:gumbel"]
+
+
+def test_padded_experts_are_priced_by_the_batched_products_measured(smoke_calibration):
+    """Padded MoE experts ([E, C, d] slots: a capacity factor, expert choice) run one torch.bmm
+    per projection: their ops are variant bmm, priced by the bmm points calibrate measures
+    (weights read cold; a point of batch E sits at (E m, n, k) for compute and (m, E n, k) for
+    memory, where an op of E products in one kernel looks); dropless experts are not."""
+    from flopsim.families import build_ops
+    from flopsim.roofline import products_per_kernel
+    from flopsim.spec import load_model
+
+    cal, points = smoke_calibration
+    bmm = [p for p in points if p.variant == "bmm"]
+    assert bmm and all(p.kind == "matmul" and p.gemm[0] > 1 for p in bmm)
+    assert {(g.batch, g.m, g.n, g.k) for g in cal.gemm if g.variant == "bmm"} == {p.gemm for p in bmm}
+    base = load_model("decoder-220m").with_changes(family="moe", moe={"experts": 4, "top_k": 2,
+                                                                      "capacity_factor": 1.25})
+    experts = [op for op in build_ops(base, "train") if ".experts." in op.name and op.gemm is not None]
+    assert experts and {op.variant for op in experts} == {"bmm"}
+    dropless = base.with_changes(moe={**base.moe.model_dump(), "capacity_factor": None})
+    assert {op.variant for op in build_ops(dropless, "forward") if ".experts." in op.name and op.gemm} == {None}
+    # at a measured bmm shape, an op of that batch in one kernel takes the point's efficiency, a loop
+    # of single products (or any plain op) the F.linear points'
+    point = next(g for g in cal.gemm if g.variant == "bmm" and g.compute is not None)
+    gemm = (point.batch, point.m, point.n, point.k)
+    assert products_per_kernel(gemm, 1) == point.batch
+    assert cal.efficiency("matmul", gemm, variant="bmm", per_kernel=point.batch)[0] == pytest.approx(point.compute)
+    plain = cal.efficiency("matmul", gemm, per_kernel=point.batch)[0]
+    assert plain == cal.efficiency("matmul", (1, point.batch * point.m, point.n, point.k))[0]
 
 
 def test_aten_profile_script_breaks_a_step_down_per_aten_op(tmp_path):

@@ -424,8 +424,9 @@ MIB = 2 ** 20
 
 
 def test_fresh_pages_are_paid_by_allocations_above_the_threshold():
-    """Each launch allocates write_bytes / kernels; above glibc's 32 MiB the bytes cost
-    s_per_byte each, at or below it nothing (the heap serves them), in place nothing."""
+    """Each launch allocates write_bytes / kernels; from glibc's 32 MiB on (a block of
+    exactly 32 MiB, with the allocator's header, is over the threshold) the bytes cost
+    s_per_byte each, below it nothing (the heap serves them), in place nothing."""
     import numpy as np
 
     from flopsim.roofline import fresh_pages_s
@@ -433,14 +434,15 @@ def test_fresh_pages_are_paid_by_allocations_above_the_threshold():
     fresh = FreshPages(s_per_byte=2e-10)
     assert fresh.above_bytes == 32 * MIB  # glibc malloc.c DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
     assert fresh_pages_s(64 * MIB, 1, False, fresh) == pytest.approx(2e-10 * 64 * MIB)
-    assert fresh_pages_s(32 * MIB, 1, False, fresh) == 0.0
+    assert fresh_pages_s(32 * MIB, 1, False, fresh) == pytest.approx(2e-10 * 32 * MIB)
+    assert fresh_pages_s(32 * MIB - 4096, 1, False, fresh) == 0.0
     assert fresh_pages_s(128 * MIB, 2, False, fresh) == pytest.approx(2e-10 * 128 * MIB)  # two of 64 MiB
     assert fresh_pages_s(64 * MIB, 4, False, fresh) == 0.0  # four of 16 MiB
     assert fresh_pages_s(64 * MIB, 1, True, fresh) == 0.0  # written in place
     assert fresh_pages_s(64 * MIB, 1, False, None) == 0.0  # no figure (a GPU)
     assert fresh_pages_s(64 * MIB, 0, False, fresh) == 0.0  # never launched
-    grid = fresh_pages_s(np.array([16.0, 64.0, 64.0]) * MIB, np.array([1.0, 1.0, 0.5]), False, fresh)
-    assert grid.tolist() == pytest.approx([0.0, 2e-10 * 64 * MIB, 2e-10 * 64 * MIB])  # half a launch of 128 MiB
+    grid = fresh_pages_s(np.array([16.0, 64.0, 64.0, 32.0]) * MIB, np.array([1.0, 1.0, 0.5, 1.0]), False, fresh)
+    assert grid.tolist() == pytest.approx([0.0, 2e-10 * 64 * MIB, 2e-10 * 64 * MIB, 2e-10 * 32 * MIB])  # half a launch of 128 MiB
 
 
 def _sparse_ff():

@@ -189,6 +189,8 @@ def moe_ffn(ctx: Ctx, i: int, *, tokens, prefix: str, tags: dict | None = None,
             expert_ops = [_expected_reads(op, E, active, tokens * k) for op in expert_ops]
         if moe.kernel == "loop" and dropless:  # one product per expert: E launches of each
             expert_ops = _per_expert_loop(ctx, expert_ops, experts=batch, rows=rows, tags=t)
+        elif not dropless:  # padded slots [E, C, d]: one torch.bmm per projection, calibrated as one
+            expert_ops = [replace(op, variant="bmm") if op.gemm is not None else op for op in expert_ops]
         ops += expert_ops
     if dropless and not gathers:  # the combination weights follow the pairs into expert order
         ops += gather(ctx, f"{p}.gather_weights", layer=i, rows=rows, d=1, module=p, tags=t)
