@@ -20,8 +20,6 @@ threads fixed, CUDA synchronised:
   (flopsim.roofline.overlap_times). Every GPU point below is device time.
   A GPU also gets `graph_launch_s`: the device's time per kernel when a
   CUDA graph of GRAPH_KERNELS tiny kernels is replayed.
-- batched products (torch.bmm, padded MoE experts: variant bmm), E = 8
-  products per kernel, their weights read cold.
 - matrix products over a grid of shapes (decode shapes m = 1..64, router
   widths n = 1, 8; a GPU's widths multiples of 128, GEMM_GRID): the
   weights are views into a pool larger than the
@@ -30,6 +28,8 @@ threads fixed, CUDA synchronised:
   busy time gives a compute efficiency; where it is memory-bound, a memory
   efficiency (the cold weights set its time). Busy time = time - the hot
   fixed cost of the kernel.
+- batched products (torch.bmm, as padded MoE experts run): E = 8 products
+  per kernel, their weights read cold (variant bmm).
 - attention, fused and explicit, forward and backward; decode shapes read
   their keys and values cold from the pool (memory efficiency).
 - memory-bound kernels (copy, elementwise ops per variant, RoPE, norms,

@@ -72,9 +72,10 @@ Lookup order for an op of kind K with GEMM shape (batch, m, n, k):
    ones come from its heap, in use). An allocation of `above_bytes` or
    more (its block, with the allocator's header, is over the threshold: a
    32 MiB torch.stack faults in all its 8,193 pages every call on the 2-core
-   VM, 10.0 ms against 3.4 ms at 31.98 MiB) costs `s_per_byte` seconds a byte beyond writing into memory in use
-   (measured by `flopsim calibrate` on a CPU: a copy into a new 64-256 MiB
-   buffer against the same copy into one in use). Each launch of an op
+   VM, 10.0 ms against 3.4 ms at 31.98 MiB) costs `s_per_byte` seconds a
+   byte beyond writing into memory in use (measured by `flopsim calibrate`
+   on a CPU: a copy into a new 64-256 MiB buffer against the same copy into
+   one in use). Each launch of an op
    allocates its written activations (`act_write_bytes` / kernels) unless
    it writes in place (tag `in_place`); flopsim.roofline.fresh_pages_s.
    None (a GPU, whose caching allocator reuses its blocks; a published
