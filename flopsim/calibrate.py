@@ -580,37 +580,23 @@ def tiny_kernels(bench: Bench) -> dict:
 
 
 def measure_gemms(bench: Bench) -> None:
-    """Matrix products (F.linear, as the reference's nn.Linear runs them) with cold weights.
-    Every shape is timed in PASSES interleaved passes, a drift-probe reading beside
-    each timing (flopsim.probe), and the median of the timings scaled to one host
-    speed is kept: a shared host's speed drifts within seconds."""
+    """Matrix products (F.linear, as the reference's nn.Linear runs them) with cold weights,
+    timed by `_time_products`."""
     import torch.nn.functional as F
 
     from flopsim.ops import primitives as P
 
     ctx = _ctx(bench.dtype)
-    peak, bandwidth = bench.hw.peak_flops_per_s_for(bench.dtype)[0], bench.hw.memory_bandwidth_bytes_per_s
     rows, outputs, inputs = ((SMOKE["rows"], SMOKE["features"], SMOKE["features"]) if bench.smoke
                              else GEMM_GRID[bench.device])
     shapes = []
-    for m in rows:
-        for n in outputs:
-            for k in inputs:
-                if 2 * m * n * k > MAX_GEMM_FLOPS[bench.device]:
-                    continue
-                op = _fwd(P.linear(ctx, "x", layer=0, tokens=m, d_in=k, d_out=n, bias=False))
-                memory_bound = 2 * m * n * k / peak < float(op.bytes) / bandwidth
-                x, weights = bench.rand(m, k), bench.cold_cycle(n, k)
-                shapes.append(((m, n, k), (lambda x=x, w=weights: F.linear(x, w())), op, memory_bound))
-    samples = {shape: [] for shape, _, _, _ in shapes}  # (seconds, the probe reading beside them)
-    for i in range(1 if bench.smoke else PASSES):
-        for shape, fn, _, _ in shapes:
-            samples[shape].append((bench.timed(fn), bench.read_probe()))
-        bench.say(f"{len(shapes)} matrix products, pass {i + 1}")
-    for (m, n, k), _, op, memory_bound in shapes:
-        seconds, reading = at_first_reading(samples[(m, n, k)], "memory_s" if memory_bound else "compute_s")
-        bench.record(f"linear m={m} n={n} k={k}", "matmul", (1, m, n, k), seconds, op, matrix=True,
-                     memory_bound=memory_bound, reading=reading)
+    for m, n, k in itertools.product(rows, outputs, inputs):
+        if 2 * m * n * k > MAX_GEMM_FLOPS[bench.device]:
+            continue
+        op = _fwd(P.linear(ctx, "x", layer=0, tokens=m, d_in=k, d_out=n, bias=False))
+        x, weights = bench.rand(m, k), bench.cold_cycle(n, k)
+        shapes.append(((1, m, n, k), (lambda x=x, w=weights: F.linear(x, w())), op))
+    _time_products(bench, "matrix products", shapes)
 
 
 # batched products (torch.bmm over [E, m, k] x [E, k, n], as padded MoE experts run): E, then the rows,
@@ -625,13 +611,12 @@ def measure_batched_products(bench: Bench) -> None:
     products of a bmm about as its own products, not as one product of E x m rows, and reads
     E weight matrices: the lookup places a bmm point (batch E, m, n, k) where an op of E
     products in one kernel looks, (E m, n, k) for compute and (m, E n, k) for memory
-    (Calibration.efficiency). Timed as measure_gemms times F.linear."""
+    (Calibration.efficiency). Timed by `_time_products`, as the products are."""
     from dataclasses import replace
 
     from flopsim.ops import primitives as P
 
     ctx = _ctx(bench.dtype)
-    peak, bandwidth = bench.hw.peak_flops_per_s_for(bench.dtype)[0], bench.hw.memory_bandwidth_bytes_per_s
     batches, rows, outputs, inputs = (((2,), SMOKE["rows"], SMOKE["features"], SMOKE["features"]) if bench.smoke
                                       else BMM_GRID[bench.device])
     shapes = []
@@ -639,18 +624,28 @@ def measure_batched_products(bench: Bench) -> None:
         if 2 * e * m * n * k > MAX_GEMM_FLOPS[bench.device]:
             continue
         op = replace(_fwd(P.linear(ctx, "x", layer=0, tokens=m, d_in=k, d_out=n, bias=False, batch=e)), variant="bmm")
-        memory_bound = 2 * e * m * n * k / peak < float(op.bytes) / bandwidth
         x, weights = bench.rand(e, m, k), bench.cold_cycle(e, k, n)
-        shapes.append(((e, m, n, k), (lambda x=x, w=weights: bench.torch.bmm(x, w())), op, memory_bound))
-    samples = {shape: [] for shape, _, _, _ in shapes}
-    for _ in range(1 if bench.smoke else PASSES):
-        for shape, fn, _, _ in shapes:
+        shapes.append(((e, m, n, k), (lambda x=x, w=weights: bench.torch.bmm(x, w())), op))
+    _time_products(bench, "batched products", shapes)
+
+
+def _time_products(bench: Bench, label: str, shapes: list) -> None:
+    """Record matrix products ((batch, m, n, k), fn, flopsim op): each timed in PASSES
+    interleaved passes, a drift-probe reading beside each timing (flopsim.probe), and the
+    median of the timings scaled to one host speed kept (a shared host's speed drifts
+    within seconds); memory-bound where the ideal roofline is (cold weights set its time)."""
+    peak, bandwidth = bench.hw.peak_flops_per_s_for(bench.dtype)[0], bench.hw.memory_bandwidth_bytes_per_s
+    samples = {shape: [] for shape, _, _ in shapes}  # (seconds, the probe reading beside them)
+    for i in range(1 if bench.smoke else PASSES):
+        for shape, fn, _ in shapes:
             samples[shape].append((bench.timed(fn), bench.read_probe()))
-    for shape, _, op, memory_bound in shapes:
-        seconds, reading = at_first_reading(samples[shape], "memory_s" if memory_bound else "compute_s")
-        bench.record("bmm b={} m={} n={} k={}".format(*shape), "matmul", shape, seconds, op, matrix=True,
-                     memory_bound=memory_bound, reading=reading)
-    bench.say(f"{len(shapes)} batched products")
+        bench.say(f"{len(shapes)} {label}, pass {i + 1}")
+    for (b, m, n, k), _, op in shapes:
+        memory_bound = 2 * b * m * n * k / peak < float(op.bytes) / bandwidth
+        seconds, reading = at_first_reading(samples[(b, m, n, k)], "memory_s" if memory_bound else "compute_s")
+        name = f"linear m={m} n={n} k={k}" if b == 1 else f"bmm b={b} m={m} n={n} k={k}"
+        bench.record(name, "matmul", (b, m, n, k), seconds, op, matrix=True, memory_bound=memory_bound,
+                     reading=reading)
 
 
 # weight-only int4 products (tinygemm, `torch.ops.aten._weight_int4pack_mm`: gpt-fast's int4 kernel) at
