@@ -1,3 +1,4 @@
 from flopsim.cli import main
 
-main()
+if __name__ == "__main__":  # `python -m flopsim`; an import runs nothing
+    main()

@@ -20,7 +20,8 @@ Timing: threads fixed (`torch.set_num_threads`), warm-up runs first, the
 end-to-end time is the median of unprofiled runs (perf_counter; CUDA
 synchronised), per-module times the median over profiled runs. Validation
 times many runners round-robin (`time_rounds`), so that each samples the
-whole measurement period rather than one moment of a drifting host. Each
+whole measurement period rather than one moment of a drifting host (on a
+CPU each case in a process of its own, flopsim.case_process; `visit`). Each
 visit first runs the step back to back for `WARMUP_S` (`warm_up`): a step
 that follows another model's runs is slower for its first runs (on the
 2-core VM a small decode step's first six to ten runs after a train step
@@ -41,7 +42,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 SCOPE = "flopsim::"
@@ -148,6 +149,7 @@ class Runner:
     model: object
     once: object
     run: object = None  # the phase without the synchronisation (what a queued clock times)
+    faults: list = field(default_factory=list)  # minor page faults of each timed run (`time_runs`)
 
 
 def make_runner(spec, phase: str, batch: int, seq: int, context: Optional[int] = None, *, device: str = "cpu",
@@ -168,15 +170,30 @@ def make_runner(spec, phase: str, batch: int, seq: int, context: Optional[int] =
     return Runner(spec, phase, batch, seq, context, device, model, once, run)
 
 
+def minor_faults() -> int:
+    """This process's minor page faults so far (pages the OS mapped in on first touch:
+    fresh allocations); 0 where `resource` is missing."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def time_runs(runner: Runner, repeats: int, warmup: int = 1) -> list:
-    """Wall seconds of `repeats` unprofiled runs after `warmup` ones."""
+    """Wall seconds of `repeats` unprofiled runs after `warmup` ones; each timed run's
+    minor page faults are appended to `runner.faults` (when it keeps them)."""
     for _ in range(warmup):
         runner.once()
     walls = []
+    faults = getattr(runner, "faults", None)
     for _ in range(repeats):
+        before = minor_faults()
         start = time.perf_counter()
         runner.once()
         walls.append(time.perf_counter() - start)
+        if faults is not None:
+            faults.append(minor_faults() - before)
     return walls
 
 
@@ -207,9 +224,18 @@ def time_rounds(runners: list, rounds: int = 5, repeats: int = 2, progress=None,
                 progress(f"timing round {r + 1}/{rounds}: {runner.spec.name} {runner.phase}", i, len(runners))
             if probe is not None:  # before the warm-up: the probe's cold reads would disturb the step's cached data
                 readings[i].append(probe.read())
-            warm_up(runner)
-            walls[i] += time_runs(runner, repeats, warmup=0)
+            walls[i] += visit(runner, repeats)
     return walls, readings
+
+
+def visit(runner, repeats: int) -> list:
+    """One round-robin visit: `warm_up`, then `repeats` timed runs (their wall seconds).
+    A runner held by another process (flopsim.case_process.RemoteRunner) visits there."""
+    remote = getattr(runner, "visit", None)
+    if remote is not None:
+        return remote(repeats)
+    warm_up(runner)
+    return time_runs(runner, repeats, warmup=0)
 
 
 def time_queued(runner: Runner, clock, samples: int = 5) -> tuple[list, list, bool]:

@@ -57,7 +57,9 @@ def _measured(row, case, per_op):
         queued = dict(device_runs=[float(t) for t in str(row.measured_device_runs_s).split(";")],
                       host_runs=[float(t) for t in str(row.measured_host_runs_s).split(";")],
                       host_waits=str(row.host_waits).strip().lower() == "true")
-    return Measured(context, (modules, aten), runs, reading, **queued)
+    counted = str(getattr(row, "measured_faults", "") or "").strip()
+    faults = [int(float(f)) for f in counted.split(";")] if counted not in ("", "nan") else []
+    return Measured(context, (modules, aten), runs, reading, faults=faults, **queued)
 
 
 def repredict(folder, calibration=None, hardware: Optional[str] = None):

@@ -12,7 +12,9 @@ family and variant, each with the dense baseline it saves compute over), on
    warm-up runs for `flopsim.profiling.WARMUP_S` and two timed runs) so
    that each case samples the whole measurement period of a host whose speed
    drifts, in the steady state of a step run back to back; the median is the
-   measured time;
+   measured time. On a CPU each case runs in a process of its own
+   (flopsim.case_process: a step's time depends on its process's heap), and
+   each timed run's minor page faults are kept (`faulted_mb`);
 3. flopsim.predict costs the same phase and shape on the device's hardware
    spec with that calibration, and the two are joined on module paths
    (flopsim.profiling's docstring says how torch ops map to flopsim ops).
@@ -198,6 +200,7 @@ class Measured:
     device_runs: list = field(default_factory=list)  # a GPU: device seconds per step, queued (profiling.time_queued)
     host_runs: list = field(default_factory=list)  # a GPU: host seconds per step spent queueing it
     host_waits: bool = False  # the step synchronises inside (its queued times are upper bounds)
+    faults: list = field(default_factory=list)  # minor page faults of each timed run (its process's)
 
 
 def join_measurements(out: "Validation", cases: list, jobs: list, measured: list, hw, cal) -> list:
@@ -209,7 +212,7 @@ def join_measurements(out: "Validation", cases: list, jobs: list, measured: list
         at_speed = (predicted_modules(case.spec, phase, case.batch, case.seq, seen.context, hw,
                                       cal.at_speed(seen.reading))[0] if seen.reading else None)  # beside the runs
         results[(case.name, phase)] = (result.time_s, statistics.median(seen.runs))
-        out.per_model.append({**_model_row(case, phase, result, seen.runs, at_speed, seen.reading),
+        out.per_model.append({**_model_row(case, phase, result, seen.runs, at_speed, seen.reading, seen.faults),
                               **_queued_columns(result, seen)})
         out.per_op += _op_rows(case, phase, seen.modules, predicted, members, gemm_shapes)
     out.speedups = _speedup_rows(cases, results)
@@ -232,7 +235,8 @@ def check_inputs(device: str, suite: str) -> None:
 def run_validation(device: str = "cpu", suite: str = "quick", *, hardware: Optional[str] = None,
                    calibration=None, threads: Optional[int] = None, recalibrate: bool = False,
                    rounds: int = ROUNDS, progress: Optional[Callable[[str, int, int], None]] = None) -> Validation:
-    """Calibrate if needed, profile every case, time them round-robin, predict, and join."""
+    """Calibrate if needed, profile every case, time them round-robin (on a CPU each case
+    in a process of its own), predict, and join."""
     from flopsim.calibrate import measurement_environment
 
     environment = measurement_environment()
@@ -241,7 +245,8 @@ def run_validation(device: str = "cpu", suite: str = "quick", *, hardware: Optio
     from flopsim.calibrate import device_name, guess_hardware
     from flopsim.hardware import load_hardware
     from flopsim.probe import median_reading, smoothed_round_robin
-    from flopsim.profiling import WARMUP_S, make_runner, profile_modules, time_rounds
+    from flopsim.case_process import close_all
+    from flopsim.profiling import WARMUP_S, time_rounds
 
     check_inputs(device, suite)
     hw = load_hardware(hardware or guess_hardware(device))
@@ -252,16 +257,15 @@ def run_validation(device: str = "cpu", suite: str = "quick", *, hardware: Optio
     cal, calibrated_here = _calibration(device, hw, calibration, recalibrate, threads, tick)
     out = Validation(device=device, hardware=hw.name, suite=suite, calibration=cal)
     jobs = [(case, phase) for case in cases for phase in case.phases]
-    runners = []
-    for done, (case, phase) in enumerate(jobs):
-        tick(f"profiling {case.name} {phase}", done, len(jobs))
-        runner = make_runner(case.spec, phase, case.batch, case.seq, _context(phase, case), device=device)
-        runner.modules = profile_modules(runner)
-        runners.append(runner)
-    probe = _probe(device, cal, hw)
-    walls, readings = time_rounds(runners, rounds=rounds, progress=tick, probe=probe)
+    workers, runners = _runners(device, cases, jobs, tick)
+    try:
+        probe = _probe(device, cal, hw)
+        walls, readings = time_rounds(runners, rounds=rounds, progress=tick, probe=probe)
+    finally:
+        close_all(workers)
     readings = smoothed_round_robin(readings)  # the drift, not the previous model's aftermath
-    measured = [Measured(runner.context, runner.modules, runs, median_reading(seen) if seen else None)
+    measured = [Measured(runner.context, runner.modules, runs, median_reading(seen) if seen else None,
+                         faults=list(runner.faults))
                 for runner, runs, seen in zip(runners, walls, readings)]
     if device == "cuda":
         _time_queued(runners, measured, tick)
@@ -275,9 +279,30 @@ def run_validation(device: str = "cpu", suite: str = "quick", *, hardware: Optio
         "device_name": device_name(device), "calibration": cal.source, "calibration_kind": cal.kind,
         "calibration_gemm_points": len(cal.gemm), "validation_gemm_shapes": len(set(gemm_shapes)),
         "calibrated_in_run": calibrated_here, "environment": environment, "timing_rounds": rounds,
-        "timing_warmup_s": WARMUP_S,
+        "timing_warmup_s": WARMUP_S, "process_per_case": device == "cpu",
     }
     return out
+
+
+def _runners(device: str, cases: list, jobs: list, tick) -> tuple[list, list]:
+    """(worker processes, runners) of every (case, phase), built and profiled. A CPU's
+    cases run each in a process of its own (flopsim.case_process: a CPU step's time
+    depends on its process's heap); a GPU's in this one."""
+    import torch
+
+    from flopsim.profiling import make_runner, profile_modules
+
+    if device == "cpu":
+        from flopsim.case_process import start_cases
+
+        return start_cases(cases, _context, device, torch.get_num_threads(), tick)
+    runners = []
+    for done, (case, phase) in enumerate(jobs):
+        tick(f"profiling {case.name} {phase}", done, len(jobs))
+        runner = make_runner(case.spec, phase, case.batch, case.seq, _context(phase, case), device=device)
+        runner.modules = profile_modules(runner)
+        runners.append(runner)
+    return [], runners
 
 
 def _time_queued(runners: list, measured: list, tick) -> None:
@@ -351,10 +376,14 @@ def _probe(device: str, cal, hw):
     return Probe(torch, device, dtype, pool, gen, clock=clock)
 
 
-def _model_row(case, phase, result, runs, at_speed=None, reading=None) -> dict:
+def _model_row(case, phase, result, runs, at_speed=None, reading=None, faults=()) -> dict:
     """One end-to-end row: `result` predicted with the calibration as measured (at the
     median host speed of its measurement), `at_speed` at the speed the drift probe read
-    beside these runs (`reading`; flopsim.probe), for comparison."""
+    beside these runs (`reading`; flopsim.probe), for comparison; `faults`: the minor
+    page faults of each timed run (`faulted_mb`: their median in MB, what the process
+    mapped in afresh during a step; "" when not counted)."""
+    import mmap
+
     measured = statistics.median(runs)
     at_speed = at_speed or result
     return {
@@ -366,6 +395,8 @@ def _model_row(case, phase, result, runs, at_speed=None, reading=None) -> dict:
         "predicted_host_s": result.total("host_s"), "predicted_device_s": result.total("device_s"),
         "measured_runs_s": ";".join(f"{t:.17g}" for t in runs),
         "probe": "" if reading is None else f"{reading.compute_s:.4g};{reading.memory_s:.4g};{reading.fixed_s:.4g}",
+        "faulted_mb": statistics.median(faults) * mmap.PAGESIZE / 1e6 if faults else "",
+        "measured_faults": ";".join(str(int(f)) for f in faults),
     }
 
 
@@ -504,10 +535,13 @@ def summary_markdown(validation: Validation, summary: dict, images: bool = True)
     ]
     for kind, row in summary["by_kind"].items():
         lines.append(f"| {kind} | {percent(row['median_abs_error'])} | {percent(row['p90_abs_error'])} | {row['modules']} |")
-    lines += ["", "## End to end", "", "| model | phase | predicted | measured | error |", "|---|---|---|---|---|"]
+    lines += ["", "## End to end", "", "Faulted: the median timed run's minor page faults (pages its process mapped "
+              "in afresh), in MB.", "", "| model | phase | predicted | measured | error | faulted |",
+              "|---|---|---|---|---|---|"]
     for r in validation.per_model:
+        faulted = r.get("faulted_mb", "")
         lines.append(f"| {r['model']} | {r['phase']} | {r['predicted_s'] * 1e3:.3f} ms | {r['measured_s'] * 1e3:.3f} ms | "
-                     f"{percent(r['error'])} |")
+                     f"{percent(r['error'])} | {'-' if faulted == '' else f'{faulted:.1f} MB'} |")
     lines += ["", "## Speedup over the dense baseline", "",
               "| model | baseline | phase | predicted | measured | error |", "|---|---|---|---|---|---|"]
     for r in validation.speedups:

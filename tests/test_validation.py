@@ -205,6 +205,72 @@ def test_validation_report_schema(tiny_report, smoke_calibration):
     assert "![predicted vs measured](scatter.png)" in (tmp_path / "out" / "summary.md").read_text()
 
 
+def test_cpu_cases_are_timed_each_in_a_process_of_its_own(tiny_report):
+    """A CPU step's time depends on its process's heap, so the CPU validation builds,
+    profiles and times each case in a worker process of its own (flopsim.case_process),
+    one at a time; each timed run's minor page faults come back with its time."""
+    import os
+    from types import SimpleNamespace
+
+    from flopsim.case_process import close_all, start_cases
+    from flopsim.profiling import time_rounds
+    from flopsim.validate import _context, load_suite
+
+    cases = load_suite(str(tiny_report[0] / "tiny.yaml"), "cpu")[:2]
+    started = []
+    workers, runners = start_cases(cases, _context, "cpu", 1, tick=lambda message, done, total: started.append(done))
+    try:
+        assert [(r.spec.name, r.phase) for r in runners] == [(c.name, p) for c in cases for p in c.phases]
+        pids = {r.worker.process.pid for r in runners}
+        assert len(pids) == len(cases) and os.getpid() not in pids  # one process per case, not this one
+        assert sorted(_case_processes()) == sorted(str(pid) for pid in pids)
+        assert all(r.worker is runners[0].worker for r in runners[:len(cases[0].phases)])  # a case's phases share it
+        assert started == [0, len(cases[0].phases)]  # one case at a time
+        assert all("block.0.attn" in r.modules[0] for r in runners)  # profiled there
+        probe = SimpleNamespace(read=lambda: "reading")
+        walls, readings = time_rounds(runners, rounds=2, repeats=2, probe=probe)
+        assert all(len(w) == 4 and min(w) > 0 for w in walls) and readings == [["reading"] * 2] * len(runners)
+        assert all(len(r.faults) == 4 and min(r.faults) >= 0 for r in runners)
+    finally:
+        close_all(workers)
+    assert not any(w.alive for w in workers)
+    saved = pd.read_csv(tiny_report[0] / "out" / "per_model.csv")
+    counted = [[int(f) for f in str(row).split(";")] for row in saved["measured_faults"]]
+    assert all(len(c) == len(str(r).split(";")) for c, r in zip(counted, saved["measured_runs_s"]))
+    import mmap
+    import statistics
+    assert list(saved["faulted_mb"]) == pytest.approx([statistics.median(c) * mmap.PAGESIZE / 1e6 for c in counted])
+
+
+def test_a_case_that_fails_in_its_process_is_reported_with_its_traceback(tiny_report):
+    """A worker's error reaches the parent as a RuntimeError naming the case, with the
+    worker's traceback, and no worker process is left running."""
+    from flopsim.case_process import start_cases
+    from flopsim.validate import _context, load_suite
+
+    cases = load_suite(str(tiny_report[0] / "tiny.yaml"), "cpu")[:2]
+    with pytest.raises(RuntimeError, match=r"validation case dense failed in its process:\n(.|\n)*Traceback"):
+        start_cases(cases, _context, "no-such-device", 1)  # torch refuses the device there
+    assert not _case_processes()
+
+
+def _case_processes() -> list:
+    """This process's children running flopsim.case_process (from /proc)."""
+    import os
+    from pathlib import Path
+
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == os.getpid() and "flopsim.case_process" in command:
+            found.append(proc.name)
+    return found
+
+
 def test_saved_measurements_predict_again(tiny_report, tmp_path):
     """`validate --measurements`: with the folder's own calibration the folder's predictions
     come back exactly; with another one the measurements stay and the predictions move."""
@@ -507,3 +573,36 @@ def test_attention_is_calibrated_on_the_references_layout():
     calibrated = projected_qkv(bench, b, h, s, dh)
     assert [(t.shape, t.stride()) for t in calibrated] == [(t.shape, t.stride()) for t in reference]
     assert not calibrated[0].is_contiguous()
+
+
+TRAIN_SUITE = SUITE.split("cases:")[0] + """cases:
+  - {name: dense, base: d, phases: [forward, train]}
+  - {name: enc, base: d, phases: [forward]}
+"""  # the tiny suite's model: one train case, one without a train phase
+
+
+def test_train_vs_forward_benchmark_prints_both_allocators(tmp_path):
+    """benchmarks/train_vs_forward.py times each train case in a process of its own
+    under both allocator settings and prints the ratio errors side by side; a bad
+    argument is one line and exit code 2."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "train_vs_forward.py"
+    suite = tmp_path / "train.yaml"
+    suite.write_text(TRAIN_SUITE)
+    out = subprocess.run([sys.executable, str(script), "--suite", str(suite), "--rounds", "1"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 5 and lines[1].split()[0] == "dense"  # header, the one train case, two summaries, figures
+    assert lines[2].startswith("default:") and lines[3].startswith("no-trim:")
+    last = dict(item.split("=") for item in lines[-1].split())
+    assert set(last) == {"default_ratio_error", "default_faulted_mb", "no-trim_ratio_error", "no-trim_faulted_mb"}
+    assert all(float(v) >= 0 for v in last.values())
+    for args, field in ((["--models", "enc"], "--models"), (["--allocators", "jemalloc"], "--allocators"),
+                        (["--rounds", "0"], "--rounds")):
+        bad = subprocess.run([sys.executable, str(script), "--suite", str(suite), *args],
+                             capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and field in bad.stderr, bad.stderr
