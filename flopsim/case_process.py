@@ -22,7 +22,7 @@ Conventions:
   profiles them (flopsim.profiling.profile_modules) before the next starts, so
   no two processes run a step at once; afterwards a worker only runs the
   visits it is sent (flopsim.profiling.visit), one at a time, while the others
-  wait on their pipes;
+  wait on their connections;
 - a RemoteRunner stands for a worker's runner in flopsim.profiling.time_rounds:
   the parent keeps the drift probe and the round-robin order; the worker
   returns each visit's wall seconds and minor page faults;
@@ -35,6 +35,7 @@ context of its own, and the caching allocator reuses its blocks.
 
 from __future__ import annotations
 
+import subprocess
 import traceback
 from dataclasses import dataclass, field
 from typing import Optional
@@ -49,7 +50,7 @@ class RemoteRunner:
     context: Optional[int]
     worker: "CaseWorker"
     index: int
-    modules: tuple = ({}, {})  # what profile_modules returned there
+    modules: tuple  # what profile_modules returned there
     faults: list = field(default_factory=list)  # minor page faults of each timed run there
 
     def visit(self, repeats: int) -> list:
@@ -98,7 +99,6 @@ class CaseWorker:
 
     def __init__(self, name: str, spec, jobs: list, device: str, threads: int):
         import socket
-        import subprocess
         import sys
         from multiprocessing.connection import Connection
 
@@ -133,7 +133,7 @@ class CaseWorker:
                 pass
             try:
                 self.process.wait(timeout=30)
-            except Exception:  # noqa: BLE001 - a stuck worker is killed
+            except subprocess.TimeoutExpired:  # a stuck worker is killed
                 self.process.kill()
                 self.process.wait()
         self.conn.close()
