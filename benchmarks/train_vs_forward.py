@@ -13,8 +13,9 @@ train step to the forward step of the same model, both timed in alternating
 rounds in one process, cancels most of that drift: flopsim's train / forward
 ratio against the measured one checks what the train step adds (the
 backward, the optimizer, the loss) on its own. Each model runs in a fresh
-process, as a training job does: glibc's heap then has that model's history
-only, not the other cases' (`flopsim validate` times every case in one process).
+process, as a training job does (and as `flopsim validate` now times each
+CPU case, flopsim.case_process): glibc's heap then has that model's history
+only, not the other cases'.
 
 Allocators (each a fresh process per model; glibc reads these at start-up):
 - `default`: glibc as installed. A step frees its activations and, with
@@ -29,9 +30,9 @@ Allocators (each a fresh process per model; glibc reads these at start-up):
   rule flopsim's fresh-pages cost assumes (flopsim.calibration lookup step 7).
 
 Per model and allocator it prints the median forward and train step
-(milliseconds), the measured train / forward ratio over flopsim's (a value of
-1.10: the train step is 10% slower, relative to the forward, than flopsim
-predicts), the minor page faults of a train step (MB, `getrusage`), and the
+(milliseconds), the measured train / forward ratio over flopsim's, less one
+("ratio err"; +10%: the train step is 10% slower, relative to the forward,
+than flopsim predicts), the minor page faults of a train step (MB, `getrusage`), and the
 train step's error against flopsim's absolute prediction. The last line
 gives, per allocator, the median |ratio error| and the median faulted MB.
 Medians over the rounds, two timed runs a round after a warm-up
@@ -79,10 +80,8 @@ def measure_one(suite: str, name: str, rounds: int) -> dict:
         warm_up(forward)
         runs["forward"] += time_runs(forward, 2, warmup=0)
         warm_up(train)
-        for _ in range(2):
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            runs["train"] += time_runs(train, 1, warmup=0)
-            runs["faults"].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        runs["train"] += time_runs(train, 2, warmup=0)  # its faults go to train.faults
+    runs["faults"] = train.faults
     return {"model": name, "threads": torch.get_num_threads(), "page_bytes": resource.getpagesize(),
             "predicted": predicted, **{k: statistics.median(v) for k, v in runs.items()}}
 
