@@ -67,6 +67,7 @@ class Parallel(_Strict):
     ep: int = Field(1, ge=1)
     cp: int = Field(1, ge=1)
     zero: int = Field(0, ge=0, le=3)
+    zero_shard: Optional[int] = Field(None, ge=1)  # hybrid sharding: ZeRO over these ranks of dp, replicated
     recompute: Literal["none", "selective", "full"] = "none"
     virtual_stages: int = Field(1, ge=1)  # the interleaved pipeline schedule's chunks a stage
     sequence_parallel: Optional[bool] = None  # token-wise ops split over tp (None: on when tp > 1)
@@ -261,7 +262,7 @@ def _train_plan(row: Row, s: _Setup, tokens: Optional[float] = None):
                          dp_overlap=1.0 if row.engine.dp_comm_overlap else 0.0,
                          virtual_stages=p.virtual_stages, sequence_parallel=p.sequence_parallel,
                          grad_accumulation=row.engine.grad_accumulation,
-                         grad_reduce_dtype=row.engine.grad_reduce_dtype, **kwargs)
+                         grad_reduce_dtype=row.engine.grad_reduce_dtype, zero_shard=p.zero_shard, **kwargs)
 
 
 def source_flops(row: Row, spec, params: int) -> float:

@@ -157,6 +157,35 @@ def test_zero_stages_move_the_layers_parameters(zero, expected):
     assert sum(o.comm_bytes for o in grads) == count(LLAMA, seq=16).params * W
 
 
+def test_hybrid_sharding_shards_in_a_node_and_all_reduces_the_shards_over_the_replicas():
+    """FSDP's HYBRID_SHARD: ZeRO-3 over 8 ranks (one node), 4 replicas over the network. A
+    block's gradients are reduce-scattered in the shard group, then each GPU's eighth
+    all-reduced over the replicas; weights are gathered in the node."""
+    hybrid = count(LLAMA, batch=B, seq=S, phase="train", layout=_layout(dp=32, zero=3, zero_shard=8))
+    block = 4 * D * D + 3 * D * DFF + 2 * D
+    shard_ops = _collectives(hybrid, group="dp_shard")
+    assert {(o.variant, o.tags["ranks"], o.tags["level"]) for o in shard_ops} == {
+        ("reduce_scatter", 8, "scale_up"), ("all_gather", 8, "scale_up")}
+    replicas = _collectives(hybrid, group="dp_replica")
+    assert {(o.variant, o.tags["ranks"], o.tags["level"], o.tags["node_ranks"]) for o in replicas} == {
+        ("all_reduce", 4, "scale_out", 1)}  # one rank of each replica group a node: one NIC's ring
+    assert {o.comm_bytes for o in replicas if 0 <= o.layer < L} == {block * W / 8}
+    assert not _collectives(hybrid, group="dp")
+    # the degenerate setting: sharding over the whole data-parallel group is plain ZeRO
+    whole = count(LLAMA, batch=B, seq=S, phase="train", layout=_layout(dp=32, zero=3, zero_shard=32))
+    plain = count(LLAMA, batch=B, seq=S, phase="train", layout=_layout(dp=32, zero=3))
+    assert [(o.name, o.variant, o.comm_bytes, o.tags) for o in _collectives(whole)] == [
+        (o.name, o.variant, o.comm_bytes, o.tags) for o in _collectives(plain)]
+
+
+@pytest.mark.parametrize("kw, field", [(dict(dp=32, zero=3, zero_shard=6), "zero_shard"),
+                                       (dict(dp=32, zero=0, zero_shard=8), "zero_shard"),
+                                       (dict(dp=32, zero=3, zero_shard=0), "zero_shard")])
+def test_hybrid_sharding_refuses_what_it_cannot_be(kw, field):
+    with pytest.raises(InputError, match=f"^{field}: "):
+        _layout(**kw)
+
+
 def test_recomputation_copies_the_forward():
     full = count(LLAMA, batch=B, seq=S, phase="train", layout=_layout(tp=2, recompute="full"))
     plain = count(LLAMA, batch=B, seq=S, phase="train", layout=_layout(tp=2))

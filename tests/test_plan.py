@@ -159,6 +159,28 @@ def test_zero_stages_shard_what_they_should():
     assert c["dp_bytes_per_step"] == pytest.approx(1 / 2 * 2 * last_stage + 1 / 2 * 2 * last_stage)
 
 
+def test_hybrid_sharding_divides_the_state_by_the_shard_group_and_adds_the_replica_all_reduce():
+    # 16 GPUs = dp 16 on two nodes, ZeRO-3 over each node's 8 (FSDP's HYBRID_SHARD)
+    one = dict(zero=3, dp_overlap=0.0, global_batch=16)  # one micro-batch of 1 a replica
+    hybrid, plain = _train(zero_shard=8, **one), _train(**one)
+    for part, per_param in (("weights_bytes", 2), ("gradients_bytes", 2), ("optimizer_bytes", 12)):
+        assert hybrid.memory[part] == pytest.approx(LLAMA2_PARAMS * per_param / 8)
+        assert plain.memory[part] == pytest.approx(LLAMA2_PARAMS * per_param / 16)
+    assert hybrid.config["zero_shard"] == 8 and plain.config["zero_shard"] == 16
+    # traffic: ZeRO-3 in the node (2 gathers + a reduce-scatter, each 7/8 of the parameters' bytes),
+    # then the eighth each GPU holds all-reduced over 2 replicas (2 (2-1)/2 of it)
+    gathered = 3 * 7 / 8 * LLAMA2_PARAMS * 2
+    replica = 2 * (2 - 1) / 2 * LLAMA2_PARAMS * 2 / 8
+    assert hybrid.communication["dp_bytes_per_step"] == pytest.approx(gathered + replica)
+    assert hybrid.communication["dp_link"] == "ZeRO over 8: intra-node; 2 replicas: inter-node"
+    out = run("plan", "train", "llama-2-7b", "-H", H100, "--gpus", 16, "--tokens", "1e10", "--zero", 3,
+              "--zero-shard", 8)
+    assert out.exit_code == 0 and "over 8 of dp, replicated (hybrid)" in " ".join(out.output.split())
+    bad = run("plan", "train", "llama-2-7b", "-H", H100, "--gpus", 16, "--tokens", "1e10", "--zero", 3,
+              "--zero-shard", 5)
+    assert one_error_line(bad).startswith("flopsim: error: zero_shard: 5: does not divide")
+
+
 def test_activations_split_by_tp_and_pipeline_in_flight():
     # Sequence parallel: activations / tp. 1F1B: the first stage keeps min(pp, microbatches)
     # micro-batches of its 1/pp of the layers.

@@ -8,7 +8,7 @@ import typer
 
 from flopsim.cli.app import app
 from flopsim.cli.layout_opts import (CpOpt, DpOpt, EpOpt, GpusPerNodeOpt, PpOpt, RecomputeOpt, SequenceParallelOpt,
-                                     StageOpt, TpOpt, ZeroOpt, layout_from_options)
+                                     StageOpt, TpOpt, ZeroOpt, ZeroShardOpt, layout_from_options)
 from flopsim.cli.output import Format, console, human, print_csv, print_json, rich_table
 
 PhaseOpt = typer.Option("forward", "--phase", "-p", help="forward | train | prefill | decode")
@@ -26,6 +26,7 @@ def count(
     ops: bool = typer.Option(False, "--ops", help="Table format: one row per op instead of per layer."),
     attention: Optional[str] = typer.Option(None, "--attention", help="Attention kernel: fused or explicit (or transformers' names: sdpa, eager, ...); default: the spec's (an HF config's attn_implementation, else fused)."),
     tp: int = TpOpt, pp: int = PpOpt, dp: int = DpOpt, ep: int = EpOpt, cp: int = CpOpt, zero: int = ZeroOpt,
+    zero_shard: Optional[int] = ZeroShardOpt,
     recompute: str = RecomputeOpt, sequence_parallel: Optional[bool] = SequenceParallelOpt,
     stage: Optional[int] = StageOpt, gpus_per_node: Optional[int] = GpusPerNodeOpt,
     fmt: Format = FormatOpt,
@@ -43,7 +44,7 @@ def count(
 
         spec = load_model(spec).with_changes(attention_impl=attention_impl(attention, "--attention"))
     layout = layout_from_options(spec, phase, tp=tp, pp=pp, dp=dp, ep=ep, cp=cp, zero=zero, recompute=recompute,
-                                 sequence_parallel=sequence_parallel, stage=stage, gpus_per_node=gpus_per_node)
+                                 sequence_parallel=sequence_parallel, stage=stage, gpus_per_node=gpus_per_node, zero_shard=zero_shard)
     result = count_api(spec, batch=batch, seq=seq, phase=phase, context=context, encoder_seq=encoder_seq,
                        layout=layout)
     if fmt == Format.json:

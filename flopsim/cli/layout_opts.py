@@ -12,6 +12,7 @@ DpOpt = typer.Option(1, "--dp", help="Data-parallel replicas (train: the gradien
 EpOpt = typer.Option(1, "--ep", help="Expert-parallel degree (MoE: all-to-alls around the routed experts).")
 CpOpt = typer.Option(1, "--cp", help="Context-parallel degree (the sequence split; keys and values gathered).")
 ZeroOpt = typer.Option(0, "--zero", help="ZeRO stage 0-3 over the data-parallel group (train).")
+ZeroShardOpt = typer.Option(None, "--zero-shard", help="Train, hybrid sharding: ZeRO over this many data-parallel ranks, replicated over the rest (default all of dp).")
 RecomputeOpt = typer.Option("none", "--recompute", help="Train: none | selective (attention cores) | full (each block's forward).")
 SequenceParallelOpt = typer.Option(None, "--sequence-parallel/--no-sequence-parallel", help="Split token-wise ops over tp (all-gather / reduce-scatter pairs); default on in train, off elsewhere.")
 StageOpt = typer.Option(None, "--stage", help="The pipeline stage whose ops are shown (default: the last).")
@@ -20,9 +21,9 @@ GpusPerNodeOpt = typer.Option(None, "--gpus-per-node", help="GPUs sharing the sc
 
 def layout_from_options(spec, phase: str, *, tp: int, pp: int, dp: int, ep: int, cp: int, zero: int, recompute: str,
                         sequence_parallel: Optional[bool], stage: Optional[int], gpus_per_node: Optional[int],
-                        hardware=None):
+                        hardware=None, zero_shard: Optional[int] = None):
     """A flopsim.parallel.Layout from the options, or None for one GPU with nothing to shard."""
-    if (tp, pp, dp, ep, cp, zero, recompute, stage) == (1, 1, 1, 1, 1, 0, "none", None):
+    if (tp, pp, dp, ep, cp, zero, recompute, stage, zero_shard) == (1, 1, 1, 1, 1, 0, "none", None, None):
         return None
     from flopsim.parallel.layout import make_layout
     from flopsim.spec import load_model
@@ -36,4 +37,4 @@ def layout_from_options(spec, phase: str, *, tp: int, pp: int, dp: int, ep: int,
         torus_axis = hw.torus_axis
     return make_layout(load_model(spec), phase, tp=tp, pp=pp, dp=dp, ep=ep, cp=cp, zero=zero, recompute=recompute,
                        sequence_parallel=sequence_parallel, stage=stage, gpus_per_node=gpus_per_node,
-                       torus_axis=torus_axis)
+                       torus_axis=torus_axis, zero_shard=zero_shard)

@@ -72,6 +72,18 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def _refuse_in_search(**given) -> None:
+    """One line for a `plan train` option that --search does not vary (it tries each pp's
+    default encoder stages and shards ZeRO over all of dp): give it without --search."""
+    from flopsim.errors import bad_value
+
+    why = {"encoder_stages": "--search tries each pp's default encoder stages",
+           "zero_shard": "--search shards ZeRO over all of dp"}
+    for name, value in given.items():
+        if value is not None:
+            raise bad_value(name, value, f"{why[name]}; give it without --search")
+
+
 @plan_app.command("train")
 def train(
     spec: str = SpecArg,
@@ -93,6 +105,7 @@ def train(
     recompute: Optional[str] = typer.Option(None, "--recompute", help="Activation recomputation: none (default) | selective (attention cores) | full (each block's forward); with --search, limits the search to it."),
     optimizer: str = typer.Option("adam", "--optimizer", help="adam | adamw | sgd | none."),
     zero: Optional[int] = typer.Option(None, "--zero", help="ZeRO stage over dp: 0 none, 1 optimizer state (default), 2 + gradients, 3 + weights; with --search, limits the search to it."),
+    zero_shard: Optional[int] = typer.Option(None, "--zero-shard", help="Hybrid sharding (FSDP's HYBRID_SHARD): ZeRO over this many data-parallel ranks (e.g. 8: one node), each shard group replicated, its gradient shards all-reduced over the replicas; default all of dp."),
     search: bool = typer.Option(False, "--search", help="Search every tp x pp x dp (x ep) layout, micro-batch, ZeRO stage and recomputation of --gpus: the fastest that fit, and the Pareto front of GPUs, days and cost."),
     micro_batches: str = typer.Option("1,2,4,8", "--micro-batches", help="--search: the micro-batches to try."),
     top: int = typer.Option(10, "--top", help="--search: the fastest layouts shown."),
@@ -123,11 +136,7 @@ def train(
     if search:
         from flopsim.cli.plan_search_view import run_search
 
-        if encoder_stages is not None:
-            from flopsim.errors import bad_value
-
-            raise bad_value("encoder_stages", encoder_stages, "--search tries each pp's default encoder stages; "
-                                                              "give it without --search")
+        _refuse_in_search(encoder_stages=encoder_stages, zero_shard=zero_shard)
         return run_search(spec, hardware, counts, tokens=_quantity(tokens, "tokens"), seq=seq, global_batch=global_batch,
                           global_batch_tokens=_quantity(global_batch_tokens, "global_batch_tokens"),
                           micro_batches=parse_gpu_counts(micro_batches, "micro_batches"), zero=zero,
@@ -147,7 +156,7 @@ def train(
         dp_overlap=dp_overlap, price_per_gpu_hour=price, calibration=calibration, progress=fmt == Format.table,
         virtual_stages=virtual_stages, encoder_seq=encoder_seq, encoder_stages=encoder_stages,
         sequence_parallel=sequence_parallel, grad_accumulation=grad_accumulation,
-        grad_reduce_dtype=grad_reduce_dtype, **links)
+        grad_reduce_dtype=grad_reduce_dtype, zero_shard=zero_shard, **links)
     _write_html(training_plan_page, p, html)
     if fmt == Format.json:
         return print_json(p.to_dict())
@@ -190,7 +199,8 @@ def _print_training(p) -> None:
     zero_what = {0: "no sharding", 1: "optimizer state sharded", 2: "optimizer state + gradients sharded",
                  3: "optimizer state + gradients + weights sharded"}[c["zero"]]
     rc = c["recompute"] if isinstance(c["recompute"], str) else ("full" if c["recompute"] else "none")
-    out.print(f"  options      {c['optimizer']}, ZeRO-{c['zero']} ({zero_what} over dp), recompute "
+    over = f"{c['zero_shard']} of dp, replicated (hybrid)" if c["zero"] and c["zero_shard"] < c["dp"] else "dp"
+    out.print(f"  options      {c['optimizer']}, ZeRO-{c['zero']} ({zero_what} over {over}), recompute "
               f"{rc}, DP traffic hidden behind up to {_pct(cm['dp_overlap'])} "
               f"of a forward/backward pass; gradient accumulation {c['grad_accumulation']}, reduced in "
               f"{c['grad_reduce_dtype'] or p.spec.dtype}; loss {p.spec.loss_impl}")

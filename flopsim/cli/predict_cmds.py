@@ -8,7 +8,7 @@ import typer
 
 from flopsim.cli.app import app
 from flopsim.cli.layout_opts import (CpOpt, DpOpt, EpOpt, GpusPerNodeOpt, PpOpt, RecomputeOpt, SequenceParallelOpt,
-                                     StageOpt, TpOpt, ZeroOpt, layout_from_options)
+                                     StageOpt, TpOpt, ZeroOpt, ZeroShardOpt, layout_from_options)
 from flopsim.cli.output import Format, console, human, human_time, print_csv, print_json, progress_bar, rich_table
 
 SpecArg = typer.Argument(..., help="Model spec: a YAML path, an HF config.json or a preset name.")
@@ -57,6 +57,7 @@ def predict(
     encoder_seq: Optional[int] = EncoderSeqOpt,
     ops: bool = typer.Option(False, "--ops", help="Table format: every op instead of the slowest 15."),
     tp: int = TpOpt, pp: int = PpOpt, dp: int = DpOpt, ep: int = EpOpt, cp: int = CpOpt, zero: int = ZeroOpt,
+    zero_shard: Optional[int] = ZeroShardOpt,
     recompute: str = RecomputeOpt, sequence_parallel: Optional[bool] = SequenceParallelOpt,
     stage: Optional[int] = StageOpt, gpus_per_node: Optional[int] = GpusPerNodeOpt,
     fmt: Format = FormatOpt,
@@ -69,7 +70,7 @@ def predict(
     from flopsim.predict import predict as predict_api
 
     layout = layout_from_options(spec, phase, tp=tp, pp=pp, dp=dp, ep=ep, cp=cp, zero=zero, recompute=recompute,
-                                 sequence_parallel=sequence_parallel, stage=stage, gpus_per_node=gpus_per_node,
+                                 sequence_parallel=sequence_parallel, stage=stage, gpus_per_node=gpus_per_node, zero_shard=zero_shard,
                                  hardware=hardware)
     r = predict_api(spec, hardware, phase=phase, batch=batch, seq=seq, context=context,
                     calibration=calibration, optimizer=optimizer, encoder_seq=encoder_seq, layout=layout)

@@ -11,7 +11,11 @@ data-parallel group). GPUs = tp * cp * dp * pp. `virtual_stages` v > 1: the
 interleaved 1F1B schedule (Narayanan et al. 2021), each stage holding v chunks
 of blocks / (pp v) blocks, chunk c on stage c mod pp. `zero` (0-3) shards the
 optimizer state, gradients and weights over the data-parallel group
-(Rajbhandari et al. 2020); `recompute` none / selective (the attention core,
+(Rajbhandari et al. 2020), or with `zero_shard` s over s consecutive ranks of
+it, each shard group replicated dp * cp / s times (hybrid sharding: PyTorch
+FSDP's HYBRID_SHARD, DeepSpeed's ZeRO++ hpZ; the gradients are
+reduce-scattered in the shard group, then each shard all-reduced over the
+replicas); `recompute` none / selective (the attention core,
 Korthikanti et al. 2022) / full (every block's forward, once more before its
 backward).
 
@@ -45,6 +49,8 @@ those ranks (flopsim.collectives):
     cp      cp                 tp * cp
     ep      ep                 tp * cp * ep
     dp      dp * cp            tp * cp * dp        (dense parameters' gradients)
+    dp_shard  s                tp * s              (hybrid sharding: ZeRO's group)
+    dp_replica  dp * cp / s    tp * cp * dp        (hybrid sharding: a shard's replicas)
     edp     dp * cp / ep       tp * cp * dp        (routed experts' gradients)
     pp      2 (a send)         tp * cp * dp * pp
 
@@ -108,6 +114,7 @@ class Layout:
     virtual_stages: int = 1  # the interleaved schedule's chunks a stage (Narayanan et al. 2021); 1: plain 1F1B
     encoder_stages: Optional[int] = None  # an encoder-decoder's encoder stages under pp > 1 (else None)
     torus_axis: Optional[int] = None  # the scale-up torus' axis length (see the module docstring); None: no torus
+    zero_shard: Optional[int] = None  # ranks ZeRO shards over (hybrid sharding); None: the data-parallel group
 
     @property
     def gpus(self) -> int:
@@ -127,11 +134,23 @@ class Layout:
     def last_stage(self) -> int:
         return self.pp - 1 if self.stage is None else self.stage
 
+    @property
+    def shard_ranks(self) -> int:
+        """The ranks ZeRO shards the dense parameters' state over: `zero_shard`, else the
+        data-parallel group's dp * cp."""
+        return self.zero_shard or self.dp * self.cp
+
+    @property
+    def hybrid(self) -> bool:
+        """Hybrid sharding: ZeRO over a part of the data-parallel group, replicated."""
+        return self.shard_ranks < self.dp * self.cp
+
     def group(self, name: str) -> tuple[int, int]:
         """(ranks, span) of a communication group (see the module docstring)."""
-        tp, cp, dp, ep, pp = self.tp, self.cp, self.dp, self.ep, self.pp
+        tp, cp, dp, ep, pp, s = self.tp, self.cp, self.dp, self.ep, self.pp, self.shard_ranks
         return {"tp": (tp, tp), "cp": (cp, tp * cp), "ep": (ep, tp * cp * ep), "dp": (dp * cp, tp * cp * dp),
-                "edp": (dp * cp // ep, tp * cp * dp), "pp": (2 if pp > 1 else 1, tp * cp * dp * pp)}[name]
+                "edp": (dp * cp // ep, tp * cp * dp), "pp": (2 if pp > 1 else 1, tp * cp * dp * pp),
+                "dp_shard": (s, tp * s), "dp_replica": (dp * cp // s, tp * cp * dp)}[name]
 
     def node_ranks(self, name: str) -> int:
         """The ranks of group `name` on one node: its ranks lie `span / ranks` apart, so a
@@ -153,7 +172,7 @@ class Layout:
     def describe(self) -> str:
         parts = [f"{k}{getattr(self, k)}" for k in ("tp", "cp", "pp", "dp", "ep") if getattr(self, k) > 1]
         if self.zero:
-            parts.append(f"zero{self.zero}")
+            parts.append(f"zero{self.zero}" + (f" over {self.shard_ranks} (hybrid)" if self.hybrid else ""))
         if self.recompute != "none":
             parts.append(f"recompute {self.recompute}")
         if self.sequence_parallel and self.tp > 1:
@@ -167,7 +186,8 @@ def make_layout(spec, phase: str, *, tp: int = 1, pp: int = 1, dp: int = 1, ep: 
                 zero: int = 0, recompute="none", sequence_parallel: Optional[bool] = None,
                 gpus_per_node: Optional[int] = None, expert_load: float = 1.0,
                 stage: Optional[int] = None, virtual_stages: int = 1,
-                encoder_stages: Optional[int] = None, torus_axis: Optional[int] = None) -> Layout:
+                encoder_stages: Optional[int] = None, torus_axis: Optional[int] = None,
+                zero_shard: Optional[int] = None) -> Layout:
     """A validated Layout of `spec` for `phase` (one-line errors naming the field).
     `sequence_parallel` defaults to on in train with tp > 1 (Megatron's setting), off
     elsewhere (inference engines all-reduce); `gpus_per_node` to the hardware's domain
@@ -196,6 +216,7 @@ def make_layout(spec, phase: str, *, tp: int = 1, pp: int = 1, dp: int = 1, ep: 
             raise bad_value("ep", ep, f"does not divide dp {dp} (experts are sharded within the data-parallel group)")
     if cp > 1:
         _check_context_parallel(spec, phase, cp)
+    zero_shard = checked_zero_shard(zero_shard, zero=zero, dp=dp * cp, ep=ep)
     if isinstance(expert_load, bool) or not isinstance(expert_load, (int, float)) or not 1 <= expert_load <= 1e6:
         raise bad_value("expert_load", expert_load, "must be a number >= 1 (busiest rank / mean rank)")
     if stage is not None and (isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < pp):
@@ -210,7 +231,23 @@ def make_layout(spec, phase: str, *, tp: int = 1, pp: int = 1, dp: int = 1, ep: 
     sp = (phase == "train" and tp > 1) if sequence_parallel is None else bool(sequence_parallel)
     return Layout(tp=tp, pp=pp, dp=dp, ep=ep, cp=cp, zero=zero, recompute=recompute, sequence_parallel=sp,
                   gpus_per_node=node, expert_load=float(expert_load), stage=stage, virtual_stages=virtual_stages,
-                  encoder_stages=encoder_stages, torus_axis=torus_axis)
+                  encoder_stages=encoder_stages, torus_axis=torus_axis, zero_shard=zero_shard)
+
+
+def checked_zero_shard(zero_shard, *, zero: int, dp: int, ep: int) -> Optional[int]:
+    """`zero_shard` checked against the layout (one-line errors): None, or ranks dividing the
+    data-parallel group's `dp` (dp * cp) under a ZeRO stage, with no expert parallelism
+    (routed experts' hybrid sharding is not modelled). The whole group is plain ZeRO: None."""
+    if zero_shard is None:
+        return None
+    zero_shard = _degree("zero_shard", zero_shard)
+    if not zero:
+        raise bad_value("zero_shard", zero_shard, "shards ZeRO's state: it needs zero 1, 2 or 3")
+    if dp % zero_shard:
+        raise bad_value("zero_shard", zero_shard, f"does not divide the {dp} data-parallel ranks")
+    if ep > 1:
+        raise bad_value("zero_shard", zero_shard, "hybrid sharding with expert parallelism is not modelled")
+    return None if zero_shard == dp else zero_shard
 
 
 def _check_context_parallel(spec, phase: str, cp: int) -> None:

@@ -62,7 +62,10 @@ Collectives (flopsim.collectives prices them by message size and link level):
   reduce-scatter the gradients after, every micro-batch. Gradient and weight
   bytes per parameter come from the caller (flopsim.memory's). Tags: `per`
   (`microbatch` or `step`), `window` (`forward` / `backward`: the pass the
-  traffic can hide behind).
+  traffic can hide behind). Hybrid sharding (`zero_shard` s): the same over the
+  shard group of s ranks (`dp_shard`), then each GPU's reduced 1 / s of the
+  gradients all-reduced over the dp * cp / s replicas (`dp_replica`), as
+  PyTorch FSDP's HYBRID_SHARD does.
 Every collective op carries tags `group`, `ranks`, `level` (scale_up /
 scale_out, Layout.level), `node_ranks` (its group's ranks on one node,
 Layout.node_ranks: over the network a ring collective runs one ring per NIC
@@ -342,12 +345,18 @@ def _data_parallel(params: dict, layout, layer: int, grad_bpp: float, weight_bpp
         grads, weights = count * grad_bpp, count * weight_bpp
         name = f"layer.{layer}" + (f".{_KEY_NAMES[key]}" if own else "") + f".{group}"
 
-        def coll(suffix, op, nbytes, per, window, pass_):
-            return collective(f"{name}.{suffix}", op, nbytes, layer=layer, group=group, layout=layout, pass_=pass_,
+        hybrid = group == "dp" and layout.hybrid  # ZeRO within the shard group, its shards all-reduced over replicas
+
+        def coll(suffix, op, nbytes, per, window, pass_, over=None):
+            over = over or ("dp_shard" if hybrid else group)
+            return collective(f"{name}.{suffix}", op, nbytes, layer=layer, group=over, layout=layout, pass_=pass_,
                               per=per, window=window, **own)
-        reduce = coll("grad_reduce", "all_reduce" if zero == 0 else "reduce_scatter", grads,
-                      "microbatch" if zero >= 2 else "step", "backward", "bwd")
-        out["post_bwd"].append(reduce)
+        per_reduce = "microbatch" if zero >= 2 else "step"
+        out["post_bwd"].append(coll("grad_reduce", "all_reduce" if zero == 0 else "reduce_scatter", grads,
+                                    per_reduce, "backward", "bwd"))
+        if hybrid:
+            out["post_bwd"].append(coll("grad_replica_reduce", "all_reduce", grads / layout.shard_ranks, per_reduce,
+                                        "backward", "bwd", over="dp_replica"))
         if zero in (1, 2):
             out["pre_fwd"].append(coll("weight_gather", "all_gather", weights, "step", "forward", "fwd"))
         if zero == 3:
@@ -483,7 +492,7 @@ def _owned_share(params_by_layer: dict, layout, total, zero_from: int):
     dense = sum(p["dp"] for p in params_by_layer.values())
     expert = sum(p["edp"] for p in params_by_layer.values())
     if layout.zero >= zero_from:
-        dense, expert = dense / layout.group("dp")[0], expert / max(1, layout.group("edp")[0])
+        dense, expert = dense / layout.shard_ranks, expert / max(1, layout.group("edp")[0])
     return (dense + expert) / total if total != 0 else 0
 
 

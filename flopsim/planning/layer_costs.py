@@ -232,7 +232,8 @@ class ShardedModel:
 
         # what the ZeRO collectives depend on: each group's ranks and link level, the stage, recomputation
         group_key = (layout.group("dp")[0], layout.level("dp"), layout.group("edp")[0], layout.level("edp"),
-                     layout.zero, layout.zero == 3 and layout.recompute == "full")
+                     layout.zero, layout.zero == 3 and layout.recompute == "full", layout.shard_ranks,
+                     layout.level("dp_shard"), layout.level("dp_replica"))
         for p in params:
             key = ("dp", group_key, p["dp"], p["edp"])
             if key not in self._extras:

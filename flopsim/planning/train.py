@@ -209,11 +209,12 @@ class TrainingPlan:
 
         c, m = self.config, self.memory
         per = m["bytes_per_param"]
+        over = " / dp" if c.get("zero_shard", c["dp"]) >= c["dp"] else f" / {c['zero_shard']} (ZeRO's shard group)"
         return [{"component": name, "bytes": m[f"{key}_bytes"], "how": how} for name, key, how in (
             ("weights", "weights", f"{human(m['params_per_gpu'])} params x {per['weights']} B"
-             + (" / dp" if c["zero"] >= 3 else "")),
-            ("gradients", "gradients", f"x {per['gradients']} B" + (" / dp" if c["zero"] >= 2 else "")),
-            ("optimizer state", "optimizer", f"x {per['optimizer']} B" + (" / dp" if c["zero"] >= 1 else "")),
+             + (over if c["zero"] >= 3 else "")),
+            ("gradients", "gradients", f"x {per['gradients']} B" + (over if c["zero"] >= 2 else "")),
+            ("optimizer state", "optimizer", f"x {per['optimizer']} B" + (over if c["zero"] >= 1 else "")),
             ("activations", "activations", _activations_how(c, m)),
             ("total", "total", f"device {human(m['capacity_bytes'], 'B')}"),
         )]
@@ -263,12 +264,13 @@ def stage_activations(spec, memory_model, micro_batch: int, seq: int, pp: int, e
 
 
 def _train_memory(params_dense, params_expert, bpp, act, *, tp, pp, dp, ep, zero, microbatches,
-                  virtual_stages: int = 1):
-    """Bytes per GPU by component (see the module docstring; `act` as activations_in_flight's)."""
-    edp = dp // ep
+                  virtual_stages: int = 1, zero_shard: Optional[int] = None):
+    """Bytes per GPU by component (see the module docstring; `act` as activations_in_flight's);
+    ZeRO shards the dense parameters' state over `zero_shard` ranks (hybrid) or all dp."""
+    edp, shard = dp // ep, zero_shard or dp
 
     def per_gpu(per_param: float, sharded: bool) -> float:
-        dense = params_dense * per_param / (tp * pp) / (dp if sharded else 1)
+        dense = params_dense * per_param / (tp * pp) / (shard if sharded else 1)
         expert = params_expert * per_param / (tp * pp * ep) / (edp if sharded else 1)
         return dense + expert
 
@@ -394,7 +396,8 @@ def _train_memory_verdict(spec, hw, act, bpp, params, params_expert, c: dict, li
     tp, pp, ep, dp = c["tp"], c["pp"], c["ep"], c["dp"]
     params_dense = params - params_expert
     mem_gpu = _train_memory(params_dense, params_expert, bpp, act, tp=tp, pp=pp, dp=dp, ep=ep, zero=c["zero"],
-                            microbatches=c["microbatches"], virtual_stages=c["virtual_stages"])
+                            microbatches=c["microbatches"], virtual_stages=c["virtual_stages"],
+                            zero_shard=c.get("zero_shard"))
     capacity = hw.memory_capacity_bytes
     fits = mem_gpu["total_bytes"] <= capacity
     flight = activations_in_flight(act, tp=tp, pp=pp, microbatches=c["microbatches"],
@@ -457,7 +460,7 @@ def _stage_list(model, c: dict) -> list:
                              recompute=c["recompute_mode"], sequence_parallel=c.get("sequence_parallel"),
                              gpus_per_node=model.links.gpus_per_node, torus_axis=model.links.torus_axis,
                              expert_load=c.get("expert_imbalance", 1.0), stage=stage, virtual_stages=v,
-                             encoder_stages=e)
+                             encoder_stages=e, zero_shard=c.get("zero_shard"))
         out.append(model.stage_times(layout, c["micro_batch"], c["seq"]))
     return out
 
@@ -482,8 +485,18 @@ def _train_communication(links, sched: dict, c: dict) -> dict:
                 "dp_bytes_per_step": sched["dp_bytes"], "dp_s_per_step": sched["dp_s"],
                 "dp_exposed_s_per_step": sched["dp_exposed_s"], "dp_hidden_s_per_step": sched["dp_s"] - sched["dp_exposed_s"],
                 "dp_contention_s_per_step": sched["dp_contention_s"],
-                "dp_overlap": float(c["dp_overlap"]), "dp_link": links.where(*spans["dp"])})
+                "dp_overlap": float(c["dp_overlap"]), "dp_link": _dp_link(links, spans["dp"], c)})
     return out
+
+
+def _dp_link(links, span: tuple, c: dict) -> str:
+    """Where the data-parallel traffic goes: its group's link, or with hybrid sharding the
+    shard group's and the replicas' (flopsim.parallel.layout's dp_shard and dp_replica)."""
+    shard = c.get("zero_shard")
+    if not shard:
+        return links.where(*span)
+    return (f"ZeRO over {shard}: {links.where(c['tp'] * shard, shard)}; "
+            f"{c['dp'] // shard} replicas: {links.where(*span)}")
 
 
 def _train_notes(spec, c: dict, tokens: float) -> list:
@@ -563,8 +576,10 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
                   calibration=None, progress: bool = False, virtual_stages: int = 1,
                   encoder_seq: Optional[int] = None, encoder_stages: Optional[int] = None,
                   sequence_parallel: Optional[bool] = None, grad_accumulation: str = "autograd",
-                  grad_reduce_dtype: Optional[str] = None) -> TrainingPlan:
+                  grad_reduce_dtype: Optional[str] = None, zero_shard: Optional[int] = None) -> TrainingPlan:
     """Plan a training run of `tokens` tokens on `gpus` x `hw` (see the module docstring).
+    `zero_shard`: hybrid sharding, ZeRO over that many data-parallel ranks, replicated
+    (flopsim.parallel.layout; None: over all of them).
     `sequence_parallel`: split the token-wise ops over tp (default: on when tp > 1).
     `grad_accumulation` none | autograd | main_grad, `grad_reduce_dtype` None | fp32 | bf16 |
     fp16: flopsim.ops.grad_accum.
@@ -580,6 +595,7 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
     from flopsim.memory import MemoryModel
     from flopsim.ops.grad_accum import paying_microbatches
     from flopsim.ops.optimizer import get_optimizer
+    from flopsim.parallel.layout import checked_zero_shard
     from flopsim.planning.layer_costs import ShardedModel
     from flopsim.planning.train_step import step_schedule
     from flopsim.spec import load_model
@@ -595,6 +611,7 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
                       seq=seq, encoder_seq=encoder_seq, encoder_stages=encoder_stages, virtual_stages=virtual_stages,
                       global_batch=global_batch, global_batch_tokens=global_batch_tokens)
     c["sequence_parallel"] = None if sequence_parallel is None else bool(sequence_parallel)
+    c["zero_shard"] = checked_zero_shard(zero_shard, zero=c["zero"], dp=c["dp"], ep=c["ep"])
     links = resolve_links(hw, cal, interconnect_bytes_per_s, inter_node_bytes_per_s, gpus_per_node, comm_latency_s,
                           needed=c["gpus"] > 1)
     bar = _Progress(progress, f"costing {spec.name} train step", total=3)
@@ -619,19 +636,26 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
                           cal.collective_sm_share)
     mem_out, fits, message, suggestions = _train_memory_verdict(spec, hw, act, mem.bytes_per_param, params,
                                                                 params_expert, c, links, optimizer)
+    config = _plan_config(spec, c, model.reduce_bpp, grad_accumulation, grad_reduce_dtype)
+    return TrainingPlan(spec=spec, hw=hw, calibration=cal, config=config, links=links,
+                        compute=_train_compute(sched, c), communication=_train_communication(links, sched, c),
+                        memory=mem_out, totals=_train_totals(flops, spec, hw, c, tokens, sched["step_s"], price),
+                        fits=fits, message=message, suggestions=suggestions, notes=_train_notes(spec, c, tokens))
+
+
+def _plan_config(spec, c: dict, reduce_bpp: float, grad_accumulation: str, grad_reduce_dtype) -> dict:
+    """The plan's `config` section: the layout, batch and engine settings it was costed with."""
     config = {key: c[key] for key in ("gpus", "dp", "tp", "pp", "ep", "seq", "micro_batch", "global_batch",
                                       "microbatches", "optimizer", "zero")}
-    config.update(grad_accumulation=grad_accumulation, grad_reduce_dtype=grad_reduce_dtype,
-                  grad_reduce_bytes_per_param=model.reduce_bpp, expert_dp=c["dp"] // c["ep"], recompute="selective" if c["selective"] else c["full_recompute"],
+    config.update(zero_shard=c["zero_shard"] or c["dp"], grad_accumulation=grad_accumulation,
+                  grad_reduce_dtype=grad_reduce_dtype, grad_reduce_bytes_per_param=reduce_bpp,
+                  expert_dp=c["dp"] // c["ep"], recompute="selective" if c["selective"] else c["full_recompute"],
                   virtual_stages=c["virtual_stages"],
                   sequence_parallel=c["tp"] > 1 if c["sequence_parallel"] is None else c["sequence_parallel"],
                   **{k: c[k] for k in ("routing", "expert_imbalance", "dropped_fraction") if k in c},
                   **({"encoder_seq": c["encoder_seq"], "encoder_stages": c["encoder_stages"]}
                      if spec.is_encoder_decoder else {}))
-    return TrainingPlan(spec=spec, hw=hw, calibration=cal, config=config, links=links,
-                        compute=_train_compute(sched, c), communication=_train_communication(links, sched, c),
-                        memory=mem_out, totals=_train_totals(flops, spec, hw, c, tokens, sched["step_s"], price),
-                        fits=fits, message=message, suggestions=suggestions, notes=_train_notes(spec, c, tokens))
+    return config
 
 
 def _train_compute(sched: dict, c: dict) -> dict:
@@ -668,15 +692,18 @@ def _train_suggestions(spec, act_now, params_dense, params_expert, bpp, capacity
         stages = c["encoder_stages"] if p == pp else (default_encoder_stages(spec, p) if p > 1 else None)
         return _activations(spec, {**c, "micro_batch": mb, "pp": p, "encoder_stages": stages}, models[rc])
 
-    def need(*, tp=tp, pp=pp, dp=dp, zero=zero, mb=micro_batch, rc=rc_now):
+    def need(*, tp=tp, pp=pp, dp=dp, zero=zero, mb=micro_batch, rc=rc_now, shard=c.get("zero_shard")):
         per_step = dp * mb
         if c["global_batch"] % per_step:
             return None
+        shard = shard if shard and dp % shard == 0 and shard < dp else None  # hybrid while it still divides dp
         return _train_memory(params_dense, params_expert, bpp, act(mb, rc, pp), tp=tp, pp=pp, dp=dp, ep=ep,
                              zero=zero, microbatches=c["global_batch"] // per_step,
-                             virtual_stages=v)["total_bytes"]
+                             virtual_stages=v, zero_shard=shard)["total_bytes"]
 
     options = []
+    if c.get("zero_shard"):
+        options.append(("no --zero-shard (ZeRO over all of dp)", dict(shard=None)))
     if rc_now != "full":
         options.append(("--recompute full", dict(rc="full")))
     for z in range(zero + 1, 4):
