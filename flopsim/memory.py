@@ -13,7 +13,9 @@ of the forward ops' `params`):
                      bf16, so weights + gradients + state = 16 bytes/param).
 - activations, train, no recomputation: every tensor that a forward op with
   a backward op writes is kept until the backward pass reads it:
-      sum over forward ops that have a backward op of act_write_bytes.
+      sum over forward ops that have a backward op of act_write_bytes (an op that
+      writes intermediates autograd frees says what it keeps: tag `kept_bytes`,
+      the eager fp32 RMSNorm's).
   Each tensor is written by exactly one op (an op overwriting its input in place,
   tagged `in_place`, writes no new tensor: not counted), so nothing is counted twice; it
   is an upper bound of what autograd keeps: outputs whose only consumers
@@ -24,7 +26,8 @@ of the forward ops' `params`):
   the attention-score term (32*s*b*h with no dropout).
 - activations, train, full recomputation (a checkpoint per block): the
   input of every block is kept, and one block's activations are rebuilt at a
-  time during the backward pass:
+  time during the backward pass (an op of several kernels names its input:
+  tag `input_bytes`):
       sum over blocks l of in_l + max over blocks of A_l + A(embeddings) + A(head)
   with A_l the per-layer sum above and in_l the block's residual-stream
   input: the largest act_read_bytes among the block's forward norm and
@@ -51,7 +54,8 @@ of the forward ops' `params`):
   reads it), which the whole-model figure counts once (the encoder's final
   norm writes it).
 - activations, inference phases (forward, prefill, decode): the working set
-  of the largest op, max over ops of (act_read_bytes + act_write_bytes).
+  of the largest op, max over ops of (act_read_bytes + act_write_bytes), or
+  of an op of several kernels its largest kernel's (tag `working_bytes`).
 - KV cache (prefill, decode): the keys and values of `context` tokens:
       sum of kv_write_bytes * T / (new tokens per sequence)
   (prefill writes S new tokens per sequence, decode 1), so a conditional
@@ -186,7 +190,7 @@ class MemoryModel:
             self._train_activations(ops, ref)
         else:
             self._block_inputs = []
-            self._max_terms = [ref(op.act_read_bytes + op.act_write_bytes) for op in ops]
+            self._max_terms = [ref(op.tags.get("working_bytes", op.act_read_bytes + op.act_write_bytes)) for op in ops]
         self._max_layers = [op.layer for op in ops] if not train else []
         self._fn = compile_exprs(pool, [B, S, T])
 
@@ -202,7 +206,8 @@ class MemoryModel:
         kept = [op for op in ops if op.pass_ == "fwd" and op.name in with_backward and not op.tags.get("in_place")]
         key_of = {op.key: place(op, spec) for op in kept}
         layers = sorted(set(key_of.values()))
-        per_layer = {lay: sum((op.act_write_bytes for op in kept if key_of[op.key] == lay), sp.Integer(0))
+        per_layer = {lay: sum((op.tags.get("kept_bytes", op.act_write_bytes) for op in kept
+                               if key_of[op.key] == lay), sp.Integer(0))
                      for lay in layers}
         blocks = [lay for lay in layers if 0 <= lay < spec.blocks]
         if recompute == "selective":  # Korthikanti et al. 2022: the attention cores' insides are recomputed
@@ -245,7 +250,7 @@ class MemoryModel:
     @staticmethod
     def _block_input_candidates(ops, layer: int) -> list:
         fwd = [op for op in ops if op.pass_ == "fwd" and op.layer == layer]
-        chosen = [op.act_read_bytes for op in fwd if op.kind in CHECKPOINT_KINDS]
+        chosen = [op.tags.get("input_bytes", op.act_read_bytes) for op in fwd if op.kind in CHECKPOINT_KINDS]
         return chosen or [op.act_read_bytes for op in fwd]
 
     def stage_activations(self, batch, seq, context, stages: list) -> list[float]:

@@ -114,6 +114,7 @@ def train(
     gpus_per_node: Optional[int] = GpusPerNodeOpt,
     grad_accumulation: str = typer.Option("autograd", "--grad-accumulation", help="Gradient accumulation over micro-batches: autograd (default: .grad += on micro-batches 2..m) | main_grad (Megatron's add into its reduction buffer every micro-batch) | none (fused into the weight-gradient GEMM)."),
     grad_reduce_dtype: Optional[str] = typer.Option(None, "--grad-reduce-dtype", help="Dtype of the data-parallel gradient reduction (and of main_grad): fp32 | bf16 | fp16 (default the gradients' dtype; fp32 for Megatron-Core bf16, FSDP mixed precision)."),
+    norm_impl: Optional[str] = typer.Option(None, "--norm-impl", help="RMSNorm's kernels: fused (one a pass) | fp32_unfused (eager code's fp32 RMSNorm: transformers' LlamaRMSNorm, Meta's reference, IBM fms; 8 + 16 kernels in bf16); default: the spec's norm_impl (fused)."),
     loss: Optional[str] = typer.Option(None, "--loss", help="The loss's kernels: fused (one a pass) | fp32_unfused (Megatron-LM's and Megatron-DeepSpeed's fp32 cross-entropy, a kernel a step); default: the spec's loss_impl (fused)."),
     dp_overlap: float = typer.Option(1.0, "--dp-overlap", help="Fraction of the forward/backward pass that data-parallel traffic can hide behind (0: none)."),
     comm_latency: Optional[str] = LatencyOpt,
@@ -129,7 +130,7 @@ def train(
     from flopsim.result_pages import training_plan_page
 
     counts = parse_gpu_counts(gpus)
-    spec = _with_loss(spec, loss)
+    spec = _with_impls(spec, loss=loss, norm_impl=norm_impl)
     links = dict(interconnect_bytes_per_s=_quantity(interconnect, "interconnect"),
                  inter_node_bytes_per_s=_quantity(inter_node, "inter_node"), gpus_per_node=gpus_per_node,
                  comm_latency_s=_duration(comm_latency, "comm_latency"))
@@ -165,9 +166,12 @@ def train(
     _print_training(p)
 
 
-def _with_loss(spec: str, loss: Optional[str]):
-    """The spec (a name or path) with `--loss` as its loss_impl, when given."""
-    if loss is None:
+def _with_impls(spec: str, **given):
+    """The spec (a name or path) with `--loss` / `--norm-impl` as its loss_impl / norm_impl,
+    when given."""
+    fields = {name: name if name.endswith("_impl") else f"{name}_impl" for name in given}
+    changes = {fields[name]: value for name, value in given.items() if value is not None}
+    if not changes:
         return spec
     from typing import get_args
 
@@ -175,10 +179,11 @@ def _with_loss(spec: str, loss: Optional[str]):
     from flopsim.spec import load_model
     from flopsim.spec.model import ModelSpec
 
-    choices = get_args(ModelSpec.model_fields["loss_impl"].annotation)
-    if loss not in choices:
-        raise bad_value("loss", loss, f"one of {', '.join(choices)}")
-    return load_model(spec).with_changes(loss_impl=loss)
+    for name, field in fields.items():
+        choices = get_args(ModelSpec.model_fields[field].annotation)
+        if field in changes and changes[field] not in choices:
+            raise bad_value(name, changes[field], f"one of {', '.join(choices)}")
+    return load_model(spec).with_changes(**changes)
 
 
 def _print_training(p) -> None:
@@ -203,7 +208,8 @@ def _print_training(p) -> None:
     out.print(f"  options      {c['optimizer']}, ZeRO-{c['zero']} ({zero_what} over {over}), recompute "
               f"{rc}, DP traffic hidden behind up to {_pct(cm['dp_overlap'])} "
               f"of a forward/backward pass; gradient accumulation {c['grad_accumulation']}, reduced in "
-              f"{c['grad_reduce_dtype'] or p.spec.dtype}; loss {p.spec.loss_impl}")
+              f"{c['grad_reduce_dtype'] or p.spec.dtype}; loss {p.spec.loss_impl}"
+              + (f", norm {p.spec.norm_impl}" if p.spec.norm == "rmsnorm" else ""))
     out.print(f"  links        {_link_text(ln)}")
     out.print(f"  calibration {p.calibration.label}")
     rows = [[x["part"], "-" if x["per_microbatch_s"] is None else human_time(x["per_microbatch_s"]),

@@ -57,6 +57,7 @@ def run_search(spec, hardware, counts: list, *, tokens, seq, global_batch, globa
                   f"--zero {b['zero']} "
                   f"--recompute {b['recompute']} --global-batch {b['global_batch']}"
                   + (f" --encoder-seq {encoder_seq}" if encoder_seq is not None else "")
-                  + (f" --loss {result.spec.loss_impl}" if result.spec.loss_impl != "fused" else "") + " ...")
+                  + (f" --loss {result.spec.loss_impl}" if result.spec.loss_impl != "fused" else "")
+                  + (f" --norm-impl {result.spec.norm_impl}" if result.spec.norm_impl != "fused" else "") + " ...")
     for note in result.notes:
         out.print(f"  note: {note}")

@@ -420,7 +420,10 @@ def rope(ctx: Ctx, name: str, *, layer: int, tokens, heads, d_head, module: str,
 
 
 def norm(ctx: Ctx, name: str, *, layer: int, tokens, d, module: str | None = None) -> list[Op]:
-    """LayerNorm (weight, and bias when the spec has biases) or RMSNorm (weight) over d."""
+    """LayerNorm (weight, and bias when the spec has biases) or RMSNorm (weight) over d; the
+    spec's `norm_impl: fp32_unfused` runs the RMSNorm as `rmsnorm_fp32_unfused`."""
+    if ctx.spec.norm_impl == "fp32_unfused":
+        return rmsnorm_fp32_unfused(ctx, name, layer=layer, tokens=tokens, d=d, module=module)
     w = ctx.w
     kind = ctx.spec.norm
     weight = d * (2 if kind == "layernorm" and ctx.spec.bias else 1)
@@ -435,6 +438,39 @@ def norm(ctx: Ctx, name: str, *, layer: int, tokens, d, module: str | None = Non
                weight_bytes=2 * weight * w,  # read weight, write its gradient
                act_read_bytes=2 * tokens * d * w,  # saved input, grad_out
                act_write_bytes=tokens * d * w)
+    return _with_backward(ctx, fwd, bwd)
+
+
+def rmsnorm_fp32_unfused(ctx: Ctx, name: str, *, layer: int, tokens, d, module: str | None = None) -> list[Op]:
+    """RMSNorm over d as eager code writes it (transformers' LlamaRMSNorm, Meta's reference, IBM
+    fms with use_high_precision_pow), each line a kernel: h = x.to(fp32) (a kernel unless the
+    dtype is fp32: `c`), p = h.pow(2), m = p.mean(-1), a = m + eps, r = rsqrt(a) (per row), n =
+    h * r, y = weight * n.to(dtype) (`c` again). Per element, with w the dtype's bytes and f = 4:
+    forward reads c(w + f) + 3f + w, writes c(f + w) + 2f + w; per row 3f each way. Backward,
+    autograd through them: the weight's gradient (grad * n, summed over rows), grad * weight,
+    cast to fp32 (c), then the two paths into h (grad * r; grad * h summed per row, through
+    rsqrt, the mean's expand, pow's 2h) and their sum, cast back (c): reads 4w + 10f + c(w + f),
+    writes 2w + 7f + c(f + w) per element, 6f and 4f per row. 6 + 2c kernels forward, 14 + 2c
+    backward. Arithmetic as the counter counts it: 4 per element + 2 per row forward, 11 + 3
+    backward. For flopsim.memory: autograd keeps y, n in dtype, h (c) and r (tag `kept_bytes`);
+    the input is x (`input_bytes`); the largest kernel's working set is n = h * r's
+    (`working_bytes`)."""
+    w, f = ctx.w, 4
+    c = 0 if w == f else 1
+    fwd = Op(name=name, kind="norm", layer=layer, module=module or name,
+             other_flops=4 * tokens * d + 2 * tokens,
+             weight_bytes=d * w,
+             act_read_bytes=tokens * d * (c * (w + f) + 3 * f + w) + 3 * f * tokens,
+             act_write_bytes=tokens * d * (c * (f + w) + 2 * f + w) + 3 * f * tokens,
+             params=d, variant="rmsnorm_fp32_unfused", kernels=sp.Integer(6 + 2 * c),
+             tags={"kept_bytes": tokens * d * (2 * w + c * f) + f * tokens,  # y, n, h (c), r
+                   "input_bytes": tokens * d * w,  # the block's input x, as the fused norm reads it
+                   "working_bytes": 2 * f * tokens * d + f * tokens})  # the largest kernel's: n = h * r
+    bwd = dict(other_flops=11 * tokens * d + 3 * tokens,
+               weight_bytes=2 * d * w,  # read the weight, write its gradient
+               act_read_bytes=tokens * d * (4 * w + 10 * f + c * (w + f)) + 6 * f * tokens,
+               act_write_bytes=tokens * d * (2 * w + 7 * f + c * (f + w)) + 4 * f * tokens,
+               kernels=sp.Integer(14 + 2 * c))
     return _with_backward(ctx, fwd, bwd)
 
 

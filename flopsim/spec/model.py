@@ -29,6 +29,14 @@ meaning):
   kernels over the fp32 copy (the softmax kept for backward), whose backward
   scales the softmax in place and casts the gradient back to `dtype`
   (flopsim.ops.primitives.cross_entropy).
+- `norm_impl`: the RMSNorm's kernels. `fused` (default): one kernel a pass,
+  reading the input and writing the output in `dtype` (Transformer Engine,
+  Apex, Liger, torch.compile, PyTorch's fused rms_norm on a GPU).
+  `fp32_unfused`: the eager form of transformers' LlamaRMSNorm, Meta's
+  reference and IBM fms's LayerNormParameterized(use_high_precision_pow):
+  x cast to fp32, pow, mean, add eps, rsqrt, multiply, cast back, times the
+  weight, each a kernel, and autograd's backward through them (8 + 16
+  kernels in bf16; flopsim.ops.primitives.rmsnorm_fp32_unfused).
 - `kv_cache_reads` (decode): how often a step's attention kernel loads a cached
   key/value head: `per_kv_head` (once, shared by the query heads of its group:
   FlashAttention, FlashDecoding, TensorRT-LLM's XQA) or `per_query_head` (once per
@@ -435,6 +443,7 @@ class ModelSpec(_Strict):
     dtype: Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int8"] = "bf16"
     attention_impl: Literal["fused", "explicit"] = "fused"
     loss_impl: Literal["fused", "fp32_unfused"] = "fused"
+    norm_impl: Literal["fused", "fp32_unfused"] = "fused"
     kv_cache_reads: Literal["per_kv_head", "per_query_head"] = "per_kv_head"
     mod: Optional[ModBlock] = None
     moe: Optional[MoeBlock] = None
@@ -525,6 +534,9 @@ class ModelSpec(_Strict):
         return self.bias if self.qkv_bias is None else self.qkv_bias
 
     def _check_architecture_options(self):
+        if self.norm_impl == "fp32_unfused" and self.norm != "rmsnorm":
+            raise ValueError(f"norm_impl: fp32_unfused: the eager fp32 RMSNorm; norm is {self.norm} "
+                             f"(nn.LayerNorm runs one fused kernel)")
         if self.activation == "silu_clamped" and self.ffn != "gated":
             raise ValueError("activation silu_clamped: GPT-OSS's gated unit; needs ffn: gated")
         if self.kv_cache_reads == "per_query_head" and self.mla is not None:

@@ -113,6 +113,21 @@ class RMSNorm(nn.RMSNorm):
         return y
 
 
+class EagerRMSNorm(nn.Module):
+    """`norm_impl: fp32_unfused`: transformers' LlamaRMSNorm, each line its own kernels (no
+    fused region): x to fp32, pow, mean, add eps, rsqrt, multiply, back to the dtype, weight."""
+
+    def __init__(self, d: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
 def dropout(x: torch.Tensor, p: float, state: "RunState") -> torch.Tensor:
     """x with training dropout p (module docstring); x itself outside train or at p 0."""
     if state.phase != "train" or not p:
@@ -122,7 +137,7 @@ def dropout(x: torch.Tensor, p: float, state: "RunState") -> torch.Tensor:
 
 def make_norm(spec, d: int) -> nn.Module:
     if spec.norm == "rmsnorm":
-        return RMSNorm(d, eps=1e-6)
+        return EagerRMSNorm(d, eps=1e-6) if spec.norm_impl == "fp32_unfused" else RMSNorm(d, eps=1e-6)
     return nn.LayerNorm(d, bias=spec.bias)
 
 
