@@ -137,7 +137,8 @@ class ShardedModel:
                                          gpus_per_node=self.links.gpus_per_node, torus_axis=self.links.torus_axis),
                              expert_load=EXPERT_LOAD)
             self._shards[key] = [op for op in shard(self._rep_ops, self.spec, "train", layout)
-                                 if op.kind != "optimizer" and op.tags.get("group") not in ("dp", "edp")]
+                                 if op.kind != "optimizer"
+                                 and op.tags.get("group") not in ("dp", "edp", "dp_shard", "dp_replica")]
         return self._shards[key]
 
     def _distinct_times(self, ops: list, micro_batch: int, seq: int, expert_load: float) -> list:
