@@ -95,6 +95,17 @@ def _counted(torch, make, fn) -> tuple[float, float, int, int]:
     return sum(moved["fwd"]), sum(moved["bwd"]), sum(map(bool, moved["fwd"])), sum(map(bool, moved["bwd"]))
 
 
+def _memory_s(nbytes: float, hw) -> float:
+    """Seconds to move `nbytes` on `hw` by flopsim's roofline at its calibration's default
+    memory efficiency (no arithmetic, no launch cost)."""
+    from flopsim.calibration import load_calibration
+    from flopsim.roofline import roofline_time
+
+    memory = load_calibration("auto", hw).default.memory
+    return roofline_time(0.0, nbytes, hw.peak_flops_per_s_for("bf16")[0], hw.memory_bandwidth_bytes_per_s,
+                         memory_eff=memory)[2]
+
+
 def _flopsim_bytes(spec) -> dict:
     """op name in block 0 -> (forward bytes, backward bytes) of flopsim's op list at CHUNK tokens."""
     import flopsim
@@ -104,7 +115,7 @@ def _flopsim_bytes(spec) -> dict:
         if op.layer == 0:
             local = op.name.split(".", 2)[-1]
             fwd, bwd = out.get(local, (0.0, 0.0))
-            moved = float(op.weight_bytes + op.act_read_bytes + op.act_write_bytes)
+            moved = float(op.bytes)
             out[local] = (fwd + moved, bwd) if op.pass_ == "fwd" else (fwd, bwd + moved)
     return out
 
@@ -120,7 +131,6 @@ def main(argv=None) -> int:
         return 2
     import torch
 
-    from flopsim.calibration import load_calibration
     from flopsim.errors import FlopsimError
     from flopsim.hardware import load_hardware
     from flopsim.spec import load_model
@@ -150,8 +160,7 @@ def main(argv=None) -> int:
     for impl in (("rmsnorm hf", "rope complex", "swiglu"), ("rmsnorm hf", "rope rotate_half", "swiglu"),
                  ("rmsnorm hf", "rope fms", "swiglu")):
         extra = layers * sum(extra_per_block[k] for k in impl)
-        times = ", ".join(f"{h} {extra / (load_calibration('auto', hw).default.memory * hw.memory_bandwidth_bytes_per_s) * 1e3:.0f} ms"
-                          for h, hw in devices)
+        times = ", ".join(f"{h} {_memory_s(extra, hw) * 1e3:.0f} ms" for h, hw in devices)
         print(f"a step of {layers} blocks with {' + '.join(impl)}: {extra / 1e9:.0f} GB more than flopsim's op list "
               f"({times} at each calibration's default memory efficiency)")
     return 0
