@@ -264,6 +264,8 @@ def test_published_seeded_gpus_price_weight_only_products_below_the_plain_gemv(d
     for kernel in kernels:
         points = [g for g in cal.gemm if g.variant == kernel]
         assert points and all(f"gemm.{kernel}" in g.source and f"gemm.{kernel}" in cal.sources for g in points)
+        # the sources: tinygemm 0.39-0.40 against the H200's bf16 GEMV 0.77 (0.5x), mlx's int8 GEMV 0.51
+        # against cuBLAS's 0.73 on the same A100 (0.70x): each below 0.75x of the plain GEMV
         assert cal.efficiency("matmul", shape, variant=kernel)[1] < 0.75 * plain
 
 

@@ -44,7 +44,8 @@ def count(
 
         spec = load_model(spec).with_changes(attention_impl=attention_impl(attention, "--attention"))
     layout = layout_from_options(spec, phase, tp=tp, pp=pp, dp=dp, ep=ep, cp=cp, zero=zero, recompute=recompute,
-                                 sequence_parallel=sequence_parallel, stage=stage, gpus_per_node=gpus_per_node, zero_shard=zero_shard)
+                                 sequence_parallel=sequence_parallel, stage=stage, gpus_per_node=gpus_per_node,
+                                 zero_shard=zero_shard)
     result = count_api(spec, batch=batch, seq=seq, phase=phase, context=context, encoder_seq=encoder_seq,
                        layout=layout)
     if fmt == Format.json:

@@ -70,8 +70,8 @@ def predict(
     from flopsim.predict import predict as predict_api
 
     layout = layout_from_options(spec, phase, tp=tp, pp=pp, dp=dp, ep=ep, cp=cp, zero=zero, recompute=recompute,
-                                 sequence_parallel=sequence_parallel, stage=stage, gpus_per_node=gpus_per_node, zero_shard=zero_shard,
-                                 hardware=hardware)
+                                 sequence_parallel=sequence_parallel, stage=stage, gpus_per_node=gpus_per_node,
+                                 zero_shard=zero_shard, hardware=hardware)
     r = predict_api(spec, hardware, phase=phase, batch=batch, seq=seq, context=context,
                     calibration=calibration, optimizer=optimizer, encoder_seq=encoder_seq, layout=layout)
     if fmt == Format.json:
