@@ -24,8 +24,10 @@ PyTorch code runs them as several aten kernels, some in fp32:
 The counts are aten-level bytes (each eager aten op a kernel on a GPU); at a
 training step's sizes (a [tokens, d_model] tensor of tens of MB, beyond a GPU's
 L2) each is HBM traffic. The extra time is priced at the calibration's default
-memory efficiency. This prints figures; it fits nothing. The spec option
-`norm_impl: fp32_unfused` models the first of these kernel by kernel; the
+memory efficiency. This prints figures; it fits nothing. The spec options
+`norm_impl: fp32_unfused`, `rope_impl` (complex_fp32, rotate_half,
+pairs_fp32) and `act_impl: unfused` model these kernel by kernel (fms's RoPE
+with its per-layer gather of the matrices, which this count leaves out); the
 comparison here is against the model's own op list (a preset's: fused).
 """
 

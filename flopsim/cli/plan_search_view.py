@@ -7,6 +7,10 @@ from typing import Optional
 from flopsim.cli.output import Format, console, human_time, print_csv, print_json, rich_table
 
 
+# the spec options a search's best command repeats when not their default
+_IMPL_FLAGS = (("loss", "loss_impl"), ("norm-impl", "norm_impl"), ("rope-impl", "rope_impl"), ("act-impl", "act_impl"))
+
+
 def _money(value: Optional[float]) -> str:
     return "-" if value is None else (f"${value:,.0f}" if value >= 100 else f"${value:,.4g}")
 
@@ -57,7 +61,7 @@ def run_search(spec, hardware, counts: list, *, tokens, seq, global_batch, globa
                   f"--zero {b['zero']} "
                   f"--recompute {b['recompute']} --global-batch {b['global_batch']}"
                   + (f" --encoder-seq {encoder_seq}" if encoder_seq is not None else "")
-                  + (f" --loss {result.spec.loss_impl}" if result.spec.loss_impl != "fused" else "")
-                  + (f" --norm-impl {result.spec.norm_impl}" if result.spec.norm_impl != "fused" else "") + " ...")
+                  + "".join(f" --{flag} {getattr(result.spec, field)}" for flag, field in _IMPL_FLAGS
+                            if getattr(result.spec, field) != "fused") + " ...")
     for note in result.notes:
         out.print(f"  note: {note}")

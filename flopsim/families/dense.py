@@ -94,8 +94,8 @@ import sympy as sp
 
 from flopsim.families import mla
 from flopsim.ops.primitives import (
-    GATED_ACTIVATION,
     Ctx,
+    activation,
     attention,
     broadcast_gradient,
     conv2d,
@@ -173,8 +173,8 @@ def attention_block(ctx: Ctx, i: int, *, batch, queries, keys, prefix: str, tags
         ops += norm(ctx, f"{p}.q_norm", layer=i, tokens=tokens * d.heads, d=d.d_head)
         ops += norm(ctx, f"{p}.k_norm", layer=i, tokens=tokens * d.kv_heads, d=d.d_head)
     if spec.positions == "rope":
-        ops += rope(ctx, f"{p}.rope", layer=i, tokens=tokens, heads=d.heads + d.kv_heads, d_head=d.d_head,
-                    module=p, tags=tags)
+        ops += rope(ctx, f"{p}.rope", layer=i, tokens=tokens, heads=d.heads, kv_heads=d.kv_heads, d_head=d.d_head,
+                    positions=queries, module=p, tags=tags)
     window = d.window if is_local(spec, i) else None
     written, kv_tags = queries, tags
     if window is not None:
@@ -249,12 +249,10 @@ def mlp(ctx: Ctx, i: int, *, tokens, prefix: str, d_ff=None, name: str = "mlp",
     if spec.ffn == "gated":
         # gate and up as one product (Megatron's linear_fc1, vLLM's merged projection)
         ops = linear(ctx, f"{p}.gate_up", d_in=d.d_model, d_out=2 * d_ff, **common)
-        act = GATED_ACTIVATION[spec.activation]
     else:
         ops = linear(ctx, f"{p}.up", d_in=d.d_model, d_out=d_ff, **common)
-        act = spec.activation
-    ops += elementwise(ctx, f"{p}.act", layer=i, elements=batch * tokens * d_ff, op=act,
-                       inputs=2 if spec.ffn == "gated" else 1, module=p, tags=tags)
+    ops += activation(ctx, f"{p}.act", layer=i, elements=batch * tokens * d_ff, gated=spec.ffn == "gated",
+                      module=p, tags=tags)
     ops += linear(ctx, f"{p}.down", d_in=d_ff, d_out=d.d_model, **common)
     return ops
 

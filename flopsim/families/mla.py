@@ -60,7 +60,8 @@ def attention_block(ctx: Ctx, i: int, *, batch, queries, keys, prefix: str, tags
     ops += linear(ctx, f"{p}.kv_a", layer=i, tokens=tokens, d_in=d.d_model, d_out=d.kv_rank + d.d_rope,
                   bias=spec.bias, tags=tags)
     ops += norm(ctx, f"{p}.kv_norm", layer=i, tokens=tokens, d=d.kv_rank)
-    ops += rope(ctx, f"{p}.rope", layer=i, tokens=tokens, heads=d.heads + 1, d_head=d.d_rope, module=p, tags=tags)
+    ops += rope(ctx, f"{p}.rope", layer=i, tokens=tokens, heads=d.heads, kv_heads=1, d_head=d.d_rope, module=p,
+                positions=queries, tags=tags)
     if ctx.phase in ("prefill", "decode"):
         ops += kv_cache_append(ctx, f"{p}.kv_cache", layer=i, batch=batch, tokens=queries,
                                width=d.kv_rank + d.d_rope, module=p, tags=tags)

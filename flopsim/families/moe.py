@@ -99,8 +99,8 @@ from flopsim.families import dense
 from flopsim.ops import popularity
 from flopsim.ops.expectations import expected_distinct
 from flopsim.ops.primitives import (
-    GATED_ACTIVATION,
     Ctx,
+    activation,
     bincount,
     elementwise,
     expert_loop_copies,
@@ -315,12 +315,10 @@ def gathered_expert_mlp(ctx: Ctx, i: int, *, pairs, prefix: str, tags: dict) -> 
                   fused=spec.moe.kernel == "gather_fused")
     if spec.ffn == "gated":
         ops = gathered_experts(ctx, f"{p}.gate_up", d_in=d.d_model, d_out=2 * d.d_expert, **common)
-        act = GATED_ACTIVATION[spec.activation]
     else:
         ops = gathered_experts(ctx, f"{p}.up", d_in=d.d_model, d_out=d.d_expert, **common)
-        act = spec.activation
-    ops += elementwise(ctx, f"{p}.act", layer=i, elements=pairs * d.d_expert, op=act,
-                       inputs=2 if spec.ffn == "gated" else 1, module=p, tags=tags)
+    ops += activation(ctx, f"{p}.act", layer=i, elements=pairs * d.d_expert, gated=spec.ffn == "gated", module=p,
+                      tags=tags)
     ops += gathered_experts(ctx, f"{p}.down", d_in=d.d_expert, d_out=d.d_model, **common)
     return ops
 

@@ -65,8 +65,8 @@ from __future__ import annotations
 from flopsim.families import dense
 from flopsim.ops.expectations import expected_distinct
 from flopsim.ops.primitives import (
-    GATED_ACTIVATION,
     Ctx,
+    activation,
     argmax,
     elementwise,
     gathered_linear,
@@ -127,9 +127,7 @@ def sparse_ffn(ctx: Ctx, i: int, *, tokens, prefix: str, tags: dict | None = Non
     ops += gathered_linear(ctx, f"{p}.gate_up" if gated else f"{p}.up", layer=i, tokens=tokens, d_in=d.d_model,
                            d_out=width * d.d_ff, select="out", units=width * blocks, units_read=width * n_read,
                            bias=spec.bias, tags=tags)
-    act = GATED_ACTIVATION[spec.activation] if gated else spec.activation
-    ops += elementwise(ctx, f"{p}.act", layer=i, elements=tokens * blocks, op=act, inputs=width, module=p,
-                       tags=tags)
+    ops += activation(ctx, f"{p}.act", layer=i, elements=tokens * blocks, gated=gated, module=p, tags=tags)
     ops += gathered_linear(ctx, f"{p}.down", layer=i, tokens=tokens, d_in=d.d_ff, d_out=d.d_model, select="in",
                            units=blocks, units_read=n_read, bias=spec.bias, tags=tags)
     return ops

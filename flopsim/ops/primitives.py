@@ -399,14 +399,19 @@ def residual_add(ctx: Ctx, name: str, *, layer: int, elements, module: str,
     return _with_backward(ctx, fwd, bwd)
 
 
-def rope(ctx: Ctx, name: str, *, layer: int, tokens, heads, d_head, module: str,
-         tags: dict | None = None) -> list[Op]:
-    """Rotary embedding of `heads` query and key heads of d_head on `tokens` tokens, one
-    kernel: it reads x and the int64 position ids (the angles are made on chip) and
+def rope(ctx: Ctx, name: str, *, layer: int, tokens, heads, kv_heads, d_head, module: str,
+         positions=None, tags: dict | None = None) -> list[Op]:
+    """Rotary embedding of `heads` query and `kv_heads` key heads of d_head on `tokens` tokens,
+    one kernel: it reads x and the int64 position ids (the angles are made on chip) and
     writes x * cos + rotate(x) * sin. RoPE is a rotation, so its backward is the
-    inverse rotation: the same arithmetic on the gradient, without the saved input."""
+    inverse rotation: the same arithmetic on the gradient, without the saved input. The
+    spec's `rope_impl` other than fused runs `rope_eager` (`positions`: the positions a
+    sequence holds, its frequency table's rows; default `tokens`)."""
+    if ctx.spec.rope_impl != "fused":
+        return rope_eager(ctx, name, layer=layer, tokens=tokens, heads=heads, kv_heads=kv_heads, d_head=d_head,
+                          module=module, positions=tokens if positions is None else positions, tags=tags)
     w = ctx.w
-    elements = tokens * heads * d_head
+    elements = tokens * (heads + kv_heads) * d_head
     per = ELEMENTWISE_FLOPS["rope"]
     fwd = Op(name=name, kind="elementwise", layer=layer, module=module,
              other_flops=per * elements,
@@ -416,6 +421,108 @@ def rope(ctx: Ctx, name: str, *, layer: int, tokens, heads, d_head, module: str,
     bwd = dict(other_flops=per * elements,
                act_read_bytes=elements * w + tokens * INDEX_BYTES,
                act_write_bytes=elements * w)
+    return _with_backward(ctx, fwd, bwd)
+
+
+def _rope_eager_costs(impl: str, n, w, tokens, positions, d_head) -> dict:
+    """One tensor's (n elements: the queries' or the keys') eager RoPE, each aten op a kernel:
+    pass -> (read, write, kernels, arithmetic), and the bytes of the frequency table each
+    table-reading kernel reads once (`table`) or that the layer gathers (`gathered`). f = 4
+    (fp32), c = 1 when the dtype is not fp32 (a cast is a kernel), else 0.
+    - rotate_half (transformers: q * cos + cat(-q2, q1) * sin; cos and sin [tokens, d_head]
+      in dtype, made once a forward by the model): forward mul, neg (half), cat, mul, add:
+      reads 5.5 n w + 2 tables, writes 4.5 n w, 3.5 n arithmetic. Backward mul, neg, mul,
+      two slice_backward (the halves' zero-padded gradients) and two adds into q's:
+      reads 7.5 n w + 2 tables, writes 6.5 n w, 4.5 n arithmetic.
+    - complex_fp32 (Meta: view_as_complex(q.float()) * freqs, back to real, type_as(q);
+      freqs [positions, d_head / 2] complex64): forward cast (c), complex product, cast (c);
+      backward cast (c), freqs.conj() materialised, the product, cast (c). A complex
+      product is 6 real operations (3 a real element).
+    - pairs_fp32 (fms: freqs [tokens, d_head / 2, 2, 2] fp32 gathered per layer from the
+      cached table, freqs.mul(q.float() as pairs).sum(-1), type_as(q)): cast (c), broadcast
+      product (2n outputs), sum (over 2n), cast (c); backward the same kernels (the sum's
+      gradient broadcast into the product by the matrices, summed over the pair)."""
+    f, c = 4, (0 if w == 4 else 1)
+    casts = c * (n * w + n * f)  # x.float() and .type_as(x): each reads one form, writes the other
+    if impl == "rotate_half":
+        table = tokens * d_head * w
+        return dict(fwd=(sp.Rational(11, 2) * n * w + 2 * table, sp.Rational(9, 2) * n * w, 5, sp.Rational(7, 2) * n),
+                    bwd=(sp.Rational(15, 2) * n * w + 2 * table, sp.Rational(13, 2) * n * w, 7,
+                         sp.Rational(9, 2) * n), gathered=0)
+    if impl == "complex_fp32":
+        table = positions * d_head * 4  # d_head / 2 complex64 values a position
+        return dict(fwd=(casts + n * f + table, casts + n * f, 1 + 2 * c, 3 * n),
+                    bwd=(casts + n * f + 2 * table, casts + n * f + table, 2 + 2 * c, 3 * n), gathered=0)
+    table = tokens * d_head * 8  # d_head / 2 2 x 2 fp32 matrices a token
+    step = (casts + 3 * n * f + table, casts + 3 * n * f, 2 + 2 * c, 4 * n)
+    return dict(fwd=step, bwd=step, gathered=table)
+
+
+def rope_eager(ctx: Ctx, name: str, *, layer: int, tokens, heads, kv_heads, d_head, module: str, positions,
+               tags: dict | None = None) -> list[Op]:
+    """RoPE as eager code runs it (`rope_impl`; `_rope_eager_costs` derives each form): the
+    queries' kernels, then the keys' (pairs_fp32: after one gather of the layer's matrices,
+    reading the int64 ids and the selected rows). Memory (flopsim.memory): autograd keeps the
+    output (and pairs_fp32's gathered matrices, which both products save; cos, sin and the
+    complex table are the model's, made once: not counted): tag `kept_bytes`; the largest
+    kernel's working set is the queries' widest (`working_bytes`)."""
+    w = ctx.w
+    parts = [_rope_eager_costs(ctx.spec.rope_impl, tokens * h * d_head, w, tokens, positions, d_head)
+             for h in (heads, kv_heads)]
+    gathered = parts[0]["gathered"]
+    gather = (tokens * INDEX_BYTES + gathered, gathered, 1) if gathered else (0, 0, 0)
+
+    def total(p, i):
+        return sum(part[p][i] for part in parts)
+
+    n_q, out = tokens * heads * d_head, tokens * (heads + kv_heads) * d_head * w
+    widest = {"rotate_half": 3 * n_q * w, "complex_fp32": 2 * n_q * 4 + positions * d_head * 4,
+              "pairs_fp32": 3 * n_q * 4 + gathered}[ctx.spec.rope_impl]  # add; product; product
+    fwd = Op(name=name, kind="elementwise", layer=layer, module=module,
+             other_flops=total("fwd", 3),
+             act_read_bytes=total("fwd", 0) + gather[0],
+             act_write_bytes=total("fwd", 1) + gather[1],
+             kernels=sp.Integer(total("fwd", 2) + gather[2]), variant=f"rope_{ctx.spec.rope_impl}",
+             tags={**(tags or {}), "kept_bytes": out + gathered, "working_bytes": widest})
+    bwd = dict(other_flops=total("bwd", 3), act_read_bytes=total("bwd", 0), act_write_bytes=total("bwd", 1),
+               kernels=sp.Integer(total("bwd", 2)))
+    return _with_backward(ctx, fwd, bwd)
+
+
+def activation(ctx: Ctx, name: str, *, layer: int, elements, gated: bool, module: str,
+               tags: dict | None = None) -> list[Op]:
+    """The FFN's activation over `elements` outputs: act(x), or act(gate) * up when `gated`,
+    one kernel; the spec's `act_impl: unfused` runs a gated one as `gated_activation_unfused`."""
+    if gated and ctx.spec.act_impl == "unfused":
+        return gated_activation_unfused(ctx, name, layer=layer, elements=elements, module=module, tags=tags)
+    op = GATED_ACTIVATION[ctx.spec.activation] if gated else ctx.spec.activation
+    return elementwise(ctx, name, layer=layer, elements=elements, op=op, inputs=2 if gated else 1, module=module,
+                       tags=tags)
+
+
+def gated_activation_unfused(ctx: Ctx, name: str, *, layer: int, elements, module: str,
+                             tags: dict | None = None) -> list[Op]:
+    """act(gate) * up as eager code writes it (transformers' LlamaMLP, fms's GatedLinearUnit):
+    s = act(gate) (reads E, writes E) and s * up (reads 2E, writes E), a kernel each, E =
+    `elements`. Backward: grad * up and grad * s (MulBackward, each reads 2E, writes E), then
+    act's backward (reads grad_s and gate, writes E): 6E read, 3E written. Arithmetic a + 1
+    per element forward, 2 + 2a backward (a: the activation's; its backward twice it). The
+    join of gate's and up's gradients is the SPLIT convention's (docs/bytes.md: free, as with
+    flopsim's fused gate_up product; code with two projections sums x's two gradients
+    instead). Autograd keeps s and the output (`kept_bytes`, 2E); the widest kernel is the
+    product's (`working_bytes`, 3E)."""
+    w = ctx.w
+    a = ELEMENTWISE_FLOPS[ctx.spec.activation]
+    fwd = Op(name=name, kind="elementwise", layer=layer, module=module,
+             other_flops=(a + 1) * elements,
+             act_read_bytes=3 * elements * w,
+             act_write_bytes=2 * elements * w,
+             kernels=sp.Integer(2), variant=f"{GATED_ACTIVATION[ctx.spec.activation]}_unfused",
+             tags={**(tags or {}), "kept_bytes": 2 * elements * w, "working_bytes": 3 * elements * w})
+    bwd = dict(other_flops=(2 + 2 * a) * elements,
+               act_read_bytes=6 * elements * w,
+               act_write_bytes=3 * elements * w,
+               kernels=sp.Integer(3))
     return _with_backward(ctx, fwd, bwd)
 
 

@@ -37,6 +37,21 @@ meaning):
   x cast to fp32, pow, mean, add eps, rsqrt, multiply, cast back, times the
   weight, each a kernel, and autograd's backward through them (8 + 16
   kernels in bf16; flopsim.ops.primitives.rmsnorm_fp32_unfused).
+- `rope_impl`: RoPE's kernels (`positions: rope`). `fused` (default): one
+  kernel over the query and key heads, the angles made on chip. The eager
+  forms, each aten op a kernel, run on the queries and on the keys apart
+  (flopsim.ops.primitives.rope_eager): `rotate_half` (transformers'
+  apply_rotary_pos_emb: q * cos + rotate_half(q) * sin in `dtype`, 5 + 7
+  kernels a tensor), `complex_fp32` (Meta's reference and torchtitan's
+  apply_rotary_emb: q in fp32 viewed as complex, times the complex
+  frequencies, cast back; 3 + 4 in bf16), `pairs_fp32` (IBM fms's
+  RotaryEmbedding of 2024: a 2 x 2 rotation matrix per pair of q in fp32,
+  broadcast product and sum, cast back, the matrices gathered per position
+  each layer; 4 + 4 in bf16).
+- `act_impl`: a gated FFN's activation. `fused` (default): act(gate) * up
+  as one kernel. `unfused`: eager code's `act_fn(gate) * up`, the
+  activation and the product two kernels, their backward three
+  (flopsim.ops.primitives.gated_activation_unfused).
 - `kv_cache_reads` (decode): how often a step's attention kernel loads a cached
   key/value head: `per_kv_head` (once, shared by the query heads of its group:
   FlashAttention, FlashDecoding, TensorRT-LLM's XQA) or `per_query_head` (once per
@@ -444,6 +459,8 @@ class ModelSpec(_Strict):
     attention_impl: Literal["fused", "explicit"] = "fused"
     loss_impl: Literal["fused", "fp32_unfused"] = "fused"
     norm_impl: Literal["fused", "fp32_unfused"] = "fused"
+    rope_impl: Literal["fused", "rotate_half", "complex_fp32", "pairs_fp32"] = "fused"
+    act_impl: Literal["fused", "unfused"] = "fused"
     kv_cache_reads: Literal["per_kv_head", "per_query_head"] = "per_kv_head"
     mod: Optional[ModBlock] = None
     moe: Optional[MoeBlock] = None
@@ -537,6 +554,12 @@ class ModelSpec(_Strict):
         if self.norm_impl == "fp32_unfused" and self.norm != "rmsnorm":
             raise ValueError(f"norm_impl: fp32_unfused: the eager fp32 RMSNorm; norm is {self.norm} "
                              f"(nn.LayerNorm runs one fused kernel)")
+        if self.rope_impl != "fused" and self.positions != "rope":
+            raise ValueError(f"rope_impl: {self.rope_impl}: RoPE's eager kernels; positions is {self.positions}")
+        if self.act_impl == "unfused" and (self.ffn != "gated" or self.activation == "silu_clamped"):
+            raise ValueError(f"act_impl: unfused: eager act(gate) * up; ffn is {self.ffn}, activation "
+                             f"{self.activation} (a plain activation is one kernel; silu_clamped's clamps "
+                             f"are not modelled eagerly)")
         if self.activation == "silu_clamped" and self.ffn != "gated":
             raise ValueError("activation silu_clamped: GPT-OSS's gated unit; needs ffn: gated")
         if self.kv_cache_reads == "per_query_head" and self.mla is not None:

@@ -51,7 +51,8 @@ scores. Backward kernels: twice the forward per element (the derivative and
 the product with the incoming gradient): gelu 16, silu 8, tanh 8, sigmoid 8,
 relu 2, softmax 10, layer norm 16 per input element, fused attention 11 per
 score (softmax's 10 and the scale's 1, as the explicit path's kernels);
-log-softmax's backward 5.
+log-softmax's backward 5. A complex output element counts in real operations
+(COMPLEX_PER_OUTPUT: a product 6, a sum 2; RoPE's complex form).
 
 Attribution: forward ops belong to the innermost module running
 (torch.utils.module_tracker.ModuleTracker, as FlopCounterMode uses), the
@@ -181,6 +182,8 @@ PER_OUTPUT = {
     # the random draw compared with p and the product by mask / (1 - p); backward grad * mask / (1 - p)
     "native_dropout": 2, "native_dropout_backward": 2,
 }
+# a complex output element in real operations: (a + bi)(c + di) = 4 products and 2 sums
+COMPLEX_PER_OUTPUT = {"mul": 6, "add": 2, "sub": 2, "neg": 2}
 PER_INPUT = dict.fromkeys(("sum", "mean", "amax", "amin", "max", "min", "argmax", "argmin", "topk", "sort",
                            "argsort", "cumsum", "logsumexp", "any", "all", "bincount"), 1)
 PER_SOURCE = dict.fromkeys(("index_add", "scatter_add", "embedding_dense_backward"), 1)
@@ -239,7 +242,8 @@ def elementwise_flops(name: str, args, kwargs, out) -> int:
     if base in PER_INPUT:
         return PER_INPUT[base] * int(args[0].numel())
     if base in PER_OUTPUT:
-        return PER_OUTPUT[base] * int(outs[0].numel())
+        per = COMPLEX_PER_OUTPUT.get(base, PER_OUTPUT[base]) if outs[0].is_complex() else PER_OUTPUT[base]
+        return per * int(outs[0].numel())
     return 0
 
 

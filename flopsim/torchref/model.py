@@ -349,15 +349,20 @@ class MLP(nn.Module):
             self.up = nn.Linear(spec.d_model, d_ff, bias=spec.bias)
         self.down = nn.Linear(d_ff, spec.d_model, bias=spec.bias)
         self.act = ACTIVATIONS[spec.activation]
+        self.unfused = spec.act_impl == "unfused"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
-            return self.down(gated_activation(self.act, self.gate_up(x)))
+            return self.down(gated_activation(self.act, self.gate_up(x), self.unfused))
         return self.down(self.act(self.up(x)))
 
 
-def gated_activation(act, gate_up: torch.Tensor) -> torch.Tensor:
-    """act(gate) * up of a fused gate_up output [..., 2 d_ff], as one fused kernel."""
+def gated_activation(act, gate_up: torch.Tensor, unfused: bool = False) -> torch.Tensor:
+    """act(gate) * up of a fused gate_up output [..., 2 d_ff], as one fused kernel, or
+    (`act_impl: unfused`) as eager code runs it: the activation and the product, a kernel each."""
+    if unfused:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return gate_times_up(act, gate, up)
     with fused("gated_act") as region:
         gate, up = region.take(gate_up).chunk(2, dim=-1)
         h = gate_times_up(act, gate, up)
@@ -640,6 +645,9 @@ def build_reference(spec, seed: int = 0) -> nn.Module:
     """The reference module of `spec`'s family (fp32, eval mode; `.to(dtype)` for another)."""
     import importlib
 
+    if spec.rope_impl != "fused":
+        raise ValueError(f"rope_impl {spec.rope_impl}: the torch reference runs RoPE fused; the eager forms are "
+                         f"checked against the bytes counter aten op by aten op (tests/test_eager_kernels.py)")
     torch.manual_seed(seed)
     family_module = {
         "dense": None,

@@ -106,10 +106,11 @@ class Experts(nn.Module):
             self.up = GroupedLinear(experts, spec.d_model, d_expert, spec.bias, loop)
         self.down = GroupedLinear(experts, d_expert, spec.d_model, spec.bias, loop)
         self.act = ACTIVATIONS[spec.activation]
+        self.unfused = spec.act_impl == "unfused"
 
     def forward(self, x: torch.Tensor, counts: Optional[list] = None) -> torch.Tensor:
         if self.gated:
-            h = gated_activation(self.act, self.gate_up(x, counts))
+            h = gated_activation(self.act, self.gate_up(x, counts), self.unfused)
         else:
             h = self.act(self.up(x, counts))
         return self.down(h, counts)

@@ -98,7 +98,7 @@ class SparseFF(nn.Module):
         if self.gated:
             if units is not None:
                 units = torch.cat([units, units + self.spec.d_ff], dim=1)
-            return gated_activation(self.act, self.gate_up(x, units))
+            return gated_activation(self.act, self.gate_up(x, units), self.spec.act_impl == "unfused")
         return self.act(self.up(x, units))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
