@@ -146,7 +146,10 @@ class PredictResult(OpTotals):
             "compute_bound_s": self.compute_bound_s, "memory_bound_s": self.memory_bound_s,
             "overhead_s": self.overhead_s, "peak_flops_per_s": self.peak_flops_per_s,
             "host_s": self.total("host_s"), "device_s": self.total("device_s"), "fresh_s": self.total("fresh_s"),
-            "kernels": sum(1 for op in self.ops if op.time_s > 0), "comm_s": self.total("comm_s"),
+            # kernel launches a step (an op may run several: the eager norm's 24; an MoD block's
+            # ops launch with the probability that any token takes it) and the ops that run
+            "kernels": sum(op.kernels for op in self.ops if op.time_s > 0),
+            "ops": sum(1 for op in self.ops if op.time_s > 0), "comm_s": self.total("comm_s"),
             **({"layout": self.layout.describe()} if self.layout is not None else {}),
             **({"encoder_seq": self.encoder_seq} if self.encoder_seq is not None else {}),
         }

@@ -8,6 +8,8 @@ here, as they are there; fms's per-layer gather of its matrices is inside."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import flopsim
@@ -202,3 +204,18 @@ def test_plan_train_rope_and_act_impl_options():
     table = run(*args[:-2], "--rope-impl", "rotate_half")
     assert table.exit_code == 0 and "rope rotate_half, activation fused" in " ".join(table.output.split())
     assert one_error_line(run(*args, "--rope-impl", "complex")).startswith("flopsim: error: rope_impl: 'complex'")
+
+
+def test_predict_counts_kernel_launches_not_ops():
+    """`predict`'s kernel count is the step's launches: rotate_half adds 10 + 14 kernels a
+    layer where the fused RoPE's two ops launch 2, and the op count is unchanged; the CLI line
+    names both."""
+    from conftest import run_cli as run
+
+    fused, eager = (flopsim.predict(SPEC.with_changes(rope_impl=impl), "h100-sxm", phase="train", batch=B,
+                                    seq=S).summary() for impl in ("fused", "rotate_half"))
+    assert eager["ops"] == fused["ops"]
+    assert eager["kernels"] - fused["kernels"] == SPEC.layers * ((10 + 14) - 2)
+    out = " ".join(run("predict", "llama-2-7b", "-H", "h100-sxm", "--phase", "train", "--seq", 64).output.split())
+    kernels, ops = re.search(r"over ([\d,]+) kernels \((\d+) ops\)", out).groups()
+    assert kernels.replace(",", "") == ops  # every op of the fused preset is one kernel

@@ -23,6 +23,11 @@ OptimizerOpt = typer.Option("adam", "--optimizer", help="Train phase: adam | ada
 FormatOpt = typer.Option(Format.table, "--format", "-f", help="table | json | csv")
 
 
+
+def _count(n: float) -> str:
+    """A kernel count: whole as 1,234; an expected count (MoD's launches) to a tenth."""
+    return f"{n:,.0f}" if float(n).is_integer() else f"{n:,.1f}"
+
 def _summary_lines(r) -> list[str]:
     s = r.summary()
     seq = "1" if r.phase == "decode" else str(r.seq)
@@ -32,7 +37,8 @@ def _summary_lines(r) -> list[str]:
         + f", {r.spec.precision_label}",
         f"  time          {human_time(s['time_s'])}  ({s['bound']}-bound: compute-bound ops "
         f"{human_time(s['compute_bound_s'])}, memory-bound ops {human_time(s['memory_bound_s'])}, "
-        f"launch {human_time(s['overhead_s'] - s['fresh_s'])} over {s['kernels']} kernels"
+        f"launch {human_time(s['overhead_s'] - s['fresh_s'])} over {_count(s['kernels'])} kernels "
+        f"({s['ops']} ops)"
         + (f", fresh pages {human_time(s['fresh_s'])}" if s["fresh_s"] else "") + ")",
         f"  FLOPs         {s['flops']:,}  ({human(s['flops'], 'FLOP')}; with elementwise {human(s['all_flops'], 'FLOP')})",
         f"  bytes         {human(s['bytes'], 'B')}",
