@@ -26,6 +26,10 @@ with its shipped calibration (`cuda_graphs: true` -> Calibration.with_graphs):
   V, N, a, d_head) gives the step's FLOPs F, and the prediction is reported
   as F / (predicted step time * GPUs).
 - train_run (gpu_hours): plan_training over the row's tokens.
+  A row that states its own network (`network`: a line rate a node or a GPU) is
+  planned on it: each GPU's share, at the fraction of its NIC's line rate the
+  calibration's inter-node figure reaches (`_row_network`); other rows use the
+  calibration's network (one NIC a GPU).
 - speedup: the baseline row's predicted time over this row's.
 Error = predicted / published - 1 in the row's metric; the summary gives the
 median and worst |error| and the worst ratio max(p/m, m/p).
@@ -88,6 +92,16 @@ class Engine(_Strict):
     attention_kernel: Optional[Literal["triton"]] = None
 
 
+class Network(_Strict):
+    """The row's own inter-node network, as its source states it: a line rate (bits/s, one
+    direction) per node or per GPU. flopsim prices it at the fraction of its NIC's line rate
+    that the calibration's measured inter-node link reaches (nccl-tests busbw over the
+    datasheet NIC), split evenly over a node's GPUs when given per node."""
+
+    inter_node_bits_per_s: float = Field(gt=0)
+    per: Literal["node", "gpu"]
+
+
 class Row(_Strict):
     id: str
     source: str
@@ -104,6 +118,7 @@ class Row(_Strict):
     shape: dict[str, float] = {}
     parallel: Parallel = Parallel()
     engine: Engine = Engine()
+    network: Optional[Network] = None  # None: the calibration's network (one NIC a GPU)
     convention: str = ""
     flops_formula: Optional[str] = None
     per_gpu: Optional[bool] = None
@@ -203,7 +218,27 @@ def _setup(row: Row) -> _Setup:
     elif kernel:  # no figures for it on this device: its own fused points, and the row says so
         kernel = f"{kernel} (no figures in the {cal.device} calibration: its fused attention points)"
     links = resolve_links(hw, cal, None, None, None, None, needed=row.parallel.gpus > 1)
+    if row.network is not None:
+        links = _row_network(row, hw, links)
     return _Setup(spec, hw, cal, links, kernel)
+
+
+def _row_network(row: Row, hw, links):
+    """`links` with the row's inter-node network (Network): each GPU's share of the stated line
+    rate, at the efficiency the calibration's inter-node link reaches on the hardware's own NIC
+    (its bus bandwidth over half the datasheet's two-way scale_out_bytes_per_s)."""
+    import dataclasses
+
+    base, nic = links.scale_out, getattr(hw, "scale_out_bytes_per_s", None)
+    if base is None or not nic:
+        raise InputError(f"published suite: row {row.id!r}: network: {hw.name} has no inter-node link to scale")
+    efficiency = base.bus_bytes_per_s / (nic / 2)
+    share = row.network.inter_node_bits_per_s / 8 / (links.gpus_per_node if row.network.per == "node" else 1)
+    link = base.model_copy(update={
+        "bus_bytes_per_s": share * efficiency,
+        "source": f"the row's network, {row.network.inter_node_bits_per_s / 1e9:g} Gb/s a {row.network.per}, "
+                  f"at the calibrated NIC's {efficiency:.2f} of its line rate"})
+    return dataclasses.replace(links, scale_out=link)
 
 
 def _shape(row: Row, name: str, default=None) -> int:
@@ -255,6 +290,8 @@ def _train_plan(row: Row, s: _Setup, tokens: Optional[float] = None):
     seq = _shape(row, "seq")
     kwargs = dict(global_batch=_shape(row, "global_batch")) if "global_batch" in row.shape else dict(
         global_batch_tokens=_shape(row, "global_batch_tokens"))
+    if row.network is not None:  # the row's own network (_row_network), both directions as plan_training takes it
+        kwargs["inter_node_bytes_per_s"] = 2 * s.links.scale_out.bus_bytes_per_s
     return plan_training(s.spec, s.hw, gpus=p.gpus, tokens=tokens or seq * kwargs.get("global_batch", 1) or 1,
                          seq=seq, tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep, zero=p.zero, recompute=p.recompute,
                          micro_batch=_shape(row, "micro_batch", 1), calibration=s.cal,
