@@ -1,7 +1,8 @@
 """`rope_impl` and `act_impl`: RoPE and the gated activation as eager code runs them, each aten
 op a kernel (flopsim.ops.primitives.rope_eager, gated_activation_unfused). Each form is checked
 aten op by aten op against the bytes oracle's dispatch counter (independent of
-flopsim.ops.primitives) running a transcription of the upstream code, in bf16 and in fp32
+flopsim.ops.primitives) running the upstream code (transformers' own functions and modules; Meta's and fms's
+transcribed), in bf16 and in fp32
 (where the casts vanish): bytes, arithmetic and kernels, forward and backward. Tables made once
 a model (transformers' cos / sin, Meta's complex frequencies, fms's cached matrices) are inputs
 here, as they are there; fms's per-layer gather of its matrices is inside."""
@@ -20,14 +21,10 @@ B, S, H, HKV, D = 2, 8, 4, 2, 16  # batch, tokens a sequence, query heads, key h
 SPEC = flopsim.load_model("llama-3-8b").with_changes(heads=H, kv_heads=HKV, d_model=H * D, d_ff=48, layers=2)
 
 
-def _rotate_half(q, k, cos, sin):  # transformers' apply_rotary_pos_emb (q, k [B, H, S, D]; cos, sin [B, S, D])
-    import torch
+def _rotate_half(q, k, cos, sin):  # transformers' own apply_rotary_pos_emb (q, k [B, H, S, D]; cos, sin [B, S, D])
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    def rotate(x):
-        return torch.cat((-x[..., D // 2:], x[..., : D // 2]), dim=-1)
-
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + rotate(q) * sin, k * cos + rotate(k) * sin
+    return apply_rotary_pos_emb(q, k, cos, sin)
 
 
 def _complex(q, k, freqs):  # Meta's apply_rotary_emb (q, k [B, S, H, D]; freqs [S, D / 2] complex64)
@@ -219,3 +216,45 @@ def test_predict_counts_kernel_launches_not_ops():
     out = " ".join(run("predict", "llama-2-7b", "-H", "h100-sxm", "--phase", "train", "--seq", 64).output.split())
     kernels, ops = re.search(r"over ([\d,]+) kernels \((\d+) ops\)", out).groups()
     assert kernels.replace(",", "") == ops  # every op of the fused preset is one kernel
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_transformers_llama_modules_move_what_the_eager_forms_count(dtype):
+    """transformers' own LlamaRMSNorm and LlamaMLP under the counter: the norm is flopsim's
+    fp32_unfused norm kernel for kernel; the MLP's non-product kernels are the unfused
+    activation's plus one: x's two gradients (gate_proj's and up_proj's) summed, where
+    flopsim's fused gate_up product has one (the SPLIT convention, docs/bytes.md)."""
+    import torch
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+    from flopsim.torchref.bytes_counter import count_bytes
+
+    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    spec = SPEC.with_changes(norm_impl="fp32_unfused", act_impl="unfused", dtype=dtype)
+    config = LlamaConfig(hidden_size=spec.d_model, intermediate_size=spec.d_ff, hidden_act="silu",
+                         rms_norm_eps=1e-6)
+    ops = {(o.name, o.pass_): o for o in count(spec, batch=B, seq=S, phase="train").ops}
+    products = ("mm", "addmm", "t")  # the projections' matrix products (FlopCounterMode's) and views
+    for module, name in ((LlamaRMSNorm(spec.d_model, eps=1e-6), "block.0.norm1"), (LlamaMLP(config), "block.0.mlp.act")):
+        module = module.to(dt)
+        x = torch.randn(B, S, spec.d_model, dtype=dt, requires_grad=True)
+        seed = torch.ones(B, S, spec.d_model, dtype=dt)
+
+        def run():
+            y = module(x)
+            y.backward(seed)
+            return y
+
+        events = [e for e in count_bytes(run).events if e.op not in products and not e.op.startswith("_unsafe")]
+        for p in ("fwd", "bwd"):
+            mine = [e for e in events if e.pass_ == p and (e.reads or e.writes)]
+            moved = [sum(a.nbytes for a in e.reads + e.writes) for e in mine]
+            if name == "block.0.mlp.act" and p == "bwd":  # the weights' gradient sums and x's gradient sum
+                extra = [e for e in mine if e.accumulate or e.op in ("sum", "add")]
+                assert sum(e.accumulate for e in extra) == 1
+                moved = [m for m, e in zip(moved, mine) if e not in extra]
+                mine = [e for e in mine if e not in extra]
+            op = ops[(name, p)]
+            assert (op.bytes, op.other_flops, op.kernels) == (sum(moved), sum(e.flops for e in mine),
+                                                              sum(map(bool, moved))), (name, p)
