@@ -258,3 +258,26 @@ def test_transformers_llama_modules_move_what_the_eager_forms_count(dtype):
             op = ops[(name, p)]
             assert (op.bytes, op.other_flops, op.kernels) == (sum(moved), sum(e.flops for e in mine),
                                                               sum(map(bool, moved))), (name, p)
+
+
+def test_predict_and_count_take_the_kernel_options():
+    """`predict` and `count` take --norm-impl, --rope-impl, --act-impl and --loss as `plan train`
+    does: the spec with those fields, named on the first line; a bad value is one line, exit 2."""
+    import json
+
+    from conftest import one_error_line
+    from conftest import run_cli as run
+
+    eager = dict(norm_impl="fp32_unfused", rope_impl="complex_fp32", act_impl="unfused")
+    flags = ("--norm-impl", "fp32_unfused", "--rope-impl", "complex_fp32", "--act-impl", "unfused")
+    spec = flopsim.load_model("llama-2-7b").with_changes(**eager)
+    got = json.loads(run("predict", "llama-2-7b", "-H", "a100-80gb", "--phase", "train", "--seq", 256, *flags,
+                         "-f", "json").output)
+    assert got["time_s"] == pytest.approx(flopsim.predict(spec, "a100-80gb", phase="train", seq=256).time_s,
+                                          rel=1e-12)
+    counted = json.loads(run("count", "llama-2-7b", "--phase", "train", "--seq", 256, *flags, "-f", "json").output)
+    assert counted["bytes"] == flopsim.count(spec, batch=1, seq=256, phase="train").bytes
+    head = run("count", "llama-2-7b", "--seq", 64, *flags).output.splitlines()[0]
+    assert head.endswith("; norm fp32_unfused, rope complex_fp32, activation unfused")
+    assert one_error_line(run("count", "llama-2-7b", "--act-impl", "eager")).startswith(
+        "flopsim: error: act_impl: 'eager'")

@@ -10,6 +10,7 @@ from flopsim.cli.app import app
 from flopsim.cli.layout_opts import (CpOpt, DpOpt, EpOpt, GpusPerNodeOpt, PpOpt, RecomputeOpt, SequenceParallelOpt,
                                      StageOpt, TpOpt, ZeroOpt, ZeroShardOpt, layout_from_options)
 from flopsim.cli.output import Format, console, human, print_csv, print_json, rich_table
+from flopsim.cli.spec_opts import ActImplOpt, LossOpt, NormImplOpt, RopeImplOpt, impl_label, with_impls
 
 PhaseOpt = typer.Option("forward", "--phase", "-p", help="forward | train | prefill | decode")
 FormatOpt = typer.Option(Format.table, "--format", "-f", help="table | json | csv")
@@ -25,6 +26,8 @@ def count(
     encoder_seq: Optional[int] = typer.Option(None, "--encoder-seq", help="An encoder-decoder's encoder tokens per sequence (S_enc; default: --seq). Decode: the cross-attention cache's length."),
     ops: bool = typer.Option(False, "--ops", help="Table format: one row per op instead of per layer."),
     attention: Optional[str] = typer.Option(None, "--attention", help="Attention kernel: fused or explicit (or transformers' names: sdpa, eager, ...); default: the spec's (an HF config's attn_implementation, else fused)."),
+    norm_impl: Optional[str] = NormImplOpt, rope_impl: Optional[str] = RopeImplOpt,
+    act_impl: Optional[str] = ActImplOpt, loss: Optional[str] = LossOpt,
     tp: int = TpOpt, pp: int = PpOpt, dp: int = DpOpt, ep: int = EpOpt, cp: int = CpOpt, zero: int = ZeroOpt,
     zero_shard: Optional[int] = ZeroShardOpt,
     recompute: str = RecomputeOpt, sequence_parallel: Optional[bool] = SequenceParallelOpt,
@@ -43,6 +46,7 @@ def count(
         from flopsim.spec.hf import attention_impl
 
         spec = load_model(spec).with_changes(attention_impl=attention_impl(attention, "--attention"))
+    spec = with_impls(spec, loss=loss, norm_impl=norm_impl, rope_impl=rope_impl, act_impl=act_impl)
     layout = layout_from_options(spec, phase, tp=tp, pp=pp, dp=dp, ep=ep, cp=cp, zero=zero, recompute=recompute,
                                  sequence_parallel=sequence_parallel, stage=stage, gpus_per_node=gpus_per_node,
                                  zero_shard=zero_shard)
@@ -57,7 +61,7 @@ def count(
     out.print(f"[bold]{s.name}[/] ({s.family}) {result.phase}: B={result.batch} "
               f"S={1 if result.phase == 'decode' else result.seq} T={result.context}"
               + (f" S_enc={result.encoder_seq}" if result.encoder_seq else "")
-              + (f"; one GPU of {layout.describe()}, stage {layout.last_stage}" if layout else ""))
+              + (f"; one GPU of {layout.describe()}, stage {layout.last_stage}" if layout else "") + impl_label(s))
     out.print(f"  FLOPs        {result.flops:,}  ({human(result.flops, 'FLOP')}; causal {human(result.causal_flops, 'FLOP')}, "
               f"with elementwise {human(result.all_flops, 'FLOP')})")
     out.print(f"  parameters   {result.params:,.0f}  ({human(result.params)})")

@@ -9,6 +9,7 @@ import typer
 
 from flopsim.cli.app import app
 from flopsim.cli.output import Format, console, human, human_time, print_csv, print_json, rich_table
+from flopsim.cli.spec_opts import ActImplOpt, LossOpt, NormImplOpt, RopeImplOpt, with_impls
 
 plan_app = typer.Typer(help="Capacity planning: GPUs, days and cost to train; GPUs, batch and cost per token to serve.",
                        no_args_is_help=True)
@@ -114,10 +115,10 @@ def train(
     gpus_per_node: Optional[int] = GpusPerNodeOpt,
     grad_accumulation: str = typer.Option("autograd", "--grad-accumulation", help="Gradient accumulation over micro-batches: autograd (default: .grad += on micro-batches 2..m) | main_grad (Megatron's add into its reduction buffer every micro-batch) | none (fused into the weight-gradient GEMM)."),
     grad_reduce_dtype: Optional[str] = typer.Option(None, "--grad-reduce-dtype", help="Dtype of the data-parallel gradient reduction (and of main_grad): fp32 | bf16 | fp16 (default the gradients' dtype; fp32 for Megatron-Core bf16, FSDP mixed precision)."),
-    norm_impl: Optional[str] = typer.Option(None, "--norm-impl", help="RMSNorm's kernels: fused (one a pass) | fp32_unfused (eager code's fp32 RMSNorm: transformers' LlamaRMSNorm, Meta's reference, IBM fms; 8 + 16 kernels in bf16); default: the spec's norm_impl (fused)."),
-    rope_impl: Optional[str] = typer.Option(None, "--rope-impl", help="RoPE's kernels: fused (one a pass) | rotate_half (transformers' apply_rotary_pos_emb) | complex_fp32 (Meta's reference, torchtitan) | pairs_fp32 (IBM fms, 2024): eager forms, each aten op a kernel, on q and k apart; default: the spec's rope_impl (fused)."),
-    act_impl: Optional[str] = typer.Option(None, "--act-impl", help="A gated FFN's activation: fused (act(gate) * up, one kernel) | unfused (eager act_fn(gate) * up: 2 + 3 kernels); default: the spec's act_impl (fused)."),
-    loss: Optional[str] = typer.Option(None, "--loss", help="The loss's kernels: fused (one a pass) | fp32_unfused (Megatron-LM's and Megatron-DeepSpeed's fp32 cross-entropy, a kernel a step); default: the spec's loss_impl (fused)."),
+    norm_impl: Optional[str] = NormImplOpt,
+    rope_impl: Optional[str] = RopeImplOpt,
+    act_impl: Optional[str] = ActImplOpt,
+    loss: Optional[str] = LossOpt,
     dp_overlap: float = typer.Option(1.0, "--dp-overlap", help="Fraction of the forward/backward pass that data-parallel traffic can hide behind (0: none)."),
     comm_latency: Optional[str] = LatencyOpt,
     price: Optional[float] = PriceOpt,
@@ -132,7 +133,7 @@ def train(
     from flopsim.result_pages import training_plan_page
 
     counts = parse_gpu_counts(gpus)
-    spec = _with_impls(spec, loss=loss, norm_impl=norm_impl, rope_impl=rope_impl, act_impl=act_impl)
+    spec = with_impls(spec, loss=loss, norm_impl=norm_impl, rope_impl=rope_impl, act_impl=act_impl)
     links = dict(interconnect_bytes_per_s=_quantity(interconnect, "interconnect"),
                  inter_node_bytes_per_s=_quantity(inter_node, "inter_node"), gpus_per_node=gpus_per_node,
                  comm_latency_s=_duration(comm_latency, "comm_latency"))
@@ -166,26 +167,6 @@ def train(
     if fmt == Format.csv:
         return print_csv(p.table().to_dict("records"))
     _print_training(p)
-
-
-def _with_impls(spec: str, **given):
-    """The spec (a name or path) with `--loss` / `--norm-impl` / `--rope-impl` / `--act-impl` as
-    its loss_impl / norm_impl / rope_impl / act_impl, when given."""
-    fields = {name: name if name.endswith("_impl") else f"{name}_impl" for name in given}
-    changes = {fields[name]: value for name, value in given.items() if value is not None}
-    if not changes:
-        return spec
-    from typing import get_args
-
-    from flopsim.errors import bad_value
-    from flopsim.spec import load_model
-    from flopsim.spec.model import ModelSpec
-
-    for name, field in fields.items():
-        choices = get_args(ModelSpec.model_fields[field].annotation)
-        if field in changes and changes[field] not in choices:
-            raise bad_value(name, changes[field], f"one of {', '.join(choices)}")
-    return load_model(spec).with_changes(**changes)
 
 
 def _print_training(p) -> None:

@@ -10,6 +10,7 @@ from flopsim.cli.app import app
 from flopsim.cli.layout_opts import (CpOpt, DpOpt, EpOpt, GpusPerNodeOpt, PpOpt, RecomputeOpt, SequenceParallelOpt,
                                      StageOpt, TpOpt, ZeroOpt, ZeroShardOpt, layout_from_options)
 from flopsim.cli.output import Format, console, human, human_time, print_csv, print_json, progress_bar, rich_table
+from flopsim.cli.spec_opts import ActImplOpt, LossOpt, NormImplOpt, RopeImplOpt, impl_label, with_impls
 
 SpecArg = typer.Argument(..., help="Model spec: a YAML path, an HF config.json or a preset name.")
 HardwareOpt = typer.Option(..., "--hardware", "-H", help="Device: a preset (`flopsim hardware list`) or a YAML path.")
@@ -34,7 +35,7 @@ def _summary_lines(r) -> list[str]:
     return [
         f"[bold]{r.spec.name}[/] ({r.spec.family}) {r.phase} on [bold]{r.hw.name}[/]: "
         f"B={r.batch} S={seq} T={r.context}" + (f" S_enc={r.encoder_seq}" if r.encoder_seq else "")
-        + f", {r.spec.precision_label}",
+        + f", {r.spec.precision_label}{impl_label(r.spec)}",
         f"  time          {human_time(s['time_s'])}  ({s['bound']}-bound: compute-bound ops "
         f"{human_time(s['compute_bound_s'])}, memory-bound ops {human_time(s['memory_bound_s'])}, "
         f"launch {human_time(s['overhead_s'] - s['fresh_s'])} over {_count(s['kernels'])} kernels "
@@ -62,6 +63,8 @@ def predict(
     optimizer: str = OptimizerOpt,
     encoder_seq: Optional[int] = EncoderSeqOpt,
     ops: bool = typer.Option(False, "--ops", help="Table format: every op instead of the slowest 15."),
+    norm_impl: Optional[str] = NormImplOpt, rope_impl: Optional[str] = RopeImplOpt,
+    act_impl: Optional[str] = ActImplOpt, loss: Optional[str] = LossOpt,
     tp: int = TpOpt, pp: int = PpOpt, dp: int = DpOpt, ep: int = EpOpt, cp: int = CpOpt, zero: int = ZeroOpt,
     zero_shard: Optional[int] = ZeroShardOpt,
     recompute: str = RecomputeOpt, sequence_parallel: Optional[bool] = SequenceParallelOpt,
@@ -75,6 +78,7 @@ def predict(
     opcache.use()  # a repeated (spec, phase) skips sympy (flopsim.opcache)
     from flopsim.predict import predict as predict_api
 
+    spec = with_impls(spec, loss=loss, norm_impl=norm_impl, rope_impl=rope_impl, act_impl=act_impl)
     layout = layout_from_options(spec, phase, tp=tp, pp=pp, dp=dp, ep=ep, cp=cp, zero=zero, recompute=recompute,
                                  sequence_parallel=sequence_parallel, stage=stage, gpus_per_node=gpus_per_node,
                                  zero_shard=zero_shard, hardware=hardware)
