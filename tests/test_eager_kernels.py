@@ -277,6 +277,8 @@ def test_predict_and_count_take_the_kernel_options():
                                           rel=1e-12)
     counted = json.loads(run("count", "llama-2-7b", "--phase", "train", "--seq", 256, *flags, "-f", "json").output)
     assert counted["bytes"] == flopsim.count(spec, batch=1, seq=256, phase="train").bytes
+    named = {"loss": "fused", "norm": "fp32_unfused", "rope": "complex_fp32", "activation": "unfused"}
+    assert got["kernel_impls"] == counted["kernel_impls"] == named  # JSON names them too
     head = run("count", "llama-2-7b", "--seq", 64, *flags).output.splitlines()[0]
     assert head.endswith("; norm fp32_unfused, rope complex_fp32, activation unfused")
     assert one_error_line(run("count", "llama-2-7b", "--act-impl", "eager")).startswith(

@@ -35,7 +35,5 @@ def with_impls(spec: str, **given):
 def impl_label(spec) -> str:
     """'; norm fp32_unfused, rope rotate_half' for a spec whose ops run other than fused
     (the loss, norm, RoPE or activation), else ''."""
-    named = [(what, getattr(spec, field)) for what, field in (("loss", "loss_impl"), ("norm", "norm_impl"),
-                                                               ("rope", "rope_impl"), ("activation", "act_impl"))]
-    shown = [f"{what} {impl}" for what, impl in named if impl != "fused"]
+    shown = [f"{what} {impl}" for what, impl in spec.kernel_impls.items() if impl != "fused"]
     return f"; {', '.join(shown)}" if shown else ""

@@ -105,7 +105,8 @@ class ServingPlan:
     def to_dict(self) -> dict:
         return {
             "kind": "serving", "model": self.spec.name, "family": self.spec.family, "hardware": self.hw.name,
-            "dtype": self.spec.dtype, "precision": self.spec.precision_label, "calibration": self.calibration.source,
+            "dtype": self.spec.dtype, "precision": self.spec.precision_label,
+            "kernel_impls": self.spec.kernel_impls, "calibration": self.calibration.source,
             "calibration_kind": self.calibration.kind, "calibration_label": self.calibration.provenance_label,
             "config": dict(self.config), "links": self.links.to_dict(), "latency": dict(self.latency),
             "throughput": dict(self.throughput), "memory": dict(self.memory), "cost": dict(self.cost),

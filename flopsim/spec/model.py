@@ -689,6 +689,12 @@ class ModelSpec(_Strict):
         return p is not None and ((p.weights or self.dtype) != self.dtype or p.group_size is not None)
 
     @property
+    def kernel_impls(self) -> dict:
+        """How code runs the memory-bound ops: {"loss", "norm", "rope", "activation"} -> the
+        `*_impl` field (fused, or an eager form)."""
+        return {"loss": self.loss_impl, "norm": self.norm_impl, "rope": self.rope_impl, "activation": self.act_impl}
+
+    @property
     def precision_label(self) -> str:
         """`bf16`, or each tensor class that differs: `bf16, weights int4 g128, KV fp8`."""
         p = self.precision
