@@ -26,9 +26,11 @@ training step's sizes (a [tokens, d_model] tensor of tens of MB, beyond a GPU's
 L2) each is HBM traffic. The extra time is priced at the calibration's default
 memory efficiency. This prints figures; it fits nothing. The spec options
 `norm_impl: fp32_unfused`, `rope_impl` (complex_fp32, rotate_half,
-pairs_fp32) and `act_impl: unfused` model these kernel by kernel (fms's RoPE
-with its per-layer gather of the matrices, which this count leaves out); the
-comparison here is against the model's own op list (a preset's: fused).
+pairs_fp32) and `act_impl: unfused` model these kernel by kernel: the
+'option GB' column is flopsim's op list with each (fms's RoPE there also
+counts its per-layer gather of the matrices, which this count takes as an
+input); the other columns compare with the model's own op list (a preset's:
+fused).
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ import argparse
 import sys
 
 CHUNK = 512  # tokens the counter runs; bytes are linear in the tokens
+# the spec option that models each eager form kernel by kernel (its 'option GB' column; fms's RoPE
+# there also counts the per-layer gather of its matrices, which the counted form here takes as input)
+OPTIONS = {"rmsnorm hf": ("norm_impl", "fp32_unfused"), "rope complex": ("rope_impl", "complex_fp32"),
+           "rope rotate_half": ("rope_impl", "rotate_half"), "rope fms": ("rope_impl", "pairs_fp32"),
+           "swiglu": ("act_impl", "unfused")}
 
 
 def _eager_kernels(torch, d: int, heads: int, d_head: int, d_ff: int) -> dict:
@@ -145,8 +152,10 @@ def main(argv=None) -> int:
         return 2
     ours = _flopsim_bytes(spec)
     scale = args.tokens / CHUNK
-    print(f"{spec.name}, one block at {args.tokens:,} tokens (bytes forward + backward, GB)")
-    print(f"{'eager kernel':18s} {'kernels':>9s} {'eager GB':>9s} {'flopsim GB':>11s} {'x':>6s}   flopsim op")
+    print(f"{spec.name}, one block at {args.tokens:,} tokens (bytes forward + backward, GB; 'option GB': "
+          f"flopsim's op list with the spec option that models the eager form)")
+    print(f"{'eager kernel':18s} {'kernels':>9s} {'eager GB':>9s} {'flopsim GB':>11s} {'x':>6s} {'option GB':>10s}"
+          f"   flopsim op (option)")
     extra_per_block = {}
     for name, (make, fn, ops, widths) in _eager_kernels(torch, spec.d_model, spec.heads, spec.d_head,
                                                          spec.d_ff).items():
@@ -156,8 +165,11 @@ def main(argv=None) -> int:
         flop = sum(sum(ours.get(op, (0.0, 0.0))) for op in ops) * scale
         extra_per_block[name] = eager - flop
         kf, kb = counted[0][2], counted[0][3]
-        print(f"{name:18s} {kf:>4d}+{kb:<4d} {eager / 1e9:9.3f} {flop / 1e9:11.3f} {eager / flop:6.1f}   "
-              f"{' + '.join(ops)}")
+        field, value = OPTIONS[name]
+        modelled = _flopsim_bytes(spec.with_changes(**{field: value}))
+        option = sum(sum(modelled.get(op, (0.0, 0.0))) for op in ops) * scale
+        print(f"{name:18s} {kf:>4d}+{kb:<4d} {eager / 1e9:9.3f} {flop / 1e9:11.3f} {eager / flop:6.1f} "
+              f"{option / 1e9:10.3f}   {' + '.join(ops)} ({field}: {value})")
     layers = spec.layers
     for impl in (("rmsnorm hf", "rope complex", "swiglu"), ("rmsnorm hf", "rope rotate_half", "swiglu"),
                  ("rmsnorm hf", "rope fms", "swiglu")):

@@ -40,3 +40,19 @@ def test_eager_bytes_bad_input_is_one_line(capsys):
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and err[0].startswith("benchmarks/eager_bytes.py: error: tokens: 0")
     assert "no-such-model" in err[1]
+
+
+def test_each_eager_form_is_what_its_spec_option_counts(capsys):
+    """The 'option GB' column (flopsim's op list with the option that models the form) equals the
+    counter's eager bytes, but for fms's RoPE, whose option also counts the layer's gather of its
+    matrices (int64 ids read, then 8 bytes a token and value of d_head read and written)."""
+    tokens, d_head = 8192, 128
+    assert _main()(["--model", "llama-2-7b", "--tokens", str(tokens), "--hardware", "a100-80gb"]) == 0
+    rows = {" ".join(line.split()[:2]) if not line.startswith("swiglu") else "swiglu": line.split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("rmsnorm", "rope", "swiglu"))}
+    assert len(rows) == 5
+    for name, row in rows.items():
+        at = 3 if name != "swiglu" else 2  # the one-word name's columns start one earlier
+        eager, option = float(row[at]), float(row[at + 3])
+        gather = (tokens * 8 + 2 * tokens * d_head * 8) / 1e9 if name == "rope fms" else 0.0
+        assert option == pytest.approx(eager + gather, abs=1.5e-3), name
