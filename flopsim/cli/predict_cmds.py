@@ -24,10 +24,10 @@ OptimizerOpt = typer.Option("adam", "--optimizer", help="Train phase: adam | ada
 FormatOpt = typer.Option(Format.table, "--format", "-f", help="table | json | csv")
 
 
-
 def _count(n: float) -> str:
     """A kernel count: whole as 1,234; an expected count (MoD's launches) to a tenth."""
     return f"{n:,.0f}" if float(n).is_integer() else f"{n:,.1f}"
+
 
 def _summary_lines(r) -> list[str]:
     s = r.summary()
