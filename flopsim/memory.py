@@ -32,6 +32,9 @@ of the forward ops' `params`):
   with A_l the per-layer sum above and in_l the block's residual-stream
   input: the largest act_read_bytes among the block's forward norm and
   router ops (every block begins by normalising or routing its input).
+  Checkpointing only some blocks (`recompute_blocks`, fms-fsdp's and
+  torchtitan's every-k-th block): the sums and the max run over the
+  checkpointed blocks, and every other block adds its whole A_l.
   Dropout (`dropout`, flopsim.ops.primitives.dropout) keeps its output and
   its one-byte mask: with hidden dropout 2 * 2 + 2 * 1 = 6 * s*b*h per block
   more (the 2 * 2 outputs are the upper bound's: the residual add reads them
@@ -133,8 +136,11 @@ class MemoryModel:
 
     def __init__(self, spec, phase: str, *, recompute: bool | str = False, optimizer: str = "adam",
                  grad_bytes: Optional[int] = None, master_weights: Optional[bool] = None,
-                 encoder_seq: Optional[int] = None, layout=None, ops: Optional[list] = None):
-        """`encoder_seq`: an encoder-decoder's encoder tokens per sequence, fixed; None: S
+                 encoder_seq: Optional[int] = None, layout=None, ops: Optional[list] = None,
+                 recompute_blocks: Optional[frozenset] = None):
+        """`recompute_blocks` (full recomputation): the blocks checkpointed; the others keep
+        their activations as without recomputation (None: every block is).
+        `encoder_seq`: an encoder-decoder's encoder tokens per sequence, fixed; None: S
         (at decode: T, the longest context). `layout` (flopsim.parallel.Layout, inference
         phases): one GPU's share, read off its sharded op list (flopsim.parallel.shard).
         `ops`: the phase's op list to read (default build_ops(spec, phase)), e.g. one block
@@ -146,6 +152,7 @@ class MemoryModel:
 
         recompute = {"none": False, "full": True}.get(recompute_mode(recompute), "selective")
         self.spec, self.phase, self.recompute, self.optimizer = spec, phase, recompute, optimizer
+        self.recompute_blocks = recompute_blocks
         ops = build_ops(spec, phase) if ops is None else ops
         if layout is not None and not layout.trivial:
             if phase == "train":
@@ -218,18 +225,20 @@ class MemoryModel:
             self._sum_terms = [ref(sum(per_layer.values(), sp.Integer(0)))]
             self._block_inputs = []
         elif recompute:
+            checkpointed = [lay for lay in blocks if self.recompute_blocks is None or lay in self.recompute_blocks]
             for lay in layers:
-                if lay not in blocks:
+                if lay not in checkpointed:
                     self._sum_terms.append(ref(per_layer[lay]))
-            for lay in blocks:
+            for lay in checkpointed:
                 self._max_terms.append(ref(per_layer[lay]))
-            self._block_inputs = [[ref(e) for e in self._block_input_candidates(ops, lay)] for lay in blocks]
+            self._block_inputs = [[ref(e) for e in self._block_input_candidates(ops, lay)] for lay in checkpointed]
         else:
             self._sum_terms = [ref(sum(per_layer.values(), sp.Integer(0)))]
             self._block_inputs = []
         full = recompute is True
         self._key_terms = {lay: (ref(per_layer[lay]), [ref(e) for e in self._block_input_candidates(ops, lay)]
-                                 if full and 0 <= lay < spec.blocks else [])
+                                 if full and 0 <= lay < spec.blocks
+                                 and (self.recompute_blocks is None or lay in self.recompute_blocks) else [])
                            for lay in layers}
         received = [op.act_read_bytes for op in kept if op.name.endswith(".cross.kv")][:1]
         if received:  # the encoder's output, as the decoder's key/value projections read it

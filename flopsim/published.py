@@ -73,6 +73,7 @@ class Parallel(_Strict):
     zero: int = Field(0, ge=0, le=3)
     zero_shard: Optional[int] = Field(None, ge=1)  # hybrid sharding: ZeRO over these ranks of dp, replicated
     recompute: Literal["none", "selective", "full"] = "none"
+    recompute_fraction: float = Field(1.0, gt=0, le=1)  # recompute full: the share of blocks checkpointed
     virtual_stages: int = Field(1, ge=1)  # the interleaved pipeline schedule's chunks a stage
     sequence_parallel: Optional[bool] = None  # token-wise ops split over tp (None: on when tp > 1)
 
@@ -299,7 +300,8 @@ def _train_plan(row: Row, s: _Setup, tokens: Optional[float] = None):
                          dp_overlap=1.0 if row.engine.dp_comm_overlap else 0.0,
                          virtual_stages=p.virtual_stages, sequence_parallel=p.sequence_parallel,
                          grad_accumulation=row.engine.grad_accumulation,
-                         grad_reduce_dtype=row.engine.grad_reduce_dtype, zero_shard=p.zero_shard, **kwargs)
+                         grad_reduce_dtype=row.engine.grad_reduce_dtype, zero_shard=p.zero_shard,
+                         recompute_fraction=p.recompute_fraction, **kwargs)
 
 
 def source_flops(row: Row, spec, params: int) -> float:

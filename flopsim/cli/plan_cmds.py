@@ -79,7 +79,8 @@ def _refuse_in_search(**given) -> None:
     from flopsim.errors import bad_value
 
     why = {"encoder_stages": "--search tries each pp's default encoder stages",
-           "zero_shard": "--search shards ZeRO over all of dp"}
+           "zero_shard": "--search shards ZeRO over all of dp",
+           "recompute_fraction": "--search recomputes every block or none"}
     for name, value in given.items():
         if value is not None:
             raise bad_value(name, value, f"{why[name]}; give it without --search")
@@ -106,6 +107,7 @@ def train(
     recompute: Optional[str] = typer.Option(None, "--recompute", help="Activation recomputation: none (default) | selective (attention cores) | full (each block's forward); with --search, limits the search to it."),
     optimizer: str = typer.Option("adam", "--optimizer", help="adam | adamw | sgd | none."),
     zero: Optional[int] = typer.Option(None, "--zero", help="ZeRO stage over dp: 0 none, 1 optimizer state (default), 2 + gradients, 3 + weights; with --search, limits the search to it."),
+    recompute_fraction: Optional[float] = typer.Option(None, "--recompute-fraction", help="With --recompute full: the share of the blocks checkpointed, evenly spaced (IBM fms-fsdp's selective_checkpointing, torchtitan's every k-th layer: 1/k); the others keep their activations. Default 1 (every block)."),
     zero_shard: Optional[int] = typer.Option(None, "--zero-shard", help="Hybrid sharding (FSDP's HYBRID_SHARD): ZeRO over this many data-parallel ranks (e.g. 8: one node), each shard group replicated, its gradient shards all-reduced over the replicas; default all of dp."),
     search: bool = typer.Option(False, "--search", help="Search every tp x pp x dp (x ep) layout, micro-batch, ZeRO stage and recomputation of --gpus: the fastest that fit, and the Pareto front of GPUs, days and cost."),
     micro_batches: str = typer.Option("1,2,4,8", "--micro-batches", help="--search: the micro-batches to try."),
@@ -140,7 +142,7 @@ def train(
     if search:
         from flopsim.cli.plan_search_view import run_search
 
-        _refuse_in_search(encoder_stages=encoder_stages, zero_shard=zero_shard)
+        _refuse_in_search(encoder_stages=encoder_stages, zero_shard=zero_shard, recompute_fraction=recompute_fraction)
         return run_search(spec, hardware, counts, tokens=_quantity(tokens, "tokens"), seq=seq, global_batch=global_batch,
                           global_batch_tokens=_quantity(global_batch_tokens, "global_batch_tokens"),
                           micro_batches=parse_gpu_counts(micro_batches, "micro_batches"), zero=zero,
@@ -160,7 +162,8 @@ def train(
         dp_overlap=dp_overlap, price_per_gpu_hour=price, calibration=calibration, progress=fmt == Format.table,
         virtual_stages=virtual_stages, encoder_seq=encoder_seq, encoder_stages=encoder_stages,
         sequence_parallel=sequence_parallel, grad_accumulation=grad_accumulation,
-        grad_reduce_dtype=grad_reduce_dtype, zero_shard=zero_shard, **links)
+        grad_reduce_dtype=grad_reduce_dtype, zero_shard=zero_shard,
+        recompute_fraction=1.0 if recompute_fraction is None else recompute_fraction, **links)
     _write_html(training_plan_page, p, html)
     if fmt == Format.json:
         return print_json(p.to_dict())
@@ -187,6 +190,7 @@ def _print_training(p) -> None:
     zero_what = {0: "no sharding", 1: "optimizer state sharded", 2: "optimizer state + gradients sharded",
                  3: "optimizer state + gradients + weights sharded"}[c["zero"]]
     rc = c["recompute"] if isinstance(c["recompute"], str) else ("full" if c["recompute"] else "none")
+    rc += f" ({c['recompute_fraction']:g} of the blocks)" if c.get("recompute_fraction", 1.0) < 1 else ""
     over = f"{c['zero_shard']} of dp, replicated (hybrid)" if c["zero"] and c["zero_shard"] < c["dp"] else "dp"
     out.print(f"  options      {c['optimizer']}, ZeRO-{c['zero']} ({zero_what} over {over}), recompute "
               f"{rc}, DP traffic hidden behind up to {_pct(cm['dp_overlap'])} "

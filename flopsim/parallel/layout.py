@@ -17,7 +17,9 @@ FSDP's HYBRID_SHARD, DeepSpeed's ZeRO++ hpZ; the gradients are
 reduce-scattered in the shard group, then each shard all-reduced over the
 replicas); `recompute` none / selective (the attention core,
 Korthikanti et al. 2022) / full (every block's forward, once more before its
-backward).
+backward; with `recompute_fraction` p < 1 only round(p L) evenly spaced
+blocks, `checkpointed_blocks`, as fms-fsdp and torchtitan checkpoint every
+k-th block).
 
 Pipeline stages (`stage_blocks`, `stage_places`): one stack's blocks split
 into pp contiguous stages as evenly as they go (the earlier stages take the
@@ -115,6 +117,13 @@ class Layout:
     encoder_stages: Optional[int] = None  # an encoder-decoder's encoder stages under pp > 1 (else None)
     torus_axis: Optional[int] = None  # the scale-up torus' axis length (see the module docstring); None: no torus
     zero_shard: Optional[int] = None  # ranks ZeRO shards over (hybrid sharding); None: the data-parallel group
+    # recompute full: the blocks checkpointed (recompute_fraction < 1: `checkpointed_blocks`); None: every block
+    recompute_blocks: Optional[frozenset] = None
+    recompute_fraction: float = 1.0
+
+    def recomputes(self, layer: int) -> bool:
+        """Whether full recomputation reruns block `layer`'s forward (a checkpointed block)."""
+        return self.recompute == "full" and (self.recompute_blocks is None or layer in self.recompute_blocks)
 
     @property
     def gpus(self) -> int:
@@ -174,7 +183,8 @@ class Layout:
         if self.zero:
             parts.append(f"zero{self.zero}" + (f" over {self.shard_ranks} (hybrid)" if self.hybrid else ""))
         if self.recompute != "none":
-            parts.append(f"recompute {self.recompute}")
+            parts.append(f"recompute {self.recompute}" + (f" ({self.recompute_fraction:g} of the blocks)"
+                                                          if self.recompute_blocks is not None else ""))
         if self.sequence_parallel and self.tp > 1:
             parts.append("sequence parallel")
         if self.encoder_stages is not None:
@@ -187,12 +197,13 @@ def make_layout(spec, phase: str, *, tp: int = 1, pp: int = 1, dp: int = 1, ep: 
                 gpus_per_node: Optional[int] = None, expert_load: float = 1.0,
                 stage: Optional[int] = None, virtual_stages: int = 1,
                 encoder_stages: Optional[int] = None, torus_axis: Optional[int] = None,
-                zero_shard: Optional[int] = None) -> Layout:
+                zero_shard: Optional[int] = None, recompute_fraction: float = 1.0) -> Layout:
     """A validated Layout of `spec` for `phase` (one-line errors naming the field).
     `sequence_parallel` defaults to on in train with tp > 1 (Megatron's setting), off
     elsewhere (inference engines all-reduce); `gpus_per_node` to the hardware's domain
     (and `torus_axis` to its torus, flopsim.hardware);
-    `encoder_stages` (an encoder-decoder under pp > 1) to `default_encoder_stages`."""
+    `encoder_stages` (an encoder-decoder under pp > 1) to `default_encoder_stages`;
+    `recompute_fraction` (recompute full) the share of blocks checkpointed (`checkpointed_blocks`)."""
     tp, pp, dp, ep, cp = (_degree(n, v) for n, v in (("tp", tp), ("pp", pp), ("dp", dp), ("ep", ep), ("cp", cp)))
     if isinstance(zero, bool) or zero not in (0, 1, 2, 3):
         raise bad_value("zero", zero, "expected a ZeRO stage 0, 1, 2 or 3")
@@ -229,9 +240,36 @@ def make_layout(spec, phase: str, *, tp: int = 1, pp: int = 1, dp: int = 1, ep: 
     node = _degree("gpus_per_node", gpus_per_node if gpus_per_node is not None else 8)
     torus_axis = None if torus_axis is None else _degree("torus_axis", torus_axis)
     sp = (phase == "train" and tp > 1) if sequence_parallel is None else bool(sequence_parallel)
+    blocks = checked_recompute_blocks(spec, recompute, recompute_fraction)
     return Layout(tp=tp, pp=pp, dp=dp, ep=ep, cp=cp, zero=zero, recompute=recompute, sequence_parallel=sp,
                   gpus_per_node=node, expert_load=float(expert_load), stage=stage, virtual_stages=virtual_stages,
-                  encoder_stages=encoder_stages, torus_axis=torus_axis, zero_shard=zero_shard)
+                  encoder_stages=encoder_stages, torus_axis=torus_axis, zero_shard=zero_shard,
+                  recompute_blocks=blocks, recompute_fraction=float(recompute_fraction))
+
+
+def checkpointed_blocks(blocks: int, fraction: float) -> frozenset:
+    """The blocks (0-based) full recomputation checkpoints when only `fraction` of them are,
+    evenly spaced as IBM fms-fsdp's apply_selective_ac places them: walking the blocks 1..L, a
+    block is checkpointed when its index times the fraction reaches the next half-integer
+    cut-off (0.5, 1.5, ...), so round(fraction * L) blocks, the first near 0.5 / fraction."""
+    out, cut = [], 0.5
+    for i in range(1, blocks + 1):
+        if i * fraction >= cut:
+            cut += 1
+            out.append(i - 1)
+    return frozenset(out)
+
+
+def checked_recompute_blocks(spec, recompute: str, fraction) -> Optional[frozenset]:
+    """`recompute_fraction` checked (one-line errors): a number in (0, 1], below 1 only with
+    recompute full; the checkpointed blocks, or None for every block (or no recomputation)."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise bad_value("recompute_fraction", fraction, "must be a number above 0 and at most 1")
+    if fraction == 1:
+        return None
+    if recompute != "full":
+        raise bad_value("recompute_fraction", fraction, f"needs recompute full (recompute is {recompute})")
+    return checkpointed_blocks(spec.blocks, fraction)
 
 
 def checked_zero_shard(zero_shard, *, zero: int, dp: int, ep: int) -> Optional[int]:

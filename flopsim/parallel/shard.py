@@ -361,7 +361,7 @@ def _data_parallel(params: dict, layout, layer: int, grad_bpp: float, weight_bpp
             out["pre_fwd"].append(coll("weight_gather", "all_gather", weights, "step", "forward", "fwd"))
         if zero == 3:
             out["pre_fwd"].append(coll("weight_gather", "all_gather", weights, "microbatch", "forward", "fwd"))
-            gathers = 2 if layout.recompute == "full" else 1
+            gathers = 2 if layout.recomputes(layer) else 1  # a checkpointed block gathers again to recompute
             out["pre_bwd"] += [coll(f"weight_gather_bwd{'' if i == 0 else i}", "all_gather", weights, "microbatch",
                                     "backward", "bwd") for i in range(gathers)]
     return out
@@ -426,7 +426,7 @@ def shard(ops: list, spec, phase: str, layout, *, grad_bytes_per_param: Optional
         if key not in recomputed:
             out_fwd += dp_ops[key]["pre_fwd"]
             recomputed[key] = []
-        if 0 <= key < spec.blocks:
+        if 0 <= key < spec.blocks and (layout.recompute != "full" or layout.recomputes(key)):
             recomputed[key] += _recomputation(layer_ops, layout)
         out_fwd += layer_ops
     sends_fwd, sends_bwd = _pipeline_sends(out_fwd, spec, layout)

@@ -191,19 +191,22 @@ class ShardedModel:
         held = sorted(_stage_layers(self.spec, layout))
         rows = table.rows(held)
         blocks = [i for i in rows if 0 <= table.layers[i] < self.spec.blocks]
+        again_rows = blocks if layout.recompute != "full" else [  # full: the checkpointed blocks' rows
+            row for layer in held if 0 <= layer < self.spec.blocks and layout.recomputes(layer)
+            for row in table.rows([layer])]
         r = table.roles
         st = StageTimes(stage=layout.last_stage)
         st.fwd_s, st.bwd_s = float(r["fwd_s"][rows].sum()), float(r["bwd_s"][rows].sum())
         again = {"full": "fwd_s", "selective": "attention_fwd_s"}.get(layout.recompute)
-        st.recompute_s = float(r[again][blocks].sum()) if again else 0.0
+        st.recompute_s = float(r[again][again_rows].sum()) if again else 0.0
         for g in GROUPS:
-            extra = (r[f"{g}_fwd_s"][blocks].sum(), r[f"{g}_fwd_n"][blocks].sum()) \
+            extra = (r[f"{g}_fwd_s"][again_rows].sum(), r[f"{g}_fwd_n"][again_rows].sum()) \
                 if layout.recompute == "full" else (0.0, 0)
             st.comm_s[g] = float(r[f"{g}_fwd_s"][rows].sum() + r[f"{g}_bwd_s"][rows].sum() + extra[0])
             st.comm_count[g] = int(r[f"{g}_fwd_n"][rows].sum() + r[f"{g}_bwd_n"][rows].sum() + extra[1])
         st.comm_one = dict(table.one)
         self._add_sends(st, layout, table, held, micro_batch, seq)
-        self._add_data_parallel(st, layout, [table.params[i] for i in rows], [table.layers[i] for i in rows],
+        self._add_data_parallel(st, layout, [table.params[i] for i in rows], [lay for lay in held if table.rows([lay])],
                                 micro_batch, seq)
         return st
 
@@ -227,18 +230,18 @@ class ShardedModel:
     def _add_data_parallel(self, st: StageTimes, layout, params: list, layers: list, micro_batch: int,
                            seq: int) -> None:
         """The ZeRO collectives of the stage's layers (shard._data_parallel's ops, costed once per
-        distinct layer) and the optimizer update of its parameters (shard._optimizer)."""
+        distinct layer; `layers` the held layers, whose recomputation decides ZeRO-3's second
+        gather) and the optimizer update of its parameters (shard._optimizer)."""
         from flopsim.collectives import factor
         from flopsim.parallel.shard import _data_parallel, accumulation_share, optimizer_share
 
         # what the ZeRO collectives depend on: each group's ranks and link level, the stage, recomputation
         group_key = (layout.group("dp")[0], layout.level("dp"), layout.group("edp")[0], layout.level("edp"),
-                     layout.zero, layout.zero == 3 and layout.recompute == "full", layout.shard_ranks,
-                     layout.level("dp_shard"), layout.level("dp_replica"))
-        for p in params:
-            key = ("dp", group_key, p["dp"], p["edp"])
+                     layout.zero, layout.shard_ranks, layout.level("dp_shard"), layout.level("dp_replica"))
+        for p, layer in zip(params, layers):
+            key = ("dp", group_key, layout.zero == 3 and layout.recomputes(layer), p["dp"], p["edp"])
             if key not in self._extras:
-                dp_ops = _data_parallel(p, layout, 0, self.reduce_bpp, self.bpp["weights"])
+                dp_ops = _data_parallel(p, layout, layer, self.reduce_bpp, self.bpp["weights"])
                 ops = [op for where in ("pre_fwd", "pre_bwd", "post_bwd") for op in dp_ops[where]]
                 self._extras[key] = [(op.tags["per"], op.tags["window"], t.time_s,
                                       factor(op.variant, int(op.tags["ranks"])) * t.comm_bytes)

@@ -461,7 +461,8 @@ def _stage_list(model, c: dict) -> list:
                              recompute=c["recompute_mode"], sequence_parallel=c.get("sequence_parallel"),
                              gpus_per_node=model.links.gpus_per_node, torus_axis=model.links.torus_axis,
                              expert_load=c.get("expert_imbalance", 1.0), stage=stage, virtual_stages=v,
-                             encoder_stages=e, zero_shard=c.get("zero_shard"))
+                             encoder_stages=e, zero_shard=c.get("zero_shard"),
+                             recompute_fraction=c.get("recompute_fraction", 1.0))
         out.append(model.stage_times(layout, c["micro_batch"], c["seq"]))
     return out
 
@@ -577,10 +578,13 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
                   calibration=None, progress: bool = False, virtual_stages: int = 1,
                   encoder_seq: Optional[int] = None, encoder_stages: Optional[int] = None,
                   sequence_parallel: Optional[bool] = None, grad_accumulation: str = "autograd",
-                  grad_reduce_dtype: Optional[str] = None, zero_shard: Optional[int] = None) -> TrainingPlan:
+                  grad_reduce_dtype: Optional[str] = None, zero_shard: Optional[int] = None,
+                  recompute_fraction: float = 1.0) -> TrainingPlan:
     """Plan a training run of `tokens` tokens on `gpus` x `hw` (see the module docstring).
     `zero_shard`: hybrid sharding, ZeRO over that many data-parallel ranks, replicated
     (flopsim.parallel.layout; None: over all of them).
+    `recompute_fraction` (recompute full): the share of the blocks checkpointed, evenly spaced
+    (flopsim.parallel.layout.checkpointed_blocks; fms-fsdp's selective_checkpointing).
     `sequence_parallel`: split the token-wise ops over tp (default: on when tp > 1).
     `grad_accumulation` none | autograd | main_grad, `grad_reduce_dtype` None | fp32 | bf16 |
     fp16: flopsim.ops.grad_accum.
@@ -596,7 +600,7 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
     from flopsim.memory import MemoryModel
     from flopsim.ops.grad_accum import paying_microbatches
     from flopsim.ops.optimizer import get_optimizer
-    from flopsim.parallel.layout import checked_zero_shard
+    from flopsim.parallel.layout import checked_recompute_blocks, checked_zero_shard
     from flopsim.planning.layer_costs import ShardedModel
     from flopsim.planning.train_step import step_schedule
     from flopsim.spec import load_model
@@ -613,12 +617,14 @@ def plan_training(spec, hw, *, gpus: int, tokens: float, seq: Optional[int] = No
                       global_batch=global_batch, global_batch_tokens=global_batch_tokens)
     c["sequence_parallel"] = None if sequence_parallel is None else bool(sequence_parallel)
     c["zero_shard"] = checked_zero_shard(zero_shard, zero=c["zero"], dp=c["dp"], ep=c["ep"])
+    c["recompute_blocks"] = checked_recompute_blocks(spec, c["recompute_mode"], recompute_fraction)
+    c["recompute_fraction"] = float(recompute_fraction)
     links = resolve_links(hw, cal, interconnect_bytes_per_s, inter_node_bytes_per_s, gpus_per_node, comm_latency_s,
                           needed=c["gpus"] > 1)
     bar = _Progress(progress, f"costing {spec.name} train step", total=3)
     try:
         mem = MemoryModel(spec, "train", recompute=c["recompute_mode"], optimizer=optimizer,
-                          encoder_seq=c["encoder_seq"])
+                          encoder_seq=c["encoder_seq"], recompute_blocks=c["recompute_blocks"])
         act = _activations(spec, c, mem)
         params, params_expert = _param_split(spec)
         c.update(routing_figures(spec, c))
@@ -651,6 +657,7 @@ def _plan_config(spec, c: dict, reduce_bpp: float, grad_accumulation: str, grad_
     config.update(zero_shard=c["zero_shard"] or c["dp"], grad_accumulation=grad_accumulation,
                   grad_reduce_dtype=grad_reduce_dtype, grad_reduce_bytes_per_param=reduce_bpp,
                   expert_dp=c["dp"] // c["ep"], recompute="selective" if c["selective"] else c["full_recompute"],
+                  recompute_fraction=c["recompute_fraction"],
                   virtual_stages=c["virtual_stages"],
                   sequence_parallel=c["tp"] > 1 if c["sequence_parallel"] is None else c["sequence_parallel"],
                   **{k: c[k] for k in ("routing", "expert_imbalance", "dropped_fraction") if k in c},
@@ -689,7 +696,8 @@ def _train_suggestions(spec, act_now, params_dense, params_expert, bpp, capacity
         if (mb, rc, p) == (micro_batch, rc_now, pp):
             return act_now
         if rc not in models:
-            models[rc] = MemoryModel(spec, "train", recompute=rc, optimizer=optimizer, encoder_seq=c["encoder_seq"])
+            models[rc] = MemoryModel(spec, "train", recompute=rc, optimizer=optimizer, encoder_seq=c["encoder_seq"],
+                                     recompute_blocks=c.get("recompute_blocks") if rc == rc_now else None)
         stages = c["encoder_stages"] if p == pp else (default_encoder_stages(spec, p) if p > 1 else None)
         return _activations(spec, {**c, "micro_batch": mb, "pp": p, "encoder_stages": stages}, models[rc])
 
