@@ -285,7 +285,8 @@ class CountResult(OpTotals):
     def to_dict(self, ops: bool = True) -> dict:
         out = {
             "model": self.spec.name, "family": self.spec.family, "kernel_impls": self.spec.kernel_impls,
-            "phase": self.phase, "batch": self.batch, "seq": 1 if self.phase == "decode" else self.seq, "context": self.context,
+            "phase": self.phase, "batch": self.batch, "seq": 1 if self.phase == "decode" else self.seq,
+            "context": self.context,
             "flops": self.flops, "causal_flops": self.causal_flops, "all_flops": self.all_flops,
             "params": self.params, "active_params": self.active_params(), "bytes": self.bytes,
             **{f: self.total(f) for f in BYTE_FIELDS},

@@ -48,7 +48,8 @@ def test_each_eager_form_is_what_its_spec_option_counts(capsys):
     matrices (int64 ids read, then 8 bytes a token and value of d_head read and written)."""
     tokens, d_head = 8192, 128
     assert _main()(["--model", "llama-2-7b", "--tokens", str(tokens), "--hardware", "a100-80gb"]) == 0
-    rows = {" ".join(line.split()[:2]) if not line.startswith("swiglu") else "swiglu": line.split() for line in capsys.readouterr().out.splitlines()
+    key = lambda line: "swiglu" if line.startswith("swiglu") else " ".join(line.split()[:2])  # noqa: E731
+    rows = {key(line): line.split() for line in capsys.readouterr().out.splitlines()
             if line.startswith(("rmsnorm", "rope", "swiglu"))}
     assert len(rows) == 5
     for name, row in rows.items():

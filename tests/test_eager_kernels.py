@@ -236,7 +236,8 @@ def test_transformers_llama_modules_move_what_the_eager_forms_count(dtype):
                          rms_norm_eps=1e-6)
     ops = {(o.name, o.pass_): o for o in count(spec, batch=B, seq=S, phase="train").ops}
     products = ("mm", "addmm", "t")  # the projections' matrix products (FlopCounterMode's) and views
-    for module, name in ((LlamaRMSNorm(spec.d_model, eps=1e-6), "block.0.norm1"), (LlamaMLP(config), "block.0.mlp.act")):
+    modules = ((LlamaRMSNorm(spec.d_model, eps=1e-6), "block.0.norm1"), (LlamaMLP(config), "block.0.mlp.act"))
+    for module, name in modules:
         module = module.to(dt)
         x = torch.randn(B, S, spec.d_model, dtype=dt, requires_grad=True)
         seed = torch.ones(B, S, spec.d_model, dtype=dt)
