@@ -46,7 +46,7 @@ def count(
         from flopsim.spec.hf import attention_impl
 
         spec = load_model(spec).with_changes(attention_impl=attention_impl(attention, "--attention"))
-    spec = with_impls(spec, loss=loss, norm_impl=norm_impl, rope_impl=rope_impl, act_impl=act_impl)
+    spec = with_impls(spec, loss_impl=loss, norm_impl=norm_impl, rope_impl=rope_impl, act_impl=act_impl)
     layout = layout_from_options(spec, phase, tp=tp, pp=pp, dp=dp, ep=ep, cp=cp, zero=zero, recompute=recompute,
                                  sequence_parallel=sequence_parallel, stage=stage, gpus_per_node=gpus_per_node,
                                  zero_shard=zero_shard)

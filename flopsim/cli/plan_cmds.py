@@ -135,7 +135,7 @@ def train(
     from flopsim.result_pages import training_plan_page
 
     counts = parse_gpu_counts(gpus)
-    spec = with_impls(spec, loss=loss, norm_impl=norm_impl, rope_impl=rope_impl, act_impl=act_impl)
+    spec = with_impls(spec, loss_impl=loss, norm_impl=norm_impl, rope_impl=rope_impl, act_impl=act_impl)
     links = dict(interconnect_bytes_per_s=_quantity(interconnect, "interconnect"),
                  inter_node_bytes_per_s=_quantity(inter_node, "inter_node"), gpus_per_node=gpus_per_node,
                  comm_latency_s=_duration(comm_latency, "comm_latency"))
@@ -195,10 +195,8 @@ def _print_training(p) -> None:
     out.print(f"  options      {c['optimizer']}, ZeRO-{c['zero']} ({zero_what} over {over}), recompute "
               f"{rc}, DP traffic hidden behind up to {_pct(cm['dp_overlap'])} "
               f"of a forward/backward pass; gradient accumulation {c['grad_accumulation']}, reduced in "
-              f"{c['grad_reduce_dtype'] or p.spec.dtype}; loss {p.spec.loss_impl}"
-              + (f", norm {p.spec.norm_impl}" if p.spec.norm == "rmsnorm" else "")
-              + (f", rope {p.spec.rope_impl}" if p.spec.positions == "rope" else "")
-              + (f", activation {p.spec.act_impl}" if p.spec.ffn == "gated" else ""))
+              f"{c['grad_reduce_dtype'] or p.spec.dtype}; "
+              + ", ".join(f"{what} {impl}" for what, impl in p.spec.kernel_impls.items()))
     out.print(f"  links        {_link_text(ln)}")
     out.print(f"  calibration {p.calibration.label}")
     rows = [[x["part"], "-" if x["per_microbatch_s"] is None else human_time(x["per_microbatch_s"]),

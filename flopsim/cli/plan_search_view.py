@@ -5,10 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 from flopsim.cli.output import Format, console, human_time, print_csv, print_json, rich_table
-
-
-# the spec options a search's best command repeats when not their default
-_IMPL_FLAGS = (("loss", "loss_impl"), ("norm-impl", "norm_impl"), ("rope-impl", "rope_impl"), ("act-impl", "act_impl"))
+from flopsim.cli.spec_opts import IMPL_FLAGS
 
 
 def _money(value: Optional[float]) -> str:
@@ -61,7 +58,7 @@ def run_search(spec, hardware, counts: list, *, tokens, seq, global_batch, globa
                   f"--zero {b['zero']} "
                   f"--recompute {b['recompute']} --global-batch {b['global_batch']}"
                   + (f" --encoder-seq {encoder_seq}" if encoder_seq is not None else "")
-                  + "".join(f" --{flag} {getattr(result.spec, field)}" for flag, field in _IMPL_FLAGS
+                  + "".join(f" {flag} {getattr(result.spec, field)}" for field, flag in IMPL_FLAGS.items()
                             if getattr(result.spec, field) != "fused") + " ...")
     for note in result.notes:
         out.print(f"  note: {note}")

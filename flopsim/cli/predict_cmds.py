@@ -78,7 +78,7 @@ def predict(
     opcache.use()  # a repeated (spec, phase) skips sympy (flopsim.opcache)
     from flopsim.predict import predict as predict_api
 
-    spec = with_impls(spec, loss=loss, norm_impl=norm_impl, rope_impl=rope_impl, act_impl=act_impl)
+    spec = with_impls(spec, loss_impl=loss, norm_impl=norm_impl, rope_impl=rope_impl, act_impl=act_impl)
     layout = layout_from_options(spec, phase, tp=tp, pp=pp, dp=dp, ep=ep, cp=cp, zero=zero, recompute=recompute,
                                  sequence_parallel=sequence_parallel, stage=stage, gpus_per_node=gpus_per_node,
                                  zero_shard=zero_shard, hardware=hardware)

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import typer
 
+# each spec field and its option (`with_impls`; a search's best command repeats those not fused)
+IMPL_FLAGS = {"loss_impl": "--loss", "norm_impl": "--norm-impl", "rope_impl": "--rope-impl", "act_impl": "--act-impl"}
+
 NormImplOpt = typer.Option(None, "--norm-impl", help="RMSNorm's kernels: fused (one a pass) | fp32_unfused (eager code's fp32 RMSNorm: transformers' LlamaRMSNorm, Meta's reference, IBM fms; 8 + 16 kernels in bf16); default: the spec's norm_impl (fused).")
 RopeImplOpt = typer.Option(None, "--rope-impl", help="RoPE's kernels: fused (one a pass) | rotate_half (transformers' apply_rotary_pos_emb) | complex_fp32 (Meta's reference, torchtitan) | pairs_fp32 (IBM fms, 2024): eager forms, each aten op a kernel, on q and k apart; default: the spec's rope_impl (fused).")
 ActImplOpt = typer.Option(None, "--act-impl", help="A gated FFN's activation: fused (act(gate) * up, one kernel) | unfused (eager act_fn(gate) * up: 2 + 3 kernels); default: the spec's act_impl (fused).")
@@ -13,10 +16,9 @@ LossOpt = typer.Option(None, "--loss", help="The loss's kernels: fused (one a pa
 
 
 def with_impls(spec: str, **given):
-    """The spec (a name or path) with `--loss` / `--norm-impl` / `--rope-impl` / `--act-impl` as
-    its loss_impl / norm_impl / rope_impl / act_impl, when given."""
-    fields = {name: name if name.endswith("_impl") else f"{name}_impl" for name in given}
-    changes = {fields[name]: value for name, value in given.items() if value is not None}
+    """The spec (a name or path) with the given `*_impl` fields (IMPL_FLAGS' keys; None: not
+    given), each checked against its choices (one line naming the field)."""
+    changes = {field: value for field, value in given.items() if value is not None}
     if not changes:
         return spec
     from typing import get_args
@@ -25,10 +27,10 @@ def with_impls(spec: str, **given):
     from flopsim.spec import load_model
     from flopsim.spec.model import ModelSpec
 
-    for name, field in fields.items():
+    for field, value in changes.items():
         choices = get_args(ModelSpec.model_fields[field].annotation)
-        if field in changes and changes[field] not in choices:
-            raise bad_value(name, changes[field], f"one of {', '.join(choices)}")
+        if value not in choices:
+            raise bad_value(field, value, f"one of {', '.join(choices)}")
     return load_model(spec).with_changes(**changes)
 
 

@@ -399,17 +399,17 @@ def residual_add(ctx: Ctx, name: str, *, layer: int, elements, module: str,
     return _with_backward(ctx, fwd, bwd)
 
 
-def rope(ctx: Ctx, name: str, *, layer: int, tokens, heads, kv_heads, d_head, module: str,
-         positions=None, tags: dict | None = None) -> list[Op]:
+def rope(ctx: Ctx, name: str, *, layer: int, tokens, heads, kv_heads, d_head, module: str, positions,
+         tags: dict | None = None) -> list[Op]:
     """Rotary embedding of `heads` query and `kv_heads` key heads of d_head on `tokens` tokens,
     one kernel: it reads x and the int64 position ids (the angles are made on chip) and
     writes x * cos + rotate(x) * sin. RoPE is a rotation, so its backward is the
     inverse rotation: the same arithmetic on the gradient, without the saved input. The
     spec's `rope_impl` other than fused runs `rope_eager` (`positions`: the positions a
-    sequence holds, its frequency table's rows; default `tokens`)."""
+    sequence holds, the rows of its frequency table; the fused kernel makes its angles)."""
     if ctx.spec.rope_impl != "fused":
         return rope_eager(ctx, name, layer=layer, tokens=tokens, heads=heads, kv_heads=kv_heads, d_head=d_head,
-                          module=module, positions=tokens if positions is None else positions, tags=tags)
+                          module=module, positions=positions, tags=tags)
     w = ctx.w
     elements = tokens * (heads + kv_heads) * d_head
     per = ELEMENTWISE_FLOPS["rope"]
@@ -426,8 +426,8 @@ def rope(ctx: Ctx, name: str, *, layer: int, tokens, heads, kv_heads, d_head, mo
 
 def _rope_eager_costs(impl: str, n, w, tokens, positions, d_head) -> dict:
     """One tensor's (n elements: the queries' or the keys') eager RoPE, each aten op a kernel:
-    pass -> (read, write, kernels, arithmetic), and the bytes of the frequency table each
-    table-reading kernel reads once (`table`) or that the layer gathers (`gathered`). f = 4
+    pass -> (read, write, kernels, arithmetic), the bytes of the matrices the layer gathers
+    (`gathered`, read by each product), and the widest kernel's working set (`widest`). f = 4
     (fp32), c = 1 when the dtype is not fp32 (a cast is a kernel), else 0.
     - rotate_half (transformers: q * cos + cat(-q2, q1) * sin; cos and sin [tokens, d_head]
       in dtype, made once a forward by the model): forward mul, neg (half), cat, mul, add:
@@ -448,14 +448,15 @@ def _rope_eager_costs(impl: str, n, w, tokens, positions, d_head) -> dict:
         table = tokens * d_head * w
         return dict(fwd=(sp.Rational(11, 2) * n * w + 2 * table, sp.Rational(9, 2) * n * w, 5, sp.Rational(7, 2) * n),
                     bwd=(sp.Rational(15, 2) * n * w + 2 * table, sp.Rational(13, 2) * n * w, 7,
-                         sp.Rational(9, 2) * n), gathered=0)
+                         sp.Rational(9, 2) * n), gathered=0, widest=3 * n * w)  # the add: 2n read, n written
     if impl == "complex_fp32":
         table = positions * d_head * 4  # d_head / 2 complex64 values a position
         return dict(fwd=(casts + n * f + table, casts + n * f, 1 + 2 * c, 3 * n),
-                    bwd=(casts + n * f + 2 * table, casts + n * f + table, 2 + 2 * c, 3 * n), gathered=0)
+                    bwd=(casts + n * f + 2 * table, casts + n * f + table, 2 + 2 * c, 3 * n), gathered=0,
+                    widest=2 * n * f + table)  # the product
     table = tokens * d_head * 8  # d_head / 2 2 x 2 fp32 matrices a token
     step = (casts + 3 * n * f + table, casts + 3 * n * f, 2 + 2 * c, 4 * n)
-    return dict(fwd=step, bwd=step, gathered=table)
+    return dict(fwd=step, bwd=step, gathered=table, widest=3 * n * f + table)  # the product: n + table in, 2n out
 
 
 def rope_eager(ctx: Ctx, name: str, *, layer: int, tokens, heads, kv_heads, d_head, module: str, positions,
@@ -465,7 +466,7 @@ def rope_eager(ctx: Ctx, name: str, *, layer: int, tokens, heads, kv_heads, d_he
     reading the int64 ids and the selected rows). Memory (flopsim.memory): autograd keeps the
     output (and pairs_fp32's gathered matrices, which both products save; cos, sin and the
     complex table are the model's, made once: not counted): tag `kept_bytes`; the largest
-    kernel's working set is the queries' widest (`working_bytes`)."""
+    kernel's working set is the queries' widest kernel's (`working_bytes`)."""
     w = ctx.w
     parts = [_rope_eager_costs(ctx.spec.rope_impl, tokens * h * d_head, w, tokens, positions, d_head)
              for h in (heads, kv_heads)]
@@ -475,15 +476,13 @@ def rope_eager(ctx: Ctx, name: str, *, layer: int, tokens, heads, kv_heads, d_he
     def total(p, i):
         return sum(part[p][i] for part in parts)
 
-    n_q, out = tokens * heads * d_head, tokens * (heads + kv_heads) * d_head * w
-    widest = {"rotate_half": 3 * n_q * w, "complex_fp32": 2 * n_q * 4 + positions * d_head * 4,
-              "pairs_fp32": 3 * n_q * 4 + gathered}[ctx.spec.rope_impl]  # add; product; product
+    out = tokens * (heads + kv_heads) * d_head * w
     fwd = Op(name=name, kind="elementwise", layer=layer, module=module,
              other_flops=total("fwd", 3),
              act_read_bytes=total("fwd", 0) + gather[0],
              act_write_bytes=total("fwd", 1) + gather[1],
              kernels=sp.Integer(total("fwd", 2) + gather[2]), variant=f"rope_{ctx.spec.rope_impl}",
-             tags={**(tags or {}), "kept_bytes": out + gathered, "working_bytes": widest})
+             tags={**(tags or {}), "kept_bytes": out + gathered, "working_bytes": parts[0]["widest"]})
     bwd = dict(other_flops=total("bwd", 3), act_read_bytes=total("bwd", 0), act_write_bytes=total("bwd", 1),
                kernels=sp.Integer(total("bwd", 2)))
     return _with_backward(ctx, fwd, bwd)

@@ -690,9 +690,12 @@ class ModelSpec(_Strict):
 
     @property
     def kernel_impls(self) -> dict:
-        """How code runs the memory-bound ops: {"loss", "norm", "rope", "activation"} -> the
-        `*_impl` field (fused, or an eager form)."""
-        return {"loss": self.loss_impl, "norm": self.norm_impl, "rope": self.rope_impl, "activation": self.act_impl}
+        """How code runs the memory-bound ops the model has: {"loss", "norm" (an RMSNorm),
+        "rope" (RoPE), "activation" (a gated FFN)} -> the `*_impl` field (fused, or an eager form)."""
+        has = {"loss": True, "norm": self.norm == "rmsnorm", "rope": self.positions == "rope",
+               "activation": self.ffn == "gated"}
+        impls = {"loss": self.loss_impl, "norm": self.norm_impl, "rope": self.rope_impl, "activation": self.act_impl}
+        return {what: impl for what, impl in impls.items() if has[what]}
 
     @property
     def precision_label(self) -> str:
