@@ -806,9 +806,8 @@ def memory_kernels(bench: Bench, size: float) -> list:
     for op, (inputs, fn) in elementwise_kernels().items():
         out.append((op, "elementwise", (lambda fn=fn: fn(x, other)),
                     _fwd(P.elementwise(ctx, "x", layer=0, elements=n, op=op, inputs=inputs, module="x"))))
-    span = min(64, n // 192)  # queries and keys of [1, heads, positions, 64], as the references lay them out:
-    heads = max(1, n // (3 * span * 64))  # views of a [1, positions, 3 heads 64] projection (projected_qkv)
-    qkv = x.view(-1)[:3 * heads * span * 64].view(1, span, 3 * heads * 64)
+    span, heads = rope_layout(n)  # queries and keys as the references lay them out: views of a
+    qkv = x.view(-1)[:3 * heads * span * 64].view(1, span, 3 * heads * 64)  # [1, positions, 3 heads 64] projection
     q, k = (t.view(1, span, heads, 64).transpose(1, 2) for t in qkv.split(heads * 64, dim=-1)[:2])
     positions = torch.arange(span, device=dev).expand(1, span)
     out.append(("rope", "elementwise", lambda: rope_qk(q, k, positions),
@@ -920,7 +919,30 @@ def backward_kernels(bench: Bench, n: int, width: int = 1024) -> list:
             bench, fn, [(source, width, True)])))
     out.append(("cross_entropy", "loss", "", lambda: _graph(
         bench, lambda x: F.cross_entropy(x, labels), [(rows, width, True)])))
+    out.append(("rope", "elementwise", "rope", lambda: _rope_graph(bench, n)))
     return out
+
+
+def rope_layout(n: int) -> tuple[int, int]:
+    """(positions, heads) of the RoPE benchmarks on about n elements: queries and keys of
+    [1, heads, positions, 64] (2 * heads * positions * 64 elements)."""
+    span = max(1, min(64, n // 192))
+    return span, max(1, n // (3 * span * 64))
+
+
+def _rope_graph(bench: Bench, n: int):
+    """((queries, keys) rotated, (queries, keys)) of the references' RoPE (rope_qk) on views
+    of one projection's output (projected_qkv, with gradients): its backward as autograd runs
+    the eager kernels -- the gradients through cat, neg and the halves' slices
+    (slice_backward), summed -- which flopsim's one `rope` op prices."""
+    import torch
+
+    from flopsim.torchref.model import rope_qk
+
+    span, heads = rope_layout(n)
+    q, k, _ = projected_qkv(bench, 1, heads, span, 64, grad=True)
+    positions = torch.arange(span, device=bench.device).expand(1, span)
+    return rope_qk(q, k, positions), [q, k]
 
 
 CHAIN = 16  # nodes in the chain that times a backward node inside a backward pass
@@ -932,7 +954,7 @@ def _chain(make):
     outs, leaves = [], []
     for _ in range(CHAIN):
         out, inputs = make()
-        outs.append(out)
+        outs += out if isinstance(out, tuple) else [out]  # a kernel of several outputs: each summed
         leaves += inputs
     total = outs[0]
     for out in outs[1:]:
@@ -951,6 +973,10 @@ def _backward_op(bench: Bench, name: str, kind: str, n: int, width: int = 1024, 
     from flopsim.ops import primitives as P
 
     ctx, rows = _ctx(bench.dtype, "train"), max(1, n // width)
+    if name == "rope":
+        span, heads = rope_layout(n)
+        return _bwd(P.rope(ctx, "x", layer=0, tokens=span, heads=heads, kv_heads=heads, d_head=64, module="x",
+                           positions=span))
     if kind == "elementwise":
         inputs = elementwise_kernels()[name][0]
         return _bwd(P.elementwise(ctx, "x", layer=0, elements=n, op=name, inputs=inputs, module="x"))
@@ -973,7 +999,7 @@ def measure_backward_kernels(bench: Bench) -> None:
 
     def timer_of(make):
         out, inputs = make()
-        grad = torch.randn_like(out)
+        grad = tuple(map(torch.randn_like, out)) if isinstance(out, tuple) else torch.randn_like(out)
         return lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True)
 
     for name, kind, variant, make in backward_kernels(bench, 64, width=64):

@@ -455,6 +455,38 @@ def test_the_gumbel_mask_is_calibrated_as_the_reference_runs_it(smoke_calibratio
     assert cal.fixed_cost_s("softmax", "gumbel", None) == cal.fixed_s["softmax:gumbel"]
 
 
+def test_rope_backward_is_measured_as_the_reference_runs_it(smoke_calibration):
+    """The references' RoPE (rope_qk: rotate-half, a dozen eager kernels) is one op in
+    flopsim (elementwise, variant rope): calibrate times its backward as autograd runs it
+    (the gradients through cat, neg and the halves' slices) and prices it with the model's
+    own backward op (the gradient and the position ids read, the gradient written), so a
+    train step's RoPE backward is priced by those points, not by the kind's."""
+    from types import SimpleNamespace
+
+    from flopsim.calibrate import _memory_shapes, rope_layout
+    from flopsim.families import build_ops
+    from flopsim.spec import load_model
+
+    cal, points = smoke_calibration
+    rope = [p for p in points if p.kind == "elementwise" and p.variant == "rope" and p.backward]
+    assert rope
+    for p in rope:  # read: the gradient (2 heads x positions x 64, fp32) and the int64 positions
+        positions, heads = rope_layout(_memory_shapes(SimpleNamespace(value_bytes=4), p.size)[0])
+        assert p.bytes == 2 * (2 * heads * positions * 64) * 4 + positions * 8
+    assert "elementwise:rope@bwd" in cal.fixed_s
+    own = sorted((p for p in cal.sizes if (p.kind, p.variant, p.backward) == ("elementwise", "rope", True)),
+                 key=lambda p: p.bytes)
+    assert own
+    spec = load_model("decoder-220m")
+    ops = [op for op in build_ops(spec, "train") if op.name == "block.0.attn.rope"]
+    assert [(op.kind, op.variant, op.pass_) for op in ops] == [("elementwise", "rope", "fwd"),
+                                                                 ("elementwise", "rope", "bwd")]
+    at = own[-1]
+    assert cal.efficiency("elementwise", nbytes=at.bytes, variant="rope", backward=True)[1] == pytest.approx(
+        at.memory)
+    assert cal.fixed_cost_s("elementwise", "rope", None, backward=True) == cal.fixed_s["elementwise:rope@bwd"]
+
+
 def test_padded_experts_are_priced_by_the_batched_products_measured(smoke_calibration):
     """Padded MoE experts ([E, C, d] slots: a capacity factor, expert choice) run one torch.bmm
     per projection: their ops are variant bmm, priced by the bmm points calibrate measures
