@@ -89,6 +89,14 @@ FLUSH_BYTES = 4e6  # the decode-like product run before each cold timing
 COLD_REPEATS = 41
 MAX_VIEWS = 4096  # views a cold cycle spreads over the pool
 PASSES = 3  # interleaved passes over the memory-bound products and the fixed costs
+# a train step's forward kernels (measure_train_forward): the ring of kept outputs spans at least
+# TRAIN_FOOTPRINT bytes written (or TRAIN_RING calls): far past a CPU's private caches, as a step's
+# activations are (tens to hundreds of MB on the validation suite's models)
+TRAIN_KERNELS = ("add", "mul", "gelu", "gelu_tanh", "relu", "silu", "swiglu", "tanh", "rope", "layernorm", "rmsnorm",
+                 "softmax", "embedding", "gather index_select", "gather index", "gather gather", "gumbel_mask",
+                 "cross_entropy")
+TRAIN_FOOTPRINT = 256e6
+TRAIN_RING = 4096
 # bytes moved by the memory-bound benchmarks: from cache-resident to memory-bound (on a CPU an
 # output above the allocator's mmap threshold -- glibc's grows to 32 MiB -- is fresh pages faulted
 # in on first touch: the points are recorded net of that cost, measured apart, FRESH_PAGE_MIB)
@@ -124,6 +132,7 @@ class Point:
     variant: str = ""  # the kernel (the op's variant: gelu, rmsnorm, explicit attention, ...)
     backward: bool = False
     memory_bound: bool = False  # measured where the ideal roofline is memory-bound (cold reads)
+    train: bool = False  # measured as a train step's forward runs it (measure_train_forward)
     fixed_s: float = 0.0  # the kernel's hot fixed cost, subtracted from `seconds` for the efficiencies
     fresh_s: float = 0.0  # its output's fresh pages (flopsim.roofline.fresh_pages_s), subtracted as well
     probe: object = None  # the flopsim.probe reading taken beside it
@@ -323,7 +332,7 @@ class Bench:
         return self.fixed_hot.get("launch", 0.0)
 
     def record(self, name, kind, gemm, seconds, op, matrix: bool, size=None, memory_bound: bool = False,
-               reading=None):
+               reading=None, train: bool = False):
         """A measured kernel against its flopsim op (a primitive's forward or backward op)."""
         from flopsim.calibration import MAX_EFFICIENCY
         from flopsim.count import evaluate_ops
@@ -343,7 +352,7 @@ class Bench:
         if reading is None and self.probe is not None:
             reading = self.read_probe()
         self.points.append(Point(name, kind, gemm, seconds, all_flops, nbytes, ce, me, size, op.variant, backward,
-                                 memory_bound, fixed, fresh, reading))
+                                 memory_bound, train, fixed, fresh, reading))
 
 
 def _ctx(dtype: str, phase: str = "forward", **changes):
@@ -778,7 +787,8 @@ def _memory_shapes(bench: Bench, size: float, width: int = 1024) -> tuple[int, i
 
 
 def measure_memory_kernels(bench: Bench) -> None:
-    """Memory-bound forward kernels at sizes from cache-resident to memory-bound (hot: activations)."""
+    """Memory-bound forward kernels at sizes from cache-resident to memory-bound (hot: activations);
+    on a CPU also as a train step's forward runs them (`measure_train_forward`)."""
     import torch
 
     sizes = SMOKE["sizes"] if bench.smoke else MEMORY_SIZES[bench.device]
@@ -787,10 +797,37 @@ def measure_memory_kernels(bench: Bench) -> None:
             for name, kind, fn, op in memory_kernels(bench, size):
                 bench.record(f"{name} {size:.3g}B", kind, None, bench.timed(fn), op, matrix=False, size=size)
             bench.say(f"memory-bound kernels at {size:.3g} B")
+    if bench.device == "cpu":
+        for size in sizes:
+            measure_train_forward(bench, size)
 
 
-def memory_kernels(bench: Bench, size: float) -> list:
-    """(name, kind, fn, flopsim op) of every memory-bound forward kernel at `size`."""
+def measure_train_forward(bench: Bench, size: float) -> None:
+    """The memory-bound forward kernels a train step runs (TRAIN_KERNELS) at `size`, as it runs
+    them (flopsim.calibration lookup step 8): inputs needing gradients, and each call's
+    output -- with what autograd saved for its backward -- held in a ring of at least
+    TRAIN_FOOTPRINT bytes (at most TRAIN_RING calls), filled before the timing, so that each
+    call writes memory not in cache while the ring's oldest block is freed. A GPU's caching
+    allocator and its small cache leave it out (its forward points serve)."""
+    from collections import deque
+
+    for name, kind, fn, op in memory_kernels(bench, size, grad=True):
+        if name not in TRAIN_KERNELS:
+            continue
+        written = float(op.act_write_bytes) or float(op.act_read_bytes)  # a loss writes a scalar, keeps its input's size
+        footprint = SMOKE["pool"] if bench.smoke else TRAIN_FOOTPRINT
+        ring = deque(maxlen=max(2, min(TRAIN_RING, math.ceil(footprint / written))))
+        for _ in range(ring.maxlen):
+            ring.append(fn())
+        seconds = bench.timed(lambda fn=fn, ring=ring: ring.append(fn()))
+        ring.clear()
+        bench.record(f"{name} {size:.3g}B, train", kind, None, seconds, op, matrix=False, size=size, train=True)
+    bench.say(f"train-step forward kernels at {size:.3g} B")
+
+
+def memory_kernels(bench: Bench, size: float, grad: bool = False) -> list:
+    """(name, kind, fn, flopsim op) of every memory-bound forward kernel at `size` (`grad`: its
+    inputs need gradients, as in a train step)."""
     import torch
     import torch.nn.functional as F
 
@@ -801,7 +838,7 @@ def memory_kernels(bench: Bench, size: float) -> list:
     ctx, dt, dev = _ctx(bench.dtype), bench.dtype, bench.device
     width = 1024
     n, rows = _memory_shapes(bench, size, width)
-    x, other = bench.rand(rows, width), bench.rand(rows, width)
+    x, other = bench.rand(rows, width, grad=grad), bench.rand(rows, width, grad=grad)
     out = []
     for op, (inputs, fn) in elementwise_kernels().items():
         out.append((op, "elementwise", (lambda fn=fn: fn(x, other)),
@@ -821,7 +858,7 @@ def memory_kernels(bench: Bench, size: float) -> list:
     out.append(("softmax", "softmax", lambda: torch.softmax(logits, dim=-1),
                 _fwd(P.elementwise(ctx, "x", layer=0, elements=n, op="softmax", module="x", kind="softmax"))))
     table_rows = max(4 * rows, 4096)
-    table = bench.rand(table_rows, width)
+    table = bench.rand(table_rows, width, grad=grad)
     ids = torch.randint(0, table_rows, (rows,), generator=bench.gen).to(dev)
     out.append(("embedding", "embedding", lambda: F.embedding(ids, table),
                 _fwd(P.embedding(ctx, "x", layer=0, tokens=rows, rows=table_rows, d=width))))
@@ -1074,6 +1111,10 @@ def assemble(bench: Bench, cache_bytes: float, openmp: dict):
     for kind in sorted({p.kind for p in points if p.gemm is None}):
         for backward in (False, True):
             mine = [p for p in points if p.kind == kind and p.gemm is None and p.backward == backward]
+            trained = [p for p in mine if p.train]  # a train step's forward (lookup step 8): points of their own
+            mine = [p for p in mine if not p.train]
+            if trained:
+                size_points += _size_points(trained, kind, backward, train=True)
             if not mine:
                 continue
             size_points += _size_points(mine, kind, backward)
@@ -1187,7 +1228,7 @@ def _at_reference(p: Point, ref) -> Point:
                    memory_eff=min(MAX_EFFICIENCY, p.memory_eff * factor))
 
 
-def _size_points(mine: list, kind: str, backward: bool) -> list:
+def _size_points(mine: list, kind: str, backward: bool, train: bool = False) -> list:
     """Size points of one kind: per kernel variant (when the kind has several), then the kind's medians."""
     from flopsim.calibration import SizePoint
 
@@ -1200,7 +1241,7 @@ def _size_points(mine: list, kind: str, backward: bool) -> list:
             at = [p for p in mine if p.size == size and (variant is None or p.variant == variant)]
             if not at:
                 continue
-            out.append(SizePoint(kind=kind, variant=variant, backward=backward,
+            out.append(SizePoint(kind=kind, variant=variant, backward=backward, train=train,
                                  bytes=statistics.median(p.bytes for p in at),
                                  flops=statistics.median(p.all_flops for p in at),
                                  compute=statistics.median(p.compute_eff for p in at),

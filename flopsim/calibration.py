@@ -81,6 +81,19 @@ Lookup order for an op of kind K with GEMM shape (batch, m, n, k):
    None (a GPU, whose caching allocator reuses its blocks; a published
    calibration): no cost. A process whose heap already holds a free block
    that large (freed by an earlier, larger step) serves it without faults.
+8. a train step's forward (`train` in the lookup; size points `train:
+   true`): autograd keeps each op's output, and the intermediates backward
+   needs, until the backward, so every forward kernel writes memory that
+   is not in cache (a forward without gradients writes into the blocks the
+   last op freed, which are). On a CPU `flopsim calibrate` measures the
+   memory-bound forward kernels so too: inputs needing gradients, the
+   outputs (and with them what autograd saved) held in a ring of at least
+   TRAIN_FOOTPRINT bytes (flopsim.calibrate). On the 2-core VM a 4 MiB add
+   took 0.22 ms writing freed memory and 0.34 ms writing kept memory, a
+   GELU 0.20 and 0.32 ms; the reference's RoPE forward 0.65 ms without
+   gradients and 1.27 ms with. A kernel without such points (a matrix
+   product, attention, any kernel on a calibration without them) takes its
+   forward points.
 
 Another fused attention kernel (`attention_kernels[name]`, e.g. Triton's
 FlashAttention) has its own points; `with_attention_kernel(name)` puts them
@@ -159,6 +172,9 @@ class GemmPoint(_Strict):
     kind: Optional[str] = None
     variant: Optional[str] = None  # the kernel measured (e.g. fused / explicit attention)
     backward: bool = False  # measured on the kernel's backward (autograd's) rather than its forward
+    # measured as a train step's forward runs it: inputs needing gradients, and what autograd keeps
+    # (the output, saved intermediates) alive, each call writing memory not in cache (lookup step 8)
+    train: bool = False
     source: Optional[str] = None  # a published point's citation
 
     @field_validator("kind")
@@ -181,6 +197,9 @@ class SizePoint(_Strict):
     flops: Optional[float] = Field(None, ge=0, le=1e21)  # the kernel's executed FLOPs: its compute coordinate
     variant: Optional[str] = None  # the kernel measured (e.g. gelu, rmsnorm)
     backward: bool = False  # measured on the kernel's backward (autograd's) rather than its forward
+    # measured as a train step's forward runs it: inputs needing gradients, and what autograd keeps
+    # (the output, saved intermediates) alive, each call writing memory not in cache (lookup step 8)
+    train: bool = False
     source: Optional[str] = None  # a published point's citation
 
     @field_validator("kind")
@@ -341,11 +360,14 @@ class Calibration(_Strict):
         return f"{self.provenance_label} [{', '.join(parts)}]"
 
     @staticmethod
-    def _matching(points: list, kind: str, variant: Optional[str], kindless: bool, backward: bool = False) -> list:
+    def _matching(points: list, kind: str, variant: Optional[str], kindless: bool, backward: bool = False,
+                  train: bool = False) -> list:
         """Points of `kind` measured on `variant` (the kernel, e.g. rmsnorm, gelu,
         explicit attention), else those of `kind` with no variant, else all of
         `kind` (else, for GEMM points, the kind-less ones); for a backward op,
-        the points measured on the backward kernel when there are any."""
+        the points measured on the backward kernel when there are any; for a
+        train step's forward op (`train`), those measured so (SizePoint.train) when
+        its kernel has any, else the plain forward points."""
         own = [p for p in points if p.kind == kind]
         if not own and kindless:
             own = [p for p in points if p.kind is None]
@@ -353,6 +375,11 @@ class Calibration(_Strict):
             own = [p for p in own if p.backward]
         else:
             own = [p for p in own if not p.backward]
+        trained = [p for p in own if getattr(p, "train", False)]
+        if train and trained and (not variant or any(p.variant == variant for p in trained)):
+            own = trained
+        else:
+            own = [p for p in own if not getattr(p, "train", False)]
         if variant:
             same = [p for p in own if p.variant == variant]
             if same:
@@ -372,7 +399,7 @@ class Calibration(_Strict):
         return bool(self._points(kind))
 
     def efficiency(self, kind: str, gemm: Optional[tuple] = None, nbytes=None, variant: Optional[str] = None,
-                   backward: bool = False, per_kernel=1, flops=None):
+                   backward: bool = False, per_kernel=1, flops=None, train: bool = False):
         """(compute, memory) efficiency of an op, interpolated between the
         measured GEMM shapes (gemm kinds) or measured sizes (`nbytes`, the op's
         bytes) of its kind and variant, else the kind's, else the default.
@@ -389,7 +416,8 @@ class Calibration(_Strict):
         at the op's bytes and, when they record their FLOPs and the op's `flops` (executed)
         are given, the compute efficiency at its FLOPs: a kernel whose bytes and arithmetic
         scale apart (an embedding's backward: the table's bytes, the rows' adds) is
-        compared with the measured kernels that did as much arithmetic."""
+        compared with the measured kernels that did as much arithmetic. `train`: a forward
+        op of a train step, priced by the size points measured as one runs (`_matching`)."""
         base = self.kinds.get(f"{kind}@bwd" if backward and f"{kind}@bwd" in self.kinds else kind, self.default)
         points = self._points(kind, variant, backward) if gemm is not None else []
         if points:
@@ -421,7 +449,8 @@ class Calibration(_Strict):
                                                     [p.memory for p in with_memory])
             streaming = self._streaming_memory(nbytes)
             return compute, base.memory if streaming is None else streaming
-        sized = self._matching(self.sizes, kind, variant, kindless=False, backward=backward) if nbytes is not None else []
+        sized = (self._matching(self.sizes, kind, variant, kindless=False, backward=backward, train=train)
+                 if nbytes is not None else [])
         if sized:
             compute, memory = _interpolate([nbytes], [(p.bytes,) for p in sized], [p.compute for p in sized],
                                            [p.memory for p in sized])

@@ -203,7 +203,7 @@ def predict(spec, hw, *, phase: str = "forward", batch: int = 1, seq: int = 1024
         costs = opcache.costs(spec, phase, numbers, lambda: phase_ops(
             spec, phase, optimizer=optimizer, grad_accumulation=grad_accumulation,
             grad_reduce_dtype=grad_reduce_dtype), options=options)
-    times = in_sequence(op_times(costs, hw, spec.compute_dtype, cal, links))
+    times = in_sequence(op_times(costs, hw, spec.compute_dtype, cal, links, train=phase == "train"))
     return PredictResult(spec=spec, hw=hw, phase=phase, batch=batch, seq=seq, context=numbers["T"],
                          calibration=cal, optimizer=optimizer, ops=times, encoder_seq=numbers.get("S_enc"),
                          layout=layout)

@@ -274,10 +274,12 @@ def collective_time(op, hw, calibration, links=None) -> OpTime:
                   tags=dict(op.tags))
 
 
-def op_time(op, hw, dtype: str, calibration=None, links=None, efficiency=None) -> OpTime:
+def op_time(op, hw, dtype: str, calibration=None, links=None, efficiency=None, train: bool = False) -> OpTime:
     """The roofline of one evaluated op (a flopsim.count.OpCost); a collective's time
     comes from its link level (`collective_time`). `efficiency`: the calibration's
-    lookup (`op_times` passes a memoized one)."""
+    lookup (`op_times` passes a memoized one). `train`: the op belongs to a train step,
+    whose forward ops keep their outputs for the backward (flopsim.calibration lookup
+    step 8)."""
     from flopsim.calibration import Calibration
 
     calibration = calibration or Calibration.ideal(hw.name)
@@ -290,7 +292,7 @@ def op_time(op, hw, dtype: str, calibration=None, links=None, efficiency=None) -
     all_flops, nbytes = op.all_flops, op.bytes  # (OpCost.bytes is a sum: read once)
     executed = float(executed_flops(op))
     compute_eff, memory_eff = efficiency(op.kind, op.gemm, float(nbytes), op.variant, backward,
-                                         products_per_kernel(op.gemm, kernels), executed)
+                                         products_per_kernel(op.gemm, kernels), executed, train and not backward)
     compute_s, memory_s, time_s = roofline_time(
         executed, float(nbytes), peak, hw.memory_bandwidth_bytes_per_s,
         compute_eff, memory_eff, calibration.fixed_cost_s(op.kind, op.variant, hw, backward), kernels)
@@ -312,16 +314,16 @@ def op_time(op, hw, dtype: str, calibration=None, links=None, efficiency=None) -
     )
 
 
-def op_times(ops, hw, dtype: str, calibration=None, links=None) -> list:
-    """`op_time` of each of a step's evaluated ops (numbers, not arrays), the calibration's
-    efficiency looked up once per distinct (kind, shape, bytes, variant, pass): a model's
-    blocks repeat the same few shapes, and the lookup interpolates."""
+def op_times(ops, hw, dtype: str, calibration=None, links=None, train: bool = False) -> list:
+    """`op_time` of each of a step's evaluated ops (numbers, not arrays; `train`: a train
+    step's), the calibration's efficiency looked up once per distinct (kind, shape, bytes,
+    variant, pass): a model's blocks repeat the same few shapes, and the lookup interpolates."""
     from flopsim import opcache
     from flopsim.calibration import Calibration
 
     calibration = calibration or Calibration.ideal(hw.name)
     efficiency = opcache.Efficiencies(calibration)  # memoized; across runs when the cache is on
-    times = [op_time(op, hw, dtype, calibration, links, efficiency) for op in ops]
+    times = [op_time(op, hw, dtype, calibration, links, efficiency, train) for op in ops]
     efficiency.save()
     return times
 

@@ -42,7 +42,7 @@ def test_calibrate_measures_every_benchmark_kind(smoke_calibration):
     assert {g.kind for g in cal.gemm} == {"matmul", "attention"}
     assert {p.kind for p in cal.sizes} >= {"elementwise", "norm", "gather", "scatter", "topk", "softmax"}
     kind_level = [p for p in cal.sizes if p.kind == "elementwise" and p.variant is None and not p.backward]
-    assert len(kind_level) == 2  # one per smoke size
+    assert len(kind_level) == 4  # one per smoke size, plain and as a train step's forward runs them
     assert {p.variant for p in cal.sizes if p.kind == "elementwise"} >= {"gelu", "swiglu", "rope", "add", None}
     assert {p.variant for p in cal.sizes if p.kind == "norm"} == {"layernorm", "rmsnorm", None}
     assert {g.variant for g in cal.gemm if g.kind == "attention"} == {"fused", "explicit"}
@@ -445,8 +445,8 @@ def test_the_gumbel_mask_is_calibrated_as_the_reference_runs_it(smoke_calibratio
     assert [(op.kind, op.variant, op.pass_) for op in masks] == [("softmax", "gumbel", "fwd"),
                                                                    ("softmax", "gumbel", "bwd")]
     size = max(p.bytes for p in gumbel if not p.backward)
-    own = [p for p in cal.sizes if (p.kind, p.variant, p.backward) == ("softmax", "gumbel", False)]
-    softmax = [p for p in cal.sizes if (p.kind, p.variant, p.backward) == ("softmax", "softmax", False)]
+    own = [p for p in cal.sizes if (p.kind, p.variant, p.backward, p.train) == ("softmax", "gumbel", False, False)]
+    softmax = [p for p in cal.sizes if (p.kind, p.variant, p.backward, p.train) == ("softmax", "softmax", False, False)]
     at = max(own, key=lambda p: p.bytes)
     assert at.bytes == size
     assert cal.efficiency("softmax", nbytes=size, variant="gumbel")[1] == pytest.approx(at.memory)
@@ -485,6 +485,47 @@ def test_rope_backward_is_measured_as_the_reference_runs_it(smoke_calibration):
     assert cal.efficiency("elementwise", nbytes=at.bytes, variant="rope", backward=True)[1] == pytest.approx(
         at.memory)
     assert cal.fixed_cost_s("elementwise", "rope", None, backward=True) == cal.fixed_s["elementwise:rope@bwd"]
+
+
+def test_a_train_steps_forward_is_priced_by_the_points_measured_as_one_runs(smoke_calibration):
+    """A train step keeps each forward op's output (and what autograd saves) for the backward,
+    so its kernels write memory not in cache: calibrate measures the memory-bound forward
+    kernels so too on a CPU (inputs needing gradients, outputs held in a ring), as points of
+    their own (`train`), and a train step's forward ops are priced by them -- its backward
+    ops, and every op of a forward step, by the others (flopsim.calibration lookup step 8)."""
+    from flopsim.predict import predict
+    from flopsim.spec import load_model
+
+    cal, points = smoke_calibration
+    trained = {(p.kind, p.variant) for p in points if p.train}
+    assert {("elementwise", "gelu"), ("elementwise", "add"), ("elementwise", "rope"), ("norm", "rmsnorm"),
+            ("loss", ""), ("embedding", "")} <= trained
+    assert not any(p.train and p.backward for p in points)
+    gelu = [p for p in cal.sizes if (p.kind, p.variant, p.backward) == ("elementwise", "gelu", False)]
+    kept, plain = [p for p in gelu if p.train], [p for p in gelu if not p.train]
+    assert kept and plain and {p.bytes for p in kept} == {p.bytes for p in plain}
+    at = max(kept, key=lambda p: p.bytes)
+    assert cal.efficiency("elementwise", nbytes=at.bytes, variant="gelu", train=True)[1] == pytest.approx(at.memory)
+    assert cal.efficiency("elementwise", nbytes=at.bytes, variant="gelu")[1] == pytest.approx(
+        max(plain, key=lambda p: p.bytes).memory)
+    spec = load_model("decoder-220m").with_changes(layers=2, d_model=128, heads=2, d_ff=512, vocab=1000)
+
+    def act(phase, pass_):
+        ops = predict(spec, "cpu", phase=phase, batch=1, seq=16, calibration=cal).ops
+        return next(t for t in ops if t.name == "block.0.mlp.act" and t.pass_ == pass_)
+
+    train_fwd, forward, train_bwd = act("train", "fwd"), act("forward", "fwd"), act("train", "bwd")
+    assert train_fwd.memory_eff == pytest.approx(
+        cal.efficiency("elementwise", nbytes=float(train_fwd.bytes), variant="gelu", train=True)[1])
+    assert forward.memory_eff == pytest.approx(
+        cal.efficiency("elementwise", nbytes=float(forward.bytes), variant="gelu")[1])
+    assert train_fwd.memory_eff != forward.memory_eff
+    assert train_bwd.memory_eff == pytest.approx(
+        cal.efficiency("elementwise", nbytes=float(train_bwd.bytes), variant="gelu", backward=True)[1])
+    # a calibration without such points (a GPU's, a published one) prices a train step's forward as before
+    plain_cal = cal.model_copy(update={"sizes": [p for p in cal.sizes if not p.train]})
+    assert plain_cal.efficiency("elementwise", nbytes=at.bytes, variant="gelu", train=True) == \
+        plain_cal.efficiency("elementwise", nbytes=at.bytes, variant="gelu")
 
 
 def test_padded_experts_are_priced_by_the_batched_products_measured(smoke_calibration):

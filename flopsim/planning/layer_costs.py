@@ -102,7 +102,8 @@ class ShardedModel:
                cost.weight_bytes, cost.kv_read_bytes, cost.act_write_bytes, cost.comm_bytes, cost.gemm, cost.kernels,
                tuple(sorted((k, v) for k, v in cost.tags.items() if k in ("ranks", "level", "in_place"))))
         if key not in self._times:
-            self._times[key] = op_time(cost, self.hw, self.spec.compute_dtype, self.cal, self.links.by_level)
+            self._times[key] = op_time(cost, self.hw, self.spec.compute_dtype, self.cal, self.links.by_level,
+                                       train=True)  # a train step's (flopsim.calibration lookup step 8)
         return self._times[key]
 
     def _costed(self, ops: list, micro_batch: int, seq: int, expert_load: float = 1.0) -> list:
