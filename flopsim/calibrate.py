@@ -35,7 +35,10 @@ threads fixed, CUDA synchronised:
 - memory-bound kernels (copy, elementwise ops per variant, RoPE, norms,
   softmax, sparse FF's Gumbel mask, embedding, gather, scatter, top-k, argmax,
   KV-cache append, loss, fused Adam), forward and backward, at sizes from cache-resident to
-  memory-bound: an efficiency per size (small tensors stay in cache). The
+  memory-bound: an efficiency per size (small tensors stay in cache). On a
+  CPU the forward kernels a train step runs are measured again as it runs
+  them (`measure_train_forward`: inputs needing gradients, outputs kept),
+  points of their own (flopsim.calibration lookup step 8). The
   gathers per kernel both ways (index_select, x[idx], torch.gather, and
   forward the 2-d index): x[idx]'s backward, index_put_ with accumulate,
   runs serially on a CPU.

@@ -90,8 +90,10 @@ Lookup order for an op of kind K with GEMM shape (batch, m, n, k):
    outputs (and with them what autograd saved) held in a ring of at least
    TRAIN_FOOTPRINT bytes (flopsim.calibrate). On the 2-core VM a 4 MiB add
    took 0.22 ms writing freed memory and 0.34 ms writing kept memory, a
-   GELU 0.20 and 0.32 ms; the reference's RoPE forward 0.65 ms without
-   gradients and 1.27 ms with. A kernel without such points (a matrix
+   GELU 0.20 and 0.32 ms, with glibc told never to trim its heap (no page
+   faults; under its defaults the kept add took 0.90 ms, faulting 2.7 MB a
+   call); the reference's RoPE forward 0.65 ms without gradients and 1.27
+   ms with. A kernel without such points (a matrix
    product, attention, any kernel on a calibration without them) takes its
    forward points.
 
