@@ -93,9 +93,8 @@ Lookup order for an op of kind K with GEMM shape (batch, m, n, k):
    GELU 0.20 and 0.32 ms, with glibc told never to trim its heap (no page
    faults; under its defaults the kept add took 0.90 ms, faulting 2.7 MB a
    call); the reference's RoPE forward 0.65 ms without gradients and 1.27
-   ms with. A kernel without such points (a matrix
-   product, attention, any kernel on a calibration without them) takes its
-   forward points.
+   ms with. A kernel without such points (a matrix product, attention, any
+   kernel on a calibration without them) takes its forward points.
 
 Another fused attention kernel (`attention_kernels[name]`, e.g. Triton's
 FlashAttention) has its own points; `with_attention_kernel(name)` puts them
@@ -174,9 +173,6 @@ class GemmPoint(_Strict):
     kind: Optional[str] = None
     variant: Optional[str] = None  # the kernel measured (e.g. fused / explicit attention)
     backward: bool = False  # measured on the kernel's backward (autograd's) rather than its forward
-    # measured as a train step's forward runs it: inputs needing gradients, and what autograd keeps
-    # (the output, saved intermediates) alive, each call writing memory not in cache (lookup step 8)
-    train: bool = False
     source: Optional[str] = None  # a published point's citation
 
     @field_validator("kind")
