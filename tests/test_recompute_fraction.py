@@ -69,3 +69,21 @@ def test_cli_recompute_fraction():
     assert one_error_line(run(*args, "--recompute-fraction", 2)).startswith("flopsim: error: recompute_fraction: 2")
     assert one_error_line(run(*args, "--recompute-fraction", 0.5, "--search")).startswith(
         "flopsim: error: recompute_fraction: 0.5")
+
+
+def test_a_fraction_that_does_not_fit_is_offered_every_block():
+    """A plan that checkpoints only some blocks and does not fit is offered
+    `--recompute-fraction 1` (every block checkpointed), with the need that plan has."""
+    GB = 1e9
+    kw = dict(gpus=8, dp=8, zero=1, micro_batch=4, seq=4096, global_batch=32, tokens=1e9)
+    p = flopsim.plan_training("llama-2-7b", "h100-sxm", recompute="full", recompute_fraction=0.5, **kw)
+    assert not p.fits
+    offered = [s for s in p.suggestions if s.startswith("--recompute-fraction 1 ")]
+    assert len(offered) == 1
+    q = flopsim.plan_training("llama-2-7b", "h100-sxm", recompute="full", recompute_fraction=1.0, **kw)
+    assert q.fits and f"({q.memory['total_bytes'] / GB:.1f} GB)" in offered[0]
+    # every block already checkpointed: nothing to offer there (micro-batches of 32 do not fit)
+    everything = flopsim.plan_training("llama-2-7b", "h100-sxm", recompute="full",
+                                       **{**kw, "micro_batch": 32, "global_batch": 256})
+    assert not everything.fits and everything.suggestions
+    assert not any(s.startswith("--recompute") for s in everything.suggestions)

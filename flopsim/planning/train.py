@@ -692,21 +692,22 @@ def _train_suggestions(spec, act_now, params_dense, params_expert, bpp, capacity
     micro_batch, rc_now, v = c["micro_batch"], c["recompute_mode"], c["virtual_stages"]
     models: dict = {}
 
-    def act(mb, rc, p):
-        if (mb, rc, p) == (micro_batch, rc_now, pp):
+    def act(mb, rc, p, every):  # every: each block checkpointed (no --recompute-fraction below 1)
+        if (mb, rc, p, every) == (micro_batch, rc_now, pp, False):
             return act_now
-        if rc not in models:
-            models[rc] = MemoryModel(spec, "train", recompute=rc, optimizer=optimizer, encoder_seq=c["encoder_seq"],
-                                     recompute_blocks=c.get("recompute_blocks") if rc == rc_now else None)
+        if (rc, every) not in models:
+            models[rc, every] = MemoryModel(
+                spec, "train", recompute=rc, optimizer=optimizer, encoder_seq=c["encoder_seq"],
+                recompute_blocks=c.get("recompute_blocks") if rc == rc_now and not every else None)
         stages = c["encoder_stages"] if p == pp else (default_encoder_stages(spec, p) if p > 1 else None)
-        return _activations(spec, {**c, "micro_batch": mb, "pp": p, "encoder_stages": stages}, models[rc])
+        return _activations(spec, {**c, "micro_batch": mb, "pp": p, "encoder_stages": stages}, models[rc, every])
 
-    def need(*, tp=tp, pp=pp, dp=dp, zero=zero, mb=micro_batch, rc=rc_now, shard=c.get("zero_shard")):
+    def need(*, tp=tp, pp=pp, dp=dp, zero=zero, mb=micro_batch, rc=rc_now, shard=c.get("zero_shard"), every=False):
         per_step = dp * mb
         if c["global_batch"] % per_step:
             return None
         shard = shard if shard and dp % shard == 0 and shard < dp else None  # hybrid while it still divides dp
-        return _train_memory(params_dense, params_expert, bpp, act(mb, rc, pp), tp=tp, pp=pp, dp=dp, ep=ep,
+        return _train_memory(params_dense, params_expert, bpp, act(mb, rc, pp, every), tp=tp, pp=pp, dp=dp, ep=ep,
                              zero=zero, microbatches=c["global_batch"] // per_step,
                              virtual_stages=v, zero_shard=shard)["total_bytes"]
 
@@ -715,6 +716,8 @@ def _train_suggestions(spec, act_now, params_dense, params_expert, bpp, capacity
         options.append(("no --zero-shard (ZeRO over all of dp)", dict(shard=None)))
     if rc_now != "full":
         options.append(("--recompute full", dict(rc="full")))
+    elif c.get("recompute_fraction", 1.0) < 1:  # full recomputation of only some blocks: of all of them
+        options.append(("--recompute-fraction 1", dict(every=True)))
     for z in range(zero + 1, 4):
         options.append((f"--zero {z}", dict(zero=z)))
     if micro_batch > 1:
