@@ -592,3 +592,17 @@ def test_collective_sm_share_is_cited_and_derived_where_shipped():
     assert shipped.keys() == expected.keys()
     for name, share in shipped.items():
         assert share == pytest.approx(expected[name], abs=5e-4), name
+
+
+def test_a_cpu_plan_prices_the_forward_as_a_train_step_runs_it():
+    """`plan train` costs a train step's ops as predict does, so on a calibration with points
+    measured as a train step's forward runs (the shipped CPU one, lookup step 8) its forward
+    per micro-batch is predict's forward, not the inference-priced one."""
+    from flopsim.calibration import load_calibration
+    from flopsim.hardware import load_hardware
+
+    assert any(p.train for p in load_calibration("cpu", load_hardware("cpu")).sizes)
+    p = flopsim.plan_training("gpt2-small", "cpu", gpus=1, seq=256, global_batch=2, micro_batch=2, tokens=1e6)
+    r = flopsim.predict("gpt2-small", "cpu", phase="train", batch=2, seq=256)
+    fwd = sum(op.time_s for op in r.ops if op.pass_ == "fwd" and op.kind not in ("collective", "optimizer"))
+    assert p.compute["forward_s_per_microbatch"] == pytest.approx(fwd, rel=1e-9)
