@@ -817,7 +817,8 @@ def measure_train_forward(bench: Bench, size: float) -> None:
     for name, kind, fn, op in memory_kernels(bench, size, grad=True):
         if name not in TRAIN_KERNELS:
             continue
-        written = float(op.act_write_bytes) or float(op.act_read_bytes)  # a loss writes a scalar, keeps its input's size
+        # what a call keeps: its output, or for a loss (a scalar written) its input's size
+        written = float(op.act_write_bytes) or float(op.act_read_bytes)
         footprint = SMOKE["pool"] if bench.smoke else TRAIN_FOOTPRINT
         ring = deque(maxlen=max(2, min(TRAIN_RING, math.ceil(footprint / written))))
         for _ in range(ring.maxlen):

@@ -470,7 +470,7 @@ def test_rope_backward_is_measured_as_the_reference_runs_it(smoke_calibration):
     cal, points = smoke_calibration
     rope = [p for p in points if p.kind == "elementwise" and p.variant == "rope" and p.backward]
     assert rope
-    for p in rope:  # read: the gradient (2 heads x positions x 64, fp32) and the int64 positions
+    for p in rope:  # the gradient (2 heads x positions x 64, fp32) read and written, the int64 positions read
         positions, heads = rope_layout(_memory_shapes(SimpleNamespace(value_bytes=4), p.size)[0])
         assert p.bytes == 2 * (2 * heads * positions * 64) * 4 + positions * 8
     assert "elementwise:rope@bwd" in cal.fixed_s
