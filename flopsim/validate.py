@@ -5,7 +5,9 @@ family and variant, each with the dense baseline it saves compute over), on
 `--device cpu|cuda`:
 1. the calibration for the device is the measured one in
    specs/calibration/<hardware>.yaml, or is measured first
-   (flopsim.calibrate) when that file holds no measurement;
+   (flopsim.calibrate) when that file holds no measurement or with
+   `recalibrate`; one measured here is written into the report folder
+   only, never over the device's file in specs/;
 2. the reference model runs each phase (flopsim.profiling): per-module
    times under torch.profiler, then end-to-end times of unprofiled runs,
    measured round-robin over all cases (`rounds` passes, each back-to-back
@@ -337,9 +339,11 @@ def _queued_columns(result, seen: Measured) -> dict:
 
 
 def _calibration(device, hw, calibration, recalibrate: bool, threads, tick):
-    """(the calibration to predict with, whether it was measured in this run)."""
+    """(the calibration to predict with, whether it was measured in this run). One
+    measured here goes into the report folder (calibration.yaml) only: a validation never
+    replaces the device's calibration in specs/ (`flopsim calibrate` writes that one)."""
     from flopsim.calibrate import calibrate
-    from flopsim.calibration import calibration_output_path, load_calibration
+    from flopsim.calibration import load_calibration
 
     if calibration is not None:
         return load_calibration(calibration, hw), False
@@ -347,7 +351,6 @@ def _calibration(device, hw, calibration, recalibrate: bool, threads, tick):
     if recalibrate or cal.measured is None:
         tick("calibrating", 0, 1)
         cal, _ = calibrate(device, hardware=hw.name, threads=threads)
-        write_calibration(cal, calibration_output_path(hw.name))
         return cal, True
     return cal, False
 

@@ -105,6 +105,25 @@ def test_calibration_file_round_trip(tmp_path, smoke_calibration):
     assert yaml.safe_load(path.read_text())["measured"]["torch"]
 
 
+def test_recalibrating_leaves_the_devices_calibration_in_specs_alone(tmp_path, monkeypatch, smoke_calibration):
+    """`validate --recalibrate` predicts with what it measured and writes it into its report
+    folder; the device's file in specs/ (what every other command reads) is not replaced."""
+    import shutil
+
+    import flopsim.calibrate
+    from flopsim.spec.paths import specs_dir
+    from flopsim.validate import _calibration
+
+    specs = tmp_path / "specs"
+    shutil.copytree(specs_dir(), specs)
+    monkeypatch.setenv("FLOPSIM_SPECS", str(specs))
+    shipped = (specs / "calibration" / "cpu.yaml").read_bytes()
+    monkeypatch.setattr(flopsim.calibrate, "calibrate", lambda *a, **k: smoke_calibration)
+    cal, measured_here = _calibration("cpu", load_hardware("cpu"), None, True, 1, lambda *a: None)
+    assert measured_here and cal is smoke_calibration[0]
+    assert (specs / "calibration" / "cpu.yaml").read_bytes() == shipped
+
+
 def test_overlap_check_finds_shared_shapes():
     cal = Calibration(gemm=[GemmPoint(m=8, n=96, k=96, compute=0.5), GemmPoint(kind="matmul", m=64, n=512, k=512, compute=1)])
     assert overlapping_shapes(cal, [(1, 64, 512, 512), (1, 32, 512, 512)]) == [(1, 64, 512, 512)]

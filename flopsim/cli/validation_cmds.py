@@ -148,6 +148,10 @@ def _print_validation(result, summary: dict, folder: Path, fmt: Format):
     con = console()
     con.print(f"wrote [bold]{folder}[/] ({summary['cases']} model runs, {summary['gemm_ops']} GEMM ops, "
               f"{summary['speedups']} speedups) -- {summary['device_name']}, torch {summary['torch']}")
+    if summary.get("calibrated_in_run") and "hardware" in summary:
+        con.print(f"calibration measured in this run: {Path(folder) / 'calibration.yaml'} (the device's own, "
+                  f"specs/calibration/{summary['hardware']}.yaml, is unchanged; copy it there to make it the "
+                  f"device's calibration)")
     con.print(rich_table(None, ["figure", "median |error|", "p90 |error|"], [
         ["end to end (all phases)", percent(summary["median_abs_error_e2e"]), percent(summary["p90_abs_error_e2e"])],
         ["end to end (forward)", percent(summary["median_abs_error_e2e_forward"]), ""],
