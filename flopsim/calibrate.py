@@ -23,13 +23,20 @@ threads fixed, CUDA synchronised:
 - matrix products over a grid of shapes (decode shapes m = 1..64, router
   widths n = 1, 8; a GPU's widths multiples of 128, GEMM_GRID): the
   weights are views into a pool larger than the
-  last-level cache, cycled so that every call reads them from memory.
+  last-level cache, cycled so that every call reads them from memory. On
+  a CPU each product also writes its output into memory that is not in
+  cache (views cycled over a second pool, `Bench.cold_outputs`), as a step
+  does: a model's product writes a block the allocator last handed out
+  many kernels earlier, a hot loop rewrites the one it just freed (on the
+  2-core VM a 512 x 512 x {512, 1536, 2048, 8000} product ran 11-12%
+  slower into a cold output, one of k = 2048 no slower; inside the dense
+  reference's forward its products ran 2-26% slower than in a hot loop).
   Where the product is compute-bound at the ideal roofline its measured
   busy time gives a compute efficiency; where it is memory-bound, a memory
   efficiency (the cold weights set its time). Busy time = time - the hot
   fixed cost of the kernel.
 - batched products (torch.bmm, as padded MoE experts run): E = 8 products
-  per kernel, their weights read cold (variant bmm).
+  per kernel, their weights read cold (variant bmm), outputs as above.
 - attention, fused and explicit, forward and backward; decode shapes read
   their keys and values cold from the pool (memory efficiency).
 - memory-bound kernels (copy, elementwise ops per variant, RoPE, norms,
@@ -220,6 +227,7 @@ class Bench:
     smoke: bool
     gen: object
     points: list = field(default_factory=list)
+    out_pool: object = None  # a CPU's products write into views of it (`cold_outputs`); made when first used
     fixed_hot: dict = field(default_factory=dict)  # "kind[:variant][@bwd]" -> hot seconds per call
     fixed_cold: dict = field(default_factory=dict)  # the same, cold (what the calibration records)
     host: dict = field(default_factory=dict)  # a queued device: host dispatch per call, in probe units
@@ -285,17 +293,18 @@ class Bench:
         self.offset += align_up(n, self.value_bytes)  # the next view aligned (flopsim.probe.ALIGN_BYTES)
         return view
 
-    def cold_cycle(self, *shape, footprint: Optional[float] = None):
+    def cold_cycle(self, *shape, footprint: Optional[float] = None, pool=None):
         """fn() -> the next of the views of `shape` spread over `footprint` bytes of the pool
-        (at most MAX_VIEWS of them: a tensor smaller than footprint / MAX_VIEWS is not
+        (or of `pool`; at most MAX_VIEWS of them: a tensor smaller than footprint / MAX_VIEWS is not
         read cold, but its time is its fixed cost anyway)."""
         from flopsim.probe import align_down, align_up
 
+        pool = self.pool if pool is None else pool
         n = math.prod(shape)
-        total = min(self.pool.numel(), int((footprint or self.pool_bytes) / self.value_bytes))
+        total = min(pool.numel(), int((footprint or self.pool_bytes) / self.value_bytes))
         count = max(1, min(MAX_VIEWS, total // max(align_up(n, self.value_bytes), 1)))
         stride = align_down(total // count, self.value_bytes)  # every view aligned (flopsim.probe.ALIGN_BYTES)
-        views = ([self.pool[i * stride:i * stride + n].view(*shape) for i in range(count)] if n <= total
+        views = ([pool[i * stride:i * stride + n].view(*shape) for i in range(count)] if n <= total
                  else [self.rand(*shape)])
         state = {"i": 0}
 
@@ -304,6 +313,14 @@ class Bench:
             return views[state["i"]]
 
         return nxt
+
+    def cold_outputs(self, *shape):
+        """fn() -> the next of the views of `shape` over the output pool (as large as the
+        cold pool, apart from it, its pages touched once): where a CPU's product writes its
+        result, memory that is not in cache, as inside a step (the module docstring)."""
+        if self.out_pool is None:
+            self.out_pool = self.torch.zeros_like(self.pool)
+        return self.cold_cycle(*shape, pool=self.out_pool)
 
     def cold_time(self, fn: Callable[[], object]) -> float:
         """Median seconds of one call right after a decode-like product over cold weights (CPU);
@@ -592,8 +609,8 @@ def tiny_kernels(bench: Bench) -> dict:
 
 
 def measure_gemms(bench: Bench) -> None:
-    """Matrix products (F.linear, as the reference's nn.Linear runs them) with cold weights,
-    timed by `_time_products`."""
+    """Matrix products (F.linear, as the reference's nn.Linear runs them; on a CPU its kernel,
+    mm, writing into a cold output) with cold weights, timed by `_time_products`."""
     import torch.nn.functional as F
 
     from flopsim.ops import primitives as P
@@ -607,7 +624,12 @@ def measure_gemms(bench: Bench) -> None:
             continue
         op = _fwd(P.linear(ctx, "x", layer=0, tokens=m, d_in=k, d_out=n, bias=False))
         x, weights = bench.rand(m, k), bench.cold_cycle(n, k)
-        shapes.append(((1, m, n, k), (lambda x=x, w=weights: F.linear(x, w())), op))
+        if bench.device == "cpu":  # the result written cold, as inside a step (F.linear's own kernel: mm)
+            outputs = bench.cold_outputs(m, n)
+            fn = (lambda x=x, w=weights, o=outputs: bench.torch.mm(x, w().t(), out=o()))
+        else:
+            fn = (lambda x=x, w=weights: F.linear(x, w()))
+        shapes.append(((1, m, n, k), fn, op))
     _time_products(bench, "matrix products", shapes)
 
 
@@ -637,7 +659,8 @@ def measure_batched_products(bench: Bench) -> None:
             continue
         op = replace(_fwd(P.linear(ctx, "x", layer=0, tokens=m, d_in=k, d_out=n, bias=False, batch=e)), variant="bmm")
         x, weights = bench.rand(e, m, k), bench.cold_cycle(e, k, n)
-        shapes.append(((e, m, n, k), (lambda x=x, w=weights: bench.torch.bmm(x, w())), op))
+        outputs = bench.cold_outputs(e, m, n) if bench.device == "cpu" else (lambda: None)
+        shapes.append(((e, m, n, k), (lambda x=x, w=weights, o=outputs: bench.torch.bmm(x, w(), out=o())), op))
     _time_products(bench, "batched products", shapes)
 
 

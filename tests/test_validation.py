@@ -32,6 +32,33 @@ def smoke_calibration():
     return cal, points
 
 
+def test_cpu_products_write_their_outputs_cold(monkeypatch):
+    """On a CPU each calibration product writes its result into views of an output pool apart
+    from the weights' pool, cycled so that consecutive calls write different memory (as a
+    step's products write blocks not in cache), not into the block the previous call freed."""
+    import torch
+
+    import flopsim.calibrate as C
+
+    bench = C.Bench(torch=torch, device="cpu", dtype="fp32", hw=load_hardware("cpu"), timed=None,
+                    pool=torch.randn(1 << 20), say=print, smoke=True, gen=torch.Generator().manual_seed(0))
+    timed = []
+    monkeypatch.setattr(C, "_time_products", lambda b, label, shapes: timed.extend(shapes))
+    C.measure_gemms(bench)
+    C.measure_batched_products(bench)
+    assert timed and bench.out_pool is not None
+    weights_before = bench.pool.clone()
+    base = bench.out_pool.data_ptr()
+    end = base + bench.out_pool.numel() * 4
+    for _, fn, _ in timed:
+        first, second = fn(), fn()
+        for out in (first, second):
+            assert base <= out.data_ptr() < end  # written into the output pool
+        if first.numel() * 4 * 2 <= bench.out_pool.numel() * 4:
+            assert first.data_ptr() != second.data_ptr()  # consecutive calls write different memory
+    assert torch.equal(bench.pool, weights_before)  # the weights are only read
+
+
 def test_calibrate_measures_every_benchmark_kind(smoke_calibration):
     cal, points = smoke_calibration
     kinds = {p.kind for p in points}
