@@ -28,8 +28,8 @@ threads fixed, CUDA synchronised:
   cache (views cycled over a second pool, `Bench.cold_outputs`), as a step
   does: a model's product writes a block the allocator last handed out
   many kernels earlier, a hot loop rewrites the one it just freed (on the
-  2-core VM a 512 x 512 x {512, 1536, 2048, 8000} product ran 11-12%
-  slower into a cold output, one of k = 2048 no slower; inside the dense
+  2-core VM products of m = k = 512 and n = 512-8000 ran 11-12% slower
+  into a cold output, one of k = 2048 no slower; inside the dense
   reference's forward its products ran 2-26% slower than in a hot loop).
   Where the product is compute-bound at the ideal roofline its measured
   busy time gives a compute efficiency; where it is memory-bound, a memory

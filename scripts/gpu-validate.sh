@@ -21,8 +21,9 @@
 # (scripts/aten_profile.py: per aten op, calls and host and device seconds per step)
 # (eleven files: set ARCHIVE to get them as one).
 # Copy calibration.yaml to specs/calibration/<hardware>.yaml to make it the
-# device's calibration (the validation writes it into OUT_DIR only). Took 214 s on an H200 (2026-11-27, before aten.csv was
-# added); the same steps take about 3.5 minutes on the 2-core development CPU.
+# device's calibration (the validation writes it into OUT_DIR only). Took
+# 214 s on an H200 (2026-11-27, before aten.csv was added); the same steps
+# took 335 s on the 2-core development CPU (2026-11-28).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE="${DEVICE:-cuda}"
