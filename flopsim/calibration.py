@@ -57,7 +57,9 @@ Lookup order for an op of kind K with GEMM shape (batch, m, n, k):
    with factor 2 (n - 1) / n for all-reduce, (n - 1) / n for reduce-scatter,
    all-gather (nbytes: the whole gathered buffer) and all-to-all, 1 for a
    point-to-point send. Small messages are latency-bound, large ones
-   bandwidth-bound.
+   bandwidth-bound. On `scale_out`, hop_latency_s is a ring step between
+   nodes: only a reduce-scatter's or all-gather's ring pays it, its steps
+   inside a node at scale_up's (flopsim.collectives.network_collective_s).
 6. `collective_sm_share`: the share of the GPU's SMs a collective's kernel
    holds while it runs (NCCL launches one thread block per channel: its
    channels / the SM count). Compute that overlaps a data-parallel

@@ -30,12 +30,29 @@ report: 2 nodes x 4 H100 over 4 NICs, NCCL_ALGO=RING, 95 GB/s busbw, "~24GB/s
 per NIC" (NVIDIA/nccl-tests #252); 3 nodes x 8 A100 over 4 HDR NICs, 85-96
 GB/s of 4 x 25 (#119); 4 x 8 B200 over 8 x 400G EFA, 381.8 GB/s = 8 x 47.7
 (ml-engineering, the b200 calibration's source).
+
+Over the network a reduce-scatter or an all-gather runs as a ring, the only
+algorithm NCCL has for them beside NVLS and PAT (PAT, NCCL 2.23+, serves
+one GPU a node), so its latency grows with its ranks: of its steps(op, n)
+steps, steps(op, nodes) cross the network at the scale-out level's
+hop_latency_s and the rest stay on a node at the scale-up level's
+
+    a + steps(op, nodes) * h_out + (steps(op, n) - steps(op, nodes)) * h_up
+
+(NCCL's own latency model: baseLat + nInterSteps * interLat + the rest *
+intraLat, src/graph/tuning.cc). At 1,024 ranks on 128 nodes that is
+milliseconds a collective, the reason NCCL wrote PAT and that FSDP over a
+thousand GPUs is bound by its all-gathers (NVIDIA/nccl #1123). An
+all-reduce over the network keeps the level's measured small-message
+latency a: NCCL runs it as a tree, log2(nodes) deep, wherever the ring's
+latency would dominate.
 """
 
 from __future__ import annotations
 
 COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "send_recv")
 RING = ("all_reduce", "reduce_scatter", "all_gather")  # one ring per NIC over the network
+RING_ONLY = ("reduce_scatter", "all_gather")  # no tree: their latency grows with the ranks over the network
 
 
 def factor(op: str, ranks: int) -> float:
@@ -71,6 +88,21 @@ def collective_s(op: str, nbytes: float, ranks: int, bus_bytes_per_s: float, lat
     if f == 0 or nbytes <= 0:
         return 0.0
     return latency_s + steps(op, ranks) * hop_latency_s + f * nbytes / bus_bytes_per_s
+
+
+def network_collective_s(op: str, nbytes: float, ranks: int, node_ranks: int, bus_bytes_per_s: float,
+                         latency_s: float, net_hop_latency_s: float = 0.0, node_hop_latency_s: float = 0.0) -> float:
+    """Seconds for `op` on `nbytes` over `ranks` ranks spread over nodes with `node_ranks`
+    of them on each, at the network's bus bandwidth (network_bus_bytes_per_s): a
+    reduce-scatter's or an all-gather's ring pays net_hop_latency_s on each step that
+    crosses the network and node_hop_latency_s on the others; any other collective, the
+    level's latency_s alone (see the module docstring)."""
+    if op not in RING_ONLY or ranks <= 1:
+        return collective_s(op, nbytes, ranks, bus_bytes_per_s, latency_s)
+    nodes = max(1, -(-ranks // max(1, node_ranks)))
+    crossing = steps(op, nodes)
+    hops_s = crossing * net_hop_latency_s + (steps(op, ranks) - crossing) * node_hop_latency_s
+    return collective_s(op, nbytes, ranks, bus_bytes_per_s, latency_s + hops_s)
 
 
 def network_bus_bytes_per_s(op: str, nic_bytes_per_s: float, node_ranks: int,

@@ -248,8 +248,9 @@ def collective_time(op, hw, calibration, links=None) -> OpTime:
     time of its message on its link level (`links`: {level: LinkLevel} overriding the
     calibration's `link`), times its expected launches (latency) and its bytes. Over the
     network a ring collective's bandwidth is its group's ranks on a node (tag `node_ranks`)
-    times the level's NIC share, at most the scale-up level's."""
-    from flopsim.collectives import collective_s, network_bus_bytes_per_s
+    times the level's NIC share, at most the scale-up level's, and a reduce-scatter's or an
+    all-gather's ring steps cost each level's hop latency (network_collective_s)."""
+    from flopsim.collectives import collective_s, network_bus_bytes_per_s, network_collective_s
     from flopsim.errors import InputError
 
     level = op.tags.get("level", "scale_up")
@@ -259,13 +260,16 @@ def collective_time(op, hw, calibration, links=None) -> OpTime:
                          f"interconnect_bytes_per_s / scale_out_bytes_per_s, or the calibration's links)")
     kernels = float(getattr(op, "kernels", 1))
     ranks = int(op.tags.get("ranks", 1))
-    bus = link.bus_bytes_per_s
-    if level == "scale_out":  # a ring per NIC of the group's ranks on a node
+    nbytes = float(op.comm_bytes) / kernels if kernels else 0.0
+    if level == "scale_out":  # a ring per NIC of the group's ranks on a node; ring steps on both levels
         up = (links or {}).get("scale_up") or (calibration.link("scale_up", hw) if calibration is not None else None)
-        bus = network_bus_bytes_per_s(op.variant, bus, int(op.tags.get("node_ranks", 1)),
+        node_ranks = int(op.tags.get("node_ranks", 1))
+        bus = network_bus_bytes_per_s(op.variant, link.bus_bytes_per_s, node_ranks,
                                       up.bus_bytes_per_s if up is not None else None)
-    one = collective_s(op.variant, float(op.comm_bytes) / kernels if kernels else 0.0, ranks,
-                       bus, link.latency_s, link.hop_latency_s)
+        one = network_collective_s(op.variant, nbytes, ranks, node_ranks, bus, link.latency_s, link.hop_latency_s,
+                                   up.hop_latency_s if up is not None else 0.0)
+    else:
+        one = collective_s(op.variant, nbytes, ranks, link.bus_bytes_per_s, link.latency_s, link.hop_latency_s)
     comm_s = kernels * one
     return OpTime(name=op.name, kind=op.kind, layer=op.layer, pass_=op.pass_, flops=0, all_flops=0, bytes=0,
                   intensity=0.0, peak_flops_per_s=0.0, compute_eff=1.0, memory_eff=1.0, compute_s=0.0,

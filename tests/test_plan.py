@@ -14,7 +14,7 @@ from conftest import run_cli as run
 
 import flopsim
 from flopsim.errors import InputError
-from flopsim.collectives import collective_s, network_bus_bytes_per_s
+from flopsim.collectives import collective_s, network_bus_bytes_per_s, network_collective_s
 from flopsim.parallel.layout import make_layout
 from flopsim.planning import bubble_fraction, largest_true, parse_duration, parse_quantity, plan_serving, plan_training
 
@@ -70,6 +70,50 @@ def test_network_ring_collectives_run_a_ring_per_nic():
     assert network_bus_bytes_per_s("all_reduce", nic, 1) == nic
     assert network_bus_bytes_per_s("all_to_all", nic, 8) == nic
     assert network_bus_bytes_per_s("send_recv", nic, 8) == nic
+
+
+def test_network_gathers_pay_each_ring_step():
+    # NCCL's latency model of a ring crossing the network (src/graph/tuning.cc): base + the steps that
+    # cross nodes x the network's step + the other steps x the node's. A reduce-scatter or all-gather has
+    # no tree, so at 1,024 ranks on 128 nodes (8 a node) its 1,023 steps are 127 crossing and 896 on a node.
+    a, h_out, h_up, bus, nbytes = 63e-6, 14e-6, 0.633e-6, 8 * 24e9, 400e6
+    for op in ("all_gather", "reduce_scatter"):
+        expected = a + 127 * h_out + 896 * h_up + 1023 / 1024 * nbytes / bus
+        assert network_collective_s(op, nbytes, 1024, 8, bus, a, h_out, h_up) == pytest.approx(expected)
+    # one rank a node (tp fills it): every step crosses the network
+    assert network_collective_s("all_gather", nbytes, 64, 1, 24e9, a, h_out, h_up) == pytest.approx(
+        a + 63 * h_out + 63 / 64 * nbytes / 24e9)
+    # an all-reduce runs as NCCL's tree at scale: the level's measured small-message latency, no ring steps
+    assert network_collective_s("all_reduce", nbytes, 1024, 8, bus, a, h_out, h_up) == pytest.approx(
+        collective_s("all_reduce", nbytes, 1024, bus, a))
+    assert network_collective_s("all_gather", nbytes, 1, 1, bus, a, h_out, h_up) == 0.0
+    # no step latency: the bandwidth formula alone, as before
+    assert network_collective_s("all_gather", nbytes, 1024, 8, bus, a) == pytest.approx(
+        collective_s("all_gather", nbytes, 1024, bus, a))
+
+
+def test_fsdp_over_a_thousand_gpus_pays_its_rings_latency():
+    # FSDP (zero 3) over 1,024 A100s, 8 a node: every block's gathers and its gradients' reduce-scatter are
+    # rings of 1,024 ranks, each 127 network steps + 896 NVLink steps longer than the bandwidth alone says.
+    cal = flopsim.load_calibration("auto", flopsim.load_hardware("a100-80gb"))
+    out, up = cal.link("scale_out"), cal.link("scale_up")
+    assert out.hop_latency_s == pytest.approx(14e-6)  # NCCL's NET ring step (the calibration's source)
+    flat = cal.model_copy(update={"links": {name: link.model_copy(update={"hop_latency_s": 0.0})
+                                            for name, link in cal.links.items()}})  # no ring steps anywhere
+
+    def dp_s(calibration, **kw):
+        p = plan_training("llama-2-7b", "a100-80gb", gpus=1024, tokens=4.2e6, seq=4096, dp=1024, zero=3,
+                          micro_batch=1, global_batch=1024, calibration=calibration, **kw)
+        return p.communication["dp_s_per_step"]
+
+    rings = dp_s(cal) - dp_s(flat)
+    # 34 units (the embedding, 32 blocks, the final norm with the head) x (gather forward + gather backward +
+    # reduce-scatter), each ring 127 x 14 us + 896 x 0.633 us = 2.35 ms longer
+    one = 127 * out.hop_latency_s + 896 * up.hop_latency_s
+    assert rings == pytest.approx(34 * 3 * one)
+    # a bandwidth given for the network keeps the calibration's ring steps
+    given = 2 * out.bus_bytes_per_s
+    assert dp_s(cal, inter_node_bytes_per_s=given) == pytest.approx(dp_s(cal))
 
 
 def test_layout_ranks_of_a_group_on_one_node():

@@ -410,11 +410,14 @@ def _print_candidates(out, p) -> None:
 
 
 def _link_text(links) -> str:
-    """'intra-node 370 GB/s bus, 30 us latency; inter-node ...; 8 GPUs per node' for the plan's links."""
+    """'intra-node 370 GB/s bus, 9 us latency + 600 ns a ring step; inter-node ...; 8 GPUs per node'
+    for the plan's links."""
     parts = []
     torus = f"torus rings (whole {links.torus_axis}-device axes)" if links.torus_axis else None
     for name, link in (("intra-node", links.scale_up), (torus, links.scale_up_torus), ("inter-node", links.scale_out)):
         if link is not None and name is not None:
             per = " per GPU's NIC (a ring collective: x its ranks on a node)" if name == "inter-node" else ""
-            parts.append(f"{name} {human(link.bus_bytes_per_s, 'B/s')} bus{per}, {human_time(link.latency_s)} latency")
+            step = "a reduce-scatter's or all-gather's ring step between nodes" if name == "inter-node" else "a ring step"
+            hop = f" + {human_time(link.hop_latency_s)} {step}" if link.hop_latency_s else ""
+            parts.append(f"{name} {human(link.bus_bytes_per_s, 'B/s')} bus{per}, {human_time(link.latency_s)} latency{hop}")
     return "; ".join(parts) + f"; {links.gpus_per_node} GPUs per node"

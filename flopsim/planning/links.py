@@ -23,7 +23,9 @@ Links: two levels, each with a latency and a bus bandwidth
   ring collective (all-reduce, reduce-scatter, all-gather) of a group with r
   ranks on each node runs r rings, one per NIC, at r times it (at most the
   intra-node figure; flopsim.collectives.network_bus_bytes_per_s);
-- `comm_latency_s=` overrides both levels' latency.
+- a ring's steps (`hop_latency_s`, each level's own: flopsim.collectives) stay
+  the calibration's when a bandwidth is given;
+- `comm_latency_s=` overrides both levels' latency, steps included.
 
 Which level a group uses is flopsim.parallel.layout's rule (`within_node`); a
 collective op is priced on its level by flopsim.roofline.collective_time with
@@ -80,6 +82,7 @@ class Links:
             if link is not None:
                 out[f"{name}_bus_bytes_per_s"] = link.bus_bytes_per_s
                 out[f"{name}_latency_s"] = link.latency_s
+                out[f"{name}_hop_latency_s"] = link.hop_latency_s
                 out[f"{name}_source"] = link.source
         return out
 
@@ -103,6 +106,7 @@ def resolve_links(hw, cal, interconnect_bytes_per_s, inter_node_bytes_per_s, gpu
                 raise bad_value(what, user_two_way, "expected 2e3 to 2e15 bytes/s (both directions)")
             base = cal.link(name, hw)
             return LinkLevel(latency_s=base.latency_s if base else cal.overhead_s(hw), bus_bytes_per_s=user / 2,
+                             hop_latency_s=base.hop_latency_s if base else 0.0,
                              source=f"--{what.replace('_', '-')} (given: {user:.3g} B/s both ways)")
         return cal.link(name, hw)
 
