@@ -54,8 +54,9 @@ def main() -> None:
         print(f"{model} on {args.gpus} x {args.hardware}: {len(result.rows)} layouts, {len(result.fastest)} fit; "
               f"median {medians[model]:.2f} s of {args.runs} runs (target < 5 s)")
         if best is not None:
+            shard = f" over {best['zero_shard']}" if best["zero_shard"] else ""
             print(f"  fastest: tp {best['tp']} pp {best['pp']} dp {best['dp']} ep {best['ep']} micro-batch "
-                  f"{best['micro_batch']} ZeRO-{best['zero']} recompute {best['recompute']}: {best['days']:.2f} days, "
+                  f"{best['micro_batch']} ZeRO-{best['zero']}{shard} recompute {best['recompute']}: {best['days']:.2f} days, "
                   f"MFU {100 * best['mfu']:.1f}%, {best['memory_gb']:.1f} GB per GPU")
     print(" ".join(f"search_s_{m}={t:.3f}" for m, t in medians.items()))
 

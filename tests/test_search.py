@@ -36,13 +36,38 @@ def test_candidates_cover_every_layout_of_the_gpus():
     assert all(c["dp"] % c["ep"] == 0 for c in moe)
 
 
+def test_zero_is_also_tried_sharded_over_one_node():
+    # hybrid sharding (HSDP): ZeRO over the dp ranks of one node (8 / tp), replicated over the nodes,
+    # tried wherever dp spans nodes; never without ZeRO, with expert parallelism or inside one node
+    spec = flopsim.load_model("llama-2-7b")
+    got = candidate_layouts(spec, 32, 8, [1], [0, 3], ["none"])
+    hybrid = {(c["tp"], c["pp"], c["dp"], c["zero_shard"]) for c in got if c["zero_shard"]}
+    assert hybrid == {(tp, pp, 32 // (tp * pp), 8 // tp) for tp in (1, 2, 4) for pp in (1, 2)
+                      if 32 // (tp * pp) > 8 // tp}
+    assert all(c["zero"] == 3 for c in got if c["zero_shard"])
+    moe = candidate_layouts(flopsim.load_model("mixtral-8x7b"), 32, 8, [1], [3], ["none"])
+    assert not any(c["zero_shard"] for c in moe if c["ep"] > 1)
+
+
+def test_over_a_thousand_gpus_the_search_finds_hybrid_sharding():
+    # FSDP over 1,024 A100s gathers each block over a ring of 1,024 ranks (127 steps between nodes at
+    # 14 us, flopsim.collectives); sharding over a node's 8 GPUs keeps the gathers on NVLink and pays one
+    # all-reduce of the gradient shards over the 128 nodes: the faster of the two
+    r = search_training("llama-2-7b", "a100-80gb", gpus=1024, tokens=2e12, seq=2048, micro_batches=(1,),
+                        zero=(3,), recompute=("selective",), global_batch=2048)
+    by_shard = {row["zero_shard"]: row for row in r.fastest if row["tp"] == 1 and row["pp"] == 1}
+    assert set(by_shard) == {None, 8}
+    assert by_shard[8]["step_time_s"] < by_shard[None]["step_time_s"]
+    assert r.best["zero_shard"] == 8
+
+
 def test_each_row_is_what_plan_train_gives_for_its_layout(small):
     rows = small.fastest
     picks = [rows[0], rows[len(rows) // 2], next(r for r in rows if r["pp"] > 1),
-             next(r for r in rows if r["virtual_stages"] > 1)]
+             next(r for r in rows if r["virtual_stages"] > 1), next(r for r in rows if r["zero_shard"])]
     for r in picks:
         p = plan_training("llama-2-7b", H100, gpus=r["gpus"], tokens=1e10, seq=1024, tp=r["tp"], pp=r["pp"],
-                          virtual_stages=r["virtual_stages"],
+                          virtual_stages=r["virtual_stages"], zero_shard=r["zero_shard"],
                           micro_batch=r["micro_batch"], zero=r["zero"], recompute=r["recompute"],
                           global_batch=r["global_batch"], price_per_gpu_hour=2.0)
         assert p.step_time_s == pytest.approx(r["step_time_s"], rel=1e-9)

@@ -75,11 +75,12 @@ def _pct(x: float) -> str:
 
 def _refuse_in_search(**given) -> None:
     """One line for a `plan train` option that --search does not vary (it tries each pp's
-    default encoder stages and shards ZeRO over all of dp): give it without --search."""
+    default encoder stages, and ZeRO over all of dp and over one node's dp ranks): give it
+    without --search."""
     from flopsim.errors import bad_value
 
     why = {"encoder_stages": "--search tries each pp's default encoder stages",
-           "zero_shard": "--search shards ZeRO over all of dp",
+           "zero_shard": "--search shards ZeRO over all of dp and over one node's dp ranks",
            "recompute_fraction": "--search recomputes every block or none"}
     for name, value in given.items():
         if value is not None:

@@ -15,11 +15,16 @@ def _money(value: Optional[float]) -> str:
 def _row(r: dict) -> list:
     return [f"{r['gpus']:,}", str(r["tp"]), str(r["pp"]), str(r["virtual_stages"]), str(r["dp"]), str(r["ep"]),
             str(r["micro_batch"]),
-            str(r["zero"]), r["recompute"], f"{r['memory_gb']:.1f}", human_time(r["step_time_s"]),
+            _zero(r), r["recompute"], f"{r['memory_gb']:.1f}", human_time(r["step_time_s"]),
             f"{r['days']:.3g}", f"{r['gpu_hours']:,.0f}", _money(r["cost"]), f"{100 * r['mfu']:.1f}%"]
 
 
-COLUMNS = ["GPUs", "tp", "pp", "v", "dp", "ep", "mb", "ZeRO", "recompute", "GB/GPU", "step", "days", "GPU-hours", "cost",
+def _zero(r: dict) -> str:
+    """'3', or '3 / 8' for ZeRO-3 sharded over 8 ranks and replicated (hybrid sharding)."""
+    return str(r["zero"]) if not r.get("zero_shard") else f"{r['zero']} / {r['zero_shard']}"
+
+
+COLUMNS = ["GPUs", "tp", "pp", "v", "dp", "ep", "mb", "ZeRO / shard", "recompute", "GB/GPU", "step", "days", "GPU-hours", "cost",
            "MFU"]
 
 
@@ -55,8 +60,8 @@ def run_search(spec, hardware, counts: list, *, tokens, seq, global_batch, globa
         b = result.best
         out.print(f"  best: flopsim plan train {result.spec.name} -H {result.hw.name} --gpus {b['gpus']} --tp {b['tp']} "
                   f"--pp {b['pp']} --virtual-stages {b['virtual_stages']} --ep {b['ep']} --micro-batch {b['micro_batch']} "
-                  f"--zero {b['zero']} "
-                  f"--recompute {b['recompute']} --global-batch {b['global_batch']}"
+                  f"--zero {b['zero']} " + (f"--zero-shard {b['zero_shard']} " if b.get("zero_shard") else "")
+                  + f"--recompute {b['recompute']} --global-batch {b['global_batch']}"
                   + (f" --encoder-seq {encoder_seq}" if encoder_seq is not None else "")
                   + "".join(f" {flag} {getattr(result.spec, field)}" for field, flag in IMPL_FLAGS.items()
                             if getattr(result.spec, field) != "fused") + " ...")

@@ -10,7 +10,11 @@ divide the blocks; an encoder-decoder's pp where its default encoder stages
 (flopsim.parallel.layout) divide the encoder's blocks and the rest the
 decoder's (train.pipeline_fits_blocks), plain 1F1B only, and one
 `encoder_seq` for all;
-ep (MoE) a divisor of the experts and of dp; micro-batches from
+ep (MoE) a divisor of the experts and of dp; under ZeRO, both the state
+sharded over all dp ranks and, where dp spans nodes, hybrid sharding over the
+dp ranks of one node (`zero_shard` = gpus_per_node / tp, replicated over the
+nodes: HSDP, whose gathers stay on NVLink while FSDP's over a thousand ranks
+pay each ring step between nodes, flopsim.collectives); micro-batches from
 `micro_batches`; one global batch for all (a training hyperparameter, not a
 layout choice): the one given, else ~4M tokens (ceil(4 Mi / a sequence's
 tokens) sequences, an encoder-decoder's encoder_seq + seq);
@@ -93,10 +97,21 @@ def candidate_layouts(spec, gpus: int, gpus_per_node: int, micro_batches: Sequen
                 for v in chunks:
                     for mb in micro_batches:
                         for zero in zeros:
-                            for rc in recomputes:
-                                out.append(dict(gpus=gpus, tp=tp, pp=pp, dp=dp, ep=ep, virtual_stages=v,
-                                                micro_batch=mb, zero=zero, recompute=rc))
+                            for shard in _zero_shards(zero, dp, ep, tp, gpus_per_node):
+                                for rc in recomputes:
+                                    out.append(dict(gpus=gpus, tp=tp, pp=pp, dp=dp, ep=ep, virtual_stages=v,
+                                                    micro_batch=mb, zero=zero, zero_shard=shard, recompute=rc))
     return out
+
+
+def _zero_shards(zero: int, dp: int, ep: int, tp: int, gpus_per_node: int) -> list:
+    """ZeRO's shard groups tried: all dp ranks (None) and, where dp spans nodes, the dp
+    ranks of one node (gpus_per_node / tp, when it divides dp; not with expert parallelism,
+    flopsim.parallel.layout.checked_zero_shard)."""
+    node = max(1, gpus_per_node // tp)
+    if not zero or ep > 1 or not 1 < node < dp or dp % node:
+        return [None]
+    return [None, node]
 
 
 def _checked_choices(micro_batches, zero, recompute) -> tuple:
@@ -189,7 +204,8 @@ class _Costing:
                  recompute_mode=layout["recompute"])
         mem = _train_memory(self.params - self.params_expert, self.params_expert, self.bpp, self.activations(c),
                             tp=c["tp"], pp=c["pp"], dp=c["dp"], ep=c["ep"], zero=c["zero"],
-                            microbatches=c["microbatches"], virtual_stages=c["virtual_stages"])
+                            microbatches=c["microbatches"], virtual_stages=c["virtual_stages"],
+                            zero_shard=c.get("zero_shard"))
         row = {**layout, "global_batch": global_batch, "microbatches": c["microbatches"],
                **({"encoder_stages": enc} if self.spec.is_encoder_decoder else {}),
                "memory_gb": mem["total_bytes"] / 1e9, "fits": mem["total_bytes"] <= self.hw.memory_capacity_bytes}
