@@ -419,6 +419,37 @@ def test_a_reading_right_after_a_large_kernel_does_not_scale_its_point():
     assert smoothed_round_robin(per_runner) == [[quiet, quiet]] * 3
 
 
+def test_fixed_costs_are_restored_at_the_reading_beside_their_own_timing():
+    """The probe's fixed cost reads the phase it follows as well as the host (on the 2-core VM:
+    72 us beside the fixed costs' timing, 133 us beside the matrix products, which took 717 of
+    the 1,238 readings). The fixed costs, kept in probe units, are restored at the median of
+    the readings beside their own timing; the matrix rate and the cold reads stay the median
+    of all (the points' scale, and validation's `at_speed` reads the same reference)."""
+    from flopsim.calibrate import _at_reference_all, _fixed_part, reference_reading
+    from flopsim.probe import ProbeReading, median_reading
+
+    beside_fixed = [ProbeReading(1e-3, 2e-4, 72e-6)] * 87
+    beside_products = [ProbeReading(1.1e-3, 3e-4, 133e-6)] * 717
+    others = [ProbeReading(1e-3, 2.5e-4, 95e-6)] * 434
+    readings = beside_fixed + beside_products + others
+    ref = reference_reading(readings, beside_fixed)
+    everything = median_reading(readings)
+    assert everything.fixed_s == 133e-6  # what the median of all would restore them at
+    assert ref.fixed_s == 72e-6
+    assert (ref.compute_s, ref.memory_s) == (everything.compute_s, everything.memory_s)
+    assert reference_reading(readings) == everything  # no fixed-cost readings: the median of all
+
+    # a kernel whose cold fixed cost was 144 us when the probe read 72 us is kept as 2 probe units
+    bench = SimpleNamespace(readings=readings, fixed_readings=beside_fixed, points=[], queued=False,
+                            fixed_cold={"elementwise": 2.0, "launch": 0.25}, host={},
+                            fixed_units=lambda reading: reading.fixed_s)
+    got, _ = _at_reference_all(bench)
+    assert got == ref
+    fixed, launch, _ = _fixed_part(bench, got)
+    assert fixed["elementwise"] == pytest.approx(144e-6)  # as timed, not 2 x 133 us
+    assert launch == pytest.approx(18e-6)
+
+
 # -- fresh pages (a CPU's allocator maps large outputs afresh) ---------------------------
 
 MIB = 2 ** 20
