@@ -1234,7 +1234,7 @@ def _at_reference_all(bench: Bench) -> tuple:
 
     from flopsim.probe import smoothed
 
-    ref = reference_reading(bench.readings, getattr(bench, "fixed_readings", None))
+    ref = reference_reading(bench.readings, bench.fixed_readings)
     steady = dict(zip(map(id, bench.readings), smoothed(bench.readings)))
     points = [_at_reference(replace(p, probe=steady.get(id(p.probe), p.probe)), ref) for p in bench.points]
     return ref, points

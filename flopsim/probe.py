@@ -22,16 +22,17 @@ wall-clock dispatch: the device and its host drift apart.
 `flopsim calibrate` takes a reading beside every measured point and scales
 each point to the calibration's median reading (`measured.probe`) by the
 matrix rate (`compute_s`), so the calibration describes the host at its
-median speed. The fixed costs, kept in units of `fixed_s`, are restored at
-the median of the readings beside their own timing, which is the
-reference's `fixed_s` (flopsim.calibrate.reference_reading): `fixed_s` reads
-the phase it follows too (72 us beside the fixed costs, 133 us beside the
-matrix products, 84-101 us beside the other phases of one calibration on
-the 2-core VM, 2026-11-28). Not by the cold reads: the calibration's own memory-bound
+median speed. Not by the cold reads: the calibration's own memory-bound
 kernels disturb them (beside the forward memory-bound kernels, 8 kB to
 256 MB, `memory_s` read 1.43-1.66x its median while `compute_s` read
 0.99-1.03x and `fixed_s` 0.86-0.93x on the 2-core VM, 2026-11-27), and
-scaling by them made those kernels 1.5x faster than measured. Validation times the
+scaling by them made those kernels 1.5x faster than measured. For the same
+reason the fixed costs, kept in units of `fixed_s`, are restored at the
+median of the readings beside their own timing, the reference's `fixed_s`
+(flopsim.calibrate.reference_reading): `fixed_s` reads the phase it
+follows too (in one calibration on the 2-core VM, 2026-11-28: 72 us beside
+the fixed costs, 133 us beside the matrix products, 84-101 us beside the
+other phases). Validation times the
 models round-robin over several minutes, so their medians describe it at
 its median speed too, and the two are compared. `flopsim validate` also
 takes a reading beside every model's runs and reports, as a second figure,

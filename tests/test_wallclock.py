@@ -406,8 +406,9 @@ def test_a_reading_right_after_a_large_kernel_does_not_scale_its_point():
     def point(name, reading):
         return Point(name, "elementwise", None, 1e-3, 1e6, 1e6, 0.5, 0.5, size=256e6, probe=reading)
 
-    bench = SimpleNamespace(readings=readings, points=[point("spiked", readings[30]), point("drifted", readings[80]),
-                                                       point("streamed", readings[130])])
+    bench = SimpleNamespace(readings=readings, fixed_readings=[],
+                            points=[point("spiked", readings[30]), point("drifted", readings[80]),
+                                    point("streamed", readings[130])])
     ref, (spiked, drifted, streamed_point) = _at_reference_all(bench)
     assert ref == quiet  # the median of all readings
     assert (spiked.compute_eff, spiked.memory_eff) == pytest.approx((0.5, 0.5))  # its own reading was 10x the median
