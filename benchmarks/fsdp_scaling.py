@@ -50,14 +50,14 @@ def main() -> None:
 
         fsdp, bare = plan(), plan(calibration=flat)
         hsdp = plan(8) if gpus > 8 else fsdp
-        row = [f"{gpus:>6}"]
-        for p in (fsdp,):
-            row += [f"{p.step_time_s * 1e3:>8.1f}ms", f"{p.totals['tokens_per_s_per_gpu']:>10.0f}",
-                    f"{100 * p.totals['mfu']:>5.1f}%", f"{p.communication['dp_s_per_step']:>7.3f}",
-                    f"{bare.communication['dp_s_per_step']:>15.3f}"]
-        row += [f"{hsdp.step_time_s * 1e3:>8.1f}ms", f"{hsdp.totals['tokens_per_s_per_gpu']:>10.0f}",
-                f"{100 * hsdp.totals['mfu']:>5.1f}%", f"{hsdp.communication['dp_s_per_step']:>7.3f}"]
-        print(" ".join(row))
+        print(" ".join([f"{gpus:>6}", *_cells(fsdp), f"{bare.communication['dp_s_per_step']:>15.3f}",
+                        *_cells(hsdp)]))
+
+
+def _cells(plan) -> list:
+    """A plan's step, tokens/s per GPU, MFU and data-parallel seconds a step, as table cells."""
+    return [f"{plan.step_time_s * 1e3:>8.1f}ms", f"{plan.totals['tokens_per_s_per_gpu']:>10.0f}",
+            f"{100 * plan.totals['mfu']:>5.1f}%", f"{plan.communication['dp_s_per_step']:>7.3f}"]
 
 
 if __name__ == "__main__":
