@@ -17,13 +17,17 @@
 #
 # Writes into OUT_DIR: calibration.yaml (the measured calibration, provenance
 # measured), per_op.csv, per_model.csv, speedups.csv, summary.json,
-# summary.md, scatter.png, error_by_kind.png, environment.txt, run.log and aten.csv
+# summary.md, scatter.png, error_by_kind.png, environment.txt, run.log, aten.csv
 # (scripts/aten_profile.py: per aten op, calls and host and device seconds per step)
-# (eleven files: set ARCHIVE to get them as one).
+# and sustained.csv (scripts/sustained_gemm.py: a large product's throughput, SM
+# clock and power in windows over SUSTAIN_S seconds, default 20, of back-to-back
+# calls, then 4 s of zero operands and, on a GPU, 4 s beside a stream of copies)
+# (twelve files: set ARCHIVE to get them as one).
 # Copy calibration.yaml to specs/calibration/<hardware>.yaml to make it the
 # device's calibration (the validation writes it into OUT_DIR only). Took
 # 214 s on an H200 (2026-11-27, before aten.csv was added); the same steps
-# took 335 s on the 2-core development CPU (2026-11-28).
+# took 360 s on the 2-core development CPU (2026-11-28, aten.csv and sustained.csv
+# included).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE="${DEVICE:-cuda}"
@@ -56,6 +60,10 @@ python3 -m flopsim validate --device "$DEVICE" --suite quick --recalibrate --har
 # where each step's time goes, per aten op (calls, host and device seconds per step): a diagnostic
 python3 scripts/aten_profile.py --device "$DEVICE" --suite quick --out "$OUT/aten.csv" >> "$OUT/run.log" 2>&1 \
     || echo "gpu-validate: aten_profile failed (run.log says why); the validation above stands" | tee -a "$OUT/run.log"
+# whether a product keeps its short-loop speed when it runs for seconds (power-limited clocks): a diagnostic
+python3 scripts/sustained_gemm.py --device "$DEVICE" --seconds "${SUSTAIN_S:-20}" --out "$OUT/sustained.csv" 2>&1 \
+    | tee -a "$OUT/run.log" \
+    || echo "gpu-validate: sustained_gemm failed (run.log says why); the validation above stands" | tee -a "$OUT/run.log"
 echo "gpu-validate: done in $((SECONDS - START)) s; folder $OUT" | tee -a "$OUT/run.log"
 if [ -n "${ARCHIVE:-}" ]; then  # one file to carry back (e.g. ARCHIVE=$OUT_DIR/cuda.tgz)
     tar czf "$ARCHIVE" -C "$(dirname "$OUT")" "$(basename "$OUT")"

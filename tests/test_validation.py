@@ -632,6 +632,77 @@ def test_aten_profile_script_breaks_a_step_down_per_aten_op(tmp_path):
     assert not (tmp_path / "x.csv").exists()
 
 
+def test_sustained_gemm_script_times_windows_of_back_to_back_products(tmp_path):
+    """scripts/sustained_gemm.py (run last by scripts/gpu-validate.sh): windows of
+    back-to-back products of random operands for --seconds, then of zero operands; each
+    window's TF/s is 2 n^3 x its calls / its seconds (here, on a CPU, no clock or power
+    column is read), and the summary sets the first window beside the last third.
+    Bad input: one line, exit 2, nothing written."""
+    import csv
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "sustained_gemm.py"
+    out = tmp_path / "sustained.csv"
+    r = subprocess.run([sys.executable, str(script), "--device", "cpu", "--size", "128", "--seconds", "0.4",
+                        "--zero-seconds", "0.2", "--window", "0.05", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(out.open()))
+    randn = [row for row in rows if row["data"] == "randn"]
+    zeros = [row for row in rows if row["data"] == "zeros"]
+    assert len(randn) >= 3 and zeros and len(rows) == len(randn) + len(zeros)
+    assert float(randn[-1]["t_end_s"]) >= 0.4 and float(zeros[-1]["t_end_s"]) > float(randn[-1]["t_end_s"])
+    assert all(float(row["tflops"]) > 0 and int(row["calls"]) >= 1 for row in rows)
+    assert {row["sm_clock_mhz"] for row in rows} == {""}
+    assert int(randn[1]["calls"]) > int(randn[0]["calls"])  # the windows grow from one call to --window
+    assert "last / first" in r.stdout and "zero operands" in r.stdout
+    bad = subprocess.run([sys.executable, str(script), "--seconds", "0", "--out", str(tmp_path / "x.csv")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--seconds" in bad.stderr and bad.stderr.count("\n") == 1
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_sustained_gemm_reads_the_clock_and_power_within_each_window(tmp_path, monkeypatch):
+    """On a CUDA device the script reads nvidia-smi in a loop; a window gets the median of
+    each field over the readings that arrived within it, and a field the driver rejects
+    (an older driver's name for the clock event reasons) is left out, not an error. Here a
+    stand-in nvidia-smi prints 1,500 MHz / 650 W / 70 C, then 1,400 MHz / 690 W / 75 C."""
+    import importlib.util
+    import os
+    import time
+    from pathlib import Path
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\n"
+                    'case "$*" in *clocks_event_reasons*) exit 2;; esac\n'
+                    'case "$*" in *loop-ms*) ;; *) echo 1500; exit 0;; esac\n'
+                    "for i in 1 2 3 4 5 6; do echo '1500, 650.0, 70'; sleep 0.05; done\n"
+                    "while true; do echo '1400, 690.0, 75'; sleep 0.05; done\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    path = Path(__file__).resolve().parent.parent / "scripts" / "sustained_gemm.py"
+    spec = importlib.util.spec_from_file_location("sustained_gemm", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    sampler = module.SmiSampler(0, period_ms=50)
+    try:
+        deadline = time.monotonic() + 10
+        while len(sampler.readings) < 12 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        sampler.stop()
+    assert sampler.fields == ["clocks.sm", "power.draw", "temperature.gpu"]
+    times = [t for t, _ in sampler.readings]
+    early = sampler.between(times[0], times[5])
+    late = sampler.between(times[6], times[-1])
+    assert early == {"clocks.sm": 1500.0, "power.draw": 650.0, "temperature.gpu": 70.0}
+    assert late == {"clocks.sm": 1400.0, "power.draw": 690.0, "temperature.gpu": 75.0}
+    assert sampler.between(times[-1] + 1, times[-1] + 2) == {"clocks.sm": "", "power.draw": "", "temperature.gpu": ""}
+
+
 def test_each_round_robin_visit_times_the_step_after_back_to_back_warm_up(monkeypatch):
     """A step that follows another model's runs is slower for its first runs, so every
     visit runs the step back to back for WARMUP_S before its timed runs; the probe reads
