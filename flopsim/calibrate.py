@@ -45,7 +45,9 @@ threads fixed, CUDA synchronised:
   memory-bound: an efficiency per size (small tensors stay in cache). On a
   CPU the forward kernels a train step runs are measured again as it runs
   them (`measure_train_forward`: inputs needing gradients, outputs kept),
-  points of their own (flopsim.calibration lookup step 8). The
+  and so are the backward kernels (`measure_train_backward`: each call the
+  backward of the next of a ring of graphs, its saved tensors cold, its
+  gradient kept), points of their own (flopsim.calibration lookup step 8). The
   gathers per kernel both ways (index_select, x[idx], torch.gather, and
   forward the 2-d index): x[idx]'s backward, index_put_ with accumulate,
   runs serially on a CPU.
@@ -1087,6 +1089,47 @@ def measure_backward_kernels(bench: Bench) -> None:
             bench.record(f"{name} backward {size:.3g}B", kind, None, bench.timed(timer_of(make)), op, matrix=False,
                          size=size)
         bench.say(f"backward kernels at {size:.3g} B")
+        if bench.device == "cpu":
+            measure_train_backward(bench, size)
+
+
+def measure_train_backward(bench: Bench, size: float) -> None:
+    """Each memory-bound backward kernel at `size` as a train step runs it (CPU; flopsim.calibration
+    lookup step 8): it reads what its forward saved long before, and writes a gradient that is kept
+    (for the next node, or until the optimizer). A ring of independent forward graphs, their
+    inputs and saved tensors TRAIN_FOOTPRINT bytes at least (at most TRAIN_RING graphs), is built
+    before the timing; each call runs the next graph's backward against one incoming gradient (just
+    written by the node before it, in a step) and keeps its output in a ring of as many, so that
+    each call reads saved tensors not in cache and writes memory the allocator did not just free.
+    measure_backward_kernels' points time one graph over and over: its saved tensors stay in cache."""
+    import itertools
+    from collections import deque
+
+    import torch
+
+    n, _ = _memory_shapes(bench, size)
+    footprint = SMOKE["pool"] if bench.smoke else TRAIN_FOOTPRINT
+    for name, kind, variant, make in backward_kernels(bench, n):
+        op = _backward_op(bench, name, kind, n, variant=variant)
+        if op is None:
+            continue
+        graphs = [make()]
+        held = sum(t.numel() * t.element_size() for t in graphs[0][1]) + float(op.act_read_bytes)
+        graphs += [make() for _ in range(max(1, min(TRAIN_RING, math.ceil(footprint / max(held, 1.0)))) - 1)]
+        out = graphs[0][0]
+        grad = tuple(map(torch.randn_like, out)) if isinstance(out, tuple) else torch.randn_like(out)
+        turn, kept = itertools.cycle(graphs), deque(maxlen=len(graphs))
+
+        def call(turn=turn, kept=kept, grad=grad):
+            out, inputs = next(turn)
+            kept.append(torch.autograd.grad(out, inputs, grad, retain_graph=True))
+
+        seconds = bench.timed(call)
+        kept.clear()
+        del graphs
+        bench.record(f"{name} backward {size:.3g}B, train", kind, None, seconds, op, matrix=False, size=size,
+                     train=True)
+    bench.say(f"train-step backward kernels at {size:.3g} B")
 
 
 def _kind_level_backward_costs(bench: Bench, kinds: tuple = ("gather",)) -> None:

@@ -95,8 +95,18 @@ Lookup order for an op of kind K with GEMM shape (batch, m, n, k):
    GELU 0.20 and 0.32 ms, with glibc told never to trim its heap (no page
    faults; under its defaults the kept add took 0.90 ms, faulting 2.7 MB a
    call); the reference's RoPE forward 0.65 ms without gradients and 1.27
-   ms with. A kernel without such points (a matrix product, attention, any
-   kernel on a calibration without them) takes its forward points.
+   ms with. A train step's backward kernels read what their forward saved
+   long before (not in cache) and write gradients that are kept: on a CPU
+   `flopsim calibrate` measures each memory-bound backward kernel so too
+   (a ring of independent forward graphs, TRAIN_FOOTPRINT bytes at least,
+   each call the next one's backward, its gradient kept), and a train
+   step's backward ops take those points. On the 2-core VM an RMSNorm's
+   backward over 1 MB took 1.05 ms over and over on one graph and 1.79 ms
+   so, a multiply's 0.20 and 0.32 ms, a GELU's over 4 MB 0.55 and 0.84 ms,
+   the cross-entropy's over 512 x 8,000 logits 2.1 and 3.6 ms. A kernel
+   without such points (a matrix product, attention, any kernel on a
+   calibration without them) takes its forward points (a backward op, its
+   backward points).
 
 Another fused attention kernel (`attention_kernels[name]`, e.g. Triton's
 FlashAttention) has its own points; `with_attention_kernel(name)` puts them
@@ -197,8 +207,9 @@ class SizePoint(_Strict):
     flops: Optional[float] = Field(None, ge=0, le=1e21)  # the kernel's executed FLOPs: its compute coordinate
     variant: Optional[str] = None  # the kernel measured (e.g. gelu, rmsnorm)
     backward: bool = False  # measured on the kernel's backward (autograd's) rather than its forward
-    # measured as a train step's forward runs it: inputs needing gradients, and what autograd keeps
-    # (the output, saved intermediates) alive, each call writing memory not in cache (lookup step 8)
+    # measured as a train step runs it (lookup step 8): a forward with inputs needing gradients and
+    # what autograd keeps (the output, saved intermediates) alive, each call writing memory not in
+    # cache; a backward reading its saved tensors cold and keeping the gradient it writes
     train: bool = False
     source: Optional[str] = None  # a published point's citation
 
@@ -366,8 +377,8 @@ class Calibration(_Strict):
         explicit attention), else those of `kind` with no variant, else all of
         `kind` (else, for GEMM points, the kind-less ones); for a backward op,
         the points measured on the backward kernel when there are any; for a
-        train step's forward op (`train`), those measured so (SizePoint.train) when
-        its kernel has any, else the plain forward points."""
+        train step's op (`train`), those measured as one runs it (SizePoint.train)
+        when its kernel has any, else the plain points of its pass."""
         own = [p for p in points if p.kind == kind]
         if not own and kindless:
             own = [p for p in points if p.kind is None]
@@ -416,8 +427,9 @@ class Calibration(_Strict):
         at the op's bytes and, when they record their FLOPs and the op's `flops` (executed)
         are given, the compute efficiency at its FLOPs: a kernel whose bytes and arithmetic
         scale apart (an embedding's backward: the table's bytes, the rows' adds) is
-        compared with the measured kernels that did as much arithmetic. `train`: a forward
-        op of a train step, priced by the size points measured as one runs (`_matching`)."""
+        compared with the measured kernels that did as much arithmetic. `train`: an op of
+        a train step (forward or backward), priced by the size points measured as one
+        runs (`_matching`)."""
         base = self.kinds.get(f"{kind}@bwd" if backward and f"{kind}@bwd" in self.kinds else kind, self.default)
         points = self._points(kind, variant, backward) if gemm is not None else []
         if points:

@@ -282,8 +282,8 @@ def op_time(op, hw, dtype: str, calibration=None, links=None, efficiency=None, t
     """The roofline of one evaluated op (a flopsim.count.OpCost); a collective's time
     comes from its link level (`collective_time`). `efficiency`: the calibration's
     lookup (`op_times` passes a memoized one). `train`: the op belongs to a train step,
-    whose forward ops keep their outputs for the backward (flopsim.calibration lookup
-    step 8)."""
+    whose forward ops keep their outputs for the backward and whose backward ops read
+    what the forward saved long before (flopsim.calibration lookup step 8)."""
     from flopsim.calibration import Calibration
 
     calibration = calibration or Calibration.ideal(hw.name)
@@ -296,7 +296,7 @@ def op_time(op, hw, dtype: str, calibration=None, links=None, efficiency=None, t
     all_flops, nbytes = op.all_flops, op.bytes  # (OpCost.bytes is a sum: read once)
     executed = float(executed_flops(op))
     compute_eff, memory_eff = efficiency(op.kind, op.gemm, float(nbytes), op.variant, backward,
-                                         products_per_kernel(op.gemm, kernels), executed, train and not backward)
+                                         products_per_kernel(op.gemm, kernels), executed, train)
     compute_s, memory_s, time_s = roofline_time(
         executed, float(nbytes), peak, hw.memory_bandwidth_bytes_per_s,
         compute_eff, memory_eff, calibration.fixed_cost_s(op.kind, op.variant, hw, backward), kernels)

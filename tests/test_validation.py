@@ -533,31 +533,36 @@ def test_rope_backward_is_measured_as_the_reference_runs_it(smoke_calibration):
     assert cal.fixed_cost_s("elementwise", "rope", None, backward=True) == cal.fixed_s["elementwise:rope@bwd"]
 
 
-def test_a_train_steps_forward_is_priced_by_the_points_measured_as_one_runs(smoke_calibration):
+def test_a_train_steps_kernels_are_priced_by_the_points_measured_as_one_runs(smoke_calibration):
     """A train step keeps each forward op's output (and what autograd saves) for the backward,
-    so its kernels write memory not in cache: calibrate measures the memory-bound forward
-    kernels so too on a CPU (inputs needing gradients, outputs held in a ring), as points of
-    their own (`train`), and a train step's forward ops are priced by them -- its backward
-    ops, and every op of a forward step, by the others (flopsim.calibration lookup step 8)."""
+    so its forward kernels write memory not in cache, and its backward kernels read what the
+    forward saved long before and write gradients that are kept: calibrate measures the
+    memory-bound kernels so too on a CPU (forward: inputs needing gradients, outputs held in a
+    ring; backward: each call the next of a ring of graphs, its gradient kept), as points of
+    their own (`train`), and a train step's ops are priced by them -- every op of a forward
+    step by the others (flopsim.calibration lookup step 8)."""
     from flopsim.predict import predict
     from flopsim.spec import load_model
 
     cal, points = smoke_calibration
-    trained = {(p.kind, p.variant) for p in points if p.train}
-    assert {("elementwise", "gelu"), ("elementwise", "add"), ("elementwise", "rope"), ("norm", "rmsnorm"),
-            ("loss", ""), ("embedding", "")} <= trained
-    assert not any(p.train and p.backward for p in points)
-    gelu = [p for p in cal.sizes if (p.kind, p.variant, p.backward) == ("elementwise", "gelu", False)]
-    kept, plain = [p for p in gelu if p.train], [p for p in gelu if not p.train]
-    assert kept and plain and {p.bytes for p in kept} == {p.bytes for p in plain}
-    at = max(kept, key=lambda p: p.bytes)
-    assert cal.efficiency("elementwise", nbytes=at.bytes, variant="gelu", train=True)[1] == pytest.approx(at.memory)
-    assert cal.efficiency("elementwise", nbytes=at.bytes, variant="gelu")[1] == pytest.approx(
-        max(plain, key=lambda p: p.bytes).memory)
+    trained = {(p.kind, p.variant, p.backward) for p in points if p.train}
+    assert {("elementwise", "gelu", False), ("elementwise", "add", False), ("elementwise", "rope", False),
+            ("norm", "rmsnorm", False), ("loss", "", False), ("embedding", "", False)} <= trained
+    assert {("elementwise", "gelu", True), ("elementwise", "mul", True), ("elementwise", "rope", True),
+            ("norm", "rmsnorm", True), ("loss", "", True), ("embedding", "", True)} <= trained
+    for backward in (False, True):
+        gelu = [p for p in cal.sizes if (p.kind, p.variant, p.backward) == ("elementwise", "gelu", backward)]
+        kept, plain = [p for p in gelu if p.train], [p for p in gelu if not p.train]
+        assert kept and plain and {p.bytes for p in kept} == {p.bytes for p in plain}
+        at = max(kept, key=lambda p: p.bytes)
+        assert cal.efficiency("elementwise", nbytes=at.bytes, variant="gelu", backward=backward,
+                              train=True)[1] == pytest.approx(at.memory)
+        assert cal.efficiency("elementwise", nbytes=at.bytes, variant="gelu", backward=backward)[1] == \
+            pytest.approx(max(plain, key=lambda p: p.bytes).memory)
     spec = load_model("decoder-220m").with_changes(layers=2, d_model=128, heads=2, d_ff=512, vocab=1000)
 
-    def act(phase, pass_):
-        ops = predict(spec, "cpu", phase=phase, batch=1, seq=16, calibration=cal).ops
+    def act(phase, pass_, calibration=cal):
+        ops = predict(spec, "cpu", phase=phase, batch=1, seq=16, calibration=calibration).ops
         return next(t for t in ops if t.name == "block.0.mlp.act" and t.pass_ == pass_)
 
     train_fwd, forward, train_bwd = act("train", "fwd"), act("forward", "fwd"), act("train", "bwd")
@@ -566,12 +571,19 @@ def test_a_train_steps_forward_is_priced_by_the_points_measured_as_one_runs(smok
     assert forward.memory_eff == pytest.approx(
         cal.efficiency("elementwise", nbytes=float(forward.bytes), variant="gelu")[1])
     assert train_fwd.memory_eff != forward.memory_eff
-    assert train_bwd.memory_eff == pytest.approx(
-        cal.efficiency("elementwise", nbytes=float(train_bwd.bytes), variant="gelu", backward=True)[1])
-    # a calibration without such points (a GPU's, a published one) prices a train step's forward as before
+    assert train_bwd.memory_eff == pytest.approx(cal.efficiency(
+        "elementwise", nbytes=float(train_bwd.bytes), variant="gelu", backward=True, train=True)[1])
+    assert train_bwd.memory_eff != pytest.approx(cal.efficiency(
+        "elementwise", nbytes=float(train_bwd.bytes), variant="gelu", backward=True)[1])
+    # a calibration without such points (a GPU's, a published one) prices a train step's ops by
+    # its plain points of each pass
     plain_cal = cal.model_copy(update={"sizes": [p for p in cal.sizes if not p.train]})
-    assert plain_cal.efficiency("elementwise", nbytes=at.bytes, variant="gelu", train=True) == \
-        plain_cal.efficiency("elementwise", nbytes=at.bytes, variant="gelu")
+    for backward in (False, True):
+        assert plain_cal.efficiency("elementwise", nbytes=at.bytes, variant="gelu", backward=backward,
+                                    train=True) == \
+            plain_cal.efficiency("elementwise", nbytes=at.bytes, variant="gelu", backward=backward)
+    assert act("train", "bwd", plain_cal).memory_eff == pytest.approx(plain_cal.efficiency(
+        "elementwise", nbytes=float(train_bwd.bytes), variant="gelu", backward=True)[1])
 
 
 def test_padded_experts_are_priced_by_the_batched_products_measured(smoke_calibration):
