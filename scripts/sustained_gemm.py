@@ -152,6 +152,16 @@ def overlap_windows(torch, a, b, seconds: float, window_s: float, copy_bytes: in
     return out
 
 
+def product_flops(n: int, dtype: str) -> float:
+    """The FLOPs of one n x n x n product, as flopsim's own op for it counts them (calibrate's way)."""
+    from flopsim.calibrate import _ctx
+    from flopsim.count import evaluate_ops
+    from flopsim.ops import primitives as P
+
+    op = P.linear(_ctx(dtype), "x", layer=0, tokens=n, d_in=n, d_out=n, bias=False)[0]
+    return float(evaluate_ops([op], {})[0].flops)
+
+
 def measure(args) -> list:
     """Every window's CSV row: random operands, zero operands, then (CUDA) random operands beside copies."""
     import torch
@@ -162,6 +172,7 @@ def measure(args) -> list:
     dtype = torch.bfloat16 if cuda else torch.float32
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     n = args.size
+    flops = product_flops(n, "bf16" if cuda else "fp32")
     phases = [("randn", args.seconds), ("zeros", args.zero_seconds)]
     phases += [("randn+copies", args.overlap_seconds)] if cuda else []
     sampler = SmiSampler(torch.cuda.current_device()) if cuda else None
@@ -182,7 +193,7 @@ def measure(args) -> list:
                 continue
             for t0, t1, calls, elapsed, copy_gb_per_s in windows:
                 smi = sampler.between(t0, t1) if sampler else {}
-                rows.append([data, round(t1 - origin, 3), calls, round(2 * n**3 * calls / elapsed / 1e12, 3),
+                rows.append([data, round(t1 - origin, 3), calls, round(flops * calls / elapsed / 1e12, 3),
                              smi.get("clocks.sm", ""), smi.get("power.draw", ""), smi.get("temperature.gpu", ""),
                              smi.get("clocks_event_reasons.active", ""), copy_gb_per_s])
             del a, b
