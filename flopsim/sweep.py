@@ -467,7 +467,7 @@ class _Plan:
         from flopsim.roofline import op_peak_flops_per_s
 
         self.hw, self.cal, self.axes = hw, cal, axes
-        self.train = phase == "train"  # a train step's forward ops keep their outputs (calibration step 8)
+        self.train = phase == "train"  # a train step's ops are priced as one runs them (calibration step 8)
         ops = phase_ops(spec, phase, symbolic=True, optimizer=optimizer)
         dims = Dims.of(spec)
         varied = {a.target for a in axes if a.kind == "dim"}
@@ -596,7 +596,7 @@ class _Plan:
             gemm = tuple(values[g] for g in item["gemm"]) if item["gemm"] is not None else None
             per_kernel = products_per_kernel(gemm, values[item["kernels"]])
             ce, me = self.cal.efficiency(item["kind"], gemm, by, item["variant"], item["backward"], per_kernel, af,
-                                         self.train and not item["backward"])
+                                         self.train)
             mult = item["mult"]
             # the roofline (flopsim.roofline.roofline_time) with the multiplicity folded in
             c, m, t = roofline_time(af, by, item["peak"] / mult, bw / mult, ce, me, 0.0)

@@ -120,14 +120,15 @@ def test_sweep_and_isoflop_report_progress():
     assert ticks and ticks[-1][0] == ticks[-1][1] and [d for d, _ in ticks] == list(range(1, len(ticks) + 1))
 
 
-def test_train_sweep_prices_the_forward_as_predict_does_on_a_cpu():
-    """The shipped CPU calibration has points measured as a train step's forward runs
-    (flopsim.calibration lookup step 8): a train sweep prices its forward ops by them, as
-    predict does, point for point."""
+def test_train_sweep_prices_its_ops_as_predict_does_on_a_cpu():
+    """The shipped CPU calibration has points measured as a train step runs its forward and
+    backward kernels (flopsim.calibration lookup step 8): a train sweep prices its ops by
+    them, as predict does, point for point."""
     from flopsim.calibration import load_calibration
     from flopsim.hardware import load_hardware
 
-    assert any(p.train for p in load_calibration("cpu", load_hardware("cpu")).sizes)
+    sizes = load_calibration("cpu", load_hardware("cpu")).sizes
+    assert any(p.train and not p.backward for p in sizes) and any(p.train and p.backward for p in sizes)
     g = sweep("gpt2-small", "cpu", phase="train", vary={"batch": [1, 2], "seq": [16, 64]})
     for b, s in [(1, 16), (2, 64)]:
         _same(g.at(batch=b, seq=s), predict("gpt2-small", "cpu", phase="train", batch=b, seq=s))
