@@ -1096,9 +1096,10 @@ def measure_backward_kernels(bench: Bench) -> None:
 def measure_train_backward(bench: Bench, size: float) -> None:
     """Each memory-bound backward kernel at `size` as a train step runs it (CPU; flopsim.calibration
     lookup step 8): it reads what its forward saved long before, and writes a gradient that is kept
-    (for the next node, or until the optimizer). A ring of independent forward graphs, their
-    inputs and saved tensors TRAIN_FOOTPRINT bytes at least (at most TRAIN_RING graphs), is built
-    before the timing; each call runs the next graph's backward against one incoming gradient (just
+    (for the next node, or until the optimizer). A ring of independent forward graphs is built
+    before the timing, as many as TRAIN_FOOTPRINT over one graph's inputs plus the bytes its
+    backward reads (at most TRAIN_RING; an overestimate of what a graph holds, so the ring holds
+    somewhat less than TRAIN_FOOTPRINT, still far past a CPU's private caches); each call runs the next graph's backward against one incoming gradient (just
     written by the node before it, in a step) and keeps its output in a ring of as many, so that
     each call reads saved tensors not in cache and writes memory the allocator did not just free.
     measure_backward_kernels' points time one graph over and over: its saved tensors stay in cache."""
