@@ -76,6 +76,8 @@ class Parallel(_Strict):
     recompute_fraction: float = Field(1.0, gt=0, le=1)  # recompute full: the share of blocks checkpointed
     virtual_stages: int = Field(1, ge=1)  # the interleaved pipeline schedule's chunks a stage
     sequence_parallel: Optional[bool] = None  # token-wise ops split over tp (None: on when tp > 1)
+    # embedding table and LM head split over tp by vocabulary (False: whole on each rank, as gpt-fast's tp.py)
+    vocab_parallel: bool = True
 
 
 class Engine(_Strict):
@@ -153,6 +155,9 @@ def load_published(path: Optional[str] = None) -> Suite:
             raise InputError(f"published suite: row {row.id!r}: baseline {row.baseline!r} is not a row")
         if row.metric == "tflops_per_gpu" and not row.flops_formula:
             raise InputError(f"published suite: row {row.id!r}: a tflops_per_gpu row needs the source's flops_formula")
+        if not row.parallel.vocab_parallel and row.task not in ("prefill", "decode", "generate"):
+            raise InputError(f"published suite: row {row.id!r}: parallel.vocab_parallel: false is modelled for "
+                             f"inference rows (prefill, decode, generate), not task {row.task!r}")
     if len(set(ids)) != len(ids):
         raise InputError("published suite: row ids must be unique")
     return suite
@@ -254,7 +259,8 @@ def _prefill(row: Row, s: _Setup) -> tuple[float, dict]:
     from flopsim.planning import tp_prefill_s
 
     t, _ = tp_prefill_s(s.spec, s.hw, s.cal, s.links, tp=row.parallel.tp, batch=_shape(row, "batch", 1),
-                        prompt=_shape(row, "prompt"), encoder_seq=_encoder_seq(row))
+                        prompt=_shape(row, "prompt"), encoder_seq=_encoder_seq(row),
+                        vocab_parallel=row.parallel.vocab_parallel)
     return t, {"prefill_s": t}
 
 
@@ -272,7 +278,8 @@ def _decode(row: Row, s: _Setup) -> tuple[float, dict]:
     from flopsim.planning import tp_decode_s
 
     t, _ = tp_decode_s(s.spec, s.hw, s.cal, s.links, tp=row.parallel.tp, batch=_shape(row, "batch", 1),
-                       context=_decode_context(row), encoder_seq=_encoder_seq(row))
+                       context=_decode_context(row), encoder_seq=_encoder_seq(row),
+                       vocab_parallel=row.parallel.vocab_parallel)
     return t, {"decode_step_s": t, "context": _decode_context(row)}
 
 

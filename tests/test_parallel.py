@@ -280,3 +280,55 @@ def test_fp32_unfused_loss_is_split_with_the_vocabulary_parallel_head():
             whole, half = loss_bytes(one, pass_), loss_bytes(two, pass_)
             assert set(whole) == set(half) and len(whole) >= 3
             assert all(half[k] == pytest.approx(v / 2, rel=1e-12) for k, v in whole.items()), (sp, pass_)
+
+
+def test_a_head_left_whole_is_read_whole_on_every_rank():
+    """gpt-fast's tensor parallelism (its tp.py shards only the blocks' attention and FFN
+    products): the LM head and the embedding table stay whole on each rank, so a decode
+    step reads the whole head; the embedding needs no all-reduce, the blocks are unchanged."""
+    tp = 8
+    split = count(LLAMA, batch=B, seq=1, context=S, phase="decode", layout=_layout(phase="decode", tp=tp))
+    whole = count(LLAMA, batch=B, seq=1, context=S, phase="decode",
+                  layout=_layout(phase="decode", tp=tp, vocab_parallel=False))
+    one = count(LLAMA, batch=B, seq=1, context=S, phase="decode")
+    by_name = {o.key: o for o in whole.ops}
+    head = next(o for o in one.ops if o.name == "head.lm")
+    assert (by_name[head.key].flops, by_name[head.key].weight_bytes, by_name[head.key].gemm) == (
+        head.flops, head.weight_bytes, head.gemm)
+    assert whole.params - split.params == (1 - 1 / tp) * 2 * V * D  # head and table whole: 2 x V x d
+    extra_weight_bytes = (1 - 1 / tp) * (V * D * W      # the head's weights, read whole
+                                         + B * D * W)   # the B embedding rows looked up, each on every rank
+    weights = [sum(float(o.weight_bytes) for o in r.ops) for r in (whole, split)]
+    assert weights[0] - weights[1] == pytest.approx(extra_weight_bytes, rel=1e-12)
+    assert [o.variant for o in _collectives(whole, group="tp")] == ["all_reduce"] * (2 * L)  # blocks' only
+    blocks = [(o.key, o.flops, o.bytes) for o in split.ops if o.name.startswith("block.")]
+    assert len(blocks) > L and blocks == [(o.key, o.flops, o.bytes) for o in whole.ops if o.name.startswith("block.")]
+
+
+def test_a_whole_head_in_training_keeps_its_loss_whole_and_gathers_nothing():
+    """Sequence-parallel training with the head whole: each rank runs the head and the loss
+    on its own tokens (1 / tp of them), so no all-gather before the head and no
+    reduce-scatter after the embedding; the blocks keep their 2 x L pairs."""
+    tp = 4
+    r = count(LLAMA, batch=B, seq=S, phase="train", layout=_layout(tp=tp, vocab_parallel=False))
+    one = count(LLAMA, batch=B, seq=S, phase="train")
+    assert Counter((o.variant, o.pass_) for o in _collectives(r, group="tp")) == {
+        ("all_gather", "fwd"): 2 * L, ("reduce_scatter", "fwd"): 2 * L,
+        ("reduce_scatter", "bwd"): 2 * L, ("all_gather", "bwd"): 2 * L}
+    for name in ("head.lm", "head.loss"):
+        mine = [o for o in r.ops if o.name == name]
+        base = {o.key: o for o in one.ops if o.name == name}
+        assert mine and all(o.flops * tp == base[o.key].flops and o.weight_bytes == base[o.key].weight_bytes
+                            for o in mine), name
+    with pytest.raises(InputError, match="^vocab_parallel"):
+        _layout(tp=2, vocab_parallel="no")
+
+
+def test_cli_predicts_a_whole_head_slower_by_its_bytes():
+    out = [run("count", "llama-2-7b", "--phase", "decode", "--seq", "1", "--context", "128", "--tp", "8",
+               *flag, "--format", "json") for flag in ((), ("--no-vocab-parallel",))]
+    assert all(o.exit_code == 0 for o in out), [o.output[-300:] for o in out]
+    import json
+
+    split, whole = (json.loads(o.output) for o in out)
+    assert whole["params"] - split["params"] == (1 - 1 / 8) * 2 * V * D

@@ -84,6 +84,31 @@ def test_a_rows_network_is_its_per_gpu_share_at_the_calibrated_nic_efficiency():
     assert ours.time_s > plain.time_s
 
 
+def test_gpt_fast_tensor_parallel_rows_read_the_whole_head_on_every_rank():
+    """gpt-fast's tp.py leaves the LM head whole on each rank (vocab_parallel: false): a
+    decode step is slower than with the vocabulary-parallel head by about the (1 - 1/tp) x
+    V x d_model head bytes it reads in addition, at the calibration's GEMV bandwidth."""
+    row = BY_ID["gptfast-llama31-8b-a100-tp8"]
+    assert row.parallel.tp == 8 and row.parallel.vocab_parallel is False
+    split = row.model_copy(update={"id": "split", "parallel": row.parallel.model_copy(update={"vocab_parallel": True})})
+    whole, parallel = predict_row(row, BY_ID), predict_row(split, BY_ID)
+    spec = _setup(row).spec
+    extra_bytes = (1 - 1 / 8) * spec.vocab * spec.d_model * 2  # bf16 head read by every rank
+    added = whole.details["decode_step_s"] - parallel.details["decode_step_s"]
+    bandwidth = load_hardware(row.hardware).memory_bandwidth_bytes_per_s
+    assert extra_bytes / bandwidth < added < extra_bytes / (0.5 * bandwidth)
+
+
+def test_a_whole_head_is_refused_on_a_training_row(tmp_path):
+    data = yaml.safe_load(suite_path().read_text())
+    row = next(r for r in data["rows"] if r["task"] == "train")
+    row["parallel"]["vocab_parallel"] = False
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(InputError, match="vocab_parallel: false is modelled for inference rows"):
+        load_published(str(path))
+
+
 def test_speedup_rows_are_the_baselines_time_over_the_rows():
     row = next(r for r in SUITE.rows if r.task == "speedup")
     r = predict_row(row, BY_ID)

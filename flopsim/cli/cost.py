@@ -8,7 +8,8 @@ import typer
 
 from flopsim.cli.app import app
 from flopsim.cli.layout_opts import (CpOpt, DpOpt, EpOpt, GpusPerNodeOpt, PpOpt, RecomputeOpt, SequenceParallelOpt,
-                                     StageOpt, TpOpt, ZeroOpt, ZeroShardOpt, layout_from_options)
+                                     StageOpt, TpOpt, VocabParallelOpt, ZeroOpt, ZeroShardOpt,
+                                     layout_from_options)
 from flopsim.cli.output import Format, console, human, print_csv, print_json, rich_table
 from flopsim.cli.spec_opts import ActImplOpt, LossOpt, NormImplOpt, RopeImplOpt, impl_label, with_impls
 
@@ -30,6 +31,7 @@ def count(
     act_impl: Optional[str] = ActImplOpt, loss: Optional[str] = LossOpt,
     tp: int = TpOpt, pp: int = PpOpt, dp: int = DpOpt, ep: int = EpOpt, cp: int = CpOpt, zero: int = ZeroOpt,
     zero_shard: Optional[int] = ZeroShardOpt,
+    vocab_parallel: bool = VocabParallelOpt,
     recompute: str = RecomputeOpt, sequence_parallel: Optional[bool] = SequenceParallelOpt,
     stage: Optional[int] = StageOpt, gpus_per_node: Optional[int] = GpusPerNodeOpt,
     fmt: Format = FormatOpt,
@@ -49,7 +51,7 @@ def count(
     spec = with_impls(spec, loss_impl=loss, norm_impl=norm_impl, rope_impl=rope_impl, act_impl=act_impl)
     layout = layout_from_options(spec, phase, tp=tp, pp=pp, dp=dp, ep=ep, cp=cp, zero=zero, recompute=recompute,
                                  sequence_parallel=sequence_parallel, stage=stage, gpus_per_node=gpus_per_node,
-                                 zero_shard=zero_shard)
+                                 zero_shard=zero_shard, vocab_parallel=vocab_parallel)
     result = count_api(spec, batch=batch, seq=seq, phase=phase, context=context, encoder_seq=encoder_seq,
                        layout=layout)
     if fmt == Format.json:

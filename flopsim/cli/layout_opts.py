@@ -15,13 +15,14 @@ ZeroOpt = typer.Option(0, "--zero", help="ZeRO stage 0-3 over the data-parallel 
 ZeroShardOpt = typer.Option(None, "--zero-shard", help="Train, hybrid sharding: ZeRO over this many data-parallel ranks, replicated over the rest (default all of dp).")
 RecomputeOpt = typer.Option("none", "--recompute", help="Train: none | selective (attention cores) | full (each block's forward).")
 SequenceParallelOpt = typer.Option(None, "--sequence-parallel/--no-sequence-parallel", help="Split token-wise ops over tp (all-gather / reduce-scatter pairs); default on in train, off elsewhere.")
+VocabParallelOpt = typer.Option(True, "--vocab-parallel/--no-vocab-parallel", help="With --tp: split the token embedding and LM head over the vocabulary (Megatron-LM, vLLM); --no-vocab-parallel keeps both whole on every rank, as gpt-fast's tensor parallelism does.")
 StageOpt = typer.Option(None, "--stage", help="The pipeline stage whose ops are shown (default: the last).")
 GpusPerNodeOpt = typer.Option(None, "--gpus-per-node", help="GPUs sharing the scale-up link (default: the hardware's scale_up_domain, else 8).")
 
 
 def layout_from_options(spec, phase: str, *, tp: int, pp: int, dp: int, ep: int, cp: int, zero: int, recompute: str,
                         sequence_parallel: Optional[bool], stage: Optional[int], gpus_per_node: Optional[int],
-                        hardware=None, zero_shard: Optional[int] = None):
+                        hardware=None, zero_shard: Optional[int] = None, vocab_parallel: bool = True):
     """A flopsim.parallel.Layout from the options, or None for one GPU with nothing to shard."""
     if (tp, pp, dp, ep, cp, zero, recompute, stage, zero_shard) == (1, 1, 1, 1, 1, 0, "none", None, None):
         return None
@@ -37,4 +38,4 @@ def layout_from_options(spec, phase: str, *, tp: int, pp: int, dp: int, ep: int,
         torus_axis = hw.torus_axis
     return make_layout(load_model(spec), phase, tp=tp, pp=pp, dp=dp, ep=ep, cp=cp, zero=zero, recompute=recompute,
                        sequence_parallel=sequence_parallel, stage=stage, gpus_per_node=gpus_per_node,
-                       torus_axis=torus_axis, zero_shard=zero_shard)
+                       torus_axis=torus_axis, zero_shard=zero_shard, vocab_parallel=vocab_parallel)

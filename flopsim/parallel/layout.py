@@ -19,7 +19,12 @@ replicas); `recompute` none / selective (the attention core,
 Korthikanti et al. 2022) / full (every block's forward, once more before its
 backward; with `recompute_fraction` p < 1 only round(p L) evenly spaced
 blocks, `checkpointed_blocks`, as fms-fsdp and torchtitan checkpoint every
-k-th block).
+k-th block). `vocab_parallel` (default on): the token embedding's table and
+the LM head split over tp by vocabulary (Megatron-LM's VocabParallelEmbedding
+and column-parallel head, the loss after it vocabulary-parallel); off, both
+whole on every tensor-parallel rank, as gpt-fast's tp.py leaves them (it
+shards only the attention and FFN products): each rank then reads the whole
+head every step and the embedding needs no all-reduce.
 
 Pipeline stages (`stage_blocks`, `stage_places`): one stack's blocks split
 into pp contiguous stages as evenly as they go (the earlier stages take the
@@ -120,6 +125,7 @@ class Layout:
     # recompute full: the blocks checkpointed (recompute_fraction < 1: `checkpointed_blocks`); None: every block
     recompute_blocks: Optional[frozenset] = None
     recompute_fraction: float = 1.0
+    vocab_parallel: bool = True  # embedding table and LM head split over tp by vocabulary (False: whole on each rank)
 
     def recomputes(self, layer: int) -> bool:
         """Whether full recomputation reruns block `layer`'s forward (a checkpointed block)."""
@@ -197,13 +203,15 @@ def make_layout(spec, phase: str, *, tp: int = 1, pp: int = 1, dp: int = 1, ep: 
                 gpus_per_node: Optional[int] = None, expert_load: float = 1.0,
                 stage: Optional[int] = None, virtual_stages: int = 1,
                 encoder_stages: Optional[int] = None, torus_axis: Optional[int] = None,
-                zero_shard: Optional[int] = None, recompute_fraction: float = 1.0) -> Layout:
+                zero_shard: Optional[int] = None, recompute_fraction: float = 1.0,
+                vocab_parallel: bool = True) -> Layout:
     """A validated Layout of `spec` for `phase` (one-line errors naming the field).
     `sequence_parallel` defaults to on in train with tp > 1 (Megatron's setting), off
     elsewhere (inference engines all-reduce); `gpus_per_node` to the hardware's domain
     (and `torus_axis` to its torus, flopsim.hardware);
     `encoder_stages` (an encoder-decoder under pp > 1) to `default_encoder_stages`;
-    `recompute_fraction` (recompute full) the share of blocks checkpointed (`checkpointed_blocks`)."""
+    `recompute_fraction` (recompute full) the share of blocks checkpointed (`checkpointed_blocks`);
+    `vocab_parallel` whether the embedding table and LM head are split over tp (module docstring)."""
     tp, pp, dp, ep, cp = (_degree(n, v) for n, v in (("tp", tp), ("pp", pp), ("dp", dp), ("ep", ep), ("cp", cp)))
     if isinstance(zero, bool) or zero not in (0, 1, 2, 3):
         raise bad_value("zero", zero, "expected a ZeRO stage 0, 1, 2 or 3")
@@ -241,10 +249,13 @@ def make_layout(spec, phase: str, *, tp: int = 1, pp: int = 1, dp: int = 1, ep: 
     torus_axis = None if torus_axis is None else _degree("torus_axis", torus_axis)
     sp = (phase == "train" and tp > 1) if sequence_parallel is None else bool(sequence_parallel)
     blocks = checked_recompute_blocks(spec, recompute, recompute_fraction)
+    if not isinstance(vocab_parallel, bool):
+        raise bad_value("vocab_parallel", vocab_parallel, "expected true or false")
     return Layout(tp=tp, pp=pp, dp=dp, ep=ep, cp=cp, zero=zero, recompute=recompute, sequence_parallel=sp,
                   gpus_per_node=node, expert_load=float(expert_load), stage=stage, virtual_stages=virtual_stages,
                   encoder_stages=encoder_stages, torus_axis=torus_axis, zero_shard=zero_shard,
-                  recompute_blocks=blocks, recompute_fraction=float(recompute_fraction))
+                  recompute_blocks=blocks, recompute_fraction=float(recompute_fraction),
+                  vocab_parallel=vocab_parallel)
 
 
 def checkpointed_blocks(blocks: int, fraction: float) -> frozenset:

@@ -18,6 +18,9 @@ product up to its row-parallel one work on tp-split tensors:
 - token-wise ops outside (norms, residual adds, routers, embeddings): FLOPs,
   activation and KV bytes / tp', their weights whole (replicated), except the
   token embedding's table, split over the vocabulary (/ tp);
+- the layout's `vocab_parallel` off (gpt-fast's tensor parallelism): the LM
+  head and the loss after it are token-wise ops (whole on every rank without
+  sequence parallelism, its weights whole), the embedding's table whole;
 - MLA's latent down-projections and their norm run whole on every rank;
 - routed experts (expert parallel, expert-tensor-parallel = tp, as
   Megatron-Core's default): work / tp x expert_load (the busiest rank's
@@ -39,7 +42,7 @@ Collectives (flopsim.collectives prices them by message size and link level):
   pair, the same bytes), and before a cross-attention's key/value projection
   an all-gather of the encoder's output (its input bytes; Megatron's
   ColumnParallelLinear gathers a sequence-parallel input); the token
-  embedding's output likewise. Backward:
+  embedding's output likewise (vocabulary-parallel only). Backward:
   the conjugates (all-gather <-> reduce-scatter, all-reduce for all-reduce).
 - ep: an all-to-all after the dispatch (its bytes / tp' x expert_load) and one
   back after the last expert product; backward the same two.
@@ -139,14 +142,20 @@ def collective(name: str, op: str, nbytes, *, layer: int, group: str, layout, pa
 # -- splitting ---------------------------------------------------------------------------------
 
 
-def _regions(fwd_ops: list) -> set:
+def _column(local: str, layout) -> bool:
+    """Whether an op (by its name within its block) is a column-parallel product under
+    `layout`: the LM head only when it is split over the vocabulary."""
+    return local in COLUMN and (layout.vocab_parallel or local != "head.lm")
+
+
+def _regions(fwd_ops: list, layout) -> set:
     """Names of the forward ops that work on tp-split tensors: in each sub-layer,
     from its first column-parallel product to its row-parallel one (to the end of
     the sub-layer when it has none, as the head's loss after the vocabulary-parallel head)."""
     inside, names = False, set()
     for op in fwd_ops:
         local = local_name(op.name)
-        if local in COLUMN:
+        if _column(local, layout):
             inside = True
         if inside:
             names.add(op.name)
@@ -210,7 +219,7 @@ def split_op(op: Op, spec, layout, in_region: bool) -> Op:
         return _divided(op, tp * cp / load, tp * layout.ep, gemm=gemm)
     if local in LATENT and spec.mla is not None:
         return _divided(op, cp, 1, gemm=_gemm(op.gemm, 1, cp))
-    if local in COLUMN or local in ROW:
+    if _column(local, layout) or local in ROW:
         gemm = _gemm(_gemm(op.gemm, 2 if local in COLUMN else 3, tp), 1, cp)
         return _divided(op, tp * cp, tp, kv=tp * cp, gemm=gemm)
     if op.kind in ("attention", "conv") or (op.kind == "kv_cache"):
@@ -220,8 +229,14 @@ def split_op(op: Op, spec, layout, in_region: bool) -> Op:
         return _divided(op, tp * cp, tp, kv=(tp if per_query else kv_split) * cp, gemm=gemm)
     if in_region:
         return _divided(op, tp * cp, 1, gemm=_gemm(_gemm(op.gemm, 1, tp), 1, cp))
-    weights = tp if op.kind == "embedding" and local.endswith("embed.tokens") else 1
+    weights = tp if _vocab_split_embedding(op, local, layout) else 1
     return _divided(op, ts * cp, weights, gemm=_gemm(op.gemm, 1, ts * cp))
+
+
+def _vocab_split_embedding(op: Op, local: str, layout) -> bool:
+    """Whether `op` is the token embedding with its table split over tp by vocabulary (each
+    rank looks up its rows, the partial outputs all-reduced)."""
+    return layout.vocab_parallel and op.kind == "embedding" and local.endswith("embed.tokens")
 
 
 # -- collectives -------------------------------------------------------------------------------
@@ -283,7 +298,7 @@ def _layer_forward(ops: list, spec, layout, region: set, placed: _Placed) -> lis
             add(op, "before", "tp_reduce", reduce, orig.act_write_bytes / cp, "tp")
             gathered = False
         out.append(op)
-        if tp > 1 and op.kind == "embedding" and local.endswith("embed.tokens"):
+        if tp > 1 and _vocab_split_embedding(op, local, layout):
             add(op, "after", "tp_reduce", reduce, orig.act_write_bytes / cp, "tp", kernels=1)
         if layout.ep > 1 and local.endswith("moe.dispatch"):
             routed = orig.act_write_bytes / (ts * cp) * _load(layout)
@@ -410,7 +425,7 @@ def shard(ops: list, spec, phase: str, layout, *, grad_bytes_per_param: Optional
     weight_bpp = spec.dtype_bytes if weight_bytes_per_param is None else weight_bytes_per_param
     held = _stage_layers(spec, layout)
     fwd_all = [op for op in ops if op.pass_ == "fwd" and op.kind != "optimizer"]
-    region = _regions(fwd_all)
+    region = _regions(fwd_all, layout)
     mine = [op for op in ops if op.kind != "optimizer" and not _accumulates(op) and place(op, spec) in held]
     split = {op.key: split_op(op, spec, layout, op.name in region) for op in mine}
     placed = _Placed()

@@ -120,44 +120,49 @@ class ServingPlan:
 
 
 def serve_layout(spec, phase: str, tp: int, links, *, pp: int = 1, ep: int = 1, stage: Optional[int] = None,
-                 expert_load: float = 1.0):
+                 expert_load: float = 1.0, vocab_parallel: bool = True):
     """The layout of one GPU of a tp x pp x ep serving replica (stage `stage`, None: the
     last; flopsim.planning.serve_layouts), or None for one GPU."""
     from flopsim.planning.serve_layouts import Replica, replica_layout
 
     return replica_layout(spec, phase, Replica(tp, pp, ep), links.gpus_per_node, stage=stage,
-                          expert_load=expert_load, torus_axis=links.torus_axis)
+                          expert_load=expert_load, torus_axis=links.torus_axis, vocab_parallel=vocab_parallel)
 
 
-def _stage_predict(spec, hw, cal, links, phase, *, tp, pp, ep, stage, batch, seq, context, encoder_seq):
+def _stage_predict(spec, hw, cal, links, phase, *, tp, pp, ep, stage, batch, seq, context, encoder_seq,
+                   vocab_parallel=True):
     from flopsim.planning.serve_layouts import expert_load
     from flopsim.predict import predict
 
     layout = serve_layout(spec, phase, tp, links, pp=pp, ep=ep, stage=stage,
-                          expert_load=expert_load(spec, ep, batch * seq))
+                          expert_load=expert_load(spec, ep, batch * seq), vocab_parallel=vocab_parallel)
     return predict(spec, hw, phase=phase, batch=batch, seq=seq, context=context, calibration=cal,
                    encoder_seq=encoder_seq, layout=layout, links=links.by_level)
 
 
 def tp_prefill_s(spec, hw, cal, links, *, tp: int, batch: int, prompt: int, encoder_seq: Optional[int] = None,
-                 pp: int = 1, ep: int = 1, stage: Optional[int] = None) -> tuple[float, Any]:
+                 pp: int = 1, ep: int = 1, stage: Optional[int] = None,
+                 vocab_parallel: bool = True) -> tuple[float, Any]:
     """(seconds, PredictResult) of a prefill of `batch` prompts on one GPU of a tp x pp x ep
     replica: its sharded op list, collectives included (with pp: stage `stage`'s, None the
-    last; an encoder-decoder's encoder over `encoder_seq` tokens a sequence, default `prompt`)."""
+    last; an encoder-decoder's encoder over `encoder_seq` tokens a sequence, default `prompt`;
+    `vocab_parallel` False: the embedding and LM head whole on each rank, flopsim.parallel.layout)."""
     r = _stage_predict(spec, hw, cal, links, "prefill", tp=tp, pp=pp, ep=ep, stage=stage, batch=batch, seq=prompt,
-                       context=None, encoder_seq=encoder_seq)
+                       context=None, encoder_seq=encoder_seq, vocab_parallel=vocab_parallel)
     return r.time_s, r
 
 
 def tp_decode_s(spec, hw, cal, links, *, tp: int, batch: int, context: int, encoder_seq: Optional[int] = None,
-                pp: int = 1, ep: int = 1, stage: Optional[int] = None) -> tuple[float, Any]:
+                pp: int = 1, ep: int = 1, stage: Optional[int] = None,
+                vocab_parallel: bool = True) -> tuple[float, Any]:
     """(seconds, PredictResult) of one decode step of `batch` sequences at KV length `context` on
     one GPU of a tp x pp x ep replica (with pp: stage `stage`'s ops; an encoder-decoder's
-    cross-attention over `encoder_seq` encoder tokens, default `context`)."""
+    cross-attention over `encoder_seq` encoder tokens, default `context`; `vocab_parallel` as
+    tp_prefill_s)."""
     if spec.is_encoder_decoder and encoder_seq is None:
         encoder_seq = context
     r = _stage_predict(spec, hw, cal, links, "decode", tp=tp, pp=pp, ep=ep, stage=stage, batch=batch, seq=1,
-                       context=context, encoder_seq=encoder_seq)
+                       context=context, encoder_seq=encoder_seq, vocab_parallel=vocab_parallel)
     return r.time_s, r
 
 

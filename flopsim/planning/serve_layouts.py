@@ -86,16 +86,18 @@ class Replica:
 
 
 def replica_layout(spec, phase: str, replica: Replica, gpus_per_node: int, *, stage: Optional[int] = None,
-                   expert_load=1.0, torus_axis: Optional[int] = None):
+                   expert_load=1.0, torus_axis: Optional[int] = None, vocab_parallel: bool = True):
     """The flopsim.parallel Layout of one GPU of `replica` (stage `stage`, None: the last),
     or None for one GPU; `expert_load` may be shard.EXPERT_LOAD (set at evaluation);
-    `torus_axis`: the hardware's torus (flopsim.parallel.layout)."""
+    `torus_axis`: the hardware's torus, `vocab_parallel` whether the embedding and LM head
+    are split over tp (flopsim.parallel.layout)."""
     if replica.gpus == 1:
         return None
     from flopsim.parallel.layout import make_layout
 
     layout = make_layout(spec, phase, tp=replica.tp, pp=replica.pp, ep=replica.ep, gpus_per_node=gpus_per_node,
-                         sequence_parallel=False, stage=stage, torus_axis=torus_axis)
+                         sequence_parallel=False, stage=stage, torus_axis=torus_axis,
+                         vocab_parallel=vocab_parallel)
     return replace(layout, dp=replica.ep, expert_load=expert_load if replica.ep > 1 else 1.0)
 
 
