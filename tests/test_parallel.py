@@ -324,11 +324,16 @@ def test_a_whole_head_in_training_keeps_its_loss_whole_and_gathers_nothing():
         _layout(tp=2, vocab_parallel="no")
 
 
-def test_cli_predicts_a_whole_head_slower_by_its_bytes():
-    out = [run("count", "llama-2-7b", "--phase", "decode", "--seq", "1", "--context", "128", "--tp", "8",
-               *flag, "--format", "json") for flag in ((), ("--no-vocab-parallel",))]
-    assert all(o.exit_code == 0 for o in out), [o.output[-300:] for o in out]
+def test_cli_keeps_the_head_and_table_whole_with_no_vocab_parallel():
     import json
 
-    split, whole = (json.loads(o.output) for o in out)
-    assert whole["params"] - split["params"] == (1 - 1 / 8) * 2 * V * D
+    def both(command, *extra):
+        out = [run(command, "llama-2-7b", *extra, "--phase", "decode", "--seq", "1", "--context", "128",
+                   "--tp", "8", *flag, "--format", "json") for flag in ((), ("--no-vocab-parallel",))]
+        assert all(o.exit_code == 0 for o in out), [o.output[-300:] for o in out]
+        return [json.loads(o.output) for o in out]
+
+    split, whole = both("count")
+    assert whole["params"] - split["params"] == (1 - 1 / 8) * 2 * V * D  # head and table whole: 2 x V x d
+    split, whole = both("predict", "-H", "a100-80gb")
+    assert whole["time_s"] > split["time_s"]  # the head read whole; one all-reduce fewer is far less
