@@ -212,7 +212,8 @@ def predict(spec, hw, *, phase: str = "forward", batch: int = 1, seq: int = 1024
 @dataclass
 class CompareResult:
     """Several specs on one device, one row per (phase, spec); speedup is the
-    first spec's time over each spec's time, within a phase."""
+    first spec's time over each spec's time, within a phase. Each row names the
+    device and the calibration it was priced on (source and kind)."""
 
     results: list  # list[PredictResult], phase-major
 
@@ -228,6 +229,7 @@ class CompareResult:
                 "tokens_per_s": r.tokens_per_s, "mfu": r.mfu,
                 "speedup": first.time_s / r.time_s if r.time_s > 0 else float("inf"),
                 "flops_ratio": r.flops / first.flops if first.flops else float("nan"),
+                "hardware": r.hw.name, "calibration": r.calibration.source, "calibration_kind": r.calibration.kind,
             })
         return out
 

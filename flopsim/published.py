@@ -169,6 +169,7 @@ class RowResult:
     predicted: float  # in the row's metric
     time_s: float  # the predicted time the metric comes from (a step, a token, a run)
     details: dict = field(default_factory=dict)
+    calibration: str = ""  # the calibration the row was priced on (its provenance label)
 
     @property
     def ratio(self) -> float:
@@ -188,7 +189,7 @@ class RowResult:
         return {"id": r.id, "source": r.source, "task": r.task, "metric": r.metric, "hardware": r.hardware,
                 "model": r.model, "gpus": r.parallel.gpus, "published": r.value, "predicted": self.predicted,
                 "ratio": self.ratio, "error": self.error, "verified": r.verified, "scored": r.scored,
-                "time_s": self.time_s,
+                "time_s": self.time_s, "calibration": self.calibration,
                 **{f"detail_{k}": v for k, v in self.details.items()}}
 
 
@@ -378,13 +379,13 @@ def predict_row(row: Row, by_id: dict, cache: Optional[dict] = None) -> RowResul
         mine = predict_row(Row(**{**this, "id": f"{row.id}:time"}), by_id, cache)
         ref = predict_row(base, by_id, cache)
         result = RowResult(row, ref.time_s / mine.time_s, mine.time_s,
-                           {"baseline_time_s": ref.time_s, **mine.details})
+                           {"baseline_time_s": ref.time_s, **mine.details}, mine.calibration)
     else:
         s = _setup(row)
         time_s, details = TASK_TIME[row.task](row, s)
         if s.attention_kernel:
             details["attention_kernel"] = s.attention_kernel
-        result = RowResult(row, to_metric(row, s, time_s, details), time_s, details)
+        result = RowResult(row, to_metric(row, s, time_s, details), time_s, details, s.cal.provenance_label)
     cache[row.id] = result
     return result
 

@@ -249,7 +249,8 @@ class SweepResult:
 
     def table(self):
         """One row per grid point; FLOPs and bytes as integers where they are whole (counts, not
-        measurements), which they are except at fractional expected values (MoD decode)."""
+        measurements), which they are except at fractional expected values (MoD decode); the
+        device and the calibration priced on (source and kind) in every row."""
         import pandas as pd
 
         frame = pd.DataFrame(self.columns())
@@ -257,6 +258,9 @@ class SweepResult:
             values = frame[name].to_numpy(dtype=float)
             if np.all(np.isfinite(values)) and np.all(values == np.round(values)) and np.all(values < 2 ** 63):
                 frame[name] = values.astype(np.int64)
+        for name in ("hardware", "calibration", "calibration_kind"):  # what every point was priced on
+            if name in self.fixed:
+                frame[name] = self.fixed[name]
         return frame
 
     def at(self, **point) -> dict:

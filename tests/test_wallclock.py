@@ -192,6 +192,27 @@ def test_predict_names_its_calibration():
     assert cpu["calibration_kind"] == "measured"
 
 
+def test_compare_sweep_and_published_rows_name_their_calibration_in_every_format():
+    """A compare row, a sweep point and a published row each carry the device and the
+    calibration they were priced on, so that their JSON and CSV say it as the tables do."""
+    import json
+
+    from conftest import run_cli
+    from flopsim.published import load_published, predict_row
+
+    for args in (("compare", "gpt2-small", "gpt2-medium", "-H", "a100-80gb"),
+                 ("sweep", "gpt2-small", "-H", "a100-80gb", "-v", "batch=1,2")):
+        rows = json.loads(run_cli(*args, "--format", "json").output)
+        assert rows and all(r["hardware"] == "a100-80gb" and r["calibration_kind"] == "published"
+                            and r["calibration"] == load_calibration("auto", load_hardware("a100-80gb")).source
+                            for r in rows), args
+        table = run_cli(*args, "--calibration", "ideal").output
+        assert "calibration a100-80gb: ideal roofline" in " ".join(table.split())
+    by_id = {r.id: r for r in load_published().rows}
+    result = predict_row(by_id["gptfast-llama2-7b-a100-bs1-bf16"], by_id)
+    assert result.to_dict()["calibration"].startswith("a100-80gb: published")
+
+
 def test_published_and_measured_provenance_need_their_evidence():
     with pytest.raises(Exception, match="needs 'sources'"):
         _cal(provenance="published")

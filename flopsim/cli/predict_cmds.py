@@ -235,7 +235,8 @@ def sweep(
         return table.to_csv(sys.stdout, index=False)
     out = console()
     out.print(f"[bold]{r.spec.name}[/] {phase} on [bold]{r.hw.name}[/]: {r.points:,} grid points "
-              f"({' x '.join(f'{k}[{len(v)}]' for k, v in r.axes.items())})")
+              f"({' x '.join(f'{k}[{len(v)}]' for k, v in r.axes.items())}); "
+              f"calibration {r.fixed['calibration_label']}")
     axes = list(r.axes)
     shown = table.head(limit)
     rows = [[*[f"{row[a]:g}" for a in axes], human(row["flops"], "FLOP"), human(row["bytes"], "B"),
