@@ -20,7 +20,7 @@ threads fixed, CUDA synchronised:
   (flopsim.roofline.overlap_times). Every GPU point below is device time.
   A GPU also gets `graph_launch_s`: the device's time per kernel when a
   CUDA graph of GRAPH_KERNELS tiny kernels is replayed.
-- matrix products over a grid of shapes (decode shapes m = 1..64, router
+- matrix products over a grid of shapes (decode shapes m = 1..64, every m to 4, router
   widths n = 1, 8; a GPU's widths multiples of 128, GEMM_GRID): the
   weights are views into a pool larger than the
   last-level cache, cycled so that every call reads them from memory. On
@@ -68,8 +68,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-# m: rows (tokens); n, k: output and input features. Decode shapes m = 1..64.
-GEMM_ROWS = (1, 3, 8, 24, 64, 200, 700, 2400)
+# m: rows (tokens); n, k: output and input features. Decode shapes m = 1..64. A library's
+# kernel for a small product changes with m, and its speed does not rise with it: on a 2-core
+# AMD EPYC guest (torch 2.13, fp32, 2026-11-28) an 8000 x 512 product with cold weights read
+# 10.2 GB/s at m = 1, 4.8 at m = 2, 3.5 at m = 3, 6.6 at m = 4 and 7.7 at m = 8, so every m
+# up to 4 (a decode step of that many sequences) is measured, not interpolated across the dip.
+GEMM_ROWS = (1, 2, 3, 4, 8, 24, 64, 200, 700, 2400)
 GEMM_OUTPUTS = (1, 8, 96, 352, 1400, 5000)  # n: 1 and 8 for routers (MoD, MoE)
 GEMM_INPUTS = (24, 96, 352, 1400, 5000)  # k: 24 for low-rank controllers
 # A GPU's grid: widths that are multiples of 128, as models' are, and a row count past the

@@ -186,6 +186,11 @@ def test_suites_load_on_every_device_and_avoid_calibration_shapes(suite):
                 for op in count(case.spec, batch=case.batch, seq=case.seq, phase=phase, context=ctx).ops:
                     if op.gemm:
                         assert tuple(op.gemm) not in calibration, (device, case.name, op.name)
+                if "decode" in case.phases and device == "cpu":
+                    # a decode step's products have m = its batch: measured at that m (other n and
+                    # k), since a CPU library's speed at small m is not monotonic (flopsim.calibrate)
+                    assert case.batch in rows, (case.name, case.batch)
+        assert {1, 2, 3, 4} <= set(rows)  # every small m measured (flopsim.calibrate.GEMM_ROWS)
 
 
 def test_predicted_modules_join_ops_to_reference_modules():
