@@ -1102,10 +1102,11 @@ def measure_train_backward(bench: Bench, size: float) -> None:
     lookup step 8): it reads what its forward saved long before, and writes a gradient that is kept
     (for the next node, or until the optimizer). A ring of independent forward graphs is built
     before the timing, as many as TRAIN_FOOTPRINT over one graph's inputs plus the bytes its
-    backward reads (at most TRAIN_RING; an overestimate of what a graph holds, so the ring holds
-    somewhat less than TRAIN_FOOTPRINT, still far past a CPU's private caches); each call runs the next graph's backward against one incoming gradient (just
-    written by the node before it, in a step) and keeps its output in a ring of as many, so that
-    each call reads saved tensors not in cache and writes memory the allocator did not just free.
+    backward reads (at most TRAIN_RING; an overestimate of what a graph holds, so the ring
+    holds somewhat less than TRAIN_FOOTPRINT, still far past a CPU's private caches); each
+    call runs the next graph's backward against one incoming gradient (just written by the
+    node before it, in a step) and keeps its output in a ring of as many, so that each call
+    reads saved tensors not in cache and writes memory the allocator did not just free.
     measure_backward_kernels' points time one graph over and over: its saved tensors stay in cache."""
     import itertools
     from collections import deque

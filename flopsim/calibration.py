@@ -98,8 +98,8 @@ Lookup order for an op of kind K with GEMM shape (batch, m, n, k):
    ms with. A train step's backward kernels read what their forward saved
    long before (not in cache) and write gradients that are kept: on a CPU
    `flopsim calibrate` measures each memory-bound backward kernel so too
-   (a ring of independent forward graphs, TRAIN_FOOTPRINT bytes at least,
-   each call the next one's backward, its gradient kept), and a train
+   (a ring of independent forward graphs holding about TRAIN_FOOTPRINT
+   bytes, each call the next one's backward, its gradient kept), and a train
    step's backward ops take those points. On the 2-core VM an RMSNorm's
    backward over 1 MB took 1.05 ms over and over on one graph and 1.79 ms
    so, a multiply's 0.20 and 0.32 ms, a GELU's over 4 MB 0.55 and 0.84 ms,

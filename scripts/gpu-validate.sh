@@ -26,8 +26,9 @@
 # Copy calibration.yaml to specs/calibration/<hardware>.yaml to make it the
 # device's calibration (the validation writes it into OUT_DIR only). Took
 # 214 s on an H200 (2026-11-27, before aten.csv was added); the same steps
-# took 360 s on the 2-core development CPU (2026-11-28, aten.csv and sustained.csv
-# included).
+# took 360 s on the 2-core Xeon development CPU (2026-11-28, aten.csv and sustained.csv
+# included) and 430 s on the 2-core AMD EPYC one once the product grid measured every m
+# up to 4 (60 more products on a GPU too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE="${DEVICE:-cuda}"
