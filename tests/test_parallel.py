@@ -64,11 +64,12 @@ def test_tensor_parallel_collectives_with_and_without_sequence_parallelism():
         ("reduce_scatter", "bwd"): 2 * L + 1, ("all_gather", "bwd"): 2 * L + 1}
     assert {o.comm_bytes for o in tp_ops} == {act}
     assert {o.tags["ranks"] for o in tp_ops} == {4} and {o.tags["level"] for o in tp_ops} == {"scale_up"}
-    # decode (no sequence parallelism): one all-reduce per sub-layer and the embedding's, of B x d_model
+    # decode (no sequence parallelism): one all-reduce per sub-layer and the embedding's, of B x d_model,
+    # then the vocabulary-split logits all-gathered, B x V
     d = count(LLAMA, batch=B, seq=1, context=S, phase="decode", layout=_layout(phase="decode", tp=4))
     ars = _collectives(d, group="tp")
-    assert [o.variant for o in ars] == ["all_reduce"] * (2 * L + 1)
-    assert {o.comm_bytes for o in ars} == {B * D * W}
+    assert [o.variant for o in ars] == ["all_reduce"] * (2 * L + 1) + ["all_gather"]
+    assert {o.comm_bytes for o in ars[:-1]} == {B * D * W} and ars[-1].comm_bytes == B * V * W
 
 
 def test_gqa_beyond_kv_heads_replicates_the_kv_cache():
@@ -305,6 +306,35 @@ def test_a_head_left_whole_is_read_whole_on_every_rank():
     assert len(blocks) > L and blocks == [(o.key, o.flops, o.bytes) for o in whole.ops if o.name.startswith("block.")]
 
 
+@pytest.mark.parametrize("phase, seq, rows", [("decode", 1, B),     # a token per sequence
+                                              ("prefill", S, B),    # the last position's logits only
+                                              ("forward", S, B * S)])  # every position's
+def test_inference_gathers_the_vocabulary_split_logits(phase, seq, rows):
+    """A vocabulary-parallel head leaves each rank V / tp columns of the logits; to sample
+    (or return them) an engine gathers them (Megatron-LM's gather_output, TensorRT-LLM's
+    ColumnLinear(gather_output=True), vLLM's logits gather): one all-gather of the whole
+    logits, rows x V values, after the head; none in training (the loss is vocabulary-parallel)
+    and none with the head whole on every rank."""
+    tp = 4
+    kw = dict(batch=B, seq=seq, context=S if phase == "decode" else None, phase=phase)
+    split = count(LLAMA, **kw, layout=_layout(phase=phase, tp=tp))
+    whole = count(LLAMA, **kw, layout=_layout(phase=phase, tp=tp, vocab_parallel=False))
+    gathers = [o for o in split.ops if o.name == "head.lm.logits_gather"]
+    assert len(gathers) == 1 and gathers[0].variant == "all_gather"
+    assert gathers[0].comm_bytes == rows * V * W and gathers[0].tags["ranks"] == tp
+    names = [o.name for o in split.ops]
+    assert names.index("head.lm.logits_gather") == names.index("head.lm") + 1  # right after the head
+    assert not [o for o in whole.ops if "logits_gather" in o.name]
+    train = count(LLAMA, batch=B, seq=S, phase="train", layout=_layout(tp=tp))
+    assert not [o for o in train.ops if "logits_gather" in o.name]
+    one = count(LLAMA, batch=B, seq=S, phase="forward", layout=_layout(phase="forward", tp=1))
+    assert not [o for o in one.ops if o.kind == "collective"]
+    gemma = flopsim.load_model("gemma-2-9b")  # its logits capped after the head: gathered once capped
+    capped = [o.name for o in count(gemma, **kw, layout=_layout(gemma, phase=phase, tp=tp)).ops]
+    assert capped[capped.index("head.softcap") + 1] == "head.softcap.logits_gather"
+    assert [n for n in capped if "logits_gather" in n] == ["head.softcap.logits_gather"]
+
+
 def test_a_whole_head_in_training_keeps_its_loss_whole_and_gathers_nothing():
     """Sequence-parallel training with the head whole: each rank runs the head and the loss
     on its own tokens (1 / tp of them), so no all-gather before the head and no
@@ -337,3 +367,27 @@ def test_cli_keeps_the_head_and_table_whole_with_no_vocab_parallel():
     assert whole["params"] - split["params"] == (1 - 1 / 8) * 2 * V * D  # head and table whole: 2 x V x d
     split, whole = both("predict", "-H", "a100-80gb")
     assert whole["time_s"] > split["time_s"]  # the head read whole; one all-reduce fewer is far less
+
+
+def test_plan_serve_keeps_the_head_whole_with_no_vocab_parallel():
+    """`plan serve --no-vocab-parallel` (gpt-fast's tensor parallelism): each GPU holds the
+    whole LM head and embedding table (2 x V x d x (1 - 1 / tp) more weight bytes a GPU) and
+    its TP collectives lose the embedding's all-reduce and the logits' all-gather."""
+    import json
+
+    from flopsim.planning import plan_serving
+
+    tp, H = 4, "a100-80gb"
+    kw = dict(prompt=256, gen=64, tp=tp, pp=1, max_batch=4)
+    split, whole = (plan_serving("llama-2-7b", H, vocab_parallel=v, **kw) for v in (True, False))
+    assert (split.config["vocab_parallel"], whole.config["vocab_parallel"]) == (True, False)
+    assert whole.memory["weights_bytes"] - split.memory["weights_bytes"] == pytest.approx(
+        (1 - 1 / tp) * 2 * V * D * W, rel=1e-9)
+    assert whole.latency["tpot_s"] > split.latency["tpot_s"]  # the whole head read every step
+    out = run("plan", "serve", "llama-2-7b", "-H", H, "--prompt", "256", "--gen", "64", "--tp", str(tp), "--pp", "1",
+              "--max-batch", "4", "--no-vocab-parallel", "--format", "json")
+    assert out.exit_code == 0, out.output[-300:]
+    assert json.loads(out.output)["config"]["vocab_parallel"] is False
+    text = run("plan", "serve", "llama-2-7b", "-H", H, "--prompt", "256", "--gen", "64", "--tp", str(tp),
+               "--max-batch", "4", "--no-vocab-parallel")
+    assert "LM head and embedding whole on each rank" in text.output

@@ -414,8 +414,10 @@ def test_serving_gpus_for_a_throughput_target_and_tp_communication():
     assert s.throughput["replicas"] == math.ceil(1e5 / per_replica)
     assert s.throughput["gpus"] == 2 * s.throughput["replicas"]
     # 2 all-reduces per block and the vocabulary-parallel embedding's, of batch * d_model * 2 bytes,
-    # over tp 2 ranks in one node (the sharded decode list's collectives)
-    assert s.latency["tpot_tp_comm_s"] == pytest.approx((2 * 32 + 1) * (2 * 1 / 2 * s.batch * 4096 * 2 / UP))
+    # and the logits' all-gather, batch * vocab * 2 bytes, over tp 2 ranks in one node (the sharded
+    # decode list's collectives; busbw factors 2 (n - 1) / n and (n - 1) / n)
+    assert s.latency["tpot_tp_comm_s"] == pytest.approx((2 * 32 + 1) * (2 * 1 / 2 * s.batch * 4096 * 2 / UP)
+                                                        + 1 / 2 * s.batch * 32000 * 2 / UP)
 
 
 def test_serving_moe_reads_the_op_lists_expected_experts():

@@ -130,7 +130,8 @@ def test_collectives_are_latency_plus_bandwidth():
 
 def test_decode_tensor_parallel_all_reduces_are_latency_bound():
     """Two all-reduces per block (and the vocabulary-parallel embedding's one) of batch x
-    d_model values: on 8 GPUs at batch 1 each costs about the link's latency."""
+    d_model values, and the logits' all-gather of batch x vocab: on 8 GPUs at batch 1 each
+    costs about the link's latency."""
     from flopsim.planning.links import resolve_links
     from flopsim.planning.serve import tp_decode_s
 
@@ -141,6 +142,7 @@ def test_decode_tensor_parallel_all_reduces_are_latency_bound():
     one, _ = tp_decode_s(spec, H100, cal, links, tp=1, batch=1, context=512)
     eight, r = tp_decode_s(spec, H100, cal, links, tp=8, batch=1, context=512)
     comm = (2 * spec.layers + 1) * (25e-6 + 2 * 7 / 8 * spec.d_model * 2 / 200e9)
+    comm += 25e-6 + 7 / 8 * spec.vocab * 2 / 200e9  # the logits' all-gather
     assert sum(op.time_s for op in r.ops if op.kind == "collective") == pytest.approx(comm, rel=1e-9)
     work = sum(op.time_s for op in r.ops if op.kind != "collective")
     assert eight == pytest.approx(work + comm, rel=1e-9)

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from flopsim.cli.app import app
+from flopsim.cli.layout_opts import VocabParallelOpt
 from flopsim.cli.output import Format, console, human, human_time, print_csv, print_json, rich_table
 from flopsim.cli.spec_opts import ActImplOpt, LossOpt, NormImplOpt, RopeImplOpt, with_impls
 
@@ -244,6 +245,7 @@ def serve(
     inter_node: Optional[str] = InterNodeOpt,
     gpus_per_node: Optional[int] = GpusPerNodeOpt,
     comm_latency: Optional[str] = LatencyOpt,
+    vocab_parallel: bool = VocabParallelOpt,
     price: Optional[float] = PriceOpt,
     calibration: str = CalibrationOpt,
     fmt: Format = FormatOpt,
@@ -262,7 +264,8 @@ def serve(
         interconnect_bytes_per_s=_quantity(interconnect, "interconnect"),
         inter_node_bytes_per_s=_quantity(inter_node, "inter_node"), gpus_per_node=gpus_per_node,
         comm_latency_s=_duration(comm_latency, "comm_latency"), chunk=chunk, draft=draft, draft_len=draft_len,
-        acceptance=acceptance, kv_dtype=kv_dtype, calibration=calibration, progress=fmt == Format.table)
+        acceptance=acceptance, kv_dtype=kv_dtype, calibration=calibration, vocab_parallel=vocab_parallel,
+        progress=fmt == Format.table)
     _write_html(serving_plan_page, p, html)
     if fmt == Format.json:
         return print_json(p.to_dict())
@@ -324,8 +327,8 @@ def _serving_lines(p) -> list:
 
 
 def _comm_text(p, figure: str) -> str:
-    """'TP all-reduces 1.2 ms, EP all-to-alls 0.3 ms, PP sends 0.1 ms' within a latency figure."""
-    c, lat, what = p.config, p.latency, {"tp": "TP all-reduces", "ep": "EP all-to-alls", "pp": "PP sends"}
+    """'TP collectives 1.2 ms, EP all-to-alls 0.3 ms, PP sends 0.1 ms' within a latency figure."""
+    c, lat, what = p.config, p.latency, {"tp": "TP collectives", "ep": "EP all-to-alls", "pp": "PP sends"}
     return ", ".join(f"{what[g]} {_ms(lat[f'{figure}_{g}_comm_s'])}" for g in what if c[g] > 1) or "no collectives"
 
 
@@ -353,6 +356,7 @@ def _print_serving(p) -> None:
                                                        c["ttft_target_s"] else "") \
         if p.feasible else "it misses the targets, see below"
     label = ", ".join(f"{k} {c[k]}" for k in ("tp", "pp", "ep") if k == "tp" or c[k] > 1)
+    label += " (LM head and embedding whole on each rank)" if c["tp"] > 1 and not c["vocab_parallel"] else ""
     engines = f"; {c['engines']} batches in flight a replica ({c['concurrent_sequences']:,} sequences)" \
         if c["engines"] > 1 else ""
     out.print(f"  chosen       [bold]{label}, batch {c['batch']:,}[/] ({why}; memory alone "

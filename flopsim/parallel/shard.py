@@ -42,7 +42,11 @@ Collectives (flopsim.collectives prices them by message size and link level):
   pair, the same bytes), and before a cross-attention's key/value projection
   an all-gather of the encoder's output (its input bytes; Megatron's
   ColumnParallelLinear gathers a sequence-parallel input); the token
-  embedding's output likewise (vocabulary-parallel only). Backward:
+  embedding's output likewise (vocabulary-parallel only). Inference with the
+  head split over the vocabulary: its logits (the head's output, or the
+  softcap's after it) all-gathered after it, rows x V values (Megatron-LM's
+  gather_output, TensorRT-LLM's and vLLM's logits gather before sampling); in
+  training the loss is vocabulary-parallel and nothing is gathered. Backward:
   the conjugates (all-gather <-> reduce-scatter, all-reduce for all-reduce).
 - ep: an all-to-all after the dispatch (its bytes / tp' x expert_load) and one
   back after the last expert product; backward the same two.
@@ -271,10 +275,20 @@ def _sublayer_bytes(ops: list, k: int):
     return ops[k - 1][0].act_write_bytes
 
 
-def _layer_forward(ops: list, spec, layout, region: set, placed: _Placed) -> list:
+def _logits_op(ops: list, region: set):
+    """The name of the op whose output is the head's vocabulary-split logits (the LM head, or
+    the softcap after it), or None when `ops` hold no vocabulary-parallel head."""
+    names = [o.name for o, _ in ops if o.name in region and local_name(o.name).startswith("head.")
+             and "loss" not in o.name]
+    return names[-1] if names else None
+
+
+def _layer_forward(ops: list, spec, layout, region: set, placed: _Placed, gather_logits: bool = False) -> list:
     """One layer's forward ops (already split) with its tp, ep and cp collectives; `ops` are
-    (original, split) pairs: the collectives' bytes come from the original (whole) op."""
+    (original, split) pairs: the collectives' bytes come from the original (whole) op.
+    `gather_logits` (inference): the vocabulary-split logits are all-gathered after the head."""
     tp, ts, cp = layout.tp, layout.token_split, layout.cp
+    logits = _logits_op(ops, region) if gather_logits and tp > 1 else None
     reduce = "reduce_scatter" if layout.sequence_parallel else "all_reduce"
     last_expert = max((j for j, (o, _) in enumerate(ops) if ".moe.experts." in o.name), default=None)
     out: list = []
@@ -300,6 +314,8 @@ def _layer_forward(ops: list, spec, layout, region: set, placed: _Placed) -> lis
         out.append(op)
         if tp > 1 and _vocab_split_embedding(op, local, layout):
             add(op, "after", "tp_reduce", reduce, orig.act_write_bytes / cp, "tp", kernels=1)
+        if op.name == logits:  # every rank's V / tp columns of the logits, gathered for sampling
+            add(op, "after", "logits_gather", "all_gather", orig.act_write_bytes / cp, "tp", kernels=1)
         if layout.ep > 1 and local.endswith("moe.dispatch"):
             routed = orig.act_write_bytes / (ts * cp) * _load(layout)
             add(op, "after", "ep_dispatch", "all_to_all", routed, "ep")
@@ -402,12 +418,14 @@ def _stage_layers(spec, layout) -> set:
     return stage_places(spec, layout.pp, layout.last_stage, layout.virtual_stages, layout.encoder_stages)
 
 
-def _forward_runs(fwd: list, spec, layout, region: set, split: dict, placed: _Placed) -> tuple[list, dict]:
+def _forward_runs(fwd: list, spec, layout, region: set, split: dict, placed: _Placed,
+                  gather_logits: bool) -> tuple[list, dict]:
     """([(key, its run's forward ops with their collectives)], {key: parameters on this GPU})."""
     runs, params = [], {}
     for key, run in _runs(fwd, spec):
         placed.key = key
-        runs.append((key, _layer_forward([(op, split[op.key]) for op in run], spec, layout, region, placed)))
+        runs.append((key, _layer_forward([(op, split[op.key]) for op in run], spec, layout, region, placed,
+                                         gather_logits)))
         p = params.setdefault(key, {"dp": sp.Integer(0), "edp": sp.Integer(0)})
         for op in run:
             p["edp" if ".moe.experts." in op.name else "dp"] += split[op.key].params
@@ -430,7 +448,7 @@ def shard(ops: list, spec, phase: str, layout, *, grad_bytes_per_param: Optional
     split = {op.key: split_op(op, spec, layout, op.name in region) for op in mine}
     placed = _Placed()
     runs, params_by_layer = _forward_runs([op for op in mine if op.pass_ == "fwd"], spec, layout, region, split,
-                                          placed)
+                                          placed, gather_logits=phase != "train")
     layer_of = {key: run[0].layer for key, run in _runs(mine, spec)}
     none = {"pre_fwd": [], "pre_bwd": [], "post_bwd": []}
     dp_ops = {key: _data_parallel(p, layout, layer_of[key], grad_bpp, weight_bpp, key) if phase == "train" else none

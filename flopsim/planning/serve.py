@@ -12,7 +12,7 @@ encoder-decoder's prompt is its encoder's input) are flopsim.planning.serve_mode
 time the roofline of one GPU's sharded ops per stage (flopsim.planning.serve_steps):
 
 - TTFT = the prefill of one prompt alone on the replica (no queueing): the sum of the
-  stages' prefill times, each with its collectives (tp all-reduces, ep all-to-alls) and
+  stages' prefill times, each with its collectives (tp all-reduces and the logits' all-gather, ep all-to-alls) and
   its send to the next stage; with a distribution, the TTFT of the p99 prompt (what a
   target bounds) and the mean over prompts.
 - TPOT = one decode step of an engine's batch at the mean KV length T (every op's time
@@ -341,7 +341,8 @@ def plan_serving(spec, hw, *, prompt, gen, gpus: Optional[int] = None,
                  inter_node_bytes_per_s: Optional[float] = None, gpus_per_node: Optional[int] = None,
                  comm_latency_s: Optional[float] = None, chunk: Optional[int] = None, draft=None,
                  draft_len: Optional[int] = None, acceptance: Optional[float] = None,
-                 kv_dtype: Optional[str] = None, calibration=None, progress: bool = False) -> ServingPlan:
+                 kv_dtype: Optional[str] = None, calibration=None, vocab_parallel: bool = True,
+                 progress: bool = False) -> ServingPlan:
     """Plan serving requests of `prompt` prompt tokens and `gen` generated tokens, each an
     int or a distribution (flopsim.planning.serve_lengths: "uniform:A:B",
     "lognormal:MEDIAN:SIGMA", a CSV histogram path) (see the module docstring).
@@ -350,7 +351,9 @@ def plan_serving(spec, hw, *, prompt, gen, gpus: Optional[int] = None,
     `ep`: a replica's tensor, pipeline and expert-parallel degrees (each not given is
     searched); `max_batch`: an engine's largest batch; `chunk`: chunked prefill, prompt
     tokens per step; `draft` (a spec), `draft_len` (k) and `acceptance` (a): speculative
-    decoding (Leviathan et al. 2023); `kv_dtype`: the KV cache's dtype."""
+    decoding (Leviathan et al. 2023); `kv_dtype`: the KV cache's dtype; `vocab_parallel`
+    False: the embedding and LM head whole on every tensor-parallel rank (gpt-fast), not
+    split over the vocabulary with the logits gathered (Megatron-LM, vLLM, TensorRT-LLM)."""
     from flopsim.calibration import load_calibration
     from flopsim.hardware import load_hardware
     from flopsim.planning.serve_inputs import serving_inputs
@@ -373,7 +376,7 @@ def plan_serving(spec, hw, *, prompt, gen, gpus: Optional[int] = None,
     notes: list = []
     replicas = _reachable(replicas, links, None in (tp, pp, ep), notes)
 
-    evaluated, steps = [], StepCoster(spec, hw, cal, links)
+    evaluated, steps = [], StepCoster(spec, hw, cal, links, vocab_parallel=vocab_parallel)
     with closing(_Progress(progress, "serving plan", total=len(replicas))) as bar:
         for r in replicas:
             bar.advance(f"{r.label}: batch search", n=0)
@@ -385,7 +388,8 @@ def plan_serving(spec, hw, *, prompt, gen, gpus: Optional[int] = None,
     candidates = [{k: v for k, v in r.items() if k != "reasons"} | {"reasons": "; ".join(r.get("reasons", []))}
                   for r, _ in evaluated]
     config = _config(x, model, row, max_batch=max_batch, ttft_target_s=ttft_target, tpot_target_s=tpot_target,
-                     target_tokens_per_s=target, gpus_available=gpus, memory_utilization=memory_utilization)
+                     target_tokens_per_s=target, gpus_available=gpus, memory_utilization=memory_utilization,
+                     vocab_parallel=vocab_parallel)
     mem = model.memory(max(1, row.get("batch", 0) or 1))
     mem_out = {**mem, "capacity_bytes": hw.memory_capacity_bytes, "usable_bytes": usable,
                "memory_utilization": memory_utilization, "fits": fits}

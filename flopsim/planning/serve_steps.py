@@ -128,10 +128,12 @@ class _Listed:
 class StepCoster:
     """Op lists and their step times for one spec, device and calibration, on any replica;
     lists, evaluations and rooflines are cached, so one StepCoster serves every replica and
-    batch of a plan. `links` None: one GPU only."""
+    batch of a plan. `links` None: one GPU only; `vocab_parallel` False: the embedding and LM
+    head whole on every tensor-parallel rank (flopsim.parallel.layout)."""
 
-    def __init__(self, spec, hw, cal, links):
+    def __init__(self, spec, hw, cal, links, vocab_parallel: bool = True):
         self.spec, self.hw, self.cal, self.links = spec, hw, cal, links
+        self.vocab_parallel = vocab_parallel
         self.gpus_per_node = links.gpus_per_node if links is not None else 8
         self.torus_axis = links.torus_axis if links is not None else None
         self._lists: dict = {}
@@ -169,7 +171,7 @@ class StepCoster:
         key = ("sharded", phase, tp, ep)
         if key not in self._lists:
             layout = replica_layout(self.spec, phase, Replica(tp, 1, ep), self.gpus_per_node, expert_load=EXPERT_LOAD,
-                                    torus_axis=self.torus_axis)
+                                    torus_axis=self.torus_axis, vocab_parallel=self.vocab_parallel)
             ops = self.rep_ops(phase)
             self._lists[key] = _runs(ops if layout is None else shard(ops, self.spec, phase, layout))
         return self._lists[key]
@@ -202,7 +204,8 @@ class StepCoster:
             by_key, sends = dict(runs), {}
             for s in range(replica.pp - 1):
                 layout = replica_layout(self.spec, phase, replica, self.gpus_per_node, stage=s,
-                                        expert_load=EXPERT_LOAD, torus_axis=self.torus_axis)
+                                        expert_load=EXPERT_LOAD, torus_axis=self.torus_axis,
+                                        vocab_parallel=self.vocab_parallel)
                 fwd = [op for k, st in order if st == s for op in by_key[k] if op.pass_ == "fwd"]
                 sends[s] = _pipeline_sends(fwd, self.spec, layout)[0]
             self._lists[key] = _Listed(runs, order, sends, replica.pp)
@@ -348,7 +351,7 @@ class StepCoster:
         key = (phase, tp, ep, encoder_seq)
         if key not in self._memory:
             layout = replica_layout(self.spec, phase, Replica(tp, 1, ep), self.gpus_per_node,
-                                    torus_axis=self.torus_axis)
+                                    torus_axis=self.torus_axis, vocab_parallel=self.vocab_parallel)
             self._memory[key] = MemoryModel(self.spec, phase, encoder_seq=encoder_seq, layout=layout,
                                             ops=self.rep_ops(phase))
         return self._memory[key]
