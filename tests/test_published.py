@@ -43,6 +43,20 @@ def test_every_row_names_a_loadable_model_and_device_and_its_quote(row):
         assert p.tp * p.pp * p.dp == p.gpus
 
 
+TRAINING = [r for r in SUITE.rows if r.task in ("train", "train_run") and r.scored]
+
+
+@pytest.mark.parametrize("row", TRAINING, ids=[r.id for r in TRAINING])
+def test_every_scored_training_layout_fits_its_device(row):
+    """A row is a run that happened: the layout it is priced on, published or assumed, must
+    fit the device by flopsim's own memory model (weights, gradients, optimizer state and the
+    micro-batch's activations), or the time it is compared with belongs to no real run."""
+    from flopsim.published import _train_plan
+
+    plan = _train_plan(row, _setup(row), tokens=float(row.shape["tokens"]) if row.task == "train_run" else None)
+    assert plan.fits, f"{row.id}: {plan.message}"
+
+
 def test_generate_is_a_prefill_then_gen_minus_one_decode_steps():
     row = BY_ID["gptfast-llama2-7b-a100-bs1-bf16"]
     r = predict_row(row, BY_ID)
