@@ -652,3 +652,18 @@ def test_a_cpu_plan_prices_the_forward_as_a_train_step_runs_it():
     r = flopsim.predict("gpt2-small", "cpu", phase="train", batch=2, seq=256)
     fwd = sum(op.time_s for op in r.ops if op.pass_ == "fwd" and op.kind not in ("collective", "optimizer"))
     assert p.compute["forward_s_per_microbatch"] == pytest.approx(fwd, rel=1e-9)
+
+
+def test_a_datasheet_link_is_called_ideal_in_the_plans_text():
+    """No silent ideal: a device whose calibration has no measured collective figures (Gaudi 3:
+    no published HCCL measurement) prices its collectives on the datasheet's bandwidth, and
+    the train and serve plans' links line says so; a calibrated link (H100) is not so marked."""
+    ideal = "datasheet bandwidth: an ideal link"
+    for hw, marked in (("gaudi3", True), (H100, False)):
+        train = run("plan", "train", "llama-2-7b", "-H", hw, "--gpus", "16", "--tokens", "1B", "--tp", "8")
+        serve = run("plan", "serve", "llama-2-7b", "-H", hw, "--prompt", "512", "--gen", "64", "--tp", "8",
+                    "--pp", "1", "--max-batch", "8")
+        for out in (train, serve):
+            assert out.exit_code == 0, out.output[-300:]
+            links = [line for line in out.output.splitlines() if line.strip().startswith("links")]
+            assert len(links) == 1 and (ideal in " ".join(out.output.split())) is marked, (hw, links)

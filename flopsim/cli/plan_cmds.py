@@ -362,6 +362,8 @@ def _print_serving(p) -> None:
     out.print(f"  chosen       [bold]{label}, batch {c['batch']:,}[/] ({why}; memory alone "
               f"allows {c['max_batch_memory']:,}{engines}) -> [bold]{_n(th['replicas'], 'replica')} of "
               f"{_n(c['replica_gpus'], 'GPU')} = {_n(th['gpus'], 'GPU')}[/]")
+    if c["replica_gpus"] > 1 and p.links is not None:
+        out.print(f"  links        {_link_text(p.links)}")
     for line in _serving_lines(p):
         out.print(line)
     out.print(f"  throughput   [bold]{human(th['output_tokens_per_s_per_gpu'])} output tokens/s per GPU[/], "
@@ -424,5 +426,8 @@ def _link_text(links) -> str:
             per = " per GPU's NIC (a ring collective: x its ranks on a node)" if name == "inter-node" else ""
             step = "a reduce-scatter's or all-gather's ring step between nodes" if name == "inter-node" else "a ring step"
             hop = f" + {human_time(link.hop_latency_s)} {step}" if link.hop_latency_s else ""
-            parts.append(f"{name} {human(link.bus_bytes_per_s, 'B/s')} bus{per}, {human_time(link.latency_s)} latency{hop}")
+            ideal = " [bold](datasheet bandwidth: an ideal link, no measured figure)[/]" \
+                if "(ideal link)" in (link.source or "") else ""
+            parts.append(f"{name} {human(link.bus_bytes_per_s, 'B/s')} bus{per}, {human_time(link.latency_s)} "
+                         f"latency{hop}{ideal}")
     return "; ".join(parts) + f"; {links.gpus_per_node} GPUs per node"
