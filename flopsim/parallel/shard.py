@@ -278,8 +278,7 @@ def _sublayer_bytes(ops: list, k: int):
 def _logits_op(ops: list, region: set):
     """The name of the op whose output is the head's vocabulary-split logits (the LM head, or
     the softcap after it), or None when `ops` hold no vocabulary-parallel head."""
-    names = [o.name for o, _ in ops if o.name in region and local_name(o.name).startswith("head.")
-             and "loss" not in o.name]
+    names = [o.name for o, _ in ops if o.name in region and local_name(o.name).startswith("head.")]
     return names[-1] if names else None
 
 

@@ -12,9 +12,9 @@ encoder-decoder's prompt is its encoder's input) are flopsim.planning.serve_mode
 time the roofline of one GPU's sharded ops per stage (flopsim.planning.serve_steps):
 
 - TTFT = the prefill of one prompt alone on the replica (no queueing): the sum of the
-  stages' prefill times, each with its collectives (tp all-reduces and the logits' all-gather, ep all-to-alls) and
-  its send to the next stage; with a distribution, the TTFT of the p99 prompt (what a
-  target bounds) and the mean over prompts.
+  stages' prefill times, each with its collectives (tp all-reduces and the logits'
+  all-gather, ep all-to-alls) and its send to the next stage; with a distribution, the
+  TTFT of the p99 prompt (what a target bounds) and the mean over prompts.
 - TPOT = one decode step of an engine's batch at the mean KV length T (every op's time
   is linear in T while its bound does not change, so this is the average over the
   generation): its period, pp x the busiest stage's step. MoE decode reads the expected

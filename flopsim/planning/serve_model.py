@@ -7,7 +7,8 @@ mean KV length of a decode step, floor(E[P] + E[G (G + 1)] / (2 E[G])); Pw: the 
 prompt; b: the batch of one engine, i.e. of one attention group on one pipeline stage;
 the replica (flopsim.planning.serve_layouts) is tp x pp x ep GPUs running pp x ep such
 engines). Every time is flopsim.planning.serve_steps' roofline of one GPU's sharded ops,
-its collectives (tp all-reduces and the logits' all-gather, ep all-to-alls, pipeline sends) included, per stage s:
+its collectives (tp all-reduces and the logits' all-gather, ep all-to-alls, pipeline
+sends) included, per stage s:
 - prefill_s(P) = the prefill of one prompt of P tokens on stage s (every ep group
   prefilling one, as under load: shard's symmetric expert parallelism);
   decode_s(b) = a decode step of b sequences at T keys on stage s.
