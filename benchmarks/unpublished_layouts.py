@@ -90,16 +90,22 @@ def _print_row(row, counts: list[int]) -> None:
           f"ratio {scored.ratio:.3f})")
     print(f"  {'GPUs':>5} {'tp':>3} {'dp':>5} {'micro':>5} {'fits':>5} {'MFU':>6} {'predicted':>12} "
           f"{'ratio':>6} {'x off':>6}")
-    offs = []
+    ratios = []
     for gpus, tp, dp, mb, result, fits in _layouts(row, counts):
-        offs += [result.fold] if fits else []
+        ratios += [result.ratio] if fits else []
         mark = "*" if (gpus, tp, mb) == (row.parallel.gpus, row.parallel.tp,
                                           int(row.shape.get("micro_batch", 1))) else " "
         print(f"{mark} {gpus:>5} {tp:>3} {dp:>5} {mb:>5} {'yes' if fits else 'no':>5} "
               f"{result.details.get('mfu', float('nan')):>6.1%} {result.predicted:>12,.0f} {result.ratio:>6.3f} "
               f"{result.fold:>5.2f}x")
-    if offs:
-        print(f"  over the layouts that fit: {min(offs):.2f}x to {max(offs):.2f}x off")
+    if ratios:
+        print(f"  over the layouts that fit: ratio {min(ratios):.3f} to {max(ratios):.3f} "
+              f"({_speed(min(ratios))} to {_speed(max(ratios))})")
+
+
+def _speed(ratio: float) -> str:
+    """A GPU-hours ratio (predicted / published) in words: below 1 flopsim is fast."""
+    return f"{1 / ratio:.2f}x fast" if ratio < 1 else f"{ratio:.2f}x slow"
 
 
 def main(argv: list[str] | None = None) -> int:
