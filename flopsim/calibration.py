@@ -278,6 +278,7 @@ class Calibration(_Strict):
     fresh_pages: Optional[FreshPages] = None  # a large allocation's page faults (lookup step 7)
     # another fused attention kernel's points by name (e.g. "triton"): with_attention_kernel(name)
     attention_kernels: dict[str, list[GemmPoint]] = {}
+    attention_kernel: str = ""  # the attention_kernels entry pricing fused attention ('' = the file's own points)
     measured: Optional[dict[str, Any]] = None  # how it was measured (device, date, ...); None if not measured
 
     @field_validator("attention_kernels")
@@ -336,17 +337,19 @@ class Calibration(_Strict):
 
     @property
     def provenance_label(self) -> str:
-        """`<device> <kind>`, with when and how for a measured one."""
+        """`<device> <kind>`, with when and how for a measured one, and the fused attention
+        kernel when it is not the file's own (`with_attention_kernel`)."""
         device = self.device or "custom"
+        kernel = f", attention kernel {self.attention_kernel}" if self.attention_kernel else ""
         if self.kind == "ideal":
             return f"{device}: ideal roofline (efficiency 1, asked for)"
         if self.kind == "measured":
             m = self.measured or {}
             return (f"{device}: measured {m.get('date', '')} ({m.get('device_name', m.get('device', ''))}, "
-                    f"torch {m.get('torch', '?')})")
+                    f"torch {m.get('torch', '?')}){kernel}")
         if self.kind == "published":
-            return f"{device}: published microbenchmarks ({len(self.cited_sources())} sources)"
-        return f"{device}: custom file"
+            return f"{device}: published microbenchmarks ({len(self.cited_sources())} sources){kernel}"
+        return f"{device}: custom file{kernel}"
 
     def cited_sources(self) -> list[str]:
         """Distinct citations of a published calibration (its `sources` and its points')."""
@@ -542,7 +545,7 @@ class Calibration(_Strict):
             raise InputError(f"attention kernel {name!r}: calibration {self.device or '(unnamed)'} has no figures "
                              f"for it (attention_kernels: {', '.join(self.attention_kernels) or 'none'})")
         keep = [g for g in self.gemm if not (g.kind == "attention" and g.variant in (None, "fused"))]
-        return self.model_copy(update={"gemm": keep + list(self.attention_kernels[name])})
+        return self.model_copy(update={"gemm": keep + list(self.attention_kernels[name]), "attention_kernel": name})
 
     def fixed_cost_s(self, kind: str, variant: str, hw, backward: bool = False) -> float:
         """Seconds per launch of a kernel of `kind` / `variant` (lookup step 4);
@@ -598,10 +601,16 @@ def calibration_output_path(device: str) -> Path:
     return path
 
 
-def load_calibration(calibration: Any = None, hw=None) -> Calibration:
+def load_calibration(calibration: Any = None, hw=None, attention_kernel: Optional[str] = None) -> Calibration:
     """A Calibration from None/"auto" (the device's shipped file; a device
     without one is an error, never a silent ideal), "ideal", a Calibration, a
-    dict or a YAML path."""
+    dict or a YAML path; with `attention_kernel`, its fused attention priced with
+    that kernel's points (`Calibration.with_attention_kernel`)."""
+    cal = _load_calibration(calibration, hw)
+    return cal.with_attention_kernel(attention_kernel) if attention_kernel else cal
+
+
+def _load_calibration(calibration: Any, hw) -> Calibration:
     from flopsim.errors import InputError
     from flopsim.spec.loader import read_yaml, validate
 

@@ -92,7 +92,7 @@ class Engine(_Strict):
     grad_accumulation: Literal["none", "autograd", "main_grad"] = "autograd"
     grad_reduce_dtype: Optional[Literal["fp32", "bf16", "fp16"]] = None  # None: the gradients' dtype
     # the fused attention kernel when not the calibration's own (its `attention_kernels`), e.g. Triton's
-    attention_kernel: Optional[Literal["triton"]] = None
+    attention_kernel: Optional[Literal["triton", "fa2"]] = None
 
 
 class Network(_Strict):

@@ -117,6 +117,11 @@ def test_cli_search_json_and_bad_counts():
     out = run("plan", "train", "llama-2-7b", "-H", H100, "--gpus", "8:16", "--tokens", "1e10", "--search",
               "--micro-batches", "1", "--zero", "1", "--recompute", "none", "--top", "3")
     assert out.exit_code == 0 and "Pareto front" in out.output and "fastest 3" in out.output
+    # the best layout's command line carries the attention kernel the search priced, so that it reproduces
+    out = run("plan", "train", "llama-2-7b", "-H", H100, "--gpus", "8", "--tokens", "1e10", "--search",
+              "--micro-batches", "1", "--zero", "1", "--recompute", "none", "--attention-kernel", "fa2")
+    assert out.exit_code == 0 and "attention kernel fa2" in out.output
+    assert " ".join(out.output.split()).split("best: ")[1].endswith("--attention-kernel fa2 ...")
     for args, needle in ((["--gpus", "8,x", "--search"], "gpus"), (["--gpus", "8,16"], "gpus"),
                          (["--gpus", "8", "--search", "--top", "0"], "top")):
         line = one_error_line(run("plan", "train", "llama-2-7b", "-H", H100, "--tokens", "1e10", *args))

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from flopsim.cli.app import app
+from flopsim.cli.calibration_opts import AttentionKernelOpt, CalibrationOpt, calibration_choice
 from flopsim.cli.layout_opts import VocabParallelOpt
 from flopsim.cli.output import Format, console, human, human_time, print_csv, print_json, rich_table
 from flopsim.cli.spec_opts import ActImplOpt, LossOpt, NormImplOpt, RopeImplOpt, with_impls
@@ -23,7 +24,6 @@ InterconnectOpt = typer.Option(None, "--interconnect", help="Intra-node bandwidt
 InterNodeOpt = typer.Option(None, "--inter-node", help="Inter-node bandwidth per GPU, both directions, bytes/s (default: the calibration's measured link, else the hardware's scale_out_bytes_per_s).")
 GpusPerNodeOpt = typer.Option(None, "--gpus-per-node", help="GPUs per node (default: the hardware's scale_up_domain; groups within a node use the scale-up link).")
 LatencyOpt = typer.Option(None, "--comm-latency", help="Seconds per collective on top of bytes/bandwidth (default: one kernel launch).")
-CalibrationOpt = typer.Option("auto", "--calibration", help="auto (specs/calibration/<device>.yaml: measured or published-seeded) | ideal (only when asked) | a YAML path.")
 FormatOpt = typer.Option(Format.table, "--format", "-f", help="table | json | csv")
 HtmlOpt = typer.Option(None, "--html", help="Also write the plan as one self-contained interactive page (an .html file).")
 
@@ -127,6 +127,7 @@ def train(
     comm_latency: Optional[str] = LatencyOpt,
     price: Optional[float] = PriceOpt,
     calibration: str = CalibrationOpt,
+    attention_kernel: Optional[str] = AttentionKernelOpt,
     fmt: Format = FormatOpt,
     html: Optional[str] = HtmlOpt,
 ):
@@ -138,6 +139,7 @@ def train(
 
     counts = parse_gpu_counts(gpus)
     spec = with_impls(spec, loss_impl=loss, norm_impl=norm_impl, rope_impl=rope_impl, act_impl=act_impl)
+    calibration = calibration_choice(calibration, hardware, attention_kernel)
     links = dict(interconnect_bytes_per_s=_quantity(interconnect, "interconnect"),
                  inter_node_bytes_per_s=_quantity(inter_node, "inter_node"), gpus_per_node=gpus_per_node,
                  comm_latency_s=_duration(comm_latency, "comm_latency"))
@@ -248,6 +250,7 @@ def serve(
     vocab_parallel: bool = VocabParallelOpt,
     price: Optional[float] = PriceOpt,
     calibration: str = CalibrationOpt,
+    attention_kernel: Optional[str] = AttentionKernelOpt,
     fmt: Format = FormatOpt,
     html: Optional[str] = HtmlOpt,
 ):
@@ -264,7 +267,8 @@ def serve(
         interconnect_bytes_per_s=_quantity(interconnect, "interconnect"),
         inter_node_bytes_per_s=_quantity(inter_node, "inter_node"), gpus_per_node=gpus_per_node,
         comm_latency_s=_duration(comm_latency, "comm_latency"), chunk=chunk, draft=draft, draft_len=draft_len,
-        acceptance=acceptance, kv_dtype=kv_dtype, calibration=calibration, vocab_parallel=vocab_parallel,
+        acceptance=acceptance, kv_dtype=kv_dtype, vocab_parallel=vocab_parallel,
+        calibration=calibration_choice(calibration, hardware, attention_kernel),
         progress=fmt == Format.table)
     _write_html(serving_plan_page, p, html)
     if fmt == Format.json:

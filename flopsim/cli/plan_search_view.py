@@ -64,6 +64,8 @@ def run_search(spec, hardware, counts: list, *, tokens, seq, global_batch, globa
                   + f"--recompute {b['recompute']} --global-batch {b['global_batch']}"
                   + (f" --encoder-seq {encoder_seq}" if encoder_seq is not None else "")
                   + "".join(f" {flag} {getattr(result.spec, field)}" for field, flag in IMPL_FLAGS.items()
-                            if getattr(result.spec, field) != "fused") + " ...")
+                            if getattr(result.spec, field) != "fused")
+                  + (f" --attention-kernel {result.calibration.attention_kernel}"
+                     if result.calibration.attention_kernel else "") + " ...")
     for note in result.notes:
         out.print(f"  note: {note}")

@@ -7,6 +7,7 @@ from typing import List, Optional
 import typer
 
 from flopsim.cli.app import app
+from flopsim.cli.calibration_opts import AttentionKernelOpt, CalibrationOpt, calibration_choice
 from flopsim.cli.layout_opts import (CpOpt, DpOpt, EpOpt, GpusPerNodeOpt, PpOpt, RecomputeOpt, SequenceParallelOpt,
                                      StageOpt, TpOpt, VocabParallelOpt, ZeroOpt, ZeroShardOpt,
                                      layout_from_options)
@@ -20,7 +21,6 @@ SeqOpt = typer.Option(1024, "--seq", "-s", help="Tokens per sequence (S); decode
 ContextOpt = typer.Option(None, "--context", "-t", help="Keys each query attends to (T): decode's KV-cache length, or prefill with a cached prefix.")
 PhaseOpt = typer.Option("forward", "--phase", "-p", help="forward | train | prefill | decode")
 EncoderSeqOpt = typer.Option(None, "--encoder-seq", help="An encoder-decoder's encoder tokens per sequence (S_enc; default: --seq). Decode: the cross-attention cache's length.")
-CalibrationOpt = typer.Option("auto", "--calibration", help="auto (specs/calibration/<device>.yaml: measured or published-seeded) | ideal (only when asked) | a YAML path.")
 OptimizerOpt = typer.Option("adam", "--optimizer", help="Train phase: adam | adamw | sgd | none.")
 FormatOpt = typer.Option(Format.table, "--format", "-f", help="table | json | csv")
 
@@ -61,6 +61,7 @@ def predict(
     seq: int = SeqOpt,
     context: Optional[int] = ContextOpt,
     calibration: str = CalibrationOpt,
+    attention_kernel: Optional[str] = AttentionKernelOpt,
     optimizer: str = OptimizerOpt,
     encoder_seq: Optional[int] = EncoderSeqOpt,
     ops: bool = typer.Option(False, "--ops", help="Table format: every op instead of the slowest 15."),
@@ -85,7 +86,8 @@ def predict(
                                  sequence_parallel=sequence_parallel, stage=stage, gpus_per_node=gpus_per_node,
                                  zero_shard=zero_shard, vocab_parallel=vocab_parallel, hardware=hardware)
     r = predict_api(spec, hardware, phase=phase, batch=batch, seq=seq, context=context,
-                    calibration=calibration, optimizer=optimizer, encoder_seq=encoder_seq, layout=layout)
+                    calibration=calibration_choice(calibration, hardware, attention_kernel), optimizer=optimizer,
+                    encoder_seq=encoder_seq, layout=layout)
     if fmt == Format.json:
         return print_json(r.to_dict())
     if fmt == Format.csv:
@@ -111,6 +113,7 @@ def compare(
     seq: int = SeqOpt,
     context: Optional[int] = ContextOpt,
     calibration: str = CalibrationOpt,
+    attention_kernel: Optional[str] = AttentionKernelOpt,
     optimizer: str = OptimizerOpt,
     encoder_seq: Optional[int] = EncoderSeqOpt,
     fmt: Format = FormatOpt,
@@ -122,7 +125,8 @@ def compare(
     from flopsim.predict import compare as compare_api
 
     r = compare_api(specs, hardware, phase=phase, batch=batch, seq=seq, context=context,
-                    calibration=calibration, optimizer=optimizer, encoder_seq=encoder_seq)
+                    calibration=calibration_choice(calibration, hardware, attention_kernel), optimizer=optimizer,
+                    encoder_seq=encoder_seq)
     rows = r.rows
     if fmt == Format.json:
         return print_json(rows)
@@ -195,6 +199,7 @@ def sweep(
     seq: int = typer.Option(1024, "--seq", "-s", help="Sequence when not varied."),
     context: Optional[int] = ContextOpt,
     calibration: str = CalibrationOpt,
+    attention_kernel: Optional[str] = AttentionKernelOpt,
     optimizer: str = OptimizerOpt,
     limit: int = typer.Option(40, "--limit", help="Table format: rows shown (the whole grid goes to --output or csv/json)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the whole grid to this file (csv, or json with --format json)."),
@@ -209,7 +214,8 @@ def sweep(
     grid = parse_varies(vary)
     with progress_bar("sweep: variants") as tick:
         r = sweep_api(spec, hardware, phase=phase, vary=grid, batch=batch, seq=seq, context=context,
-                      calibration=calibration, optimizer=optimizer, progress=tick)
+                      calibration=calibration_choice(calibration, hardware, attention_kernel), optimizer=optimizer,
+                      progress=tick)
     table = r.table()
     if output is not None:
         import io
