@@ -309,6 +309,13 @@ class Calibration(_Strict):
         return fixed
 
     @model_validator(mode="after")
+    def _kernel_is_carried(self):
+        if self.attention_kernel and self.attention_kernel not in self.attention_kernels:
+            raise ValueError(f"attention_kernel: {self.attention_kernel!r} is not among attention_kernels "
+                             f"({', '.join(self.attention_kernels) or 'none'})")
+        return self
+
+    @model_validator(mode="after")
     def _provenance_is_backed(self):
         if self.provenance == "measured" and self.measured is None:
             raise ValueError("provenance 'measured' needs a 'measured' block (how, when, where it was measured)")

@@ -91,7 +91,8 @@ class Engine(_Strict):
     # gradient accumulation over micro-batches and the reduction's dtype (flopsim.ops.grad_accum)
     grad_accumulation: Literal["none", "autograd", "main_grad"] = "autograd"
     grad_reduce_dtype: Optional[Literal["fp32", "bf16", "fp16"]] = None  # None: the gradients' dtype
-    # the fused attention kernel when not the calibration's own (its `attention_kernels`), e.g. Triton's
+    # the fused attention kernel when not the calibration's own (its `attention_kernels`): Triton's
+    # FlashAttention (triton), FlashAttention-2 on an H100 whose own points are cuDNN's (fa2)
     attention_kernel: Optional[Literal["triton", "fa2"]] = None
 
 

@@ -99,6 +99,9 @@ def test_the_kernel_is_named_wherever_the_calibration_is():
     assert fa2.attention_kernel == "fa2" and fa2.provenance_label.endswith(", attention kernel fa2")
     assert fa2.label.startswith(fa2.provenance_label)
     assert fa2.gemm == h100.with_attention_kernel("fa2").gemm
+    # a file naming a kernel it does not carry is refused, not printed as if applied
+    with pytest.raises(ValueError, match="attention_kernel: 'fa2' is not among attention_kernels"):
+        Calibration(attention_kernel="fa2")
 
 
 def test_the_fsdp_h100_rows_run_flashattention2():
