@@ -3,7 +3,7 @@
 For each model (a 70B dense model, llama-2-70b, and an 8x22B MoE,
 mixtral-8x22b) on h100-sxm at seq 4096: every tp x pp x dp (x ep) layout of
 1024 GPUs, micro-batches 1, 2, 4, 8, ZeRO 0-3 and recomputation none /
-selective / full (flopsim.planning.search.search_training, in-process, after
+selective / cheap / full (flopsim.planning.search.search_training, in-process, after
 the imports). Target: under 5 s per model on a 2-core machine. Medians of
 several runs; prints the layouts tried, how many fit and the fastest.
 

@@ -47,6 +47,12 @@ of the forward ops' `params`):
   output (the explicit path's scores and probabilities, 2 * B * H * S * T
   values, and its probabilities' dropout's output and mask: `Op.attention_core`;
   a fused kernel writes none), which the backward recomputes.
+- activations, train, cheap recomputation (LLaMA's checkpointing, Touvron
+  et al. 2023, section 2.4; `Op.cheap`): as without recomputation, less what
+  each block's norms, elementwise ops but adds and softmaxes outside the
+  attention core keep, plus the largest block's share of that (one block's
+  rebuilt at a time): their inputs, the products' and adds' outputs, stay
+  kept.
 - activations of a pipeline stage (train, `stage_activations`): the same
   sums over the ops the stage runs, grouped by their placement key
   (flopsim.parallel.layout.place: a block's layer, the embeddings, a stack's
@@ -86,21 +92,19 @@ from typing import Any, Optional
 import sympy as sp
 
 from flopsim.errors import InputError
+from flopsim.ops.fields import RECOMPUTE_MODES
 
 MAX_SEARCH = 2 ** 40  # upper end of the batch / context search
 COMPONENTS = ("weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes", "kv_cache_bytes")
 CHECKPOINT_KINDS = ("norm", "router")
 
 
-RECOMPUTE_MODES = ("none", "selective", "full")
-
-
 def recompute_mode(recompute: bool | str) -> str:
-    """'none' | 'selective' | 'full', from that string or a boolean (True: full)."""
+    """'none' | 'selective' | 'cheap' | 'full', from that string or a boolean (True: full)."""
     if isinstance(recompute, bool):
         return "full" if recompute else "none"
     if recompute not in RECOMPUTE_MODES:
-        raise InputError(f"recompute: {recompute!r}: expected none, selective or full")
+        raise InputError(f"recompute: {recompute!r}: expected none, selective, cheap or full")
     return recompute
 
 
@@ -150,7 +154,7 @@ class MemoryModel:
         from flopsim.ops.optimizer import state_bytes_per_param
         from flopsim.ops.symbols import B, S, S_enc, T
 
-        recompute = {"none": False, "full": True}.get(recompute_mode(recompute), "selective")
+        recompute = {"none": False, "full": True}.get(recompute_mode(recompute), recompute)
         self.spec, self.phase, self.recompute, self.optimizer = spec, phase, recompute, optimizer
         self.recompute_blocks = recompute_blocks
         ops = build_ops(spec, phase) if ops is None else ops
@@ -193,6 +197,7 @@ class MemoryModel:
         self._sum_terms: list[int] = []  # summed
         self._max_terms: list[int] = []  # the largest one is added
         self._key_terms: dict = {}  # train: placement key -> (its activations, its block's input candidates)
+        self._rebuilt: dict = {}  # train, cheap recomputation: block -> what its cheap ops keep, rebuilt at a time
         if train:
             self._train_activations(ops, ref)
         else:
@@ -204,8 +209,8 @@ class MemoryModel:
     def _train_activations(self, ops: list, ref) -> None:
         """Train: the activations kept for backward, as terms of the compiled pool (`ref`):
         every kept forward output per placement key (see the module docstring), less what
-        selective recomputation recomputes, or under full recomputation the largest block's
-        and the blocks' inputs; each key's terms for pipeline stages (`stage_activations`)."""
+        selective or cheap recomputation recomputes (cheap: plus the largest block's share of
+        it), or under full recomputation the largest block's and the blocks' inputs; each key's terms for pipeline stages (`stage_activations`)."""
         from flopsim.parallel.layout import RECEIVED_ENCODER_OUTPUT, place
 
         spec, recompute = self.spec, self.recompute
@@ -217,13 +222,16 @@ class MemoryModel:
                                if key_of[op.key] == lay), sp.Integer(0))
                      for lay in layers}
         blocks = [lay for lay in layers if 0 <= lay < spec.blocks]
-        if recompute == "selective":  # Korthikanti et al. 2022: the attention cores' insides are recomputed
-            per_layer = {lay: per_layer[lay] - sum((self._recomputed_inside(op) for op in kept
-                                                    if key_of[op.key] == lay and 0 <= lay < spec.blocks),
-                                                   sp.Integer(0))
-                         for lay in layers}
+        if recompute in ("selective", "cheap"):  # the attention cores' insides, or the cheap ops, recomputed
+            inside = self._recomputed_inside if recompute == "selective" else self._recomputed_cheap
+            rebuilt = {lay: sum((inside(op) for op in kept if key_of[op.key] == lay), sp.Integer(0))
+                       for lay in blocks}
+            per_layer = {lay: per_layer[lay] - rebuilt.get(lay, 0) for lay in layers}
             self._sum_terms = [ref(sum(per_layer.values(), sp.Integer(0)))]
             self._block_inputs = []
+            if recompute == "cheap":  # one block's cheap ops rebuilt at a time
+                self._rebuilt = {lay: ref(rebuilt[lay]) for lay in blocks}
+                self._max_terms = list(self._rebuilt.values())
         elif recompute:
             checkpointed = [lay for lay in blocks if self.recompute_blocks is None or lay in self.recompute_blocks]
             for lay in layers:
@@ -243,6 +251,11 @@ class MemoryModel:
         received = [op.act_read_bytes for op in kept if op.name.endswith(".cross.kv")][:1]
         if received:  # the encoder's output, as the decoder's key/value projections read it
             self._key_terms[RECEIVED_ENCODER_OUTPUT] = (ref(received[0]), [])
+
+    @staticmethod
+    def _recomputed_cheap(op):
+        """What cheap recomputation does not keep of an op: all a cheap op keeps (`Op.cheap`)."""
+        return op.tags.get("kept_bytes", op.act_write_bytes) if op.cheap else 0
 
     def _recomputed_inside(self, op):
         """What selective recomputation does not keep of an op: an attention core's writes
@@ -273,8 +286,10 @@ class MemoryModel:
         for keys in stages:
             terms = [self._key_terms[k] for k in sorted(keys) if k in self._key_terms]
             blocks = [values[a] for a, inputs in terms if inputs]
+            rebuilt = [values[self._rebuilt[k]] for k in keys if k in self._rebuilt]
             out.append(sum(values[a] for a, inputs in terms if not inputs) + max(blocks, default=0.0)
-                       + sum(max(values[i] for i in inputs) for _, inputs in terms if inputs))
+                       + sum(max(values[i] for i in inputs) for _, inputs in terms if inputs)
+                       + max(rebuilt, default=0.0))
         return out
 
     def evaluate_layers(self, batch, seq, context, stages: list) -> list[dict]:
@@ -354,7 +369,7 @@ class MemoryResult:
     batch: int
     seq: int
     context: int
-    recompute: str  # none | selective | full
+    recompute: str  # none | selective | cheap | full
     optimizer: str
     params: int
     bytes_per_param: dict

@@ -72,7 +72,7 @@ class Parallel(_Strict):
     cp: int = Field(1, ge=1)
     zero: int = Field(0, ge=0, le=3)
     zero_shard: Optional[int] = Field(None, ge=1)  # hybrid sharding: ZeRO over these ranks of dp, replicated
-    recompute: Literal["none", "selective", "full"] = "none"
+    recompute: Literal["none", "selective", "cheap", "full"] = "none"
     recompute_fraction: float = Field(1.0, gt=0, le=1)  # recompute full: the share of blocks checkpointed
     virtual_stages: int = Field(1, ge=1)  # the interleaved pipeline schedule's chunks a stage
     sequence_parallel: Optional[bool] = None  # token-wise ops split over tp (None: on when tp > 1)

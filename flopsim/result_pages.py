@@ -14,6 +14,7 @@ unit changes.
 from __future__ import annotations
 
 from flopsim import iplots
+from flopsim.planning.train import recompute_name
 from flopsim.units import human, human_time
 from flopsim.webpage import Cell, Page, csv_table
 
@@ -41,7 +42,7 @@ def training_plan_page(plan, command: str = "") -> Page:
                   + (f"```sh\n{command}\n```\n\n" if command else "")
                   + f"Layout dp {c['dp']} x tp {c['tp']} x pp {c['pp']}" + (f" x ep {c['ep']}" if c["ep"] > 1 else "")
                   + f", {c['microbatches']} micro-batches of {c['micro_batch']} per replica, ZeRO-{c['zero']}, "
-                  f"recompute {'on' if c['recompute'] else 'off'}. Calibration: {plan.calibration.label}.\n\n"
+                  f"recompute {recompute_name(c['recompute'])}. Calibration: {plan.calibration.label}.\n\n"
                   f"**{t['steps']:,} steps x {human_time(t['step_time_s'])} = {t['days']:.3g} days, "
                   f"{t['gpu_hours']:,.0f} GPU-hours**; {human(t['tokens_per_s_per_gpu'])} tokens/s per GPU, MFU "
                   f"{100 * t['mfu']:.1f}%. {plan.message}.")

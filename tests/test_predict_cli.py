@@ -110,9 +110,9 @@ def test_memory_cli():
     assert r.stdout.splitlines()[0] == "component,bytes"
 
 
-@pytest.mark.parametrize("mode", ["none", "selective", "full"])
+@pytest.mark.parametrize("mode", ["none", "selective", "cheap", "full"])
 def test_memory_cli_recompute_modes(mode):
-    """`memory --recompute` takes the three modes `plan` and `count` take; the JSON is the API's."""
+    """`memory --recompute` takes the four modes `plan` and `count` take; the JSON is the API's."""
     r = run("memory", "gpt2-small", "--phase", "train", "--batch", 2, "--seq", 256, "--recompute", mode,
             "--format", "json")
     assert r.exit_code == 0, r.output

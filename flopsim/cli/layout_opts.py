@@ -13,7 +13,7 @@ EpOpt = typer.Option(1, "--ep", help="Expert-parallel degree (MoE: all-to-alls a
 CpOpt = typer.Option(1, "--cp", help="Context-parallel degree (the sequence split; keys and values gathered).")
 ZeroOpt = typer.Option(0, "--zero", help="ZeRO stage 0-3 over the data-parallel group (train).")
 ZeroShardOpt = typer.Option(None, "--zero-shard", help="Train, hybrid sharding: ZeRO over this many data-parallel ranks, replicated over the rest (default all of dp).")
-RecomputeOpt = typer.Option("none", "--recompute", help="Train: none | selective (attention cores) | full (each block's forward).")
+RecomputeOpt = typer.Option("none", "--recompute", help="Train: none | selective (attention cores) | cheap (norms and elementwise ops; products' outputs kept) | full (each block's forward).")
 SequenceParallelOpt = typer.Option(None, "--sequence-parallel/--no-sequence-parallel", help="Split token-wise ops over tp (all-gather / reduce-scatter pairs); default on in train, off elsewhere.")
 VocabParallelOpt = typer.Option(True, "--vocab-parallel/--no-vocab-parallel", help="With --tp: split the token embedding and LM head over the vocabulary (Megatron-LM, vLLM, TensorRT-LLM; inference all-gathers the logits); --no-vocab-parallel keeps both whole on every rank, as gpt-fast's tensor parallelism does.")
 StageOpt = typer.Option(None, "--stage", help="The pipeline stage whose ops are shown (default: the last).")

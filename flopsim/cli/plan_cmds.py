@@ -106,7 +106,7 @@ def train(
     dp: Optional[int] = typer.Option(None, "--dp", help="Data-parallel degree (default gpus / (tp * pp))."),
     ep: int = typer.Option(1, "--ep", help="Expert-parallel degree (MoE; divides dp and the experts)."),
     micro_batch: int = typer.Option(1, "--micro-batch", "-m", help="Sequences per micro-batch."),
-    recompute: Optional[str] = typer.Option(None, "--recompute", help="Activation recomputation: none (default) | selective (attention cores) | full (each block's forward); with --search, limits the search to it."),
+    recompute: Optional[str] = typer.Option(None, "--recompute", help="Activation recomputation: none (default) | selective (attention cores) | cheap (norms and elementwise ops; products' outputs kept) | full (each block's forward); with --search, limits the search to it."),
     optimizer: str = typer.Option("adam", "--optimizer", help="adam | adamw | sgd | none."),
     zero: Optional[int] = typer.Option(None, "--zero", help="ZeRO stage over dp: 0 none, 1 optimizer state (default), 2 + gradients, 3 + weights; with --search, limits the search to it."),
     recompute_fraction: Optional[float] = typer.Option(None, "--recompute-fraction", help="With --recompute full: the share of the blocks checkpointed, evenly spaced (IBM fms-fsdp's selective_checkpointing, torchtitan's every k-th layer: 1/k); the others keep their activations. Default 1 (every block)."),
@@ -177,6 +177,8 @@ def train(
 
 
 def _print_training(p) -> None:
+    from flopsim.planning.train import recompute_name
+
     out = console()
     c, k, m, t, cm, ln = p.config, p.compute, p.memory, p.totals, p.communication, p.links
     seqs = f"encoder {c['encoder_seq']} + decoder {c['seq']} tokens a sequence" if "encoder_seq" in c \
@@ -193,7 +195,7 @@ def _print_training(p) -> None:
               f"{c['micro_batch']} per replica")
     zero_what = {0: "no sharding", 1: "optimizer state sharded", 2: "optimizer state + gradients sharded",
                  3: "optimizer state + gradients + weights sharded"}[c["zero"]]
-    rc = c["recompute"] if isinstance(c["recompute"], str) else ("full" if c["recompute"] else "none")
+    rc = recompute_name(c["recompute"])
     rc += f" ({c['recompute_fraction']:g} of the blocks)" if c.get("recompute_fraction", 1.0) < 1 else ""
     over = f"{c['zero_shard']} of dp, replicated (hybrid)" if c["zero"] and c["zero_shard"] < c["dp"] else "dp"
     out.print(f"  options      {c['optimizer']}, ZeRO-{c['zero']} ({zero_what} over {over}), recompute "

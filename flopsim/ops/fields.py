@@ -4,6 +4,10 @@ costs (flopsim.count.OpCost, flopsim.opcache) need not import sympy."""
 BYTE_FIELDS = ("weight_bytes", "act_read_bytes", "act_write_bytes", "kv_read_bytes", "kv_write_bytes")
 COST_FIELDS = ("flops", "causal_flops", "other_flops", *BYTE_FIELDS, "params", "comm_bytes")
 
+# Activation recomputation in training (flopsim.ops.op: which forward ops each mode runs again)
+RECOMPUTE_MODES = ("none", "selective", "cheap", "full")
+CHEAP_KINDS = ("norm", "elementwise", "softmax")  # what `cheap` recomputes (Op.cheap), residual adds excepted
+
 KINDS = (
     "matmul",  # a dense matrix product (Linear)
     "attention",  # scores + weighted sum (fused or explicit)

@@ -45,6 +45,14 @@ Conventions (docs/design.md, "Counting conventions" -- a contract):
   attention, its probabilities' dropout (tag `attention_core`): what selective
   recomputation (Korthikanti et al. 2022, section 4.2: "attention softmax,
   dropout, and attention over V") runs again in backward instead of keeping.
+- `cheap` (property): a norm, an elementwise op (activation, RoPE, dropout,
+  scaling) or a softmax outside the attention core, but not an add: what
+  cheap recomputation runs again in backward instead of keeping, the
+  matrix products' and attention kernels' outputs kept (LLaMA, Touvron et
+  al. 2023, section 2.4: "we save the activations that are expensive to
+  compute, such as the outputs of linear layers"). An add is not run again:
+  no backward reads its output but the next op's, which keeps it (a norm
+  keeps its input, the residual stream).
 """
 
 from __future__ import annotations
@@ -54,7 +62,7 @@ from typing import Any, Optional
 
 import sympy as sp
 
-from flopsim.ops.fields import BYTE_FIELDS, COST_FIELDS, KINDS  # noqa: F401 - re-exported
+from flopsim.ops.fields import BYTE_FIELDS, CHEAP_KINDS, COST_FIELDS, KINDS  # noqa: F401 - re-exported
 
 ZERO = sp.Integer(0)
 
@@ -113,6 +121,11 @@ class Op:
     def attention_core(self) -> bool:
         """Recomputed by selective recomputation (module docstring)."""
         return self.kind == "attention" or bool(self.tags.get("attention_core"))
+
+    @property
+    def cheap(self) -> bool:
+        """Recomputed by cheap recomputation (module docstring)."""
+        return self.kind in CHEAP_KINDS and self.variant != "add" and not self.attention_core
 
     @property
     def key(self) -> str:

@@ -16,7 +16,9 @@ it, each shard group replicated dp * cp / s times (hybrid sharding: PyTorch
 FSDP's HYBRID_SHARD, DeepSpeed's ZeRO++ hpZ; the gradients are
 reduce-scattered in the shard group, then each shard all-reduced over the
 replicas); `recompute` none / selective (the attention core,
-Korthikanti et al. 2022) / full (every block's forward, once more before its
+Korthikanti et al. 2022) / cheap (the norms, activations and other
+elementwise ops, the products' and attention's outputs kept: LLaMA's
+checkpointing, flopsim.ops.op `Op.cheap`) / full (every block's forward, once more before its
 backward; with `recompute_fraction` p < 1 only round(p L) evenly spaced
 blocks, `checkpointed_blocks`, as fms-fsdp and torchtitan checkpoint every
 k-th block). `vocab_parallel` (default on): the token embedding's table and
@@ -74,8 +76,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 from flopsim.errors import InputError, bad_value
+from flopsim.ops.fields import RECOMPUTE_MODES
 
-RECOMPUTE = ("none", "selective", "full")
+RECOMPUTE = RECOMPUTE_MODES
 MAX_DEGREE = 2 ** 20
 
 
@@ -218,7 +221,7 @@ def make_layout(spec, phase: str, *, tp: int = 1, pp: int = 1, dp: int = 1, ep: 
     if recompute is True or recompute is False:
         recompute = "full" if recompute else "none"
     if recompute not in RECOMPUTE:
-        raise bad_value("recompute", recompute, "expected none, selective or full")
+        raise bad_value("recompute", recompute, "expected none, selective, cheap or full")
     if phase != "train" and (recompute != "none" or zero or dp > 1):
         field, value = ("recompute", recompute) if recompute != "none" else ("zero", zero) if zero else ("dp", dp)
         raise bad_value(field, value, f"applies to training; phase {phase} runs no backward pass")

@@ -81,7 +81,8 @@ of them, flopsim.collectives); a branch that runs only sometimes (its op's
 
 Recomputation (train): full copies every block's forward ops (collectives
 included), selective its attention cores (`Op.attention_core`: with an explicit
-attention its probabilities' dropout too), as forward-kernel ops named
+attention its probabilities' dropout too), cheap its norms and elementwise ops
+(`Op.cheap`), as forward-kernel ops named
 `<op>.recompute` (tag `recompute`) placed before the block's backward. Pipeline: each
 stage's blocks and other ops by flopsim.parallel.layout (`stage_places`, `place`:
 the blocks in contiguous stages as evenly as they go, an encoder-decoder's
@@ -351,10 +352,12 @@ def _layer_backward(ops: list, placed: _Placed, recomputed: list, key: int, done
 
 
 def _recomputation(fwd_layer: list, layout) -> list:
-    """Backward-pass copies of a block's forward (full) or of its attention cores (selective)."""
+    """Backward-pass copies of a block's forward (full), of its attention cores (selective) or of its
+    norms and elementwise ops (cheap)."""
     if layout.recompute == "none":
         return []
-    chosen = fwd_layer if layout.recompute == "full" else [op for op in fwd_layer if op.attention_core]
+    chosen = fwd_layer if layout.recompute == "full" else [
+        op for op in fwd_layer if (op.cheap if layout.recompute == "cheap" else op.attention_core)]
     return [replace(op, name=f"{op.name}.recompute", tags={**op.tags, "recompute": True})
             for op in chosen]
 

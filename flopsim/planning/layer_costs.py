@@ -11,7 +11,8 @@ full layout (`stage_times`) is
 then its layers' sums plus what depends on the rest of the layout, each again
 from flopsim.parallel's own ops:
 - recomputation: full adds each block's forward compute and its forward
-  collectives once more, selective its attention cores' forward;
+  collectives once more, selective its attention cores' forward, cheap its norms'
+  and elementwise ops' (flopsim.ops.op: `Op.cheap`);
 - the pipeline sends (flopsim.parallel.shard._pipeline_send's op);
 - the ZeRO collectives of each layer's parameters (shard._data_parallel's ops);
 - the optimizer update of the stage's parameters (shard._optimizer's share), and
@@ -37,7 +38,7 @@ from flopsim.planning.train_step import GROUPS, StageTimes
 SCALED = tuple(f for f in COST_FIELDS if f != "params")  # what Op.scaled scales
 
 
-ROLES = ("fwd_s", "bwd_s", "attention_fwd_s", *(f"{g}_{p}_{q}" for g in GROUPS for p in ("fwd", "bwd")
+ROLES = ("fwd_s", "bwd_s", "attention_fwd_s", "cheap_fwd_s", *(f"{g}_{p}_{q}" for g in GROUPS for p in ("fwd", "bwd")
                                                   for q in ("s", "n")))
 
 
@@ -181,6 +182,8 @@ class ShardedModel:
                 roles[f"{side}_s"][i] += t.time_s
                 if side == "fwd" and op.attention_core:  # what selective recomputation runs again
                     roles["attention_fwd_s"][i] += t.time_s
+                if side == "fwd" and op.cheap:  # what cheap recomputation runs again
+                    roles["cheap_fwd_s"][i] += t.time_s
         return LayerTable(layers=layers, roles=roles, params=params, one=one, fwd_ops=fwd_ops, rep_of=self.rep_of)
 
     def stage_times(self, layout, micro_batch: int, seq: int) -> StageTimes:
@@ -198,7 +201,7 @@ class ShardedModel:
         r = table.roles
         st = StageTimes(stage=layout.last_stage)
         st.fwd_s, st.bwd_s = float(r["fwd_s"][rows].sum()), float(r["bwd_s"][rows].sum())
-        again = {"full": "fwd_s", "selective": "attention_fwd_s"}.get(layout.recompute)
+        again = {"full": "fwd_s", "selective": "attention_fwd_s", "cheap": "cheap_fwd_s"}.get(layout.recompute)
         st.recompute_s = float(r[again][again_rows].sum()) if again else 0.0
         for g in GROUPS:
             extra = (r[f"{g}_fwd_s"][again_rows].sum(), r[f"{g}_fwd_n"][again_rows].sum()) \

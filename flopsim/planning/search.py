@@ -40,11 +40,12 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from flopsim.errors import InputError, bad_value
+from flopsim.ops.fields import RECOMPUTE_MODES
 from flopsim.planning.common import _positive, _positive_int
 
 DEFAULT_MICRO_BATCHES = (1, 2, 4, 8)
 ZERO_STAGES = (0, 1, 2, 3)
-RECOMPUTE = ("none", "selective", "full")
+RECOMPUTE = RECOMPUTE_MODES
 VIRTUAL_STAGES = (1, 2, 3, 4)  # the interleaved schedule's chunks a stage tried (pp > 1, dividing the blocks)
 MAX_LAYOUTS = 200_000
 
@@ -121,7 +122,7 @@ def _checked_choices(micro_batches, zero, recompute) -> tuple:
             raise bad_value("zero", z, "expected ZeRO stages among 0, 1, 2, 3")
     for r in recompute:
         if r not in RECOMPUTE:
-            raise bad_value("recompute", r, "expected none, selective or full")
+            raise bad_value("recompute", r, "expected none, selective, cheap or full")
     for name, chosen in (("micro_batches", mbs), ("zero", zero), ("recompute", recompute)):
         if not chosen:
             raise bad_value(name, "", "give at least one choice to search")

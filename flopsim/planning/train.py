@@ -12,7 +12,8 @@ Switch presets: `count` and `predict` take the same encoder_seq).
   tensor-, expert- and pipeline-parallel collectives and each layer's ZeRO
   collectives as ops, their messages read from the ops they serve; the
   recomputation `none`, `selective` (Korthikanti et al. 2022: the attention
-  cores) or `full` as copies of the forward ops), costed by the roofline on the
+  cores), `cheap` (LLaMA's: the norms and elementwise ops) or `full` as
+  copies of the forward ops), costed by the roofline on the
   calibration's link levels; flopsim.planning.layer_costs sums it by layer,
   flopsim.planning.train_step turns the stages into a step. This module adds
   no communication formula. An encoder-decoder's stages are Megatron-LM's T5
@@ -55,7 +56,7 @@ Switch presets: `count` and `predict` take the same encoder_seq).
   P = dense parameters / (tp * pp) + expert parameters / (tp * pp * ep);
   ZeRO shards the optimizer state (stage >= 1), the gradients (>= 2) and the
   weights (3) over the data-parallel group. Activations: flopsim.memory's
-  train activations of one micro-batch (none, selective or full recomputation) / tp
+  train activations of one micro-batch (none, selective, cheap or full recomputation) / tp
   (sequence parallel) x the first stage's share in flight,
   train_step.in_flight_chunks / (pp v) (its blocks spread evenly): min(pp,
   microbatches) / pp under 1F1B (pp micro-batches of 1/pp of the blocks);
@@ -80,6 +81,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from flopsim.errors import InputError, bad_value
+from flopsim.ops.fields import RECOMPUTE_MODES
 from flopsim.planning.common import (DEFAULT_GLOBAL_BATCH_TOKENS, DEFAULT_SEQ, _gb, _long_table,
                                      _non_negative, _positive, _positive_int, _Progress)
 from flopsim.planning.links import Links, resolve_links
@@ -178,8 +180,10 @@ class TrainingPlan:
                       "the slowest stage's sharded op list"),
                  part("backward", k["backward_s_per_microbatch"], mb * k["backward_s_per_microbatch"])]
         if c["recompute"]:
+            what = {True: "blocks' forward", "selective": "attention cores' forward",
+                    "cheap": "norms' and elementwise ops' forward"}[c["recompute"]]
             parts.append(part("recompute", k["recompute_s_per_microbatch"], mb * k["recompute_s_per_microbatch"],
-                              "blocks' forward again"))
+                              f"{what} again"))
         for group, label in (("tp", "TP collectives"), ("ep", "MoE all-to-all"), ("pp", "PP send/recv")):
             if c[group] > 1:
                 parts.append(part(label, cm[f"{group}_s_per_microbatch"], cm[f"{group}_s_per_step"],
@@ -322,14 +326,18 @@ def check_engine(grad_accumulation: str, grad_reduce_dtype: Optional[str]) -> No
     reduce_bytes(grad_reduce_dtype, 2)
 
 
-def _recompute_mode(recompute) -> tuple[bool, bool]:
-    """(full recomputation, selective recomputation) from True/False or none/selective/full."""
-    selective = recompute == "selective"
-    if recompute in ("none", "full"):
-        recompute = recompute == "full"
-    if not (isinstance(recompute, bool) or selective):
-        raise bad_value("recompute", recompute, "expected none, selective or full")
-    return (False if selective else recompute), selective
+def _recompute_mode(recompute) -> str:
+    """none | selective | cheap | full, from that string or True/False (full or none)."""
+    if isinstance(recompute, bool):
+        return "full" if recompute else "none"
+    if recompute not in RECOMPUTE_MODES:
+        raise bad_value("recompute", recompute, "expected none, selective, cheap or full")
+    return recompute
+
+
+def recompute_name(config_value) -> str:
+    """A plan config's `recompute` (False, True, 'selective' or 'cheap') as its mode's name."""
+    return config_value if isinstance(config_value, str) else ("full" if config_value else "none")
 
 
 def _global_batch(seq: int, dp: int, micro_batch: int, global_batch, global_batch_tokens) -> int:
@@ -544,7 +552,7 @@ def _train_config(spec, *, gpus, tp, pp, dp, ep, micro_batch, zero, dp_overlap, 
     dp = _train_layout(spec, gpus, tp, pp, dp, ep, zero, dp_overlap, tp_overlap)
     virtual_stages = _positive_int("virtual_stages", virtual_stages)
     encoder_stages = checked_encoder_stages(spec, pp, virtual_stages, encoder_stages)
-    full_recompute, selective = _recompute_mode(recompute)
+    recompute_mode = _recompute_mode(recompute)
     seq = min(DEFAULT_SEQ, spec.max_seq) if seq is None else _positive_int("seq", seq)
     # seq (and encoder_seq) within max_seq, the phase supported
     encoder_seq = _encoder_tokens(token_values(spec, "train", micro_batch, seq, encoder_seq=encoder_seq))
@@ -555,10 +563,10 @@ def _train_config(spec, *, gpus, tp, pp, dp, ep, micro_batch, zero, dp_overlap, 
                          f"micro-batches per replica, the global batch gives {global_batch // (dp * micro_batch)}")
     return dict(gpus=gpus, dp=dp, tp=tp, pp=pp, ep=ep, seq=seq, encoder_seq=encoder_seq, seq_tokens=seq_tokens,
                 micro_batch=micro_batch, global_batch=global_batch, microbatches=global_batch // (dp * micro_batch),
-                zero=zero, full_recompute=full_recompute, selective=selective, dp_overlap=dp_overlap,
+                zero=zero, dp_overlap=dp_overlap,
                 tp_overlap=tp_overlap, optimizer=optimizer, virtual_stages=virtual_stages,
                 encoder_stages=encoder_stages,
-                recompute_mode="selective" if selective else ("full" if full_recompute else "none"))
+                recompute_mode=recompute_mode)
 
 
 def _encoder_tokens(values: dict):
@@ -656,7 +664,7 @@ def _plan_config(spec, c: dict, reduce_bpp: float, grad_accumulation: str, grad_
                                       "microbatches", "optimizer", "zero")}
     config.update(zero_shard=c["zero_shard"] or c["dp"], grad_accumulation=grad_accumulation,
                   grad_reduce_dtype=grad_reduce_dtype, grad_reduce_bytes_per_param=reduce_bpp,
-                  expert_dp=c["dp"] // c["ep"], recompute="selective" if c["selective"] else c["full_recompute"],
+                  expert_dp=c["dp"] // c["ep"], recompute={"none": False, "full": True}.get(c["recompute_mode"], c["recompute_mode"]),
                   recompute_fraction=c["recompute_fraction"],
                   virtual_stages=c["virtual_stages"],
                   sequence_parallel=c["tp"] > 1 if c["sequence_parallel"] is None else c["sequence_parallel"],
