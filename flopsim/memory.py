@@ -210,7 +210,8 @@ class MemoryModel:
         """Train: the activations kept for backward, as terms of the compiled pool (`ref`):
         every kept forward output per placement key (see the module docstring), less what
         selective or cheap recomputation recomputes (cheap: plus the largest block's share of
-        it), or under full recomputation the largest block's and the blocks' inputs; each key's terms for pipeline stages (`stage_activations`)."""
+        it), or under full recomputation the largest block's and the blocks' inputs; each
+        key's terms for pipeline stages (`stage_activations`)."""
         from flopsim.parallel.layout import RECEIVED_ENCODER_OUTPUT, place
 
         spec, recompute = self.spec, self.recompute

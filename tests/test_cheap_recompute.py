@@ -147,7 +147,9 @@ def _backward_ops(spec, checkpointed: bool):
     stack: list = []
 
     class Backward(TorchDispatchMode):
-        ops: Counter = Counter()
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if torch._C._current_autograd_node() is not None and not func.is_view \

@@ -18,8 +18,8 @@ reduce-scattered in the shard group, then each shard all-reduced over the
 replicas); `recompute` none / selective (the attention core,
 Korthikanti et al. 2022) / cheap (the norms, activations and other
 elementwise ops, the products' and attention's outputs kept: LLaMA's
-checkpointing, flopsim.ops.op `Op.cheap`) / full (every block's forward, once more before its
-backward; with `recompute_fraction` p < 1 only round(p L) evenly spaced
+checkpointing, flopsim.ops.op `Op.cheap`) / full (every block's forward,
+once more before its backward; with `recompute_fraction` p < 1 only round(p L) evenly spaced
 blocks, `checkpointed_blocks`, as fms-fsdp and torchtitan checkpoint every
 k-th block). `vocab_parallel` (default on): the token embedding's table and
 the LM head split over tp by vocabulary (Megatron-LM's VocabParallelEmbedding

@@ -38,8 +38,8 @@ from flopsim.planning.train_step import GROUPS, StageTimes
 SCALED = tuple(f for f in COST_FIELDS if f != "params")  # what Op.scaled scales
 
 
-ROLES = ("fwd_s", "bwd_s", "attention_fwd_s", "cheap_fwd_s", *(f"{g}_{p}_{q}" for g in GROUPS for p in ("fwd", "bwd")
-                                                  for q in ("s", "n")))
+ROLES = ("fwd_s", "bwd_s", "attention_fwd_s", "cheap_fwd_s",
+         *(f"{g}_{p}_{q}" for g in GROUPS for p in ("fwd", "bwd") for q in ("s", "n")))
 
 
 @dataclass

@@ -81,7 +81,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from flopsim.errors import InputError, bad_value
-from flopsim.ops.fields import RECOMPUTE_MODES
+from flopsim.memory import recompute_mode as checked_recompute_mode
 from flopsim.planning.common import (DEFAULT_GLOBAL_BATCH_TOKENS, DEFAULT_SEQ, _gb, _long_table,
                                      _non_negative, _positive, _positive_int, _Progress)
 from flopsim.planning.links import Links, resolve_links
@@ -326,15 +326,6 @@ def check_engine(grad_accumulation: str, grad_reduce_dtype: Optional[str]) -> No
     reduce_bytes(grad_reduce_dtype, 2)
 
 
-def _recompute_mode(recompute) -> str:
-    """none | selective | cheap | full, from that string or True/False (full or none)."""
-    if isinstance(recompute, bool):
-        return "full" if recompute else "none"
-    if recompute not in RECOMPUTE_MODES:
-        raise bad_value("recompute", recompute, "expected none, selective, cheap or full")
-    return recompute
-
-
 def recompute_name(config_value) -> str:
     """A plan config's `recompute` (False, True, 'selective' or 'cheap') as its mode's name."""
     return config_value if isinstance(config_value, str) else ("full" if config_value else "none")
@@ -552,7 +543,7 @@ def _train_config(spec, *, gpus, tp, pp, dp, ep, micro_batch, zero, dp_overlap, 
     dp = _train_layout(spec, gpus, tp, pp, dp, ep, zero, dp_overlap, tp_overlap)
     virtual_stages = _positive_int("virtual_stages", virtual_stages)
     encoder_stages = checked_encoder_stages(spec, pp, virtual_stages, encoder_stages)
-    recompute_mode = _recompute_mode(recompute)
+    recompute_mode = checked_recompute_mode(recompute)
     seq = min(DEFAULT_SEQ, spec.max_seq) if seq is None else _positive_int("seq", seq)
     # seq (and encoder_seq) within max_seq, the phase supported
     encoder_seq = _encoder_tokens(token_values(spec, "train", micro_batch, seq, encoder_seq=encoder_seq))
@@ -664,7 +655,8 @@ def _plan_config(spec, c: dict, reduce_bpp: float, grad_accumulation: str, grad_
                                       "microbatches", "optimizer", "zero")}
     config.update(zero_shard=c["zero_shard"] or c["dp"], grad_accumulation=grad_accumulation,
                   grad_reduce_dtype=grad_reduce_dtype, grad_reduce_bytes_per_param=reduce_bpp,
-                  expert_dp=c["dp"] // c["ep"], recompute={"none": False, "full": True}.get(c["recompute_mode"], c["recompute_mode"]),
+                  expert_dp=c["dp"] // c["ep"],
+                  recompute={"none": False, "full": True}.get(c["recompute_mode"], c["recompute_mode"]),
                   recompute_fraction=c["recompute_fraction"],
                   virtual_stages=c["virtual_stages"],
                   sequence_parallel=c["tp"] > 1 if c["sequence_parallel"] is None else c["sequence_parallel"],
