@@ -182,3 +182,17 @@ def test_torchs_selective_checkpointing_with_llamas_rule_reruns_the_cheap_ops_mo
                and o.cheap}  # recomputation runs the blocks again, not the final norm
     assert {module for module, _ in again} == modules == {f"block.{i}.{m}" for i in range(spec.layers)
                                                           for m in ("norm1", "attn", "norm2", "mlp")}
+
+
+def test_metas_published_rows_run_metas_kernels_and_checkpointing():
+    """Every training row of the LLaMA paper and the Llama 2 model card runs what Meta's released
+    llama/model.py writes (fp32 eager RMSNorm, complex fp32 RoPE, unfused SwiGLU) and the paper's
+    checkpointing (`recompute: cheap`), each note saying where that was read."""
+    from flopsim.published import load_published
+
+    rows = [r for r in load_published().rows if r.source in ("llama1-paper", "llama2-model-card")]
+    assert len(rows) == 7
+    for row in rows:
+        assert {k: row.changes.get(k) for k in EAGER} == EAGER, row.id
+        assert row.parallel.recompute == "cheap", row.id
+        assert "llama/model.py" in row.notes and "recompute cheap" in row.notes, row.id
